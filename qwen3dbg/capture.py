@@ -1,0 +1,122 @@
+"""Running an implementation over forced steps and streaming its taps into a store.
+
+Every side of a comparison sees the same token ids: the prompt is the prefill (step 0) and each
+decode step feeds a token fixed in advance, either given or the greedy choice of the fp64 golden.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qwen3dbg.candidate import Candidate, NullSink
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.errors import UserError
+from qwen3dbg.store import StepInfo, StoreWriter, TapSink
+from qwen3dbg.taps import select, step_taps
+
+DEFAULT_PROMPT = [9, 41, 7, 300, 12, 5, 77, 150, 3, 99, 64, 201, 18, 2, 450, 33]
+
+
+def parse_ids(text: str, cfg: Qwen3Config, what: str = "--token-ids") -> list[int]:
+    """'5,17,99' -> [5, 17, 99], every id checked against the vocabulary."""
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UserError(f"{what} {text!r} is not a comma-separated list of integers, e.g. '5,17,99'") from None
+    if not ids:
+        raise UserError(f"{what} is empty: give at least one token id")
+    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise UserError(f"{what}: ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+    return ids
+
+
+def tokenize(model_dir: Path, prompt: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError):
+        raise UserError(f"{model_dir} has no tokenizer (synthetic models have none): pass --token-ids instead") from None
+    ids = tok(prompt)["input_ids"]
+    if not ids:
+        raise UserError("--prompt tokenizes to nothing")
+    return ids
+
+
+def forced_steps(prompt: list[int], decode: list[int]) -> list[StepInfo]:
+    """Step 0 prefills the prompt; step s > 0 feeds decode[s-1] at position len(prompt) + s - 1."""
+    n = len(prompt)
+    steps = [StepInfo(0, [list(prompt)], [list(range(n))])]
+    steps += [StepInfo(s + 1, [[tok]], [[n + s]]) for s, tok in enumerate(decode)]
+    return steps
+
+
+def greedy_decode_ids(golden: Candidate, prompt: list[int], n: int) -> list[int]:
+    """The tokens an fp64 run picks greedily: the decode inputs every implementation is then forced to."""
+    golden.reset()
+    chosen: list[int] = []
+    for info in forced_steps(prompt, [0] * n)[:n]:
+        ids = torch.tensor(info.token_ids if info.step == 0 else [[chosen[-1]]])
+        logits = golden.step(ids, torch.tensor(info.positions), NullSink())
+        chosen.append(int(logits[0, -1].argmax()))
+    return chosen
+
+
+def step_plan(cand: Candidate, info: StepInfo, cache_len: int) -> dict[str, tuple[int, ...]]:
+    specs = step_taps(cand.config, len(info.token_ids), info.tokens, cache_len)
+    return {t.name: t.shape for t in specs if t.op not in cand.missing_taps}
+
+
+def planned(cand: Candidate, steps: list[StepInfo], patterns: list[str] | None) -> list[dict[str, tuple[int, ...]]]:
+    """Per step, the taps a capture will write (those `patterns` select) and their shapes."""
+    plans, cache = [], 0
+    for info in steps:
+        cache += info.tokens
+        plan = step_plan(cand, info, cache)
+        plans.append({n: plan[n] for n in select(list(plan), patterns)})
+    if not any(plans):
+        raise UserError(f"--taps {patterns} matches no tap name (see docs/taps.md for the names)")
+    return plans
+
+
+def estimate_bytes(cand: Candidate, plans: list[dict[str, tuple[int, ...]]]) -> int:
+    """What a capture will write, counted before it starts (attention matrices grow with T x S)."""
+    item = cand.dtype.itemsize
+    return sum(prod(shape) * (8 if name.endswith("topk_ids") else item)
+               for plan in plans for name, shape in plan.items())
+
+
+class _Progress:
+    """A sink wrapper that ticks a callback once per tap written."""
+
+    def __init__(self, sink: TapSink, tick: Callable[[], None]):
+        self.sink, self.tick = sink, tick
+
+    def wants(self, name: str) -> bool:
+        return self.sink.wants(name)
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self.sink(name, tensor)
+        self.tick()
+
+
+def capture(cand: Candidate, steps: list[StepInfo], out_dir: str | Path, *, patterns: list[str] | None = None,
+            tick: Callable[[], None] = lambda: None, extra: dict | None = None) -> Path:
+    """Run every step through `cand` and write a complete tap store at `out_dir`."""
+    plans = planned(cand, steps, patterns)
+    cand.reset()
+    manifest = {**cand.manifest_extra(), "config": cand.config.to_hf_dict(), **(extra or {})}
+    with StoreWriter(out_dir, cand.name, cand.dtype, len(steps[0].token_ids), select=set().union(*plans),
+                     missing_taps=cand.missing_taps, extra=manifest) as writer:
+        sink, cache = _Progress(writer, tick), 0
+        for info in steps:
+            cache += info.tokens
+            writer.begin_step(info, step_plan(cand, info, cache))
+            cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
+            writer.end_step()
+    return Path(out_dir)

@@ -1,0 +1,61 @@
+"""Lazy reading of safetensors checkpoints, single-file or sharded, in their on-disk tensor names.
+
+Nothing is unpickled and nothing is read before it is asked for: a tensor is memory-mapped from its
+shard when `get` is called, so a 60 GB checkpoint costs what one tensor costs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qwen3dbg.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self._handles: dict[Path, object] = {}
+        index = self.dir / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{index} is not a valid safetensors index ({e})") from None
+            self.file_of = {name: self.dir / f for name, f in weight_map.items()}
+            for f in sorted(set(self.file_of.values())):
+                if not f.is_file():
+                    raise UserError(f"shard {f.name} listed in {INDEX} is missing from {self.dir}")
+        elif (self.dir / SINGLE).is_file():
+            self.file_of = {name: self.dir / SINGLE for name in self._open(self.dir / SINGLE).keys()}
+        else:
+            raise UserError(f"no {SINGLE} or {INDEX} in {self.dir}")
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"cannot read {path} as safetensors: {e}") from None
+        return self._handles[path]
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.file_of:
+            raise UserError(f"checkpoint {self.dir} has no tensor {name!r}")
+        t = self._open(self.file_of[name]).get_tensor(name)
+        return t if dtype is None else t.to(dtype)

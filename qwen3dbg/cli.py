@@ -1,0 +1,111 @@
+"""The `qwen3dbg` command line. Heavy imports happen inside each command, so `--help` is instant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from qwen3dbg.errors import UserError
+
+app = typer.Typer(
+    help="Numerical debugging and parity diffing for Qwen3 implementations: capture every intermediate "
+         "tensor of a reference and a candidate, and find the first op where they part.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+MODEL_HELP = "Model directory (config.json + safetensors). Default: a tiny synthetic Qwen3 made on first use."
+TOKEN_IDS_HELP = "Prompt token ids, comma-separated, e.g. '5,17,99'. Default: a fixed 16-token prompt."
+PROMPT_HELP = "Prompt text, tokenized with the model directory's tokenizer (real checkpoints only)."
+DECODE_IDS_HELP = "Token ids fed at the decode steps, comma-separated (forced decoding)."
+DECODE_STEPS_HELP = "Number of decode steps; their ids are the greedy picks of an fp64 run, fixed before anything runs."
+DTYPE_HELP = "Compute dtype: float32/fp32, bfloat16/bf16, float16/fp16 (float64/fp64 for the golden)."
+
+
+def progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+@app.command("make-model")
+def make_model_cmd(
+    out: Path = typer.Argument(..., help="Directory to write config.json and safetensors into."),
+    preset: str = typer.Option("tiny-dense", help="Shape preset; see --list-presets."),
+    seed: int = typer.Option(0, help="Weights are a deterministic function of the seed and the tensor name."),
+    dtype: str = typer.Option("bfloat16", help="On-disk dtype (released Qwen3 checkpoints are bfloat16)."),
+    shard_size_mb: int = typer.Option(4096, help="Shard the safetensors above this size (MiB), with an index."),
+    k_norm_peak: Optional[float] = typer.Option(None, help="Largest k_norm weight (layer 0; halves per layer)."),
+    q_norm_peak: Optional[float] = typer.Option(None, help="Plant one q_norm weight of this size in every layer."),
+    ghost_bias: Optional[float] = typer.Option(
+        None, help="Plant q/k/v/o_proj.bias tensors of this scale that the config does not declare (e.g. 1e30)."),
+    nonfinite: list[str] = typer.Option([], help="Tensor name to plant a NaN and an inf into (repeatable)."),
+    huge: list[str] = typer.Option([], help="Tensor name to plant values of 1e30 into (repeatable)."),
+    list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
+):
+    """Write a synthetic Qwen3 checkpoint in exactly the on-disk format of released ones."""
+    from qwen3dbg.synth import PRESETS, Plants, make_model
+
+    if list_presets:
+        for name, p in PRESETS.items():
+            typer.echo(f"{name:20s} {p.about}")
+        return
+    plants = Plants(k_norm_peak=k_norm_peak, q_norm_peak=q_norm_peak, ghost_bias=ghost_bias,
+                    nonfinite=tuple(nonfinite), huge=tuple(huge))
+    with progress_bar() as bar:
+        task = bar.add_task(f"writing {preset}")
+
+        def track(names, total):
+            bar.update(task, total=total)
+            for n in names:
+                yield n
+                bar.advance(task)
+
+        make_model(out, preset, seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants,
+                   progress=track)
+    console.print(f"wrote {preset} to {out}")
+
+
+@app.command()
+def capture(
+    impl: str = typer.Option("hf", help="Implementation to run: hf, scratch (the readable reference), ..."),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    token_ids: Optional[str] = typer.Option(None, help=TOKEN_IDS_HELP),
+    prompt: Optional[str] = typer.Option(None, help=PROMPT_HELP),
+    decode_ids: Optional[str] = typer.Option(None, help=DECODE_IDS_HELP),
+    decode_steps: Optional[int] = typer.Option(None, help=DECODE_STEPS_HELP),
+    dtype: str = typer.Option("bfloat16", help=DTYPE_HELP),
+    attn: str = typer.Option("eager", help="hf only: eager (scores and probabilities captured) or sdpa."),
+    taps: list[str] = typer.Option([], help="Glob of tap names to keep, e.g. 'layers.*.attn_*' (repeatable)."),
+    out: Path = typer.Option(..., help="Directory of the tap store to write."),
+):
+    """Run one implementation on fixed token ids and write every tap into a tap store."""
+    from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
+    from qwen3dbg.dtypes import dtype_name
+    from qwen3dbg.inputs import resolve_model, resolve_steps
+    from qwen3dbg.registry import load_candidate
+
+    model_dir, cfg = resolve_model(model)
+    steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
+    options = {"attn": attn} if impl == "hf" else {}
+    cand = load_candidate(impl, model_dir, dtype, **options)
+    plans = planned(cand, steps, taps or None)
+    console.print(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
+                  f"{len(steps) - 1} decode steps, {sum(map(len, plans))} taps, "
+                  f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}")
+    with progress_bar() as bar:
+        task = bar.add_task("capture", total=sum(map(len, plans)))
+        run_capture(cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task))
+    console.print(f"wrote tap store {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise SystemExit(2)

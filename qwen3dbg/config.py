@@ -1,0 +1,165 @@
+"""The one typed Qwen3 / Qwen3-MoE config, parsed once from a Hugging Face `config.json`.
+
+Field names are Hugging Face's. Both spellings in the wild are accepted: released checkpoints
+(`rope_theta`, `num_experts`, `torch_dtype`) and transformers 5.x (`rope_parameters`,
+`num_local_experts`, `dtype`). Nothing downstream reads the raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from qwen3dbg.errors import UserError
+
+MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    torch_dtype: str = "bfloat16"
+    max_position_embeddings: int = 40960
+    hidden_act: str = "silu"
+    # MoE (qwen3_moe only; zero experts means dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type == "qwen3_moe" and self.num_experts > 0
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per kv head: query head h reads kv head h // n_rep."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Transformers' rule: sparse unless listed in mlp_only_layers or off the sparse step."""
+        return (
+            self.is_moe
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    def to_hf_dict(self) -> dict:
+        """The config.json a released checkpoint of this shape carries."""
+        d = asdict(self)
+        d["architectures"] = [MODEL_TYPES[self.model_type]]
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d["rope_scaling"] = None
+        d["use_sliding_window"] = False
+        d["sliding_window"] = None
+        d["max_window_layers"] = self.num_hidden_layers
+        d["attention_dropout"] = 0.0
+        d["initializer_range"] = 0.02
+        d["use_cache"] = True
+        d["bos_token_id"] = 0
+        d["eos_token_id"] = 1
+        if not self.is_moe:
+            for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                      "decoder_sparse_step", "mlp_only_layers"):
+                d.pop(k)
+        else:
+            d["router_aux_loss_coef"] = 0.001
+            d["output_router_logits"] = False
+        return d
+
+    def replace(self, **changes) -> "Qwen3Config":
+        return replace(self, **changes)
+
+
+def _rope_theta(raw: dict) -> float:
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise UserError(f"rope type {rope_type!r} is not supported: qwen3dbg implements Qwen3's default RoPE only")
+    theta = params.get("rope_theta", raw.get("rope_theta"))
+    if theta is None:
+        raise UserError("config.json has neither rope_parameters.rope_theta nor rope_theta")
+    return float(theta)
+
+
+def parse_config(raw: dict) -> Qwen3Config:
+    """Turn a config.json dict into a Qwen3Config, or say in one sentence why it is not one."""
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise UserError(
+            f"model_type {model_type!r} is not a Qwen3 model: qwen3dbg reads 'qwen3' and 'qwen3_moe' configs"
+        )
+    try:
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        # Qwen3's head_dim is explicit and is NOT hidden // heads (0.6B: 128, not 64).
+        head_dim = int(raw.get("head_dim") or hidden // heads)
+        num_experts = int(raw.get("num_experts", raw.get("num_local_experts", 0)) or 0)
+        cfg = Qwen3Config(
+            model_type=model_type,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            rope_theta=_rope_theta(raw),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
+            hidden_act=str(raw.get("hidden_act", "silu")),
+            num_experts=num_experts if model_type == "qwen3_moe" else 0,
+            num_experts_per_tok=int(raw.get("num_experts_per_tok", 0) or 0),
+            moe_intermediate_size=int(raw.get("moe_intermediate_size", 0) or 0),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
+            mlp_only_layers=tuple(int(i) for i in (raw.get("mlp_only_layers") or ())),
+        )
+    except KeyError as e:
+        raise UserError(f"config.json lacks the field {e.args[0]!r} that a {model_type} config must have") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config.json has a field of the wrong type: {e}") from None
+    if cfg.hidden_act != "silu":
+        raise UserError(f"hidden_act {cfg.hidden_act!r} is not Qwen3's 'silu'")
+    if heads % cfg.num_key_value_heads:
+        raise UserError(
+            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_key_value_heads}"
+        )
+    if cfg.is_moe and not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
+        raise UserError(
+            f"num_experts_per_tok {cfg.num_experts_per_tok} must be between 1 and num_experts {cfg.num_experts}"
+        )
+    return cfg
+
+
+def load_config(model_dir: str | Path) -> Qwen3Config:
+    path = Path(model_dir)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(f"no config.json at {path}: pass a model directory made by `qwen3dbg make-model` or a HF checkpoint")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds a JSON {type(raw).__name__}, not an object")
+    return parse_config(raw)

@@ -1,0 +1,192 @@
+"""Tap stores: a directory of `manifest.json` plus one `step_{s:04d}.safetensors` per step.
+
+The writer streams each tap to disk as it is produced (see safetensors_stream), so memory never
+holds more than the tap being written; the reader is lazy and maps one tensor at a time. docs/taps.md states the rules for strangers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import torch
+from safetensors import safe_open
+
+from qwen3dbg.dtypes import dtype_name, parse_dtype
+from qwen3dbg.errors import UserError
+from qwen3dbg.safetensors_stream import StreamingWriter
+from qwen3dbg.taps import FORMAT
+
+MANIFEST = "manifest.json"
+
+
+def step_file(step: int) -> str:
+    return f"step_{step:04d}.safetensors"
+
+
+class TapSink(Protocol):
+    """Where an implementation hands its taps. `wants` lets it skip work for unselected taps."""
+
+    def wants(self, name: str) -> bool: ...
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int
+    token_ids: list[list[int]]  # [B][T]
+    positions: list[list[int]]  # [B][T]
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids[0])
+
+
+class StoreWriter:
+    """Writes a tap store step by step; the manifest says `complete` only after `close()`.
+
+    Used as a context manager, an exception mid-run leaves a manifest with `complete: false`,
+    which readers refuse to compare.
+    """
+
+    def __init__(self, out_dir: str | Path, implementation: str, dtype: torch.dtype | str, batch: int,
+                 *, select: Iterable[str] | None = None, missing_taps: Iterable[str] = (), extra: dict | None = None):
+        self.dir = Path(out_dir)
+        if self.dir.exists() and any(self.dir.iterdir()) and not (self.dir / MANIFEST).exists():
+            raise UserError(f"{self.dir} exists and is not a tap store: choose an empty or new --out directory")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in self.dir.glob("step_*.safetensors"):
+            old.unlink()
+        self.manifest = {
+            "format": FORMAT, "implementation": implementation, "dtype": dtype_name(parse_dtype(dtype)),
+            "batch": batch, "steps": [], "complete": False, "missing_taps": sorted(set(missing_taps)),
+            **(extra or {}),
+        }
+        self.select = set(select) if select is not None else None
+        self._step: StreamingWriter | None = None
+        self._write_manifest()
+
+    def wants(self, name: str) -> bool:
+        return self._step is not None and name in self._step.plan
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if self.wants(name):
+            self._step.write(name, tensor)
+
+    def begin_step(self, info: StepInfo, plan: dict[str, tuple[int, ...]]) -> None:
+        """Start a step; `plan` maps every tap the implementation will produce to its shape."""
+        assert self._step is None, "end_step() the previous step first"
+        if self.select is not None:
+            plan = {n: s for n, s in plan.items() if n in self.select}
+        self._info = info
+        self._step = StreamingWriter(self.dir / step_file(info.step), plan)
+
+    def end_step(self) -> None:
+        missing = self._step.close()
+        self._step = None
+        entry = {"step": self._info.step, "token_ids": self._info.token_ids, "positions": self._info.positions}
+        if missing:
+            entry["missing"] = missing
+        self.manifest["steps"].append(entry)
+        self._write_manifest()
+
+    def close(self) -> None:
+        self.manifest["complete"] = True
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        tmp = self.dir / (MANIFEST + ".tmp")
+        tmp.write_text(_manifest_json(self.manifest))
+        os.replace(tmp, self.dir / MANIFEST)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._step is not None:
+            self._step.abort()
+        if exc_type is None:
+            self.close()
+
+
+def _manifest_json(m: dict) -> str:
+    """Indented JSON with each step on one line, so a manifest of long prompts stays readable."""
+    steps = ",\n  ".join(json.dumps(s, separators=(", ", ": ")) for s in m["steps"])
+    head = json.dumps({k: v for k, v in m.items() if k != "steps"}, indent=1)
+    return head[:-2] + ',\n "steps": [\n  ' + steps + "\n ]\n}\n" if steps else json.dumps(m, indent=1)
+
+
+@dataclass
+class TapStore:
+    """A store on disk, read lazily: `get(step, name)` maps one tensor."""
+
+    path: Path
+    manifest: dict
+    steps: list[StepInfo] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: str | Path, *, require_complete: bool = True) -> "TapStore":
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise UserError(f"{path} is not a tap store: it has no {MANIFEST}")
+        try:
+            m = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{mpath} is not valid JSON: {e}") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise UserError(f"{mpath}: format is {m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT!r}")
+        if require_complete and not m.get("complete"):
+            raise UserError(
+                f"tap store {path} is incomplete (its manifest says complete: false, the writer stopped mid-run): "
+                "capture it again"
+            )
+        try:
+            steps = [StepInfo(int(s["step"]), [list(map(int, r)) for r in s["token_ids"]],
+                              [list(map(int, r)) for r in s["positions"]]) for s in m["steps"]]
+            parse_dtype(m["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{mpath}: malformed step or dtype entry ({e})") from None
+        return cls(path, m, steps)
+
+    @property
+    def implementation(self) -> str:
+        return self.manifest.get("implementation", "?")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return parse_dtype(self.manifest["dtype"])
+
+    @property
+    def missing_taps(self) -> list[str]:
+        return list(self.manifest.get("missing_taps", []))
+
+    def _file(self, step: int):
+        if not hasattr(self, "_handles"):
+            self._handles = {}
+        if step not in self._handles:
+            p = self.path / step_file(step)
+            if not p.is_file():
+                raise UserError(f"tap store {self.path} lacks {p.name} for step {step}")
+            self._handles[step] = safe_open(str(p), framework="pt")
+        return self._handles[step]
+
+    def names(self, step: int) -> list[str]:
+        return list(self._file(step).keys())
+
+    def has(self, step: int, name: str) -> bool:
+        return name in self._file(step).keys()
+
+    def get(self, step: int, name: str) -> torch.Tensor:
+        return self._file(step).get_tensor(name)
+
+
+def masked(scores: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the masked attention entries: -inf, or at/below finfo.min / 2 (HF's additive mask)."""
+    if not scores.is_floating_point():
+        return torch.zeros_like(scores, dtype=torch.bool)
+    return scores <= torch.finfo(scores.dtype).min / 2

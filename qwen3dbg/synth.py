@@ -1,0 +1,199 @@
+"""Synthetic Qwen3 checkpoints in exactly the on-disk format of released ones (`qwen3dbg make-model`).
+
+Only the weight values are made up: deterministic from a seed (each tensor from its own generator,
+so sharding never changes a value), realistic in scale, with k_norm weights that reach tens in the
+early layers as in the released Qwen3. Anomalies can be planted for the checkpoint scanner and the
+differ's bug catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from qwen3dbg.checkpoint import INDEX, SINGLE
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.dtypes import dtype_name, parse_dtype
+from qwen3dbg.errors import UserError
+from qwen3dbg.safetensors_stream import StreamingWriter
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: Qwen3Config
+    weight_std: float | None  # None: 1/sqrt(fan_in), which keeps tiny models' activations O(1)
+    k_norm_peak: float
+    about: str
+
+
+_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # head_dim != hidden/heads on purpose
+             max_position_embeddings=4096)
+_TINY_MOE = dict(_TINY, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                 tie_word_embeddings=False)
+
+PRESETS: dict[str, Preset] = {
+    "tiny-dense": Preset(Qwen3Config(model_type="qwen3", tie_word_embeddings=True, **_TINY), None, 20.0,
+                         "3 layers, hidden 64, 4/2 heads of 32, vocab 512; for tests"),
+    "tiny-moe": Preset(Qwen3Config(norm_topk_prob=True, **_TINY_MOE), None, 20.0,
+                       "tiny-dense's attention with 8 experts of 48, top-2, norm_topk_prob true"),
+    "tiny-moe-nonorm": Preset(Qwen3Config(norm_topk_prob=False, **_TINY_MOE), None, 20.0,
+                              "tiny-moe with norm_topk_prob false"),
+    "qwen3-0.6b": Preset(Qwen3Config(
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True), 0.02, 96.5,
+        "the real Qwen3-0.6B shape (28 layers, 1.2 GB in bf16)"),
+    "qwen3-30b-a3b-2l": Preset(Qwen3Config(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False, num_experts=128,
+        num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True), 0.02, 96.5,
+        "Qwen3-30B-A3B's real per-layer shapes (128 experts of 768, 32/4 heads) with 2 layers (3.7 GB)"),
+}
+
+
+@dataclass(frozen=True)
+class Plants:
+    """Anomalies to plant; all off by default."""
+
+    k_norm_peak: float | None = None  # override the preset's largest k_norm weight (layer 0)
+    q_norm_peak: float | None = None  # put one q_norm channel per layer at this value
+    ghost_bias: float | None = None  # write q/k/v/o_proj.bias (config keeps attention_bias false), values ~ N(0, x)
+    nonfinite: tuple[str, ...] = field(default_factory=tuple)  # tensors that get a NaN and an inf
+    huge: tuple[str, ...] = field(default_factory=tuple)  # tensors that get values of 1e30
+
+
+def tensor_shapes(cfg: Qwen3Config, ghost_bias: bool = False) -> dict[str, tuple[int, ...]]:
+    """The on-disk names and shapes of a released checkpoint of this config, in a stable order."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                   p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        if ghost_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)}
+        if cfg.is_moe_layer(i):
+            e_i = cfg.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (cfg.num_experts, h)
+            for e in range(cfg.num_experts):
+                shapes |= {p + f"mlp.experts.{e}.gate_proj.weight": (e_i, h),
+                           p + f"mlp.experts.{e}.up_proj.weight": (e_i, h),
+                           p + f"mlp.experts.{e}.down_proj.weight": (h, e_i)}
+        else:
+            inter = cfg.intermediate_size
+            shapes |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)}
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+def _norm_weight(name: str, size: int, g: torch.Generator, cfg: Qwen3Config, preset: Preset, plants: Plants):
+    w = (1.0 + 0.2 * torch.randn(size, generator=g)).abs() + 0.05
+    layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+    if name.endswith("k_norm.weight"):
+        # Released Qwen3: a few k_norm channels reach ~100 in early layers and fade with depth.
+        peak = (plants.k_norm_peak or preset.k_norm_peak) * 0.5 ** layer
+        if peak > 2:
+            chans = torch.randperm(size, generator=g)[:2]
+            w[chans[0]], w[chans[1]] = peak, peak / 2
+    if name.endswith("q_norm.weight") and plants.q_norm_peak:
+        w[int(torch.randint(size, (1,), generator=g))] = plants.q_norm_peak
+    return w
+
+
+def make_tensor(name: str, shape: tuple[int, ...], cfg: Qwen3Config, preset: Preset, plants: Plants,
+                seed: int, dtype: torch.dtype) -> torch.Tensor:
+    g = _generator(seed, name)
+    if name.endswith("norm.weight"):
+        t = _norm_weight(name, shape[0], g, cfg, preset, plants)
+    elif name.endswith(".bias"):
+        t = torch.randn(shape, generator=g) * plants.ghost_bias
+    else:
+        std = preset.weight_std or shape[-1] ** -0.5
+        t = torch.randn(shape, generator=g).mul_(std)
+    t = t.to(dtype)
+    if name in plants.nonfinite:
+        t.view(-1)[0], t.view(-1)[-1] = float("nan"), float("inf")
+    if name in plants.huge:
+        t.view(-1)[: max(1, t.numel() // 100)] = 1e30 if dtype != torch.float16 else 6e4
+    return t
+
+
+def _shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: int) -> list[list[str]]:
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        n = itemsize
+        for s in shape:
+            n *= s
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def make_model(out_dir: str | Path, preset: str = "tiny-dense", *, seed: int = 0, dtype: str = "bfloat16",
+               shard_bytes: int = 4 * 1024**3, plants: Plants = Plants(), overrides: dict | None = None,
+               progress: Callable[[Iterator, int], Iterator] | None = None) -> Path:
+    """Write config.json and safetensors (sharded above `shard_bytes`); return the directory."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    torch_dtype = parse_dtype(dtype)
+    cfg = p.config.replace(torch_dtype=dtype_name(torch_dtype), **(overrides or {}))
+    shapes = tensor_shapes(cfg, ghost_bias=plants.ghost_bias is not None)
+    for name in plants.nonfinite + plants.huge:
+        if name not in shapes:
+            raise UserError(f"cannot plant into {name!r}: the checkpoint has no such tensor")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("model*.safetensors")) + [out / INDEX]:
+        old.unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+
+    shards = _shards(shapes, torch.tensor([], dtype=torch_dtype).element_size(), shard_bytes)
+    files = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    names = iter(shapes)
+    if progress is not None:
+        names = progress(names, len(shapes))
+    writers = [StreamingWriter(out / f, {n: shapes[n] for n in s}) for f, s in zip(files, shards)]
+    file_of = {n: w for w, s in zip(writers, shards) for n in s}
+    for name in names:
+        file_of[name].write(name, make_tensor(name, shapes[name], cfg, p, plants, seed, torch_dtype))
+    for w in writers:
+        w.close()
+    if len(files) > 1:
+        total = sum(w.offset for w in writers)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
+        (out / INDEX).write_text(json.dumps(index, indent=2))
+    return out
+
+
+def default_model_dir(preset: str = "tiny-dense") -> Path:
+    """The embedded default: a synthetic model made on first use and kept under ~/.cache/qwen3dbg."""
+    import os
+
+    root = Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache" / "qwen3dbg")) / "models" / f"{preset}-seed0"
+    done = root / ".complete"
+    if not done.exists():
+        make_model(root, preset)
+        done.touch()
+    return root

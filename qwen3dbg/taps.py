@@ -1,0 +1,131 @@
+"""The tap schema `qwen3dbg-taps/1`: every tap's name, forward order and shape. Everything imports it.
+
+A tap is one intermediate tensor of one forward step. Step 0 is the prefill (T = prompt length),
+each later step decodes one token (T = 1) with a KV cache holding S positions after the step.
+docs/taps.md is the public description of this module for engines in other languages.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from math import prod
+
+from qwen3dbg.config import Qwen3Config
+
+FORMAT = "qwen3dbg-taps/1"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the schema: `layers.{i}.{op}` inside a layer, or a bare name outside the layers."""
+
+    op: str
+    axes: tuple[str, ...]
+    where: str = "all"  # "all", "dense" (dense FFN layers) or "moe" (sparse FFN layers)
+    integer: bool = False
+    attention_matrix: bool = False  # (*) in the schema: external engines may leave these out
+    doc: str = ""
+
+
+LAYER_OPS: tuple[OpSpec, ...] = (
+    OpSpec("attn_norm", ("B", "T", "H"), doc="input_layernorm output"),
+    OpSpec("q_proj", ("B", "T", "nH*D")),
+    OpSpec("k_proj", ("B", "T", "nKV*D")),
+    OpSpec("v_proj", ("B", "T", "nKV*D")),
+    OpSpec("q_norm", ("B", "T", "nH", "D"), doc="per-head RMSNorm over head_dim"),
+    OpSpec("k_norm", ("B", "T", "nKV", "D")),
+    OpSpec("q_rope", ("B", "T", "nH", "D")),
+    OpSpec("k_rope", ("B", "T", "nKV", "D")),
+    OpSpec("k_cache", ("B", "nKV", "S", "D"), attention_matrix=True, doc="keys as the cache holds them after this step"),
+    OpSpec("v_cache", ("B", "nKV", "S", "D"), attention_matrix=True),
+    OpSpec("attn_scores", ("B", "nH", "T", "S"), attention_matrix=True, doc="scaled pre-softmax scores, masked -inf"),
+    OpSpec("attn_probs", ("B", "nH", "T", "S"), attention_matrix=True),
+    OpSpec("attn_out", ("B", "T", "nH*D"), doc="context, heads concatenated, before o_proj"),
+    OpSpec("o_proj", ("B", "T", "H")),
+    OpSpec("resid_mid", ("B", "T", "H"), doc="residual + attention"),
+    OpSpec("mlp_norm", ("B", "T", "H"), doc="post_attention_layernorm output"),
+    OpSpec("mlp.gate", ("B", "T", "I"), where="dense"),
+    OpSpec("mlp.up", ("B", "T", "I"), where="dense"),
+    OpSpec("mlp.act", ("B", "T", "I"), where="dense", doc="silu(gate) * up"),
+    OpSpec("moe.router_logits", ("B", "T", "E"), where="moe"),
+    OpSpec("moe.topk_ids", ("B", "T", "k"), where="moe", integer=True, doc="int64 (or int32), by descending weight"),
+    OpSpec("moe.topk_weights", ("B", "T", "k"), where="moe"),
+    OpSpec("mlp.out", ("B", "T", "H"), doc="FFN output: dense down_proj or the MoE mixture"),
+    OpSpec("resid_out", ("B", "T", "H")),
+)
+HEAD_OPS = (OpSpec("embed", ("B", "T", "H")),)
+TAIL_OPS = (OpSpec("final_norm", ("B", "T", "H")), OpSpec("logits", ("B", "T", "V")))
+OPS_BY_NAME = {o.op: o for o in HEAD_OPS + LAYER_OPS + TAIL_OPS}
+ATTENTION_MATRIX_OPS = frozenset(o.op for o in LAYER_OPS if o.attention_matrix)
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    name: str
+    op: str
+    layer: int | None
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    integer: bool = False
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+def axis_sizes(cfg: Qwen3Config, batch: int, tokens: int, cache_len: int) -> dict[str, int]:
+    d = cfg.head_dim
+    return {
+        "B": batch, "T": tokens, "S": cache_len, "H": cfg.hidden_size,
+        "nH": cfg.num_attention_heads, "nKV": cfg.num_key_value_heads, "D": d,
+        "nH*D": cfg.num_attention_heads * d, "nKV*D": cfg.num_key_value_heads * d,
+        "I": cfg.intermediate_size, "E": cfg.num_experts, "k": cfg.num_experts_per_tok,
+        "V": cfg.vocab_size,
+    }
+
+
+def layer_ops(cfg: Qwen3Config, layer: int) -> tuple[OpSpec, ...]:
+    kind = "moe" if cfg.is_moe_layer(layer) else "dense"
+    return tuple(o for o in LAYER_OPS if o.where in ("all", kind))
+
+
+def tap_name(op: str, layer: int | None) -> str:
+    return op if layer is None else f"layers.{layer}.{op}"
+
+
+_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def parse_tap_name(name: str) -> tuple[int | None, str]:
+    """`layers.3.q_rope` -> (3, 'q_rope'); `logits` -> (None, 'logits')."""
+    m = _NAME.match(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def step_taps(cfg: Qwen3Config, batch: int, tokens: int, cache_len: int) -> list[TapSpec]:
+    """Every tap of one step, in forward order, with its concrete shape."""
+    sizes = axis_sizes(cfg, batch, tokens, cache_len)
+
+    def spec(o: OpSpec, layer: int | None) -> TapSpec:
+        # A layer of Qwen3-MoE that is dense (mlp_only_layers) uses intermediate_size, like HF.
+        return TapSpec(tap_name(o.op, layer), o.op, layer, tuple(sizes[a] for a in o.axes), o.axes, o.integer)
+
+    specs = [spec(o, None) for o in HEAD_OPS]
+    for layer in range(cfg.num_hidden_layers):
+        specs += [spec(o, layer) for o in layer_ops(cfg, layer)]
+    specs += [spec(o, None) for o in TAIL_OPS]
+    return specs
+
+
+def forward_index(cfg: Qwen3Config) -> dict[str, int]:
+    """Position of every tap name in forward order (the differ's 'first' means smallest index)."""
+    return {t.name: i for i, t in enumerate(step_taps(cfg, 1, 1, 1))}
+
+
+def select(names: list[str], patterns: list[str] | None) -> list[str]:
+    """Keep the names matching any glob (`layers.*.attn_*`, `logits`); None keeps all."""
+    if not patterns:
+        return list(names)
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]

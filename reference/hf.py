@@ -1,0 +1,144 @@
+"""The Hugging Face transformers reference (`--impl hf`): the real model, its real KV cache and masks.
+
+Taps that are module outputs come from forward hooks; the rest (RoPE output, attention scores and
+probabilities) from narrow wrappers around transformers' module-level functions, installed for one
+step and restored on exit; cache contents are read from the model's own DynamicCache after the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import torch
+
+from qwen3dbg.candidate import Candidate, emit
+from qwen3dbg.config import load_config
+from qwen3dbg.dtypes import parse_dtype
+from qwen3dbg.errors import UserError
+from qwen3dbg.store import TapSink
+from qwen3dbg.taps import tap_name
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+class HFCandidate(Candidate):
+    name = "hf"
+
+    def __init__(self, model_dir, dtype="float32", *, attn: str = "eager"):
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        if attn not in ATTN_IMPLEMENTATIONS:
+            raise UserError(f"--attn {attn!r}: choose eager (scores and probabilities captured) or sdpa")
+        self.config = load_config(model_dir)
+        self.dtype = parse_dtype(dtype)
+        self.attn = attn
+        extra = {"experts_implementation": "eager"} if self.config.is_moe else {}
+        hf_logging.disable_progress_bar()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn, **extra)
+        self.model.eval()
+        self.modeling = importlib.import_module(type(self.model).__module__)
+        if attn != "eager":  # sdpa computes scores and probabilities inside one fused call
+            self.missing_taps = frozenset({"attn_scores", "attn_probs"})
+        self.reset()
+
+    def manifest_extra(self) -> dict:
+        return {"attn_implementation": self.attn,
+                **({"experts_implementation": "eager"} if self.config.is_moe else {})}
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def step(self, ids, positions, sink: TapSink):
+        with self._capture(sink):
+            out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        for i, layer in enumerate(self.cache.layers):
+            emit(sink, i, "k_cache", layer.keys)
+            emit(sink, i, "v_cache", layer.values)
+        return out.logits
+
+    @contextlib.contextmanager
+    def _capture(self, sink: TapSink):
+        B_T = {}
+        current = {"layer": None}
+        handles = []
+        base = self.model.model
+
+        def out_hook(layer, op, fn=lambda t: t):
+            def hook(module, args, output):
+                emit(sink, layer, op, fn(output))
+            return hook
+
+        def in_hook(layer, op):
+            def hook(module, args):
+                emit(sink, layer, op, args[0])
+            return hook
+
+        def enter_layer(i):
+            def hook(module, args):
+                current["layer"] = i
+                B_T["shape"] = args[0].shape[:2]
+            return hook
+
+        def per_token(t):  # the router flattens tokens: [B*T, X] -> [B, T, X]
+            return t.reshape(*B_T["shape"], -1)
+
+        reg = lambda m, h: handles.append(m.register_forward_hook(h))  # noqa: E731
+        pre = lambda m, h: handles.append(m.register_forward_pre_hook(h))  # noqa: E731
+        reg(base.embed_tokens, out_hook(None, "embed"))
+        for i, layer in enumerate(base.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            pre(layer, enter_layer(i))
+            reg(layer.input_layernorm, out_hook(i, "attn_norm"))
+            for op in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj"):
+                reg(getattr(att, op), out_hook(i, op))
+            pre(att.o_proj, in_hook(i, "attn_out"))
+            pre(layer.post_attention_layernorm, in_hook(i, "resid_mid"))
+            reg(layer.post_attention_layernorm, out_hook(i, "mlp_norm"))
+            if self.config.is_moe_layer(i):
+                reg(mlp.gate, out_hook(i, "moe.router_logits", lambda o: per_token(o[0])))
+                reg(mlp.gate, out_hook(i, "moe.topk_weights", lambda o: per_token(o[1])))
+                reg(mlp.gate, out_hook(i, "moe.topk_ids", lambda o: per_token(o[2])))
+            else:
+                reg(mlp.gate_proj, out_hook(i, "mlp.gate"))
+                reg(mlp.up_proj, out_hook(i, "mlp.up"))
+                pre(mlp.down_proj, in_hook(i, "mlp.act"))
+            reg(mlp, out_hook(i, "mlp.out"))
+            reg(layer, out_hook(i, "resid_out"))
+        reg(base.norm, out_hook(None, "final_norm"))
+        reg(self.model.lm_head, out_hook(None, "logits"))
+
+        m = self.modeling
+        original_rope, original_eager = m.apply_rotary_pos_emb, m.eager_attention_forward
+
+        def rope(q, k, cos, sin, *args, **kwargs):
+            q, k = original_rope(q, k, cos, sin, *args, **kwargs)
+            emit(sink, current["layer"], "q_rope", q.transpose(1, 2))
+            emit(sink, current["layer"], "k_rope", k.transpose(1, 2))
+            return q, k
+
+        def eager(module, query, key, value, attention_mask, scaling, *args, **kwargs):
+            out, probs = original_eager(module, query, key, value, attention_mask, scaling, *args, **kwargs)
+            i = current["layer"]
+            if sink.wants(tap_name("attn_scores", i)):
+                # The same ops eager runs, for the pre-softmax scores it does not return.
+                scores = torch.matmul(query, m.repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
+                if attention_mask is not None:
+                    scores = scores + attention_mask
+                    scores = scores.masked_fill(scores <= torch.finfo(scores.dtype).min / 2, float("-inf"))
+                sink(tap_name("attn_scores", i), scores)
+            emit(sink, i, "attn_probs", probs)
+            return out, probs
+
+        m.apply_rotary_pos_emb, m.eager_attention_forward = rope, eager
+        try:
+            yield
+        finally:
+            m.apply_rotary_pos_emb, m.eager_attention_forward = original_rope, original_eager
+            for h in handles:
+                h.remove()
+

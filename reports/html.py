@@ -1,0 +1,42 @@
+"""Building blocks of the self-contained HTML reports: one page, inline CSS, plots as inline PNGs.
+
+No network and no scripts from elsewhere: a report is one file that opens anywhere. Every string
+that comes from a store, a checkpoint or a user goes through `esc`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.ok{color:#17803d}.bad{color:#b42318;font-weight:600}.warn{color:#b54708}.info{color:#175cd3}
+.verdict{font-size:1.2em;padding:.8em 1em;border-radius:6px;background:#f6f6f6;border-left:6px solid #999}
+.verdict.ok{border-color:#17803d}.verdict.bad{border-color:#b42318}
+img{max-width:100%;height:auto}code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def figure_png(fig) -> str:
+    """A matplotlib figure as an inline <img>; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+
+
+def page(title: str, body: str) -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{CSS}</style></head><body>{body}</body></html>")
