@@ -24,8 +24,10 @@ def child(mode: str, model: Path, tokens: int, decode: int, dtype: str, attn: st
     from qwen3dbg.capture import capture, forced_steps
     from qwen3dbg.reference.hf import HFCandidate
 
+    from qwen3dbg.config import load_config
+
     torch.manual_seed(0)
-    prompt = torch.randint(0, 1000, (tokens,)).tolist()
+    prompt = torch.randint(0, load_config(model).vocab_size, (tokens,)).tolist()
     steps = forced_steps(prompt, list(range(100, 100 + decode)))
     cand = HFCandidate(model, dtype, attn=attn)
     best = float("inf")
