@@ -118,6 +118,78 @@ def capture(
     console.print(f"wrote tap store {out}")
 
 
+def _fail_on(value: str) -> str:
+    if value not in ("warning", "error"):
+        raise UserError(f"--fail-on {value!r}: use warning or error")
+    return value
+
+
+def _write_views(result, json_out: Optional[Path], html_out: Optional[Path], html_view) -> None:
+    from qwen3dbg.reports.scan_report import to_json
+
+    for path, text in ((json_out, to_json), (html_out, html_view)):
+        if path is not None:
+            try:
+                path.write_text(text(result))
+            except OSError as e:
+                raise UserError(f"cannot write {path}: {e.strerror}") from None
+            console.print(f"wrote {path}")
+
+
+@app.command("scan-checkpoint")
+def scan_checkpoint_cmd(
+    path: Path = typer.Argument(..., help="Model directory (config.json + safetensors), a .safetensors or a .gguf file."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
+    fail_on: str = typer.Option("error", help="Exit 1 when a finding is at or above this severity: warning or error."),
+    threshold: float = typer.Option(20.0, help="Flag norm weights (q_norm, k_norm, ...) whose |value| exceeds this."),
+    huge: float = typer.Option(1e4, help="Flag tensors with |values| at or above this (trained weights stay far below)."),
+):
+    """Lint a checkpoint: container integrity, tensors against the config, values, and numerically dangerous norms.
+
+    Exit 0 clean, 1 findings at or above --fail-on, 2 when PATH is not a checkpoint at all."""
+    from qwen3dbg.reports.scan_report import print_scan, scan_html
+    from qwen3dbg.scan.checks import Thresholds
+    from qwen3dbg.scan.scan import scan_checkpoint
+
+    fail_on = _fail_on(fail_on)
+    with progress_bar() as bar:
+        def progress(total):
+            task = bar.add_task("scanning (bytes)", total=total)
+            return lambda n: bar.advance(task, n)
+
+        result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), progress)
+    print_scan(result, Console())
+    _write_views(result, json_out, html_out, scan_html)
+    raise typer.Exit(result.exit_code(fail_on))
+
+
+@app.command("diff-weights")
+def diff_weights_cmd(
+    a: Path = typer.Argument(..., help="Checkpoint A: model directory, .safetensors or .gguf."),
+    b: Path = typer.Argument(..., help="Checkpoint B, e.g. A's GGUF conversion."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
+    fail_on: str = typer.Option("error", help="Exit 1 when a finding is at or above this severity: warning or error."),
+):
+    """Compare two checkpoints tensor by tensor in HF names: missing, reshaped, permuted and changed tensors.
+
+    Differences within the two formats' rounding are not findings. Exit 0 clean, 1 differences, 2 unreadable."""
+    from qwen3dbg.reports.scan_report import diff_html, print_diff
+    from qwen3dbg.scan.diff import diff_weights
+
+    fail_on = _fail_on(fail_on)
+    with progress_bar() as bar:
+        def progress(total):
+            task = bar.add_task("comparing (tensors)", total=total)
+            return lambda n: bar.advance(task, n)
+
+        result = diff_weights(a, b, progress)
+    print_diff(result, Console())
+    _write_views(result, json_out, html_out, diff_html)
+    raise typer.Exit(result.exit_code(fail_on))
+
+
 def main() -> None:
     try:
         app()

@@ -55,3 +55,34 @@ def run_steps(cand, steps):
         cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
         out.append(sink.taps)
     return out
+
+
+# --- scan-checkpoint / diff-weights / GGUF (issue 5) ------------------------------------------------
+
+def rewrite_checkpoint(src, dst, edit):
+    """Copy a model directory through `edit(tensors: dict) -> dict` into `dst` (one safetensors file)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from qwen3dbg.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(src)
+    tensors = edit({n: ckpt.get(n) for n in ckpt.keys()})
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(dst / "model.safetensors"))
+    return dst
+
+
+def edit_safetensors_header(path, edit):
+    """Rewrite a safetensors file's JSON header through `edit(header: dict) -> dict`, data bytes unchanged."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = edit(json.loads(raw[8:8 + n]))
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])

@@ -10,7 +10,7 @@ from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import load_config
 from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, dequantize, read_gguf, write_gguf
 from qwen3dbg.gguf_names import gguf_shapes, gguf_to_hf, hf_to_gguf
-from qwen3dbg.synth import PRESETS, make_model, tensor_shapes
+from qwen3dbg.synth import PRESETS, tensor_shapes
 
 
 def _q8_0_bound(ref: np.ndarray) -> np.ndarray:
@@ -27,9 +27,9 @@ BOUND = {
 }
 
 
-@pytest.fixture(scope="module", params=["tiny-dense", "tiny-moe"])
-def model(request, tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp(request.param), request.param)
+@pytest.fixture(params=["tiny-dense", "tiny-moe"])
+def model(request, models):
+    return models(request.param)
 
 
 def _read(g, t) -> np.ndarray:

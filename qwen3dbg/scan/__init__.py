@@ -1,0 +1,1 @@
+"""Checkpoint linting (`scan-checkpoint`) and tensor-by-tensor checkpoint comparison (`diff-weights`)."""

@@ -1,0 +1,139 @@
+"""The scan's rules: tensors against the config, values of each tensor, and norm weights that amplify rounding.
+
+Each rule is a free function returning findings; the thresholds are one frozen dataclass.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.scan.container import Entry
+from qwen3dbg.scan.findings import Finding, NormPeak
+from qwen3dbg.scan.stats import Stats
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    norm: float = 20.0  # a norm weight above this is flagged: it multiplies rounding errors by as much
+    huge: float = 1e4  # no trained Qwen3 weight comes near this; corrupted buffers hold 1e29..1e34
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_NORMS = {"self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
+          "input_layernorm.weight": "input_layernorm", "post_attention_layernorm.weight": "post_attention_layernorm"}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_GHOST = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias")
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def norm_role(hf: str) -> tuple[int | None, str] | None:
+    """(layer, kind) of a norm weight by its HF name; layer None for the final norm; None if not a norm."""
+    if hf == "model.norm.weight":
+        return None, "norm"
+    m = _LAYER.fullmatch(hf)
+    return (int(m[1]), _NORMS[m[2]]) if m and m[2] in _NORMS else None
+
+
+def is_ghost_bias(hf: str, cfg: Qwen3Config) -> bool:
+    return not cfg.attention_bias and bool(_GHOST.fullmatch(hf))
+
+
+def against_config(cfg: Qwen3Config, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                   hf_of: dict[str, list[str]]) -> list[Finding]:
+    """Missing, unexpected and misshapen tensors, and MoE expert counts. `shapes`/`expected` use the
+    file's own names; `hf_of` maps them to the HF names they hold (GGUF stacks experts). Ghost biases
+    are left to `values`, where they get their statistics."""
+    out = []
+    for name, shape in expected.items():
+        if name not in shapes:
+            out.append(Finding("error", "missing", f"{name} {list(shape)} is missing",
+                               "the config needs it: loading fails or the weight is left uninitialized", name))
+        elif tuple(shapes[name]) != tuple(shape):
+            out.append(Finding("error", "shape", f"{name} has shape {list(shapes[name])}, the config implies {list(shape)}",
+                               "a loader either fails or reads the values in the wrong layout", name,
+                               {"shape": list(shapes[name]), "expected": list(shape)}))
+    for name in shapes:
+        hf = (hf_of.get(name) or [""])[0]
+        if name in expected or is_ghost_bias(hf, cfg):
+            continue
+        if hf == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # judged by `tied_head`
+        out.append(Finding("warning", "unexpected", f"{name} is not part of a {cfg.model_type} checkpoint of this config",
+                           "the config has no place for it: a strict loader fails, others drop it", name))
+    if cfg.is_moe:
+        per_layer = Counter()
+        for hf in (h for name in shapes for h in hf_of.get(name, ())):
+            m = _EXPERT.match(hf)
+            if m:
+                per_layer[int(m[1]), int(m[2])] += 1
+        layers = Counter(layer for layer, _ in per_layer)
+        for layer in sorted(layers):
+            if layers[layer] != cfg.num_experts:
+                out.append(Finding("error", "experts", f"layer {layer} holds {layers[layer]} experts, the config says "
+                                   f"{cfg.num_experts}", "the router picks experts that are not there",
+                                   numbers={"layer": layer, "experts": layers[layer], "expected": cfg.num_experts}))
+    return out
+
+
+def tied_head(same_as_embedding: bool) -> Finding:
+    """`lm_head.weight` stored although tie_word_embeddings is true."""
+    if same_as_embedding:
+        return Finding("info", "tied", "lm_head.weight is stored although tie_word_embeddings is true; it equals "
+                       "model.embed_tokens.weight", "harmless: loaders tie it to the embedding", "lm_head.weight")
+    return Finding("warning", "tied", "lm_head.weight differs from model.embed_tokens.weight although "
+                   "tie_word_embeddings is true", "transformers ignores it and uses the embedding; an implementation "
+                   "that loads it computes other logits", "lm_head.weight")
+
+
+def dtypes(entries: list[Entry], cfg: Qwen3Config | None, gguf: bool) -> list[Finding]:
+    counts = Counter(e.dtype for e in entries)
+    listing = ", ".join(f"{n} {d}" for d, n in counts.most_common())
+    if gguf:
+        return [Finding("info", "dtype", f"tensor types: {listing}", "norms and the router stay F32 in llama.cpp's "
+                        "converter, so a mixture is normal in GGUF", numbers=dict(counts))]
+    if len(counts) > 1:
+        return [Finding("warning", "dtype", f"mixed dtypes: {listing}",
+                        "an implementation that assumes one dtype reads some tensors wrong", numbers=dict(counts))]
+    if cfg is not None and counts and next(iter(counts)) != cfg.torch_dtype:
+        return [Finding("info", "dtype", f"all tensors are {next(iter(counts))}, config.json says {cfg.torch_dtype}",
+                        "loaders that trust the config convert on load", numbers=dict(counts))]
+    return []
+
+
+def values(name: str, hf: str, s: Stats, cfg: Qwen3Config | None, th: Thresholds) -> list[Finding]:
+    """Findings about one tensor's values."""
+    out = []
+    nums = {k: v for k, v in s.to_dict().items() if k != "numel"}
+    if cfg is not None and is_ghost_bias(hf, cfg):
+        out.append(Finding("warning", "ghost-bias", f"{name} exists although attention_bias is false "
+                           f"(absmax {s.absmax:.4g}, mean {s.mean:.4g}, std {s.std:.4g})",
+                           "a correct implementation ignores it; one that adds it reads values the model never "
+                           "trained with", name, nums))
+    if s.nonfinite:
+        out.append(Finding("error", "nonfinite", f"{name} holds {s.n_nan} NaN, {s.n_posinf} +inf, {s.n_neginf} -inf",
+                           "one non-finite weight turns every activation it touches into NaN", name, nums))
+    if s.absmax >= th.huge:
+        out.append(Finding("error", "huge", f"{name} has |values| up to {s.absmax:.4g} (threshold {th.huge:g})",
+                           "no trained weight is this large; corrupted or uninitialized buffers are", name, nums))
+    if s.numel and s.n_zero == s.numel:
+        out.append(Finding("error", "zero", f"{name} is all zeros", "a trained weight never is: the bytes were "
+                           "probably never written", name, nums))
+    elif s.numel > 1 and not s.nonfinite and s.min == s.max:
+        out.append(Finding("warning", "constant", f"{name} is constant ({s.min:g})",
+                           "a trained weight rarely is: it looks like an initializer's value", name, nums))
+    return out
+
+
+def norm_danger(peaks: list[NormPeak], th: Thresholds) -> list[Finding]:
+    return [Finding("warning", "norm-danger",
+                    f"{p.kind} weight {p.absmax:.4g} in {'the final norm' if p.layer is None else f'layer {p.layer}'}: "
+                    f"a rounding error entering this norm leaves it about {p.absmax:.0f}x larger",
+                    f"above {th.norm:g}: bf16/fp16 differences between implementations are amplified here, so "
+                    "compare this layer with a looser tolerance or in fp32", p.tensor,
+                    {"absmax": p.absmax, "layer": p.layer, "threshold": th.norm})
+            for p in peaks if p.absmax > th.norm]

@@ -1,0 +1,222 @@
+"""Container integrity of safetensors (single, sharded) and GGUF files, from the raw bytes.
+
+Headers are parsed here, not by the safetensors library, so a damaged file becomes findings (header
+length, JSON, dtypes, offsets in bounds and not overlapping, index and shards complete) and the
+tensors that are intact are still scanned.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen3dbg.checkpoint import INDEX
+from qwen3dbg.scan.findings import Finding
+
+# safetensors dtype -> (name the scan reports, bytes per element)
+ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+             "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+             "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8), "BOOL": ("bool", 1),
+             "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+MAX_HEADER = 100 * 1024**2  # the safetensors library refuses larger headers
+DAMAGED = "a loader fails on this file or reads bytes that are not the tensor's"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One intact tensor: where its bytes are and how to read them."""
+
+    name: str  # as stored in the file
+    file: Path
+    dtype: str  # torch-style name for safetensors ('bfloat16'), GGUF type name for GGUF ('Q8_0')
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    qtype: int | None = None  # GGUF type id; None for safetensors
+
+
+def _err(check: str, message: str, tensor: str | None = None, why: str = DAMAGED, **numbers) -> Finding:
+    return Finding("error", check, message, why, tensor, numbers)
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"key {k!r} appears twice")
+        seen[k] = v
+    return seen
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _is_shape(shape) -> bool:
+    return isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+
+
+def _is_offsets(off) -> bool:
+    return (isinstance(off, list) and len(off) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in off)
+            and 0 <= off[0] <= off[1])
+
+
+def overlaps(entries: list[tuple[str, int, int]], file: str, check: str) -> list[Finding]:
+    """Errors for byte ranges (name, begin, end) that overlap another's."""
+    out, prev = [], None
+    for name, b, e in sorted(entries, key=lambda x: (x[1], x[2])):
+        if prev is not None and b < prev[2] and e > b:
+            out.append(_err(check, f"{name} (bytes {b}..{e}) overlaps {prev[0]} (bytes {prev[1]}..{prev[2]}) in {file}",
+                            name, begin=b, end=e, other=prev[0]))
+        if prev is None or e > prev[2]:
+            prev = (name, b, e)
+    return out
+
+
+def read_safetensors(path: Path) -> tuple[list[Entry], list[Finding]]:
+    """The intact tensors of one safetensors file and findings for everything that is not."""
+    findings: list[Finding] = []
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return [], [_err("container", f"{path.name} has {size} bytes, fewer than the 8-byte header length",
+                             file_bytes=size)]
+        n = struct.unpack("<Q", head)[0]
+        if 8 + n > size:
+            return [], [_err("container", f"{path.name}: header length {n} runs past the end of the file ({size} bytes); "
+                             "the file is truncated or not safetensors", header_length=n, file_bytes=size)]
+        if n > MAX_HEADER:
+            return [], [_err("container", f"{path.name}: header length {n} is above safetensors' limit of {MAX_HEADER}",
+                             header_length=n)]
+        raw = f.read(n)
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:
+        return [], [_err("container", f"{path.name}: the header is not valid JSON ({e})")]
+    if not isinstance(header, dict):
+        return [], [_err("container", f"{path.name}: the header is a JSON {type(header).__name__}, not an object")]
+    meta = header.pop("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        findings.append(Finding("warning", "container", f"{path.name}: __metadata__ is not a map of strings to strings",
+                                "the safetensors library rejects such a header"))
+    data_start, data_size = 8 + n, size - 8 - n
+    entries, spans = [], []
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in ST_DTYPES or not _is_shape(info.get("shape")) \
+                or not _is_offsets(info.get("data_offsets")):
+            findings.append(_err("container", f"{name}: malformed header entry {json.dumps(info)[:200]} in {path.name}",
+                                 name))
+            continue
+        dtype, itemsize = ST_DTYPES[info["dtype"]]
+        shape, (b, e) = tuple(info["shape"]), info["data_offsets"]
+        need = _numel(shape) * itemsize
+        if e - b != need:
+            findings.append(_err("container", f"{name}: data_offsets span {e - b} bytes but {list(shape)} of {dtype} "
+                                 f"needs {need} in {path.name}", name, span=e - b, needed=need))
+            continue
+        if e > data_size:
+            findings.append(_err("container", f"{name}: bytes {b}..{e} lie past the end of the data ({data_size} bytes) "
+                                 f"in {path.name}: the file is truncated or the header lies", name, end=e,
+                                 data_bytes=data_size))
+            continue
+        spans.append((name, b, e))
+        entries.append(Entry(name, path, dtype, shape, data_start + b, need))
+    bad = overlaps(spans, path.name, "container")
+    findings += bad
+    bad_names = {f.tensor for f in bad}
+    covered = sum(e - b for _, b, e in spans)
+    if not bad and covered < data_size:
+        findings.append(Finding("warning", "container",
+                                f"{path.name}: {data_size - covered} bytes of the data section belong to no tensor",
+                                "the format forbids holes; a writer that left them may have dropped a tensor",
+                                numbers={"unindexed_bytes": data_size - covered}))
+    return [x for x in entries if x.name not in bad_names], findings
+
+
+def read_index(model_dir: Path) -> tuple[dict[str, str] | None, list[Finding]]:
+    """weight_map of a sharded checkpoint (tensor -> shard file name), or None with why it is unusable."""
+    path = model_dir / INDEX
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not a map of tensor names to file names")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return None, [_err("index", f"{INDEX} is not a valid index ({e}); scanning every *.safetensors file instead",
+                           why="transformers cannot load a sharded checkpoint without its index")]
+    return weight_map, []
+
+
+def lost_tensors(findings: list[Finding]) -> set[str]:
+    """Tensors that exist but are reported unreadable, so the config check does not call them missing too."""
+    return {n for f in findings if f.check in ("container", "index") for n in f.numbers.get("lost", [f.tensor]) if n}
+
+
+def read_directory(model_dir: Path) -> tuple[list[Entry], list[Finding], list[Path]]:
+    """Every intact tensor of a safetensors model directory, with the index checked against the shards."""
+    on_disk = sorted(model_dir.glob("*.safetensors"))
+    weight_map, findings = read_index(model_dir) if (model_dir / INDEX).is_file() else (None, [])
+    if weight_map is None:
+        files = on_disk
+        if len(files) > 1 and not findings:
+            findings.append(Finding("warning", "index", f"{len(files)} safetensors files and no {INDEX}",
+                                    "transformers loads a multi-file checkpoint only through its index"))
+    else:
+        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                lost = [t for t, s in weight_map.items() if s == f.name]
+                findings.append(_err("index", f"shard {f.name} listed in {INDEX} is missing: its {len(lost)} tensors "
+                                     f"(e.g. {lost[0]}) cannot be read", f.name, why="loading the model fails",
+                                     lost=lost))
+        for f in on_disk:
+            if f not in files:
+                findings.append(Finding("warning", "index", f"{f.name} is not listed in {INDEX}",
+                                        "loaders never read it: a stale shard or a forgotten one", f.name))
+        files = [f for f in files if f.is_file()]
+    entries: list[Entry] = []
+    for f in files:
+        got, bad = read_safetensors(f)
+        entries += got
+        findings += bad
+        if weight_map is not None:
+            held = {e.name for e in got} | {x.tensor for x in bad}
+            for e in got:
+                if weight_map.get(e.name) != f.name:
+                    findings.append(Finding("warning", "index", f"{e.name} is in {f.name} but the index "
+                                            f"{'maps it to ' + weight_map[e.name] if e.name in weight_map else 'lacks it'}",
+                                            "loaders look for a tensor only where the index says", e.name))
+            for t, s in weight_map.items():
+                if s == f.name and t not in held:
+                    findings.append(_err("index", f"{t}: the index places it in {f.name}, which does not hold it", t,
+                                         why="loading the model fails on this tensor"))
+    return entries, findings, files
+
+
+def read_gguf_file(path: Path):
+    """The intact tensors of a GGUF file, findings for the rest, and the parsed file (None if unreadable)."""
+    from qwen3dbg.gguf_io import GGUFDamaged, read_gguf
+
+    try:
+        g = read_gguf(path)
+    except GGUFDamaged as e:
+        return [], [_err("container", f"{path.name}: {e}")], None
+    entries, findings, spans = [], [], []
+    for t in g.tensors:
+        if t.nbytes is None:
+            findings.append(_err("container", f"{t.name}: unknown GGUF tensor type {t.qtype}", t.name))
+        elif t.offset + t.nbytes > g.file_size:
+            findings.append(_err("container", f"{t.name}: bytes {t.offset}..{t.offset + t.nbytes} lie past the end of "
+                                 f"the file ({g.file_size} bytes): the file is truncated", t.name,
+                                 end=t.offset + t.nbytes, file_bytes=g.file_size))
+        else:
+            spans.append((t.name, t.offset, t.offset + t.nbytes))
+            entries.append(Entry(t.name, path, t.type_name, t.shape, t.offset, t.nbytes, t.qtype))
+    bad = overlaps(spans, path.name, "container")
+    bad_names = {f.tensor for f in bad}
+    return [e for e in entries if e.name not in bad_names], findings + bad, g

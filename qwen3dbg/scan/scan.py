@@ -1,0 +1,64 @@
+"""`scan-checkpoint`: is the checkpoint itself sound, and what about it is numerically dangerous?"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from qwen3dbg.scan import checks
+from qwen3dbg.scan.container import lost_tensors
+from qwen3dbg.scan.findings import Finding, NormPeak, ScanResult, TensorRow
+from qwen3dbg.scan.source import Source, open_source
+
+
+def _config_findings(src: Source, hf_of: dict[str, list[str]]) -> list[Finding]:
+    from qwen3dbg.gguf_names import gguf_shapes
+    from qwen3dbg.synth import tensor_shapes
+
+    cfg = src.cfg
+    expected = tensor_shapes(cfg)
+    if src.format == "gguf":
+        expected = gguf_shapes(expected)
+    lost = lost_tensors(src.findings)
+    shapes = {e.name: e.shape for e in src.entries}
+    out = [f for f in checks.against_config(cfg, shapes, expected, hf_of)
+           if not (f.check == "missing" and f.tensor in lost)]
+    by_name = {e.name: e for e in src.entries}
+    if cfg.tie_word_embeddings and src.format == "safetensors" and "lm_head.weight" in by_name \
+            and "model.embed_tokens.weight" in by_name:
+        out.append(checks.tied_head(src.same_bytes(by_name["lm_head.weight"], by_name["model.embed_tokens.weight"])))
+    return out
+
+
+def scan_checkpoint(path: str | Path, thresholds: checks.Thresholds = checks.Thresholds(),
+                    progress: Callable[[int], Callable[[int], None]] | None = None) -> ScanResult:
+    """Scan PATH; `progress(total_bytes)` may return a callback that is given each tensor's bytes as it is done."""
+    t0 = time.perf_counter()
+    with open_source(path) as src:
+        findings = list(src.findings)
+        hf_of = {e.name: src.hf_names(e) for e in src.entries}
+        if src.cfg is not None:
+            findings += _config_findings(src, hf_of)
+        findings += checks.dtypes(src.entries, src.cfg, src.format == "gguf")
+        tick = progress(sum(e.nbytes for e in src.entries)) if progress else None
+        rows, peaks, read = [], [], 0
+        for e in src.entries:
+            s = src.stats(e)
+            rows.append(TensorRow(e.name, e.file.name, e.dtype, e.shape, e.nbytes, s))
+            hf = (hf_of[e.name] or [e.name])[0]
+            if s is None:
+                findings.append(Finding("info", "dtype", f"{e.name} is {e.dtype}: no value statistics",
+                                        "only float tensors are summarized", e.name))
+            else:
+                read += e.nbytes
+                findings += checks.values(e.name, hf, s, src.cfg, thresholds)
+                role = checks.norm_role(hf)
+                if role is not None:
+                    peaks.append(NormPeak(role[0], role[1], e.name, s.absmax))
+            if tick:
+                tick(e.nbytes)
+        findings += checks.norm_danger(peaks, thresholds)
+        return ScanResult(str(path), src.format, [{"path": str(f), "bytes": f.stat().st_size} for f in src.files],
+                          src.cfg.to_hf_dict() if src.cfg else None, rows, peaks, findings,
+                          time.perf_counter() - t0, read, thresholds.to_dict())

@@ -1,0 +1,171 @@
+"""A checkpoint opened for scanning or diffing: its intact tensors, its config, and reading them.
+
+PATH is a model directory (config.json + safetensors, single or sharded), one `.safetensors` file, or
+one `.gguf` file. Files are memory-mapped once; a tensor is read in windows whose pages are handed
+back as soon as they are summed, so memory stays near one window whatever the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+
+from qwen3dbg.config import Qwen3Config, load_config
+from qwen3dbg.errors import UserError
+from qwen3dbg.scan.container import Entry, read_directory, read_gguf_file, read_safetensors
+from qwen3dbg.scan.findings import Finding
+from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements, shift_of
+
+WINDOW_BYTES = 64 * 1024**2
+_GGUF_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class Source:
+    path: Path
+    format: str  # safetensors | gguf
+    files: list[Path]
+    entries: list[Entry]
+    findings: list[Finding]
+    cfg: Qwen3Config | None
+    _maps: dict = field(default_factory=dict, repr=False)
+
+    def hf_names(self, entry: Entry) -> list[str]:
+        """The HF tensor names an entry holds: itself, or for GGUF its mapped name(s) (one per stacked expert)."""
+        if self.format == "safetensors":
+            return [entry.name]
+        from qwen3dbg.gguf_names import gguf_to_hf
+
+        return gguf_to_hf(entry.name, entry.shape[0] if entry.name.endswith("_exps.weight") else 0)
+
+    def _bytes(self, path: Path) -> tuple[mmap.mmap, np.ndarray]:
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[path] = (mm, np.frombuffer(mm, dtype=np.uint8))
+        return self._maps[path]
+
+    def _release(self, path: Path, begin: int, end: int) -> None:
+        """Drop our mapping of these bytes (the page cache keeps them), so RSS does not grow with the file."""
+        mm, _ = self._maps[path]
+        lo = begin - begin % mmap.PAGESIZE
+        if end > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+
+    def stats(self, e: Entry) -> Stats | None:
+        """One fused pass over the tensor's values; None for types without values to summarize (ints)."""
+        dtype = _GGUF_FLOATS.get(e.dtype, e.dtype) if e.qtype is not None else e.dtype
+        _, buf = self._bytes(e.file)
+        if dtype in DTYPE_CODES:
+            size = _ITEMSIZE[dtype]
+            first = buf[e.offset:e.offset + size].view({"bfloat16": np.uint16}.get(dtype, dtype))
+            acc = Accumulator(dtype, shift_of(first, dtype))
+            step = max(1, WINDOW_BYTES // (chunk_elements() * size)) * chunk_elements()
+            n = e.nbytes // size
+            for start in range(0, n, step):
+                m = min(step, n - start)
+                begin = e.offset + start * size
+                acc.add(buf.ctypes.data + begin, m)
+                self._release(e.file, begin, begin + m * size)
+            return acc.result()
+        if e.qtype is None:
+            return None
+        return self._quantized_stats(e, buf)
+
+    def _quantized_stats(self, e: Entry, buf: np.ndarray) -> Stats:
+        from qwen3dbg.gguf_io import dequantize
+
+        cols = e.shape[-1]
+        rows = e.nbytes and int(np.prod(e.shape[:-1], dtype=np.int64))
+        row_bytes = e.nbytes // max(rows, 1)
+        unit = chunk_elements() // gcd(chunk_elements(), cols)  # rows per whole number of chunks
+        per = max(1, WINDOW_BYTES // 4 // (unit * cols)) * unit
+        acc = None
+        for r in range(0, rows, per):
+            k = min(per, rows - r)
+            begin = e.offset + r * row_bytes
+            vals = np.ascontiguousarray(dequantize(buf[begin:begin + k * row_bytes], e.qtype, (k, cols)))
+            acc = acc or Accumulator("float32", shift_of(vals.reshape(-1)[:1], "float32"))
+            acc.add(vals.ctypes.data, vals.size)
+            self._release(e.file, begin, begin + k * row_bytes)
+        return acc.result() if acc else Accumulator("float32", 0.0).result()
+
+    def array(self, e: Entry) -> np.ndarray:
+        """The tensor as float32 in torch order (a copy; quantized types dequantized)."""
+        from qwen3dbg.gguf_io import GGUF_TYPES, dequantize
+
+        _, buf = self._bytes(e.file)
+        raw = buf[e.offset:e.offset + e.nbytes]
+        if e.qtype is not None:
+            return np.array(dequantize(raw, e.qtype, e.shape), dtype=np.float32)
+        if e.dtype == "bfloat16":
+            return dequantize(raw, GGUF_TYPES["bf16"], e.shape).copy()
+        if e.dtype not in DTYPE_CODES:
+            raise UserError(f"{e.name} is {e.dtype}: diff-weights compares float tensors only")
+        return raw.view(e.dtype).astype(np.float32).reshape(e.shape)
+
+    def same_bytes(self, a: Entry, b: Entry) -> bool:
+        _, buf = self._bytes(a.file)
+        _, buf_b = self._bytes(b.file)
+        return a.nbytes == b.nbytes and np.array_equal(buf[a.offset:a.offset + a.nbytes], buf_b[b.offset:b.offset + b.nbytes])
+
+    def close(self) -> None:
+        for path in list(self._maps):
+            mm, view = self._maps.pop(path)
+            del view  # the map cannot close while an array exports it
+            mm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _config(model_dir: Path) -> tuple[Qwen3Config | None, list[Finding]]:
+    if not (model_dir / "config.json").is_file():
+        return None, [Finding("warning", "config", f"no config.json in {model_dir}: tensors are not checked against a config",
+                              "missing, unexpected or misshapen tensors go unnoticed")]
+    try:
+        return load_config(model_dir), []
+    except UserError as e:
+        return None, [Finding("error", "config", f"config.json cannot be used: {e}",
+                              "loaders fail on it; tensors are not checked against a config")]
+
+
+def open_source(path: str | Path) -> Source:
+    """Open PATH as a checkpoint; UserError when it is not one at all (the CLI's exit 2)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: pass a model directory, a .safetensors file or a .gguf file")
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+            raise UserError(f"{path} holds no safetensors files: pass a model directory, a .safetensors or a .gguf file")
+        cfg, findings = _config(path)
+        entries, more, files = read_directory(path)
+        return Source(path, "safetensors", files, entries, findings + more, cfg)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or path.suffix == ".gguf":
+        entries, findings, g = read_gguf_file(path)
+        cfg = None
+        if g is not None:
+            from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf
+
+            try:
+                cfg = config_from_gguf(g)
+            except GGUFDamaged as e:
+                findings.append(Finding("error", "config", f"the GGUF metadata does not describe a Qwen3 model: {e}",
+                                        "llama.cpp cannot load it; tensors are not checked against a config"))
+        return Source(path, "gguf", [path], entries, findings, cfg)
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path} is neither a model directory, a .safetensors file nor a .gguf file")
+    entries, findings = read_safetensors(path)
+    findings.append(Finding("info", "config", "a single safetensors file is checked without a config: pass its "
+                            "directory to check names and shapes against config.json", "-"))
+    return Source(path, "safetensors", [path], entries, findings, None)

@@ -1,0 +1,283 @@
+"""Per-tensor value statistics in one fused pass over the raw bytes (min/max/mean/std/zeros/non-finite).
+
+Separate torch reductions on bf16 run about 8x slower than reading the bytes, so the pass is a small C
+kernel built with the system C compiler on first use and cached. bf16 and f16 are widened per element
+in registers, never copied to fp32. Work is split into fixed chunks whose partial sums are folded in
+order, so the result does not depend on the thread count or on how a tensor is fed in windows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qwen3dbg.errors import UserError
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define CHUNK 65536 /* elements per partial: the 16-bit zero counters below hold CHUNK / LANES */
+#define LANES 16    /* independent accumulators, so the loops vectorize without reassociating */
+
+typedef struct {
+    int64_t n_finite, n_nan, n_posinf, n_neginf, n_zero;
+    double sum, sumsq;  /* of (x - shift) over finite x: the shift keeps mean/std from cancelling */
+    double min, max;    /* over finite x; +inf / -inf while there is none */
+} stats_t;
+
+static inline double from_f64(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
+static inline double from_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline double from_bf16(uint16_t u) { return from_f32((uint32_t)u << 16); }
+/* Exact and vectorizable (a _Float16 cast becomes a library call per element): the magnitude bits
+   moved to a float's place and scaled by 2^112, which also normalizes subnormals; all-ones exponents
+   are set to inf/NaN, then the sign. */
+static inline double from_f16(uint16_t h) {
+    uint32_t mag = (uint32_t)(h & 0x7fff) << 13, u;
+    float f;
+    memcpy(&f, &mag, 4);
+    f *= 0x1p112f;
+    memcpy(&u, &f, 4);
+    u |= (h & 0x7c00) == 0x7c00 ? 0x7f800000u : 0u;
+    u |= (uint32_t)(h & 0x8000) << 16;
+    return from_f32(u);
+}
+
+/* Integer keys that order like the floats (sign-magnitude to two's complement): exact min/max in
+   the element's own width, the same transform maps a key back. */
+#define KEY(K, U, BITS, ABS, u) ((K)((u) ^ (((U)((K)(u) >> ((BITS) - 1))) & (ABS))))
+#define KMAX(K, U, BITS) ((K)(((U)1 << ((BITS) - 1)) - 1))
+#define KMIN(K, U, BITS) ((K)((U)1 << ((BITS) - 1)))
+
+/* For each element type: `masked_*` is the plain scalar spec, used for the rare chunk holding a NaN or
+   an inf; `chunk_*` is the fast path: a double-sum pass (a non-finite element makes a sum non-finite,
+   which sends the chunk to the spec), then an integer pass for min/max/zeros while the chunk is in cache. */
+#define CHUNK_FNS(T, U, K, EXP, ABS, BITS, TO_DOUBLE)                                             \
+static void masked_##T(const U* p, int64_t n, double shift, stats_t* s) {                        \
+    K kmin = KMAX(K, U, BITS), kmax = KMIN(K, U, BITS);                                           \
+    memset(s, 0, sizeof *s);                                                                      \
+    for (int64_t i = 0; i < n; i++) {                                                             \
+        U u = p[i];                                                                               \
+        if ((u & EXP) == EXP) {                                                                   \
+            if (u & (ABS & ~EXP)) s->n_nan++;                                                     \
+            else if (u >> ((BITS) - 1)) s->n_neginf++;                                            \
+            else s->n_posinf++;                                                                   \
+            continue;                                                                             \
+        }                                                                                         \
+        double d = TO_DOUBLE(u) - shift;                                                          \
+        K k = KEY(K, U, BITS, ABS, u);                                                            \
+        s->sum += d; s->sumsq += d * d; s->n_finite++; s->n_zero += (u & ABS) == 0;               \
+        if (k < kmin) kmin = k;                                                                   \
+        if (k > kmax) kmax = k;                                                                   \
+    }                                                                                             \
+    s->min = s->n_finite ? TO_DOUBLE((U)KEY(K, U, BITS, ABS, (U)kmin)) : INFINITY;                \
+    s->max = s->n_finite ? TO_DOUBLE((U)KEY(K, U, BITS, ABS, (U)kmax)) : -INFINITY;               \
+}                                                                                                 \
+static void chunk_##T(const U* p, int64_t n, double shift, stats_t* s) {                         \
+    double sm[LANES] = {0}, sq[LANES] = {0};                                                      \
+    int64_t i = 0, m = n - n % LANES;                                                             \
+    for (i = 0; i < m; i += LANES)                                                                \
+        for (int j = 0; j < LANES; j++) {                                                         \
+            double d = TO_DOUBLE(p[i + j]) - shift;                                               \
+            sm[j] += d; sq[j] += d * d;                                                           \
+        }                                                                                         \
+    for (; i < n; i++) { double d = TO_DOUBLE(p[i]) - shift; sm[0] += d; sq[0] += d * d; }        \
+    double sum = 0, sumsq = 0;                                                                    \
+    for (int j = 0; j < LANES; j++) { sum += sm[j]; sumsq += sq[j]; }                             \
+    if (!isfinite(sum) || !isfinite(sumsq)) { masked_##T(p, n, shift, s); return; }               \
+    K mn[LANES], mx[LANES]; U nz[LANES];                                                          \
+    for (int j = 0; j < LANES; j++) { mn[j] = KMAX(K, U, BITS); mx[j] = KMIN(K, U, BITS); nz[j] = 0; } \
+    for (i = 0; i < m; i += LANES)                                                                \
+        for (int j = 0; j < LANES; j++) {                                                         \
+            U u = p[i + j];                                                                       \
+            K k = KEY(K, U, BITS, ABS, u);                                                        \
+            mn[j] = k < mn[j] ? k : mn[j]; mx[j] = k > mx[j] ? k : mx[j];                         \
+            nz[j] += (U)((u & ABS) == 0);                                                         \
+        }                                                                                         \
+    for (; i < n; i++) {                                                                          \
+        K k = KEY(K, U, BITS, ABS, p[i]);                                                         \
+        mn[0] = k < mn[0] ? k : mn[0]; mx[0] = k > mx[0] ? k : mx[0]; nz[0] += (U)((p[i] & ABS) == 0); \
+    }                                                                                             \
+    K kmin = mn[0], kmax = mx[0];                                                                 \
+    int64_t zeros = 0;                                                                            \
+    for (int j = 0; j < LANES; j++) {                                                             \
+        kmin = mn[j] < kmin ? mn[j] : kmin; kmax = mx[j] > kmax ? mx[j] : kmax; zeros += nz[j];   \
+    }                                                                                             \
+    s->n_finite = n; s->n_nan = s->n_posinf = s->n_neginf = 0; s->n_zero = zeros;                 \
+    s->sum = sum; s->sumsq = sumsq;                                                               \
+    s->min = TO_DOUBLE((U)KEY(K, U, BITS, ABS, (U)kmin));                                         \
+    s->max = TO_DOUBLE((U)KEY(K, U, BITS, ABS, (U)kmax));                                         \
+}
+
+CHUNK_FNS(f64, uint64_t, int64_t, 0x7ff0000000000000ULL, 0x7fffffffffffffffULL, 64, from_f64)
+CHUNK_FNS(f32, uint32_t, int32_t, 0x7f800000u, 0x7fffffffu, 32, from_f32)
+CHUNK_FNS(bf16, uint16_t, int16_t, 0x7f80u, 0x7fffu, 16, from_bf16)
+CHUNK_FNS(f16, uint16_t, int16_t, 0x7c00u, 0x7fffu, 16, from_f16)
+
+enum { F64 = 0, F32 = 1, BF16 = 2, F16 = 3 };
+static const int ITEMSIZE[] = {8, 4, 2, 2};
+
+int64_t stats_chunk(void) { return CHUNK; }
+
+/* Fold n elements at p into *acc: chunks in parallel, their partials folded in chunk order. */
+int stats_update(stats_t* acc, const void* p, int64_t n, int dtype, double shift) {
+    int64_t nc = (n + CHUNK - 1) / CHUNK;
+    stats_t* part = malloc((size_t)(nc ? nc : 1) * sizeof(stats_t));
+    if (!part) return 1;
+    #pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < nc; c++) {
+        const char* q = (const char*)p + c * CHUNK * ITEMSIZE[dtype];
+        int64_t m = n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK;
+        switch (dtype) {
+            case F64: chunk_f64((const uint64_t*)q, m, shift, &part[c]); break;
+            case F32: chunk_f32((const uint32_t*)q, m, shift, &part[c]); break;
+            case BF16: chunk_bf16((const uint16_t*)q, m, shift, &part[c]); break;
+            default: chunk_f16((const uint16_t*)q, m, shift, &part[c]); break;
+        }
+    }
+    for (int64_t c = 0; c < nc; c++) {
+        stats_t* s = &part[c];
+        acc->n_finite += s->n_finite; acc->n_nan += s->n_nan; acc->n_posinf += s->n_posinf;
+        acc->n_neginf += s->n_neginf; acc->n_zero += s->n_zero; acc->sum += s->sum; acc->sumsq += s->sumsq;
+        if (s->min < acc->min) acc->min = s->min;
+        if (s->max > acc->max) acc->max = s->max;
+    }
+    free(part);
+    return 0;
+}
+"""
+
+# -fassociative-math lets the compiler vectorize the two double sums; it changes no NaN handling
+# (the finiteness tests are on the bits) and the sums' order is fixed per build.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-signed-zeros", "-fno-trapping-math",
+          "-fassociative-math"]
+
+DTYPE_CODES = {"float64": 0, "float32": 1, "bfloat16": 2, "float16": 3}
+
+
+class _Stats(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("n_finite", "n_nan", "n_posinf", "n_neginf", "n_zero")] + \
+               [(n, ctypes.c_double) for n in ("sum", "sumsq", "min", "max")]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache" / "qwen3dbg")) / "kernels"
+
+
+_lib = None
+
+
+def _kernel():
+    """The compiled kernel, built on first use into the cache (keyed by source and flags)."""
+    global _lib
+    if _lib is None:
+        cc = os.environ.get("CC", "cc")
+        key = hashlib.sha256((_SOURCE + " ".join([cc, *_FLAGS])).encode()).hexdigest()[:16]
+        so = _cache_dir() / f"scan_stats-{key}.so"
+        if not so.exists():
+            so.parent.mkdir(parents=True, exist_ok=True)
+            src, tmp = so.with_suffix(".c"), so.with_suffix(f".{os.getpid()}.tmp")
+            src.write_text(_SOURCE)
+            try:
+                subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise UserError(f"the scan's statistics kernel needs a C compiler and {cc!r} was not found: "
+                                "install gcc (e.g. apt-get install gcc) or set CC") from None
+            except subprocess.CalledProcessError as e:
+                raise UserError(f"building the scan's statistics kernel with {cc} failed: {e.stderr.strip()[:500]}") from None
+            tmp.replace(so)  # atomic: a concurrent scan sees the whole library or none
+        lib = ctypes.CDLL(str(so))
+        lib.stats_update.argtypes = [ctypes.POINTER(_Stats), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                     ctypes.c_double]
+        lib.stats_update.restype = ctypes.c_int
+        lib.stats_chunk.restype = ctypes.c_int64
+        _lib = lib
+    return _lib
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Statistics of one tensor; min/max/mean/std are over its finite values (std: population)."""
+
+    numel: int
+    n_nan: int
+    n_posinf: int
+    n_neginf: int
+    n_zero: int
+    min: float
+    max: float
+    mean: float
+    std: float
+
+    @property
+    def nonfinite(self) -> int:
+        return self.n_nan + self.n_posinf + self.n_neginf
+
+    @property
+    def absmax(self) -> float:
+        return max(abs(self.min), abs(self.max)) if self.numel > self.nonfinite else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"numel": self.numel, "min": self.min, "max": self.max, "mean": self.mean, "std": self.std,
+                "absmax": self.absmax, "n_nan": self.n_nan, "n_posinf": self.n_posinf, "n_neginf": self.n_neginf,
+                "n_zero": self.n_zero}
+
+
+def chunk_elements() -> int:
+    """Elements per partial sum: windows fed to an Accumulator are whole multiples of it."""
+    return _kernel().stats_chunk()
+
+
+class Accumulator:
+    """Statistics of a tensor fed as consecutive windows of raw elements (each a multiple of the chunk,
+    except the last), so a huge tensor never needs to be mapped or dequantized whole."""
+
+    def __init__(self, dtype: str, shift: float):
+        self.code, self.shift, self.numel = DTYPE_CODES[dtype], shift, 0
+        self.acc = _Stats(0, 0, 0, 0, 0, 0.0, 0.0, float("inf"), float("-inf"))
+
+    def add(self, address: int, n: int) -> None:
+        assert self.numel % chunk_elements() == 0, "only the last window may be a partial chunk"
+        if n and _kernel().stats_update(ctypes.byref(self.acc), address, n, self.code, self.shift):
+            raise MemoryError("the statistics kernel could not allocate its partials")
+        self.numel += n
+
+    def result(self) -> Stats:
+        a = self.acc
+        nf = a.n_finite
+        mean_d = a.sum / nf if nf else float("nan")
+        var = max(0.0, a.sumsq / nf - mean_d * mean_d) if nf else float("nan")
+        return Stats(self.numel, a.n_nan, a.n_posinf, a.n_neginf, a.n_zero,
+                     a.min if nf else float("nan"), a.max if nf else float("nan"),
+                     self.shift + mean_d, var ** 0.5)
+
+
+def array_stats(a: np.ndarray, dtype: str | None = None) -> Stats:
+    """Statistics of a contiguous array in one pass; `dtype` names its element type when the array
+    holds raw bits (bf16 arrives as uint16/int16)."""
+    a = np.ascontiguousarray(a)
+    dtype = dtype or a.dtype.name
+    flat = a.reshape(-1)
+    first = flat[:1].view({"bfloat16": np.uint16}.get(dtype, flat.dtype))
+    acc = Accumulator(dtype, shift_of(first, dtype))
+    acc.add(a.ctypes.data, flat.size)
+    return acc.result()
+
+
+def shift_of(first: np.ndarray, dtype: str) -> float:
+    """The value the sums are taken around: the tensor's first element when finite, else 0."""
+    if first.size == 0:
+        return 0.0
+    if dtype == "bfloat16":
+        v = float((first[:1].astype(np.uint32) << 16).view(np.float32)[0])
+    else:
+        v = float(first[0])
+    return v if np.isfinite(v) else 0.0

@@ -1,0 +1,152 @@
+"""Views of a ScanResult / DiffResult: terminal (rich), JSON and self-contained HTML. Nothing is recomputed."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+from qwen3dbg.reports.html import esc, page
+from qwen3dbg.scan.findings import DiffResult, Finding, ScanResult, Verdict
+
+STYLE = {"error": "bold red", "warning": "yellow", "info": "blue"}
+CSS_CLASS = {"error": "bad", "warning": "warn", "info": "info"}
+PER_CHECK = 6  # findings of one check the terminal shows (JSON and HTML list all)
+NORM_COLUMNS = ("q_norm", "k_norm", "input_layernorm", "post_attention_layernorm", "norm")  # norm: the final one
+
+
+def _finite(x):
+    """JSON has no NaN/inf: they become null (floats) so the file parses everywhere."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def to_json(result: Verdict) -> str:
+    return json.dumps(_finite(result.to_dict()), indent=1)
+
+
+def _verdict_line(result: Verdict) -> str:
+    c = result.counts()
+    worst = result.worst()
+    style = STYLE.get(worst, "bold green")
+    return f"[{style}]{c['error']} errors, {c['warning']} warnings, {c['info']} notes[/{style}]"
+
+
+def _terminal_findings(console, result: Verdict) -> None:
+    """Findings grouped by severity and check: the why once per group, then up to PER_CHECK messages."""
+    from rich.markup import escape
+
+    groups: dict[tuple[str, str], list[Finding]] = defaultdict(list)
+    for f in result.sorted_findings():
+        groups[f.severity, f.check].append(f)
+    if not groups:
+        console.print("[bold green]no findings[/bold green]")
+    for (sev, check), fs in groups.items():
+        console.print(f"[{STYLE[sev]}]{sev}[/] [bold]{check}[/bold] ({len(fs)}): {escape(fs[0].why)}")
+        for f in fs[:PER_CHECK]:
+            console.print(f"    {escape(f.message)}")
+        if len(fs) > PER_CHECK:
+            console.print(f"    ... and {len(fs) - PER_CHECK} more (all in --json / --html)")
+
+
+def _peaks_by_layer(result: ScanResult) -> list[tuple[str, dict[str, float]]]:
+    rows: dict = defaultdict(dict)
+    for p in result.norm_peaks:
+        rows[p.layer][p.kind] = p.absmax
+    layers = sorted(k for k in rows if k is not None)
+    return [(str(k), rows[k]) for k in layers] + ([("final", rows[None])] if None in rows else [])
+
+
+def print_scan(result: ScanResult, console) -> None:
+    from rich.table import Table
+
+    gb = result.bytes_read / 1e9
+    console.print(f"[bold]scan-checkpoint[/bold] {result.path} ({result.format}, {len(result.files)} file(s), "
+                  f"{len(result.tensors)} tensors, {gb:.3g} GB read in {result.seconds:.2f} s"
+                  f"{f', {gb / result.seconds:.2f} GB/s' if result.seconds > 0 else ''})")
+    peaks = _peaks_by_layer(result)
+    if peaks:
+        th = result.thresholds["norm"]
+        table = Table(title=f"largest |norm weight| per layer (flagged above {th:g})", header_style="bold")
+        table.add_column("layer")
+        for col in NORM_COLUMNS:
+            table.add_column(col, justify="right")
+        for layer, row in peaks:
+            table.add_row(layer, *[f"[yellow]{row[c]:.4g}[/]" if row.get(c, 0) > th else _num(row.get(c))
+                                   for c in NORM_COLUMNS])
+        console.print(table)
+    _terminal_findings(console, result)
+    console.print(_verdict_line(result))
+
+
+def print_diff(result: DiffResult, console) -> None:
+    rel = defaultdict(int)
+    for d in result.tensors:
+        rel[d.relation] += 1
+    summary = ", ".join(f"{n} {r}" for r, n in sorted(rel.items(), key=lambda x: -x[1]))
+    console.print(f"[bold]diff-weights[/bold] A={result.a} B={result.b}: {len(result.tensors)} tensors in both "
+                  f"({summary or 'none'}), {len(result.only_a)} only in A, {len(result.only_b)} only in B "
+                  f"({result.seconds:.2f} s)")
+    _terminal_findings(console, result)
+    console.print(_verdict_line(result))
+
+
+def _html_findings(result: Verdict) -> str:
+    rows = "".join(f'<tr><td class="{CSS_CLASS[f.severity]}">{esc(f.severity)}</td><td>{esc(f.check)}</td>'
+                   f'<td>{esc(f.tensor or "")}</td><td>{esc(f.message)}</td><td>{esc(f.why)}</td></tr>'
+                   for f in result.sorted_findings())
+    if not rows:
+        return '<p class="ok">No findings.</p>'
+    return ("<table><tr><th>severity</th><th>check</th><th>tensor</th><th>finding</th><th>why it matters</th></tr>"
+            f"{rows}</table>")
+
+
+def _html_verdict(result: Verdict) -> str:
+    c = result.counts()
+    cls = "bad" if c["error"] else "ok"
+    return f'<p class="verdict {cls}">{c["error"]} errors, {c["warning"]} warnings, {c["info"]} notes</p>'
+
+
+def _num(x) -> str:
+    return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def scan_html(result: ScanResult) -> str:
+    peaks = _peaks_by_layer(result)
+    th = result.thresholds["norm"]
+    peak_rows = "".join(
+        f"<tr><td>{esc(layer)}</td>" + "".join(f'<td class="{"warn" if row.get(c, 0) > th else ""}">{_num(row.get(c))}</td>'
+                                               for c in NORM_COLUMNS) + "</tr>"
+        for layer, row in peaks)
+    tensor_rows = "".join(
+        f"<tr><td>{esc(t.name)}</td><td>{esc(t.dtype)}</td><td>{esc(list(t.shape))}</td><td>{esc(t.file)}</td>"
+        + ("".join(f"<td>{_num(v)}</td>" for v in (t.stats.min, t.stats.max, t.stats.mean, t.stats.std,
+                                                   t.stats.absmax, t.stats.nonfinite, t.stats.n_zero))
+           if t.stats else '<td colspan="7">not read</td>') + "</tr>"
+        for t in result.tensors)
+    body = (f"<h1>scan-checkpoint</h1><p><code>{esc(result.path)}</code> ({esc(result.format)}, {len(result.files)} "
+            f"file(s), {len(result.tensors)} tensors, {result.bytes_read / 1e9:.3g} GB in {result.seconds:.2f} s)</p>"
+            f"{_html_verdict(result)}<h2>Findings</h2>{_html_findings(result)}"
+            f"<h2>Largest |norm weight| per layer (flagged above {th:g})</h2>"
+            "<table><tr><th>layer</th>" + "".join(f"<th>{c}</th>" for c in NORM_COLUMNS) + f"</tr>{peak_rows}</table>"
+            "<h2>Tensors</h2><table><tr><th>tensor</th><th>dtype</th><th>shape</th><th>file</th><th>min</th><th>max</th>"
+            f"<th>mean</th><th>std</th><th>absmax</th><th>non-finite</th><th>zeros</th></tr>{tensor_rows}</table>")
+    return page(f"scan-checkpoint {result.path}", body)
+
+
+def diff_html(result: DiffResult) -> str:
+    rows = "".join(
+        f'<tr><td>{esc(d.name)}</td><td class="{"" if d.relation in ("equal", "rounding") else "bad"}">'
+        f"{esc(d.relation)}</td><td>{esc(d.dtype_a)}</td><td>{esc(d.dtype_b)}</td><td>{esc(list(d.shape_a))}</td>"
+        f"<td>{esc(list(d.shape_b))}</td><td>{_num(d.max_abs_diff)}</td><td>{_num(d.rel_to_absmax)}</td>"
+        f"<td>{_num(d.tolerance)}</td></tr>" for d in result.tensors)
+    body = (f"<h1>diff-weights</h1><p>A <code>{esc(result.a)}</code><br>B <code>{esc(result.b)}</code></p>"
+            f"{_html_verdict(result)}<h2>Findings</h2>{_html_findings(result)}<h2>Tensors in both</h2>"
+            "<table><tr><th>tensor</th><th>relation</th><th>dtype A</th><th>dtype B</th><th>shape A</th><th>shape B</th>"
+            f"<th>max |a-b|</th><th>/ absmax</th><th>allowed</th></tr>{rows}</table>")
+    return page(f"diff-weights {result.a} {result.b}", body)

@@ -1,0 +1,50 @@
+"""scan-checkpoint, diff-weights and make-model --format gguf through the real CLI: exit codes and views."""
+
+from __future__ import annotations
+
+import json
+
+from test_cli_capture import cli
+
+from qwen3dbg.synth import Plants, make_model
+
+
+def test_clean_checkpoint_exits_0_and_writes_json_and_html(models, tmp_path):
+    j, h = tmp_path / "r.json", tmp_path / "r.html"
+    assert cli("scan-checkpoint", models("tiny-moe"), "--json", j, "--html", h) == 0
+    data = json.loads(j.read_text())
+    assert data["counts"] == {"info": 0, "warning": 0, "error": 0} and len(data["tensors"]) > 0
+    assert h.read_text().startswith("<!doctype html>")
+
+
+def test_error_finding_exits_1_and_every_view_names_it(tmp_path):
+    bad = "model.layers.0.mlp.up_proj.weight"
+    d = make_model(tmp_path / "m", "tiny-dense", plants=Plants(nonfinite=(bad,)))
+    j, h = tmp_path / "r.json", tmp_path / "r.html"
+    assert cli("scan-checkpoint", d, "--json", j, "--html", h) == 1
+    findings = json.loads(j.read_text())["findings"]  # strict JSON: non-finite numbers are written as null
+    assert [f["tensor"] for f in findings if f["check"] == "nonfinite"] == [bad]
+    assert bad in h.read_text()
+
+
+def test_warnings_exit_1_only_with_fail_on_warning(models):
+    assert cli("scan-checkpoint", models("big-k-norm")) == 0
+    assert cli("scan-checkpoint", models("big-k-norm"), "--fail-on", "warning") == 1
+    assert cli("scan-checkpoint", models("big-k-norm"), "--fail-on", "warning", "--threshold", "100") == 0
+
+
+def test_not_a_checkpoint_exits_2(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert cli("scan-checkpoint", tmp_path / "missing") == 2
+    assert cli("scan-checkpoint", tmp_path / "notes.txt") == 2
+    assert cli("scan-checkpoint", tmp_path) == 2
+    assert cli("scan-checkpoint", tmp_path, "--fail-on", "info") == 2
+
+
+def test_make_model_gguf_then_diff_weights_is_clean(models, tmp_path):
+    g = tmp_path / "m.gguf"
+    assert cli("make-model", g, "--preset", "tiny-moe", "--format", "gguf", "--gguf-type", "q8_0") == 0
+    j = tmp_path / "d.json"
+    assert cli("diff-weights", models("tiny-moe"), g, "--json", j) == 0
+    assert json.loads(j.read_text())["counts"]["error"] == 0
+    assert cli("diff-weights", models("tiny-dense"), g) == 1  # another model: missing and changed tensors
