@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3dbg.scan.stats import Accumulator, array_stats, chunk_elements, shift_of
+from qwen3dbg.scan.stats import Accumulator, array_stats, chunk_elements, histogram_min_elements, shift_of
 
 
 def _reference(x: np.ndarray) -> dict:
@@ -35,26 +35,34 @@ def _check(t: torch.Tensor):
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
+def _sizes():
+    """A sweep-path size (chunks plus a ragged tail) and a histogram-path size (16-bit types only)."""
+    return {"sweep": 3 * chunk_elements() + 77, "histogram": histogram_min_elements() + 77}
+
+
+@pytest.mark.parametrize("path", ["sweep", "histogram"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_finite_tensor_matches_float64_reference(dtype):
+def test_finite_tensor_matches_float64_reference(dtype, path):
     g = torch.Generator().manual_seed(1)
-    t = (torch.randn(3 * chunk_elements() + 77, generator=g) * 0.02 + 0.5).to(dtype)
+    t = (torch.randn(_sizes()[path], generator=g) * 0.02 + 0.5).to(dtype)
     t[100:110] = 0
     t[200] = -0.0
     _check(t)
 
 
+@pytest.mark.parametrize("path", ["sweep", "histogram"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nan_and_infinities_are_counted_and_left_out_of_the_moments(dtype):
+def test_nan_and_infinities_are_counted_and_left_out_of_the_moments(dtype, path):
     g = torch.Generator().manual_seed(2)
-    t = torch.randn(2 * chunk_elements() + 5, generator=g).to(dtype)
+    t = torch.randn(_sizes()[path], generator=g).to(dtype)
     t[3], t[chunk_elements() + 9], t[-1], t[-2] = float("nan"), float("inf"), float("-inf"), float("nan")
     _check(t)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_every_16_bit_pattern(dtype):
-    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+@pytest.mark.parametrize("repeat", [1, 40])  # 40 x 65536 values reach the histogram path
+def test_every_16_bit_pattern(dtype, repeat):
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).repeat(repeat)
     t = bits.view(dtype)
     _check(t)  # holds NaNs: the spec path
     finite = t[torch.isfinite(t)]

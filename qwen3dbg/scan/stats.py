@@ -1,9 +1,10 @@
 """Per-tensor value statistics in one fused pass over the raw bytes (min/max/mean/std/zeros/non-finite).
 
 Separate torch reductions on bf16 run about 8x slower than reading the bytes, so the pass is a small C
-kernel built with the system C compiler on first use and cached. bf16 and f16 are widened per element
-in registers, never copied to fp32. Work is split into fixed chunks whose partial sums are folded in
-order, so the result does not depend on the thread count or on how a tensor is fed in windows.
+kernel built with the system C compiler on first use and cached. Large bf16/f16 windows are counted
+into a 65536-bin histogram, from which every statistic follows exactly; everything else is swept once,
+16-bit values widened in registers (never copied to fp32), in fixed chunks folded in order. Neither
+depends on the thread count.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <omp.h>
 
 #define CHUNK 65536 /* elements per partial: the 16-bit zero counters below hold CHUNK / LANES */
 #define LANES 16    /* independent accumulators, so the loops vectorize without reassociating */
@@ -122,17 +124,70 @@ CHUNK_FNS(f32, uint32_t, int32_t, 0x7f800000u, 0x7fffffffu, 32, from_f32)
 CHUNK_FNS(bf16, uint16_t, int16_t, 0x7f80u, 0x7fffu, 16, from_bf16)
 CHUNK_FNS(f16, uint16_t, int16_t, 0x7c00u, 0x7fffu, 16, from_f16)
 
+/* 16-bit types have only 65536 values: count each (a scatter increment, ~3x faster than the sweep
+   above) and take every statistic from the counts, the moments in one exact-order pass over the bins.
+   SUBS interleaved histograms per thread keep runs of equal values from serializing on one counter. */
+#define HIST_MIN (1 << 20) /* below this, clearing and folding the histograms costs more than it saves */
+#define PAR_MIN (1 << 23)  /* below this, waking a second thread (a time slice on a busy machine) costs more */
+#define SUBS 4
+static int hist_stats(const uint16_t* p, int64_t n, int is_bf16, double shift, stats_t* s) {
+    int nt = n >= PAR_MIN ? omp_get_max_threads() : 1;
+    uint32_t* h = calloc((size_t)nt * SUBS * 65536, sizeof(uint32_t)); /* n < 2^32 per call: no overflow */
+    if (!h) return 1;
+    #pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        int64_t lo = n * t / T, hi = n * (t + 1) / T, i = lo;
+        uint32_t* a = h + (size_t)t * SUBS * 65536;
+        for (; i + SUBS <= hi; i += SUBS)
+            for (int k = 0; k < SUBS; k++) a[k * 65536 + p[i + k]]++;
+        for (; i < hi; i++) a[p[i]]++;
+    }
+    memset(s, 0, sizeof *s);
+    s->min = INFINITY; s->max = -INFINITY;
+    for (int v = 0; v < 65536; v++) {
+        uint64_t c = 0;
+        for (int k = 0; k < nt * SUBS; k++) c += h[(size_t)k * 65536 + v];
+        if (!c) continue;
+        double x = is_bf16 ? from_bf16((uint16_t)v) : from_f16((uint16_t)v);
+        if (isnan(x)) { s->n_nan += c; continue; }
+        if (isinf(x)) { if (x > 0) s->n_posinf += c; else s->n_neginf += c; continue; }
+        double d = x - shift;
+        s->n_finite += c; s->sum += (double)c * d; s->sumsq += (double)c * d * d;
+        if ((v & 0x7fff) == 0) s->n_zero += c;
+        if (x < s->min) s->min = x;
+        if (x > s->max) s->max = x;
+    }
+    free(h);
+    return 0;
+}
+
 enum { F64 = 0, F32 = 1, BF16 = 2, F16 = 3 };
 static const int ITEMSIZE[] = {8, 4, 2, 2};
 
 int64_t stats_chunk(void) { return CHUNK; }
+int64_t stats_hist_min(void) { return HIST_MIN; }
 
-/* Fold n elements at p into *acc: chunks in parallel, their partials folded in chunk order. */
+static void fold(stats_t* acc, const stats_t* s) {
+    acc->n_finite += s->n_finite; acc->n_nan += s->n_nan; acc->n_posinf += s->n_posinf;
+    acc->n_neginf += s->n_neginf; acc->n_zero += s->n_zero; acc->sum += s->sum; acc->sumsq += s->sumsq;
+    if (s->min < acc->min) acc->min = s->min;
+    if (s->max > acc->max) acc->max = s->max;
+}
+
+/* Fold n elements at p into *acc: large 16-bit windows through the histograms, everything else in
+   chunks in parallel whose partials are folded in chunk order. */
 int stats_update(stats_t* acc, const void* p, int64_t n, int dtype, double shift) {
+    if ((dtype == BF16 || dtype == F16) && n >= HIST_MIN && n < ((int64_t)1 << 32)) {
+        stats_t s;
+        if (hist_stats((const uint16_t*)p, n, dtype == BF16, shift, &s)) return 1;
+        fold(acc, &s);
+        return 0;
+    }
     int64_t nc = (n + CHUNK - 1) / CHUNK;
     stats_t* part = malloc((size_t)(nc ? nc : 1) * sizeof(stats_t));
     if (!part) return 1;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) if (n >= PAR_MIN)
     for (int64_t c = 0; c < nc; c++) {
         const char* q = (const char*)p + c * CHUNK * ITEMSIZE[dtype];
         int64_t m = n - c * CHUNK < CHUNK ? n - c * CHUNK : CHUNK;
@@ -143,13 +198,7 @@ int stats_update(stats_t* acc, const void* p, int64_t n, int dtype, double shift
             default: chunk_f16((const uint16_t*)q, m, shift, &part[c]); break;
         }
     }
-    for (int64_t c = 0; c < nc; c++) {
-        stats_t* s = &part[c];
-        acc->n_finite += s->n_finite; acc->n_nan += s->n_nan; acc->n_posinf += s->n_posinf;
-        acc->n_neginf += s->n_neginf; acc->n_zero += s->n_zero; acc->sum += s->sum; acc->sumsq += s->sumsq;
-        if (s->min < acc->min) acc->min = s->min;
-        if (s->max > acc->max) acc->max = s->max;
-    }
+    for (int64_t c = 0; c < nc; c++) fold(acc, &part[c]);
     free(part);
     return 0;
 }
@@ -199,6 +248,7 @@ def _kernel():
                                      ctypes.c_double]
         lib.stats_update.restype = ctypes.c_int
         lib.stats_chunk.restype = ctypes.c_int64
+        lib.stats_hist_min.restype = ctypes.c_int64
         _lib = lib
     return _lib
 
@@ -234,6 +284,11 @@ class Stats:
 def chunk_elements() -> int:
     """Elements per partial sum: windows fed to an Accumulator are whole multiples of it."""
     return _kernel().stats_chunk()
+
+
+def histogram_min_elements() -> int:
+    """bf16/f16 windows of at least this many elements go through the histogram path."""
+    return _kernel().stats_hist_min()
 
 
 class Accumulator:
