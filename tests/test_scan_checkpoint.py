@@ -225,3 +225,16 @@ def test_truncated_gguf(models, tmp_path):
     p.write_bytes(p.read_bytes()[: p.stat().st_size - 1000])
     result = scan_checkpoint(p)
     assert _container_errors(result) and result.tensors and result.exit_code() == 1
+
+
+def test_single_safetensors_file_is_scanned_without_a_config(models):
+    result = scan_checkpoint(models("tiny-dense") / "model.safetensors")
+    assert [(f.severity, f.check) for f in result.findings] == [("info", "config")]
+    assert len(result.tensors) == len(tensor_shapes(PRESETS["tiny-dense"].config))
+
+
+def test_gguf_header_damage_is_an_error_finding(models, tmp_path):
+    p = write_gguf(models("tiny-dense"), tmp_path / "m.gguf", "f16")
+    p.write_bytes(p.read_bytes()[:300])
+    result = scan_checkpoint(p)
+    assert len(_container_errors(result)) == 1 and result.tensors == [] and result.exit_code() == 1

@@ -200,6 +200,8 @@ def read_directory(model_dir: Path) -> tuple[list[Entry], list[Finding], list[Pa
 
 def read_gguf_file(path: Path):
     """The intact tensors of a GGUF file, findings for the rest, and the parsed file (None if unreadable)."""
+    import gguf
+
     from qwen3dbg.gguf_io import GGUFDamaged, read_gguf
 
     try:
@@ -208,8 +210,12 @@ def read_gguf_file(path: Path):
         return [], [_err("container", f"{path.name}: {e}")], None
     entries, findings, spans = [], [], []
     for t in g.tensors:
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.qtype)][0] if t.nbytes is not None else 1
         if t.nbytes is None:
             findings.append(_err("container", f"{t.name}: unknown GGUF tensor type {t.qtype}", t.name))
+        elif not t.shape or t.shape[-1] % block:
+            findings.append(_err("container", f"{t.name}: shape {list(t.shape)} does not split into {t.type_name} "
+                                 f"blocks of {block}", t.name))
         elif t.offset + t.nbytes > g.file_size:
             findings.append(_err("container", f"{t.name}: bytes {t.offset}..{t.offset + t.nbytes} lie past the end of "
                                  f"the file ({g.file_size} bytes): the file is truncated", t.name,

@@ -80,9 +80,8 @@ class Source:
     def _quantized_stats(self, e: Entry, buf: np.ndarray) -> Stats:
         from qwen3dbg.gguf_io import dequantize
 
-        cols = e.shape[-1]
-        rows = e.nbytes and int(np.prod(e.shape[:-1], dtype=np.int64))
-        row_bytes = e.nbytes // max(rows, 1)
+        cols, rows = e.shape[-1], int(np.prod(e.shape[:-1], dtype=np.int64))
+        row_bytes = e.nbytes // rows if rows else 0
         unit = chunk_elements() // gcd(chunk_elements(), cols)  # rows per whole number of chunks
         per = max(1, WINDOW_BYTES // 4 // (unit * cols)) * unit
         acc = None
