@@ -116,6 +116,30 @@ def _num(x) -> str:
     return "" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+def _peaks_plot(result: ScanResult) -> str:
+    """Largest |weight| of each per-layer norm against the layer, log scale, with the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from qwen3dbg.reports.html import figure_png
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for kind in NORM_COLUMNS[:4]:
+        pts = sorted((p.layer, p.absmax) for p in result.norm_peaks if p.kind == kind)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=kind)
+    ax.axhline(result.thresholds["norm"], color="#b42318", ls="--", lw=1, label="threshold")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |weight|")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
+    return figure_png(fig)
+
+
 def scan_html(result: ScanResult) -> str:
     peaks = _peaks_by_layer(result)
     th = result.thresholds["norm"]
@@ -133,7 +157,8 @@ def scan_html(result: ScanResult) -> str:
             f"file(s), {len(result.tensors)} tensors, {result.bytes_read / 1e9:.3g} GB in {result.seconds:.2f} s)</p>"
             f"{_html_verdict(result)}<h2>Findings</h2>{_html_findings(result)}"
             f"<h2>Largest |norm weight| per layer (flagged above {th:g})</h2>"
-            "<table><tr><th>layer</th>" + "".join(f"<th>{c}</th>" for c in NORM_COLUMNS) + f"</tr>{peak_rows}</table>"
+            + (_peaks_plot(result) if any(p.layer is not None for p in result.norm_peaks) else "")
+            + "<table><tr><th>layer</th>" + "".join(f"<th>{c}</th>" for c in NORM_COLUMNS) + f"</tr>{peak_rows}</table>"
             "<h2>Tensors</h2><table><tr><th>tensor</th><th>dtype</th><th>shape</th><th>file</th><th>min</th><th>max</th>"
             f"<th>mean</th><th>std</th><th>absmax</th><th>non-finite</th><th>zeros</th></tr>{tensor_rows}</table>")
     return page(f"scan-checkpoint {result.path}", body)

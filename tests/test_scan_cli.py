@@ -14,7 +14,8 @@ def test_clean_checkpoint_exits_0_and_writes_json_and_html(models, tmp_path):
     assert cli("scan-checkpoint", models("tiny-moe"), "--json", j, "--html", h) == 0
     data = json.loads(j.read_text())
     assert data["counts"] == {"info": 0, "warning": 0, "error": 0} and len(data["tensors"]) > 0
-    assert h.read_text().startswith("<!doctype html>")
+    html = h.read_text()
+    assert html.startswith("<!doctype html>") and "<img" in html  # the per-layer norm plot
 
 
 def test_error_finding_exits_1_and_every_view_names_it(tmp_path):
