@@ -238,3 +238,19 @@ def test_gguf_header_damage_is_an_error_finding(models, tmp_path):
     p.write_bytes(p.read_bytes()[:300])
     result = scan_checkpoint(p)
     assert len(_container_errors(result)) == 1 and result.tensors == [] and result.exit_code() == 1
+
+
+def test_tensor_at_an_unaligned_offset_is_read_correctly(models, copy_of):
+    import struct
+
+    d = copy_of("tiny-dense")
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    blob = json.dumps(header).encode()
+    blob += b" " * ((-len(blob) % 8) + 1)  # one byte more: every tensor starts at an odd address
+    f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    odd, clean = scan_checkpoint(d), scan_checkpoint(models("tiny-dense"))
+    assert odd.findings == [] and [t.stats for t in odd.tensors] == [t.stats for t in clean.tensors]

@@ -45,7 +45,8 @@ def test_not_a_checkpoint_exits_2(tmp_path):
 def test_make_model_gguf_then_diff_weights_is_clean(models, tmp_path):
     g = tmp_path / "m.gguf"
     assert cli("make-model", g, "--preset", "tiny-moe", "--format", "gguf", "--gguf-type", "q8_0") == 0
-    j = tmp_path / "d.json"
-    assert cli("diff-weights", models("tiny-moe"), g, "--json", j) == 0
+    j, h = tmp_path / "d.json", tmp_path / "d.html"
+    assert cli("diff-weights", models("tiny-moe"), g, "--json", j, "--html", h) == 0
     assert json.loads(j.read_text())["counts"]["error"] == 0
+    assert "model.layers.2.mlp.experts.7.down_proj.weight" in h.read_text()
     assert cli("diff-weights", models("tiny-dense"), g) == 1  # another model: missing and changed tensors

@@ -70,7 +70,11 @@ class Source:
             for start in range(0, n, step):
                 m = min(step, n - start)
                 begin = e.offset + start * size
-                acc.add(buf.ctypes.data + begin, m)
+                if (buf.ctypes.data + begin) % size:  # the format allows odd offsets; the kernel wants aligned
+                    window = np.frombuffer(buf[begin:begin + m * size].tobytes(), dtype=np.uint8)
+                    acc.add(window.ctypes.data, m)
+                else:
+                    acc.add(buf.ctypes.data + begin, m)
                 self._release(e.file, begin, begin + m * size)
             return acc.result()
         if e.qtype is None:
