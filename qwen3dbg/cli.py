@@ -79,7 +79,7 @@ def make_model_cmd(
                 make_model(tmp, preset, seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants,
                            progress=track)
                 bar.update(task, description=f"converting to GGUF {gguf_type}", completed=0)
-                write_gguf(tmp, out, gguf_type, progress=track)
+                write_gguf(tmp, out, gguf_type, progress=track, name=f"{preset}-seed{seed}")
         else:
             raise UserError(f"unknown --format {format!r}: use safetensors or gguf")
     console.print(f"wrote {preset} to {out}")

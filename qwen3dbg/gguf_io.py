@@ -120,8 +120,10 @@ def gguf_plan(ckpt: Checkpoint) -> dict[str, list[str]]:
 
 
 def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
-               progress: Callable[[Iterator, int], Iterator] | None = None) -> Path:
-    """Convert a Qwen3 safetensors model directory to one GGUF file of `gguf_type`; return its path."""
+               progress: Callable[[Iterator, int], Iterator] | None = None, name: str | None = None) -> Path:
+    """Convert a Qwen3 safetensors model directory to one GGUF file of `gguf_type`; return its path.
+
+    `name` becomes general.name (default: the directory's name)."""
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"unknown GGUF type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     wanted = GGUF_TYPES[gguf_type]
@@ -132,7 +134,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(out, ARCH[cfg.model_type])
-    _metadata(writer, cfg, wanted, Path(model_dir).resolve().name)
+    _metadata(writer, cfg, wanted, name or Path(model_dir).resolve().name)
     for g in plan:
         writer.add_tensor_info(g, shapes[g], np.dtype(np.float32), nbytes(shapes[g], types[g]), raw_dtype=types[g])
     writer.write_header_to_file()
