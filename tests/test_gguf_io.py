@@ -86,3 +86,13 @@ def test_a_truncated_header_is_reported_as_damage(model, tmp_path, cut):
     p.write_bytes(data[: cut if cut > 0 else header_end + cut])
     with pytest.raises(GGUFDamaged):
         read_gguf(p)
+
+
+def test_our_parser_agrees_with_the_gguf_packages_reader(model, tmp_path):
+    import gguf
+
+    p = write_gguf(model, tmp_path / "m.gguf", "q8_0")
+    ours, theirs = read_gguf(p), gguf.GGUFReader(p)
+    assert [(t.name, t.offset, t.nbytes, t.qtype) for t in ours.tensors] == \
+        [(t.name, t.data_offset, t.n_bytes, int(t.tensor_type)) for t in theirs.tensors]
+    assert set(ours.kv) == {k for k in theirs.fields if not k.startswith("GGUF.")}  # it lists the header too
