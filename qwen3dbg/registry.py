@@ -20,14 +20,25 @@ def register(name: str, target: str) -> None:
     IMPLEMENTATIONS[name] = target
 
 
+#: the bug catalogue's variants, looked up by name only when asked for (it imports torch)
+CATALOGUE = "qwen3dbg.candidates.catalogue"
+
+
+def catalogue() -> dict[str, type[Candidate]]:
+    return importlib.import_module(CATALOGUE).VARIANTS
+
+
 def names() -> list[str]:
-    return sorted(IMPLEMENTATIONS)
+    return sorted(IMPLEMENTATIONS) + sorted(catalogue())
 
 
 def load_candidate(name: str, model_dir, dtype, **options) -> Candidate:
     """Instantiate implementation `name` for a model directory in a dtype."""
-    if name not in IMPLEMENTATIONS:
+    if name in IMPLEMENTATIONS:
+        module, _, attr = IMPLEMENTATIONS[name].partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    elif name in catalogue():
+        cls = catalogue()[name]
+    else:
         raise UserError(f"unknown implementation {name!r}: choose one of {', '.join(names())}")
-    module, _, attr = IMPLEMENTATIONS[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
     return cls(model_dir, dtype, **options)
