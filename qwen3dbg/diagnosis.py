@@ -234,7 +234,8 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
     return Diagnosis("norm_axis", f"{s.op} normalised over all {n} heads jointly: the RMS of {s.op}/weight per head "
                      f"ranges {lo:.3f}..{hi:.3f} but over all heads it is {float(joint.mean()):.4f}; "
                      f"Qwen3 normalises each head over head_dim {c.shape[-1]}",
-                     {"per_head_rms_min": lo, "per_head_rms_max": hi, "joint_rms": float(joint.mean()), "heads": n})
+                     {"per_head_rms_min": lo, "per_head_rms_max": hi, "joint_rms": float(joint.mean()),
+                      "joint_rms_expected": float(expected.mean()), "heads": n})
 
 
 def _position_drift(s: Site) -> tuple[float, float, int]:
