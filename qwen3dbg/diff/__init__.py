@@ -159,20 +159,10 @@ def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Di
     return div
 
 
-def _diagnosis():
-    import importlib
-
-    try:
-        return importlib.import_module("qwen3dbg.diagnosis")
-    except ModuleNotFoundError:  # part B of issue 4 lands it; until then the differ diagnoses nothing
-        return None
-
-
 def _diagnose(src: StoreSource, div: Divergence | None) -> list:
-    module = _diagnosis()
-    if div is None or module is None:
-        return []
-    return list(module.diagnose(src, div.step, div.tap))
+    from qwen3dbg.diagnosis import diagnose
+
+    return [] if div is None else list(diagnose(src, div.step, div.tap))
 
 
 def _in_noise(src: StoreSource, taps: list[TapResult], div: Divergence | None, cfg: Qwen3Config,
@@ -191,8 +181,9 @@ def _in_noise(src: StoreSource, taps: list[TapResult], div: Divergence | None, c
             best, best_own, best_in = r, own, carried
     if best is None:
         return None
-    module = _diagnosis()
-    explained = module.explain_rounding(src, best.step, best.name) if module is not None else None
+    from qwen3dbg.diagnosis import explain_rounding
+
+    explained = explain_rounding(src, best.step, best.name)
     if explained is not None:
         return Finding(best.step, best.name, best.diff_ulps, best_in, explained.message, explained.signature,
                        dict(explained.evidence))

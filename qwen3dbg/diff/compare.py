@@ -73,6 +73,7 @@ class Comparison:
     ties: list[dict] = field(default_factory=list)
     tied_positions: dict[int, int] = field(default_factory=dict)  # position -> layer of its tie
     prefill_noise: dict[str, tuple[float, float]] = field(default_factory=dict)  # tap -> reference (rel_l2, max_abs) at step 0
+    router_ok: dict[tuple[int, int], bool] = field(default_factory=dict)  # (step, layer) -> router logits within noise
 
     def run(self) -> Iterator[TapResult]:
         cache = 0
@@ -100,7 +101,10 @@ class Comparison:
         if spec.op == "moe.topk_weights" and router is not None:
             g, r, c = (_sort_by_ids(t, ids) for t, ids in zip((g, r, c), router.ids))
             return self.values(info, spec, g, r, c, base, token_ok=router.agree), None
-        return self.values(info, spec, g, r, c, base), router
+        res = self.values(info, spec, g, r, c, base)
+        if spec.op == "moe.router_logits":
+            self.router_ok[(s, spec.layer)] = res.status == "ok"
+        return res, router
 
     def values(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict, token_ok: torch.Tensor | None = None) -> TapResult:
         reasons, extra = [], {}
@@ -147,15 +151,20 @@ class Comparison:
             worst=worst_coordinate(sc.argmax, spec.shape, spec.axes, info.step, self.cfg.head_dim), extra=extra, **base)
 
     def expert_ids(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict) -> tuple[TapResult, _Router]:
-        """Sets per token; a changed set is a routing tie when the fp64 router margin between the k-th and
-        (k+1)-th expert is within twice the sides' router-logit error at that token, else a divergence."""
+        """Sets per token; a changed set is a routing tie when the router logits are within the noise and the
+        fp64 margin between the k-th and (k+1)-th expert is within twice the sides' router-logit error at
+        that token, else a divergence."""
         k, layer = self.cfg.num_experts_per_tok, spec.layer
         logits_name = tap_name("moe.router_logits", layer)
         lg = self.gold.get(info.step, logits_name).double()
+        # Only a candidate whose router logits are within the noise can tie; after a divergence a changed
+        # choice is a consequence, not a tie.
         noise = torch.zeros(lg.shape[:-1], dtype=torch.float64)
         for st in (self.ref, self.cand):
             if st.has(info.step, logits_name):
                 noise = torch.maximum(noise, (st.get(info.step, logits_name).double() - lg).abs().amax(-1))
+        if not self.router_ok.get((info.step, layer), False):
+            noise.zero_()
         margin = router_margin(lg, k)
         cand_same, ref_same = same_sets(c, g), same_sets(r, g)
         changed = ~cand_same
@@ -177,7 +186,8 @@ class Comparison:
             res.reason = (f"expert choice differs for {int(wrong.sum())} tokens beyond router noise "
                           f"(token {t}: margin {float(margin[b, t]):.3g} > 2 x logit error {float(noise[b, t]):.3g})")
             res.worst = {"step": info.step, "batch": b, "token": t}
-            res.excess = float(margin[b, t] / (2 * noise[b, t])) if noise[b, t] > 0 else float("inf")
+            window = max(2 * float(noise[b, t]), torch.finfo(self.dtype).eps * float(lg[b, t].abs().max()))
+            res.excess = float(margin[b, t]) / window if window > 0 else float(margin[b, t])
         return res, _Router((g, r, c), cand_same & ref_same)
 
     def _exclusions(self, info: StepInfo, spec: TapSpec, valid: torch.Tensor, extra: dict) -> torch.Tensor:
