@@ -357,8 +357,6 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
 
 def softmax_not_normalised(s: Site) -> Diagnosis | None:
     p = s.cand()  # [B,nH,T,S]
-    if not bool(torch.isfinite(p).all()):
-        return None
     rows = p.sum(-1)
     row_err = float((rows - 1).abs().max())
     if row_err <= s.tol():
@@ -374,7 +372,7 @@ def softmax_not_normalised(s: Site) -> Diagnosis | None:
 
 def softmax_overflow(s: Site) -> Diagnosis | None:
     p, sc = s.cand(), s.cand("attn_scores")
-    if sc is None or bool(torch.isfinite(p).all()):
+    if sc is None:
         return None
     live = sc[~masked(sc)]
     limit = math.log(torch.finfo(s.src.dtype).max)
@@ -453,9 +451,9 @@ def rounding_point(s: Site) -> Diagnosis | None:
     base = s.base()
     n = ulps(c, base, act) if base is not None else 0.0
     wmax = float(w.abs().max())
+    amplified = f"; {s.op} weight {wmax:.1f} amplifies the reference's rounding" if wmax > 2 else ""
     return Diagnosis("rounding_point", f"{s.name()} differs by up to {n:.0f} {s.dtype_name} ulps: the RMSNorm weight is "
-                     f"applied before rounding here and after it in the reference; {s.op} weight {wmax:.1f} "
-                     "amplifies the reference's rounding",
+                     f"applied before rounding here and after it in the reference{amplified}",
                      {"max_ulps": n, "share_matching_fused": share_fused, "max_weight": wmax})
 
 
@@ -494,9 +492,6 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
 
 def nonfinite(s: Site) -> Diagnosis | None:
     c, r = s.cand(), s.base()
-    bad = ~torch.isfinite(c) & torch.isfinite(r)
-    if not bool(bad.any()):
-        return None
     nan, inf = int(torch.isnan(c).sum()), int(torch.isinf(c).sum())
     return Diagnosis("nonfinite", f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({nan} NaN, {inf} inf of "
                      f"{c.numel()} values) where the reference is finite (max |x| {float(r[torch.isfinite(r)].abs().max()):.4g})",
@@ -505,17 +500,20 @@ def nonfinite(s: Site) -> Diagnosis | None:
 
 @dataclass(frozen=True)
 class Signature:
-    """A bug family: the ops whose divergence it can explain and the check that tests it."""
+    """A bug family: the ops whose divergence it can explain and the check that tests it. Checks of
+    non-finite values run only where the candidate has NaN/inf that the reference has not; all the
+    others only where it has none."""
 
     family: str
     ops: tuple[str, ...]
     check: Check
+    nonfinite: bool = False
 
 
 NORM_OPS = ("attn_norm", "q_norm", "k_norm", "mlp_norm", "final_norm")
 
 SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns fits in this order
-    Signature("softmax overflow", ("attn_probs",), softmax_overflow),
+    Signature("softmax overflow", ("attn_probs",), softmax_overflow, nonfinite=True),
     Signature("embedding scale", ("embed",), embed_scaled),
     Signature("attention scale", ("attn_scores",), scores_scaled),
     Signature("extra bias", tuple(_BIAS_MODULE), extra_bias),
@@ -529,14 +527,16 @@ SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns
     Signature("transpose", ("attn_out",), transpose_before_reshape),
     Signature("moe weights", ("moe.topk_weights",), moe_weights_normalisation),
     Signature("accumulation", tuple(_LINEAR), lowp_accumulation),
-    Signature("non-finite", ("*",), nonfinite),
+    Signature("non-finite", ("*",), nonfinite, nonfinite=True),
 )
 
 
 def _site(src: TapSource, step: int, tap: str) -> Site | None:
+    """The site of a tap both sides hold in the same shape (a shape mismatch is no numeric bug)."""
     layer, op = parse_tap_name(tap)
     s = Site(src, step, layer, op)
-    return s if s.cand() is not None and s.base() is not None else None
+    c, b = s.cand(), s.base()
+    return s if c is not None and b is not None and c.shape == b.shape else None
 
 
 def diagnose(src: TapSource, step: int, tap: str) -> list[Diagnosis]:
@@ -544,7 +544,10 @@ def diagnose(src: TapSource, step: int, tap: str) -> list[Diagnosis]:
     s = _site(src, step, tap)
     if s is None:
         return []
-    found = (sig.check(s) for sig in SIGNATURES if s.op in sig.ops or "*" in sig.ops)
+    c, b = s.cand(), s.base()
+    has_nonfinite = not bool(torch.isfinite(c[torch.isfinite(b)]).all())
+    found = (sig.check(s) for sig in SIGNATURES
+             if (s.op in sig.ops or "*" in sig.ops) and sig.nonfinite == has_nonfinite)
     return [d for d in found if d is not None]
 
 
