@@ -86,12 +86,16 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
-    """Largest |a - b| in units in the last place of `dtype` at b's magnitude, where magnitudes under
-    b's RMS count as the RMS (a near-zero element inherits its neighbours' absolute error)."""
-    b = b.double()
+    """Largest |a - b| over entries finite on both sides, in units in the last place of `dtype` at b's
+    magnitude, where magnitudes under b's RMS count as the RMS (a near-zero element inherits its
+    neighbours' absolute error)."""
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    a, b = a[ok].double(), b[ok].double()
+    if b.numel() == 0:
+        return 0.0
     mag = b.abs().clamp_min(float(b.pow(2).mean().sqrt()) or torch.finfo(dtype).tiny)
     spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(mag)))
-    return float(((a.double() - b).abs() / spacing).max())
+    return float(((a - b).abs() / spacing).max())
 
 
 def accumulate_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

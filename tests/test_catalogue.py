@@ -5,12 +5,15 @@ clean pairs report no divergence.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
 
+from qwen3dbg.candidates.catalogue import VARIANTS
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.diff import run_diff
+from qwen3dbg.errors import UserError
 from qwen3dbg.registry import load_candidate
 
 PROMPT, DECODE = [9, 41, 7, 300, 12, 5], [77, 150]
@@ -103,3 +106,28 @@ def test_fused_rmsnorm_is_reported_in_the_noise_as_a_rounding_point(catalogue_mo
     result = _diff("rmsnorm-fused", catalogue_model("hot-qk"), "bfloat16")
     assert result.exit_code == 0 and result.in_noise is not None
     assert result.in_noise.signature == "rounding_point", result.in_noise.message
+
+
+def test_every_catalogue_variant_loads_by_its_cli_name(catalogue_model):
+    for name, cls in VARIANTS.items():
+        assert type(load_candidate(name, catalogue_model("dense"), "float32")) is cls
+
+
+def test_an_unknown_candidate_name_lists_the_catalogue(catalogue_model):
+    with pytest.raises(UserError, match="gqa-modulo"):
+        load_candidate("gqa-modulus", catalogue_model("dense"), "float32")
+
+
+def test_cli_diff_of_a_catalogue_bug_exits_1_and_writes_its_diagnosis(catalogue_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen3dbg.cli import app
+
+    out = tmp_path / "diff.json"
+    args = ["diff", "--ref", "hf", "--cand", "embed-scaled", "--model", str(catalogue_model("dense")), "--token-ids",
+            ",".join(map(str, PROMPT)), "--dtype", "bf16", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    report = json.loads(out.read_text())
+    assert report["first_divergence"]["tap"] == "embed"
+    assert report["diagnosis"][0]["signature"] == "embed_scaled"

@@ -213,3 +213,9 @@ def test_identical_taps_need_no_explanation(sides):
     src = sides("dense", "bfloat16", Qwen3Reference)
     assert explain_rounding(src, 0, "layers.0.k_norm") is None
     assert diagnose(src, 0, "layers.0.q_rope") == []
+
+
+def test_rounding_differences_in_attention_scores_are_measured_on_unmasked_entries(sides):
+    src = sides("wide", "float32", VARIANTS["lowp-accumulation"])
+    d = explain_rounding(src, 0, "layers.0.attn_scores")
+    assert d is not None and math.isfinite(d.evidence["max_ulps"]) and d.evidence["max_ulps"] > 0
