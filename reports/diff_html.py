@@ -127,41 +127,19 @@ def step_plot(result: DiffResult) -> str:
     return figure_png(fig)
 
 
+_CLASS = {"first NaN/inf": "bad", "within noise": "info", "routing ties": "warn"}
+
+
 def _summary(result: DiffResult) -> str:
     bad = result.first_divergence is not None
-    ref, cand = result.side("ref"), result.side("cand")
-    parts = [f'<div class="verdict {"bad" if bad else "ok"}">{esc(result.verdict)}</div>',
-             f"<p>reference <code>{esc(ref.spec)}</code>, candidate <code>{esc(cand.spec)}</code>, both judged "
-             f"against the fp64 golden (scratch in float64) in <b>{esc(result.dtype)}</b>; model <code>{esc(result.model)}</code>; "
-             f"prefill of {result.steps[0]['tokens']} tokens, {len(result.steps) - 1} decode steps.</p>"]
-    d = result.first_divergence
-    if d is not None:
-        worst = ", ".join(f"{esc(k)} {esc(v)}" for k, v in (d.worst or {}).items())
-        parts.append(f"<h2>First divergence</h2><p><b>{esc(d.tap)}</b> at step {d.step}: {esc(d.reason)}. "
-                     f"rel. L2 {d.rel_l2:.3g}, max |err| {d.max_abs:.3g} at ({worst}).</p>")
-        if d.origin:
-            parts.append(f"<p><b>Origin:</b> {esc(d.origin['message'])}</p>")
-        parts.append("<h2>Diagnosis</h2>")
-        if result.diagnosis:
-            parts.append("<ol>" + "".join(f"<li><code>{esc(x.signature)}</code>: {esc(x.message)}</li>"
-                                          for x in result.diagnosis) + "</ol>")
+    parts = []
+    for label, text in result.summary():
+        if label == "verdict":
+            parts.append(f'<div class="verdict {"bad" if bad else "ok"}">{esc(text)}</div>')
         else:
-            parts.append("<p>No known bug signature fits the tensors.</p>")
-        if result.first_nonfinite:
-            nf = result.first_nonfinite
-            parts.append(f"<p class='bad'>First NaN/inf produced by {esc(nf['tap'])} at step {nf['step']} "
-                         f"({nf['count']} values).</p>")
-    if result.in_noise is not None:
-        f = result.in_noise
-        parts.append(f"<p class='info'><b>Within the noise:</b> step {f.step}, {esc(f.tap)}: {esc(f.message)}</p>")
-    if result.routing_ties:
-        parts.append(f"<p class='warn'>{len(result.routing_ties)} routing tie(s): tokens whose expert choice changed "
-                     "within the router noise; their later taps are left out of the comparison.</p>")
-    missing = sorted({t.op for t in result.not_compared})
-    if missing:
-        parts.append(f"<p>Not compared (a side lacks them): {esc(', '.join(missing))}.</p>")
+            parts.append(f'<p class="{_CLASS.get(label, "")}"><b>{esc(label)}:</b> {esc(text)}</p>')
     rule = ", ".join(f"{esc(k)} {esc(v)}" for k, v in result.rule.items())
-    parts.append(f"<p style='font-size:.85em;color:#666'>Rule (docs/differ.md): {rule}.</p>")
+    parts.append(f"<p style='font-size:.85em;color:#666'>Rule (docs/differ.md): {rule}; model {esc(result.model)}.</p>")
     return "".join(parts)
 
 

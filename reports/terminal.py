@@ -10,45 +10,22 @@ from rich.table import Table
 from qwen3dbg.diff.result import DiffResult, TapResult
 
 
+_STYLE = {"first divergence": "bold", "origin": "bold", "first NaN/inf": "bold red", "diagnosis": "bold cyan",
+          "or": "cyan", "within noise": "bold blue", "routing ties": "yellow", "not compared": "dim"}
+
+
 def summary(result: DiffResult) -> Panel:
     """Verdict, sides, first divergence with its origin, diagnosis, in-noise finding."""
     bad = result.first_divergence is not None
-    lines = [f"[bold {'red' if bad else 'green'}]{escape(result.verdict)}[/]"]
-    ref, cand = result.side("ref"), result.side("cand")
-    n_steps = len(result.steps)
-    lines.append(f"[dim]ref[/] {escape(ref.spec)}  [dim]cand[/] {escape(cand.spec)}  [dim]judged against[/] scratch "
-                 f"float64  [dim]dtype[/] {result.dtype}  [dim]steps[/] prefill {result.steps[0]['tokens']} tokens"
-                 + (f" + {n_steps - 1} decode" if n_steps > 1 else ""))
-    d = result.first_divergence
-    if d is not None:
-        lines.append("")
-        lines.append(f"[bold]first divergence[/] step {d.step}, {escape(d.tap)}: rel. L2 {d.rel_l2:.3g}, "
-                     f"max |err| {d.max_abs:.3g}, worst at {escape(_coord(d.worst))}")
-        if d.origin:
-            lines.append(f"[bold]origin[/] {escape(d.origin['message'])}")
-        if result.first_nonfinite and result.first_nonfinite["tap"] != d.tap:
-            nf = result.first_nonfinite
-            lines.append(f"[bold]first NaN/inf[/] step {nf['step']}, {escape(nf['tap'])} ({nf['count']} values)")
-        lines.append("")
-        if result.diagnosis:
-            for i, x in enumerate(result.diagnosis):
-                lines.append(f"[bold]{'diagnosis' if i == 0 else 'or'}[/] [cyan]{escape(x.signature)}[/]: {escape(x.message)}")
+    lines = []
+    for label, text in result.summary():
+        if label == "verdict":
+            lines.append(f"[bold {'red' if bad else 'green'}]{escape(text)}[/]")
+        elif label == "sides":
+            lines.append(f"[dim]{escape(text)}[/]")
         else:
-            lines.append("[bold]diagnosis[/] no known bug signature fits the tensors")
-    if result.in_noise is not None:
-        f = result.in_noise
-        lines.append(f"[bold blue]within noise[/] step {f.step}, {escape(f.tap)}: {escape(f.message)}")
-    if result.routing_ties:
-        lines.append(f"[yellow]routing ties[/] {len(result.routing_ties)} token(s) chose other experts within the "
-                     "router noise; their later taps were left out")
-    missing = sorted({t.op for t in result.not_compared})
-    if missing:
-        lines.append(f"[dim]not compared (a side lacks them): {escape(', '.join(missing))}[/]")
+            lines.append(f"[{_STYLE[label]}]{label}[/] {escape(text)}")
     return Panel("\n".join(lines), title="qwen3dbg diff", border_style="red" if bad else "green", expand=False)
-
-
-def _coord(worst: dict | None) -> str:
-    return ", ".join(f"{k} {v}" for k, v in (worst or {}).items() if k != "step") or "-"
 
 
 def layer_table(result: DiffResult) -> Table:

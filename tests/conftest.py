@@ -34,3 +34,19 @@ def catalogue_model(tmp_path_factory):
         return made[key]
 
     return get
+
+
+# ---- differ: a fresh run cache per session, never the user's ~/.cache -------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def _qwen3dbg_home(tmp_path_factory):
+    """The differ caches reference runs under $QWEN3DBG_HOME; tests get their own, shared by the session."""
+    import os
+
+    old = os.environ.get("QWEN3DBG_HOME")
+    os.environ["QWEN3DBG_HOME"] = str(tmp_path_factory.mktemp("qwen3dbg-home"))
+    yield
+    if old is None:
+        del os.environ["QWEN3DBG_HOME"]
+    else:
+        os.environ["QWEN3DBG_HOME"] = old

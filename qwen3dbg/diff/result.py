@@ -110,6 +110,36 @@ class DiffResult:
     def not_compared(self) -> list[TapResult]:
         return [t for t in self.taps if t.status == "not_compared"]
 
+    def summary(self) -> list[tuple[str, str]]:
+        """The one-screen summary as (label, sentence) pairs in reading order; every view renders these."""
+        ref, cand = self.side("ref"), self.side("cand")
+        lines = [("verdict", self.verdict),
+                 ("sides", f"reference {ref.spec}, candidate {cand.spec}, both judged against scratch in float64; "
+                           f"dtype {self.dtype}; prefill of {self.steps[0]['tokens']} tokens, "
+                           f"{len(self.steps) - 1} decode steps")]
+        d = self.first_divergence
+        if d is not None:
+            worst = ", ".join(f"{k} {v}" for k, v in (d.worst or {}).items() if k not in ("step", "batch")) or "-"
+            lines.append(("first divergence", f"step {d.step}, {d.tap}: rel. L2 {d.rel_l2:.3g}, max |err| "
+                                              f"{d.max_abs:.3g}, worst at {worst}"))
+            if d.origin:
+                lines.append(("origin", d.origin["message"]))
+            nf = self.first_nonfinite
+            if nf:
+                lines.append(("first NaN/inf", f"step {nf['step']}, {nf['tap']} ({nf['count']} values)"))
+            lines += [("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)]
+            if not self.diagnosis:
+                lines.append(("diagnosis", "no known bug signature fits the tensors"))
+        if self.in_noise is not None:
+            lines.append(("within noise", f"step {self.in_noise.step}, {self.in_noise.tap}: {self.in_noise.message}"))
+        if self.routing_ties:
+            lines.append(("routing ties", f"{len(self.routing_ties)} token(s) chose other experts within the router "
+                                          "noise; their later taps are left out"))
+        missing = sorted({t.op for t in self.not_compared})
+        if missing:
+            lines.append(("not compared", f"a side lacks {', '.join(missing)}"))
+        return lines
+
     def side(self, role: str) -> SideInfo:
         return next(s for s in self.sides if s.role == role)
 

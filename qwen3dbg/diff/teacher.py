@@ -50,11 +50,13 @@ def teacher_force(cand: Candidate, ref: TapStore, gold: TapStore, div: Divergenc
     ok = torch.isfinite(g) & torch.isfinite(r) & ~masked(g) & ~masked(r)
     gnorm = float(torch.linalg.vector_norm(torch.where(ok, g.double(), 0.0))) or 1.0
     alone = float(torch.linalg.vector_norm(torch.where(ok, forced.double() - r.double(), 0.0))) / gnorm
-    if not bool(torch.isfinite(forced)[ok].all()) or bool((masked(forced) != masked(r)).any()):
+    mask_diff = int((masked(forced) != masked(r)).sum())
+    if mask_diff or not bool(torch.isfinite(forced)[ok].all()):
         alone = float("inf")
     introduced = alone > res.tol_rel
     how = "introduced in this layer" if introduced else "inherited: the layer is fine on the reference's input"
+    what = (f"its mask pattern differs at {mask_diff} entries" if mask_diff else
+            f"{div.tap} is {alone:.3g} off (rel. L2; tolerance {res.tol_rel:.3g}, full run {res.rel_l2:.3g})")
     return {"introduced": introduced, "method": "teacher forcing", "alone_rel_l2": alone, "full_rel_l2": res.rel_l2,
-            "tol_rel": res.tol_rel,
-            "message": f"{how}: fed the reference's input of layer {layer}, {div.tap} is {alone:.3g} off "
-                       f"(rel. L2; tolerance {res.tol_rel:.3g}, full run {res.rel_l2:.3g})"}
+            "tol_rel": res.tol_rel, "mask_entries": mask_diff,
+            "message": f"{how}: fed the reference's input of layer {layer}, {what}"}
