@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Protocol
 
 import torch
@@ -106,6 +107,26 @@ def accumulate_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int], scale: float,
+           causal: bool = True) -> torch.Tensor:
+    """Attention scores in float64 from q [B,T,nH,D], a key cache [B,nKV,S,D] and query positions [B,T]
+    -> [B,nH,T,S], future keys -inf when causal; query head h reads kv head kv_of_head[h]."""
+    q, k = q.double().transpose(1, 2), k.double()[:, kv_of_head]
+    out = q @ k.transpose(2, 3) * scale
+    if causal:
+        future = torch.arange(k.shape[2]) > positions[:, None, :, None]  # [B,1,T,S]
+        out = out.masked_fill(future, float("-inf"))
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int],
+              scale: float, causal: bool = True, softmax_dim: int = -1) -> torch.Tensor:
+    """Attention in float64 (see `scores`; v [B,nKV,S,D]) -> context [B,T,nH*D]. The knobs are where bugs live."""
+    probs = scores(q, k, positions, kv_of_head, scale, causal).softmax(softmax_dim)
+    out = probs @ v.double()[:, kv_of_head]  # [B,nH,T,D]
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
 # ---- where a check looks --------------------------------------------------------------------------
 
 @dataclass
@@ -129,8 +150,8 @@ class Site:
     def dtype_name(self) -> str:
         return str(self.src.dtype).removeprefix("torch.")
 
-    def name(self, op: str | None = None, layer: int | None | str = "same") -> str:
-        return tap_name(op or self.op, self.layer if layer == "same" else layer)
+    def name(self, op: str | None = None) -> str:
+        return tap_name(op or self.op, self.layer)
 
     def cand(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
         t = self.src.cand(self.step if step is None else step, self.name(op))
@@ -143,18 +164,23 @@ class Site:
         t = self.src.gold(s, self.name(op)) if t is None else t
         return None if t is None else t.double()
 
-    def tol(self, op: str | None = None) -> float:
+    @cached_property
+    def tol(self) -> float:
         """How close a hypothesis must reproduce the candidate: 4x the reference's own relative
         error to fp64 at this tap, and never under 4 ulps of the dtype."""
-        r, g = self.src.ref(self.step, self.name(op)), self.src.gold(self.step, self.name(op))
+        r, g = self.src.ref(self.step, self.name()), self.src.gold(self.step, self.name())
         noise = rel(r, g) if r is not None and g is not None else 0.0
         return 4 * max(noise, self.eps)
 
     def positions(self) -> torch.Tensor:
         return torch.tensor(self.src.steps[self.step].positions)
 
+    def weight_name(self, module: str) -> str:
+        """The on-disk name of this layer's `module` tensor (`self_attn.q_norm.weight`)."""
+        return f"model.layers.{self.layer}.{module}" if self.layer is not None else module
+
     def weight(self, module: str) -> torch.Tensor | None:
-        t = self.src.weight(f"model.layers.{self.layer}.{module}" if self.layer is not None else module)
+        t = self.src.weight(self.weight_name(module))
         return None if t is None else t.double()
 
 
@@ -170,7 +196,7 @@ def _name_factor(a: float, factors: dict[str, float]) -> str | None:
 def embed_scaled(s: Site) -> Diagnosis | None:
     c, r = s.cand(), s.base()
     a, resid = fit_scale(c, r)
-    if resid > s.tol() or abs(a - 1) <= s.tol():
+    if resid > s.tol or abs(a - 1) <= s.tol:
         return None
     h = s.cfg.hidden_size
     label = _name_factor(a, {f"sqrt({h})": h ** 0.5, f"1/sqrt({h})": h ** -0.5})
@@ -184,7 +210,7 @@ def scores_scaled(s: Site) -> Diagnosis | None:
     c, r = s.cand(), s.base()
     valid = ~masked(r) & ~masked(c)
     a, resid = fit_scale(c[valid], r[valid])
-    if resid > s.tol() or abs(a - 1) <= s.tol():
+    if resid > s.tol or abs(a - 1) <= s.tol:
         return None
     d = s.cfg.head_dim
     label = _name_factor(a, {f"sqrt(head_dim {d})": d ** 0.5, f"1/sqrt(head_dim {d})": d ** -0.5})
@@ -203,7 +229,7 @@ _BIAS_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_p
 def extra_bias(s: Site) -> Diagnosis | None:
     c, r = s.cand(), s.base()
     d = (c - r).reshape(-1, c.shape[-1])  # [tokens, N]
-    if d.shape[0] < 2 or rel(c, r) <= s.tol():
+    if d.shape[0] < 2 or rel(c, r) <= s.tol:
         return None
     offset = d.mean(0)
     spread = float(torch.linalg.vector_norm(d - offset) / torch.linalg.vector_norm(d))
@@ -216,7 +242,7 @@ def extra_bias(s: Site) -> Diagnosis | None:
     bias_name = f"{_BIAS_MODULE.get(s.op, s.op)}.bias"
     bias = s.weight(bias_name)
     if bias is not None and bias.shape == offset.shape and rel(offset, bias) < 0.05:
-        full = s.name(bias_name).replace("layers.", "model.layers.", 1)
+        full = s.weight_name(bias_name)
         ev |= {"bias_tensor": full, "offset_vs_bias_rel": rel(offset, bias)}
         msg += f"; it equals the checkpoint's {full}, which attention_bias {str(s.cfg.attention_bias).lower()} leaves unused"
     return Diagnosis("extra_bias", msg, ev)
@@ -232,7 +258,7 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
     ms = x.pow(2).mean(-1)  # [B,T]: the input's mean square over all heads; RMSNorm's eps keeps rms under 1
     expected = (ms / (ms + s.cfg.rms_norm_eps)).sqrt()
     lo, hi = float(per_head.min()), float(per_head.max())
-    if float((joint - expected).abs().max()) > s.tol() or max(1 - lo, hi - 1) <= s.tol():
+    if float((joint - expected).abs().max()) > s.tol or max(1 - lo, hi - 1) <= s.tol:
         return None
     n = c.shape[-2]
     return Diagnosis("norm_axis", f"{s.op} normalised over all {n} heads jointly: the RMS of {s.op}/weight per head "
@@ -254,7 +280,7 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
     """Fit theta (and the channel pairing) that turns the candidate's q_norm into its q_rope."""
     x, y = s.cand(s.op.replace("rope", "norm")), s.cand()
     pos, d, theta0 = s.positions(), s.cfg.head_dim, s.cfg.rope_theta
-    if x is None or rel(rotate(x, rope_angles(pos, d, theta0, False)), y) <= s.tol():
+    if x is None or rel(rotate(x, rope_angles(pos, d, theta0, False)), y) <= s.tol:
         return None
     e0, e_worst, p_worst = _position_drift(s)
     drift = (f"{s.op} matches at position {int(pos[0, 0])} (rel. error {e0:.1e}) and drifts with position "
@@ -272,15 +298,15 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
         m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
         lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
     fitted, r_fit = 10 ** ((lo + hi) / 2), resid((lo + hi) / 2)
-    if r_fit <= s.tol() and abs(math.log10(fitted / theta0)) > 0.1:
+    if r_fit <= s.tol and abs(math.log10(fitted / theta0)) > 0.1:
         return Diagnosis("rope_theta", f"{drift}: RoPE angles; fitted theta ~ {fitted:.2g} (residual {r_fit:.1e}), "
                          f"config says {theta0:.3g}", ev | {"fitted_theta": fitted, "residual": r_fit})
     r_inter = resid(math.log10(theta0), True)
-    if r_inter <= s.tol():
+    if r_inter <= s.tol:
         return Diagnosis("rope_layout", f"{drift}: channels 2i and 2i+1 share a RoPE angle (cos/sin interleaved, "
                          f"residual {r_inter:.1e}) while rotate_half pairs channel i with i+{d // 2}: cos/sin "
                          "concatenated on the wrong dim", ev | {"residual_interleaved": r_inter})
-    if e0 <= s.tol() < e_worst:
+    if e0 <= s.tol < e_worst:
         return Diagnosis("rope_position", f"{drift}: RoPE angles, though no single theta or channel layout "
                          f"explains them (best theta {fitted:.2g} leaves {r_fit:.1e})",
                          ev | {"fitted_theta": fitted, "residual": r_fit})
@@ -292,16 +318,16 @@ def cache_off_by_one(s: Site) -> Diagnosis | None:
         return None
     c, r = s.cand(), s.base()  # [B,nKV,S,D]
     prefill = s.cand(step=0), s.base(step=0)
-    if None in prefill or rel(*prefill) > s.tol():
+    if None in prefill or rel(*prefill) > s.tol:
         return None
     scale = float(torch.linalg.vector_norm(r)) / r.shape[2] ** 0.5
     slot_err = [float(torch.linalg.vector_norm(c[:, :, j] - r[:, :, j])) / scale for j in range(r.shape[2])]
-    bad = [j for j, e in enumerate(slot_err) if e > s.tol()]
+    bad = [j for j, e in enumerate(slot_err) if e > s.tol]
     if not bad:
         return None
     for shift in (1, -1):
         moved = [j for j in bad if 0 <= j + shift < r.shape[2]
-                 and rel(c[:, :, j], r[:, :, j + shift]) <= s.tol()]
+                 and rel(c[:, :, j], r[:, :, j + shift]) <= s.tol]
         empty = [j for j in bad if float(c[:, :, j].abs().max()) == 0]
         if moved and sorted(moved + empty) == bad:
             where = "one slot early" if shift == 1 else "one slot late"
@@ -347,7 +373,7 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
         mapping.append(g)
         resid.append(errs[g])
     expected = [h // c.n_rep for h in range(c.num_attention_heads)]
-    if mapping == expected or max(resid) > s.tol():
+    if mapping == expected or max(resid) > s.tol:
         return None
     modulo = [h % c.num_key_value_heads for h in range(c.num_attention_heads)]
     ev = {"mapping": mapping, "expected": expected, "residual": max(resid)}
@@ -363,31 +389,39 @@ def softmax_not_normalised(s: Site) -> Diagnosis | None:
     p = s.cand()  # [B,nH,T,S]
     rows = p.sum(-1)
     row_err = float((rows - 1).abs().max())
-    if row_err <= s.tol():
+    if row_err <= s.tol:
         return None
     ev = {"row_sum_min": float(rows.min()), "row_sum_max": float(rows.max())}
     msg = f"rows of attn_probs do not sum to 1 over keys (they range {ev['row_sum_min']:.3g}..{ev['row_sum_max']:.3g})"
     cols = p.sum(-2)[p.amax(-2) > 0]  # key columns that any query sees
-    if p.shape[-2] > 1 and float((cols - 1).abs().max()) <= s.tol():
+    if p.shape[-2] > 1 and float((cols - 1).abs().max()) <= s.tol:
         return Diagnosis("softmax_axis", msg + " while every column sums to 1 over queries: softmax taken over the "
                          "query axis instead of the key axis", ev | {"col_sum_err": float((cols - 1).abs().max())})
     return Diagnosis("softmax_not_normalised", msg, ev)
 
 
 def softmax_overflow(s: Site) -> Diagnosis | None:
-    p, sc = s.cand(), s.cand("attn_scores")
+    """NaN/inf born in the softmax: its scores are finite but pass log(max) of the dtype. Where the
+    candidate exposes no scores (its first NaN is then attn_out), they are rebuilt from q_rope and k_cache."""
+    sc, source = s.cand("attn_scores"), "its input attn_scores is"
     if sc is None:
-        return None
+        q, k = s.cand("q_rope"), s.cand("k_cache")
+        if q is None or k is None:
+            return None
+        c = s.cfg
+        sc = scores(q, k, s.positions(), [h // c.n_rep for h in range(c.num_attention_heads)], c.head_dim ** -0.5)
+        source = "the scores its q_rope and k_cache give are"
     live = sc[~masked(sc)]
     limit = math.log(torch.finfo(s.src.dtype).max)
     top = float(live.max())
     if not bool(torch.isfinite(live).all()) or top <= limit:
         return None
-    bad_rows = int((~torch.isfinite(p)).any(-1).sum())
-    return Diagnosis("softmax_overflow", f"NaN/inf first produced by attn_probs in {s.dtype_name} ({bad_rows} of "
-                     f"{p[..., 0].numel()} rows) while its input attn_scores is finite with max {top:.4g} > "
-                     f"log(max {s.dtype_name}) = {limit:.2f}: softmax without max subtraction overflows exp",
-                     {"rows_nonfinite": bad_rows, "max_score": top, "exp_limit": limit})
+    out = s.cand()
+    bad = int((~torch.isfinite(out)).sum())
+    return Diagnosis("softmax_overflow", f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({bad} of "
+                     f"{out.numel()} values) while {source} finite with max {top:.4g} > log(max {s.dtype_name}) = "
+                     f"{limit:.2f}: softmax without max subtraction overflows exp",
+                     {"nonfinite": bad, "max_score": top, "exp_limit": limit})
 
 
 def transpose_before_reshape(s: Site) -> Diagnosis | None:
@@ -397,7 +431,7 @@ def transpose_before_reshape(s: Site) -> Diagnosis | None:
         return None
     undone = c.reshape(B, -1, T, s.cfg.head_dim).transpose(1, 2).reshape(B, T, -1)
     as_is, fixed = rel(c, r), rel(undone, r)
-    if fixed > s.tol():
+    if fixed > s.tol:
         return None
     return Diagnosis("transpose_before_reshape", f"attn_out is a permutation of the reference: read as [B,nH,T,D] "
                      f"and transposed to [B,T,nH,D] it matches (rel. error {fixed:.1e}, as is {as_is:.2g}): "
@@ -409,7 +443,7 @@ def moe_weights_normalisation(s: Site) -> Diagnosis | None:
     c, r = s.cand(), s.base()  # [B,T,k]
     cs, rs = c.sum(-1), r.sum(-1)
     norm = s.cfg.norm_topk_prob
-    sums_to_one = float((cs - 1).abs().max()) <= s.tol()
+    sums_to_one = float((cs - 1).abs().max()) <= s.tol
     if sums_to_one == norm:
         return None
     ev = {"cand_sum_mean": float(cs.mean()), "ref_sum_mean": float(rs.mean()), "norm_topk_prob": norm}
@@ -419,6 +453,33 @@ def moe_weights_normalisation(s: Site) -> Diagnosis | None:
     return Diagnosis("moe_topk_softmax", f"moe.topk_weights sum to 1 per token though norm_topk_prob is false "
                      f"(reference: {ev['ref_sum_mean']:.3g} on average, the top-k share of a softmax over all "
                      f"{s.cfg.num_experts} experts): softmax over the top-k logits only, or a renormalisation", ev)
+
+
+def attention_rebuilt(s: Site) -> Diagnosis | None:
+    """For engines that expose no attention matrices: recompute attn_out from the candidate's own
+    q_rope, k_cache and v_cache, the Qwen3 way and with one known bug at a time."""
+    q, k, v, c = s.cand("q_rope"), s.cand("k_cache"), s.cand("v_cache"), s.cand()
+    if q is None or k is None or v is None:
+        return None
+    cfg, pos = s.cfg, s.positions()
+    right = {"kv_of_head": [h // cfg.n_rep for h in range(cfg.num_attention_heads)], "scale": cfg.head_dim ** -0.5}
+    as_qwen3 = rel(attention(q, k, v, pos, **right), c)
+    if as_qwen3 <= s.tol:
+        return None
+    modulo = [h % cfg.num_key_value_heads for h in range(cfg.num_attention_heads)]
+    bugs = [("causal_mask_missing", {"causal": False}, "no causal mask: attention reaches future positions"),
+            ("scores_scaled", {"scale": 1.0}, "no 1/sqrt(head_dim) scale: the scale is missing"),
+            ("softmax_axis", {"softmax_dim": -2}, "the softmax over queries: softmax taken over the wrong axis")]
+    if modulo != right["kv_of_head"]:
+        bugs.append(("gqa_modulo", {"kv_of_head": modulo},
+                     f"query head h reading kv head h % {cfg.num_key_value_heads}: GQA head mapping uses modulo"))
+    for signature, change, what in bugs:
+        resid = rel(attention(q, k, v, pos, **(right | change)), c)
+        if resid <= s.tol:
+            return Diagnosis(signature, f"{s.name()} is what the candidate's own q_rope, k_cache and v_cache give with "
+                             f"{what} (residual {resid:.1e}; attending as Qwen3 leaves {as_qwen3:.2g})",
+                             {"residual": resid, "residual_as_qwen3": as_qwen3, "rebuilt_from": "attn_out"})
+    return None
 
 
 _NORM_INPUT = {"q_norm": "q_proj", "k_norm": "k_proj", "mlp_norm": "resid_mid"}
@@ -517,7 +578,7 @@ class Signature:
 NORM_OPS = ("attn_norm", "q_norm", "k_norm", "mlp_norm", "final_norm")
 
 SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns fits in this order
-    Signature("softmax overflow", ("attn_probs",), softmax_overflow, nonfinite=True),
+    Signature("softmax overflow", ("attn_probs", "attn_out"), softmax_overflow, nonfinite=True),
     Signature("embedding scale", ("embed",), embed_scaled),
     Signature("attention scale", ("attn_scores",), scores_scaled),
     Signature("extra bias", tuple(_BIAS_MODULE), extra_bias),
@@ -529,6 +590,7 @@ SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns
     Signature("gqa mapping", ("attn_scores",), gqa_mapping),
     Signature("softmax axis", ("attn_probs",), softmax_not_normalised),
     Signature("transpose", ("attn_out",), transpose_before_reshape),
+    Signature("attention rebuilt", ("attn_out",), attention_rebuilt),
     Signature("moe weights", ("moe.topk_weights",), moe_weights_normalisation),
     Signature("accumulation", tuple(_LINEAR), lowp_accumulation),
     Signature("non-finite", ("*",), nonfinite, nonfinite=True),

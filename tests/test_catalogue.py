@@ -59,10 +59,11 @@ def _diff(cand: str, model_dir, dtype: str, ref: str = "hf"):
     return run_diff(ref=ref, cand=cand, model_dir=model_dir, dtype=dtype, token_ids=PROMPT, decode_ids=DECODE)
 
 
-def _through_store(cand: str, model_dir, dtype: str, out) -> str:
-    """Capture `cand` into a store under a neutral name, so nothing downstream can read the bug's name."""
+def _through_store(cand: str, model_dir, dtype: str, out, missing: frozenset[str] = frozenset()) -> str:
+    """Capture `cand` into a store under a neutral name, so nothing downstream can read the bug's name;
+    `missing` ops are left out as an engine that cannot expose them would."""
     impl = load_candidate(cand, model_dir, dtype)
-    impl.name = "engine"
+    impl.name, impl.missing_taps = "engine", missing
     capture(impl, forced_steps(PROMPT, DECODE), out)
     return f"store:{out}"
 
@@ -84,6 +85,18 @@ def test_bug_is_found_and_named_from_its_tap_store_alone(catalogue_model, tmp_pa
     model = catalogue_model(case.model)
     result = run_diff(ref="hf", cand=_through_store(case.cand, model, dtype, tmp_path / "store"), model_dir=model)
     assert _first(result) == case.first, result.verdict
+    assert [d.signature for d in result.diagnosis][:1] == [case.signature], [d.message for d in result.diagnosis]
+
+
+ATTENTION_MATRICES = frozenset({"attn_scores", "attn_probs"})
+
+
+@pytest.mark.parametrize("case,dtype", _params([c for c in BUGS if c.first[2].endswith(tuple(ATTENTION_MATRICES))]))
+def test_attention_bug_is_named_from_a_store_without_attention_matrices(catalogue_model, tmp_path, case, dtype):
+    model = catalogue_model(case.model)
+    store = _through_store(case.cand, model, dtype, tmp_path / "store", missing=ATTENTION_MATRICES)
+    result = run_diff(ref="hf", cand=store, model_dir=model)
+    assert _first(result) == (0, 0, "layers.0.attn_out"), result.verdict
     assert [d.signature for d in result.diagnosis][:1] == [case.signature], [d.message for d in result.diagnosis]
 
 

@@ -130,7 +130,8 @@ CASES = [
     Case("moe-topk-softmax", "moe-nonorm", BOTH, 0, "layers.0.moe.topk_weights", "moe_topk_softmax",
          lambda ev, c, dt: not ev["norm_topk_prob"] and abs(ev["cand_sum_mean"] - 1) < 4 * _eps(dt)),
     Case("softmax-no-max", "hot-qk", ("float16",), 0, "layers.0.attn_probs", "softmax_overflow",
-         lambda ev, c, dt: ev["max_score"] > ev["exp_limit"] == math.log(torch.finfo(torch.float16).max)),
+         lambda ev, c, dt: ev["max_score"] > ev["exp_limit"] == math.log(torch.finfo(torch.float16).max)
+         and ev["nonfinite"] > 0),
     Case("lowp-accumulation", "wide", ("bfloat16",), 0, "layers.0.q_proj", "lowp_accumulation",
          lambda ev, c, dt: ev["reduction_length"] == c.hidden_size and ev["rel_err"] > 2 * ev["ref_rel_err"]),
 ]
@@ -219,3 +220,34 @@ def test_rounding_differences_in_attention_scores_are_measured_on_unmasked_entri
     src = sides("wide", "float32", VARIANTS["lowp-accumulation"])
     d = explain_rounding(src, 0, "layers.0.attn_scores")
     assert d is not None and math.isfinite(d.evidence["max_ulps"]) and d.evidence["max_ulps"] > 0
+
+
+class WithoutAttentionMatrices:
+    """The view of an engine that exposes no attn_scores / attn_probs (sdpa, llama.cpp)."""
+
+    def __init__(self, src):
+        self.src, self.config, self.steps, self.dtype = src, src.config, src.steps, src.dtype
+
+    def cand(self, step, name):
+        return None if name.endswith(("attn_scores", "attn_probs")) else self.src.cand(step, name)
+
+    def __getattr__(self, attr):  # ref, gold, weight
+        return getattr(self.src, attr)
+
+
+@pytest.mark.parametrize("dtype", BOTH)
+@pytest.mark.parametrize("variant,signature", [
+    ("no-causal-mask", "causal_mask_missing"), ("gqa-modulo", "gqa_modulo"), ("missing-scale", "scores_scaled"),
+    ("softmax-wrong-axis", "softmax_axis")])
+def test_attention_bugs_are_named_from_attn_out_when_the_matrices_are_not_exposed(sides, variant, signature, dtype):
+    src = WithoutAttentionMatrices(sides("dense", dtype, VARIANTS[variant]))
+    found = diagnose(src, 0, "layers.0.attn_out")
+    assert [d.signature for d in found] == [signature], [d.message for d in found]
+    assert found[0].evidence["residual"] < found[0].evidence["residual_as_qwen3"]
+
+
+def test_softmax_overflow_is_named_from_attn_out_by_rebuilding_the_scores(sides):
+    src = WithoutAttentionMatrices(sides("hot-qk", "float16", VARIANTS["softmax-no-max"]))
+    found = diagnose(src, 0, "layers.0.attn_out")
+    assert found[0].signature == "softmax_overflow", [d.message for d in found]
+    assert found[0].evidence["max_score"] > math.log(torch.finfo(torch.float16).max)
