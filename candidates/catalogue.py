@@ -2,8 +2,8 @@
 
 Each variant overrides one op of `Qwen3Reference` (two where the bug lives in a helper both ops
 share) and says in its docstring what is wrong and what the correct line is. Run any of them with
-`--cand NAME`; `VARIANTS` maps the CLI names to the classes. `rmsnorm-fused` is the one clean
-variant: it rounds at another point, which a differ must not call a bug.
+`--cand NAME`: qwen3dbg/registry.py lists them, and a test keeps that list in step with `VARIANTS`.
+`rmsnorm-fused` is the one clean variant: it rounds at another point, which is not a bug.
 """
 
 from __future__ import annotations

@@ -13,6 +13,22 @@ from qwen3dbg.errors import UserError
 IMPLEMENTATIONS: dict[str, str] = {
     "hf": "qwen3dbg.reference.hf:HFCandidate",
     "scratch": "qwen3dbg.reference.qwen3:Qwen3Reference",
+    # the bug catalogue: one bug each (rmsnorm-fused is the clean one); see candidates/catalogue.py
+    "rope-interleaved": "qwen3dbg.candidates.catalogue:RopeInterleaved",
+    "rope-theta-1e4": "qwen3dbg.candidates.catalogue:RopeTheta1e4",
+    "qk-norm-over-hidden": "qwen3dbg.candidates.catalogue:QkNormOverHidden",
+    "softmax-wrong-axis": "qwen3dbg.candidates.catalogue:SoftmaxWrongAxis",
+    "no-transpose": "qwen3dbg.candidates.catalogue:NoTransposeBeforeReshape",
+    "ghost-bias": "qwen3dbg.candidates.catalogue:GhostBias",
+    "no-causal-mask": "qwen3dbg.candidates.catalogue:CausalMaskMissing",
+    "embed-scaled": "qwen3dbg.candidates.catalogue:EmbedScaled",
+    "kv-cache-off-by-one": "qwen3dbg.candidates.catalogue:KvCacheOffByOne",
+    "gqa-modulo": "qwen3dbg.candidates.catalogue:GqaModulo",
+    "softmax-no-max": "qwen3dbg.candidates.catalogue:SoftmaxNoMax",
+    "missing-scale": "qwen3dbg.candidates.catalogue:MissingScale",
+    "lowp-accumulation": "qwen3dbg.candidates.catalogue:LowPrecisionAccumulation",
+    "moe-topk-softmax": "qwen3dbg.candidates.catalogue:MoeTopkSoftmax",
+    "rmsnorm-fused": "qwen3dbg.candidates.catalogue:RmsNormFused",
 }
 
 
@@ -20,25 +36,14 @@ def register(name: str, target: str) -> None:
     IMPLEMENTATIONS[name] = target
 
 
-#: the bug catalogue's variants, looked up by name only when asked for (it imports torch)
-CATALOGUE = "qwen3dbg.candidates.catalogue"
-
-
-def catalogue() -> dict[str, type[Candidate]]:
-    return importlib.import_module(CATALOGUE).VARIANTS
-
-
 def names() -> list[str]:
-    return sorted(IMPLEMENTATIONS) + sorted(catalogue())
+    return sorted(IMPLEMENTATIONS)
 
 
 def load_candidate(name: str, model_dir, dtype, **options) -> Candidate:
     """Instantiate implementation `name` for a model directory in a dtype."""
-    if name in IMPLEMENTATIONS:
-        module, _, attr = IMPLEMENTATIONS[name].partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-    elif name in catalogue():
-        cls = catalogue()[name]
-    else:
+    if name not in IMPLEMENTATIONS:
         raise UserError(f"unknown implementation {name!r}: choose one of {', '.join(names())}")
+    module, _, attr = IMPLEMENTATIONS[name].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
     return cls(model_dir, dtype, **options)

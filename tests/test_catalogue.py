@@ -14,7 +14,7 @@ from qwen3dbg.candidates.catalogue import VARIANTS
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.diff import run_diff
 from qwen3dbg.errors import UserError
-from qwen3dbg.registry import load_candidate
+from qwen3dbg.registry import IMPLEMENTATIONS, load_candidate
 
 PROMPT, DECODE = [9, 41, 7, 300, 12, 5], [77, 150]
 BOTH = ("float32", "bfloat16")
@@ -121,7 +121,9 @@ def test_fused_rmsnorm_is_reported_in_the_noise_as_a_rounding_point(catalogue_mo
     assert result.in_noise.signature == "rounding_point", result.in_noise.message
 
 
-def test_every_catalogue_variant_loads_by_its_cli_name(catalogue_model):
+def test_the_registry_lists_exactly_the_catalogue_and_each_name_loads_its_variant(catalogue_model):
+    listed = {n for n, target in IMPLEMENTATIONS.items() if target.startswith("qwen3dbg.candidates.catalogue:")}
+    assert listed == set(VARIANTS)
     for name, cls in VARIANTS.items():
         assert type(load_candidate(name, catalogue_model("dense"), "float32")) is cls
 
