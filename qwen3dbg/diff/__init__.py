@@ -95,8 +95,11 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     model_dir, cfg = resolve_model(Path(model_dir) if model_dir is not None else None)
     specs = [parse_side(ref, "ref"), parse_side(cand, "cand")]
     dt = _dtype_under_test(specs, dtype)
-    given = None if all(s.store is None for s in specs) or not (token_ids or decode_ids) else \
-        resolve_steps(model_dir, cfg, _ids_text(token_ids), None, _ids_text(decode_ids), None)
+    with_store = any(s.store is not None for s in specs)
+    if with_store and (prompt or decode_steps is not None):
+        raise UserError("a store fixes the token ids: leave out --prompt and --decode-steps")
+    given = resolve_steps(model_dir, cfg, _ids_text(token_ids), None, _ids_text(decode_ids), None) \
+        if with_store and (token_ids or decode_ids) else None
     steps = store_steps(specs, cfg, given) or resolve_steps(
         model_dir, cfg, _ids_text(token_ids), prompt, _ids_text(decode_ids), decode_steps)
     timings: dict[str, float] = {}

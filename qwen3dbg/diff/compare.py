@@ -18,7 +18,7 @@ from qwen3dbg.diff.noise import ELEMENT_FACTOR, tolerance
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.dtypes import dtype_name
 from qwen3dbg.store import StepInfo, TapStore, masked
-from qwen3dbg.taps import TapSpec, step_taps, tap_name
+from qwen3dbg.taps import TapSpec, parse_tap_name, step_taps, tap_name
 
 #: the taps each op reads (within its layer; "prev" is the previous layer's resid_out, or embed)
 _INPUTS = {
@@ -35,8 +35,6 @@ _INPUTS = {
 
 def inputs_of(name: str, cfg: Qwen3Config) -> list[str]:
     """Tap names an op reads: `layers.2.q_norm` -> [`layers.2.q_proj`]; `layers.0.attn_norm` -> [`embed`]."""
-    from qwen3dbg.taps import parse_tap_name
-
     layer, op = parse_tap_name(name)
     last = tap_name("resid_out", cfg.num_hidden_layers - 1) if cfg.num_hidden_layers else "embed"
     if layer is None:
