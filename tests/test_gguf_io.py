@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,24 @@ def test_our_parser_agrees_with_the_gguf_packages_reader(model, tmp_path):
     assert [(t.name, t.offset, t.nbytes, t.qtype) for t in ours.tensors] == \
         [(t.name, t.data_offset, t.n_bytes, int(t.tensor_type)) for t in theirs.tensors]
     assert set(ours.kv) == {k for k in theirs.fields if not k.startswith("GGUF.")}  # it lists the header too
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("llama-cpp-python is not installed: cannot load the GGUF in llama.cpp")
+    return llama_cpp
+
+
+@pytest.mark.parametrize("gguf_type", list(BOUND))
+def test_llama_cpp_loads_and_runs_every_type_we_write(model, gguf_type, tmp_path):
+    llama_cpp = _llama_cpp()
+    cfg = load_config(model)
+    llm = llama_cpp.Llama(model_path=str(write_gguf(model, tmp_path / "m.gguf", gguf_type)), n_ctx=32,
+                          logits_all=True, verbose=False, n_threads=1)
+    llm.eval([5, 17, 99])
+    assert llm.n_vocab() == cfg.vocab_size
+    assert np.isfinite(np.asarray(llm.scores[:3])).all()
