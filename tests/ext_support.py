@@ -43,7 +43,7 @@ def _scale(gold: torch.Tensor) -> float:
 def divergent_taps(cand: TapStore, golden: TapStore, ref: TapStore, config) -> list[tuple[int, str, float, float]]:
     """(step, tap, error, allowance) for every tap beyond the noise floor, in step then forward order.
     A tap's floor is measured over all steps, since one decode token alone can be exact by luck."""
-    order, eps = forward_index(config), ulp(torch.float32)
+    order, eps = forward_index(config), ulp(cand.dtype)
     steps = [info.step for info in golden.steps]
     allowed: dict[str, float] = {}
     for step in steps:

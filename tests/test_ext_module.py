@@ -1,0 +1,114 @@
+"""`--cand module:...`: a PyTorch port tapped through a TOML mapping (the shipped standalone port)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ext_support import divergent_taps, reference_stores
+from qwen3dbg.candidates.module_adapter import RERUN_NOTE, apply_transforms, load_mapping
+from qwen3dbg.capture import capture, forced_steps
+from qwen3dbg.config import load_config
+from qwen3dbg.errors import UserError
+from qwen3dbg.registry import load_candidate
+from qwen3dbg.store import TapStore
+from qwen3dbg.synth import make_model
+from qwen3dbg.taps import axis_sizes
+from qwen3dbg.validate import validate_store
+
+PORT = "module:qwen3dbg.candidates.ports.standalone_qwen3:load"
+MAPPING = Path(__file__).resolve().parents[1] / "candidates" / "mappings" / "standalone_qwen3.toml"
+STEPS = forced_steps([9, 41, 7, 300, 12, 5, 77], [150, 3])
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("dense"), "tiny-dense")
+
+
+def capture_store(spec: str, model: Path, dtype: str, out: Path) -> TapStore:
+    capture(load_candidate(spec, model, dtype), STEPS, out)
+    return TapStore.open(out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_standalone_port_matches_the_reference_within_the_noise_floor(tmp_path, dense, dtype):
+    store = capture_store(PORT, dense, dtype, tmp_path / "port")
+    assert validate_store(tmp_path / "port", load_config(dense)) == []
+    assert store.missing_taps == [], "the worked mapping covers every tap of a dense model"
+    golden, ref = reference_stores(dense, STEPS, dtype, tmp_path)
+    assert divergent_taps(store, golden, ref, load_config(dense)) == []
+
+
+def test_port_without_a_cache_is_rerun_and_its_manifest_says_so(tmp_path, dense):
+    store = capture_store(PORT, dense, "float32", tmp_path / "port")
+    assert store.manifest["decode"] == RERUN_NOTE
+    assert store.get(2, "layers.0.k_cache").shape[2] == len(STEPS[0].token_ids[0]) + 2
+    assert store.get(2, "layers.0.q_rope").shape[1] == 1
+
+
+BUGGY_PORT = '''
+from qwen3dbg.candidates.ports import standalone_qwen3 as port
+
+TAP_MAPPING = port.TAP_MAPPING
+
+
+def load(model_dir, dtype):
+    """The port with gate_proj and up_proj loaded the wrong way round in layer 1."""
+    model = port.load(model_dir, dtype)
+    ff = model.trf_blocks[1].ff
+    ff.fc1.weight.data, ff.fc2.weight.data = ff.fc2.weight.data.clone(), ff.fc1.weight.data.clone()
+    return model
+'''
+
+
+def test_port_from_a_file_with_swapped_gate_and_up_is_localized_to_mlp_gate(tmp_path, dense):
+    (tmp_path / "buggy_port.py").write_text(BUGGY_PORT)
+    store = capture_store(f"module:{tmp_path / 'buggy_port.py'}:load", dense, "float32", tmp_path / "port")
+    golden, ref = reference_stores(dense, STEPS, "float32", tmp_path)
+    found = divergent_taps(store, golden, ref, load_config(dense))
+    assert found[0][:2] == (0, "layers.1.mlp.gate")
+
+
+def test_transforms_slice_a_fused_gate_up_and_move_head_axes():
+    cfg = load_config_like()
+    sizes = axis_sizes(cfg, 2, 3, 3)
+    gate, up = torch.randn(2, 3, cfg.intermediate_size), torch.randn(2, 3, cfg.intermediate_size)
+    fused = torch.cat((gate, up), dim=-1)
+    assert torch.equal(apply_transforms(fused, ("slice(-1,0,I)",), sizes), gate)
+    assert torch.equal(apply_transforms(fused, ("slice(-1,I,2*I)",), sizes), up)
+    heads = torch.randn(2, cfg.num_attention_heads, 3, cfg.head_dim)  # [B, nH, T, D]
+    flat = apply_transforms(heads, ("transpose(1,2)", "reshape(B,T,nH*D)"), sizes)
+    assert torch.equal(flat[1, 2, cfg.head_dim:2 * cfg.head_dim], heads[1, 1, 2])
+
+
+def load_config_like():
+    from qwen3dbg.synth import PRESETS
+
+    return PRESETS["tiny-dense"].config
+
+
+@pytest.mark.parametrize("text,complaint", [
+    ('[taps]\n"layers.{i}.nope" = "x"', "not a tap name"),
+    ('[taps]\nembed = { module = "tok_emb", function = "f" }', "exactly one of module/function"),
+    ('[taps]\nembed = { module = "tok_emb", transform = ["flip(0)"] }', "is not transpose"),
+    ('[taps]\nembed = { module = "tok_emb", transform = ["reshape(B,Q)"] }', "is not transpose"),
+    ('[call]\nkv_cache = true\n[taps]\nembed = "tok_emb"', "reset"),
+    ("[taps", "not valid TOML"),
+])
+def test_a_bad_mapping_is_explained_in_one_sentence(tmp_path, text, complaint):
+    (tmp_path / "m.toml").write_text(text)
+    with pytest.raises(UserError, match=complaint):
+        load_mapping(tmp_path / "m.toml", load_config_like())
+
+
+def test_a_mapping_naming_a_module_the_port_lacks_is_a_user_error(tmp_path, dense):
+    text = MAPPING.read_text().replace('"trf_blocks.{i}.ff.fc1"', '"trf_blocks.{i}.ff.gate_proj"')
+    (tmp_path / "m.toml").write_text(text)
+    cand = load_candidate(f"{PORT}@{tmp_path / 'm.toml'}", dense, "float32")
+    with pytest.raises(UserError, match="gate_proj"):
+        capture(cand, STEPS[:1], tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"] is False
