@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ext_support import divergent_taps, reference_stores
+from conftest import divergent_taps, reference_stores
 from qwen3dbg.cli import app
 from qwen3dbg.config import load_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapStore
-from qwen3dbg.synth import make_model
 from qwen3dbg.validate import validate_store
 
 C_DIR = Path(__file__).resolve().parents[1] / "candidates" / "c"
@@ -32,8 +31,8 @@ def _compiler(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("dense"), "tiny-dense")
+def dense(models) -> Path:
+    return models("tiny-dense")
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +152,10 @@ def test_validate_store_with_a_half_written_manifest_is_unreadable(c_store):
     assert result.returncode == 2 and "not valid JSON" in result.stderr
 
 
-def test_validate_store_accepts_python_captures_of_dense_and_moe(tmp_path):
-    from qwen3dbg.capture import capture, forced_steps
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_validate_store_accepts_python_captures(tmp_path, models, steps, preset):
+    from qwen3dbg.capture import capture
     from qwen3dbg.reference.qwen3 import Qwen3Reference
 
-    for preset in ("tiny-dense", "tiny-moe"):
-        model = make_model(tmp_path / preset, preset)
-        capture(Qwen3Reference(model, "bfloat16"), forced_steps([1, 2, 3], [4]), tmp_path / f"{preset}-store")
-        assert validate_store(tmp_path / f"{preset}-store", load_config(model)) == []
+    capture(Qwen3Reference(models(preset), "bfloat16"), steps, tmp_path / "store")
+    assert validate_store(tmp_path / "store", load_config(models(preset))) == []

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ext_support import divergent_taps, reference_stores
+from conftest import divergent_taps, reference_stores
 from qwen3dbg.candidates.module_adapter import RERUN_NOTE, apply_transforms, load_mapping
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.registry import load_candidate
 from qwen3dbg.store import TapStore
-from qwen3dbg.synth import make_model
 from qwen3dbg.taps import axis_sizes
 from qwen3dbg.validate import validate_store
 
@@ -25,8 +24,8 @@ STEPS = forced_steps([9, 41, 7, 300, 12, 5, 77], [150, 3])
 
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("dense"), "tiny-dense")
+def dense(models) -> Path:
+    return models("tiny-dense")
 
 
 def capture_store(spec: str, model: Path, dtype: str, out: Path) -> TapStore:
