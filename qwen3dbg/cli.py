@@ -34,7 +34,7 @@ def progress_bar():
 
 @app.command("make-model")
 def make_model_cmd(
-    out: Path = typer.Argument(..., help="Directory to write config.json and safetensors into."),
+    out: Path = typer.Argument(..., help="Directory to write config.json and safetensors into (with --format gguf: the .gguf file)."),
     preset: str = typer.Option("tiny-dense", help="Shape preset; see --list-presets."),
     seed: int = typer.Option(0, help="Weights are a deterministic function of the seed and the tensor name."),
     dtype: str = typer.Option("bfloat16", help="On-disk dtype (released Qwen3 checkpoints are bfloat16)."),
@@ -46,6 +46,8 @@ def make_model_cmd(
     nonfinite: list[str] = typer.Option([], help="Tensor name to plant a NaN and an inf into (repeatable)."),
     huge: list[str] = typer.Option([], help="Tensor name to plant values of 1e30 into (repeatable)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
+    format: str = typer.Option("safetensors", "--format", help="safetensors (a model directory) or gguf (one file)."),
+    gguf_type: str = typer.Option("f16", help="--format gguf only: f32, f16, bf16 or q8_0 (norms and router stay f32)."),
 ):
     """Write a synthetic Qwen3 checkpoint in exactly the on-disk format of released ones."""
     from qwen3dbg.synth import PRESETS, Plants, make_model
@@ -65,8 +67,21 @@ def make_model_cmd(
                 yield n
                 bar.advance(task)
 
-        make_model(out, preset, seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants,
-                   progress=track)
+        if format == "safetensors":
+            make_model(out, preset, seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants,
+                       progress=track)
+        elif format == "gguf":
+            import tempfile
+
+            from qwen3dbg.gguf_io import write_gguf
+
+            with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+                make_model(tmp, preset, seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants,
+                           progress=track)
+                bar.update(task, description=f"converting to GGUF {gguf_type}", completed=0)
+                write_gguf(tmp, out, gguf_type, progress=track)
+        else:
+            raise UserError(f"unknown --format {format!r}: use safetensors or gguf")
     console.print(f"wrote {preset} to {out}")
 
 
