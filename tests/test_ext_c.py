@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,8 @@ FLAGS = ["-Wall", "-Wextra", "-Werror", "-pedantic"]
 def _compiler(name: str) -> str:
     path = shutil.which(name)
     if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no {name} on PATH: CI must provide a C and a C++ compiler")
         pytest.skip(f"no {name} on PATH")
     return path
 
