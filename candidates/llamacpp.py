@@ -168,7 +168,8 @@ class LlamaCppCandidate(Candidate):
 
     def manifest_extra(self) -> dict:
         return {"gguf": str(self.gguf), "llama_cpp_python": getattr(self.llama, "__version__", "?"),
-                "settings": "f32 KV cache, flash attention off, logits for every token", "attn_scores": SCORES_NOTE}
+                "notes": ["llama.cpp ran with an f32 KV cache, flash attention off and logits for every token",
+                          SCORES_NOTE, "k_cache and v_cache are missing: llama.cpp's cache is no graph node"]}
 
     def reset(self) -> None:
         self.llama.llama_memory_clear(self.llama.llama_get_memory(self.ctx), True)

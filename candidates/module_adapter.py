@@ -308,7 +308,7 @@ class ModuleCandidate(Candidate):
         self.reset()
 
     def manifest_extra(self) -> dict:
-        return {"mapping": str(self.mapping.path), "decode": "kv cache" if self.mapping.kv_cache else RERUN_NOTE}
+        return {"mapping": str(self.mapping.path), "notes": [] if self.mapping.kv_cache else [RERUN_NOTE]}
 
     def reset(self) -> None:
         self.history: torch.Tensor | None = None

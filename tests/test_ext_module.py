@@ -44,7 +44,7 @@ def test_standalone_port_matches_the_reference_within_the_noise_floor(tmp_path, 
 
 def test_port_without_a_cache_is_rerun_and_its_manifest_says_so(tmp_path, dense):
     store = capture_store(PORT, dense, "float32", tmp_path / "port")
-    assert store.manifest["decode"] == RERUN_NOTE
+    assert store.manifest["notes"] == [RERUN_NOTE]
     assert store.get(2, "layers.0.k_cache").shape[2] == len(STEPS[0].token_ids[0]) + 2
     assert store.get(2, "layers.0.q_rope").shape[1] == 1
 
