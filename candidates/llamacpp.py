@@ -65,7 +65,10 @@ NODE_OPS: dict[str, str] = {
     "l_out": "resid_out",
 }
 ROPE_OPS = {"Qcur": "q_rope", "Kcur": "k_rope"}
-GLOBAL_NODES = {"inp_embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
+# The expert weights llama.cpp multiplies with, most processed first (it renormalises per its own
+# rules, e.g. always for qwen3moe, which a norm_topk_prob=false model then shows as a divergence).
+WEIGHT_NODES = ("ffn_moe_weights_scaled", "ffn_moe_weights_norm", "ffn_moe_weights")
+GLOBAL_NODES = {"embd": "embed", "inp_embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
 O_PROJ = "o_proj"  # unnamed: the matmul whose input is kqv_out-{i}
 
 
@@ -200,11 +203,8 @@ class LlamaCppCandidate(Candidate):
                 if op in wanted_ops or ROPE_OPS.get(node) in wanted_ops:
                     names.add(f"{node}-{i}")
             if "moe.topk_weights" in wanted_ops:
-                names.add(f"{self._weights_node()}-{i}")
+                names |= {f"{n}-{i}" for n in WEIGHT_NODES}
         return names
-
-    def _weights_node(self) -> str:
-        return "ffn_moe_weights_norm" if self.config.norm_topk_prob else "ffn_moe_weights"
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, sink: TapSink) -> torch.Tensor:
@@ -246,7 +246,7 @@ class LlamaCppCandidate(Candidate):
         elif op in ROPE_OPS.values():
             nodes, pick = [n for n, o in ROPE_OPS.items() if o == op], -1
         elif op == "moe.topk_weights":
-            nodes, pick = [self._weights_node()], 0
+            nodes, pick = list(WEIGHT_NODES), 0
         elif op == O_PROJ:
             nodes, pick = [O_PROJ], 0
         else:

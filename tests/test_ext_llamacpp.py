@@ -75,3 +75,53 @@ def test_without_llama_cpp_python_the_candidate_says_how_to_install_it(tmp_path,
 def test_a_gguf_of_another_model_is_refused(tmp_path, models):
     with pytest.raises(UserError, match="made from"):
         load_candidate(f"llamacpp:{gguf_of(models('tiny-moe'), tmp_path / 'm.gguf')}", models("tiny-dense"), "float32")
+
+
+def fake_node(array, ggml_type: int):
+    """A GGMLTensor describing a numpy array the way ggml would (ne/nb fastest first) and a tensor_get over it."""
+    import ctypes
+
+    import numpy as np
+
+    from qwen3dbg.candidates.llamacpp import GGMLTensor
+
+    t = GGMLTensor()
+    t.type = ggml_type
+    dims = list(array.shape[::-1]) + [1] * (4 - array.ndim)
+    strides = list(array.strides[::-1]) + [array.strides[0] * array.shape[0]] * (4 - array.ndim)
+    t.ne[:] = dims
+    t.nb[:] = strides
+    base = array.base if array.base is not None else array
+    offset = array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+
+    def tensor_get(_ptr, dst, start, size):
+        raw = np.ascontiguousarray(base).view(np.uint8).reshape(-1)
+        ctypes.memmove(dst, raw[offset + start:].ctypes.data, size)
+
+    return t, tensor_get
+
+
+def test_a_node_is_read_in_numpy_order_through_its_strides():
+    import numpy as np
+
+    from qwen3dbg.candidates.llamacpp import GGML_TYPE_F32, GGML_TYPE_I32, read_node
+
+    full = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    view = full.transpose(1, 0, 2)  # non-contiguous, like a permuted ggml view
+    t, get = fake_node(view, GGML_TYPE_F32)
+    assert np.array_equal(read_node(t, 0, get).reshape(view.shape), view)
+    ids = np.arange(24, dtype=np.int32).reshape(4, 6)[:, :2]  # top-k view of an argsort: [T, k] of [T, E]
+    t, get = fake_node(ids, GGML_TYPE_I32)
+    assert np.array_equal(read_node(t, 0, get).reshape(ids.shape), ids)
+
+
+def test_attention_matrices_drop_the_cache_padding():
+    import numpy as np
+
+    from qwen3dbg.candidates.llamacpp import attention_matrix
+
+    heads, tokens, padded, cache = 4, 3, 256, 10
+    kq = np.random.default_rng(0).standard_normal((heads, tokens, padded)).astype(np.float32)
+    out = attention_matrix(kq, heads, tokens, cache)
+    assert out.shape == (1, heads, tokens, cache)
+    assert np.array_equal(out[0], kq[:, :, :cache])
