@@ -86,6 +86,15 @@ def test_planted_rope_bug_is_localized_to_the_first_rope_tap(tmp_path, dense, en
     assert "layers.0.q_norm" not in {name for _, name, _, _ in found}
 
 
+def test_taps_an_engine_declares_missing_are_listed_and_absent(tmp_path, dense, engines):
+    out = tmp_path / "store"
+    assert run_engine(engines["clean"], dense, out, "--no-attention-matrices", "1").returncode == 0
+    store = TapStore.open(out)
+    assert sorted(store.missing_taps) == ["attn_probs", "attn_scores"]
+    assert not any(n.endswith(("attn_scores", "attn_probs")) for n in store.names(0))
+    assert validate_store(out, load_config(dense)) == []
+
+
 def test_crash_mid_run_leaves_a_store_that_is_refused(tmp_path, dense, engines):
     out = tmp_path / "store"
     assert run_engine(engines["clean"], dense, out, "--crash-after", "1").returncode != 0

@@ -7,8 +7,9 @@
 
    Build:  cc -std=c99 -O2 -Wall -o example_engine example_engine.c -lm
            (add -DPLANT_ROPE_BUG to plant a wrong RoPE theta, 10000 instead of the config's)
-   Run:    example_engine MODEL_DIR OUT_DIR 9,41,7,300 [--decode 5,17] [--crash-after STEP]
-   --crash-after exits abruptly after that step, leaving a store whose manifest says incomplete.
+   Run:    example_engine MODEL_DIR OUT_DIR 9,41,7,300 [--decode 5,17] [--crash-after STEP] [--no-attention-matrices 1]
+   --crash-after exits abruptly after that step, leaving a store whose manifest says incomplete;
+   --no-attention-matrices declares attn_scores and attn_probs missing instead of writing them.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -238,8 +239,12 @@ static float silu(float x) { return x / (1.0f + expf(-x)); }
 
 /* ---- the forward step ---- */
 
+static int skip_attention_matrices;
+
 static void tap(q3t_store *s, const char *name, int layer, int ndim, const int64_t *shape, const float *data) {
     char full[128];
+    if (skip_attention_matrices && !strncmp(name, "attn_", 5) && strcmp(name, "attn_norm") && strcmp(name, "attn_out"))
+        return;
     if (layer >= 0)
         snprintf(full, sizeof full, "layers.%d.%s", layer, name);
     else
@@ -368,13 +373,15 @@ int main(int argc, char **argv) {
     char config_path[4096], *config_json;
     q3t_store *s;
     Model m;
-    if (argc < 4) die("usage: example_engine MODEL_DIR OUT_DIR PROMPT_IDS [--decode IDS] [--crash-after STEP]", NULL);
+    if (argc < 4) die("usage: example_engine MODEL_DIR OUT_DIR PROMPT_IDS [--decode IDS] [--crash-after STEP] [--no-attention-matrices 1]", NULL);
     n_prompt = parse_ids(argv[3], prompt, 4096);
     for (i = 4; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--decode"))
             n_decode = parse_ids(argv[i + 1], decode, 4096);
         else if (!strcmp(argv[i], "--crash-after"))
             crash_after = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--no-attention-matrices"))
+            skip_attention_matrices = atoi(argv[i + 1]);
         else
             die("unknown option", argv[i]);
     }
@@ -388,6 +395,8 @@ int main(int argc, char **argv) {
     snprintf(config_path, sizeof config_path, "%s/config.json", argv[1]);
     config_json = read_file(config_path, NULL);
     if (q3t_error(s)[0] || q3t_manifest_field(s, "config", config_json)) die("tap store", q3t_error(s));
+    if (skip_attention_matrices && (q3t_missing(s, "attn_scores") || q3t_missing(s, "attn_probs")))
+        die("tap store", q3t_error(s));
     free(config_json);
     for (i = 0; i <= n_decode; i++) {
         const int64_t *ids = i == 0 ? prompt : &decode[i - 1];

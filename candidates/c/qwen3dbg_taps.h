@@ -9,6 +9,7 @@
    (step 0 the prefill, each later step one decoded token). Use:
 
        q3t_store *s = q3t_open("out_dir", "my-engine", "float32", 1);   // dir must exist
+       if (q3t_error(s)[0]) ...                // q3t_open reports through q3t_error
        q3t_missing(s, "attn_scores");          // ops this engine cannot expose (optional)
        q3t_begin_step(s, 0, T, ids, positions);  // ids, positions: int64 [B*T], row-major [B][T]
        q3t_write(s, "layers.0.q_rope", Q3T_F32, 4, shape, ptr);   // host pointer, C-contiguous
@@ -17,8 +18,8 @@
        q3t_close(s);   // only now does the manifest say "complete": true
 
    Tap names, order and shapes are the schema of qwen3dbg/taps.py (`qwen3dbg validate-store DIR
-   --model MODEL` checks a store against it). Every function returns 0 on success and -1 on error;
-   q3t_error(s) says why. If the program dies before q3t_close, the manifest on disk says
+   --model MODEL` checks a store against it). Every other function returns 0 on success and -1 on
+   error; q3t_error(s) says why, and after an error every later call fails too. If the program dies before q3t_close, the manifest on disk says
    "complete": false and qwen3dbg refuses to compare the store.
 */
 #ifndef QWEN3DBG_TAPS_H
@@ -37,9 +38,10 @@ typedef struct q3t_store q3t_store;
 
 /* dtype: the compute dtype in torch's spelling ("float32", "bfloat16", "float16"); batch: B. */
 q3t_store *q3t_open(const char *dir, const char *implementation, const char *dtype, int batch);
-/* Declare an op (e.g. "attn_probs") or tap name this engine does not expose; before the first step. */
+/* Declare an op of the schema (e.g. "attn_probs") this engine does not expose; before the first step. */
 int q3t_missing(q3t_store *s, const char *name);
-/* Add a top-level manifest field whose value is raw JSON text (e.g. "\"no KV cache\"", "{...}"). */
+/* Add a top-level manifest field whose value is raw JSON text: "config" (the model's config.json),
+   "notes" (a list of sentences shown with the report, e.g. "[\"attention in fp16\"]"). */
 int q3t_manifest_field(q3t_store *s, const char *key, const char *json_value);
 int q3t_begin_step(q3t_store *s, int step, int tokens, const int64_t *token_ids, const int64_t *positions);
 int q3t_write(q3t_store *s, const char *name, q3t_dtype dtype, int ndim, const int64_t *shape, const void *data);
