@@ -3,9 +3,9 @@
 llama.cpp names its graph nodes (`attn_norm-0`, `Qcur_normed-0`, `kq_soft_max-0`, ...). The callback
 asks for the nodes that hold taps, copies each one out of its backend buffer as it is computed, and
 the layout is then brought to the schema: ggml lists dimensions fastest first (reversed), keeps heads
-as [D, heads, T], and pads the attention key axis to the KV cache size. For a fair comparison the
-KV cache is f32, flash attention is off and logits are requested for every token. Taps llama.cpp
-does not compute as a node (the KV cache contents) are declared missing, never reconstructed.
+as [D, heads, T], stores V transposed, and pads the attention key axis to the KV cache size. For a
+fair comparison the KV cache is f32, flash attention is off and logits are requested for every token.
+A tap with no node in llama.cpp's graph would be declared in missing_taps, never reconstructed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import OPS_BY_NAME, step_taps
 
-MISSING = frozenset({"k_cache", "v_cache"})
 SCORES_NOTE = ("attn_scores is llama.cpp's kq node times 1/sqrt(head_dim) with the causal mask applied by "
                "the adapter (llama.cpp scales and masks inside its fused softmax)")
 
@@ -53,23 +52,35 @@ class GGMLTensor(ctypes.Structure):
     ]
 
 
-# llama.cpp node (without its `-{layer}` suffix) -> schema op. Qcur and Kcur occur twice in a layer:
-# the first is the projection, the last the RoPE output (ROPE_OPS).
-NODE_OPS: dict[str, str] = {
-    "attn_norm": "attn_norm", "Qcur": "q_proj", "Kcur": "k_proj", "Vcur": "v_proj",
-    "Qcur_normed": "q_norm", "Kcur_normed": "k_norm",
-    "kq": "attn_scores", "kq_soft_max": "attn_probs", "kqv_out": "attn_out",
-    "ffn_inp": "resid_mid", "ffn_norm": "mlp_norm",
-    "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_swiglu": "mlp.act", "ffn_out": "mlp.out", "ffn_moe_out": "mlp.out",
-    "ffn_moe_logits": "moe.router_logits", "ffn_moe_topk": "moe.topk_ids",
-    "l_out": "resid_out",
+# Schema op -> (llama.cpp node names, `{i}` the layer, in order of preference; which occurrence). A name
+# can occur several times in one graph: Qcur-{i} is the projection, then its head reshape, then the RoPE
+# output; the cache views come after the step's keys and values were stored.
+FIRST, LAST = 0, -1
+TAP_NODES: dict[str, tuple[tuple[str, ...], int]] = {
+    "embed": (("embd", "inp_embd"), FIRST),
+    "attn_norm": (("attn_norm-{i}",), FIRST),
+    "q_proj": (("Qcur-{i}",), FIRST), "k_proj": (("Kcur-{i}",), FIRST), "v_proj": (("Vcur-{i}",), FIRST),
+    "q_norm": (("Qcur_normed-{i}",), FIRST), "k_norm": (("Kcur_normed-{i}",), FIRST),
+    "q_rope": (("Qcur-{i}",), LAST), "k_rope": (("Kcur-{i}",), LAST),
+    "k_cache": (("cache_k_l{i} (view)",), LAST), "v_cache": (("cache_v_l{i} (view)",), LAST),
+    "attn_scores": (("kq-{i}",), FIRST), "attn_probs": (("kq_soft_max-{i}",), FIRST),
+    "attn_out": (("kqv_out-{i}",), FIRST),
+    "o_proj": (("o_proj-{i}",), FIRST),  # llama.cpp leaves it unnamed: the matmul reading kqv_out-{i}
+    "resid_mid": (("ffn_inp-{i}",), FIRST), "mlp_norm": (("ffn_norm-{i}",), FIRST),
+    "mlp.gate": (("ffn_gate-{i}",), FIRST), "mlp.up": (("ffn_up-{i}",), FIRST), "mlp.act": (("ffn_swiglu-{i}",), FIRST),
+    "moe.router_logits": (("ffn_moe_logits-{i}",), FIRST), "moe.topk_ids": (("ffn_moe_topk-{i}",), FIRST),
+    # the weights llama.cpp multiplies with, most processed first: it renormalises by its own rules
+    # (always for qwen3moe), which a norm_topk_prob=false model then shows as a divergence
+    "moe.topk_weights": (("ffn_moe_weights_scaled-{i}", "ffn_moe_weights_norm-{i}", "ffn_moe_weights-{i}"), FIRST),
+    "mlp.out": (("ffn_out-{i}", "ffn_moe_out-{i}"), FIRST),
+    "resid_out": (("l_out-{i}",), FIRST),
+    "final_norm": (("result_norm",), FIRST), "logits": (("result_output",), FIRST),
 }
-ROPE_OPS = {"Qcur": "q_rope", "Kcur": "k_rope"}
-# The expert weights llama.cpp multiplies with, most processed first (it renormalises per its own
-# rules, e.g. always for qwen3moe, which a norm_topk_prob=false model then shows as a divergence).
-WEIGHT_NODES = ("ffn_moe_weights_scaled", "ffn_moe_weights_norm", "ffn_moe_weights")
-GLOBAL_NODES = {"embd": "embed", "inp_embd": "embed", "result_norm": "final_norm", "result_output": "logits"}
-O_PROJ = "o_proj"  # unnamed: the matmul whose input is kqv_out-{i}
+O_PROJ = "o_proj-{i}"
+
+
+def node_names(op: str, layer: int | None) -> tuple[str, ...]:
+    return tuple(n.format(i=layer) for n in TAP_NODES[op][0])
 
 
 def _import_llama_cpp():
@@ -79,6 +90,16 @@ def _import_llama_cpp():
         raise UserError("llamacpp: candidates need llama-cpp-python: pip install 'qwen3dbg[llamacpp]' "
                         "(or run .ci/install_llamacpp.sh)") from None
     return llama_cpp
+
+
+_QUIET: list = []  # llama.cpp keeps the log callback for the whole process: so must we
+
+
+def _silence_logs(llama_cpp) -> None:
+    if not _QUIET:
+        llama_cpp.llama_backend_init()
+        _QUIET.append(llama_cpp.llama_log_callback(lambda level, text, user: None))
+        llama_cpp.llama_log_set(_QUIET[0], ctypes.c_void_p())
 
 
 def _tensor_get():
@@ -121,7 +142,7 @@ class LlamaCppCandidate(Candidate):
         self.name = f"llamacpp:{self.gguf.name}"
         self.config = load_config(model_dir)
         self.dtype = parse_dtype(dtype)
-        self.missing_taps = MISSING
+        self.missing_taps = frozenset(OPS_BY_NAME) - set(TAP_NODES)
         self._check_gguf_shape()
         self.llama = _import_llama_cpp()
         self.tensor_get = _tensor_get()
@@ -139,9 +160,7 @@ class LlamaCppCandidate(Candidate):
 
     def _load(self, n_ctx: int, threads: int) -> None:
         L = self.llama
-        L.llama_backend_init()
-        self._log = L.llama_log_callback(lambda level, text, user: None)  # silence; kept alive on self
-        L.llama_log_set(self._log, ctypes.c_void_p())
+        _silence_logs(L)
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
         self.model = L.llama_model_load_from_file(str(self.gguf).encode(), mp)
@@ -164,7 +183,6 @@ class LlamaCppCandidate(Candidate):
             raise UserError(f"llama.cpp could not create a context for {self.gguf}")
         self._nodes: dict[str, list[np.ndarray]] = {}
         self._want: set[str] = set()
-        self._want_ops: set[str] = set()
         self._kqv_out: dict[int, int] = {}  # pointer of kqv_out-{i} -> i
         self._error: BaseException | None = None
         self.cache_len = 0
@@ -172,7 +190,7 @@ class LlamaCppCandidate(Candidate):
     def manifest_extra(self) -> dict:
         return {"gguf": str(self.gguf), "llama_cpp_python": getattr(self.llama, "__version__", "?"),
                 "notes": ["llama.cpp ran with an f32 KV cache, flash attention off and logits for every token",
-                          SCORES_NOTE, "k_cache and v_cache are missing: llama.cpp's cache is no graph node"]}
+                          SCORES_NOTE]}
 
     def reset(self) -> None:
         self.llama.llama_memory_clear(self.llama.llama_get_memory(self.ctx), True)
@@ -188,23 +206,13 @@ class LlamaCppCandidate(Candidate):
             if ask:
                 if name.startswith("kqv_out-"):
                     self._kqv_out[ptr] = int(name.rsplit("-", 1)[1])
-                return name in self._want or (o_proj and O_PROJ in self._want_ops)
-            key = f"{O_PROJ}-{self._kqv_out[t.src[1]]}" if o_proj else name
+                return name in self._want or (o_proj and O_PROJ.format(i=self._kqv_out[t.src[1]]) in self._want)
+            key = O_PROJ.format(i=self._kqv_out[t.src[1]]) if o_proj else name
             self._nodes.setdefault(key, []).append(read_node(t, ptr, self.tensor_get))
             return True
         except BaseException as e:  # an exception must not cross into C: keep it for step() to raise
             self._error = e
             return False
-
-    def _wanted_nodes(self, wanted_ops: set[str]) -> set[str]:
-        names = {n for n, op in GLOBAL_NODES.items() if op in wanted_ops}
-        for i in range(self.config.num_hidden_layers):
-            for node, op in NODE_OPS.items():
-                if op in wanted_ops or ROPE_OPS.get(node) in wanted_ops:
-                    names.add(f"{node}-{i}")
-            if "moe.topk_weights" in wanted_ops:
-                names |= {f"{n}-{i}" for n in WEIGHT_NODES}
-        return names
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, sink: TapSink) -> torch.Tensor:
@@ -216,8 +224,7 @@ class LlamaCppCandidate(Candidate):
             raise UserError(f"llamacpp: {self.cache_len + tokens} positions exceed the context of {self.n_ctx}")
         specs = step_taps(c, 1, tokens, self.cache_len + tokens)
         wanted = {t.name: t for t in specs if t.op not in self.missing_taps and sink.wants(t.name)}
-        self._want_ops = {t.op for t in wanted.values()} | {"logits"}
-        self._want = self._wanted_nodes(self._want_ops)
+        self._want = {n for t in specs if t.name in wanted or t.op == "logits" for n in node_names(t.op, t.layer)}
         self._nodes, self._kqv_out, self._error = {}, {}, None
         batch = L.llama_batch_init(tokens, 0, 1)
         try:
@@ -240,23 +247,17 @@ class LlamaCppCandidate(Candidate):
     def _tap(self, spec, positions: torch.Tensor) -> torch.Tensor:
         """The schema tensor of one tap from the nodes of the last decode."""
         c, layer, op = self.config, spec.layer, spec.op
-        suffix = "" if layer is None else f"-{layer}"
-        if layer is None:
-            nodes, pick = [n for n, o in GLOBAL_NODES.items() if o == op], 0
-        elif op in ROPE_OPS.values():
-            nodes, pick = [n for n, o in ROPE_OPS.items() if o == op], -1
-        elif op == "moe.topk_weights":
-            nodes, pick = list(WEIGHT_NODES), 0
-        elif op == O_PROJ:
-            nodes, pick = [O_PROJ], 0
-        else:
-            nodes, pick = [n for n, o in NODE_OPS.items() if o == op], 0
-        seen = next((self._nodes[n + suffix] for n in nodes if n + suffix in self._nodes), None)
+        names, pick = node_names(op, layer), TAP_NODES[op][1]
+        seen = next((self._nodes[n] for n in names if n in self._nodes), None)
         if not seen:
-            raise UserError(f"llamacpp: llama.cpp computed no node {' or '.join(n + suffix for n in nodes)} for tap "
-                            f"{spec.name}; this llama.cpp version names its graph differently")
+            raise UserError(f"llamacpp: llama.cpp computed no node {' or '.join(names)} for tap {spec.name}; "
+                            "this llama.cpp version names its graph differently")
         x = seen[pick]
-        if op in ("attn_scores", "attn_probs"):
+        if op == "k_cache":  # [n_kv, nKV, D], the cache padded to n_kv cells
+            x = x.reshape(-1, c.num_key_value_heads, c.head_dim)[: spec.shape[2]].transpose(1, 0, 2)
+        elif op == "v_cache":  # stored transposed without flash attention: [D, nKV, n_kv]
+            x = x.reshape(c.head_dim, c.num_key_value_heads, -1)[:, :, : spec.shape[2]].transpose(1, 2, 0)
+        elif op in ("attn_scores", "attn_probs"):
             x = attention_matrix(x, c.num_attention_heads, spec.shape[2], spec.shape[3])
             if op == "attn_scores":
                 x = x * np.float32(1.0 / math.sqrt(c.head_dim))
