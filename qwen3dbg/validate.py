@@ -60,7 +60,7 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
         problems.append(Problem(where, message))
 
     if m.get("complete") is not True:
-        bad("manifest", "complete is not true: the writer stopped mid-run (crash or missing close); capture it again")
+        bad("manifest", "it is incomplete (complete is not true): the writer stopped mid-run; capture it again")
     dtype = m.get("dtype")
     if dtype not in FLOAT_STORE_DTYPES:
         bad("manifest", f"dtype {dtype!r} is not one of {', '.join(FLOAT_STORE_DTYPES)}")

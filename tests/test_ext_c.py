@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import divergent_taps, reference_stores
 from qwen3dbg.cli import app
 from qwen3dbg.config import load_config
+from qwen3dbg.diff import run_diff
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapStore
+from qwen3dbg.taps import step_taps
 from qwen3dbg.validate import validate_store
 
 C_DIR = Path(__file__).resolve().parents[1] / "candidates" / "c"
@@ -65,25 +66,32 @@ def test_header_compiles_alone_warning_free(tmp_path, lang, std, implementation)
                     str(tmp_path / "only.o")], check=True)
 
 
-def test_clean_c_engine_store_is_valid_and_within_the_fp32_noise_floor(tmp_path, dense, engines):
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real entry point, so that user errors go through its exit-2 boundary."""
+    return subprocess.run([sys.executable, "-c", "from qwen3dbg.cli import main; main()", *args],
+                          capture_output=True, text=True)
+
+
+def first_divergence(model: Path, cand: str, **ids) -> str | None:
+    """The first divergent tap of `qwen3dbg diff --ref hf --cand CAND`, or None when it agrees."""
+    div = run_diff("hf", cand, model_dir=model, **ids).first_divergence
+    return None if div is None else f"step {div.step}: {div.tap}"
+
+
+def test_clean_c_engine_writes_every_tap_and_agrees_with_the_reference(tmp_path, dense, engines):
     out = tmp_path / "store"
     assert run_engine(engines["clean"], dense, out).returncode == 0
     assert validate_store(out, load_config(dense)) == []
     store = TapStore.open(out)
-    golden, ref = reference_stores(dense, store.steps, "float32", tmp_path)
     assert [s.token_ids for s in store.steps] == [[PROMPT]] + [[[t]] for t in DECODE]
-    assert set(store.names(0)) == set(golden.names(0)), "the engine writes every tap of the dense schema"
-    assert divergent_taps(store, golden, ref, load_config(dense)) == []
+    assert set(store.names(0)) == {t.name for t in step_taps(load_config(dense), 1, len(PROMPT), len(PROMPT))}
+    assert first_divergence(dense, f"store:{out}") is None
 
 
 def test_planted_rope_bug_is_localized_to_the_first_rope_tap(tmp_path, dense, engines):
     out = tmp_path / "store"
     assert run_engine(engines["rope_bug"], dense, out).returncode == 0
-    store = TapStore.open(out)
-    golden, ref = reference_stores(dense, store.steps, "float32", tmp_path)
-    found = divergent_taps(store, golden, ref, load_config(dense))
-    assert found[0][:2] == (0, "layers.0.q_rope")
-    assert "layers.0.q_norm" not in {name for _, name, _, _ in found}
+    assert first_divergence(dense, f"store:{out}") == "step 0: layers.0.q_rope"
 
 
 def test_taps_an_engine_declares_missing_are_listed_and_absent(tmp_path, dense, engines):
@@ -105,6 +113,8 @@ def test_crash_mid_run_leaves_a_store_that_is_refused(tmp_path, dense, engines):
         TapStore.open(out)
     result = CliRunner().invoke(app, ["validate-store", str(out)])
     assert result.exit_code == 1
+    refused = run_cli("diff", "--cand", f"store:{out}", "--model", str(dense))
+    assert refused.returncode == 2 and "incomplete" in refused.stderr
 
 
 @pytest.fixture()
@@ -145,12 +155,6 @@ def test_validate_store_explains_each_broken_rule(c_store, dense, breakage):
     result = CliRunner().invoke(app, ["validate-store", str(c_store), "--model", str(dense)])
     assert result.exit_code == 1, result.output
     assert expected in result.output
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """The real entry point, so that user errors go through its exit-2 boundary."""
-    return subprocess.run([sys.executable, "-c", "from qwen3dbg.cli import main; main()", *args],
-                          capture_output=True, text=True)
 
 
 def test_validate_store_without_a_manifest_is_unreadable(tmp_path):

@@ -194,16 +194,16 @@ static void load_model(Model *m, const char *dir, int max_seq) {
     m->len = 0;
 }
 
-/* ---- pure math (row-major, float32) ---- */
+/* ---- pure math (row-major, float32 values; sums accumulate in double, as CPU reference code often does) ---- */
 
 /* y[T,O] = x[T,N] @ W[O,N]^T */
 static void linear(float *y, const float *x, const float *w, int T, int N, int O) {
     int t, o, n;
     for (t = 0; t < T; t++)
         for (o = 0; o < O; o++) {
-            float acc = 0.0f;
-            for (n = 0; n < N; n++) acc += x[(size_t)t * N + n] * w[(size_t)o * N + n];
-            y[(size_t)t * O + o] = acc;
+            double acc = 0.0;
+            for (n = 0; n < N; n++) acc += (double)x[(size_t)t * N + n] * w[(size_t)o * N + n];
+            y[(size_t)t * O + o] = (float)acc;
         }
 }
 
@@ -212,9 +212,10 @@ static void rms_norm(float *y, const float *x, const float *w, int rows, int n, 
     int r, i;
     for (r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * n;
-        float ss = 0.0f, inv;
-        for (i = 0; i < n; i++) ss += xr[i] * xr[i];
-        inv = 1.0f / sqrtf(ss / (float)n + eps);
+        double ss = 0.0;
+        float inv;
+        for (i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        inv = (float)(1.0 / sqrt(ss / n + eps));
         for (i = 0; i < n; i++) y[(size_t)r * n + i] = w[i] * (xr[i] * inv);
     }
 }
@@ -306,24 +307,25 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
         for (h = 0; h < nH; h++)
             for (t = 0; t < T; t++) {
                 const float *qv = q + ((size_t)t * nH + h) * D;
-                float *row = sc + ((size_t)h * T + t) * S, *prow = pr + ((size_t)h * T + t) * S, mx = -INFINITY, sum = 0.0f;
+                float *row = sc + ((size_t)h * T + t) * S, *prow = pr + ((size_t)h * T + t) * S, mx = -INFINITY;
+                double sum = 0.0;
                 for (j = 0; j < S; j++) {
                     const float *kv = L->k_cache + ((size_t)(h / rep) * m->max_seq + j) * D;
-                    float dot = 0.0f;
+                    double dot = 0.0;
                     if (j > pos[t]) {
                         row[j] = -INFINITY;
                         continue;
                     }
-                    for (d = 0; d < D; d++) dot += qv[d] * kv[d];
-                    row[j] = dot * scale;
+                    for (d = 0; d < D; d++) dot += (double)qv[d] * kv[d];
+                    row[j] = (float)dot * scale;
                     if (row[j] > mx) mx = row[j];
                 }
                 for (j = 0; j < S; j++) sum += prow[j] = j > pos[t] ? 0.0f : expf(row[j] - mx);
-                for (j = 0; j < S; j++) prow[j] /= sum;
+                for (j = 0; j < S; j++) prow[j] = (float)(prow[j] / sum);
                 for (d = 0; d < D; d++) {
-                    float acc = 0.0f;
-                    for (j = 0; j < S; j++) acc += prow[j] * L->v_cache[((size_t)(h / rep) * m->max_seq + j) * D + d];
-                    att[((size_t)t * nH + h) * D + d] = acc;
+                    double acc = 0.0;
+                    for (j = 0; j < S; j++) acc += (double)prow[j] * L->v_cache[((size_t)(h / rep) * m->max_seq + j) * D + d];
+                    att[((size_t)t * nH + h) * D + d] = (float)acc;
                 }
             }
         tap(s, "attn_scores", i, 4, sh_s, sc);
