@@ -84,3 +84,15 @@ def catalogue_model(tmp_path_factory):
         return made[key]
 
     return get
+
+
+# ---- external candidates: tests/test_ext_*.py ------------------------------------------------------
+
+def first_divergence(model, cand: str, dtype: str | None = None) -> str | None:
+    """'step N: tap' where `qwen3dbg diff --ref hf --cand CAND` first finds a divergence on PROMPT + DECODE,
+    or None when the candidate agrees (a store: side brings its own ids)."""
+    from qwen3dbg.diff import run_diff
+
+    ids = {} if cand.startswith("store:") else {"token_ids": PROMPT, "decode_ids": DECODE}
+    div = run_diff("hf", cand, model_dir=model, dtype=dtype, **ids).first_divergence
+    return None if div is None else f"step {div.step}: {div.tap}"

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import DECODE, PROMPT, first_divergence
+
 from qwen3dbg.cli import app
 from qwen3dbg.config import load_config
-from qwen3dbg.diff import run_diff
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapStore
 from qwen3dbg.taps import step_taps
 from qwen3dbg.validate import validate_store
 
 C_DIR = Path(__file__).resolve().parents[1] / "candidates" / "c"
-PROMPT, DECODE = [9, 41, 7, 300, 12, 5, 77], [150, 3]
 FLAGS = ["-Wall", "-Wextra", "-Werror", "-pedantic"]
 
 
@@ -70,12 +70,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real entry point, so that user errors go through its exit-2 boundary."""
     return subprocess.run([sys.executable, "-c", "from qwen3dbg.cli import main; main()", *args],
                           capture_output=True, text=True)
-
-
-def first_divergence(model: Path, cand: str, **ids) -> str | None:
-    """The first divergent tap of `qwen3dbg diff --ref hf --cand CAND`, or None when it agrees."""
-    div = run_diff("hf", cand, model_dir=model, **ids).first_divergence
-    return None if div is None else f"step {div.step}: {div.tap}"
 
 
 def test_clean_c_engine_writes_every_tap_and_agrees_with_the_reference(tmp_path, dense, engines):

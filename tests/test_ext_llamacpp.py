@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DECODE, PROMPT, first_divergence
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
-from qwen3dbg.diff import run_diff
 from qwen3dbg.errors import UserError
 from qwen3dbg.registry import load_candidate
 from qwen3dbg.store import TapStore
 from qwen3dbg.validate import validate_store
 
-STEPS = forced_steps([9, 41, 7, 300, 12, 5, 77], [150, 3])
+STEPS = forced_steps(PROMPT, DECODE)
 
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None and os.environ.get("CI") != "true",
@@ -36,25 +36,15 @@ def gguf_of(model: Path, out: Path) -> Path:
     return write_gguf(model, out, gguf_type="f32")
 
 
-def first_divergence(model: Path, gguf: Path) -> str | None:
-    """The first divergent tap of `qwen3dbg diff --ref hf --cand llamacpp:GGUF` in float32, or None."""
-    div = run_diff("hf", f"llamacpp:{gguf}", model_dir=model, dtype="float32", token_ids=STEPS[0].token_ids[0],
-                   decode_ids=[s.token_ids[0][0] for s in STEPS[1:]]).first_divergence
-    return None if div is None else f"step {div.step}: {div.tap}"
-
-
 @needs_llama
-@pytest.mark.parametrize("preset", ["tiny-dense", pytest.param("tiny-moe", marks=pytest.mark.xfail(strict=True, reason=(
-    "differ floor on 2-element taps: step 2 layers.1.moe.topk_weights is 3 fp32 ulps from fp64 (rel 3.3e-07) "
-    "where hf happens to be exact (2.4e-08): flagged at 1.18x; remove this mark when the differ's floor "
-    "for tiny taps is fixed")))])
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_f32_gguf_in_llamacpp_matches_the_reference_within_the_noise_floor(tmp_path, models, preset):
     model = models(preset)
     gguf = gguf_of(model, tmp_path / "m.gguf")
     capture(load_candidate(f"llamacpp:{gguf}", model, "float32"), STEPS, tmp_path / "llama")
     assert validate_store(tmp_path / "llama", load_config(model)) == []
     assert TapStore.open(tmp_path / "llama").missing_taps == [], "llama.cpp's graph has a node for every tap"
-    assert first_divergence(model, gguf) is None
+    assert first_divergence(model, f"llamacpp:{gguf}", "float32") is None
 
 
 @needs_llama
@@ -64,7 +54,8 @@ def test_gguf_converted_with_the_wrong_rope_theta_is_localized_to_q_rope(tmp_pat
     shutil.copytree(model, wrong)
     cfg = json.loads((wrong / "config.json").read_text())
     (wrong / "config.json").write_text(json.dumps({**cfg, "rope_theta": 10000.0}))
-    assert first_divergence(model, gguf_of(wrong, tmp_path / "m.gguf")) == "step 0: layers.0.q_rope"
+    gguf = gguf_of(wrong, tmp_path / "m.gguf")
+    assert first_divergence(model, f"llamacpp:{gguf}", "float32") == "step 0: layers.0.q_rope"
 
 
 def test_without_llama_cpp_python_the_candidate_says_how_to_install_it(tmp_path, models, monkeypatch):
@@ -134,6 +125,7 @@ def test_llamacpp_renormalising_qwen3moe_expert_weights_is_localized_to_topk_wei
     """llama.cpp's qwen3moe graph renormalises the top-k weights whatever the GGUF's expert_weights_norm says
     (checked on 0.3.36), so a norm_topk_prob=false model parts from transformers exactly there."""
     model = models("tiny-moe-nonorm")
-    found = first_divergence(model, gguf_of(model, tmp_path / "m.gguf"))
+    gguf = gguf_of(model, tmp_path / "m.gguf")
+    found = first_divergence(model, f"llamacpp:{gguf}", "float32")
     assert found is not None, "llama.cpp now honours expert_weights_norm = false: drop this test"
     assert found == "step 0: layers.0.moe.topk_weights"

