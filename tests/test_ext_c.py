@@ -85,7 +85,11 @@ def test_clean_c_engine_writes_every_tap_and_agrees_with_the_reference(tmp_path,
 def test_planted_rope_bug_is_localized_to_the_first_rope_tap(tmp_path, dense, engines):
     out = tmp_path / "store"
     assert run_engine(engines["rope_bug"], dense, out).returncode == 0
-    assert first_divergence(dense, f"store:{out}") == "step 0: layers.0.q_rope"
+    result = run_cli("diff", "--ref", "hf", "--cand", f"store:{out}", "--model", str(dense),
+                     "--json", str(tmp_path / "diff.json"))
+    assert result.returncode == 1, result.stderr
+    first = json.loads((tmp_path / "diff.json").read_text())["first_divergence"]
+    assert (first["step"], first["tap"]) == (0, "layers.0.q_rope")
 
 
 def test_taps_an_engine_declares_missing_are_listed_and_absent(tmp_path, dense, engines):
