@@ -268,6 +268,11 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
                       "joint_rms_expected": float(expected.mean()), "heads": n})
 
 
+def _sci(x: float) -> str:
+    """1e+06 -> 1e6, 12345.6 -> 1.2e4."""
+    return f"{x:.2g}".replace("e+0", "e").replace("e+", "e")
+
+
 def _position_drift(s: Site) -> tuple[float, float, int]:
     """Relative error of the candidate at the step's first position and its worst position."""
     c, r = s.cand(), s.base()  # [B,T,n,D]
@@ -284,7 +289,8 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
         return None
     e0, e_worst, p_worst = _position_drift(s)
     drift = (f"{s.op} matches at position {int(pos[0, 0])} (rel. error {e0:.1e}) and drifts with position "
-             f"({e_worst:.2g} at position {p_worst})")
+             f"({e_worst:.2g} at position {p_worst})" if e0 <= s.tol else
+             f"{s.op} differs from position {int(pos[0, 0])} on (rel. error {e0:.2g}; {e_worst:.2g} at position {p_worst})")
     ev = {"rel_err_first_position": e0, "rel_err_worst": e_worst, "worst_position": p_worst,
           "config_theta": theta0}
 
@@ -299,8 +305,14 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
         lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
     fitted, r_fit = 10 ** ((lo + hi) / 2), resid((lo + hi) / 2)
     if r_fit <= s.tol and abs(math.log10(fitted / theta0)) > 0.1:
-        return Diagnosis("rope_theta", f"{drift}: RoPE angles; fitted theta ~ {fitted:.2g} (residual {r_fit:.1e}), "
-                         f"config says {theta0:.3g}", ev | {"fitted_theta": fitted, "residual": r_fit})
+        return Diagnosis("rope_theta", f"{drift}: RoPE angles; fitted theta ~ {_sci(fitted)} (residual {r_fit:.1e}), "
+                         f"config says {_sci(theta0)}", ev | {"fitted_theta": fitted, "residual": r_fit})
+    for offset in (1, -1):
+        r_off = rel(rotate(x, rope_angles(pos + offset, d, theta0, False)), y)
+        if r_off <= s.tol:
+            return Diagnosis("rope_position_offset", f"{drift}: the rotation is that of position p{offset:+d} "
+                             f"(residual {r_off:.1e}): RoPE positions off by {offset:+d}",
+                             ev | {"position_offset": offset, "residual": r_off})
     r_inter = resid(math.log10(theta0), True)
     if r_inter <= s.tol:
         return Diagnosis("rope_layout", f"{drift}: channels 2i and 2i+1 share a RoPE angle (cos/sin interleaved, "
@@ -308,7 +320,7 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
                          "concatenated on the wrong dim", ev | {"residual_interleaved": r_inter})
     if e0 <= s.tol < e_worst:
         return Diagnosis("rope_position", f"{drift}: RoPE angles, though no single theta or channel layout "
-                         f"explains them (best theta {fitted:.2g} leaves {r_fit:.1e})",
+                         f"explains them (best theta {_sci(fitted)} leaves {r_fit:.1e})",
                          ev | {"fitted_theta": fitted, "residual": r_fit})
     return None
 
@@ -318,7 +330,7 @@ def cache_off_by_one(s: Site) -> Diagnosis | None:
         return None
     c, r = s.cand(), s.base()  # [B,nKV,S,D]
     prefill = s.cand(step=0), s.base(step=0)
-    if None in prefill or rel(*prefill) > s.tol:
+    if any(t is None for t in prefill) or rel(*prefill) > s.tol:
         return None
     scale = float(torch.linalg.vector_norm(r)) / r.shape[2] ** 0.5
     slot_err = [float(torch.linalg.vector_norm(c[:, :, j] - r[:, :, j])) / scale for j in range(r.shape[2])]
@@ -537,7 +549,7 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
     x, w = s.cand(in_op), s.weight(module + ".weight")
     g, gx = s.src.gold(s.step, s.name()), s.src.gold(s.step, s.name(in_op))
     r, rx = s.src.ref(s.step, s.name()), s.src.ref(s.step, s.name(in_op))
-    if None in (x, w, g, gx, r, rx):
+    if any(t is None for t in (x, w, g, gx, r, rx)):
         return None
     c = s.cand()
     e_c, e_r = rel(c, g), rel(r, g)

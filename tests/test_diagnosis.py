@@ -223,6 +223,20 @@ def test_rounding_differences_in_attention_scores_are_measured_on_unmasked_entri
     assert d is not None and math.isfinite(d.evidence["max_ulps"]) and d.evidence["max_ulps"] > 0
 
 
+class RopePositionsFromOne(Qwen3Reference):
+    """Positions counted from 1 (a 1-based loop index) when building RoPE angles."""
+
+    def rope(self, positions):
+        return super().rope(positions + 1)
+
+
+@pytest.mark.parametrize("dtype", BOTH)
+def test_rope_positions_off_by_one_are_named_with_the_offset(sides, dtype):
+    found = diagnose(sides("dense", dtype, RopePositionsFromOne), 0, "layers.0.k_rope")
+    assert [d.signature for d in found] == ["rope_position_offset"], [d.message for d in found]
+    assert found[0].evidence["position_offset"] == 1
+
+
 class WithoutAttentionMatrices:
     """The view of an engine that exposes no attn_scores / attn_probs (sdpa, llama.cpp)."""
 
