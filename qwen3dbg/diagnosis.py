@@ -292,7 +292,7 @@ def _position_drift(s: Site) -> tuple[float, float, int]:
 
 def rope_angles_wrong(s: Site) -> Diagnosis | None:
     """Fit theta (and the channel pairing) that turns the candidate's q_norm into its q_rope, on a
-    sample of tokens (the last, farthest position included) and heads: the fit runs ~100 rotations."""
+    sample of tokens (the last, farthest position included) and heads: the fit runs ~130 rotations."""
     x, y = s.cand(s.op.replace("rope", "norm")), s.cand()
     if x is None:
         return None
@@ -314,7 +314,7 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
     grid = [2 + i * 0.1 for i in range(71)]  # log10 theta from 2 to 9
     best = min(grid, key=resid)
     lo, hi = best - 0.1, best + 0.1
-    for _ in range(16):  # golden-section refinement around the best grid point
+    for _ in range(30):  # golden-section refinement to float32 precision of theta
         m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
         lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
     fitted, r_fit = 10 ** ((lo + hi) / 2), resid((lo + hi) / 2)
