@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen3dbg.candidate import DictSink
+from conftest import run_steps
 from qwen3dbg.capture import forced_steps
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.candidates.catalogue import VARIANTS
@@ -28,23 +28,12 @@ PROMPT, DECODE = [9, 41, 7, 300, 12, 5], [77, 150]
 STEPS = forced_steps(PROMPT, DECODE)
 
 
-def run_taps(cand) -> list[dict[str, torch.Tensor]]:
-    """Every tap of every step of STEPS, in memory."""
-    cand.reset()
-    taps = []
-    for info in STEPS:
-        sink = DictSink()
-        cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
-        taps.append(sink.taps)
-    return taps
-
-
 class Sides:
     """A TapSource over in-memory runs: the differ's view, with no implementation names in it."""
 
     def __init__(self, model_dir, dtype, cand, ref, gold):
         self.config, self.steps, self.dtype = cand.config, STEPS, parse_dtype(dtype)
-        self._cand, self._ref, self._gold = run_taps(cand), ref, gold
+        self._cand, self._ref, self._gold = run_steps(cand, STEPS), ref, gold
         self._ckpt = Checkpoint(model_dir)
 
     def cand(self, step, name):
@@ -67,7 +56,7 @@ def sides(catalogue_model):
 
     def reference(model: str, dtype: str):
         if (model, dtype) not in runs:
-            runs[model, dtype] = run_taps(Qwen3Reference(catalogue_model(model), dtype))
+            runs[model, dtype] = run_steps(Qwen3Reference(catalogue_model(model), dtype), STEPS)
         return runs[model, dtype]
 
     def make(model: str, dtype: str, cand_cls) -> Sides:
