@@ -277,6 +277,10 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
                       "joint_rms_expected": float(expected.mean()), "heads": n})
 
 
+def _ulps(n: float, dtype_name: str) -> str:
+    return f"{n:.0f} {dtype_name} ulp" + ("" if round(n) == 1 else "s")
+
+
 def _sci(x: float) -> str:
     """1e+06 -> 1e6, 12345.6 -> 1.2e4."""
     return f"{x:.2g}".replace("e+0", "e").replace("e+", "e")
@@ -543,7 +547,7 @@ def rounding_point(s: Site) -> Diagnosis | None:
     n = ulps(c, base, act) if base is not None else 0.0
     wmax = float(w.abs().max())
     amplified = f"; {s.op} weight {wmax:.1f} amplifies the reference's rounding" if wmax > 2 else ""
-    return Diagnosis("rounding_point", f"{s.name()} differs by up to {n:.0f} {s.dtype_name} ulps: the RMSNorm weight is "
+    return Diagnosis("rounding_point", f"{s.name()} differs by up to {_ulps(n, s.dtype_name)}: the RMSNorm weight is "
                      f"applied before rounding here and after it in the reference{amplified}",
                      {"max_ulps": n, "share_matching_fused": share_fused, "max_weight": wmax})
 
@@ -653,7 +657,7 @@ def explain_rounding(src: TapSource, step: int, tap: str) -> Diagnosis | None:
     c, b, g = s.cand(), s.base(), s.src.gold(step, tap)
     n = ulps(c, b, src.dtype)
     ev = {"max_ulps": n}
-    msg = f"{tap} differs from the reference by up to {n:.0f} {s.dtype_name} ulps"
+    msg = f"{tap} differs from the reference by up to {_ulps(n, s.dtype_name)}"
     if g is not None:
         ev |= {"rel_err": rel(c, g), "ref_rel_err": rel(b, g)}
         msg += f" (rel. L2 to fp64 {ev['rel_err']:.2g}, reference {ev['ref_rel_err']:.2g})"

@@ -150,3 +150,10 @@ def test_cli_diff_of_a_catalogue_bug_exits_1_and_writes_its_diagnosis(catalogue_
     report = json.loads(out.read_text())
     assert report["first_divergence"]["tap"] == "embed"
     assert report["diagnosis"][0]["signature"] == "embed_scaled"
+
+
+def test_docs_describe_every_catalogue_variant():
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "catalogue.md").read_text()
+    assert [n for n in VARIANTS if f"| `{n}` |" not in page] == []
