@@ -107,16 +107,18 @@ def accumulate_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def future_keys(positions: torch.Tensor, slots: int) -> torch.Tensor:
+    """positions [B,T] -> bool [B,1,T,S]: True where cache slot s holds a position after the query's."""
+    return torch.arange(slots) > positions[:, None, :, None]
+
+
 def scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int], scale: float,
            causal: bool = True) -> torch.Tensor:
     """Attention scores in float64 from q [B,T,nH,D], a key cache [B,nKV,S,D] and query positions [B,T]
     -> [B,nH,T,S], future keys -inf when causal; query head h reads kv head kv_of_head[h]."""
     q, k = q.double().transpose(1, 2), k.double()[:, kv_of_head]
     out = q @ k.transpose(2, 3) * scale
-    if causal:
-        future = torch.arange(k.shape[2]) > positions[:, None, :, None]  # [B,1,T,S]
-        out = out.masked_fill(future, float("-inf"))
-    return out
+    return out.masked_fill(future_keys(positions, k.shape[2]), float("-inf")) if causal else out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int],
@@ -184,6 +186,11 @@ class Site:
     def positions(self) -> torch.Tensor:
         return torch.tensor(self.src.steps[self.step].positions)
 
+    @property
+    def kv_of_head(self) -> list[int]:
+        """Qwen3's GQA mapping: query head h reads kv head h // n_rep."""
+        return [h // self.cfg.n_rep for h in range(self.cfg.num_attention_heads)]
+
     def weight_name(self, module: str) -> str:
         """The on-disk name of this layer's `module` tensor (`self_attn.q_norm.weight`)."""
         return f"model.layers.{self.layer}.{module}" if self.layer is not None else module
@@ -203,6 +210,7 @@ def _name_factor(a: float, factors: dict[str, float]) -> str | None:
 
 
 def embed_scaled(s: Site) -> Diagnosis | None:
+    """embed = a x reference for one scalar a, named when it is sqrt(hidden) or its inverse."""
     c, r = s.cand(), s.base()
     a, resid = fit_scale(c, r)
     if resid > s.tol or abs(a - 1) <= s.tol:
@@ -216,6 +224,7 @@ def embed_scaled(s: Site) -> Diagnosis | None:
 
 
 def scores_scaled(s: Site) -> Diagnosis | None:
+    """Unmasked scores = a x reference, named when a is sqrt(head_dim) or its inverse."""
     c, r = s.cand(), s.base()
     valid = ~masked(r) & ~masked(c)
     a, resid = fit_scale(c[valid], r[valid])
@@ -236,6 +245,7 @@ _BIAS_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_p
 
 
 def extra_bias(s: Site) -> Diagnosis | None:
+    """cand - reference is the same vector at every token; named after an unused checkpoint bias it equals."""
     c, r = s.cand(), s.base()
     d = (c - r).reshape(-1, c.shape[-1])  # [tokens, N]
     if d.shape[0] < 2 or rel(c, r) <= s.tol:
@@ -258,6 +268,7 @@ def extra_bias(s: Site) -> Diagnosis | None:
 
 
 def norm_over_all_heads(s: Site) -> Diagnosis | None:
+    """Undo the weight: each head's RMS should be 1; a norm over all heads makes only their joint RMS 1."""
     c, w, x = s.cand(), s.weight(f"self_attn.{s.op}.weight"), s.cand(s.op.replace("norm", "proj"))
     if w is None or x is None:
         return None
@@ -344,6 +355,7 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
 
 
 def cache_off_by_one(s: Site) -> Diagnosis | None:
+    """At decode, with the prefill's cache right: slots that hold the reference's neighbour slot, or nothing."""
     if s.step == 0:
         return None
     c, r = s.cand(), s.base()  # [B,nKV,S,D]
@@ -371,12 +383,12 @@ def cache_off_by_one(s: Site) -> Diagnosis | None:
 
 
 def causal_mask_missing(s: Site) -> Diagnosis | None:
-    scores = s.cand("attn_scores")
-    if scores is None:
+    """Score entries of keys after the query's position that are not masked."""
+    sc = s.cand("attn_scores")
+    if sc is None:
         return None
-    t = torch.arange(scores.shape[-1])
-    future = (t[None, None, :] > s.positions()[:, :, None])[:, None].expand_as(scores)  # [B,nH,T,S]
-    reached = future & ~masked(scores)
+    future = future_keys(s.positions(), sc.shape[-1]).expand_as(sc)  # [B,nH,T,S]
+    reached = future & ~masked(sc)
     if not bool(reached.any()):
         return None
     ev = {"future_entries": int(future.sum()), "reached": int(reached.sum())}
@@ -384,25 +396,27 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
           "score entries are not masked"
     probs = s.cand("attn_probs")
     if probs is not None:
-        ev["future_mass"] = float(probs[future].sum() / probs[~future].sum().add(probs[future].sum()))
+        ev["future_mass"] = float(probs[future].sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
     return Diagnosis("causal_mask_missing", msg + ": causal mask missing", ev)
 
 
 def gqa_mapping(s: Site) -> Diagnosis | None:
+    """For each query head, the kv head whose keys (from the candidate's own cache) give its scores."""
     q, k, sc = s.cand("q_rope"), s.cand("k_cache"), s.cand("attn_scores")
     c = s.cfg
     if q is None or k is None or c.n_rep == 1:
         return None
     valid = ~masked(sc)  # [B,nH,T,S]
-    hyp = torch.einsum("bthd,bgsd->bhgts", q, k) * c.head_dim ** -0.5  # [B,nH,nKV,T,S]
+    every_head_reads = [scores(q, k, s.positions(), [g] * c.num_attention_heads, c.head_dim ** -0.5, causal=False)
+                        for g in range(c.num_key_value_heads)]
     mapping, resid = [], []
     for h in range(c.num_attention_heads):
-        errs = [rel(sc[:, h][valid[:, h]], hyp[:, h, g][valid[:, h]]) for g in range(c.num_key_value_heads)]
+        errs = [rel(sc[:, h][valid[:, h]], hyp[:, h][valid[:, h]]) for hyp in every_head_reads]
         g = min(range(len(errs)), key=errs.__getitem__)
         mapping.append(g)
         resid.append(errs[g])
-    expected = [h // c.n_rep for h in range(c.num_attention_heads)]
+    expected = s.kv_of_head
     if mapping == expected or max(resid) > s.tol:
         return None
     modulo = [h % c.num_key_value_heads for h in range(c.num_attention_heads)]
@@ -416,6 +430,7 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
 
 
 def softmax_not_normalised(s: Site) -> Diagnosis | None:
+    """Rows of probabilities that do not sum to 1 over keys; over the query axis if columns do."""
     p = s.cand()  # [B,nH,T,S]
     rows = p.sum(-1)
     row_err = float((rows - 1).abs().max())
@@ -438,8 +453,7 @@ def softmax_overflow(s: Site) -> Diagnosis | None:
         q, k = s.cand("q_rope"), s.cand("k_cache")
         if q is None or k is None:
             return None
-        c = s.cfg
-        sc = scores(q, k, s.positions(), [h // c.n_rep for h in range(c.num_attention_heads)], c.head_dim ** -0.5)
+        sc = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim ** -0.5)
         source = "the scores its q_rope and k_cache give are"
     live = sc[~masked(sc)]
     limit = math.log(torch.finfo(s.src.dtype).max)
@@ -455,6 +469,7 @@ def softmax_overflow(s: Site) -> Diagnosis | None:
 
 
 def transpose_before_reshape(s: Site) -> Diagnosis | None:
+    """attn_out read back as [B,nH,T,D] and transposed equals the reference."""
     c, r = s.cand(), s.base()  # [B,T,nH*D]
     B, T, _ = c.shape
     if T == 1:
@@ -470,6 +485,7 @@ def transpose_before_reshape(s: Site) -> Diagnosis | None:
 
 
 def moe_weights_normalisation(s: Site) -> Diagnosis | None:
+    """Top-k weights that sum to 1 per token exactly when norm_topk_prob says they must not, or vice versa."""
     c, r = s.cand(), s.base()  # [B,T,k]
     cs, rs = c.sum(-1), r.sum(-1)
     norm = s.cfg.norm_topk_prob
@@ -492,7 +508,7 @@ def attention_rebuilt(s: Site) -> Diagnosis | None:
     if q is None or k is None or v is None:
         return None
     cfg, pos = s.cfg, s.positions()
-    right = {"kv_of_head": [h // cfg.n_rep for h in range(cfg.num_attention_heads)], "scale": cfg.head_dim ** -0.5}
+    right = {"kv_of_head": s.kv_of_head, "scale": cfg.head_dim ** -0.5}
     as_qwen3 = rel(attention(q, k, v, pos, **right), c)
     if as_qwen3 <= s.tol:
         return None
@@ -586,6 +602,7 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
 
 
 def nonfinite(s: Site) -> Diagnosis | None:
+    """The generic fallback for NaN/inf: where they first appear, and how many."""
     c, r = s.cand(), s.base()
     nan, inf = int(torch.isnan(c).sum()), int(torch.isinf(c).sum())
     return Diagnosis("nonfinite", f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({nan} NaN, {inf} inf of "
