@@ -568,6 +568,24 @@ def rounding_point(s: Site) -> Diagnosis | None:
                      {"max_ulps": n, "share_matching_fused": share_fused, "max_weight": wmax})
 
 
+def norm_weight_wrong(s: Site) -> Diagnosis | None:
+    """The candidate's norm output against its own input under the usual slips: no norm at all (a
+    Qwen2 port skipping q_norm/k_norm), no weight, or Gemma's (1 + weight)."""
+    x, w, c = _norm_input(s), s.weight(_NORM_WEIGHT[s.op]), s.cand()
+    if x is None or w is None:
+        return None
+    xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + s.cfg.rms_norm_eps)
+    slips = (("norm_skipped", x, f"{s.op}'s input unchanged: the RMSNorm is skipped"),
+             ("norm_weight_missing", xhat, "the normalised input without the weight: RMSNorm weight not applied"),
+             ("norm_weight_one_plus", (1 + w) * xhat, "the normalised input times (1 + weight), Gemma's convention; "
+                                                     "Qwen3 multiplies by the weight itself"))
+    for signature, hyp, what in slips:
+        resid = rel(c, hyp)
+        if resid <= s.tol:
+            return Diagnosis(signature, f"{s.name()} is {what} (residual {resid:.1e})", {"residual": resid})
+    return None
+
+
 _LINEAR = {"q_proj": ("attn_norm", "self_attn.q_proj"), "k_proj": ("attn_norm", "self_attn.k_proj"),
            "v_proj": ("attn_norm", "self_attn.v_proj"), "o_proj": ("attn_out", "self_attn.o_proj"),
            "mlp.gate": ("mlp_norm", "mlp.gate_proj"), "mlp.up": ("mlp_norm", "mlp.up_proj"),
@@ -631,6 +649,7 @@ SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns
     Signature("extra bias", tuple(_BIAS_MODULE), extra_bias),
     Signature("norm axis", ("q_norm", "k_norm"), norm_over_all_heads),
     Signature("rounding point", NORM_OPS, rounding_point),
+    Signature("norm weight", NORM_OPS, norm_weight_wrong),
     Signature("rope", ("q_rope", "k_rope"), rope_angles_wrong),
     Signature("kv cache", ("k_cache", "v_cache"), cache_off_by_one),
     Signature("causal mask", ("attn_scores", "attn_probs"), causal_mask_missing),

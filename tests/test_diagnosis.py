@@ -22,7 +22,7 @@ from qwen3dbg.candidates.catalogue import VARIANTS
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diagnosis import diagnose, explain_rounding
 from qwen3dbg.dtypes import parse_dtype
-from qwen3dbg.reference.qwen3 import Qwen3Reference
+from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm
 
 PROMPT, DECODE = [9, 41, 7, 300, 12, 5], [77, 150]
 STEPS = forced_steps(PROMPT, DECODE)
@@ -210,6 +210,34 @@ def test_rounding_differences_in_attention_scores_are_measured_on_unmasked_entri
     src = sides("wide", "float32", VARIANTS["lowp-accumulation"])
     d = explain_rounding(src, 0, "layers.0.attn_scores")
     assert d is not None and math.isfinite(d.evidence["max_ulps"]) and d.evidence["max_ulps"] > 0
+
+
+class SkipsQkNorm(Qwen3Reference):
+    """A Qwen2 port: no q_norm / k_norm."""
+
+    def head_norm(self, x, name):
+        return x
+
+
+class NormWithoutWeight(Qwen3Reference):
+    def norm(self, x, name):
+        return rms_norm(x, torch.ones((), dtype=x.dtype), self.config.rms_norm_eps, self.num)
+
+
+class GemmaNorm(Qwen3Reference):
+    """RMSNorm times (1 + weight), Gemma's convention."""
+
+    def norm(self, x, name):
+        return rms_norm(x, 1 + self.w[name + ".weight"], self.config.rms_norm_eps, self.num)
+
+
+@pytest.mark.parametrize("dtype", BOTH)
+@pytest.mark.parametrize("cls,tap,signature", [
+    (SkipsQkNorm, "layers.0.q_norm", "norm_skipped"), (NormWithoutWeight, "layers.0.attn_norm", "norm_weight_missing"),
+    (GemmaNorm, "layers.0.attn_norm", "norm_weight_one_plus")], ids=lambda x: getattr(x, "__name__", x))
+def test_norm_slips_are_named_from_the_norms_own_input(sides, cls, tap, signature, dtype):
+    found = diagnose(sides("dense", dtype, cls), 0, tap)
+    assert [d.signature for d in found] == [signature], [d.message for d in found]
 
 
 class RopePositionsFromOne(Qwen3Reference):
