@@ -630,11 +630,11 @@ def nonfinite(s: Site) -> Diagnosis | None:
 
 @dataclass(frozen=True)
 class Signature:
-    """A bug family: the ops whose divergence it can explain and the check that tests it. Checks of
-    non-finite values run only where the candidate has NaN/inf that the reference has not; all the
-    others only where it has none."""
+    """A bug family: the stable ids it may report (what JSON consumers match on), the ops whose
+    divergence it can explain, and the check that tests it. Checks of non-finite values run only where
+    the candidate has NaN/inf that the reference has not; all the others only where it has none."""
 
-    family: str
+    ids: tuple[str, ...]
     ops: tuple[str, ...]
     check: Check
     nonfinite: bool = False
@@ -643,24 +643,28 @@ class Signature:
 NORM_OPS = ("attn_norm", "q_norm", "k_norm", "mlp_norm", "final_norm")
 
 SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns fits in this order
-    Signature("softmax overflow", ("attn_probs", "attn_out"), softmax_overflow, nonfinite=True),
-    Signature("embedding scale", ("embed",), embed_scaled),
-    Signature("attention scale", ("attn_scores",), scores_scaled),
-    Signature("extra bias", tuple(_BIAS_MODULE), extra_bias),
-    Signature("norm axis", ("q_norm", "k_norm"), norm_over_all_heads),
-    Signature("rounding point", NORM_OPS, rounding_point),
-    Signature("norm weight", NORM_OPS, norm_weight_wrong),
-    Signature("rope", ("q_rope", "k_rope"), rope_angles_wrong),
-    Signature("kv cache", ("k_cache", "v_cache"), cache_off_by_one),
-    Signature("causal mask", ("attn_scores", "attn_probs"), causal_mask_missing),
-    Signature("gqa mapping", ("attn_scores",), gqa_mapping),
-    Signature("softmax axis", ("attn_probs",), softmax_not_normalised),
-    Signature("transpose", ("attn_out",), transpose_before_reshape),
-    Signature("attention rebuilt", ("attn_out",), attention_rebuilt),
-    Signature("moe weights", ("moe.topk_weights",), moe_weights_normalisation),
-    Signature("accumulation", tuple(_LINEAR), lowp_accumulation),
-    Signature("non-finite", ("*",), nonfinite, nonfinite=True),
+    Signature(("softmax_overflow",), ("attn_probs", "attn_out"), softmax_overflow, nonfinite=True),
+    Signature(("embed_scaled",), ("embed",), embed_scaled),
+    Signature(("scores_scaled",), ("attn_scores",), scores_scaled),
+    Signature(("extra_bias",), tuple(_BIAS_MODULE), extra_bias),
+    Signature(("norm_axis",), ("q_norm", "k_norm"), norm_over_all_heads),
+    Signature(("rounding_point",), NORM_OPS, rounding_point),
+    Signature(("norm_skipped", "norm_weight_missing", "norm_weight_one_plus"), NORM_OPS, norm_weight_wrong),
+    Signature(("rope_theta", "rope_position_offset", "rope_layout", "rope_position"), ("q_rope", "k_rope"),
+              rope_angles_wrong),
+    Signature(("cache_off_by_one",), ("k_cache", "v_cache"), cache_off_by_one),
+    Signature(("causal_mask_missing",), ("attn_scores", "attn_probs"), causal_mask_missing),
+    Signature(("gqa_modulo", "gqa_mapping"), ("attn_scores",), gqa_mapping),
+    Signature(("softmax_axis", "softmax_not_normalised"), ("attn_probs",), softmax_not_normalised),
+    Signature(("transpose_before_reshape",), ("attn_out",), transpose_before_reshape),
+    Signature(("causal_mask_missing", "scores_scaled", "softmax_axis", "gqa_modulo"), ("attn_out",),
+              attention_rebuilt),
+    Signature(("moe_topk_softmax", "moe_topk_not_normalised"), ("moe.topk_weights",), moe_weights_normalisation),
+    Signature(("lowp_accumulation",), tuple(_LINEAR), lowp_accumulation),
+    Signature(("nonfinite",), ("*",), nonfinite, nonfinite=True),
 )
+#: every id diagnose() can report; explain_rounding reports rounding_point or rounding_order
+SIGNATURE_IDS = tuple(dict.fromkeys(i for sig in SIGNATURES for i in sig.ids))
 
 
 def _site(src: TapSource, step: int, tap: str) -> Site | None:
@@ -678,9 +682,14 @@ def diagnose(src: TapSource, step: int, tap: str) -> list[Diagnosis]:
         return []
     c, b = s.cand(), s.base()
     has_nonfinite = not bool(torch.isfinite(c[torch.isfinite(b)]).all())
-    found = (sig.check(s) for sig in SIGNATURES
-             if (s.op in sig.ops or "*" in sig.ops) and sig.nonfinite == has_nonfinite)
-    return [d for d in found if d is not None]
+    found = []
+    for sig in SIGNATURES:
+        if (s.op in sig.ops or "*" in sig.ops) and sig.nonfinite == has_nonfinite:
+            d = sig.check(s)
+            if d is not None:
+                assert d.signature in sig.ids, f"{sig.check.__name__} reported an undeclared id {d.signature!r}"
+                found.append(d)
+    return found
 
 
 def explain_rounding(src: TapSource, step: int, tap: str) -> Diagnosis | None:
