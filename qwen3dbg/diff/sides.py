@@ -22,7 +22,11 @@ class SideSpec:
 
 
 def parse_side(text: str, role: str) -> SideSpec:
-    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is opened (and refused if incomplete) now."""
+    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is opened (and refused if incomplete) now.
+    Only a registered name takes `:key=value` options; any other text (`module:port.py:load`) is passed
+    whole to the registry as the name."""
+    from qwen3dbg.registry import IMPLEMENTATIONS
+
     text = text.strip()
     if text.startswith(STORE_PREFIX):
         path = Path(text[len(STORE_PREFIX):])
@@ -30,6 +34,8 @@ def parse_side(text: str, role: str) -> SideSpec:
             raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
         return SideSpec(text, store=TapStore.open(path))
     name, _, opts = text.partition(":")
+    if name not in IMPLEMENTATIONS:
+        return SideSpec(text, name=text)
     options = {}
     for item in filter(None, opts.split(",")):
         key, eq, value = item.partition("=")
