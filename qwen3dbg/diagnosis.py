@@ -589,13 +589,13 @@ def norm_weight_wrong(s: Site) -> Diagnosis | None:
 _LINEAR = {"q_proj": ("attn_norm", "self_attn.q_proj"), "k_proj": ("attn_norm", "self_attn.k_proj"),
            "v_proj": ("attn_norm", "self_attn.v_proj"), "o_proj": ("attn_out", "self_attn.o_proj"),
            "mlp.gate": ("mlp_norm", "mlp.gate_proj"), "mlp.up": ("mlp_norm", "mlp.up_proj"),
-           "moe.router_logits": ("mlp_norm", "mlp.gate")}
+           "moe.router_logits": ("mlp_norm", "mlp.gate"), "mlp.out": ("mlp.act", "mlp.down_proj")}
 
 
 def lowp_accumulation(s: Site) -> Diagnosis | None:
     """A matmul whose error to fp64 is several times the reference's while its input agrees, and
     which summing the same products in the activation dtype reproduces."""
-    if s.eps < 1e-4 or s.op not in _LINEAR:
+    if s.eps < 1e-4 or s.op not in _LINEAR or (s.op == "mlp.out" and s.cfg.is_moe_layer(s.layer)):
         return None
     in_op, module = _LINEAR[s.op]
     x, w = s.cand(in_op), s.weight(module + ".weight")

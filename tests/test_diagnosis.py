@@ -240,6 +240,20 @@ def test_norm_slips_are_named_from_the_norms_own_input(sides, cls, tap, signatur
     assert [d.signature for d in found] == [signature], [d.message for d in found]
 
 
+class LowpDownProj(Qwen3Reference):
+    """Only the dense MLP's down_proj accumulates in the activation dtype."""
+
+    def linear(self, x, name):
+        lowp = VARIANTS["lowp-accumulation"]
+        return lowp.linear(self, x, name) if name.endswith("down_proj") else super().linear(x, name)
+
+
+def test_low_precision_accumulation_is_named_on_the_down_projection(sides):
+    found = diagnose(sides("wide", "bfloat16", LowpDownProj), 0, "layers.0.mlp.out")
+    assert [d.signature for d in found] == ["lowp_accumulation"], [d.message for d in found]
+    assert found[0].evidence["reduction_length"] == sides("wide", "bfloat16", LowpDownProj).config.intermediate_size
+
+
 class RopePositionsFromOne(Qwen3Reference):
     """Positions counted from 1 (a 1-based loop index) when building RoPE angles."""
 
