@@ -67,8 +67,8 @@ CATALOGUE_MODELS = {
     "ghost-bias": ("tiny-dense", {"ghost_bias": 0.5}, None),
     # q/k norm weights large enough that layer-0 scores pass log(65504) = 11.09; k_norm ~100 as released
     "hot-qk": ("tiny-dense", {"q_norm_peak": 40.0, "k_norm_peak": 96.5}, None),
-    # a reduction long enough (512) that bf16 accumulation stands out of bf16's own noise
-    "wide": ("tiny-dense", {}, {"hidden_size": 512}),
+    # reductions long enough (512, 1024) that bf16 accumulation stands out of bf16's own noise
+    "wide": ("tiny-dense", {}, {"hidden_size": 512, "intermediate_size": 1024}),
 }
 
 

@@ -39,10 +39,7 @@ def test_standalone_port_store_is_valid_and_complete(tmp_path, dense):
     assert store.missing_taps == [], "the worked mapping covers every tap of a dense model"
 
 
-@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.xfail(strict=True, reason=(
-    "differ floor on tiny decode taps: step 2 layers.1.attn_probs (36 elements) is flagged at 1.03x "
-    "(rel 1.15e-06 vs hf 3.7e-07) with its input attn_scores at 0.35x the floor; remove this mark when "
-    "the differ's floor for tiny taps is fixed"))), "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_standalone_port_agrees_with_the_reference(dense, dtype):
     assert first_divergence(dense, PORT, dtype) is None
 

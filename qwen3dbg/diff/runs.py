@@ -71,6 +71,6 @@ def fresh_run(name: str, options: dict, model_dir: Path, steps: list[StepInfo], 
               workdir: Path) -> tuple[TapStore, Candidate]:
     """Run a candidate into a new store under `workdir`; the loaded candidate comes back for teacher forcing."""
     cand = load_candidate(name, model_dir, dtype, **options)
-    out = Path(tempfile.mkdtemp(prefix=re.sub(r"[^\w.-]+", "_", name) + "-", dir=workdir))  # module:/a/b.py:f
+    out = Path(tempfile.mkdtemp(prefix=re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] + "-", dir=workdir))
     capture(cand, steps, out)
     return TapStore.open(out), cand

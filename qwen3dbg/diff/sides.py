@@ -8,7 +8,6 @@ from pathlib import Path
 
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
-from qwen3dbg.registry import PREFIXES
 from qwen3dbg.store import StepInfo, TapStore
 from qwen3dbg.validate import validate_store
 
@@ -24,7 +23,11 @@ class SideSpec:
 
 
 def parse_side(text: str, role: str) -> SideSpec:
-    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is opened (and refused if incomplete) now."""
+    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is opened (and refused if incomplete) now.
+    Only a registered name takes `:key=value` options; any other text (`module:port.py:load`) is passed
+    whole to the registry as the name."""
+    from qwen3dbg.registry import IMPLEMENTATIONS
+
     text = text.strip()
     if text.startswith(STORE_PREFIX):
         path = Path(text[len(STORE_PREFIX):])
@@ -37,7 +40,7 @@ def parse_side(text: str, role: str) -> SideSpec:
                             f"see `qwen3dbg validate-store {path}`")
         return SideSpec(text, store=TapStore.open(path))
     name, _, opts = text.partition(":")
-    if name in PREFIXES:  # module:FILE.py:factory, llamacpp:MODEL.gguf: what follows is a path, not options
+    if name not in IMPLEMENTATIONS:
         return SideSpec(text, name=text)
     options = {}
     for item in filter(None, opts.split(",")):
