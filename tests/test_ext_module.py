@@ -111,3 +111,67 @@ def test_a_mapping_naming_a_module_the_port_lacks_is_a_user_error(tmp_path, dens
     with pytest.raises(UserError, match="gate_proj"):
         capture(cand, STEPS[:1], tmp_path / "out")
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"] is False
+
+
+CACHED_PORT = '''
+import torch
+from transformers import AutoModelForCausalLM
+
+
+class CachedHF(torch.nn.Module):
+    """transformers' Qwen3 (sdpa) behind a port-style forward(ids) that keeps its own KV cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.hf = model
+        self.past = None
+
+    def reset_cache(self):
+        self.past = None
+
+    def forward(self, ids):
+        out = self.hf(input_ids=ids, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits
+
+
+def load(model_dir, dtype):
+    return CachedHF(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval())
+'''
+# Module outputs only: RoPE, the cache and the attention matrices are left unmapped on purpose.
+CACHED_MAPPING = '''
+[call]
+kv_cache = true
+reset = "reset_cache"
+
+[taps]
+embed = "hf.model.embed_tokens"
+"layers.{i}.attn_norm" = "hf.model.layers.{i}.input_layernorm"
+"layers.{i}.q_proj" = "hf.model.layers.{i}.self_attn.q_proj"
+"layers.{i}.k_proj" = "hf.model.layers.{i}.self_attn.k_proj"
+"layers.{i}.v_proj" = "hf.model.layers.{i}.self_attn.v_proj"
+"layers.{i}.q_norm" = "hf.model.layers.{i}.self_attn.q_norm"
+"layers.{i}.k_norm" = "hf.model.layers.{i}.self_attn.k_norm"
+"layers.{i}.attn_out" = { module = "hf.model.layers.{i}.self_attn.o_proj", input = 0 }
+"layers.{i}.o_proj" = "hf.model.layers.{i}.self_attn.o_proj"
+"layers.{i}.resid_mid" = { module = "hf.model.layers.{i}.post_attention_layernorm", input = 0 }
+"layers.{i}.mlp_norm" = "hf.model.layers.{i}.post_attention_layernorm"
+"layers.{i}.mlp.gate" = "hf.model.layers.{i}.mlp.gate_proj"
+"layers.{i}.mlp.up" = "hf.model.layers.{i}.mlp.up_proj"
+"layers.{i}.mlp.act" = { module = "hf.model.layers.{i}.mlp.down_proj", input = 0 }
+"layers.{i}.mlp.out" = "hf.model.layers.{i}.mlp"
+"layers.{i}.resid_out" = "hf.model.layers.{i}"
+final_norm = "hf.model.norm"
+logits = "hf.lm_head"
+'''
+
+
+def test_port_with_its_own_cache_and_a_partial_mapping_runs_step_by_step(tmp_path, dense):
+    (tmp_path / "cached_port.py").write_text(CACHED_PORT)
+    (tmp_path / "cached.toml").write_text(CACHED_MAPPING)
+    spec = f"module:{tmp_path / 'cached_port.py'}:load@{tmp_path / 'cached.toml'}"
+    store = capture_store(spec, dense, "bfloat16", tmp_path / "port")
+    assert sorted(store.missing_taps) == ["attn_probs", "attn_scores", "k_cache", "k_rope", "q_rope", "v_cache"]
+    assert store.get(1, "layers.0.k_proj").shape[1] == 1, "a decode step feeds the port one token"
+    assert store.manifest["notes"] == []
+    assert first_divergence(dense, spec, "bfloat16") is None
