@@ -121,9 +121,8 @@ def read_node(t: GGMLTensor, ptr: int, tensor_get) -> np.ndarray:
     extent = dtype.itemsize + sum((n - 1) * s for n, s in zip(ne, nb))
     buf = (ctypes.c_uint8 * extent)()
     tensor_get(ptr, ctypes.addressof(buf), 0, extent)
-    flat = np.frombuffer(buf, dtype=np.uint8)
-    return np.lib.stride_tricks.as_strided(flat.view(dtype) if all(s % dtype.itemsize == 0 for s in nb) else flat,
-                                           shape=ne[::-1], strides=nb[::-1]).copy()
+    assert all(s % dtype.itemsize == 0 for s in nb), "ggml strides of f32/f16/i32 tensors are whole elements"
+    return np.lib.stride_tricks.as_strided(np.frombuffer(buf, dtype=dtype), shape=ne[::-1], strides=nb[::-1]).copy()
 
 
 def attention_matrix(x: np.ndarray, heads: int, tokens: int, cache_len: int) -> np.ndarray:
@@ -132,6 +131,8 @@ def attention_matrix(x: np.ndarray, heads: int, tokens: int, cache_len: int) -> 
 
 
 class LlamaCppCandidate(Candidate):
+    """A GGUF in llama.cpp, batch 1; options: n_ctx (positions, default 1024), threads (default 2)."""
+
     supports_layer = False
 
     def __init__(self, gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2):

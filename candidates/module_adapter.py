@@ -265,7 +265,10 @@ def _import_factory(spec: str):
         loader = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(loader)
         sys.modules[name] = module
-        loader.loader.exec_module(module)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as e:  # the port's own code: say whose failure it is
+            raise UserError(f"module:{spec}: importing {path} failed: {type(e).__name__}: {e}") from None
     else:
         try:
             module = importlib.import_module(target)
@@ -303,6 +306,8 @@ class ModuleCandidate(Candidate):
         if not isinstance(self.model, torch.nn.Module):
             raise UserError(f"{self.name} returned {type(self.model).__name__}, not a torch.nn.Module")
         self.model.eval()
+        if self.mapping.kv_cache and not callable(getattr(self.model, self.mapping.reset, None)):
+            raise UserError(f"{self.mapping.path}: the port has no method {self.mapping.reset}() to empty its cache")
         # Bare function names in the mapping live where the model's code does, not where the factory does.
         self.code_module = sys.modules[type(self.model).__module__]
         self.reset()
