@@ -118,6 +118,29 @@ def capture(
     console.print(f"wrote tap store {out}")
 
 
+@app.command("validate-store")
+def validate_store_cmd(
+    store: Path = typer.Argument(..., help="Tap store directory (manifest.json + step_NNNN.safetensors)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory whose config the shapes must match "
+                                                    "(default: the config the manifest carries, if any)."),
+):
+    """Check a tap store written by any program: names, shapes, dtypes, steps, token ids, files.
+    Exit 0 valid, 1 problems found, 2 unreadable."""
+    from qwen3dbg.config import load_config
+    from qwen3dbg.validate import validate_store
+
+    problems = validate_store(store, load_config(model) if model else None)
+    shown = 20
+    for p in problems[:shown]:
+        console.print(f"[red]problem[/red] {p}", highlight=False, soft_wrap=True)
+    if len(problems) > shown:
+        console.print(f"... and {len(problems) - shown} more")
+    if problems:
+        console.print(f"{store}: {len(problems)} problem(s)")
+        raise typer.Exit(1)
+    console.print(f"{store}: valid tap store")
+
+
 @app.command()
 def diff(
     ref: str = typer.Option("hf", help="Reference: an implementation name (hf, scratch), NAME:key=value options "

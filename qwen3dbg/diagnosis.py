@@ -107,16 +107,18 @@ def accumulate_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def future_keys(positions: torch.Tensor, slots: int) -> torch.Tensor:
+    """positions [B,T] -> bool [B,1,T,S]: True where cache slot s holds a position after the query's."""
+    return torch.arange(slots) > positions[:, None, :, None]
+
+
 def scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int], scale: float,
            causal: bool = True) -> torch.Tensor:
     """Attention scores in float64 from q [B,T,nH,D], a key cache [B,nKV,S,D] and query positions [B,T]
     -> [B,nH,T,S], future keys -inf when causal; query head h reads kv head kv_of_head[h]."""
     q, k = q.double().transpose(1, 2), k.double()[:, kv_of_head]
     out = q @ k.transpose(2, 3) * scale
-    if causal:
-        future = torch.arange(k.shape[2]) > positions[:, None, :, None]  # [B,1,T,S]
-        out = out.masked_fill(future, float("-inf"))
-    return out
+    return out.masked_fill(future_keys(positions, k.shape[2]), float("-inf")) if causal else out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int],
@@ -125,6 +127,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torc
     probs = scores(q, k, positions, kv_of_head, scale, causal).softmax(softmax_dim)
     out = probs @ v.double()[:, kv_of_head]  # [B,nH,T,D]
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+#: the most tokens and heads a fit or a simulation looks at
+FIT_TOKENS, FIT_HEADS = 16, 4
+
+
+def sample(n: int, k: int = FIT_TOKENS) -> torch.Tensor:
+    """At most k indices spread evenly over range(n), first and last included."""
+    return torch.linspace(0, n - 1, min(n, k)).round().long().unique()
 
 
 # ---- where a check looks --------------------------------------------------------------------------
@@ -175,6 +186,11 @@ class Site:
     def positions(self) -> torch.Tensor:
         return torch.tensor(self.src.steps[self.step].positions)
 
+    @property
+    def kv_of_head(self) -> list[int]:
+        """Qwen3's GQA mapping: query head h reads kv head h // n_rep."""
+        return [h // self.cfg.n_rep for h in range(self.cfg.num_attention_heads)]
+
     def weight_name(self, module: str) -> str:
         """The on-disk name of this layer's `module` tensor (`self_attn.q_norm.weight`)."""
         return f"model.layers.{self.layer}.{module}" if self.layer is not None else module
@@ -194,6 +210,7 @@ def _name_factor(a: float, factors: dict[str, float]) -> str | None:
 
 
 def embed_scaled(s: Site) -> Diagnosis | None:
+    """embed = a x reference for one scalar a, named when it is sqrt(hidden) or its inverse."""
     c, r = s.cand(), s.base()
     a, resid = fit_scale(c, r)
     if resid > s.tol or abs(a - 1) <= s.tol:
@@ -207,6 +224,7 @@ def embed_scaled(s: Site) -> Diagnosis | None:
 
 
 def scores_scaled(s: Site) -> Diagnosis | None:
+    """Unmasked scores = a x reference, named when a is sqrt(head_dim) or its inverse."""
     c, r = s.cand(), s.base()
     valid = ~masked(r) & ~masked(c)
     a, resid = fit_scale(c[valid], r[valid])
@@ -227,6 +245,7 @@ _BIAS_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_p
 
 
 def extra_bias(s: Site) -> Diagnosis | None:
+    """cand - reference is the same vector at every token; named after an unused checkpoint bias it equals."""
     c, r = s.cand(), s.base()
     d = (c - r).reshape(-1, c.shape[-1])  # [tokens, N]
     if d.shape[0] < 2 or rel(c, r) <= s.tol:
@@ -249,6 +268,7 @@ def extra_bias(s: Site) -> Diagnosis | None:
 
 
 def norm_over_all_heads(s: Site) -> Diagnosis | None:
+    """Undo the weight: each head's RMS should be 1; a norm over all heads makes only their joint RMS 1."""
     c, w, x = s.cand(), s.weight(f"self_attn.{s.op}.weight"), s.cand(s.op.replace("norm", "proj"))
     if w is None or x is None:
         return None
@@ -268,6 +288,15 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
                       "joint_rms_expected": float(expected.mean()), "heads": n})
 
 
+def _ulps(n: float, dtype_name: str) -> str:
+    return f"{n:.0f} {dtype_name} ulp" + ("" if round(n) == 1 else "s")
+
+
+def _sci(x: float) -> str:
+    """1e+06 -> 1e6, 12345.6 -> 1.2e4."""
+    return f"{x:.2g}".replace("e+0", "e").replace("e+", "e")
+
+
 def _position_drift(s: Site) -> tuple[float, float, int]:
     """Relative error of the candidate at the step's first position and its worst position."""
     c, r = s.cand(), s.base()  # [B,T,n,D]
@@ -277,30 +306,42 @@ def _position_drift(s: Site) -> tuple[float, float, int]:
 
 
 def rope_angles_wrong(s: Site) -> Diagnosis | None:
-    """Fit theta (and the channel pairing) that turns the candidate's q_norm into its q_rope."""
+    """Fit theta (and the channel pairing) that turns the candidate's q_norm into its q_rope, on a
+    sample of tokens (the last, farthest position included) and heads: the fit runs ~130 rotations."""
     x, y = s.cand(s.op.replace("rope", "norm")), s.cand()
-    pos, d, theta0 = s.positions(), s.cfg.head_dim, s.cfg.rope_theta
-    if x is None or rel(rotate(x, rope_angles(pos, d, theta0, False)), y) <= s.tol:
+    if x is None:
+        return None
+    idx = sample(x.shape[1])
+    x, y, pos = x[:, idx, :FIT_HEADS], y[:, idx, :FIT_HEADS], s.positions()[:, idx]
+    d, theta0 = s.cfg.head_dim, s.cfg.rope_theta
+    if rel(rotate(x, rope_angles(pos, d, theta0, False)), y) <= s.tol:
         return None
     e0, e_worst, p_worst = _position_drift(s)
     drift = (f"{s.op} matches at position {int(pos[0, 0])} (rel. error {e0:.1e}) and drifts with position "
-             f"({e_worst:.2g} at position {p_worst})")
+             f"({e_worst:.2g} at position {p_worst})" if e0 <= s.tol else
+             f"{s.op} differs from position {int(pos[0, 0])} on (rel. error {e0:.2g}; {e_worst:.2g} at position {p_worst})")
     ev = {"rel_err_first_position": e0, "rel_err_worst": e_worst, "worst_position": p_worst,
           "config_theta": theta0}
 
     def resid(log_theta: float, interleaved: bool = False) -> float:
         return rel(rotate(x, rope_angles(pos, d, 10 ** log_theta, interleaved)), y)
 
-    grid = [2 + i * 0.05 for i in range(141)]  # theta from 1e2 to 1e9
+    grid = [2 + i * 0.1 for i in range(71)]  # log10 theta from 2 to 9
     best = min(grid, key=resid)
-    lo, hi = best - 0.05, best + 0.05
-    for _ in range(20):  # golden-section refinement around the best grid point
+    lo, hi = best - 0.1, best + 0.1
+    for _ in range(30):  # golden-section refinement to float32 precision of theta
         m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
         lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
     fitted, r_fit = 10 ** ((lo + hi) / 2), resid((lo + hi) / 2)
     if r_fit <= s.tol and abs(math.log10(fitted / theta0)) > 0.1:
-        return Diagnosis("rope_theta", f"{drift}: RoPE angles; fitted theta ~ {fitted:.2g} (residual {r_fit:.1e}), "
-                         f"config says {theta0:.3g}", ev | {"fitted_theta": fitted, "residual": r_fit})
+        return Diagnosis("rope_theta", f"{drift}: RoPE angles; fitted theta ~ {_sci(fitted)} (residual {r_fit:.1e}), "
+                         f"config says {_sci(theta0)}", ev | {"fitted_theta": fitted, "residual": r_fit})
+    for offset in (1, -1):
+        r_off = rel(rotate(x, rope_angles(pos + offset, d, theta0, False)), y)
+        if r_off <= s.tol:
+            return Diagnosis("rope_position_offset", f"{drift}: the rotation is that of position p{offset:+d} "
+                             f"(residual {r_off:.1e}): RoPE positions off by {offset:+d}",
+                             ev | {"position_offset": offset, "residual": r_off})
     r_inter = resid(math.log10(theta0), True)
     if r_inter <= s.tol:
         return Diagnosis("rope_layout", f"{drift}: channels 2i and 2i+1 share a RoPE angle (cos/sin interleaved, "
@@ -308,17 +349,18 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
                          "concatenated on the wrong dim", ev | {"residual_interleaved": r_inter})
     if e0 <= s.tol < e_worst:
         return Diagnosis("rope_position", f"{drift}: RoPE angles, though no single theta or channel layout "
-                         f"explains them (best theta {fitted:.2g} leaves {r_fit:.1e})",
+                         f"explains them (best theta {_sci(fitted)} leaves {r_fit:.1e})",
                          ev | {"fitted_theta": fitted, "residual": r_fit})
     return None
 
 
 def cache_off_by_one(s: Site) -> Diagnosis | None:
+    """At decode, with the prefill's cache right: slots that hold the reference's neighbour slot, or nothing."""
     if s.step == 0:
         return None
     c, r = s.cand(), s.base()  # [B,nKV,S,D]
     prefill = s.cand(step=0), s.base(step=0)
-    if None in prefill or rel(*prefill) > s.tol:
+    if any(t is None for t in prefill) or rel(*prefill) > s.tol:
         return None
     scale = float(torch.linalg.vector_norm(r)) / r.shape[2] ** 0.5
     slot_err = [float(torch.linalg.vector_norm(c[:, :, j] - r[:, :, j])) / scale for j in range(r.shape[2])]
@@ -341,12 +383,12 @@ def cache_off_by_one(s: Site) -> Diagnosis | None:
 
 
 def causal_mask_missing(s: Site) -> Diagnosis | None:
-    scores = s.cand("attn_scores")
-    if scores is None:
+    """Score entries of keys after the query's position that are not masked."""
+    sc = s.cand("attn_scores")
+    if sc is None:
         return None
-    t = torch.arange(scores.shape[-1])
-    future = (t[None, None, :] > s.positions()[:, :, None])[:, None].expand_as(scores)  # [B,nH,T,S]
-    reached = future & ~masked(scores)
+    future = future_keys(s.positions(), sc.shape[-1]).expand_as(sc)  # [B,nH,T,S]
+    reached = future & ~masked(sc)
     if not bool(reached.any()):
         return None
     ev = {"future_entries": int(future.sum()), "reached": int(reached.sum())}
@@ -354,25 +396,27 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
           "score entries are not masked"
     probs = s.cand("attn_probs")
     if probs is not None:
-        ev["future_mass"] = float(probs[future].sum() / probs[~future].sum().add(probs[future].sum()))
+        ev["future_mass"] = float(probs[future].sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
     return Diagnosis("causal_mask_missing", msg + ": causal mask missing", ev)
 
 
 def gqa_mapping(s: Site) -> Diagnosis | None:
+    """For each query head, the kv head whose keys (from the candidate's own cache) give its scores."""
     q, k, sc = s.cand("q_rope"), s.cand("k_cache"), s.cand("attn_scores")
     c = s.cfg
     if q is None or k is None or c.n_rep == 1:
         return None
     valid = ~masked(sc)  # [B,nH,T,S]
-    hyp = torch.einsum("bthd,bgsd->bhgts", q, k) * c.head_dim ** -0.5  # [B,nH,nKV,T,S]
+    every_head_reads = [scores(q, k, s.positions(), [g] * c.num_attention_heads, c.head_dim ** -0.5, causal=False)
+                        for g in range(c.num_key_value_heads)]
     mapping, resid = [], []
     for h in range(c.num_attention_heads):
-        errs = [rel(sc[:, h][valid[:, h]], hyp[:, h, g][valid[:, h]]) for g in range(c.num_key_value_heads)]
+        errs = [rel(sc[:, h][valid[:, h]], hyp[:, h][valid[:, h]]) for hyp in every_head_reads]
         g = min(range(len(errs)), key=errs.__getitem__)
         mapping.append(g)
         resid.append(errs[g])
-    expected = [h // c.n_rep for h in range(c.num_attention_heads)]
+    expected = s.kv_of_head
     if mapping == expected or max(resid) > s.tol:
         return None
     modulo = [h % c.num_key_value_heads for h in range(c.num_attention_heads)]
@@ -386,6 +430,7 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
 
 
 def softmax_not_normalised(s: Site) -> Diagnosis | None:
+    """Rows of probabilities that do not sum to 1 over keys; over the query axis if columns do."""
     p = s.cand()  # [B,nH,T,S]
     rows = p.sum(-1)
     row_err = float((rows - 1).abs().max())
@@ -408,8 +453,7 @@ def softmax_overflow(s: Site) -> Diagnosis | None:
         q, k = s.cand("q_rope"), s.cand("k_cache")
         if q is None or k is None:
             return None
-        c = s.cfg
-        sc = scores(q, k, s.positions(), [h // c.n_rep for h in range(c.num_attention_heads)], c.head_dim ** -0.5)
+        sc = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim ** -0.5)
         source = "the scores its q_rope and k_cache give are"
     live = sc[~masked(sc)]
     limit = math.log(torch.finfo(s.src.dtype).max)
@@ -425,6 +469,7 @@ def softmax_overflow(s: Site) -> Diagnosis | None:
 
 
 def transpose_before_reshape(s: Site) -> Diagnosis | None:
+    """attn_out read back as [B,nH,T,D] and transposed equals the reference."""
     c, r = s.cand(), s.base()  # [B,T,nH*D]
     B, T, _ = c.shape
     if T == 1:
@@ -440,6 +485,7 @@ def transpose_before_reshape(s: Site) -> Diagnosis | None:
 
 
 def moe_weights_normalisation(s: Site) -> Diagnosis | None:
+    """Top-k weights that sum to 1 per token exactly when norm_topk_prob says they must not, or vice versa."""
     c, r = s.cand(), s.base()  # [B,T,k]
     cs, rs = c.sum(-1), r.sum(-1)
     norm = s.cfg.norm_topk_prob
@@ -462,7 +508,7 @@ def attention_rebuilt(s: Site) -> Diagnosis | None:
     if q is None or k is None or v is None:
         return None
     cfg, pos = s.cfg, s.positions()
-    right = {"kv_of_head": [h // cfg.n_rep for h in range(cfg.num_attention_heads)], "scale": cfg.head_dim ** -0.5}
+    right = {"kv_of_head": s.kv_of_head, "scale": cfg.head_dim ** -0.5}
     as_qwen3 = rel(attention(q, k, v, pos, **right), c)
     if as_qwen3 <= s.tol:
         return None
@@ -517,35 +563,53 @@ def rounding_point(s: Site) -> Diagnosis | None:
     n = ulps(c, base, act) if base is not None else 0.0
     wmax = float(w.abs().max())
     amplified = f"; {s.op} weight {wmax:.1f} amplifies the reference's rounding" if wmax > 2 else ""
-    return Diagnosis("rounding_point", f"{s.name()} differs by up to {n:.0f} {s.dtype_name} ulps: the RMSNorm weight is "
+    return Diagnosis("rounding_point", f"{s.name()} differs by up to {_ulps(n, s.dtype_name)}: the RMSNorm weight is "
                      f"applied before rounding here and after it in the reference{amplified}",
                      {"max_ulps": n, "share_matching_fused": share_fused, "max_weight": wmax})
+
+
+def norm_weight_wrong(s: Site) -> Diagnosis | None:
+    """The candidate's norm output against its own input under the usual slips: no norm at all (a
+    Qwen2 port skipping q_norm/k_norm), no weight, or Gemma's (1 + weight)."""
+    x, w, c = _norm_input(s), s.weight(_NORM_WEIGHT[s.op]), s.cand()
+    if x is None or w is None:
+        return None
+    xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + s.cfg.rms_norm_eps)
+    slips = (("norm_skipped", x, f"{s.op}'s input unchanged: the RMSNorm is skipped"),
+             ("norm_weight_missing", xhat, "the normalised input without the weight: RMSNorm weight not applied"),
+             ("norm_weight_one_plus", (1 + w) * xhat, "the normalised input times (1 + weight), Gemma's convention; "
+                                                     "Qwen3 multiplies by the weight itself"))
+    for signature, hyp, what in slips:
+        resid = rel(c, hyp)
+        if resid <= s.tol:
+            return Diagnosis(signature, f"{s.name()} is {what} (residual {resid:.1e})", {"residual": resid})
+    return None
 
 
 _LINEAR = {"q_proj": ("attn_norm", "self_attn.q_proj"), "k_proj": ("attn_norm", "self_attn.k_proj"),
            "v_proj": ("attn_norm", "self_attn.v_proj"), "o_proj": ("attn_out", "self_attn.o_proj"),
            "mlp.gate": ("mlp_norm", "mlp.gate_proj"), "mlp.up": ("mlp_norm", "mlp.up_proj"),
-           "moe.router_logits": ("mlp_norm", "mlp.gate")}
+           "moe.router_logits": ("mlp_norm", "mlp.gate"), "mlp.out": ("mlp.act", "mlp.down_proj")}
 
 
 def lowp_accumulation(s: Site) -> Diagnosis | None:
     """A matmul whose error to fp64 is several times the reference's while its input agrees, and
     which summing the same products in the activation dtype reproduces."""
-    if s.eps < 1e-4 or s.op not in _LINEAR:
+    if s.eps < 1e-4 or s.op not in _LINEAR or (s.op == "mlp.out" and s.cfg.is_moe_layer(s.layer)):
         return None
     in_op, module = _LINEAR[s.op]
     x, w = s.cand(in_op), s.weight(module + ".weight")
     g, gx = s.src.gold(s.step, s.name()), s.src.gold(s.step, s.name(in_op))
     r, rx = s.src.ref(s.step, s.name()), s.src.ref(s.step, s.name(in_op))
-    if None in (x, w, g, gx, r, rx):
+    if any(t is None for t in (x, w, g, gx, r, rx)):
         return None
     c = s.cand()
     e_c, e_r = rel(c, g), rel(r, g)
     if e_c <= 2 * e_r or rel(x, gx) > 3 * max(rel(rx, gx), s.eps):
         return None
     act = s.src.dtype
-    xa = x.reshape(-1, x.shape[-1]).to(act)
-    e_lp = rel(accumulate_lowp(xa, w.to(act)).reshape(g.shape), g)
+    rows = sample(x.shape[1])  # the simulation rounds K times per output: a sample of tokens suffices
+    e_lp = rel(accumulate_lowp(x[:, rows].to(act), w.to(act)), g[:, rows])
     if not 1 / 3 <= e_c / e_lp <= 3:
         return None
     k = x.shape[-1]
@@ -556,6 +620,7 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
 
 
 def nonfinite(s: Site) -> Diagnosis | None:
+    """The generic fallback for NaN/inf: where they first appear, and how many."""
     c, r = s.cand(), s.base()
     nan, inf = int(torch.isnan(c).sum()), int(torch.isinf(c).sum())
     return Diagnosis("nonfinite", f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({nan} NaN, {inf} inf of "
@@ -565,11 +630,11 @@ def nonfinite(s: Site) -> Diagnosis | None:
 
 @dataclass(frozen=True)
 class Signature:
-    """A bug family: the ops whose divergence it can explain and the check that tests it. Checks of
-    non-finite values run only where the candidate has NaN/inf that the reference has not; all the
-    others only where it has none."""
+    """A bug family: the stable ids it may report (what JSON consumers match on), the ops whose
+    divergence it can explain, and the check that tests it. Checks of non-finite values run only where
+    the candidate has NaN/inf that the reference has not; all the others only where it has none."""
 
-    family: str
+    ids: tuple[str, ...]
     ops: tuple[str, ...]
     check: Check
     nonfinite: bool = False
@@ -578,23 +643,28 @@ class Signature:
 NORM_OPS = ("attn_norm", "q_norm", "k_norm", "mlp_norm", "final_norm")
 
 SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns fits in this order
-    Signature("softmax overflow", ("attn_probs", "attn_out"), softmax_overflow, nonfinite=True),
-    Signature("embedding scale", ("embed",), embed_scaled),
-    Signature("attention scale", ("attn_scores",), scores_scaled),
-    Signature("extra bias", tuple(_BIAS_MODULE), extra_bias),
-    Signature("norm axis", ("q_norm", "k_norm"), norm_over_all_heads),
-    Signature("rounding point", NORM_OPS, rounding_point),
-    Signature("rope", ("q_rope", "k_rope"), rope_angles_wrong),
-    Signature("kv cache", ("k_cache", "v_cache"), cache_off_by_one),
-    Signature("causal mask", ("attn_scores", "attn_probs"), causal_mask_missing),
-    Signature("gqa mapping", ("attn_scores",), gqa_mapping),
-    Signature("softmax axis", ("attn_probs",), softmax_not_normalised),
-    Signature("transpose", ("attn_out",), transpose_before_reshape),
-    Signature("attention rebuilt", ("attn_out",), attention_rebuilt),
-    Signature("moe weights", ("moe.topk_weights",), moe_weights_normalisation),
-    Signature("accumulation", tuple(_LINEAR), lowp_accumulation),
-    Signature("non-finite", ("*",), nonfinite, nonfinite=True),
+    Signature(("softmax_overflow",), ("attn_probs", "attn_out"), softmax_overflow, nonfinite=True),
+    Signature(("embed_scaled",), ("embed",), embed_scaled),
+    Signature(("scores_scaled",), ("attn_scores",), scores_scaled),
+    Signature(("extra_bias",), tuple(_BIAS_MODULE), extra_bias),
+    Signature(("norm_axis",), ("q_norm", "k_norm"), norm_over_all_heads),
+    Signature(("rounding_point",), NORM_OPS, rounding_point),
+    Signature(("norm_skipped", "norm_weight_missing", "norm_weight_one_plus"), NORM_OPS, norm_weight_wrong),
+    Signature(("rope_theta", "rope_position_offset", "rope_layout", "rope_position"), ("q_rope", "k_rope"),
+              rope_angles_wrong),
+    Signature(("cache_off_by_one",), ("k_cache", "v_cache"), cache_off_by_one),
+    Signature(("causal_mask_missing",), ("attn_scores", "attn_probs"), causal_mask_missing),
+    Signature(("gqa_modulo", "gqa_mapping"), ("attn_scores",), gqa_mapping),
+    Signature(("softmax_axis", "softmax_not_normalised"), ("attn_probs",), softmax_not_normalised),
+    Signature(("transpose_before_reshape",), ("attn_out",), transpose_before_reshape),
+    Signature(("causal_mask_missing", "scores_scaled", "softmax_axis", "gqa_modulo"), ("attn_out",),
+              attention_rebuilt),
+    Signature(("moe_topk_softmax", "moe_topk_not_normalised"), ("moe.topk_weights",), moe_weights_normalisation),
+    Signature(("lowp_accumulation",), tuple(_LINEAR), lowp_accumulation),
+    Signature(("nonfinite",), ("*",), nonfinite, nonfinite=True),
 )
+#: every id diagnose() can report; explain_rounding reports rounding_point or rounding_order
+SIGNATURE_IDS = tuple(dict.fromkeys(i for sig in SIGNATURES for i in sig.ids))
 
 
 def _site(src: TapSource, step: int, tap: str) -> Site | None:
@@ -612,9 +682,14 @@ def diagnose(src: TapSource, step: int, tap: str) -> list[Diagnosis]:
         return []
     c, b = s.cand(), s.base()
     has_nonfinite = not bool(torch.isfinite(c[torch.isfinite(b)]).all())
-    found = (sig.check(s) for sig in SIGNATURES
-             if (s.op in sig.ops or "*" in sig.ops) and sig.nonfinite == has_nonfinite)
-    return [d for d in found if d is not None]
+    found = []
+    for sig in SIGNATURES:
+        if (s.op in sig.ops or "*" in sig.ops) and sig.nonfinite == has_nonfinite:
+            d = sig.check(s)
+            if d is not None:
+                assert d.signature in sig.ids, f"{sig.check.__name__} reported an undeclared id {d.signature!r}"
+                found.append(d)
+    return found
 
 
 def explain_rounding(src: TapSource, step: int, tap: str) -> Diagnosis | None:
@@ -627,7 +702,7 @@ def explain_rounding(src: TapSource, step: int, tap: str) -> Diagnosis | None:
     c, b, g = s.cand(), s.base(), s.src.gold(step, tap)
     n = ulps(c, b, src.dtype)
     ev = {"max_ulps": n}
-    msg = f"{tap} differs from the reference by up to {n:.0f} {s.dtype_name} ulps"
+    msg = f"{tap} differs from the reference by up to {_ulps(n, s.dtype_name)}"
     if g is not None:
         ev |= {"rel_err": rel(c, g), "ref_rel_err": rel(b, g)}
         msg += f" (rel. L2 to fp64 {ev['rel_err']:.2g}, reference {ev['ref_rel_err']:.2g})"

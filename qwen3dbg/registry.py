@@ -32,6 +32,13 @@ IMPLEMENTATIONS: dict[str, str] = {
 }
 
 
+# `prefix:rest` names: the class is called as cls(rest, model_dir, dtype, **options).
+PREFIXES: dict[str, str] = {
+    "module": "qwen3dbg.candidates.module_adapter:ModuleCandidate",
+    "llamacpp": "qwen3dbg.candidates.llamacpp:LlamaCppCandidate",
+}
+
+
 def register(name: str, target: str) -> None:
     IMPLEMENTATIONS[name] = target
 
@@ -42,8 +49,15 @@ def names() -> list[str]:
 
 def load_candidate(name: str, model_dir, dtype, **options) -> Candidate:
     """Instantiate implementation `name` for a model directory in a dtype."""
+    prefix, _, rest = name.partition(":")
+    if rest and prefix in PREFIXES:
+        return _class(PREFIXES[prefix])(rest, model_dir, dtype, **options)
     if name not in IMPLEMENTATIONS:
-        raise UserError(f"unknown implementation {name!r}: choose one of {', '.join(names())}")
-    module, _, attr = IMPLEMENTATIONS[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    return cls(model_dir, dtype, **options)
+        raise UserError(f"unknown implementation {name!r}: choose one of {', '.join(names())}, "
+                        "or module:FILE.py:factory, llamacpp:MODEL.gguf")
+    return _class(IMPLEMENTATIONS[name])(model_dir, dtype, **options)
+
+
+def _class(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -127,7 +127,7 @@ def step_plot(result: DiffResult) -> str:
     return figure_png(fig)
 
 
-_CLASS = {"first NaN/inf": "bad", "within noise": "info", "routing ties": "warn"}
+_CLASS = {"first NaN/inf": "bad", "within noise": "info", "routing ties": "warn", "note": "warn"}
 
 
 def _summary(result: DiffResult) -> str:

@@ -67,8 +67,8 @@ CATALOGUE_MODELS = {
     "ghost-bias": ("tiny-dense", {"ghost_bias": 0.5}, None),
     # q/k norm weights large enough that layer-0 scores pass log(65504) = 11.09; k_norm ~100 as released
     "hot-qk": ("tiny-dense", {"q_norm_peak": 40.0, "k_norm_peak": 96.5}, None),
-    # a reduction long enough (512) that bf16 accumulation stands out of bf16's own noise
-    "wide": ("tiny-dense", {}, {"hidden_size": 512}),
+    # reductions long enough (512, 1024) that bf16 accumulation stands out of bf16's own noise
+    "wide": ("tiny-dense", {}, {"hidden_size": 512, "intermediate_size": 1024}),
 }
 
 
@@ -115,3 +115,15 @@ def edit_safetensors_header(path, edit):
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+# ---- external candidates: tests/test_ext_*.py ------------------------------------------------------
+
+def first_divergence(model, cand: str, dtype: str | None = None) -> str | None:
+    """'step N: tap' where `qwen3dbg diff --ref hf --cand CAND` first finds a divergence on PROMPT + DECODE,
+    or None when the candidate agrees (a store: side brings its own ids)."""
+    from qwen3dbg.diff import run_diff
+
+    ids = {} if cand.startswith("store:") else {"token_ids": PROMPT, "decode_ids": DECODE}
+    div = run_diff("hf", cand, model_dir=model, dtype=dtype, **ids).first_divergence
+    return None if div is None else f"step {div.step}: {div.tap}"

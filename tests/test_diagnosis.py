@@ -15,28 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen3dbg.candidate import DictSink
+from conftest import run_steps
 from qwen3dbg.capture import forced_steps
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.candidates.catalogue import VARIANTS
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diagnosis import diagnose, explain_rounding
 from qwen3dbg.dtypes import parse_dtype
-from qwen3dbg.reference.qwen3 import Qwen3Reference
+from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm
 
 PROMPT, DECODE = [9, 41, 7, 300, 12, 5], [77, 150]
 STEPS = forced_steps(PROMPT, DECODE)
-
-
-def run_taps(cand) -> list[dict[str, torch.Tensor]]:
-    """Every tap of every step of STEPS, in memory."""
-    cand.reset()
-    taps = []
-    for info in STEPS:
-        sink = DictSink()
-        cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
-        taps.append(sink.taps)
-    return taps
 
 
 class Sides:
@@ -44,7 +33,7 @@ class Sides:
 
     def __init__(self, model_dir, dtype, cand, ref, gold):
         self.config, self.steps, self.dtype = cand.config, STEPS, parse_dtype(dtype)
-        self._cand, self._ref, self._gold = run_taps(cand), ref, gold
+        self._cand, self._ref, self._gold = run_steps(cand, STEPS), ref, gold
         self._ckpt = Checkpoint(model_dir)
 
     def cand(self, step, name):
@@ -67,7 +56,7 @@ def sides(catalogue_model):
 
     def reference(model: str, dtype: str):
         if (model, dtype) not in runs:
-            runs[model, dtype] = run_taps(Qwen3Reference(catalogue_model(model), dtype))
+            runs[model, dtype] = run_steps(Qwen3Reference(catalogue_model(model), dtype), STEPS)
         return runs[model, dtype]
 
     def make(model: str, dtype: str, cand_cls) -> Sides:
@@ -221,6 +210,62 @@ def test_rounding_differences_in_attention_scores_are_measured_on_unmasked_entri
     src = sides("wide", "float32", VARIANTS["lowp-accumulation"])
     d = explain_rounding(src, 0, "layers.0.attn_scores")
     assert d is not None and math.isfinite(d.evidence["max_ulps"]) and d.evidence["max_ulps"] > 0
+
+
+class SkipsQkNorm(Qwen3Reference):
+    """A Qwen2 port: no q_norm / k_norm."""
+
+    def head_norm(self, x, name):
+        return x
+
+
+class NormWithoutWeight(Qwen3Reference):
+    def norm(self, x, name):
+        return rms_norm(x, torch.ones((), dtype=x.dtype), self.config.rms_norm_eps, self.num)
+
+
+class GemmaNorm(Qwen3Reference):
+    """RMSNorm times (1 + weight), Gemma's convention."""
+
+    def norm(self, x, name):
+        return rms_norm(x, 1 + self.w[name + ".weight"], self.config.rms_norm_eps, self.num)
+
+
+@pytest.mark.parametrize("dtype", BOTH)
+@pytest.mark.parametrize("cls,tap,signature", [
+    (SkipsQkNorm, "layers.0.q_norm", "norm_skipped"), (NormWithoutWeight, "layers.0.attn_norm", "norm_weight_missing"),
+    (GemmaNorm, "layers.0.attn_norm", "norm_weight_one_plus")], ids=lambda x: getattr(x, "__name__", x))
+def test_norm_slips_are_named_from_the_norms_own_input(sides, cls, tap, signature, dtype):
+    found = diagnose(sides("dense", dtype, cls), 0, tap)
+    assert [d.signature for d in found] == [signature], [d.message for d in found]
+
+
+class LowpDownProj(Qwen3Reference):
+    """Only the dense MLP's down_proj accumulates in the activation dtype."""
+
+    def linear(self, x, name):
+        lowp = VARIANTS["lowp-accumulation"]
+        return lowp.linear(self, x, name) if name.endswith("down_proj") else super().linear(x, name)
+
+
+def test_low_precision_accumulation_is_named_on_the_down_projection(sides):
+    found = diagnose(sides("wide", "bfloat16", LowpDownProj), 0, "layers.0.mlp.out")
+    assert [d.signature for d in found] == ["lowp_accumulation"], [d.message for d in found]
+    assert found[0].evidence["reduction_length"] == sides("wide", "bfloat16", LowpDownProj).config.intermediate_size
+
+
+class RopePositionsFromOne(Qwen3Reference):
+    """Positions counted from 1 (a 1-based loop index) when building RoPE angles."""
+
+    def rope(self, positions):
+        return super().rope(positions + 1)
+
+
+@pytest.mark.parametrize("dtype", BOTH)
+def test_rope_positions_off_by_one_are_named_with_the_offset(sides, dtype):
+    found = diagnose(sides("dense", dtype, RopePositionsFromOne), 0, "layers.0.k_rope")
+    assert [d.signature for d in found] == ["rope_position_offset"], [d.message for d in found]
+    assert found[0].evidence["position_offset"] == 1
 
 
 class WithoutAttentionMatrices:

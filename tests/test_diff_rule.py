@@ -6,13 +6,15 @@ from __future__ import annotations
 import torch
 
 from qwen3dbg.diff.metrics import cosine, error_stats, logits_agreement, router_margin, same_sets, worst_coordinate
-from qwen3dbg.diff.noise import ELEMENT_FACTOR, NORM_FACTOR, tolerance
+from qwen3dbg.diff.noise import ELEMENT_FACTOR, NORM_FACTOR, SMALL_SAMPLE_N0, tolerance
+
+MANY = 1_000_000  # elements: no small-sample allowance to speak of
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps
 
 
 def test_an_exact_reference_still_leaves_a_floor_of_a_few_ulps_at_the_taps_magnitude():
-    tol = tolerance(torch.bfloat16, ref_rel_l2=0.0, ref_max_abs=0.0, gold_max_abs=8.0)
+    tol = tolerance(torch.bfloat16, ref_rel_l2=0.0, ref_max_abs=0.0, gold_max_abs=8.0, count=MANY)
     one_rounding = 0.5 * BF16_EPS * 8.0  # half an ulp at the largest magnitude
     assert tol.rel > 0 and tol.abs_ > 0
     assert tol.excess(rel_l2=0.3 * BF16_EPS, max_abs=one_rounding) < 1
@@ -21,16 +23,22 @@ def test_an_exact_reference_still_leaves_a_floor_of_a_few_ulps_at_the_taps_magni
 
 def test_a_candidate_more_accurate_than_the_reference_is_never_divergent():
     for ref_rel, ref_max in [(1e-3, 1e-2), (0.05, 0.4), (BF16_EPS, BF16_EPS)]:
-        tol = tolerance(torch.bfloat16, ref_rel, ref_max, gold_max_abs=4.0)
+        tol = tolerance(torch.bfloat16, ref_rel, ref_max, gold_max_abs=4.0, count=16)
         assert tol.excess(0.5 * ref_rel, 0.5 * ref_max) < 1
 
 
 def test_a_candidate_beyond_the_factor_on_either_statistic_is_divergent():
     ref_rel, ref_max = 0.02, 0.1
-    tol = tolerance(torch.bfloat16, ref_rel, ref_max, gold_max_abs=4.0)
+    tol = tolerance(torch.bfloat16, ref_rel, ref_max, gold_max_abs=4.0, count=MANY)
     assert tol.excess(1.01 * NORM_FACTOR * ref_rel, ref_max) > 1
     assert tol.excess(ref_rel, 1.01 * ELEMENT_FACTOR * ref_max) > 1
     assert tol.excess(0.99 * NORM_FACTOR * ref_rel, 0.99 * ELEMENT_FACTOR * ref_max) < 1
+
+
+def test_a_small_sample_widens_the_norm_tolerance_by_its_uncertainty():
+    few, many = (tolerance(torch.bfloat16, 0.02, 0.1, 4.0, count=n) for n in (SMALL_SAMPLE_N0, MANY))
+    assert abs(few.rel / many.rel - 2 ** 0.5) < 1e-3
+    assert few.abs_ == many.abs_
 
 
 def test_worst_coordinate_splits_merged_heads_into_head_and_channel():
@@ -49,7 +57,7 @@ def test_error_stats_and_cosine_agree_with_their_definitions():
     g = torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x = g + 0.1 * torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     gnorm = float(g.norm())
-    s = error_stats(x - g, gnorm)
+    s = error_stats(x - g, gnorm, float((x - g).norm()))
     assert s.max_abs == float((x - g).abs().max())
     assert abs(s.rel_l2 - float((x - g).norm() / g.norm())) < 1e-12
     direct = float(torch.nn.functional.cosine_similarity(x.view(-1), g.view(-1), dim=0))

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.cli import app
 from qwen3dbg.diff import run_diff
+from qwen3dbg.diff.sides import parse_side
 from qwen3dbg.errors import UserError
 from qwen3dbg.registry import load_candidate
 
@@ -26,6 +27,12 @@ def store(catalogue_model, tmp_path_factory):
     out = capture(load_candidate("scratch", model, "bfloat16"), forced_steps(PROMPT, DECODE),
                   tmp_path_factory.mktemp("side") / "s")
     return model, out
+
+
+def test_only_a_registered_name_takes_options_other_sides_pass_whole():
+    assert parse_side("hf:attn=sdpa", "ref").options == {"attn": "sdpa"}
+    external = parse_side("module:/src/port.py:load", "cand")
+    assert (external.name, external.options) == ("module:/src/port.py:load", {})
 
 
 def test_a_store_side_makes_the_other_sides_run_on_the_stores_own_ids_and_dtype(store):

@@ -3,6 +3,7 @@ console error, needs no network, and escapes every string that came from a store
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ def report(catalogue_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("html")
     store = capture(load_candidate("rope-theta-1e4", model, "bfloat16"), forced_steps([9, 41, 7, 300, 12, 5], [77, 150]),
                     root / EVIL)
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "notes": [f"a caveat with markup {EVIL}"]}))
     result = run_diff("hf", f"store:{store}", model_dir=model)
     path = root / "report.html"
     write_html(result, path)
@@ -35,6 +38,7 @@ def test_every_string_from_a_store_is_escaped(report):
     text = path.read_text()
     assert EVIL not in text
     assert "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "a caveat with markup &lt;img" in text  # the store's notes are shown, escaped
 
 
 def test_report_is_self_contained_with_verdict_and_diagnosis_before_the_plots(report):

@@ -28,6 +28,10 @@ from qwen3dbg.store import StepInfo, TapStore
 __all__ = ["run_diff", "DiffResult", "Divergence", "TapResult"]
 
 DEFAULT_DTYPE = torch.bfloat16
+#: an in-noise difference worth reporting: at least this many ulps (rms) apart from the reference ...
+IN_NOISE_MIN_ULPS = 0.25
+#: ... ranked by how much it exceeds its inputs' difference, counted as at least this many ulps
+IN_NOISE_CARRIED_ULPS = 0.05
 
 
 @dataclass
@@ -122,7 +126,9 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
                 store, loaded[role] = fresh_run(spec.name, spec.options, model_dir, steps, dt, Path(work))
             timings[role] = time.perf_counter() - t
             stores[role] = store
-            infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path), cached))
+            notes = store.manifest.get("notes")
+            infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path), cached,
+                                  [str(n) for n in notes] if isinstance(notes, list) else []))
         status("comparing")
         t = time.perf_counter()
         comparison = Comparison(gold, stores["ref"], stores["cand"], cfg, dt)
@@ -170,17 +176,19 @@ def _diagnose(src: StoreSource, div: Divergence | None) -> list:
 
 def _in_noise(src: StoreSource, taps: list[TapResult], div: Divergence | None, cfg: Qwen3Config,
               dt: torch.dtype) -> Finding | None:
-    """The in-noise difference that most exceeds what its inputs carry (before any divergence)."""
-    best, best_own, by = None, 1.0, {}
+    """The in-noise difference that most exceeds what its inputs carry (before any divergence): among taps
+    differing from the reference by at least IN_NOISE_MIN_ULPS (rms), the largest ratio of their difference
+    to their inputs' (an input difference below IN_NOISE_CARRIED_ULPS counts as that much)."""
+    best, best_own, best_in, by = None, 0.0, 0.0, {}
     for r in taps:
         if div is not None and (r.step, r.name) == (div.step, div.tap):
             break
         by[(r.step, r.name)] = r
-        if r.status != "ok" or r.diff_ulps <= 0:
+        if r.status != "ok" or r.diff_ulps < IN_NOISE_MIN_ULPS:
             continue
         carried = max((by[(r.step, n)].diff_ulps for n in inputs_of(r.name, cfg) if (r.step, n) in by), default=0.0)
-        own = r.diff_ulps / max(carried, 1.0)
-        if own > best_own:
+        own = r.diff_ulps / max(carried, IN_NOISE_CARRIED_ULPS)
+        if own > max(best_own, 1.0):
             best, best_own, best_in = r, own, carried
     if best is None:
         return None

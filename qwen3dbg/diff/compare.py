@@ -6,6 +6,7 @@ each side, never a whole store. The rule itself is in `noise`; docs/differ.md ex
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -106,44 +107,49 @@ class Comparison:
 
     def values(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict, token_ok: torch.Tensor | None = None) -> TapResult:
         reasons, extra = [], {}
-        valid = torch.isfinite(g)
-        if spec.op == "attn_scores":
-            mg, mr, mc = masked(g), masked(r), masked(c)
-            if bool((mc != mg).any()):
-                reasons.append(f"mask pattern differs from fp64 at {int((mc != mg).sum())} entries")
-            valid = valid & ~(mg | mr | mc)
-        valid = self._exclusions(info, spec, valid, extra)
-        if token_ok is not None:
-            valid = valid & token_ok[..., None]
-        nonfinite = {"ref": int((valid & ~torch.isfinite(r)).sum()), "cand": int((valid & ~torch.isfinite(c)).sum())}
-        if nonfinite["cand"]:
-            reasons.append(f"{nonfinite['cand']} NaN/inf where fp64 is finite")
-        # Where the reference itself is not finite it sets no floor, and the candidate is not judged.
-        valid = valid & torch.isfinite(r)
-        judged = valid & torch.isfinite(c)
-        g64, r64, c64 = g.double(), r.double(), c.double()
-        all_valid = bool(judged.all())
-        gv = g64 if all_valid else torch.where(judged, g64, 0.0)
-        ec = c64 - g64 if all_valid else torch.where(judged, c64 - g64, 0.0)
-        er = r64 - g64 if all_valid else torch.where(judged, r64 - g64, 0.0)
-        count = int(judged.sum())
-        gnorm = float(torch.linalg.vector_norm(gv))
-        gmax = float(gv.abs().max()) if gv.numel() else 0.0
-        sc, sr = error_stats(ec, gnorm), error_stats(er, gnorm)
+        g64 = g.double()
+        ec, er = c - g64, r - g64  # float64 by type promotion, one pass each
+        nonfinite = {"ref": 0, "cand": 0}
+        restricted = token_ok is not None or spec.op == "attn_scores" or self._tied(spec)
+        # NaN and inf reach the norms: finite norms of both errors mean every element is finite.
+        norms = [float(torch.linalg.vector_norm(e)) for e in (ec, er)]
+        if restricted or not math.isfinite(sum(norms)):
+            valid = torch.isfinite(g)
+            if spec.op == "attn_scores":
+                mg, mr, mc = masked(g), masked(r), masked(c)
+                if bool((mc != mg).any()):
+                    reasons.append(f"mask pattern differs from fp64 at {int((mc != mg).sum())} entries")
+                valid = valid & ~(mg | mr | mc)
+            valid = self._exclusions(info, spec, valid, extra)
+            if token_ok is not None:
+                valid = valid & token_ok[..., None]
+            nonfinite = {"ref": int((valid & ~torch.isfinite(r)).sum()), "cand": int((valid & ~torch.isfinite(c)).sum())}
+            if nonfinite["cand"]:
+                reasons.append(f"{nonfinite['cand']} NaN/inf where fp64 is finite")
+            # Where the reference itself is not finite it sets no floor, and the candidate is not judged.
+            judged = valid & torch.isfinite(r) & torch.isfinite(c)
+            g64, ec, er = (torch.where(judged, t, 0.0) for t in (g64, ec, er))
+            count = int(judged.sum())
+            norms = [float(torch.linalg.vector_norm(e)) for e in (ec, er)]
+        else:
+            count = g64.numel()
+        gnorm = float(torch.linalg.vector_norm(g64))
+        gmax = float(torch.linalg.vector_norm(g64, float("inf"))) if count else 0.0
+        sc, sr = error_stats(ec, gnorm, norms[0]), error_stats(er, gnorm, norms[1], locate=False)
         # A decode step has one token: pool the reference's noise with the prefill's, where the same op
         # saw many tokens, so that a lucky small sample does not set the floor.
         noise = self.prefill_noise.setdefault(spec.name, (sr.rel_l2, sr.max_abs))
-        tol = tolerance(self.dtype, max(sr.rel_l2, noise[0]), max(sr.max_abs, noise[1]), gmax)
+        tol = tolerance(self.dtype, max(sr.rel_l2, noise[0]), max(sr.max_abs, noise[1]), gmax, count)
         excess = tol.excess(sc.rel_l2, sc.max_abs)
         if excess > 1:
             which = "rel. L2" if sc.rel_l2 / tol.rel >= sc.max_abs / tol.abs_ else "max |err|"
             reasons.append(f"{which} {excess:.3g}x over the {dtype_name(self.dtype)} noise floor")
         if spec.op == "logits" and count:
-            extra.update(logits_agreement(c64, g64))
+            extra.update(logits_agreement(c, g))
         eps = torch.finfo(self.dtype).eps
         return TapResult(
             status="divergent" if reasons else "ok", reason="; ".join(reasons), max_abs=sc.max_abs,
-            rel_l2=sc.rel_l2, cosine=cosine(ec, gv, sc, gnorm), mismatch=mismatch_share(ec, max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR), count),
+            rel_l2=sc.rel_l2, cosine=cosine(ec, g64, sc, gnorm), mismatch=mismatch_share(ec, sc.max_abs, max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR), count),
             ref_max_abs=sr.max_abs, ref_rel_l2=sr.rel_l2, tol_rel=tol.rel, tol_abs=tol.abs_, excess=excess,
             diff_ulps=rel_diff(ec, er, gnorm) / eps, nonfinite=nonfinite,
             worst=worst_coordinate(sc.argmax, spec.shape, spec.axes, info.step, self.cfg.head_dim), extra=extra, **base)
@@ -188,10 +194,14 @@ class Comparison:
             res.excess = float(margin[b, t]) / window if window > 0 else float(margin[b, t])
         return res, _Router((g, r, c), cand_same & ref_same)
 
+    def _tied(self, spec: TapSpec) -> set[int]:
+        """Positions whose expert choice was a routing tie before this tap."""
+        layer = spec.layer if spec.layer is not None else self.cfg.num_hidden_layers
+        return {p for p, at in self.tied_positions.items() if at < layer or (at == layer and spec.op in _AFTER_ROUTING)}
+
     def _exclusions(self, info: StepInfo, spec: TapSpec, valid: torch.Tensor, extra: dict) -> torch.Tensor:
         """Leave out the positions whose expert choice was a routing tie at or before this layer."""
-        layer = spec.layer if spec.layer is not None else self.cfg.num_hidden_layers
-        tied = {p for p, at in self.tied_positions.items() if at < layer or (at == layer and spec.op in _AFTER_ROUTING)}
+        tied = self._tied(spec)
         if not tied:
             return valid
         keep = valid.clone()

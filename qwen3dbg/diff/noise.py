@@ -18,6 +18,9 @@ ELEMENT_FACTOR = 8.0
 REL_FLOOR_ULPS = 1.0
 #: ... or a max error of four ulps at the tap's largest magnitude is more than rounding can explain
 ABS_FLOOR_ULPS = 4.0
+#: the reference's error over n elements is a poor estimate of the noise when n is small (a decode
+#: step's attention row, a token's top-k weights): the norm-wise tolerance widens by sqrt(1 + N0/n)
+SMALL_SAMPLE_N0 = 64
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,13 @@ class Tolerance:
         return max(rel_l2 / self.rel, max_abs / self.abs_)
 
 
-def tolerance(dtype: torch.dtype, ref_rel_l2: float, ref_max_abs: float, gold_max_abs: float) -> Tolerance:
-    """The tolerance of a tap from the reference's error to fp64 in `dtype` (rel. L2 and max |err|) and
-    the golden's largest magnitude: a factor over the reference's error, never below the floors."""
+def tolerance(dtype: torch.dtype, ref_rel_l2: float, ref_max_abs: float, gold_max_abs: float,
+              count: int) -> Tolerance:
+    """The tolerance of a tap from the reference's error to fp64 in `dtype` (rel. L2 and max |err|) over
+    `count` compared elements and the golden's largest magnitude: a factor over the reference's error,
+    widened for small samples, never below the floors."""
     eps = torch.finfo(dtype).eps
     floor_abs = ABS_FLOOR_ULPS * eps * max(gold_max_abs, torch.finfo(dtype).tiny)
-    return Tolerance(rel=max(NORM_FACTOR * ref_rel_l2, REL_FLOOR_ULPS * eps),
+    small = (1 + SMALL_SAMPLE_N0 / max(count, 1)) ** 0.5
+    return Tolerance(rel=max(NORM_FACTOR * small * ref_rel_l2, REL_FLOOR_ULPS * eps),
                      abs_=max(ELEMENT_FACTOR * ref_max_abs, floor_abs))

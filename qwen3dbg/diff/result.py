@@ -75,6 +75,7 @@ class SideInfo:
     dtype: str
     store: str  # where its taps were read from
     cached: bool = False
+    notes: list[str] = field(default_factory=list)  # caveats the implementation wrote into its manifest
 
 
 @dataclass
@@ -117,6 +118,7 @@ class DiffResult:
                  ("sides", f"reference {ref.spec}, candidate {cand.spec}, both judged against scratch in float64; "
                            f"dtype {self.dtype}; prefill of {self.steps[0]['tokens']} tokens, "
                            f"{len(self.steps) - 1} decode steps")]
+        lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
         d = self.first_divergence
         if d is not None:
             worst = ", ".join(f"{k} {v}" for k, v in (d.worst or {}).items() if k not in ("step", "batch")) or "-"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from importlib.metadata import version
@@ -70,6 +71,6 @@ def fresh_run(name: str, options: dict, model_dir: Path, steps: list[StepInfo], 
               workdir: Path) -> tuple[TapStore, Candidate]:
     """Run a candidate into a new store under `workdir`; the loaded candidate comes back for teacher forcing."""
     cand = load_candidate(name, model_dir, dtype, **options)
-    out = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+    out = Path(tempfile.mkdtemp(prefix=re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] + "-", dir=workdir))
     capture(cand, steps, out)
     return TapStore.open(out), cand

@@ -9,6 +9,7 @@ from pathlib import Path
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, TapStore
+from qwen3dbg.validate import validate_store
 
 STORE_PREFIX = "store:"
 
@@ -22,14 +23,25 @@ class SideSpec:
 
 
 def parse_side(text: str, role: str) -> SideSpec:
-    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is opened (and refused if incomplete) now."""
+    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is opened (and refused if incomplete) now.
+    Only a registered name takes `:key=value` options; any other text (`module:port.py:load`) is passed
+    whole to the registry as the name."""
+    from qwen3dbg.registry import IMPLEMENTATIONS
+
     text = text.strip()
     if text.startswith(STORE_PREFIX):
         path = Path(text[len(STORE_PREFIX):])
         if not path.is_dir():
             raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
+        problems = validate_store(path)
+        if problems:
+            raise UserError(f"--{role} {text} is not a valid tap store, {problems[0]}"
+                            f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
+                            f"see `qwen3dbg validate-store {path}`")
         return SideSpec(text, store=TapStore.open(path))
     name, _, opts = text.partition(":")
+    if name not in IMPLEMENTATIONS:
+        return SideSpec(text, name=text)
     options = {}
     for item in filter(None, opts.split(",")):
         key, eq, value = item.partition("=")

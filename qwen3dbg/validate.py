@@ -1,0 +1,204 @@
+"""Checking a tap store against the store rules and the tap schema before anything compares it.
+
+`validate_store` is what `qwen3dbg validate-store` prints and what `diff` runs on a `store:` candidate:
+a store written by another program (the C header, a port's own dumper) is explained problem by
+problem instead of failing somewhere inside a comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen3dbg.config import Qwen3Config, parse_config
+from qwen3dbg.errors import UserError
+from qwen3dbg.store import MANIFEST, step_file
+from qwen3dbg.taps import FORMAT, OPS_BY_NAME, parse_tap_name, step_taps
+
+FLOAT_STORE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+INTEGER_TAP_DTYPES = ("I32", "I64")
+# The fields a config in a manifest must agree on with --model for shapes to mean the same thing.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a store: where (manifest, a step, a tap) and what, in a sentence."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest as a dict, or a UserError when the store cannot be read at all (exit 2)."""
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise UserError(f"{path} is not a tap store: it has no {MANIFEST}")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{mpath} is not valid JSON ({e}): the writer died while writing it, or it is not a manifest") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise UserError(f"{mpath}: format is {found!r}, expected {FORMAT!r}")
+    return m
+
+
+def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[Problem]:
+    """Every problem of the store at `path`; [] when it is valid. Shapes are checked against `config`,
+    or against the config the manifest carries when none is given. Raises UserError if unreadable."""
+    path = Path(path)
+    m = read_manifest(path)
+    problems: list[Problem] = []
+
+    def bad(where: str, message: str) -> None:
+        problems.append(Problem(where, message))
+
+    if m.get("complete") is not True:
+        bad("manifest", "it is incomplete (complete is not true): the writer stopped mid-run; capture it again")
+    dtype = m.get("dtype")
+    if dtype not in FLOAT_STORE_DTYPES:
+        bad("manifest", f"dtype {dtype!r} is not one of {', '.join(FLOAT_STORE_DTYPES)}")
+    batch = m.get("batch")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        bad("manifest", f"batch {batch!r} is not a positive integer")
+        batch = None
+    missing = m.get("missing_taps", [])
+    if not isinstance(missing, list) or not all(isinstance(x, str) for x in missing):
+        bad("manifest", "missing_taps is not a list of op names")
+        missing = []
+    for name in missing:
+        if name not in OPS_BY_NAME:
+            bad("manifest", f"missing_taps names {name!r}, which is no op of the schema (it lists ops: attn_probs, ...)")
+    config = _config(m, config, bad)
+    steps = m.get("steps")
+    if not isinstance(steps, list) or not steps:
+        bad("manifest", "steps is empty or not a list: the store holds no forward step")
+        return problems
+
+    cache = 0
+    for index, entry in enumerate(steps):
+        where = f"step {index}"
+        tokens = _step_tokens(entry, index, batch, cache, config, bad, where)
+        if tokens is None:
+            return problems  # positions and cache lengths of later steps cannot be trusted
+        cache += tokens
+        if isinstance(entry.get("missing"), list) and entry["missing"]:
+            bad(where, f"the writer planned {len(entry['missing'])} taps it never wrote, e.g. {entry['missing'][0]}")
+        _check_step_file(path, index, batch or len(entry["token_ids"]), tokens, cache, dtype, config, bad, where)
+    return problems
+
+
+def _config(m: dict, given: Qwen3Config | None, bad) -> Qwen3Config | None:
+    raw = m.get("config")
+    if raw is None:
+        return given
+    try:
+        carried = parse_config(raw)
+    except UserError as e:
+        bad("manifest", f"its config is not a Qwen3 config ({e})")
+        return given
+    if given is None:
+        return carried
+    for f in SHAPE_FIELDS:
+        if getattr(carried, f) != getattr(given, f):
+            bad("manifest", f"its config has {f} {getattr(carried, f)} but --model has {getattr(given, f)}: "
+                            "the store was written for another model")
+    return given
+
+
+def _int_rows(rows) -> bool:
+    return isinstance(rows, list) and rows and all(
+        isinstance(r, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in rows)
+
+
+def _step_tokens(entry, index: int, batch, cache: int, config, bad, where: str) -> int | None:
+    """Check a step entry's numbering, token ids [B][T] and positions [B][T]; return T or None."""
+    if not isinstance(entry, dict):
+        bad(where, "the entry is not an object")
+        return None
+    if entry.get("step") != index:
+        bad(where, f"is numbered {entry.get('step')!r}: steps must be numbered 0, 1, 2, ... in order")
+    ids, pos = entry.get("token_ids"), entry.get("positions")
+    if not _int_rows(ids) or not _int_rows(pos):
+        bad(where, "token_ids and positions must both be [B][T] lists of integers")
+        return None
+    tokens = len(ids[0])
+    if tokens == 0 or any(len(r) != tokens for r in ids) or [len(r) for r in pos] != [len(r) for r in ids]:
+        bad(where, "token_ids and positions must be rectangular [B][T] with the same shape and T > 0")
+        return None
+    if batch is not None and len(ids) != batch:
+        bad(where, f"token_ids has {len(ids)} rows but the manifest's batch is {batch}")
+    if index > 0 and tokens != 1:
+        bad(where, f"a decode step has {tokens} tokens; after the prefill each step decodes one token")
+    expected = list(range(cache, cache + tokens))
+    if any(r != expected for r in pos):
+        bad(where, f"positions {pos[0]} should be {expected}: they continue the cache without gaps")
+    if config is not None:
+        out = sorted({i for r in ids for i in r if not 0 <= i < config.vocab_size})
+        if out:
+            bad(where, f"token ids {out[:5]} are outside the vocabulary [0, {config.vocab_size})")
+    return tokens
+
+
+def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int, dtype, config, bad, where):
+    f = path / step_file(step)
+    if not f.is_file():
+        bad(where, f"{f.name} is missing")
+        return
+    header = _safetensors_header(f, bad, where)
+    if header is None:
+        return
+    expected = {t.name: t for t in step_taps(config, batch, tokens, cache)} if config is not None else None
+    for name, info in header.items():
+        layer, op = parse_tap_name(name)
+        spec = OPS_BY_NAME.get(op)
+        tw = f"{where}, {name}"
+        if spec is None or (expected is not None and name not in expected):
+            why = "no op of the schema" if spec is None else "not a tap of this model (its layer count or dense/MoE kind differ)"
+            bad(tw, f"is {why}; see qwen3dbg/taps.py for the names")
+            continue
+        st_dtype, shape = info.get("dtype"), info.get("shape")
+        if spec.integer:
+            if st_dtype not in INTEGER_TAP_DTYPES:
+                bad(tw, f"has dtype {st_dtype}; expert ids are I64 or I32")
+        elif dtype in FLOAT_STORE_DTYPES and st_dtype != FLOAT_STORE_DTYPES[dtype]:
+            bad(tw, f"has dtype {st_dtype} but the manifest says the store is {dtype} ({FLOAT_STORE_DTYPES[dtype]})")
+        if expected is not None:
+            want = list(expected[name].shape)
+            if shape != want:
+                axes = ",".join(spec.axes)
+                bad(tw, f"has shape {shape}, expected {want} [{axes}]")
+        elif not isinstance(shape, list) or len(shape) != len(spec.axes) or shape[:1] != [batch]:
+            bad(tw, f"has shape {shape}, expected {len(spec.axes)} axes [{','.join(spec.axes)}] with B = {batch}")
+
+
+def _safetensors_header(f: Path, bad, where: str) -> dict | None:
+    """The tensor entries of a safetensors file, checked to lie inside the file; None if unreadable."""
+    size = f.stat().st_size
+    try:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"its header claims {n} bytes but the file has {size}")
+            header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        bad(where, f"{f.name} is not a readable safetensors file ({e})")
+        return None
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+            bad(where, f"{f.name}: tensor {name} has no valid data_offsets")
+            return None
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        bad(where, f"{f.name} is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
+        return None
+    return header
