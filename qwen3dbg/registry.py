@@ -13,6 +13,7 @@ from qwen3dbg.errors import UserError
 IMPLEMENTATIONS: dict[str, str] = {
     "hf": "qwen3dbg.reference.hf:HFCandidate",
     "scratch": "qwen3dbg.reference.qwen3:Qwen3Reference",
+    "mine": "qwen3dbg.candidates.mine.engine:MineCandidate",
 }
 
 
