@@ -17,7 +17,7 @@ from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapSink
-from qwen3dbg.taps import forward_index
+from qwen3dbg.taps import forward_index, tap_name
 
 from .numerics import Numerics
 
@@ -117,6 +117,12 @@ class MineCandidate(Candidate):
     def reset(self) -> None:
         self.length = 0
 
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode token reads: everything but the embedding table (one row of it), with
+        the lm_head (tied or not); a MoE layer counted with all its experts, an upper bound."""
+        tensors = [t for L in self.layers for t in vars(L).values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors + [self.final_norm_w, self.lm_head])
+
     def _cache(self, batch: int):
         """[L, B, nKV, max_seq, D] per K and V, allocated once per batch size (slot = position)."""
         c = self.config
@@ -195,8 +201,8 @@ class MineCandidate(Candidate):
             scores, probs, attn = new(B, nH, T, scores_ld, dtype=torch.float32), new(B, nH, T, scores_ld), new(N, nH * D)
             ops.attention(q_rope, k_cache, v_cache, pos, scores, probs, attn, B, i, scores_fill, D ** -0.5,
                           num.round_scores, num.accum_code)
-            # The scores tap is in the compute dtype like every tap; with scores=fp32 that is one rounding more.
-            emit(sink, i, "attn_scores", scores[..., :S].to(self.dtype))
+            if sink.wants(tap_name("attn_scores", i)):  # in the compute dtype like every tap (scores=fp32: rounded)
+                sink(tap_name("attn_scores", i), scores[..., :S].to(self.dtype))
             emit(sink, i, "attn_probs", probs[..., :S])
             emit(sink, i, "attn_out", attn.view(B, T, -1))
             o = new(N, H)

@@ -13,6 +13,7 @@ namespace {
 constexpr int WARPS = 8;              // warps per block of the warp-per-row kernels
 constexpr int THREADS = WARPS * LANES;
 constexpr int TOKEN_BLOCK = 8;        // tokens sharing one read of a weight row in `linear`
+constexpr int ATTN_WARPS = 16;        // warps of one attention block, sharing its scores
 
 __device__ __forceinline__ int warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / LANES; }
 __device__ __forceinline__ int lane_id() { return threadIdx.x % LANES; }
@@ -54,18 +55,24 @@ template <class T> __global__ void embed_k(const int64_t* ids, const T* table, T
   if (i < (long long)n * h) out[i] = table[(size_t)ids[i / h] * h + i % h];
 }
 
-template <class T> __global__ void add_rmsnorm_k(const T* x, const T* h, const T* w, T* resid, T* out, int n, int dim,
+// One block per row: all threads for the elementwise parts, warp 0 for the sum of squares.
+template <class T> __global__ void add_rmsnorm_k(const T* x, const T* h, const T* w, T* resid, T* out, int dim,
                                                  float eps, int mode) {
-  int r = warp_id();
-  if (r >= n) return;
-  const T* src = x + (size_t)r * dim;
+  __shared__ float scale;
+  const size_t r = blockIdx.x;
+  const T* src = x + r * dim;
   if (h) {
-    T* sum = resid + (size_t)r * dim;
-    for (int i = lane_id(); i < dim; i += LANES) sum[i] = from_f<T>(add<T>(to_f(src[i]), to_f(h[(size_t)r * dim + i])));
-    __syncwarp();
+    T* sum = resid + r * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) sum[i] = from_f<T>(add<T>(to_f(src[i]), to_f(h[r * dim + i])));
+    __syncthreads();
     src = sum;
   }
-  warp_rms_row(src, w, out + (size_t)r * dim, dim, eps, mode);
+  if (threadIdx.x < LANES) {
+    float v = rms_scale(warp_dot(src, src, dim, ACC_FP32), dim, eps);
+    if (threadIdx.x == 0) scale = v;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = from_f<T>(rms_apply<T>(to_f(src[i]), scale, to_f(w[i]), mode));
 }
 
 // One warp per (output row j, block of TOKEN_BLOCK tokens): each chunk of w is read once per block.
@@ -91,33 +98,34 @@ template <class T> __global__ void qk_norm_rope_k(const T* qkv, const T* qw, con
   for (int d = lane_id(); d < a.head_dim; d += LANES) h.rope(a, d, cos, sin, k_cache, v_cache);
 }
 
-// One warp per (batch, head, query token): scores over the slots up to the query's position, softmax,
-// then the context with lanes owning dims.
+// One block per (batch, head, query token): its warps share the scores of the slots up to the query's
+// position, warp 0 does the softmax, then each thread owns one dim of the context.
 template <class T> __global__ void attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos,
                                                float* scores, T* probs, T* out, AttnDims a) {
-  const int D = a.head_dim, rep = a.heads / a.kv_heads;
-  int task = warp_id();
-  if (task >= a.batch * a.heads * a.tokens) return;
+  const int D = a.head_dim, rep = a.heads / a.kv_heads, task = blockIdx.x, warp = threadIdx.x / LANES;
   const int t = task % a.tokens, h = (task / a.tokens) % a.heads, b = task / (a.tokens * a.heads);
   const int r = b * a.tokens + t, p = pos[r], g = h / rep;
   const size_t row = ((size_t)(b * a.heads + h) * a.tokens + t) * a.scores_ld;
   const T* qr = q + ((size_t)r * a.heads + h) * D;
   float* sc = scores + row;
   T* pr = probs + row;
-  for (int s = 0; s <= p; ++s) {
+  for (int s = warp; s <= p; s += ATTN_WARPS) {
     float v = scale_score<T>(warp_dot(qr, k_cache + kv_offset(a.cache, a.layer, b, g, s, 0), D, a.accum), a.scale,
                              a.round_scores);
     if (lane_id() == 0) sc[s] = v;
   }
-  __syncwarp();
-  float m, inv;
-  warp_softmax_stats(sc, p + 1, &m, &inv);
-  for (int s = lane_id(); s <= p; s += LANES) pr[s] = from_f<T>(softmax_elem(sc[s], m, inv));
-  for (int s = p + 1 + lane_id(); s < a.scores_fill; s += LANES) { sc[s] = -INFINITY; pr[s] = from_f<T>(0.f); }
-  __syncwarp();
+  __syncthreads();
+  if (warp == 0) {
+    float m, inv;
+    warp_softmax_stats(sc, p + 1, &m, &inv);
+    for (int s = lane_id(); s <= p; s += LANES) pr[s] = from_f<T>(softmax_elem(sc[s], m, inv));
+    for (int s = p + 1 + lane_id(); s < a.scores_fill; s += LANES) { sc[s] = -INFINITY; pr[s] = from_f<T>(0.f); }
+  }
+  __syncthreads();
   T* o = out + ((size_t)r * a.heads + h) * D;
-  for (int d = lane_id(); d < D; d += LANES) {
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f;
+#pragma unroll 8
     for (int s = 0; s <= p; ++s)
       acc = acc_add<T>(acc, to_f(pr[s]) * to_f(v_cache[kv_offset(a.cache, a.layer, b, g, s, d)]), a.accum);
     o[d] = from_f<T>(acc);
@@ -172,8 +180,8 @@ void cuda_embed(const int64_t* ids, const void* table, void* out, int n, int h, 
 
 void cuda_add_rmsnorm(const void* x, const void* h, const void* w, void* resid, void* out, int n, int dim, float eps,
                       int mode, int dt, void* stream) {
-  QMATH_DISPATCH(dt, add_rmsnorm_k<T><<<blocks_for(n, WARPS), THREADS, 0, S(stream)>>>(
-                         (const T*)x, (const T*)h, (const T*)w, (T*)resid, (T*)out, n, dim, eps, mode));
+  QMATH_DISPATCH(dt, add_rmsnorm_k<T><<<n, THREADS, 0, S(stream)>>>((const T*)x, (const T*)h, (const T*)w, (T*)resid,
+                                                                    (T*)out, dim, eps, mode));
 }
 
 void cuda_linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, int dt, void* stream) {
@@ -193,8 +201,8 @@ void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const vo
 
 void cuda_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
                     void* probs, void* out, AttnDims a, int dt, void* stream) {
-  long long tasks = (long long)a.batch * a.heads * a.tokens;
-  QMATH_DISPATCH(dt, attention_k<T><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
+  const unsigned tasks = (unsigned)(a.batch * a.heads * a.tokens);
+  QMATH_DISPATCH(dt, attention_k<T><<<tasks, ATTN_WARPS * LANES, 0, S(stream)>>>(
                          (const T*)q, (const T*)k_cache, (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a));
 }
 

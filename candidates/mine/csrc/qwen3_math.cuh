@@ -124,9 +124,13 @@ template <class T, int R>
 QD void lane_dot_rows(const T* x, size_t x_stride, int rows, const T* w, int K, int lane, int accum, float* acc) {
   float xv[CHUNK], wv[CHUNK];
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#ifdef __CUDA_ARCH__
+#pragma unroll 4
+#endif
   for (int base = lane * CHUNK; base < K; base += STRIDE) {
     load8(w + base, wv);
-    for (int r = 0; r < R && r < rows; ++r) {
+    for (int r = 0; r < R; ++r) {  // a constant trip count keeps acc[] in registers
+      if (r >= rows) break;
       load8(x + r * x_stride + base, xv);
       for (int v = 0; v < CHUNK; ++v) acc[r] = acc_add<T>(acc[r], xv[v] * wv[v], accum);
     }
