@@ -38,10 +38,13 @@ def parse_ids(text: str, cfg: Qwen3Config, what: str = "--token-ids") -> list[in
 def tokenize(model_dir: Path, prompt: str) -> list[int]:
     from transformers import AutoTokenizer
 
+    no_tokenizer = UserError(f"{model_dir} has no tokenizer (synthetic models have none): pass --token-ids instead")
+    if not any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise no_tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, TypeError):
-        raise UserError(f"{model_dir} has no tokenizer (synthetic models have none): pass --token-ids instead") from None
+        raise no_tokenizer from None
     ids = tok(prompt)["input_ids"]
     if not ids:
         raise UserError("--prompt tokenizes to nothing")

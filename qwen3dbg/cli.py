@@ -104,6 +104,51 @@ def capture(
 
 
 @app.command()
+def diff(
+    ref: str = typer.Option("hf", help="Reference: an implementation name (hf, scratch), NAME:key=value options "
+                                       "(hf:attn=sdpa), or store:DIR for a tap store on disk."),
+    cand: str = typer.Option(..., help="Candidate: an implementation name, a bug of the catalogue, or store:DIR "
+                                       "(an external engine's taps; the other sides run on its token ids)."),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    token_ids: Optional[str] = typer.Option(None, help=TOKEN_IDS_HELP),
+    prompt: Optional[str] = typer.Option(None, help=PROMPT_HELP),
+    decode_ids: Optional[str] = typer.Option(None, help=DECODE_IDS_HELP),
+    decode_steps: Optional[int] = typer.Option(None, help=DECODE_STEPS_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: a store's own dtype, else bfloat16."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole result as JSON to this file."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report to this file."),
+):
+    """Find the first op where a candidate parts from the reference, judged against an fp64 golden.
+
+    Exit status: 0 no divergence, 1 divergence found, 2 bad input or a failure."""
+    from qwen3dbg.diff import run_diff
+    from qwen3dbg.reports.terminal import render
+
+    try:
+        with console.status("diff") as spinner:
+            result = run_diff(ref, cand, model_dir=model, dtype=dtype, token_ids=token_ids, decode_ids=decode_ids,
+                              decode_steps=decode_steps, prompt=prompt,
+                              status=lambda msg: spinner.update(f"diff: {msg}"))
+    except UserError:
+        raise
+    except Exception:  # a crash must not read as exit 1, "divergence found"
+        console.print_exception()
+        raise typer.Exit(2)
+    render(result, Console())
+    if json_out is not None:
+        from qwen3dbg.reports.diff_json import write_json
+
+        write_json(result, json_out)
+        console.print(f"wrote {json_out}")
+    if html_out is not None:
+        from qwen3dbg.reports.diff_html import write_html
+
+        write_html(result, html_out)
+        console.print(f"wrote {html_out}")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def selftest(
     device: str = typer.Option("cuda", help="Where mine runs: cuda (checked against its CPU twin and HF) or cpu."),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),

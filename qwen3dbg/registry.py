@@ -14,6 +14,22 @@ IMPLEMENTATIONS: dict[str, str] = {
     "hf": "qwen3dbg.reference.hf:HFCandidate",
     "scratch": "qwen3dbg.reference.qwen3:Qwen3Reference",
     "mine": "qwen3dbg.candidates.mine.engine:MineCandidate",
+    # the bug catalogue: one bug each (rmsnorm-fused is the clean one); see candidates/catalogue.py
+    "rope-interleaved": "qwen3dbg.candidates.catalogue:RopeInterleaved",
+    "rope-theta-1e4": "qwen3dbg.candidates.catalogue:RopeTheta1e4",
+    "qk-norm-over-hidden": "qwen3dbg.candidates.catalogue:QkNormOverHidden",
+    "softmax-wrong-axis": "qwen3dbg.candidates.catalogue:SoftmaxWrongAxis",
+    "no-transpose": "qwen3dbg.candidates.catalogue:NoTransposeBeforeReshape",
+    "ghost-bias": "qwen3dbg.candidates.catalogue:GhostBias",
+    "no-causal-mask": "qwen3dbg.candidates.catalogue:CausalMaskMissing",
+    "embed-scaled": "qwen3dbg.candidates.catalogue:EmbedScaled",
+    "kv-cache-off-by-one": "qwen3dbg.candidates.catalogue:KvCacheOffByOne",
+    "gqa-modulo": "qwen3dbg.candidates.catalogue:GqaModulo",
+    "softmax-no-max": "qwen3dbg.candidates.catalogue:SoftmaxNoMax",
+    "missing-scale": "qwen3dbg.candidates.catalogue:MissingScale",
+    "lowp-accumulation": "qwen3dbg.candidates.catalogue:LowPrecisionAccumulation",
+    "moe-topk-softmax": "qwen3dbg.candidates.catalogue:MoeTopkSoftmax",
+    "rmsnorm-fused": "qwen3dbg.candidates.catalogue:RmsNormFused",
 }
 
 

@@ -11,10 +11,11 @@ from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.store import TapStore
-from qwen3dbg.synth import Plants, default_model_dir, make_model
+from qwen3dbg.synth import Plants, make_model
 
-PROMPT = [9, 41, 7, 300, 12, 5, 77, 150]
-STEPS = forced_steps(PROMPT, [3, 17, 250])  # prefill + 3 decode steps
+from conftest import DECODE, PROMPT, run_steps
+
+STEPS = forced_steps(PROMPT, DECODE)  # prefill + 3 decode steps
 
 
 def mine(model_dir, dtype, **options):
@@ -24,14 +25,7 @@ def mine(model_dir, dtype, **options):
 
 
 def run(cand) -> list[dict[str, torch.Tensor]]:
-    """Every tap of every step of STEPS."""
-    cand.reset()
-    taps = []
-    for info in STEPS:
-        sink = DictSink()
-        cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
-        taps.append(sink.taps)
-    return taps
+    return run_steps(cand, STEPS)
 
 
 def max_err(t: torch.Tensor, ref: torch.Tensor) -> float:
@@ -51,8 +45,8 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 @pytest.fixture(scope="module", params=["tiny-dense", "tiny-moe"])
-def model_dir(request):
-    return default_model_dir(request.param)
+def model_dir(request, models):
+    return models(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +89,11 @@ def test_low_precision_twin_equals_reference_bit_for_bit_up_to_one_ulp_where_ord
                 return
 
 
-def test_hf_eager_bf16_taps_equal_the_twin_on_the_dense_model():
-    """Against transformers itself: in bf16 on the dense model every tap of every step is identical."""
+def test_hf_eager_bf16_taps_equal_the_twin_on_the_dense_model(models):
+    """Against transformers itself: in bf16 on the dense model every tap is within one ulp (identical here)."""
     from qwen3dbg.reference.hf import HFCandidate
 
-    model_dir = default_model_dir("tiny-dense")
+    model_dir = models("tiny-dense")
     ours, hf = run(mine(model_dir, "bfloat16")), run(HFCandidate(model_dir, "bfloat16"))
     for step, (got, want) in enumerate(zip(ours, hf)):
         bad = [n for n, w in want.items() if ulps_apart(got[n], w.to(got[n].dtype)) > 1]
@@ -107,9 +101,9 @@ def test_hf_eager_bf16_taps_equal_the_twin_on_the_dense_model():
 
 
 @pytest.fixture(scope="module")
-def big_k_norm(tmp_path_factory):
+def big_k_norm(models):
     """tiny-dense with k_norm weights of ~96.5 in layer 0, as in the released Qwen3."""
-    return make_model(tmp_path_factory.mktemp("big-k-norm"), "tiny-dense", plants=Plants(k_norm_peak=96.5))
+    return models("big-k-norm")
 
 
 def exact_k_norm(taps: dict[str, torch.Tensor], weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -173,32 +167,32 @@ def test_fp32_scores_change_only_the_attention_and_bring_it_closer_to_exact(mode
     assert mean_err(wide[0]["layers.0.attn_probs"], exact) < mean_err(default[0]["layers.0.attn_probs"], exact)
 
 
-def test_capture_writes_every_planned_tap_and_the_manifest_says_the_device(tmp_path):
-    model_dir = default_model_dir("tiny-moe")
+def test_capture_writes_every_planned_tap_and_the_manifest_says_the_device(tmp_path, models):
+    model_dir = models("tiny-moe")
     store = TapStore.open(capture(mine(model_dir, "bfloat16"), STEPS, tmp_path / "store"))
     assert store.manifest["device"] == "cpu"
     assert all("missing" not in s for s in store.manifest["steps"])
 
 
-def test_stray_tensors_on_disk_are_ignored(tmp_path):
+def test_stray_tensors_on_disk_are_ignored(tmp_path, models):
     """Biases the config does not declare (attention_bias false) must not be read, however huge."""
     ghost = make_model(tmp_path / "ghost", "tiny-dense", plants=Plants(ghost_bias=1e30))
-    clean = default_model_dir("tiny-dense")
+    clean = models("tiny-dense")
     assert torch.equal(run(mine(ghost, "bfloat16"))[-1]["logits"], run(mine(clean, "bfloat16"))[-1]["logits"])
 
 
-@pytest.mark.parametrize("options", [{"rmsnorm": "late"}, {"accum": "bf17"}, {"device": "tpu"}])
-def test_bad_options_are_user_errors(options):
+@pytest.mark.parametrize("options", [{"rmsnorm": "late"}, {"accum": "bf17"}, {"device": "tpu"}, {"max_seq": "many"}])
+def test_bad_options_are_user_errors(options, models):
     with pytest.raises(UserError):
-        mine(default_model_dir("tiny-dense"), "bfloat16", **options)
+        mine(models("tiny-dense"), "bfloat16", **options)
 
 
-def test_float64_is_refused_with_a_pointer_to_the_golden():
+def test_float64_is_refused_with_a_pointer_to_the_golden(models):
     with pytest.raises(UserError, match="scratch"):
-        mine(default_model_dir("tiny-dense"), "float64")
+        mine(models("tiny-dense"), "float64")
 
 
-def test_positions_that_skip_cache_slots_are_refused():
-    cand = mine(default_model_dir("tiny-dense"), "bfloat16")
+def test_positions_that_skip_cache_slots_are_refused(models):
+    cand = mine(models("tiny-dense"), "bfloat16")
     with pytest.raises(UserError, match="positions"):
         cand.step(torch.tensor([[1, 2]]), torch.tensor([[3, 4]]), DictSink())

@@ -83,7 +83,9 @@ class MineCandidate(Candidate):
     name = "mine"
 
     def __init__(self, model_dir, dtype="bfloat16", *, device: str = "auto", rmsnorm: str = "hf",
-                 scores: str = "compute", accum: str = "fp32", max_seq: int = 4096, graph: bool = True):
+                 scores: str = "compute", accum: str = "fp32", max_seq: int | str = 4096, graph: bool | str = True):
+        """Options come as strings from `--cand mine:key=value`: device, rmsnorm, scores, accum (see
+        numerics.py), max_seq (cache slots), graph (false: no CUDA graph for decode)."""
         from .build import load
 
         self.config = cfg = load_config(model_dir)
@@ -94,8 +96,11 @@ class MineCandidate(Candidate):
             raise UserError("mine implements Qwen3 without attention biases, but this config sets attention_bias")
         self.numerics = Numerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
         self.device = resolve_device(device)
-        self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
-        self.use_graph = bool(graph) and self.device.type == "cuda"
+        try:
+            self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
+        except ValueError:
+            raise UserError(f"mine option max_seq={max_seq!r} is not a whole number") from None
+        self.use_graph = str(graph).lower() not in ("false", "0", "no") and self.device.type == "cuda"
         self.ops = load()
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             Checkpoint(model_dir), cfg, self.dtype, self.device)

@@ -1,0 +1,143 @@
+"""Benchmark of the differ's comparison against merely reading its stores (goal: within 2x, memory of a
+few taps), on the Qwen3-0.6B shape: 28 layers, 128 tokens, every tap; and, separately, the reference runs.
+
+    python bench/bench_diff.py [--workdir DIR] [--tokens 128] [--preset qwen3-0.6b]
+
+The model and the three stores (fp64 golden, hf and a candidate in bf16) are made once under --workdir
+and reused; reading and comparing are timed on a warm page cache, each in a fresh process so that its
+peak memory is its own. Peak memory is the process's anonymous resident memory (not the mapped files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class PeakAnon:
+    """Samples RssAnon of this process every 5 ms; `.peak` in bytes."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _now(self) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._now())
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self.base = self._now()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def stores(work: Path, preset: str, tokens: int):
+    """Make the model and the three stores if absent; return (model_dir, gold, ref, cand, reference-run seconds)."""
+    os.environ["QWEN3DBG_HOME"] = str(work / "home")
+    from qwen3dbg.capture import capture, forced_steps
+    from qwen3dbg.config import load_config
+    from qwen3dbg.diff.runs import cached_run
+    from qwen3dbg.registry import load_candidate
+    from qwen3dbg.synth import make_model
+    import torch
+
+    model = work / preset
+    if not (model / "config.json").exists():
+        t = time.perf_counter()
+        make_model(model, preset)
+        print(f"made {preset} in {time.perf_counter() - t:.1f} s", flush=True)
+    vocab = load_config(model).vocab_size
+    steps = forced_steps([(17 * i + 5) % vocab for i in range(tokens)], [])
+    runs = {}
+    for name, dtype in (("scratch", torch.float64), ("hf", torch.bfloat16)):
+        t = time.perf_counter()
+        store, cached = cached_run(name, {}, model, steps, dtype)
+        runs[f"{name} {str(dtype)[6:]}"] = (time.perf_counter() - t, cached, store.path)
+    cand = work / "cand-rmsnorm-fused"
+    if not (cand / "manifest.json").exists():
+        t = time.perf_counter()
+        capture(load_candidate("rmsnorm-fused", model, "bfloat16"), steps, cand)
+        runs["rmsnorm-fused bfloat16"] = (time.perf_counter() - t, False, cand)
+    else:
+        runs["rmsnorm-fused bfloat16"] = (0.0, True, cand)
+    return model, runs
+
+
+def child(mode: str, model: str, gold: str, ref: str, cand: str) -> None:
+    """One measurement in this fresh process: 'read' every tap of the three stores, or 'compare' them."""
+    import torch
+
+    from qwen3dbg.config import load_config
+    from qwen3dbg.diff.compare import Comparison
+    from qwen3dbg.store import TapStore
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    sides = [TapStore.open(p) for p in (gold, ref, cand)]
+    with PeakAnon() as mem:
+        t = time.perf_counter()
+        if mode == "read":
+            n = 0
+            for st in sides:
+                for info in st.steps:
+                    for name in st.names(info.step):
+                        n += st.get(info.step, name).numel()
+        else:
+            n = sum(1 for _ in Comparison(*sides, load_config(model), sides[1].dtype).run())
+        dt = time.perf_counter() - t
+    print(json.dumps({"seconds": dt, "peak_anon": mem.peak - mem.base, "count": n}))
+
+
+def measure(mode: str, model: Path, runs: dict) -> dict:
+    paths = [str(runs[k][2]) for k in ("scratch float64", "hf bfloat16", "rmsnorm-fused bfloat16")]
+    out = subprocess.run([sys.executable, __file__, "--child", mode, str(model), *paths],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache/qwen3dbg")) / "bench")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--preset", default="qwen3-0.6b")
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(*a.child)
+        return
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    model, runs = stores(a.workdir, a.preset, a.tokens)
+    print(f"\nreference runs ({a.preset}, {a.tokens} tokens, every tap):")
+    for name, (sec, cached, path) in runs.items():
+        size = sum(f.stat().st_size for f in Path(path).iterdir()) / 1e9
+        print(f"  {name:24s} {'cached (made earlier)' if cached else f'{sec:7.1f} s'}   store {size:.2f} GB")
+    measure("read", model, runs)  # warm the page cache for both measurements
+    read, comp = measure("read", model, runs), measure("compare", model, runs)
+    from qwen3dbg.store import TapStore
+
+    gold = TapStore.open(runs["scratch float64"][2])
+    largest = max(gold.get(0, n).numel() for n in gold.names(0)) * 8
+    print(f"\nread the three stores:   {read['seconds']:7.2f} s   peak anon memory {read['peak_anon'] / 1e6:8.1f} MB")
+    print(f"compare (all {comp['count']} taps): {comp['seconds']:7.2f} s   peak anon memory {comp['peak_anon'] / 1e6:8.1f} MB")
+    print(f"ratio compare / read:    {comp['seconds'] / read['seconds']:7.2f}x   (goal: within 2x)")
+    print(f"largest tap in float64:  {largest / 1e6:7.1f} MB  -> compare peak = {comp['peak_anon'] / largest:.1f} such taps")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,634 @@
+"""Named bug signatures, computed from the tensors alone (never from an implementation's name).
+
+`diagnose` runs every check whose ops include the first divergent tap; a check reads that tap and
+its neighbours (the op's inputs, the same tap at the prefill) and either names a bug with the numbers
+behind it or returns None. Checks test a hypothesis: re-run the op under the suspected bug on the
+candidate's OWN inputs and see whether that reproduces the candidate's output to within the noise
+of the tap. `explain_rounding` words differences that stay inside the noise.
+
+Shapes: B batch, T tokens of the step, S cache slots, nH/nKV heads, D head_dim, N output channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Protocol
+
+import torch
+
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.store import StepInfo, masked
+from qwen3dbg.taps import parse_tap_name, tap_name
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    signature: str  # stable id
+    message: str  # one sentence with the evidence in numbers
+    evidence: dict = field(default_factory=dict)  # JSON-serialisable numbers behind the message
+
+
+class TapSource(Protocol):
+    """What the differ hands in: every side's taps by (step, name), and the checkpoint."""
+
+    config: Qwen3Config
+    steps: list[StepInfo]
+    dtype: torch.dtype  # dtype under test
+
+    def ref(self, step: int, name: str) -> torch.Tensor | None: ...
+
+    def cand(self, step: int, name: str) -> torch.Tensor | None: ...
+
+    def gold(self, step: int, name: str) -> torch.Tensor | None: ...
+
+    def weight(self, name: str) -> torch.Tensor | None: ...
+
+
+# ---- pure math ------------------------------------------------------------------------------------
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 over the entries where b is finite (inf when a is not finite there)."""
+    a, b = a.double(), b.double()
+    ok = torch.isfinite(b)
+    if not bool(torch.isfinite(a[ok]).all()):
+        return math.inf
+    den = float(torch.linalg.vector_norm(b[ok]))
+    num = float(torch.linalg.vector_norm((a - b)[ok]))
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def fit_scale(c: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
+    """Least-squares a with c ~ a * r over finite entries of r; returns (a, ||c - a r|| / ||c||)."""
+    ok = torch.isfinite(r) & torch.isfinite(c)
+    c, r = c[ok].double(), r[ok].double()
+    rr = float(r @ r)
+    if rr == 0:
+        return 1.0, math.inf
+    a = float(c @ r) / rr
+    return a, rel(a * r, c)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, interleaved: bool) -> torch.Tensor:
+    """positions [B,T] -> angles [B,T,D] in float64. Halves (Qwen3): channel i and i + D/2 share
+    frequency i; interleaved (GPT-J): channels 2i and 2i+1 share frequency i."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = positions.double()[..., None] * inv_freq
+    return freqs.repeat_interleave(2, -1) if interleaved else torch.cat((freqs, freqs), -1)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [B,T,n,D] by angles [B,T,D], in float64."""
+    x = x.double()
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest |a - b| over entries finite on both sides, in units in the last place of `dtype` at b's
+    magnitude, where magnitudes under b's RMS count as the RMS (a near-zero element inherits its
+    neighbours' absolute error)."""
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    a, b = a[ok].double(), b[ok].double()
+    if b.numel() == 0:
+        return 0.0
+    mag = b.abs().clamp_min(float(b.pow(2).mean().sqrt()) or torch.finfo(dtype).tiny)
+    spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(mag)))
+    return float(((a - b).abs() / spacing).max())
+
+
+def accumulate_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w [N, K].T with every product and running sum rounded to x's dtype."""
+    acc = torch.zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype)
+    for k in range(x.shape[-1]):
+        acc = acc + x[..., k, None] * w[:, k]
+    return acc
+
+
+def scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int], scale: float,
+           causal: bool = True) -> torch.Tensor:
+    """Attention scores in float64 from q [B,T,nH,D], a key cache [B,nKV,S,D] and query positions [B,T]
+    -> [B,nH,T,S], future keys -inf when causal; query head h reads kv head kv_of_head[h]."""
+    q, k = q.double().transpose(1, 2), k.double()[:, kv_of_head]
+    out = q @ k.transpose(2, 3) * scale
+    if causal:
+        future = torch.arange(k.shape[2]) > positions[:, None, :, None]  # [B,1,T,S]
+        out = out.masked_fill(future, float("-inf"))
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int],
+              scale: float, causal: bool = True, softmax_dim: int = -1) -> torch.Tensor:
+    """Attention in float64 (see `scores`; v [B,nKV,S,D]) -> context [B,T,nH*D]. The knobs are where bugs live."""
+    probs = scores(q, k, positions, kv_of_head, scale, causal).softmax(softmax_dim)
+    out = probs @ v.double()[:, kv_of_head]  # [B,nH,T,D]
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+# ---- where a check looks --------------------------------------------------------------------------
+
+@dataclass
+class Site:
+    """One tap of one step under suspicion, with shortcuts to its neighbours (ops of the same layer)."""
+
+    src: TapSource
+    step: int
+    layer: int | None
+    op: str
+
+    @property
+    def cfg(self) -> Qwen3Config:
+        return self.src.config
+
+    @property
+    def eps(self) -> float:
+        return torch.finfo(self.src.dtype).eps
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.src.dtype).removeprefix("torch.")
+
+    def name(self, op: str | None = None) -> str:
+        return tap_name(op or self.op, self.layer)
+
+    def cand(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
+        t = self.src.cand(self.step if step is None else step, self.name(op))
+        return None if t is None else t.double()
+
+    def base(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
+        """The reference side of a comparison: the reference in the dtype under test, else the golden."""
+        s = self.step if step is None else step
+        t = self.src.ref(s, self.name(op))
+        t = self.src.gold(s, self.name(op)) if t is None else t
+        return None if t is None else t.double()
+
+    @cached_property
+    def tol(self) -> float:
+        """How close a hypothesis must reproduce the candidate: 4x the reference's own relative
+        error to fp64 at this tap, and never under 4 ulps of the dtype."""
+        r, g = self.src.ref(self.step, self.name()), self.src.gold(self.step, self.name())
+        noise = rel(r, g) if r is not None and g is not None else 0.0
+        return 4 * max(noise, self.eps)
+
+    def positions(self) -> torch.Tensor:
+        return torch.tensor(self.src.steps[self.step].positions)
+
+    def weight_name(self, module: str) -> str:
+        """The on-disk name of this layer's `module` tensor (`self_attn.q_norm.weight`)."""
+        return f"model.layers.{self.layer}.{module}" if self.layer is not None else module
+
+    def weight(self, module: str) -> torch.Tensor | None:
+        t = self.src.weight(self.weight_name(module))
+        return None if t is None else t.double()
+
+
+Check = Callable[[Site], "Diagnosis | None"]
+
+
+# ---- the signatures, one per bug family -----------------------------------------------------------
+
+def _name_factor(a: float, factors: dict[str, float]) -> str | None:
+    return next((label for label, f in factors.items() if abs(a / f - 1) < 0.01), None)
+
+
+def embed_scaled(s: Site) -> Diagnosis | None:
+    c, r = s.cand(), s.base()
+    a, resid = fit_scale(c, r)
+    if resid > s.tol or abs(a - 1) <= s.tol:
+        return None
+    h = s.cfg.hidden_size
+    label = _name_factor(a, {f"sqrt({h})": h ** 0.5, f"1/sqrt({h})": h ** -0.5})
+    named = f" = {label}" if label else ""
+    return Diagnosis("embed_scaled", f"embed = reference x {a:.6g}{named}: embeddings are scaled, Qwen3 does not "
+                     f"scale them (residual after the factor {resid:.1e})",
+                     {"factor": a, "named": label, "residual": resid})
+
+
+def scores_scaled(s: Site) -> Diagnosis | None:
+    c, r = s.cand(), s.base()
+    valid = ~masked(r) & ~masked(c)
+    a, resid = fit_scale(c[valid], r[valid])
+    if resid > s.tol or abs(a - 1) <= s.tol:
+        return None
+    d = s.cfg.head_dim
+    label = _name_factor(a, {f"sqrt(head_dim {d})": d ** 0.5, f"1/sqrt(head_dim {d})": d ** -0.5})
+    why = {None: "the scores are scaled", f"sqrt(head_dim {d})": "the 1/sqrt(head_dim) scale is missing",
+           f"1/sqrt(head_dim {d})": "the 1/sqrt(head_dim) scale is applied twice"}[label]
+    named = f" = {label}" if label else ""
+    return Diagnosis("scores_scaled", f"attn_scores = reference x {a:.4g}{named}: {why}",
+                     {"factor": a, "named": label, "residual": resid, "head_dim": d})
+
+
+_BIAS_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                "o_proj": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+                "mlp.out": "mlp.down_proj", "moe.router_logits": "mlp.gate", "logits": "lm_head"}
+
+
+def extra_bias(s: Site) -> Diagnosis | None:
+    c, r = s.cand(), s.base()
+    d = (c - r).reshape(-1, c.shape[-1])  # [tokens, N]
+    if d.shape[0] < 2 or rel(c, r) <= s.tol:
+        return None
+    offset = d.mean(0)
+    spread = float(torch.linalg.vector_norm(d - offset) / torch.linalg.vector_norm(d))
+    if spread > 0.1:
+        return None
+    rms = float(offset.pow(2).mean().sqrt())
+    ev = {"offset_rms": rms, "spread_across_tokens": spread, "tokens": d.shape[0]}
+    msg = (f"{s.name()} = reference + a constant per-channel offset (rms {rms:.3g}, varying {spread:.1%} across "
+           f"{d.shape[0]} tokens): an extra bias")
+    bias_name = f"{_BIAS_MODULE.get(s.op, s.op)}.bias"
+    bias = s.weight(bias_name)
+    if bias is not None and bias.shape == offset.shape and rel(offset, bias) < 0.05:
+        full = s.weight_name(bias_name)
+        ev |= {"bias_tensor": full, "offset_vs_bias_rel": rel(offset, bias)}
+        msg += f"; it equals the checkpoint's {full}, which attention_bias {str(s.cfg.attention_bias).lower()} leaves unused"
+    return Diagnosis("extra_bias", msg, ev)
+
+
+def norm_over_all_heads(s: Site) -> Diagnosis | None:
+    c, w, x = s.cand(), s.weight(f"self_attn.{s.op}.weight"), s.cand(s.op.replace("norm", "proj"))
+    if w is None or x is None:
+        return None
+    xhat = c / w  # [B,T,n,D]: what the norm produced before its weight
+    per_head = xhat.pow(2).mean(-1).sqrt()  # [B,T,n]
+    joint = xhat.flatten(-2).pow(2).mean(-1).sqrt()  # [B,T]
+    ms = x.pow(2).mean(-1)  # [B,T]: the input's mean square over all heads; RMSNorm's eps keeps rms under 1
+    expected = (ms / (ms + s.cfg.rms_norm_eps)).sqrt()
+    lo, hi = float(per_head.min()), float(per_head.max())
+    if float((joint - expected).abs().max()) > s.tol or max(1 - lo, hi - 1) <= s.tol:
+        return None
+    n = c.shape[-2]
+    return Diagnosis("norm_axis", f"{s.op} normalised over all {n} heads jointly: the RMS of {s.op}/weight per head "
+                     f"ranges {lo:.3f}..{hi:.3f} but over all heads it is {float(joint.mean()):.4f}; "
+                     f"Qwen3 normalises each head over head_dim {c.shape[-1]}",
+                     {"per_head_rms_min": lo, "per_head_rms_max": hi, "joint_rms": float(joint.mean()),
+                      "joint_rms_expected": float(expected.mean()), "heads": n})
+
+
+def _position_drift(s: Site) -> tuple[float, float, int]:
+    """Relative error of the candidate at the step's first position and its worst position."""
+    c, r = s.cand(), s.base()  # [B,T,n,D]
+    errs = [rel(c[:, t], r[:, t]) for t in range(c.shape[1])]
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    return errs[0], errs[worst], int(s.positions()[0, worst])
+
+
+def rope_angles_wrong(s: Site) -> Diagnosis | None:
+    """Fit theta (and the channel pairing) that turns the candidate's q_norm into its q_rope."""
+    x, y = s.cand(s.op.replace("rope", "norm")), s.cand()
+    pos, d, theta0 = s.positions(), s.cfg.head_dim, s.cfg.rope_theta
+    if x is None or rel(rotate(x, rope_angles(pos, d, theta0, False)), y) <= s.tol:
+        return None
+    e0, e_worst, p_worst = _position_drift(s)
+    drift = (f"{s.op} matches at position {int(pos[0, 0])} (rel. error {e0:.1e}) and drifts with position "
+             f"({e_worst:.2g} at position {p_worst})")
+    ev = {"rel_err_first_position": e0, "rel_err_worst": e_worst, "worst_position": p_worst,
+          "config_theta": theta0}
+
+    def resid(log_theta: float, interleaved: bool = False) -> float:
+        return rel(rotate(x, rope_angles(pos, d, 10 ** log_theta, interleaved)), y)
+
+    grid = [2 + i * 0.05 for i in range(141)]  # theta from 1e2 to 1e9
+    best = min(grid, key=resid)
+    lo, hi = best - 0.05, best + 0.05
+    for _ in range(20):  # golden-section refinement around the best grid point
+        m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
+        lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
+    fitted, r_fit = 10 ** ((lo + hi) / 2), resid((lo + hi) / 2)
+    if r_fit <= s.tol and abs(math.log10(fitted / theta0)) > 0.1:
+        return Diagnosis("rope_theta", f"{drift}: RoPE angles; fitted theta ~ {fitted:.2g} (residual {r_fit:.1e}), "
+                         f"config says {theta0:.3g}", ev | {"fitted_theta": fitted, "residual": r_fit})
+    r_inter = resid(math.log10(theta0), True)
+    if r_inter <= s.tol:
+        return Diagnosis("rope_layout", f"{drift}: channels 2i and 2i+1 share a RoPE angle (cos/sin interleaved, "
+                         f"residual {r_inter:.1e}) while rotate_half pairs channel i with i+{d // 2}: cos/sin "
+                         "concatenated on the wrong dim", ev | {"residual_interleaved": r_inter})
+    if e0 <= s.tol < e_worst:
+        return Diagnosis("rope_position", f"{drift}: RoPE angles, though no single theta or channel layout "
+                         f"explains them (best theta {fitted:.2g} leaves {r_fit:.1e})",
+                         ev | {"fitted_theta": fitted, "residual": r_fit})
+    return None
+
+
+def cache_off_by_one(s: Site) -> Diagnosis | None:
+    if s.step == 0:
+        return None
+    c, r = s.cand(), s.base()  # [B,nKV,S,D]
+    prefill = s.cand(step=0), s.base(step=0)
+    if None in prefill or rel(*prefill) > s.tol:
+        return None
+    scale = float(torch.linalg.vector_norm(r)) / r.shape[2] ** 0.5
+    slot_err = [float(torch.linalg.vector_norm(c[:, :, j] - r[:, :, j])) / scale for j in range(r.shape[2])]
+    bad = [j for j, e in enumerate(slot_err) if e > s.tol]
+    if not bad:
+        return None
+    for shift in (1, -1):
+        moved = [j for j in bad if 0 <= j + shift < r.shape[2]
+                 and rel(c[:, :, j], r[:, :, j + shift]) <= s.tol]
+        empty = [j for j in bad if float(c[:, :, j].abs().max()) == 0]
+        if moved and sorted(moved + empty) == bad:
+            where = "one slot early" if shift == 1 else "one slot late"
+            return Diagnosis("cache_off_by_one",
+                             f"prefill agrees, decode step {s.step} diverges: {s.op} slot {moved[-1]} holds the entry "
+                             f"the reference has at slot {moved[-1] + shift}"
+                             + (f", slot {empty[-1]} is empty" if empty else "")
+                             + f": cache off-by-one (entries written {where})",
+                             {"step": s.step, "shift": shift, "moved_slots": moved, "empty_slots": empty})
+    return None
+
+
+def causal_mask_missing(s: Site) -> Diagnosis | None:
+    scores = s.cand("attn_scores")
+    if scores is None:
+        return None
+    t = torch.arange(scores.shape[-1])
+    future = (t[None, None, :] > s.positions()[:, :, None])[:, None].expand_as(scores)  # [B,nH,T,S]
+    reached = future & ~masked(scores)
+    if not bool(reached.any()):
+        return None
+    ev = {"future_entries": int(future.sum()), "reached": int(reached.sum())}
+    msg = f"attention reaches future positions: {ev['reached']} of {ev['future_entries']} future (query < key) " \
+          "score entries are not masked"
+    probs = s.cand("attn_probs")
+    if probs is not None:
+        ev["future_mass"] = float(probs[future].sum() / probs[~future].sum().add(probs[future].sum()))
+        msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
+    return Diagnosis("causal_mask_missing", msg + ": causal mask missing", ev)
+
+
+def gqa_mapping(s: Site) -> Diagnosis | None:
+    q, k, sc = s.cand("q_rope"), s.cand("k_cache"), s.cand("attn_scores")
+    c = s.cfg
+    if q is None or k is None or c.n_rep == 1:
+        return None
+    valid = ~masked(sc)  # [B,nH,T,S]
+    hyp = torch.einsum("bthd,bgsd->bhgts", q, k) * c.head_dim ** -0.5  # [B,nH,nKV,T,S]
+    mapping, resid = [], []
+    for h in range(c.num_attention_heads):
+        errs = [rel(sc[:, h][valid[:, h]], hyp[:, h, g][valid[:, h]]) for g in range(c.num_key_value_heads)]
+        g = min(range(len(errs)), key=errs.__getitem__)
+        mapping.append(g)
+        resid.append(errs[g])
+    expected = [h // c.n_rep for h in range(c.num_attention_heads)]
+    if mapping == expected or max(resid) > s.tol:
+        return None
+    modulo = [h % c.num_key_value_heads for h in range(c.num_attention_heads)]
+    ev = {"mapping": mapping, "expected": expected, "residual": max(resid)}
+    if mapping == modulo:
+        return Diagnosis("gqa_modulo", f"heads h and h+{c.num_key_value_heads} share keys: query heads read kv heads "
+                         f"{mapping} (h % {c.num_key_value_heads}), the config implies {expected} "
+                         f"(h // {c.n_rep}): GQA head mapping uses modulo", ev)
+    return Diagnosis("gqa_mapping", f"query heads read kv heads {mapping}, the config implies {expected} "
+                     f"(h // {c.n_rep}): GQA head mapping is wrong", ev)
+
+
+def softmax_not_normalised(s: Site) -> Diagnosis | None:
+    p = s.cand()  # [B,nH,T,S]
+    rows = p.sum(-1)
+    row_err = float((rows - 1).abs().max())
+    if row_err <= s.tol:
+        return None
+    ev = {"row_sum_min": float(rows.min()), "row_sum_max": float(rows.max())}
+    msg = f"rows of attn_probs do not sum to 1 over keys (they range {ev['row_sum_min']:.3g}..{ev['row_sum_max']:.3g})"
+    cols = p.sum(-2)[p.amax(-2) > 0]  # key columns that any query sees
+    if p.shape[-2] > 1 and float((cols - 1).abs().max()) <= s.tol:
+        return Diagnosis("softmax_axis", msg + " while every column sums to 1 over queries: softmax taken over the "
+                         "query axis instead of the key axis", ev | {"col_sum_err": float((cols - 1).abs().max())})
+    return Diagnosis("softmax_not_normalised", msg, ev)
+
+
+def softmax_overflow(s: Site) -> Diagnosis | None:
+    """NaN/inf born in the softmax: its scores are finite but pass log(max) of the dtype. Where the
+    candidate exposes no scores (its first NaN is then attn_out), they are rebuilt from q_rope and k_cache."""
+    sc, source = s.cand("attn_scores"), "its input attn_scores is"
+    if sc is None:
+        q, k = s.cand("q_rope"), s.cand("k_cache")
+        if q is None or k is None:
+            return None
+        c = s.cfg
+        sc = scores(q, k, s.positions(), [h // c.n_rep for h in range(c.num_attention_heads)], c.head_dim ** -0.5)
+        source = "the scores its q_rope and k_cache give are"
+    live = sc[~masked(sc)]
+    limit = math.log(torch.finfo(s.src.dtype).max)
+    top = float(live.max())
+    if not bool(torch.isfinite(live).all()) or top <= limit:
+        return None
+    out = s.cand()
+    bad = int((~torch.isfinite(out)).sum())
+    return Diagnosis("softmax_overflow", f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({bad} of "
+                     f"{out.numel()} values) while {source} finite with max {top:.4g} > log(max {s.dtype_name}) = "
+                     f"{limit:.2f}: softmax without max subtraction overflows exp",
+                     {"nonfinite": bad, "max_score": top, "exp_limit": limit})
+
+
+def transpose_before_reshape(s: Site) -> Diagnosis | None:
+    c, r = s.cand(), s.base()  # [B,T,nH*D]
+    B, T, _ = c.shape
+    if T == 1:
+        return None
+    undone = c.reshape(B, -1, T, s.cfg.head_dim).transpose(1, 2).reshape(B, T, -1)
+    as_is, fixed = rel(c, r), rel(undone, r)
+    if fixed > s.tol:
+        return None
+    return Diagnosis("transpose_before_reshape", f"attn_out is a permutation of the reference: read as [B,nH,T,D] "
+                     f"and transposed to [B,T,nH,D] it matches (rel. error {fixed:.1e}, as is {as_is:.2g}): "
+                     "heads and tokens are not transposed back before the reshape",
+                     {"rel_err_as_is": as_is, "rel_err_transposed": fixed})
+
+
+def moe_weights_normalisation(s: Site) -> Diagnosis | None:
+    c, r = s.cand(), s.base()  # [B,T,k]
+    cs, rs = c.sum(-1), r.sum(-1)
+    norm = s.cfg.norm_topk_prob
+    sums_to_one = float((cs - 1).abs().max()) <= s.tol
+    if sums_to_one == norm:
+        return None
+    ev = {"cand_sum_mean": float(cs.mean()), "ref_sum_mean": float(rs.mean()), "norm_topk_prob": norm}
+    if norm:
+        return Diagnosis("moe_topk_not_normalised", f"moe.topk_weights sum to {ev['cand_sum_mean']:.3g} per token on "
+                         "average though norm_topk_prob is true: the top-k weights are not renormalised", ev)
+    return Diagnosis("moe_topk_softmax", f"moe.topk_weights sum to 1 per token though norm_topk_prob is false "
+                     f"(reference: {ev['ref_sum_mean']:.3g} on average, the top-k share of a softmax over all "
+                     f"{s.cfg.num_experts} experts): softmax over the top-k logits only, or a renormalisation", ev)
+
+
+def attention_rebuilt(s: Site) -> Diagnosis | None:
+    """For engines that expose no attention matrices: recompute attn_out from the candidate's own
+    q_rope, k_cache and v_cache, the Qwen3 way and with one known bug at a time."""
+    q, k, v, c = s.cand("q_rope"), s.cand("k_cache"), s.cand("v_cache"), s.cand()
+    if q is None or k is None or v is None:
+        return None
+    cfg, pos = s.cfg, s.positions()
+    right = {"kv_of_head": [h // cfg.n_rep for h in range(cfg.num_attention_heads)], "scale": cfg.head_dim ** -0.5}
+    as_qwen3 = rel(attention(q, k, v, pos, **right), c)
+    if as_qwen3 <= s.tol:
+        return None
+    modulo = [h % cfg.num_key_value_heads for h in range(cfg.num_attention_heads)]
+    bugs = [("causal_mask_missing", {"causal": False}, "no causal mask: attention reaches future positions"),
+            ("scores_scaled", {"scale": 1.0}, "no 1/sqrt(head_dim) scale: the scale is missing"),
+            ("softmax_axis", {"softmax_dim": -2}, "the softmax over queries: softmax taken over the wrong axis")]
+    if modulo != right["kv_of_head"]:
+        bugs.append(("gqa_modulo", {"kv_of_head": modulo},
+                     f"query head h reading kv head h % {cfg.num_key_value_heads}: GQA head mapping uses modulo"))
+    for signature, change, what in bugs:
+        resid = rel(attention(q, k, v, pos, **(right | change)), c)
+        if resid <= s.tol:
+            return Diagnosis(signature, f"{s.name()} is what the candidate's own q_rope, k_cache and v_cache give with "
+                             f"{what} (residual {resid:.1e}; attending as Qwen3 leaves {as_qwen3:.2g})",
+                             {"residual": resid, "residual_as_qwen3": as_qwen3, "rebuilt_from": "attn_out"})
+    return None
+
+
+_NORM_INPUT = {"q_norm": "q_proj", "k_norm": "k_proj", "mlp_norm": "resid_mid"}
+
+
+def _norm_input(s: Site) -> torch.Tensor | None:
+    """The candidate's input of a norm tap, shaped like its output."""
+    if s.op in _NORM_INPUT:
+        x = s.cand(_NORM_INPUT[s.op])
+    elif s.op == "attn_norm":
+        x = s.src.cand(s.step, "embed" if s.layer == 0 else tap_name("resid_out", s.layer - 1))
+    else:  # final_norm
+        x = s.src.cand(s.step, tap_name("resid_out", s.cfg.num_hidden_layers - 1))
+    return None if x is None else x.double().reshape(s.cand().shape)
+
+
+_NORM_WEIGHT = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
+                "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+                "final_norm": "model.norm.weight"}
+
+
+def rounding_point(s: Site) -> Diagnosis | None:
+    """Does the candidate round RMSNorm after the weight (fused) where the reference rounds before?"""
+    x, w, c = _norm_input(s), s.weight(_NORM_WEIGHT[s.op]), s.cand()
+    if x is None or w is None:
+        return None
+    act = s.src.dtype
+    xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + s.cfg.rms_norm_eps)
+    fused = (w * xhat).to(act).double()
+    unfused = (w.to(act) * xhat.to(act)).double()
+    share_fused = float((c == fused).double().mean())
+    if share_fused < 0.9 or share_fused <= float((c == unfused).double().mean()):
+        return None
+    base = s.base()
+    n = ulps(c, base, act) if base is not None else 0.0
+    wmax = float(w.abs().max())
+    amplified = f"; {s.op} weight {wmax:.1f} amplifies the reference's rounding" if wmax > 2 else ""
+    return Diagnosis("rounding_point", f"{s.name()} differs by up to {n:.0f} {s.dtype_name} ulps: the RMSNorm weight is "
+                     f"applied before rounding here and after it in the reference{amplified}",
+                     {"max_ulps": n, "share_matching_fused": share_fused, "max_weight": wmax})
+
+
+_LINEAR = {"q_proj": ("attn_norm", "self_attn.q_proj"), "k_proj": ("attn_norm", "self_attn.k_proj"),
+           "v_proj": ("attn_norm", "self_attn.v_proj"), "o_proj": ("attn_out", "self_attn.o_proj"),
+           "mlp.gate": ("mlp_norm", "mlp.gate_proj"), "mlp.up": ("mlp_norm", "mlp.up_proj"),
+           "moe.router_logits": ("mlp_norm", "mlp.gate")}
+
+
+def lowp_accumulation(s: Site) -> Diagnosis | None:
+    """A matmul whose error to fp64 is several times the reference's while its input agrees, and
+    which summing the same products in the activation dtype reproduces."""
+    if s.eps < 1e-4 or s.op not in _LINEAR:
+        return None
+    in_op, module = _LINEAR[s.op]
+    x, w = s.cand(in_op), s.weight(module + ".weight")
+    g, gx = s.src.gold(s.step, s.name()), s.src.gold(s.step, s.name(in_op))
+    r, rx = s.src.ref(s.step, s.name()), s.src.ref(s.step, s.name(in_op))
+    if None in (x, w, g, gx, r, rx):
+        return None
+    c = s.cand()
+    e_c, e_r = rel(c, g), rel(r, g)
+    if e_c <= 2 * e_r or rel(x, gx) > 3 * max(rel(rx, gx), s.eps):
+        return None
+    act = s.src.dtype
+    xa = x.reshape(-1, x.shape[-1]).to(act)
+    e_lp = rel(accumulate_lowp(xa, w.to(act)).reshape(g.shape), g)
+    if not 1 / 3 <= e_c / e_lp <= 3:
+        return None
+    k = x.shape[-1]
+    return Diagnosis("lowp_accumulation", f"{s.name()} is {e_c / e_r:.1f}x further from fp64 than the reference "
+                     f"(rel. L2 {e_c:.2g} vs {e_r:.2g}) while its input agrees; summing its {k} products per output "
+                     f"in {s.dtype_name} gives {e_lp:.2g}: the matmul accumulates in {s.dtype_name}, not float32",
+                     {"rel_err": e_c, "ref_rel_err": e_r, "lowp_sim_rel_err": e_lp, "reduction_length": k})
+
+
+def nonfinite(s: Site) -> Diagnosis | None:
+    c, r = s.cand(), s.base()
+    nan, inf = int(torch.isnan(c).sum()), int(torch.isinf(c).sum())
+    return Diagnosis("nonfinite", f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({nan} NaN, {inf} inf of "
+                     f"{c.numel()} values) where the reference is finite (max |x| {float(r[torch.isfinite(r)].abs().max()):.4g})",
+                     {"nan": nan, "inf": inf, "numel": c.numel()})
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A bug family: the ops whose divergence it can explain and the check that tests it. Checks of
+    non-finite values run only where the candidate has NaN/inf that the reference has not; all the
+    others only where it has none."""
+
+    family: str
+    ops: tuple[str, ...]
+    check: Check
+    nonfinite: bool = False
+
+
+NORM_OPS = ("attn_norm", "q_norm", "k_norm", "mlp_norm", "final_norm")
+
+SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns fits in this order
+    Signature("softmax overflow", ("attn_probs", "attn_out"), softmax_overflow, nonfinite=True),
+    Signature("embedding scale", ("embed",), embed_scaled),
+    Signature("attention scale", ("attn_scores",), scores_scaled),
+    Signature("extra bias", tuple(_BIAS_MODULE), extra_bias),
+    Signature("norm axis", ("q_norm", "k_norm"), norm_over_all_heads),
+    Signature("rounding point", NORM_OPS, rounding_point),
+    Signature("rope", ("q_rope", "k_rope"), rope_angles_wrong),
+    Signature("kv cache", ("k_cache", "v_cache"), cache_off_by_one),
+    Signature("causal mask", ("attn_scores", "attn_probs"), causal_mask_missing),
+    Signature("gqa mapping", ("attn_scores",), gqa_mapping),
+    Signature("softmax axis", ("attn_probs",), softmax_not_normalised),
+    Signature("transpose", ("attn_out",), transpose_before_reshape),
+    Signature("attention rebuilt", ("attn_out",), attention_rebuilt),
+    Signature("moe weights", ("moe.topk_weights",), moe_weights_normalisation),
+    Signature("accumulation", tuple(_LINEAR), lowp_accumulation),
+    Signature("non-finite", ("*",), nonfinite, nonfinite=True),
+)
+
+
+def _site(src: TapSource, step: int, tap: str) -> Site | None:
+    """The site of a tap both sides hold in the same shape (a shape mismatch is no numeric bug)."""
+    layer, op = parse_tap_name(tap)
+    s = Site(src, step, layer, op)
+    c, b = s.cand(), s.base()
+    return s if c is not None and b is not None and c.shape == b.shape else None
+
+
+def diagnose(src: TapSource, step: int, tap: str) -> list[Diagnosis]:
+    """Named bugs that explain the divergence of `tap` at `step`, best first; [] when none fits."""
+    s = _site(src, step, tap)
+    if s is None:
+        return []
+    c, b = s.cand(), s.base()
+    has_nonfinite = not bool(torch.isfinite(c[torch.isfinite(b)]).all())
+    found = (sig.check(s) for sig in SIGNATURES
+             if (s.op in sig.ops or "*" in sig.ops) and sig.nonfinite == has_nonfinite)
+    return [d for d in found if d is not None]
+
+
+def explain_rounding(src: TapSource, step: int, tap: str) -> Diagnosis | None:
+    """Word an in-noise difference: a known rounding point when one fits, else its size in ulps."""
+    s = _site(src, step, tap)
+    if s is None or bool(torch.equal(s.cand(), s.base())):
+        return None
+    if s.op in NORM_OPS and (d := rounding_point(s)) is not None:
+        return d
+    c, b, g = s.cand(), s.base(), s.src.gold(step, tap)
+    n = ulps(c, b, src.dtype)
+    ev = {"max_ulps": n}
+    msg = f"{tap} differs from the reference by up to {n:.0f} {s.dtype_name} ulps"
+    if g is not None:
+        ev |= {"rel_err": rel(c, g), "ref_rel_err": rel(b, g)}
+        msg += f" (rel. L2 to fp64 {ev['rel_err']:.2g}, reference {ev['ref_rel_err']:.2g})"
+    return Diagnosis("rounding_order", msg + ": another rounding order, not a bug", ev)

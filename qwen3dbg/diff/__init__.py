@@ -1,0 +1,196 @@
+"""The differ: run or open three sides (reference, candidate, fp64 golden), compare them tap by tap,
+find the first divergent op, tell introduced from inherited, and ask the diagnosis what kind of bug it is.
+
+`run_diff(...) -> DiffResult` is the whole command; the CLI and the reports only render its result.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.diff.compare import Comparison, inputs_of
+from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS
+from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
+from qwen3dbg.diff.runs import REFERENCES, cached_run, fresh_run, runs_home
+from qwen3dbg.diff.sides import SideSpec, parse_side, store_steps
+from qwen3dbg.diff.teacher import estimate, teacher_force
+from qwen3dbg.dtypes import dtype_name, parse_dtype
+from qwen3dbg.errors import UserError
+from qwen3dbg.store import StepInfo, TapStore
+
+__all__ = ["run_diff", "DiffResult", "Divergence", "TapResult"]
+
+DEFAULT_DTYPE = torch.bfloat16
+
+
+@dataclass
+class StoreSource:
+    """The diagnosis' view of a diff (qwen3dbg.diagnosis.TapSource): three stores and the checkpoint."""
+
+    config: Qwen3Config
+    steps: list[StepInfo]
+    dtype: torch.dtype
+    ref_store: TapStore
+    cand_store: TapStore
+    gold_store: TapStore
+    model_dir: Path
+
+    def _get(self, store: TapStore, step: int, name: str) -> torch.Tensor | None:
+        return store.get(step, name) if step < len(store.steps) and store.has(step, name) else None
+
+    def ref(self, step: int, name: str) -> torch.Tensor | None:
+        return self._get(self.ref_store, step, name)
+
+    def cand(self, step: int, name: str) -> torch.Tensor | None:
+        return self._get(self.cand_store, step, name)
+
+    def gold(self, step: int, name: str) -> torch.Tensor | None:
+        return self._get(self.gold_store, step, name)
+
+    def weight(self, name: str) -> torch.Tensor | None:
+        from qwen3dbg.checkpoint import Checkpoint
+
+        if not hasattr(self, "_ckpt"):
+            self._ckpt = Checkpoint(self.model_dir)
+        return self._ckpt.get(name) if name in self._ckpt else None
+
+
+def _ids_text(ids: list[int] | str | None) -> str | None:
+    return ",".join(map(str, ids)) if isinstance(ids, (list, tuple)) else ids
+
+
+def _dtype_under_test(specs: list[SideSpec], dtype: str | torch.dtype | None) -> torch.dtype:
+    """A store fixes the dtype; an explicit --dtype must agree with it; otherwise bfloat16."""
+    stored = {s.text: s.store.dtype for s in specs if s.store is not None}
+    if len(set(stored.values())) > 1:
+        raise UserError("the two stores hold different dtypes (" + ", ".join(f"{k}: {dtype_name(v)}" for k, v in stored.items())
+                        + "): capture both in the dtype under test")
+    asked = parse_dtype(dtype) if dtype is not None else None
+    if stored:
+        found = next(iter(stored.values()))
+        if asked is not None and asked != found:
+            raise UserError(f"--dtype {dtype_name(asked)} but {next(iter(stored))} holds {dtype_name(found)}: "
+                            "leave out --dtype or capture the store in that dtype")
+        return found
+    if asked == torch.float64:
+        raise UserError("--dtype float64 is the golden itself: test in float32, bfloat16 or float16")
+    return asked or DEFAULT_DTYPE
+
+
+def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | None = None,
+             dtype: str | torch.dtype | None = None, token_ids: list[int] | str | None = None,
+             decode_ids: list[int] | str | None = None, decode_steps: int | None = None, prompt: str | None = None,
+             teacher: bool = True, status: Callable[[str], None] = lambda msg: None) -> DiffResult:
+    """Compare `cand` with `ref` on the same ids, both judged against the fp64 golden; see docs/differ.md."""
+    from qwen3dbg.inputs import resolve_model, resolve_steps
+
+    t0 = time.perf_counter()
+    model_dir, cfg = resolve_model(Path(model_dir) if model_dir is not None else None)
+    specs = [parse_side(ref, "ref"), parse_side(cand, "cand")]
+    dt = _dtype_under_test(specs, dtype)
+    with_store = any(s.store is not None for s in specs)
+    if with_store and (prompt or decode_steps is not None):
+        raise UserError("a store fixes the token ids: leave out --prompt and --decode-steps")
+    given = resolve_steps(model_dir, cfg, _ids_text(token_ids), None, _ids_text(decode_ids), None) \
+        if with_store and (token_ids or decode_ids) else None
+    steps = store_steps(specs, cfg, given) or resolve_steps(
+        model_dir, cfg, _ids_text(token_ids), prompt, _ids_text(decode_ids), decode_steps)
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix=".diff-", dir=runs_home()) as work:
+        status("fp64 golden (scratch in float64)")
+        t = time.perf_counter()
+        gold, gold_cached = cached_run("scratch", {}, model_dir, steps, torch.float64)
+        timings["golden"] = time.perf_counter() - t
+        stores, loaded, infos = {}, {}, [SideInfo("gold", "scratch:float64", "scratch", "float64", str(gold.path), gold_cached)]
+        for role, spec in zip(("ref", "cand"), specs):
+            t = time.perf_counter()
+            cached = False
+            if spec.store is not None:
+                store = spec.store
+            elif spec.name in REFERENCES:
+                status(f"{role}: {spec.text} in {dtype_name(dt)}")
+                store, cached = cached_run(spec.name, spec.options, model_dir, steps, dt)
+            else:
+                status(f"{role}: {spec.text} in {dtype_name(dt)}")
+                store, loaded[role] = fresh_run(spec.name, spec.options, model_dir, steps, dt, Path(work))
+            timings[role] = time.perf_counter() - t
+            stores[role] = store
+            infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path), cached))
+        status("comparing")
+        t = time.perf_counter()
+        comparison = Comparison(gold, stores["ref"], stores["cand"], cfg, dt)
+        taps = list(comparison.run())
+        timings["compare"] = time.perf_counter() - t
+        src = StoreSource(cfg, steps, dt, stores["ref"], stores["cand"], gold, model_dir)
+        first = next((r for r in taps if r.divergent), None)
+        div = _divergence(first, taps, cfg) if first else None
+        if div is not None and teacher and specs[1].name is not None:
+            candidate = loaded.get("cand") or _load(specs[1], model_dir, dt)
+            forced = teacher_force(candidate, stores["ref"], gold, div, first, steps[div.step])
+            div.origin = forced or div.origin
+        diagnosis = _diagnose(src, div)
+        in_noise = _in_noise(src, taps, div, cfg, dt)
+    timings["total"] = time.perf_counter() - t0
+    nonfinite = next(({"step": r.step, "tap": r.name, "count": r.nonfinite["cand"]} for r in taps
+                      if r.nonfinite.get("cand")), None)
+    return DiffResult(
+        model=str(model_dir), config=cfg.to_hf_dict(), dtype=dtype_name(dt), sides=infos,
+        steps=[{"step": s.step, "tokens": s.tokens, "token_ids": s.token_ids[0], "positions": s.positions[0]} for s in steps],
+        taps=taps, first_divergence=div, diagnosis=diagnosis, first_nonfinite=nonfinite, in_noise=in_noise,
+        routing_ties=comparison.ties, timings=timings,
+        rule={"norm_factor": NORM_FACTOR, "element_factor": ELEMENT_FACTOR, "rel_floor_ulps": REL_FLOOR_ULPS,
+              "abs_floor_ulps": ABS_FLOOR_ULPS})
+
+
+def _load(spec: SideSpec, model_dir: Path, dt: torch.dtype):
+    from qwen3dbg.registry import load_candidate
+
+    return load_candidate(spec.name, model_dir, dt, **spec.options)
+
+
+def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Divergence:
+    div = Divergence(step=first.step, layer=first.layer, tap=first.name, op=first.op, reason=first.reason,
+                     excess=first.excess, max_abs=first.max_abs, rel_l2=first.rel_l2, worst=first.worst)
+    div.origin = estimate(div, {t.name: t for t in taps if t.step == first.step}, cfg)
+    return div
+
+
+def _diagnose(src: StoreSource, div: Divergence | None) -> list:
+    from qwen3dbg.diagnosis import diagnose
+
+    return [] if div is None else list(diagnose(src, div.step, div.tap))
+
+
+def _in_noise(src: StoreSource, taps: list[TapResult], div: Divergence | None, cfg: Qwen3Config,
+              dt: torch.dtype) -> Finding | None:
+    """The in-noise difference that most exceeds what its inputs carry (before any divergence)."""
+    best, best_own, by = None, 1.0, {}
+    for r in taps:
+        if div is not None and (r.step, r.name) == (div.step, div.tap):
+            break
+        by[(r.step, r.name)] = r
+        if r.status != "ok" or r.diff_ulps <= 0:
+            continue
+        carried = max((by[(r.step, n)].diff_ulps for n in inputs_of(r.name, cfg) if (r.step, n) in by), default=0.0)
+        own = r.diff_ulps / max(carried, 1.0)
+        if own > best_own:
+            best, best_own, best_in = r, own, carried
+    if best is None:
+        return None
+    from qwen3dbg.diagnosis import explain_rounding
+
+    explained = explain_rounding(src, best.step, best.name)
+    if explained is not None:
+        return Finding(best.step, best.name, best.diff_ulps, best_in, explained.message, explained.signature,
+                       dict(explained.evidence))
+    return Finding(best.step, best.name, best.diff_ulps, best_in,
+                   f"{best.name} differs from the reference by {best.diff_ulps:.2g} {dtype_name(dt)} ulps (rms) while "
+                   f"its inputs differ by {best_in:.2g}: the candidate rounds differently here, within the noise floor",
+                   "rounding_point", {"diff_ulps": best.diff_ulps, "input_ulps": best_in})

@@ -1,0 +1,41 @@
+"""The divergence rule: a candidate's error against the fp64 golden, judged by the reference's own error.
+
+docs/differ.md states the rule for users; the constants live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: a candidate may be this many times further from fp64 than the reference, norm-wise (rel. L2) ...
+NORM_FACTOR = 3.0
+#: ... and element-wise (max |err|), where a few elements of noise weigh more than in a norm
+ELEMENT_FACTOR = 8.0
+#: floors that hold where the reference is exact (a gather, a copy): never zero. One rounding gives at
+#: most half an ulp per element, about 0.3 ulp in rms, so an rms error of one ulp of the tap's scale ...
+REL_FLOOR_ULPS = 1.0
+#: ... or a max error of four ulps at the tap's largest magnitude is more than rounding can explain
+ABS_FLOOR_ULPS = 4.0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Thresholds of one tap: divergent when rel_l2 > rel or max_abs > abs_."""
+
+    rel: float
+    abs_: float
+
+    def excess(self, rel_l2: float, max_abs: float) -> float:
+        """How far past the tolerance a candidate is (> 1: divergent)."""
+        return max(rel_l2 / self.rel, max_abs / self.abs_)
+
+
+def tolerance(dtype: torch.dtype, ref_rel_l2: float, ref_max_abs: float, gold_max_abs: float) -> Tolerance:
+    """The tolerance of a tap from the reference's error to fp64 in `dtype` (rel. L2 and max |err|) and
+    the golden's largest magnitude: a factor over the reference's error, never below the floors."""
+    eps = torch.finfo(dtype).eps
+    floor_abs = ABS_FLOOR_ULPS * eps * max(gold_max_abs, torch.finfo(dtype).tiny)
+    return Tolerance(rel=max(NORM_FACTOR * ref_rel_l2, REL_FLOOR_ULPS * eps),
+                     abs_=max(ELEMENT_FACTOR * ref_max_abs, floor_abs))

@@ -1,0 +1,170 @@
+"""The one result of `qwen3dbg diff`: plain dataclasses that the terminal, JSON and HTML views render."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+FORMAT = "qwen3dbg-diff/1"
+
+
+@dataclass
+class TapResult:
+    """One tap of one step: the candidate's error to fp64 next to the reference's, and the verdict."""
+
+    step: int
+    name: str
+    layer: int | None
+    op: str
+    status: str  # "ok", "divergent" or "not_compared"
+    reason: str = ""  # why divergent or not compared; empty when ok
+    numel: int = 0
+    max_abs: float = 0.0  # candidate vs golden over the compared elements
+    rel_l2: float = 0.0
+    cosine: float = 1.0
+    mismatch: float = 0.0  # share of elements further from fp64 than the reference's worst element
+    ref_max_abs: float = 0.0  # reference vs golden
+    ref_rel_l2: float = 0.0
+    tol_rel: float = 0.0
+    tol_abs: float = 0.0
+    excess: float = 0.0  # max(rel_l2 / tol_rel, max_abs / tol_abs): > 1 is divergent
+    diff_ulps: float = 0.0  # ||cand - ref|| / ||gold|| in ulps of the dtype under test
+    nonfinite: dict = field(default_factory=dict)  # side -> count of NaN/inf where fp64 is finite
+    worst: dict | None = None  # coordinate of the worst element
+    extra: dict = field(default_factory=dict)  # logits agreement, routing ties, excluded tokens
+
+    @property
+    def divergent(self) -> bool:
+        return self.status == "divergent"
+
+
+@dataclass
+class Divergence:
+    """The first divergent tap in forward order, and whether its layer introduced the error."""
+
+    step: int
+    layer: int | None
+    tap: str
+    op: str
+    reason: str
+    excess: float
+    max_abs: float
+    rel_l2: float
+    worst: dict | None
+    origin: dict = field(default_factory=dict)  # {"introduced": bool, "method": ..., "message": ..., numbers}
+
+
+@dataclass
+class Finding:
+    """An in-noise difference worth knowing (exit 0): where the candidate rounds differently."""
+
+    step: int
+    tap: str
+    diff_ulps: float
+    input_ulps: float
+    message: str
+    signature: str = "rounding_point"
+    evidence: dict = field(default_factory=dict)
+
+
+@dataclass
+class SideInfo:
+    role: str  # "ref", "cand" or "gold"
+    spec: str  # as given: an implementation name (with options) or store:DIR
+    implementation: str
+    dtype: str
+    store: str  # where its taps were read from
+    cached: bool = False
+
+
+@dataclass
+class DiffResult:
+    model: str
+    config: dict
+    dtype: str
+    sides: list[SideInfo]
+    steps: list[dict]  # {"step", "tokens", "token_ids", "positions"}
+    taps: list[TapResult]
+    first_divergence: Divergence | None
+    diagnosis: list  # list[qwen3dbg.diagnosis.Diagnosis], best first
+    first_nonfinite: dict | None = None  # {"step", "tap", "count"}: the op that first produced NaN/inf
+    in_noise: Finding | None = None
+    routing_ties: list[dict] = field(default_factory=list)
+    rule: dict = field(default_factory=dict)  # the tolerance constants in force
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.first_divergence is not None else 0
+
+    @property
+    def verdict(self) -> str:
+        d = self.first_divergence
+        if d is None:
+            n = sum(t.status == "ok" for t in self.taps)
+            return f"no divergence: {n} taps within the {self.dtype} noise floor"
+        where = f"layer {d.layer}" if d.layer is not None else "outside the layers"
+        return f"divergence at step {d.step}, {where}: {d.tap} ({d.reason})"
+
+    @property
+    def not_compared(self) -> list[TapResult]:
+        return [t for t in self.taps if t.status == "not_compared"]
+
+    def summary(self) -> list[tuple[str, str]]:
+        """The one-screen summary as (label, sentence) pairs in reading order; every view renders these."""
+        ref, cand = self.side("ref"), self.side("cand")
+        lines = [("verdict", self.verdict),
+                 ("sides", f"reference {ref.spec}, candidate {cand.spec}, both judged against scratch in float64; "
+                           f"dtype {self.dtype}; prefill of {self.steps[0]['tokens']} tokens, "
+                           f"{len(self.steps) - 1} decode steps")]
+        d = self.first_divergence
+        if d is not None:
+            worst = ", ".join(f"{k} {v}" for k, v in (d.worst or {}).items() if k not in ("step", "batch")) or "-"
+            lines.append(("first divergence", f"step {d.step}, {d.tap}: rel. L2 {d.rel_l2:.3g}, max |err| "
+                                              f"{d.max_abs:.3g}, worst at {worst}"))
+            if d.origin:
+                lines.append(("origin", d.origin["message"]))
+            nf = self.first_nonfinite
+            if nf:
+                lines.append(("first NaN/inf", f"step {nf['step']}, {nf['tap']} ({nf['count']} values)"))
+            lines += [("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)]
+            if not self.diagnosis:
+                lines.append(("diagnosis", "no known bug signature fits the tensors"))
+        if self.in_noise is not None:
+            lines.append(("within noise", f"step {self.in_noise.step}, {self.in_noise.tap}: {self.in_noise.message}"))
+        if self.routing_ties:
+            lines.append(("routing ties", f"{len(self.routing_ties)} token(s) chose other experts within the router "
+                                          "noise; their later taps are left out"))
+        missing = sorted({t.op for t in self.not_compared})
+        if missing:
+            lines.append(("not compared", f"a side lacks {', '.join(missing)}"))
+        return lines
+
+    def side(self, role: str) -> SideInfo:
+        return next(s for s in self.sides if s.role == role)
+
+    def to_json(self) -> dict:
+        """Everything, JSON-safe (NaN and inf become null); CI jobs read first_divergence and diagnosis."""
+        d = {
+            "format": FORMAT, "verdict": self.verdict, "exit_code": self.exit_code,
+            "first_divergence": asdict(self.first_divergence) if self.first_divergence else None,
+            "diagnosis": [{"signature": x.signature, "message": x.message, "evidence": x.evidence}
+                          for x in self.diagnosis],
+            "first_nonfinite": self.first_nonfinite,
+            "in_noise": asdict(self.in_noise) if self.in_noise else None,
+            "routing_ties": self.routing_ties, "model": self.model, "dtype": self.dtype,
+            "sides": [asdict(s) for s in self.sides], "rule": self.rule, "config": self.config,
+            "steps": self.steps, "timings": self.timings,
+            "taps": [asdict(t) for t in self.taps],
+        }
+        return _json_safe(d)
+
+
+def _json_safe(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x

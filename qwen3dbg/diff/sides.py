@@ -1,0 +1,75 @@
+"""What `--ref` and `--cand` name: an implementation to run (`hf`, `hf:attn=sdpa`, a catalogue bug) or
+`store:DIR`, a tap store already on disk whose token ids every other side is then run on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.errors import UserError
+from qwen3dbg.store import StepInfo, TapStore
+
+STORE_PREFIX = "store:"
+
+
+@dataclass(frozen=True)
+class SideSpec:
+    text: str
+    name: str | None = None  # implementation name, None for a store
+    options: dict = field(default_factory=dict)
+    store: TapStore | None = None
+
+
+def parse_side(text: str, role: str) -> SideSpec:
+    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is opened (and refused if incomplete) now."""
+    text = text.strip()
+    if text.startswith(STORE_PREFIX):
+        path = Path(text[len(STORE_PREFIX):])
+        if not path.is_dir():
+            raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
+        return SideSpec(text, store=TapStore.open(path))
+    name, _, opts = text.partition(":")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--{role} {text}: options are written NAME:key=value,key=value, e.g. hf:attn=sdpa")
+        options[key] = value
+    if not name:
+        raise UserError(f"--{role} is empty: name an implementation (hf, scratch, ...) or store:DIR")
+    return SideSpec(text, name=name, options=options)
+
+
+def store_steps(specs: list[SideSpec], cfg: Qwen3Config, given: list[StepInfo] | None) -> list[StepInfo] | None:
+    """The steps fixed by the stores among the sides (None when no side is a store); all must agree."""
+    stores = [s for s in specs if s.store is not None]
+    if not stores:
+        return None
+    steps = stores[0].store.steps
+    for s in stores:
+        _check_store_config(s, cfg)
+        if _ids(s.store.steps) != _ids(steps):
+            raise UserError(f"{s.text} and {stores[0].text} were captured on different token ids: capture both on the same ids")
+        if len(s.store.steps[0].token_ids) != 1:
+            raise UserError(f"{s.text} holds a batch of {len(s.store.steps[0].token_ids)}: the differ compares batch 1")
+    if given is not None and _ids(given) != _ids(steps):
+        raise UserError(f"{stores[0].text} was captured on other token ids than the ones given: "
+                        "leave out --token-ids/--decode-ids, the store's own ids are used")
+    return steps
+
+
+def _ids(steps: list[StepInfo]):
+    return [(s.token_ids, s.positions) for s in steps]
+
+
+def _check_store_config(spec: SideSpec, cfg: Qwen3Config) -> None:
+    stored = spec.store.manifest.get("config")
+    if not isinstance(stored, dict):
+        return
+    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "vocab_size", "intermediate_size")
+    bad = [f for f in fields if f in stored and stored[f] != getattr(cfg, f)]
+    if bad:
+        raise UserError(f"{spec.text} was captured from another model ({bad[0]} {stored[bad[0]]} vs "
+                        f"{getattr(cfg, bad[0])} in --model): pass the model the store was captured from")

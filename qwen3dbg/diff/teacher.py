@@ -1,0 +1,62 @@
+"""Introduced or inherited: does the first divergent op create the error, or carry it in from its inputs?
+
+With a candidate that can run one layer, teacher forcing feeds the reference's input of that layer
+(and its KV cache) into the candidate's layer and measures what the layer alone adds. A store cannot
+run, so there the answer is estimated from the jump in error between the op's inputs and its output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen3dbg.candidate import Candidate, DictSink
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.diff.compare import inputs_of, layer_input
+from qwen3dbg.diff.result import Divergence, TapResult
+from qwen3dbg.store import StepInfo, TapStore, masked
+from qwen3dbg.taps import tap_name
+
+
+def estimate(div: Divergence, by_name: dict[str, TapResult], cfg: Qwen3Config) -> dict:
+    """Error jump of the op: its inputs' largest excess over the noise floor vs its own."""
+    ins = [by_name[n] for n in inputs_of(div.tap, cfg) if n in by_name and by_name[n].status == "ok"]
+    worst_in = max((t.excess for t in ins), default=0.0)
+    introduced = worst_in <= 1 < div.excess
+    names = ", ".join(t.name for t in ins) or "none"
+    how = "introduced here" if introduced else "inherited from its inputs"
+    return {"introduced": introduced, "method": "error jump", "input_excess": worst_in, "output_excess": div.excess,
+            "message": f"{how}: inputs ({names}) at {worst_in:.2g}x the noise floor, {div.tap} at {div.excess:.3g}x "
+                       "(estimated from the error jump; teacher forcing needs a candidate that runs one layer)"}
+
+
+def teacher_force(cand: Candidate, ref: TapStore, gold: TapStore, div: Divergence, res: TapResult,
+                  info: StepInfo) -> dict | None:
+    """Run the candidate's layer `div.layer` on the reference's layer input and cache; None when it cannot."""
+    layer, s = div.layer, div.step
+    if layer is None or not cand.supports_layer:
+        return None
+    needs = [(s, layer_input(layer))] + ([(s - 1, tap_name("k_cache", layer)), (s - 1, tap_name("v_cache", layer))] if s else [])
+    if not all(ref.has(*n) for n in needs):
+        return None
+    hidden = ref.get(*needs[0]).to(cand.dtype)
+    past = (ref.get(*needs[1]).to(cand.dtype), ref.get(*needs[2]).to(cand.dtype)) if s else None
+    sink = DictSink(only={div.tap})
+    cand.reset()
+    cand.run_layer(layer, hidden, torch.tensor(info.positions), past, sink)
+    forced = sink.taps.get(div.tap)
+    r, g = ref.get(s, div.tap), gold.get(s, div.tap)
+    if forced is None or forced.shape != r.shape:
+        return None
+    ok = torch.isfinite(g) & torch.isfinite(r) & ~masked(g) & ~masked(r)
+    gnorm = float(torch.linalg.vector_norm(torch.where(ok, g.double(), 0.0))) or 1.0
+    alone = float(torch.linalg.vector_norm(torch.where(ok, forced.double() - r.double(), 0.0))) / gnorm
+    mask_diff = int((masked(forced) != masked(r)).sum())
+    if mask_diff or not bool(torch.isfinite(forced)[ok].all()):
+        alone = float("inf")
+    introduced = alone > res.tol_rel
+    how = "introduced in this layer" if introduced else "inherited: the layer is fine on the reference's input"
+    what = (f"its mask pattern differs at {mask_diff} entries" if mask_diff else
+            f"{div.tap} is {alone:.3g} off (rel. L2; tolerance {res.tol_rel:.3g}, full run {res.rel_l2:.3g})")
+    return {"introduced": introduced, "method": "teacher forcing", "alone_rel_l2": alone, "full_rel_l2": res.rel_l2,
+            "tol_rel": res.tol_rel, "mask_entries": mask_diff,
+            "message": f"{how}: fed the reference's input of layer {layer}, {what}"}

@@ -1,0 +1,98 @@
+"""The capture and make-model commands, through the real CLI, and their one-line errors (exit 2)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qwen3dbg.cli import app, main
+from qwen3dbg.store import TapStore
+from qwen3dbg.taps import step_taps
+
+runner = CliRunner()
+
+
+def cli(*args):
+    """Run the CLI like the console script does (UserError -> one line, exit 2)."""
+    import sys
+
+    argv, sys.argv = sys.argv, ["qwen3dbg", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = argv
+
+
+def test_capture_writes_a_complete_store_with_recorded_greedy_decode_ids(models, tmp_path):
+    out = tmp_path / "taps"
+    assert cli("capture", "--impl", "scratch", "--model", models("tiny-moe"), "--token-ids", "5,17,99,3",
+               "--decode-steps", "2", "--dtype", "bf16", "--out", out) == 0
+    store = TapStore.open(out)
+    assert store.implementation == "scratch" and store.dtype == torch.bfloat16
+    assert [s.tokens for s in store.steps] == [4, 1, 1]
+    assert store.steps[2].positions == [[5]]
+    # The decode ids are the greedy choices of the fp64 golden, recorded for every other side to reuse.
+    from qwen3dbg.capture import greedy_decode_ids
+    from qwen3dbg.reference.qwen3 import Qwen3Reference
+
+    picked = greedy_decode_ids(Qwen3Reference(models("tiny-moe")), [5, 17, 99, 3], 2)
+    assert [s.token_ids[0][0] for s in store.steps[1:]] == picked
+    cfg = store.manifest["config"]
+    assert set(store.names(1)) == {t.name for t in step_taps(__import__("qwen3dbg.config").config.parse_config(cfg), 1, 1, 5)}
+
+
+def test_capture_hf_sdpa_says_which_path_ran_and_which_taps_it_lacks(models, tmp_path):
+    out = tmp_path / "sdpa"
+    assert cli("capture", "--model", models("tiny-dense"), "--attn", "sdpa", "--out", out) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["attn_implementation"] == "sdpa" and m["missing_taps"] == ["attn_probs", "attn_scores"]
+    assert not TapStore.open(out).has(0, "layers.0.attn_probs")
+
+
+def test_taps_pattern_selects_and_a_pattern_matching_nothing_is_an_error(models, tmp_path):
+    out = tmp_path / "sel"
+    assert cli("capture", "--model", models("tiny-dense"), "--taps", "layers.*.attn_probs", "--taps", "logits",
+               "--out", out) == 0
+    assert sorted(TapStore.open(out).names(0)) == ["layers.0.attn_probs", "layers.1.attn_probs",
+                                                   "layers.2.attn_probs", "logits"]
+    assert cli("capture", "--model", models("tiny-dense"), "--taps", "nope*", "--out", tmp_path / "x") == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "{missing}"], "does not exist"),
+    (["--model", "{llama}"], "not a Qwen3 model"),
+    (["--token-ids", "5,x,7"], "not a comma-separated list"),
+    (["--token-ids", "5,100000"], "outside the vocabulary"),
+    (["--decode-ids", "1", "--decode-steps", "2"], "not both"),
+    (["--prompt", "hello"], "has no tokenizer"),
+    (["--dtype", "int8"], "unknown dtype"),
+    (["--impl", "nope"], "unknown implementation"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(models, tmp_path, capsys, args, words):
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    subst = {"{missing}": str(tmp_path / "nowhere"), "{llama}": str(llama)}
+    args = [subst.get(a, a) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(models("tiny-dense"))]
+    assert cli("capture", *args, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert words in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_make_model_lists_presets_and_writes_a_sharded_checkpoint(tmp_path):
+    listing = runner.invoke(app, ["make-model", str(tmp_path), "--list-presets"])
+    assert "qwen3-0.6b" in listing.output and "tiny-moe-nonorm" in listing.output
+    assert cli("make-model", tmp_path / "m", "--preset", "tiny-moe", "--shard-size-mb", "0") == 0
+    assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    assert cli("make-model", tmp_path / "n", "--preset", "nope") == 2
+
+
+def test_capture_without_arguments_uses_the_embedded_default_model(tmp_path):
+    assert cli("capture", "--impl", "scratch", "--out", tmp_path / "d") == 0
+    assert TapStore.open(tmp_path / "d").steps[0].tokens == 16

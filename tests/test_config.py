@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from qwen3dbg.config import load_config, parse_config
+from qwen3dbg.errors import UserError
+from qwen3dbg.synth import PRESETS
+
+RELEASED_0_6B = {  # field spellings of the released Qwen3-0.6B config.json
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "rope_theta": 1000000, "rope_scaling": None, "rms_norm_eps": 1e-06, "tie_word_embeddings": True,
+    "attention_bias": False, "torch_dtype": "bfloat16", "vocab_size": 151936, "hidden_act": "silu",
+}
+
+
+def test_released_spelling_parses_with_explicit_head_dim():
+    cfg = parse_config(RELEASED_0_6B)
+    assert cfg.head_dim == 128 != cfg.hidden_size // cfg.num_attention_heads
+    assert cfg.rope_theta == 1e6 and cfg.torch_dtype == "bfloat16" and cfg.tie_word_embeddings
+    assert not cfg.is_moe and cfg.n_rep == 2
+
+
+def test_transformers5_spelling_gives_the_same_config():
+    v5 = {k: v for k, v in RELEASED_0_6B.items() if k not in ("rope_theta", "torch_dtype", "rope_scaling")}
+    v5 |= {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000}, "dtype": "bfloat16"}
+    assert parse_config(v5) == parse_config(RELEASED_0_6B)
+
+
+def test_moe_fields_from_either_spelling_and_sparse_layers():
+    raw = PRESETS["tiny-moe"].config.to_hf_dict() | {"mlp_only_layers": [1], "decoder_sparse_step": 1}
+    local = {k: v for k, v in raw.items() if k != "num_experts"} | {"num_local_experts": raw["num_experts"]}
+    a, b = parse_config(raw), parse_config(local)
+    assert a == b and a.num_experts == 8
+    assert [a.is_moe_layer(i) for i in range(3)] == [True, False, True]
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"model_type": "llama"}, "not a Qwen3 model"),
+    ({"model_type": "qwen3"}, "lacks the field"),
+    (RELEASED_0_6B | {"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "not supported"),
+    (RELEASED_0_6B | {"num_key_value_heads": 5}, "not a multiple"),
+])
+def test_bad_configs_are_one_clear_error(raw, words):
+    with pytest.raises(UserError, match=words):
+        parse_config(raw)
+
+
+def test_load_config_reports_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED_0_6B))
+    assert load_config(tmp_path).num_hidden_layers == 28

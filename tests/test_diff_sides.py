@@ -1,0 +1,99 @@
+"""What --ref/--cand accept, the run cache, introduced-vs-inherited, and the `diff` command's exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qwen3dbg.capture import capture, forced_steps
+from qwen3dbg.cli import app
+from qwen3dbg.diff import run_diff
+from qwen3dbg.errors import UserError
+from qwen3dbg.registry import load_candidate
+
+PROMPT, DECODE = [3, 1, 4, 1, 5, 9, 2, 6], [5]
+
+
+@pytest.fixture(scope="module")
+def store(catalogue_model, tmp_path_factory):
+    """A bf16 store of the clean scratch reference, captured on PROMPT + DECODE."""
+    model = catalogue_model("dense")
+    out = capture(load_candidate("scratch", model, "bfloat16"), forced_steps(PROMPT, DECODE),
+                  tmp_path_factory.mktemp("side") / "s")
+    return model, out
+
+
+def test_a_store_side_makes_the_other_sides_run_on_the_stores_own_ids_and_dtype(store):
+    model, path = store
+    result = run_diff("hf", f"store:{path}", model_dir=model)
+    assert [s["token_ids"] for s in result.steps] == [PROMPT, DECODE]
+    assert result.dtype == "bfloat16" and result.first_divergence is None
+
+
+def test_ids_that_differ_from_the_stores_are_refused(store):
+    model, path = store
+    with pytest.raises(UserError, match="other token ids"):
+        run_diff("hf", f"store:{path}", model_dir=model, token_ids=[1, 2, 3])
+
+
+def test_a_dtype_other_than_the_stores_is_refused(store):
+    model, path = store
+    with pytest.raises(UserError, match="holds bfloat16"):
+        run_diff("hf", f"store:{path}", model_dir=model, dtype="float32")
+
+
+def test_an_incomplete_store_is_refused_with_its_reason_and_exit_2(store, tmp_path):
+    model, path = store
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in path.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    exe = Path(sys.executable).with_name("qwen3dbg")  # the installed entry point, as a user runs it
+    run = subprocess.run([str(exe), "diff", "--cand", f"store:{broken}", "--model", str(model)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "incomplete" in run.stderr
+
+
+def test_reference_runs_are_cached_by_ids_and_dtype(catalogue_model):
+    model = catalogue_model("dense")
+    ids = [11, 12, 13]
+    first = run_diff("hf", "scratch", model_dir=model, dtype="float32", token_ids=ids)
+    again = run_diff("hf", "scratch", model_dir=model, dtype="float32", token_ids=ids)
+    other = run_diff("hf", "scratch", model_dir=model, dtype="float32", token_ids=ids + [14])
+    assert not first.side("ref").cached and again.side("ref").cached and again.side("gold").cached
+    assert not other.side("ref").cached and not other.side("gold").cached
+    assert again.side("ref").store == first.side("ref").store
+
+
+def test_teacher_forcing_finds_a_bug_introduced_by_its_layer_and_a_store_gets_an_estimate(catalogue_model, tmp_path):
+    model = catalogue_model("dense")
+    ran = run_diff("hf", "rope-theta-1e4", model_dir=model, dtype="float32", token_ids=PROMPT)
+    assert ran.first_divergence.origin["method"] == "teacher forcing" and ran.first_divergence.origin["introduced"]
+    path = capture(load_candidate("rope-theta-1e4", model, "float32"), forced_steps(PROMPT, []), tmp_path / "s")
+    stored = run_diff("hf", f"store:{path}", model_dir=model)
+    assert stored.first_divergence.origin["method"] == "error jump" and stored.first_divergence.origin["introduced"]
+
+
+def test_diff_command_exits_1_on_a_divergence_and_its_json_names_the_first_divergent_tap(catalogue_model, tmp_path):
+    out = tmp_path / "r.json"
+    run = CliRunner().invoke(app, ["diff", "--cand", "embed-scaled", "--model", str(catalogue_model("dense")),
+                                   "--dtype", "fp32", "--token-ids", "5,6,7", "--json", str(out)])
+    assert run.exit_code == 1, run.output
+    doc = json.loads(out.read_text())
+    assert {k: doc["first_divergence"][k] for k in ("step", "layer", "tap")} == {"step": 0, "layer": None, "tap": "embed"}
+    assert doc["diagnosis"] and {"signature", "message", "evidence"} <= set(doc["diagnosis"][0])
+
+
+def test_diff_command_exits_0_on_a_clean_pair(catalogue_model):
+    run = CliRunner().invoke(app, ["diff", "--ref", "hf", "--cand", "scratch", "--model", str(catalogue_model("dense")),
+                                   "--dtype", "float32", "--token-ids", "5,6,7"])
+    assert run.exit_code == 0, run.output
+    assert "no divergence" in run.output

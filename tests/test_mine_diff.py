@@ -1,0 +1,31 @@
+"""`qwen3dbg diff --ref hf --cand mine`: the CPU twin through the differ. Clean by default; the fused
+RMSNorm switch stays in the noise; accumulating the products in bf16 is a divergence."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen3dbg.diff import run_diff
+
+from conftest import DECODE, PROMPT
+
+
+def diff(cand: str, model_dir):
+    return run_diff(ref="hf", cand=cand, model_dir=model_dir, dtype="bfloat16", token_ids=PROMPT, decode_ids=DECODE)
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_mine_with_default_switches_shows_no_divergence_from_hf(catalogue_model, model):
+    result = diff("mine:device=cpu", catalogue_model(model))
+    assert result.first_divergence is None, result.verdict
+
+
+def test_fused_rmsnorm_switch_stays_in_the_noise_on_large_k_norm_weights(catalogue_model):
+    result = diff("mine:device=cpu,rmsnorm=fused", catalogue_model("hot-qk"))
+    assert result.exit_code == 0 and result.first_divergence is None, result.verdict
+    assert result.in_noise is not None
+
+
+def test_bf16_accumulation_switch_is_reported_as_a_divergence(catalogue_model):
+    result = diff("mine:device=cpu,accum=compute", catalogue_model("wide"))
+    assert result.first_divergence is not None, result.verdict
