@@ -20,10 +20,22 @@ def test_mine_with_default_switches_shows_no_divergence_from_hf(catalogue_model,
     assert result.first_divergence is None, result.verdict
 
 
-def test_fused_rmsnorm_switch_stays_in_the_noise_on_large_k_norm_weights(catalogue_model):
-    result = diff("mine:device=cpu,rmsnorm=fused", catalogue_model("hot-qk"))
-    assert result.exit_code == 0 and result.first_divergence is None, result.verdict
-    assert result.in_noise is not None
+@pytest.fixture(scope="module")
+def fused_on_hot_qk(catalogue_model):
+    return diff("mine:device=cpu,rmsnorm=fused", catalogue_model("hot-qk"))
+
+
+def test_fused_rmsnorm_switch_stays_in_the_noise_on_large_k_norm_weights(fused_on_hot_qk):
+    assert fused_on_hot_qk.exit_code == 0 and fused_on_hot_qk.first_divergence is None, fused_on_hot_qk.verdict
+    assert fused_on_hot_qk.in_noise is not None
+
+
+@pytest.mark.xfail(strict=True, reason="the differ's in-noise ranking names the tap with the most carried ulps "
+                   "(layers.2.k_cache, 'rounding_order'), not the rounding point; the same gap as "
+                   "test_catalogue.py::test_fused_rmsnorm_is_reported_in_the_noise_as_a_rounding_point")
+def test_fused_rmsnorm_explanation_names_the_k_norm_rounding_point(fused_on_hot_qk):
+    assert fused_on_hot_qk.in_noise.signature == "rounding_point", fused_on_hot_qk.in_noise.message
+    assert "k_norm" in fused_on_hot_qk.in_noise.message
 
 
 def test_bf16_accumulation_switch_is_reported_as_a_divergence(catalogue_model):

@@ -142,15 +142,14 @@ class MineCandidate(Candidate):
     def step(self, ids: torch.Tensor, positions: torch.Tensor, sink: TapSink = NullSink()) -> torch.Tensor:
         B, T = ids.shape
         S = self.length + T
-        expected = torch.arange(self.length, S).expand(B, T)
-        if not torch.equal(positions.cpu().long(), expected):
+        if positions.tolist() != [list(range(self.length, S))] * B:
             raise UserError(f"mine keeps a token's keys in the cache slot of its position: this step needs positions "
                             f"{self.length}..{S - 1} in every row")
         if S > self.max_seq:
             raise UserError(f"{S} positions exceed mine's cache of {self.max_seq}: pass the option max_seq={S}")
         self._cache(B)
-        ids_d = ids.to(self.device, torch.int64).contiguous()
-        pos_d = positions.to(self.device, torch.int32).reshape(-1).contiguous()
+        ids_d = ids.to(self.device, torch.int64, non_blocking=True).contiguous()
+        pos_d = positions.to(self.device, torch.int32, non_blocking=True).reshape(-1).contiguous()
         capturing = any(sink.wants(n) for n in self.tap_names)
         if self.use_graph and T == 1 and not capturing:
             logits = self._graph_step(ids_d, pos_d, B)

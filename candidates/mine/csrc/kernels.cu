@@ -75,13 +75,14 @@ template <class T> __global__ void add_rmsnorm_k(const T* x, const T* h, const T
   for (int i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = from_f<T>(rms_apply<T>(to_f(src[i]), scale, to_f(w[i]), mode));
 }
 
-// One warp per (output row j, block of TOKEN_BLOCK tokens): each chunk of w is read once per block.
-template <class T> __global__ void linear_k(const T* x, const T* w, T* y, int n, int k, int m, int accum) {
-  int task = warp_id(), j = task % m, r0 = (task / m) * TOKEN_BLOCK;
+// One warp per (output row j, block of R tokens): each chunk of w is read once per block. Decode uses
+// R = 1, which keeps fewer registers per warp and so more warps in flight.
+template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y, int n, int k, int m, int accum) {
+  int task = warp_id(), j = task % m, r0 = (task / m) * R;
   if (r0 >= n) return;
-  float acc[TOKEN_BLOCK];
-  lane_dot_rows<T, TOKEN_BLOCK>(x + (size_t)r0 * k, k, n - r0, w + (size_t)j * k, k, lane_id(), accum, acc);
-  for (int r = 0; r < TOKEN_BLOCK && r0 + r < n; ++r) {
+  float acc[R];
+  lane_dot_rows<T, R>(x + (size_t)r0 * k, k, n - r0, w + (size_t)j * k, k, lane_id(), accum, acc);
+  for (int r = 0; r < R && r0 + r < n; ++r) {
     float v = warp_reduce<T>(acc[r], accum);
     if (lane_id() == 0) y[(size_t)(r0 + r) * m + j] = from_f<T>(v);
   }
@@ -185,9 +186,14 @@ void cuda_add_rmsnorm(const void* x, const void* h, const void* w, void* resid, 
 }
 
 void cuda_linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, int dt, void* stream) {
+  if (n == 1) {
+    QMATH_DISPATCH(dt, linear_k<T, 1><<<blocks_for(m, WARPS), THREADS, 0, S(stream)>>>((const T*)x, (const T*)w, (T*)y,
+                                                                                       n, k, m, accum));
+    return;
+  }
   long long tasks = (long long)m * ((n + TOKEN_BLOCK - 1) / TOKEN_BLOCK);
-  QMATH_DISPATCH(dt, linear_k<T><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>((const T*)x, (const T*)w, (T*)y, n,
-                                                                                        k, m, accum));
+  QMATH_DISPATCH(dt, linear_k<T, TOKEN_BLOCK><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
+                         (const T*)x, (const T*)w, (T*)y, n, k, m, accum));
 }
 
 void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin, const int* pos,
