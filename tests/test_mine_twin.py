@@ -204,3 +204,15 @@ def test_positions_that_skip_cache_slots_are_refused(models):
     cand = mine(models("tiny-dense"), "bfloat16")
     with pytest.raises(UserError, match="positions"):
         cand.step(torch.tensor([[1, 2]]), torch.tensor([[3, 4]]), DictSink())
+
+
+def test_one_layer_run_alone_reproduces_that_layer_of_the_full_step(models):
+    """Teacher forcing: layer 1 fed the full run's layer-0 output and layer-1 cache gives its resid_out."""
+    cand = mine(models("tiny-moe"), "bfloat16")
+    taps = run(cand)
+    info = STEPS[1]
+    sink = DictSink()
+    out = cand.run_layer(1, taps[1]["layers.0.resid_out"], torch.tensor(info.positions),
+                         (taps[0]["layers.1.k_cache"], taps[0]["layers.1.v_cache"]), sink)
+    assert torch.equal(out, taps[1]["layers.1.resid_out"])
+    assert torch.equal(sink.taps["layers.1.attn_probs"], taps[1]["layers.1.attn_probs"])

@@ -173,68 +173,102 @@ class MineCandidate(Candidate):
         graph.replay()
         return out.clone()
 
+    def _new(self, *shape, dtype=None) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
+
     def forward(self, ids, pos, B: int, T: int, sink: TapSink, *, scores_ld: int, scores_fill: int) -> torch.Tensor:
         """One step on ids [B,T] at positions pos [B*T] (device tensors); returns logits [B,T,V]."""
-        c, ops, num = self.config, self.ops, self.numerics
-        N, H, D, nH, nKV = B * T, c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        S, eps = scores_fill, c.rms_norm_eps
-        new = lambda *shape, dtype=self.dtype: torch.empty(shape, dtype=dtype, device=self.device)  # noqa: E731
-        k_cache, v_cache = self.k_cache, self.v_cache
-
-        x = new(N, H)
+        c, ops = self.config, self.ops
+        x, h = self._new(B * T, c.hidden_size), self._new(B * T, c.hidden_size)
         ops.embed(ids.reshape(-1), self.embed_w, x)
-        emit(sink, None, "embed", x.view(B, T, H))
-        h = new(N, H)
-        ops.add_rmsnorm(x, self.none, self.layers[0].input_norm, self.none, h, eps, num.rmsnorm_code)
-        for i, L in enumerate(self.layers):
-            emit(sink, i, "attn_norm", h.view(B, T, H))
-            qkv = new(N, (nH + 2 * nKV) * D)
-            ops.linear(h, L.qkv, qkv, num.accum_code)
-            emit(sink, i, "q_proj", qkv[:, :nH * D].view(B, T, -1))
-            emit(sink, i, "k_proj", qkv[:, nH * D:(nH + nKV) * D].view(B, T, -1))
-            emit(sink, i, "v_proj", qkv[:, (nH + nKV) * D:].view(B, T, -1))
-            q_norm, k_norm, q_rope, k_rope = new(N, nH, D), new(N, nKV, D), new(N, nH, D), new(N, nKV, D)
-            ops.qk_norm_rope(qkv, L.q_norm, L.k_norm, self.cos, self.sin, pos, q_norm, k_norm, q_rope, k_rope,
-                             k_cache, v_cache, B, i, eps, num.rmsnorm_code)
-            emit(sink, i, "q_norm", q_norm.view(B, T, nH, D))
-            emit(sink, i, "k_norm", k_norm.view(B, T, nKV, D))
-            emit(sink, i, "q_rope", q_rope.view(B, T, nH, D))
-            emit(sink, i, "k_rope", k_rope.view(B, T, nKV, D))
-            emit(sink, i, "k_cache", k_cache[i, :, :, :S])
-            emit(sink, i, "v_cache", v_cache[i, :, :, :S])
-            scores, probs, attn = new(B, nH, T, scores_ld, dtype=torch.float32), new(B, nH, T, scores_ld), new(N, nH * D)
-            ops.attention(q_rope, k_cache, v_cache, pos, scores, probs, attn, B, i, scores_fill, D ** -0.5,
-                          num.round_scores, num.accum_code)
-            if sink.wants(tap_name("attn_scores", i)):  # in the compute dtype like every tap (scores=fp32: rounded)
-                sink(tap_name("attn_scores", i), scores[..., :S].to(self.dtype))
-            emit(sink, i, "attn_probs", probs[..., :S])
-            emit(sink, i, "attn_out", attn.view(B, T, -1))
-            o = new(N, H)
-            ops.linear(attn, L.o, o, num.accum_code)
-            emit(sink, i, "o_proj", o.view(B, T, H))
-            mid, h = new(N, H), new(N, H)
-            ops.add_rmsnorm(x, o, L.post_norm, mid, h, eps, num.rmsnorm_code)
-            emit(sink, i, "resid_mid", mid.view(B, T, H))
-            emit(sink, i, "mlp_norm", h.view(B, T, H))
-            mlp = self._moe(i, L, h, B, T, sink) if L.router is not None else self._dense(i, L, h, B, T, sink)
-            emit(sink, i, "mlp.out", mlp.view(B, T, H))
-            x, h = new(N, H), new(N, H)
+        emit(sink, None, "embed", x.view(B, T, -1))
+        ops.add_rmsnorm(x, self.none, self.layers[0].input_norm, self.none, h, c.rms_norm_eps, self.numerics.rmsnorm_code)
+        for i in range(len(self.layers)):
             next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm_w
-            ops.add_rmsnorm(mid, mlp, next_norm, x, h, eps, num.rmsnorm_code)
-            emit(sink, i, "resid_out", x.view(B, T, H))
-        emit(sink, None, "final_norm", h.view(B, T, H))
-        logits = new(N, c.vocab_size)
-        ops.linear(h, self.lm_head, logits, num.accum_code)
+            x, h = self._layer(i, x, h, pos, B, T, sink, scores_ld, scores_fill, next_norm)
+        emit(sink, None, "final_norm", h.view(B, T, -1))
+        logits = self._new(B * T, c.vocab_size)
+        ops.linear(h, self.lm_head, logits, self.numerics.accum_code)
         emit(sink, None, "logits", logits.view(B, T, -1))
         return logits.view(B, T, -1)
 
+    def _layer(self, i, x, h, pos, B, T, sink, scores_ld, scores_fill, next_norm):
+        """Decoder layer i on x [N,H] (the residual) and h [N,H] (its attn_norm); returns the residual out
+        and its RMSNorm with `next_norm` (the next layer's input norm, fused into the final add)."""
+        c, ops, num, new, L = self.config, self.ops, self.numerics, self._new, self.layers[i]
+        N, H, D, nH, nKV = B * T, c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        S, eps = scores_fill, c.rms_norm_eps
+        k_cache, v_cache = self.k_cache, self.v_cache
+        emit(sink, i, "attn_norm", h.view(B, T, H))
+        qkv = new(N, (nH + 2 * nKV) * D)
+        ops.linear(h, L.qkv, qkv, num.accum_code)
+        emit(sink, i, "q_proj", qkv[:, :nH * D].view(B, T, -1))
+        emit(sink, i, "k_proj", qkv[:, nH * D:(nH + nKV) * D].view(B, T, -1))
+        emit(sink, i, "v_proj", qkv[:, (nH + nKV) * D:].view(B, T, -1))
+        q_norm, k_norm, q_rope, k_rope = new(N, nH, D), new(N, nKV, D), new(N, nH, D), new(N, nKV, D)
+        ops.qk_norm_rope(qkv, L.q_norm, L.k_norm, self.cos, self.sin, pos, q_norm, k_norm, q_rope, k_rope,
+                         k_cache, v_cache, B, i, eps, num.rmsnorm_code)
+        emit(sink, i, "q_norm", q_norm.view(B, T, nH, D))
+        emit(sink, i, "k_norm", k_norm.view(B, T, nKV, D))
+        emit(sink, i, "q_rope", q_rope.view(B, T, nH, D))
+        emit(sink, i, "k_rope", k_rope.view(B, T, nKV, D))
+        emit(sink, i, "k_cache", k_cache[i, :, :, :S])
+        emit(sink, i, "v_cache", v_cache[i, :, :, :S])
+        scores, probs, attn = new(B, nH, T, scores_ld, dtype=torch.float32), new(B, nH, T, scores_ld), new(N, nH * D)
+        ops.attention(q_rope, k_cache, v_cache, pos, scores, probs, attn, B, i, scores_fill, D ** -0.5,
+                      num.round_scores, num.accum_code)
+        if sink.wants(tap_name("attn_scores", i)):  # in the compute dtype like every tap (scores=fp32: rounded)
+            sink(tap_name("attn_scores", i), scores[..., :S].to(self.dtype))
+        emit(sink, i, "attn_probs", probs[..., :S])
+        emit(sink, i, "attn_out", attn.view(B, T, -1))
+        o = new(N, H)
+        ops.linear(attn, L.o, o, num.accum_code)
+        emit(sink, i, "o_proj", o.view(B, T, H))
+        mid, h = new(N, H), new(N, H)
+        ops.add_rmsnorm(x, o, L.post_norm, mid, h, eps, num.rmsnorm_code)
+        emit(sink, i, "resid_mid", mid.view(B, T, H))
+        emit(sink, i, "mlp_norm", h.view(B, T, H))
+        mlp = self._moe(i, L, h, B, T, sink) if L.router is not None else self._dense(i, L, h, B, T, sink)
+        emit(sink, i, "mlp.out", mlp.view(B, T, H))
+        x, h = new(N, H), new(N, H)
+        ops.add_rmsnorm(mid, mlp, next_norm, x, h, eps, num.rmsnorm_code)
+        emit(sink, i, "resid_out", x.view(B, T, H))
+        return x, h
+
+    supports_layer = True
+
+    @torch.no_grad()
+    def run_layer(self, layer, hidden, positions, past_kv, sink):
+        """Layer `layer` alone on hidden [B,T,H] after a cache past_kv ([B,nKV,S',D] each, or None) for
+        teacher forcing; the engine's own cache is as it was afterwards."""
+        c = self.config
+        B, T, H = hidden.shape
+        past = 0 if past_kv is None else past_kv[0].shape[2]
+        if positions.tolist() != [list(range(past, past + T))] * B:
+            raise UserError(f"mine runs a layer at positions {past}..{past + T - 1}, the slots after its cache")
+        k_cache, v_cache = self._cache(B)
+        saved = k_cache[layer, :, :, :past + T].clone(), v_cache[layer, :, :, :past + T].clone()
+        if past:
+            k_cache[layer, :, :, :past] = past_kv[0].to(self.device, self.dtype)
+            v_cache[layer, :, :, :past] = past_kv[1].to(self.device, self.dtype)
+        x = hidden.to(self.device, self.dtype).reshape(B * T, H).contiguous()
+        h = self._new(B * T, H)
+        weight = self.layers[layer].input_norm
+        self.ops.add_rmsnorm(x, self.none, weight, self.none, h, c.rms_norm_eps, self.numerics.rmsnorm_code)
+        pos = positions.to(self.device, torch.int32).reshape(-1).contiguous()
+        try:
+            out, _ = self._layer(layer, x, h, pos, B, T, sink, past + T, past + T, weight)
+        finally:
+            k_cache[layer, :, :, :past + T], v_cache[layer, :, :, :past + T] = saved
+        return out.view(B, T, H)
+
     def _dense(self, i, L: LayerWeights, h, B, T, sink) -> torch.Tensor:
         N, inter = B * T, L.down.shape[1]
-        gate_up = torch.empty(N, 2 * inter, dtype=self.dtype, device=self.device)
+        gate_up = self._new(N, 2 * inter)
         self.ops.linear(h, L.gate_up, gate_up, self.numerics.accum_code)
         emit(sink, i, "mlp.gate", gate_up[:, :inter].view(B, T, inter))
         emit(sink, i, "mlp.up", gate_up[:, inter:].view(B, T, inter))
-        act = torch.empty(N, inter, dtype=self.dtype, device=self.device)
+        act = self._new(N, inter)
         self.ops.silu_mul(gate_up, act)
         emit(sink, i, "mlp.act", act.view(B, T, inter))
         out = torch.empty_like(h)
@@ -245,8 +279,7 @@ class MineCandidate(Candidate):
         """Route each token to k experts; every (token, slot) row runs its expert's SwiGLU, then each
         token mixes its k outputs in ascending expert id. No host sync: graph-safe."""
         c, ops, acc = self.config, self.ops, self.numerics.accum_code
-        N, k, inter = B * T, c.num_experts_per_tok, L.down.shape[2]
-        new = lambda *shape, dtype=self.dtype: torch.empty(shape, dtype=dtype, device=self.device)  # noqa: E731
+        N, k, inter, new = B * T, c.num_experts_per_tok, L.down.shape[2], self._new
         logits = new(N, c.num_experts)
         ops.linear(h, L.router, logits, acc)
         ids, weights = new(N, k, dtype=torch.int64), new(N, k)
