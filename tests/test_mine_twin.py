@@ -216,3 +216,19 @@ def test_one_layer_run_alone_reproduces_that_layer_of_the_full_step(models):
                          (taps[0]["layers.1.k_cache"], taps[0]["layers.1.v_cache"]), sink)
     assert torch.equal(out, taps[1]["layers.1.resid_out"])
     assert torch.equal(sink.taps["layers.1.attn_probs"], taps[1]["layers.1.attn_probs"])
+
+
+@pytest.mark.parametrize("accum", [0, 1, 2])
+def test_twin_gemm_sums_in_the_same_order_as_the_per_row_dot(accum):
+    """linear (lane-major, vectorised) and moe_linear (one canonical dot per row) must agree bit for bit,
+    K not a multiple of the 256-element sweep included: both stand for the same warp reduction."""
+    from qwen3dbg.candidates.mine.build import load
+
+    ops = load()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 328, generator=g).to(torch.bfloat16)
+    w = torch.randn(5, 328, generator=g).to(torch.bfloat16)
+    y, y_ref = torch.empty(3, 5, dtype=torch.bfloat16), torch.empty(3, 5, dtype=torch.bfloat16)
+    ops.linear(x, w, y, accum)
+    ops.moe_linear(x, torch.zeros(3, 1, dtype=torch.int64), w[None].contiguous(), y_ref, False, accum)
+    assert torch.equal(y, y_ref)

@@ -55,10 +55,49 @@ template <class T> void add_rmsnorm_t(const T* x, const T* h, const T* w, T* res
   }
 }
 
+// A row laid out lane-major: out[s][v][lane] = row[s*STRIDE + lane*CHUNK + v] as float, zero past k, so
+// that the 32 lane sums of `dot` run side by side over contiguous floats (the compiler vectorises
+// them). Adding the zero padding changes no sum: a running sum that starts at +0 stays put under +0.
+template <class T> void lane_major(const T* row, int k, float* out) {
+  for (int s = 0; s * STRIDE < k; ++s)
+    for (int v = 0; v < CHUNK; ++v)
+      for (int lane = 0; lane < LANES; ++lane) {
+        int i = s * STRIDE + lane * CHUNK + v;
+        out[(s * CHUNK + v) * LANES + lane] = i < k ? to_f(row[i]) : 0.f;
+      }
+}
+
+// `dot` over two lane-major rows of `sweeps` sweeps: the same lanes, order and butterfly.
+template <class T, int A> float dot_lane_major(const float* x, const float* w, int sweeps) {
+  float p[LANES] = {};
+  for (int i = 0; i < sweeps * CHUNK; ++i)
+    for (int lane = 0; lane < LANES; ++lane)
+      p[lane] = acc_add<T>(p[lane], x[i * LANES + lane] * w[i * LANES + lane], A);
+  return reduce_lanes<T>(p, A);
+}
+
+template <class T, int A> void linear_lane_major(const T* x, const T* w, T* y, int n, int k, int m) {
+  const int sweeps = (k + STRIDE - 1) / STRIDE;
+  const size_t len = (size_t)sweeps * STRIDE;
+  std::vector<float> xs(n * len);
+  for (int r = 0; r < n; ++r) lane_major(x + (size_t)r * k, k, xs.data() + r * len);
+#pragma omp parallel
+  {
+    std::vector<float> ws(len);
+#pragma omp for
+    for (int j = 0; j < m; ++j) {
+      lane_major(w + (size_t)j * k, k, ws.data());
+      for (int r = 0; r < n; ++r) y[(size_t)r * m + j] = from_f<T>(dot_lane_major<T, A>(xs.data() + r * len, ws.data(), sweeps));
+    }
+  }
+}
+
 template <class T> void linear_t(const T* x, const T* w, T* y, int n, int k, int m, int accum) {
-#pragma omp parallel for collapse(2)
-  for (int r = 0; r < n; ++r)
-    for (int j = 0; j < m; ++j) y[(size_t)r * m + j] = from_f<T>(dot(x + (size_t)r * k, w + (size_t)j * k, k, accum));
+  switch (accum) {  // the mode as a constant, so the fp32 sums vectorise
+    case ACC_FP32: linear_lane_major<T, ACC_FP32>(x, w, y, n, k, m); break;
+    case ACC_COMPUTE: linear_lane_major<T, ACC_COMPUTE>(x, w, y, n, k, m); break;
+    case ACC_SPLIT: linear_lane_major<T, ACC_SPLIT>(x, w, y, n, k, m); break;
+  }
 }
 
 template <class T> void qk_norm_rope_t(const T* qkv, const T* qw, const T* kw, const T* cos, const T* sin,
