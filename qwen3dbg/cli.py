@@ -258,6 +258,31 @@ def diff_weights_cmd(
     raise typer.Exit(result.exit_code(fail_on))
 
 
+@app.command()
+def selftest(
+    device: str = typer.Option("cuda", help="Where mine runs: cuda (checked against its CPU twin and HF) or cpu."),
+    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
+    dtype: str = typer.Option("bfloat16", help=DTYPE_HELP),
+    prompt_tokens: int = typer.Option(128, help="Prompt length of the prefill timing."),
+    decode_steps: int = typer.Option(64, help="Decode steps of the decode timing."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+):
+    """Check the mine engine on a GPU: tap by tap against its CPU twin and HF eager, then tokens/s next to HF."""
+    import json
+
+    from qwen3dbg.candidates.mine.selftest import render, selftest as run_selftest
+    from qwen3dbg.inputs import resolve_model
+
+    if prompt_tokens < 1 or decode_steps < 1:
+        raise UserError("--prompt-tokens and --decode-steps must be at least 1")
+    model_dir, _ = resolve_model(model)
+    result = run_selftest(model_dir, device, dtype, prompt_tokens, decode_steps,
+                          progress=lambda what: console.print(f"[dim]{what}[/dim]"))
+    render(result, Console())
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+
+
 def main() -> None:
     try:
         app()

@@ -13,6 +13,7 @@ from qwen3dbg.errors import UserError
 IMPLEMENTATIONS: dict[str, str] = {
     "hf": "qwen3dbg.reference.hf:HFCandidate",
     "scratch": "qwen3dbg.reference.qwen3:Qwen3Reference",
+    "mine": "qwen3dbg.candidates.mine.engine:MineCandidate",
     # the bug catalogue: one bug each (rmsnorm-fused is the clean one); see candidates/catalogue.py
     "rope-interleaved": "qwen3dbg.candidates.catalogue:RopeInterleaved",
     "rope-theta-1e4": "qwen3dbg.candidates.catalogue:RopeTheta1e4",

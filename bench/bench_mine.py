@@ -1,0 +1,69 @@
+"""mine's speed next to HF's on the same device, measured side by side in one run, on the Qwen3-0.6B
+shape (made once into the qwen3dbg cache): prefill and decode tokens/s, and capture on vs off.
+
+    python bench/bench_mine.py                   # the CPU twin vs HF on this CPU
+    python bench/bench_mine.py --device cuda --profile   # the CUDA path, plus its kernels' times
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from qwen3dbg.candidate import DictSink, NullSink
+from qwen3dbg.candidates.mine.engine import MineCandidate
+from qwen3dbg.candidates.mine.selftest import hf_stepper, time_steps
+from qwen3dbg.reference.hf import HFCandidate
+from qwen3dbg.synth import default_model_dir
+
+
+def profile_decode(engine: MineCandidate, steps: int) -> str:
+    """Per-kernel CUDA time of `steps` decode steps, without the graph so each kernel shows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.use_graph = False
+    engine.reset()
+    engine.step(torch.tensor([[1] * 16]), torch.arange(16)[None], NullSink())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            engine.step(torch.tensor([[5]]), torch.tensor([[16 + i]]), NullSink())
+        torch.cuda.synchronize()
+    engine.use_graph = True
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--model", default=None, help="model directory (default: the qwen3-0.6b preset, made once)")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--profile", action="store_true", help="cuda: print the kernels' share of a decode step")
+    args = ap.parse_args()
+    model = args.model or default_model_dir("qwen3-0.6b")
+    dev = torch.device(args.device)
+    prompt = [(7 + 31 * i) % 151936 for i in range(args.prompt_tokens)]
+    engine = MineCandidate(model, "bfloat16", device=args.device)
+    rows = {}
+    for label, sink in (("mine", NullSink), ("mine, capture on", DictSink)):
+        rows[label] = time_steps(engine.reset, lambda i, p, s=sink: engine.step(i, p, s()), dev, prompt, args.decode_steps)
+    if args.profile and dev.type == "cuda":
+        print(profile_decode(engine, args.decode_steps))
+    del engine
+    for attn in ("eager", "sdpa"):
+        hf = HFCandidate(model, "bfloat16", attn=attn)
+        hf.model.to(dev)
+        rows[f"hf {attn}"] = time_steps(*hf_stepper(hf), dev, prompt, args.decode_steps)
+        del hf
+    print(f"Qwen3-0.6B shape, bf16, {dev.type}: prefill {args.prompt_tokens} tokens, {args.decode_steps} decode steps")
+    print(f"{'':18s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill x':>10s} {'decode x':>9s}  (x: mine / this row)")
+    mine_pre, mine_dec = rows["mine"]
+    for label, (pre, dec) in rows.items():
+        print(f"{label:18s} {pre:14.1f} {dec:13.2f} {mine_pre / pre:10.2f} {mine_dec / dec:9.2f}")
+    on_pre, on_dec = rows["mine, capture on"]
+    print(f"capture on costs {mine_pre / on_pre:.2f}x in prefill and {mine_dec / on_dec:.2f}x in decode")
+
+
+if __name__ == "__main__":
+    main()

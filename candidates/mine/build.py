@@ -1,0 +1,54 @@
+"""Building the `mine` extension on first use with torch.utils.cpp_extension (ninja), cached per machine.
+
+The CPU twin is always built; the CUDA kernels join it where this torch has CUDA and nvcc is found.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+# No contraction of a*b+c into an FMA on either side: the twin and the kernels round op by op alike.
+HOST_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "-fmad=false", "-gencode=arch=compute_80,code=sm_80",
+              "-gencode=arch=compute_90,code=sm_90"]
+
+
+def cuda_available() -> bool:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
+
+
+@functools.cache
+def load():
+    """The compiled module (functions of csrc/bindings.cpp); compiles once, then loads from the cache."""
+    import torch
+    from rich.console import Console
+    from torch.utils.cpp_extension import _get_build_directory, load as cpp_load
+
+    with_cuda = cuda_available()
+    name = "qwen3dbg_mine_cuda" if with_cuda else "qwen3dbg_mine_cpu"
+    sources = [CSRC / "bindings.cpp", CSRC / "twin.cpp"] + ([CSRC / "kernels.cu"] if with_cuda else [])
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    fresh = not any(build_dir.glob("*.so"))
+    console = Console(stderr=True)
+    what = "CPU twin + CUDA kernels" if with_cuda else "CPU twin"
+    status = console.status(f"compiling the mine engine ({what}); this happens once and takes a minute or two")
+    if fresh:
+        status.start()
+    try:
+        module = cpp_load(
+            name=name, sources=[str(s) for s in sources], extra_include_paths=[str(CSRC)],
+            extra_cflags=HOST_FLAGS + (["-DMINE_WITH_CUDA"] if with_cuda else []),
+            extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=["-fopenmp"], with_cuda=with_cuda,
+            verbose=bool(os.environ.get("QWEN3DBG_BUILD_VERBOSE")),
+        )
+    finally:
+        status.stop()
+    if fresh:
+        console.print(f"built the mine engine ({what}) with torch {torch.__version__}")
+    return module

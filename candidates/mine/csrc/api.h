@@ -1,0 +1,77 @@
+// The C-style API of the `mine` kernels: raw pointers, sizes and dtype codes, no torch. Each op has
+// a CPU twin (twin.cpp, `twin_*`) and a CUDA launcher (kernels.cu, `cuda_*`, last argument the
+// stream); bindings.cpp picks one by the device of the tensors. Shapes: N rows (tokens, B*T),
+// H hidden, D head_dim, nH/nKV heads, E experts, k experts per token. Row n is batch n / T.
+#pragma once
+
+#include <stdint.h>
+
+#include "kv_cache.cuh"
+
+struct AttnDims {
+  int batch, tokens, heads, kv_heads, head_dim;
+  qmath::KVShape cache;
+  int layer;
+  int scores_ld;    // row length of the scores/probs workspaces [B, nH, T, scores_ld]
+  int scores_fill;  // columns to write (-inf / 0 past a row's position); 0: only the live ones
+  float scale;
+  int round_scores, accum;
+};
+
+// One (token r, head hh) task of qk_norm_rope: hh < nH is query head hh, else kv head hh - nH, whose
+// roped key and raw value also go to the cache slot of the token's position.
+template <class T> struct HeadTask {
+  bool is_q;
+  int g, b, p, half;
+  const T *src, *weight, *v;
+  T *normed, *roped;
+
+  QD HeadTask(const AttnDims& a, int r, int hh, const int* pos, const T* qkv, const T* qw, const T* kw, T* q_norm,
+              T* k_norm, T* q_rope, T* k_rope) {
+    const int D = a.head_dim, ld = (a.heads + 2 * a.kv_heads) * D;
+    is_q = hh < a.heads, g = hh - a.heads, b = r / a.tokens, p = pos[r], half = D / 2;
+    src = qkv + (size_t)r * ld + (size_t)hh * D;
+    v = qkv + (size_t)r * ld + (size_t)(a.heads + a.kv_heads + g) * D;
+    weight = is_q ? qw : kw;
+    normed = is_q ? q_norm + ((size_t)r * a.heads + hh) * D : k_norm + ((size_t)r * a.kv_heads + g) * D;
+    roped = is_q ? q_rope + ((size_t)r * a.heads + hh) * D : k_rope + ((size_t)r * a.kv_heads + g) * D;
+  }
+
+  // RoPE of element d of the normalised head (all of `normed` written before), and its cache writes.
+  QD void rope(const AttnDims& a, int d, const T* cos, const T* sin, T* k_cache, T* v_cache) const {
+    const size_t at = (size_t)p * a.head_dim + d;
+    roped[d] = qmath::from_f<T>(qmath::rope_apply<T>(qmath::to_f(normed[d]), qmath::to_f(normed[d < half ? d + half : d - half]),
+                                                     qmath::to_f(cos[at]), qmath::to_f(sin[at]), d < half));
+    if (!is_q) {
+      k_cache[qmath::kv_offset(a.cache, a.layer, b, g, p, d)] = roped[d];
+      v_cache[qmath::kv_offset(a.cache, a.layer, b, g, p, d)] = v[d];
+    }
+  }
+};
+
+#define MINE_OPS(P, S)                                                                                          \
+  void P##embed(const int64_t* ids, const void* table, void* out, int n, int h, int dt S);                      \
+  void P##add_rmsnorm(const void* x, const void* h, const void* w, void* resid, void* out, int n, int dim,      \
+                      float eps, int mode, int dt S);                                                           \
+  void P##linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, int dt S);              \
+  void P##qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin,        \
+                       const int* pos, void* q_norm, void* k_norm, void* q_rope, void* k_rope, void* k_cache,   \
+                       void* v_cache, AttnDims a, float eps, int mode, int dt S);                               \
+  void P##attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,     \
+                    void* probs, void* out, AttnDims a, int dt S);                                              \
+  void P##silu_mul(const void* gate_up, void* out, int n, int inter, int dt S);                                 \
+  void P##route(const void* logits, int64_t* ids, void* weights, int n, int experts, int k, int norm,           \
+                int dt S);                                                                                      \
+  void P##moe_linear(const void* x, const int64_t* ids, const void* w, void* y, int n, int topk, int in,        \
+                     int out, int per_slot_input, int accum, int dt S);                                         \
+  void P##moe_combine(const void* y, const int64_t* ids, const void* weights, void* out, int n, int topk,       \
+                      int h, int dt S);
+
+#define MINE_NO_STREAM
+#define MINE_STREAM , void* stream
+
+MINE_OPS(twin_, MINE_NO_STREAM)
+MINE_OPS(cuda_, MINE_STREAM)
+
+// RoPE cos/sin tables [max_seq, D] in the compute dtype (halves repeated), computed on the host.
+void twin_rope_table(void* cos, void* sin, int max_seq, int head_dim, float theta, int dt);

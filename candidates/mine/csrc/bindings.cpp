@@ -1,0 +1,152 @@
+// Torch bindings of `mine`: check the tensors, then call the CPU twin or the CUDA launcher of the same
+// op by the device of the tensors. The only file that sees torch.
+#include <torch/extension.h>
+
+#include "api.h"
+
+#ifdef MINE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#define RUN(op, on, ...)                                                              \
+  do {                                                                                \
+    if ((on).is_cuda())                                                               \
+      cuda_##op(__VA_ARGS__, (void*)at::cuda::getCurrentCUDAStream().stream());       \
+    else                                                                              \
+      twin_##op(__VA_ARGS__);                                                         \
+  } while (0)
+#else
+#define RUN(op, on, ...)                                                                            \
+  do {                                                                                              \
+    TORCH_CHECK(!(on).is_cuda(), "mine was built without CUDA: this torch has no CUDA support");   \
+    twin_##op(__VA_ARGS__);                                                                         \
+  } while (0)
+#endif
+
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return qmath::DT_F32;
+    case at::kBFloat16: return qmath::DT_BF16;
+    case at::kHalf: return qmath::DT_F16;
+    default: TORCH_CHECK(false, "mine computes in float32, bfloat16 or float16, not ", t.scalar_type());
+  }
+}
+
+// Contiguous, on `like`'s device, and of `like`'s dtype unless it is an index or score buffer.
+const at::Tensor& check(const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.is_contiguous(), "mine kernels take contiguous tensors");
+  TORCH_CHECK(t.device() == like.device(), "mine: tensors on different devices");
+  return t;
+}
+
+template <class P = void> P* ptr(const at::Tensor& t) { return t.numel() ? (P*)t.data_ptr() : nullptr; }
+
+void check_rows(int64_t k) { TORCH_CHECK(k % qmath::CHUNK == 0, "mine: row length ", k, " is not a multiple of 8"); }
+
+AttnDims attn_dims(const at::Tensor& q, const at::Tensor& k_cache, int64_t batch, int64_t layer) {
+  AttnDims a{};
+  a.batch = (int)batch;
+  a.tokens = (int)(q.size(0) / batch);
+  a.heads = (int)q.size(1);
+  a.head_dim = (int)q.size(2);
+  a.kv_heads = (int)k_cache.size(2);
+  a.cache = qmath::KVShape{(int)k_cache.size(0), (int)k_cache.size(1), (int)k_cache.size(2), (int)k_cache.size(3),
+                           (int)k_cache.size(4)};
+  a.layer = (int)layer;
+  return a;
+}
+
+void embed(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& out) {
+  check(ids, table), check(out, table);
+  RUN(embed, table, ptr<int64_t>(ids), ptr(table), ptr(out), (int)ids.numel(), (int)table.size(1), dtype_code(table));
+}
+
+void add_rmsnorm(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w, const at::Tensor& resid, const at::Tensor& out,
+                 double eps, int64_t mode) {
+  check(x, w), check(h, w), check(resid, w), check(out, w), check_rows(w.numel());
+  RUN(add_rmsnorm, w, ptr(x), ptr(h), ptr(w), ptr(resid), ptr(out), (int)(x.numel() / w.numel()), (int)w.numel(),
+      (float)eps, (int)mode, dtype_code(w));
+}
+
+void linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t accum) {
+  check(x, w), check(y, w), check_rows(w.size(1));
+  RUN(linear, w, ptr(x), ptr(w), ptr(y), (int)(x.numel() / w.size(1)), (int)w.size(1), (int)w.size(0), (int)accum,
+      dtype_code(w));
+}
+
+void qk_norm_rope(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& cos,
+                  const at::Tensor& sin, const at::Tensor& pos, const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& q_rope,
+                  const at::Tensor& k_rope, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t batch, int64_t layer, double eps,
+                  int64_t mode) {
+  for (auto* t : {&qkv, &qw, &kw, &cos, &sin, &pos, &q_norm, &k_norm, &q_rope, &k_rope, &k_cache, &v_cache}) check(*t, qw);
+  check_rows(qw.numel());
+  TORCH_CHECK(pos.scalar_type() == at::kInt, "mine: positions are int32");
+  RUN(qk_norm_rope, qw, ptr(qkv), ptr(qw), ptr(kw), ptr(cos), ptr(sin), ptr<const int>(pos), ptr(q_norm), ptr(k_norm),
+      ptr(q_rope), ptr(k_rope), ptr(k_cache), ptr(v_cache), attn_dims(q_norm, k_cache, batch, layer), (float)eps,
+      (int)mode, dtype_code(qw));
+}
+
+void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
+               const at::Tensor& scores, const at::Tensor& probs, const at::Tensor& out, int64_t batch, int64_t layer, int64_t fill,
+               double scale, bool round_scores, int64_t accum) {
+  for (auto* t : {&k_cache, &v_cache, &pos, &scores, &probs, &out}) check(*t, q);
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, "mine: the scores workspace is float32");
+  AttnDims a = attn_dims(q, k_cache, batch, layer);
+  a.scores_ld = (int)scores.size(-1);
+  a.scores_fill = (int)fill;
+  a.scale = (float)scale;
+  a.round_scores = round_scores;
+  a.accum = (int)accum;
+  RUN(attention, q, ptr(q), ptr(k_cache), ptr(v_cache), ptr<const int>(pos), ptr<float>(scores), ptr(probs), ptr(out),
+      a, dtype_code(q));
+}
+
+void silu_mul(const at::Tensor& gate_up, const at::Tensor& out) {
+  check(out, gate_up);
+  RUN(silu_mul, gate_up, ptr(gate_up), ptr(out), (int)(out.numel() / out.size(-1)), (int)out.size(-1),
+      dtype_code(gate_up));
+}
+
+void route(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& weights, bool norm) {
+  check(ids, logits), check(weights, logits);
+  RUN(route, logits, ptr(logits), ptr<int64_t>(ids), ptr(weights), (int)(logits.numel() / logits.size(-1)),
+      (int)logits.size(-1), (int)ids.size(-1), norm, dtype_code(logits));
+}
+
+void moe_linear(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w, const at::Tensor& y, bool per_slot_input,
+                int64_t accum) {
+  check(x, w), check(ids, w), check(y, w), check_rows(w.size(2));
+  RUN(moe_linear, w, ptr(x), ptr<int64_t>(ids), ptr(w), ptr(y), (int)(ids.numel() / ids.size(-1)), (int)ids.size(-1),
+      (int)w.size(2), (int)w.size(1), per_slot_input, (int)accum, dtype_code(w));
+}
+
+void moe_combine(const at::Tensor& y, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& out) {
+  check(ids, y), check(weights, y), check(out, y);
+  RUN(moe_combine, y, ptr(y), ptr<int64_t>(ids), ptr(weights), ptr(out), (int)(ids.numel() / ids.size(-1)),
+      (int)ids.size(-1), (int)out.size(-1), dtype_code(y));
+}
+
+void rope_table(const at::Tensor& cos, const at::Tensor& sin, double theta) {
+  TORCH_CHECK(!cos.is_cuda() && cos.is_contiguous() && sin.is_contiguous(), "mine: RoPE tables are built on the host");
+  twin_rope_table(ptr(cos), ptr(sin), (int)cos.size(0), (int)cos.size(1), (float)theta, dtype_code(cos));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef MINE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.def("embed", &embed);
+  m.def("add_rmsnorm", &add_rmsnorm);
+  m.def("linear", &linear);
+  m.def("qk_norm_rope", &qk_norm_rope);
+  m.def("attention", &attention);
+  m.def("silu_mul", &silu_mul);
+  m.def("route", &route);
+  m.def("moe_linear", &moe_linear);
+  m.def("moe_combine", &moe_combine);
+  m.def("rope_table", &rope_table);
+}

@@ -1,0 +1,237 @@
+// The CUDA kernels of `mine`: thin loops around qwen3_math.cuh. A warp does what one iteration of
+// the twin's loops does, with the same lanes and the same butterfly, so its results are the twin's
+// bits (transcendental functions aside: CUDA's expf/powf/cosf may differ from glibc's in the last place).
+// No torch here: plain `nvcc -arch=sm_80` compiles this file (check_nvcc.sh).
+#include <cuda_runtime.h>
+
+#include "api.h"
+
+using namespace qmath;
+
+namespace {
+
+constexpr int WARPS = 8;              // warps per block of the warp-per-row kernels
+constexpr int THREADS = WARPS * LANES;
+constexpr int TOKEN_BLOCK = 8;        // tokens sharing one read of a weight row in `linear`
+constexpr int ATTN_WARPS = 16;        // warps of one attention block, sharing its scores
+
+__device__ __forceinline__ int warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / LANES; }
+__device__ __forceinline__ int lane_id() { return threadIdx.x % LANES; }
+
+// The butterfly of reduce_lanes, as shuffles: every lane ends with lane 0's value of the twin.
+template <class T> __device__ __forceinline__ float warp_reduce(float v, int accum) {
+  for (int off = LANES / 2; off > 0; off /= 2) v = lane_combine<T>(v, __shfl_xor_sync(0xffffffffu, v, off), accum);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = LANES / 2; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+template <class T> __device__ float warp_dot(const T* x, const T* w, int K, int accum) {
+  return warp_reduce<T>(lane_dot(x, w, K, lane_id(), accum), accum);
+}
+
+// Softmax statistics of s[0..n) (see twin.cpp's softmax_stats): max and 1 / sum(exp(s - max)).
+__device__ void warp_softmax_stats(const float* s, int n, float* max_out, float* inv_sum) {
+  float m = -INFINITY, acc = 0.f;
+  for (int i = lane_id(); i < n; i += LANES) m = fmaxf(m, s[i]);
+  m = warp_max(m);
+  for (int i = lane_id(); i < n; i += LANES) acc += expf(s[i] - m);
+  *max_out = m;
+  *inv_sum = 1.0f / warp_reduce<float>(acc, ACC_FP32);
+}
+
+template <class T> __device__ void warp_rms_row(const T* src, const T* w, T* out, int dim, float eps, int mode) {
+  float scale = rms_scale(warp_dot(src, src, dim, ACC_FP32), dim, eps);
+  for (int i = lane_id(); i < dim; i += LANES) out[i] = from_f<T>(rms_apply<T>(to_f(src[i]), scale, to_f(w[i]), mode));
+}
+
+unsigned blocks_for(long long items, int per_block) { return (unsigned)((items + per_block - 1) / per_block); }
+
+template <class T> __global__ void embed_k(const int64_t* ids, const T* table, T* out, int n, int h) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < (long long)n * h) out[i] = table[(size_t)ids[i / h] * h + i % h];
+}
+
+// One block per row: all threads for the elementwise parts, warp 0 for the sum of squares.
+template <class T> __global__ void add_rmsnorm_k(const T* x, const T* h, const T* w, T* resid, T* out, int dim,
+                                                 float eps, int mode) {
+  __shared__ float scale;
+  const size_t r = blockIdx.x;
+  const T* src = x + r * dim;
+  if (h) {
+    T* sum = resid + r * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) sum[i] = from_f<T>(add<T>(to_f(src[i]), to_f(h[r * dim + i])));
+    __syncthreads();
+    src = sum;
+  }
+  if (threadIdx.x < LANES) {
+    float v = rms_scale(warp_dot(src, src, dim, ACC_FP32), dim, eps);
+    if (threadIdx.x == 0) scale = v;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = from_f<T>(rms_apply<T>(to_f(src[i]), scale, to_f(w[i]), mode));
+}
+
+// One warp per (output row j, block of R tokens): each chunk of w is read once per block. Decode uses
+// R = 1, which keeps fewer registers per warp and so more warps in flight.
+template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y, int n, int k, int m, int accum) {
+  int task = warp_id(), j = task % m, r0 = (task / m) * R;
+  if (r0 >= n) return;
+  float acc[R];
+  lane_dot_rows<T, R>(x + (size_t)r0 * k, k, n - r0, w + (size_t)j * k, k, lane_id(), accum, acc);
+  for (int r = 0; r < R && r0 + r < n; ++r) {
+    float v = warp_reduce<T>(acc[r], accum);
+    if (lane_id() == 0) y[(size_t)(r0 + r) * m + j] = from_f<T>(v);
+  }
+}
+
+template <class T> __global__ void qk_norm_rope_k(const T* qkv, const T* qw, const T* kw, const T* cos, const T* sin,
+                                                  const int* pos, T* q_norm, T* k_norm, T* q_rope, T* k_rope,
+                                                  T* k_cache, T* v_cache, AttnDims a, float eps, int mode) {
+  const int heads = a.heads + a.kv_heads, task = warp_id(), r = task / heads;
+  if (r >= a.batch * a.tokens) return;
+  const HeadTask<T> h(a, r, task % heads, pos, qkv, qw, kw, q_norm, k_norm, q_rope, k_rope);
+  warp_rms_row(h.src, h.weight, h.normed, a.head_dim, eps, mode);
+  __syncwarp();
+  for (int d = lane_id(); d < a.head_dim; d += LANES) h.rope(a, d, cos, sin, k_cache, v_cache);
+}
+
+// One block per (batch, head, query token): its warps share the scores of the slots up to the query's
+// position, warp 0 does the softmax, then each thread owns one dim of the context.
+template <class T> __global__ void attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos,
+                                               float* scores, T* probs, T* out, AttnDims a) {
+  const int D = a.head_dim, rep = a.heads / a.kv_heads, task = blockIdx.x, warp = threadIdx.x / LANES;
+  const int t = task % a.tokens, h = (task / a.tokens) % a.heads, b = task / (a.tokens * a.heads);
+  const int r = b * a.tokens + t, p = pos[r], g = h / rep;
+  const size_t row = ((size_t)(b * a.heads + h) * a.tokens + t) * a.scores_ld;
+  const T* qr = q + ((size_t)r * a.heads + h) * D;
+  float* sc = scores + row;
+  T* pr = probs + row;
+  for (int s = warp; s <= p; s += ATTN_WARPS) {
+    float v = scale_score<T>(warp_dot(qr, k_cache + kv_offset(a.cache, a.layer, b, g, s, 0), D, a.accum), a.scale,
+                             a.round_scores);
+    if (lane_id() == 0) sc[s] = v;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    float m, inv;
+    warp_softmax_stats(sc, p + 1, &m, &inv);
+    for (int s = lane_id(); s <= p; s += LANES) pr[s] = from_f<T>(softmax_elem(sc[s], m, inv));
+    for (int s = p + 1 + lane_id(); s < a.scores_fill; s += LANES) { sc[s] = -INFINITY; pr[s] = from_f<T>(0.f); }
+  }
+  __syncthreads();
+  T* o = out + ((size_t)r * a.heads + h) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int s = 0; s <= p; ++s)
+      acc = acc_add<T>(acc, to_f(pr[s]) * to_f(v_cache[kv_offset(a.cache, a.layer, b, g, s, d)]), a.accum);
+    o[d] = from_f<T>(acc);
+  }
+}
+
+template <class T> __global__ void silu_mul_k(const T* gate_up, T* out, int n, int inter) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)n * inter) return;
+  const T* gu = gate_up + (size_t)(i / inter) * 2 * inter;
+  out[i] = from_f<T>(silu_mul<T>(to_f(gu[i % inter]), to_f(gu[inter + i % inter])));
+}
+
+// One warp per token; the probabilities live in shared memory, lane 0 picks the top k.
+template <class T> __global__ void route_k(const T* logits, int64_t* ids, T* weights, int experts, int k, int norm) {
+  extern __shared__ float probs[];
+  const int r = blockIdx.x;
+  for (int e = lane_id(); e < experts; e += LANES) probs[e] = to_f(logits[(size_t)r * experts + e]);
+  __syncwarp();
+  float m, inv;
+  warp_softmax_stats(probs, experts, &m, &inv);
+  __syncwarp();
+  for (int e = lane_id(); e < experts; e += LANES) probs[e] = softmax_elem(probs[e], m, inv);
+  __syncwarp();
+  if (lane_id() == 0) route_pick(probs, experts, k, norm, ids + (size_t)r * k, weights + (size_t)r * k);
+}
+
+template <class T> __global__ void moe_linear_k(const T* x, const int64_t* ids, const T* w, T* y, int n, int topk,
+                                                int in, int out, int per_slot_input, int accum) {
+  int task = warp_id(), r = task / out, j = task % out;
+  if (r >= n * topk) return;
+  const T* xr = x + (size_t)(per_slot_input ? r : r / topk) * in;
+  float v = warp_dot(xr, w + ((size_t)ids[r] * out + j) * in, in, accum);
+  if (lane_id() == 0) y[(size_t)r * out + j] = from_f<T>(v);
+}
+
+template <class T> __global__ void moe_combine_k(const T* y, const int64_t* ids, const T* weights, T* out, int n,
+                                                 int topk, int h) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)n * h) return;
+  const size_t r = i / h;
+  out[i] = from_f<T>(moe_mix(y + r * topk * h + i % h, h, ids + r * topk, weights + r * topk, topk));
+}
+
+}  // namespace
+
+#define S(stream) (cudaStream_t)(stream)
+
+void cuda_embed(const int64_t* ids, const void* table, void* out, int n, int h, int dt, void* stream) {
+  QMATH_DISPATCH(dt, embed_k<T><<<blocks_for((long long)n * h, 256), 256, 0, S(stream)>>>(ids, (const T*)table, (T*)out, n, h));
+}
+
+void cuda_add_rmsnorm(const void* x, const void* h, const void* w, void* resid, void* out, int n, int dim, float eps,
+                      int mode, int dt, void* stream) {
+  QMATH_DISPATCH(dt, add_rmsnorm_k<T><<<n, THREADS, 0, S(stream)>>>((const T*)x, (const T*)h, (const T*)w, (T*)resid,
+                                                                    (T*)out, dim, eps, mode));
+}
+
+void cuda_linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, int dt, void* stream) {
+  if (n == 1) {
+    QMATH_DISPATCH(dt, linear_k<T, 1><<<blocks_for(m, WARPS), THREADS, 0, S(stream)>>>((const T*)x, (const T*)w, (T*)y,
+                                                                                       n, k, m, accum));
+    return;
+  }
+  long long tasks = (long long)m * ((n + TOKEN_BLOCK - 1) / TOKEN_BLOCK);
+  QMATH_DISPATCH(dt, linear_k<T, TOKEN_BLOCK><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
+                         (const T*)x, (const T*)w, (T*)y, n, k, m, accum));
+}
+
+void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin, const int* pos,
+                       void* q_norm, void* k_norm, void* q_rope, void* k_rope, void* k_cache, void* v_cache,
+                       AttnDims a, float eps, int mode, int dt, void* stream) {
+  long long tasks = (long long)a.batch * a.tokens * (a.heads + a.kv_heads);
+  QMATH_DISPATCH(dt, qk_norm_rope_k<T><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
+                         (const T*)qkv, (const T*)qw, (const T*)kw, (const T*)cos, (const T*)sin, pos, (T*)q_norm,
+                         (T*)k_norm, (T*)q_rope, (T*)k_rope, (T*)k_cache, (T*)v_cache, a, eps, mode));
+}
+
+void cuda_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
+                    void* probs, void* out, AttnDims a, int dt, void* stream) {
+  const unsigned tasks = (unsigned)(a.batch * a.heads * a.tokens);
+  QMATH_DISPATCH(dt, attention_k<T><<<tasks, ATTN_WARPS * LANES, 0, S(stream)>>>(
+                         (const T*)q, (const T*)k_cache, (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a));
+}
+
+void cuda_silu_mul(const void* gate_up, void* out, int n, int inter, int dt, void* stream) {
+  QMATH_DISPATCH(dt, silu_mul_k<T><<<blocks_for((long long)n * inter, 256), 256, 0, S(stream)>>>((const T*)gate_up,
+                                                                                                  (T*)out, n, inter));
+}
+
+void cuda_route(const void* logits, int64_t* ids, void* weights, int n, int experts, int k, int norm, int dt,
+                void* stream) {
+  QMATH_DISPATCH(dt, route_k<T><<<n, LANES, experts * sizeof(float), S(stream)>>>((const T*)logits, ids, (T*)weights,
+                                                                                   experts, k, norm));
+}
+
+void cuda_moe_linear(const void* x, const int64_t* ids, const void* w, void* y, int n, int topk, int in, int out,
+                     int per_slot_input, int accum, int dt, void* stream) {
+  long long tasks = (long long)n * topk * out;
+  QMATH_DISPATCH(dt, moe_linear_k<T><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
+                         (const T*)x, ids, (const T*)w, (T*)y, n, topk, in, out, per_slot_input, accum));
+}
+
+void cuda_moe_combine(const void* y, const int64_t* ids, const void* weights, void* out, int n, int topk, int h, int dt,
+                      void* stream) {
+  QMATH_DISPATCH(dt, moe_combine_k<T><<<blocks_for((long long)n * h, 256), 256, 0, S(stream)>>>(
+                         (const T*)y, ids, (const T*)weights, (T*)out, n, topk, h));
+}

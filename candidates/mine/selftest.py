@@ -1,0 +1,212 @@
+"""`qwen3dbg selftest`: the engine on a device against its CPU twin and HF eager, tap by tap, and its
+speed next to HF eager and sdpa measured in the same run. One result object; the CLI renders it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from qwen3dbg.candidate import Candidate, DictSink, NullSink
+from qwen3dbg.capture import forced_steps
+from qwen3dbg.store import StepInfo
+
+
+@dataclass(frozen=True)
+class TapRow:
+    tap: str
+    ulps_vs_twin: int | None  # largest distance over all steps, in representable steps (0: bit-identical)
+    identical_vs_hf: float    # fraction of elements bit-identical to HF eager on the same device
+    rel_err_vs_hf: float      # max |mine - hf| / max |hf| over all steps (finite entries)
+
+
+@dataclass(frozen=True)
+class SpeedRow:
+    impl: str
+    prefill_tok_s: float
+    decode_tok_s: float
+
+
+@dataclass
+class SelftestResult:
+    model: str
+    device: str
+    dtype: str
+    prompt_tokens: int
+    decode_steps: int
+    check_tokens: int
+    check_decode: int
+    taps: list[TapRow] = field(default_factory=list)
+    speed: list[SpeedRow] = field(default_factory=list)
+    weights_bytes: int = 0
+    bandwidth_gb_s: float | None = None  # nominal, for the decode limit (None: unknown device)
+
+    @property
+    def bandwidth_limit_tok_s(self) -> float | None:
+        """Decode tokens/s if every weight byte is read once per token at the nominal bandwidth."""
+        return self.bandwidth_gb_s * 1e9 / self.weights_bytes if self.bandwidth_gb_s else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bandwidth_limit_tok_s": self.bandwidth_limit_tok_s}
+
+
+NOMINAL_GB_S = {"H100": 3350.0, "H200": 4800.0, "A100": 2000.0}
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between two same-dtype float tensors in representable steps (ids: 0 or 1)."""
+    if not a.is_floating_point():
+        return int(not torch.equal(a.cpu(), b.cpu()))
+    int_type = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    sign = {2: 0x7FFF, 4: 0x7FFFFFFF}[a.element_size()]
+
+    def ordered(x):
+        bits = x.detach().cpu().contiguous().view(int_type).to(torch.int64)
+        return torch.where(bits < 0, -(bits & sign), bits)
+
+    both_inf = torch.isinf(a.cpu()) & torch.isinf(b.cpu()) & (a.cpu() == b.cpu())
+    d = (ordered(a) - ordered(b)).abs().masked_fill(both_inf, 0)
+    return int(d.max()) if d.numel() else 0
+
+
+def identical_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b
+    return same.double().mean().item() if a.numel() else 1.0
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not a.is_floating_point():
+        return float(not torch.equal(a, b))
+    finite = torch.isfinite(b)
+    scale = b[finite].double().abs().max().item() if finite.any() else 0.0
+    return (a[finite].double() - b[finite].double()).abs().max().item() / scale if scale else 0.0
+
+
+def run_taps(cand: Candidate, steps: list[StepInfo], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    cand.reset()
+    out = []
+    for info in steps:
+        sink = DictSink()
+        cand.step(torch.tensor(info.token_ids, device=device), torch.tensor(info.positions, device=device), sink)
+        out.append({n: t.cpu() for n, t in sink.taps.items()})
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(reset, step, device: torch.device, prompt: list[int], decode: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of `step(ids [1,T], positions [1,T]) -> logits`, the second of
+    two runs (the first warms up: build, graph capture, allocator). Each decode step picks its token
+    with argmax, as a real decode loop must, so every implementation syncs once per token."""
+    for _ in range(2):
+        reset()
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = step(torch.tensor([prompt]), torch.arange(len(prompt))[None])
+        _sync(device)
+        t1 = time.perf_counter()
+        token = int(logits[0, -1].argmax())
+        for i in range(decode):
+            token = int(step(torch.tensor([[token]]), torch.tensor([[len(prompt) + i]]))[0, -1].argmax())
+        t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), decode / (t2 - t1)
+
+
+def hf_stepper(hf):
+    """HF's own forward with its own cache and no capture hooks: what a user of transformers runs."""
+    from transformers import DynamicCache
+
+    state = {}
+
+    def reset():
+        state["cache"] = DynamicCache(config=hf.model.config)
+
+    @torch.no_grad()
+    def step(ids, positions):
+        dev = hf.model.device
+        return hf.model(input_ids=ids.to(dev), position_ids=positions.to(dev), past_key_values=state["cache"],
+                        use_cache=True).logits
+    return reset, step
+
+
+def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decode_steps: int,
+             check_tokens: int = 8, check_decode: int = 3, progress=print) -> SelftestResult:
+    from qwen3dbg.config import load_config
+    from qwen3dbg.reference.hf import HFCandidate
+
+    from .engine import MineCandidate
+
+    cfg = load_config(model_dir)
+    engine = MineCandidate(model_dir, dtype, device=device)
+    dev = engine.device
+    res = SelftestResult(str(model_dir), dev.type if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+                         str(engine.dtype).removeprefix("torch."), prompt_tokens, decode_steps, check_tokens, check_decode)
+    ids = [(7 + 31 * i) % cfg.vocab_size for i in range(max(prompt_tokens, check_tokens))]
+    steps = forced_steps(ids[:check_tokens], [(5 + 13 * i) % cfg.vocab_size for i in range(check_decode)])
+
+    progress(f"taps: mine on {dev.type}")
+    ours = run_taps(engine, steps, dev)
+    twin = None
+    if dev.type == "cuda":
+        progress("taps: mine's CPU twin")
+        twin = run_taps(MineCandidate(model_dir, dtype, device="cpu"), steps, torch.device("cpu"))
+    progress("taps: HF eager")
+    hf_eager = HFCandidate(model_dir, dtype, attn="eager")
+    hf_eager.model.to(dev)
+    hf = run_taps(hf_eager, steps, dev)
+    for name in ours[0]:
+        pairs = [(o[name], h[name].to(o[name].dtype)) for o, h in zip(ours, hf)]
+        res.taps.append(TapRow(
+            name, None if twin is None else max(ulps_apart(o[name], t[name]) for o, t in zip(ours, twin)),
+            min(identical_fraction(a, b) for a, b in pairs), max(rel_err(a, b) for a, b in pairs)))
+
+    prompt = ids[:prompt_tokens]
+    res.weights_bytes = engine.decode_bytes()
+    res.bandwidth_gb_s = next((v for k, v in NOMINAL_GB_S.items() if k in res.device), None)
+    progress("speed: mine")
+    off = lambda ids, pos: engine.step(ids, pos, NullSink())  # noqa: E731
+    on = lambda ids, pos: engine.step(ids, pos, DictSink())  # noqa: E731
+    res.speed.append(SpeedRow(f"mine ({dev.type})", *time_steps(engine.reset, off, dev, prompt, decode_steps)))
+    res.speed.append(SpeedRow(f"mine ({dev.type}, capture on)", *time_steps(engine.reset, on, dev, prompt, decode_steps)))
+    if engine.use_graph:
+        engine.use_graph = False
+        res.speed.append(SpeedRow("mine (cuda, no graph)", *time_steps(engine.reset, off, dev, prompt, decode_steps)))
+        engine.use_graph = True
+    progress("speed: HF eager")
+    res.speed.append(SpeedRow("hf eager", *time_steps(*hf_stepper(hf_eager), dev, prompt, decode_steps)))
+    del hf_eager
+    progress("speed: HF sdpa")
+    hf_sdpa = HFCandidate(model_dir, dtype, attn="sdpa")
+    hf_sdpa.model.to(dev)
+    res.speed.append(SpeedRow("hf sdpa", *time_steps(*hf_stepper(hf_sdpa), dev, prompt, decode_steps)))
+    return res
+
+
+def render(res: SelftestResult, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"mine on {res.device} ({res.dtype}): every tap of a {res.check_tokens}-token prefill and "
+                    f"{res.check_decode} decode steps, twin column: largest distance in ulps (0 = bit-identical)")
+    t.add_column("tap")
+    t.add_column("vs CPU twin", justify="right")
+    t.add_column("HF eager: identical", justify="right")
+    t.add_column("HF eager: max rel err", justify="right")
+    for row in res.taps:
+        t.add_row(row.tap, "-" if row.ulps_vs_twin is None else str(row.ulps_vs_twin),
+                  f"{100 * row.identical_vs_hf:.1f}%", f"{row.rel_err_vs_hf:.1e}")
+    console.print(t)
+    s = Table(title=f"speed: prefill of {res.prompt_tokens} tokens, {res.decode_steps} decode steps (batch 1)")
+    for col in ("implementation", "prefill tok/s", "decode tok/s", "decode ms/token"):
+        s.add_column(col, justify="right" if col != "implementation" else "left")
+    for row in res.speed:
+        s.add_row(row.impl, f"{row.prefill_tok_s:,.0f}", f"{row.decode_tok_s:,.1f}", f"{1e3 / row.decode_tok_s:.3f}")
+    limit = res.bandwidth_limit_tok_s
+    if limit:
+        s.add_row(f"bandwidth limit ({res.weights_bytes / 1e9:.2f} GB at {res.bandwidth_gb_s:.0f} GB/s)", "",
+                  f"{limit:,.1f}", f"{1e3 / limit:.3f}")
+    console.print(s)

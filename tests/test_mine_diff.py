@@ -1,0 +1,43 @@
+"""`qwen3dbg diff --ref hf --cand mine`: the CPU twin through the differ. Clean by default; the fused
+RMSNorm switch stays in the noise; accumulating the products in bf16 is a divergence."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen3dbg.diff import run_diff
+
+from conftest import DECODE, PROMPT
+
+
+def diff(cand: str, model_dir):
+    return run_diff(ref="hf", cand=cand, model_dir=model_dir, dtype="bfloat16", token_ids=PROMPT, decode_ids=DECODE)
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_mine_with_default_switches_shows_no_divergence_from_hf(catalogue_model, model):
+    result = diff("mine:device=cpu", catalogue_model(model))
+    assert result.first_divergence is None, result.verdict
+
+
+@pytest.fixture(scope="module")
+def fused_on_hot_qk(catalogue_model):
+    return diff("mine:device=cpu,rmsnorm=fused", catalogue_model("hot-qk"))
+
+
+def test_fused_rmsnorm_switch_stays_in_the_noise_on_large_k_norm_weights(fused_on_hot_qk):
+    assert fused_on_hot_qk.exit_code == 0 and fused_on_hot_qk.first_divergence is None, fused_on_hot_qk.verdict
+    assert fused_on_hot_qk.in_noise is not None
+
+
+@pytest.mark.xfail(strict=True, reason="the differ's in-noise finding names the first rounding point it sees "
+                   "(layers.0.attn_norm on branch differ, layers.2.k_cache 'rounding_order' on main), not the "
+                   "k_norm one that its ~96.5 weight amplifies; the ranking is the differ's to change")
+def test_fused_rmsnorm_explanation_names_the_k_norm_rounding_point(fused_on_hot_qk):
+    assert fused_on_hot_qk.in_noise.signature == "rounding_point", fused_on_hot_qk.in_noise.message
+    assert "k_norm" in fused_on_hot_qk.in_noise.message
+
+
+def test_bf16_accumulation_switch_is_reported_as_a_divergence(catalogue_model):
+    result = diff("mine:device=cpu,accum=compute", catalogue_model("wide"))
+    assert result.first_divergence is not None, result.verdict
