@@ -85,7 +85,7 @@ def stores(work: Path, preset: str, tokens: int):
     return model, {name: (made.get(name, sec), cached, path) for name, (sec, cached, path) in runs.items()}
 
 
-def child(mode: str, model: str, gold: str, ref: str, cand: str) -> None:
+def child(mode: str, threads: str, model: str, gold: str, ref: str, cand: str) -> None:
     """One measurement in this fresh process: 'read' every tap of the three stores, or 'compare' them."""
     import torch
 
@@ -93,7 +93,7 @@ def child(mode: str, model: str, gold: str, ref: str, cand: str) -> None:
     from qwen3dbg.diff.compare import Comparison
     from qwen3dbg.store import TapStore
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(threads))
     sides = [TapStore.open(p) for p in (gold, ref, cand)]
     with PeakAnon() as mem:
         start = time.perf_counter()
@@ -111,9 +111,9 @@ def child(mode: str, model: str, gold: str, ref: str, cand: str) -> None:
     print(json.dumps({"seconds": dt, "peak_anon": mem.peak - mem.base, "count": n}))
 
 
-def measure(mode: str, model: Path, runs: dict) -> dict:
+def measure(mode: str, threads: int, model: Path, runs: dict) -> dict:
     paths = [str(runs[k][2]) for k in ("scratch float64", "hf bfloat16", "rmsnorm-fused bfloat16")]
-    out = subprocess.run([sys.executable, __file__, "--child", mode, str(model), *paths],
+    out = subprocess.run([sys.executable, __file__, "--child", mode, str(threads), str(model), *paths],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -123,7 +123,9 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache/qwen3dbg")) / "bench")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--preset", default="qwen3-0.6b")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both measurements (1: a shared machine's oversubscribed OpenMP distorts timings)")
+    p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         child(*a.child)
@@ -134,13 +136,13 @@ def main() -> None:
     for name, (sec, cached, path) in runs.items():
         size = sum(f.stat().st_size for f in Path(path).iterdir()) / 1e9
         print(f"  {name:24s} {sec:7.1f} s{' (made earlier, cached)' if cached else ''}   store {size:.2f} GB")
-    measure("read", model, runs)  # warm the page cache for both measurements
-    read, comp = measure("read", model, runs), measure("compare", model, runs)
+    measure("read", a.threads, model, runs)  # warm the page cache for both measurements
+    read, comp = measure("read", a.threads, model, runs), measure("compare", a.threads, model, runs)
     from qwen3dbg.store import TapStore
 
     gold = TapStore.open(runs["scratch float64"][2])
     largest = max(gold.get(0, n).numel() for n in gold.names(0)) * 8
-    print(f"\nread the three stores (one pass over every tap):")
+    print(f"\nread the three stores (one pass over every tap), {a.threads} torch thread(s):")
     print(f"                         {read['seconds']:7.2f} s   peak anon memory {read['peak_anon'] / 1e6:8.1f} MB")
     print(f"compare (all {comp['count']} taps): {comp['seconds']:7.2f} s   peak anon memory {comp['peak_anon'] / 1e6:8.1f} MB")
     print(f"ratio compare / read:    {comp['seconds'] / read['seconds']:7.2f}x   (goal: within 2x)")

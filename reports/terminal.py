@@ -30,13 +30,14 @@ def summary(result: DiffResult) -> Panel:
 
 def layer_table(result: DiffResult) -> Table:
     """One row per layer (plus the ops outside layers): its worst tap over all steps."""
-    t = Table(title="worst tap per layer (excess = error / tolerance; > 1 is divergent)", title_justify="left")
+    t = Table(title="worst tap per layer (- : embed, final_norm, logits); excess = error / tolerance, > 1 is divergent",
+              title_justify="left")
     for col, just in (("layer", "left"), ("worst tap", "left"), ("step", "right"), ("excess", "right"),
                       ("rel. L2", "right"), ("ref rel. L2", "right"), ("max |err|", "right"), ("", "left")):
         t.add_column(col, justify=just)
     groups: dict[str, list[TapResult]] = {}
     for r in result.taps:
-        key = "outside" if r.layer is None else str(r.layer)
+        key = "-" if r.layer is None else str(r.layer)
         groups.setdefault(key, []).append(r)
     first = result.first_divergence
     for key, rows in groups.items():
@@ -49,7 +50,7 @@ def layer_table(result: DiffResult) -> Table:
             (f"[red]✗ {n_div}[/]" if n_div else "[green]✓[/]")
         style = "red" if w.excess > 1 else ""
         t.add_row(key, escape(w.op), str(w.step), f"[{style}]{w.excess:.3g}[/]" if style else f"{w.excess:.3g}",
-                  f"{w.rel_l2:.2e}", f"{w.ref_rel_l2:.2e}", f"{w.max_abs:.2e}", mark)
+                  f"{w.rel_l2:.2g}", f"{w.ref_rel_l2:.2g}", f"{w.max_abs:.2g}", mark)
     return t
 
 

@@ -122,7 +122,7 @@ CASES = [
          lambda ev, c, dt: ev["max_score"] > ev["exp_limit"] == math.log(torch.finfo(torch.float16).max)
          and ev["nonfinite"] > 0),
     Case("lowp-accumulation", "wide", ("bfloat16",), 0, "layers.0.q_proj", "lowp_accumulation",
-         lambda ev, c, dt: ev["reduction_length"] == c.hidden_size and ev["rel_err"] > 2 * ev["ref_rel_err"]),
+         lambda ev, c, dt: ev["reduction_length"] == c.hidden_size and ev["rel_err"] > 2 * ev["replay_fp32_rel_err"]),
 ]
 
 
@@ -297,3 +297,14 @@ def test_softmax_overflow_is_named_from_attn_out_by_rebuilding_the_scores(sides)
     found = diagnose(src, 0, "layers.0.attn_out")
     assert found[0].signature == "softmax_overflow", [d.message for d in found]
     assert found[0].evidence["max_score"] > math.log(torch.finfo(torch.float16).max)
+
+
+@pytest.mark.parametrize("model,dtype,variant,allowed", [
+    ("hot-qk", "bfloat16", "rmsnorm-fused", {"rounding_point"}),
+    ("wide", "float32", "lowp-accumulation", set()),  # float32 sums in another order: not a bug
+], ids=["rmsnorm-fused-bf16", "lowp-accumulation-fp32"])
+def test_no_bug_signature_fits_a_clean_candidate_at_any_tap(sides, model, dtype, variant, allowed):
+    src = sides(model, dtype, VARIANTS[variant])
+    found = {(name, d.signature) for step in range(len(STEPS)) for name in src._cand[step]
+             for d in diagnose(src, step, name)}
+    assert {sig for _, sig in found} <= allowed, sorted(f for f in found if f[1] not in allowed)

@@ -16,7 +16,7 @@ import torch
 
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.compare import Comparison, inputs_of
-from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS
+from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
 from qwen3dbg.diff.runs import REFERENCES, cached_run, fresh_run, runs_home
 from qwen3dbg.diff.sides import SideSpec, parse_side, store_steps
@@ -152,7 +152,7 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
         taps=taps, first_divergence=div, diagnosis=diagnosis, first_nonfinite=nonfinite, in_noise=in_noise,
         routing_ties=comparison.ties, timings=timings,
         rule={"norm_factor": NORM_FACTOR, "element_factor": ELEMENT_FACTOR, "rel_floor_ulps": REL_FLOOR_ULPS,
-              "abs_floor_ulps": ABS_FLOOR_ULPS})
+              "abs_floor_ulps": ABS_FLOOR_ULPS, "small_sample_n0": SMALL_SAMPLE_N0})
 
 
 def _load(spec: SideSpec, model_dir: Path, dt: torch.dtype):
