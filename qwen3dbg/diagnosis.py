@@ -553,6 +553,17 @@ _NORM_WEIGHT = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm
                 "final_norm": "model.norm.weight"}
 
 
+def amplification(src: TapSource, tap: str) -> float:
+    """How much what follows a rounding magnifies it: transformers casts a normalised value and THEN
+    multiplies by the RMSNorm weight, so a rounding difference at a norm leaves it max|weight| times
+    larger (k_norm ~96.5 in released Qwen3). 1 for every other op."""
+    layer, op = parse_tap_name(tap)
+    if op not in _NORM_WEIGHT:
+        return 1.0
+    w = src.weight(_NORM_WEIGHT[op] if layer is None else f"model.layers.{layer}.{_NORM_WEIGHT[op]}")
+    return 1.0 if w is None else max(1.0, float(w.abs().max()))
+
+
 def rounding_point(s: Site) -> Diagnosis | None:
     """Does the candidate round RMSNorm after the weight (fused) where the reference rounds before?"""
     x, w, c = _norm_input(s), s.weight(_NORM_WEIGHT[s.op]), s.cand()

@@ -123,6 +123,8 @@ def test_fused_rmsnorm_is_reported_in_the_noise_as_a_rounding_point(catalogue_mo
     result = _diff("rmsnorm-fused", catalogue_model("hot-qk"), "bfloat16")
     assert result.exit_code == 0 and result.in_noise is not None
     assert result.in_noise.signature == "rounding_point", result.in_noise.message
+    # The rounding point porters need named is the one the ~96.5 k_norm weight amplifies.
+    assert result.in_noise.tap.endswith(".k_norm") and result.in_noise.evidence["max_weight"] == 96.5
 
 
 def test_the_registry_lists_exactly_the_catalogue_and_each_name_loads_its_variant(catalogue_model):

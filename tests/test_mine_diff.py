@@ -30,9 +30,6 @@ def test_fused_rmsnorm_switch_stays_in_the_noise_on_large_k_norm_weights(fused_o
     assert fused_on_hot_qk.in_noise is not None
 
 
-@pytest.mark.xfail(strict=True, reason="the differ's in-noise finding names the first rounding point it sees "
-                   "(layers.0.attn_norm on branch differ, layers.2.k_cache 'rounding_order' on main), not the "
-                   "k_norm one that its ~96.5 weight amplifies; the ranking is the differ's to change")
 def test_fused_rmsnorm_explanation_names_the_k_norm_rounding_point(fused_on_hot_qk):
     assert fused_on_hot_qk.in_noise.signature == "rounding_point", fused_on_hot_qk.in_noise.message
     assert "k_norm" in fused_on_hot_qk.in_noise.message

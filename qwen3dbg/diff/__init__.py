@@ -177,9 +177,13 @@ def _diagnose(src: StoreSource, div: Divergence | None) -> list:
 def _in_noise(src: StoreSource, taps: list[TapResult], div: Divergence | None, cfg: Qwen3Config,
               dt: torch.dtype) -> Finding | None:
     """The in-noise difference that most exceeds what its inputs carry (before any divergence): among taps
-    differing from the reference by at least IN_NOISE_MIN_ULPS (rms), the largest ratio of their difference
-    to their inputs' (an input difference below IN_NOISE_CARRIED_ULPS counts as that much)."""
-    best, best_own, best_in, by = None, 0.0, 0.0, {}
+    differing from the reference by at least IN_NOISE_MIN_ULPS (rms) and by more than their inputs do
+    (an input difference below IN_NOISE_CARRIED_ULPS counts as that much), the largest ratio of the two,
+    times what magnifies a rounding there (an RMSNorm's largest weight, e.g. k_norm ~96.5: porters need
+    that rounding point named, not the first one met)."""
+    from qwen3dbg.diagnosis import amplification, explain_rounding
+
+    best, best_rank, best_in, by = None, 0.0, 0.0, {}
     for r in taps:
         if div is not None and (r.step, r.name) == (div.step, div.tap):
             break
@@ -188,11 +192,10 @@ def _in_noise(src: StoreSource, taps: list[TapResult], div: Divergence | None, c
             continue
         carried = max((by[(r.step, n)].diff_ulps for n in inputs_of(r.name, cfg) if (r.step, n) in by), default=0.0)
         own = r.diff_ulps / max(carried, IN_NOISE_CARRIED_ULPS)
-        if own > max(best_own, 1.0):
-            best, best_own, best_in = r, own, carried
+        if own > 1.0 and (rank := own * amplification(src, r.name)) > best_rank:
+            best, best_rank, best_in = r, rank, carried
     if best is None:
         return None
-    from qwen3dbg.diagnosis import explain_rounding
 
     explained = explain_rounding(src, best.step, best.name)
     if explained is not None:
