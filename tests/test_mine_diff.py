@@ -18,6 +18,8 @@ def diff(cand: str, model_dir):
 def test_mine_with_default_switches_shows_no_divergence_from_hf(catalogue_model, model):
     result = diff("mine:device=cpu", catalogue_model(model))
     assert result.first_divergence is None, result.verdict
+    cand = next(s for s in result.sides if s.role == "cand")
+    assert cand.notes == ["ran the CPU twin (no CUDA device used)"]  # the report says which path ran
 
 
 @pytest.fixture(scope="module")

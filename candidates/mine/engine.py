@@ -116,8 +116,9 @@ class MineCandidate(Candidate):
 
     def manifest_extra(self) -> dict:
         where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU twin"
+        ran = f"ran the CUDA kernels on {where}" if self.device.type == "cuda" else "ran the CPU twin (no CUDA device used)"
         return {"device": self.device.type, "device_name": where, "numerics": self.numerics.to_dict(),
-                "decode_cuda_graph": self.use_graph}
+                "decode_cuda_graph": self.use_graph, "notes": [ran]}
 
     def reset(self) -> None:
         self.length = 0
