@@ -113,6 +113,21 @@ class StoreWriter:
             self.close()
 
 
+def read_manifest(path: Path) -> dict:
+    """A store's manifest as a dict, or a UserError when the store cannot be read at all (exit 2)."""
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        raise UserError(f"{path} is not a tap store: it has no {MANIFEST}")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{mpath} is not valid JSON ({e}): the writer died while writing it, or it is not a manifest") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise UserError(f"{mpath}: format is {found!r}, expected {FORMAT!r}")
+    return m
+
+
 def _manifest_json(m: dict) -> str:
     """Indented JSON with each step on one line, so a manifest of long prompts stays readable."""
     steps = ",\n  ".join(json.dumps(s, separators=(", ", ": ")) for s in m["steps"])
@@ -131,15 +146,8 @@ class TapStore:
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = True) -> "TapStore":
         path = Path(path)
+        m = read_manifest(path)
         mpath = path / MANIFEST
-        if not mpath.is_file():
-            raise UserError(f"{path} is not a tap store: it has no {MANIFEST}")
-        try:
-            m = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{mpath} is not valid JSON: {e}") from None
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise UserError(f"{mpath}: format is {m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT!r}")
         if require_complete and not m.get("complete"):
             raise UserError(
                 f"tap store {path} is incomplete (its manifest says complete: false, the writer stopped mid-run): "

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from qwen3dbg.config import Qwen3Config, parse_config
 from qwen3dbg.errors import UserError
-from qwen3dbg.store import MANIFEST, step_file
-from qwen3dbg.taps import FORMAT, OPS_BY_NAME, parse_tap_name, step_taps
+from qwen3dbg.store import read_manifest, step_file
+from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name, step_taps
 
 FLOAT_STORE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 INTEGER_TAP_DTYPES = ("I32", "I64")
@@ -32,21 +32,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest as a dict, or a UserError when the store cannot be read at all (exit 2)."""
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise UserError(f"{path} is not a tap store: it has no {MANIFEST}")
-    try:
-        m = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{mpath} is not valid JSON ({e}): the writer died while writing it, or it is not a manifest") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        found = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise UserError(f"{mpath}: format is {found!r}, expected {FORMAT!r}")
-    return m
 
 
 def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[Problem]:

@@ -68,7 +68,6 @@ def _chromium() -> str:
 
 def test_report_renders_in_headless_chromium_with_its_plots_and_no_console_error(report, tmp_path):
     import matplotlib.image as mpimg
-    import numpy as np
 
     _, path = report
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
