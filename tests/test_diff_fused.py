@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from qwen3dbg.diff.fused import count_over, tap_errors
+from qwen3dbg.diff.fused import count_over, logits_rows, tap_errors
 from qwen3dbg.store import masked
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -97,3 +97,24 @@ def test_fused_pass_of_an_empty_tap_compares_nothing():
     e = torch.zeros(0, 4, dtype=torch.bfloat16)
     got = tap_errors(e.double(), e, e)
     assert got.count == 0 and got.cand.max_abs == 0.0 and got.gold_norm == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logits_rows_match_torch_argmax_and_log_softmax_kl(dtype):
+    gen = torch.Generator().manual_seed(3)
+    g = 4 * torch.randn(12, 1000, dtype=torch.float64, generator=gen)
+    c = (g + 0.1 * torch.randn(12, 1000, dtype=torch.float64, generator=gen)).to(dtype)
+    c[1, 5] = float("nan")  # argmax takes the first NaN; the row has no KL
+    c[2, 7] = float("-inf")
+    g[3, 9] = float("inf")
+    c[4, :] = c[4, 0]  # all tied: the first index
+    am_c, am_g, kl, ok = logits_rows(c, g)
+    assert torch.equal(am_c, c.double().argmax(-1)) and torch.equal(am_g, g.argmax(-1))
+    lg, lc = torch.log_softmax(g, -1), torch.log_softmax(c.double(), -1)
+    want_ok = torch.isfinite(lc).all(-1) & torch.isfinite(lg).all(-1)
+    assert torch.equal(ok, want_ok) and not ok[1:4].any()
+    want = (lg.exp() * (lg - lc)).sum(-1)
+    # exp within a few ulp and sums over V terms: within (V + 64) eps of the row's magnitude
+    scale = 1 + g.abs().amax(-1) + c.double().abs().nan_to_num(0, 0, 0).amax(-1)
+    bound = (g.shape[-1] + 64) * torch.finfo(torch.float64).eps * scale
+    assert ((kl - want).abs() <= bound)[ok].all()

@@ -1,10 +1,11 @@
 """Everything one tap's comparison needs, in one fused pass over the three tensors as stored.
 
-A dozen float64 torch passes per tap (casts, differences, norms, max/min/argmax, dot, masks) cost 12x
+A dozen float64 torch passes per tap (casts, differences, norms, max/min/argmax, dot, masks) cost 12-15x
 reading the stores; this small C kernel (built on first use, like the scan's) reads the fp64 golden, the
 reference and the candidate in their own element types (f64/f32/bf16/f16), widens a block of each to
 double in cache, and accumulates both sides' errors in the same loop. Sums are taken in fixed chunks
-folded in order, so results do not depend on the thread count.
+folded in order, so results do not depend on the thread count. The logits' argmax and KL per token are
+a second kernel here (`logits_rows`).
 """
 
 from __future__ import annotations
@@ -121,10 +122,10 @@ static void init(cmp_t* s) {
     s->max_cand = -INFINITY; s->min_cand = INFINITY;
 }
 
-/* A block of one side as doubles: float64 in place, anything else widened into buf. */
-static const double* side(const args_t* a, int k, int64_t off, int64_t n, double* buf) {
-    if (a->dtype[k] == F64) return (const double*)a->p[k] + off;
-    widen(a->p[k], a->dtype[k], off, n, buf);
+/* Elements off..off+n of a tensor as doubles: float64 in place, anything else widened into buf. */
+static const double* view(const void* p, int dtype, int64_t off, int64_t n, double* buf) {
+    if (dtype == F64) return (const double*)p + off;
+    widen(p, dtype, off, n, buf);
     return buf;
 }
 
@@ -133,7 +134,8 @@ static void chunk(const args_t* a, int64_t lo, int64_t n, cmp_t* s) {
     init(s);
     for (int64_t b = lo; b < lo + n; b += BLOCK) {
         int64_t m = lo + n - b < BLOCK ? lo + n - b : BLOCK;
-        const double *g = side(a, 0, b, m, gb), *r = side(a, 1, b, m, rb), *c = side(a, 2, b, m, cb);
+        const double *g = view(a->p[0], a->dtype[0], b, m, gb), *r = view(a->p[1], a->dtype[1], b, m, rb),
+                     *c = view(a->p[2], a->dtype[2], b, m, cb);
         const uint8_t* k = a->keep ? a->keep + b : 0;
         if (!a->scores && !k) {
             fast_t f;
@@ -163,6 +165,71 @@ static void fold(cmp_t* acc, const cmp_t* s) {
     acc->dot += s->dot;
     if (s->absmax_ref > acc->absmax_ref) acc->absmax_ref = s->absmax_ref;
     if (s->absmax_gold > acc->absmax_gold) acc->absmax_gold = s->absmax_gold;
+}
+
+/* exp(x) for x <= 0, vectorizable (libm's exp is a call per element): x = n ln2 + t with ln2 in two parts
+   (n ln2hi exact), e^t by its Taylor series to t^13 (|t| <= ln2/2: truncation 4e-18), scaled by 2^n; below
+   2^-1022 it returns 0 (a subnormal term does not move a sum that holds a 1). Within a few ulp of exp. */
+static inline double exp_neg(double x) {
+    double n = floor(x * 1.4426950408889634 + 0.5);
+    double t = x - n * 6.93147180369123816490e-01 - n * 1.90821492927058770002e-10;
+    double q = 1.0 / 6227020800.0;
+    static const double inv[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                   1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0,
+                                   0.5, 1.0, 1.0};
+    for (int k = 0; k < 13; k++) q = q * t + inv[k];
+    /* 2^n from the bits: adding 1.5 * 2^52 puts n in the low mantissa bits (no double-to-int conversion,
+       which AVX2 lacks); + 1023 shifted into the exponent field. */
+    double shifted = (n < -1022 ? -1022 : n) + 6755399441055744.0, scale;
+    uint64_t bits;
+    memcpy(&bits, &shifted, 8);
+    bits = (bits + 1023) << 52;
+    memcpy(&scale, &bits, 8);
+    return n < -1022 ? 0.0 : q * scale;
+}
+
+/* First index of the largest element of a row, a NaN counting as largest (as torch.argmax); *finite: none
+   is NaN or inf; *max: the largest. */
+static int64_t row_argmax(const void* p, int dtype, int64_t off, int64_t n, double* max, int* finite) {
+    double buf[BLOCK], m = -INFINITY;
+    int64_t at = 0;
+    *finite = 1;
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t len = n - b < BLOCK ? n - b : BLOCK;
+        const double* x = view(p, dtype, off + b, len, buf);
+        for (int64_t i = 0; i < len; i++) {
+            if (isnan(x[i])) { *finite = 0; *max = NAN; return b + i; }
+            if (isinf(x[i])) *finite = 0;
+            if (x[i] > m || (b + i == 0)) { m = x[i]; at = b + i; }
+        }
+    }
+    *max = m;
+    return at;
+}
+
+/* Per row of gold and cand [rows, V]: both argmaxes, whether both rows are finite, and for finite rows
+   KL(softmax gold || softmax cand) = sum p (g - c) - (lse_g - lse_c), lse = max + log sum e^(x - max). */
+void logits_rows(const void* g, int gdt, const void* c, int cdt, int64_t rows, int64_t V,
+                 int64_t* argmax_g, int64_t* argmax_c, double* kl, uint8_t* ok) {
+    #pragma omp parallel for schedule(static) if (rows * V >= PAR_MIN)
+    for (int64_t row = 0; row < rows; row++) {
+        double mg, mc, gb[BLOCK], cb[BLOCK], sg = 0, sc = 0, t = 0;
+        int fg, fc;
+        argmax_g[row] = row_argmax(g, gdt, row * V, V, &mg, &fg);
+        argmax_c[row] = row_argmax(c, cdt, row * V, V, &mc, &fc);
+        ok[row] = fg && fc && V > 0;
+        kl[row] = 0;
+        if (!ok[row]) continue;
+        for (int64_t b = 0; b < V; b += BLOCK) {
+            int64_t len = V - b < BLOCK ? V - b : BLOCK;
+            const double *x = view(g, gdt, row * V + b, len, gb), *y = view(c, cdt, row * V + b, len, cb);
+            for (int64_t i = 0; i < len; i++) {
+                double eg = exp_neg(x[i] - mg);
+                sg += eg; sc += exp_neg(y[i] - mc); t += eg * (x[i] - y[i]);
+            }
+        }
+        kl[row] = t / sg - ((mg - mc) + (log(sg) - log(sc)));
+    }
 }
 
 int compare(const args_t* a, int64_t n, cmp_t* out) {
@@ -207,6 +274,9 @@ def _kernel():
         lib = build("diff_compare", _SOURCE, _FLAGS, "the differ's comparison kernel")
         lib.compare.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.POINTER(_Out)]
         lib.compare.restype = ctypes.c_int
+        lib.logits_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.logits_rows.restype = None
         _lib = lib
     return _lib
 
@@ -261,3 +331,14 @@ def _run(gold, ref, cand, scores, keep, limit) -> _Out:
     if _kernel().compare(ctypes.byref(a), gold.numel(), ctypes.byref(out)):
         raise MemoryError("the comparison kernel could not allocate its partials")
     return out
+
+
+def logits_rows(cand: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cand, gold [N, V] -> argmax of cand and of gold [N] (first index; a NaN counts as largest), KL(softmax gold ||
+    softmax cand) [N] float64 and whether both rows are finite [N] (KL 0 where not), in one pass per row."""
+    (g, c), (n, v) = ((t if t.dtype in _CODES else t.double()).contiguous() for t in (gold, cand)), gold.shape
+    am_g, am_c = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    kl, ok = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.bool)
+    _kernel().logits_rows(g.data_ptr(), _CODES[g.dtype], c.data_ptr(), _CODES[c.dtype], n, v, am_g.data_ptr(),
+                          am_c.data_ptr(), kl.data_ptr(), ok.data_ptr())
+    return am_c, am_g, kl, ok
