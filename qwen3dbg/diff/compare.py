@@ -6,19 +6,18 @@ each side, never a whole store. The rule itself is in `noise`; docs/differ.md ex
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.diff.metrics import (cosine, error_stats, logits_agreement, max_abs, mismatch_share, rel_diff,
-                                   router_margin, same_sets, worst_coordinate)
+from qwen3dbg.diff.fused import count_over, tap_errors
+from qwen3dbg.diff.metrics import cosine, logits_agreement, ratio, router_margin, same_sets, worst_coordinate
 from qwen3dbg.diff.noise import ELEMENT_FACTOR, tolerance
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.dtypes import dtype_name
-from qwen3dbg.store import StepInfo, TapStore, masked
+from qwen3dbg.store import StepInfo, TapStore
 from qwen3dbg.taps import TapSpec, parse_tap_name, step_taps, tap_name
 
 #: the taps each op reads (within its layer; "prev" is the previous layer's resid_out, or embed)
@@ -108,35 +107,21 @@ class Comparison:
 
     def values(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict, token_ok: torch.Tensor | None = None) -> TapResult:
         reasons, extra = [], {}
-        g64 = g.double()
-        ec, er = c.double() - g64, r.double() - g64  # a cast first: mixed-dtype arithmetic is 4x slower
-        nonfinite = {"ref": 0, "cand": 0}
-        restricted = token_ok is not None or spec.op == "attn_scores" or self._tied(spec)
-        # NaN and inf reach the norms: finite norms of both errors mean every element is finite.
-        norms = [float(torch.linalg.vector_norm(e)) for e in (ec, er)]
-        if restricted or not math.isfinite(sum(norms)):
-            valid = torch.isfinite(g)
-            if spec.op == "attn_scores":
-                mg, mr, mc = masked(g), masked(r), masked(c)
-                if bool((mc != mg).any()):
-                    reasons.append(f"mask pattern differs from fp64 at {int((mc != mg).sum())} entries")
-                valid = valid & ~(mg | mr | mc)
-            valid = self._exclusions(info, spec, valid, extra)
+        keep = None
+        if token_ok is not None or self._tied(spec):
+            keep = self._exclusions(info, spec, torch.ones(g.shape, dtype=torch.bool), extra)
             if token_ok is not None:
-                valid = valid & token_ok[..., None]
-            nonfinite = {"ref": int((valid & ~torch.isfinite(r)).sum()), "cand": int((valid & ~torch.isfinite(c)).sum())}
-            if nonfinite["cand"]:
-                reasons.append(f"{nonfinite['cand']} NaN/inf where fp64 is finite")
-            # Where the reference itself is not finite it sets no floor, and the candidate is not judged.
-            judged = valid & torch.isfinite(r) & torch.isfinite(c)
-            g64, ec, er = (torch.where(judged, t, 0.0) for t in (g64, ec, er))
-            count = int(judged.sum())
-            norms = [float(torch.linalg.vector_norm(e)) for e in (ec, er)]
-        else:
-            count = g64.numel()
-        gnorm = float(torch.linalg.vector_norm(g64))
-        gmax = max_abs(g64) if count else 0.0
-        sc, sr = error_stats(ec, gnorm, norms[0]), error_stats(er, gnorm, norms[1], locate=False)
+                keep = keep & token_ok[..., None]
+        # One fused pass: where the golden is not finite, a side masks an attention score, or either side
+        # is not finite (the reference then sets no floor and the candidate is not judged), nothing is compared.
+        scores = spec.op == "attn_scores"
+        te = tap_errors(g, r, c, scores=scores, keep=keep)
+        if te.mask_diff:
+            reasons.append(f"mask pattern differs from fp64 at {te.mask_diff} entries")
+        if te.nonfinite["cand"]:
+            reasons.append(f"{te.nonfinite['cand']} NaN/inf where fp64 is finite")
+        count, sc, sr = te.count, te.cand, te.ref
+        gmax = te.gold_max if count else 0.0
         # A decode step has one token: pool the reference's noise with the prefill's, where the same op
         # saw many tokens, so that a lucky small sample does not set the floor.
         noise = self.prefill_noise.setdefault(spec.name, (sr.rel_l2, sr.max_abs))
@@ -147,12 +132,15 @@ class Comparison:
             reasons.append(f"{which} {excess:.3g}x over the {dtype_name(self.dtype)} noise floor")
         if spec.op == "logits" and count:
             extra.update(logits_agreement(c, g))
+        # The share of elements over the per-element limit takes a second pass, only when some element is.
+        limit = max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR)
+        mismatch = count_over(g, r, c, limit, scores=scores, keep=keep) / count if count and sc.max_abs > limit else 0.0
         eps = torch.finfo(self.dtype).eps
         return TapResult(
             status="divergent" if reasons else "ok", reason="; ".join(reasons), max_abs=sc.max_abs,
-            rel_l2=sc.rel_l2, cosine=cosine(ec, g64, sc, gnorm), mismatch=mismatch_share(ec, sc.max_abs, max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR), count),
+            rel_l2=sc.rel_l2, cosine=cosine(te.dot, te.gold_norm, sc.norm), mismatch=mismatch,
             ref_max_abs=sr.max_abs, ref_rel_l2=sr.rel_l2, tol_rel=tol.rel, tol_abs=tol.abs_, excess=excess,
-            diff_ulps=rel_diff(ec, er, gnorm) / eps, nonfinite=nonfinite,
+            diff_ulps=ratio(te.diff_norm, te.gold_norm) / eps, nonfinite=te.nonfinite,
             worst=worst_coordinate(sc.argmax, spec.shape, spec.axes, info.step, self.cfg.head_dim), extra=extra, **base)
 
     def expert_ids(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict) -> tuple[TapResult, _Router]:

@@ -10,15 +10,11 @@ depends on the thread count.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from qwen3dbg.errors import UserError
+from qwen3dbg.kernels import WIDEN, build
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -36,23 +32,7 @@ typedef struct {
     double min, max;    /* over finite x; +inf / -inf while there is none */
 } stats_t;
 
-static inline double from_f64(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
-static inline double from_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline double from_bf16(uint16_t u) { return from_f32((uint32_t)u << 16); }
-/* Exact and vectorizable (a _Float16 cast becomes a library call per element): the magnitude bits
-   moved to a float's place and scaled by 2^112, which also normalizes subnormals; all-ones exponents
-   are set to inf/NaN, then the sign. */
-static inline double from_f16(uint16_t h) {
-    uint32_t mag = (uint32_t)(h & 0x7fff) << 13, u;
-    float f;
-    memcpy(&f, &mag, 4);
-    f *= 0x1p112f;
-    memcpy(&u, &f, 4);
-    u |= (h & 0x7c00) == 0x7c00 ? 0x7f800000u : 0u;
-    u |= (uint32_t)(h & 0x8000) << 16;
-    return from_f32(u);
-}
-
+""" + WIDEN + r"""
 /* Integer keys that order like the floats (sign-magnitude to two's complement): exact min/max in
    the element's own width, the same transform maps a key back. */
 #define KEY(K, U, BITS, ABS, u) ((K)((u) ^ (((U)((K)(u) >> ((BITS) - 1))) & (ABS))))
@@ -217,10 +197,6 @@ class _Stats(ctypes.Structure):
                [(n, ctypes.c_double) for n in ("sum", "sumsq", "min", "max")]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache" / "qwen3dbg")) / "kernels"
-
-
 _lib = None
 
 
@@ -228,22 +204,7 @@ def _kernel():
     """The compiled kernel, built on first use into the cache (keyed by source and flags)."""
     global _lib
     if _lib is None:
-        cc = os.environ.get("CC", "cc")
-        key = hashlib.sha256((_SOURCE + " ".join([cc, *_FLAGS])).encode()).hexdigest()[:16]
-        so = _cache_dir() / f"scan_stats-{key}.so"
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            src, tmp = so.with_suffix(".c"), so.with_suffix(f".{os.getpid()}.tmp")
-            src.write_text(_SOURCE)
-            try:
-                subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
-            except FileNotFoundError:
-                raise UserError(f"the scan's statistics kernel needs a C compiler and {cc!r} was not found: "
-                                "install gcc (e.g. apt-get install gcc) or set CC") from None
-            except subprocess.CalledProcessError as e:
-                raise UserError(f"building the scan's statistics kernel with {cc} failed: {e.stderr.strip()[:500]}") from None
-            tmp.replace(so)  # atomic: a concurrent scan sees the whole library or none
-        lib = ctypes.CDLL(str(so))
+        lib = build("scan_stats", _SOURCE, _FLAGS, "the scan's statistics kernel")
         lib.stats_update.argtypes = [ctypes.POINTER(_Stats), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                      ctypes.c_double]
         lib.stats_update.restype = ctypes.c_int

@@ -1,0 +1,344 @@
+"""Everything one tap's comparison needs, in one fused pass over the three tensors as stored.
+
+A dozen float64 torch passes per tap (casts, differences, norms, max/min/argmax, dot, masks) cost 12-15x
+reading the stores; this small C kernel (built on first use, like the scan's) reads the fp64 golden, the
+reference and the candidate in their own element types (f64/f32/bf16/f16), widens a block of each to
+double in cache, and accumulates both sides' errors in the same loop. Sums are taken in fixed chunks
+folded in order, so results do not depend on the thread count. The logits' argmax and KL per token are
+a second kernel here (`logits_rows`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qwen3dbg.diff.metrics import ErrorStats, ratio
+from qwen3dbg.kernels import WIDEN, build
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+""" + WIDEN + r"""
+#define CHUNK 65536        /* elements per partial sum */
+#define BLOCK 256          /* elements widened to double at a time (stays in L1) */
+#define PAR_MIN (1 << 23)  /* below this, waking a second thread costs more than it saves */
+
+typedef struct {
+    int64_t count, nonfinite_ref, nonfinite_cand, mask_diff, over;
+    int64_t argmax, argmin;  /* first flat index of the candidate error's max / min */
+    double ss_cand, ss_ref, ss_gold, ss_diff, dot;  /* sums of err_c^2, err_r^2, gold^2, (err_c - err_r)^2, err_c . gold */
+    double max_cand, min_cand, absmax_ref, absmax_gold;
+} cmp_t;
+
+typedef struct {
+    const void* p[3];  /* gold, ref, cand */
+    int dtype[3];
+    double masked_at[3];  /* attention scores at or below this are masked (finfo.min / 2 of the element type) */
+    int scores;
+    const uint8_t* keep;  /* optional: 0 leaves an element out */
+    double limit;         /* count candidate |err| above it */
+} args_t;
+
+enum { F64 = 0, F32 = 1, BF16 = 2, F16 = 3 };
+
+static void widen(const void* p, int dtype, int64_t off, int64_t n, double* out) {
+    switch (dtype) {
+        case F32: { const uint32_t* q = (const uint32_t*)p + off; for (int64_t i = 0; i < n; i++) out[i] = from_f32(q[i]); break; }
+        case BF16: { const uint16_t* q = (const uint16_t*)p + off; for (int64_t i = 0; i < n; i++) out[i] = from_bf16(q[i]); break; }
+        default: { const uint16_t* q = (const uint16_t*)p + off; for (int64_t i = 0; i < n; i++) out[i] = from_f16(q[i]); break; }
+    }
+}
+
+/* One block with every element judged, the common case: no selects. finite-math-only lets the max/min
+   reductions vectorize; a NaN or inf anywhere makes a sum non-finite, and the caller (compiled without the
+   option, so it can see that) then redoes the block with `block` below. */
+typedef struct { double ssc, ssr, ssg, ssd, dot, mx, mn, ar, ag; int64_t over; } fast_t;
+__attribute__((optimize("finite-math-only"))) static void block_fast(const double* g, const double* r, const double* c,
+                                                                     int64_t n, double limit, fast_t* f) {
+    double ssc = 0, ssr = 0, ssg = 0, ssd = 0, dot = 0, mx = -INFINITY, mn = INFINITY, ar = 0, ag = 0;
+    int64_t over = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double gv = g[i], ec = c[i] - gv, er = r[i] - gv, d = ec - er;
+        ssc += ec * ec; ssr += er * er; ssg += gv * gv; ssd += d * d; dot += ec * gv;
+        mx = ec > mx ? ec : mx; mn = ec < mn ? ec : mn;
+        ar = fabs(er) > ar ? fabs(er) : ar; ag = fabs(gv) > ag ? fabs(gv) : ag;
+        over += fabs(ec) > limit;
+    }
+    f->ssc = ssc; f->ssr = ssr; f->ssg = ssg; f->ssd = ssd; f->dot = dot; f->mx = mx; f->mn = mn; f->ar = ar; f->ag = ag;
+    f->over = over;
+}
+
+static int finite_bits(double x) { uint64_t u; memcpy(&u, &x, 8); return (u & 0x7ff0000000000000ULL) != 0x7ff0000000000000ULL; }
+
+/* The largest of n >= 1 finite values (a vectorized reduction, as above). */
+__attribute__((optimize("finite-math-only"))) static double block_max(const double* x, int64_t n) {
+    double m = x[0];
+    for (int64_t i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* One block: an element is judged when the golden is finite, no side masks it (scores only), `keep`
+   keeps it and both sides are finite; elsewhere both errors and the golden count as 0, as in
+   torch.where(judged, ., 0). */
+static inline void block(const double* g, const double* r, const double* c, const uint8_t* keep, int64_t n,
+                         int64_t base, const args_t* a, cmp_t* s, const int scores, const int has_keep) {
+    double e[BLOCK], ne[BLOCK], aer[BLOCK], agj[BLOCK];
+    int64_t cnt = 0, nfr = 0, nfc = 0, md = 0, over = 0;
+    double ssc = 0, ssr = 0, ssg = 0, ssd = 0, dot = 0;
+    const double tg = a->masked_at[0], tr = a->masked_at[1], tc = a->masked_at[2], limit = a->limit;
+    for (int64_t i = 0; i < n; i++) {
+        double gv = g[i], rv = r[i], cv = c[i];
+        int64_t fg = fabs(gv) < INFINITY, fr = fabs(rv) < INFINITY, fc = fabs(cv) < INFINITY;
+        int64_t mg = scores ? gv <= tg : 0, mr = scores ? rv <= tr : 0, mc = scores ? cv <= tc : 0;
+        int64_t valid = fg & ~(mg | mr | mc) & 1 & (has_keep ? (int64_t)(keep[i] != 0) : 1);
+        md += mg ^ mc;
+        nfr += valid & ~fr & 1;
+        nfc += valid & ~fc & 1;
+        int64_t j = valid & fr & fc;
+        double ec = j ? cv - gv : 0.0, er = j ? rv - gv : 0.0, gj = j ? gv : 0.0, d = ec - er;
+        cnt += j;
+        ssc += ec * ec; ssr += er * er; ssg += gj * gj; ssd += d * d; dot += ec * gj;
+        over += fabs(ec) > limit;
+        e[i] = ec; ne[i] = -ec; aer[i] = fabs(er); agj[i] = fabs(gj);
+    }
+    double mx = block_max(e, n), mn = -block_max(ne, n), ar = block_max(aer, n), ag = block_max(agj, n);
+    if (mx > s->max_cand) { int64_t i = 0; while (e[i] != mx) i++; s->max_cand = mx; s->argmax = base + i; }
+    if (mn < s->min_cand) { int64_t i = 0; while (e[i] != mn) i++; s->min_cand = mn; s->argmin = base + i; }
+    s->count += cnt; s->nonfinite_ref += nfr; s->nonfinite_cand += nfc; s->mask_diff += md; s->over += over;
+    s->ss_cand += ssc; s->ss_ref += ssr; s->ss_gold += ssg; s->ss_diff += ssd; s->dot += dot;
+    s->absmax_ref = ar > s->absmax_ref ? ar : s->absmax_ref;
+    s->absmax_gold = ag > s->absmax_gold ? ag : s->absmax_gold;
+}
+
+static void init(cmp_t* s) {
+    memset(s, 0, sizeof *s);
+    s->max_cand = -INFINITY; s->min_cand = INFINITY;
+}
+
+/* Elements off..off+n of a tensor as doubles: float64 in place, anything else widened into buf. */
+static const double* view(const void* p, int dtype, int64_t off, int64_t n, double* buf) {
+    if (dtype == F64) return (const double*)p + off;
+    widen(p, dtype, off, n, buf);
+    return buf;
+}
+
+static void chunk(const args_t* a, int64_t lo, int64_t n, cmp_t* s) {
+    double gb[BLOCK], rb[BLOCK], cb[BLOCK];
+    init(s);
+    for (int64_t b = lo; b < lo + n; b += BLOCK) {
+        int64_t m = lo + n - b < BLOCK ? lo + n - b : BLOCK;
+        const double *g = view(a->p[0], a->dtype[0], b, m, gb), *r = view(a->p[1], a->dtype[1], b, m, rb),
+                     *c = view(a->p[2], a->dtype[2], b, m, cb);
+        const uint8_t* k = a->keep ? a->keep + b : 0;
+        if (!a->scores && !k) {
+            fast_t f;
+            block_fast(g, r, c, m, a->limit, &f);
+            if (finite_bits(f.ssc) && finite_bits(f.ssr) && finite_bits(f.ssg)) {
+                if (f.mx > s->max_cand) { int64_t i = 0; while (c[i] - g[i] != f.mx) i++; s->max_cand = f.mx; s->argmax = b + i; }
+                if (f.mn < s->min_cand) { int64_t i = 0; while (c[i] - g[i] != f.mn) i++; s->min_cand = f.mn; s->argmin = b + i; }
+                s->count += m; s->over += f.over;
+                s->ss_cand += f.ssc; s->ss_ref += f.ssr; s->ss_gold += f.ssg; s->ss_diff += f.ssd; s->dot += f.dot;
+                s->absmax_ref = f.ar > s->absmax_ref ? f.ar : s->absmax_ref;
+                s->absmax_gold = f.ag > s->absmax_gold ? f.ag : s->absmax_gold;
+                continue;
+            }
+        }
+        /* constant flags: the compiler specializes the loop for each case */
+        if (a->scores) { if (k) block(g, r, c, k, m, b, a, s, 1, 1); else block(g, r, c, k, m, b, a, s, 1, 0); }
+        else { if (k) block(g, r, c, k, m, b, a, s, 0, 1); else block(g, r, c, k, m, b, a, s, 0, 0); }
+    }
+}
+
+static void fold(cmp_t* acc, const cmp_t* s) {
+    if (s->max_cand > acc->max_cand) { acc->max_cand = s->max_cand; acc->argmax = s->argmax; }
+    if (s->min_cand < acc->min_cand) { acc->min_cand = s->min_cand; acc->argmin = s->argmin; }
+    acc->count += s->count; acc->nonfinite_ref += s->nonfinite_ref; acc->nonfinite_cand += s->nonfinite_cand;
+    acc->mask_diff += s->mask_diff; acc->over += s->over;
+    acc->ss_cand += s->ss_cand; acc->ss_ref += s->ss_ref; acc->ss_gold += s->ss_gold; acc->ss_diff += s->ss_diff;
+    acc->dot += s->dot;
+    if (s->absmax_ref > acc->absmax_ref) acc->absmax_ref = s->absmax_ref;
+    if (s->absmax_gold > acc->absmax_gold) acc->absmax_gold = s->absmax_gold;
+}
+
+/* exp(x) for x <= 0, vectorizable (libm's exp is a call per element): x = n ln2 + t with ln2 in two parts
+   (n ln2hi exact), e^t by its Taylor series to t^13 (|t| <= ln2/2: truncation 4e-18), scaled by 2^n; below
+   2^-1022 it returns 0 (a subnormal term does not move a sum that holds a 1). Within a few ulp of exp. */
+static inline double exp_neg(double x) {
+    double n = floor(x * 1.4426950408889634 + 0.5);
+    double t = x - n * 6.93147180369123816490e-01 - n * 1.90821492927058770002e-10;
+    double q = 1.0 / 6227020800.0;
+    static const double inv[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                   1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0,
+                                   0.5, 1.0, 1.0};
+    for (int k = 0; k < 13; k++) q = q * t + inv[k];
+    /* 2^n from the bits: adding 1.5 * 2^52 puts n in the low mantissa bits (no double-to-int conversion,
+       which AVX2 lacks); + 1023 shifted into the exponent field. */
+    double shifted = (n < -1022 ? -1022 : n) + 6755399441055744.0, scale;
+    uint64_t bits;
+    memcpy(&bits, &shifted, 8);
+    bits = (bits + 1023) << 52;
+    memcpy(&scale, &bits, 8);
+    return n < -1022 ? 0.0 : q * scale;
+}
+
+/* First index of the largest element of a row, a NaN counting as largest (as torch.argmax); *finite: none
+   is NaN or inf; *max: the largest. */
+static int64_t row_argmax(const void* p, int dtype, int64_t off, int64_t n, double* max, int* finite) {
+    double buf[BLOCK], m = -INFINITY;
+    int64_t at = 0;
+    *finite = 1;
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t len = n - b < BLOCK ? n - b : BLOCK;
+        const double* x = view(p, dtype, off + b, len, buf);
+        for (int64_t i = 0; i < len; i++) {
+            if (isnan(x[i])) { *finite = 0; *max = NAN; return b + i; }
+            if (isinf(x[i])) *finite = 0;
+            if (x[i] > m || (b + i == 0)) { m = x[i]; at = b + i; }
+        }
+    }
+    *max = m;
+    return at;
+}
+
+/* Per row of gold and cand [rows, V]: both argmaxes, whether both rows are finite, and for finite rows
+   KL(softmax gold || softmax cand) = sum p (g - c) - (lse_g - lse_c), lse = max + log sum e^(x - max). */
+void logits_rows(const void* g, int gdt, const void* c, int cdt, int64_t rows, int64_t V,
+                 int64_t* argmax_g, int64_t* argmax_c, double* kl, uint8_t* ok) {
+    #pragma omp parallel for schedule(static) if (rows * V >= PAR_MIN)
+    for (int64_t row = 0; row < rows; row++) {
+        double mg, mc, gb[BLOCK], cb[BLOCK], sg = 0, sc = 0, t = 0;
+        int fg, fc;
+        argmax_g[row] = row_argmax(g, gdt, row * V, V, &mg, &fg);
+        argmax_c[row] = row_argmax(c, cdt, row * V, V, &mc, &fc);
+        ok[row] = fg && fc && V > 0;
+        kl[row] = 0;
+        if (!ok[row]) continue;
+        for (int64_t b = 0; b < V; b += BLOCK) {
+            int64_t len = V - b < BLOCK ? V - b : BLOCK;
+            const double *x = view(g, gdt, row * V + b, len, gb), *y = view(c, cdt, row * V + b, len, cb);
+            for (int64_t i = 0; i < len; i++) {
+                double eg = exp_neg(x[i] - mg);
+                sg += eg; sc += exp_neg(y[i] - mc); t += eg * (x[i] - y[i]);
+            }
+        }
+        kl[row] = t / sg - ((mg - mc) + (log(sg) - log(sc)));
+    }
+}
+
+int compare(const args_t* a, int64_t n, cmp_t* out) {
+    int64_t nc = (n + CHUNK - 1) / CHUNK;
+    cmp_t* part = malloc((size_t)(nc ? nc : 1) * sizeof(cmp_t));
+    if (!part) return 1;
+    #pragma omp parallel for schedule(static) if (n >= PAR_MIN)
+    for (int64_t i = 0; i < nc; i++) chunk(a, i * CHUNK, n - i * CHUNK < CHUNK ? n - i * CHUNK : CHUNK, &part[i]);
+    init(out);
+    for (int64_t i = 0; i < nc; i++) fold(out, &part[i]);
+    free(part);
+    return 0;
+}
+"""
+
+# As the scan's kernel: -fassociative-math vectorizes the sums (their order is fixed per build) and
+# changes no NaN handling.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-signed-zeros", "-fno-trapping-math",
+          "-fassociative-math"]
+
+_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p * 3), ("dtype", ctypes.c_int * 3), ("masked_at", ctypes.c_double * 3),
+                ("scores", ctypes.c_int), ("keep", ctypes.c_void_p), ("limit", ctypes.c_double)]
+
+
+class _Out(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in ("count", "nonfinite_ref", "nonfinite_cand", "mask_diff", "over",
+                                              "argmax", "argmin")] + \
+               [(n, ctypes.c_double) for n in ("ss_cand", "ss_ref", "ss_gold", "ss_diff", "dot", "max_cand",
+                                               "min_cand", "absmax_ref", "absmax_gold")]
+
+
+_lib = None
+
+
+def _kernel():
+    global _lib
+    if _lib is None:
+        lib = build("diff_compare", _SOURCE, _FLAGS, "the differ's comparison kernel")
+        lib.compare.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.POINTER(_Out)]
+        lib.compare.restype = ctypes.c_int
+        lib.logits_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.logits_rows.restype = None
+        _lib = lib
+    return _lib
+
+
+@dataclass(frozen=True)
+class TapErrors:
+    """Both sides' errors against the golden over the judged elements: golden finite, not masked (attention
+    scores), kept, and both sides finite."""
+
+    count: int  # judged elements
+    nonfinite: dict  # {"ref", "cand"}: NaN/inf where the golden is finite and nothing masks or drops it
+    mask_diff: int  # entries the candidate masks and the golden does not, or the reverse (scores only)
+    cand: ErrorStats
+    ref: ErrorStats  # argmax not located (0)
+    gold_norm: float
+    gold_max: float  # max |gold| over the judged elements (0 when none)
+    dot: float  # err_cand . gold
+    diff_norm: float  # ||err_cand - err_ref||
+
+
+def tap_errors(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, scores: bool = False,
+               keep: torch.Tensor | None = None) -> TapErrors:
+    """gold, ref, cand [...] of one shape, any float dtype; `scores`: masked attention entries (at or below
+    finfo.min / 2, or -inf) are left out; keep: bool [...] or None."""
+    if gold.numel() == 0:
+        zero = ErrorStats(0.0, 0.0, 0, 0.0)
+        return TapErrors(0, {"ref": 0, "cand": 0}, 0, zero, zero, 0.0, 0.0, 0.0, 0.0)
+    out = _run(gold, ref, cand, scores, keep, math.inf)
+    gnorm, cn, rn = math.sqrt(out.ss_gold), math.sqrt(out.ss_cand), math.sqrt(out.ss_ref)
+    hi = out.max_cand >= -out.min_cand  # torch's argmax/argmin: the first index of the extreme
+    cand_stats = ErrorStats(out.max_cand if hi else -out.min_cand, ratio(cn, gnorm), out.argmax if hi else out.argmin, cn)
+    return TapErrors(out.count, {"ref": out.nonfinite_ref, "cand": out.nonfinite_cand}, out.mask_diff, cand_stats,
+                     ErrorStats(out.absmax_ref, ratio(rn, gnorm), 0, rn), gnorm, out.absmax_gold, out.dot,
+                     math.sqrt(out.ss_diff))
+
+
+def count_over(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, limit: float, scores: bool = False,
+               keep: torch.Tensor | None = None) -> int:
+    """Judged elements (as in `tap_errors`) whose candidate |err| exceeds `limit`: a second pass."""
+    return _run(gold, ref, cand, scores, keep, limit).over
+
+
+def _run(gold, ref, cand, scores, keep, limit) -> _Out:
+    sides = [t if t.dtype in _CODES else t.double() for t in (gold, ref, cand)]
+    sides = [t.contiguous() for t in sides]
+    if keep is not None:
+        keep = keep.expand(gold.shape).contiguous().view(torch.uint8)
+    a = _Args((ctypes.c_void_p * 3)(*(t.data_ptr() for t in sides)), (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in sides)),
+              (ctypes.c_double * 3)(*(torch.finfo(t.dtype).min / 2 for t in (gold, ref, cand))), int(scores),
+              keep.data_ptr() if keep is not None else None, limit)
+    out = _Out()
+    if _kernel().compare(ctypes.byref(a), gold.numel(), ctypes.byref(out)):
+        raise MemoryError("the comparison kernel could not allocate its partials")
+    return out
+
+
+def logits_rows(cand: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cand, gold [N, V] -> argmax of cand and of gold [N] (first index; a NaN counts as largest), KL(softmax gold ||
+    softmax cand) [N] float64 and whether both rows are finite [N] (KL 0 where not), in one pass per row."""
+    (g, c), (n, v) = ((t if t.dtype in _CODES else t.double()).contiguous() for t in (gold, cand)), gold.shape
+    am_g, am_c = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    kl, ok = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.bool)
+    _kernel().logits_rows(g.data_ptr(), _CODES[g.dtype], c.data_ptr(), _CODES[c.dtype], n, v, am_g.data_ptr(),
+                          am_c.data_ptr(), kl.data_ptr(), ok.data_ptr())
+    return am_c, am_g, kl, ok
