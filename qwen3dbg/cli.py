@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -173,16 +173,10 @@ def diff(
         console.print_exception()
         raise typer.Exit(2)
     render(result, Console())
-    if json_out is not None:
-        from qwen3dbg.reports.diff_json import write_json
+    from qwen3dbg.reports.diff_html import render_html
+    from qwen3dbg.reports.diff_json import render_json
 
-        write_json(result, json_out)
-        console.print(f"wrote {json_out}")
-    if html_out is not None:
-        from qwen3dbg.reports.diff_html import write_html
-
-        write_html(result, html_out)
-        console.print(f"wrote {html_out}")
+    _write_outputs(result, {json_out: render_json, html_out: render_html})
     raise typer.Exit(result.exit_code)
 
 
@@ -192,16 +186,23 @@ def _fail_on(value: str) -> str:
     return value
 
 
-def _write_views(result, json_out: Optional[Path], html_out: Optional[Path], html_view) -> None:
-    from qwen3dbg.reports.scan_report import to_json
-
-    for path, text in ((json_out, to_json), (html_out, html_view)):
+def _write_outputs(result, views: dict[Optional[Path], Callable[[object], str]]) -> None:
+    """Write each requested view of `result` (path -> renderer); a path that cannot be written is a UserError."""
+    for path, view in views.items():
         if path is not None:
             try:
-                path.write_text(text(result))
+                path.write_text(view(result), encoding="utf-8")
             except OSError as e:
                 raise UserError(f"cannot write {path}: {e.strerror}") from None
             console.print(f"wrote {path}")
+
+
+def _progress_task(bar, label: str):
+    """A `progress(total)` callback for the library: adds a task and returns its `advance(n)`."""
+    def progress(total):
+        task = bar.add_task(label, total=total)
+        return lambda n: bar.advance(task, n)
+    return progress
 
 
 @app.command("scan-checkpoint")
@@ -216,19 +217,15 @@ def scan_checkpoint_cmd(
     """Lint a checkpoint: container integrity, tensors against the config, values, and numerically dangerous norms.
 
     Exit 0 clean, 1 findings at or above --fail-on, 2 when PATH is not a checkpoint at all."""
-    from qwen3dbg.reports.scan_report import print_scan, scan_html
+    from qwen3dbg.reports.scan_report import print_scan, scan_html, to_json
     from qwen3dbg.scan.checks import Thresholds
     from qwen3dbg.scan.scan import scan_checkpoint
 
     fail_on = _fail_on(fail_on)
     with progress_bar() as bar:
-        def progress(total):
-            task = bar.add_task("scanning (bytes)", total=total)
-            return lambda n: bar.advance(task, n)
-
-        result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), progress)
+        result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"))
     print_scan(result, Console())
-    _write_views(result, json_out, html_out, scan_html)
+    _write_outputs(result, {json_out: to_json, html_out: scan_html})
     raise typer.Exit(result.exit_code(fail_on))
 
 
@@ -243,18 +240,14 @@ def diff_weights_cmd(
     """Compare two checkpoints tensor by tensor in HF names: missing, reshaped, permuted and changed tensors.
 
     Differences within the two formats' rounding are not findings. Exit 0 clean, 1 differences, 2 unreadable."""
-    from qwen3dbg.reports.scan_report import diff_html, print_diff
+    from qwen3dbg.reports.scan_report import diff_html, print_diff, to_json
     from qwen3dbg.scan.diff import diff_weights
 
     fail_on = _fail_on(fail_on)
     with progress_bar() as bar:
-        def progress(total):
-            task = bar.add_task("comparing (tensors)", total=total)
-            return lambda n: bar.advance(task, n)
-
-        result = diff_weights(a, b, progress)
+        result = diff_weights(a, b, _progress_task(bar, "comparing (tensors)"))
     print_diff(result, Console())
-    _write_views(result, json_out, html_out, diff_html)
+    _write_outputs(result, {json_out: to_json, html_out: diff_html})
     raise typer.Exit(result.exit_code(fail_on))
 
 
@@ -279,8 +272,7 @@ def selftest(
     result = run_selftest(model_dir, device, dtype, prompt_tokens, decode_steps,
                           progress=lambda what: console.print(f"[dim]{what}[/dim]"))
     render(result, Console())
-    if json_out:
-        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+    _write_outputs(result, {json_out: lambda r: json.dumps(r.to_dict(), indent=2)})
 
 
 def main() -> None:

@@ -4,7 +4,6 @@ Every string from a store, a checkpoint or the user goes through `esc`; plots ca
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from qwen3dbg.diff.result import DiffResult, TapResult
 from qwen3dbg.reports.html import esc, figure_png, page
@@ -168,7 +167,3 @@ def render_html(result: DiffResult) -> str:
             + "</li>" for t in logits) + "</ul>")
     body += ["<h2>All taps</h2>", table(result)]
     return page(f"qwen3dbg diff {result.side('cand').spec}", "".join(body))
-
-
-def write_html(result: DiffResult, path: str | Path) -> None:
-    Path(path).write_text(render_html(result), encoding="utf-8")

@@ -96,3 +96,12 @@ def test_make_model_lists_presets_and_writes_a_sharded_checkpoint(tmp_path):
 def test_capture_without_arguments_uses_the_embedded_default_model(tmp_path):
     assert cli("capture", "--impl", "scratch", "--out", tmp_path / "d") == 0
     assert TapStore.open(tmp_path / "d").steps[0].tokens == 16
+
+
+def test_an_output_file_that_cannot_be_written_is_one_clear_line_and_exit_2(models, tmp_path, capsys):
+    missing_dir = tmp_path / "no" / "such" / "dir"
+    assert cli("diff", "--ref", "hf", "--cand", "scratch", "--model", models("tiny-dense"), "--dtype", "fp32",
+               "--token-ids", "5,6,7", "--json", missing_dir / "r.json") == 2
+    assert cli("scan-checkpoint", models("tiny-dense"), "--html", missing_dir / "r.html") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("cannot write") == 2 and "Traceback" not in err

@@ -13,7 +13,7 @@ import pytest
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.diff import run_diff
 from qwen3dbg.registry import load_candidate
-from qwen3dbg.reports.diff_html import render_html, write_html
+from qwen3dbg.reports.diff_html import render_html
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -29,7 +29,7 @@ def report(catalogue_model, tmp_path_factory):
     (store / "manifest.json").write_text(json.dumps({**manifest, "notes": [f"a caveat with markup {EVIL}"]}))
     result = run_diff("hf", f"store:{store}", model_dir=model)
     path = root / "report.html"
-    write_html(result, path)
+    path.write_text(render_html(result), encoding="utf-8")
     return result, path
 
 
