@@ -142,6 +142,8 @@ class TapStore:
     path: Path
     manifest: dict
     steps: list[StepInfo] = field(default_factory=list)
+    #: step -> (its safetensors handle, the tap names it holds), opened on first use
+    _files: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, *, require_complete: bool = True) -> "TapStore":
@@ -174,23 +176,22 @@ class TapStore:
         return list(self.manifest.get("missing_taps", []))
 
     def _file(self, step: int):
-        if not hasattr(self, "_handles"):
-            self._handles = {}
-        if step not in self._handles:
+        if step not in self._files:
             p = self.path / step_file(step)
             if not p.is_file():
                 raise UserError(f"tap store {self.path} lacks {p.name} for step {step}")
-            self._handles[step] = safe_open(str(p), framework="pt")
-        return self._handles[step]
+            handle = safe_open(str(p), framework="pt")
+            self._files[step] = (handle, frozenset(handle.keys()))
+        return self._files[step]
 
     def names(self, step: int) -> list[str]:
-        return list(self._file(step).keys())
+        return list(self._file(step)[0].keys())
 
     def has(self, step: int, name: str) -> bool:
-        return name in self._file(step).keys()
+        return name in self._file(step)[1]
 
     def get(self, step: int, name: str) -> torch.Tensor:
-        return self._file(step).get_tensor(name)
+        return self._file(step)[0].get_tensor(name)
 
 
 def masked(scores: torch.Tensor) -> torch.Tensor:

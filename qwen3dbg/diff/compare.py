@@ -39,7 +39,7 @@ def inputs_of(name: str, cfg: Qwen3Config) -> list[str]:
     last = tap_name("resid_out", cfg.num_hidden_layers - 1) if cfg.num_hidden_layers else "embed"
     if layer is None:
         return {"final_norm": [last], "logits": ["final_norm"]}.get(op, [])
-    prev = "embed" if layer == 0 else tap_name("resid_out", layer - 1)
+    prev = layer_input(layer)
     if op == "mlp.out":
         ops = ("moe.topk_weights", "mlp_norm") if cfg.is_moe_layer(layer) else ("mlp.act",)
     else:
@@ -72,7 +72,6 @@ class Comparison:
     tied_positions: dict[int, int] = field(default_factory=dict)  # position -> layer of its tie
     prefill_noise: dict[str, tuple[float, float]] = field(default_factory=dict)  # tap -> reference (rel_l2, max_abs) at step 0
     router_ok: dict[tuple[int, int], bool] = field(default_factory=dict)  # (step, layer) -> router logits within noise
-    held: dict[tuple[int, int], frozenset[str]] = field(default_factory=dict)  # (store id, step) -> its tap names
 
     def run(self) -> Iterator[TapResult]:
         cache = 0
@@ -87,7 +86,7 @@ class Comparison:
         s, name = info.step, spec.name
         base = dict(step=s, name=name, layer=spec.layer, op=spec.op, numel=spec.numel)
         lacking = [role for role, st in (("fp64 golden", self.gold), ("reference", self.ref), ("candidate", self.cand))
-                   if name not in self._names(st, s)]
+                   if not st.has(s, name)]
         if lacking:
             return TapResult(status="not_compared", reason=f"the {' and the '.join(lacking)} lacks it", **base), router
         g, r, c = self.gold.get(s, name), self.ref.get(s, name), self.cand.get(s, name)
@@ -154,7 +153,7 @@ class Comparison:
         # choice is a consequence, not a tie.
         noise = torch.zeros(lg.shape[:-1], dtype=torch.float64)
         for st in (self.ref, self.cand):
-            if logits_name in self._names(st, info.step):
+            if st.has(info.step, logits_name):
                 noise = torch.maximum(noise, (st.get(info.step, logits_name).double() - lg).abs().amax(-1))
         if not self.router_ok.get((info.step, layer), False):
             noise.zero_()
@@ -182,13 +181,6 @@ class Comparison:
             window = max(2 * float(noise[b, t]), torch.finfo(self.dtype).eps * float(lg[b, t].abs().max()))
             res.excess = float(margin[b, t]) / window if window > 0 else float(margin[b, t])
         return res, _Router((g, r, c), cand_same & ref_same)
-
-    def _names(self, store: TapStore, step: int) -> frozenset[str]:
-        """The taps a store holds at a step, read once (a store's `has` lists its file's keys each call)."""
-        key = (id(store), step)
-        if key not in self.held:
-            self.held[key] = frozenset(store.names(step))
-        return self.held[key]
 
     def _tied(self, spec: TapSpec) -> set[int]:
         """Positions whose expert choice was a routing tie before this tap."""
