@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from qwen3dbg.home import home
+
 
 class PeakAnon:
     """Samples RssAnon of this process every 5 ms; `.peak` in bytes."""
@@ -120,7 +122,7 @@ def measure(mode: str, threads: int, model: Path, runs: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache/qwen3dbg")) / "bench")
+    p.add_argument("--workdir", type=Path, default=home("bench"))
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--preset", default="qwen3-0.6b")
     p.add_argument("--threads", type=int, default=1,

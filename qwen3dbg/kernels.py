@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from qwen3dbg.errors import UserError
+from qwen3dbg.home import home
 
 
 #: C helpers widening each stored element type to double exactly (needs <stdint.h>, <string.h>)
@@ -33,7 +34,7 @@ static inline double from_f16(uint16_t h) {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache" / "qwen3dbg")) / "kernels"
+    return home("kernels")
 
 
 def build(name: str, source: str, flags: list[str], what: str) -> ctypes.CDLL:

@@ -20,6 +20,7 @@ from qwen3dbg.checkpoint import INDEX, SINGLE
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.dtypes import dtype_name, parse_dtype
 from qwen3dbg.errors import UserError
+from qwen3dbg.home import home
 from qwen3dbg.safetensors_stream import StreamingWriter
 
 
@@ -189,9 +190,7 @@ def make_model(out_dir: str | Path, preset: str = "tiny-dense", *, seed: int = 0
 
 def default_model_dir(preset: str = "tiny-dense") -> Path:
     """The embedded default: a synthetic model made on first use and kept under ~/.cache/qwen3dbg."""
-    import os
-
-    root = Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache" / "qwen3dbg")) / "models" / f"{preset}-seed0"
+    root = home("models", f"{preset}-seed0")
     done = root / ".complete"
     if not done.exists():
         make_model(root, preset)

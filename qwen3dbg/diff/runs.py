@@ -21,6 +21,7 @@ import torch
 from qwen3dbg.candidate import Candidate
 from qwen3dbg.capture import capture
 from qwen3dbg.dtypes import dtype_name
+from qwen3dbg.home import home
 from qwen3dbg.registry import load_candidate
 from qwen3dbg.store import MANIFEST, StepInfo, TapStore
 
@@ -29,7 +30,7 @@ REFERENCES = frozenset({"hf", "scratch"})
 
 
 def runs_home() -> Path:
-    root = Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache" / "qwen3dbg")) / "runs"
+    root = home("runs")
     root.mkdir(parents=True, exist_ok=True)
     return root
 
