@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -58,12 +59,14 @@ class StoreSource:
     def gold(self, step: int, name: str) -> torch.Tensor | None:
         return self._get(self.gold_store, step, name)
 
-    def weight(self, name: str) -> torch.Tensor | None:
+    @cached_property
+    def _checkpoint(self):
         from qwen3dbg.checkpoint import Checkpoint
 
-        if not hasattr(self, "_ckpt"):
-            self._ckpt = Checkpoint(self.model_dir)
-        return self._ckpt.get(name) if name in self._ckpt else None
+        return Checkpoint(self.model_dir)
+
+    def weight(self, name: str) -> torch.Tensor | None:
+        return self._checkpoint.get(name) if name in self._checkpoint else None
 
 
 def _ids_text(ids: list[int] | str | None) -> str | None:
