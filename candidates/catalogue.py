@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qwen3dbg.diagnosis import accumulate_lowp
 from qwen3dbg.reference.qwen3 import Qwen3Reference, attention_scores, rms_norm, rope_cos_sin
 
 
@@ -163,11 +164,7 @@ class LowPrecisionAccumulation(Qwen3Reference):
     name = "lowp-accumulation"
 
     def linear(self, x, name):
-        w = self.w[name + ".weight"]
-        acc = torch.zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype)
-        for k in range(x.shape[-1]):
-            acc = acc + x[..., k, None] * w[:, k]
-        return acc
+        return accumulate_lowp(x, self.w[name + ".weight"])
 
 
 class MoeTopkSoftmax(Qwen3Reference):

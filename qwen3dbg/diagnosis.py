@@ -19,6 +19,8 @@ from typing import Callable, Protocol
 import torch
 
 from qwen3dbg.config import Qwen3Config
+from qwen3dbg.dtypes import dtype_name
+from qwen3dbg.reference.qwen3 import apply_rope, causal_mask
 from qwen3dbg.store import StepInfo, masked
 from qwen3dbg.taps import parse_tap_name, tap_name
 
@@ -80,10 +82,7 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, interleave
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE of x [B,T,n,D] by angles [B,T,D], in float64."""
-    x = x.double()
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
-    return x * cos + torch.cat((-x2, x1), -1) * sin
+    return apply_rope(x.double(), angles.cos(), angles.sin())
 
 
 def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
@@ -107,18 +106,13 @@ def accumulate_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def future_keys(positions: torch.Tensor, slots: int) -> torch.Tensor:
-    """positions [B,T] -> bool [B,1,T,S]: True where cache slot s holds a position after the query's."""
-    return torch.arange(slots) > positions[:, None, :, None]
-
-
 def scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int], scale: float,
            causal: bool = True) -> torch.Tensor:
     """Attention scores in float64 from q [B,T,nH,D], a key cache [B,nKV,S,D] and query positions [B,T]
     -> [B,nH,T,S], future keys -inf when causal; query head h reads kv head kv_of_head[h]."""
     q, k = q.double().transpose(1, 2), k.double()[:, kv_of_head]
     out = q @ k.transpose(2, 3) * scale
-    return out.masked_fill(future_keys(positions, k.shape[2]), float("-inf")) if causal else out
+    return out.masked_fill(causal_mask(positions, k.shape[2]), float("-inf")) if causal else out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int],
@@ -140,6 +134,14 @@ def sample(n: int, k: int = FIT_TOKENS) -> torch.Tensor:
 
 # ---- where a check looks --------------------------------------------------------------------------
 
+def _widen(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A tap in float64 for the checks, its masked attention entries as -inf (their canonical form): an
+    additive mask stored as finfo(dtype).min would no longer read as masked once widened."""
+    if t is None:
+        return None
+    return t.masked_fill(masked(t), float("-inf")).double() if t.is_floating_point() else t.double()
+
+
 @dataclass
 class Site:
     """One tap of one step under suspicion, with shortcuts to its neighbours (ops of the same layer)."""
@@ -159,21 +161,19 @@ class Site:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.src.dtype).removeprefix("torch.")
+        return dtype_name(self.src.dtype)
 
     def name(self, op: str | None = None) -> str:
         return tap_name(op or self.op, self.layer)
 
     def cand(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
-        t = self.src.cand(self.step if step is None else step, self.name(op))
-        return None if t is None else t.double()
+        return _widen(self.src.cand(self.step if step is None else step, self.name(op)))
 
     def base(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
         """The reference side of a comparison: the reference in the dtype under test, else the golden."""
         s = self.step if step is None else step
         t = self.src.ref(s, self.name(op))
-        t = self.src.gold(s, self.name(op)) if t is None else t
-        return None if t is None else t.double()
+        return _widen(self.src.gold(s, self.name(op)) if t is None else t)
 
     @cached_property
     def tol(self) -> float:
@@ -393,7 +393,7 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     sc = s.cand("attn_scores")
     if sc is None:
         return None
-    future = future_keys(s.positions(), sc.shape[-1]).expand_as(sc)  # [B,nH,T,S]
+    future = causal_mask(s.positions(), sc.shape[-1]).expand_as(sc)  # [B,nH,T,S]
     reached = future & ~masked(sc)
     if not bool(reached.any()):
         return None

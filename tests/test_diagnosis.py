@@ -308,3 +308,28 @@ def test_no_bug_signature_fits_a_clean_candidate_at_any_tap(sides, model, dtype,
     found = {(name, d.signature) for step in range(len(STEPS)) for name in src._cand[step]
              for d in diagnose(src, step, name)}
     assert {sig for _, sig in found} <= allowed, sorted(f for f in found if f[1] not in allowed)
+
+
+def test_scores_stored_with_an_additive_mask_read_as_masked(sides):
+    """An engine that stores HF's additive mask (finfo.min, not -inf) has no future keys 'reached'."""
+    clean = sides("dense", "bfloat16", Qwen3Reference)
+
+    def additive(t, name):
+        if t is None or not name.endswith("attn_scores"):
+            return t
+        return t.masked_fill(torch.isinf(t), torch.finfo(t.dtype).min)
+
+    class AdditiveMask:
+        config, steps, dtype, weight = clean.config, clean.steps, clean.dtype, clean.weight
+
+        def cand(self, step, name):
+            return additive(clean.cand(step, name), name)
+
+        def ref(self, step, name):
+            return additive(clean.ref(step, name), name)
+
+        def gold(self, step, name):
+            return clean.gold(step, name)
+
+    assert torch.finfo(torch.bfloat16).min in AdditiveMask().cand(0, "layers.0.attn_scores")
+    assert [d.signature for d in diagnose(AdditiveMask(), 0, "layers.0.attn_scores")] == []
