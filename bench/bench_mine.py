@@ -8,12 +8,13 @@ shape (made once into the qwen3dbg cache): prefill and decode tokens/s, and capt
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from qwen3dbg.candidate import DictSink, NullSink
 from qwen3dbg.candidates.mine.engine import MineCandidate
-from qwen3dbg.candidates.mine.selftest import hf_stepper, time_steps
+from qwen3dbg.candidates.mine.selftest import hf_stepper, probe_ids, time_steps
 from qwen3dbg.reference.hf import HFCandidate
 from qwen3dbg.synth import default_model_dir
 
@@ -43,8 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model or default_model_dir("qwen3-0.6b")
     dev = torch.device(args.device)
-    prompt = [(7 + 31 * i) % 151936 for i in range(args.prompt_tokens)]
     engine = MineCandidate(model, "bfloat16", device=args.device)
+    prompt = probe_ids(engine.config.vocab_size, args.prompt_tokens)
     rows = {}
     for label, sink in (("mine", NullSink), ("mine, capture on", DictSink)):
         rows[label] = time_steps(engine.reset, lambda i, p, s=sink: engine.step(i, p, s()), dev, prompt, args.decode_steps)
@@ -56,7 +57,7 @@ def main() -> None:
         hf.model.to(dev)
         rows[f"hf {attn}"] = time_steps(*hf_stepper(hf), dev, prompt, args.decode_steps)
         del hf
-    print(f"Qwen3-0.6B shape, bf16, {dev.type}: prefill {args.prompt_tokens} tokens, {args.decode_steps} decode steps")
+    print(f"{Path(model).name}, bf16, {dev.type}: prefill {args.prompt_tokens} tokens, {args.decode_steps} decode steps")
     print(f"{'':18s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill x':>10s} {'decode x':>9s}  (x: mine / this row)")
     mine_pre, mine_dec = rows["mine"]
     for label, (pre, dec) in rows.items():

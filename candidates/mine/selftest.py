@@ -11,6 +11,7 @@ import torch
 
 from qwen3dbg.candidate import Candidate, DictSink, NullSink
 from qwen3dbg.capture import forced_steps
+from qwen3dbg.dtypes import dtype_name
 from qwen3dbg.store import StepInfo
 
 
@@ -134,19 +135,22 @@ def hf_stepper(hf):
     return reset, step
 
 
+def probe_ids(vocab_size: int, n: int) -> list[int]:
+    """A fixed spread of n prompt ids inside the vocabulary (the engine's gather checks no bounds)."""
+    return [(7 + 31 * i) % vocab_size for i in range(n)]
+
+
 def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decode_steps: int,
              check_tokens: int = 8, check_decode: int = 3, progress=print) -> SelftestResult:
-    from qwen3dbg.config import load_config
     from qwen3dbg.reference.hf import HFCandidate
 
     from .engine import MineCandidate
 
-    cfg = load_config(model_dir)
     engine = MineCandidate(model_dir, dtype, device=device)
-    dev = engine.device
+    cfg, dev = engine.config, engine.device
     res = SelftestResult(str(model_dir), dev.type if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-                         str(engine.dtype).removeprefix("torch."), prompt_tokens, decode_steps, check_tokens, check_decode)
-    ids = [(7 + 31 * i) % cfg.vocab_size for i in range(max(prompt_tokens, check_tokens))]
+                         dtype_name(engine.dtype), prompt_tokens, decode_steps, check_tokens, check_decode)
+    ids = probe_ids(cfg.vocab_size, max(prompt_tokens, check_tokens))
     steps = forced_steps(ids[:check_tokens], [(5 + 13 * i) % cfg.vocab_size for i in range(check_decode)])
 
     progress(f"taps: mine on {dev.type}")
