@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen3dbg.candidate import Candidate, emit
+from qwen3dbg.candidate import Candidate
 from qwen3dbg.config import load_config
 from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.errors import UserError
+from qwen3dbg.reference.qwen3 import causal_mask
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import OPS_BY_NAME, step_taps
 
@@ -150,14 +151,16 @@ class LlamaCppCandidate(Candidate):
         self._load(n_ctx, threads)
 
     def _check_gguf_shape(self) -> None:
-        from qwen3dbg.gguf_io import config_from_gguf, read_gguf
-        from qwen3dbg.validate import SHAPE_FIELDS
+        from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, read_gguf
 
-        theirs = config_from_gguf(read_gguf(self.gguf))
-        for f in SHAPE_FIELDS:
-            if getattr(theirs, f) != getattr(self.config, f):
-                raise UserError(f"{self.gguf} has {f} {getattr(theirs, f)} but the model directory has "
-                                f"{getattr(self.config, f)}: compare a GGUF against the checkpoint it was made from")
+        try:
+            theirs = config_from_gguf(read_gguf(self.gguf))
+        except GGUFDamaged as e:
+            raise UserError(f"{self.gguf} is not a readable GGUF file: {e}") from None
+        if bad := theirs.shape_mismatches(self.config):
+            f = bad[0]
+            raise UserError(f"{self.gguf} has {f} {getattr(theirs, f)} but the model directory has "
+                            f"{getattr(self.config, f)}: compare a GGUF against the checkpoint it was made from")
 
     def _load(self, n_ctx: int, threads: int) -> None:
         L = self.llama
@@ -241,9 +244,11 @@ class LlamaCppCandidate(Candidate):
         if rc != 0:
             raise UserError(f"llama_decode failed with code {rc}")
         self.cache_len += tokens
+        logits_spec = specs[-1]  # the schema ends with logits
+        logits = self._tap(logits_spec, positions)
         for name, spec in wanted.items():
-            emit(sink, spec.layer, spec.op, self._tap(spec, positions))
-        return self._tap(next(t for t in specs if t.name == "logits"), positions)
+            sink(name, logits if spec is logits_spec else self._tap(spec, positions))
+        return logits
 
     def _tap(self, spec, positions: torch.Tensor) -> torch.Tensor:
         """The schema tensor of one tap from the nodes of the last decode."""
@@ -262,8 +267,7 @@ class LlamaCppCandidate(Candidate):
             x = attention_matrix(x, c.num_attention_heads, spec.shape[2], spec.shape[3])
             if op == "attn_scores":
                 x = x * np.float32(1.0 / math.sqrt(c.head_dim))
-                slots = np.arange(spec.shape[3])
-                x = np.where(slots[None, None, None, :] > positions.numpy()[0][None, None, :, None], -np.inf, x)
+                x = np.where(causal_mask(positions, spec.shape[3]).numpy(), -np.inf, x)
         t = torch.from_numpy(np.ascontiguousarray(x)).reshape(spec.shape)
         if OPS_BY_NAME[op].integer:
             return t.to(torch.int64)

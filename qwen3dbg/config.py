@@ -14,6 +14,9 @@ from pathlib import Path
 from qwen3dbg.errors import UserError
 
 MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+#: the fields that fix every tensor's shape: two configs that differ in one describe different models
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class Qwen3Config:
             d["router_aux_loss_coef"] = 0.001
             d["output_router_logits"] = False
         return d
+
+    def shape_mismatches(self, other: "Qwen3Config") -> list[str]:
+        """The shape fields in which two configs differ: non-empty means they describe different models."""
+        return [f for f in SHAPE_FIELDS if getattr(self, f) != getattr(other, f)]
 
     def replace(self, **changes) -> "Qwen3Config":
         return replace(self, **changes)

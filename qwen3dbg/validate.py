@@ -19,8 +19,6 @@ from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name, step_taps
 FLOAT_STORE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 INTEGER_TAP_DTYPES = ("I32", "I64")
 # The fields a config in a manifest must agree on with --model for shapes to mean the same thing.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 @dataclass(frozen=True)
@@ -90,10 +88,9 @@ def _config(m: dict, given: Qwen3Config | None, bad) -> Qwen3Config | None:
         return given
     if given is None:
         return carried
-    for f in SHAPE_FIELDS:
-        if getattr(carried, f) != getattr(given, f):
-            bad("manifest", f"its config has {f} {getattr(carried, f)} but --model has {getattr(given, f)}: "
-                            "the store was written for another model")
+    for f in carried.shape_mismatches(given):
+        bad("manifest", f"its config has {f} {getattr(carried, f)} but --model has {getattr(given, f)}: "
+                        "the store was written for another model")
     return given
 
 

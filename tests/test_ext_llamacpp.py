@@ -129,3 +129,10 @@ def test_llamacpp_renormalising_qwen3moe_expert_weights_is_localized_to_topk_wei
     found = first_divergence(model, f"llamacpp:{gguf}", "float32")
     assert found is not None, "llama.cpp now honours expert_weights_norm = false: drop this test"
     assert found == "step 0: layers.0.moe.topk_weights"
+
+
+def test_a_damaged_gguf_is_one_clear_error(tmp_path, models):
+    path = gguf_of(models("tiny-dense"), tmp_path / "m.gguf")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(UserError, match="not a readable GGUF"):
+        load_candidate(f"llamacpp:{path}", models("tiny-dense"), "float32")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen3dbg.config import Qwen3Config
+from qwen3dbg.config import Qwen3Config, parse_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, TapStore
 from qwen3dbg.validate import validate_store
@@ -79,9 +79,8 @@ def _check_store_config(spec: SideSpec, cfg: Qwen3Config) -> None:
     stored = spec.store.manifest.get("config")
     if not isinstance(stored, dict):
         return
-    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "vocab_size", "intermediate_size")
-    bad = [f for f in fields if f in stored and stored[f] != getattr(cfg, f)]
-    if bad:
-        raise UserError(f"{spec.text} was captured from another model ({bad[0]} {stored[bad[0]]} vs "
-                        f"{getattr(cfg, bad[0])} in --model): pass the model the store was captured from")
+    theirs = parse_config(stored)  # validate_store has already refused a config that does not parse
+    if bad := theirs.shape_mismatches(cfg):
+        f = bad[0]
+        raise UserError(f"{spec.text} was captured from another model ({f} {getattr(theirs, f)} vs "
+                        f"{getattr(cfg, f)} in --model): pass the model the store was captured from")
