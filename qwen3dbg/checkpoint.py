@@ -13,9 +13,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qwen3dbg.errors import UserError
+from qwen3dbg.layout import INDEX, SINGLE
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 class Checkpoint:

@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
-from qwen3dbg.checkpoint import INDEX, Checkpoint
+from qwen3dbg.checkpoint import Checkpoint
+from qwen3dbg.layout import INDEX, tensor_shapes
 from qwen3dbg.config import load_config
 from qwen3dbg.errors import UserError
-from qwen3dbg.synth import Plants, make_model, tensor_shapes
+from qwen3dbg.synth import Plants, make_model
 
 
 def test_sharded_checkpoint_reads_like_the_single_file(models, tmp_path):

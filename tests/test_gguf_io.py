@@ -12,7 +12,8 @@ from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import load_config
 from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, dequantize, read_gguf, write_gguf
 from qwen3dbg.gguf_names import gguf_shapes, gguf_to_hf, hf_to_gguf
-from qwen3dbg.synth import PRESETS, tensor_shapes
+from qwen3dbg.layout import tensor_shapes
+from qwen3dbg.synth import PRESETS
 
 
 def _q8_0_bound(ref: np.ndarray) -> np.ndarray:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import edit_safetensors_header, rewrite_checkpoint
 
-from qwen3dbg.checkpoint import INDEX
+from qwen3dbg.layout import INDEX, tensor_shapes
 from qwen3dbg.gguf_io import write_gguf
 from qwen3dbg.gguf_names import hf_to_gguf
 from qwen3dbg.scan.checks import Thresholds
 from qwen3dbg.scan.scan import scan_checkpoint
-from qwen3dbg.synth import PRESETS, Plants, make_model, tensor_shapes
+from qwen3dbg.synth import PRESETS, Plants, make_model
 
 
 def _found(result, check):
@@ -254,3 +254,15 @@ def test_tensor_at_an_unaligned_offset_is_read_correctly(models, copy_of):
     f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
     odd, clean = scan_checkpoint(d), scan_checkpoint(models("tiny-dense"))
     assert odd.findings == [] and [t.stats for t in odd.tensors] == [t.stats for t in clean.tensors]
+
+
+def test_a_safetensors_scan_does_not_load_torch(models):
+    """Scanning runs at the speed of the disk: no second of importing torch before the first byte."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from qwen3dbg.scan.scan import scan_checkpoint; "
+            "from qwen3dbg.scan.checks import Thresholds; "
+            f"scan_checkpoint(Path({str(models('tiny-dense'))!r}), Thresholds(), None); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3dbg.checkpoint import INDEX
+from qwen3dbg.layout import INDEX
 from qwen3dbg.scan.findings import Finding
 
 # safetensors dtype -> (name the scan reports, bytes per element)

@@ -14,7 +14,7 @@ from qwen3dbg.scan.source import Source, open_source
 
 def _config_findings(src: Source, hf_of: dict[str, list[str]]) -> list[Finding]:
     from qwen3dbg.gguf_names import gguf_shapes
-    from qwen3dbg.synth import tensor_shapes
+    from qwen3dbg.layout import tensor_shapes
 
     cfg = src.cfg
     expected = tensor_shapes(cfg)
