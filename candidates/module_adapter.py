@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.candidate import Candidate, emit
+from qwen3dbg.candidate import Candidate
 from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.errors import UserError
@@ -338,9 +338,8 @@ class ModuleCandidate(Candidate):
             if name not in recorder.values:
                 raise UserError(f"{self.name}: the mapping's source of {name} ({src.module or src.function}) "
                                 "never ran in the forward pass")
-            layer, op = parse_tap_name(name)
             value = apply_transforms(recorder.values[name], src.transform, sizes)
             if not self.mapping.kv_cache:
-                value = keep_last_positions(value, op, tokens)
-            emit(sink, layer, op, value.to(self.dtype) if value.is_floating_point() else value)
+                value = keep_last_positions(value, parse_tap_name(name)[1], tokens)
+            sink(name, value.to(self.dtype) if value.is_floating_point() else value)
         return logits[:, -tokens:]
