@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from qwen3dbg.candidate import Candidate, NullSink
+from qwen3dbg.candidate import Candidate, DictSink, NullSink
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, StoreWriter, TapSink
@@ -68,6 +68,18 @@ def greedy_decode_ids(golden: Candidate, prompt: list[int], n: int) -> list[int]
         logits = golden.step(ids, torch.tensor(info.positions), NullSink())
         chosen.append(int(logits[0, -1].argmax()))
     return chosen
+
+
+def run_steps(cand: Candidate, steps: list[StepInfo], device: torch.device | str | None = None) -> list[dict]:
+    """Run a candidate over forced steps keeping every tap in memory, on the CPU: per step, name -> tensor.
+    For small runs (tests, the GPU selftest); a capture streams to a store instead."""
+    cand.reset()
+    out = []
+    for info in steps:
+        sink = DictSink()
+        cand.step(torch.tensor(info.token_ids, device=device), torch.tensor(info.positions, device=device), sink)
+        out.append({n: t.cpu() for n, t in sink.taps.items()})
+    return out
 
 
 def step_plan(cand: Candidate, info: StepInfo, cache_len: int) -> dict[str, tuple[int, ...]]:

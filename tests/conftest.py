@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from qwen3dbg.capture import forced_steps
 from qwen3dbg.synth import Plants, make_model
@@ -44,17 +43,6 @@ def steps():
     return forced_steps(PROMPT, DECODE)
 
 
-def run_steps(cand, steps):
-    """Run a candidate over forced steps; return per-step dicts of taps."""
-    from qwen3dbg.candidate import DictSink
-
-    cand.reset()
-    out = []
-    for info in steps:
-        sink = DictSink()
-        cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
-        out.append(sink.taps)
-    return out
 
 
 # ---- catalogue models: tests/test_catalogue.py, tests/test_diagnosis.py, tests/test_diff_*.py --------

@@ -15,8 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_steps
-from qwen3dbg.capture import forced_steps
+from qwen3dbg.capture import forced_steps, run_steps
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.candidates.catalogue import VARIANTS
 from qwen3dbg.config import Qwen3Config

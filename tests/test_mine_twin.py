@@ -13,7 +13,8 @@ from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.store import TapStore
 from qwen3dbg.synth import Plants, make_model
 
-from conftest import DECODE, PROMPT, run_steps
+from conftest import DECODE, PROMPT
+from qwen3dbg.capture import run_steps
 
 STEPS = forced_steps(PROMPT, DECODE)  # prefill + 3 decode steps
 

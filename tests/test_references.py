@@ -4,7 +4,7 @@ within fp32 rounding, and scratch vs HF eager bit for bit (or one ulp) in bf16."
 import pytest
 import torch
 
-from conftest import run_steps
+from qwen3dbg.capture import run_steps
 from qwen3dbg.registry import load_candidate
 from qwen3dbg.taps import step_taps
 

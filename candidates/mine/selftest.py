@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.candidate import Candidate, DictSink, NullSink
-from qwen3dbg.capture import forced_steps
+from qwen3dbg.candidate import DictSink, NullSink
+from qwen3dbg.capture import forced_steps, run_steps
 from qwen3dbg.dtypes import dtype_name
-from qwen3dbg.store import StepInfo
 
 
 @dataclass(frozen=True)
@@ -85,16 +84,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a[finite].double() - b[finite].double()).abs().max().item() / scale if scale else 0.0
 
 
-def run_taps(cand: Candidate, steps: list[StepInfo], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    cand.reset()
-    out = []
-    for info in steps:
-        sink = DictSink()
-        cand.step(torch.tensor(info.token_ids, device=device), torch.tensor(info.positions, device=device), sink)
-        out.append({n: t.cpu() for n, t in sink.taps.items()})
-    return out
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -154,15 +143,15 @@ def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decod
     steps = forced_steps(ids[:check_tokens], [(5 + 13 * i) % cfg.vocab_size for i in range(check_decode)])
 
     progress(f"taps: mine on {dev.type}")
-    ours = run_taps(engine, steps, dev)
+    ours = run_steps(engine, steps, dev)
     twin = None
     if dev.type == "cuda":
         progress("taps: mine's CPU twin")
-        twin = run_taps(MineCandidate(model_dir, dtype, device="cpu"), steps, torch.device("cpu"))
+        twin = run_steps(MineCandidate(model_dir, dtype, device="cpu"), steps, torch.device("cpu"))
     progress("taps: HF eager")
     hf_eager = HFCandidate(model_dir, dtype, attn="eager")
     hf_eager.model.to(dev)
-    hf = run_taps(hf_eager, steps, dev)
+    hf = run_steps(hf_eager, steps, dev)
     for name in ours[0]:
         pairs = [(o[name], h[name].to(o[name].dtype)) for o, h in zip(ours, hf)]
         res.taps.append(TapRow(
