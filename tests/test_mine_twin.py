@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from qwen3dbg.candidate import DictSink
-from qwen3dbg.capture import capture, forced_steps
+from qwen3dbg.capture import capture, forced_steps, run_steps
 from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.store import TapStore
 from qwen3dbg.synth import Plants, make_model
 
 from conftest import DECODE, PROMPT
-from qwen3dbg.capture import run_steps
 
 STEPS = forced_steps(PROMPT, DECODE)  # prefill + 3 decode steps
 
