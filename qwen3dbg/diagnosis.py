@@ -150,6 +150,8 @@ class Site:
     step: int
     layer: int | None
     op: str
+    #: (side, step, name) -> widened tensor: every check reads the same few taps, each from disk once
+    _reads: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def cfg(self) -> Qwen3Config:
@@ -166,14 +168,24 @@ class Site:
     def name(self, op: str | None = None) -> str:
         return tap_name(op or self.op, self.layer)
 
+    def _read(self, side: str, op: str | None, step: int | None) -> torch.Tensor | None:
+        key = (side, self.step if step is None else step, self.name(op))
+        if key not in self._reads:
+            s, name = key[1:]
+            if side == "cand":
+                t = self.src.cand(s, name)
+            else:  # the reference in the dtype under test, else the golden
+                t = self.src.ref(s, name)
+                t = self.src.gold(s, name) if t is None else t
+            self._reads[key] = _widen(t)
+        return self._reads[key]
+
     def cand(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
-        return _widen(self.src.cand(self.step if step is None else step, self.name(op)))
+        return self._read("cand", op, step)
 
     def base(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
         """The reference side of a comparison: the reference in the dtype under test, else the golden."""
-        s = self.step if step is None else step
-        t = self.src.ref(s, self.name(op))
-        return _widen(self.src.gold(s, self.name(op)) if t is None else t)
+        return self._read("base", op, step)
 
     @cached_property
     def tol(self) -> float:
