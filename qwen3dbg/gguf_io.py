@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from qwen3dbg.checkpoint import Checkpoint
-from qwen3dbg.config import Qwen3Config, load_config
+from qwen3dbg.config import Qwen3Config, load_config, parse_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.gguf_names import ARCH, MODEL_TYPE, hf_to_gguf
 
@@ -287,15 +287,19 @@ def config_from_gguf(g: GGUFFile) -> Qwen3Config:
     vocab = len(g.kv["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in g.kv else \
         names["token_embd.weight"].shape[0] if "token_embd.weight" in names else key("vocab_size")
     hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-    return Qwen3Config(
-        model_type=MODEL_TYPE[arch], vocab_size=int(vocab), hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")), num_hidden_layers=int(key("block_count")),
-        num_attention_heads=heads, num_key_value_heads=int(key("attention.head_count_kv", heads)),
-        head_dim=int(key("attention.key_length", hidden // heads)), rope_theta=float(key("rope.freq_base", 1e6)),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        tie_word_embeddings="output.weight" not in names,
-        max_position_embeddings=int(key("context_length", 40960)),
-        num_experts=int(key("expert_count", 0)), num_experts_per_tok=int(key("expert_used_count", 0)),
-        moe_intermediate_size=int(key("expert_feed_forward_length", 0)),
-        norm_topk_prob=bool(key("expert_weights_norm", arch == "qwen3moe")),
-    )
+    raw = {  # config.json's names, so the one parser checks a GGUF's config like any other
+        "model_type": MODEL_TYPE[arch], "vocab_size": int(vocab), "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")), "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads, "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": int(key("attention.key_length", hidden // heads)), "rope_theta": float(key("rope.freq_base", 1e6)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "max_position_embeddings": int(key("context_length", 40960)),
+        "num_experts": int(key("expert_count", 0)), "num_experts_per_tok": int(key("expert_used_count", 0)),
+        "moe_intermediate_size": int(key("expert_feed_forward_length", 0)),
+        "norm_topk_prob": bool(key("expert_weights_norm", arch == "qwen3moe")),
+    }
+    try:
+        return parse_config(raw)
+    except UserError as e:
+        raise GGUFDamaged(f"its metadata describes no valid Qwen3 model: {e}") from None

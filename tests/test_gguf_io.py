@@ -120,3 +120,13 @@ def test_llama_cpp_loads_and_runs_every_type_we_write(model, gguf_type, tmp_path
     llm.eval([5, 17, 99])
     assert llm.n_vocab() == cfg.vocab_size
     assert np.isfinite(np.asarray(llm.scores[:3])).all()
+
+
+def test_metadata_that_is_no_valid_qwen3_config_is_damage():
+    from types import SimpleNamespace
+
+    kv = {"general.architecture": "qwen3", "qwen3.embedding_length": 64, "qwen3.attention.head_count": 4,
+          "qwen3.attention.head_count_kv": 3, "qwen3.feed_forward_length": 160, "qwen3.block_count": 2,
+          "qwen3.vocab_size": 512}
+    with pytest.raises(GGUFDamaged, match="not a multiple"):
+        config_from_gguf(SimpleNamespace(kv=kv, tensors=[]))
