@@ -134,7 +134,6 @@ def attention_matrix(x: np.ndarray, heads: int, tokens: int, cache_len: int) -> 
 class LlamaCppCandidate(Candidate):
     """A GGUF in llama.cpp, batch 1; options: n_ctx (positions, default 1024), threads (default 2)."""
 
-    supports_layer = False
 
     def __init__(self, gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2):
         self.gguf = Path(gguf_path)

@@ -40,10 +40,6 @@ PREFIXES: dict[str, str] = {
 }
 
 
-def register(name: str, target: str) -> None:
-    IMPLEMENTATIONS[name] = target
-
-
 def names() -> list[str]:
     return sorted(IMPLEMENTATIONS)
 

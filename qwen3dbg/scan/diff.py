@@ -19,9 +19,8 @@ from qwen3dbg.scan.source import Source, open_source
 
 # Largest error of storing a value in a format, relative to the tensor's absmax: half an ulp for floats,
 # for block formats half a step of the block scale (amax/127 for Q8_0) plus the f16 rounding of that scale.
-_REL = {"float64": 2.0**-53, "F64": 2.0**-53, "float32": 2.0**-24, "F32": 2.0**-24, "bfloat16": 2.0**-8,
-        "BF16": 2.0**-8, "float16": 2.0**-11, "F16": 2.0**-11, "Q8_0": 1 / 254 + 2.0**-11,
-        "Q5_0": 1 / 30 + 2.0**-11, "Q4_0": 1 / 14 + 2.0**-11}
+_REL = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11,
+        "Q8_0": 1 / 254 + 2.0**-11, "Q5_0": 1 / 30 + 2.0**-11, "Q4_0": 1 / 14 + 2.0**-11}  # keys canonical (_CANON)
 _F16_SUBNORMAL = 2.0**-25  # absolute: half the spacing of f16's subnormals
 _EXACT_IN = {"bfloat16": {"float32", "float64"}, "float16": {"float32", "float64"}, "float32": {"float64"}}
 _CANON = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -77,10 +76,6 @@ class _Tensors:
 
     def dtype(self, name: str) -> str:
         return self.where[name][0].dtype
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        e, i = self.where[name]
-        return e.shape[1:] if i is not None else e.shape
 
     def get(self, name: str) -> np.ndarray:
         e, i = self.where[name]
