@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 from qwen3dbg.diff.result import DiffResult, TapResult
-from qwen3dbg.reports.html import esc, figure_png, page
+from qwen3dbg.reports.html import esc, figure_png, page, pyplot
 from qwen3dbg.taps import LAYER_OPS
 
 #: op families, one panel each in the error-vs-layer plot
@@ -33,12 +33,9 @@ def _worst(result: DiffResult) -> dict[tuple[int, str], TapResult]:
 
 def error_plot(result: DiffResult) -> str:
     """Rel. L2 error to fp64 against layer, one panel per op family: candidate solid, reference dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    plt = pyplot()
     worst = _worst(result)
     layers = sorted({k[0] for k in worst})
     d = result.first_divergence
@@ -72,13 +69,10 @@ def error_plot(result: DiffResult) -> str:
 
 def heatmap(result: DiffResult) -> str:
     """Layer x op grid of the excess (error / tolerance, worst over steps), log colour scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import LogNorm
 
+    plt = pyplot()
     worst = _worst(result)
     layers = sorted({k[0] for k in worst})
     ops = [o.op for o in LAYER_OPS if any((layer, o.op) in worst for layer in layers)]
@@ -102,12 +96,9 @@ def heatmap(result: DiffResult) -> str:
 
 def step_plot(result: DiffResult) -> str:
     """Decode: the worst excess of each layer at each step, one line per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     n_layers = result.config["num_hidden_layers"]
     for s in range(len(result.steps)):

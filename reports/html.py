@@ -26,6 +26,16 @@ def esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: reports are drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def figure_png(fig) -> str:
     """A matplotlib figure as an inline <img>; the figure is closed."""
     import matplotlib.pyplot as plt

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 
-from qwen3dbg.reports.html import esc, page
+from qwen3dbg.json_safe import json_safe
+from qwen3dbg.reports.html import esc, figure_png, page, pyplot
 from qwen3dbg.scan.findings import DiffResult, Finding, ScanResult, Verdict
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "blue"}
@@ -15,19 +15,8 @@ PER_CHECK = 6  # findings of one check the terminal shows (JSON and HTML list al
 NORM_COLUMNS = ("q_norm", "k_norm", "input_layernorm", "post_attention_layernorm", "norm")  # norm: the final one
 
 
-def _finite(x):
-    """JSON has no NaN/inf: they become null (floats) so the file parses everywhere."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def to_json(result: Verdict) -> str:
-    return json.dumps(_finite(result.to_dict()), indent=1)
+    return json.dumps(json_safe(result.to_dict()), indent=1)
 
 
 def _verdict_line(result: Verdict) -> str:
@@ -118,13 +107,9 @@ def _num(x) -> str:
 
 def _peaks_plot(result: ScanResult) -> str:
     """Largest |weight| of each per-layer norm against the layer, log scale, with the threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from qwen3dbg.reports.html import figure_png
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for kind in NORM_COLUMNS[:4]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
+
+from qwen3dbg.json_safe import json_safe
 
 FORMAT = "qwen3dbg-diff/1"
 
@@ -159,14 +160,4 @@ class DiffResult:
             "steps": self.steps, "timings": self.timings,
             "taps": [asdict(t) for t in self.taps],
         }
-        return _json_safe(d)
-
-
-def _json_safe(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
+        return json_safe(d)
