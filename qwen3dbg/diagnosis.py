@@ -22,7 +22,7 @@ from qwen3dbg.config import Qwen3Config
 from qwen3dbg.dtypes import dtype_name
 from qwen3dbg.reference.qwen3 import apply_rope, causal_mask
 from qwen3dbg.store import StepInfo, masked
-from qwen3dbg.taps import parse_tap_name, tap_name
+from qwen3dbg.taps import inputs_of, parse_tap_name, tap_name
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,11 @@ class Site:
         """Qwen3's GQA mapping: query head h reads kv head h // n_rep."""
         return [h // self.cfg.n_rep for h in range(self.cfg.num_attention_heads)]
 
+    @property
+    def input_op(self) -> str:
+        """The op this tap reads (its first input in the schema's graph), within the same layer."""
+        return parse_tap_name(inputs_of(self.name(), self.cfg)[0])[1]
+
     def weight_name(self, module: str) -> str:
         """The on-disk name of this layer's `module` tensor (`self_attn.q_norm.weight`)."""
         return f"model.layers.{self.layer}.{module}" if self.layer is not None else module
@@ -251,9 +256,10 @@ def scores_scaled(s: Site) -> Diagnosis | None:
                      {"factor": a, "named": label, "residual": resid, "head_dim": d})
 
 
-_BIAS_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-                "o_proj": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
-                "mlp.out": "mlp.down_proj", "moe.router_logits": "mlp.gate", "logits": "lm_head"}
+#: matmul taps and the checkpoint module holding their weight (and any bias a converter left beside it)
+_MATMUL_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                  "o_proj": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+                  "mlp.out": "mlp.down_proj", "moe.router_logits": "mlp.gate", "logits": "lm_head"}
 
 
 def extra_bias(s: Site) -> Diagnosis | None:
@@ -270,7 +276,7 @@ def extra_bias(s: Site) -> Diagnosis | None:
     ev = {"offset_rms": rms, "spread_across_tokens": spread, "tokens": d.shape[0]}
     msg = (f"{s.name()} = reference + a constant per-channel offset (rms {rms:.3g}, varying {spread:.1%} across "
            f"{d.shape[0]} tokens): an extra bias")
-    bias_name = f"{_BIAS_MODULE.get(s.op, s.op)}.bias"
+    bias_name = f"{_MATMUL_MODULE.get(s.op, s.op)}.bias"
     bias = s.weight(bias_name)
     if bias is not None and bias.shape == offset.shape and rel(offset, bias) < 0.05:
         full = s.weight_name(bias_name)
@@ -281,7 +287,7 @@ def extra_bias(s: Site) -> Diagnosis | None:
 
 def norm_over_all_heads(s: Site) -> Diagnosis | None:
     """Undo the weight: each head's RMS should be 1; a norm over all heads makes only their joint RMS 1."""
-    c, w, x = s.cand(), s.weight(f"self_attn.{s.op}.weight"), s.cand(s.op.replace("norm", "proj"))
+    c, w, x = s.cand(), s.weight(f"self_attn.{s.op}.weight"), s.cand(s.input_op)
     if w is None or x is None:
         return None
     x = x.reshape(c.shape)  # [B,T,n,D], from the projection's [B,T,n*D]
@@ -326,7 +332,7 @@ def _position_drift(s: Site) -> tuple[float, float, int]:
 def rope_angles_wrong(s: Site) -> Diagnosis | None:
     """Fit theta (and the channel pairing) that turns the candidate's q_norm into its q_rope, on a
     sample of tokens (the last, farthest position included) and heads: the fit runs ~130 rotations."""
-    x, y = s.cand(s.op.replace("rope", "norm")), s.cand()
+    x, y = s.cand(s.input_op), s.cand()
     if x is None:
         return None
     idx = sample(x.shape[1])
@@ -546,17 +552,9 @@ def attention_rebuilt(s: Site) -> Diagnosis | None:
     return None
 
 
-_NORM_INPUT = {"q_norm": "q_proj", "k_norm": "k_proj", "mlp_norm": "resid_mid"}
-
-
 def _norm_input(s: Site) -> torch.Tensor | None:
-    """The candidate's input of a norm tap, shaped like its output."""
-    if s.op in _NORM_INPUT:
-        x = s.cand(_NORM_INPUT[s.op])
-    elif s.op == "attn_norm":
-        x = s.src.cand(s.step, "embed" if s.layer == 0 else tap_name("resid_out", s.layer - 1))
-    else:  # final_norm
-        x = s.src.cand(s.step, tap_name("resid_out", s.cfg.num_hidden_layers - 1))
+    """The candidate's input of a norm tap (which may sit in the previous layer), shaped like its output."""
+    x = s.src.cand(s.step, inputs_of(s.name(), s.cfg)[0])
     return None if x is None else x.double().reshape(s.cand().shape)
 
 
@@ -615,10 +613,8 @@ def norm_weight_wrong(s: Site) -> Diagnosis | None:
     return None
 
 
-_LINEAR = {"q_proj": ("attn_norm", "self_attn.q_proj"), "k_proj": ("attn_norm", "self_attn.k_proj"),
-           "v_proj": ("attn_norm", "self_attn.v_proj"), "o_proj": ("attn_out", "self_attn.o_proj"),
-           "mlp.gate": ("mlp_norm", "mlp.gate_proj"), "mlp.up": ("mlp_norm", "mlp.up_proj"),
-           "moe.router_logits": ("mlp_norm", "mlp.gate"), "mlp.out": ("mlp.act", "mlp.down_proj")}
+#: the matmuls the accumulation check replays (their input comes from the schema's graph); not the LM head
+_LINEAR = {op: module for op, module in _MATMUL_MODULE.items() if op != "logits"}
 
 
 def lowp_accumulation(s: Site) -> Diagnosis | None:
@@ -627,8 +623,7 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
     dtype; name it when the two are far enough apart to tell and the candidate is within 2x of the second."""
     if s.eps < 1e-4 or s.op not in _LINEAR or (s.op == "mlp.out" and s.cfg.is_moe_layer(s.layer)):
         return None
-    in_op, module = _LINEAR[s.op]
-    x, w, g = s.cand(in_op), s.weight(module + ".weight"), s.src.gold(s.step, s.name())
+    x, w, g = s.cand(s.input_op), s.weight(_LINEAR[s.op] + ".weight"), s.src.gold(s.step, s.name())
     if any(t is None for t in (x, w, g)):
         return None
     act = s.src.dtype
@@ -677,7 +672,7 @@ SIGNATURES: tuple[Signature, ...] = (  # most specific first: diagnose() returns
     Signature(("softmax_overflow",), ("attn_probs", "attn_out"), softmax_overflow, nonfinite=True),
     Signature(("embed_scaled",), ("embed",), embed_scaled),
     Signature(("scores_scaled",), ("attn_scores",), scores_scaled),
-    Signature(("extra_bias",), tuple(_BIAS_MODULE), extra_bias),
+    Signature(("extra_bias",), tuple(_MATMUL_MODULE), extra_bias),
     Signature(("norm_axis",), ("q_norm", "k_norm"), norm_over_all_heads),
     Signature(("rounding_point",), NORM_OPS, rounding_point),
     Signature(("norm_skipped", "norm_weight_missing", "norm_weight_one_plus"), NORM_OPS, norm_weight_wrong),

@@ -104,6 +104,37 @@ def parse_tap_name(name: str) -> tuple[int | None, str]:
     return (int(m.group(1)), m.group(2)) if m else (None, name)
 
 
+#: the taps each op reads (within its layer; "prev" is the previous layer's resid_out, or embed)
+_INPUTS = {
+    "attn_norm": ("prev",), "q_proj": ("attn_norm",), "k_proj": ("attn_norm",), "v_proj": ("attn_norm",),
+    "q_norm": ("q_proj",), "k_norm": ("k_proj",), "q_rope": ("q_norm",), "k_rope": ("k_norm",),
+    "k_cache": ("k_rope",), "v_cache": ("v_proj",), "attn_scores": ("q_rope", "k_cache"),
+    "attn_probs": ("attn_scores",), "attn_out": ("attn_probs", "v_cache"), "o_proj": ("attn_out",),
+    "resid_mid": ("prev", "o_proj"), "mlp_norm": ("resid_mid",), "mlp.gate": ("mlp_norm",),
+    "mlp.up": ("mlp_norm",), "mlp.act": ("mlp.gate", "mlp.up"), "moe.router_logits": ("mlp_norm",),
+    "moe.topk_ids": ("moe.router_logits",), "moe.topk_weights": ("moe.router_logits",),
+    "resid_out": ("resid_mid", "mlp.out"),
+}
+
+
+def inputs_of(name: str, cfg: Qwen3Config) -> list[str]:
+    """Tap names an op reads: `layers.2.q_norm` -> [`layers.2.q_proj`]; `layers.0.attn_norm` -> [`embed`]."""
+    layer, op = parse_tap_name(name)
+    last = tap_name("resid_out", cfg.num_hidden_layers - 1) if cfg.num_hidden_layers else "embed"
+    if layer is None:
+        return {"final_norm": [last], "logits": ["final_norm"]}.get(op, [])
+    prev = layer_input(layer)
+    if op == "mlp.out":
+        ops = ("moe.topk_weights", "mlp_norm") if cfg.is_moe_layer(layer) else ("mlp.act",)
+    else:
+        ops = _INPUTS[op]
+    return [prev if o == "prev" else tap_name(o, layer) for o in ops]
+
+
+def layer_input(layer: int) -> str:
+    return "embed" if layer == 0 else tap_name("resid_out", layer - 1)
+
+
 def step_taps(cfg: Qwen3Config, batch: int, tokens: int, cache_len: int) -> list[TapSpec]:
     """Every tap of one step, in forward order, with its concrete shape."""
     sizes = axis_sizes(cfg, batch, tokens, cache_len)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.diff.compare import Comparison, inputs_of
+from qwen3dbg.diff.compare import Comparison
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
 from qwen3dbg.diff.runs import REFERENCES, cached_run, fresh_run, runs_home
@@ -25,6 +25,7 @@ from qwen3dbg.diff.teacher import estimate, teacher_force
 from qwen3dbg.dtypes import dtype_name, parse_dtype
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, TapStore
+from qwen3dbg.taps import inputs_of
 
 __all__ = ["run_diff", "DiffResult", "Divergence", "TapResult"]
 

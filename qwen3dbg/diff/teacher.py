@@ -11,10 +11,9 @@ import torch
 
 from qwen3dbg.candidate import Candidate, DictSink
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.diff.compare import inputs_of, layer_input
 from qwen3dbg.diff.result import Divergence, TapResult
 from qwen3dbg.store import StepInfo, TapStore, masked
-from qwen3dbg.taps import tap_name
+from qwen3dbg.taps import inputs_of, layer_input, tap_name
 
 
 def estimate(div: Divergence, by_name: dict[str, TapResult], cfg: Qwen3Config) -> dict:
