@@ -244,8 +244,6 @@ static int skip_attention_matrices;
 
 static void tap(q3t_store *s, const char *name, int layer, int ndim, const int64_t *shape, const float *data) {
     char full[128];
-    if (skip_attention_matrices && !strncmp(name, "attn_", 5) && strcmp(name, "attn_norm") && strcmp(name, "attn_out"))
-        return;
     if (layer >= 0)
         snprintf(full, sizeof full, "layers.%d.%s", layer, name);
     else
@@ -328,8 +326,10 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
                     att[((size_t)t * nH + h) * D + d] = (float)acc;
                 }
             }
-        tap(s, "attn_scores", i, 4, sh_s, sc);
-        tap(s, "attn_probs", i, 4, sh_s, pr);
+        if (!skip_attention_matrices) { /* declared missing in the manifest instead */
+            tap(s, "attn_scores", i, 4, sh_s, sc);
+            tap(s, "attn_probs", i, 4, sh_s, pr);
+        }
         tap(s, "attn_out", i, 3, sh_q, att);
         linear(o, att, L->o, T, Q, H);
         tap(s, "o_proj", i, 3, sh_h, o);
