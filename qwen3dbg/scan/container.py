@@ -20,6 +20,9 @@ ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2)
              "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
              "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8), "BOOL": ("bool", 1),
              "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+#: the float spellings safetensors and GGUF share (F32, BF16, ...) -> the name the scan reports
+FLOAT_NAMES = {k: ST_DTYPES[k][0] for k in ("F64", "F32", "F16", "BF16")}
+ITEMSIZE = dict(ST_DTYPES.values())  # scan name -> bytes per element
 MAX_HEADER = 100 * 1024**2  # the safetensors library refuses larger headers
 DAMAGED = "a loader fails on this file or reads bytes that are not the tensor's"
 

@@ -13,17 +13,16 @@ from typing import Callable
 import numpy as np
 
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.scan.container import Entry
+from qwen3dbg.scan.container import FLOAT_NAMES, Entry
 from qwen3dbg.scan.findings import DiffResult, Finding, TensorDiff
 from qwen3dbg.scan.source import Source, open_source
 
 # Largest error of storing a value in a format, relative to the tensor's absmax: half an ulp for floats,
 # for block formats half a step of the block scale (amax/127 for Q8_0) plus the f16 rounding of that scale.
 _REL = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11,
-        "Q8_0": 1 / 254 + 2.0**-11, "Q5_0": 1 / 30 + 2.0**-11, "Q4_0": 1 / 14 + 2.0**-11}  # keys canonical (_CANON)
+        "Q8_0": 1 / 254 + 2.0**-11, "Q5_0": 1 / 30 + 2.0**-11, "Q4_0": 1 / 14 + 2.0**-11}  # keys: scan names (FLOAT_NAMES)
 _F16_SUBNORMAL = 2.0**-25  # absolute: half the spacing of f16's subnormals
 _EXACT_IN = {"bfloat16": {"float32", "float64"}, "float16": {"float32", "float64"}, "float32": {"float64"}}
-_CANON = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def rounding_tolerance(dtype_a: str, dtype_b: str) -> tuple[float, float]:
@@ -31,7 +30,7 @@ def rounding_tolerance(dtype_a: str, dtype_b: str) -> tuple[float, float]:
 
     Zero when one format holds the other's values exactly; otherwise the two storage errors add (both
     may have been rounded from a finer original). Unknown block formats get a loose 1/8."""
-    a, b = _CANON.get(dtype_a, dtype_a), _CANON.get(dtype_b, dtype_b)
+    a, b = FLOAT_NAMES.get(dtype_a, dtype_a), FLOAT_NAMES.get(dtype_b, dtype_b)
     if a == b and a in _EXACT_IN or b in _EXACT_IN.get(a, ()) or a in _EXACT_IN.get(b, ()):
         return 0.0, 0.0
     rel = _REL.get(a, 0.125) + _REL.get(b, 0.125)

@@ -16,13 +16,11 @@ import numpy as np
 
 from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.errors import UserError
-from qwen3dbg.scan.container import Entry, read_directory, read_gguf_file, read_safetensors
+from qwen3dbg.scan.container import FLOAT_NAMES, ITEMSIZE, Entry, read_directory, read_gguf_file, read_safetensors
 from qwen3dbg.scan.findings import Finding
 from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements, shift_of
 
 WINDOW_BYTES = 64 * 1024**2
-_GGUF_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
@@ -59,10 +57,10 @@ class Source:
 
     def stats(self, e: Entry) -> Stats | None:
         """One fused pass over the tensor's values; None for types without values to summarize (ints)."""
-        dtype = _GGUF_FLOATS.get(e.dtype, e.dtype) if e.qtype is not None else e.dtype
+        dtype = FLOAT_NAMES.get(e.dtype, e.dtype) if e.qtype is not None else e.dtype
         _, buf = self._bytes(e.file)
         if dtype in DTYPE_CODES:
-            size = _ITEMSIZE[dtype]
+            size = ITEMSIZE[dtype]
             first = buf[e.offset:e.offset + size].view({"bfloat16": np.uint16}.get(dtype, dtype))
             acc = Accumulator(dtype, shift_of(first, dtype))
             step = max(1, WINDOW_BYTES // (chunk_elements() * size)) * chunk_elements()
