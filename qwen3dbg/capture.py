@@ -82,17 +82,17 @@ def run_steps(cand: Candidate, steps: list[StepInfo], device: torch.device | str
     return out
 
 
-def step_plan(cand: Candidate, info: StepInfo, cache_len: int) -> dict[str, tuple[int, ...]]:
-    specs = step_taps(cand.config, len(info.token_ids), info.tokens, cache_len)
+def step_plan(cand: Candidate, info: StepInfo) -> dict[str, tuple[int, ...]]:
+    """Every tap `cand` produces in this step, with its shape (the cache then holds positions 0..last)."""
+    specs = step_taps(cand.config, len(info.token_ids), info.tokens, info.positions[0][-1] + 1)
     return {t.name: t.shape for t in specs if t.op not in cand.missing_taps}
 
 
 def planned(cand: Candidate, steps: list[StepInfo], patterns: list[str] | None) -> list[dict[str, tuple[int, ...]]]:
     """Per step, the taps a capture will write (those `patterns` select) and their shapes."""
-    plans, cache = [], 0
+    plans = []
     for info in steps:
-        cache += info.tokens
-        plan = step_plan(cand, info, cache)
+        plan = step_plan(cand, info)
         plans.append({n: plan[n] for n in select(list(plan), patterns)})
     if not any(plans):
         raise UserError(f"--taps {patterns} matches no tap name (see docs/taps.md for the names)")
@@ -120,18 +120,29 @@ class _Progress:
         self.tick()
 
 
+def store_writer(cand: Candidate, out_dir: str | Path, batch: int, *, select: set[str] | None = None,
+                 extra: dict | None = None) -> StoreWriter:
+    """A store for `cand`'s taps whose manifest says what ran (device, numerics, config)."""
+    manifest = {**cand.manifest_extra(), "config": cand.config.to_hf_dict(), **(extra or {})}
+    return StoreWriter(out_dir, cand.name, cand.dtype, batch, select=select, missing_taps=cand.missing_taps,
+                       extra=manifest)
+
+
+def capture_step(cand: Candidate, writer: StoreWriter, info: StepInfo, sink: TapSink | None = None) -> torch.Tensor:
+    """One step of `cand` with its taps streamed into `writer` (through `sink`, default the writer)."""
+    writer.begin_step(info, step_plan(cand, info))
+    logits = cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink or writer)
+    writer.end_step()
+    return logits
+
+
 def capture(cand: Candidate, steps: list[StepInfo], out_dir: str | Path, *, patterns: list[str] | None = None,
             tick: Callable[[], None] = lambda: None, extra: dict | None = None) -> Path:
     """Run every step through `cand` and write a complete tap store at `out_dir`."""
     plans = planned(cand, steps, patterns)
     cand.reset()
-    manifest = {**cand.manifest_extra(), "config": cand.config.to_hf_dict(), **(extra or {})}
-    with StoreWriter(out_dir, cand.name, cand.dtype, len(steps[0].token_ids), select=set().union(*plans),
-                     missing_taps=cand.missing_taps, extra=manifest) as writer:
-        sink, cache = _Progress(writer, tick), 0
+    with store_writer(cand, out_dir, len(steps[0].token_ids), select=set().union(*plans), extra=extra) as writer:
+        sink = _Progress(writer, tick)
         for info in steps:
-            cache += info.tokens
-            writer.begin_step(info, step_plan(cand, info, cache))
-            cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
-            writer.end_step()
+            capture_step(cand, writer, info, sink)
     return Path(out_dir)

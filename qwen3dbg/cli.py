@@ -260,7 +260,10 @@ def selftest(
     decode_steps: int = typer.Option(64, help="Decode steps of the decode timing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
 ):
-    """Check the mine engine on a GPU: tap by tap against its CPU twin and HF eager, then tokens/s next to HF."""
+    """Check the mine engine on a GPU: tap by tap against its CPU twin and HF eager, then tokens/s next to HF.
+
+    Exits 1 if a tap's bits differ from the CPU twin's or a capture to a tap store does not read back
+    exactly (on a GPU the store copies taps asynchronously), else 0."""
     import json
 
     from qwen3dbg.candidates.mine.selftest import render, selftest as run_selftest
@@ -273,6 +276,8 @@ def selftest(
                           progress=lambda what: console.print(f"[dim]{what}[/dim]"))
     render(result, Console())
     _write_outputs(result, {json_out: lambda r: json.dumps(r.to_dict(), indent=2)})
+    if result.problems:
+        raise SystemExit(1)
 
 
 def main() -> None:

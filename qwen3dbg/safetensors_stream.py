@@ -3,12 +3,17 @@
 The header's room is reserved from the planned names and shapes before any data is written (the
 widest dtype name, 20-digit offsets), tensors are appended as they come, and the real header is
 written last, padded with spaces as the safetensors format allows.
+
+A tensor on a GPU is not waited for: it is copied into pinned host memory on the current stream and
+written once that copy is done, so an engine emitting taps keeps its stream busy (a tap's data offset
+is where it lands in the file; readers go by the header, not by the plan's order).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -20,12 +25,20 @@ SAFETENSORS_DTYPES = {
 }
 
 
+# Device-to-host copies in flight before the writer waits for the oldest: enough to cover a decode
+# step's taps, little enough to stay a small share of pinned memory.
+MAX_PENDING_BYTES = 256 << 20
+
+
 class StreamingWriter:
     def __init__(self, path: str | Path, plan: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None):
         self.path, self.plan = Path(path), dict(plan)
         self.metadata = {"format": "pt", **(metadata or {})}
         self.header: dict[str, dict] = {}
         self.offset = 0
+        self.seen: set[str] = set()
+        self.pending: deque[tuple[str, torch.Tensor, torch.cuda.Event]] = deque()  # oldest first
+        self.pending_bytes = 0
         worst = {n: {"dtype": "BOOL", "shape": list(s), "data_offsets": [10**19, 10**19]} for n, s in self.plan.items()}
         worst["__metadata__"] = self.metadata
         reserve = len(json.dumps(worst, separators=(",", ":"))) + 64
@@ -34,10 +47,36 @@ class StreamingWriter:
         self.f.seek(8 + self.reserve)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append `tensor` (its value now, in stream order where it lives on a GPU)."""
         assert name in self.plan, f"tensor {name} is not in this file's plan"
-        assert name not in self.header, f"tensor {name} written twice"
+        assert name not in self.seen, f"tensor {name} written twice"
         assert tuple(tensor.shape) == tuple(self.plan[name]), f"{name}: shape {tuple(tensor.shape)} != {self.plan[name]}"
-        t = tensor.detach().to("cpu").contiguous()
+        self.seen.add(name)
+        tensor = tensor.detach()
+        if not tensor.is_cuda:
+            self._append(name, tensor.to("cpu").contiguous())
+            return
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tensor.device))
+        self.pending.append((name, host, done))
+        self.pending_bytes += host.numel() * host.element_size()
+        self._drain(MAX_PENDING_BYTES)
+
+    def _drain(self, keep_bytes: int) -> None:
+        """Append finished copies in order, waiting for the oldest while more than `keep_bytes` are in flight."""
+        while self.pending:
+            name, host, done = self.pending[0]
+            if self.pending_bytes > keep_bytes:
+                done.synchronize()
+            elif not done.query():
+                return
+            self.pending.popleft()
+            self.pending_bytes -= host.numel() * host.element_size()
+            self._append(name, host)
+
+    def _append(self, name: str, t: torch.Tensor) -> None:
         if t.numel():
             self.f.write(t.reshape(-1).view(torch.uint8).numpy())
         n = t.numel() * t.element_size()
@@ -47,6 +86,7 @@ class StreamingWriter:
 
     def close(self) -> list[str]:
         """Write the header and close; return the planned names that were never written."""
+        self._drain(-1)
         blob = json.dumps({**self.header, "__metadata__": self.metadata}, separators=(",", ":")).encode()
         assert len(blob) <= self.reserve
         self.f.seek(0)

@@ -3,15 +3,17 @@ speed next to HF eager and sdpa measured in the same run. One result object; the
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from qwen3dbg.candidate import DictSink, NullSink
-from qwen3dbg.capture import forced_steps, run_steps
+from qwen3dbg.candidate import NullSink
+from qwen3dbg.capture import capture, capture_step, forced_steps, run_steps
 from qwen3dbg.dtypes import dtype_name
+from qwen3dbg.store import StepInfo, StoreWriter, TapStore
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class SelftestResult:
     check_decode: int
     taps: list[TapRow] = field(default_factory=list)
     speed: list[SpeedRow] = field(default_factory=list)
+    store_identical: bool = False  # a capture to a tap store holds the same bits as the in-memory taps
     weights_bytes: int = 0
     bandwidth_gb_s: float | None = None  # nominal, for the decode limit (None: unknown device)
 
@@ -48,8 +51,17 @@ class SelftestResult:
         """Decode tokens/s if every weight byte is read once per token at the nominal bandwidth."""
         return self.bandwidth_gb_s * 1e9 / self.weights_bytes if self.bandwidth_gb_s else None
 
+    @property
+    def problems(self) -> list[str]:
+        """What fails the check: taps whose device bits differ from the twin's, a store that changed bits."""
+        out = [f"{row.tap} differs from the CPU twin by up to {row.ulps_vs_twin} ulps"
+               for row in self.taps if row.ulps_vs_twin]
+        if not self.store_identical:
+            out.append("a capture to a tap store does not read back as the taps the engine emitted")
+        return out
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "bandwidth_limit_tok_s": self.bandwidth_limit_tok_s}
+        return {**asdict(self), "bandwidth_limit_tok_s": self.bandwidth_limit_tok_s, "problems": self.problems}
 
 
 NOMINAL_GB_S = {"H100": 3350.0, "H200": 4800.0, "A100": 2000.0}
@@ -124,6 +136,28 @@ def hf_stepper(hf):
     return reset, step
 
 
+def capture_stepper(engine, out_dir: Path):
+    """(reset, step) that stream every tap of each step into a tap store, as `qwen3dbg capture` does."""
+    state = {}
+
+    def reset():
+        engine.reset()
+        state.update(writer=StoreWriter(out_dir, engine.name, engine.dtype, 1), step=0)
+
+    def step(ids, positions):
+        info = StepInfo(state["step"], ids.tolist(), positions.tolist())
+        state["step"] += 1
+        return capture_step(engine, state["writer"], info)
+    return reset, step
+
+
+def store_matches(engine, steps: list[StepInfo], taps: list[dict], out_dir: Path) -> bool:
+    """Whether capturing `steps` to a store gives, read back, exactly `taps` (the in-memory run's)."""
+    store = TapStore.open(capture(engine, steps, out_dir))
+    return all(sorted(store.names(i)) == sorted(step) and all(ulps_apart(store.get(i, n), t) == 0 for n, t in step.items())
+               for i, step in enumerate(taps))
+
+
 def probe_ids(vocab_size: int, n: int) -> list[int]:
     """A fixed spread of n prompt ids inside the vocabulary (the engine's gather checks no bounds)."""
     return [(7 + 31 * i) % vocab_size for i in range(n)]
@@ -163,9 +197,11 @@ def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decod
     res.bandwidth_gb_s = next((v for k, v in NOMINAL_GB_S.items() if k in res.device), None)
     progress("speed: mine")
     off = lambda ids, pos: engine.step(ids, pos, NullSink())  # noqa: E731
-    on = lambda ids, pos: engine.step(ids, pos, DictSink())  # noqa: E731
     res.speed.append(SpeedRow(f"mine ({dev.type})", *time_steps(engine.reset, off, dev, prompt, decode_steps)))
-    res.speed.append(SpeedRow(f"mine ({dev.type}, capture on)", *time_steps(engine.reset, on, dev, prompt, decode_steps)))
+    with tempfile.TemporaryDirectory(prefix="qwen3dbg-selftest-") as tmp:
+        res.store_identical = store_matches(engine, steps, ours, Path(tmp) / "check")
+        res.speed.append(SpeedRow(f"mine ({dev.type}, capture to a store)",
+                                  *time_steps(*capture_stepper(engine, Path(tmp) / "timed"), dev, prompt, decode_steps)))
     if engine.use_graph:
         engine.use_graph = False
         res.speed.append(SpeedRow("mine (cuda, no graph)", *time_steps(engine.reset, off, dev, prompt, decode_steps)))
@@ -193,6 +229,11 @@ def render(res: SelftestResult, console) -> None:
         t.add_row(row.tap, "-" if row.ulps_vs_twin is None else str(row.ulps_vs_twin),
                   f"{100 * row.identical_vs_hf:.1f}%", f"{row.rel_err_vs_hf:.1e}")
     console.print(t)
+    for problem in res.problems:
+        console.print(f"[red]FAIL[/red] {problem}")
+    if not res.problems:
+        twin = "bit-identical to the CPU twin on every tap; " if any(r.ulps_vs_twin is not None for r in res.taps) else ""
+        console.print(f"[green]ok[/green] {twin}a capture to a tap store reads back bit for bit")
     s = Table(title=f"speed: prefill of {res.prompt_tokens} tokens, {res.decode_steps} decode steps (batch 1)")
     for col in ("implementation", "prefill tok/s", "decode tok/s", "decode ms/token"):
         s.add_column(col, justify="right" if col != "implementation" else "left")
