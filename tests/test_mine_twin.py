@@ -232,3 +232,22 @@ def test_twin_gemm_sums_in_the_same_order_as_the_per_row_dot(accum):
     ops.linear(x, w, y, accum)
     ops.moe_linear(x, torch.zeros(3, 1, dtype=torch.int64), w[None].contiguous(), y_ref, False, accum)
     assert torch.equal(y, y_ref)
+
+
+def test_kernels_refuse_tensors_they_would_misread():
+    """The kernels take raw pointers: a wrong dtype or a short buffer must be refused by name, not read."""
+    from qwen3dbg.candidates.mine.build import load
+
+    ops = load()
+    x, w = torch.zeros(2, 16, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="Float tensor where BFloat16"):
+        ops.linear(x.float(), w, torch.empty(2, 4, dtype=torch.bfloat16), 0)
+    with pytest.raises(RuntimeError, match="where 2 x 4 are indexed"):
+        ops.linear(x, w, torch.empty(2, 3, dtype=torch.bfloat16), 0)
+    with pytest.raises(RuntimeError, match="Int tensor where Long"):
+        ops.embed(torch.zeros(2, dtype=torch.int32), w, torch.empty(2, 16, dtype=torch.bfloat16))
+    q, cache = torch.zeros(1, 2, 16, dtype=torch.bfloat16), torch.zeros(1, 1, 1, 4, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="do not share"):
+        ops.attention(q, cache, cache, torch.zeros(1, dtype=torch.int32), torch.empty(1, 2, 1, 4),
+                      torch.empty(1, 2, 1, 4, dtype=torch.bfloat16), torch.empty(1, 32, dtype=torch.bfloat16),
+                      1, 0, 0, 0.25, True, 0)

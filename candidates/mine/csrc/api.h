@@ -9,7 +9,7 @@
 #include "kv_cache.cuh"
 
 struct AttnDims {
-  int batch, tokens, heads, kv_heads, head_dim;
+  int tokens, heads;      // per sequence; batch, kv heads and head_dim are the cache's
   qmath::KVShape cache;
   int layer;
   int scores_ld;    // row length of the scores/probs workspaces [B, nH, T, scores_ld]
@@ -28,18 +28,18 @@ template <class T> struct HeadTask {
 
   QD HeadTask(const AttnDims& a, int r, int hh, const int* pos, const T* qkv, const T* qw, const T* kw, T* q_norm,
               T* k_norm, T* q_rope, T* k_rope) {
-    const int D = a.head_dim, ld = (a.heads + 2 * a.kv_heads) * D;
+    const int D = a.cache.head_dim, nKV = a.cache.kv_heads, ld = (a.heads + 2 * nKV) * D;
     is_q = hh < a.heads, g = hh - a.heads, b = r / a.tokens, p = pos[r], half = D / 2;
     src = qkv + (size_t)r * ld + (size_t)hh * D;
-    v = qkv + (size_t)r * ld + (size_t)(a.heads + a.kv_heads + g) * D;
+    v = qkv + (size_t)r * ld + (size_t)(a.heads + nKV + g) * D;
     weight = is_q ? qw : kw;
-    normed = is_q ? q_norm + ((size_t)r * a.heads + hh) * D : k_norm + ((size_t)r * a.kv_heads + g) * D;
-    roped = is_q ? q_rope + ((size_t)r * a.heads + hh) * D : k_rope + ((size_t)r * a.kv_heads + g) * D;
+    normed = is_q ? q_norm + ((size_t)r * a.heads + hh) * D : k_norm + ((size_t)r * nKV + g) * D;
+    roped = is_q ? q_rope + ((size_t)r * a.heads + hh) * D : k_rope + ((size_t)r * nKV + g) * D;
   }
 
   // RoPE of element d of the normalised head (all of `normed` written before), and its cache writes.
   QD void rope(const AttnDims& a, int d, const T* cos, const T* sin, T* k_cache, T* v_cache) const {
-    const size_t at = (size_t)p * a.head_dim + d;
+    const size_t at = (size_t)p * a.cache.head_dim + d;
     roped[d] = qmath::from_f<T>(qmath::rope_apply<T>(qmath::to_f(normed[d]), qmath::to_f(normed[d < half ? d + half : d - half]),
                                                      qmath::to_f(cos[at]), qmath::to_f(sin[at]), d < half));
     if (!is_q) {

@@ -2,6 +2,8 @@
 // op by the device of the tensors. The only file that sees torch.
 #include <torch/extension.h>
 
+#include <optional>
+
 #include "api.h"
 
 #ifdef MINE_WITH_CUDA
@@ -32,10 +34,13 @@ int dtype_code(const at::Tensor& t) {
   }
 }
 
-// Contiguous, on `like`'s device, and of `like`'s dtype unless it is an index or score buffer.
-const at::Tensor& check(const at::Tensor& t, const at::Tensor& like) {
+// Contiguous, on `like`'s device, and of `like`'s dtype or, for index and score buffers, `dtype`:
+// the kernels take raw pointers, so a wrong dtype here would be read as garbage, not refused.
+const at::Tensor& check(const at::Tensor& t, const at::Tensor& like, std::optional<at::ScalarType> dtype = std::nullopt) {
   TORCH_CHECK(t.is_contiguous(), "mine kernels take contiguous tensors");
   TORCH_CHECK(t.device() == like.device(), "mine: tensors on different devices");
+  const at::ScalarType want = dtype.value_or(like.scalar_type());
+  TORCH_CHECK(t.scalar_type() == want, "mine: a ", t.scalar_type(), " tensor where ", want, " is expected");
   return t;
 }
 
@@ -43,34 +48,47 @@ template <class P = void> P* ptr(const at::Tensor& t) { return t.numel() ? (P*)t
 
 void check_rows(int64_t k) { TORCH_CHECK(k % qmath::CHUNK == 0, "mine: row length ", k, " is not a multiple of 8"); }
 
+// `t` holds `rows` rows of `len` elements (the kernels index it so, past its end otherwise).
+void check_numel(const at::Tensor& t, int64_t rows, int64_t len) {
+  TORCH_CHECK(t.numel() == rows * len, "mine: a tensor of ", t.numel(), " elements where ", rows, " x ", len, " are indexed");
+}
+
+// q [B*T, nH, D] against the cache [L, B, nKV, S_max, D]; only this layer's slice is addressed.
 AttnDims attn_dims(const at::Tensor& q, const at::Tensor& k_cache, int64_t batch, int64_t layer) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 5, "mine: q is [N, heads, head_dim] and the cache [L, B, kv heads, slots, head_dim]");
+  TORCH_CHECK(k_cache.size(1) == batch && q.size(0) % batch == 0, "mine: ", q.size(0), " rows do not make ", batch,
+              " sequences of the cache's batch ", k_cache.size(1));
+  TORCH_CHECK(q.size(2) == k_cache.size(4) && q.size(1) % k_cache.size(2) == 0, "mine: ", q.size(1), " heads of ",
+              q.size(2), " do not share ", k_cache.size(2), " kv heads of ", k_cache.size(4));
+  TORCH_CHECK(0 <= layer && layer < k_cache.size(0), "mine: layer ", layer, " outside the cache's ", k_cache.size(0));
   AttnDims a{};
-  a.batch = (int)batch;
   a.tokens = (int)(q.size(0) / batch);
   a.heads = (int)q.size(1);
-  a.head_dim = (int)q.size(2);
-  a.kv_heads = (int)k_cache.size(2);
-  a.cache = qmath::KVShape{(int)k_cache.size(0), (int)k_cache.size(1), (int)k_cache.size(2), (int)k_cache.size(3),
-                           (int)k_cache.size(4)};
+  a.cache = qmath::KVShape{(int)k_cache.size(1), (int)k_cache.size(2), (int)k_cache.size(3), (int)k_cache.size(4)};
   a.layer = (int)layer;
   return a;
 }
 
 void embed(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& out) {
-  check(ids, table), check(out, table);
+  check(ids, table, at::kLong), check(out, table), check_numel(out, ids.numel(), table.size(1));
   RUN(embed, table, ptr<int64_t>(ids), ptr(table), ptr(out), (int)ids.numel(), (int)table.size(1), dtype_code(table));
 }
 
 void add_rmsnorm(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w, const at::Tensor& resid, const at::Tensor& out,
                  double eps, int64_t mode) {
   check(x, w), check(h, w), check(resid, w), check(out, w), check_rows(w.numel());
-  RUN(add_rmsnorm, w, ptr(x), ptr(h), ptr(w), ptr(resid), ptr(out), (int)(x.numel() / w.numel()), (int)w.numel(),
+  const int64_t n = x.numel() / w.numel();
+  check_numel(x, n, w.numel()), check_numel(out, n, w.numel());
+  if (h.numel()) check_numel(h, n, w.numel()), check_numel(resid, n, w.numel());
+  RUN(add_rmsnorm, w, ptr(x), ptr(h), ptr(w), ptr(resid), ptr(out), (int)n, (int)w.numel(),
       (float)eps, (int)mode, dtype_code(w));
 }
 
 void linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t accum) {
   check(x, w), check(y, w), check_rows(w.size(1));
-  RUN(linear, w, ptr(x), ptr(w), ptr(y), (int)(x.numel() / w.size(1)), (int)w.size(1), (int)w.size(0), (int)accum,
+  const int64_t n = x.numel() / w.size(1);
+  check_numel(x, n, w.size(1)), check_numel(y, n, w.size(0));
+  RUN(linear, w, ptr(x), ptr(w), ptr(y), (int)n, (int)w.size(1), (int)w.size(0), (int)accum,
       dtype_code(w));
 }
 
@@ -78,9 +96,8 @@ void qk_norm_rope(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor&
                   const at::Tensor& sin, const at::Tensor& pos, const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& q_rope,
                   const at::Tensor& k_rope, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t batch, int64_t layer, double eps,
                   int64_t mode) {
-  for (auto* t : {&qkv, &qw, &kw, &cos, &sin, &pos, &q_norm, &k_norm, &q_rope, &k_rope, &k_cache, &v_cache}) check(*t, qw);
-  check_rows(qw.numel());
-  TORCH_CHECK(pos.scalar_type() == at::kInt, "mine: positions are int32");
+  for (auto* t : {&qkv, &qw, &kw, &cos, &sin, &q_norm, &k_norm, &q_rope, &k_rope, &k_cache, &v_cache}) check(*t, qw);
+  check(pos, qw, at::kInt), check_rows(qw.numel());
   RUN(qk_norm_rope, qw, ptr(qkv), ptr(qw), ptr(kw), ptr(cos), ptr(sin), ptr<const int>(pos), ptr(q_norm), ptr(k_norm),
       ptr(q_rope), ptr(k_rope), ptr(k_cache), ptr(v_cache), attn_dims(q_norm, k_cache, batch, layer), (float)eps,
       (int)mode, dtype_code(qw));
@@ -89,8 +106,8 @@ void qk_norm_rope(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor&
 void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
                const at::Tensor& scores, const at::Tensor& probs, const at::Tensor& out, int64_t batch, int64_t layer, int64_t fill,
                double scale, bool round_scores, int64_t accum) {
-  for (auto* t : {&k_cache, &v_cache, &pos, &scores, &probs, &out}) check(*t, q);
-  TORCH_CHECK(scores.scalar_type() == at::kFloat, "mine: the scores workspace is float32");
+  for (auto* t : {&k_cache, &v_cache, &probs, &out}) check(*t, q);
+  check(pos, q, at::kInt), check(scores, q, at::kFloat);
   AttnDims a = attn_dims(q, k_cache, batch, layer);
   a.scores_ld = (int)scores.size(-1);
   a.scores_fill = (int)fill;
@@ -102,32 +119,33 @@ void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
 }
 
 void silu_mul(const at::Tensor& gate_up, const at::Tensor& out) {
-  check(out, gate_up);
+  check(out, gate_up), check_numel(gate_up, out.numel() / out.size(-1), 2 * out.size(-1));
   RUN(silu_mul, gate_up, ptr(gate_up), ptr(out), (int)(out.numel() / out.size(-1)), (int)out.size(-1),
       dtype_code(gate_up));
 }
 
 void route(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& weights, bool norm) {
-  check(ids, logits), check(weights, logits);
+  check(ids, logits, at::kLong), check(weights, logits);
   RUN(route, logits, ptr(logits), ptr<int64_t>(ids), ptr(weights), (int)(logits.numel() / logits.size(-1)),
       (int)logits.size(-1), (int)ids.size(-1), norm, dtype_code(logits));
 }
 
 void moe_linear(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w, const at::Tensor& y, bool per_slot_input,
                 int64_t accum) {
-  check(x, w), check(ids, w), check(y, w), check_rows(w.size(2));
+  check(x, w), check(ids, w, at::kLong), check(y, w), check_rows(w.size(2));
   RUN(moe_linear, w, ptr(x), ptr<int64_t>(ids), ptr(w), ptr(y), (int)(ids.numel() / ids.size(-1)), (int)ids.size(-1),
       (int)w.size(2), (int)w.size(1), per_slot_input, (int)accum, dtype_code(w));
 }
 
 void moe_combine(const at::Tensor& y, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& out) {
-  check(ids, y), check(weights, y), check(out, y);
+  check(ids, y, at::kLong), check(weights, y), check(out, y);
   RUN(moe_combine, y, ptr(y), ptr<int64_t>(ids), ptr(weights), ptr(out), (int)(ids.numel() / ids.size(-1)),
       (int)ids.size(-1), (int)out.size(-1), dtype_code(y));
 }
 
 void rope_table(const at::Tensor& cos, const at::Tensor& sin, double theta) {
-  TORCH_CHECK(!cos.is_cuda() && cos.is_contiguous() && sin.is_contiguous(), "mine: RoPE tables are built on the host");
+  TORCH_CHECK(!cos.is_cuda(), "mine: RoPE tables are built on the host");
+  check(sin, cos);
   twin_rope_table(ptr(cos), ptr(sin), (int)cos.size(0), (int)cos.size(1), (float)theta, dtype_code(cos));
 }
 

@@ -91,19 +91,19 @@ template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y,
 template <class T> __global__ void qk_norm_rope_k(const T* qkv, const T* qw, const T* kw, const T* cos, const T* sin,
                                                   const int* pos, T* q_norm, T* k_norm, T* q_rope, T* k_rope,
                                                   T* k_cache, T* v_cache, AttnDims a, float eps, int mode) {
-  const int heads = a.heads + a.kv_heads, task = warp_id(), r = task / heads;
-  if (r >= a.batch * a.tokens) return;
+  const int heads = a.heads + a.cache.kv_heads, task = warp_id(), r = task / heads;
+  if (r >= a.cache.batch * a.tokens) return;
   const HeadTask<T> h(a, r, task % heads, pos, qkv, qw, kw, q_norm, k_norm, q_rope, k_rope);
-  warp_rms_row(h.src, h.weight, h.normed, a.head_dim, eps, mode);
+  warp_rms_row(h.src, h.weight, h.normed, a.cache.head_dim, eps, mode);
   __syncwarp();
-  for (int d = lane_id(); d < a.head_dim; d += LANES) h.rope(a, d, cos, sin, k_cache, v_cache);
+  for (int d = lane_id(); d < a.cache.head_dim; d += LANES) h.rope(a, d, cos, sin, k_cache, v_cache);
 }
 
 // One block per (batch, head, query token): its warps share the scores of the slots up to the query's
 // position, warp 0 does the softmax, then each thread owns one dim of the context.
 template <class T> __global__ void attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos,
                                                float* scores, T* probs, T* out, AttnDims a) {
-  const int D = a.head_dim, rep = a.heads / a.kv_heads, task = blockIdx.x, warp = threadIdx.x / LANES;
+  const int D = a.cache.head_dim, rep = a.heads / a.cache.kv_heads, task = blockIdx.x, warp = threadIdx.x / LANES;
   const int t = task % a.tokens, h = (task / a.tokens) % a.heads, b = task / (a.tokens * a.heads);
   const int r = b * a.tokens + t, p = pos[r], g = h / rep;
   const size_t row = ((size_t)(b * a.heads + h) * a.tokens + t) * a.scores_ld;
@@ -199,7 +199,7 @@ void cuda_linear(const void* x, const void* w, void* y, int n, int k, int m, int
 void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin, const int* pos,
                        void* q_norm, void* k_norm, void* q_rope, void* k_rope, void* k_cache, void* v_cache,
                        AttnDims a, float eps, int mode, int dt, void* stream) {
-  long long tasks = (long long)a.batch * a.tokens * (a.heads + a.kv_heads);
+  long long tasks = (long long)a.cache.batch * a.tokens * (a.heads + a.cache.kv_heads);
   QMATH_DISPATCH(dt, qk_norm_rope_k<T><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
                          (const T*)qkv, (const T*)qw, (const T*)kw, (const T*)cos, (const T*)sin, pos, (T*)q_norm,
                          (T*)k_norm, (T*)q_rope, (T*)k_rope, (T*)k_cache, (T*)v_cache, a, eps, mode));
@@ -207,7 +207,7 @@ void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const vo
 
 void cuda_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
                     void* probs, void* out, AttnDims a, int dt, void* stream) {
-  const unsigned tasks = (unsigned)(a.batch * a.heads * a.tokens);
+  const unsigned tasks = (unsigned)(a.cache.batch * a.heads * a.tokens);
   QMATH_DISPATCH(dt, attention_k<T><<<tasks, ATTN_WARPS * LANES, 0, S(stream)>>>(
                          (const T*)q, (const T*)k_cache, (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a));
 }

@@ -8,8 +8,8 @@
 
 namespace qmath {
 
-struct KVShape {
-  int layers, batch, kv_heads, max_seq, head_dim;
+struct KVShape {  // of one layer's slice; the layers follow one another
+  int batch, kv_heads, max_seq, head_dim;
 };
 
 // Element (layer, b, kv head h, slot s, dim d) of the cache buffer.

@@ -104,19 +104,19 @@ template <class T> void qk_norm_rope_t(const T* qkv, const T* qw, const T* kw, c
                                        const int* pos, T* q_norm, T* k_norm, T* q_rope, T* k_rope, T* k_cache,
                                        T* v_cache, AttnDims a, float eps, int mode) {
 #pragma omp parallel for collapse(2)
-  for (int r = 0; r < a.batch * a.tokens; ++r)
-    for (int hh = 0; hh < a.heads + a.kv_heads; ++hh) {
+  for (int r = 0; r < a.cache.batch * a.tokens; ++r)
+    for (int hh = 0; hh < a.heads + a.cache.kv_heads; ++hh) {
       const HeadTask<T> h(a, r, hh, pos, qkv, qw, kw, q_norm, k_norm, q_rope, k_rope);
-      rms_row(h.src, h.weight, h.normed, a.head_dim, eps, mode);
-      for (int d = 0; d < a.head_dim; ++d) h.rope(a, d, cos, sin, k_cache, v_cache);
+      rms_row(h.src, h.weight, h.normed, a.cache.head_dim, eps, mode);
+      for (int d = 0; d < a.cache.head_dim; ++d) h.rope(a, d, cos, sin, k_cache, v_cache);
     }
 }
 
 template <class T> void attention_t(const T* q, const T* k_cache, const T* v_cache, const int* pos, float* scores,
                                     T* probs, T* out, AttnDims a) {
-  const int D = a.head_dim, rep = a.heads / a.kv_heads;
+  const int D = a.cache.head_dim, rep = a.heads / a.cache.kv_heads;
 #pragma omp parallel for collapse(3)
-  for (int b = 0; b < a.batch; ++b)
+  for (int b = 0; b < a.cache.batch; ++b)
     for (int h = 0; h < a.heads; ++h)
       for (int t = 0; t < a.tokens; ++t) {
         const int r = b * a.tokens + t, p = pos[r], g = h / rep;
