@@ -7,18 +7,17 @@ problem instead of failing somewhere inside a comparison.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3dbg.config import Qwen3Config, parse_config
 from qwen3dbg.errors import UserError
+from qwen3dbg.scan.container import read_safetensors
 from qwen3dbg.store import read_manifest, step_file
 from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name, step_taps
 
-FLOAT_STORE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
-INTEGER_TAP_DTYPES = ("I32", "I64")
-# The fields a config in a manifest must agree on with --model for shapes to mean the same thing.
+FLOAT_STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+INTEGER_TAP_DTYPES = ("int32", "int64")
 
 
 @dataclass(frozen=True)
@@ -133,11 +132,12 @@ def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int,
     if not f.is_file():
         bad(where, f"{f.name} is missing")
         return
-    header = _safetensors_header(f, bad, where)
-    if header is None:
-        return
+    entries, damage = read_safetensors(f)
+    for finding in damage:  # truncation, a bad header, overlapping or missing bytes
+        bad(where, finding.message)
     expected = {t.name: t for t in step_taps(config, batch, tokens, cache)} if config is not None else None
-    for name, info in header.items():
+    for entry in entries:
+        name, file_dtype, shape = entry.name, entry.dtype, list(entry.shape)
         layer, op = parse_tap_name(name)
         spec = OPS_BY_NAME.get(op)
         tw = f"{where}, {name}"
@@ -145,42 +145,15 @@ def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int,
             why = "no op of the schema" if spec is None else "not a tap of this model (its layer count or dense/MoE kind differ)"
             bad(tw, f"is {why}; see qwen3dbg/taps.py for the names")
             continue
-        st_dtype, shape = info.get("dtype"), info.get("shape")
         if spec.integer:
-            if st_dtype not in INTEGER_TAP_DTYPES:
-                bad(tw, f"has dtype {st_dtype}; expert ids are I64 or I32")
-        elif dtype in FLOAT_STORE_DTYPES and st_dtype != FLOAT_STORE_DTYPES[dtype]:
-            bad(tw, f"has dtype {st_dtype} but the manifest says the store is {dtype} ({FLOAT_STORE_DTYPES[dtype]})")
+            if file_dtype not in INTEGER_TAP_DTYPES:
+                bad(tw, f"has dtype {file_dtype}; expert ids are int64 or int32")
+        elif dtype in FLOAT_STORE_DTYPES and file_dtype != dtype:
+            bad(tw, f"has dtype {file_dtype} but the manifest says the store is {dtype}")
         if expected is not None:
             want = list(expected[name].shape)
             if shape != want:
                 axes = ",".join(spec.axes)
                 bad(tw, f"has shape {shape}, expected {want} [{axes}]")
-        elif not isinstance(shape, list) or len(shape) != len(spec.axes) or shape[:1] != [batch]:
+        elif len(shape) != len(spec.axes) or shape[:1] != [batch]:
             bad(tw, f"has shape {shape}, expected {len(spec.axes)} axes [{','.join(spec.axes)}] with B = {batch}")
-
-
-def _safetensors_header(f: Path, bad, where: str) -> dict | None:
-    """The tensor entries of a safetensors file, checked to lie inside the file; None if unreadable."""
-    size = f.stat().st_size
-    try:
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError(f"its header claims {n} bytes but the file has {size}")
-            header = json.loads(fh.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        bad(where, f"{f.name} is not a readable safetensors file ({e})")
-        return None
-    header.pop("__metadata__", None)
-    end = 0
-    for name, info in header.items():
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
-            bad(where, f"{f.name}: tensor {name} has no valid data_offsets")
-            return None
-        end = max(end, offsets[1])
-    if 8 + n + end > size:
-        bad(where, f"{f.name} is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
-        return None
-    return header

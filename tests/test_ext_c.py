@@ -135,7 +135,7 @@ BREAKAGES = {
     "a token id outside the vocabulary": (
         lambda s: _edit_manifest(s, lambda m: m["steps"][0]["token_ids"][0].__setitem__(0, 10**6)), "vocabulary"),
     "steps out of order": (lambda s: _edit_manifest(s, lambda m: m["steps"][2].update(step=5)), "numbered"),
-    "a dtype the store does not declare": (lambda s: _edit_manifest(s, lambda m: m.update(dtype="bfloat16")), "BF16"),
+    "a dtype the store does not declare": (lambda s: _edit_manifest(s, lambda m: m.update(dtype="bfloat16")), "has dtype float32"),
     "a config of another shape": (
         lambda s: _edit_manifest(s, lambda m: m["config"].update(head_dim=16)), "head_dim"),
 }
