@@ -8,13 +8,14 @@ shape (made once into the qwen3dbg cache): prefill and decode tokens/s, and capt
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
 
-from qwen3dbg.candidate import DictSink, NullSink
+from qwen3dbg.candidate import NullSink
 from qwen3dbg.candidates.mine.engine import MineCandidate
-from qwen3dbg.candidates.mine.selftest import hf_stepper, probe_ids, time_steps
+from qwen3dbg.candidates.mine.selftest import capture_stepper, hf_stepper, probe_ids, time_steps
 from qwen3dbg.reference.hf import HFCandidate
 from qwen3dbg.synth import default_model_dir
 
@@ -46,9 +47,9 @@ def main() -> None:
     dev = torch.device(args.device)
     engine = MineCandidate(model, "bfloat16", device=args.device)
     prompt = probe_ids(engine.config.vocab_size, args.prompt_tokens)
-    rows = {}
-    for label, sink in (("mine", NullSink), ("mine, capture on", DictSink)):
-        rows[label] = time_steps(engine.reset, lambda i, p, s=sink: engine.step(i, p, s()), dev, prompt, args.decode_steps)
+    rows = {"mine": time_steps(engine.reset, lambda i, p: engine.step(i, p, NullSink()), dev, prompt, args.decode_steps)}
+    with tempfile.TemporaryDirectory(prefix="qwen3dbg-bench-") as tmp:  # every tap, into a tap store
+        rows["mine, capture on"] = time_steps(*capture_stepper(engine, Path(tmp)), dev, prompt, args.decode_steps)
     if args.profile and dev.type == "cuda":
         print(profile_decode(engine, args.decode_steps))
     del engine
