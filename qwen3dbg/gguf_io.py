@@ -22,7 +22,7 @@ import torch
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config, load_config, parse_config
 from qwen3dbg.errors import UserError
-from qwen3dbg.gguf_names import ARCH, MODEL_TYPE, hf_to_gguf
+from qwen3dbg.gguf_names import ARCH, MODEL_TYPE, gguf_shapes, hf_to_gguf
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -129,7 +129,12 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
     wanted = GGUF_TYPES[gguf_type]
     cfg, ckpt = load_config(model_dir), Checkpoint(model_dir)
     plan = gguf_plan(ckpt)
-    shapes = {g: ((len(m), *ckpt.shape(m[0])) if len(m) > 1 else ckpt.shape(m[0])) for g, m in plan.items()}
+    shapes = gguf_shapes({n: ckpt.shape(n) for n in ckpt.keys()})
+    stacked = {g for g, m in plan.items() if hf_to_gguf(m[0])[1] is not None}  # experts [E, ...]
+    for g in stacked:
+        if len(plan[g]) != cfg.num_experts:
+            raise UserError(f"{g}: the checkpoint has {len(plan[g])} of the config's {cfg.num_experts} experts' "
+                            "tensors; run scan-checkpoint to see which are missing")
     types = {g: storage_type(g, shapes[g], wanted) for g in plan}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +150,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
         names = progress(names, len(plan))
     for g in names:
         members = plan[g]
-        t = torch.stack([ckpt.get(m) for m in members]) if len(members) > 1 else ckpt.get(members[0])
+        t = torch.stack([ckpt.get(m) for m in members]) if g in stacked else ckpt.get(members[0])
         writer.write_tensor_data(encode(t, types[g]))
     writer.close()
     return out
@@ -260,7 +265,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
 
 
 def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor's raw bytes (uint8) as float32 of `shape` (copies; quantized types are expanded)."""
+    """A tensor's raw bytes (uint8) as float32 of `shape`: F32 is a view of `raw` (no copy on the scan's
+    hot path), every other type a new array (quantized types expanded)."""
     if qtype == Q.F32:
         return raw.view(np.float32).reshape(shape)
     if qtype == Q.F16:

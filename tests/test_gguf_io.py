@@ -10,6 +10,7 @@ import torch
 
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import load_config
+from qwen3dbg.errors import UserError
 from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, dequantize, read_gguf, write_gguf
 from qwen3dbg.gguf_names import gguf_shapes, gguf_to_hf, hf_to_gguf
 from qwen3dbg.layout import tensor_shapes
@@ -130,3 +131,21 @@ def test_metadata_that_is_no_valid_qwen3_config_is_damage():
           "qwen3.vocab_size": 512}
     with pytest.raises(GGUFDamaged, match="not a multiple"):
         config_from_gguf(SimpleNamespace(kv=kv, tensors=[]))
+
+
+def test_a_checkpoint_missing_an_experts_tensor_is_refused_not_stacked_short(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = models("tiny-moe")
+    last = load_config(src).num_experts - 1  # the hard case: no gap in the ids shows it is missing
+    dst = tmp_path / "model"
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = load_file(f)
+            tensors.pop(f"model.layers.0.mlp.experts.{last}.up_proj.weight", None)
+            save_file(tensors, dst / f.name, metadata={"format": "pt"})
+        else:
+            (dst / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(UserError, match=f"blk.0.ffn_up_exps.weight: the checkpoint has {last} of the config's {last + 1} experts"):
+        write_gguf(dst, tmp_path / "m.gguf")

@@ -103,9 +103,10 @@ class Source:
         _, buf = self._bytes(e.file)
         raw = buf[e.offset:e.offset + e.nbytes]
         if e.qtype is not None:
-            return np.array(dequantize(raw, e.qtype, e.shape), dtype=np.float32)
+            vals = dequantize(raw, e.qtype, e.shape)
+            return vals.copy() if np.may_share_memory(vals, raw) else vals
         if e.dtype == "bfloat16":
-            return dequantize(raw, GGUF_TYPES["bf16"], e.shape).copy()
+            return dequantize(raw, GGUF_TYPES["bf16"], e.shape)
         if e.dtype not in DTYPE_CODES:
             raise UserError(f"{e.name} is {e.dtype}: diff-weights compares float tensors only")
         return raw.view(e.dtype).astype(np.float32).reshape(e.shape)
