@@ -18,7 +18,7 @@ from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.scan.container import FLOAT_NAMES, ITEMSIZE, Entry, read_directory, read_gguf_file, read_safetensors
 from qwen3dbg.scan.findings import Finding
-from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements, shift_of
+from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements
 
 WINDOW_BYTES = 64 * 1024**2
 
@@ -61,8 +61,7 @@ class Source:
         _, buf = self._bytes(e.file)
         if dtype in DTYPE_CODES:
             size = ITEMSIZE[dtype]
-            first = buf[e.offset:e.offset + size].view({"bfloat16": np.uint16}.get(dtype, dtype))
-            acc = Accumulator(dtype, shift_of(first, dtype))
+            acc = Accumulator(dtype, buf[e.offset:e.offset + size])
             step = max(1, WINDOW_BYTES // (chunk_elements() * size)) * chunk_elements()
             n = e.nbytes // size
             for start in range(0, n, step):
@@ -91,10 +90,10 @@ class Source:
             k = min(per, rows - r)
             begin = e.offset + r * row_bytes
             vals = np.ascontiguousarray(dequantize(buf[begin:begin + k * row_bytes], e.qtype, (k, cols)))
-            acc = acc or Accumulator("float32", shift_of(vals.reshape(-1)[:1], "float32"))
+            acc = acc or Accumulator("float32", vals.reshape(-1)[:1])
             acc.add(vals.ctypes.data, vals.size)
             self._release(e.file, begin, begin + k * row_bytes)
-        return acc.result() if acc else Accumulator("float32", 0.0).result()
+        return (acc or Accumulator("float32", np.empty(0, np.float32))).result()
 
     def array(self, e: Entry) -> np.ndarray:
         """The tensor as float32 in torch order (a copy; quantized types dequantized)."""

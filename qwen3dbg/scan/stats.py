@@ -256,8 +256,9 @@ class Accumulator:
     """Statistics of a tensor fed as consecutive windows of raw elements (each a multiple of the chunk,
     except the last), so a huge tensor never needs to be mapped or dequantized whole."""
 
-    def __init__(self, dtype: str, shift: float):
-        self.code, self.shift, self.numel = DTYPE_CODES[dtype], shift, 0
+    def __init__(self, dtype: str, first: np.ndarray):
+        """`first` holds the tensor's first element, as values or raw bytes (empty: an empty tensor)."""
+        self.code, self.shift, self.numel = DTYPE_CODES[dtype], shift_of(first, dtype), 0
         self.acc = _Stats(0, 0, 0, 0, 0, 0.0, 0.0, float("inf"), float("-inf"))
 
     def add(self, address: int, n: int) -> None:
@@ -282,18 +283,19 @@ def array_stats(a: np.ndarray, dtype: str | None = None) -> Stats:
     a = np.ascontiguousarray(a)
     dtype = dtype or a.dtype.name
     flat = a.reshape(-1)
-    first = flat[:1].view({"bfloat16": np.uint16}.get(dtype, flat.dtype))
-    acc = Accumulator(dtype, shift_of(first, dtype))
+    acc = Accumulator(dtype, flat[:1])
     acc.add(a.ctypes.data, flat.size)
     return acc.result()
 
 
 def shift_of(first: np.ndarray, dtype: str) -> float:
-    """The value the sums are taken around: the tensor's first element when finite, else 0."""
-    if first.size == 0:
+    """The value the sums are taken around, which keeps the variance exact far from zero: the first
+    element (`first` holds it as values or raw bytes) when finite, else 0."""
+    raw = np.ascontiguousarray(first).reshape(-1).view(np.uint8)
+    if raw.size == 0:
         return 0.0
     if dtype == "bfloat16":
-        v = float((first[:1].astype(np.uint32) << 16).view(np.float32)[0])
+        v = float((raw[:2].view(np.uint16).astype(np.uint32) << 16).view(np.float32)[0])
     else:
-        v = float(first[0])
+        v = float(raw[:np.dtype(dtype).itemsize].view(dtype)[0])
     return v if np.isfinite(v) else 0.0
