@@ -82,6 +82,7 @@ typedef struct {
 
 typedef struct {
     Config c;
+    char *config;    /* config.json's text, also copied into the store's manifest */
     char *st;        /* the whole safetensors file */
     const char *hdr; /* its JSON header, NUL-terminated copy */
     const unsigned char *data;
@@ -137,13 +138,14 @@ static float *layer_tensor(const Model *m, int i, const char *what, size_t numel
 }
 
 static void load_model(Model *m, const char *dir, int max_seq) {
-    char path[4096], *cfg;
+    char path[4096];
+    const char *cfg;
     size_t size;
     uint64_t hlen = 0;
     int i, b;
     Config *c = &m->c;
     snprintf(path, sizeof path, "%s/config.json", dir);
-    cfg = read_file(path, NULL);
+    cfg = m->config = read_file(path, NULL);
     c->vocab = json_int(cfg, "vocab_size");
     c->hidden = json_int(cfg, "hidden_size");
     c->inter = json_int(cfg, "intermediate_size");
@@ -156,7 +158,6 @@ static void load_model(Model *m, const char *dir, int max_seq) {
     c->tied = json_value(cfg, "tie_word_embeddings") && !strncmp(json_value(cfg, "tie_word_embeddings"), "true", 4);
     if (json_value(cfg, "num_experts") && json_number(cfg, "num_experts", 0) > 0)
         die("this example engine runs dense Qwen3 only", dir);
-    free(cfg);
 
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     m->st = read_file(path, &size);
@@ -372,7 +373,6 @@ static int parse_ids(const char *text, int64_t *out, int cap) {
 int main(int argc, char **argv) {
     static int64_t prompt[4096], decode[4096], positions[4096];
     int n_prompt, n_decode = 0, crash_after = -1, i, t;
-    char config_path[4096], *config_json;
     q3t_store *s;
     Model m;
     if (argc < 4) die("usage: example_engine MODEL_DIR OUT_DIR PROMPT_IDS [--decode IDS] [--crash-after STEP] [--no-attention-matrices 1]", NULL);
@@ -394,12 +394,9 @@ int main(int argc, char **argv) {
 
     if (mkdir(argv[2], 0777) != 0 && errno != EEXIST) die("cannot create", argv[2]);
     s = q3t_open(argv[2], "example_engine.c", "float32", 1);
-    snprintf(config_path, sizeof config_path, "%s/config.json", argv[1]);
-    config_json = read_file(config_path, NULL);
-    if (q3t_error(s)[0] || q3t_manifest_field(s, "config", config_json)) die("tap store", q3t_error(s));
+    if (q3t_error(s)[0] || q3t_manifest_field(s, "config", m.config)) die("tap store", q3t_error(s));
     if (skip_attention_matrices && (q3t_missing(s, "attn_scores") || q3t_missing(s, "attn_probs")))
         die("tap store", q3t_error(s));
-    free(config_json);
     for (i = 0; i <= n_decode; i++) {
         const int64_t *ids = i == 0 ? prompt : &decode[i - 1];
         int T = i == 0 ? n_prompt : 1;
