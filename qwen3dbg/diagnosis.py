@@ -331,7 +331,7 @@ def _position_drift(s: Site) -> tuple[float, float, int]:
 
 def rope_angles_wrong(s: Site) -> Diagnosis | None:
     """Fit theta (and the channel pairing) that turns the candidate's q_norm into its q_rope, on a
-    sample of tokens (the last, farthest position included) and heads: the fit runs ~130 rotations."""
+    sample of tokens (the last, farthest position included) and heads: the fit runs ~105 rotations."""
     x, y = s.cand(s.input_op), s.cand()
     if x is None:
         return None
@@ -352,10 +352,19 @@ def rope_angles_wrong(s: Site) -> Diagnosis | None:
 
     grid = [2 + i * 0.1 for i in range(71)]  # log10 theta from 2 to 9
     best = min(grid, key=resid)
+    g = (5 ** 0.5 - 1) / 2  # golden-section refinement to float32 precision of theta: one new probe a round
     lo, hi = best - 0.1, best + 0.1
-    for _ in range(30):  # golden-section refinement to float32 precision of theta
-        m1, m2 = hi - 0.618 * (hi - lo), lo + 0.618 * (hi - lo)
-        lo, hi = (lo, m2) if resid(m1) < resid(m2) else (m1, hi)
+    m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
+    r1, r2 = resid(m1), resid(m2)
+    for _ in range(30):
+        if r1 < r2:
+            hi, m2, r2 = m2, m1, r1
+            m1 = hi - g * (hi - lo)
+            r1 = resid(m1)
+        else:
+            lo, m1, r1 = m1, m2, r2
+            m2 = lo + g * (hi - lo)
+            r2 = resid(m2)
     fitted, r_fit = 10 ** ((lo + hi) / 2), resid((lo + hi) / 2)
     if r_fit <= s.tol and abs(math.log10(fitted / theta0)) > 0.1:
         return Diagnosis("rope_theta", f"{drift}: RoPE angles; fitted theta ~ {_sci(fitted)} (residual {r_fit:.1e}), "
