@@ -218,19 +218,22 @@ def test_one_layer_run_alone_reproduces_that_layer_of_the_full_step(models):
     assert torch.equal(sink.taps["layers.1.attn_probs"], taps[1]["layers.1.attn_probs"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("accum", [0, 1, 2])
-def test_twin_gemm_sums_in_the_same_order_as_the_per_row_dot(accum):
-    """linear (lane-major, vectorised) and moe_linear (one canonical dot per row) must agree bit for bit,
-    K not a multiple of the 256-element sweep included: both stand for the same warp reduction."""
+@pytest.mark.parametrize("rows", [1, 3])
+def test_twin_gemm_sums_in_the_same_order_as_the_per_row_dot(rows, accum, dtype):
+    """linear (lane-major, transposed with AVX2 where there is one) and moe_linear (one canonical dot per
+    row) must agree bit for bit, with whole 256-element sweeps and a partial one: both stand for the
+    same warp reduction."""
     from qwen3dbg.candidates.mine.build import load
 
     ops = load()
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 328, generator=g).to(torch.bfloat16)
-    w = torch.randn(5, 328, generator=g).to(torch.bfloat16)
-    y, y_ref = torch.empty(3, 5, dtype=torch.bfloat16), torch.empty(3, 5, dtype=torch.bfloat16)
+    x = torch.randn(rows, 584, generator=g).to(dtype)
+    w = torch.randn(5, 584, generator=g).to(dtype)
+    y, y_ref = torch.empty(rows, 5, dtype=dtype), torch.empty(rows, 5, dtype=dtype)
     ops.linear(x, w, y, accum)
-    ops.moe_linear(x, torch.zeros(3, 1, dtype=torch.int64), w[None].contiguous(), y_ref, False, accum)
+    ops.moe_linear(x, torch.zeros(rows, 1, dtype=torch.int64), w[None].contiguous(), y_ref, False, accum)
     assert torch.equal(y, y_ref)
 
 

@@ -4,6 +4,10 @@
 
 #include <vector>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include "api.h"
 
 using namespace qmath;
@@ -58,14 +62,53 @@ template <class T> void add_rmsnorm_t(const T* x, const T* h, const T* w, T* res
 // A row laid out lane-major: out[s][v][lane] = row[s*STRIDE + lane*CHUNK + v] as float, zero past k, so
 // that the 32 lane sums of `dot` run side by side over contiguous floats (the compiler vectorises
 // them). Adding the zero padding changes no sum: a running sum that starts at +0 stays put under +0.
-template <class T> void lane_major(const T* row, int k, float* out) {
-  for (int s = 0; s * STRIDE < k; ++s)
+// Only data moves here, so the vectorised sweeps below give the same floats as the scalar loop.
+template <class T> void lane_major_tail(const T* row, int k, int s, float* out) {
+  for (; s * STRIDE < k; ++s)
     for (int v = 0; v < CHUNK; ++v)
       for (int lane = 0; lane < LANES; ++lane) {
         int i = s * STRIDE + lane * CHUNK + v;
         out[(s * CHUNK + v) * LANES + lane] = i < k ? to_f(row[i]) : 0.f;
       }
 }
+
+#ifdef __AVX2__
+inline __m256 load8_ps(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_ps(const bf16* p) {  // bf16 bits are the top half of the float's
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+template <class T> __m256 load8_ps(const T* p) {
+  float f[CHUNK];
+  load8(p, f);
+  return _mm256_loadu_ps(f);
+}
+
+// r[i] = row i of an 8x8 block of floats -> r[v] = column v.
+inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int v = 0; v < 4; ++v)
+    r[v] = _mm256_permute2f128_ps(u[v], u[v + 4], 0x20), r[v + 4] = _mm256_permute2f128_ps(u[v], u[v + 4], 0x31);
+}
+
+template <class T> void lane_major(const T* row, int k, float* out) {
+  int s = 0;
+  for (; (s + 1) * STRIDE <= k; ++s)  // whole sweeps: 8 lanes x 8 elements per transpose
+    for (int g = 0; g < LANES; g += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = load8_ps(row + s * STRIDE + (g + i) * CHUNK);
+      transpose8(r);
+      for (int v = 0; v < CHUNK; ++v) _mm256_storeu_ps(out + (s * CHUNK + v) * LANES + g, r[v]);
+    }
+  lane_major_tail(row, k, s, out);
+}
+#else
+template <class T> void lane_major(const T* row, int k, float* out) { lane_major_tail(row, k, 0, out); }
+#endif
 
 // `dot` over two lane-major rows of `sweeps` sweeps: the same lanes, order and butterfly.
 template <class T, int A> float dot_lane_major(const float* x, const float* w, int sweeps) {
