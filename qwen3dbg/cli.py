@@ -253,7 +253,9 @@ def diff_weights_cmd(
 
 @app.command()
 def selftest(
-    device: str = typer.Option("cuda", help="Where mine runs: cuda (checked against its CPU twin and HF) or cpu."),
+    device: str = typer.Option("cuda", help="Where mine runs: cuda (checked against its CPU twin and HF), emulated "
+                               "(the CUDA kernels run on the CPU by an emulator and checked against the twin: no GPU "
+                               "needed, slow, for tiny models; no speed table) or cpu."),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     dtype: str = typer.Option("bfloat16", help=DTYPE_HELP),
     prompt_tokens: int = typer.Option(128, help="Prompt length of the prefill timing."),

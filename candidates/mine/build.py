@@ -1,6 +1,7 @@
 """Building the `mine` extension on first use with torch.utils.cpp_extension (ninja), cached per machine.
 
-The CPU twin is always built; the CUDA kernels join it where this torch has CUDA and nvcc is found.
+The CPU twin is always built; the CUDA kernels join it where this torch has CUDA and nvcc is found,
+or, for the `emulated` device, are built by the host compiler and run on the CPU (csrc/cuda_emu.h).
 """
 
 from __future__ import annotations
@@ -25,28 +26,34 @@ def cuda_available() -> bool:
 
 
 @functools.cache
-def load():
-    """The compiled module (functions of csrc/bindings.cpp); compiles once, then loads from the cache."""
+def load(emulated: bool = False):
+    """The compiled module (functions of csrc/bindings.cpp); compiles once, then loads from the cache.
+    `emulated`: the CUDA kernels built by the host compiler and run on the CPU by csrc/cuda_emu.h."""
     import torch
     from rich.console import Console
     from torch.utils.cpp_extension import _get_build_directory, load as cpp_load
 
-    with_cuda = cuda_available()
-    name = "qwen3dbg_mine_cuda" if with_cuda else "qwen3dbg_mine_cpu"
-    sources = [CSRC / "bindings.cpp", CSRC / "twin.cpp"] + ([CSRC / "kernels.cu"] if with_cuda else [])
+    with_cuda = cuda_available() and not emulated
+    sources = [CSRC / "bindings.cpp", CSRC / "twin.cpp"]
+    if emulated:
+        name, what, flags = "qwen3dbg_mine_emulated", "CUDA kernels emulated on the CPU", ["-DMINE_EMULATE_CUDA"]
+        sources.append(CSRC / "kernels_emulated.cpp")
+    elif with_cuda:
+        name, what, flags = "qwen3dbg_mine_cuda", "CPU twin + CUDA kernels", ["-DMINE_WITH_CUDA"]
+        sources.append(CSRC / "kernels.cu")
+    else:
+        name, what, flags = "qwen3dbg_mine_cpu", "CPU twin", []
     build_dir = Path(_get_build_directory(name, verbose=False))
     fresh = not any(build_dir.glob("*.so"))
     console = Console(stderr=True)
-    what = "CPU twin + CUDA kernels" if with_cuda else "CPU twin"
     status = console.status(f"compiling the mine engine ({what}); this happens once and takes a minute or two")
     if fresh:
         status.start()
     try:
         module = cpp_load(
             name=name, sources=[str(s) for s in sources], extra_include_paths=[str(CSRC)],
-            extra_cflags=HOST_FLAGS + (["-DMINE_WITH_CUDA"] if with_cuda else []),
-            extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=["-fopenmp"], with_cuda=with_cuda,
-            verbose=bool(os.environ.get("QWEN3DBG_BUILD_VERBOSE")),
+            extra_cflags=HOST_FLAGS + flags, extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=["-fopenmp"],
+            with_cuda=with_cuda, verbose=bool(os.environ.get("QWEN3DBG_BUILD_VERBOSE")),
         )
     finally:
         status.stop()

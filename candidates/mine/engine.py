@@ -21,15 +21,16 @@ from qwen3dbg.taps import forward_index, tap_name
 
 from .numerics import Numerics
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "emulated")
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' is the GPU where torch and the build have CUDA, else the CPU twin."""
+    """'auto' is the GPU where torch and the build have CUDA, else the CPU twin. 'emulated' runs the
+    CUDA kernels themselves on the CPU (slow: for checking them against the twin without a GPU)."""
     from .build import cuda_available
 
     if device not in DEVICES:
-        raise UserError(f"mine option device={device!r}: choose auto, cpu or cuda")
+        raise UserError(f"mine option device={device!r}: choose auto, cpu, cuda or emulated")
     if device == "cuda" and not cuda_available():
         raise UserError("mine option device=cuda, but this torch has no CUDA device (or nvcc is missing): use device=cpu")
     return torch.device("cuda" if device == "cuda" or (device == "auto" and cuda_available()) else "cpu")
@@ -96,12 +97,13 @@ class MineCandidate(Candidate):
             raise UserError("mine implements Qwen3 without attention biases, but this config sets attention_bias")
         self.numerics = Numerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
         self.device = resolve_device(device)
+        self.emulated = device == "emulated"
         try:
             self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
         except ValueError:
             raise UserError(f"mine option max_seq={max_seq!r} is not a whole number") from None
         self.use_graph = str(graph).lower() not in ("false", "0", "no") and self.device.type == "cuda"
-        self.ops = load()
+        self.ops = load(emulated=self.emulated)
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             Checkpoint(model_dir), cfg, self.dtype, self.device)
         cos = torch.empty(self.max_seq, cfg.head_dim, dtype=self.dtype)
@@ -115,9 +117,14 @@ class MineCandidate(Candidate):
         self.reset()
 
     def manifest_extra(self) -> dict:
-        where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU twin"
-        ran = f"ran the CUDA kernels on {where}" if self.device.type == "cuda" else "ran the CPU twin (no CUDA device used)"
-        return {"device": self.device.type, "device_name": where, "numerics": self.numerics.to_dict(),
+        if self.device.type == "cuda":
+            where = torch.cuda.get_device_name(self.device)
+            ran = f"ran the CUDA kernels on {where}"
+        elif self.emulated:
+            where, ran = "CUDA kernels emulated on the CPU", "ran the CUDA kernels on the CPU through cuda_emu.h"
+        else:
+            where, ran = "CPU twin", "ran the CPU twin (no CUDA device used)"
+        return {"device": "emulated" if self.emulated else self.device.type, "device_name": where, "numerics": self.numerics.to_dict(),
                 "decode_cuda_graph": self.use_graph, "notes": [ran]}
 
     def reset(self) -> None:

@@ -1,5 +1,6 @@
 // Torch bindings of `mine`: check the tensors, then call the CPU twin or the CUDA launcher of the same
-// op by the device of the tensors. The only file that sees torch.
+// op by the device of the tensors (in the emulated build, always the CUDA launcher, on CPU tensors).
+// The only file that sees torch.
 #include <torch/extension.h>
 
 #include <optional>
@@ -15,6 +16,8 @@
     else                                                                              \
       twin_##op(__VA_ARGS__);                                                         \
   } while (0)
+#elif defined(MINE_EMULATE_CUDA)
+#define RUN(op, on, ...) cuda_##op(__VA_ARGS__, nullptr)  // the CUDA kernels, on CPU tensors (cuda_emu.h)
 #else
 #define RUN(op, on, ...)                                                                            \
   do {                                                                                              \

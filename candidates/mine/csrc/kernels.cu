@@ -1,8 +1,19 @@
 // The CUDA kernels of `mine`: thin loops around qwen3_math.cuh. A warp does what one iteration of
 // the twin's loops does, with the same lanes and the same butterfly, so its results are the twin's
 // bits (transcendental functions aside: CUDA's expf/powf/cosf may differ from glibc's in the last place).
-// No torch here: plain `nvcc -arch=sm_80` compiles this file (check_nvcc.sh).
+// No torch here: plain `nvcc -arch=sm_80` compiles this file (check_nvcc.sh), and with
+// MINE_EMULATE_CUDA the host compiler does, for cuda_emu.h to run the kernels on the CPU.
+#ifdef MINE_EMULATE_CUDA
+#include "cuda_emu.h"
+#else
 #include <cuda_runtime.h>
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+// kernel<<<grid, block, shared_bytes, stream>>>(args...), spelled so that cuda_emu.h can stand in.
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes, void* stream, A... args) {
+  kernel<<<grid, block, shared_bytes, (cudaStream_t)stream>>>(args...);
+}
+#endif
 
 #include "api.h"
 
@@ -142,7 +153,7 @@ template <class T> __global__ void silu_mul_k(const T* gate_up, T* out, int n, i
 
 // One warp per token; the probabilities live in shared memory, lane 0 picks the top k.
 template <class T> __global__ void route_k(const T* logits, int64_t* ids, T* weights, int experts, int k, int norm) {
-  extern __shared__ float probs[];
+  DYNAMIC_SHARED(float, probs);
   const int r = blockIdx.x;
   for (int e = lane_id(); e < experts; e += LANES) probs[e] = to_f(logits[(size_t)r * experts + e]);
   __syncwarp();
@@ -173,65 +184,64 @@ template <class T> __global__ void moe_combine_k(const T* y, const int64_t* ids,
 
 }  // namespace
 
-#define S(stream) (cudaStream_t)(stream)
-
 void cuda_embed(const int64_t* ids, const void* table, void* out, int n, int h, int dt, void* stream) {
-  QMATH_DISPATCH(dt, embed_k<T><<<blocks_for((long long)n * h, 256), 256, 0, S(stream)>>>(ids, (const T*)table, (T*)out, n, h));
+  QMATH_DISPATCH(dt, launch(embed_k<T>, blocks_for((long long)n * h, 256), 256, 0, stream, ids, (const T*)table, (T*)out,
+                            n, h));
 }
 
 void cuda_add_rmsnorm(const void* x, const void* h, const void* w, void* resid, void* out, int n, int dim, float eps,
                       int mode, int dt, void* stream) {
-  QMATH_DISPATCH(dt, add_rmsnorm_k<T><<<n, THREADS, 0, S(stream)>>>((const T*)x, (const T*)h, (const T*)w, (T*)resid,
-                                                                    (T*)out, dim, eps, mode));
+  QMATH_DISPATCH(dt, launch(add_rmsnorm_k<T>, n, THREADS, 0, stream, (const T*)x, (const T*)h, (const T*)w, (T*)resid,
+                            (T*)out, dim, eps, mode));
 }
 
 void cuda_linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, int dt, void* stream) {
   if (n == 1) {
-    QMATH_DISPATCH(dt, linear_k<T, 1><<<blocks_for(m, WARPS), THREADS, 0, S(stream)>>>((const T*)x, (const T*)w, (T*)y,
-                                                                                       n, k, m, accum));
+    QMATH_DISPATCH(dt, launch(linear_k<T, 1>, blocks_for(m, WARPS), THREADS, 0, stream, (const T*)x, (const T*)w, (T*)y,
+                              n, k, m, accum));
     return;
   }
   long long tasks = (long long)m * ((n + TOKEN_BLOCK - 1) / TOKEN_BLOCK);
-  QMATH_DISPATCH(dt, linear_k<T, TOKEN_BLOCK><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
-                         (const T*)x, (const T*)w, (T*)y, n, k, m, accum));
+  QMATH_DISPATCH(dt, launch(linear_k<T, TOKEN_BLOCK>, blocks_for(tasks, WARPS), THREADS, 0, stream, (const T*)x,
+                            (const T*)w, (T*)y, n, k, m, accum));
 }
 
 void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin, const int* pos,
                        void* q_norm, void* k_norm, void* q_rope, void* k_rope, void* k_cache, void* v_cache,
                        AttnDims a, float eps, int mode, int dt, void* stream) {
   long long tasks = (long long)a.cache.batch * a.tokens * (a.heads + a.cache.kv_heads);
-  QMATH_DISPATCH(dt, qk_norm_rope_k<T><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
-                         (const T*)qkv, (const T*)qw, (const T*)kw, (const T*)cos, (const T*)sin, pos, (T*)q_norm,
-                         (T*)k_norm, (T*)q_rope, (T*)k_rope, (T*)k_cache, (T*)v_cache, a, eps, mode));
+  QMATH_DISPATCH(dt, launch(qk_norm_rope_k<T>, blocks_for(tasks, WARPS), THREADS, 0, stream, (const T*)qkv, (const T*)qw,
+                            (const T*)kw, (const T*)cos, (const T*)sin, pos, (T*)q_norm, (T*)k_norm, (T*)q_rope,
+                            (T*)k_rope, (T*)k_cache, (T*)v_cache, a, eps, mode));
 }
 
 void cuda_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
                     void* probs, void* out, AttnDims a, int dt, void* stream) {
   const unsigned tasks = (unsigned)(a.cache.batch * a.heads * a.tokens);
-  QMATH_DISPATCH(dt, attention_k<T><<<tasks, ATTN_WARPS * LANES, 0, S(stream)>>>(
-                         (const T*)q, (const T*)k_cache, (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a));
+  QMATH_DISPATCH(dt, launch(attention_k<T>, tasks, ATTN_WARPS * LANES, 0, stream, (const T*)q, (const T*)k_cache,
+                            (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a));
 }
 
 void cuda_silu_mul(const void* gate_up, void* out, int n, int inter, int dt, void* stream) {
-  QMATH_DISPATCH(dt, silu_mul_k<T><<<blocks_for((long long)n * inter, 256), 256, 0, S(stream)>>>((const T*)gate_up,
-                                                                                                  (T*)out, n, inter));
+  QMATH_DISPATCH(dt, launch(silu_mul_k<T>, blocks_for((long long)n * inter, 256), 256, 0, stream, (const T*)gate_up,
+                            (T*)out, n, inter));
 }
 
 void cuda_route(const void* logits, int64_t* ids, void* weights, int n, int experts, int k, int norm, int dt,
                 void* stream) {
-  QMATH_DISPATCH(dt, route_k<T><<<n, LANES, experts * sizeof(float), S(stream)>>>((const T*)logits, ids, (T*)weights,
-                                                                                   experts, k, norm));
+  QMATH_DISPATCH(dt, launch(route_k<T>, n, LANES, experts * sizeof(float), stream, (const T*)logits, ids, (T*)weights,
+                            experts, k, norm));
 }
 
 void cuda_moe_linear(const void* x, const int64_t* ids, const void* w, void* y, int n, int topk, int in, int out,
                      int per_slot_input, int accum, int dt, void* stream) {
   long long tasks = (long long)n * topk * out;
-  QMATH_DISPATCH(dt, moe_linear_k<T><<<blocks_for(tasks, WARPS), THREADS, 0, S(stream)>>>(
-                         (const T*)x, ids, (const T*)w, (T*)y, n, topk, in, out, per_slot_input, accum));
+  QMATH_DISPATCH(dt, launch(moe_linear_k<T>, blocks_for(tasks, WARPS), THREADS, 0, stream, (const T*)x, ids,
+                            (const T*)w, (T*)y, n, topk, in, out, per_slot_input, accum));
 }
 
 void cuda_moe_combine(const void* y, const int64_t* ids, const void* weights, void* out, int n, int topk, int h, int dt,
                       void* stream) {
-  QMATH_DISPATCH(dt, moe_combine_k<T><<<blocks_for((long long)n * h, 256), 256, 0, S(stream)>>>(
-                         (const T*)y, ids, (const T*)weights, (T*)out, n, topk, h));
+  QMATH_DISPATCH(dt, launch(moe_combine_k<T>, blocks_for((long long)n * h, 256), 256, 0, stream, (const T*)y, ids,
+                            (const T*)weights, (T*)out, n, topk, h));
 }
