@@ -36,7 +36,8 @@ def load(emulated: bool = False):
     with_cuda = cuda_available() and not emulated
     sources = [CSRC / "bindings.cpp", CSRC / "twin.cpp"]
     if emulated:
-        name, what, flags = "qwen3dbg_mine_emulated", "CUDA kernels emulated on the CPU", ["-DMINE_EMULATE_CUDA"]
+        name, what = "qwen3dbg_mine_emulated", "CUDA kernels emulated on the CPU"
+        flags = ["-DMINE_EMULATE_CUDA", "-fno-strict-aliasing"]  # kernels copy T data as uint4, as GPUs do
         sources.append(CSRC / "kernels_emulated.cpp")
     elif with_cuda:
         name, what, flags = "qwen3dbg_mine_cuda", "CPU twin + CUDA kernels", ["-DMINE_WITH_CUDA"]

@@ -8,6 +8,8 @@
 
 #include "kv_cache.cuh"
 
+constexpr int MAX_HEAD_DIM = 512;  // the CUDA attention kernel gives each dim of a head one thread
+
 struct AttnDims {
   int tokens, heads;      // per sequence; batch, kv heads and head_dim are the cache's
   qmath::KVShape cache;

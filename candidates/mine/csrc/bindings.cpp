@@ -110,6 +110,7 @@ void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
                const at::Tensor& scores, const at::Tensor& probs, const at::Tensor& out, int64_t batch, int64_t layer, int64_t fill,
                double scale, bool round_scores, int64_t accum) {
   for (auto* t : {&k_cache, &v_cache, &probs, &out}) check(*t, q);
+  TORCH_CHECK(q.size(2) <= MAX_HEAD_DIM, "mine: head_dim ", q.size(2), " is above the ", MAX_HEAD_DIM, " it supports");
   check(pos, q, at::kInt), check(scores, q, at::kFloat);
   AttnDims a = attn_dims(q, k_cache, batch, layer);
   a.scores_ld = (int)scores.size(-1);

@@ -23,6 +23,12 @@
 #define __forceinline__ inline
 #define __shared__ static  // one block runs at a time, so a static is that block's shared variable
 
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+inline int min(int a, int b) { return a < b ? a : b; }
+
 struct dim3 {
   unsigned x, y, z;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}

@@ -25,6 +25,13 @@ constexpr int WARPS = 8;              // warps per block of the warp-per-row ker
 constexpr int THREADS = WARPS * LANES;
 constexpr int TOKEN_BLOCK = 8;        // tokens sharing one read of a weight row in `linear`
 constexpr int ATTN_WARPS = 16;        // warps of one attention block, sharing its scores
+static_assert(ATTN_WARPS * LANES >= MAX_HEAD_DIM, "an attention thread owns one dim of the context");
+constexpr int SCORE_BATCH = 4;        // slots a warp scores at once
+#ifdef MINE_EMULATE_CUDA
+constexpr int ATTN_TILE_BYTES = 256;  // tiny tiles, so that the tiny test models' few slots span several
+#else
+constexpr int ATTN_TILE_BYTES = 32 << 10;  // shared memory for one tile of V
+#endif
 
 __device__ __forceinline__ int warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / LANES; }
 __device__ __forceinline__ int lane_id() { return threadIdx.x % LANES; }
@@ -111,9 +118,13 @@ template <class T> __global__ void qk_norm_rope_k(const T* qkv, const T* qw, con
 }
 
 // One block per (batch, head, query token): its warps share the scores of the slots up to the query's
-// position, warp 0 does the softmax, then each thread owns one dim of the context.
+// position, warp 0 does the softmax, then each thread owns one dim of the context and adds the slots
+// in ascending order, V and the probabilities staged in shared memory a tile of slots at a time (every
+// thread loads; `tile` slots of V fill ATTN_TILE_BYTES). The arithmetic is the twin's: only where
+// values wait differs.
 template <class T> __global__ void attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos,
-                                               float* scores, T* probs, T* out, AttnDims a) {
+                                               float* scores, T* probs, T* out, AttnDims a, int tile) {
+  DYNAMIC_SHARED(float, attn_smem);  // [tile] probabilities, then [tile][D] of V
   const int D = a.cache.head_dim, rep = a.heads / a.cache.kv_heads, task = blockIdx.x, warp = threadIdx.x / LANES;
   const int t = task % a.tokens, h = (task / a.tokens) % a.heads, b = task / (a.tokens * a.heads);
   const int r = b * a.tokens + t, p = pos[r], g = h / rep;
@@ -121,10 +132,18 @@ template <class T> __global__ void attention_k(const T* q, const T* k_cache, con
   const T* qr = q + ((size_t)r * a.heads + h) * D;
   float* sc = scores + row;
   T* pr = probs + row;
-  for (int s = warp; s <= p; s += ATTN_WARPS) {
-    float v = scale_score<T>(warp_dot(qr, k_cache + kv_offset(a.cache, a.layer, b, g, s, 0), D, a.accum), a.scale,
-                             a.round_scores);
-    if (lane_id() == 0) sc[s] = v;
+  // A warp takes slots warp, warp + ATTN_WARPS, ..., SCORE_BATCH at a time so that their loads are in
+  // flight together; each slot's score is still one canonical warp dot.
+  for (int s0 = warp; s0 <= p; s0 += SCORE_BATCH * ATTN_WARPS) {
+    float part[SCORE_BATCH];
+    for (int j = 0; j < SCORE_BATCH; ++j) {
+      const int s = s0 + j * ATTN_WARPS;
+      part[j] = s <= p ? lane_dot(qr, k_cache + kv_offset(a.cache, a.layer, b, g, s, 0), D, lane_id(), a.accum) : 0.f;
+    }
+    for (int j = 0; j < SCORE_BATCH && s0 + j * ATTN_WARPS <= p; ++j) {  // warp-uniform bound
+      const float v = scale_score<T>(warp_reduce<T>(part[j], a.accum), a.scale, a.round_scores);
+      if (lane_id() == 0) sc[s0 + j * ATTN_WARPS] = v;
+    }
   }
   __syncthreads();
   if (warp == 0) {
@@ -133,15 +152,22 @@ template <class T> __global__ void attention_k(const T* q, const T* k_cache, con
     for (int s = lane_id(); s <= p; s += LANES) pr[s] = from_f<T>(softmax_elem(sc[s], m, inv));
     for (int s = p + 1 + lane_id(); s < a.scores_fill; s += LANES) { sc[s] = -INFINITY; pr[s] = from_f<T>(0.f); }
   }
-  __syncthreads();
-  T* o = out + ((size_t)r * a.heads + h) * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f;
-#pragma unroll 8
-    for (int s = 0; s <= p; ++s)
-      acc = acc_add<T>(acc, to_f(pr[s]) * to_f(v_cache[kv_offset(a.cache, a.layer, b, g, s, d)]), a.accum);
-    o[d] = from_f<T>(acc);
+  float* pt = attn_smem;
+  T* vt = reinterpret_cast<T*>(attn_smem + tile);
+  const int d = threadIdx.x;  // D <= the block's threads (bindings.cpp)
+  float acc = 0.f;
+  for (int s0 = 0; s0 <= p; s0 += tile) {
+    const int n = min(tile, p + 1 - s0);
+    __syncthreads();  // the probabilities are written, the previous tile consumed
+    // a tile of V is n whole cache rows, contiguous: copied in 16-byte pieces
+    const uint4* src = reinterpret_cast<const uint4*>(v_cache + kv_offset(a.cache, a.layer, b, g, s0, 0));
+    for (int i = threadIdx.x; i < n * D * (int)sizeof(T) / 16; i += blockDim.x) reinterpret_cast<uint4*>(vt)[i] = src[i];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) pt[i] = to_f(pr[s0 + i]);
+    __syncthreads();
+    if (d < D)
+      for (int i = 0; i < n; ++i) acc = acc_add<T>(acc, pt[i] * to_f(vt[i * D + d]), a.accum);
   }
+  if (d < D) out[((size_t)r * a.heads + h) * D + d] = from_f<T>(acc);
 }
 
 template <class T> __global__ void silu_mul_k(const T* gate_up, T* out, int n, int inter) {
@@ -218,8 +244,11 @@ void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const vo
 void cuda_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
                     void* probs, void* out, AttnDims a, int dt, void* stream) {
   const unsigned tasks = (unsigned)(a.cache.batch * a.heads * a.tokens);
-  QMATH_DISPATCH(dt, launch(attention_k<T>, tasks, ATTN_WARPS * LANES, 0, stream, (const T*)q, (const T*)k_cache,
-                            (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a));
+  QMATH_DISPATCH(dt, {
+    const int tile = ATTN_TILE_BYTES / (a.cache.head_dim * (int)sizeof(T)) / 4 * 4;  // V tile 16-byte aligned
+    launch(attention_k<T>, tasks, ATTN_WARPS * LANES, tile * (sizeof(float) + a.cache.head_dim * sizeof(T)), stream,
+           (const T*)q, (const T*)k_cache, (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a, tile);
+  });
 }
 
 void cuda_silu_mul(const void* gate_up, void* out, int n, int inter, int dt, void* stream) {
