@@ -264,8 +264,9 @@ def selftest(
 ):
     """Check the mine engine on a GPU: tap by tap against its CPU twin and HF eager, then tokens/s next to HF.
 
-    Exits 1 if a tap's bits differ from the CPU twin's or a capture to a tap store does not read back
-    exactly (on a GPU the store copies taps asynchronously), else 0."""
+    Exits 1 if a tap's bits differ from the CPU twin's, a capture to a tap store does not read back
+    exactly (on a GPU the store copies taps asynchronously), or capture off (on a GPU, decode by CUDA
+    graph) gives other logits than capture on; else 0."""
     import json
 
     from qwen3dbg.candidates.mine.selftest import render, selftest as run_selftest

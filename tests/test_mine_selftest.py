@@ -23,7 +23,7 @@ def test_selftest_on_cpu_reports_every_tap_and_the_speed_of_each_implementation(
     doc = json.loads(out.read_text())
     assert [row["tap"] for row in doc["taps"]] == list(forward_index(load_config(model)))
     assert all(row["ulps_vs_twin"] is None for row in doc["taps"]), "on the CPU the engine is the twin"
-    assert doc["store_identical"] and doc["problems"] == []
+    assert doc["store_identical"] and doc["uncaptured_identical"] and doc["problems"] == []
     assert [row["impl"] for row in doc["speed"]] == ["mine (cpu)", "mine (cpu, capture to a store)", "hf eager",
                                                      "hf sdpa"]
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in doc["speed"])
