@@ -231,8 +231,8 @@ def test_twin_gemm_sums_in_the_same_order_as_the_per_row_dot(rows, accum, dtype)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 584, generator=g).to(dtype)
     w = torch.randn(5, 584, generator=g).to(dtype)
-    y, y_ref = torch.empty(rows, 5, dtype=dtype), torch.empty(rows, 5, dtype=dtype)
-    ops.linear(x, w, y, accum)
+    y, y_ref, none = torch.empty(rows, 5, dtype=dtype), torch.empty(rows, 5, dtype=dtype), torch.empty(0, dtype=dtype)
+    ops.linear(x, w, y, accum, none, none)
     ops.moe_linear(x, torch.zeros(rows, 1, dtype=torch.int64), w[None].contiguous(), y_ref, False, accum)
     assert torch.equal(y, y_ref)
 
@@ -243,10 +243,13 @@ def test_kernels_refuse_tensors_they_would_misread():
 
     ops = load()
     x, w = torch.zeros(2, 16, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.bfloat16)
+    none = torch.empty(0, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="Float tensor where BFloat16"):
-        ops.linear(x.float(), w, torch.empty(2, 4, dtype=torch.bfloat16), 0)
+        ops.linear(x.float(), w, torch.empty(2, 4, dtype=torch.bfloat16), 0, none, none)
     with pytest.raises(RuntimeError, match="where 2 x 4 are indexed"):
-        ops.linear(x, w, torch.empty(2, 3, dtype=torch.bfloat16), 0)
+        ops.linear(x, w, torch.empty(2, 3, dtype=torch.bfloat16), 0, none, none)
+    with pytest.raises(RuntimeError, match="resid_in and resid_out shaped like"):
+        ops.linear(x, w, torch.empty(2, 4, dtype=torch.bfloat16), 0, none, torch.empty(2, 4, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="Int tensor where Long"):
         ops.embed(torch.zeros(2, dtype=torch.int32), w, torch.empty(2, 16, dtype=torch.bfloat16))
     q, cache = torch.zeros(1, 2, 16, dtype=torch.bfloat16), torch.zeros(1, 1, 1, 4, 8, dtype=torch.bfloat16)

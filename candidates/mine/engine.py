@@ -186,32 +186,40 @@ class MineCandidate(Candidate):
     def _new(self, *shape, dtype=None) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
 
+    def _tap_buffer(self, sink: TapSink, layer: int | None, op: str, *shape) -> torch.Tensor:
+        """A buffer for a tap that a fused op writes only when asked (empty: not wanted, not written)."""
+        return self._new(*shape) if sink.wants(tap_name(op, layer)) else self.none
+
+    def _emit_buffer(self, sink: TapSink, layer: int | None, op: str, t: torch.Tensor, *shape) -> None:
+        if t.numel():
+            sink(tap_name(op, layer), t.view(*shape))
+
     def forward(self, ids, pos, B: int, T: int, sink: TapSink, *, scores_ld: int, scores_fill: int) -> torch.Tensor:
         """One step on ids [B,T] at positions pos [B*T] (device tensors); returns logits [B,T,V]."""
-        c, ops = self.config, self.ops
-        x, h = self._new(B * T, c.hidden_size), self._new(B * T, c.hidden_size)
+        c, ops, num = self.config, self.ops, self.numerics
+        N, H = B * T, c.hidden_size
+        x = self._new(N, H)
         ops.embed(ids.reshape(-1), self.embed_w, x)
         emit(sink, None, "embed", x.view(B, T, -1))
-        ops.add_rmsnorm(x, self.none, self.layers[0].input_norm, self.none, h, c.rms_norm_eps, self.numerics.rmsnorm_code)
         for i in range(len(self.layers)):
-            next_norm = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm_w
-            x, h = self._layer(i, x, h, pos, B, T, sink, scores_ld, scores_fill, next_norm)
-        emit(sink, None, "final_norm", h.view(B, T, -1))
-        logits = self._new(B * T, c.vocab_size)
-        ops.linear(h, self.lm_head, logits, self.numerics.accum_code)
+            x = self._layer(i, x, pos, B, T, sink, scores_ld, scores_fill)
+        h, logits = self._tap_buffer(sink, None, "final_norm", N, H), self._new(N, c.vocab_size)
+        ops.norm_linear(x, self.final_norm_w, self.lm_head, logits, h, c.rms_norm_eps, num.rmsnorm_code, num.accum_code)
+        self._emit_buffer(sink, None, "final_norm", h, B, T, H)
         emit(sink, None, "logits", logits.view(B, T, -1))
         return logits.view(B, T, -1)
 
-    def _layer(self, i, x, h, pos, B, T, sink, scores_ld, scores_fill, next_norm):
-        """Decoder layer i on x [N,H] (the residual) and h [N,H] (its attn_norm); returns the residual out
-        and its RMSNorm with `next_norm` (the next layer's input norm, fused into the final add)."""
+    def _layer(self, i, x, pos, B, T, sink, scores_ld, scores_fill):
+        """Decoder layer i on the residual x [N,H]; returns the residual out. Each RMSNorm happens inside
+        the product that reads it and each residual add inside the product before it (norm_linear,
+        linear's epilogue), so a decode step runs six kernels a dense layer."""
         c, ops, num, new, L = self.config, self.ops, self.numerics, self._new, self.layers[i]
         N, H, D, nH, nKV = B * T, c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
         S, eps = scores_fill, c.rms_norm_eps
         k_cache, v_cache = self.k_cache, self.v_cache
-        emit(sink, i, "attn_norm", h.view(B, T, H))
-        qkv = new(N, (nH + 2 * nKV) * D)
-        ops.linear(h, L.qkv, qkv, num.accum_code)
+        h, qkv = self._tap_buffer(sink, i, "attn_norm", N, H), new(N, (nH + 2 * nKV) * D)
+        ops.norm_linear(x, L.input_norm, L.qkv, qkv, h, eps, num.rmsnorm_code, num.accum_code)
+        self._emit_buffer(sink, i, "attn_norm", h, B, T, H)
         emit(sink, i, "q_proj", qkv[:, :nH * D].view(B, T, -1))
         emit(sink, i, "k_proj", qkv[:, nH * D:(nH + nKV) * D].view(B, T, -1))
         emit(sink, i, "v_proj", qkv[:, (nH + nKV) * D:].view(B, T, -1))
@@ -231,19 +239,15 @@ class MineCandidate(Candidate):
             sink(tap_name("attn_scores", i), scores[..., :S].to(self.dtype))
         emit(sink, i, "attn_probs", probs[..., :S])
         emit(sink, i, "attn_out", attn.view(B, T, -1))
-        o = new(N, H)
-        ops.linear(attn, L.o, o, num.accum_code)
+        o, mid = new(N, H), new(N, H)
+        ops.linear(attn, L.o, o, num.accum_code, x, mid)
         emit(sink, i, "o_proj", o.view(B, T, H))
-        mid, h = new(N, H), new(N, H)
-        ops.add_rmsnorm(x, o, L.post_norm, mid, h, eps, num.rmsnorm_code)
         emit(sink, i, "resid_mid", mid.view(B, T, H))
-        emit(sink, i, "mlp_norm", h.view(B, T, H))
-        mlp = self._moe(i, L, h, B, T, sink) if L.router is not None else self._dense(i, L, h, B, T, sink)
+        out = new(N, H)
+        mlp = self._moe(i, L, mid, out, B, T, sink) if L.router is not None else self._dense(i, L, mid, out, B, T, sink)
         emit(sink, i, "mlp.out", mlp.view(B, T, H))
-        x, h = new(N, H), new(N, H)
-        ops.add_rmsnorm(mid, mlp, next_norm, x, h, eps, num.rmsnorm_code)
-        emit(sink, i, "resid_out", x.view(B, T, H))
-        return x, h
+        emit(sink, i, "resid_out", out.view(B, T, H))
+        return out
 
     supports_layer = True
 
@@ -251,7 +255,6 @@ class MineCandidate(Candidate):
     def run_layer(self, layer, hidden, positions, past_kv, sink):
         """Layer `layer` alone on hidden [B,T,H] after a cache past_kv ([B,nKV,S',D] each, or None) for
         teacher forcing; the engine's own cache is as it was afterwards."""
-        c = self.config
         B, T, H = hidden.shape
         past = 0 if past_kv is None else past_kv[0].shape[2]
         if positions.tolist() != [list(range(past, past + T))] * B:
@@ -262,36 +265,36 @@ class MineCandidate(Candidate):
             k_cache[layer, :, :, :past] = past_kv[0].to(self.device, self.dtype)
             v_cache[layer, :, :, :past] = past_kv[1].to(self.device, self.dtype)
         x = hidden.to(self.device, self.dtype).reshape(B * T, H).contiguous()
-        h = self._new(B * T, H)
-        weight = self.layers[layer].input_norm
-        self.ops.add_rmsnorm(x, self.none, weight, self.none, h, c.rms_norm_eps, self.numerics.rmsnorm_code)
         pos = positions.to(self.device, torch.int32).reshape(-1).contiguous()
         try:
-            out, _ = self._layer(layer, x, h, pos, B, T, sink, past + T, past + T, weight)
+            out = self._layer(layer, x, pos, B, T, sink, past + T, past + T)
         finally:
             k_cache[layer, :, :, :past + T], v_cache[layer, :, :, :past + T] = saved
         return out.view(B, T, H)
 
-    def _dense(self, i, L: LayerWeights, h, B, T, sink) -> torch.Tensor:
-        N, inter = B * T, L.down.shape[1]
-        gate_up = self._new(N, 2 * inter)
-        self.ops.linear(h, L.gate_up, gate_up, self.numerics.accum_code)
+    def _dense(self, i, L: LayerWeights, mid, out, B, T, sink) -> torch.Tensor:
+        """SwiGLU MLP on RMSNorm(mid); returns its output and writes out = mid + it."""
+        num, N, H, inter = self.numerics, B * T, self.config.hidden_size, L.down.shape[1]
+        h, gate_up = self._tap_buffer(sink, i, "mlp_norm", N, H), self._new(N, 2 * inter)
+        self.ops.norm_linear(mid, L.post_norm, L.gate_up, gate_up, h, self.config.rms_norm_eps, num.rmsnorm_code,
+                             num.accum_code)
+        self._emit_buffer(sink, i, "mlp_norm", h, B, T, H)
         emit(sink, i, "mlp.gate", gate_up[:, :inter].view(B, T, inter))
         emit(sink, i, "mlp.up", gate_up[:, inter:].view(B, T, inter))
-        act = self._new(N, inter)
-        self.ops.silu_mul(gate_up, act)
-        emit(sink, i, "mlp.act", act.view(B, T, inter))
-        out = torch.empty_like(h)
-        self.ops.linear(act, L.down, out, self.numerics.accum_code)
-        return out
+        act, mlp = self._tap_buffer(sink, i, "mlp.act", N, inter), self._new(N, H)
+        self.ops.silu_linear(gate_up, L.down, mlp, act, num.accum_code, mid, out)
+        self._emit_buffer(sink, i, "mlp.act", act, B, T, inter)
+        return mlp
 
-    def _moe(self, i, L: LayerWeights, h, B, T, sink) -> torch.Tensor:
-        """Route each token to k experts; every (token, slot) row runs its expert's SwiGLU, then each
-        token mixes its k outputs in ascending expert id. No host sync: graph-safe."""
-        c, ops, acc = self.config, self.ops, self.numerics.accum_code
-        N, k, inter, new = B * T, c.num_experts_per_tok, L.down.shape[2], self._new
-        logits = new(N, c.num_experts)
-        ops.linear(h, L.router, logits, acc)
+    def _moe(self, i, L: LayerWeights, mid, out, B, T, sink) -> torch.Tensor:
+        """Route each token of RMSNorm(mid) to k experts; every (token, slot) row runs its expert's SwiGLU,
+        then each token mixes its k outputs in ascending expert id, and out = mid + the mix. No host
+        sync: graph-safe."""
+        c, ops, num = self.config, self.ops, self.numerics
+        N, k, inter, new, acc = B * T, c.num_experts_per_tok, L.down.shape[2], self._new, num.accum_code
+        h, logits = new(N, c.hidden_size), new(N, c.num_experts)  # the experts read h: always written
+        ops.norm_linear(mid, L.post_norm, L.router, logits, h, c.rms_norm_eps, num.rmsnorm_code, acc)
+        emit(sink, i, "mlp_norm", h.view(B, T, -1))
         ids, weights = new(N, k, dtype=torch.int64), new(N, k)
         ops.route(logits, ids, weights, c.norm_topk_prob)
         emit(sink, i, "moe.router_logits", logits.view(B, T, -1))
@@ -301,6 +304,6 @@ class MineCandidate(Candidate):
         ops.moe_linear(h, ids, L.gate_up, gate_up, False, acc)
         ops.silu_mul(gate_up, act)
         ops.moe_linear(act, ids, L.down, y, True, acc)
-        out = torch.empty_like(h)
-        ops.moe_combine(y, ids, weights, out)
-        return out
+        mlp = torch.empty_like(h)
+        ops.moe_combine(y, ids, weights, mlp, mid, out)
+        return mlp

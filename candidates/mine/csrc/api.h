@@ -53,9 +53,9 @@ template <class T> struct HeadTask {
 
 #define MINE_OPS(P, S)                                                                                          \
   void P##embed(const int64_t* ids, const void* table, void* out, int n, int h, int dt S);                      \
-  void P##add_rmsnorm(const void* x, const void* h, const void* w, void* resid, void* out, int n, int dim,      \
-                      float eps, int mode, int dt S);                                                           \
-  void P##linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, int dt S);              \
+  void P##rmsnorm(const void* x, const void* w, void* out, int n, int dim, float eps, int mode, int dt S);      \
+  void P##linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, const void* resid_in,    \
+                 void* resid_out, int dt S);                                                                    \
   void P##qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin,        \
                        const int* pos, void* q_norm, void* k_norm, void* q_rope, void* k_rope, void* k_cache,   \
                        void* v_cache, AttnDims a, float eps, int mode, int dt S);                               \
@@ -67,13 +67,24 @@ template <class T> struct HeadTask {
   void P##moe_linear(const void* x, const int64_t* ids, const void* w, void* y, int n, int topk, int in,        \
                      int out, int per_slot_input, int accum, int dt S);                                         \
   void P##moe_combine(const void* y, const int64_t* ids, const void* weights, void* out, int n, int topk,       \
-                      int h, int dt S);
+                      int h, const void* resid_in, void* resid_out, int dt S);
 
 #define MINE_NO_STREAM
 #define MINE_STREAM , void* stream
 
 MINE_OPS(twin_, MINE_NO_STREAM)
 MINE_OPS(cuda_, MINE_STREAM)
+
+// `linear` and `moe_combine` also write resid_out = resid_in + their output when resid_out is given:
+// the residual add, in the same kernel.
+
+// One-token products whose input rows are computed as they are read (NormRow, SiluRow in
+// qwen3_math.cuh), saving a kernel each in decode; CUDA only: the bindings use them for one-row steps
+// and otherwise run the separate ops, which give the same bits.
+void cuda_norm_linear(const void* x, const void* norm_w, const void* w, void* y, int n, int k, int m, float eps,
+                      int mode, int accum, int dt, void* stream);
+void cuda_silu_linear(const void* gate_up, const void* w, void* y, int n, int inter, int m, int accum,
+                      const void* resid_in, void* resid_out, int dt, void* stream);
 
 // RoPE cos/sin tables [max_seq, D] in the compute dtype (halves repeated), computed on the host.
 void twin_rope_table(void* cos, void* sin, int max_seq, int head_dim, float theta, int dt);

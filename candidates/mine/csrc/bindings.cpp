@@ -7,16 +7,22 @@
 
 #include "api.h"
 
+// FUSED(on): whether the CUDA-only one-token kernels (cuda_norm_linear, cuda_silu_linear) serve tensors
+// like `on`; STREAM: the stream they and the other CUDA launchers run on.
 #ifdef MINE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#define RUN(op, on, ...)                                                              \
-  do {                                                                                \
-    if ((on).is_cuda())                                                               \
-      cuda_##op(__VA_ARGS__, (void*)at::cuda::getCurrentCUDAStream().stream());       \
-    else                                                                              \
-      twin_##op(__VA_ARGS__);                                                         \
+#define STREAM ((void*)at::cuda::getCurrentCUDAStream().stream())
+#define FUSED(on) ((on).is_cuda())
+#define RUN(op, on, ...)                  \
+  do {                                    \
+    if ((on).is_cuda())                   \
+      cuda_##op(__VA_ARGS__, STREAM);     \
+    else                                  \
+      twin_##op(__VA_ARGS__);             \
   } while (0)
 #elif defined(MINE_EMULATE_CUDA)
+#define STREAM nullptr
+#define FUSED(on) true
 #define RUN(op, on, ...) cuda_##op(__VA_ARGS__, nullptr)  // the CUDA kernels, on CPU tensors (cuda_emu.h)
 #else
 #define RUN(op, on, ...)                                                                            \
@@ -77,22 +83,72 @@ void embed(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& out
   RUN(embed, table, ptr<int64_t>(ids), ptr(table), ptr(out), (int)ids.numel(), (int)table.size(1), dtype_code(table));
 }
 
-void add_rmsnorm(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w, const at::Tensor& resid, const at::Tensor& out,
-                 double eps, int64_t mode) {
-  check(x, w), check(h, w), check(resid, w), check(out, w), check_rows(w.numel());
+void rmsnorm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& out, double eps, int64_t mode) {
+  check(x, w), check(out, w), check_rows(w.numel());
   const int64_t n = x.numel() / w.numel();
   check_numel(x, n, w.numel()), check_numel(out, n, w.numel());
-  if (h.numel()) check_numel(h, n, w.numel()), check_numel(resid, n, w.numel());
-  RUN(add_rmsnorm, w, ptr(x), ptr(h), ptr(w), ptr(resid), ptr(out), (int)n, (int)w.numel(),
-      (float)eps, (int)mode, dtype_code(w));
+  RUN(rmsnorm, w, ptr(x), ptr(w), ptr(out), (int)n, (int)w.numel(), (float)eps, (int)mode, dtype_code(w));
 }
 
-void linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t accum) {
-  check(x, w), check(y, w), check_rows(w.size(1));
+void silu_mul(const at::Tensor& gate_up, const at::Tensor& out) {
+  check(out, gate_up), check_numel(gate_up, out.numel() / out.size(-1), 2 * out.size(-1));
+  RUN(silu_mul, gate_up, ptr(gate_up), ptr(out), (int)(out.numel() / out.size(-1)), (int)out.size(-1),
+      dtype_code(gate_up));
+}
+
+// An optional residual add after a product: both empty, or both shaped like its output y.
+void check_residual(const at::Tensor& resid_in, const at::Tensor& resid_out, const at::Tensor& y) {
+  check(resid_in, y), check(resid_out, y);
+  TORCH_CHECK(resid_in.numel() == resid_out.numel() && (!resid_out.numel() || resid_out.numel() == y.numel()),
+              "mine: a residual add needs resid_in and resid_out shaped like the product's output");
+}
+
+void linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, int64_t accum, const at::Tensor& resid_in,
+            const at::Tensor& resid_out) {
+  check(x, w), check(y, w), check_rows(w.size(1)), check_residual(resid_in, resid_out, y);
   const int64_t n = x.numel() / w.size(1);
   check_numel(x, n, w.size(1)), check_numel(y, n, w.size(0));
-  RUN(linear, w, ptr(x), ptr(w), ptr(y), (int)n, (int)w.size(1), (int)w.size(0), (int)accum,
-      dtype_code(w));
+  RUN(linear, w, ptr(x), ptr(w), ptr(y), (int)n, (int)w.size(1), (int)w.size(0), (int)accum, ptr(resid_in),
+      ptr(resid_out), dtype_code(w));
+}
+
+// y = RMSNorm(x) w^T, the normalised rows also written to `normed` unless it is empty. One token with
+// `normed` empty runs one fused kernel on a GPU; otherwise rmsnorm, then linear: the same bits.
+void norm_linear(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor& w, const at::Tensor& y,
+                 const at::Tensor& normed, double eps, int64_t mode, int64_t accum) {
+  check(x, w), check(norm_w, w), check(normed, w), check(y, w), check_rows(w.size(1));
+  TORCH_CHECK(norm_w.numel() == w.size(1), "mine: the norm weight has ", norm_w.numel(), " elements, rows have ", w.size(1));
+  const int64_t n = x.numel() / w.size(1);
+  check_numel(x, n, w.size(1)), check_numel(y, n, w.size(0));
+#if defined(MINE_WITH_CUDA) || defined(MINE_EMULATE_CUDA)
+  if (n == 1 && !normed.numel() && FUSED(w)) {
+    cuda_norm_linear(ptr(x), ptr(norm_w), ptr(w), ptr(y), 1, (int)w.size(1), (int)w.size(0), (float)eps, (int)mode,
+                     (int)accum, dtype_code(w), STREAM);
+    return;
+  }
+#endif
+  const at::Tensor h = normed.numel() ? normed : at::empty_like(x), none = x.new_empty({0});
+  rmsnorm(x, norm_w, h, eps, mode);
+  linear(h, w, y, accum, none, none);
+}
+
+// y = (silu(gate) * up) w^T from gate_up [N, 2I], the activations also written to `act` unless it is
+// empty, then the residual add if asked. One token with `act` empty is one fused kernel on a GPU.
+void silu_linear(const at::Tensor& gate_up, const at::Tensor& w, const at::Tensor& y, const at::Tensor& act,
+                 int64_t accum, const at::Tensor& resid_in, const at::Tensor& resid_out) {
+  check(gate_up, w), check(act, w), check(y, w), check_rows(w.size(1)), check_residual(resid_in, resid_out, y);
+  const int64_t inter = w.size(1), n = gate_up.numel() / (2 * inter);
+  check_numel(gate_up, n, 2 * inter), check_numel(y, n, w.size(0));
+#if defined(MINE_WITH_CUDA) || defined(MINE_EMULATE_CUDA)
+  if (n == 1 && !act.numel() && FUSED(w)) {
+    cuda_silu_linear(ptr(gate_up), ptr(w), ptr(y), 1, (int)inter, (int)w.size(0), (int)accum, ptr(resid_in),
+                     ptr(resid_out), dtype_code(w), STREAM);
+    return;
+  }
+#endif
+  const at::Tensor a = act.numel() ? act : gate_up.new_empty({n, inter});
+  silu_mul(gate_up, a);
+  linear(a, w, y, accum, resid_in, resid_out);
 }
 
 void qk_norm_rope(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& cos,
@@ -122,12 +178,6 @@ void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
       a, dtype_code(q));
 }
 
-void silu_mul(const at::Tensor& gate_up, const at::Tensor& out) {
-  check(out, gate_up), check_numel(gate_up, out.numel() / out.size(-1), 2 * out.size(-1));
-  RUN(silu_mul, gate_up, ptr(gate_up), ptr(out), (int)(out.numel() / out.size(-1)), (int)out.size(-1),
-      dtype_code(gate_up));
-}
-
 void route(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& weights, bool norm) {
   check(ids, logits, at::kLong), check(weights, logits);
   RUN(route, logits, ptr(logits), ptr<int64_t>(ids), ptr(weights), (int)(logits.numel() / logits.size(-1)),
@@ -141,10 +191,11 @@ void moe_linear(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w,
       (int)w.size(2), (int)w.size(1), per_slot_input, (int)accum, dtype_code(w));
 }
 
-void moe_combine(const at::Tensor& y, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& out) {
-  check(ids, y, at::kLong), check(weights, y), check(out, y);
+void moe_combine(const at::Tensor& y, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& out,
+                 const at::Tensor& resid_in, const at::Tensor& resid_out) {
+  check(ids, y, at::kLong), check(weights, y), check(out, y), check_residual(resid_in, resid_out, out);
   RUN(moe_combine, y, ptr(y), ptr<int64_t>(ids), ptr(weights), ptr(out), (int)(ids.numel() / ids.size(-1)),
-      (int)ids.size(-1), (int)out.size(-1), dtype_code(y));
+      (int)ids.size(-1), (int)out.size(-1), ptr(resid_in), ptr(resid_out), dtype_code(y));
 }
 
 void rope_table(const at::Tensor& cos, const at::Tensor& sin, double theta) {
@@ -162,8 +213,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   m.def("embed", &embed);
-  m.def("add_rmsnorm", &add_rmsnorm);
   m.def("linear", &linear);
+  m.def("norm_linear", &norm_linear);
+  m.def("silu_linear", &silu_linear);
   m.def("qk_norm_rope", &qk_norm_rope);
   m.def("attention", &attention);
   m.def("silu_mul", &silu_mul);

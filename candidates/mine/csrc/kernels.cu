@@ -73,37 +73,63 @@ template <class T> __global__ void embed_k(const int64_t* ids, const T* table, T
   if (i < (long long)n * h) out[i] = table[(size_t)ids[i / h] * h + i % h];
 }
 
-// One block per row: all threads for the elementwise parts, warp 0 for the sum of squares.
-template <class T> __global__ void add_rmsnorm_k(const T* x, const T* h, const T* w, T* resid, T* out, int dim,
-                                                 float eps, int mode) {
+// One block per row: warp 0 finds the scale, all threads apply it.
+template <class T> __global__ void rmsnorm_k(const T* x, const T* w, T* out, int dim, float eps, int mode) {
   __shared__ float scale;
-  const size_t r = blockIdx.x;
-  const T* src = x + r * dim;
-  if (h) {
-    T* sum = resid + r * dim;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) sum[i] = from_f<T>(add<T>(to_f(src[i]), to_f(h[r * dim + i])));
-    __syncthreads();
-    src = sum;
-  }
+  const T* src = x + (size_t)blockIdx.x * dim;
   if (threadIdx.x < LANES) {
     float v = rms_scale(warp_dot(src, src, dim, ACC_FP32), dim, eps);
     if (threadIdx.x == 0) scale = v;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = from_f<T>(rms_apply<T>(to_f(src[i]), scale, to_f(w[i]), mode));
+  T* dst = out + (size_t)blockIdx.x * dim;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = from_f<T>(rms_apply<T>(to_f(src[i]), scale, to_f(w[i]), mode));
+}
+
+// Lane 0's end of a product: y[at] = v rounded, and resid_out[at] = resid_in[at] + y[at] if asked.
+template <class T> __device__ void store_product(T* y, size_t at, float v, const T* resid_in, T* resid_out) {
+  y[at] = from_f<T>(v);
+  if (resid_out) resid_out[at] = from_f<T>(add<T>(to_f(resid_in[at]), to_f(y[at])));
 }
 
 // One warp per (output row j, block of R tokens): each chunk of w is read once per block. Decode uses
 // R = 1, which keeps fewer registers per warp and so more warps in flight.
-template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y, int n, int k, int m, int accum) {
+template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y, int n, int k, int m, int accum,
+                                                   const T* resid_in, T* resid_out) {
   int task = warp_id(), j = task % m, r0 = (task / m) * R;
   if (r0 >= n) return;
   float acc[R];
-  lane_dot_rows<T, R>(x + (size_t)r0 * k, k, n - r0, w + (size_t)j * k, k, lane_id(), accum, acc);
+  lane_dot_rows<T, R>(Rows<T>{x + (size_t)r0 * k, (size_t)k}, n - r0, w + (size_t)j * k, k, lane_id(), accum, acc);
   for (int r = 0; r < R && r0 + r < n; ++r) {
     float v = warp_reduce<T>(acc[r], accum);
-    if (lane_id() == 0) y[(size_t)(r0 + r) * m + j] = from_f<T>(v);
+    if (lane_id() == 0) store_product(y, (size_t)(r0 + r) * m + j, v, resid_in, resid_out);
   }
+}
+
+// One warp per (token r, output row j), its input RMSNorm(x_r): the warp first finds the row's scale
+// with the same canonical sum as rmsnorm_k, so it multiplies the floats that kernel would store.
+template <class T> __global__ void norm_linear_k(const T* x, const T* norm_w, const T* w, T* y, int n, int k, int m,
+                                                 float eps, int mode, int accum) {
+  int task = warp_id(), j = task % m, r = task / m;
+  if (r >= n) return;
+  const T* xr = x + (size_t)r * k;
+  const NormRow<T> row{xr, norm_w, rms_scale(warp_dot(xr, xr, k, ACC_FP32), k, eps), mode};
+  float acc;
+  lane_dot_rows<T, 1>(row, 1, w + (size_t)j * k, k, lane_id(), accum, &acc);
+  float v = warp_reduce<T>(acc, accum);
+  if (lane_id() == 0) store_product<T>(y, (size_t)r * m + j, v, nullptr, nullptr);
+}
+
+// One warp per (token r, output row j), its input silu(gate_r) * up_r as silu_mul_k would store it.
+template <class T> __global__ void silu_linear_k(const T* gate_up, const T* w, T* y, int n, int inter, int m,
+                                                 int accum, const T* resid_in, T* resid_out) {
+  int task = warp_id(), j = task % m, r = task / m;
+  if (r >= n) return;
+  const T* gu = gate_up + (size_t)r * 2 * inter;
+  float acc;
+  lane_dot_rows<T, 1>(SiluRow<T>{gu, gu + inter}, 1, w + (size_t)j * inter, inter, lane_id(), accum, &acc);
+  float v = warp_reduce<T>(acc, accum);
+  if (lane_id() == 0) store_product(y, (size_t)r * m + j, v, resid_in, resid_out);
 }
 
 template <class T> __global__ void qk_norm_rope_k(const T* qkv, const T* qw, const T* kw, const T* cos, const T* sin,
@@ -201,11 +227,12 @@ template <class T> __global__ void moe_linear_k(const T* x, const int64_t* ids, 
 }
 
 template <class T> __global__ void moe_combine_k(const T* y, const int64_t* ids, const T* weights, T* out, int n,
-                                                 int topk, int h) {
+                                                 int topk, int h, const T* resid_in, T* resid_out) {
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (long long)n * h) return;
   const size_t r = i / h;
-  out[i] = from_f<T>(moe_mix(y + r * topk * h + i % h, h, ids + r * topk, weights + r * topk, topk));
+  store_product(out, i, moe_mix(y + r * topk * h + i % h, h, ids + r * topk, weights + r * topk, topk), resid_in,
+                resid_out);
 }
 
 }  // namespace
@@ -215,21 +242,33 @@ void cuda_embed(const int64_t* ids, const void* table, void* out, int n, int h, 
                             n, h));
 }
 
-void cuda_add_rmsnorm(const void* x, const void* h, const void* w, void* resid, void* out, int n, int dim, float eps,
-                      int mode, int dt, void* stream) {
-  QMATH_DISPATCH(dt, launch(add_rmsnorm_k<T>, n, THREADS, 0, stream, (const T*)x, (const T*)h, (const T*)w, (T*)resid,
-                            (T*)out, dim, eps, mode));
+void cuda_rmsnorm(const void* x, const void* w, void* out, int n, int dim, float eps, int mode, int dt, void* stream) {
+  QMATH_DISPATCH(dt, launch(rmsnorm_k<T>, n, THREADS, 0, stream, (const T*)x, (const T*)w, (T*)out, dim, eps, mode));
 }
 
-void cuda_linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, int dt, void* stream) {
+void cuda_linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, const void* resid_in,
+                 void* resid_out, int dt, void* stream) {
   if (n == 1) {
     QMATH_DISPATCH(dt, launch(linear_k<T, 1>, blocks_for(m, WARPS), THREADS, 0, stream, (const T*)x, (const T*)w, (T*)y,
-                              n, k, m, accum));
+                              n, k, m, accum, (const T*)resid_in, (T*)resid_out));
     return;
   }
   long long tasks = (long long)m * ((n + TOKEN_BLOCK - 1) / TOKEN_BLOCK);
   QMATH_DISPATCH(dt, launch(linear_k<T, TOKEN_BLOCK>, blocks_for(tasks, WARPS), THREADS, 0, stream, (const T*)x,
-                            (const T*)w, (T*)y, n, k, m, accum));
+                            (const T*)w, (T*)y, n, k, m, accum, (const T*)resid_in, (T*)resid_out));
+}
+
+void cuda_norm_linear(const void* x, const void* norm_w, const void* w, void* y, int n, int k, int m, float eps,
+                      int mode, int accum, int dt, void* stream) {
+  QMATH_DISPATCH(dt, launch(norm_linear_k<T>, blocks_for((long long)n * m, WARPS), THREADS, 0, stream, (const T*)x,
+                            (const T*)norm_w, (const T*)w, (T*)y, n, k, m, eps, mode, accum));
+}
+
+void cuda_silu_linear(const void* gate_up, const void* w, void* y, int n, int inter, int m, int accum,
+                      const void* resid_in, void* resid_out, int dt, void* stream) {
+  QMATH_DISPATCH(dt, launch(silu_linear_k<T>, blocks_for((long long)n * m, WARPS), THREADS, 0, stream,
+                            (const T*)gate_up, (const T*)w, (T*)y, n, inter, m, accum, (const T*)resid_in,
+                            (T*)resid_out));
 }
 
 void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin, const int* pos,
@@ -269,8 +308,8 @@ void cuda_moe_linear(const void* x, const int64_t* ids, const void* w, void* y, 
                             (const T*)w, (T*)y, n, topk, in, out, per_slot_input, accum));
 }
 
-void cuda_moe_combine(const void* y, const int64_t* ids, const void* weights, void* out, int n, int topk, int h, int dt,
-                      void* stream) {
+void cuda_moe_combine(const void* y, const int64_t* ids, const void* weights, void* out, int n, int topk, int h,
+                      const void* resid_in, void* resid_out, int dt, void* stream) {
   QMATH_DISPATCH(dt, launch(moe_combine_k<T>, blocks_for((long long)n * h, 256), 256, 0, stream, (const T*)y, ids,
-                            (const T*)weights, (T*)out, n, topk, h));
+                            (const T*)weights, (T*)out, n, topk, h, (const T*)resid_in, (T*)resid_out));
 }

@@ -116,33 +116,6 @@ template <class T> QD float lane_combine(float a, float b, int accum) {
   return accum == ACC_FP32 ? s : rnd<T>(s);
 }
 
-// Lane `lane`'s partials of sum_k x_r[k] * w[k] for R rows x_r = x + r * x_stride (rows >= `rows`
-// are skipped), K a multiple of CHUNK. The lane owns the chunks [lane*CHUNK + j*STRIDE, +CHUNK) for
-// j = 0, 1, ... and adds their products in ascending k. R > 1 lets a kernel read each chunk of w once
-// for several tokens; every row's arithmetic is the same as with R = 1.
-template <class T, int R>
-QD void lane_dot_rows(const T* x, size_t x_stride, int rows, const T* w, int K, int lane, int accum, float* acc) {
-  float xv[CHUNK], wv[CHUNK];
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-#ifdef __CUDA_ARCH__
-#pragma unroll 4
-#endif
-  for (int base = lane * CHUNK; base < K; base += STRIDE) {
-    load8(w + base, wv);
-    for (int r = 0; r < R; ++r) {  // a constant trip count keeps acc[] in registers
-      if (r >= rows) break;
-      load8(x + r * x_stride + base, xv);
-      for (int v = 0; v < CHUNK; ++v) acc[r] = acc_add<T>(acc[r], xv[v] * wv[v], accum);
-    }
-  }
-}
-
-template <class T> QD float lane_dot(const T* x, const T* w, int K, int lane, int accum) {
-  float acc;
-  lane_dot_rows<T, 1>(x, 0, 1, w, K, lane, accum, &acc);
-  return acc;
-}
-
 // The butterfly over 32 lane partials, replayed serially (the twin's side of a warp shuffle).
 template <class T> QD float reduce_lanes(float* p, int accum) {
   float t[LANES];
@@ -236,6 +209,67 @@ template <class T> QD float moe_mix(const T* y, size_t h, const int64_t* ids, co
     last = ids[slot];
     acc = moe_accumulate<T>(acc, to_f(y[slot * h]), to_f(weights[slot]));
   }
+  return acc;
+}
+
+// ---- products -------------------------------------------------------------------------------------
+
+// Where a product's input rows come from: stored rows of T (Rows), or, for a single-token step,
+// values computed as they are read that are the very floats the separate op would have stored:
+// RMSNorm of a row whose scale is known (NormRow) or SwiGLU's silu(gate) * up (SiluRow). load(r, base,
+// out) gives the CHUNK floats of row r from column `base` on.
+template <class T> struct Rows {
+  const T* x;
+  size_t stride;
+  QD void load(int r, int base, float* out) const { load8(x + r * stride + base, out); }
+};
+
+template <class T> struct NormRow {
+  const T *x, *weight;
+  float scale;
+  int mode;
+  QD void load(int, int base, float* out) const {
+    float w[CHUNK];
+    load8(x + base, out);
+    load8(weight + base, w);
+    for (int v = 0; v < CHUNK; ++v) out[v] = rms_apply<T>(out[v], scale, w[v], mode);
+  }
+};
+
+template <class T> struct SiluRow {
+  const T *gate, *up;
+  QD void load(int, int base, float* out) const {
+    float u[CHUNK];
+    load8(gate + base, out);
+    load8(up + base, u);
+    for (int v = 0; v < CHUNK; ++v) out[v] = silu_mul<T>(out[v], u[v]);
+  }
+};
+
+// Lane `lane`'s partials of sum_k x_r[k] * w[k] for R rows x_r of `x` (rows >= `rows` are skipped), K a
+// multiple of CHUNK. The lane owns the chunks [lane*CHUNK + j*STRIDE, +CHUNK) for j = 0, 1, ... and
+// adds their products in ascending k. R > 1 lets a kernel read each chunk of w once for several
+// tokens; every row's arithmetic is the same as with R = 1.
+template <class T, int R, class X>
+QD void lane_dot_rows(const X& x, int rows, const T* w, int K, int lane, int accum, float* acc) {
+  float xv[CHUNK], wv[CHUNK];
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#ifdef __CUDA_ARCH__
+#pragma unroll 4
+#endif
+  for (int base = lane * CHUNK; base < K; base += STRIDE) {
+    load8(w + base, wv);
+    for (int r = 0; r < R; ++r) {  // a constant trip count keeps acc[] in registers
+      if (r >= rows) break;
+      x.load(r, base, xv);
+      for (int v = 0; v < CHUNK; ++v) acc[r] = acc_add<T>(acc[r], xv[v] * wv[v], accum);
+    }
+  }
+}
+
+template <class T> QD float lane_dot(const T* x, const T* w, int K, int lane, int accum) {
+  float acc;
+  lane_dot_rows<T, 1>(Rows<T>{x, 0}, 1, w, K, lane, accum, &acc);
   return acc;
 }
 

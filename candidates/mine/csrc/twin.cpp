@@ -45,18 +45,9 @@ template <class T> void embed_t(const int64_t* ids, const T* table, T* out, int 
     for (int i = 0; i < h; ++i) out[(size_t)r * h + i] = table[(size_t)ids[r] * h + i];
 }
 
-template <class T> void add_rmsnorm_t(const T* x, const T* h, const T* w, T* resid, T* out, int n, int dim,
-                                      float eps, int mode) {
+template <class T> void rmsnorm_t(const T* x, const T* w, T* out, int n, int dim, float eps, int mode) {
 #pragma omp parallel for
-  for (int r = 0; r < n; ++r) {
-    const T* src = x + (size_t)r * dim;
-    if (h) {
-      T* sum = resid + (size_t)r * dim;
-      for (int i = 0; i < dim; ++i) sum[i] = from_f<T>(add<T>(to_f(src[i]), to_f(h[(size_t)r * dim + i])));
-      src = sum;
-    }
-    rms_row(src, w, out + (size_t)r * dim, dim, eps, mode);
-  }
+  for (int r = 0; r < n; ++r) rms_row(x + (size_t)r * dim, w, out + (size_t)r * dim, dim, eps, mode);
 }
 
 // A row laid out lane-major: out[s][v][lane] = row[s*STRIDE + lane*CHUNK + v] as float, zero past k, so
@@ -135,12 +126,20 @@ template <class T, int A> void linear_lane_major(const T* x, const T* w, T* y, i
   }
 }
 
-template <class T> void linear_t(const T* x, const T* w, T* y, int n, int k, int m, int accum) {
+// resid_out = resid_in + y, element by element (the epilogue of `linear` and `moe_combine`).
+template <class T> void residual_add(const T* resid_in, const T* y, T* resid_out, size_t count) {
+  if (resid_out)
+    for (size_t i = 0; i < count; ++i) resid_out[i] = from_f<T>(add<T>(to_f(resid_in[i]), to_f(y[i])));
+}
+
+template <class T> void linear_t(const T* x, const T* w, T* y, int n, int k, int m, int accum, const T* resid_in,
+                                 T* resid_out) {
   switch (accum) {  // the mode as a constant, so the fp32 sums vectorise
     case ACC_FP32: linear_lane_major<T, ACC_FP32>(x, w, y, n, k, m); break;
     case ACC_COMPUTE: linear_lane_major<T, ACC_COMPUTE>(x, w, y, n, k, m); break;
     case ACC_SPLIT: linear_lane_major<T, ACC_SPLIT>(x, w, y, n, k, m); break;
   }
+  residual_add(resid_in, y, resid_out, (size_t)n * m);
 }
 
 template <class T> void qk_norm_rope_t(const T* qkv, const T* qw, const T* kw, const T* cos, const T* sin,
@@ -212,11 +211,13 @@ template <class T> void moe_linear_t(const T* x, const int64_t* ids, const T* w,
     }
 }
 
-template <class T> void moe_combine_t(const T* y, const int64_t* ids, const T* weights, T* out, int n, int topk, int h) {
+template <class T> void moe_combine_t(const T* y, const int64_t* ids, const T* weights, T* out, int n, int topk, int h,
+                                      const T* resid_in, T* resid_out) {
   for (int r = 0; r < n; ++r)
     for (int i = 0; i < h; ++i)
       out[(size_t)r * h + i] = from_f<T>(moe_mix(y + (size_t)r * topk * h + i, h, ids + (size_t)r * topk,
                                                  weights + (size_t)r * topk, topk));
+  residual_add(resid_in, out, resid_out, (size_t)n * h);
 }
 
 template <class T> void rope_table_t(T* cos, T* sin, int max_seq, int head_dim, float theta) {
@@ -235,13 +236,13 @@ void twin_embed(const int64_t* ids, const void* table, void* out, int n, int h, 
   QMATH_DISPATCH(dt, embed_t<T>(ids, (const T*)table, (T*)out, n, h));
 }
 
-void twin_add_rmsnorm(const void* x, const void* h, const void* w, void* resid, void* out, int n, int dim,
-                      float eps, int mode, int dt) {
-  QMATH_DISPATCH(dt, add_rmsnorm_t<T>((const T*)x, (const T*)h, (const T*)w, (T*)resid, (T*)out, n, dim, eps, mode));
+void twin_rmsnorm(const void* x, const void* w, void* out, int n, int dim, float eps, int mode, int dt) {
+  QMATH_DISPATCH(dt, rmsnorm_t<T>((const T*)x, (const T*)w, (T*)out, n, dim, eps, mode));
 }
 
-void twin_linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, int dt) {
-  QMATH_DISPATCH(dt, linear_t<T>((const T*)x, (const T*)w, (T*)y, n, k, m, accum));
+void twin_linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, const void* resid_in,
+                 void* resid_out, int dt) {
+  QMATH_DISPATCH(dt, linear_t<T>((const T*)x, (const T*)w, (T*)y, n, k, m, accum, (const T*)resid_in, (T*)resid_out));
 }
 
 void twin_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin,
@@ -272,8 +273,9 @@ void twin_moe_linear(const void* x, const int64_t* ids, const void* w, void* y, 
 }
 
 void twin_moe_combine(const void* y, const int64_t* ids, const void* weights, void* out, int n, int topk, int h,
-                      int dt) {
-  QMATH_DISPATCH(dt, moe_combine_t<T>((const T*)y, ids, (const T*)weights, (T*)out, n, topk, h));
+                      const void* resid_in, void* resid_out, int dt) {
+  QMATH_DISPATCH(dt, moe_combine_t<T>((const T*)y, ids, (const T*)weights, (T*)out, n, topk, h, (const T*)resid_in,
+                                      (T*)resid_out));
 }
 
 void twin_rope_table(void* cos, void* sin, int max_seq, int head_dim, float theta, int dt) {
