@@ -131,10 +131,10 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
     plan = gguf_plan(ckpt)
     shapes = gguf_shapes({n: ckpt.shape(n) for n in ckpt.keys()})
     stacked = {g for g, m in plan.items() if hf_to_gguf(m[0])[1] is not None}  # experts [E, ...]
-    for g in stacked:
-        if len(plan[g]) != cfg.num_experts:
-            raise UserError(f"{g}: the checkpoint has {len(plan[g])} of the config's {cfg.num_experts} experts' "
-                            "tensors; run scan-checkpoint to see which are missing")
+    for g in stacked:  # plan lists members by expert id: they must be exactly 0..E-1
+        if [hf_to_gguf(m)[1] for m in plan[g]] != list(range(cfg.num_experts)):
+            raise UserError(f"{g}: the checkpoint has {len(plan[g])} experts' tensors, not the config's experts "
+                            f"0..{cfg.num_experts - 1}; run scan-checkpoint to see which are missing")
     types = {g: storage_type(g, shapes[g], wanted) for g in plan}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

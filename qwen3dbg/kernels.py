@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -37,11 +39,22 @@ def cache_dir() -> Path:
     return home("kernels")
 
 
+@functools.cache
+def host_isa() -> str:
+    """A short tag of this CPU's instruction set. Builds use -march=native, so they are cached per tag:
+    a cache shared between machines (an NFS home, a CI cache) never loads code built for another CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:8]
+
+
 def build(name: str, source: str, flags: list[str], what: str) -> ctypes.CDLL:
-    """The library compiled from `source` with `flags`, cached by a hash of both (and the compiler);
+    """The library compiled from `source` with `flags`, cached by a hash of both (and the compiler and CPU);
     `what` names the kernel in a user error ("the scan's statistics kernel")."""
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256((source + " ".join([cc, *flags])).encode()).hexdigest()[:16]
+    key = hashlib.sha256((source + " ".join([cc, *flags, host_isa()])).encode()).hexdigest()[:16]
     so = cache_dir() / f"{name}-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)

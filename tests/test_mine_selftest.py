@@ -29,13 +29,14 @@ def test_selftest_on_cpu_reports_every_tap_and_the_speed_of_each_implementation(
     assert all(row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 for row in doc["speed"])
 
 
-@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
-def test_emulated_cuda_kernels_give_the_twins_bits_on_every_tap(models, tmp_path, preset):
+@pytest.mark.parametrize("preset, dtype", [("tiny-dense", "bfloat16"), ("tiny-moe", "bfloat16"),
+                                           ("tiny-dense", "float32")])
+def test_emulated_cuda_kernels_give_the_twins_bits_on_every_tap(models, tmp_path, preset, dtype):
     """The CUDA kernels themselves (their indexing, shared memory, barriers and shuffles), run on the CPU
     by cuda_emu.h: CI's check of the GPU path's logic, where no GPU is."""
     out = tmp_path / "selftest.json"
     result = CliRunner().invoke(app, ["selftest", "--device", "emulated", "--model", str(models(preset)),
-                                      "--json", str(out)])
+                                      "--dtype", dtype, "--json", str(out)])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["device"] == "emulated" and doc["problems"] == [] and doc["speed"] == []

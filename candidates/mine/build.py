@@ -33,6 +33,8 @@ def load(emulated: bool = False):
     from rich.console import Console
     from torch.utils.cpp_extension import _get_build_directory, load as cpp_load
 
+    from qwen3dbg.kernels import host_isa
+
     with_cuda = cuda_available() and not emulated
     sources = [CSRC / "bindings.cpp", CSRC / "twin.cpp"]
     if emulated:
@@ -44,6 +46,7 @@ def load(emulated: bool = False):
         sources.append(CSRC / "kernels.cu")
     else:
         name, what, flags = "qwen3dbg_mine_cpu", "CPU twin", []
+    name += f"_{host_isa()}"  # built with -march=native: one build per CPU kind
     build_dir = Path(_get_build_directory(name, verbose=False))
     fresh = not any(build_dir.glob("*.so"))
     console = Console(stderr=True)

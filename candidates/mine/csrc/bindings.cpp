@@ -11,18 +11,23 @@
 // like `on`; STREAM: the stream they and the other CUDA launchers run on.
 #ifdef MINE_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #define STREAM ((void*)at::cuda::getCurrentCUDAStream().stream())
 #define FUSED(on) ((on).is_cuda())
+#define LAUNCHED() C10_CUDA_KERNEL_LAUNCH_CHECK()  // a launch that failed (resources, config) raises here
 #define RUN(op, on, ...)                  \
   do {                                    \
-    if ((on).is_cuda())                   \
+    if ((on).is_cuda()) {                 \
       cuda_##op(__VA_ARGS__, STREAM);     \
-    else                                  \
+      LAUNCHED();                         \
+    } else {                              \
       twin_##op(__VA_ARGS__);             \
+    }                                     \
   } while (0)
 #elif defined(MINE_EMULATE_CUDA)
 #define STREAM nullptr
 #define FUSED(on) true
+#define LAUNCHED() (void)0
 #define RUN(op, on, ...) cuda_##op(__VA_ARGS__, nullptr)  // the CUDA kernels, on CPU tensors (cuda_emu.h)
 #else
 #define RUN(op, on, ...)                                                                            \
@@ -124,6 +129,7 @@ void norm_linear(const at::Tensor& x, const at::Tensor& norm_w, const at::Tensor
   if (n == 1 && !normed.numel() && FUSED(w)) {
     cuda_norm_linear(ptr(x), ptr(norm_w), ptr(w), ptr(y), 1, (int)w.size(1), (int)w.size(0), (float)eps, (int)mode,
                      (int)accum, dtype_code(w), STREAM);
+    LAUNCHED();
     return;
   }
 #endif
@@ -143,6 +149,7 @@ void silu_linear(const at::Tensor& gate_up, const at::Tensor& w, const at::Tenso
   if (n == 1 && !act.numel() && FUSED(w)) {
     cuda_silu_linear(ptr(gate_up), ptr(w), ptr(y), 1, (int)inter, (int)w.size(0), (int)accum, ptr(resid_in),
                      ptr(resid_out), dtype_code(w), STREAM);
+    LAUNCHED();
     return;
   }
 #endif
@@ -167,6 +174,8 @@ void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
                double scale, bool round_scores, int64_t accum) {
   for (auto* t : {&k_cache, &v_cache, &probs, &out}) check(*t, q);
   TORCH_CHECK(q.size(2) <= MAX_HEAD_DIM, "mine: head_dim ", q.size(2), " is above the ", MAX_HEAD_DIM, " it supports");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "mine: the K and V caches differ in shape");
+  check_rows(q.size(2));  // V rows are copied in 16-byte pieces
   check(pos, q, at::kInt), check(scores, q, at::kFloat);
   AttnDims a = attn_dims(q, k_cache, batch, layer);
   a.scores_ld = (int)scores.size(-1);

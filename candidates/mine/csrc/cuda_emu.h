@@ -21,6 +21,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static  // one block runs at a time, so a static is that block's shared variable
 
 struct alignas(16) uint4 {
@@ -127,6 +128,7 @@ inline void run_block(Block& b) {
 inline void launch_grid(dim3 grid, dim3 dim, size_t shared_bytes, const std::function<void()>& body) {
   if (grid.y * grid.z != 1 || dim.y * dim.z != 1) die("only 1-D grids and blocks are emulated");
   if (dim.x > 1024) die("more than 1024 threads in a block");
+  if (shared_bytes > 48 << 10) die("more than 48 KB of dynamic shared memory without opting in");
   Block& b = block();
   b.grid = grid, b.dim = dim, b.body = &body;
   b.fibers.resize(dim.x);

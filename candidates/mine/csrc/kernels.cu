@@ -7,7 +7,7 @@
 #include "cuda_emu.h"
 #else
 #include <cuda_runtime.h>
-#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#define DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
 // kernel<<<grid, block, shared_bytes, stream>>>(args...), spelled so that cuda_emu.h can stand in.
 template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes, void* stream, A... args) {
@@ -27,13 +27,15 @@ constexpr int TOKEN_BLOCK = 8;        // tokens sharing one read of a weight row
 constexpr int ATTN_WARPS = 16;        // warps of one attention block, sharing its scores
 static_assert(ATTN_WARPS * LANES >= MAX_HEAD_DIM, "an attention thread owns one dim of the context");
 constexpr int SCORE_BATCH = 4;        // slots a warp scores at once
+constexpr int ATTN_TILE_BYTES = 32 << 10;  // shared memory for one tile of V (>= 16 slots of D <= 512)
 #ifdef MINE_EMULATE_CUDA
-constexpr int ATTN_TILE_BYTES = 256;  // tiny tiles, so that the tiny test models' few slots span several
+constexpr int ATTN_TILE_SLOTS = 4;         // tiny tiles, so that the tiny test models' few slots span several
 #else
-constexpr int ATTN_TILE_BYTES = 32 << 10;  // shared memory for one tile of V
+constexpr int ATTN_TILE_SLOTS = 1 << 30;
 #endif
 
-__device__ __forceinline__ int warp_id() { return (blockIdx.x * blockDim.x + threadIdx.x) / LANES; }
+// 64-bit: a prefill's lm_head has more than 2^32 threads past ~7,000 tokens.
+__device__ __forceinline__ long long warp_id() { return ((long long)blockIdx.x * blockDim.x + threadIdx.x) / LANES; }
 __device__ __forceinline__ int lane_id() { return threadIdx.x % LANES; }
 
 // The butterfly of reduce_lanes, as shuffles: every lane ends with lane 0's value of the twin.
@@ -96,7 +98,8 @@ template <class T> __device__ void store_product(T* y, size_t at, float v, const
 // R = 1, which keeps fewer registers per warp and so more warps in flight.
 template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y, int n, int k, int m, int accum,
                                                    const T* resid_in, T* resid_out) {
-  int task = warp_id(), j = task % m, r0 = (task / m) * R;
+  const long long task = warp_id();
+  const int j = (int)(task % m), r0 = (int)(task / m) * R;
   if (r0 >= n) return;
   float acc[R];
   lane_dot_rows<T, R>(Rows<T>{x + (size_t)r0 * k, (size_t)k}, n - r0, w + (size_t)j * k, k, lane_id(), accum, acc);
@@ -110,7 +113,8 @@ template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y,
 // with the same canonical sum as rmsnorm_k, so it multiplies the floats that kernel would store.
 template <class T> __global__ void norm_linear_k(const T* x, const T* norm_w, const T* w, T* y, int n, int k, int m,
                                                  float eps, int mode, int accum) {
-  int task = warp_id(), j = task % m, r = task / m;
+  const long long task = warp_id();
+  const int j = (int)(task % m), r = (int)(task / m);
   if (r >= n) return;
   const T* xr = x + (size_t)r * k;
   const NormRow<T> row{xr, norm_w, rms_scale(warp_dot(xr, xr, k, ACC_FP32), k, eps), mode};
@@ -123,7 +127,8 @@ template <class T> __global__ void norm_linear_k(const T* x, const T* norm_w, co
 // One warp per (token r, output row j), its input silu(gate_r) * up_r as silu_mul_k would store it.
 template <class T> __global__ void silu_linear_k(const T* gate_up, const T* w, T* y, int n, int inter, int m,
                                                  int accum, const T* resid_in, T* resid_out) {
-  int task = warp_id(), j = task % m, r = task / m;
+  const long long task = warp_id();
+  const int j = (int)(task % m), r = (int)(task / m);
   if (r >= n) return;
   const T* gu = gate_up + (size_t)r * 2 * inter;
   float acc;
@@ -135,9 +140,11 @@ template <class T> __global__ void silu_linear_k(const T* gate_up, const T* w, T
 template <class T> __global__ void qk_norm_rope_k(const T* qkv, const T* qw, const T* kw, const T* cos, const T* sin,
                                                   const int* pos, T* q_norm, T* k_norm, T* q_rope, T* k_rope,
                                                   T* k_cache, T* v_cache, AttnDims a, float eps, int mode) {
-  const int heads = a.heads + a.cache.kv_heads, task = warp_id(), r = task / heads;
+  const int heads = a.heads + a.cache.kv_heads;
+  const long long task = warp_id();
+  const int r = (int)(task / heads);
   if (r >= a.cache.batch * a.tokens) return;
-  const HeadTask<T> h(a, r, task % heads, pos, qkv, qw, kw, q_norm, k_norm, q_rope, k_rope);
+  const HeadTask<T> h(a, r, (int)(task % heads), pos, qkv, qw, kw, q_norm, k_norm, q_rope, k_rope);
   warp_rms_row(h.src, h.weight, h.normed, a.cache.head_dim, eps, mode);
   __syncwarp();
   for (int d = lane_id(); d < a.cache.head_dim; d += LANES) h.rope(a, d, cos, sin, k_cache, v_cache);
@@ -148,7 +155,7 @@ template <class T> __global__ void qk_norm_rope_k(const T* qkv, const T* qw, con
 // in ascending order, V and the probabilities staged in shared memory a tile of slots at a time (every
 // thread loads; `tile` slots of V fill ATTN_TILE_BYTES). The arithmetic is the twin's: only where
 // values wait differs.
-template <class T> __global__ void attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos,
+template <class T> __global__ void __launch_bounds__(ATTN_WARPS * LANES) attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos,
                                                float* scores, T* probs, T* out, AttnDims a, int tile) {
   DYNAMIC_SHARED(float, attn_smem);  // [tile] probabilities, then [tile][D] of V
   const int D = a.cache.head_dim, rep = a.heads / a.cache.kv_heads, task = blockIdx.x, warp = threadIdx.x / LANES;
@@ -219,7 +226,8 @@ template <class T> __global__ void route_k(const T* logits, int64_t* ids, T* wei
 
 template <class T> __global__ void moe_linear_k(const T* x, const int64_t* ids, const T* w, T* y, int n, int topk,
                                                 int in, int out, int per_slot_input, int accum) {
-  int task = warp_id(), r = task / out, j = task % out;
+  const long long task = warp_id();
+  const int r = (int)(task / out), j = (int)(task % out);
   if (r >= n * topk) return;
   const T* xr = x + (size_t)(per_slot_input ? r : r / topk) * in;
   float v = warp_dot(xr, w + ((size_t)ids[r] * out + j) * in, in, accum);
@@ -284,7 +292,7 @@ void cuda_attention(const void* q, const void* k_cache, const void* v_cache, con
                     void* probs, void* out, AttnDims a, int dt, void* stream) {
   const unsigned tasks = (unsigned)(a.cache.batch * a.heads * a.tokens);
   QMATH_DISPATCH(dt, {
-    const int tile = ATTN_TILE_BYTES / (a.cache.head_dim * (int)sizeof(T)) / 4 * 4;  // V tile 16-byte aligned
+    const int tile = min(ATTN_TILE_SLOTS, ATTN_TILE_BYTES / (a.cache.head_dim * (int)sizeof(T))) / 4 * 4;  // V 16-B aligned
     launch(attention_k<T>, tasks, ATTN_WARPS * LANES, tile * (sizeof(float) + a.cache.head_dim * sizeof(T)), stream,
            (const T*)q, (const T*)k_cache, (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a, tile);
   });
