@@ -252,8 +252,10 @@ def test_kernels_refuse_tensors_they_would_misread():
         ops.linear(x, w, torch.empty(2, 4, dtype=torch.bfloat16), 0, none, torch.empty(2, 4, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="Int tensor where Long"):
         ops.embed(torch.zeros(2, dtype=torch.int32), w, torch.empty(2, 16, dtype=torch.bfloat16))
-    q, cache = torch.zeros(1, 2, 16, dtype=torch.bfloat16), torch.zeros(1, 1, 1, 4, 8, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="do not share"):
-        ops.attention(q, cache, cache, torch.zeros(1, dtype=torch.int32), torch.empty(1, 2, 1, 4),
-                      torch.empty(1, 2, 1, 4, dtype=torch.bfloat16), torch.empty(1, 32, dtype=torch.bfloat16),
-                      1, 0, 0, 0.25, True, 0)
+    bf = dict(dtype=torch.bfloat16)
+    q, cache, rope = torch.zeros(1, 2, 16, **bf), torch.zeros(1, 1, 1, 4, 8, **bf), torch.zeros(4, 16, **bf)
+    with pytest.raises(RuntimeError, match="do not share"):  # heads of 16 dims, a cache of 8
+        ops.attention(torch.zeros(1, 64, **bf), torch.ones(16, **bf), torch.ones(16, **bf), rope, rope,
+                      torch.zeros(1, dtype=torch.int32), q, torch.zeros(1, 1, 16, **bf), q, torch.zeros(1, 1, 16, **bf),
+                      cache, cache, torch.empty(1, 2, 1, 4), torch.empty(1, 2, 1, 4, **bf), torch.empty(1, 32, **bf),
+                      1, 0, 0, 0.25, True, 0, 1e-6, 0)

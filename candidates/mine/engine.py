@@ -211,8 +211,9 @@ class MineCandidate(Candidate):
 
     def _layer(self, i, x, pos, B, T, sink, scores_ld, scores_fill):
         """Decoder layer i on the residual x [N,H]; returns the residual out. Each RMSNorm happens inside
-        the product that reads it and each residual add inside the product before it (norm_linear,
-        linear's epilogue), so a decode step runs six kernels a dense layer."""
+        the product that reads it, each residual add inside the product before it (norm_linear,
+        linear's epilogue), and q/k norm + RoPE inside attention, so a decode step runs five kernels a
+        dense layer."""
         c, ops, num, new, L = self.config, self.ops, self.numerics, self._new, self.layers[i]
         N, H, D, nH, nKV = B * T, c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
         S, eps = scores_fill, c.rms_norm_eps
@@ -224,17 +225,16 @@ class MineCandidate(Candidate):
         emit(sink, i, "k_proj", qkv[:, nH * D:(nH + nKV) * D].view(B, T, -1))
         emit(sink, i, "v_proj", qkv[:, (nH + nKV) * D:].view(B, T, -1))
         q_norm, k_norm, q_rope, k_rope = new(N, nH, D), new(N, nKV, D), new(N, nH, D), new(N, nKV, D)
-        ops.qk_norm_rope(qkv, L.q_norm, L.k_norm, self.cos, self.sin, pos, q_norm, k_norm, q_rope, k_rope,
-                         k_cache, v_cache, B, i, eps, num.rmsnorm_code)
+        scores, probs, attn = new(B, nH, T, scores_ld, dtype=torch.float32), new(B, nH, T, scores_ld), new(N, nH * D)
+        ops.attention(qkv, L.q_norm, L.k_norm, self.cos, self.sin, pos, q_norm, k_norm, q_rope, k_rope, k_cache, v_cache,
+                      scores, probs, attn, B, i, scores_fill, D ** -0.5, num.round_scores, num.accum_code, eps,
+                      num.rmsnorm_code)
         emit(sink, i, "q_norm", q_norm.view(B, T, nH, D))
         emit(sink, i, "k_norm", k_norm.view(B, T, nKV, D))
         emit(sink, i, "q_rope", q_rope.view(B, T, nH, D))
         emit(sink, i, "k_rope", k_rope.view(B, T, nKV, D))
         emit(sink, i, "k_cache", k_cache[i, :, :, :S])
         emit(sink, i, "v_cache", v_cache[i, :, :, :S])
-        scores, probs, attn = new(B, nH, T, scores_ld, dtype=torch.float32), new(B, nH, T, scores_ld), new(N, nH * D)
-        ops.attention(q_rope, k_cache, v_cache, pos, scores, probs, attn, B, i, scores_fill, D ** -0.5,
-                      num.round_scores, num.accum_code)
         if sink.wants(tap_name("attn_scores", i)):  # in the compute dtype like every tap (scores=fp32: rounded)
             sink(tap_name("attn_scores", i), scores[..., :S].to(self.dtype))
         emit(sink, i, "attn_probs", probs[..., :S])

@@ -20,7 +20,17 @@ struct AttnDims {
   int round_scores, accum;
 };
 
-// One (token r, head hh) task of qk_norm_rope: hh < nH is query head hh, else kv head hh - nH, whose
+// What q/k norm + RoPE reads and writes in one step: q/k/v rows [N, (nH + 2 nKV) D], the norm weights
+// [D] and RoPE tables [max_seq, D]; out: q_norm and q_rope [N, nH, D], k_norm and k_rope [N, nKV, D],
+// and each token's roped key and raw value in the caches, in the slot of its position.
+struct QKRope {
+  const void *qkv, *q_weight, *k_weight, *cos, *sin;
+  void *q_norm, *k_norm, *q_rope, *k_rope, *k_cache, *v_cache;
+  float eps;
+  int mode;
+};
+
+// One (token r, head hh) task of q/k norm + RoPE: hh < nH is query head hh, else kv head hh - nH, whose
 // roped key and raw value also go to the cache slot of the token's position.
 template <class T> struct HeadTask {
   bool is_q;
@@ -28,25 +38,26 @@ template <class T> struct HeadTask {
   const T *src, *weight, *v;
   T *normed, *roped;
 
-  QD HeadTask(const AttnDims& a, int r, int hh, const int* pos, const T* qkv, const T* qw, const T* kw, T* q_norm,
-              T* k_norm, T* q_rope, T* k_rope) {
+  QD HeadTask(const AttnDims& a, int r, int hh, const int* pos, const QKRope& io) {
     const int D = a.cache.head_dim, nKV = a.cache.kv_heads, ld = (a.heads + 2 * nKV) * D;
+    const T* qkv = (const T*)io.qkv;
     is_q = hh < a.heads, g = hh - a.heads, b = r / a.tokens, p = pos[r], half = D / 2;
     src = qkv + (size_t)r * ld + (size_t)hh * D;
     v = qkv + (size_t)r * ld + (size_t)(a.heads + nKV + g) * D;
-    weight = is_q ? qw : kw;
-    normed = is_q ? q_norm + ((size_t)r * a.heads + hh) * D : k_norm + ((size_t)r * nKV + g) * D;
-    roped = is_q ? q_rope + ((size_t)r * a.heads + hh) * D : k_rope + ((size_t)r * nKV + g) * D;
+    weight = (const T*)(is_q ? io.q_weight : io.k_weight);
+    normed = is_q ? (T*)io.q_norm + ((size_t)r * a.heads + hh) * D : (T*)io.k_norm + ((size_t)r * nKV + g) * D;
+    roped = is_q ? (T*)io.q_rope + ((size_t)r * a.heads + hh) * D : (T*)io.k_rope + ((size_t)r * nKV + g) * D;
   }
 
   // RoPE of element d of the normalised head (all of `normed` written before), and its cache writes.
-  QD void rope(const AttnDims& a, int d, const T* cos, const T* sin, T* k_cache, T* v_cache) const {
+  QD void rope(const AttnDims& a, int d, const QKRope& io) const {
     const size_t at = (size_t)p * a.cache.head_dim + d;
+    const T *cos = (const T*)io.cos, *sin = (const T*)io.sin;
     roped[d] = qmath::from_f<T>(qmath::rope_apply<T>(qmath::to_f(normed[d]), qmath::to_f(normed[d < half ? d + half : d - half]),
                                                      qmath::to_f(cos[at]), qmath::to_f(sin[at]), d < half));
     if (!is_q) {
-      k_cache[qmath::kv_offset(a.cache, a.layer, b, g, p, d)] = roped[d];
-      v_cache[qmath::kv_offset(a.cache, a.layer, b, g, p, d)] = v[d];
+      ((T*)io.k_cache)[qmath::kv_offset(a.cache, a.layer, b, g, p, d)] = roped[d];
+      ((T*)io.v_cache)[qmath::kv_offset(a.cache, a.layer, b, g, p, d)] = v[d];
     }
   }
 };
@@ -56,9 +67,7 @@ template <class T> struct HeadTask {
   void P##rmsnorm(const void* x, const void* w, void* out, int n, int dim, float eps, int mode, int dt S);      \
   void P##linear(const void* x, const void* w, void* y, int n, int k, int m, int accum, const void* resid_in,    \
                  void* resid_out, int dt S);                                                                    \
-  void P##qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin,        \
-                       const int* pos, void* q_norm, void* k_norm, void* q_rope, void* k_rope, void* k_cache,   \
-                       void* v_cache, AttnDims a, float eps, int mode, int dt S);                               \
+  void P##qk_norm_rope(const QKRope& io, const int* pos, AttnDims a, int dt S);                                \
   void P##attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,     \
                     void* probs, void* out, AttnDims a, int dt S);                                              \
   void P##silu_mul(const void* gate_up, void* out, int n, int inter, int dt S);                                 \
@@ -83,6 +92,10 @@ MINE_OPS(cuda_, MINE_STREAM)
 // and otherwise run the separate ops, which give the same bits.
 void cuda_norm_linear(const void* x, const void* norm_w, const void* w, void* y, int n, int k, int m, float eps,
                       int mode, int accum, int dt, void* stream);
+// Decode (one token a sequence): q/k norm + RoPE inside the attention kernel, which then attends with
+// io.q_rope as q; one kernel instead of two, the same bits.
+void cuda_qk_attention(const QKRope& io, const int* pos, float* scores, void* probs, void* out, AttnDims a, int dt,
+                       void* stream);
 void cuda_silu_linear(const void* gate_up, const void* w, void* y, int n, int inter, int m, int accum,
                       const void* resid_in, void* resid_out, int dt, void* stream);
 

@@ -158,33 +158,43 @@ void silu_linear(const at::Tensor& gate_up, const at::Tensor& w, const at::Tenso
   linear(a, w, y, accum, resid_in, resid_out);
 }
 
-void qk_norm_rope(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& cos,
-                  const at::Tensor& sin, const at::Tensor& pos, const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& q_rope,
-                  const at::Tensor& k_rope, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t batch, int64_t layer, double eps,
-                  int64_t mode) {
-  for (auto* t : {&qkv, &qw, &kw, &cos, &sin, &q_norm, &k_norm, &q_rope, &k_rope, &k_cache, &v_cache}) check(*t, qw);
-  check(pos, qw, at::kInt), check_rows(qw.numel());
-  RUN(qk_norm_rope, qw, ptr(qkv), ptr(qw), ptr(kw), ptr(cos), ptr(sin), ptr<const int>(pos), ptr(q_norm), ptr(k_norm),
-      ptr(q_rope), ptr(k_rope), ptr(k_cache), ptr(v_cache), attn_dims(q_norm, k_cache, batch, layer), (float)eps,
-      (int)mode, dtype_code(qw));
-}
-
-void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
-               const at::Tensor& scores, const at::Tensor& probs, const at::Tensor& out, int64_t batch, int64_t layer, int64_t fill,
-               double scale, bool round_scores, int64_t accum) {
-  for (auto* t : {&k_cache, &v_cache, &probs, &out}) check(*t, q);
-  TORCH_CHECK(q.size(2) <= MAX_HEAD_DIM, "mine: head_dim ", q.size(2), " is above the ", MAX_HEAD_DIM, " it supports");
+// q/k norm + RoPE of the step's rows (their keys and values into the cache slots of their positions),
+// then attention over the cache. q_norm/q_rope [N, nH, D], k_norm/k_rope [N, nKV, D], caches
+// [L, B, nKV, S_max, D], scores/probs [B, nH, T, ld]. One token a sequence runs both in one kernel on a
+// GPU; otherwise the two ops run one after the other: the same bits.
+void attention(const at::Tensor& qkv, const at::Tensor& qw, const at::Tensor& kw, const at::Tensor& cos,
+               const at::Tensor& sin, const at::Tensor& pos, const at::Tensor& q_norm, const at::Tensor& k_norm,
+               const at::Tensor& q_rope, const at::Tensor& k_rope, const at::Tensor& k_cache, const at::Tensor& v_cache,
+               const at::Tensor& scores, const at::Tensor& probs, const at::Tensor& out, int64_t batch, int64_t layer,
+               int64_t fill, double scale, bool round_scores, int64_t accum, double eps, int64_t mode) {
+  for (auto* t : {&qkv, &kw, &cos, &sin, &q_norm, &k_norm, &q_rope, &k_rope, &k_cache, &v_cache, &probs, &out}) check(*t, qw);
+  check(pos, qw, at::kInt), check(scores, qw, at::kFloat);
+  const int64_t D = qw.numel(), n = q_rope.size(0), nH = q_rope.size(1), nKV = k_cache.size(2), ld = scores.size(-1);
+  TORCH_CHECK(D <= MAX_HEAD_DIM, "mine: head_dim ", D, " is above the ", MAX_HEAD_DIM, " it supports");
+  check_rows(D);  // also: V rows are copied in 16-byte pieces
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "mine: the K and V caches differ in shape");
-  check_rows(q.size(2));  // V rows are copied in 16-byte pieces
-  check(pos, q, at::kInt), check(scores, q, at::kFloat);
-  AttnDims a = attn_dims(q, k_cache, batch, layer);
-  a.scores_ld = (int)scores.size(-1);
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(1) == D && cos.size(0) >= k_cache.size(3),
+              "mine: the RoPE tables do not cover the cache's slots");
+  AttnDims a = attn_dims(q_rope, k_cache, batch, layer);
+  check_numel(qkv, n, (nH + 2 * nKV) * D), check_numel(q_norm, n, nH * D), check_numel(k_norm, n, nKV * D);
+  check_numel(k_rope, n, nKV * D), check_numel(out, n, nH * D), check_numel(scores, n * nH, ld), check_numel(probs, n * nH, ld);
+  a.scores_ld = (int)ld;
   a.scores_fill = (int)fill;
   a.scale = (float)scale;
   a.round_scores = round_scores;
   a.accum = (int)accum;
-  RUN(attention, q, ptr(q), ptr(k_cache), ptr(v_cache), ptr<const int>(pos), ptr<float>(scores), ptr(probs), ptr(out),
-      a, dtype_code(q));
+  const QKRope io{ptr(qkv), ptr(qw), ptr(kw), ptr(cos), ptr(sin), ptr(q_norm), ptr(k_norm), ptr(q_rope), ptr(k_rope),
+                  ptr(k_cache), ptr(v_cache), (float)eps, (int)mode};
+#if defined(MINE_WITH_CUDA) || defined(MINE_EMULATE_CUDA)
+  if (a.tokens == 1 && FUSED(qw)) {
+    cuda_qk_attention(io, ptr<const int>(pos), ptr<float>(scores), ptr(probs), ptr(out), a, dtype_code(qw), STREAM);
+    LAUNCHED();
+    return;
+  }
+#endif
+  RUN(qk_norm_rope, qw, io, ptr<const int>(pos), a, dtype_code(qw));
+  RUN(attention, qw, ptr(q_rope), ptr(k_cache), ptr(v_cache), ptr<const int>(pos), ptr<float>(scores), ptr(probs),
+      ptr(out), a, dtype_code(qw));
 }
 
 void route(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& weights, bool norm) {
@@ -225,7 +235,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear);
   m.def("norm_linear", &norm_linear);
   m.def("silu_linear", &silu_linear);
-  m.def("qk_norm_rope", &qk_norm_rope);
   m.def("attention", &attention);
   m.def("silu_mul", &silu_mul);
   m.def("route", &route);

@@ -137,26 +137,32 @@ template <class T> __global__ void silu_linear_k(const T* gate_up, const T* w, T
   if (lane_id() == 0) store_product(y, (size_t)r * m + j, v, resid_in, resid_out);
 }
 
-template <class T> __global__ void qk_norm_rope_k(const T* qkv, const T* qw, const T* kw, const T* cos, const T* sin,
-                                                  const int* pos, T* q_norm, T* k_norm, T* q_rope, T* k_rope,
-                                                  T* k_cache, T* v_cache, AttnDims a, float eps, int mode) {
+// q/k norm + RoPE of one (token r, head hh) by one warp: normalise the head, then rope it (and, for a
+// kv head, write the cache slot).
+template <class T> __device__ void warp_qk_head(const AttnDims& a, int r, int hh, const int* pos, const QKRope& io) {
+  const HeadTask<T> h(a, r, hh, pos, io);
+  warp_rms_row(h.src, h.weight, h.normed, a.cache.head_dim, io.eps, io.mode);
+  __syncwarp();
+  for (int d = lane_id(); d < a.cache.head_dim; d += LANES) h.rope(a, d, io);
+}
+
+template <class T> __global__ void qk_norm_rope_k(QKRope io, const int* pos, AttnDims a) {
   const int heads = a.heads + a.cache.kv_heads;
   const long long task = warp_id();
   const int r = (int)(task / heads);
   if (r >= a.cache.batch * a.tokens) return;
-  const HeadTask<T> h(a, r, (int)(task % heads), pos, qkv, qw, kw, q_norm, k_norm, q_rope, k_rope);
-  warp_rms_row(h.src, h.weight, h.normed, a.cache.head_dim, eps, mode);
-  __syncwarp();
-  for (int d = lane_id(); d < a.cache.head_dim; d += LANES) h.rope(a, d, cos, sin, k_cache, v_cache);
+  warp_qk_head<T>(a, r, (int)(task % heads), pos, io);
 }
 
 // One block per (batch, head, query token): its warps share the scores of the slots up to the query's
-// position, warp 0 does the softmax, then each thread owns one dim of the context and adds the slots
+// position (with_qk: after q/k norm + RoPE of this step's single token), warp 0 does the softmax, then each thread owns one dim of the context and adds the slots
 // in ascending order, V and the probabilities staged in shared memory a tile of slots at a time (every
 // thread loads; `tile` slots of V fill ATTN_TILE_BYTES). The arithmetic is the twin's: only where
 // values wait differs.
-template <class T> __global__ void __launch_bounds__(ATTN_WARPS * LANES) attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos,
-                                               float* scores, T* probs, T* out, AttnDims a, int tile) {
+template <class T>
+__global__ void __launch_bounds__(ATTN_WARPS * LANES)
+    attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos, float* scores, T* probs, T* out,
+                AttnDims a, int tile, QKRope io, bool with_qk) {
   DYNAMIC_SHARED(float, attn_smem);  // [tile] probabilities, then [tile][D] of V
   const int D = a.cache.head_dim, rep = a.heads / a.cache.kv_heads, task = blockIdx.x, warp = threadIdx.x / LANES;
   const int t = task % a.tokens, h = (task / a.tokens) % a.heads, b = task / (a.tokens * a.heads);
@@ -165,6 +171,12 @@ template <class T> __global__ void __launch_bounds__(ATTN_WARPS * LANES) attenti
   const T* qr = q + ((size_t)r * a.heads + h) * D;
   float* sc = scores + row;
   T* pr = probs + row;
+  if (with_qk) {  // decode: norm + RoPE of this block's query head and its kv head first (the blocks of the
+                  // kv head's other query heads write the same bits to the same places)
+    if (warp == 0) warp_qk_head<T>(a, r, h, pos, io);
+    if (warp == 1) warp_qk_head<T>(a, r, a.heads + g, pos, io);
+    __syncthreads();
+  }
   // A warp takes slots warp, warp + ATTN_WARPS, ..., SCORE_BATCH at a time so that their loads are in
   // flight together; each slot's score is still one canonical warp dot.
   for (int s0 = warp; s0 <= p; s0 += SCORE_BATCH * ATTN_WARPS) {
@@ -279,23 +291,31 @@ void cuda_silu_linear(const void* gate_up, const void* w, void* y, int n, int in
                             (T*)resid_out));
 }
 
-void cuda_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin, const int* pos,
-                       void* q_norm, void* k_norm, void* q_rope, void* k_rope, void* k_cache, void* v_cache,
-                       AttnDims a, float eps, int mode, int dt, void* stream) {
+void cuda_qk_norm_rope(const QKRope& io, const int* pos, AttnDims a, int dt, void* stream) {
   long long tasks = (long long)a.cache.batch * a.tokens * (a.heads + a.cache.kv_heads);
-  QMATH_DISPATCH(dt, launch(qk_norm_rope_k<T>, blocks_for(tasks, WARPS), THREADS, 0, stream, (const T*)qkv, (const T*)qw,
-                            (const T*)kw, (const T*)cos, (const T*)sin, pos, (T*)q_norm, (T*)k_norm, (T*)q_rope,
-                            (T*)k_rope, (T*)k_cache, (T*)v_cache, a, eps, mode));
+  QMATH_DISPATCH(dt, launch(qk_norm_rope_k<T>, blocks_for(tasks, WARPS), THREADS, 0, stream, io, pos, a));
 }
 
-void cuda_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
-                    void* probs, void* out, AttnDims a, int dt, void* stream) {
+namespace {
+void launch_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
+                      void* probs, void* out, AttnDims a, const QKRope& io, bool with_qk, int dt, void* stream) {
   const unsigned tasks = (unsigned)(a.cache.batch * a.heads * a.tokens);
   QMATH_DISPATCH(dt, {
     const int tile = min(ATTN_TILE_SLOTS, ATTN_TILE_BYTES / (a.cache.head_dim * (int)sizeof(T))) / 4 * 4;  // V 16-B aligned
     launch(attention_k<T>, tasks, ATTN_WARPS * LANES, tile * (sizeof(float) + a.cache.head_dim * sizeof(T)), stream,
-           (const T*)q, (const T*)k_cache, (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a, tile);
+           (const T*)q, (const T*)k_cache, (const T*)v_cache, pos, scores, (T*)probs, (T*)out, a, tile, io, with_qk);
   });
+}
+}  // namespace
+
+void cuda_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
+                    void* probs, void* out, AttnDims a, int dt, void* stream) {
+  launch_attention(q, k_cache, v_cache, pos, scores, probs, out, a, QKRope{}, false, dt, stream);
+}
+
+void cuda_qk_attention(const QKRope& io, const int* pos, float* scores, void* probs, void* out, AttnDims a, int dt,
+                       void* stream) {
+  launch_attention(io.q_rope, io.k_cache, io.v_cache, pos, scores, probs, out, a, io, true, dt, stream);
 }
 
 void cuda_silu_mul(const void* gate_up, void* out, int n, int inter, int dt, void* stream) {

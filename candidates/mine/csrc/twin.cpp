@@ -142,15 +142,13 @@ template <class T> void linear_t(const T* x, const T* w, T* y, int n, int k, int
   residual_add(resid_in, y, resid_out, (size_t)n * m);
 }
 
-template <class T> void qk_norm_rope_t(const T* qkv, const T* qw, const T* kw, const T* cos, const T* sin,
-                                       const int* pos, T* q_norm, T* k_norm, T* q_rope, T* k_rope, T* k_cache,
-                                       T* v_cache, AttnDims a, float eps, int mode) {
+template <class T> void qk_norm_rope_t(const QKRope& io, const int* pos, AttnDims a) {
 #pragma omp parallel for collapse(2)
   for (int r = 0; r < a.cache.batch * a.tokens; ++r)
     for (int hh = 0; hh < a.heads + a.cache.kv_heads; ++hh) {
-      const HeadTask<T> h(a, r, hh, pos, qkv, qw, kw, q_norm, k_norm, q_rope, k_rope);
-      rms_row(h.src, h.weight, h.normed, a.cache.head_dim, eps, mode);
-      for (int d = 0; d < a.cache.head_dim; ++d) h.rope(a, d, cos, sin, k_cache, v_cache);
+      const HeadTask<T> h(a, r, hh, pos, io);
+      rms_row(h.src, h.weight, h.normed, a.cache.head_dim, io.eps, io.mode);
+      for (int d = 0; d < a.cache.head_dim; ++d) h.rope(a, d, io);
     }
 }
 
@@ -245,12 +243,8 @@ void twin_linear(const void* x, const void* w, void* y, int n, int k, int m, int
   QMATH_DISPATCH(dt, linear_t<T>((const T*)x, (const T*)w, (T*)y, n, k, m, accum, (const T*)resid_in, (T*)resid_out));
 }
 
-void twin_qk_norm_rope(const void* qkv, const void* qw, const void* kw, const void* cos, const void* sin,
-                       const int* pos, void* q_norm, void* k_norm, void* q_rope, void* k_rope, void* k_cache,
-                       void* v_cache, AttnDims a, float eps, int mode, int dt) {
-  QMATH_DISPATCH(dt, qk_norm_rope_t<T>((const T*)qkv, (const T*)qw, (const T*)kw, (const T*)cos, (const T*)sin, pos,
-                                       (T*)q_norm, (T*)k_norm, (T*)q_rope, (T*)k_rope, (T*)k_cache, (T*)v_cache, a,
-                                       eps, mode));
+void twin_qk_norm_rope(const QKRope& io, const int* pos, AttnDims a, int dt) {
+  QMATH_DISPATCH(dt, qk_norm_rope_t<T>(io, pos, a));
 }
 
 void twin_attention(const void* q, const void* k_cache, const void* v_cache, const int* pos, float* scores,
