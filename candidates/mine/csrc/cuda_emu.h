@@ -132,8 +132,10 @@ inline void launch_grid(dim3 grid, dim3 dim, size_t shared_bytes, const std::fun
   Block& b = block();
   b.grid = grid, b.dim = dim, b.body = &body;
   b.fibers.resize(dim.x);
-  b.dynamic_shared.assign(shared_bytes, 0);
+  b.dynamic_shared.resize(shared_bytes);
   for (unsigned x = 0; x < grid.x; ++x) {
+    // Each block's shared memory starts as NaN in every float type, so a read before a write shows.
+    std::fill(b.dynamic_shared.begin(), b.dynamic_shared.end(), (char)0xff);
     b.idx = dim3(x);
     run_block(b);
   }
