@@ -10,9 +10,9 @@
 // FUSED(on): whether the CUDA-only one-token kernels (cuda_norm_linear, cuda_silu_linear) serve tensors
 // like `on`; STREAM: the stream they and the other CUDA launchers run on.
 #ifdef MINE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
-#define STREAM ((void*)at::cuda::getCurrentCUDAStream().stream())
+#define STREAM ((void*)c10::cuda::getCurrentCUDAStream().stream())
 #define FUSED(on) ((on).is_cuda())
 #define LAUNCHED() C10_CUDA_KERNEL_LAUNCH_CHECK()  // a launch that failed (resources, config) raises here
 #define RUN(op, on, ...)                  \
