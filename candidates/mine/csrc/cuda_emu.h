@@ -50,7 +50,7 @@ struct Fiber {
 };
 
 struct Block {
-  dim3 idx, dim, grid;
+  dim3 idx, dim;
   std::vector<Fiber> fibers;
   std::vector<char> dynamic_shared;
   const std::function<void()>* body = nullptr;
@@ -130,7 +130,7 @@ inline void launch_grid(dim3 grid, dim3 dim, size_t shared_bytes, const std::fun
   if (dim.x > 1024) die("more than 1024 threads in a block");
   if (shared_bytes > 48 << 10) die("more than 48 KB of dynamic shared memory without opting in");
   Block& b = block();
-  b.grid = grid, b.dim = dim, b.body = &body;
+  b.dim = dim, b.body = &body;
   b.fibers.resize(dim.x);
   b.dynamic_shared.resize(shared_bytes);
   for (unsigned x = 0; x < grid.x; ++x) {
@@ -170,7 +170,6 @@ template <class V> V shfl_xor(V v, int lane_mask) {
 #define threadIdx (dim3((unsigned)emu::block().current))
 #define blockIdx (emu::block().idx)
 #define blockDim (emu::block().dim)
-#define gridDim (emu::block().grid)
 #define __syncthreads() emu::syncthreads()
 #define __syncwarp() emu::syncwarp()
 #define __shfl_xor_sync(mask, v, lane_mask) emu::shfl_xor(v, lane_mask)
