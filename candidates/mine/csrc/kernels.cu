@@ -109,6 +109,16 @@ template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y,
   }
 }
 
+// One token's product of its input row (any loader of qwen3_math.cuh) with weight row j, by one warp,
+// stored with its epilogue at y[at].
+template <class T, class X> __device__ void row_product(const X& row, const T* w, int k, int accum, T* y, size_t at,
+                                                        const T* resid_in, T* resid_out) {
+  float acc;
+  lane_dot_rows<T, 1>(row, 1, w, k, lane_id(), accum, &acc);
+  float v = warp_reduce<T>(acc, accum);
+  if (lane_id() == 0) store_product(y, at, v, resid_in, resid_out);
+}
+
 // One warp per (token r, output row j), its input RMSNorm(x_r): the warp first finds the row's scale
 // with the same canonical sum as rmsnorm_k, so it multiplies the floats that kernel would store.
 template <class T> __global__ void norm_linear_k(const T* x, const T* norm_w, const T* w, T* y, int n, int k, int m,
@@ -118,10 +128,7 @@ template <class T> __global__ void norm_linear_k(const T* x, const T* norm_w, co
   if (r >= n) return;
   const T* xr = x + (size_t)r * k;
   const NormRow<T> row{xr, norm_w, rms_scale(warp_dot(xr, xr, k, ACC_FP32), k, eps), mode};
-  float acc;
-  lane_dot_rows<T, 1>(row, 1, w + (size_t)j * k, k, lane_id(), accum, &acc);
-  float v = warp_reduce<T>(acc, accum);
-  if (lane_id() == 0) store_product<T>(y, (size_t)r * m + j, v, nullptr, nullptr);
+  row_product<T>(row, w + (size_t)j * k, k, accum, y, (size_t)r * m + j, nullptr, nullptr);
 }
 
 // One warp per (token r, output row j), its input silu(gate_r) * up_r as silu_mul_k would store it.
@@ -131,10 +138,8 @@ template <class T> __global__ void silu_linear_k(const T* gate_up, const T* w, T
   const int j = (int)(task % m), r = (int)(task / m);
   if (r >= n) return;
   const T* gu = gate_up + (size_t)r * 2 * inter;
-  float acc;
-  lane_dot_rows<T, 1>(SiluRow<T>{gu, gu + inter}, 1, w + (size_t)j * inter, inter, lane_id(), accum, &acc);
-  float v = warp_reduce<T>(acc, accum);
-  if (lane_id() == 0) store_product(y, (size_t)r * m + j, v, resid_in, resid_out);
+  row_product(SiluRow<T>{gu, gu + inter}, w + (size_t)j * inter, inter, accum, y, (size_t)r * m + j, resid_in,
+              resid_out);
 }
 
 // q/k norm + RoPE of one (token r, head hh) by one warp: normalise the head, then rope it (and, for a
@@ -155,10 +160,10 @@ template <class T> __global__ void qk_norm_rope_k(QKRope io, const int* pos, Att
 }
 
 // One block per (batch, head, query token): its warps share the scores of the slots up to the query's
-// position (with_qk: after q/k norm + RoPE of this step's single token), warp 0 does the softmax, then each thread owns one dim of the context and adds the slots
-// in ascending order, V and the probabilities staged in shared memory a tile of slots at a time (every
-// thread loads; `tile` slots of V fill ATTN_TILE_BYTES). The arithmetic is the twin's: only where
-// values wait differs.
+// position (with_qk: after q/k norm + RoPE of this step's single token), warp 0 does the softmax,
+// then each thread owns one dim of the context and adds the slots in ascending order, V and the
+// probabilities staged in shared memory a tile of slots at a time (every thread loads; `tile` slots
+// of V fill ATTN_TILE_BYTES). The arithmetic is the twin's: only where values wait differs.
 template <class T>
 __global__ void __launch_bounds__(ATTN_WARPS * LANES)
     attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos, float* scores, T* probs, T* out,
