@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from qwen3dbg.candidate import NullSink
-from qwen3dbg.capture import capture, capture_step, forced_steps, run_steps
+from qwen3dbg.capture import capture, capture_step, forced_steps, run_steps, store_writer
 from qwen3dbg.dtypes import dtype_name
-from qwen3dbg.store import StepInfo, StoreWriter, TapStore
+from qwen3dbg.store import StepInfo, TapStore
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def capture_stepper(engine, out_dir: Path):
 
     def reset():
         engine.reset()
-        state.update(writer=StoreWriter(out_dir, engine.name, engine.dtype, 1), step=0)
+        state.update(writer=store_writer(engine, out_dir, 1), step=0)
 
     def step(ids, positions):
         info = StepInfo(state["step"], ids.tolist(), positions.tolist())
