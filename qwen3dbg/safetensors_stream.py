@@ -61,7 +61,7 @@ class StreamingWriter:
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(tensor.device))
         self.pending.append((name, host, done))
-        self.pending_bytes += host.numel() * host.element_size()
+        self.pending_bytes += host.nbytes
         self._drain(MAX_PENDING_BYTES)
 
     def _drain(self, keep_bytes: int) -> None:
@@ -73,7 +73,7 @@ class StreamingWriter:
             elif not done.query():
                 return
             self.pending.popleft()
-            self.pending_bytes -= host.numel() * host.element_size()
+            self.pending_bytes -= host.nbytes
             self._append(name, host)
 
     def _append(self, name: str, t: torch.Tensor) -> None:
