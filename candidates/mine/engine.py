@@ -124,8 +124,8 @@ class MineCandidate(Candidate):
             where, ran = "CUDA kernels emulated on the CPU", "ran the CUDA kernels on the CPU through cuda_emu.h"
         else:
             where, ran = "CPU twin", "ran the CPU twin (no CUDA device used)"
-        return {"device": "emulated" if self.emulated else self.device.type, "device_name": where, "numerics": self.numerics.to_dict(),
-                "decode_cuda_graph": self.use_graph, "notes": [ran]}
+        return {"device": "emulated" if self.emulated else self.device.type, "device_name": where,
+                "numerics": self.numerics.to_dict(), "decode_cuda_graph": self.use_graph, "notes": [ran]}
 
     def reset(self) -> None:
         self.length = 0
