@@ -2,7 +2,8 @@
 shape (made once into the qwen3dbg cache): prefill and decode tokens/s, and capture on vs off.
 
     python bench/bench_mine.py                   # the CPU twin vs HF on this CPU
-    python bench/bench_mine.py --device cuda --profile   # the CUDA path, plus its kernels' times
+    python bench/bench_mine.py --device cuda --profile   # the CUDA path (with and without programmatic
+                                                         # dependent launch), plus its kernels' times
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def main() -> None:
     if args.profile and dev.type == "cuda":
         print(profile_decode(engine, args.decode_steps))
     del engine
+    if dev.type == "cuda":  # each kernel waits for the one before to end: what overlapping launches save
+        serial = MineCandidate(model, "bfloat16", device="cuda", pdl=False)
+        rows["mine, pdl=false"] = time_steps(serial.reset, lambda i, p: serial.step(i, p, NullSink()), dev, prompt,
+                                             args.decode_steps)
+        del serial
     for attn in ("eager", "sdpa"):
         hf = HFCandidate(model, "bfloat16", attn=attn)
         hf.model.to(dev)

@@ -24,6 +24,11 @@ from .numerics import Numerics
 DEVICES = ("auto", "cpu", "cuda", "emulated")
 
 
+def flag(value: bool | str) -> bool:
+    """An on/off option, as a bool or as `--cand` passes it: false, 0 and no are off."""
+    return str(value).lower() not in ("false", "0", "no")
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' is the GPU where torch and the build have CUDA, else the CPU twin. 'emulated' runs the
     CUDA kernels themselves on the CPU (slow: for checking them against the twin without a GPU)."""
@@ -84,9 +89,12 @@ class MineCandidate(Candidate):
     name = "mine"
 
     def __init__(self, model_dir, dtype="bfloat16", *, device: str = "auto", rmsnorm: str = "hf",
-                 scores: str = "compute", accum: str = "fp32", max_seq: int | str = 4096, graph: bool | str = True):
+                 scores: str = "compute", accum: str = "fp32", max_seq: int | str = 4096, graph: bool | str = True,
+                 pdl: bool | str = True):
         """Options come as strings from `--cand mine:key=value`: device, rmsnorm, scores, accum (see
-        numerics.py), max_seq (cache slots), graph (false: no CUDA graph for decode)."""
+        numerics.py), max_seq (cache slots), graph (false: no CUDA graph for decode), pdl (false: no
+        programmatic dependent launch, so a kernel starts only once the one before has ended; only
+        sm_90 and later GPUs overlap them)."""
         from .build import load
 
         self.config = cfg = load_config(model_dir)
@@ -102,7 +110,8 @@ class MineCandidate(Candidate):
             self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
         except ValueError:
             raise UserError(f"mine option max_seq={max_seq!r} is not a whole number") from None
-        self.use_graph = str(graph).lower() not in ("false", "0", "no") and self.device.type == "cuda"
+        self.use_graph = flag(graph) and self.device.type == "cuda"
+        self.use_pdl = flag(pdl) and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
         self.ops = load(emulated=self.emulated)
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             Checkpoint(model_dir), cfg, self.dtype, self.device)
@@ -125,7 +134,8 @@ class MineCandidate(Candidate):
         else:
             where, ran = "CPU twin", "ran the CPU twin (no CUDA device used)"
         return {"device": "emulated" if self.emulated else self.device.type, "device_name": where,
-                "numerics": self.numerics.to_dict(), "decode_cuda_graph": self.use_graph, "notes": [ran]}
+                "numerics": self.numerics.to_dict(), "decode_cuda_graph": self.use_graph,
+                "programmatic_dependent_launch": self.use_pdl, "notes": [ran]}
 
     def reset(self) -> None:
         self.length = 0
@@ -183,6 +193,11 @@ class MineCandidate(Candidate):
         graph.replay()
         return out.clone()
 
+    def _launch_mode(self) -> None:
+        """Overlapping launches are a setting of the whole process, which another engine may have changed."""
+        if self.device.type == "cuda":
+            self.ops.overlap_launches(self.use_pdl)
+
     def _new(self, *shape, dtype=None) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
 
@@ -197,6 +212,7 @@ class MineCandidate(Candidate):
     def forward(self, ids, pos, B: int, T: int, sink: TapSink, *, scores_ld: int, scores_fill: int) -> torch.Tensor:
         """One step on ids [B,T] at positions pos [B*T] (device tensors); returns logits [B,T,V]."""
         c, ops, num = self.config, self.ops, self.numerics
+        self._launch_mode()
         N, H = B * T, c.hidden_size
         x = self._new(N, H)
         ops.embed(ids.reshape(-1), self.embed_w, x)
@@ -266,6 +282,7 @@ class MineCandidate(Candidate):
             v_cache[layer, :, :, :past] = past_kv[1].to(self.device, self.dtype)
         x = hidden.to(self.device, self.dtype).reshape(B * T, H).contiguous()
         pos = positions.to(self.device, torch.int32).reshape(-1).contiguous()
+        self._launch_mode()
         try:
             out = self._layer(layer, x, pos, B, T, sink, past + T, past + T)
         finally:

@@ -99,5 +99,10 @@ void cuda_qk_attention(const QKRope& io, const int* pos, float* scores, void* pr
 void cuda_silu_linear(const void* gate_up, const void* w, void* y, int n, int inter, int m, int accum,
                       const void* resid_in, void* resid_out, int dt, void* stream);
 
+// Whether later launches may overlap the kernel before them (programmatic dependent launch, sm_90 and
+// later): each kernel's blocks start, and ask for their weights, while the one before finishes. For the
+// whole process; a CUDA graph keeps what was on when it was captured. nvcc build only.
+void cuda_overlap_launches(bool on);
+
 // RoPE cos/sin tables [max_seq, D] in the compute dtype (halves repeated), computed on the host.
 void twin_rope_table(void* cos, void* sin, int max_seq, int head_dim, float theta, int dt);

@@ -8,11 +8,20 @@
 #else
 #include <cuda_runtime.h>
 #define DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
-// kernel<<<grid, block, shared_bytes, stream>>>(args...), spelled so that cuda_emu.h can stand in.
+namespace {
+bool overlap_launches = false;  // cuda_overlap_launches
+}
+// kernel<<<grid, block, shared_bytes, stream>>>(args...), spelled so that cuda_emu.h can stand in; with
+// overlap on, as a programmatic dependent of the kernel before it (see wait_for_inputs).
 template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes, void* stream, A... args) {
-  kernel<<<grid, block, shared_bytes, (cudaStream_t)stream>>>(args...);
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  const cudaLaunchConfig_t config{grid, block, shared_bytes, (cudaStream_t)stream, &overlap, overlap_launches ? 1u : 0u};
+  cudaLaunchKernelEx(&config, kernel, args...);  // an error is the runtime's last error: the bindings check it
 }
+void cuda_overlap_launches(bool on) { overlap_launches = on; }
 #endif
 
 #include "api.h"
@@ -37,6 +46,27 @@ constexpr int ATTN_TILE_SLOTS = 1 << 30;
 // 64-bit: a prefill's lm_head has more than 2^32 threads past ~7,000 tokens.
 __device__ __forceinline__ long long warp_id() { return ((long long)blockIdx.x * blockDim.x + threadIdx.x) / LANES; }
 __device__ __forceinline__ int lane_id() { return threadIdx.x % LANES; }
+
+// Programmatic dependent launch (sm_90 and later; elsewhere, and in the emulator, nothing happens): a
+// kernel launched with overlap may start while the kernel before it still runs. Until it calls
+// wait_for_inputs it reads nothing but weights (no kernel writes them) and writes nothing; after the
+// call every earlier kernel is done and its writes are visible. It then lets the next kernel start, so
+// at most two kernels overlap: one running, the next one's blocks waiting with their weights on the way.
+__device__ __forceinline__ void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// Ask L2 for a warp's weight row of k elements, before wait_for_inputs: the row streams in while the
+// kernel before finishes.
+template <class T> __device__ __forceinline__ void prefetch_row(const T* row, int k) {
+#ifdef __CUDA_ARCH__
+  for (int at = lane_id() * 128; at < k * (int)sizeof(T); at += LANES * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(row) + at));
+#endif
+}
 
 // The butterfly of reduce_lanes, as shuffles: every lane ends with lane 0's value of the twin.
 template <class T> __device__ __forceinline__ float warp_reduce(float v, int accum) {
@@ -71,6 +101,7 @@ template <class T> __device__ void warp_rms_row(const T* src, const T* w, T* out
 unsigned blocks_for(long long items, int per_block) { return (unsigned)((items + per_block - 1) / per_block); }
 
 template <class T> __global__ void embed_k(const int64_t* ids, const T* table, T* out, int n, int h) {
+  wait_for_inputs();
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < (long long)n * h) out[i] = table[(size_t)ids[i / h] * h + i % h];
 }
@@ -78,6 +109,7 @@ template <class T> __global__ void embed_k(const int64_t* ids, const T* table, T
 // One block per row: warp 0 finds the scale, all threads apply it.
 template <class T> __global__ void rmsnorm_k(const T* x, const T* w, T* out, int dim, float eps, int mode) {
   __shared__ float scale;
+  wait_for_inputs();
   const T* src = x + (size_t)blockIdx.x * dim;
   if (threadIdx.x < LANES) {
     float v = rms_scale(warp_dot(src, src, dim, ACC_FP32), dim, eps);
@@ -101,6 +133,8 @@ template <class T, int R> __global__ void linear_k(const T* x, const T* w, T* y,
   const long long task = warp_id();
   const int j = (int)(task % m), r0 = (int)(task / m) * R;
   if (r0 >= n) return;
+  prefetch_row(w + (size_t)j * k, k);
+  wait_for_inputs();
   float acc[R];
   lane_dot_rows<T, R>(Rows<T>{x + (size_t)r0 * k, (size_t)k}, n - r0, w + (size_t)j * k, k, lane_id(), accum, acc);
   for (int r = 0; r < R && r0 + r < n; ++r) {
@@ -126,6 +160,8 @@ template <class T> __global__ void norm_linear_k(const T* x, const T* norm_w, co
   const long long task = warp_id();
   const int j = (int)(task % m), r = (int)(task / m);
   if (r >= n) return;
+  prefetch_row(w + (size_t)j * k, k);
+  wait_for_inputs();
   const T* xr = x + (size_t)r * k;
   const NormRow<T> row{xr, norm_w, rms_scale(warp_dot(xr, xr, k, ACC_FP32), k, eps), mode};
   row_product<T>(row, w + (size_t)j * k, k, accum, y, (size_t)r * m + j, nullptr, nullptr);
@@ -137,6 +173,8 @@ template <class T> __global__ void silu_linear_k(const T* gate_up, const T* w, T
   const long long task = warp_id();
   const int j = (int)(task % m), r = (int)(task / m);
   if (r >= n) return;
+  prefetch_row(w + (size_t)j * inter, inter);
+  wait_for_inputs();
   const T* gu = gate_up + (size_t)r * 2 * inter;
   row_product(SiluRow<T>{gu, gu + inter}, w + (size_t)j * inter, inter, accum, y, (size_t)r * m + j, resid_in,
               resid_out);
@@ -152,6 +190,7 @@ template <class T> __device__ void warp_qk_head(const AttnDims& a, int r, int hh
 }
 
 template <class T> __global__ void qk_norm_rope_k(QKRope io, const int* pos, AttnDims a) {
+  wait_for_inputs();
   const int heads = a.heads + a.cache.kv_heads;
   const long long task = warp_id();
   const int r = (int)(task / heads);
@@ -169,6 +208,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * LANES)
     attention_k(const T* q, const T* k_cache, const T* v_cache, const int* pos, float* scores, T* probs, T* out,
                 AttnDims a, int tile, QKRope io, bool with_qk) {
   DYNAMIC_SHARED(float, attn_smem);  // [tile] probabilities, then [tile][D] of V
+  wait_for_inputs();
   const int D = a.cache.head_dim, rep = a.heads / a.cache.kv_heads, task = blockIdx.x, warp = threadIdx.x / LANES;
   const int t = task % a.tokens, h = (task / a.tokens) % a.heads, b = task / (a.tokens * a.heads);
   const int r = b * a.tokens + t, p = pos[r], g = h / rep;
@@ -221,6 +261,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * LANES)
 }
 
 template <class T> __global__ void silu_mul_k(const T* gate_up, T* out, int n, int inter) {
+  wait_for_inputs();
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (long long)n * inter) return;
   const T* gu = gate_up + (size_t)(i / inter) * 2 * inter;
@@ -230,6 +271,7 @@ template <class T> __global__ void silu_mul_k(const T* gate_up, T* out, int n, i
 // One warp per token; the probabilities live in shared memory, lane 0 picks the top k.
 template <class T> __global__ void route_k(const T* logits, int64_t* ids, T* weights, int experts, int k, int norm) {
   DYNAMIC_SHARED(float, probs);
+  wait_for_inputs();
   const int r = blockIdx.x;
   for (int e = lane_id(); e < experts; e += LANES) probs[e] = to_f(logits[(size_t)r * experts + e]);
   __syncwarp();
@@ -243,6 +285,7 @@ template <class T> __global__ void route_k(const T* logits, int64_t* ids, T* wei
 
 template <class T> __global__ void moe_linear_k(const T* x, const int64_t* ids, const T* w, T* y, int n, int topk,
                                                 int in, int out, int per_slot_input, int accum) {
+  wait_for_inputs();  // which expert's weights to read is an input
   const long long task = warp_id();
   const int r = (int)(task / out), j = (int)(task % out);
   if (r >= n * topk) return;
@@ -253,6 +296,7 @@ template <class T> __global__ void moe_linear_k(const T* x, const int64_t* ids, 
 
 template <class T> __global__ void moe_combine_k(const T* y, const int64_t* ids, const T* weights, T* out, int n,
                                                  int topk, int h, const T* resid_in, T* resid_out) {
+  wait_for_inputs();
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (long long)n * h) return;
   const size_t r = i / h;
