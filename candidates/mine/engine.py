@@ -166,15 +166,14 @@ class MineCandidate(Candidate):
         if S > self.max_seq:
             raise UserError(f"{S} positions exceed mine's cache of {self.max_seq}: pass the option max_seq={S}")
         self._cache(B)
-        ids_d = ids.to(self.device, torch.int64, non_blocking=True).contiguous()
-        pos_d = positions.to(self.device, torch.int32, non_blocking=True).reshape(-1).contiguous()
+        ids, pos = ids.to(torch.int64).reshape(-1), positions.to(torch.int32).reshape(-1)  # as the kernels read them
         # A decode step replays the graph unless a tap is wanted (asked only then, and not of a NullSink:
         # ~24 names a layer cost ~30 us a step).
         capture = not isinstance(sink, NullSink) and any(sink.wants(n) for n in self.tap_names)
         if self.use_graph and T == 1 and not capture:
-            logits = self._graph_step(ids_d, pos_d, B)
+            logits = self._graph_step(ids, pos, B)
         else:
-            logits = self.forward(ids_d, pos_d, B, T, sink, scores_ld=S, scores_fill=S)
+            logits = self.forward(ids.to(self.device), pos.to(self.device), B, T, sink, scores_ld=S, scores_fill=S)
         self.length = S
         return logits
 
@@ -182,14 +181,14 @@ class MineCandidate(Candidate):
         """One decode step as a replay of a CUDA graph captured once per batch size. Every kernel reads
         positions from device memory, so one graph serves every position."""
         if batch not in self.graphs:
-            static_ids, static_pos = ids.clone(), pos.clone()
+            static_ids, static_pos = ids.to(self.device, copy=True), pos.to(self.device, copy=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = self.forward(static_ids, static_pos, batch, 1, NullSink(), scores_ld=self.max_seq, scores_fill=0)
             self.graphs[batch] = (graph, static_ids, static_pos, out)
         graph, static_ids, static_pos, out = self.graphs[batch]
-        static_ids.copy_(ids)
-        static_pos.copy_(pos)
+        static_ids.copy_(ids, non_blocking=True)  # from the host straight into the graph's inputs
+        static_pos.copy_(pos, non_blocking=True)
         graph.replay()
         return out.clone()
 
