@@ -16,7 +16,7 @@ import torch
 
 from qwen3dbg.candidate import NullSink
 from qwen3dbg.candidates.mine.engine import MineCandidate
-from qwen3dbg.candidates.mine.selftest import capture_stepper, hf_stepper, probe_ids, time_steps
+from qwen3dbg.candidates.mine.selftest import capture_stepper, hf_stepper, plain_stepper, probe_ids, time_steps
 from qwen3dbg.reference.hf import HFCandidate
 from qwen3dbg.synth import default_model_dir
 
@@ -48,7 +48,7 @@ def main() -> None:
     dev = torch.device(args.device)
     engine = MineCandidate(model, "bfloat16", device=args.device)
     prompt = probe_ids(engine.config.vocab_size, args.prompt_tokens)
-    rows = {"mine": time_steps(engine.reset, lambda i, p: engine.step(i, p, NullSink()), dev, prompt, args.decode_steps)}
+    rows = {"mine": time_steps(*plain_stepper(engine), dev, prompt, args.decode_steps)}
     with tempfile.TemporaryDirectory(prefix="qwen3dbg-bench-") as tmp:  # every tap, into a tap store
         rows["mine, capture on"] = time_steps(*capture_stepper(engine, Path(tmp)), dev, prompt, args.decode_steps)
     if args.profile and dev.type == "cuda":
@@ -56,8 +56,7 @@ def main() -> None:
     del engine
     if dev.type == "cuda":  # each kernel waits for the one before to end: what overlapping launches save
         serial = MineCandidate(model, "bfloat16", device="cuda", pdl=False)
-        rows["mine, pdl=false"] = time_steps(serial.reset, lambda i, p: serial.step(i, p, NullSink()), dev, prompt,
-                                             args.decode_steps)
+        rows["mine, pdl=false"] = time_steps(*plain_stepper(serial), dev, prompt, args.decode_steps)
         del serial
     for attn in ("eager", "sdpa"):
         hf = HFCandidate(model, "bfloat16", attn=attn)

@@ -111,7 +111,8 @@ class MineCandidate(Candidate):
         except ValueError:
             raise UserError(f"mine option max_seq={max_seq!r} is not a whole number") from None
         self.use_graph = flag(graph) and self.device.type == "cuda"
-        self.use_pdl = flag(pdl) and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
+        sm90_or_later = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
+        self.use_pdl = flag(pdl) and sm90_or_later  # older GPUs cannot overlap launches
         self.ops = load(emulated=self.emulated)
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             Checkpoint(model_dir), cfg, self.dtype, self.device)

@@ -122,6 +122,11 @@ def time_steps(reset, step, device: torch.device, prompt: list[int], decode: int
     return len(prompt) / (t1 - t0), decode / (t2 - t1)
 
 
+def plain_stepper(engine):
+    """(reset, step) of the engine with capture off: what a user of it runs."""
+    return engine.reset, lambda ids, positions: engine.step(ids, positions, NullSink())
+
+
 def hf_stepper(hf):
     """HF's own forward with its own cache and no capture hooks: what a user of transformers runs."""
     from transformers import DynamicCache
@@ -214,13 +219,13 @@ def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decod
         if engine.emulated:  # the emulator's speed says nothing about a GPU's
             return res
         progress("speed: mine")
-        off = lambda ids, pos: engine.step(ids, pos, NullSink())  # noqa: E731
-        res.speed.append(SpeedRow(f"mine ({dev.type})", *time_steps(engine.reset, off, dev, prompt, decode_steps)))
+        mine = plain_stepper(engine)
+        res.speed.append(SpeedRow(f"mine ({dev.type})", *time_steps(*mine, dev, prompt, decode_steps)))
         res.speed.append(SpeedRow(f"mine ({dev.type}, capture to a store)",
                                   *time_steps(*capture_stepper(engine, Path(tmp) / "timed"), dev, prompt, decode_steps)))
     if engine.use_graph:
         engine.use_graph = False
-        res.speed.append(SpeedRow("mine (cuda, no graph)", *time_steps(engine.reset, off, dev, prompt, decode_steps)))
+        res.speed.append(SpeedRow("mine (cuda, no graph)", *time_steps(*mine, dev, prompt, decode_steps)))
         engine.use_graph = True
     progress("speed: HF eager")
     res.speed.append(SpeedRow("hf eager", *time_steps(*hf_stepper(hf_eager), dev, prompt, decode_steps)))
