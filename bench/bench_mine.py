@@ -22,17 +22,18 @@ from qwen3dbg.synth import default_model_dir
 
 
 def profile_decode(engine: MineCandidate, steps: int) -> str:
-    """Per-kernel CUDA time of `steps` decode steps, without the graph so each kernel shows."""
+    """Per-kernel CUDA time of `steps` decode steps, without the graph so each kernel shows, and without
+    overlapping launches, whose waits for the kernel before would count as each kernel's own time."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.use_graph = False
+    pdl, engine.use_graph, engine.use_pdl = engine.use_pdl, False, False
     engine.reset()
     engine.step(torch.tensor([[1] * 16]), torch.arange(16)[None], NullSink())
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
             engine.step(torch.tensor([[5]]), torch.tensor([[16 + i]]), NullSink())
         torch.cuda.synchronize()
-    engine.use_graph = True
+    engine.use_graph, engine.use_pdl = True, pdl
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
 
 

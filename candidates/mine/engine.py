@@ -111,9 +111,8 @@ class MineCandidate(Candidate):
         except ValueError:
             raise UserError(f"mine option max_seq={max_seq!r} is not a whole number") from None
         self.use_graph = flag(graph) and self.device.type == "cuda"
-        sm90_or_later = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
-        self.use_pdl = flag(pdl) and sm90_or_later  # older GPUs cannot overlap launches
         self.ops = load(emulated=self.emulated)
+        self.use_pdl = flag(pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             Checkpoint(model_dir), cfg, self.dtype, self.device)
         cos = torch.empty(self.max_seq, cfg.head_dim, dtype=self.dtype)
@@ -188,8 +187,8 @@ class MineCandidate(Candidate):
                 out = self.forward(static_ids, static_pos, batch, 1, NullSink(), scores_ld=self.max_seq, scores_fill=0)
             self.graphs[batch] = (graph, static_ids, static_pos, out)
         graph, static_ids, static_pos, out = self.graphs[batch]
-        static_ids.copy_(ids, non_blocking=True)  # from the host straight into the graph's inputs
-        static_pos.copy_(pos, non_blocking=True)
+        static_ids.copy_(ids)  # from the host straight into the graph's inputs
+        static_pos.copy_(pos)
         graph.replay()
         return out.clone()
 

@@ -103,6 +103,9 @@ void cuda_silu_linear(const void* gate_up, const void* w, void* y, int n, int in
 // later): each kernel's blocks start, and ask for their weights, while the one before finishes. For the
 // whole process; a CUDA graph keeps what was on when it was captured. nvcc build only.
 void cuda_overlap_launches(bool on);
+// Whether the kernels that run on the current device may overlap: only code compiled for sm_90 or
+// later waits for its inputs (griddepcontrol); code JIT-compiled from older PTX would race.
+bool cuda_can_overlap_launches();
 
 // RoPE cos/sin tables [max_seq, D] in the compute dtype (halves repeated), computed on the host.
 void twin_rope_table(void* cos, void* sin, int max_seq, int head_dim, float theta, int dt);

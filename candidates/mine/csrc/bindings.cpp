@@ -229,6 +229,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef MINE_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("overlap_launches", &cuda_overlap_launches);
+  m.def("can_overlap_launches", &cuda_can_overlap_launches);
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -59,12 +59,14 @@ __device__ __forceinline__ void wait_for_inputs() {
 #endif
 }
 
-// Ask L2 for a warp's weight row of k elements, before wait_for_inputs: the row streams in while the
-// kernel before finishes.
+// Ask L2 for a warp's weight row of k elements (whole, in one bulk request), before wait_for_inputs:
+// the row streams in while the kernel before finishes. Rows are 16-byte multiples at 16-byte
+// boundaries, as the bulk copy unit needs (bindings.cpp: row lengths are multiples of 8 elements).
 template <class T> __device__ __forceinline__ void prefetch_row(const T* row, int k) {
-#ifdef __CUDA_ARCH__
-  for (int at = lane_id() * 128; at < k * (int)sizeof(T); at += LANES * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(row) + at));
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (lane_id() == 0)
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(row)),
+                 "r"(k * (unsigned)sizeof(T)) : "memory");
 #endif
 }
 
@@ -390,3 +392,12 @@ void cuda_moe_combine(const void* y, const int64_t* ids, const void* weights, vo
   QMATH_DISPATCH(dt, launch(moe_combine_k<T>, blocks_for((long long)n * h, 256), 256, 0, stream, (const T*)y, ids,
                             (const T*)weights, (T*)out, n, topk, h, (const T*)resid_in, (T*)resid_out));
 }
+
+#ifndef MINE_EMULATE_CUDA
+bool cuda_can_overlap_launches() {
+  cudaFuncAttributes f{};
+  const bool known = cudaFuncGetAttributes(&f, embed_k<float>) == cudaSuccess;
+  (void)cudaGetLastError();  // a failed query is an answer (no), not an error for the next launch check
+  return known && f.ptxVersion >= 90;
+}
+#endif
