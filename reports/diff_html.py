@@ -117,11 +117,11 @@ def step_plot(result: DiffResult) -> str:
     return figure_png(fig)
 
 
-_CLASS = {"first NaN/inf": "bad", "within noise": "info", "routing ties": "warn", "note": "warn"}
+_CLASS = {"first NaN/inf": "bad", "golden NaN/inf": "bad", "within noise": "info", "routing ties": "warn", "note": "warn"}
 
 
 def _summary(result: DiffResult) -> str:
-    bad = result.first_divergence is not None
+    bad = result.exit_code != 0
     parts = []
     for label, text in result.summary():
         if label == "verdict":

@@ -10,13 +10,14 @@ from rich.table import Table
 from qwen3dbg.diff.result import DiffResult, TapResult
 
 
-_STYLE = {"first divergence": "bold", "origin": "bold", "first NaN/inf": "bold red", "diagnosis": "bold cyan",
-          "or": "cyan", "within noise": "bold blue", "routing ties": "yellow", "not compared": "dim", "note": "yellow"}
+_STYLE = {"first divergence": "bold", "origin": "bold", "first NaN/inf": "bold red", "golden NaN/inf": "bold red",
+          "diagnosis": "bold cyan", "or": "cyan", "within noise": "bold blue", "routing ties": "yellow",
+          "not compared": "dim", "note": "yellow"}
 
 
 def summary(result: DiffResult) -> Panel:
     """Verdict, sides, first divergence with its origin, diagnosis, in-noise finding."""
-    bad = result.first_divergence is not None
+    bad = result.exit_code != 0
     lines = []
     for label, text in result.summary():
         if label == "verdict":

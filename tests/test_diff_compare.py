@@ -74,6 +74,25 @@ def test_nan_is_traced_to_the_first_op_that_produced_it(dense_bf16, tmp_path):
     assert result.first_divergence.tap == "layers.0.o_proj" and "NaN" in result.first_divergence.reason
 
 
+def test_nan_weights_are_not_judged_a_match_where_every_side_and_the_golden_is_nan(tmp_path):
+    """A NaN in the checkpoint makes the golden NaN too: nothing can be judged from there on, and
+    'no divergence' would read as a pass."""
+    from qwen3dbg.synth import Plants, make_model
+
+    model = make_model(tmp_path / "m", "tiny-dense", plants=Plants(nonfinite=("model.layers.1.mlp.up_proj.weight",)))
+    result = run_diff("hf", "scratch", model_dir=model, token_ids=PROMPT)
+    assert result.first_divergence is None and result.exit_code == 2
+    assert result.golden_nonfinite["tap"] == "layers.1.mlp.up" and result.golden_nonfinite["step"] == 0
+    assert "scan-checkpoint" in result.verdict and "golden" in result.verdict
+    assert result.to_json()["golden_nonfinite"] == result.golden_nonfinite
+
+
+def test_finite_weights_leave_the_golden_finite(dense_bf16):
+    model, src = dense_bf16
+    result = run_diff("hf", f"store:{src}", model_dir=model)
+    assert result.golden_nonfinite is None and result.exit_code == 0
+
+
 def test_a_changed_mask_pattern_is_a_divergence_even_when_values_agree(dense_bf16, tmp_path):
     model, src = dense_bf16
 

@@ -43,15 +43,17 @@ def _sides(kind: str, gold_dtype, side_dtype, seed: int):
 
 def _torch_reference(g, r, c, scores: bool, keep, limit: float) -> dict:
     """The comparison as a dozen float64 torch passes (what the differ did before the fused kernel)."""
-    valid = torch.isfinite(g)
+    live = torch.ones(g.shape, dtype=torch.bool)  # neither masked nor dropped
     mask_diff = 0
     if scores:
         mg, mr, mc = masked(g), masked(r), masked(c)
         mask_diff = int((mc != mg).sum())
-        valid = valid & ~(mg | mr | mc)
+        live = ~(mg | mr | mc)
     if keep is not None:
-        valid = valid & keep
-    nonfinite = {"ref": int((valid & ~torch.isfinite(r)).sum()), "cand": int((valid & ~torch.isfinite(c)).sum())}
+        live = live & keep
+    valid = live & torch.isfinite(g)
+    nonfinite = {"ref": int((valid & ~torch.isfinite(r)).sum()), "cand": int((valid & ~torch.isfinite(c)).sum()),
+                 "gold": int((live & ~torch.isfinite(g)).sum())}
     judged = valid & torch.isfinite(r) & torch.isfinite(c)
     g64 = torch.where(judged, g.double(), 0.0)
     ec = torch.where(judged, c.double() - g.double(), 0.0)
@@ -71,7 +73,7 @@ def test_fused_pass_equals_float64_torch_with_nonfinite_and_masked_entries(kind,
     sides = _sides(kind, gold_dtype, side_dtype, seed=DTYPES.index(gold_dtype) * 4 + DTYPES.index(side_dtype))
     keep = torch.rand(N, generator=torch.Generator().manual_seed(7)) > 0.1
     eps = torch.finfo(torch.float64).eps
-    seen = {"mask_diff": 0, "nonfinite": 0}
+    seen = {"mask_diff": 0, "nonfinite": 0, "gold": 0}
     for scores, kp in ((False, None), (True, None), (True, keep), (False, keep)):
         if not scores:  # an additive mask left in a non-score tap overflows every sum: make it -inf
             g, r, c = (t.masked_fill(masked(t), float("-inf")) for t in sides)
@@ -90,7 +92,8 @@ def test_fused_pass_equals_float64_torch_with_nonfinite_and_masked_entries(kind,
         assert count_over(g, r, c, 0.3, scores=scores, keep=kp) == want["over"]
         seen["mask_diff"] += want["mask_diff"]
         seen["nonfinite"] += want["nonfinite"]["cand"]
-    assert seen["mask_diff"] > 0 and seen["nonfinite"] > 0  # the data exercises both
+        seen["gold"] += want["nonfinite"]["gold"]
+    assert seen["mask_diff"] > 0 and seen["nonfinite"] > 0 and seen["gold"] > 0  # the data exercises each
 
 
 def test_fused_pass_of_an_empty_tap_compares_nothing():

@@ -148,15 +148,20 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
         diagnosis = _diagnose(src, div)
         in_noise = _in_noise(src, taps, div, cfg, dt)
     timings["total"] = time.perf_counter() - t0
-    nonfinite = next(({"step": r.step, "tap": r.name, "count": r.nonfinite["cand"]} for r in taps
-                      if r.nonfinite.get("cand")), None)
     return DiffResult(
         model=str(model_dir), config=cfg.to_hf_dict(), dtype=dtype_name(dt), sides=infos,
         steps=[{"step": s.step, "tokens": s.tokens, "token_ids": s.token_ids[0], "positions": s.positions[0]} for s in steps],
-        taps=taps, first_divergence=div, diagnosis=diagnosis, first_nonfinite=nonfinite, in_noise=in_noise,
+        taps=taps, first_divergence=div, diagnosis=diagnosis, first_nonfinite=_first_nonfinite(taps, "cand"),
+        golden_nonfinite=_first_nonfinite(taps, "gold"), in_noise=in_noise,
         routing_ties=comparison.ties, timings=timings,
         rule={"norm_factor": NORM_FACTOR, "element_factor": ELEMENT_FACTOR, "rel_floor_ulps": REL_FLOOR_ULPS,
               "abs_floor_ulps": ABS_FLOOR_ULPS, "small_sample_n0": SMALL_SAMPLE_N0})
+
+
+def _first_nonfinite(taps: list[TapResult], side: str) -> dict | None:
+    """{"step", "tap", "count"} of the first tap where `side` ("cand" or "gold") holds NaN/inf."""
+    return next(({"step": r.step, "tap": r.name, "count": r.nonfinite[side]} for r in taps
+                 if r.nonfinite.get(side)), None)
 
 
 def _load(spec: SideSpec, model_dir: Path, dt: torch.dtype):

@@ -31,7 +31,7 @@ _SOURCE = r"""
 #define PAR_MIN (1 << 23)  /* below this, waking a second thread costs more than it saves */
 
 typedef struct {
-    int64_t count, nonfinite_ref, nonfinite_cand, mask_diff, over;
+    int64_t count, nonfinite_ref, nonfinite_cand, nonfinite_gold, mask_diff, over;
     int64_t argmax, argmin;  /* first flat index of the candidate error's max / min */
     double ss_cand, ss_ref, ss_gold, ss_diff, dot;  /* sums of err_c^2, err_r^2, gold^2, (err_c - err_r)^2, err_c . gold */
     double max_cand, min_cand, absmax_ref, absmax_gold;
@@ -86,19 +86,21 @@ __attribute__((optimize("finite-math-only"))) static double block_max(const doub
 
 /* One block: an element is judged when the golden is finite, no side masks it (scores only), `keep`
    keeps it and both sides are finite; elsewhere both errors and the golden count as 0, as in
-   torch.where(judged, ., 0). */
+   torch.where(judged, ., 0). A golden NaN/inf that nothing masks or drops is counted: fp64 cannot be
+   non-finite there unless the weights or inputs are. */
 static inline void block(const double* g, const double* r, const double* c, const uint8_t* keep, int64_t n,
                          int64_t base, const args_t* a, cmp_t* s, const int scores, const int has_keep) {
     double e[BLOCK], ne[BLOCK], aer[BLOCK], agj[BLOCK];
-    int64_t cnt = 0, nfr = 0, nfc = 0, md = 0, over = 0;
+    int64_t cnt = 0, nfr = 0, nfc = 0, nfg = 0, md = 0, over = 0;
     double ssc = 0, ssr = 0, ssg = 0, ssd = 0, dot = 0;
     const double tg = a->masked_at[0], tr = a->masked_at[1], tc = a->masked_at[2], limit = a->limit;
     for (int64_t i = 0; i < n; i++) {
         double gv = g[i], rv = r[i], cv = c[i];
         int64_t fg = fabs(gv) < INFINITY, fr = fabs(rv) < INFINITY, fc = fabs(cv) < INFINITY;
         int64_t mg = scores ? gv <= tg : 0, mr = scores ? rv <= tr : 0, mc = scores ? cv <= tc : 0;
-        int64_t valid = fg & ~(mg | mr | mc) & 1 & (has_keep ? (int64_t)(keep[i] != 0) : 1);
+        int64_t live = ~(mg | mr | mc) & 1 & (has_keep ? (int64_t)(keep[i] != 0) : 1), valid = fg & live;
         md += mg ^ mc;
+        nfg += ~fg & live;
         nfr += valid & ~fr & 1;
         nfc += valid & ~fc & 1;
         int64_t j = valid & fr & fc;
@@ -111,7 +113,8 @@ static inline void block(const double* g, const double* r, const double* c, cons
     double mx = block_max(e, n), mn = -block_max(ne, n), ar = block_max(aer, n), ag = block_max(agj, n);
     if (mx > s->max_cand) { int64_t i = 0; while (e[i] != mx) i++; s->max_cand = mx; s->argmax = base + i; }
     if (mn < s->min_cand) { int64_t i = 0; while (e[i] != mn) i++; s->min_cand = mn; s->argmin = base + i; }
-    s->count += cnt; s->nonfinite_ref += nfr; s->nonfinite_cand += nfc; s->mask_diff += md; s->over += over;
+    s->count += cnt; s->nonfinite_ref += nfr; s->nonfinite_cand += nfc; s->nonfinite_gold += nfg;
+    s->mask_diff += md; s->over += over;
     s->ss_cand += ssc; s->ss_ref += ssr; s->ss_gold += ssg; s->ss_diff += ssd; s->dot += dot;
     s->absmax_ref = ar > s->absmax_ref ? ar : s->absmax_ref;
     s->absmax_gold = ag > s->absmax_gold ? ag : s->absmax_gold;
@@ -160,6 +163,7 @@ static void fold(cmp_t* acc, const cmp_t* s) {
     if (s->max_cand > acc->max_cand) { acc->max_cand = s->max_cand; acc->argmax = s->argmax; }
     if (s->min_cand < acc->min_cand) { acc->min_cand = s->min_cand; acc->argmin = s->argmin; }
     acc->count += s->count; acc->nonfinite_ref += s->nonfinite_ref; acc->nonfinite_cand += s->nonfinite_cand;
+    acc->nonfinite_gold += s->nonfinite_gold;
     acc->mask_diff += s->mask_diff; acc->over += s->over;
     acc->ss_cand += s->ss_cand; acc->ss_ref += s->ss_ref; acc->ss_gold += s->ss_gold; acc->ss_diff += s->ss_diff;
     acc->dot += s->dot;
@@ -259,8 +263,8 @@ class _Args(ctypes.Structure):
 
 
 class _Out(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in ("count", "nonfinite_ref", "nonfinite_cand", "mask_diff", "over",
-                                              "argmax", "argmin")] + \
+    _fields_ = [(n, ctypes.c_int64) for n in ("count", "nonfinite_ref", "nonfinite_cand", "nonfinite_gold",
+                                              "mask_diff", "over", "argmax", "argmin")] + \
                [(n, ctypes.c_double) for n in ("ss_cand", "ss_ref", "ss_gold", "ss_diff", "dot", "max_cand",
                                                "min_cand", "absmax_ref", "absmax_gold")]
 
@@ -287,7 +291,8 @@ class TapErrors:
     scores), kept, and both sides finite."""
 
     count: int  # judged elements
-    nonfinite: dict  # {"ref", "cand"}: NaN/inf where the golden is finite and nothing masks or drops it
+    nonfinite: dict  # {"ref", "cand"}: NaN/inf where the golden is finite and nothing masks or drops it;
+    #                  "gold": the golden's own NaN/inf where nothing masks or drops it
     mask_diff: int  # entries the candidate masks and the golden does not, or the reverse (scores only)
     cand: ErrorStats
     ref: ErrorStats  # argmax not located (0)
@@ -303,12 +308,13 @@ def tap_errors(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, scores
     finfo.min / 2, or -inf) are left out; keep: bool [...] or None."""
     if gold.numel() == 0:
         zero = ErrorStats(0.0, 0.0, 0, 0.0)
-        return TapErrors(0, {"ref": 0, "cand": 0}, 0, zero, zero, 0.0, 0.0, 0.0, 0.0)
+        return TapErrors(0, {"ref": 0, "cand": 0, "gold": 0}, 0, zero, zero, 0.0, 0.0, 0.0, 0.0)
     out = _run(gold, ref, cand, scores, keep, math.inf)
     gnorm, cn, rn = math.sqrt(out.ss_gold), math.sqrt(out.ss_cand), math.sqrt(out.ss_ref)
     hi = out.max_cand >= -out.min_cand  # torch's argmax/argmin: the first index of the extreme
     cand_stats = ErrorStats(out.max_cand if hi else -out.min_cand, ratio(cn, gnorm), out.argmax if hi else out.argmin, cn)
-    return TapErrors(out.count, {"ref": out.nonfinite_ref, "cand": out.nonfinite_cand}, out.mask_diff, cand_stats,
+    nonfinite = {"ref": out.nonfinite_ref, "cand": out.nonfinite_cand, "gold": out.nonfinite_gold}
+    return TapErrors(out.count, nonfinite, out.mask_diff, cand_stats,
                      ErrorStats(out.absmax_ref, ratio(rn, gnorm), 0, rn), gnorm, out.absmax_gold, out.dot,
                      math.sqrt(out.ss_diff))
 

@@ -30,7 +30,7 @@ class TapResult:
     tol_abs: float = 0.0
     excess: float = 0.0  # max(rel_l2 / tol_rel, max_abs / tol_abs): > 1 is divergent
     diff_ulps: float = 0.0  # ||cand - ref|| / ||gold|| in ulps of the dtype under test
-    nonfinite: dict = field(default_factory=dict)  # side -> count of NaN/inf where fp64 is finite
+    nonfinite: dict = field(default_factory=dict)  # ref/cand -> NaN/inf where fp64 is finite; gold -> its own
     worst: dict | None = None  # coordinate of the worst element
     extra: dict = field(default_factory=dict)  # logits agreement, routing ties, excluded tokens
 
@@ -90,6 +90,7 @@ class DiffResult:
     first_divergence: Divergence | None
     diagnosis: list  # list[qwen3dbg.diagnosis.Diagnosis], best first
     first_nonfinite: dict | None = None  # {"step", "tap", "count"}: the op that first produced NaN/inf
+    golden_nonfinite: dict | None = None  # the same of the fp64 golden: the weights or inputs are not finite
     in_noise: Finding | None = None
     routing_ties: list[dict] = field(default_factory=list)
     rule: dict = field(default_factory=dict)  # the tolerance constants in force
@@ -97,11 +98,16 @@ class DiffResult:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.first_divergence is not None else 0
+        """1: a divergence; 2: none found, but the golden is not finite, so the input is bad and some taps
+        could not be judged; 0: none."""
+        return 1 if self.first_divergence is not None else 2 if self.golden_nonfinite else 0
 
     @property
     def verdict(self) -> str:
-        d = self.first_divergence
+        d, gold = self.first_divergence, self.golden_nonfinite
+        if d is None and gold:
+            return (f"not judged: the fp64 golden itself holds NaN/inf from step {gold['step']}, {gold['tap']} on, "
+                    "so the weights or the inputs are not finite (qwen3dbg scan-checkpoint names the tensors)")
         if d is None:
             n = sum(t.status == "ok" for t in self.taps)
             return f"no divergence: {n} taps within the {self.dtype} noise floor"
@@ -120,6 +126,10 @@ class DiffResult:
                            f"dtype {self.dtype}; prefill of {self.steps[0]['tokens']} tokens, "
                            f"{len(self.steps) - 1} decode steps")]
         lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
+        gold = self.golden_nonfinite
+        if gold:
+            lines.append(("golden NaN/inf", f"step {gold['step']}, {gold['tap']} ({gold['count']} values): "
+                                            "neither side is judged where the golden is not finite"))
         d = self.first_divergence
         if d is not None:
             worst = ", ".join(f"{k} {v}" for k, v in (d.worst or {}).items() if k not in ("step", "batch")) or "-"
@@ -153,7 +163,7 @@ class DiffResult:
             "first_divergence": asdict(self.first_divergence) if self.first_divergence else None,
             "diagnosis": [{"signature": x.signature, "message": x.message, "evidence": x.evidence}
                           for x in self.diagnosis],
-            "first_nonfinite": self.first_nonfinite,
+            "first_nonfinite": self.first_nonfinite, "golden_nonfinite": self.golden_nonfinite,
             "in_noise": asdict(self.in_noise) if self.in_noise else None,
             "routing_ties": self.routing_ties, "model": self.model, "dtype": self.dtype,
             "sides": [asdict(s) for s in self.sides], "rule": self.rule, "config": self.config,
