@@ -189,7 +189,8 @@ def test_stray_tensors_on_disk_are_ignored(tmp_path, models):
     assert torch.equal(run(mine(ghost, "bfloat16"))[-1]["logits"], run(mine(clean, "bfloat16"))[-1]["logits"])
 
 
-@pytest.mark.parametrize("options", [{"rmsnorm": "late"}, {"accum": "bf17"}, {"device": "tpu"}, {"max_seq": "many"}])
+@pytest.mark.parametrize("options", [{"rmsnorm": "late"}, {"accum": "bf17"}, {"device": "tpu"}, {"max_seq": "many"},
+                                     {"max_seq": "-5"}, {"max_seq": "0"}, {"pdl": "bogus"}, {"graph": "maybe"}])
 def test_bad_options_are_user_errors(options, models):
     with pytest.raises(UserError):
         mine(models("tiny-dense"), "bfloat16", **options)
@@ -204,6 +205,14 @@ def test_positions_that_skip_cache_slots_are_refused(models):
     cand = mine(models("tiny-dense"), "bfloat16")
     with pytest.raises(UserError, match="positions"):
         cand.step(torch.tensor([[1, 2]]), torch.tensor([[3, 4]]), DictSink())
+
+
+def test_more_positions_than_the_model_has_name_the_model_limit_not_the_cache(tmp_path):
+    """max_seq is capped at max_position_embeddings: advice to raise it could not be followed."""
+    short = make_model(tmp_path / "short", "tiny-dense", overrides={"max_position_embeddings": 8})
+    cand = mine(short, "bfloat16", max_seq="40")
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        cand.step(torch.arange(10)[None], torch.arange(10)[None], DictSink())
 
 
 def test_one_layer_run_alone_reproduces_that_layer_of_the_full_step(models):

@@ -24,9 +24,12 @@ from .numerics import Numerics
 DEVICES = ("auto", "cpu", "cuda", "emulated")
 
 
-def flag(value: bool | str) -> bool:
-    """An on/off option, as a bool or as `--cand` passes it: false, 0 and no are off."""
-    return str(value).lower() not in ("false", "0", "no")
+def flag(name: str, value: bool | str) -> bool:
+    """An on/off option, as a bool or as `--cand` passes it (true/false, 1/0, yes/no, on/off)."""
+    text = str(value).lower()
+    if text not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        raise UserError(f"mine option {name}={value!r}: choose true or false")
+    return text in ("true", "1", "yes", "on")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -106,13 +109,12 @@ class MineCandidate(Candidate):
         self.numerics = Numerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
         self.device = resolve_device(device)
         self.emulated = device == "emulated"
-        try:
-            self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
-        except ValueError:
-            raise UserError(f"mine option max_seq={max_seq!r} is not a whole number") from None
-        self.use_graph = flag(graph) and self.device.type == "cuda"
+        if not str(max_seq).isdigit() or int(max_seq) < 1:
+            raise UserError(f"mine option max_seq={max_seq!r}: give the number of cache slots, a whole number >= 1")
+        self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
+        self.use_graph = flag("graph", graph) and self.device.type == "cuda"
         self.ops = load(emulated=self.emulated)
-        self.use_pdl = flag(pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
+        self.use_pdl = flag("pdl", pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             Checkpoint(model_dir), cfg, self.dtype, self.device)
         cos = torch.empty(self.max_seq, cfg.head_dim, dtype=self.dtype)
@@ -163,6 +165,9 @@ class MineCandidate(Candidate):
         if positions.tolist() != [list(range(self.length, S))] * B:
             raise UserError(f"mine keeps a token's keys in the cache slot of its position: this step needs positions "
                             f"{self.length}..{S - 1} in every row")
+        if S > self.config.max_position_embeddings:
+            raise UserError(f"{S} positions exceed the model's max_position_embeddings "
+                            f"({self.config.max_position_embeddings}): use fewer tokens")
         if S > self.max_seq:
             raise UserError(f"{S} positions exceed mine's cache of {self.max_seq}: pass the option max_seq={S}")
         self._cache(B)
