@@ -11,8 +11,8 @@ from qwen3dbg.diff.result import DiffResult, TapResult
 
 
 _STYLE = {"first divergence": "bold", "origin": "bold", "first NaN/inf": "bold red", "golden NaN/inf": "bold red",
-          "diagnosis": "bold cyan", "or": "cyan", "within noise": "bold blue", "routing ties": "yellow",
-          "not compared": "dim", "note": "yellow"}
+          "reference": "bold yellow", "diagnosis": "bold cyan", "or": "cyan", "within noise": "bold blue",
+          "routing ties": "yellow", "not compared": "dim", "note": "yellow"}
 
 
 def summary(result: DiffResult) -> Panel:

@@ -104,3 +104,18 @@ def test_diff_command_exits_0_on_a_clean_pair(catalogue_model):
                                    "--dtype", "float32", "--token-ids", "5,6,7"])
     assert run.exit_code == 0, run.output
     assert "no divergence" in run.output
+
+
+def test_a_broken_reference_is_called_suspect_and_gets_no_rounding_order_comfort(catalogue_model):
+    """Tolerances follow the reference's error: a reference with the wrong RoPE theta would pass a
+    correct candidate and hide a broken one, so the result names it instead."""
+    result = run_diff("rope-theta-1e4", "hf", model_dir=catalogue_model("dense"))
+    assert result.suspect_reference is not None and result.suspect_reference.op in ("q_rope", "k_rope")
+    assert result.in_noise is None
+    assert any(label == "reference" and "--ref scratch --cand rope-theta-1e4" in text
+               for label, text in result.summary())
+    assert result.to_json()["suspect_reference"]["tap"] == result.suspect_reference.name
+
+
+def test_a_correct_reference_is_not_suspect(catalogue_model):
+    assert run_diff("hf", "scratch", model_dir=catalogue_model("dense")).suspect_reference is None

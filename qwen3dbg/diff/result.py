@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from qwen3dbg.diff.noise import REF_SUSPECT_REL_L2
 from qwen3dbg.json_safe import json_safe
 
 FORMAT = "qwen3dbg-diff/1"
@@ -79,6 +80,11 @@ class SideInfo:
     notes: list[str] = field(default_factory=list)  # caveats the implementation wrote into its manifest
 
 
+def suspect_reference(taps: list[TapResult]) -> TapResult | None:
+    """The first tap where the reference is further from fp64 than a correct implementation gets."""
+    return next((t for t in taps if t.ref_rel_l2 > REF_SUSPECT_REL_L2), None)
+
+
 @dataclass
 class DiffResult:
     model: str
@@ -115,6 +121,10 @@ class DiffResult:
         return f"divergence at step {d.step}, {where}: {d.tap} ({d.reason})"
 
     @property
+    def suspect_reference(self) -> TapResult | None:
+        return suspect_reference(self.taps)
+
+    @property
     def not_compared(self) -> list[TapResult]:
         return [t for t in self.taps if t.status == "not_compared"]
 
@@ -126,6 +136,12 @@ class DiffResult:
                            f"dtype {self.dtype}; prefill of {self.steps[0]['tokens']} tokens, "
                            f"{len(self.steps) - 1} decode steps")]
         lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
+        suspect = self.suspect_reference
+        if suspect is not None:
+            lines.append(("reference", f"the reference itself is {suspect.ref_rel_l2:.2g} rel. L2 from fp64 at step "
+                                       f"{suspect.step}, {suspect.name}: tolerances follow its error, so it may hide "
+                                       f"the candidate's bugs (check it: qwen3dbg diff --ref scratch --cand "
+                                       f"{self.side('ref').spec})"))
         gold = self.golden_nonfinite
         if gold:
             lines.append(("golden NaN/inf", f"step {gold['step']}, {gold['tap']} ({gold['count']} values): "
@@ -158,12 +174,14 @@ class DiffResult:
 
     def to_json(self) -> dict:
         """Everything, JSON-safe (NaN and inf become null); CI jobs read first_divergence and diagnosis."""
+        ref = self.suspect_reference
         d = {
             "format": FORMAT, "verdict": self.verdict, "exit_code": self.exit_code,
             "first_divergence": asdict(self.first_divergence) if self.first_divergence else None,
             "diagnosis": [{"signature": x.signature, "message": x.message, "evidence": x.evidence}
                           for x in self.diagnosis],
             "first_nonfinite": self.first_nonfinite, "golden_nonfinite": self.golden_nonfinite,
+            "suspect_reference": {"step": ref.step, "tap": ref.name, "ref_rel_l2": ref.ref_rel_l2} if ref else None,
             "in_noise": asdict(self.in_noise) if self.in_noise else None,
             "routing_ties": self.routing_ties, "model": self.model, "dtype": self.dtype,
             "sides": [asdict(s) for s in self.sides], "rule": self.rule, "config": self.config,
