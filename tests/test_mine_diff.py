@@ -40,3 +40,4 @@ def test_fused_rmsnorm_explanation_names_the_k_norm_rounding_point(fused_on_hot_
 def test_bf16_accumulation_switch_is_reported_as_a_divergence(catalogue_model):
     result = diff("mine:device=cpu,accum=compute", catalogue_model("wide"))
     assert result.first_divergence is not None, result.verdict
+    assert result.diagnosis[0].signature == "lowp_accumulation", result.diagnosis

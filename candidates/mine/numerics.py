@@ -21,9 +21,10 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
                "My attention keeps q.k and the scaled scores in fp32 (fp32, as fused kernels do); transformers' "
                "eager path rounds both to the compute dtype (compute). Does that explain my attention differences?"),
     "accum": (("fp32", "compute", "split"),
-              "My matrix products accumulate in fp32 (fp32), or in the compute dtype after every add (compute, "
-              "e.g. bf16 accumulation), or in fp32 per lane with the 32 lane partials rounded and summed in the "
-              "compute dtype (split, as a split-K GEMM with bf16 partials). Is my accumulation the divergence?"),
+              "My matrix products accumulate in fp32 (fp32), or in one running sum rounded to the compute dtype "
+              "after every add (compute, a plain loop accumulating in bf16), or in fp32 per lane with the 32 lane "
+              "partials rounded and summed in the compute dtype (split, as a split-K GEMM with bf16 partials). Is "
+              "my accumulation the divergence?"),
 }
 
 _CODES = {"rmsnorm": {"hf": 0, "fused": 1}, "accum": {"fp32": 0, "compute": 1, "split": 2}}

@@ -248,16 +248,20 @@ template <class T> struct SiluRow {
 
 // Lane `lane`'s partials of sum_k x_r[k] * w[k] for R rows x_r of `x` (rows >= `rows` are skipped), K a
 // multiple of CHUNK. The lane owns the chunks [lane*CHUNK + j*STRIDE, +CHUNK) for j = 0, 1, ... and
-// adds their products in ascending k. R > 1 lets a kernel read each chunk of w once for several
-// tokens; every row's arithmetic is the same as with R = 1.
+// adds their products in ascending k. ACC_COMPUTE instead keeps one running sum over the whole row,
+// in lane 0, as a plain loop accumulating in T does (the butterfly then adds the other lanes' exact
+// zeros). R > 1 lets a kernel read each chunk of w once for several tokens; every row's arithmetic is
+// the same as with R = 1.
 template <class T, int R, class X>
 QD void lane_dot_rows(const X& x, int rows, const T* w, int K, int lane, int accum, float* acc) {
   float xv[CHUNK], wv[CHUNK];
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
+  const bool one_sum = accum == ACC_COMPUTE;
+  const int first = one_sum ? (lane == 0 ? 0 : K) : lane * CHUNK, step = one_sum ? CHUNK : STRIDE;
 #ifdef __CUDA_ARCH__
 #pragma unroll 4
 #endif
-  for (int base = lane * CHUNK; base < K; base += STRIDE) {
+  for (int base = first; base < K; base += step) {
     load8(w + base, wv);
     for (int r = 0; r < R; ++r) {  // a constant trip count keeps acc[] in registers
       if (r >= rows) break;

@@ -101,12 +101,22 @@ template <class T> void lane_major(const T* row, int k, float* out) {
 template <class T> void lane_major(const T* row, int k, float* out) { lane_major_tail(row, k, 0, out); }
 #endif
 
-// `dot` over two lane-major rows of `sweeps` sweeps: the same lanes, order and butterfly.
-template <class T, int A> float dot_lane_major(const float* x, const float* w, int sweeps) {
+// `dot` over two lane-major rows of k elements: the same lanes, order and butterfly.
+template <class T, int A> float dot_lane_major(const float* x, const float* w, int k) {
   float p[LANES] = {};
-  for (int i = 0; i < sweeps * CHUNK; ++i)
-    for (int lane = 0; lane < LANES; ++lane)
-      p[lane] = acc_add<T>(p[lane], x[i * LANES + lane] * w[i * LANES + lane], A);
+  const int sweeps = (k + STRIDE - 1) / STRIDE;
+  if (A == ACC_COMPUTE) {  // one running sum in ascending k, in lane 0 (lane_dot_rows)
+    for (int s = 0; s < sweeps; ++s)
+      for (int lane = 0; lane < LANES && s * STRIDE + lane * CHUNK < k; ++lane)
+        for (int v = 0; v < CHUNK; ++v) {
+          const int i = (s * CHUNK + v) * LANES + lane;
+          p[0] = acc_add<T>(p[0], x[i] * w[i], A);
+        }
+  } else {
+    for (int i = 0; i < sweeps * CHUNK; ++i)
+      for (int lane = 0; lane < LANES; ++lane)
+        p[lane] = acc_add<T>(p[lane], x[i * LANES + lane] * w[i * LANES + lane], A);
+  }
   return reduce_lanes<T>(p, A);
 }
 
@@ -121,7 +131,7 @@ template <class T, int A> void linear_lane_major(const T* x, const T* w, T* y, i
 #pragma omp for
     for (int j = 0; j < m; ++j) {
       lane_major(w + (size_t)j * k, k, ws.data());
-      for (int r = 0; r < n; ++r) y[(size_t)r * m + j] = from_f<T>(dot_lane_major<T, A>(xs.data() + r * len, ws.data(), sweeps));
+      for (int r = 0; r < n; ++r) y[(size_t)r * m + j] = from_f<T>(dot_lane_major<T, A>(xs.data() + r * len, ws.data(), k));
     }
   }
 }
