@@ -8,6 +8,7 @@ differ's bug catalogue.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -157,9 +158,16 @@ def make_model(out_dir: str | Path, preset: str = "tiny-dense", *, seed: int = 0
     return out
 
 
+def generator_digest() -> str:
+    """What the weights make_model writes depend on: this file and torch's random number generator."""
+    return hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+
+
 def default_model_dir(preset: str = "tiny-dense") -> Path:
-    """The embedded default: a synthetic model made on first use and kept under ~/.cache/qwen3dbg."""
-    root = home("models", f"{preset}-seed0")
+    """The embedded default: a synthetic model made on first use and kept under ~/.cache/qwen3dbg, one
+    per generator_digest, so that a cached model is what make-model writes today (a store captured on
+    it and diffed against a fresh one must not differ by a generator change)."""
+    root = home("models", f"{preset}-seed0-{generator_digest()}")
     done = root / ".complete"
     if not done.exists():
         make_model(root, preset)

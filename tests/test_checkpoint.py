@@ -69,3 +69,19 @@ def test_missing_shard_and_missing_weights_are_clear_errors(models, tmp_path):
         Checkpoint(d)
     with pytest.raises(UserError, match="no model.safetensors"):
         Checkpoint(tmp_path)
+
+
+def test_a_default_model_cached_by_another_generator_is_not_reused(tmp_path, monkeypatch):
+    """The embedded default is cached; a cache left by an older generator (other weights) must not stand
+    in for what make-model writes today, or stores captured on one would diverge on the other."""
+    from qwen3dbg import synth
+
+    monkeypatch.setattr(synth, "generator_digest", lambda: "an-older-one")
+    stale = synth.default_model_dir()
+    Checkpoint(stale)  # it is a model ...
+    target = next(stale.glob("*.safetensors"))
+    target.write_bytes(target.read_bytes()[:-2] + b"\x00\x7f")  # ... whose last weight an older generator set
+    monkeypatch.undo()
+    today, fresh = Checkpoint(synth.default_model_dir()), Checkpoint(make_model(tmp_path / "fresh", "tiny-dense"))
+    assert today.dir != stale
+    assert all(torch.equal(today.get(n), fresh.get(n)) for n in fresh.keys())
