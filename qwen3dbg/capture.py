@@ -36,6 +36,8 @@ def parse_ids(text: str, cfg: Qwen3Config, what: str = "--token-ids") -> list[in
 
 
 def tokenize(model_dir: Path, prompt: str) -> list[int]:
+    if not prompt:
+        raise UserError("--prompt is empty: give some text, or leave it out for the default prompt")
     from transformers import AutoTokenizer
 
     no_tokenizer = UserError(f"{model_dir} has no tokenizer (synthetic models have none): pass --token-ids instead")

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
-from qwen3dbg.layout import INDEX, SINGLE
-
+from qwen3dbg.layout import INDEX, SINGLE, tensor_shapes
 
 
 class Checkpoint:
@@ -58,3 +58,11 @@ class Checkpoint:
             raise UserError(f"checkpoint {self.dir} has no tensor {name!r}")
         t = self._open(self.file_of[name]).get_tensor(name)
         return t if dtype is None else t.to(dtype)
+
+    def check_shapes(self, cfg: Qwen3Config) -> None:
+        """Refuse tensors whose shape differs from the one `cfg` implies: every implementation would
+        otherwise fail deep inside its first matmul, or read the values in the wrong layout."""
+        for name, want in tensor_shapes(cfg).items():
+            if name in self and (have := self.shape(name)) != want:
+                raise UserError(f"{name} in {self.dir} has shape {list(have)} but its config.json "
+                                f"implies {list(want)}: run `qwen3dbg scan-checkpoint {self.dir}` for every mismatch")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,7 +39,8 @@ def make_model_cmd(
     preset: str = typer.Option("tiny-dense", help="Shape preset; see --list-presets."),
     seed: int = typer.Option(0, help="Weights are a deterministic function of the seed and the tensor name."),
     dtype: str = typer.Option("bfloat16", help="On-disk dtype (released Qwen3 checkpoints are bfloat16)."),
-    shard_size_mb: int = typer.Option(4096, help="Shard the safetensors above this size (MiB), with an index."),
+    shard_size_mb: int = typer.Option(4096, min=0, help="Shard the safetensors above this size (MiB), with an "
+                                      "index; 0: one tensor per shard."),
     k_norm_peak: Optional[float] = typer.Option(None, help="Largest k_norm weight (layer 0; halves per layer)."),
     q_norm_peak: Optional[float] = typer.Option(None, help="Plant one q_norm weight of this size in every layer."),
     ghost_bias: Optional[float] = typer.Option(
@@ -56,6 +58,10 @@ def make_model_cmd(
         for name, p in PRESETS.items():
             typer.echo(f"{name:20s} {p.about}")
         return
+    if format == "gguf":
+        _writable_files(out)
+    else:
+        _writable_dir(out)
     plants = Plants(k_norm_peak=k_norm_peak, q_norm_peak=q_norm_peak, ghost_bias=ghost_bias,
                     nonfinite=tuple(nonfinite), huge=tuple(huge))
     with progress_bar() as bar:
@@ -104,6 +110,7 @@ def capture(
     from qwen3dbg.inputs import resolve_model, resolve_steps
     from qwen3dbg.registry import load_candidate
 
+    _writable_dir(out)
     model_dir, cfg = resolve_model(model)
     steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
     options = {"attn": attn} if impl == "hf" else {}
@@ -162,6 +169,7 @@ def diff(
     from qwen3dbg.diff import run_diff
     from qwen3dbg.reports.terminal import render
 
+    _writable_files(json_out, html_out)
     try:
         with console.status("diff") as spinner:
             result = run_diff(ref, cand, model_dir=model, dtype=dtype, token_ids=token_ids, decode_ids=decode_ids,
@@ -184,6 +192,35 @@ def _fail_on(value: str) -> str:
     if value not in ("warning", "error"):
         raise UserError(f"--fail-on {value!r}: use warning or error")
     return value
+
+
+def _writable_dir(path: Path) -> None:
+    """Refuse an output directory that cannot be made or written into, before the work that fills it
+    (probing its nearest existing folder, so a command that then fails leaves no empty directory)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write into {path}: {existing} is a file, not a directory")
+    try:
+        tempfile.NamedTemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UserError(f"cannot write into {path}: {e.strerror}") from None
+
+
+def _writable_files(*paths: Optional[Path]) -> None:
+    """Refuse output files that cannot be written before the work whose result they would hold."""
+    given = [p for p in paths if p is not None]
+    if len({p.resolve() for p in given}) < len(given):
+        raise UserError(f"--json and --html both name {given[0]}: give each its own file")
+    for path in given:
+        if str(path) == "-":
+            raise UserError("'-' is not an output file: give a file path (the report itself goes to the terminal)")
+        existed = path.exists()
+        try:
+            path.open("a").close()
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror}") from None
+        if not existed:
+            path.unlink()
 
 
 def _write_outputs(result, views: dict[Optional[Path], Callable[[object], str]]) -> None:
@@ -211,8 +248,10 @@ def scan_checkpoint_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
     fail_on: str = typer.Option("error", help="Exit 1 when a finding is at or above this severity: warning or error."),
-    threshold: float = typer.Option(20.0, help="Flag norm weights (q_norm, k_norm, ...) whose |value| exceeds this."),
-    huge: float = typer.Option(1e4, help="Flag tensors with |values| at or above this (trained weights stay far below)."),
+    threshold: float = typer.Option(20.0, min=0,
+                                    help="Flag norm weights (q_norm, k_norm, ...) whose |value| exceeds this."),
+    huge: float = typer.Option(1e4, min=0,
+                               help="Flag tensors with |values| at or above this (trained weights stay far below)."),
 ):
     """Lint a checkpoint: container integrity, tensors against the config, values, and numerically dangerous norms.
 
@@ -222,6 +261,7 @@ def scan_checkpoint_cmd(
     from qwen3dbg.scan.scan import scan_checkpoint
 
     fail_on = _fail_on(fail_on)
+    _writable_files(json_out, html_out)
     with progress_bar() as bar:
         result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"))
     print_scan(result, Console())
@@ -244,6 +284,7 @@ def diff_weights_cmd(
     from qwen3dbg.scan.diff import diff_weights
 
     fail_on = _fail_on(fail_on)
+    _writable_files(json_out, html_out)
     with progress_bar() as bar:
         result = diff_weights(a, b, _progress_task(bar, "comparing (tensors)"))
     print_diff(result, Console())
@@ -274,6 +315,7 @@ def selftest(
 
     if prompt_tokens < 1 or decode_steps < 1:
         raise UserError("--prompt-tokens and --decode-steps must be at least 1")
+    _writable_files(json_out)
     model_dir, _ = resolve_model(model)
     result = run_selftest(model_dir, device, dtype, prompt_tokens, decode_steps,
                           progress=lambda what: console.print(f"[dim]{what}[/dim]"))

@@ -92,6 +92,32 @@ class Qwen3Config:
         return replace(self, **changes)
 
 
+def _opt(raw: dict, key: str, default):
+    """raw[key], a null read as absent (Hugging Face writes null for unset fields)."""
+    value = raw.get(key)
+    return default if value is None else value
+
+
+def _whole(key: str, value, least: int = 1) -> int:
+    """A count: a JSON integer of at least `least` (0 heads or a string "4" would fail far from here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"{key} is {value!r}, it must be a whole number of at least {least}")
+    return value
+
+
+def _real(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise UserError(f"{key} is {value!r}, it must be a positive number")
+    return float(value)
+
+
+def _flag(key: str, value) -> bool:
+    """A JSON true/false: the string "false" is truthy, so it must not pass as a bool."""
+    if not isinstance(value, bool):
+        raise UserError(f"{key} is {value!r}, it must be true or false")
+    return value
+
+
 def _rope_theta(raw: dict) -> float:
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
@@ -101,7 +127,7 @@ def _rope_theta(raw: dict) -> float:
     theta = params.get("rope_theta", raw.get("rope_theta"))
     if theta is None:
         raise UserError("config.json has neither rope_parameters.rope_theta nor rope_theta")
-    return float(theta)
+    return _real("rope_theta", theta)
 
 
 def parse_config(raw: dict) -> Qwen3Config:
@@ -112,37 +138,37 @@ def parse_config(raw: dict) -> Qwen3Config:
             f"model_type {model_type!r} is not a Qwen3 model: qwen3dbg reads 'qwen3' and 'qwen3_moe' configs"
         )
     try:
-        hidden = int(raw["hidden_size"])
-        heads = int(raw["num_attention_heads"])
+        hidden = _whole("hidden_size", raw["hidden_size"])
+        heads = _whole("num_attention_heads", raw["num_attention_heads"])
         # Qwen3's head_dim is explicit and is NOT hidden // heads (0.6B: 128, not 64).
-        head_dim = int(raw.get("head_dim") or hidden // heads)
-        num_experts = int(raw.get("num_experts", raw.get("num_local_experts", 0)) or 0)
+        head_dim = _whole("head_dim", _opt(raw, "head_dim", hidden // heads))
+        num_experts = _whole("num_experts", _opt(raw, "num_experts", _opt(raw, "num_local_experts", 0)), 0)
         cfg = Qwen3Config(
             model_type=model_type,
-            vocab_size=int(raw["vocab_size"]),
+            vocab_size=_whole("vocab_size", raw["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
+            intermediate_size=_whole("intermediate_size", raw["intermediate_size"]),
+            num_hidden_layers=_whole("num_hidden_layers", raw["num_hidden_layers"]),
             num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            num_key_value_heads=_whole("num_key_value_heads", _opt(raw, "num_key_value_heads", heads)),
             head_dim=head_dim,
             rope_theta=_rope_theta(raw),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
+            rms_norm_eps=_real("rms_norm_eps", _opt(raw, "rms_norm_eps", 1e-6)),
+            tie_word_embeddings=_flag("tie_word_embeddings", _opt(raw, "tie_word_embeddings", False)),
+            attention_bias=_flag("attention_bias", _opt(raw, "attention_bias", False)),
             torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 40960)),
+            max_position_embeddings=_whole("max_position_embeddings", _opt(raw, "max_position_embeddings", 40960)),
             hidden_act=str(raw.get("hidden_act", "silu")),
             num_experts=num_experts if model_type == "qwen3_moe" else 0,
-            num_experts_per_tok=int(raw.get("num_experts_per_tok", 0) or 0),
-            moe_intermediate_size=int(raw.get("moe_intermediate_size", 0) or 0),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
-            decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
-            mlp_only_layers=tuple(int(i) for i in (raw.get("mlp_only_layers") or ())),
+            num_experts_per_tok=_whole("num_experts_per_tok", _opt(raw, "num_experts_per_tok", 0), 0),
+            moe_intermediate_size=_whole("moe_intermediate_size", _opt(raw, "moe_intermediate_size", 0), 0),
+            norm_topk_prob=_flag("norm_topk_prob", _opt(raw, "norm_topk_prob", False)),
+            decoder_sparse_step=_whole("decoder_sparse_step", _opt(raw, "decoder_sparse_step", 1)),
+            mlp_only_layers=tuple(_whole("mlp_only_layers", i, 0) for i in _opt(raw, "mlp_only_layers", ())),
         )
     except KeyError as e:
         raise UserError(f"config.json lacks the field {e.args[0]!r} that a {model_type} config must have") from None
-    except (TypeError, ValueError) as e:
+    except TypeError as e:
         raise UserError(f"config.json has a field of the wrong type: {e}") from None
     if cfg.hidden_act != "silu":
         raise UserError(f"hidden_act {cfg.hidden_act!r} is not Qwen3's 'silu'")

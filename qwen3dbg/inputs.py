@@ -9,34 +9,41 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen3dbg.capture import DEFAULT_PROMPT, forced_steps, greedy_decode_ids, parse_ids, tokenize
+from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo
 
 
 def resolve_model(model: Path | None) -> tuple[Path, Qwen3Config]:
-    """`--model DIR`, or the embedded synthetic default when omitted."""
+    """`--model DIR`, or the embedded synthetic default when omitted; its weights must fit its config."""
     if model is None:
         from qwen3dbg.synth import default_model_dir
 
         model = default_model_dir()
-    if not Path(model).exists():
+    model = Path(model)
+    if not model.exists():
         raise UserError(f"model directory {model} does not exist: make one with `qwen3dbg make-model {model}`")
-    return Path(model), load_config(model)
+    if not model.is_dir():
+        raise UserError(f"--model {model} is a file: pass the directory that holds config.json and the safetensors")
+    cfg = load_config(model)
+    Checkpoint(model).check_shapes(cfg)
+    return model, cfg
 
 
 def resolve_steps(model_dir: Path, cfg: Qwen3Config, token_ids: str | None, prompt: str | None,
                   decode_ids: str | None, decode_steps: int | None) -> list[StepInfo]:
-    """Fix every step's token ids before any implementation runs."""
-    if token_ids and prompt:
+    """Fix every step's token ids before any implementation runs. A flag given empty is an error,
+    not a request for the default: the user meant some ids and would get others."""
+    if token_ids is not None and prompt is not None:
         raise UserError("give either --token-ids or --prompt, not both")
-    if decode_ids and decode_steps is not None:
+    if decode_ids is not None and decode_steps is not None:
         raise UserError("give either --decode-ids or --decode-steps, not both")
     if decode_steps is not None and decode_steps < 0:
         raise UserError("--decode-steps must be 0 or more")
-    ids = parse_ids(token_ids, cfg) if token_ids else tokenize(model_dir, prompt) if prompt else \
-        [i % cfg.vocab_size for i in DEFAULT_PROMPT]
-    if decode_ids:
+    ids = parse_ids(token_ids, cfg) if token_ids is not None else tokenize(model_dir, prompt) \
+        if prompt is not None else [i % cfg.vocab_size for i in DEFAULT_PROMPT]
+    if decode_ids is not None:
         decode = parse_ids(decode_ids, cfg, "--decode-ids")
     elif decode_steps:
         from qwen3dbg.reference.qwen3 import Qwen3Reference

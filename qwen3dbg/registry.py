@@ -6,6 +6,7 @@ Entries are import paths, so naming an implementation imports only what it needs
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from qwen3dbg.candidate import Candidate
 from qwen3dbg.errors import UserError
@@ -48,13 +49,22 @@ def load_candidate(name: str, model_dir, dtype, **options) -> Candidate:
     """Instantiate implementation `name` for a model directory in a dtype."""
     prefix, _, rest = name.partition(":")
     if rest and prefix in PREFIXES:
-        return _class(PREFIXES[prefix])(rest, model_dir, dtype, **options)
+        return _construct(name, PREFIXES[prefix], (rest, model_dir, dtype), options)
     if name not in IMPLEMENTATIONS:
         raise UserError(f"unknown implementation {name!r}: choose one of {', '.join(names())}, "
                         "or module:FILE.py:factory, llamacpp:MODEL.gguf")
-    return _class(IMPLEMENTATIONS[name])(model_dir, dtype, **options)
+    return _construct(name, IMPLEMENTATIONS[name], (model_dir, dtype), options)
 
 
-def _class(target: str):
+def _construct(name: str, target: str, args: tuple, options: dict) -> Candidate:
+    """Import and build `target`; options are user-typed (`NAME:key=value`), so one the constructor
+    does not take is the user's mistake, said before the constructor runs."""
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    cls = getattr(importlib.import_module(module), attr)
+    params = inspect.signature(cls).parameters.values()
+    accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    unknown = [k for k in options if k not in accepted]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+        takes = f"its options are {', '.join(accepted)}" if accepted else "it takes no options"
+        raise UserError(f"implementation {name!r} has no option {unknown[0]!r}: {takes}")
+    return cls(*args, **options)

@@ -18,9 +18,7 @@ from safetensors import safe_open
 from qwen3dbg.dtypes import dtype_name, parse_dtype
 from qwen3dbg.errors import UserError
 from qwen3dbg.safetensors_stream import StreamingWriter
-from qwen3dbg.taps import FORMAT
-
-MANIFEST = "manifest.json"
+from qwen3dbg.taps import FORMAT, MANIFEST
 
 
 def step_file(step: int) -> str:

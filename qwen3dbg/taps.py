@@ -15,6 +15,8 @@ from math import prod
 from qwen3dbg.config import Qwen3Config
 
 FORMAT = "qwen3dbg-taps/1"
+#: the file that makes a directory a tap store (here, not in store.py, so the torch-free scanner can tell one)
+MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)

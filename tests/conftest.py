@@ -92,6 +92,17 @@ def rewrite_checkpoint(src, dst, edit):
     return dst
 
 
+def with_config(src, dst, **changes):
+    """A copy of model directory `src` at `dst` whose config.json has `changes` (a value None removes the key)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    raw = json.loads((dst / "config.json").read_text()) | changes
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
+    return dst
+
+
 def edit_safetensors_header(path, edit):
     """Rewrite a safetensors file's JSON header through `edit(header: dict) -> dict`, data bytes unchanged."""
     import json

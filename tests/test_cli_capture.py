@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import with_config
 from typer.testing import CliRunner
 
 from qwen3dbg.cli import app, main
@@ -71,12 +72,20 @@ def test_taps_pattern_selects_and_a_pattern_matching_nothing_is_an_error(models,
     (["--prompt", "hello"], "has no tokenizer"),
     (["--dtype", "int8"], "unknown dtype"),
     (["--impl", "nope"], "unknown implementation"),
+    (["--model", "{file}"], "is a file: pass the directory"),
+    (["--model", "{wrong-vocab}"], "has shape [512, 64] but its config.json implies [1000, 64]: run `qwen3dbg "
+                                    "scan-checkpoint"),
+    (["--token-ids", ""], "--token-ids is empty"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--decode-ids", ""], "--decode-ids is empty"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(models, tmp_path, capsys, args, words):
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    subst = {"{missing}": str(tmp_path / "nowhere"), "{llama}": str(llama)}
+    subst = {"{missing}": str(tmp_path / "nowhere"), "{llama}": str(llama),
+             "{file}": str(models("tiny-dense") / "config.json"),
+             "{wrong-vocab}": str(with_config(models("tiny-dense"), tmp_path / "vocab", vocab_size=1000))}
     args = [subst.get(a, a) for a in args]
     if "--model" not in args:
         args += ["--model", str(models("tiny-dense"))]
@@ -91,6 +100,29 @@ def test_make_model_lists_presets_and_writes_a_sharded_checkpoint(tmp_path):
     assert cli("make-model", tmp_path / "m", "--preset", "tiny-moe", "--shard-size-mb", "0") == 0
     assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
     assert cli("make-model", tmp_path / "n", "--preset", "nope") == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["make-model", "{file}"], "cannot write into {file}: {file} is a file, not a directory"),
+    (["make-model", "{file}/sub"], "{file} is a file, not a directory"),
+    (["make-model", "{tmp}/no/such/m.gguf", "--format", "gguf"], "cannot write {tmp}/no/such/m.gguf"),
+    (["capture", "--out", "{file}"], "cannot write into {file}: {file} is a file"),
+    (["capture", "--out", "/proc/qwen3dbg-taps"], "cannot write into /proc/qwen3dbg-taps"),
+    (["make-model", "{tmp}/m", "--shard-size-mb", "-1"], "--shard-size-mb"),
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, args, words):
+    (tmp_path / "f").write_text("not a directory")
+    subst = {"{file}": str(tmp_path / "f"), "{tmp}": str(tmp_path)}
+
+    def fill(text):
+        for k, v in subst.items():
+            text = text.replace(k, v)
+        return text
+
+    assert cli(*map(fill, args)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert fill(words) in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
 def test_capture_without_arguments_uses_the_embedded_default_model(tmp_path):

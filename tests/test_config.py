@@ -40,6 +40,15 @@ def test_moe_fields_from_either_spelling_and_sparse_layers():
     ({"model_type": "qwen3"}, "lacks the field"),
     (RELEASED_0_6B | {"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "not supported"),
     (RELEASED_0_6B | {"num_key_value_heads": 5}, "not a multiple"),
+    ({k: v for k, v in RELEASED_0_6B.items() if k != "head_dim"} | {"num_attention_heads": 0},
+     "num_attention_heads is 0"),
+    (RELEASED_0_6B | {"num_key_value_heads": 0}, "num_key_value_heads is 0"),
+    (RELEASED_0_6B | {"head_dim": 0}, "head_dim is 0"),
+    (RELEASED_0_6B | {"vocab_size": "151936"}, "vocab_size is '151936'"),
+    (RELEASED_0_6B | {"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', it must be true or false"),
+    (RELEASED_0_6B | {"rms_norm_eps": -1e-6}, "rms_norm_eps is -1e-06"),
+    (RELEASED_0_6B | {"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
+                      "moe_intermediate_size": 64, "decoder_sparse_step": 0}, "decoder_sparse_step is 0"),
 ])
 def test_bad_configs_are_one_clear_error(raw, words):
     with pytest.raises(UserError, match=words):

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import with_config
+from test_cli_capture import cli
 from typer.testing import CliRunner
 
 from qwen3dbg.capture import capture, forced_steps
@@ -119,3 +121,43 @@ def test_a_broken_reference_is_called_suspect_and_gets_no_rounding_order_comfort
 
 def test_a_correct_reference_is_not_suspect(catalogue_model):
     assert run_diff("hf", "scratch", model_dir=catalogue_model("dense")).suspect_reference is None
+
+
+@pytest.mark.parametrize("cand, words", [
+    ("mine:bogus=1", "implementation 'mine' has no option 'bogus': its options are device, rmsnorm"),
+    ("hf:foo=1", "implementation 'hf' has no option 'foo': its options are attn"),
+    ("scratch:x=1", "implementation 'scratch' has no option 'x'"),
+])
+def test_an_unknown_option_key_is_named_with_the_options_the_implementation_takes(catalogue_model, capsys, cand, words):
+    assert cli("diff", "--cand", cand, "--model", catalogue_model("dense"), "--token-ids", "5,6,7") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads is 0"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', it must be true or false"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads is 0"),
+    ({"head_dim": 16}, "self_attn.q_proj.weight in"),
+    ({"vocab_size": 1000}, "implies [1000, 64]: run `qwen3dbg scan-checkpoint"),
+])
+def test_a_config_the_weights_or_types_contradict_is_exit_2_before_anything_runs(models, tmp_path, capsys, changes,
+                                                                                   words):
+    model = with_config(models("tiny-dense"), tmp_path / "m", **changes)
+    assert cli("diff", "--cand", "scratch", "--model", model, "--dtype", "fp32", "--token-ids", "5,6,7") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("outputs, words", [
+    (["--json", "{tmp}/no/such/r.json", "--html", "{tmp}/ok.html"], "cannot write"),
+    (["--json", "{tmp}/r", "--html", "{tmp}/r"], "--json and --html both name"),
+    (["--json", "-"], "'-' is not an output file"),
+    (["--html", "{tmp}"], "Is a directory"),
+])
+def test_output_files_are_checked_before_the_diff_runs(models, tmp_path, monkeypatch, capsys, outputs, words):
+    monkeypatch.setattr("qwen3dbg.diff.run_diff", lambda *a, **k: pytest.fail("the diff ran"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in outputs]
+    assert cli("diff", "--cand", "scratch", "--model", models("tiny-dense"), *args) == 2
+    assert words in " ".join(capsys.readouterr().err.split())
+    assert list(tmp_path.iterdir()) == []

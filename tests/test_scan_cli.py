@@ -42,6 +42,20 @@ def test_not_a_checkpoint_exits_2(tmp_path):
     assert cli("scan-checkpoint", tmp_path, "--fail-on", "info") == 2
 
 
+def test_a_negative_threshold_is_refused_with_exit_2(models, capsys):
+    assert cli("scan-checkpoint", models("tiny-dense"), "--threshold", "-1") == 2
+    assert "--threshold" in capsys.readouterr().err
+
+
+def test_a_tap_store_is_refused_as_not_a_checkpoint(models, tmp_path, capsys):
+    store = tmp_path / "taps"
+    assert cli("capture", "--impl", "scratch", "--model", models("tiny-dense"), "--taps", "layers.0.attn_scores",
+               "--out", store) == 0
+    capsys.readouterr()
+    assert cli("scan-checkpoint", store) == 2
+    assert "is a tap store, not a checkpoint" in " ".join(capsys.readouterr().err.split())
+
+
 def test_make_model_gguf_then_diff_weights_is_clean(models, tmp_path):
     g = tmp_path / "m.gguf"
     assert cli("make-model", g, "--preset", "tiny-moe", "--format", "gguf", "--gguf-type", "q8_0") == 0

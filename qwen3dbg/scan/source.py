@@ -19,6 +19,7 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.scan.container import FLOAT_NAMES, ITEMSIZE, Entry, read_directory, read_gguf_file, read_safetensors
 from qwen3dbg.scan.findings import Finding
 from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements
+from qwen3dbg.taps import MANIFEST
 
 WINDOW_BYTES = 64 * 1024**2
 
@@ -145,6 +146,9 @@ def open_source(path: str | Path) -> Source:
     if not path.exists():
         raise UserError(f"{path} does not exist: pass a model directory, a .safetensors file or a .gguf file")
     if path.is_dir():
+        if (path / MANIFEST).is_file():
+            raise UserError(f"{path} is a tap store, not a checkpoint: its -inf values are attention masks, not "
+                            f"broken weights; check it with `qwen3dbg validate-store {path}`")
         if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
             raise UserError(f"{path} holds no safetensors files: pass a model directory, a .safetensors or a .gguf file")
         cfg, findings = _config(path)
