@@ -93,19 +93,23 @@ def make_model_cmd(
 
 @app.command()
 def capture(
-    impl: str = typer.Option("hf", help="Implementation to run: hf, scratch (the readable reference), ..."),
+    impl: str = typer.Option("hf", help="Implementation to run: hf, scratch (the readable reference), mine, a bug "
+                                        "of the catalogue, with NAME:key=value options (mine:rmsnorm=fused), or "
+                                        "module:FILE.py:factory, llamacpp:MODEL.gguf."),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     token_ids: Optional[str] = typer.Option(None, help=TOKEN_IDS_HELP),
     prompt: Optional[str] = typer.Option(None, help=PROMPT_HELP),
     decode_ids: Optional[str] = typer.Option(None, help=DECODE_IDS_HELP),
     decode_steps: Optional[int] = typer.Option(None, help=DECODE_STEPS_HELP),
     dtype: str = typer.Option("bfloat16", help=DTYPE_HELP),
-    attn: str = typer.Option("eager", help="hf only: eager (scores and probabilities captured) or sdpa."),
+    attn: Optional[str] = typer.Option(None, help="hf only: eager (the default: scores and probabilities "
+                                                   "captured) or sdpa; the same as --impl hf:attn=..."),
     taps: list[str] = typer.Option([], help="Glob of tap names to keep, e.g. 'layers.*.attn_*' (repeatable)."),
     out: Path = typer.Option(..., help="Directory of the tap store to write."),
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
     from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
+    from qwen3dbg.diff.sides import parse_side
     from qwen3dbg.dtypes import dtype_name
     from qwen3dbg.inputs import resolve_model, resolve_steps
     from qwen3dbg.registry import load_candidate
@@ -113,8 +117,12 @@ def capture(
     _writable_dir(out)
     model_dir, cfg = resolve_model(model)
     steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
-    options = {"attn": attn} if impl == "hf" else {}
-    cand = load_candidate(impl, model_dir, dtype, **options)
+    spec = parse_side(impl, "impl")
+    if spec.store is not None:
+        raise UserError(f"--impl {impl} is a tap store: capture runs an implementation")
+    if attn is not None and (spec.name != "hf" or "attn" in spec.options):
+        raise UserError(f"--attn is an option of hf, given once: not with --impl {impl}")
+    cand = load_candidate(spec.name, model_dir, dtype, **spec.options, **({"attn": attn} if attn else {}))
     plans = planned(cand, steps, taps or None)
     console.print(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
                   f"{len(steps) - 1} decode steps, {sum(map(len, plans))} taps, "

@@ -54,6 +54,16 @@ def test_capture_hf_sdpa_says_which_path_ran_and_which_taps_it_lacks(models, tmp
     assert not TapStore.open(out).has(0, "layers.0.attn_probs")
 
 
+@pytest.mark.parametrize("impl, manifest", [("hf:attn=sdpa", {"attn_implementation": "sdpa"}),
+                                            ("mine:rmsnorm=fused", {"numerics": {"rmsnorm": "fused", "scores": "compute",
+                                                                                 "accum": "fp32"}})])
+def test_capture_takes_an_implementations_options_as_diff_does(models, tmp_path, impl, manifest):
+    out = tmp_path / "store"
+    assert cli("capture", "--model", models("tiny-dense"), "--impl", impl, "--out", out) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert {k: m.get(k) for k in manifest} == manifest
+
+
 def test_taps_pattern_selects_and_a_pattern_matching_nothing_is_an_error(models, tmp_path):
     out = tmp_path / "sel"
     assert cli("capture", "--model", models("tiny-dense"), "--taps", "layers.*.attn_probs", "--taps", "logits",
@@ -78,6 +88,8 @@ def test_taps_pattern_selects_and_a_pattern_matching_nothing_is_an_error(models,
     (["--token-ids", ""], "--token-ids is empty"),
     (["--prompt", ""], "--prompt is empty"),
     (["--decode-ids", ""], "--decode-ids is empty"),
+    (["--impl", "scratch", "--attn", "sdpa"], "--attn is an option of hf"),
+    (["--impl", "hf:attn=sdpa", "--attn", "eager"], "given once"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(models, tmp_path, capsys, args, words):
     llama = tmp_path / "llama"

@@ -40,7 +40,8 @@ def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise UserError(f"mine option device={device!r}: choose auto, cpu, cuda or emulated")
     if device == "cuda" and not cuda_available():
-        raise UserError("mine option device=cuda, but this torch has no CUDA device (or nvcc is missing): use device=cpu")
+        raise UserError("mine on device cuda, but this torch has no CUDA device (or nvcc is missing): run the CPU "
+                        "twin (--cand mine:device=cpu, selftest --device cpu) or the kernels emulated (--device emulated)")
     return torch.device("cuda" if device == "cuda" or (device == "auto" and cuda_available()) else "cpu")
 
 
