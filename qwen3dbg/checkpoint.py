@@ -59,10 +59,17 @@ class Checkpoint:
         t = self._open(self.file_of[name]).get_tensor(name)
         return t if dtype is None else t.to(dtype)
 
-    def check_shapes(self, cfg: Qwen3Config) -> None:
-        """Refuse tensors whose shape differs from the one `cfg` implies: every implementation would
-        otherwise fail deep inside its first matmul, or read the values in the wrong layout."""
-        for name, want in tensor_shapes(cfg).items():
-            if name in self and (have := self.shape(name)) != want:
+    def check_layout(self, cfg: Qwen3Config) -> None:
+        """Refuse a checkpoint that lacks a tensor `cfg` implies, or holds one in another shape: an
+        implementation would otherwise fail deep inside its first matmul, read values in the wrong
+        layout, or (transformers) fill the missing weights with random values and run on."""
+        scan = f"run `qwen3dbg scan-checkpoint {self.dir}` for every mismatch"
+        expected = tensor_shapes(cfg)
+        missing = [name for name in expected if name not in self]
+        if missing:
+            raise UserError(f"{self.dir} lacks {len(missing)} tensor(s) its config.json implies, "
+                            f"{missing[0]} first: {scan}")
+        for name, want in expected.items():
+            if (have := self.shape(name)) != want:
                 raise UserError(f"{name} in {self.dir} has shape {list(have)} but its config.json "
-                                f"implies {list(want)}: run `qwen3dbg scan-checkpoint {self.dir}` for every mismatch")
+                                f"implies {list(want)}: {scan}")

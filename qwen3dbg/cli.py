@@ -160,8 +160,10 @@ def validate_store_cmd(
 def diff(
     ref: str = typer.Option("hf", help="Reference: an implementation name (hf, scratch), NAME:key=value options "
                                        "(hf:attn=sdpa), or store:DIR for a tap store on disk."),
-    cand: str = typer.Option(..., help="Candidate: an implementation name, a bug of the catalogue, or store:DIR "
-                                       "(an external engine's taps; the other sides run on its token ids)."),
+    cand: str = typer.Option(..., help="Candidate: an implementation name (mine, ...) with NAME:key=value options "
+                                       "(mine:rmsnorm=fused), a bug of the catalogue, module:FILE.py:factory (a "
+                                       "PyTorch port), llamacpp:MODEL.gguf, or store:DIR (an external engine's taps; "
+                                       "the other sides run on its token ids)."),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     token_ids: Optional[str] = typer.Option(None, help=TOKEN_IDS_HELP),
     prompt: Optional[str] = typer.Option(None, help=PROMPT_HELP),

@@ -27,7 +27,7 @@ def resolve_model(model: Path | None) -> tuple[Path, Qwen3Config]:
     if not model.is_dir():
         raise UserError(f"--model {model} is a file: pass the directory that holds config.json and the safetensors")
     cfg = load_config(model)
-    Checkpoint(model).check_shapes(cfg)
+    Checkpoint(model).check_layout(cfg)
     return model, cfg
 
 

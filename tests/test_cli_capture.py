@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import with_config
+from conftest import rewrite_checkpoint, with_config
 from typer.testing import CliRunner
 
 from qwen3dbg.cli import app, main
@@ -85,6 +85,7 @@ def test_taps_pattern_selects_and_a_pattern_matching_nothing_is_an_error(models,
     (["--model", "{file}"], "is a file: pass the directory"),
     (["--model", "{wrong-vocab}"], "has shape [512, 64] but its config.json implies [1000, 64]: run `qwen3dbg "
                                     "scan-checkpoint"),
+    (["--model", "{no-up-proj}"], "lacks 1 tensor(s) its config.json implies, model.layers.1.mlp.up_proj.weight"),
     (["--token-ids", ""], "--token-ids is empty"),
     (["--prompt", ""], "--prompt is empty"),
     (["--decode-ids", ""], "--decode-ids is empty"),
@@ -97,7 +98,9 @@ def test_bad_input_is_one_clear_line_and_exit_2(models, tmp_path, capsys, args, 
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     subst = {"{missing}": str(tmp_path / "nowhere"), "{llama}": str(llama),
              "{file}": str(models("tiny-dense") / "config.json"),
-             "{wrong-vocab}": str(with_config(models("tiny-dense"), tmp_path / "vocab", vocab_size=1000))}
+             "{wrong-vocab}": str(with_config(models("tiny-dense"), tmp_path / "vocab", vocab_size=1000)),
+             "{no-up-proj}": str(rewrite_checkpoint(models("tiny-dense"), tmp_path / "no-up", lambda ts: {
+                 n: t for n, t in ts.items() if n != "model.layers.1.mlp.up_proj.weight"}))}
     args = [subst.get(a, a) for a in args]
     if "--model" not in args:
         args += ["--model", str(models("tiny-dense"))]

@@ -161,3 +161,11 @@ def test_output_files_are_checked_before_the_diff_runs(models, tmp_path, monkeyp
     assert cli("diff", "--cand", "scratch", "--model", models("tiny-dense"), *args) == 2
     assert words in " ".join(capsys.readouterr().err.split())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prefill_only_diff_says_the_decode_path_went_unchecked(catalogue_model):
+    def notes(**steps):
+        result = run_diff("hf", "scratch", model_dir=catalogue_model("dense"), token_ids="5,6,7", **steps)
+        return [text for label, text in result.summary() if label == "note" and "decode-steps" in text]
+
+    assert notes() and not notes(decode_steps=1)

@@ -136,6 +136,9 @@ class DiffResult:
                            f"dtype {self.dtype}; prefill of {self.steps[0]['tokens']} tokens, "
                            f"{len(self.steps) - 1} decode steps")]
         lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
+        if len(self.steps) == 1:
+            lines.append(("note", "prefill only: the KV cache and the decode path ran no step; --decode-steps 4 "
+                                  "checks them (a cache off by one shows only there)"))
         suspect = self.suspect_reference
         if suspect is not None:
             lines.append(("reference", f"the reference itself is {suspect.ref_rel_l2:.2g} rel. L2 from fp64 at step "
