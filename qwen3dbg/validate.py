@@ -143,7 +143,7 @@ def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int,
         tw = f"{where}, {name}"
         if spec is None or (expected is not None and name not in expected):
             why = "no op of the schema" if spec is None else "not a tap of this model (its layer count or dense/MoE kind differ)"
-            bad(tw, f"is {why}; see qwen3dbg/taps.py for the names")
+            bad(tw, f"is {why}; docs/taps.md lists the names")
             continue
         if spec.integer:
             if file_dtype not in INTEGER_TAP_DTYPES:

@@ -50,6 +50,12 @@ def test_ids_that_differ_from_the_stores_are_refused(store):
         run_diff("hf", f"store:{path}", model_dir=model, token_ids=[1, 2, 3])
 
 
+def test_empty_ids_beside_a_store_are_refused_not_dropped(store):
+    model, path = store
+    with pytest.raises(UserError, match="is empty"):
+        run_diff("hf", f"store:{path}", model_dir=model, token_ids="")
+
+
 def test_a_dtype_other_than_the_stores_is_refused(store):
     model, path = store
     with pytest.raises(UserError, match="holds bfloat16"):

@@ -104,10 +104,10 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     specs = [parse_side(ref, "ref"), parse_side(cand, "cand")]
     dt = _dtype_under_test(specs, dtype)
     with_store = any(s.store is not None for s in specs)
-    if with_store and (prompt or decode_steps is not None):
+    if with_store and (prompt is not None or decode_steps is not None):
         raise UserError("a store fixes the token ids: leave out --prompt and --decode-steps")
     given = resolve_steps(model_dir, cfg, _ids_text(token_ids), None, _ids_text(decode_ids), None) \
-        if with_store and (token_ids or decode_ids) else None
+        if with_store and (token_ids is not None or decode_ids is not None) else None
     steps = store_steps(specs, cfg, given) or resolve_steps(
         model_dir, cfg, _ids_text(token_ids), prompt, _ids_text(decode_ids), decode_steps)
     timings: dict[str, float] = {}
