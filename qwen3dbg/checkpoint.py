@@ -6,6 +6,7 @@ shard when `get` is called, so a 60 GB checkpoint costs what one tensor costs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from safetensors import SafetensorError, safe_open
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
 from qwen3dbg.layout import INDEX, SINGLE, tensor_shapes
+
+
+SAMPLE_BYTES = 64 * 1024  # of each file's data at each end, in a digest
 
 
 class Checkpoint:
@@ -58,6 +62,20 @@ class Checkpoint:
             raise UserError(f"checkpoint {self.dir} has no tensor {name!r}")
         t = self._open(self.file_of[name]).get_tensor(name)
         return t if dtype is None else t.to(dtype)
+
+    def digest(self) -> str:
+        """A fingerprint of the weights that costs the same at any size: each file's header (names, dtypes,
+        shapes, offsets) and the first and last 64 KiB of its data. Another seed, dtype or training run
+        changes it; one edited value deep inside a tensor may not."""
+        h = hashlib.sha256()
+        for path in sorted(set(self.file_of.values())):
+            with open(path, "rb") as f:
+                size = path.stat().st_size
+                header = 8 + int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(header - 8 + SAMPLE_BYTES, size - 8)))
+                f.seek(max(header, size - SAMPLE_BYTES))
+                h.update(f.read())
+        return h.hexdigest()[:16]
 
     def check_layout(self, cfg: Qwen3Config) -> None:
         """Refuse a checkpoint that lacks a tensor `cfg` implies, or holds one in another shape: an

@@ -109,6 +109,7 @@ def capture(
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
     from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
+    from qwen3dbg.checkpoint import Checkpoint
     from qwen3dbg.diff.sides import parse_side
     from qwen3dbg.dtypes import dtype_name
     from qwen3dbg.inputs import resolve_model, resolve_steps
@@ -129,7 +130,8 @@ def capture(
                   f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}")
     with progress_bar() as bar:
         task = bar.add_task("capture", total=sum(map(len, plans)))
-        run_capture(cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task))
+        run_capture(cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task),
+                    extra={"weights_digest": Checkpoint(model_dir).digest()})  # diff checks a store's weights
     console.print(f"wrote tap store {out}")
 
 

@@ -175,3 +175,18 @@ def test_a_prefill_only_diff_says_the_decode_path_went_unchecked(catalogue_model
         return [text for label, text in result.summary() if label == "note" and "decode-steps" in text]
 
     assert notes() and not notes(decode_steps=1)
+
+
+def test_a_store_captured_on_other_weights_says_so(tmp_path):
+    """`qwen3dbg capture` records a digest of the weights; diffed against another model (here another
+    seed, same shapes) the store's differences are the weights', and the result must say it."""
+    from qwen3dbg.synth import make_model
+
+    ours, other = make_model(tmp_path / "ours", "tiny-dense"), make_model(tmp_path / "other", "tiny-dense", seed=1)
+    assert cli("capture", "--impl", "scratch", "--model", ours, "--token-ids", "5,6,7", "--out", tmp_path / "s") == 0
+
+    def notes(model):
+        cand = run_diff("hf", f"store:{tmp_path / 's'}", model_dir=model).side("cand")
+        return [n for n in cand.notes if "other weights" in n]
+
+    assert notes(other) and not notes(ours)

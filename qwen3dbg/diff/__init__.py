@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.compare import Comparison
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
@@ -131,8 +132,9 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
             timings[role] = time.perf_counter() - t
             stores[role] = store
             notes = store.manifest.get("notes")
+            notes = [str(n) for n in notes] if isinstance(notes, list) else []
             infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path), cached,
-                                  [str(n) for n in notes] if isinstance(notes, list) else []))
+                                  notes + _other_weights(store, model_dir)))
         status("comparing")
         t = time.perf_counter()
         comparison = Comparison(gold, stores["ref"], stores["cand"], cfg, dt)
@@ -157,6 +159,16 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
         routing_ties=comparison.ties, timings=timings,
         rule={"norm_factor": NORM_FACTOR, "element_factor": ELEMENT_FACTOR, "rel_floor_ulps": REL_FLOOR_ULPS,
               "abs_floor_ulps": ABS_FLOOR_ULPS, "small_sample_n0": SMALL_SAMPLE_N0})
+
+
+def _other_weights(store: TapStore, model_dir: Path) -> list[str]:
+    """A note when `qwen3dbg capture` recorded other weights for this store than the model's: its
+    differences from the other sides are then the weights' (other stores record none)."""
+    recorded, here = store.manifest.get("weights_digest"), Checkpoint(model_dir).digest()
+    if recorded is None or recorded == here:
+        return []
+    return [f"captured on other weights than {model_dir} (weights digest {recorded}, the model's {here}): "
+            "its differences are the weights'; diff it against the model it was captured on"]
 
 
 def _first_nonfinite(taps: list[TapResult], side: str) -> dict | None:
