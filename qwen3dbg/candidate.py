@@ -13,8 +13,18 @@ from abc import ABC, abstractmethod
 import torch
 
 from qwen3dbg.config import Qwen3Config
+from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import tap_name
+
+
+def option_flag(impl: str, name: str, value: bool | str) -> bool:
+    """An on/off option of an implementation, as a bool or as `NAME:key=value` passes it (a string, where
+    "false" would be truthy): true/false, 1/0, yes/no, on/off."""
+    text = str(value).lower()
+    if text not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        raise UserError(f"{impl} option {name}={value!r}: choose true or false")
+    return text in ("true", "1", "yes", "on")
 
 
 class NullSink:

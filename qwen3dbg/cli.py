@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -58,10 +59,9 @@ def make_model_cmd(
         for name, p in PRESETS.items():
             typer.echo(f"{name:20s} {p.about}")
         return
-    if format == "gguf":
-        _writable_files(out)
-    else:
-        _writable_dir(out)
+    if format == "gguf" and out.is_dir():
+        raise UserError(f"--format gguf writes one file, and {out} is a directory: name the .gguf file")
+    _writable_dir(out.parent if format == "gguf" else out)  # write_gguf makes missing folders
     plants = Plants(k_norm_peak=k_norm_peak, q_norm_peak=q_norm_peak, ghost_bias=ghost_bias,
                     nonfinite=tuple(nonfinite), huge=tuple(huge))
     with progress_bar() as bar:
@@ -121,9 +121,11 @@ def capture(
     spec = parse_side(impl, "impl")
     if spec.store is not None:
         raise UserError(f"--impl {impl} is a tap store: capture runs an implementation")
-    if attn is not None and (spec.name != "hf" or "attn" in spec.options):
-        raise UserError(f"--attn is an option of hf, given once: not with --impl {impl}")
+    if attn is not None and (spec.name != "hf" or "attn" in spec.options or not attn):
+        raise UserError(f"--attn {attn!r}: an option of hf (eager or sdpa), given once; not with --impl {impl}")
     cand = load_candidate(spec.name, model_dir, dtype, **spec.options, **({"attn": attn} if attn else {}))
+    # what the run loaded: --model's weights, except for a GGUF file that llama.cpp reads itself
+    loaded = {} if spec.name.startswith("llamacpp:") else {"weights_digest": Checkpoint(model_dir).digest()}
     plans = planned(cand, steps, taps or None)
     console.print(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
                   f"{len(steps) - 1} decode steps, {sum(map(len, plans))} taps, "
@@ -131,7 +133,7 @@ def capture(
     with progress_bar() as bar:
         task = bar.add_task("capture", total=sum(map(len, plans)))
         run_capture(cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task),
-                    extra={"weights_digest": Checkpoint(model_dir).digest()})  # diff checks a store's weights
+                    extra=loaded)
     console.print(f"wrote tap store {out}")
 
 
@@ -226,7 +228,7 @@ def _writable_files(*paths: Optional[Path]) -> None:
     for path in given:
         if str(path) == "-":
             raise UserError("'-' is not an output file: give a file path (the report itself goes to the terminal)")
-        existed = path.exists()
+        existed = os.path.lexists(path)  # a dangling symlink exists: opening it would create its target
         try:
             path.open("a").close()
         except OSError as e:

@@ -159,8 +159,13 @@ def make_model(out_dir: str | Path, preset: str = "tiny-dense", *, seed: int = 0
 
 
 def generator_digest() -> str:
-    """What the weights make_model writes depend on: this file and torch's random number generator."""
-    return hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    """What make_model's output depends on: this file, the config and layout modules it writes through,
+    and torch's random number generator."""
+    import qwen3dbg.config
+    import qwen3dbg.layout
+
+    sources = b"".join(Path(f).read_bytes() for f in (__file__, qwen3dbg.config.__file__, qwen3dbg.layout.__file__))
+    return hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:12]
 
 
 def default_model_dir(preset: str = "tiny-dense") -> Path:

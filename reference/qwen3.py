@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwen3dbg.candidate import Candidate, NullSink, emit
+from qwen3dbg.candidate import Candidate, NullSink, emit, option_flag
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.dtypes import parse_dtype
@@ -127,7 +127,7 @@ class Qwen3Reference(Candidate):
     name = "scratch"
     supports_layer = True
 
-    def __init__(self, model_dir, dtype="float64", *, stream_weights: bool | None = None):
+    def __init__(self, model_dir, dtype="float64", *, stream_weights: bool | str | None = None):
         self.config: Qwen3Config = load_config(model_dir)
         self.dtype = parse_dtype(dtype)
         self.num = Numerics(self.dtype)
@@ -135,6 +135,7 @@ class Qwen3Reference(Candidate):
         if stream_weights is None:  # hold everything unless that exceeds ~8 GB
             params = sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.keys())
             stream_weights = params * self.dtype.itemsize > 8 * 1024**3
+        stream_weights = option_flag("scratch", "stream_weights", stream_weights)
         self.w = Weights(ckpt, self.dtype, stream_weights)
         self.reset()
 

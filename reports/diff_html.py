@@ -117,7 +117,8 @@ def step_plot(result: DiffResult) -> str:
     return figure_png(fig)
 
 
-_CLASS = {"first NaN/inf": "bad", "golden NaN/inf": "bad", "reference": "warn", "within noise": "info", "routing ties": "warn", "note": "warn"}
+_CLASS = {"first NaN/inf": "bad", "golden NaN/inf": "bad", "reference": "warn",
+          "within noise": "info", "routing ties": "warn", "note": "warn"}
 
 
 def _summary(result: DiffResult) -> str:

@@ -126,3 +126,19 @@ def first_divergence(model, cand: str, dtype: str | None = None) -> str | None:
     ids = {} if cand.startswith("store:") else {"token_ids": PROMPT, "decode_ids": DECODE}
     div = run_diff("hf", cand, model_dir=model, dtype=dtype, **ids).first_divergence
     return None if div is None else f"step {div.step}: {div.tap}"
+
+
+def cli(*args):
+    """Run the CLI like the console script does (UserError -> one line, exit 2)."""
+    import sys
+
+    from qwen3dbg.cli import main
+
+    argv, sys.argv = sys.argv, ["qwen3dbg", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = argv

@@ -4,28 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import rewrite_checkpoint, with_config
+from conftest import cli, rewrite_checkpoint, with_config
 from typer.testing import CliRunner
 
-from qwen3dbg.cli import app, main
+from qwen3dbg.cli import app
 from qwen3dbg.store import TapStore
 from qwen3dbg.taps import step_taps
 
 runner = CliRunner()
-
-
-def cli(*args):
-    """Run the CLI like the console script does (UserError -> one line, exit 2)."""
-    import sys
-
-    argv, sys.argv = sys.argv, ["qwen3dbg", *map(str, args)]
-    try:
-        main()
-        return 0
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = argv
 
 
 def test_capture_writes_a_complete_store_with_recorded_greedy_decode_ids(models, tmp_path):
@@ -89,8 +75,9 @@ def test_taps_pattern_selects_and_a_pattern_matching_nothing_is_an_error(models,
     (["--token-ids", ""], "--token-ids is empty"),
     (["--prompt", ""], "--prompt is empty"),
     (["--decode-ids", ""], "--decode-ids is empty"),
-    (["--impl", "scratch", "--attn", "sdpa"], "--attn is an option of hf"),
+    (["--impl", "scratch", "--attn", "sdpa"], "--attn 'sdpa': an option of hf"),
     (["--impl", "hf:attn=sdpa", "--attn", "eager"], "given once"),
+    (["--impl", "hf", "--attn", ""], "--attn '': an option of hf"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(models, tmp_path, capsys, args, words):
     llama = tmp_path / "llama"
@@ -120,7 +107,8 @@ def test_make_model_lists_presets_and_writes_a_sharded_checkpoint(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["make-model", "{file}"], "cannot write into {file}: {file} is a file, not a directory"),
     (["make-model", "{file}/sub"], "{file} is a file, not a directory"),
-    (["make-model", "{tmp}/no/such/m.gguf", "--format", "gguf"], "cannot write {tmp}/no/such/m.gguf"),
+    (["make-model", "{file}/m.gguf", "--format", "gguf"], "{file} is a file, not a directory"),
+    (["make-model", "{tmp}", "--format", "gguf"], "{tmp} is a directory: name the .gguf file"),
     (["capture", "--out", "{file}"], "cannot write into {file}: {file} is a file"),
     (["capture", "--out", "/proc/qwen3dbg-taps"], "cannot write into /proc/qwen3dbg-taps"),
     (["make-model", "{tmp}/m", "--shard-size-mb", "-1"], "--shard-size-mb"),

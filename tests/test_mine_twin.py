@@ -227,6 +227,25 @@ def test_one_layer_run_alone_reproduces_that_layer_of_the_full_step(models):
     assert torch.equal(sink.taps["layers.1.attn_probs"], taps[1]["layers.1.attn_probs"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compute_accumulation_is_one_running_sum_rounded_after_every_add(dtype):
+    """accum=compute answers "my loop accumulates in bf16": one sum over the whole row in ascending k,
+    rounded to the dtype after each add (products of bf16/fp16 inputs are exact in fp32)."""
+    from qwen3dbg.candidates.mine.build import load
+
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 584, generator=g).to(dtype), torch.randn(3, 584, generator=g).to(dtype)
+    want = []
+    for row in w:
+        acc = torch.zeros((), dtype=torch.float32)
+        for a, b in zip(x[0].float(), row.float()):
+            acc = (acc + a * b).to(dtype).float()
+        want.append(acc)
+    y, none = torch.empty(1, 3, dtype=dtype), torch.empty(0, dtype=dtype)
+    load().linear(x, w, y, 1, none, none)
+    assert torch.equal(y[0], torch.stack(want).to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("accum", [0, 1, 2])
 @pytest.mark.parametrize("rows", [1, 3])

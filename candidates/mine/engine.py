@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen3dbg.candidate import Candidate, NullSink, emit
+from qwen3dbg.candidate import Candidate, NullSink, emit, option_flag
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.dtypes import parse_dtype
@@ -22,14 +22,6 @@ from qwen3dbg.taps import forward_index, tap_name
 from .numerics import Numerics
 
 DEVICES = ("auto", "cpu", "cuda", "emulated")
-
-
-def flag(name: str, value: bool | str) -> bool:
-    """An on/off option, as a bool or as `--cand` passes it (true/false, 1/0, yes/no, on/off)."""
-    text = str(value).lower()
-    if text not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-        raise UserError(f"mine option {name}={value!r}: choose true or false")
-    return text in ("true", "1", "yes", "on")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -113,9 +105,9 @@ class MineCandidate(Candidate):
         if not str(max_seq).isdigit() or int(max_seq) < 1:
             raise UserError(f"mine option max_seq={max_seq!r}: give the number of cache slots, a whole number >= 1")
         self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
-        self.use_graph = flag("graph", graph) and self.device.type == "cuda"
+        self.use_graph = option_flag("mine", "graph", graph) and self.device.type == "cuda"
         self.ops = load(emulated=self.emulated)
-        self.use_pdl = flag("pdl", pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
+        self.use_pdl = option_flag("mine", "pdl", pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             Checkpoint(model_dir), cfg, self.dtype, self.device)
         cos = torch.empty(self.max_seq, cfg.head_dim, dtype=self.dtype)
@@ -172,7 +164,8 @@ class MineCandidate(Candidate):
         if S > self.max_seq:
             raise UserError(f"{S} positions exceed mine's cache of {self.max_seq}: pass the option max_seq={S}")
         self._cache(B)
-        ids, pos = ids.to(torch.int64).reshape(-1), positions.to(torch.int32).reshape(-1)  # as the kernels read them
+        ids = ids.to(torch.int64).reshape(-1).contiguous()  # as the kernels read them
+        pos = positions.to(torch.int32).reshape(-1).contiguous()
         # A decode step replays the graph unless a tap is wanted (asked only then, and not of a NullSink:
         # ~24 names a layer cost ~30 us a step).
         capture = not isinstance(sink, NullSink) and any(sink.wants(n) for n in self.tap_names)

@@ -18,10 +18,13 @@ ELEMENT_FACTOR = 8.0
 REL_FLOOR_ULPS = 1.0
 #: ... or a max error of four ulps at the tap's largest magnitude is more than rounding can explain
 ABS_FLOOR_ULPS = 4.0
-#: a reference this far from fp64 (rel. L2) on some tap is itself suspect: correct implementations stay
-#: a few percent off even in bf16 (worst tap of the clean test models ~0.03), a misplaced RoPE or norm
-#: is ~1, and every tolerance scales with the reference's error, so a broken one hides a candidate's bugs
+#: a reference this far from fp64 (rel. L2) on a tap of the prefill is itself suspect: every tolerance
+#: scales with its error, so a broken one hides a candidate's bugs. Correct bf16 references stay below
+#: 0.12 there (the hot-qk test model, q_norm 40 and k_norm 96.5; 0.045 on the 0.6B shape), a RoPE theta
+#: of 1e4 puts q_rope at 0.5. Decode steps (one token) and the attention scores and probabilities
+#: (a sharp softmax) are left out: a correct reference reaches 0.55 and 0.86 there on hot-qk.
 REF_SUSPECT_REL_L2 = 0.25
+REF_SUSPECT_SKIPS = ("attn_scores", "attn_probs")
 #: the reference's error over n elements is a poor estimate of the noise when n is small (a decode
 #: step's attention row, a token's top-k weights): the norm-wise tolerance widens by sqrt(1 + N0/n)
 SMALL_SAMPLE_N0 = 64

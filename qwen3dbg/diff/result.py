@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from qwen3dbg.diff.noise import REF_SUSPECT_REL_L2
+from qwen3dbg.diff.noise import REF_SUSPECT_REL_L2, REF_SUSPECT_SKIPS
 from qwen3dbg.json_safe import json_safe
 
 FORMAT = "qwen3dbg-diff/1"
@@ -81,8 +81,9 @@ class SideInfo:
 
 
 def suspect_reference(taps: list[TapResult]) -> TapResult | None:
-    """The first tap where the reference is further from fp64 than a correct implementation gets."""
-    return next((t for t in taps if t.ref_rel_l2 > REF_SUSPECT_REL_L2), None)
+    """The first prefill tap where the reference is further from fp64 than a correct implementation gets."""
+    return next((t for t in taps if t.step == 0 and t.op not in REF_SUSPECT_SKIPS and t.ref_rel_l2 > REF_SUSPECT_REL_L2),
+                None)
 
 
 @dataclass
@@ -137,14 +138,18 @@ class DiffResult:
                            f"{len(self.steps) - 1} decode steps")]
         lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
         if len(self.steps) == 1:
-            lines.append(("note", "prefill only: the KV cache and the decode path ran no step; --decode-steps 4 "
-                                  "checks them (a cache off by one shows only there)"))
-        suspect = self.suspect_reference
+            how = ("capture the store with --decode-steps 4" if any(s.spec.startswith("store:") for s in self.sides)
+                   else "--decode-steps 4 checks them")
+            lines.append(("note", f"prefill only: the KV cache and the decode path ran no step; {how} (a cache off "
+                                  "by one shows only there)"))
+        suspect, ref = self.suspect_reference, self.side("ref").spec
         if suspect is not None:
+            check = (f"check it: qwen3dbg diff --ref scratch --cand {ref} --model {self.model} --dtype {self.dtype}"
+                     if not ref.startswith("scratch") else f"scratch is the golden's code: is the model sound? "
+                     f"qwen3dbg scan-checkpoint {self.model}")
             lines.append(("reference", f"the reference itself is {suspect.ref_rel_l2:.2g} rel. L2 from fp64 at step "
                                        f"{suspect.step}, {suspect.name}: tolerances follow its error, so it may hide "
-                                       f"the candidate's bugs (check it: qwen3dbg diff --ref scratch --cand "
-                                       f"{self.side('ref').spec})"))
+                                       f"the candidate's bugs ({check})"))
         gold = self.golden_nonfinite
         if gold:
             lines.append(("golden NaN/inf", f"step {gold['step']}, {gold['tap']} ({gold['count']} values): "
