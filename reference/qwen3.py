@@ -135,7 +135,8 @@ class Qwen3Reference(Candidate):
         if stream_weights is None:  # hold everything unless that exceeds ~8 GB
             params = sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.keys())
             stream_weights = params * self.dtype.itemsize > 8 * 1024**3
-        stream_weights = option_flag("scratch", "stream_weights", stream_weights)
+        else:
+            stream_weights = option_flag("scratch", "stream_weights", stream_weights)
         self.w = Weights(ckpt, self.dtype, stream_weights)
         self.reset()
 

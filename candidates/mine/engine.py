@@ -32,8 +32,9 @@ def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise UserError(f"mine option device={device!r}: choose auto, cpu, cuda or emulated")
     if device == "cuda" and not cuda_available():
-        raise UserError("mine on device cuda, but this torch has no CUDA device (or nvcc is missing): run the CPU "
-                        "twin (--cand mine:device=cpu, selftest --device cpu) or the kernels emulated (--device emulated)")
+        raise UserError("mine on device cuda, but this torch has no CUDA device (or nvcc is missing): run the "
+                        "CPU twin (--cand mine:device=cpu, selftest --device cpu) or the kernels emulated "
+                        "(--device emulated)")
     return torch.device("cuda" if device == "cuda" or (device == "auto" and cuda_available()) else "cpu")
 
 
@@ -107,7 +108,8 @@ class MineCandidate(Candidate):
         self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
         self.use_graph = option_flag("mine", "graph", graph) and self.device.type == "cuda"
         self.ops = load(emulated=self.emulated)
-        self.use_pdl = option_flag("mine", "pdl", pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
+        self.use_pdl = (option_flag("mine", "pdl", pdl) and self.device.type == "cuda"
+                        and self.ops.can_overlap_launches())
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             Checkpoint(model_dir), cfg, self.dtype, self.device)
         cos = torch.empty(self.max_seq, cfg.head_dim, dtype=self.dtype)

@@ -80,12 +80,6 @@ class SideInfo:
     notes: list[str] = field(default_factory=list)  # caveats the implementation wrote into its manifest
 
 
-def suspect_reference(taps: list[TapResult]) -> TapResult | None:
-    """The first prefill tap where the reference is further from fp64 than a correct implementation gets."""
-    return next((t for t in taps if t.step == 0 and t.op not in REF_SUSPECT_SKIPS and t.ref_rel_l2 > REF_SUSPECT_REL_L2),
-                None)
-
-
 @dataclass
 class DiffResult:
     model: str
@@ -123,7 +117,9 @@ class DiffResult:
 
     @property
     def suspect_reference(self) -> TapResult | None:
-        return suspect_reference(self.taps)
+        """The first prefill tap where the reference is further from fp64 than a correct implementation gets."""
+        return next((t for t in self.taps
+                     if t.step == 0 and t.op not in REF_SUSPECT_SKIPS and t.ref_rel_l2 > REF_SUSPECT_REL_L2), None)
 
     @property
     def not_compared(self) -> list[TapResult]:
