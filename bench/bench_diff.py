@@ -15,39 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+from measure import PeakAnon
+
 from qwen3dbg.home import home
-
-
-class PeakAnon:
-    """Samples RssAnon of this process every 5 ms; `.peak` in bytes."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _now(self) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._now())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self.base = self._now()
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def stores(work: Path, preset: str, tokens: int):
@@ -55,10 +28,8 @@ def stores(work: Path, preset: str, tokens: int):
     os.environ["QWEN3DBG_HOME"] = str(work / "home")
     from qwen3dbg.capture import capture, forced_steps
     from qwen3dbg.config import load_config
-    from qwen3dbg.diff.runs import cached_run
     from qwen3dbg.registry import load_candidate
     from qwen3dbg.synth import make_model
-    import torch
 
     model = work / preset
     if not (model / "config.json").exists():
@@ -68,17 +39,13 @@ def stores(work: Path, preset: str, tokens: int):
     vocab = load_config(model).vocab_size
     steps = forced_steps([(17 * i + 5) % vocab for i in range(tokens)], [])
     runs = {}
-    for name, dtype in (("scratch", torch.float64), ("hf", torch.bfloat16)):
+    for name, dtype in (("scratch", "float64"), ("hf", "bfloat16"), ("rmsnorm-fused", "bfloat16")):
+        path = work / f"store-{name}-{dtype}-{tokens}"
+        cached = (path / "manifest.json").exists()
         t = time.perf_counter()
-        store, cached = cached_run(name, {}, model, steps, dtype)
-        runs[f"{name} {str(dtype)[6:]}"] = (time.perf_counter() - t, cached, store.path)
-    cand = work / "cand-rmsnorm-fused"
-    if not (cand / "manifest.json").exists():
-        t = time.perf_counter()
-        capture(load_candidate("rmsnorm-fused", model, "bfloat16"), steps, cand)
-        runs["rmsnorm-fused bfloat16"] = (time.perf_counter() - t, False, cand)
-    else:
-        runs["rmsnorm-fused bfloat16"] = (0.0, True, cand)
+        if not cached:
+            capture(load_candidate(name, model, dtype), steps, path)
+        runs[f"{name} {dtype}"] = (time.perf_counter() - t, cached, path)
     # A cached run reports the time it took when it was made.
     record = work / f"run-seconds-{tokens}.json"
     made = json.loads(record.read_text()) if record.exists() else {}
@@ -93,10 +60,12 @@ def child(mode: str, threads: str, model: str, gold: str, ref: str, cand: str) -
 
     from qwen3dbg.config import load_config
     from qwen3dbg.diff.compare import Comparison
+    from qwen3dbg.diff.streams import Schedule, StoreSide
     from qwen3dbg.store import TapStore
 
     torch.set_num_threads(int(threads))
     sides = [TapStore.open(p) for p in (gold, ref, cand)]
+    schedule = Schedule(sides[0].steps, len(sides[0].steps))
     with PeakAnon() as mem:
         start = time.perf_counter()
         if mode == "read":  # one pass over every byte (the stores are memory-mapped: `get` alone reads nothing)
@@ -108,7 +77,8 @@ def child(mode: str, threads: str, model: str, gold: str, ref: str, cand: str) -
                         tap.max()
                         n += tap.numel()
         else:
-            n = sum(1 for _ in Comparison(*sides, load_config(model), sides[1].dtype).run())
+            streams = [StoreSide(role, st) for role, st in zip(("gold", "ref", "cand"), sides)]
+            n = sum(1 for _ in Comparison(*streams, schedule, load_config(model), sides[1].dtype).run())
         dt = time.perf_counter() - start
     print(json.dumps({"seconds": dt, "peak_anon": mem.peak - mem.base, "count": n}))
 
@@ -127,6 +97,7 @@ def main() -> None:
     p.add_argument("--preset", default="qwen3-0.6b")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for both measurements (1: a shared machine's oversubscribed OpenMP distorts timings)")
+    p.add_argument("--repeat", type=int, default=3, help="best of this many runs of each measurement")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -139,12 +110,17 @@ def main() -> None:
         size = sum(f.stat().st_size for f in Path(path).iterdir()) / 1e9
         print(f"  {name:24s} {sec:7.1f} s{' (made earlier, cached)' if cached else ''}   store {size:.2f} GB")
     measure("read", a.threads, model, runs)  # warm the page cache for both measurements
-    read, comp = measure("read", a.threads, model, runs), measure("compare", a.threads, model, runs)
+    # Best of N, read and compare alternating: a shared machine's load comes and goes.
+    reads, comps = [], []
+    for _ in range(a.repeat):
+        reads.append(measure("read", a.threads, model, runs))
+        comps.append(measure("compare", a.threads, model, runs))
+    read, comp = min(reads, key=lambda r: r["seconds"]), min(comps, key=lambda r: r["seconds"])
     from qwen3dbg.store import TapStore
 
     gold = TapStore.open(runs["scratch float64"][2])
     largest = max(gold.get(0, n).numel() for n in gold.names(0)) * 8
-    print(f"\nread the three stores (one pass over every tap), {a.threads} torch thread(s):")
+    print(f"\nread the three stores (one pass over every tap), {a.threads} torch thread(s), best of {a.repeat}:")
     print(f"                         {read['seconds']:7.2f} s   peak anon memory {read['peak_anon'] / 1e6:8.1f} MB")
     print(f"compare (all {comp['count']} taps): {comp['seconds']:7.2f} s   peak anon memory {comp['peak_anon'] / 1e6:8.1f} MB")
     print(f"ratio compare / read:    {comp['seconds'] / read['seconds']:7.2f}x   (goal: within 2x)")

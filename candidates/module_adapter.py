@@ -24,6 +24,7 @@ from qwen3dbg.candidate import Candidate
 from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.errors import UserError
+from qwen3dbg.patching import patched
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import OPS_BY_NAME, axis_sizes, parse_tap_name, step_taps
 
@@ -229,25 +230,23 @@ class _Recorder:
     @contextlib.contextmanager
     def _wrap(self, fname: str):
         owner, attr = self._function_owner(fname)
-        original = getattr(owner, attr)
         wanted = [(n, s) for n, s in self.sources.items() if s.function == fname]
 
-        def wrapper(*args, **kwargs):
-            out = original(*args, **kwargs)
-            scope = self.scopes[-1] if self.scopes else None
-            for name, src in wanted:
-                if src.within is None or src.within == scope:
-                    if self.calls[name] == src.call:
-                        value = out if src.arg is None else args[src.arg]
-                        self.values[name] = value.detach().clone()
-                    self.calls[name] += 1
-            return out
+        def wrap(original):
+            def wrapper(*args, **kwargs):
+                out = original(*args, **kwargs)
+                scope = self.scopes[-1] if self.scopes else None
+                for name, src in wanted:
+                    if src.within is None or src.within == scope:
+                        if self.calls[name] == src.call:
+                            value = out if src.arg is None else args[src.arg]
+                            self.values[name] = value.detach().clone()
+                        self.calls[name] += 1
+                return out
+            return wrapper
 
-        setattr(owner, attr, wrapper)
-        try:
+        with patched(owner, attr, wrap):  # this thread's calls only: a diff runs its sides concurrently
             yield
-        finally:
-            setattr(owner, attr, original)
 
 
 # ---- the candidate --------------------------------------------------------------------------------

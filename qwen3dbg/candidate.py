@@ -57,6 +57,9 @@ class Candidate(ABC):
     dtype: torch.dtype
     #: ops of the schema this implementation cannot expose (external engines only)
     missing_taps: frozenset[str] = frozenset()
+    #: True when a tensor handed to the sink is never changed afterwards (no buffer reused, no in-place
+    #: update), so a diff may keep it without a copy; engines with preallocated buffers leave it False
+    fresh_taps: bool = False
 
     def manifest_extra(self) -> dict:
         """Fields this implementation adds to a store's manifest (e.g. which attention path ran)."""

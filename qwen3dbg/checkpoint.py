@@ -63,6 +63,11 @@ class Checkpoint:
         t = self._open(self.file_of[name]).get_tensor(name)
         return t if dtype is None else t.to(dtype)
 
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, read alone: a vocabulary's lm_head need not be read whole."""
+        t = self._open(self.file_of[name]).get_slice(name)[start:stop]
+        return t if dtype is None else t.to(dtype)
+
     def digest(self) -> str:
         """A fingerprint of the weights that costs the same at any size: each file's header (names, dtypes,
         shapes, offsets) and the first and last 64 KiB of its data. Another seed, dtype or training run

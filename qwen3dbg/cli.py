@@ -181,14 +181,14 @@ def diff(
 
     Exit status: 0 no divergence, 1 divergence found, 2 bad input or a failure."""
     from qwen3dbg.diff import run_diff
+    from qwen3dbg.progress import DiffProgress
     from qwen3dbg.reports.terminal import render
 
     _writable_files(json_out, html_out)
     try:
-        with console.status("diff") as spinner:
+        with DiffProgress(console) as shown:
             result = run_diff(ref, cand, model_dir=model, dtype=dtype, token_ids=token_ids, decode_ids=decode_ids,
-                              decode_steps=decode_steps, prompt=prompt,
-                              status=lambda msg: spinner.update(f"diff: {msg}"))
+                              decode_steps=decode_steps, prompt=prompt, status=shown.status, progress=shown.progress)
     except UserError:
         raise
     except Exception:  # a crash must not read as exit 1, "divergence found"

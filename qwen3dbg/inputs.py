@@ -33,8 +33,22 @@ def resolve_model(model: Path | None) -> tuple[Path, Qwen3Config]:
 
 def resolve_steps(model_dir: Path, cfg: Qwen3Config, token_ids: str | None, prompt: str | None,
                   decode_ids: str | None, decode_steps: int | None) -> list[StepInfo]:
-    """Fix every step's token ids before any implementation runs. A flag given empty is an error,
-    not a request for the default: the user meant some ids and would get others."""
+    """Fix every step's token ids before any implementation runs (`--decode-steps` picks them with one
+    greedy fp64 run)."""
+    steps, greedy = resolve_inputs(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
+    if greedy:
+        from qwen3dbg.reference.qwen3 import Qwen3Reference
+
+        decode = greedy_decode_ids(Qwen3Reference(model_dir, "float64"), steps[0].token_ids[0], greedy)
+        steps = forced_steps(steps[0].token_ids[0], decode)
+    return steps
+
+
+def resolve_inputs(model_dir: Path, cfg: Qwen3Config, token_ids: str | None, prompt: str | None,
+                   decode_ids: str | None, decode_steps: int | None) -> tuple[list[StepInfo], int]:
+    """The steps whose ids are fixed now, and how many decode steps are still to be picked greedily by the
+    fp64 golden. A flag given empty is an error, not a request for the default: the user meant some ids
+    and would get others."""
     if token_ids is not None and prompt is not None:
         raise UserError("give either --token-ids or --prompt, not both")
     if decode_ids is not None and decode_steps is not None:
@@ -43,12 +57,5 @@ def resolve_steps(model_dir: Path, cfg: Qwen3Config, token_ids: str | None, prom
         raise UserError("--decode-steps must be 0 or more")
     ids = parse_ids(token_ids, cfg) if token_ids is not None else tokenize(model_dir, prompt) \
         if prompt is not None else [i % cfg.vocab_size for i in DEFAULT_PROMPT]
-    if decode_ids is not None:
-        decode = parse_ids(decode_ids, cfg, "--decode-ids")
-    elif decode_steps:
-        from qwen3dbg.reference.qwen3 import Qwen3Reference
-
-        decode = greedy_decode_ids(Qwen3Reference(model_dir, "float64"), ids, decode_steps)
-    else:
-        decode = []
-    return forced_steps(ids, decode)
+    decode = parse_ids(decode_ids, cfg, "--decode-ids") if decode_ids is not None else []
+    return forced_steps(ids, decode), (decode_steps or 0) if decode_ids is None else 0

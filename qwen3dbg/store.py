@@ -38,6 +38,10 @@ class StepInfo:
     step: int
     token_ids: list[list[int]]  # [B][T]
     positions: list[list[int]]  # [B][T]
+    #: the logical positions (S indices) this step's k_cache/v_cache hold, [B,nKV,n,D]; None: the whole cache
+    cache_positions: list[int] | None = None
+    #: the query positions whose rows attn_scores/attn_probs hold, [B,nH,n,S]; None: every token of the step
+    attention_positions: list[int] | None = None
 
     @property
     def tokens(self) -> int:
@@ -52,7 +56,8 @@ class StoreWriter:
     """
 
     def __init__(self, out_dir: str | Path, implementation: str, dtype: torch.dtype | str, batch: int,
-                 *, select: Iterable[str] | None = None, missing_taps: Iterable[str] = (), extra: dict | None = None):
+                 *, select: Iterable[str] | None = None, missing_taps: Iterable[str] = (), extra: dict | None = None,
+                 cache_slots: bool = True):
         self.dir = Path(out_dir)
         if self.dir.exists() and any(self.dir.iterdir()) and not (self.dir / MANIFEST).exists():
             raise UserError(f"{self.dir} exists and is not a tap store: choose an empty or new --out directory")
@@ -65,6 +70,9 @@ class StoreWriter:
             **(extra or {}),
         }
         self.select = set(select) if select is not None else None
+        #: decode steps store the cache slots they wrote, not the whole cache (docs/taps.md, "Cache slots")
+        self.cache_slots = cache_slots
+        self._slots: slice | None = None
         self._step: StreamingWriter | None = None
         self._write_manifest()
 
@@ -73,13 +81,22 @@ class StoreWriter:
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         if self.wants(name):
+            if self._slots is not None and is_cache_tap(name) and tensor.shape[2] != self._slots.stop - self._slots.start:
+                tensor = tensor[:, :, self._slots]
             self._step.write(name, tensor)
 
     def begin_step(self, info: StepInfo, plan: dict[str, tuple[int, ...]]) -> None:
-        """Start a step; `plan` maps every tap the implementation will produce to its shape."""
+        """Start a step; `plan` maps every tap the implementation will produce to its shape (the cache's
+        whole [B,nKV,S,D]: a decode step keeps only its own slots when the writer stores slots)."""
         assert self._step is None, "end_step() the previous step first"
         if self.select is not None:
             plan = {n: s for n, s in plan.items() if n in self.select}
+        positions = info.positions[0]
+        self._slots = None
+        if self.cache_slots and info.step > 0 and info.cache_positions is None and any(map(is_cache_tap, plan)):
+            self._slots = slice(positions[0], positions[-1] + 1)
+            info = StepInfo(info.step, info.token_ids, info.positions, cache_positions=list(positions))
+            plan = {n: (s[:2] + (len(positions),) + s[3:] if is_cache_tap(n) else s) for n, s in plan.items()}
         self._info = info
         self._step = StreamingWriter(self.dir / step_file(info.step), plan)
 
@@ -87,6 +104,9 @@ class StoreWriter:
         missing = self._step.close()
         self._step = None
         entry = {"step": self._info.step, "token_ids": self._info.token_ids, "positions": self._info.positions}
+        for key in ("cache_positions", "attention_positions"):
+            if getattr(self._info, key) is not None:
+                entry[key] = getattr(self._info, key)
         if missing:
             entry["missing"] = missing
         self.manifest["steps"].append(entry)
@@ -155,7 +175,9 @@ class TapStore:
             )
         try:
             steps = [StepInfo(int(s["step"]), [list(map(int, r)) for r in s["token_ids"]],
-                              [list(map(int, r)) for r in s["positions"]]) for s in m["steps"]]
+                              [list(map(int, r)) for r in s["positions"]],
+                              *(None if s.get(k) is None else list(map(int, s[k]))
+                                for k in ("cache_positions", "attention_positions"))) for s in m["steps"]]
             parse_dtype(m["dtype"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{mpath}: malformed step or dtype entry ({e})") from None
@@ -190,6 +212,10 @@ class TapStore:
 
     def get(self, step: int, name: str) -> torch.Tensor:
         return self._file(step)[0].get_tensor(name)
+
+
+def is_cache_tap(name: str) -> bool:
+    return name.endswith((".k_cache", ".v_cache"))
 
 
 def masked(scores: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,8 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
         cache += tokens
         if isinstance(entry.get("missing"), list) and entry["missing"]:
             bad(where, f"the writer planned {len(entry['missing'])} taps it never wrote, e.g. {entry['missing'][0]}")
-        _check_step_file(path, index, batch or len(entry["token_ids"]), tokens, cache, dtype, config, bad, where)
+        subsets = _subsets(entry, cache, bad, where)
+        _check_step_file(path, index, batch or len(entry["token_ids"]), tokens, cache, dtype, config, bad, where, subsets)
     return problems
 
 
@@ -127,7 +128,36 @@ def _step_tokens(entry, index: int, batch, cache: int, config, bad, where: str) 
     return tokens
 
 
-def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int, dtype, config, bad, where):
+def _subsets(entry: dict, cache: int, bad, where: str) -> dict[str, int]:
+    """The sizes of the S axis of the cache taps and the T axis of the attention taps where the step declares
+    that it holds only some slots or rows (docs/taps.md): op -> size."""
+    sizes = {}
+    positions = entry["positions"][0]
+    for key, ops, allowed, what in (("cache_positions", ("k_cache", "v_cache"), range(cache), "cache slots"),
+                                    ("attention_positions", ("attn_scores", "attn_probs"), positions, "query rows")):
+        declared = entry.get(key)
+        if declared is None:
+            continue
+        if not isinstance(declared, list) or not declared or not all(
+                isinstance(p, int) and not isinstance(p, bool) for p in declared):
+            bad(where, f"{key} must be a non-empty list of integer positions")
+            continue
+        outside = [p for p in declared if p not in allowed]
+        if outside:
+            bad(where, f"{key} {outside[:5]} are not {what} of this step (allowed: "
+                       f"{allowed.start}..{allowed.stop - 1})" if isinstance(allowed, range) else
+                f"{key} {outside[:5]} are not {what} of this step (its positions: {positions[:5]}...)")
+        if len(set(declared)) != len(declared):
+            bad(where, f"{key} repeats a position: each {what[:-1]} is written once")
+        if key == "cache_positions" and declared != positions and declared != list(range(cache)):
+            bad(where, f"cache_positions {declared[:5]} are neither the step's own positions {positions[:5]} nor the "
+                       "whole cache: a step holds the slots it wrote, or all of them")
+        sizes.update({op: len(declared) for op in ops})
+    return sizes
+
+
+def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int, dtype, config, bad, where,
+                     subsets: dict[str, int]):
     f = path / step_file(step)
     if not f.is_file():
         bad(where, f"{f.name} is missing")
@@ -152,6 +182,8 @@ def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int,
             bad(tw, f"has dtype {file_dtype} but the manifest says the store is {dtype}")
         if expected is not None:
             want = list(expected[name].shape)
+            if op in subsets:  # a declared subset of the cache's slots or of the attention's query rows
+                want[2] = subsets[op]
             if shape != want:
                 axes = ",".join(spec.axes)
                 bad(tw, f"has shape {shape}, expected {want} [{axes}]")

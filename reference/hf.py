@@ -16,6 +16,7 @@ from qwen3dbg.candidate import Candidate, emit
 from qwen3dbg.config import load_config
 from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.errors import UserError
+from qwen3dbg.patching import patched
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import tap_name
 
@@ -24,6 +25,7 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 class HFCandidate(Candidate):
     name = "hf"
+    fresh_taps = True  # module outputs are new tensors; DynamicCache grows by concatenation
 
     def __init__(self, model_dir, dtype="float32", *, attn: str = "eager"):
         from transformers import AutoModelForCausalLM
@@ -56,9 +58,6 @@ class HFCandidate(Candidate):
     def step(self, ids, positions, sink: TapSink):
         with self._capture(sink):
             out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
-        for i, layer in enumerate(self.cache.layers):
-            emit(sink, i, "k_cache", layer.keys)
-            emit(sink, i, "v_cache", layer.values)
         return out.logits
 
     @contextlib.contextmanager
@@ -84,6 +83,12 @@ class HFCandidate(Candidate):
                 B_T["shape"] = args[0].shape[:2]
             return hook
 
+        def cache_of(layer):  # after the attention of `layer`, its cache holds this step's keys and values
+            def hook(module, args, output):
+                emit(sink, layer, "k_cache", self.cache.layers[layer].keys)
+                emit(sink, layer, "v_cache", self.cache.layers[layer].values)
+            return hook
+
         def per_token(t):  # the router flattens tokens: [B*T, X] -> [B, T, X]
             return t.reshape(*B_T["shape"], -1)
 
@@ -97,6 +102,7 @@ class HFCandidate(Candidate):
             for op in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj"):
                 reg(getattr(att, op), out_hook(i, op))
             pre(att.o_proj, in_hook(i, "attn_out"))
+            reg(att, cache_of(i))
             pre(layer.post_attention_layernorm, in_hook(i, "resid_mid"))
             reg(layer.post_attention_layernorm, out_hook(i, "mlp_norm"))
             if self.config.is_moe_layer(i):
@@ -113,32 +119,34 @@ class HFCandidate(Candidate):
         reg(self.model.lm_head, out_hook(None, "logits"))
 
         m = self.modeling
-        original_rope, original_eager = m.apply_rotary_pos_emb, m.eager_attention_forward
 
-        def rope(q, k, cos, sin, *args, **kwargs):
-            q, k = original_rope(q, k, cos, sin, *args, **kwargs)
-            emit(sink, current["layer"], "q_rope", q.transpose(1, 2))
-            emit(sink, current["layer"], "k_rope", k.transpose(1, 2))
-            return q, k
+        def rope(original):
+            def wrapper(q, k, cos, sin, *args, **kwargs):
+                q, k = original(q, k, cos, sin, *args, **kwargs)
+                emit(sink, current["layer"], "q_rope", q.transpose(1, 2))
+                emit(sink, current["layer"], "k_rope", k.transpose(1, 2))
+                return q, k
+            return wrapper
 
-        def eager(module, query, key, value, attention_mask, scaling, *args, **kwargs):
-            out, probs = original_eager(module, query, key, value, attention_mask, scaling, *args, **kwargs)
-            i = current["layer"]
-            if sink.wants(tap_name("attn_scores", i)):
-                # The same ops eager runs, for the pre-softmax scores it does not return.
-                scores = torch.matmul(query, m.repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
-                if attention_mask is not None:
-                    scores = scores + attention_mask
-                    scores = scores.masked_fill(scores <= torch.finfo(scores.dtype).min / 2, float("-inf"))
-                sink(tap_name("attn_scores", i), scores)
-            emit(sink, i, "attn_probs", probs)
-            return out, probs
+        def eager(original):
+            def wrapper(module, query, key, value, attention_mask, scaling, *args, **kwargs):
+                out, probs = original(module, query, key, value, attention_mask, scaling, *args, **kwargs)
+                i = current["layer"]
+                if sink.wants(tap_name("attn_scores", i)):
+                    # The same ops eager runs, for the pre-softmax scores it does not return.
+                    scores = torch.matmul(query, m.repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
+                    if attention_mask is not None:
+                        scores = scores + attention_mask
+                        scores = scores.masked_fill(scores <= torch.finfo(scores.dtype).min / 2, float("-inf"))
+                    sink(tap_name("attn_scores", i), scores)
+                emit(sink, i, "attn_probs", probs)
+                return out, probs
+            return wrapper
 
-        m.apply_rotary_pos_emb, m.eager_attention_forward = rope, eager
+        # Patched for this thread only: a diff runs the reference and an hf candidate side by side.
         try:
-            yield
+            with patched(m, "apply_rotary_pos_emb", rope), patched(m, "eager_attention_forward", eager):
+                yield
         finally:
-            m.apply_rotary_pos_emb, m.eager_attention_forward = original_rope, original_eager
             for h in handles:
                 h.remove()
-

@@ -126,6 +126,7 @@ class Qwen3Reference(Candidate):
 
     name = "scratch"
     supports_layer = True
+    fresh_taps = True  # every op makes a new tensor; the cache grows by concatenation
 
     def __init__(self, model_dir, dtype="float64", *, stream_weights: bool | str | None = None):
         self.config: Qwen3Config = load_config(model_dir)
@@ -183,6 +184,13 @@ class Qwen3Reference(Candidate):
         out = torch.matmul(probs, v.repeat_interleave(self.config.n_rep, dim=1))
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
+    def attend(self, i, q, k_all, v_all, positions, sink):
+        """q [B,nH,T,D] over the cache [B,nKV,S,D] -> context [B,T,nH*D]; emits scores and probabilities."""
+        scores = self.scores(q, k_all, causal_mask(positions, k_all.shape[2]))
+        probs = self.probs(scores)
+        emit(sink, i, "attn_scores", scores), emit(sink, i, "attn_probs", probs)
+        return self.context(probs, v_all)
+
     def route(self, logits):
         c = self.config
         return route(logits, c.num_experts_per_tok, c.norm_topk_prob, self.num)
@@ -203,10 +211,7 @@ class Qwen3Reference(Candidate):
         v = v.view(B, T, c.num_key_value_heads, c.head_dim)
         k_all, v_all = self.update_cache(i, k.transpose(1, 2), v.transpose(1, 2))
         emit(sink, i, "k_cache", k_all), emit(sink, i, "v_cache", v_all)
-        scores = self.scores(q.transpose(1, 2), k_all, causal_mask(positions, k_all.shape[2]))
-        probs = self.probs(scores)
-        emit(sink, i, "attn_scores", scores), emit(sink, i, "attn_probs", probs)
-        out = self.context(probs, v_all)
+        out = self.attend(i, q.transpose(1, 2), k_all, v_all, positions, sink)
         emit(sink, i, "attn_out", out)
         out = self.linear(out, p + "o_proj")
         emit(sink, i, "o_proj", out)

@@ -76,15 +76,16 @@ def test_an_incomplete_store_is_refused_with_its_reason_and_exit_2(store, tmp_pa
     assert "incomplete" in run.stderr
 
 
-def test_reference_runs_are_cached_by_ids_and_dtype(catalogue_model):
-    model = catalogue_model("dense")
-    ids = [11, 12, 13]
-    first = run_diff("hf", "scratch", model_dir=model, dtype="float32", token_ids=ids)
-    again = run_diff("hf", "scratch", model_dir=model, dtype="float32", token_ids=ids)
-    other = run_diff("hf", "scratch", model_dir=model, dtype="float32", token_ids=ids + [14])
-    assert not first.side("ref").cached and again.side("ref").cached and again.side("gold").cached
-    assert not other.side("ref").cached and not other.side("gold").cached
-    assert again.side("ref").store == first.side("ref").store
+def test_a_diff_of_running_sides_writes_nothing_to_disk(catalogue_model, tmp_path, monkeypatch):
+    """The sides are compared as they run: no store of any side, no temporary file, anywhere we write."""
+    monkeypatch.setenv("QWEN3DBG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    result = run_diff("hf", "rope-theta-1e4", model_dir=catalogue_model("dense"), dtype="float32", token_ids=[11, 12, 13],
+                      decode_ids=[4, 5])
+    assert result.first_divergence is not None
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == []
 
 
 def test_teacher_forcing_finds_a_bug_introduced_by_its_layer_and_a_store_gets_an_estimate(catalogue_model, tmp_path):

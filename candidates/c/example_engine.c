@@ -266,7 +266,9 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
     float *cache = (float *)malloc(sizeof(float) * KV * S);
     float *logits = (float *)malloc(sizeof(float) * T * V);
     int64_t sh_h[3] = {1, T, H}, sh_q[3] = {1, T, Q}, sh_kv[3] = {1, T, KV}, sh_i[3] = {1, T, I};
-    int64_t sh_qh[4] = {1, T, nH, D}, sh_kh[4] = {1, T, nKV, D}, sh_c[4] = {1, nKV, S, D};
+    int64_t sh_qh[4] = {1, T, nH, D}, sh_kh[4] = {1, T, nKV, D}, sh_c[4] = {1, nKV, m->len ? T : S, D};
+    size_t first = m->len ? (size_t)m->len : 0; /* the first cache slot the step's cache taps hold */
+    if (m->len && q3t_step_positions(s, Q3T_CACHE_POSITIONS, T, pos)) die("tap store", q3t_error(s));
     int64_t sh_s[4] = {1, nH, T, S}, sh_v[3] = {1, T, V};
 #ifdef PLANT_ROPE_BUG
     theta = 10000.0f; /* the planted bug: Llama's theta instead of Qwen3's */
@@ -299,9 +301,12 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
                 memcpy(L->k_cache + slot, k + src, sizeof(float) * D);
                 memcpy(L->v_cache + slot, v + src, sizeof(float) * D);
             }
-        for (h = 0; h < nKV; h++) memcpy(cache + (size_t)h * S * D, L->k_cache + (size_t)h * m->max_seq * D, sizeof(float) * S * D);
+        /* The prefill writes its whole cache; a decode step only the slots it filled (declared below). */
+        for (h = 0; h < nKV; h++)
+            memcpy(cache + (size_t)h * sh_c[2] * D, L->k_cache + ((size_t)h * m->max_seq + first) * D, sizeof(float) * sh_c[2] * D);
         tap(s, "k_cache", i, 4, sh_c, cache);
-        for (h = 0; h < nKV; h++) memcpy(cache + (size_t)h * S * D, L->v_cache + (size_t)h * m->max_seq * D, sizeof(float) * S * D);
+        for (h = 0; h < nKV; h++)
+            memcpy(cache + (size_t)h * sh_c[2] * D, L->v_cache + ((size_t)h * m->max_seq + first) * D, sizeof(float) * sh_c[2] * D);
         tap(s, "v_cache", i, 4, sh_c, cache);
         for (h = 0; h < nH; h++)
             for (t = 0; t < T; t++) {

@@ -44,6 +44,12 @@ int q3t_missing(q3t_store *s, const char *name);
    "notes" (a list of sentences shown with the report, e.g. "[\"attention in fp16\"]"). */
 int q3t_manifest_field(q3t_store *s, const char *key, const char *json_value);
 int q3t_begin_step(q3t_store *s, int step, int tokens, const int64_t *token_ids, const int64_t *positions);
+/* Within a step, before its taps: declare that the step's k_cache/v_cache hold only the slots at these
+   logical positions, [B,nKV,n,D] (Q3T_CACHE_POSITIONS: at a decode step, the step's own positions), or
+   that attn_scores/attn_probs hold only these query rows, [B,nH,n,S] (Q3T_ATTENTION_POSITIONS). Positions
+   are logical (the S axis as a plain growing cache numbers it): ring and paged caches translate. */
+typedef enum { Q3T_CACHE_POSITIONS = 0, Q3T_ATTENTION_POSITIONS = 1 } q3t_subset;
+int q3t_step_positions(q3t_store *s, q3t_subset which, int n, const int64_t *positions);
 int q3t_write(q3t_store *s, const char *name, q3t_dtype dtype, int ndim, const int64_t *shape, const void *data);
 int q3t_end_step(q3t_store *s);
 /* Mark the store complete and free it (also on error; the return value says which). */
@@ -83,6 +89,8 @@ struct q3t_store {
     q3t__buf missing; /* the missing_taps entries */
     int batch, in_step, n_steps, step, tokens;
     int64_t *ids, *pos;
+    int64_t *subset[2]; /* the step's declared cache slots and attention rows (q3t_step_positions) */
+    int n_subset[2];
     FILE *data; /* the step's tensor bytes, spooled until end_step writes the header in front */
     q3t__tensor *tensors;
     int n_tensors, cap_tensors;
@@ -237,8 +245,24 @@ int q3t_begin_step(q3t_store *s, int step, int tokens, const int64_t *token_ids,
     s->step = step;
     s->tokens = tokens;
     s->in_step = 1;
+    s->n_subset[0] = s->n_subset[1] = 0;
     s->n_tensors = 0;
     s->offset = 0;
+    return 0;
+}
+
+int q3t_step_positions(q3t_store *s, q3t_subset which, int n, const int64_t *positions) {
+    int64_t *copy;
+    if (s->error[0]) return -1;
+    if (!s->in_step) return q3t__fail(s, "q3t_step_positions: call it between q3t_begin_step and q3t_end_step", NULL);
+    if ((which != Q3T_CACHE_POSITIONS && which != Q3T_ATTENTION_POSITIONS) || n < 1)
+        return q3t__fail(s, "q3t_step_positions: name the cache or the attention, and at least one position", NULL);
+    copy = (int64_t *)malloc((size_t)n * sizeof(int64_t));
+    if (!copy) return q3t__fail(s, "out of memory", NULL);
+    memcpy(copy, positions, (size_t)n * sizeof(int64_t));
+    free(s->subset[which]);
+    s->subset[which] = copy;
+    s->n_subset[which] = n;
     return 0;
 }
 
@@ -302,6 +326,12 @@ static int q3t__append_step_entry(q3t_store *s) {
             for (t = 0; t < s->tokens; t++) rc |= q3t__putf(b, t ? ", %lld" : "%lld", (long long)v[r * s->tokens + t]);
             rc |= q3t__puts(b, "]");
         }
+        rc |= q3t__puts(b, "]");
+    }
+    for (pass = 0; pass < 2; pass++) {
+        if (!s->n_subset[pass]) continue;
+        rc |= q3t__puts(b, pass ? ", \"attention_positions\": [" : ", \"cache_positions\": [");
+        for (t = 0; t < s->n_subset[pass]; t++) rc |= q3t__putf(b, t ? ", %lld" : "%lld", (long long)s->subset[pass][t]);
         rc |= q3t__puts(b, "]");
     }
     return rc | q3t__puts(b, "}");
@@ -368,6 +398,8 @@ static void q3t__free(q3t_store *s) {
     free(s->tensors);
     free(s->ids);
     free(s->pos);
+    free(s->subset[0]);
+    free(s->subset[1]);
     free(s->head.p);
     free(s->steps.p);
     free(s->missing.p);

@@ -1,15 +1,13 @@
-"""The differ: run or open three sides (reference, candidate, fp64 golden), compare them tap by tap,
-find the first divergent op, tell introduced from inherited, and ask the diagnosis what kind of bug it is.
+"""The differ: run or open three sides (reference, candidate, fp64 golden) side by side, compare them tap by
+tap as they are produced, find the first divergent op, tell introduced from inherited, and ask the
+diagnosis what kind of bug it is.
 
 `run_diff(...) -> DiffResult` is the whole command; the CLI and the reports only render its result.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -18,15 +16,18 @@ import torch
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.compare import Comparison
+from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
-from qwen3dbg.diff.runs import REFERENCES, cached_run, fresh_run, runs_home
 from qwen3dbg.diff.sides import SideSpec, parse_side, store_steps
+from qwen3dbg.diff.streams import Schedule, StoreSide, ThreadSide, candidate_producer, golden_forced, golden_greedy
 from qwen3dbg.diff.teacher import estimate, teacher_force
+from qwen3dbg.diff.window import Window, WindowSource
 from qwen3dbg.dtypes import dtype_name, parse_dtype
 from qwen3dbg.errors import UserError
-from qwen3dbg.store import StepInfo, TapStore
-from qwen3dbg.taps import inputs_of
+from qwen3dbg.memory import return_large_frees
+from qwen3dbg.store import TapStore
+from qwen3dbg.taps import inputs_of, parse_tap_name
 
 __all__ = ["run_diff", "DiffResult", "Divergence", "TapResult"]
 
@@ -35,40 +36,6 @@ DEFAULT_DTYPE = torch.bfloat16
 IN_NOISE_MIN_ULPS = 0.25
 #: ... ranked by how much it exceeds its inputs' difference, counted as at least this many ulps
 IN_NOISE_CARRIED_ULPS = 0.05
-
-
-@dataclass
-class StoreSource:
-    """The diagnosis' view of a diff (qwen3dbg.diagnosis.TapSource): three stores and the checkpoint."""
-
-    config: Qwen3Config
-    steps: list[StepInfo]
-    dtype: torch.dtype
-    ref_store: TapStore
-    cand_store: TapStore
-    gold_store: TapStore
-    model_dir: Path
-
-    def _get(self, store: TapStore, step: int, name: str) -> torch.Tensor | None:
-        return store.get(step, name) if step < len(store.steps) and store.has(step, name) else None
-
-    def ref(self, step: int, name: str) -> torch.Tensor | None:
-        return self._get(self.ref_store, step, name)
-
-    def cand(self, step: int, name: str) -> torch.Tensor | None:
-        return self._get(self.cand_store, step, name)
-
-    def gold(self, step: int, name: str) -> torch.Tensor | None:
-        return self._get(self.gold_store, step, name)
-
-    @cached_property
-    def _checkpoint(self):
-        from qwen3dbg.checkpoint import Checkpoint
-
-        return Checkpoint(self.model_dir)
-
-    def weight(self, name: str) -> torch.Tensor | None:
-        return self._checkpoint.get(name) if name in self._checkpoint else None
 
 
 def _ids_text(ids: list[int] | str | None) -> str | None:
@@ -96,68 +63,99 @@ def _dtype_under_test(specs: list[SideSpec], dtype: str | torch.dtype | None) ->
 def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | None = None,
              dtype: str | torch.dtype | None = None, token_ids: list[int] | str | None = None,
              decode_ids: list[int] | str | None = None, decode_steps: int | None = None, prompt: str | None = None,
-             teacher: bool = True, status: Callable[[str], None] = lambda msg: None) -> DiffResult:
-    """Compare `cand` with `ref` on the same ids, both judged against the fp64 golden; see docs/differ.md."""
-    from qwen3dbg.inputs import resolve_model, resolve_steps
+             teacher: bool = True, status: Callable[[str], None] = lambda msg: None,
+             progress: Callable[[int, int | None], None] | None = None) -> DiffResult:
+    """Compare `cand` with `ref` on the same ids, both judged against the fp64 golden; see docs/differ.md.
+    The three sides run side by side and are compared tap by tap as they go; nothing is written to disk."""
+    from qwen3dbg.inputs import resolve_inputs, resolve_model
 
     t0 = time.perf_counter()
+    return_large_frees()
     model_dir, cfg = resolve_model(Path(model_dir) if model_dir is not None else None)
     specs = [parse_side(ref, "ref"), parse_side(cand, "cand")]
     dt = _dtype_under_test(specs, dtype)
     with_store = any(s.store is not None for s in specs)
     if with_store and (prompt is not None or decode_steps is not None):
         raise UserError("a store fixes the token ids: leave out --prompt and --decode-steps")
-    given = resolve_steps(model_dir, cfg, _ids_text(token_ids), None, _ids_text(decode_ids), None) \
+    given = resolve_inputs(model_dir, cfg, _ids_text(token_ids), None, _ids_text(decode_ids), None)[0] \
         if with_store and (token_ids is not None or decode_ids is not None) else None
-    steps = store_steps(specs, cfg, given) or resolve_steps(
+    fixed = store_steps(specs, cfg, given)
+    steps, greedy = (fixed, 0) if fixed else resolve_inputs(
         model_dir, cfg, _ids_text(token_ids), prompt, _ids_text(decode_ids), decode_steps)
     timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix=".diff-", dir=runs_home()) as work:
-        status("fp64 golden (scratch in float64)")
-        t = time.perf_counter()
-        gold, gold_cached = cached_run("scratch", {}, model_dir, steps, torch.float64)
-        timings["golden"] = time.perf_counter() - t
-        stores, loaded, infos = {}, {}, [SideInfo("gold", "scratch:float64", "scratch", "float64", str(gold.path), gold_cached)]
-        for role, spec in zip(("ref", "cand"), specs):
-            t = time.perf_counter()
-            cached = False
-            if spec.store is not None:
-                store = spec.store
-            elif spec.name in REFERENCES:
-                status(f"{role}: {spec.text} in {dtype_name(dt)}")
-                store, cached = cached_run(spec.name, spec.options, model_dir, steps, dt)
-            else:
-                status(f"{role}: {spec.text} in {dtype_name(dt)}")
-                store, loaded[role] = fresh_run(spec.name, spec.options, model_dir, steps, dt, Path(work))
-            timings[role] = time.perf_counter() - t
-            stores[role] = store
+    schedule = Schedule(steps, len(steps) + greedy)
+    t = time.perf_counter()
+    loaded, infos, missing = {}, [SideInfo("gold", "scratch:float64", "scratch", "float64", "")], set()
+    for role, spec in zip(("ref", "cand"), specs):
+        status(f"loading {role}: {spec.text}" + (" (its engine is built on first use: minutes)" if spec.name == "mine" else ""))
+        if spec.store is not None:
+            store = spec.store
+            missing |= set(store.missing_taps)
             notes = store.manifest.get("notes")
             notes = [str(n) for n in notes] if isinstance(notes, list) else []
-            infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path), cached,
-                                  notes + _other_weights(store, model_dir)))
-        status("comparing")
-        t = time.perf_counter()
-        comparison = Comparison(gold, stores["ref"], stores["cand"], cfg, dt)
-        taps = list(comparison.run())
-        timings["compare"] = time.perf_counter() - t
-        src = StoreSource(cfg, steps, dt, stores["ref"], stores["cand"], gold, model_dir)
-        first = next((r for r in taps if r.divergent), None)
-        div = _divergence(first, taps, cfg) if first else None
-        if div is not None and teacher and specs[1].name is not None:
-            candidate = loaded.get("cand") or _load(specs[1], model_dir, dt)
-            forced = teacher_force(candidate, stores["ref"], gold, div, first, steps[div.step])
-            div.origin = forced or div.origin
-        diagnosis = _diagnose(src, div)
-        in_noise = _in_noise(src, taps, div, cfg, dt)
+            infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path),
+                                  False, notes + _other_weights(store, model_dir)))
+        else:
+            loaded[role] = _load(spec, model_dir, dt)
+            missing |= set(loaded[role].missing_taps)
+            infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), "streamed, not stored"))
+    golden = LongGolden(model_dir, stream_weights=not greedy or _large(model_dir))
+    timings["load"] = time.perf_counter() - t
+    compared = lambda name: parse_tap_name(name)[1] not in missing  # noqa: E731
+    keep = torch.float32 if dt.itemsize < 4 else torch.float64
+    produce_gold = golden_forced(golden, steps, keep) if not greedy else golden_greedy(golden, schedule, steps[0].token_ids[0])
+    sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
+    for role, spec in zip(("ref", "cand"), specs):
+        sides[role] = StoreSide(role, spec.store) if spec.store is not None else ThreadSide(
+            role, candidate_producer(loaded[role], schedule), compared, loaded[role].fresh_taps, schedule)
+    window = Window(keep)
+    src = WindowSource(cfg, schedule.steps, dt, model_dir, {})
+    noise = _InNoise(cfg, src, window)
+    comparison = Comparison(sides["gold"], sides["ref"], sides["cand"], schedule, cfg, dt, window,
+                            progress or (lambda step, layer: None))
+    status(f"comparing {schedule.total} step(s) against the fp64 golden")
+    t = time.perf_counter()
+    taps = []
+    try:
+        for res in comparison.run():
+            taps.append(res)
+            noise.add(res)
+    finally:
+        for side in sides.values():
+            side.close()
+    window.finish()
+    for info in infos:  # what an implementation has to say about its run (the device it ran on, ...)
+        if info.role in loaded:
+            info.notes = [str(n) for n in loaded[info.role].manifest_extra().get("notes", [])]
+    timings["compare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    first = next((r for r in taps if r.divergent), None)
+    div = _divergence(first, taps, cfg) if first else None
+    src.entries = window.frozen or {}
+    if div is not None and teacher and "cand" in loaded:
+        status("teacher forcing the divergent layer")
+        forced = teacher_force(loaded["cand"], src, div, first, schedule.steps[div.step])
+        div.origin = forced or div.origin
+    status("diagnosing")
+    diagnosis = [] if div is None else list(_diagnose(src, div))
+    in_noise = noise.finding(dt)
+    timings["diagnose"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return DiffResult(
         model=str(model_dir), config=cfg.to_hf_dict(), dtype=dtype_name(dt), sides=infos,
-        steps=[{"step": s.step, "tokens": s.tokens, "token_ids": s.token_ids[0], "positions": s.positions[0]} for s in steps],
+        steps=[{"step": s.step, "tokens": s.tokens, "token_ids": s.token_ids[0], "positions": s.positions[0]}
+               for s in schedule.steps],
         taps=taps, first_divergence=div, diagnosis=diagnosis, first_nonfinite=_first_nonfinite(taps, "cand"),
         golden_nonfinite=_first_nonfinite(taps, "gold"), in_noise=in_noise,
         routing_ties=comparison.ties, timings=timings,
         rule={"norm_factor": NORM_FACTOR, "element_factor": ELEMENT_FACTOR, "rel_floor_ulps": REL_FLOOR_ULPS,
               "abs_floor_ulps": ABS_FLOOR_ULPS, "small_sample_n0": SMALL_SAMPLE_N0})
+
+
+def _large(model_dir: Path) -> bool:
+    """Stream the stepping golden's weights where holding them in float64 would pass 2 GB."""
+    ckpt = Checkpoint(model_dir)
+    return sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.keys()) * 8 > 2 * 1024**3
 
 
 def _other_weights(store: TapStore, model_dir: Path) -> list[str]:
@@ -190,40 +188,63 @@ def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Di
     return div
 
 
-def _diagnose(src: StoreSource, div: Divergence | None) -> list:
+def _diagnose(src: WindowSource, div: Divergence) -> list:
     from qwen3dbg.diagnosis import diagnose
 
-    return [] if div is None else list(diagnose(src, div.step, div.tap))
+    return list(diagnose(src, div.step, div.tap))
 
 
-def _in_noise(src: StoreSource, taps: list[TapResult], div: Divergence | None, cfg: Qwen3Config,
-              dt: torch.dtype) -> Finding | None:
-    """The in-noise difference that most exceeds what its inputs carry (before any divergence): among taps
-    differing from the reference by at least IN_NOISE_MIN_ULPS (rms) and by more than their inputs do
-    (an input difference below IN_NOISE_CARRIED_ULPS counts as that much), the largest ratio of the two,
-    times what magnifies a rounding there (an RMSNorm's largest weight, e.g. k_norm ~96.5: porters need
-    that rounding point named, not the first one met)."""
-    from qwen3dbg.diagnosis import amplification, explain_rounding
+class _InNoise:
+    """The in-noise difference that most exceeds what its inputs carry (before any divergence), followed as
+    the comparison streams: among taps differing from the reference by at least IN_NOISE_MIN_ULPS (rms) and
+    by more than their inputs do (an input difference below IN_NOISE_CARRIED_ULPS counts as that much), the
+    largest ratio of the two, times what magnifies a rounding there (an RMSNorm's largest weight, e.g.
+    k_norm ~96.5: porters need that rounding point named, not the first one met). The window keeps the
+    tensors of the best so far."""
 
-    best, best_rank, best_in, by = None, 0.0, 0.0, {}
-    for r in taps:
-        if div is not None and (r.step, r.name) == (div.step, div.tap):
-            break
-        by[(r.step, r.name)] = r
+    def __init__(self, cfg: Qwen3Config, src: WindowSource, window: Window):
+        self.cfg, self.src, self.window = cfg, src, window
+        self.best: TapResult | None = None
+        self.best_rank, self.best_in, self.done = 0.0, 0.0, False
+        self.step: dict[str, TapResult] = {}
+        self.amplification: dict[str, float] = {}
+
+    def add(self, r: TapResult) -> None:
+        if self.done or r.divergent:
+            self.done = True
+            return
+        if self.step and next(iter(self.step.values())).step != r.step:
+            self.step = {}
+        self.step[r.name] = r
         if r.status != "ok" or r.diff_ulps < IN_NOISE_MIN_ULPS:
-            continue
-        carried = max((by[(r.step, n)].diff_ulps for n in inputs_of(r.name, cfg) if (r.step, n) in by), default=0.0)
+            return
+        inputs = inputs_of(r.name, self.cfg)
+        carried = max((self.step[n].diff_ulps for n in inputs if n in self.step), default=0.0)
         own = r.diff_ulps / max(carried, IN_NOISE_CARRIED_ULPS)
-        if own > 1.0 and (rank := own * amplification(src, r.name)) > best_rank:
-            best, best_rank, best_in = r, rank, carried
-    if best is None:
-        return None
+        if own > 1.0 and (rank := own * self._amplification(r.name)) > self.best_rank:
+            self.best, self.best_rank, self.best_in = r, rank, carried
+            self.window.snapshot(r.step, [r.name, *inputs])
 
-    explained = explain_rounding(src, best.step, best.name)
-    if explained is not None:
-        return Finding(best.step, best.name, best.diff_ulps, best_in, explained.message, explained.signature,
-                       dict(explained.evidence))
-    return Finding(best.step, best.name, best.diff_ulps, best_in,
-                   f"{best.name} differs from the reference by {best.diff_ulps:.2g} {dtype_name(dt)} ulps (rms) while "
-                   f"its inputs differ by {best_in:.2g}: the candidate rounds differently here, within the noise floor",
-                   "rounding_point", {"diff_ulps": best.diff_ulps, "input_ulps": best_in})
+    def _amplification(self, name: str) -> float:
+        from qwen3dbg.diagnosis import amplification
+
+        if name not in self.amplification:
+            self.amplification[name] = amplification(self.src, name)
+        return self.amplification[name]
+
+    def finding(self, dt: torch.dtype) -> Finding | None:
+        from qwen3dbg.diagnosis import explain_rounding
+
+        best = self.best
+        if best is None:
+            return None
+        src = WindowSource(self.cfg, self.src.steps, self.src.dtype, self.src.model_dir, self.window.noise)
+        explained = explain_rounding(src, best.step, best.name)
+        if explained is not None:
+            return Finding(best.step, best.name, best.diff_ulps, self.best_in, explained.message,
+                           explained.signature, dict(explained.evidence))
+        return Finding(best.step, best.name, best.diff_ulps, self.best_in,
+                       f"{best.name} differs from the reference by {best.diff_ulps:.2g} {dtype_name(dt)} ulps (rms) "
+                       f"while its inputs differ by {self.best_in:.2g}: the candidate rounds differently here, "
+                       "within the noise floor", "rounding_point", {"diff_ulps": best.diff_ulps,
+                                                                    "input_ulps": self.best_in})

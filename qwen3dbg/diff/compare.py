@@ -1,24 +1,29 @@
 """Streaming comparison of a candidate's taps with the reference's, both judged against the fp64 golden.
 
-Taps are read one at a time in forward order (steps, layers, schema order): memory holds one tap of
-each side, never a whole store. The rule itself is in `noise`; docs/differ.md explains it.
+Taps are taken one at a time in forward order (steps, layers, schema order) from the three side streams
+as the sides produce them: memory holds a few taps of each side, never a whole step. The rule itself is
+in `noise`; docs/differ.md explains it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from qwen3dbg.config import Qwen3Config
+from qwen3dbg.diff.blocks import RowBlocks, blocked_count_over, blocked_errors
 from qwen3dbg.diff.fused import count_over, tap_errors
-from qwen3dbg.diff.metrics import cosine, logits_agreement, ratio, router_margin, same_sets, worst_coordinate
+from qwen3dbg.diff.metrics import (agreement, cosine, logits_counts, ratio, router_margin, same_sets,
+                                   worst_coordinate)
 from qwen3dbg.diff.noise import ELEMENT_FACTOR, tolerance
 from qwen3dbg.diff.result import TapResult
+from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows, Schedule, Side
+from qwen3dbg.diff.window import Window
 from qwen3dbg.dtypes import dtype_name
-from qwen3dbg.store import StepInfo, TapStore
-from qwen3dbg.taps import TapSpec, step_taps, tap_name
+from qwen3dbg.store import StepInfo
+from qwen3dbg.taps import TapSpec, step_taps
 
 @dataclass
 class _Router:
@@ -28,62 +33,124 @@ class _Router:
     agree: torch.Tensor  # bool [B,T]
 
 
+Value = torch.Tensor | RowBlocks | CacheSlots
+
+
 @dataclass
 class Comparison:
-    """State of one streaming comparison: routing ties found so far and the positions they take out."""
+    """One lockstep comparison of three side streams (`streams`): taps are taken in forward order, judged
+    and dropped; what outlives a tap is its TapResult, the routing ties, the reference's prefill noise per
+    tap and the candidate's cache of the last step (to see a step change slots it did not write)."""
 
-    gold: TapStore
-    ref: TapStore
-    cand: TapStore
+    gold: Side
+    ref: Side
+    cand: Side
+    schedule: Schedule
     cfg: Qwen3Config
     dtype: torch.dtype
+    window: Window | None = None
+    progress: Callable[[int, int | None], None] = lambda step, layer: None
     ties: list[dict] = field(default_factory=list)
     tied_positions: dict[int, int] = field(default_factory=dict)  # position -> layer of its tie
     prefill_noise: dict[str, tuple[float, float]] = field(default_factory=dict)  # tap -> reference (rel_l2, max_abs) at step 0
     router_ok: dict[tuple[int, int], bool] = field(default_factory=dict)  # (step, layer) -> router logits within noise
+    _router_logits: dict[int, tuple] = field(default_factory=dict)  # layer -> (gold, ref, cand) of this step
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict)  # the candidate's whole cache after the last step
 
     def run(self) -> Iterator[TapResult]:
-        cache = 0
-        for info in self.gold.steps:
-            cache += info.tokens
+        sides = (self.gold, self.ref, self.cand)
+        for s in range(self.schedule.total):
+            info = self.schedule.get(s)
             router: _Router | None = None
-            for spec in step_taps(self.cfg, len(info.token_ids), info.tokens, cache):
-                res, router = self.tap(info, spec, router)
+            layer = -1
+            for spec in step_taps(self.cfg, len(info.token_ids), info.tokens, info.positions[0][-1] + 1):
+                if spec.layer is not None and spec.layer != layer:
+                    layer = spec.layer
+                    self.progress(s, layer)
+                g, r, c = (side.take(s, spec.name) for side in sides)
+                res, router = self.tap(info, spec, g, r, c, router)
+                if self.window is not None:
+                    self.window.add(info, spec, res.divergent, {"gold": g, "ref": r, "cand": c})
                 yield res
+            for side in sides:
+                side.end_step(s)
+            self.progress(s, None)
 
-    def tap(self, info: StepInfo, spec: TapSpec, router: _Router | None) -> tuple[TapResult, _Router | None]:
+    def tap(self, info: StepInfo, spec: TapSpec, g: Value | None, r: Value | None, c: Value | None,
+            router: _Router | None) -> tuple[TapResult, _Router | None]:
         s, name = info.step, spec.name
         base = dict(step=s, name=name, layer=spec.layer, op=spec.op, numel=spec.numel)
-        lacking = [role for role, st in (("fp64 golden", self.gold), ("reference", self.ref), ("candidate", self.cand))
-                   if not st.has(s, name)]
+        lacking = [role for role, v in (("fp64 golden", g), ("reference", r), ("candidate", c)) if v is None]
         if lacking:
             return TapResult(status="not_compared", reason=f"the {' and the '.join(lacking)} lacks it", **base), router
-        g, r, c = self.gold.get(s, name), self.ref.get(s, name), self.cand.get(s, name)
+        slots, problem, changed = None, "", []
+        if spec.op in CACHE_OPS:
+            problem, changed = self._cache_changes(info, spec, c)
+            if s > 0 and not problem:  # a decode step: compare the slots it wrote, and any older one it changed
+                slots = sorted(set(info.positions[0]) | set(changed))
+                fulls = [_full(v) for v in (g, r, c)]
+                if changed and any(f is None for f in fulls):
+                    problem = (f"{_changed_words(info, changed)}, and they cannot be judged: a side lacks the whole "
+                               "cache at this step")
+                else:
+                    g, r, c = (f[:, :, slots] if changed else written_slots(v, info) for f, v in zip(fulls, (g, r, c)))
+                    base["numel"] = g.numel()
+            if problem:
+                return TapResult(status="divergent", reason=problem, **base), router
+        if any(isinstance(v, QueryRows) for v in (r, c)):  # an engine wrote some query rows only
+            g, r, c = query_rows(info, g, r, c)
+        gshape = g.view_shape if isinstance(g, RowBlocks) else tuple(g.shape)
         for who, t in (("reference", r), ("candidate", c)):
-            if tuple(t.shape) != tuple(g.shape):
+            if tuple(t.shape) != gshape:
                 status = "divergent" if who == "candidate" else "not_compared"
-                return TapResult(status=status, reason=f"{who} shape {list(t.shape)} vs fp64 {list(g.shape)}", **base), router
+                return TapResult(status=status, reason=f"{who} shape {list(t.shape)} vs fp64 {list(gshape)}", **base), router
         if spec.integer:
             return self.expert_ids(info, spec, g, r, c, base)
         if spec.op == "moe.topk_weights" and router is not None:
             g, r, c = (_sort_by_ids(t, ids) for t, ids in zip((g, r, c), router.ids))
             return self.values(info, spec, g, r, c, base, token_ok=router.agree), None
         res = self.values(info, spec, g, r, c, base)
+        if slots is not None and res.worst:
+            res.worst["key"] = slots[res.worst.get("key", 0)]
+        if changed:
+            res.extra["changed_slots"] = changed
+            if res.divergent:
+                res.reason = f"{_changed_words(info, changed)}, and they now differ from fp64; {res.reason}"
         if spec.op == "moe.router_logits":
             self.router_ok[(s, spec.layer)] = res.status == "ok"
+            self._router_logits[spec.layer] = (g, r, c)
         return res, router
+
+    def _cache_changes(self, info: StepInfo, spec: TapSpec, c: Value) -> tuple[str, list[int]]:
+        """(what is wrong with where the candidate wrote its cache, the older slots it changed since the last
+        step). Changed slots are then judged against fp64 like the new ones: an implementation that
+        recomputes its whole prefix each step changes old slots within the noise, a ring that wraps or an
+        index off by one overwrites them with another token's entry."""
+        positions = info.positions[0]
+        if isinstance(c, CacheSlots) and c.positions != positions:
+            return f"the step wrote cache slots at positions {c.positions[:8]}, but its tokens are at {positions[:8]}", []
+        full = _full(c)
+        if full is None:
+            return "", []
+        previous = self._cache.get(spec.name)
+        self._cache[spec.name] = full
+        if previous is None or full.shape[2] < previous.shape[2] or full.shape[:2] != previous.shape[:2]:
+            return "", []
+        return "", changed_slots(previous, full[:, :, :previous.shape[2]])
 
     def values(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict, token_ok: torch.Tensor | None = None) -> TapResult:
         reasons, extra = [], {}
         keep = None
+        shape = g.view_shape if isinstance(g, RowBlocks) else tuple(g.shape)
         if token_ok is not None or self._tied(spec):
-            keep = self._exclusions(info, spec, torch.ones(g.shape, dtype=torch.bool), extra)
+            keep = self._exclusions(info, spec, torch.ones(shape, dtype=torch.bool), extra)
             if token_ok is not None:
                 keep = keep & token_ok[..., None]
         # One fused pass: where the golden is not finite, a side masks an attention score, or either side
         # is not finite (the reference then sets no floor and the candidate is not judged), nothing is compared.
         scores = spec.op == "attn_scores"
-        te = tap_errors(g, r, c, scores=scores, keep=keep)
+        blocked = isinstance(g, RowBlocks)
+        te = blocked_errors(g, r, c, scores, keep) if blocked else tap_errors(g, r, c, scores=scores, keep=keep)
         if te.mask_diff:
             reasons.append(f"mask pattern differs from fp64 at {te.mask_diff} entries")
         if te.nonfinite["cand"]:
@@ -99,31 +166,40 @@ class Comparison:
             which = "rel. L2" if sc.rel_l2 / tol.rel >= sc.max_abs / tol.abs_ else "max |err|"
             reasons.append(f"{which} {excess:.3g}x over the {dtype_name(self.dtype)} noise floor")
         if spec.op == "logits" and count:
-            extra.update(logits_agreement(c, g))
+            parts = ([logits_counts(c.narrow(g.axis, o, b.shape[g.axis]), b) for o, b in g.blocks()] if blocked
+                     else [logits_counts(c, g)])
+            extra.update(agreement(parts))
         # The share of elements over the per-element limit takes a second pass, only when some element is.
         limit = max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR)
-        mismatch = count_over(g, r, c, limit, scores=scores, keep=keep) / count if count and sc.max_abs > limit else 0.0
+        over = 0
+        if count and sc.max_abs > limit:
+            over = (blocked_count_over(g, r, c, limit, scores, keep) if blocked
+                    else count_over(g, r, c, limit, scores=scores, keep=keep))
         eps = torch.finfo(self.dtype).eps
         return TapResult(
             status="divergent" if reasons else "ok", reason="; ".join(reasons), max_abs=sc.max_abs,
-            rel_l2=sc.rel_l2, cosine=cosine(te.dot, te.gold_norm, sc.norm), mismatch=mismatch,
+            rel_l2=sc.rel_l2, cosine=cosine(te.dot, te.gold_norm, sc.norm), mismatch=over / count if count else 0.0,
             ref_max_abs=sr.max_abs, ref_rel_l2=sr.rel_l2, tol_rel=tol.rel, tol_abs=tol.abs_, excess=excess,
             diff_ulps=ratio(te.diff_norm, te.gold_norm) / eps, nonfinite=te.nonfinite,
-            worst=worst_coordinate(sc.argmax, spec.shape, spec.axes, info.step, self.cfg.head_dim), extra=extra, **base)
+            worst=worst_coordinate(sc.argmax, shape, spec.axes, info.step, self.cfg.head_dim), extra=extra, **base)
 
     def expert_ids(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict) -> tuple[TapResult, _Router]:
         """Sets per token; a changed set is a routing tie when the router logits are within the noise and the
         fp64 margin between the k-th and (k+1)-th expert is within twice the sides' router-logit error at
         that token, else a divergence."""
         k, layer = self.cfg.num_experts_per_tok, spec.layer
-        logits_name = tap_name("moe.router_logits", layer)
-        lg = self.gold.get(info.step, logits_name).double()
+        gold_logits, *sides = self._router_logits.get(layer, (None, None, None))
+        if gold_logits is None:
+            lg = torch.zeros((*g.shape[:-1], k + 1), dtype=torch.float64)
+            sides = []
+        else:
+            lg = gold_logits.double()
         # Only a candidate whose router logits are within the noise can tie; after a divergence a changed
         # choice is a consequence, not a tie.
         noise = torch.zeros(lg.shape[:-1], dtype=torch.float64)
-        for st in (self.ref, self.cand):
-            if st.has(info.step, logits_name):
-                noise = torch.maximum(noise, (st.get(info.step, logits_name).double() - lg).abs().amax(-1))
+        for logits in sides:
+            if logits is not None:
+                noise = torch.maximum(noise, (logits.double() - lg).abs().amax(-1))
         if not self.router_ok.get((info.step, layer), False):
             noise.zero_()
         margin = router_margin(lg, k)
@@ -179,3 +255,48 @@ _AFTER_ROUTING = frozenset({"moe.topk_weights", "mlp.out", "resid_out"})
 def _sort_by_ids(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """topk_weights [B,T,k] reordered by expert id, so sides that list the same experts align."""
     return t.gather(-1, ids.argsort(-1))
+
+
+def _full(v: Value) -> torch.Tensor | None:
+    """The whole cache [B,nKV,S,D] a side shows, or None when it wrote only slots."""
+    return v.full if isinstance(v, CacheSlots) else v
+
+
+def _changed_words(info: StepInfo, changed: list[int]) -> str:
+    p = info.positions[0]
+    return (f"step {info.step} changed cache slot(s) {changed[:8]} written by earlier steps (it writes position"
+            f"{'s' if len(p) > 1 else ''} {p[0]}{f'..{p[-1]}' if len(p) > 1 else ''})")
+
+
+def written_slots(v: Value, info: StepInfo) -> torch.Tensor:
+    """The cache slots a decode step wrote [B,nKV,T,D], from the slots themselves or the whole cache."""
+    if isinstance(v, CacheSlots):
+        return v.values
+    p = info.positions[0]
+    return v[:, :, p[0]:p[-1] + 1]
+
+
+def changed_slots(before: torch.Tensor, after: torch.Tensor) -> list[int]:
+    """Slots (the S axis of [B,nKV,S,D]) whose bits differ: bitwise, so an unchanged NaN is unchanged."""
+    if before.dtype != after.dtype:
+        return list(range(before.shape[2]))
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[before.element_size()]
+    a, b = before.contiguous().view(bits), after.contiguous().view(bits)
+    if torch.equal(a, b):
+        return []
+    return (a != b).any(-1).any(1).any(0).nonzero().flatten().tolist()
+
+
+def query_rows(info: StepInfo, *sides: Value) -> list[torch.Tensor]:
+    """The attention rows of the query positions a store holds, on every side [B,nH,n,S]."""
+    rows = next(v.positions for v in sides if isinstance(v, QueryRows))
+    index = [p - info.positions[0][0] for p in rows]
+
+    def pick(v: Value) -> torch.Tensor:
+        if isinstance(v, QueryRows):
+            return v.values if v.positions == rows else v.values[:, :, [v.positions.index(p) for p in rows]]
+        if isinstance(v, RowBlocks):
+            return torch.cat([v.take(i, i + 1) for i in index], dim=v.axis)
+        return v[:, :, index]
+
+    return [pick(v) for v in sides]

@@ -53,10 +53,11 @@ def worst_coordinate(flat_index: int, shape: tuple[int, ...], axes: tuple[str, .
     return coord
 
 
-def logits_agreement(cand: torch.Tensor, gold: torch.Tensor, k: int = 5, rows: int = 4) -> dict:
-    """cand, gold [B,T,V] -> top-1 agreement, mean top-k overlap and mean KL(gold || cand) over tokens,
-    in float64: argmax and KL in one fused pass per token, top-k `rows` tokens at a time (a real vocabulary
-    makes each row 1.2 MB in float64: four stay in cache)."""
+def logits_counts(cand: torch.Tensor, gold: torch.Tensor, k: int = 5, rows: int = 4) -> dict:
+    """cand, gold [B,T,V] -> sums over tokens, in float64, that `agreement` turns into means (so that runs of
+    rows compared apart add up): tokens, top-1 matches, top-k overlap, KL(gold || cand) and finite rows.
+    argmax and KL in one fused pass per token, top-k `rows` tokens at a time (a real vocabulary makes each
+    row 1.2 MB in float64: four stay in cache)."""
     from qwen3dbg.diff.fused import logits_rows
 
     c, g = cand.reshape(-1, cand.shape[-1]), gold.reshape(-1, gold.shape[-1])
@@ -66,9 +67,21 @@ def logits_agreement(cand: torch.Tensor, gold: torch.Tensor, k: int = 5, rows: i
     for i in range(0, c.shape[0], rows):
         ct, gt = c[i:i + rows].double().topk(k, -1).indices, g[i:i + rows].double().topk(k, -1).indices
         overlap += float((ct[:, :, None] == gt[:, None, :]).any(-1).double().sum()) / k
-    n, finite = c.shape[0], int(ok.sum())
-    return {"top1_agreement": float((am_c == am_g).sum()) / n, f"top{k}_overlap": overlap / n,
-            "kl": float(kl[ok].sum()) / finite if finite else float("nan")}
+    return {"tokens": c.shape[0], "top1": int((am_c == am_g).sum()), "topk": overlap, "k": k,
+            "kl": float(kl[ok].sum()), "finite": int(ok.sum())}
+
+
+def agreement(counts: list[dict]) -> dict:
+    """Folded `logits_counts` -> top-1 agreement, mean top-k overlap and mean KL over the finite tokens."""
+    n, finite = sum(c["tokens"] for c in counts), sum(c["finite"] for c in counts)
+    k = counts[0]["k"]
+    return {"top1_agreement": sum(c["top1"] for c in counts) / n, f"top{k}_overlap": sum(c["topk"] for c in counts) / n,
+            "kl": sum(c["kl"] for c in counts) / finite if finite else float("nan")}
+
+
+def logits_agreement(cand: torch.Tensor, gold: torch.Tensor, k: int = 5) -> dict:
+    """cand, gold [B,T,V] -> top-1 agreement, mean top-k overlap and mean KL(gold || cand) over tokens."""
+    return agreement([logits_counts(cand, gold, k)])
 
 
 def router_margin(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Introduced or inherited: does the first divergent op create the error, or carry it in from its inputs?
 
 With a candidate that can run one layer, teacher forcing feeds the reference's input of that layer
-(and its KV cache) into the candidate's layer and measures what the layer alone adds. A store cannot
+(and its KV cache, from the diff's window) into the candidate's layer and measures what the layer alone adds. A store cannot
 run, so there the answer is estimated from the jump in error between the op's inputs and its output.
 """
 
@@ -12,7 +12,7 @@ import torch
 from qwen3dbg.candidate import Candidate, DictSink
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.result import Divergence, TapResult
-from qwen3dbg.store import StepInfo, TapStore, masked
+from qwen3dbg.store import StepInfo, masked
 from qwen3dbg.taps import inputs_of, layer_input, tap_name
 
 
@@ -28,22 +28,25 @@ def estimate(div: Divergence, by_name: dict[str, TapResult], cfg: Qwen3Config) -
                        "(estimated from the error jump; teacher forcing needs a candidate that runs one layer)"}
 
 
-def teacher_force(cand: Candidate, ref: TapStore, gold: TapStore, div: Divergence, res: TapResult,
-                  info: StepInfo) -> dict | None:
-    """Run the candidate's layer `div.layer` on the reference's layer input and cache; None when it cannot."""
+def teacher_force(cand: Candidate, src, div: Divergence, res: TapResult, info: StepInfo) -> dict | None:
+    """Run the candidate's layer `div.layer` on the reference's layer input and cache (read from the diff's
+    window, `src`); None when it cannot."""
     layer, s = div.layer, div.step
     if layer is None or not cand.supports_layer:
         return None
-    needs = [(s, layer_input(layer))] + ([(s - 1, tap_name("k_cache", layer)), (s - 1, tap_name("v_cache", layer))] if s else [])
-    if not all(ref.has(*n) for n in needs):
+    hidden, r, g = src.ref(s, layer_input(layer)), src.ref(s, div.tap), src.gold(s, div.tap)
+    past = None
+    if s:  # the cache before this step: the step's own cache less the slots it wrote
+        caches = [src.ref(s, tap_name(op, layer)) for op in ("k_cache", "v_cache")]
+        if any(c is None for c in caches):
+            return None
+        past = tuple(c[:, :, :c.shape[2] - info.tokens].to(cand.dtype) for c in caches)
+    if hidden is None or r is None or g is None:
         return None
-    hidden = ref.get(*needs[0]).to(cand.dtype)
-    past = (ref.get(*needs[1]).to(cand.dtype), ref.get(*needs[2]).to(cand.dtype)) if s else None
     sink = DictSink(only={div.tap})
     cand.reset()
-    cand.run_layer(layer, hidden, torch.tensor(info.positions), past, sink)
+    cand.run_layer(layer, hidden.to(cand.dtype), torch.tensor(info.positions), past, sink)
     forced = sink.taps.get(div.tap)
-    r, g = ref.get(s, div.tap), gold.get(s, div.tap)
     if forced is None or forced.shape != r.shape:
         return None
     ok = torch.isfinite(g) & torch.isfinite(r) & ~masked(g) & ~masked(r)

@@ -1,0 +1,179 @@
+"""Diffs at real lengths on the Qwen3-0.6B shape: wall time per phase, peak anonymous memory and bytes
+written, each next to the plain runs of its sides measured in the same bench run.
+
+    python bench/bench_long.py [--workdir DIR] [--full] [--only NAME]
+
+Cases (prompt + decode steps, bf16, forced decode ids):
+  W          --cand hf:attn=sdpa      2048 + 256   (goals: peak anon <= 6 GB, written <= 2 GB, wall <= 1.5x plain)
+  mine       --cand mine              1024 + 64
+  store      --cand store:DIR         1024 + 64    (the store written by `qwen3dbg capture --impl mine`)
+  scale-N    --cand hf:attn=sdpa      N + 32 for N = 512, 1024, 2048 (peak memory grows linearly)
+`--full` runs every case at 2048 + 256. Each diff and each plain run is a fresh process, so its peak memory
+(RssAnon: mapped weight files aside) and its bytes written (/proc/self/io wchar) are its own. The plain runs
+are the sides with capture off: the golden one fp64 forward over every token, hf and mine their real prefill
+and decode steps, a store one read of every tap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from measure import PeakAnon, bytes_written
+
+from qwen3dbg.home import home
+
+PRESET = "qwen3-0.6b"
+
+
+def ids(model: Path, prompt: int, decode: int) -> tuple[list[int], list[int]]:
+    from qwen3dbg.config import load_config
+
+    vocab = load_config(model).vocab_size
+    seq = [(7919 * i + 13) % vocab for i in range(prompt + decode)]
+    return seq[:prompt], seq[prompt:]
+
+
+# ---- what runs in a child process ---------------------------------------------------------------
+
+def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
+    from qwen3dbg.diff import run_diff
+
+    p, d = ids(Path(model), prompt, decode)
+    before = bytes_written()
+    with PeakAnon(0.02) as mem:
+        t = time.perf_counter()
+        result = run_diff("hf", cand, model_dir=model, dtype="bfloat16",
+                          token_ids=None if cand.startswith("store:") else p,
+                          decode_ids=None if cand.startswith("store:") else d)
+        wall = time.perf_counter() - t
+    return {"wall": wall, "phases": result.timings, "peak_anon": mem.peak, "written": bytes_written() - before,
+            "verdict": result.verdict, "taps": len(result.taps)}
+
+
+def child_plain(model: str, side: str, prompt: int, decode: int) -> dict:
+    """One side with capture off: its own prefill + decode steps (the golden: one forward over all tokens)."""
+    import torch
+
+    from qwen3dbg.candidate import NullSink
+    from qwen3dbg.capture import forced_steps
+
+    p, d = ids(Path(model), prompt, decode)
+    before = bytes_written()
+    with PeakAnon(0.02) as mem:
+        t = time.perf_counter()
+        if side == "golden":
+            from qwen3dbg.diff.golden import LongGolden
+
+            with torch.no_grad():
+                LongGolden(model).step(torch.tensor([p + d]), torch.tensor([list(range(len(p) + len(d)))]), NullSink())
+        elif side.startswith("store:"):
+            from qwen3dbg.store import TapStore
+
+            store = TapStore.open(side[len("store:"):])
+            for info in store.steps:
+                for name in store.names(info.step):
+                    store.get(info.step, name).max()
+        else:
+            from qwen3dbg.diff.sides import parse_side
+            from qwen3dbg.registry import load_candidate
+
+            spec = parse_side(side, "cand")
+            cand = load_candidate(spec.name, model, "bfloat16", **spec.options)
+            t = time.perf_counter()  # loading the weights is not the run
+            cand.reset()
+            with torch.no_grad():
+                for info in forced_steps(p, d):
+                    cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), NullSink())
+        wall = time.perf_counter() - t
+    return {"wall": wall, "peak_anon": mem.peak, "written": bytes_written() - before}
+
+
+def child_capture(model: str, out: str, prompt: int, decode: int) -> dict:
+    from qwen3dbg.capture import capture, forced_steps
+    from qwen3dbg.registry import load_candidate
+
+    p, d = ids(Path(model), prompt, decode)
+    t = time.perf_counter()
+    capture(load_candidate("mine", model, "bfloat16"), forced_steps(p, d), out)
+    return {"wall": time.perf_counter() - t}
+
+
+def run_child(kind: str, *args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, *map(str, args)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{kind} {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- the bench ----------------------------------------------------------------------------------
+
+def case(name: str, model: Path, cand: str, plain: list[str], prompt: int, decode: int) -> dict:
+    print(f"\n{name}: --cand {cand.split('/')[-1] if cand.startswith('store:') else cand}, "
+          f"{prompt} + {decode} tokens", flush=True)
+    base = {side: run_child("plain", model, side, prompt, decode) for side in plain}
+    for side, r in base.items():
+        print(f"  plain {side:18s} {r['wall']:8.1f} s   peak anon {r['peak_anon'] / 1e9:5.2f} GB", flush=True)
+    d = run_child("diff", model, cand, prompt, decode)
+    plain_sum = sum(r["wall"] for r in base.values())
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in d["phases"].items() if k != "total")
+    print(f"  diff                     {d['wall']:8.1f} s   peak anon {d['peak_anon'] / 1e9:5.2f} GB   "
+          f"written {d['written'] / 1e6:8.1f} MB   ({phases})")
+    print(f"  wall / sum of plain runs {d['wall'] / plain_sum:8.2f}x   verdict: {d['verdict']}", flush=True)
+    return {"name": name, "prompt": prompt, "decode": decode, "plain": base, "diff": d,
+            "ratio": d["wall"] / plain_sum}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=home("bench"))
+    p.add_argument("--full", action="store_true", help="every case at 2048 + 256")
+    p.add_argument("--only", action="append", help="run only these cases (W, mine, store, scale-512, ...)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        kind, *args = a.child
+        fn = {"diff": child_diff, "plain": child_plain, "capture": child_capture}[kind]
+        print(json.dumps(fn(*args[:2], *map(int, args[2:]))))
+        return
+    os.environ["QWEN3DBG_HOME"] = str(a.workdir / "home")
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    model = a.workdir / PRESET
+    if not (model / "config.json").exists():
+        from qwen3dbg.synth import make_model
+
+        make_model(model, PRESET)
+    big = (2048, 256)
+    small = big if a.full else (1024, 64)
+    store = a.workdir / f"store-mine-{small[0]}-{small[1]}"
+    cases = {
+        "W": lambda: case("W", model, "hf:attn=sdpa", ["golden", "hf", "hf:attn=sdpa"], *big),
+        "mine": lambda: case("mine", model, "mine", ["golden", "hf", "mine"], *small),
+        "store": lambda: case("store", model, f"store:{store}", ["golden", "hf", f"store:{store}"], *small),
+        **{f"scale-{n}": (lambda n=n: case(f"scale-{n}", model, "hf:attn=sdpa", ["golden", "hf", "hf:attn=sdpa"], n, 32))
+           for n in (512, 1024, 2048)},
+    }
+    if (not a.only or "store" in a.only) and not (store / "manifest.json").exists():
+        print(f"capturing the store: qwen3dbg capture --impl mine, {small[0]} + {small[1]} ...", flush=True)
+        run_child("capture", model, store, *small)
+    t0 = time.perf_counter()
+    rows = [fn() for name, fn in cases.items() if not a.only or name in a.only]
+    scale = [r for r in rows if r["name"].startswith("scale-")]
+    if len(scale) > 1:
+        print("\nscaling (peak anonymous memory of the diff over the largest plain run's):")
+        for r in scale:
+            own = max(x["peak_anon"] for x in r["plain"].values())
+            print(f"  {r['prompt']:5d} + 32   diff {r['diff']['peak_anon'] / 1e9:5.2f} GB   largest plain "
+                  f"{own / 1e9:5.2f} GB   added {(r['diff']['peak_anon'] - own) / 1e9:5.2f} GB   "
+                  f"written {r['diff']['written'] / 1e6:7.1f} MB")
+    print(f"\nbench took {(time.perf_counter() - t0) / 60:.1f} min")
+    (a.workdir / "bench_long.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

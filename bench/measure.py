@@ -1,0 +1,46 @@
+"""What the benches measure of a process: its peak anonymous memory and the bytes it wrote."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+
+def _status(field: str, path: str = "/proc/self/status") -> int:
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+class PeakAnon:
+    """Samples RssAnon of this process (resident memory less mapped files) every `every` s; `.peak`, `.base`
+    (at entry) in bytes."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        return _status("RssAnon:") * 1024
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self.base = self.now()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def bytes_written() -> int:
+    """Every byte this process has handed to write() so far (/proc/self/io wchar): files, pipes, terminals."""
+    return _status("wchar:", "/proc/self/io")

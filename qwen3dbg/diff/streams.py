@@ -1,0 +1,331 @@
+"""The three sides of a diff as streams of taps, compared in lockstep as they are produced.
+
+Every side runs in its own thread and hands each tap to a bounded queue; the comparison takes them by
+(step, name) in forward order, so memory holds a few taps of each side, never a step's worth, and
+nothing is written to disk. A side that produces a tap out of order (HF's cache after its attention)
+costs a short buffer. The fp64 golden is one pass over the whole forced sequence (`golden_forced`):
+its prefill rows stream like any side's, its decode rows are kept (float32 when the dtype under test is
+narrower) and replayed as decode steps, the cache as the slots each step wrote.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from qwen3dbg.candidate import Candidate
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.diff.blocks import RowBlocks
+from qwen3dbg.reference.qwen3 import causal_mask
+from qwen3dbg.store import StepInfo, TapStore
+from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name, step_taps
+
+CACHE_OPS = frozenset({"k_cache", "v_cache"})
+ATTENTION_OPS = frozenset({"attn_scores", "attn_probs"})
+
+
+@dataclass(frozen=True)
+class CacheSlots:
+    """A decode step's cache tap as the slots it wrote: `values` [B,nKV,n,D] at logical `positions`, and the
+    whole cache after the step [B,nKV,S,D] where the side has it."""
+
+    values: torch.Tensor
+    positions: list[int]
+    full: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """Attention taps an engine wrote for some query rows only: `values` [B,nH,n,S] at query `positions`."""
+
+    values: torch.Tensor
+    positions: list[int]
+
+
+class Cancelled(Exception):
+    """Raised inside a side's thread when the comparison stopped early: it unwinds the producer."""
+
+
+class Schedule:
+    """The steps of a diff: all known in advance (forced ids), or published one at a time by the golden as
+    it picks each next token greedily (`--decode-steps`), which the other sides then wait for."""
+
+    def __init__(self, steps: list[StepInfo], total: int):
+        self.steps, self.total = list(steps), total
+        self._ready = threading.Condition()
+        self.cancelled = threading.Event()
+
+    def get(self, s: int) -> StepInfo:
+        with self._ready:
+            while len(self.steps) <= s:
+                if self.cancelled.is_set():
+                    raise Cancelled()
+                self._ready.wait(0.2)
+            return self.steps[s]
+
+    def publish(self, info: StepInfo) -> None:
+        with self._ready:
+            self.steps.append(info)
+            self._ready.notify_all()
+
+
+_END = "end"
+
+
+class QueueSink:
+    """What a producer's implementation hands its taps to. Tensors are copied unless the implementation
+    promises never to change a tensor it handed out (`Candidate.fresh_taps`)."""
+
+    def __init__(self, q: queue.Queue, wanted: Callable[[str], bool], fresh: bool, cancelled: threading.Event):
+        self.q, self._wanted, self.fresh, self.cancelled = q, wanted, fresh, cancelled
+        self.step = 0
+
+    def wants(self, name: str) -> bool:
+        return self._wanted(name)
+
+    def __call__(self, name: str, t) -> None:
+        if self.wants(name):
+            if isinstance(t, torch.Tensor) and not self.fresh:
+                t = t.detach().clone()
+            self.put((self.step, name, t))
+
+    def put(self, item) -> None:
+        while True:
+            if self.cancelled.is_set():
+                raise Cancelled()
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def end_step(self) -> None:
+        self.put((self.step, _END, None))
+        self.step += 1
+
+
+class Side(Protocol):
+    """One side of a comparison, read by (step, name) in forward order."""
+
+    label: str
+
+    def take(self, step: int, name: str): ...
+
+    def end_step(self, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadSide:
+    """A side whose taps come from `produce(sink)` running in a thread of its own."""
+
+    def __init__(self, label: str, produce: Callable[[QueueSink], None], wanted: Callable[[str], bool],
+                 fresh: bool, schedule: Schedule, depth: int = 2):
+        self.label = label
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._early: dict[tuple[int, str], object] = {}
+        self._ended: set[int] = set()
+        self._error: BaseException | None = None
+        self.schedule = schedule
+        sink = QueueSink(self._q, wanted, fresh, schedule.cancelled)
+
+        def run() -> None:
+            try:
+                produce(sink)
+            except Cancelled:
+                pass
+            except BaseException as e:  # handed to the consumer, which raises it in the main thread
+                self._error = e
+                schedule.cancelled.set()
+            finally:
+                try:
+                    sink.put((None, _END, None))
+                except Cancelled:
+                    pass
+
+        self._thread = threading.Thread(target=run, name=f"qwen3dbg-{label}", daemon=True)
+        self._thread.start()
+
+    def _next(self):
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                return self._q.get(timeout=0.2)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._q.empty():
+                    raise self._error or RuntimeError(f"the {self.label} side stopped without finishing")
+
+    def take(self, step: int, name: str):
+        """The side's tap `name` of `step`, or None when the step ended without it."""
+        key = (step, name)
+        while key not in self._early:
+            if step in self._ended:
+                return None
+            s, n, t = self._next()
+            if n == _END:
+                if s is None:
+                    raise self._error or RuntimeError(f"the {self.label} side ended before step {step}")
+                self._ended.add(s)
+            else:
+                self._early[(s, n)] = t
+        return self._early.pop(key)
+
+    def end_step(self, step: int) -> None:
+        """Drop what is left of `step` (taps outside the schema, or that nothing compared)."""
+        while step not in self._ended:
+            s, n, _ = self._next()
+            if n == _END:
+                if s is None:
+                    raise self._error or RuntimeError(f"the {self.label} side ended at step {step}")
+                self._ended.add(s)
+        for key in [k for k in self._early if k[0] == step]:
+            del self._early[key]
+        self._ended.discard(step)
+
+    def close(self) -> None:
+        self.schedule.cancelled.set()
+        self._thread.join(timeout=30)
+
+
+class StoreSide:
+    """A tap store read tap by tap, in the consumer's thread."""
+
+    def __init__(self, label: str, store: TapStore):
+        self.label, self.store = label, store
+
+    def take(self, step: int, name: str):
+        if step >= len(self.store.steps) or not self.store.has(step, name):
+            return None
+        t, info, op = self.store.get(step, name), self.store.steps[step], parse_tap_name(name)[1]
+        if op in CACHE_OPS and info.cache_positions is not None and info.cache_positions != list(range(t.shape[2])):
+            return CacheSlots(t, info.cache_positions)
+        if op in ATTENTION_OPS and info.attention_positions is not None and info.attention_positions != info.positions[0]:
+            return QueryRows(t, info.attention_positions)
+        return t
+
+    def end_step(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def candidate_producer(cand: Candidate, schedule: Schedule) -> Callable[[QueueSink], None]:
+    """Real prefill and decode steps of `cand`, each on the schedule's ids."""
+
+    def produce(sink: QueueSink) -> None:
+        cand.reset()
+        for s in range(schedule.total):
+            info = schedule.get(s)
+            with torch.no_grad():
+                cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
+            sink.end_step()
+
+    return produce
+
+
+def golden_greedy(golden, schedule: Schedule, prompt: list[int]) -> Callable[[QueueSink], None]:
+    """The golden stepping like any side and picking each next token greedily (`--decode-steps`): the pass
+    that picks the ids is the golden itself, never a second fp64 pass."""
+    from qwen3dbg.diff.golden import last_logits
+
+    def produce(sink: QueueSink) -> None:
+        golden.reset()
+        for s in range(schedule.total):
+            info = schedule.get(s)
+            logits = golden.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
+            sink.end_step()
+            if s + 1 < schedule.total and len(schedule.steps) == s + 1:
+                pick = int(last_logits(logits)[0].argmax())
+                schedule.publish(StepInfo(s + 1, [[pick]], [[len(prompt) + s]]))
+
+    return produce
+
+
+def golden_forced(golden, steps: list[StepInfo], keep_dtype: torch.dtype) -> Callable[[QueueSink], None]:
+    """One pass of the golden over prompt + every forced decode id; step 0 streams the prefill's rows,
+    steps 1.. replay the kept rows of the decode tokens."""
+    cfg: Qwen3Config = golden.config
+    P = steps[0].tokens
+    ids = steps[0].token_ids[0] + [s.token_ids[0][0] for s in steps[1:]]
+    kept: dict[str, torch.Tensor] = {}
+
+    def produce(sink: QueueSink) -> None:
+        prefill = _PrefillSlicer(sink, P, keep_dtype, kept)
+        golden.reset()
+        with torch.no_grad():
+            golden.step(torch.tensor([ids]), torch.tensor([list(range(len(ids)))]), prefill)
+        sink.end_step()
+        for info in steps[1:]:
+            _replay_decode(golden, cfg, info, P, kept, sink)
+            sink.end_step()
+
+    return produce
+
+
+class _PrefillSlicer:
+    """Between the golden's whole-sequence pass and the queue: hands on the prompt's rows (and, for the cache
+    and attention, its first P slots) and keeps the decode tokens' rows for later steps."""
+
+    def __init__(self, sink: QueueSink, prompt_len: int, keep_dtype: torch.dtype, kept: dict):
+        self.sink, self.P, self.keep_dtype, self.kept = sink, prompt_len, keep_dtype, kept
+
+    def wants(self, name: str) -> bool:
+        op = parse_tap_name(name)[1]
+        # q_rope and the cache are kept for the decode steps' attention even when nothing compares them now
+        return self.sink.wants(name) or op in CACHE_OPS or op == "q_rope"
+
+    def __call__(self, name: str, t) -> None:
+        op = parse_tap_name(name)[1]
+        axes = OPS_BY_NAME[op].axes
+        P = self.P
+        if isinstance(t, RowBlocks):
+            head = t.restrict(0, P, cols=P if axes[-1] == "S" else None)
+            if op == "logits":
+                self.kept[name] = _rows_of(t, P, self.keep_dtype)
+        elif op in CACHE_OPS:  # kept whole for the decode steps; the prefill's slots are a view of it
+            self.kept[name] = t.to(self.keep_dtype)
+            head = self.kept[name].narrow(2, 0, P)
+        else:
+            head = t
+            for axis in ("T", "S"):
+                if axis in axes:
+                    head = head.narrow(axes.index(axis), 0, P)
+            if "T" in axes and t.shape[axes.index("T")] > P:
+                keep = t.narrow(axes.index("T"), P, t.shape[axes.index("T")] - P)
+                self.kept[name] = keep if not keep.is_floating_point() else keep.to(self.keep_dtype)
+        if self.sink.wants(name):
+            self.sink(name, head)
+
+
+def _rows_of(blocks: RowBlocks, start: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [start, end) of a RowBlocks tap, materialised block by block in `dtype`."""
+    tail = blocks.restrict(start, blocks.rows)
+    parts = [b.to(dtype) for _, b in tail.blocks()]
+    return torch.cat(parts, dim=blocks.axis) if parts else torch.empty(0)
+
+
+def _replay_decode(golden, cfg: Qwen3Config, info: StepInfo, P: int, kept: dict, sink: QueueSink) -> None:
+    """Decode step `info` of the golden from the kept rows: row j = step - 1 of every token tap, the cache
+    slot it wrote, and its attention row recomputed in float64 from the kept queries and cache."""
+    j, p = info.step - 1, info.positions[0][0]
+    for spec in step_taps(cfg, 1, 1, p + 1):
+        name, op = spec.name, spec.op
+        if not sink.wants(name):
+            continue
+        if op in CACHE_OPS:
+            full = kept[name]
+            sink(name, CacheSlots(full[:, :, p:p + 1], [p], full[:, :, :p + 1]))
+        elif op in ("attn_scores", "attn_probs"):
+            layer = spec.layer
+            q = kept[f"layers.{layer}.q_rope"][:, j:j + 1].transpose(1, 2).double()
+            k = kept[f"layers.{layer}.k_cache"][:, :, :p + 1].double()
+            scores = golden.scores(q, k, causal_mask(torch.tensor([[p]]), p + 1))
+            sink(name, scores if op == "attn_scores" else golden.probs(scores))
+        else:
+            sink(name, kept[name].narrow(spec.axes.index("T"), j, 1))

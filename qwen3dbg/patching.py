@@ -1,0 +1,47 @@
+"""Patching a module-level function for one thread only.
+
+Capture wraps functions that models look up at call time (transformers' `apply_rotary_pos_emb`, a port's
+`torch.softmax`). A diff runs its sides concurrently, two of them possibly the same library: a plain
+`setattr` would hand one side's calls to the other side's wrapper. Here the attribute is replaced once by a
+dispatcher that routes each thread to its own wrapper, and every other thread to the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable, Iterator
+
+_lock = threading.Lock()
+_installed: dict[tuple[int, str], "_Dispatcher"] = {}
+
+
+class _Dispatcher:
+    def __init__(self, original: Callable):
+        self.original = original
+        self.by_thread: dict[int, Callable] = {}
+
+    def __call__(self, *args, **kwargs):
+        fn = self.by_thread.get(threading.get_ident(), self.original)
+        return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def patched(owner: object, attr: str, wrap: Callable[[Callable], Callable]) -> Iterator[Callable]:
+    """Within the block, calls to `owner.attr` made by this thread go to `wrap(original)`; yields the original."""
+    key, me = (id(owner), attr), threading.get_ident()
+    with _lock:
+        d = _installed.get(key)
+        if d is None:
+            d = _installed[key] = _Dispatcher(getattr(owner, attr))
+            setattr(owner, attr, d)
+        assert me not in d.by_thread, f"{attr} is already patched by this thread"
+        d.by_thread[me] = wrap(d.original)
+    try:
+        yield d.original
+    finally:
+        with _lock:
+            del d.by_thread[me]
+            if not d.by_thread:
+                setattr(owner, attr, d.original)
+                del _installed[key]
