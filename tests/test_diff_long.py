@@ -124,6 +124,19 @@ def test_a_cache_that_overwrites_an_old_slot_is_caught_at_the_step_and_slot_wher
     wraps_at = 44 - len(PROMPT) + 1  # the step whose token sits at position 44
     assert (d.step, d.tap) == (wraps_at, "layers.0.k_cache")
     assert "changed cache slot(s) [0]" in d.reason
+    # error against step: clean until the wrap, over from there on, and said so in one sentence
+    rows = {r["step"]: r for r in result.step_summary}
+    assert all(rows[s]["divergent"] == 0 for s in range(wraps_at)) and rows[wraps_at]["divergent"] > 0
+    assert f"through step {wraps_at - 1}; from step {wraps_at} on" in result.decode_story()
+
+
+def test_the_json_of_a_long_decode_lists_the_taps_of_the_steps_that_matter_and_summarises_the_rest(catalogue_model):
+    result = run_diff("hf", "kv-cache-off-by-one", model_dir=catalogue_model("dense"), dtype="float32",
+                      token_ids=PROMPT[:6], decode_ids=list(range(1, 31)))
+    doc = result.to_json()
+    assert [r["step"] for r in doc["step_summary"]] == list(range(31))
+    assert {t["step"] for t in doc["taps"]} == {0, *range(1, 17)}
+    assert len(doc["taps"]) < len(result.taps)
 
 
 def test_a_capture_stores_decode_caches_as_slots_that_validate_and_diff_clean(catalogue_model, tmp_path):

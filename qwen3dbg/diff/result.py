@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 from qwen3dbg.diff.noise import REF_SUSPECT_REL_L2, REF_SUSPECT_SKIPS
 from qwen3dbg.json_safe import json_safe
 
 FORMAT = "qwen3dbg-diff/1"
+#: the JSON lists every tap of this many decode steps; later ones are summarised per step (step_summary)
+DETAILED_DECODE_STEPS = 16
 
 
 @dataclass
@@ -97,6 +100,40 @@ class DiffResult:
     rule: dict = field(default_factory=dict)  # the tolerance constants in force
     timings: dict = field(default_factory=dict)
 
+    @cached_property
+    def step_summary(self) -> list[dict]:
+        """Error against step, one row per step: its worst excess and tap, how many taps diverge, the logits'
+        top-1 agreement and KL; where a long decode leaves the noise floor and how its error grows after."""
+        rows: dict[int, dict] = {}
+        for t in self.taps:
+            row = rows.setdefault(t.step, {"step": t.step, "worst_excess": 0.0, "worst_tap": None, "divergent": 0,
+                                           "compared": 0, "top1_agreement": None, "kl": None})
+            if t.status == "not_compared":
+                continue
+            row["compared"] += 1
+            row["divergent"] += t.divergent
+            if t.excess > row["worst_excess"] or row["worst_tap"] is None:
+                row["worst_excess"], row["worst_tap"] = t.excess, t.name
+            if t.op == "logits":
+                row["top1_agreement"], row["kl"] = t.extra.get("top1_agreement"), t.extra.get("kl")
+        return [rows[s] for s in sorted(rows)]
+
+    def decode_story(self) -> str | None:
+        """One sentence on the decode steps: clean throughout, or where the candidate leaves the noise floor
+        and how far its error has grown by the last step."""
+        decode = [r for r in self.step_summary if r["step"] > 0]
+        if not decode:
+            return None
+        out = next((r for r in decode if r["divergent"]), None)
+        last = decode[-1]
+        if out is None:
+            worst = max(decode, key=lambda r: r["worst_excess"])
+            return (f"all {len(decode)} decode steps within the noise floor (closest: step {worst['step']}, "
+                    f"{worst['worst_tap']} at {worst['worst_excess']:.2g}x the tolerance)")
+        return (f"within the noise floor through step {out['step'] - 1}; from step {out['step']} on the candidate "
+                f"leaves it ({out['worst_tap']} at {out['worst_excess']:.3g}x), by the last step {last['step']}: "
+                f"{last['divergent']} of {last['compared']} taps over, worst {last['worst_excess']:.3g}x")
+
     @property
     def exit_code(self) -> int:
         """1: a divergence; 2: none found, but the golden is not finite, so the input is bad and some taps
@@ -163,6 +200,9 @@ class DiffResult:
             lines += [("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)]
             if not self.diagnosis:
                 lines.append(("diagnosis", "no known bug signature fits the tensors"))
+        story = self.decode_story()
+        if story is not None and len(self.steps) > 2:
+            lines.append(("decode steps", story))
         if self.in_noise is not None:
             lines.append(("within noise", f"step {self.in_noise.step}, {self.in_noise.tap}: {self.in_noise.message}"))
         if self.routing_ties:
@@ -172,6 +212,17 @@ class DiffResult:
         if missing:
             lines.append(("not compared", f"a side lacks {', '.join(missing)}"))
         return lines
+
+    @property
+    def detailed_steps(self) -> set[int]:
+        """Steps whose every tap the JSON lists: the prefill, the first divergent step and the one before it,
+        and the first 16 decode steps; the rest are summarised in step_summary (a 256-step decode would
+        otherwise list 200,000 taps)."""
+        keep = {0, *range(1, 1 + DETAILED_DECODE_STEPS)}
+        d = self.first_divergence
+        if d is not None:
+            keep |= {d.step, max(d.step - 1, 0)}
+        return keep
 
     def side(self, role: str) -> SideInfo:
         return next(s for s in self.sides if s.role == role)
@@ -189,7 +240,7 @@ class DiffResult:
             "in_noise": asdict(self.in_noise) if self.in_noise else None,
             "routing_ties": self.routing_ties, "model": self.model, "dtype": self.dtype,
             "sides": [asdict(s) for s in self.sides], "rule": self.rule, "config": self.config,
-            "steps": self.steps, "timings": self.timings,
-            "taps": [asdict(t) for t in self.taps],
+            "steps": self.steps, "timings": self.timings, "step_summary": self.step_summary,
+            "taps": [asdict(t) for t in self.taps if t.step in self.detailed_steps],
         }
         return json_safe(d)
