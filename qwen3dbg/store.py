@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -19,6 +20,10 @@ from qwen3dbg.dtypes import dtype_name, parse_dtype
 from qwen3dbg.errors import UserError
 from qwen3dbg.safetensors_stream import StreamingWriter
 from qwen3dbg.taps import FORMAT, MANIFEST
+
+
+#: a decode step's cache tap up to this size is written whole, past it as the slots the step wrote
+FULL_CACHE_BYTES = 4 << 20
 
 
 def step_file(step: int) -> str:
@@ -70,8 +75,10 @@ class StoreWriter:
             **(extra or {}),
         }
         self.select = set(select) if select is not None else None
-        #: decode steps store the cache slots they wrote, not the whole cache (docs/taps.md, "Cache slots")
+        #: decode steps store the cache slots they wrote, not the whole cache, once a cache tap passes
+        #: FULL_CACHE_BYTES (docs/taps.md, "Long runs"); a whole cache lets the differ see old slots change
         self.cache_slots = cache_slots
+        self.itemsize = parse_dtype(dtype).itemsize
         self._slots: slice | None = None
         self._step: StreamingWriter | None = None
         self._write_manifest()
@@ -93,7 +100,8 @@ class StoreWriter:
             plan = {n: s for n, s in plan.items() if n in self.select}
         positions = info.positions[0]
         self._slots = None
-        if self.cache_slots and info.step > 0 and info.cache_positions is None and any(map(is_cache_tap, plan)):
+        cache_bytes = max((prod(s) * self.itemsize for n, s in plan.items() if is_cache_tap(n)), default=0)
+        if self.cache_slots and info.step > 0 and info.cache_positions is None and cache_bytes > FULL_CACHE_BYTES:
             self._slots = slice(positions[0], positions[-1] + 1)
             info = StepInfo(info.step, info.token_ids, info.positions, cache_positions=list(positions))
             plan = {n: (s[:2] + (len(positions),) + s[3:] if is_cache_tap(n) else s) for n, s in plan.items()}

@@ -16,7 +16,7 @@ from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.blocks import RowBlocks, blocked_count_over, blocked_errors
 from qwen3dbg.diff.fused import count_over, tap_errors
 from qwen3dbg.diff.golden import LongGolden
-from qwen3dbg.diff.streams import CacheSlots, Schedule, ThreadSide, golden_forced
+from qwen3dbg.diff.streams import CacheSlots, Keeper, Schedule, ThreadSide, golden_forced
 from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.registry import load_candidate
 from qwen3dbg.store import TapStore
@@ -39,7 +39,8 @@ def test_the_one_pass_golden_replays_every_decode_step_of_a_stepping_float64_run
     steps = forced_steps(PROMPT, DECODE)
     stepped = run_steps(Qwen3Reference(model, "float64"), steps)
     schedule = Schedule(steps, len(steps))
-    side = ThreadSide("golden", golden_forced(LongGolden(model), steps, torch.float64), lambda n: True, True, schedule)
+    keeper = Keeper(torch.float64, in_memory=1 << 16)  # most rows go to the file-backed pages
+    side = ThreadSide("golden", golden_forced(LongGolden(model), steps, keeper), lambda n: True, True, schedule)
     try:
         for info, want in zip(steps, stepped):
             for name, expected in want.items():
@@ -55,6 +56,7 @@ def test_the_one_pass_golden_replays_every_decode_step_of_a_stepping_float64_run
             side.end_step(info.step)
     finally:
         side.close()
+    assert keeper.spilled > 0
 
 
 @pytest.mark.parametrize("rows", [1, 3, 7, 64])
@@ -139,7 +141,9 @@ def test_the_json_of_a_long_decode_lists_the_taps_of_the_steps_that_matter_and_s
     assert len(doc["taps"]) < len(result.taps)
 
 
-def test_a_capture_stores_decode_caches_as_slots_that_validate_and_diff_clean(catalogue_model, tmp_path):
+def test_a_capture_stores_large_decode_caches_as_slots_that_validate_and_diff_clean(catalogue_model, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setattr("qwen3dbg.store.FULL_CACHE_BYTES", 0)  # every cache counts as large
     model = catalogue_model("dense")
     path = capture(load_candidate("scratch", model, "bfloat16"), forced_steps(PROMPT, DECODE), tmp_path / "s")
     store = TapStore.open(path)

@@ -20,7 +20,8 @@ from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
 from qwen3dbg.diff.sides import SideSpec, parse_side, store_steps
-from qwen3dbg.diff.streams import Schedule, StoreSide, ThreadSide, candidate_producer, golden_forced, golden_greedy
+from qwen3dbg.diff.streams import (Keeper, Schedule, StoreSide, ThreadSide, candidate_producer, golden_forced,
+                                   golden_greedy)
 from qwen3dbg.diff.teacher import estimate, teacher_force
 from qwen3dbg.diff.window import Window, WindowSource
 from qwen3dbg.dtypes import dtype_name, parse_dtype
@@ -85,25 +86,27 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     timings: dict[str, float] = {}
     schedule = Schedule(steps, len(steps) + greedy)
     t = time.perf_counter()
-    loaded, infos, missing = {}, [SideInfo("gold", "scratch:float64", "scratch", "float64", "")], set()
+    loaded, infos, lacks = {}, [SideInfo("gold", "scratch:float64", "scratch", "float64", "")], {}
     for role, spec in zip(("ref", "cand"), specs):
         status(f"loading {role}: {spec.text}" + (" (its engine is built on first use: minutes)" if spec.name == "mine" else ""))
         if spec.store is not None:
             store = spec.store
-            missing |= set(store.missing_taps)
+            lacks[role] = frozenset(store.missing_taps)
             notes = store.manifest.get("notes")
             notes = [str(n) for n in notes] if isinstance(notes, list) else []
             infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path),
                                   False, notes + _other_weights(store, model_dir)))
         else:
             loaded[role] = _load(spec, model_dir, dt)
-            missing |= set(loaded[role].missing_taps)
+            lacks[role] = frozenset(loaded[role].missing_taps)
             infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), "streamed, not stored"))
     golden = LongGolden(model_dir, stream_weights=not greedy or _large(model_dir))
     timings["load"] = time.perf_counter() - t
+    missing = lacks["ref"] | lacks["cand"]
     compared = lambda name: parse_tap_name(name)[1] not in missing  # noqa: E731
     keep = torch.float32 if dt.itemsize < 4 else torch.float64
-    produce_gold = golden_forced(golden, steps, keep) if not greedy else golden_greedy(golden, schedule, steps[0].token_ids[0])
+    keeper = Keeper(keep)
+    produce_gold = golden_forced(golden, steps, keeper) if not greedy else golden_greedy(golden, schedule, steps[0].token_ids[0])
     sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
     for role, spec in zip(("ref", "cand"), specs):
         sides[role] = StoreSide(role, spec.store) if spec.store is not None else ThreadSide(
@@ -112,7 +115,7 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     src = WindowSource(cfg, schedule.steps, dt, model_dir, {})
     noise = _InNoise(cfg, src, window)
     comparison = Comparison(sides["gold"], sides["ref"], sides["cand"], schedule, cfg, dt, window,
-                            progress or (lambda step, layer: None))
+                            progress or (lambda step, layer: None), lacks)
     status(f"comparing {schedule.total} step(s) against the fp64 golden")
     t = time.perf_counter()
     taps = []
@@ -147,7 +150,7 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
                for s in schedule.steps],
         taps=taps, first_divergence=div, diagnosis=diagnosis, first_nonfinite=_first_nonfinite(taps, "cand"),
         golden_nonfinite=_first_nonfinite(taps, "gold"), in_noise=in_noise,
-        routing_ties=comparison.ties, timings=timings,
+        routing_ties=comparison.ties, timings=timings, spilled=keeper.spilled,
         rule={"norm_factor": NORM_FACTOR, "element_factor": ELEMENT_FACTOR, "rel_floor_ulps": REL_FLOOR_ULPS,
               "abs_floor_ulps": ABS_FLOOR_ULPS, "small_sample_n0": SMALL_SAMPLE_N0})
 

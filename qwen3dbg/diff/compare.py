@@ -50,6 +50,9 @@ class Comparison:
     dtype: torch.dtype
     window: Window | None = None
     progress: Callable[[int, int | None], None] = lambda step, layer: None
+    #: "ref"/"cand" -> the ops that side declares it lacks: nothing is asked of any side for them (the golden
+    #: is never asked to compute what no side can be compared with)
+    lacks: dict[str, frozenset[str]] = field(default_factory=dict)
     ties: list[dict] = field(default_factory=list)
     tied_positions: dict[int, int] = field(default_factory=dict)  # position -> layer of its tie
     prefill_noise: dict[str, tuple[float, float]] = field(default_factory=dict)  # tap -> reference (rel_l2, max_abs) at step 0
@@ -67,6 +70,12 @@ class Comparison:
                 if spec.layer is not None and spec.layer != layer:
                     layer = spec.layer
                     self.progress(s, layer)
+                declared = [role for role in ("ref", "cand") if spec.op in self.lacks.get(role, ())]
+                if declared:
+                    lacking = " and the ".join({"ref": "reference", "cand": "candidate"}[r] for r in declared)
+                    yield TapResult(step=s, name=spec.name, layer=spec.layer, op=spec.op, numel=spec.numel,
+                                    status="not_compared", reason=f"the {lacking} lacks it")
+                    continue
                 g, r, c = (side.take(s, spec.name) for side in sides)
                 res, router = self.tap(info, spec, g, r, c, router)
                 if self.window is not None:

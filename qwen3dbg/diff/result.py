@@ -99,6 +99,7 @@ class DiffResult:
     routing_ties: list[dict] = field(default_factory=list)
     rule: dict = field(default_factory=dict)  # the tolerance constants in force
     timings: dict = field(default_factory=dict)
+    spilled: int = 0  # bytes of the golden's kept rows that went to a (deleted) file instead of memory
 
     @cached_property
     def step_summary(self) -> list[dict]:
@@ -240,7 +241,7 @@ class DiffResult:
             "in_noise": asdict(self.in_noise) if self.in_noise else None,
             "routing_ties": self.routing_ties, "model": self.model, "dtype": self.dtype,
             "sides": [asdict(s) for s in self.sides], "rule": self.rule, "config": self.config,
-            "steps": self.steps, "timings": self.timings, "step_summary": self.step_summary,
+            "steps": self.steps, "timings": self.timings, "spilled": self.spilled, "step_summary": self.step_summary,
             "taps": [asdict(t) for t in self.taps if t.step in self.detailed_steps],
         }
         return json_safe(d)

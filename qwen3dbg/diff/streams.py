@@ -10,7 +10,10 @@ narrower) and replayed as decode steps, the cache as the slots each step wrote.
 
 from __future__ import annotations
 
+import math
+import os
 import queue
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -20,6 +23,7 @@ import torch
 from qwen3dbg.candidate import Candidate
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.blocks import RowBlocks
+from qwen3dbg.home import home
 from qwen3dbg.reference.qwen3 import causal_mask
 from qwen3dbg.store import StepInfo, TapStore
 from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name, step_taps
@@ -247,16 +251,52 @@ def golden_greedy(golden, schedule: Schedule, prompt: list[int]) -> Callable[[Qu
     return produce
 
 
-def golden_forced(golden, steps: list[StepInfo], keep_dtype: torch.dtype) -> Callable[[QueueSink], None]:
+class Keeper:
+    """The golden's kept rows: in memory up to `in_memory` bytes, past that in pages of a file that is deleted
+    as soon as it is mapped, which the kernel may write back and drop under pressure (the decode rows of
+    2048 + 256 tokens on the 0.6B shape are 1.5 GB: with two HF models beside them, memory would not hold)."""
+
+    def __init__(self, dtype: torch.dtype, in_memory: int = 256 << 20):
+        self.dtype, self.in_memory = dtype, in_memory
+        self.held = self.spilled = 0
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def keep(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if t.is_floating_point() else t.dtype
+        size = t.numel() * dtype.itemsize
+        if self.held + size <= self.in_memory:
+            self.held += size
+            kept = t.to(dtype, copy=True)
+        else:
+            self.spilled += size
+            kept = _file_backed(t.shape, dtype).copy_(t)
+        self.rows[name] = kept
+        return kept
+
+
+def _file_backed(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    directory = home("tmp")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".golden-rows-")
+    n = math.prod(shape)
+    try:
+        os.ftruncate(fd, max(n, 1) * dtype.itemsize)
+        os.close(fd)
+        return torch.from_file(path, shared=True, size=max(n, 1), dtype=dtype)[:n].view(shape)
+    finally:
+        os.unlink(path)  # the mapping outlives the name: nothing is left behind, even after a crash
+
+
+def golden_forced(golden, steps: list[StepInfo], keeper: Keeper) -> Callable[[QueueSink], None]:
     """One pass of the golden over prompt + every forced decode id; step 0 streams the prefill's rows,
     steps 1.. replay the kept rows of the decode tokens."""
     cfg: Qwen3Config = golden.config
     P = steps[0].tokens
     ids = steps[0].token_ids[0] + [s.token_ids[0][0] for s in steps[1:]]
-    kept: dict[str, torch.Tensor] = {}
+    kept = keeper.rows
 
     def produce(sink: QueueSink) -> None:
-        prefill = _PrefillSlicer(sink, P, keep_dtype, kept)
+        prefill = _PrefillSlicer(sink, P, keeper)
         golden.reset()
         with torch.no_grad():
             golden.step(torch.tensor([ids]), torch.tensor([list(range(len(ids)))]), prefill)
@@ -272,8 +312,8 @@ class _PrefillSlicer:
     """Between the golden's whole-sequence pass and the queue: hands on the prompt's rows (and, for the cache
     and attention, its first P slots) and keeps the decode tokens' rows for later steps."""
 
-    def __init__(self, sink: QueueSink, prompt_len: int, keep_dtype: torch.dtype, kept: dict):
-        self.sink, self.P, self.keep_dtype, self.kept = sink, prompt_len, keep_dtype, kept
+    def __init__(self, sink: QueueSink, prompt_len: int, keeper: Keeper):
+        self.sink, self.P, self.keeper = sink, prompt_len, keeper
 
     def wants(self, name: str) -> bool:
         op = parse_tap_name(name)[1]
@@ -286,19 +326,17 @@ class _PrefillSlicer:
         P = self.P
         if isinstance(t, RowBlocks):
             head = t.restrict(0, P, cols=P if axes[-1] == "S" else None)
-            if op == "logits":
-                self.kept[name] = _rows_of(t, P, self.keep_dtype)
+            if op == "logits" and t.rows > P:
+                self.keeper.keep(name, _rows_of(t, P, self.keeper.dtype))
         elif op in CACHE_OPS:  # kept whole for the decode steps; the prefill's slots are a view of it
-            self.kept[name] = t.to(self.keep_dtype)
-            head = self.kept[name].narrow(2, 0, P)
+            head = self.keeper.keep(name, t).narrow(2, 0, P)
         else:
             head = t
             for axis in ("T", "S"):
                 if axis in axes:
                     head = head.narrow(axes.index(axis), 0, P)
             if "T" in axes and t.shape[axes.index("T")] > P:
-                keep = t.narrow(axes.index("T"), P, t.shape[axes.index("T")] - P)
-                self.kept[name] = keep if not keep.is_floating_point() else keep.to(self.keep_dtype)
+                self.keeper.keep(name, t.narrow(axes.index("T"), P, t.shape[axes.index("T")] - P))
         if self.sink.wants(name):
             self.sink(name, head)
 
@@ -306,8 +344,7 @@ class _PrefillSlicer:
 def _rows_of(blocks: RowBlocks, start: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows [start, end) of a RowBlocks tap, materialised block by block in `dtype`."""
     tail = blocks.restrict(start, blocks.rows)
-    parts = [b.to(dtype) for _, b in tail.blocks()]
-    return torch.cat(parts, dim=blocks.axis) if parts else torch.empty(0)
+    return torch.cat([b.to(dtype) for _, b in tail.blocks()], dim=blocks.axis)
 
 
 def _replay_decode(golden, cfg: Qwen3Config, info: StepInfo, P: int, kept: dict, sink: QueueSink) -> None:
