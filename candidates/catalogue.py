@@ -198,9 +198,10 @@ class RmsNormFused(Qwen3Reference):
 
 def _count_option(impl: str, name: str, value: int | str) -> int:
     """A positive whole-number option, as an int or as `NAME:key=value` passes it (a string)."""
-    if isinstance(value, str) and not value.isdigit() or int(value) < 1:
+    text = str(value)
+    if not text.isdigit() or int(text) < 1:
         raise UserError(f"{impl} option {name}={value!r}: give a whole number of at least 1")
-    return int(value)
+    return int(text)
 
 
 class RopePositionsInDtype(Qwen3Reference):

@@ -12,6 +12,7 @@ import torch
 
 from qwen3dbg.candidate import DictSink
 from qwen3dbg.diff import run_diff
+from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.taps import tap_name
 
@@ -112,3 +113,10 @@ def test_softmax_sum_overflow_is_found_at_the_first_row_whose_float16_sum_overfl
 
 def test_softmax_sum_overflow_is_clean_where_the_dtype_has_the_range(catalogue_model):
     assert first_divergence("softmax-sum-overflow", catalogue_model("warm-qk"), "bfloat16", 400, False) is None
+
+
+@pytest.mark.parametrize("cand", ["kv-ring-wrap:slots=0", "paged-cache-clamped:pages=many", "split-kv-unscaled:partition=-4",
+                                  "paged-cache-clamped:page_size=1.5"])
+def test_a_length_option_that_is_no_whole_number_is_refused_in_one_sentence(catalogue_model, cand):
+    with pytest.raises(UserError, match="give a whole number of at least 1"):
+        run_diff(ref="scratch", cand=cand, model_dir=catalogue_model("dense"), token_ids=ids(4))
