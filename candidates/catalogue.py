@@ -8,6 +8,8 @@ share) and says in its docstring what is wrong and what the correct line is. Run
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 
@@ -245,8 +247,9 @@ class SlotCache(Qwen3Reference):
     there (its cache taps are that view by position, as an engine's store writes them). Right while no
     two positions share a slot; once they do, the later one silently replaces the earlier."""
 
+    @abstractmethod
     def slot_of(self, positions: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """positions [S] -> the physical slot each is written to [S]."""
 
     def update_cache(self, layer, k, v):
         k_all, v_all = super().update_cache(layer, k, v)
