@@ -310,11 +310,9 @@ class SplitKvUnscaledSums(Qwen3Reference):
         super().__init__(model_dir, dtype, stream_weights=stream_weights)
         self.partition = _count_option(self.name, "partition", partition)
 
-    def probs(self, scores):
-        return scores  # the kernel streams the masked scores into context() and never forms probabilities
-
-    def context(self, scores, v):
-        s, v = scores.to(self.num.wide), v.repeat_interleave(self.config.n_rep, dim=1).to(self.num.wide)
+    def attend(self, i, q, k_all, v_all, positions, sink):
+        s = self.scores(q, k_all, self.mask(positions, k_all.shape[2])).to(self.num.wide)
+        v = v_all.repeat_interleave(self.config.n_rep, dim=1).to(self.num.wide)
         size = self.partition if s.shape[-2] == 1 else s.shape[-1]  # a prefill: one pass, one partition
         weighted, total = 0.0, 0.0
         for start in range(0, s.shape[-1], size):

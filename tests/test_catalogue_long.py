@@ -51,17 +51,15 @@ CASES = [
     # tap made from the angle. float32 holds every position.
     LongCase("rope-positions-lowp", "dense", "bfloat16", 258, False, "q_rope"),
     LongCase("rope-positions-lowp", "dense", "bfloat16", 258, True, "q_rope"),
-    # The 513-token cases share one model (its config carries a window of 512 that only the sliding-window
-    # bug reads) and one 512-token prompt + 1 decode step, so the golden and the reference run once.
     # The query at position `window` is the first to lose a key (position 0): the mask, in the scores.
+    # (The window-512 model's config carries a window that only this bug reads.)
     LongCase("sliding-window-ignored", "window-512", "bfloat16", 513, True, "attn_scores"),
     LongCase("sliding-window-ignored", "window-64", "float32", 65, False, "attn_scores"),
     # position `slots` is written into slot 0, over position 0: the cache the step leaves
     LongCase("kv-ring-wrap", "window-512", "bfloat16", 513, True, "k_cache"),
     LongCase("kv-ring-wrap:slots=64", "dense", "float32", 65, False, "k_cache"),
-    # position pages x page_size is the first past the table, written into its last page (the default
-    # table of 64 x 16 reaches 1024: the same mechanism, at twice the cost of these)
-    LongCase("paged-cache-clamped:pages=32", "window-512", "bfloat16", 513, True, "k_cache"),
+    # position pages x page_size is the first past the table, written into its last page
+    LongCase("paged-cache-clamped", "dense", "bfloat16", 1025, True, "k_cache"),
     LongCase("paged-cache-clamped:pages=4,page_size=8", "dense", "float32", 33, False, "k_cache"),
     LongCase("paged-cache-clamped:pages=5,page_size=16", "dense", "bfloat16", 81, True, "k_cache"),
     # the first decode step over more than one partition of keys; no attention matrices are tapped,
