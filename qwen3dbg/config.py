@@ -36,6 +36,9 @@ class Qwen3Config:
     torch_dtype: str = "bfloat16"
     max_position_embeddings: int = 40960
     hidden_act: str = "silu"
+    # Qwen3 attends over the whole context: a window size may be present, but only with the flag off
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
     # MoE (qwen3_moe only; zero experts means dense)
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -67,8 +70,6 @@ class Qwen3Config:
         d["architectures"] = [MODEL_TYPES[self.model_type]]
         d["mlp_only_layers"] = list(self.mlp_only_layers)
         d["rope_scaling"] = None
-        d["use_sliding_window"] = False
-        d["sliding_window"] = None
         d["max_window_layers"] = self.num_hidden_layers
         d["attention_dropout"] = 0.0
         d["initializer_range"] = 0.02
@@ -159,6 +160,8 @@ def parse_config(raw: dict) -> Qwen3Config:
             torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
             max_position_embeddings=_whole("max_position_embeddings", _opt(raw, "max_position_embeddings", 40960)),
             hidden_act=str(raw.get("hidden_act", "silu")),
+            use_sliding_window=_flag("use_sliding_window", _opt(raw, "use_sliding_window", False)),
+            sliding_window=None if raw.get("sliding_window") is None else _whole("sliding_window", raw["sliding_window"]),
             num_experts=num_experts if model_type == "qwen3_moe" else 0,
             num_experts_per_tok=_whole("num_experts_per_tok", _opt(raw, "num_experts_per_tok", 0), 0),
             moe_intermediate_size=_whole("moe_intermediate_size", _opt(raw, "moe_intermediate_size", 0), 0),
@@ -172,6 +175,9 @@ def parse_config(raw: dict) -> Qwen3Config:
         raise UserError(f"config.json has a field of the wrong type: {e}") from None
     if cfg.hidden_act != "silu":
         raise UserError(f"hidden_act {cfg.hidden_act!r} is not Qwen3's 'silu'")
+    if cfg.use_sliding_window:
+        raise UserError("use_sliding_window is true: qwen3dbg implements Qwen3's full attention only, "
+                        "as every released Qwen3 config has it (set it to false)")
     if heads % cfg.num_key_value_heads:
         raise UserError(
             f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_key_value_heads}"

@@ -31,6 +31,13 @@ IMPLEMENTATIONS: dict[str, str] = {
     "lowp-accumulation": "qwen3dbg.candidates.catalogue:LowPrecisionAccumulation",
     "moe-topk-softmax": "qwen3dbg.candidates.catalogue:MoeTopkSoftmax",
     "rmsnorm-fused": "qwen3dbg.candidates.catalogue:RmsNormFused",
+    # long-context bugs: exact at short lengths (docs/catalogue.md says from which length they show)
+    "rope-positions-lowp": "qwen3dbg.candidates.catalogue:RopePositionsInDtype",
+    "sliding-window-ignored": "qwen3dbg.candidates.catalogue:SlidingWindowIgnoresFlag",
+    "kv-ring-wrap": "qwen3dbg.candidates.catalogue:RingCacheWraps",
+    "paged-cache-clamped": "qwen3dbg.candidates.catalogue:PagedCacheTableClamped",
+    "split-kv-unscaled": "qwen3dbg.candidates.catalogue:SplitKvUnscaledSums",
+    "softmax-sum-overflow": "qwen3dbg.candidates.catalogue:SoftmaxSumInDtype",
 }
 
 

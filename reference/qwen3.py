@@ -173,6 +173,9 @@ class Qwen3Reference(Candidate):
         self.cache[layer] = (k, v)
         return k, v
 
+    def mask(self, positions, k_len):
+        return causal_mask(positions, k_len)
+
     def scores(self, q, k, mask):
         return attention_scores(q, k, self.config.n_rep, mask)
 
@@ -186,7 +189,7 @@ class Qwen3Reference(Candidate):
 
     def attend(self, i, q, k_all, v_all, positions, sink):
         """q [B,nH,T,D] over the cache [B,nKV,S,D] -> context [B,T,nH*D]; emits scores and probabilities."""
-        scores = self.scores(q, k_all, causal_mask(positions, k_all.shape[2]))
+        scores = self.scores(q, k_all, self.mask(positions, k_all.shape[2]))
         probs = self.probs(scores)
         emit(sink, i, "attn_scores", scores), emit(sink, i, "attn_probs", probs)
         return self.context(probs, v_all)

@@ -57,6 +57,13 @@ CATALOGUE_MODELS = {
     "hot-qk": ("tiny-dense", {"q_norm_peak": 40.0, "k_norm_peak": 96.5}, None),
     # reductions long enough (512, 1024) that bf16 accumulation stands out of bf16's own noise
     "wide": ("tiny-dense", {}, {"hidden_size": 512, "intermediate_size": 1024}),
+    # long-context bugs (tests/test_catalogue_long.py): a window in config.json with use_sliding_window
+    # false, as Qwen2.5 configs carry one ...
+    "window-512": ("tiny-dense", {}, {"sliding_window": 512}),
+    "window-64": ("tiny-dense", {}, {"sliding_window": 64}),
+    # ... and k_norm peaks of 6 (tiny-dense's are 20): layer-0 rows whose float16 sum of exps passes 65504
+    # only after a few hundred keys
+    "warm-qk": ("tiny-dense", {"k_norm_peak": 6.0}, None),
 }
 
 

@@ -63,3 +63,10 @@ def test_load_config_reports_missing_and_malformed_files(tmp_path):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(RELEASED_0_6B))
     assert load_config(tmp_path).num_hidden_layers == 28
+
+
+def test_a_window_with_the_flag_off_is_kept_and_written_back_and_the_flag_on_is_refused():
+    cfg = parse_config(RELEASED_0_6B | {"sliding_window": 32768, "use_sliding_window": False})
+    assert cfg.sliding_window == 32768 and parse_config(cfg.to_hf_dict()) == cfg
+    with pytest.raises(UserError, match="use_sliding_window is true.*set it to false"):
+        parse_config(RELEASED_0_6B | {"sliding_window": 4096, "use_sliding_window": True})
