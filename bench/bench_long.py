@@ -113,10 +113,21 @@ def run_child(kind: str, *args) -> dict:
 
 # ---- the bench ----------------------------------------------------------------------------------
 
+_PLAIN: dict[tuple, dict] = {}
+
+
+def plain_run(model: Path, side: str, prompt: int, decode: int) -> dict:
+    """A side's plain run, measured once per bench run for each length (cases share them)."""
+    key = (side, prompt, decode)
+    if key not in _PLAIN:
+        _PLAIN[key] = run_child("plain", model, side, prompt, decode)
+    return _PLAIN[key]
+
+
 def case(name: str, model: Path, cand: str, plain: list[str], prompt: int, decode: int) -> dict:
     print(f"\n{name}: --cand {cand.split('/')[-1] if cand.startswith('store:') else cand}, "
           f"{prompt} + {decode} tokens", flush=True)
-    base = {side: run_child("plain", model, side, prompt, decode) for side in plain}
+    base = {side: plain_run(model, side, prompt, decode) for side in plain}
     for side, r in base.items():
         print(f"  plain {side:18s} {r['wall']:8.1f} s   peak anon {r['peak_anon'] / 1e9:5.2f} GB", flush=True)
     d = run_child("diff", model, cand, prompt, decode)

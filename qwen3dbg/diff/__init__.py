@@ -95,11 +95,11 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
             notes = store.manifest.get("notes")
             notes = [str(n) for n in notes] if isinstance(notes, list) else []
             infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path),
-                                  False, notes + _other_weights(store, model_dir)))
+                                  notes + _other_weights(store, model_dir)))
         else:
             loaded[role] = _load(spec, model_dir, dt)
             lacks[role] = frozenset(loaded[role].missing_taps)
-            infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), "streamed, not stored"))
+            infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), ""))
     golden = LongGolden(model_dir, stream_weights=not greedy or _large(model_dir))
     timings["load"] = time.perf_counter() - t
     missing = lacks["ref"] | lacks["cand"]

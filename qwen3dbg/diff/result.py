@@ -78,8 +78,7 @@ class SideInfo:
     spec: str  # as given: an implementation name (with options) or store:DIR
     implementation: str
     dtype: str
-    store: str  # where its taps were read from
-    cached: bool = False
+    store: str  # the tap store its taps were read from; "" for a side that ran
     notes: list[str] = field(default_factory=list)  # caveats the implementation wrote into its manifest
 
 
