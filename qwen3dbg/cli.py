@@ -160,6 +160,33 @@ def validate_store_cmd(
     console.print(f"{store}: valid tap store")
 
 
+@app.command("cache")
+def cache_cmd(
+    clear: bool = typer.Option(False, "--clear", help="Remove everything listed."),
+):
+    """List what qwen3dbg keeps under $QWEN3DBG_HOME (default models, compiled kernels, runs older versions
+    left), least recently used first, or clear it. It stays within QWEN3DBG_CACHE_BUDGET (default 10GB):
+    when an entry is added, the least recently used go."""
+    import time
+
+    from rich.table import Table
+
+    from qwen3dbg.cache import budget, clear as clear_all, entries
+    from qwen3dbg.home import home
+
+    found = clear_all() if clear else entries()
+    table = Table(title=f"{'removed from' if clear else 'cached in'} {home()}", title_justify="left")
+    for col in ("kind", "size", "last used", "path"):
+        table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+    now = time.time()
+    for e in found:
+        table.add_row(e.kind, f"{e.size / 1e6:,.1f} MB", f"{(now - e.last_used) / 3600:,.1f} h ago", e.path.name)
+    Console().print(table, markup=False)
+    total = sum(e.size for e in found)
+    Console().print(f"{len(found)} entries, {total / 1e9:.2f} GB; budget {budget() / 1e9:.2f} GB "
+                    "(QWEN3DBG_CACHE_BUDGET)", markup=False, highlight=False)
+
+
 @app.command()
 def diff(
     ref: str = typer.Option("hf", help="Reference: an implementation name (hf, scratch), NAME:key=value options "

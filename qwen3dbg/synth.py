@@ -177,4 +177,7 @@ def default_model_dir(preset: str = "tiny-dense") -> Path:
     if not done.exists():
         make_model(root, preset)
         done.touch()
+        from qwen3dbg.cache import fit
+
+        fit(keep=root)  # older generators' defaults and older versions' runs go first
     return root
