@@ -3,14 +3,19 @@
 Taps that are module outputs come from forward hooks; the rest (RoPE output, attention scores and
 probabilities) from narrow wrappers around transformers' module-level functions, installed for one
 step and restored on exit; cache contents are read from the model's own DynamicCache after the step.
+Nothing relies on an output convention that transformers changed between the versions we accept: the
+router logits are recomputed from the router's own input and weight (before 5.6 its first output is the
+softmax), and its top-k ids and weights are told apart by dtype, not by position.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 
 import torch
+import torch.nn.functional as F
 
 from qwen3dbg.candidate import Candidate, emit
 from qwen3dbg.config import load_config
@@ -21,6 +26,31 @@ from qwen3dbg.store import TapSink
 from qwen3dbg.taps import tap_name
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+#: the transformers versions this capture is tested with (pyproject.toml declares the same range)
+SUPPORTED_TRANSFORMERS = ">=5.0,<5.25"
+
+
+def check_transformers_version(version: str) -> None:
+    """Refuse a transformers outside the tested range: its modeling code may hold taps elsewhere."""
+    from packaging.specifiers import SpecifierSet
+
+    if version not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
+        raise UserError(f"transformers {version} is outside the versions the hf capture is tested with "
+                        f"({SUPPORTED_TRANSFORMERS}): pip install 'transformers{SUPPORTED_TRANSFORMERS}'")
+
+
+def router_outputs(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_ids, topk_weights) among a Qwen3-MoE router's outputs, told apart by dtype: the one integer
+    and the one floating [N, k] tensor (the first output is the logits or, before 5.6, their softmax)."""
+    found = [t for t in output if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[-1] == top_k]
+    ids = [t for t in found if not t.is_floating_point()]
+    weights = [t for t in found if t.is_floating_point()]
+    if len(ids) != 1 or len(weights) != 1:
+        import transformers
+
+        raise UserError(f"transformers {transformers.__version__}: the Qwen3-MoE router returns no single top-k "
+                        f"id and weight tensor: pip install 'transformers{SUPPORTED_TRANSFORMERS}'")
+    return ids[0], weights[0]
 
 
 class HFCandidate(Candidate):
@@ -28,9 +58,11 @@ class HFCandidate(Candidate):
     fresh_taps = True  # module outputs are new tensors; DynamicCache grows by concatenation
 
     def __init__(self, model_dir, dtype="float32", *, attn: str = "eager"):
+        import transformers
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
+        check_transformers_version(transformers.__version__)
         if attn not in ATTN_IMPLEMENTATIONS:
             raise UserError(f"--attn {attn!r}: choose eager (scores and probabilities captured) or sdpa")
         self.config = load_config(model_dir)
@@ -41,6 +73,9 @@ class HFCandidate(Candidate):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn, **extra)
         self.model.eval()
         self.modeling = importlib.import_module(type(self.model).__module__)
+        # transformers renamed forward's past_key_values to cache (the old name warns until 5.40)
+        forward = inspect.signature(type(self.model).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         if attn != "eager":  # sdpa computes scores and probabilities inside one fused call
             self.missing_taps = frozenset({"attn_scores", "attn_probs"})
         self.reset()
@@ -57,7 +92,7 @@ class HFCandidate(Candidate):
     @torch.no_grad()
     def step(self, ids, positions, sink: TapSink):
         with self._capture(sink):
-            out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self.cache_kwarg: self.cache})
         return out.logits
 
     @contextlib.contextmanager
@@ -67,9 +102,9 @@ class HFCandidate(Candidate):
         handles = []
         base = self.model.model
 
-        def out_hook(layer, op, fn=lambda t: t):
+        def out_hook(layer, op):
             def hook(module, args, output):
-                emit(sink, layer, op, fn(output))
+                emit(sink, layer, op, output)
             return hook
 
         def in_hook(layer, op):
@@ -92,6 +127,17 @@ class HFCandidate(Candidate):
         def per_token(t):  # the router flattens tokens: [B*T, X] -> [B, T, X]
             return t.reshape(*B_T["shape"], -1)
 
+        def router_hook(layer):
+            def hook(module, args, output):
+                if sink.wants(tap_name("moe.router_logits", layer)):
+                    # What every accepted version's router computes first, before it may softmax in place.
+                    x = args[0].reshape(-1, module.weight.shape[1])
+                    sink(tap_name("moe.router_logits", layer), per_token(F.linear(x, module.weight)))
+                ids, weights = router_outputs(output, self.config.num_experts_per_tok)
+                emit(sink, layer, "moe.topk_weights", per_token(weights))
+                emit(sink, layer, "moe.topk_ids", per_token(ids))
+            return hook
+
         reg = lambda m, h: handles.append(m.register_forward_hook(h))  # noqa: E731
         pre = lambda m, h: handles.append(m.register_forward_pre_hook(h))  # noqa: E731
         reg(base.embed_tokens, out_hook(None, "embed"))
@@ -106,9 +152,7 @@ class HFCandidate(Candidate):
             pre(layer.post_attention_layernorm, in_hook(i, "resid_mid"))
             reg(layer.post_attention_layernorm, out_hook(i, "mlp_norm"))
             if self.config.is_moe_layer(i):
-                reg(mlp.gate, out_hook(i, "moe.router_logits", lambda o: per_token(o[0])))
-                reg(mlp.gate, out_hook(i, "moe.topk_weights", lambda o: per_token(o[1])))
-                reg(mlp.gate, out_hook(i, "moe.topk_ids", lambda o: per_token(o[2])))
+                reg(mlp.gate, router_hook(i))
             else:
                 reg(mlp.gate_proj, out_hook(i, "mlp.gate"))
                 reg(mlp.up_proj, out_hook(i, "mlp.up"))

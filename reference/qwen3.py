@@ -110,8 +110,12 @@ class Weights:
         self.cache: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        """A checkpoint tensor; `experts.{e}.gate_up_proj.weight` is gate_proj's rows then up_proj's, the
+        weight transformers fuses at load (one GEMM over it can round otherwise than two in float32)."""
         if name not in self.cache:
-            self.cache[name] = self.ckpt.get(name, self.dtype)
+            base, fused, _ = name.rpartition("gate_up_proj.weight")
+            parts = (base + "gate_proj.weight", base + "up_proj.weight") if fused else (name,)
+            self.cache[name] = torch.cat([self.ckpt.get(n, self.dtype) for n in parts])
         return self.cache[name]
 
     def done_with_layer(self, layer: int) -> None:
@@ -229,8 +233,9 @@ class Qwen3Reference(Candidate):
 
     def moe_mlp(self, i, x, sink):
         """Route each token to k experts and mix their SwiGLU outputs. Like transformers' eager
-        experts: accumulate expert by expert (ascending id) in the activation dtype, and gather each
-        expert's tokens slot-major (top-1 picks first), since a GEMM's rounding depends on row order."""
+        experts: accumulate expert by expert (ascending id) in the activation dtype, gather each
+        expert's tokens slot-major (top-1 picks first), since a GEMM's rounding depends on row order,
+        and compute gate and up in one GEMM over the fused weight."""
         c, p = self.config, f"model.layers.{i}.mlp."
         B, T, H = x.shape
         flat = x.reshape(-1, H)
@@ -245,7 +250,7 @@ class Qwen3Reference(Candidate):
             if token.numel() == 0:
                 continue
             pe = p + f"experts.{e}."
-            h = swiglu(self.linear(flat[token], pe + "gate_proj"), self.linear(flat[token], pe + "up_proj"))
+            h = swiglu(*self.linear(flat[token], pe + "gate_up_proj").chunk(2, dim=-1))
             y = self.linear(h, pe + "down_proj") * weights[token, slot, None]
             out.index_add_(0, token, y)
         return out.view(B, T, H)
