@@ -1,8 +1,9 @@
 """`--cand module:FILE.py:factory` or `module:pkg.mod:factory`: any PyTorch port, tapped through a TOML mapping.
 
-`factory(model_dir, dtype)` returns an nn.Module called as `module(ids)` (ids [B,T]). The mapping
-(format: candidates/mappings/standalone_qwen3.toml) says which module output, module input or
-function call holds each tap, and how to bring it to the schema's layout. A port without a KV
+`factory(model_dir, dtype)` returns an nn.Module called as `module(ids)` (ids [B,T]), or with the
+step's positions as a keyword the mapping names. The mapping (grammar: docs/ports.md) says which
+module output or input, function or tensor-method call holds each tap, and how to bring it to the
+schema's layout; a trial forward checks every tap's shape before any real run. A port without a KV
 cache is re-run on the whole prefix at every decode step; its last positions are kept.
 """
 
@@ -20,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.candidate import Candidate
+from qwen3dbg.candidate import Candidate, DictSink
 from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.errors import UserError
 from qwen3dbg.patching import patched
 from qwen3dbg.store import TapSink
-from qwen3dbg.taps import OPS_BY_NAME, axis_sizes, parse_tap_name, step_taps
+from qwen3dbg.taps import OPS_BY_NAME, axis_sizes, layer_ops, parse_tap_name, step_taps
 
 RERUN_NOTE = "no KV cache: each decode step re-runs the whole prefix and its last position is compared"
 
@@ -35,15 +36,28 @@ RERUN_NOTE = "no KV cache: each decode step re-runs the whole prefix and its las
 
 @dataclass(frozen=True)
 class Source:
-    """Where one tap comes from in the port: a module's output/input or a function's output/argument."""
+    """Where one tap comes from in the port: a module's output/input or a function's output/argument
+    (a tensor method is the function torch.Tensor.<name>, its argument 0 the tensor itself)."""
 
     module: str | None = None
     function: str | None = None
     input: int | None = None  # module: take this positional input instead of the output
     arg: int | None = None  # function: take this argument instead of the output
-    within: str | None = None  # function: count only calls made inside this module
-    call: int = 0  # function: the n-th counted call of the step
+    select: str = ""  # then index into what was taken: "[0]", ".indices", "[1].k"
+    within: str | None = None  # count only calls made while this module runs
+    call: int = 0  # the n-th counted call of the step (per run of `within`)
+    calls: int | None = None  # how often the source runs per step (per `within`); default: highest call + 1
     transform: tuple[str, ...] = ()
+
+    @property
+    def site(self) -> tuple[str, str, str | None]:
+        """What is hooked and counted: taps sharing a site share one hook and one call counter."""
+        return ("module", self.module, self.within) if self.module is not None else \
+            ("function", self.function, self.within)
+
+    def describe(self) -> str:
+        what = f"module {self.module!r}" if self.module is not None else f"function {self.function!r}"
+        return what + (f" within {self.within!r}" if self.within else "")
 
 
 @dataclass(frozen=True)
@@ -51,14 +65,51 @@ class Mapping:
     taps: dict[str, Source]  # concrete tap names ({i} expanded)
     kv_cache: bool
     reset: str | None
+    positions: str | None  # keyword under which the port takes the step's positions [T]
     path: Path
 
     @property
     def ops(self) -> set[str]:
         return {parse_tap_name(n)[1] for n in self.taps}
 
+    def expected_calls(self, site) -> int:
+        """How many times a site must run per step: its stated `calls`, else its highest mapped call + 1."""
+        sources = [s for s in self.taps.values() if s.site == site]
+        stated = {s.calls for s in sources if s.calls is not None}
+        return max(stated) if stated else max(s.call for s in sources) + 1
 
-_SOURCE_KEYS = {"module", "function", "input", "arg", "within", "call", "transform"}
+
+_SOURCE_KEYS = {"module", "function", "method", "input", "arg", "select", "within", "call", "calls", "transform"}
+_INT_KEYS = ("input", "arg", "call", "calls")
+_SELECT = re.compile(r"^(\[-?\d+\]|\.[A-Za-z_]\w*)*$")
+
+
+def _source(key: str, value, layer: int | None, sizes: dict[str, int], where: str) -> Source:
+    """One tap's table with `{i}` filled in and its integer expressions (call = "2*i+1") evaluated."""
+    if isinstance(value, str):
+        value = {"module": value}
+    kinds = [k for k in ("module", "function", "method") if k in value] if isinstance(value, dict) else []
+    if not isinstance(value, dict) or set(value) - _SOURCE_KEYS or len(kinds) != 1:
+        raise UserError(f"{where}: tap {key!r} needs a module path or a table with exactly one of "
+                        f"module/function/method and only the keys {', '.join(sorted(_SOURCE_KEYS))}")
+    fill = {k: (v.replace("{i}", str(layer)) if isinstance(v, str) and layer is not None else v)
+            for k, v in value.items()}
+    if "method" in fill:  # x.softmax(...) is torch.Tensor.softmax(x, ...)
+        fill["function"] = "torch.Tensor." + fill.pop("method")
+    at = f"{where}: tap {key!r}"
+    local = {**sizes, **({"i": layer} if layer is not None else {})}
+    for k in _INT_KEYS:
+        if k in fill:
+            try:
+                fill[k] = _size(str(fill[k]), local)
+            except (ValueError, SyntaxError, ZeroDivisionError):
+                raise UserError(f"{at}: {k} = {value[k]!r} is not an integer expression over i and the model's "
+                                f"sizes ({', '.join(sorted(local))})") from None
+    if not _SELECT.match(str(fill.get("select", ""))):
+        raise UserError(f"{at}: select = {fill['select']!r} is not a chain of [n] and .name, "
+                        "e.g. \"[0]\" or \".indices\"")
+    fill["transform"] = tuple(fill.get("transform", ()))
+    return Source(**fill)
 
 
 def load_mapping(path: str | Path, config: Qwen3Config) -> Mapping:
@@ -71,37 +122,38 @@ def load_mapping(path: str | Path, config: Qwen3Config) -> Mapping:
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"mapping file {path} is not valid TOML: {e}") from None
     call = raw.get("call", {})
+    model_sizes = {k: v for k, v in axis_sizes(config, 1, 1, 1).items() if k not in ("B", "T", "S")}
     taps: dict[str, Source] = {}
     for key, value in raw.get("taps", {}).items():
-        if isinstance(value, str):
-            value = {"module": value}
-        if not isinstance(value, dict) or set(value) - _SOURCE_KEYS or ("module" in value) == ("function" in value):
-            raise UserError(f"{path}: tap {key!r} needs a module path or a table with exactly one of module/function "
-                            f"and only the keys {', '.join(sorted(_SOURCE_KEYS))}")
-        for t in value.get("transform", []):
+        for t in (value.get("transform", []) if isinstance(value, dict) else []):
             parse_transform(t, axis_sizes(config, 1, 1, 1), where=f"{path}: tap {key!r}")
-        layers = range(config.num_hidden_layers) if "{i}" in key else [None]
+        op = parse_tap_name(key.replace("{i}", "0"))[1]
+        if op not in OPS_BY_NAME:
+            raise UserError(f"{path}: {key!r} is not a tap name of the schema (see qwen3dbg/taps.py)")
+        # `{i}` covers the layers that have the op: one mapping serves dense, MoE and mixed models
+        layers = [i for i in range(config.num_hidden_layers) if op in {o.op for o in layer_ops(config, i)}] \
+            if "{i}" in key else [None]
         for i in layers:
             name = key.replace("{i}", str(i))
-            if parse_tap_name(name)[1] not in OPS_BY_NAME:
-                raise UserError(f"{path}: {key!r} is not a tap name of the schema (see qwen3dbg/taps.py)")
-            fill = {k: (v.replace("{i}", str(i)) if isinstance(v, str) else v) for k, v in value.items()}
-            fill["transform"] = tuple(fill.get("transform", ()))
-            taps[name] = Source(**fill)
+            taps[name] = _source(key, value, i, model_sizes, str(path))
     if not taps:
         raise UserError(f"{path} maps no taps: add a [taps] table")
-    if call.get("kv_cache") and not call.get("reset"):
-        raise UserError(f"{path}: [call] kv_cache = true needs reset = \"<method that empties the port's cache>\"")
-    return Mapping(taps, bool(call.get("kv_cache", False)), call.get("reset"), path)
+    if call.get("kv_cache") and not (call.get("reset") or call.get("positions")):
+        raise UserError(f"{path}: [call] kv_cache = true needs reset = \"<method that empties the port's cache>\", "
+                        "or positions = \"<keyword>\" for a port that writes its cache where the positions say")
+    return Mapping(taps, bool(call.get("kv_cache", False)), call.get("reset"), call.get("positions"), path)
 
 
 # ---- transforms -----------------------------------------------------------------------------------
 
 _TRANSFORM = re.compile(r"^\s*(transpose|reshape|slice)\s*\((.*)\)\s*$")
+_ARITH = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+          ast.FloorDiv: lambda a, b: a // b}
 
 
 def _size(expr: str, sizes: dict[str, int]) -> int:
-    """Evaluate '2*nKV*D' style size expressions: integers, axis names, + - *."""
+    """Evaluate '2*nKV*D' or 'nH/nKV' style size expressions: integers, axis names, + - * // and a `/`
+    that must divide exactly (a size is never fractional)."""
     def ev(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
@@ -109,9 +161,13 @@ def _size(expr: str, sizes: dict[str, int]) -> int:
             return sizes[node.id]
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -ev(node.operand)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
+            return _ARITH[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
             a, b = ev(node.left), ev(node.right)
-            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+            if a % b:
+                raise ValueError(f"{expr}: {a}/{b} is not a whole number")
+            return a // b
         raise ValueError(expr)
     return ev(ast.parse(expr.strip(), mode="eval").body)
 
@@ -126,9 +182,9 @@ def parse_transform(text: str, sizes: dict[str, int], *, where: str = "mapping")
         arity = {"transpose": (2,), "slice": (3,), "reshape": tuple(range(1, 9))}[m.group(1)]
         if len(args) not in arity:
             raise ValueError(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, ZeroDivisionError):
         raise UserError(f"{where}: transform {text!r} is not transpose(a,b), reshape(...) or slice(dim,start,stop) "
-                        f"over integers and the axes {', '.join(sorted(sizes))}") from None
+                        f"over integers and the axes {', '.join(sorted(sizes))} (+ - * // and exact /)") from None
     return m.group(1), args
 
 
@@ -146,6 +202,13 @@ def apply_transforms(x: torch.Tensor, transforms: tuple[str, ...], sizes: dict[s
     return x
 
 
+def select(value, path: str):
+    """Index into a module's or function's result: '[0]' takes item 0, '.indices' an attribute."""
+    for part in re.findall(r"\[-?\d+\]|\.[A-Za-z_]\w*", path):
+        value = value[int(part[1:-1])] if part.startswith("[") else getattr(value, part[1:])
+    return value
+
+
 def keep_last_positions(x: torch.Tensor, op: str, tokens: int) -> torch.Tensor:
     """A re-run over the whole prefix: keep the step's last `tokens` positions on the T axis, if any."""
     axes = OPS_BY_NAME[op].axes
@@ -158,13 +221,20 @@ def keep_last_positions(x: torch.Tensor, op: str, tokens: int) -> torch.Tensor:
 # ---- capturing one run ----------------------------------------------------------------------------
 
 class _Recorder:
-    """Hooks and function wrappers for one forward call; `values[tap]` holds what each tap saw."""
+    """Hooks and function wrappers for one forward call; `values[tap]` holds what each tap saw.
 
-    def __init__(self, model: torch.nn.Module, code_module, sources: dict[str, Source]):
-        self.model, self.code_module, self.sources = model, code_module, sources
-        self.values: dict[str, torch.Tensor] = {}
+    Each site (a module or function, with its `within`) has one hook and one call counter; after the
+    forward, every site must have run as often as the mapping says (`check_counts`)."""
+
+    def __init__(self, model: torch.nn.Module, code_module, mapping: Mapping, wanted: set[str]):
+        self.model, self.code_module, self.mapping = model, code_module, mapping
+        self.sites: dict[tuple, list[tuple[str, Source]]] = {}
+        for name in wanted:
+            src = mapping.taps[name]
+            self.sites.setdefault(src.site, []).append((name, src))
+        self.values: dict[str, object] = {}
         self.scopes: list[str] = []
-        self.calls = {name: 0 for name, src in sources.items() if src.function}  # counted calls per tap
+        self.counts = dict.fromkeys(self.sites, 0)
 
     def _submodule(self, path: str) -> torch.nn.Module:
         try:
@@ -173,40 +243,68 @@ class _Recorder:
             raise UserError(f"the mapping names module {path!r}, which the port does not have") from None
 
     def _function_owner(self, name: str):
-        """(object holding the function, attribute name): the model's code module, or a dotted import."""
+        """(object holding the function, attribute name): the model's code module, or a dotted path whose
+        longest importable prefix is a module and the rest attributes ("torch.Tensor.softmax")."""
         if "." not in name:
             if not hasattr(self.code_module, name):
                 raise UserError(f"the mapping names function {name!r}, which {self.code_module.__name__} lacks")
             return self.code_module, name
-        owner, _, attr = name.rpartition(".")
-        try:
-            obj = importlib.import_module(owner)
-        except ImportError:
-            raise UserError(f"the mapping names function {name!r}, whose module {owner!r} cannot be imported") from None
-        if not hasattr(obj, attr):
-            raise UserError(f"the mapping names function {name!r}, which does not exist")
-        return obj, attr
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:-1]:
+                obj = getattr(obj, attr, None)
+            if obj is not None and hasattr(obj, parts[-1]):
+                return obj, parts[-1]
+            break
+        raise UserError(f"the mapping names function {name!r}, which cannot be imported")
 
     @contextlib.contextmanager
     def active(self):
         with contextlib.ExitStack() as stack:
-            for name, src in self.sources.items():
-                if src.module is not None:
-                    stack.enter_context(self._module_hook(name, src))
-            scopes = {src.within for src in self.sources.values() if src.function and src.within}
-            for scope in scopes:
+            for scope in {site[2] for site in self.sites if site[2]}:
                 stack.enter_context(self._scope(scope))
-            for fname in {src.function for src in self.sources.values() if src.function}:
-                stack.enter_context(self._wrap(fname))
+            functions: dict[str, list[tuple]] = {}
+            for site in self.sites:
+                if site[0] == "module":
+                    stack.enter_context(self._module_hook(site))
+                else:
+                    functions.setdefault(site[1], []).append(site)
+            for fname, sites in functions.items():
+                stack.enter_context(self._wrap(fname, sites))
             yield self
 
-    @contextlib.contextmanager
-    def _module_hook(self, name: str, src: Source):
-        def hook(_mod, args, out):
-            value = out if src.input is None else args[src.input]
-            self.values[name] = value.detach().clone()
+    def _fired(self, site, args, out) -> None:
+        """One run of a site: if it is in scope, count it and keep what each tap mapped to this call takes."""
+        within = site[2]
+        if within is not None and within not in self.scopes:
+            return
+        n = self.counts[site]
+        self.counts[site] += 1
+        for name, src in self.sites[site]:
+            if src.call == n:
+                position = src.input if src.module is not None else src.arg
+                value = out if position is None else args[position]
+                self.values[name] = select(value, src.select) if src.select else value
+                if isinstance(self.values[name], torch.Tensor):
+                    self.values[name] = self.values[name].detach().clone()
 
-        handle = self._submodule(src.module).register_forward_hook(hook)
+    def check_counts(self) -> None:
+        for site, fired in self.counts.items():
+            expected = self.mapping.expected_calls(site)
+            if fired != expected:
+                src = self.sites[site][0][1]
+                raise UserError(f"{self.mapping.path}: {src.describe()} ran {fired} times in one step, but the "
+                                f"mapping takes {expected} (calls 0..{expected - 1}): give each call its tap with "
+                                "call = N (e.g. \"2*i+1\" for a module shared by all layers), narrow it with "
+                                f"within, or say calls = {fired}")
+
+    @contextlib.contextmanager
+    def _module_hook(self, site):
+        handle = self._submodule(site[1]).register_forward_hook(lambda _m, args, out: self._fired(site, args, out))
         try:
             yield
         finally:
@@ -215,6 +313,7 @@ class _Recorder:
     @contextlib.contextmanager
     def _scope(self, path: str):
         mod = self._submodule(path)
+
         def enter(*_):
             self.scopes.append(path)
 
@@ -228,20 +327,15 @@ class _Recorder:
             pre.remove(), post.remove()
 
     @contextlib.contextmanager
-    def _wrap(self, fname: str):
+    def _wrap(self, fname: str, sites: list[tuple]):
+        """One wrapper per function, whatever the number of sites (layers, scopes) that read it."""
         owner, attr = self._function_owner(fname)
-        wanted = [(n, s) for n, s in self.sources.items() if s.function == fname]
 
         def wrap(original):
             def wrapper(*args, **kwargs):
                 out = original(*args, **kwargs)
-                scope = self.scopes[-1] if self.scopes else None
-                for name, src in wanted:
-                    if src.within is None or src.within == scope:
-                        if self.calls[name] == src.call:
-                            value = out if src.arg is None else args[src.arg]
-                            self.values[name] = value.detach().clone()
-                        self.calls[name] += 1
+                for site in sites:
+                    self._fired(site, args, out)
                 return out
             return wrapper
 
@@ -300,15 +394,26 @@ class ModuleCandidate(Candidate):
         self.missing_taps = frozenset({t.op for t in schema} - self.mapping.ops)
         try:
             self.model = factory(model_dir, self.dtype)
+        except UserError:
+            raise
         except Exception as e:  # the port's own loader: say whose failure it is
             raise UserError(f"{self.name} failed to build the model: {type(e).__name__}: {e}") from None
         if not isinstance(self.model, torch.nn.Module):
             raise UserError(f"{self.name} returned {type(self.model).__name__}, not a torch.nn.Module")
         self.model.eval()
-        if self.mapping.kv_cache and not callable(getattr(self.model, self.mapping.reset, None)):
+        if self.mapping.reset and not callable(getattr(self.model, self.mapping.reset, None)):
             raise UserError(f"{self.mapping.path}: the port has no method {self.mapping.reset}() to empty its cache")
         # Bare function names in the mapping live where the model's code does, not where the factory does.
         self.code_module = sys.modules[type(self.model).__module__]
+        self.trial_forward()
+
+    def trial_forward(self) -> None:
+        """One short prefill before any real work, so that a wrong call count, selector or layout is
+        said up front, naming the tap. Its length T differs from every other axis, so no swap hides."""
+        sizes = set(axis_sizes(self.config, 1, 1, 1).values())
+        tokens = next(t for t in range(2, 2 + len(sizes) + 1) if t not in sizes)
+        self.reset()
+        self.step(torch.arange(tokens)[None] % self.config.vocab_size, torch.arange(tokens)[None], DictSink())
         self.reset()
 
     def manifest_extra(self) -> dict:
@@ -316,29 +421,52 @@ class ModuleCandidate(Candidate):
 
     def reset(self) -> None:
         self.history: torch.Tensor | None = None
-        if self.mapping.kv_cache:
+        if self.mapping.kv_cache and self.mapping.reset:
             getattr(self.model, self.mapping.reset)()
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, sink: TapSink) -> torch.Tensor:
         tokens = ids.shape[1]
         if self.mapping.kv_cache:
-            run_ids = ids
+            run_ids, run_positions = ids, positions[0]
         else:
             self.history = ids if self.history is None else torch.cat((self.history, ids), dim=1)
-            run_ids = self.history
+            run_ids, run_positions = self.history, torch.arange(self.history.shape[1])
         cache_len = int(positions[0, -1]) + 1
-        wanted = {n: s for n, s in self.mapping.taps.items() if sink.wants(n)}
-        recorder = _Recorder(self.model, self.code_module, wanted)
+        wanted = {n for n in self.mapping.taps if sink.wants(n)}
+        recorder = _Recorder(self.model, self.code_module, self.mapping, wanted)
+        kwargs = {self.mapping.positions: run_positions} if self.mapping.positions else {}
         with recorder.active():
-            logits = self.model(run_ids)
+            logits = self.model(run_ids, **kwargs)
+        recorder.check_counts()
         sizes = axis_sizes(self.config, ids.shape[0], run_ids.shape[1], cache_len)
-        for name, src in wanted.items():
+        shapes = {t.name: t for t in step_taps(self.config, ids.shape[0], tokens, cache_len)}
+        for name in sorted(wanted):
+            src = self.mapping.taps[name]
             if name not in recorder.values:
-                raise UserError(f"{self.name}: the mapping's source of {name} ({src.module or src.function}) "
+                raise UserError(f"{self.name}: the mapping's source of {name} ({src.describe()}) "
                                 "never ran in the forward pass")
-            value = apply_transforms(recorder.values[name], src.transform, sizes)
-            if not self.mapping.kv_cache:
-                value = keep_last_positions(value, parse_tap_name(name)[1], tokens)
-            sink(name, value.to(self.dtype) if value.is_floating_point() else value)
+            value = self._to_schema(name, recorder.values[name], shapes[name], sizes, tokens)
+            sink(name, value)  # in the dtype the port computed it in (docs/taps.md)
         return logits[:, -tokens:]
+
+    def _to_schema(self, name: str, value, spec, sizes: dict[str, int], tokens: int) -> torch.Tensor:
+        """A recorded value through its transforms, checked against the schema's shape; a mistake names the
+        tap, what the port gave and the layout expected."""
+        src = self.mapping.taps[name]
+        want = f"[{', '.join(spec.axes)}] = {list(spec.shape)}"
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{self.mapping.path}: {name} takes a {type(value).__name__} from {src.describe()}, "
+                            f"not a tensor: pick one with select = \"[0]\" or \".name\" (the schema wants {want})")
+        given = list(value.shape)
+        try:
+            value = apply_transforms(value, src.transform, sizes)
+            if not self.mapping.kv_cache:
+                value = keep_last_positions(value, spec.op, tokens)
+        except (RuntimeError, IndexError) as e:
+            raise UserError(f"{self.mapping.path}: {name}: the transforms {list(src.transform)} fail on the port's "
+                            f"{given} ({e}); the schema wants {want}") from None
+        if tuple(value.shape) != spec.shape:
+            raise UserError(f"{self.mapping.path}: {name} comes out {list(value.shape)} (the port gave {given}), but "
+                            f"the schema wants {want}: fix its transform")
+        return value

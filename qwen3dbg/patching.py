@@ -9,6 +9,7 @@ dispatcher that routes each thread to its own wrapper, and every other thread to
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Callable, Iterator
 
@@ -20,10 +21,15 @@ class _Dispatcher:
     def __init__(self, original: Callable):
         self.original = original
         self.by_thread: dict[int, Callable] = {}
+        self.inherited = False  # set by patched(): the owner is a class that inherits the attribute
 
     def __call__(self, *args, **kwargs):
         fn = self.by_thread.get(threading.get_ident(), self.original)
         return fn(*args, **kwargs)
+
+    def __get__(self, obj, owner=None):
+        """Installed on a class (`torch.Tensor.softmax`), it binds as the method it replaces."""
+        return self if obj is None else functools.partial(self, obj)
 
 
 @contextlib.contextmanager
@@ -34,6 +40,7 @@ def patched(owner: object, attr: str, wrap: Callable[[Callable], Callable]) -> I
         d = _installed.get(key)
         if d is None:
             d = _installed[key] = _Dispatcher(getattr(owner, attr))
+            d.inherited = isinstance(owner, type) and attr not in vars(owner)
             setattr(owner, attr, d)
         assert me not in d.by_thread, f"{attr} is already patched by this thread"
         d.by_thread[me] = wrap(d.original)
@@ -43,5 +50,8 @@ def patched(owner: object, attr: str, wrap: Callable[[Callable], Callable]) -> I
         with _lock:
             del d.by_thread[me]
             if not d.by_thread:
-                setattr(owner, attr, d.original)
+                if d.inherited:  # a method the class inherits: uncover it again rather than copy it in
+                    delattr(owner, attr)
+                else:
+                    setattr(owner, attr, d.original)
                 del _installed[key]

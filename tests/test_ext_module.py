@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import DECODE, PROMPT, first_divergence
-from qwen3dbg.candidates.module_adapter import RERUN_NOTE, apply_transforms, load_mapping
+from qwen3dbg.candidates.module_adapter import RERUN_NOTE, Source, apply_transforms, load_mapping
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
 from qwen3dbg.errors import UserError
@@ -96,7 +96,9 @@ def load_config_like():
     ('[taps]\nembed = { module = "tok_emb", function = "f" }', "exactly one of module/function"),
     ('[taps]\nembed = { module = "tok_emb", transform = ["flip(0)"] }', "is not transpose"),
     ('[taps]\nembed = { module = "tok_emb", transform = ["reshape(B,Q)"] }', "is not transpose"),
-    ('[call]\nkv_cache = true\n[taps]\nembed = "tok_emb"', "reset"),
+    ('[call]\nkv_cache = true\n[taps]\nembed = "tok_emb"', "reset = .* or positions = "),
+    ('[taps]\nembed = { module = "tok_emb", select = "[x]" }', "is not a chain"),
+    ('[taps]\n"layers.{i}.q_rope" = { function = "f", call = "2*j" }', "not an integer expression"),
     ("[taps", "not valid TOML"),
 ])
 def test_a_bad_mapping_is_explained_in_one_sentence(tmp_path, text, complaint):
@@ -105,13 +107,11 @@ def test_a_bad_mapping_is_explained_in_one_sentence(tmp_path, text, complaint):
         load_mapping(tmp_path / "m.toml", load_config_like())
 
 
-def test_a_mapping_naming_a_module_the_port_lacks_is_a_user_error(tmp_path, dense):
+def test_a_mapping_naming_a_module_the_port_lacks_is_refused_at_load(tmp_path, dense):
     text = MAPPING.read_text().replace('"trf_blocks.{i}.ff.fc1"', '"trf_blocks.{i}.ff.gate_proj"')
     (tmp_path / "m.toml").write_text(text)
-    cand = load_candidate(f"{PORT}@{tmp_path / 'm.toml'}", dense, "float32")
     with pytest.raises(UserError, match="gate_proj"):
-        capture(cand, STEPS[:1], tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"] is False
+        load_candidate(f"{PORT}@{tmp_path / 'm.toml'}", dense, "float32")
 
 
 CACHED_PORT = '''
@@ -176,3 +176,141 @@ def test_port_with_its_own_cache_and_a_partial_mapping_runs_step_by_step(tmp_pat
     assert store.get(1, "layers.0.k_proj").shape[1] == 1, "a decode step feeds the port one token"
     assert store.manifest["notes"] == []
     assert first_divergence(dense, spec, "bfloat16") is None
+
+
+# ---- the mapping grammar: selectors, tensor methods, shared modules, arithmetic, layouts, dtypes ----
+
+class SharedRope(torch.nn.Module):
+    """A toy port whose one `rope` module serves every layer, called for q then k (torchtune's style)."""
+
+    def __init__(self, layers: int = 3):
+        super().__init__()
+        self.rope, self.layers = torch.nn.Identity(), layers
+
+    def forward(self, x):
+        for i in range(self.layers):
+            self.rope(x + 2 * i), self.rope(x + 2 * i + 1)
+        probs = x.softmax(dim=-1)
+        return torch.topk(probs, 2, dim=-1)
+
+
+def record(model, taps: dict[str, Source], x):
+    from qwen3dbg.candidates.module_adapter import Mapping, _Recorder
+
+    mapping = Mapping(taps, False, None, None, Path("toy.toml"))
+    recorder = _Recorder(model, sys.modules[__name__], mapping, set(taps))
+    with recorder.active():
+        model(x)
+    recorder.check_counts()
+    return recorder.values
+
+
+def test_a_shared_module_gives_each_layer_its_own_call():
+    x = torch.zeros(1, 2, 4)
+    taps = {f"layers.{i}.{op}": Source(module="rope", call=2 * i + (op == "k_rope"))
+            for i in range(3) for op in ("q_rope", "k_rope")}
+    values = record(SharedRope(), taps, x)
+    assert [float(values[f"layers.{i}.{op}"][0, 0, 0]) for i in range(3) for op in ("q_rope", "k_rope")] == \
+        [0, 1, 2, 3, 4, 5]
+
+
+def test_a_module_running_more_often_than_mapped_is_refused_naming_it():
+    with pytest.raises(UserError, match=r"module 'rope' ran 6 times in one step, but the mapping takes 1"):
+        record(SharedRope(), {"layers.0.q_rope": Source(module="rope")}, torch.zeros(1, 2, 4))
+    assert record(SharedRope(), {"layers.0.q_rope": Source(module="rope", calls=6)}, torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize("select", ["[1]", ".indices"])
+def test_a_tuple_output_is_selected_by_index_or_attribute(select):
+    x = torch.randn(1, 2, 4)
+    values = record(SharedRope(), {"layers.0.moe.topk_ids": Source(function="torch.topk", select=select)}, x)
+    assert torch.equal(values["layers.0.moe.topk_ids"], torch.topk(x.softmax(-1), 2, dim=-1).indices)
+
+
+def test_a_tensor_method_is_tapped_and_put_back():
+    x = torch.randn(1, 2, 4)
+    values = record(SharedRope(), {"layers.0.attn_probs": Source(function="torch.Tensor.softmax")}, x)
+    assert torch.equal(values["layers.0.attn_probs"], torch.softmax(x, -1))
+    assert "softmax" not in vars(torch.Tensor), "the wrapper is removed, not left over the inherited method"
+
+
+@pytest.mark.parametrize("expr, expected", [
+    ("nH/nKV", lambda c, i: c.n_rep), ("nH//nKV", lambda c, i: c.n_rep),
+    ("(nH+2*nKV)*D", lambda c, i: (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim),
+    ("2*i+1", lambda c, i: 2 * i + 1)])
+def test_counts_are_integer_expressions_over_the_layer_and_the_model_sizes(tmp_path, expr, expected):
+    cfg = load_config_like()
+    (tmp_path / "m.toml").write_text(f'[taps]\n"layers.{{i}}.q_rope" = {{ module = "x", calls = "{expr}" }}')
+    taps = load_mapping(tmp_path / "m.toml", cfg).taps
+    layers = range(cfg.num_hidden_layers)
+    assert [taps[f"layers.{i}.q_rope"].calls for i in layers] == [expected(cfg, i) for i in layers]
+
+
+def test_a_transform_divides_exactly():
+    cfg = load_config_like()
+    grouped = apply_transforms(torch.zeros(1, 3, cfg.num_attention_heads, cfg.head_dim),
+                               ("reshape(B,T,nKV,nH/nKV,D)",), axis_sizes(cfg, 1, 3, 3))
+    assert grouped.shape == (1, 3, cfg.num_key_value_heads, cfg.n_rep, cfg.head_dim)
+
+
+@pytest.mark.parametrize("transform", ["reshape(B,T,nH/3,D)", "slice(-1,0,I/0)"])
+def test_a_size_that_is_not_a_whole_number_is_refused(tmp_path, transform):
+    (tmp_path / "m.toml").write_text(f'[taps]\nembed = {{ module = "tok_emb", transform = ["{transform}"] }}')
+    with pytest.raises(UserError, match="is not transpose"):
+        load_mapping(tmp_path / "m.toml", load_config_like())
+
+
+LAYOUT_MISTAKES = {  # mapping line edited -> what the error must name
+    ('"layers.{i}.q_norm" = { module = "trf_blocks.{i}.att.q_norm", transform = ["transpose(1,2)"] }',
+     '"layers.{i}.q_norm" = "trf_blocks.{i}.att.q_norm"'): r"layers\.0\.q_norm comes out .* \[B, T, nH, D\]",
+    ('transform = ["reshape(B,S,nKV,D)", "transpose(1,2)"]', 'transform = ["reshape(B,S,nH,D)", "transpose(1,2)"]'):
+        r"layers\.0\.v_cache: the transforms .* fail .* \[B, nKV, S, D\]",
+    ('"layers.{i}.mlp.gate" = "trf_blocks.{i}.ff.fc1"',
+     '"layers.{i}.mlp.gate" = { module = "trf_blocks.{i}.ff.fc1", select = "[0]" }'):
+        r"layers\.0\.mlp\.gate comes out .* \[B, T, I\]",
+}
+
+
+@pytest.mark.parametrize("edit", list(LAYOUT_MISTAKES), ids=["no-transpose", "wrong-reshape", "indexed-tensor"])
+def test_a_layout_mistake_is_caught_by_the_trial_forward_naming_tap_and_layout(tmp_path, dense, edit):
+    text = MAPPING.read_text()
+    assert edit[0] in text
+    (tmp_path / "m.toml").write_text(text.replace(edit[0], edit[1]))
+    with pytest.raises(UserError, match=LAYOUT_MISTAKES[edit]):
+        load_candidate(f"{PORT}@{tmp_path / 'm.toml'}", dense, "float32")
+
+
+def test_a_function_shared_by_all_layers_taken_by_call_index(tmp_path, dense):
+    """apply_rope without `within`: calls 2i and 2i+1 of the step are layer i's queries and keys."""
+    text = MAPPING.read_text().replace('within = "trf_blocks.{i}.att", call = 0', 'call = "2*i"') \
+        .replace('within = "trf_blocks.{i}.att", call = 1', 'call = "2*i+1"')
+    (tmp_path / "m.toml").write_text(text)
+    spec = f"{PORT}@{tmp_path / 'm.toml'}"
+    assert first_divergence(dense, spec, "float32") is None
+    unscoped = MAPPING.read_text().replace('within = "trf_blocks.{i}.att", ', "")  # every layer takes calls 0, 1
+    (tmp_path / "bad.toml").write_text(unscoped)
+    with pytest.raises(UserError, match=r"function 'apply_rope' ran 6 times in one step, but the mapping takes 2"):
+        load_candidate(f"{PORT}@{tmp_path / 'bad.toml'}", dense, "float32")
+
+
+def test_taps_keep_the_dtype_the_port_computed_them_in(dense):
+    """The standalone port's softmax runs in float32: its probabilities are stored so, not rounded to bf16."""
+    from qwen3dbg.capture import run_steps
+
+    taps = run_steps(load_candidate(PORT, dense, "bfloat16"), STEPS[:1])[0]
+    assert taps["layers.0.attn_probs"].dtype == torch.float32
+    assert taps["layers.0.q_proj"].dtype == torch.bfloat16
+
+
+LITGPT_MAPPING = Path(__file__).resolve().parents[1] / "candidates" / "mappings" / "litgpt_qwen3.toml"
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_a_layer_key_covers_only_the_layers_that_have_the_op(preset):
+    from qwen3dbg.synth import PRESETS
+    from qwen3dbg.taps import step_taps
+
+    cfg = PRESETS[preset].config
+    mapped = set(load_mapping(LITGPT_MAPPING, cfg).taps)
+    schema = {t.name for t in step_taps(cfg, 1, 1, 1) if t.op not in ("attn_scores", "attn_probs")}
+    assert mapped == schema
