@@ -15,6 +15,7 @@ IMPLEMENTATIONS: dict[str, str] = {
     "hf": "qwen3dbg.reference.hf:HFCandidate",
     "scratch": "qwen3dbg.reference.qwen3:Qwen3Reference",
     "mine": "qwen3dbg.candidates.mine.engine:MineCandidate",
+    "litgpt": "qwen3dbg.candidates.ports.litgpt_qwen3:LitGPTCandidate",  # pip install '.[litgpt]' (docs/ports.md)
     # the bug catalogue: one bug each (rmsnorm-fused is the clean one); see candidates/catalogue.py
     "rope-interleaved": "qwen3dbg.candidates.catalogue:RopeInterleaved",
     "rope-theta-1e4": "qwen3dbg.candidates.catalogue:RopeTheta1e4",

@@ -1,0 +1,72 @@
+"""`--cand litgpt`: litgpt's own Qwen3 and Qwen3-MoE through candidates/mappings/litgpt_qwen3.toml.
+
+Needs litgpt's model code (`pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]'`, as .ci/run
+does): skipped without it, except under CI=true, where a missing install fails the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from conftest import DECODE, PROMPT, first_divergence
+from qwen3dbg.capture import capture, forced_steps
+from qwen3dbg.config import load_config
+from qwen3dbg.registry import load_candidate
+from qwen3dbg.store import TapStore
+from qwen3dbg.validate import validate_store
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("litgpt") is None and os.environ.get("CI") != "true",
+    reason="litgpt is not installed (pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]')")
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_litgpt_agrees_with_the_reference(models, preset, dtype):
+    assert first_divergence(models(preset), "litgpt", dtype) is None
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_litgpt_store_is_valid_and_lacks_only_what_sdpa_hides(models, tmp_path, preset):
+    capture(load_candidate("litgpt", models(preset), "float32"), forced_steps(PROMPT, DECODE), tmp_path / "s")
+    store = TapStore.open(tmp_path / "s")
+    assert validate_store(tmp_path / "s", load_config(models(preset))) == []
+    assert sorted(store.missing_taps) == ["attn_probs", "attn_scores"]
+    assert store.get(2, "layers.0.k_cache").shape[2] == len(PROMPT) + 2, "the cache, cut to the positions filled"
+
+
+BUGGY_LITGPT = '''
+from qwen3dbg.candidates.ports import litgpt_qwen3 as port
+
+TAP_MAPPING = port.TAP_MAPPING
+
+
+def load(model_dir, dtype):
+    """litgpt with layer 1's {what} loaded the wrong way round."""
+    model = port.load(model_dir, dtype)
+    w = model.transformer.h[1].mlp
+    {plant}
+    return model
+'''
+PLANTS = {  # preset -> (what is swapped, the statement swapping it, where the diff must point)
+    "tiny-dense": ("gate_proj and up_proj",
+                   "w.fc_1.weight.data, w.fc_2.weight.data = w.fc_2.weight.data, w.fc_1.weight.data",
+                   "step 0: layers.1.mlp.gate"),
+    "tiny-moe": ("router rows of experts 0 and 1", "w.gate.weight.data[[0, 1]] = w.gate.weight.data[[1, 0]]",
+                 "step 0: layers.1.moe.router_logits"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PLANTS))
+def test_a_bug_planted_in_litgpt_is_found_through_the_same_mapping(models, tmp_path, preset):
+    what, plant, found = PLANTS[preset]
+    (tmp_path / "buggy.py").write_text(BUGGY_LITGPT.format(what=what, plant=plant))
+    assert first_divergence(models(preset), f"module:{tmp_path / 'buggy.py'}:load", "float32") == found
+
+
+def test_litgpt_ignores_norm_topk_prob_false_and_the_diff_says_where(models):
+    """litgpt 0.5.13 always softmaxes the k picked logits: right for norm_topk_prob true only."""
+    assert first_divergence(models("tiny-moe-nonorm"), "litgpt", "float32") == "step 0: layers.0.moe.topk_weights"
