@@ -229,9 +229,9 @@ class _Recorder:
     def __init__(self, model: torch.nn.Module, code_module, mapping: Mapping, wanted: set[str]):
         self.model, self.code_module, self.mapping = model, code_module, mapping
         self.sites: dict[tuple, list[tuple[str, Source]]] = {}
-        for name in wanted:
-            src = mapping.taps[name]
-            self.sites.setdefault(src.site, []).append((name, src))
+        for name, src in mapping.taps.items():  # the mapping's order: the first mistake reported is stable
+            if name in wanted:
+                self.sites.setdefault(src.site, []).append((name, src))
         self.values: dict[str, object] = {}
         self.scopes: list[str] = []
         self.counts = dict.fromkeys(self.sites, 0)

@@ -287,7 +287,8 @@ def test_a_function_shared_by_all_layers_taken_by_call_index(tmp_path, dense):
     (tmp_path / "m.toml").write_text(text)
     spec = f"{PORT}@{tmp_path / 'm.toml'}"
     assert first_divergence(dense, spec, "float32") is None
-    unscoped = MAPPING.read_text().replace('within = "trf_blocks.{i}.att", ', "")  # every layer takes calls 0, 1
+    unscoped = MAPPING.read_text().replace('function = "apply_rope", within = "trf_blocks.{i}.att", ',
+                                           'function = "apply_rope", ')  # every layer takes calls 0 and 1
     (tmp_path / "bad.toml").write_text(unscoped)
     with pytest.raises(UserError, match=r"function 'apply_rope' ran 6 times in one step, but the mapping takes 2"):
         load_candidate(f"{PORT}@{tmp_path / 'bad.toml'}", dense, "float32")
