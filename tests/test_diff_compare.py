@@ -163,3 +163,24 @@ def test_a_changed_expert_with_a_clear_router_margin_is_a_divergence(moe_tie, tm
     result = run_diff("hf", rewrite(src, tmp_path / "c", _swap_kth(logits, token)), model_dir=model)
     d = result.first_divergence
     assert d.tap == "layers.0.moe.router_logits" or (d.tap == "layers.0.moe.topk_ids" and "expert choice" in d.reason)
+
+
+def test_the_reference_flipping_an_expert_at_a_near_tie_is_a_routing_tie_and_its_token_left_out(moe_tie, tmp_path):
+    """The candidate routes as fp64 does; the reference picks the (k+1)-th expert where fp64's margin is
+    within the reference's own router noise: that token is left out, as a candidate's tie is."""
+    model, src, logits, margins, tol = moe_tie
+    token = int(margins.argmin())
+    ref = rewrite(src, tmp_path / "r", _swap_kth(logits, token))
+    result = run_diff(ref, f"store:{src}", model_dir=model)
+    assert result.first_divergence is None, result.verdict
+    assert [(t["side"], t["token"]) for t in result.routing_ties if t["layer"] == 0] == [("ref", token)]
+    later = next(t for t in result.taps if t.step == 0 and t.name == "layers.0.mlp.out")
+    assert token in later.extra["excluded_positions"]
+
+
+def test_the_reference_flipping_an_expert_with_a_clear_margin_is_not_excused(moe_tie, tmp_path):
+    model, src, logits, margins, tol = moe_tie
+    token = int(margins.argmax())
+    ref = rewrite(src, tmp_path / "r", _swap_kth(logits, token))
+    result = run_diff(ref, f"store:{src}", model_dir=model)
+    assert token not in [t["token"] for t in result.routing_ties if t["side"] == "ref"]

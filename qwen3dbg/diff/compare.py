@@ -192,10 +192,12 @@ class Comparison:
             diff_ulps=ratio(te.diff_norm, te.gold_norm) / eps, nonfinite=te.nonfinite,
             worst=worst_coordinate(sc.argmax, shape, spec.axes, info.step, self.cfg.head_dim), extra=extra, **base)
 
-    def expert_ids(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict) -> tuple[TapResult, _Router]:
+    def expert_ids(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict) -> tuple[TapResult, _Router | None]:
         """Sets per token; a changed set is a routing tie when the router logits are within the noise and the
         fp64 margin between the k-th and (k+1)-th expert is within twice the sides' router-logit error at
-        that token, else a divergence."""
+        that token, else a divergence. The reference's own flips at a near tie are ties too
+        (`reference_ties`): its error jumps from there on and would widen every later tolerance. `c` is
+        None for a candidate without expert ids: then only the reference's ties are looked for."""
         k, layer = self.cfg.num_experts_per_tok, spec.layer
         gold_logits, *sides = self._router_logits.get(layer, (None, None, None))
         if gold_logits is None:
@@ -203,6 +205,13 @@ class Comparison:
             sides = []
         else:
             lg = gold_logits.double()
+        margin = router_margin(lg, k)
+        ref_same = same_sets(r, g)
+        ref_tie, ref_noise = reference_ties(lg, sides[0] if sides else None, margin, ref_same)
+        for b, t in ref_tie.nonzero().tolist():
+            self._record_tie(info, layer, (b, t), margin, ref_noise, gold=g, chosen=("ref", r))
+        if c is None:
+            return TapResult(status="not_compared", reason="the candidate lacks it", **base), None
         # Only a candidate whose router logits are within the noise can tie; after a divergence a changed
         # choice is a consequence, not a tie.
         noise = torch.zeros(lg.shape[:-1], dtype=torch.float64)
@@ -211,20 +220,15 @@ class Comparison:
                 noise = torch.maximum(noise, (logits.double() - lg).abs().amax(-1))
         if not self.router_ok.get((info.step, layer), False):
             noise.zero_()
-        margin = router_margin(lg, k)
-        cand_same, ref_same = same_sets(c, g), same_sets(r, g)
+        cand_same = same_sets(c, g)
         changed = ~cand_same
         tie = changed & (margin <= 2 * noise)
         wrong = changed & ~tie
         extra = {}
         for b, t in tie.nonzero().tolist():
-            pos = info.positions[b][t]
-            self.tied_positions.setdefault(pos, layer)
-            self.ties.append({"step": info.step, "layer": layer, "token": t, "position": pos,
-                              "margin": float(margin[b, t]), "noise": float(noise[b, t]),
-                              "gold": g[b, t].tolist(), "cand": c[b, t].tolist()})
-        if bool(tie.any()):
-            extra["routing_ties"] = int(tie.sum())
+            self._record_tie(info, layer, (b, t), margin, float(noise[b, t]), gold=g, chosen=("cand", c))
+        if bool(tie.any() | ref_tie.any()):
+            extra["routing_ties"] = int(tie.sum() + ref_tie.sum())
         res = TapResult(status="divergent" if bool(wrong.any()) else "ok", extra=extra, **base,
                         mismatch=float(changed.double().mean()))
         if res.divergent:
@@ -235,6 +239,17 @@ class Comparison:
             window = max(2 * float(noise[b, t]), torch.finfo(self.dtype).eps * float(lg[b, t].abs().max()))
             res.excess = float(margin[b, t]) / window if window > 0 else float(margin[b, t])
         return res, _Router((g, r, c), cand_same & ref_same)
+
+    def _record_tie(self, info: StepInfo, layer: int, at: tuple[int, int], margin: torch.Tensor, noise: float, *,
+                    gold: torch.Tensor, chosen: tuple[str, torch.Tensor]) -> None:
+        """Note a routing tie of one side ('ref' or 'cand': whose choice changed) at (batch, token) and take
+        its position out of every later comparison."""
+        (b, t), (side, ids) = at, chosen
+        pos = info.positions[b][t]
+        self.tied_positions.setdefault(pos, layer)
+        self.ties.append({"step": info.step, "layer": layer, "token": t, "position": pos, "side": side,
+                          "margin": float(margin[b, t]), "noise": noise, "gold": gold[b, t].tolist(),
+                          side: ids[b, t].tolist()})
 
     def _tied(self, spec: TapSpec) -> set[int]:
         """Positions whose expert choice was a routing tie before this tap."""
@@ -256,6 +271,19 @@ class Comparison:
                 keep &= ~drop.view(shape)
         extra["excluded_positions"] = sorted(tied)
         return keep
+
+
+def reference_ties(gold_logits: torch.Tensor, ref_logits: torch.Tensor | None, margin: torch.Tensor,
+                   ref_same: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(bool [B,T], noise): tokens where the reference chose other experts than fp64 within its own router
+    noise, from the ids and margins alone: fp64's k-th/(k+1)-th margin [B,T] is at most twice the reference's
+    largest router-logit error [B,T,E] over the tokens it routes as fp64 does (ref_same [B,T]), so a broken
+    token's own error does not excuse it."""
+    if ref_logits is None or bool(ref_same.all()) or not bool(ref_same.any()):
+        return torch.zeros_like(ref_same), 0.0
+    err = (ref_logits.double() - gold_logits).abs().amax(-1)
+    noise = float(err[ref_same].max())
+    return ~ref_same & (margin <= 2 * noise), noise
 
 
 _AFTER_ROUTING = frozenset({"moe.topk_weights", "mlp.out", "resid_out"})
