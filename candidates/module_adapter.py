@@ -440,7 +440,8 @@ class ModuleCandidate(Candidate):
             logits = self.model(run_ids, **kwargs)
         recorder.check_counts()
         sizes = axis_sizes(self.config, ids.shape[0], run_ids.shape[1], cache_len)
-        shapes = {t.name: t for t in step_taps(self.config, ids.shape[0], tokens, cache_len)}
+        # A re-run gives every position of the prefix: its shapes are checked before the last ones are kept.
+        shapes = {t.name: t for t in step_taps(self.config, ids.shape[0], run_ids.shape[1], cache_len)}
         for name in sorted(wanted):
             src = self.mapping.taps[name]
             if name not in recorder.values:
@@ -461,12 +462,11 @@ class ModuleCandidate(Candidate):
         given = list(value.shape)
         try:
             value = apply_transforms(value, src.transform, sizes)
-            if not self.mapping.kv_cache:
-                value = keep_last_positions(value, spec.op, tokens)
         except (RuntimeError, IndexError) as e:
             raise UserError(f"{self.mapping.path}: {name}: the transforms {list(src.transform)} fail on the port's "
                             f"{given} ({e}); the schema wants {want}") from None
         if tuple(value.shape) != spec.shape:
-            raise UserError(f"{self.mapping.path}: {name} comes out {list(value.shape)} (the port gave {given}), but "
-                            f"the schema wants {want}: fix its transform")
-        return value
+            gave = f" (the port gave {given})" if src.transform else ""
+            raise UserError(f"{self.mapping.path}: {name} comes out {list(value.shape)}{gave}, but the schema wants "
+                            f"{want}: fix its transform")
+        return value if self.mapping.kv_cache else keep_last_positions(value, spec.op, tokens)
