@@ -8,27 +8,31 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
 from conftest import DECODE, PROMPT, first_divergence
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
+from qwen3dbg.errors import UserError
 from qwen3dbg.registry import load_candidate
 from qwen3dbg.store import TapStore
 from qwen3dbg.validate import validate_store
 
-pytestmark = pytest.mark.skipif(
+needs_litgpt = pytest.mark.skipif(
     importlib.util.find_spec("litgpt") is None and os.environ.get("CI") != "true",
     reason="litgpt is not installed (pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]')")
 
 
+@needs_litgpt
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_litgpt_agrees_with_the_reference(models, preset, dtype):
     assert first_divergence(models(preset), "litgpt", dtype) is None
 
 
+@needs_litgpt
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_litgpt_store_is_valid_and_lacks_only_what_sdpa_hides(models, tmp_path, preset):
     capture(load_candidate("litgpt", models(preset), "float32"), forced_steps(PROMPT, DECODE), tmp_path / "s")
@@ -60,6 +64,7 @@ PLANTS = {  # preset -> (what is swapped, the statement swapping it, where the d
 }
 
 
+@needs_litgpt
 @pytest.mark.parametrize("preset", sorted(PLANTS))
 def test_a_bug_planted_in_litgpt_is_found_through_the_same_mapping(models, tmp_path, preset):
     what, plant, found = PLANTS[preset]
@@ -67,6 +72,13 @@ def test_a_bug_planted_in_litgpt_is_found_through_the_same_mapping(models, tmp_p
     assert first_divergence(models(preset), f"module:{tmp_path / 'buggy.py'}:load", "float32") == found
 
 
+@needs_litgpt
 def test_litgpt_ignores_norm_topk_prob_false_and_the_diff_says_where(models):
     """litgpt 0.5.13 always softmaxes the k picked logits: right for norm_topk_prob true only."""
     assert first_divergence(models("tiny-moe-nonorm"), "litgpt", "float32") == "step 0: layers.0.moe.topk_weights"
+
+
+def test_without_litgpt_the_candidate_says_how_to_install_it(models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "litgpt.model", None)  # an import of it now fails, installed or not
+    with pytest.raises(UserError, match=r"pip install --no-deps litgpt==0\.5\.13 && pip install 'qwen3dbg\[litgpt\]'"):
+        load_candidate("litgpt", models("tiny-dense"), "float32")
