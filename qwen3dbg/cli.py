@@ -95,7 +95,7 @@ def make_model_cmd(
 def capture(
     impl: str = typer.Option("hf", help="Implementation to run: hf, scratch (the readable reference), mine, a bug "
                                         "of the catalogue, with NAME:key=value options (mine:rmsnorm=fused), or "
-                                        "module:FILE.py:factory, llamacpp:MODEL.gguf."),
+                                        "module:FILE.py:factory (docs/ports.md), litgpt, llamacpp:MODEL.gguf."),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     token_ids: Optional[str] = typer.Option(None, help=TOKEN_IDS_HELP),
     prompt: Optional[str] = typer.Option(None, help=PROMPT_HELP),
@@ -193,7 +193,8 @@ def diff(
                                        "(hf:attn=sdpa), or store:DIR for a tap store on disk."),
     cand: str = typer.Option(..., help="Candidate: an implementation name (mine, ...) with NAME:key=value options "
                                        "(mine:rmsnorm=fused), a bug of the catalogue, module:FILE.py:factory (a "
-                                       "PyTorch port), llamacpp:MODEL.gguf, or store:DIR (an external engine's taps; "
+                                       "PyTorch port, docs/ports.md), litgpt (litgpt's own Qwen3), "
+                                       "llamacpp:MODEL.gguf, or store:DIR (an external engine's taps; "
                                        "the other sides run on its token ids)."),
     model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
     token_ids: Optional[str] = typer.Option(None, help=TOKEN_IDS_HELP),
