@@ -286,11 +286,21 @@ class _Recorder:
         self.counts[site] += 1
         for name, src in self.sites[site]:
             if src.call == n:
-                position = src.input if src.module is not None else src.arg
-                value = out if position is None else args[position]
-                self.values[name] = select(value, src.select) if src.select else value
-                if isinstance(self.values[name], torch.Tensor):
-                    self.values[name] = self.values[name].detach().clone()
+                value = self._take(name, src, args, out)
+                self.values[name] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+    def _take(self, name: str, src: Source, args: tuple, out):
+        """What a tap reads from one call: the output or a positional input, then its `select`."""
+        position = src.input if src.module is not None else src.arg
+        if position is not None and not -len(args) <= position < len(args):
+            raise UserError(f"{self.mapping.path}: {name} takes positional input {position} of {src.describe()}, "
+                            f"which was called with {len(args)}: pass-by-keyword inputs cannot be taken")
+        value = out if position is None else args[position]
+        try:
+            return select(value, src.select)
+        except (IndexError, KeyError, AttributeError, TypeError) as e:
+            raise UserError(f"{self.mapping.path}: {name}: select = {src.select!r} does not apply to the "
+                            f"{type(value).__name__} {src.describe()} gives ({e})") from None
 
     def check_counts(self) -> None:
         for site, fired in self.counts.items():

@@ -227,6 +227,16 @@ def test_a_tuple_output_is_selected_by_index_or_attribute(select):
     assert torch.equal(values["layers.0.moe.topk_ids"], torch.topk(x.softmax(-1), 2, dim=-1).indices)
 
 
+@pytest.mark.parametrize("source, complaint", [
+    (Source(module="rope", input=3, calls=6), r"layers\.0\.q_rope takes positional input 3 of module 'rope'"),
+    (Source(function="torch.topk", select=".nope"), r"layers\.0\.q_rope: select = '\.nope' does not apply"),
+    (Source(function="torch.topk", select="[2]"), r"layers\.0\.q_rope: select = '\[2\]' does not apply"),
+])
+def test_taking_what_a_call_does_not_have_names_the_tap(source, complaint):
+    with pytest.raises(UserError, match=complaint):
+        record(SharedRope(), {"layers.0.q_rope": source}, torch.zeros(1, 2, 4))
+
+
 def test_a_tensor_method_is_tapped_and_put_back():
     x = torch.randn(1, 2, 4)
     values = record(SharedRope(), {"layers.0.attn_probs": Source(function="torch.Tensor.softmax")}, x)
