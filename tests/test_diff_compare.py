@@ -184,3 +184,23 @@ def test_the_reference_flipping_an_expert_with_a_clear_margin_is_not_excused(moe
     ref = rewrite(src, tmp_path / "r", _swap_kth(logits, token))
     result = run_diff(ref, f"store:{src}", model_dir=model)
     assert token not in [t["token"] for t in result.routing_ties if t["side"] == "ref"]
+
+
+def test_a_reference_tie_is_found_when_the_candidate_exposes_no_expert_ids(moe_tie, tmp_path):
+    """The issue's case: the candidate has no top-k ids to compare, and the reference flips an expert at a
+    near tie; the tie is still found from the reference's and the golden's ids and margins alone."""
+    model, src, logits, margins, tol = moe_tie
+    token = int(margins.argmin())
+    ref = rewrite(src, tmp_path / "r", _swap_kth(logits, token))
+    store = TapStore.open(src)
+    with StoreWriter(tmp_path / "c", "engine", store.dtype, 1, missing_taps=["moe.topk_ids"],
+                     extra={"config": store.manifest["config"]}) as w:
+        for info in store.steps:
+            names = [n for n in store.names(info.step) if not n.endswith("moe.topk_ids")]
+            w.begin_step(info, {n: tuple(store.get(info.step, n).shape) for n in names})
+            for n in names:
+                w(n, store.get(info.step, n))
+            w.end_step()
+    result = run_diff(ref, f"store:{tmp_path / 'c'}", model_dir=model)
+    assert result.first_divergence is None, result.verdict
+    assert [(t["side"], t["token"]) for t in result.routing_ties if t["layer"] == 0] == [("ref", token)]

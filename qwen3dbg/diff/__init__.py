@@ -15,7 +15,7 @@ import torch
 
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.diff.compare import Comparison
+from qwen3dbg.diff.compare import ROUTER_OPS, Comparison
 from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
@@ -102,7 +102,7 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
             infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), ""))
     golden = LongGolden(model_dir, stream_weights=not greedy or _large(model_dir))
     timings["load"] = time.perf_counter() - t
-    missing = lacks["ref"] | lacks["cand"]
+    missing = lacks["ref"] | (lacks["cand"] - ROUTER_OPS)
     compared = lambda name: parse_tap_name(name)[1] not in missing  # noqa: E731
     keep = torch.float32 if dt.itemsize < 4 else torch.float64
     keeper = Keeper(keep)

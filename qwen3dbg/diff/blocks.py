@@ -31,6 +31,8 @@ class RowBlocks:
     start: int = 0
     stop: int | None = None
     cols: int | None = None
+    #: elements of one block: each costs `compute` its fixed overhead (the logits' lm_head conversion) once
+    block_elements: int = BLOCK_ELEMENTS
 
     @property
     def rows(self) -> int:
@@ -51,7 +53,7 @@ class RowBlocks:
 
     def block_rows(self) -> int:
         per_row = math.prod(self.view_shape) // max(self.rows, 1)
-        return max(1, BLOCK_ELEMENTS // max(per_row, 1))
+        return max(1, self.block_elements // max(per_row, 1))
 
     def blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(offset in the window's rows, the block's values) in row order."""
@@ -74,12 +76,16 @@ def value_of(t: torch.Tensor | RowBlocks) -> torch.Tensor:
 
 
 def blocked_errors(gold: RowBlocks, ref: torch.Tensor, cand: torch.Tensor, scores: bool,
-                   keep: torch.Tensor | None) -> TapErrors:
-    """`tap_errors` of a golden computed in blocks: each block against the same rows of both sides, folded."""
+                   keep: torch.Tensor | None, also: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+                   ) -> TapErrors:
+    """`tap_errors` of a golden computed in blocks: each block against the same rows of both sides, folded;
+    `also(gold_block, cand_block)` sees each block too (the logits' agreement, without computing it twice)."""
     parts = []
     for r, g in gold.blocks():
         rr, cc, kk = _rows(gold.axis, r, g.shape[gold.axis], ref, cand, keep)
         parts.append((r, tap_errors(g, rr, cc, scores=scores, keep=kk)))
+        if also is not None:
+            also(g, cc)
     return _fold(parts, gold.axis, gold.view_shape)
 
 

@@ -71,6 +71,11 @@ class Comparison:
                     layer = spec.layer
                     self.progress(s, layer)
                 declared = [role for role in ("ref", "cand") if spec.op in self.lacks.get(role, ())]
+                if declared == ["cand"] and spec.op in ROUTER_OPS:  # the reference's own routing ties still count
+                    res, router = self.tap(info, spec, self.gold.take(s, spec.name), self.ref.take(s, spec.name),
+                                           None, router)
+                    yield res
+                    continue
                 if declared:
                     lacking = " and the ".join({"ref": "reference", "cand": "candidate"}[r] for r in declared)
                     yield TapResult(step=s, name=spec.name, layer=spec.layer, op=spec.op, numel=spec.numel,
@@ -90,6 +95,10 @@ class Comparison:
         s, name = info.step, spec.name
         base = dict(step=s, name=name, layer=spec.layer, op=spec.op, numel=spec.numel)
         lacking = [role for role, v in (("fp64 golden", g), ("reference", r), ("candidate", c)) if v is None]
+        if lacking == ["candidate"] and spec.op in ROUTER_OPS:
+            if spec.integer:
+                return self.expert_ids(info, spec, g, r, None, base)
+            self._router_logits[spec.layer] = (g, r, None)
         if lacking:
             return TapResult(status="not_compared", reason=f"the {' and the '.join(lacking)} lacks it", **base), router
         slots, problem, changed = None, "", []
@@ -157,9 +166,14 @@ class Comparison:
                 keep = keep & token_ok[..., None]
         # One fused pass: where the golden is not finite, a side masks an attention score, or either side
         # is not finite (the reference then sets no floor and the candidate is not judged), nothing is compared.
-        scores = spec.op == "attn_scores"
+        scores, logits = spec.op == "attn_scores", spec.op == "logits"
         blocked = isinstance(g, RowBlocks)
-        te = blocked_errors(g, r, c, scores, keep) if blocked else tap_errors(g, r, c, scores=scores, keep=keep)
+        counts: list[dict] = []
+        if blocked:
+            also = (lambda gb, cb: counts.append(logits_counts(cb, gb))) if logits else None
+            te = blocked_errors(g, r, c, scores, keep, also)
+        else:
+            te = tap_errors(g, r, c, scores=scores, keep=keep)
         if te.mask_diff:
             reasons.append(f"mask pattern differs from fp64 at {te.mask_diff} entries")
         if te.nonfinite["cand"]:
@@ -174,10 +188,8 @@ class Comparison:
         if excess > 1:
             which = "rel. L2" if sc.rel_l2 / tol.rel >= sc.max_abs / tol.abs_ else "max |err|"
             reasons.append(f"{which} {excess:.3g}x over the {dtype_name(self.dtype)} noise floor")
-        if spec.op == "logits" and count:
-            parts = ([logits_counts(c.narrow(g.axis, o, b.shape[g.axis]), b) for o, b in g.blocks()] if blocked
-                     else [logits_counts(c, g)])
-            extra.update(agreement(parts))
+        if logits and count:
+            extra.update(agreement(counts or [logits_counts(c, g)]))
         # The share of elements over the per-element limit takes a second pass, only when some element is.
         limit = max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR)
         over = 0
@@ -287,6 +299,9 @@ def reference_ties(gold_logits: torch.Tensor, ref_logits: torch.Tensor | None, m
 
 
 _AFTER_ROUTING = frozenset({"moe.topk_weights", "mlp.out", "resid_out"})
+#: what the reference's routing ties are judged from, asked of the golden and the reference even when the
+#: candidate lacks them
+ROUTER_OPS = frozenset({"moe.router_logits", "moe.topk_ids"})
 
 
 def _sort_by_ids(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from qwen3dbg.reference.qwen3 import Qwen3Reference, causal_mask
 
 #: vocabulary rows of the embedding / lm_head converted to float64 at a time (128 MB at hidden 1024)
 VOCAB_CHUNK = 16384
+#: logits per block (128 MB in float64): each block converts the whole lm_head again, so blocks are large
+LOGITS_BLOCK_ELEMENTS = 1 << 24
 
 
 class LongGolden(Qwen3Reference):
@@ -70,7 +72,7 @@ class LongGolden(Qwen3Reference):
                 out[..., v0:v1] = F.linear(xs, self.w.ckpt.rows(self._head(), v0, v1, self.dtype))
             return out
 
-        return RowBlocks((*x.shape[:-1], V), 1, rows)
+        return RowBlocks((*x.shape[:-1], V), 1, rows, block_elements=LOGITS_BLOCK_ELEMENTS)
 
 
 def last_logits(logits: RowBlocks) -> torch.Tensor:
