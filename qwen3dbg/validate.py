@@ -17,6 +17,8 @@ from qwen3dbg.store import read_manifest, step_file
 from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name, step_taps
 
 FLOAT_STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: what a manifest's dtype may say: torch's names and the aliases docs/taps.md allows readers to accept
+FLOAT_DTYPE_NAMES = (*FLOAT_STORE_DTYPES, "fp32", "bf16", "fp16", "fp64")
 INTEGER_TAP_DTYPES = ("int32", "int64")
 
 
@@ -43,9 +45,8 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
 
     if m.get("complete") is not True:
         bad("manifest", "it is incomplete (complete is not true): the writer stopped mid-run; capture it again")
-    dtype = m.get("dtype")
-    if dtype not in FLOAT_STORE_DTYPES:
-        bad("manifest", f"dtype {dtype!r} is not one of {', '.join(FLOAT_STORE_DTYPES)}")
+    if m.get("dtype") not in FLOAT_DTYPE_NAMES:
+        bad("manifest", f"dtype {m.get('dtype')!r} is not one of {', '.join(FLOAT_STORE_DTYPES)}")
     batch = m.get("batch")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         bad("manifest", f"batch {batch!r} is not a positive integer")
@@ -73,7 +74,7 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
         if isinstance(entry.get("missing"), list) and entry["missing"]:
             bad(where, f"the writer planned {len(entry['missing'])} taps it never wrote, e.g. {entry['missing'][0]}")
         subsets = _subsets(entry, cache, bad, where)
-        _check_step_file(path, index, batch or len(entry["token_ids"]), tokens, cache, dtype, config, bad, where, subsets)
+        _check_step_file(path, index, batch or len(entry["token_ids"]), tokens, cache, config, bad, where, subsets)
     return problems
 
 
@@ -156,7 +157,7 @@ def _subsets(entry: dict, cache: int, bad, where: str) -> dict[str, int]:
     return sizes
 
 
-def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int, dtype, config, bad, where,
+def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int, config, bad, where,
                      subsets: dict[str, int]):
     f = path / step_file(step)
     if not f.is_file():
@@ -178,8 +179,11 @@ def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int,
         if spec.integer:
             if file_dtype not in INTEGER_TAP_DTYPES:
                 bad(tw, f"has dtype {file_dtype}; expert ids are int64 or int32")
-        elif dtype in FLOAT_STORE_DTYPES and file_dtype != dtype:
-            bad(tw, f"has dtype {file_dtype} but the manifest says the store is {dtype}")
+        elif file_dtype not in FLOAT_STORE_DTYPES:
+            # A tap may be kept in another float dtype than the store's (fp32 attention probabilities in a
+            # bf16 engine): it is compared as stored, with the tolerances of the manifest's dtype.
+            bad(tw, f"has dtype {file_dtype}; a float tap is stored in the float dtype it was computed in "
+                    f"({', '.join(FLOAT_STORE_DTYPES)})")
         if expected is not None:
             want = list(expected[name].shape)
             if op in subsets:  # a declared subset of the cache's slots or of the attention's query rows

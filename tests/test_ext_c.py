@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import DECODE, PROMPT, first_divergence
+from conftest import DECODE, PROMPT, edit_safetensors_header, first_divergence
 
 from qwen3dbg.cli import app
 from qwen3dbg.config import load_config
@@ -135,7 +135,9 @@ BREAKAGES = {
     "a token id outside the vocabulary": (
         lambda s: _edit_manifest(s, lambda m: m["steps"][0]["token_ids"][0].__setitem__(0, 10**6)), "vocabulary"),
     "steps out of order": (lambda s: _edit_manifest(s, lambda m: m["steps"][2].update(step=5)), "numbered"),
-    "a dtype the store does not declare": (lambda s: _edit_manifest(s, lambda m: m.update(dtype="bfloat16")), "has dtype float32"),
+    "an integer float tap": (
+        lambda s: edit_safetensors_header(s / "step_0000.safetensors", lambda h: h["embed"].update(dtype="I32") or h),
+        "has dtype int32"),
     "a config of another shape": (
         lambda s: _edit_manifest(s, lambda m: m["config"].update(head_dim=16)), "head_dim"),
 }
