@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from qwen3dbg.errors import UserError
 
@@ -17,7 +18,15 @@ app = typer.Typer(
          "tensor of a reference and a candidate, and find the first op where they part.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+#: Messages carry paths, tap names and errors quoting files: `console` parses no markup and no :emoji:
+#: codes in them, so `[/]` or `pip install 'qwen3dbg[llamacpp]'` prints as written. Print through `say`.
+console = Console(stderr=True, markup=False, emoji=False)
+
+
+def report_console() -> Console:
+    """Stdout, where the reports render: they style with markup and escape what they quote; a quoted
+    `:smile:` is not an emoji either."""
+    return Console(emoji=False)
 
 MODEL_HELP = "Model directory (config.json + safetensors). Default: a tiny synthetic Qwen3 made on first use."
 TOKEN_IDS_HELP = "Prompt token ids, comma-separated, e.g. '5,17,99'. Default: a fixed 16-token prompt."
@@ -27,11 +36,16 @@ DECODE_STEPS_HELP = "Number of decode steps; their ids are the greedy picks of a
 DTYPE_HELP = "Compute dtype: float32/fp32, bfloat16/bf16, float16/fp16 (float64/fp64 for the golden)."
 
 
+def say(*parts: str | tuple[str, str]) -> None:
+    """One message on stderr: strings as written, (text, style) pairs styled; long paths are not wrapped."""
+    console.print(Text.assemble(*parts), highlight=False, soft_wrap=True)
+
+
 def progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
 
 
 @app.command("make-model")
@@ -88,7 +102,7 @@ def make_model_cmd(
                 write_gguf(tmp, out, gguf_type, progress=track, name=f"{preset}-seed{seed}")
         else:
             raise UserError(f"unknown --format {format!r}: use safetensors or gguf")
-    console.print(f"wrote {preset} to {out}")
+    say(f"wrote {preset} to {out}")
 
 
 @app.command()
@@ -127,14 +141,14 @@ def capture(
     # what the run loaded: --model's weights, except for a GGUF file that llama.cpp reads itself
     loaded = {} if spec.name.startswith("llamacpp:") else {"weights_digest": Checkpoint(model_dir).digest()}
     plans = planned(cand, steps, taps or None)
-    console.print(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
+    say(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
                   f"{len(steps) - 1} decode steps, {sum(map(len, plans))} taps, "
                   f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}")
     with progress_bar() as bar:
         task = bar.add_task("capture", total=sum(map(len, plans)))
         run_capture(cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task),
                     extra=loaded)
-    console.print(f"wrote tap store {out}")
+    say(f"wrote tap store {out}")
 
 
 @app.command("validate-store")
@@ -151,13 +165,13 @@ def validate_store_cmd(
     problems = validate_store(store, load_config(model) if model else None)
     shown = 20
     for p in problems[:shown]:
-        console.print(f"[red]problem[/red] {p}", highlight=False, soft_wrap=True)
+        say(("problem", "red"), f" {p}")
     if len(problems) > shown:
-        console.print(f"... and {len(problems) - shown} more")
+        say(f"... and {len(problems) - shown} more")
     if problems:
-        console.print(f"{store}: {len(problems)} problem(s)")
+        say(f"{store}: {len(problems)} problem(s)")
         raise typer.Exit(1)
-    console.print(f"{store}: valid tap store")
+    say(f"{store}: valid tap store")
 
 
 @app.command("cache")
@@ -222,7 +236,7 @@ def diff(
     except Exception:  # a crash must not read as exit 1, "divergence found"
         console.print_exception()
         raise typer.Exit(2)
-    render(result, Console())
+    render(result, report_console())
     from qwen3dbg.reports.diff_html import render_html
     from qwen3dbg.reports.diff_json import render_json
 
@@ -267,13 +281,15 @@ def _writable_files(*paths: Optional[Path]) -> None:
 
 def _write_outputs(result, views: dict[Optional[Path], Callable[[object], str]]) -> None:
     """Write each requested view of `result` (path -> renderer); a path that cannot be written is a UserError."""
+    from qwen3dbg.text import utf8_text
+
     for path, view in views.items():
         if path is not None:
             try:
-                path.write_text(view(result), encoding="utf-8")
+                path.write_text(utf8_text(view(result)), encoding="utf-8")
             except OSError as e:
                 raise UserError(f"cannot write {path}: {e.strerror}") from None
-            console.print(f"wrote {path}")
+            say(f"wrote {path}")
 
 
 def _progress_task(bar, label: str):
@@ -306,7 +322,7 @@ def scan_checkpoint_cmd(
     _writable_files(json_out, html_out)
     with progress_bar() as bar:
         result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"))
-    print_scan(result, Console())
+    print_scan(result, report_console())
     _write_outputs(result, {json_out: to_json, html_out: scan_html})
     raise typer.Exit(result.exit_code(fail_on))
 
@@ -329,7 +345,7 @@ def diff_weights_cmd(
     _writable_files(json_out, html_out)
     with progress_bar() as bar:
         result = diff_weights(a, b, _progress_task(bar, "comparing (tensors)"))
-    print_diff(result, Console())
+    print_diff(result, report_console())
     _write_outputs(result, {json_out: to_json, html_out: diff_html})
     raise typer.Exit(result.exit_code(fail_on))
 
@@ -360,16 +376,21 @@ def selftest(
     _writable_files(json_out)
     model_dir, _ = resolve_model(model)
     result = run_selftest(model_dir, device, dtype, prompt_tokens, decode_steps,
-                          progress=lambda what: console.print(f"[dim]{what}[/dim]"))
-    render(result, Console())
+                          progress=lambda what: say((what, "dim")))
+    render(result, report_console())
     _write_outputs(result, {json_out: lambda r: json.dumps(r.to_dict(), indent=2)})
     if result.problems:
         raise SystemExit(1)
 
 
 def main() -> None:
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):  # a lone surrogate (a non-UTF-8 file name) prints as \udcff
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         app()
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}")
+        say(("error:", "red"), f" {e}")
         raise SystemExit(2)

@@ -8,6 +8,7 @@ from collections import defaultdict
 from qwen3dbg.json_safe import json_safe
 from qwen3dbg.reports.html import esc, figure_png, page, pyplot
 from qwen3dbg.scan.findings import DiffResult, Finding, ScanResult, Verdict
+from qwen3dbg.text import escape
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "blue"}
 CSS_CLASS = {"error": "bad", "warning": "warn", "info": "info"}
@@ -28,8 +29,6 @@ def _verdict_line(result: Verdict) -> str:
 
 def _terminal_findings(console, result: Verdict) -> None:
     """Findings grouped by severity and check: the why once per group, then up to PER_CHECK messages."""
-    from rich.markup import escape
-
     groups: dict[tuple[str, str], list[Finding]] = defaultdict(list)
     for f in result.sorted_findings():
         groups[f.severity, f.check].append(f)
@@ -55,8 +54,8 @@ def print_scan(result: ScanResult, console) -> None:
     from rich.table import Table
 
     gb = result.bytes_read / 1e9
-    console.print(f"[bold]scan-checkpoint[/bold] {result.path} ({result.format}, {len(result.files)} file(s), "
-                  f"{len(result.tensors)} tensors, {gb:.3g} GB read in {result.seconds:.2f} s"
+    console.print(f"[bold]scan-checkpoint[/bold] {escape(str(result.path))} ({result.format}, "
+                  f"{len(result.files)} file(s), {len(result.tensors)} tensors, {gb:.3g} GB read in {result.seconds:.2f} s"
                   f"{f', {gb / result.seconds:.2f} GB/s' if result.seconds > 0 else ''})")
     peaks = _peaks_by_layer(result)
     if peaks:
@@ -78,7 +77,8 @@ def print_diff(result: DiffResult, console) -> None:
     for d in result.tensors:
         rel[d.relation] += 1
     summary = ", ".join(f"{n} {r}" for r, n in sorted(rel.items(), key=lambda x: -x[1]))
-    console.print(f"[bold]diff-weights[/bold] A={result.a} B={result.b}: {len(result.tensors)} tensors in both "
+    console.print(f"[bold]diff-weights[/bold] A={escape(str(result.a))} B={escape(str(result.b))}: "
+                  f"{len(result.tensors)} tensors in both "
                   f"({summary or 'none'}), {len(result.only_a)} only in A, {len(result.only_b)} only in B "
                   f"({result.seconds:.2f} s)")
     _terminal_findings(console, result)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
 from qwen3dbg.diff.result import DiffResult, TapResult
+from qwen3dbg.text import escape
 
 
 _STYLE = {"first divergence": "bold", "origin": "bold", "first NaN/inf": "bold red", "golden NaN/inf": "bold red",
