@@ -123,11 +123,11 @@ class _Progress:
 
 
 def store_writer(cand: Candidate, out_dir: str | Path, batch: int, *, select: set[str] | None = None,
-                 extra: dict | None = None) -> StoreWriter:
+                 extra: dict | None = None, replace: bool = False) -> StoreWriter:
     """A store for `cand`'s taps whose manifest says what ran (device, numerics, config)."""
     manifest = {**cand.manifest_extra(), "config": cand.config.to_hf_dict(), **(extra or {})}
     return StoreWriter(out_dir, cand.name, cand.dtype, batch, select=select, missing_taps=cand.missing_taps,
-                       extra=manifest)
+                       extra=manifest, replace=replace)
 
 
 def capture_step(cand: Candidate, writer: StoreWriter, info: StepInfo, sink: TapSink | None = None) -> torch.Tensor:
@@ -139,11 +139,12 @@ def capture_step(cand: Candidate, writer: StoreWriter, info: StepInfo, sink: Tap
 
 
 def capture(cand: Candidate, steps: list[StepInfo], out_dir: str | Path, *, patterns: list[str] | None = None,
-            tick: Callable[[], None] = lambda: None, extra: dict | None = None) -> Path:
-    """Run every step through `cand` and write a complete tap store at `out_dir`."""
+            tick: Callable[[], None] = lambda: None, extra: dict | None = None, replace: bool = False) -> Path:
+    """Run every step through `cand` and write a complete tap store at `out_dir` (`replace`: over a store there)."""
     plans = planned(cand, steps, patterns)
     cand.reset()
-    with store_writer(cand, out_dir, len(steps[0].token_ids), select=set().union(*plans), extra=extra) as writer:
+    with store_writer(cand, out_dir, len(steps[0].token_ids), select=set().union(*plans), extra=extra,
+                      replace=replace) as writer:
         sink = _Progress(writer, tick)
         for info in steps:
             capture_step(cand, writer, info, sink)

@@ -119,7 +119,10 @@ def capture(
     attn: Optional[str] = typer.Option(None, help="hf only: eager (the default: scores and probabilities "
                                                    "captured) or sdpa; the same as --impl hf:attn=..."),
     taps: list[str] = typer.Option([], help="Glob of tap names to keep, e.g. 'layers.*.attn_*' (repeatable)."),
-    out: Path = typer.Option(..., help="Directory of the tap store to write."),
+    out: Path = typer.Option(..., help="Directory of the tap store to write: new or empty, or holding a store "
+                                       "that --replace overwrites."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite the tap store in --out (it reads as incomplete "
+                                                          "until the new one is written)."),
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
     from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
@@ -128,8 +131,10 @@ def capture(
     from qwen3dbg.dtypes import dtype_name
     from qwen3dbg.inputs import resolve_model, resolve_steps
     from qwen3dbg.registry import load_candidate
+    from qwen3dbg.store import check_out_dir
 
     _writable_dir(out)
+    check_out_dir(out, replace)  # before the run; the writer asks again under its lock
     model_dir, cfg = resolve_model(model)
     steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
     spec = parse_side(impl, "impl")
@@ -147,7 +152,7 @@ def capture(
     with progress_bar() as bar:
         task = bar.add_task("capture", total=sum(map(len, plans)))
         run_capture(cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task),
-                    extra=loaded)
+                    extra=loaded, replace=replace)
     say(f"wrote tap store {out}")
 
 

@@ -53,22 +53,56 @@ class StepInfo:
         return len(self.token_ids[0])
 
 
+def lock_dir(path: Path) -> int:
+    """Hold an exclusive lock on directory `path` (flock on the directory itself, as the C header's writer
+    takes it) and return its descriptor; the lock goes when the descriptor is closed or the process dies.
+    A second writer into the same directory is refused instead of interleaving its steps with ours."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another writer is writing a tap store into {path}: wait for it to finish, "
+                        "or choose another --out directory") from None
+    return fd
+
+
+def check_out_dir(path: Path, replace: bool) -> None:
+    """Refuse to write a store into `path` when it holds other files, or a store unless `replace`: the
+    writer asks under its lock, the CLI before the run."""
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if not held:
+        return
+    if MANIFEST not in held:
+        raise UserError(f"{path} exists and is not a tap store (it holds {held[0]}): choose an empty or new "
+                        "--out directory")
+    if not replace:
+        raise UserError(f"{path} holds a tap store already: pass --replace to overwrite it, or choose another "
+                        "--out directory")
+
+
 class StoreWriter:
     """Writes a tap store step by step; the manifest says `complete` only after `close()`.
 
     Used as a context manager, an exception mid-run leaves a manifest with `complete: false`,
-    which readers refuse to compare.
+    which readers refuse to compare. The directory is locked while the writer is open; one holding a
+    store already is refused unless `replace` is true, and then that store is marked incomplete before
+    any of its files is removed.
     """
 
     def __init__(self, out_dir: str | Path, implementation: str, dtype: torch.dtype | str, batch: int,
                  *, select: Iterable[str] | None = None, missing_taps: Iterable[str] = (), extra: dict | None = None,
-                 cache_slots: bool = True):
+                 cache_slots: bool = True, replace: bool = False):
         self.dir = Path(out_dir)
-        if self.dir.exists() and any(self.dir.iterdir()) and not (self.dir / MANIFEST).exists():
-            raise UserError(f"{self.dir} exists and is not a tap store: choose an empty or new --out directory")
         self.dir.mkdir(parents=True, exist_ok=True)
-        for old in self.dir.glob("step_*.safetensors"):
-            old.unlink()
+        self._lock: int | None = lock_dir(self.dir)
+        try:
+            check_out_dir(self.dir, replace)
+        except BaseException:
+            self._unlock()
+            raise
         self.manifest = {
             "format": FORMAT, "implementation": implementation, "dtype": dtype_name(parse_dtype(dtype)),
             "batch": batch, "steps": [], "complete": False, "missing_taps": sorted(set(missing_taps)),
@@ -82,6 +116,13 @@ class StoreWriter:
         self._slots: slice | None = None
         self._step: StreamingWriter | None = None
         self._write_manifest()
+        for old in self.dir.glob("step_*.safetensors"):  # after the manifest that says the store is incomplete
+            old.unlink()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def wants(self, name: str) -> bool:
         return self._step is not None and name in self._step.plan
@@ -123,6 +164,7 @@ class StoreWriter:
     def close(self) -> None:
         self.manifest["complete"] = True
         self._write_manifest()
+        self._unlock()
 
     def _write_manifest(self) -> None:
         tmp = self.dir / (MANIFEST + ".tmp")
@@ -137,6 +179,7 @@ class StoreWriter:
             self._step.abort()
         if exc_type is None:
             self.close()
+        self._unlock()
 
 
 def read_manifest(path: Path) -> dict:

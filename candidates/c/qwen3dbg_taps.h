@@ -10,6 +10,8 @@
 
        q3t_store *s = q3t_open("out_dir", "my-engine", "float32", 1);   // dir must exist
        if (q3t_error(s)[0]) ...                // q3t_open reports through q3t_error
+                                               // (e.g. another writer holds out_dir: the store
+                                               // is locked from q3t_open to q3t_close)
        q3t_missing(s, "attn_scores");          // ops this engine cannot expose (optional)
        q3t_begin_step(s, 0, T, ids, positions);  // ids, positions: int64 [B*T], row-major [B][T]
        q3t_write(s, "layers.0.q_rope", Q3T_F32, 4, shape, ptr);   // host pointer, C-contiguous
@@ -70,6 +72,13 @@ const char *q3t_error(const q3t_store *s);
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+/* flock on the directory itself, as qwen3dbg's own writer takes it: two writers never interleave */
+#define Q3T__LOCK 1
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+#endif
 
 typedef struct { char *p; size_t len, cap; } q3t__buf;
 
@@ -95,6 +104,7 @@ struct q3t_store {
     q3t__tensor *tensors;
     int n_tensors, cap_tensors;
     uint64_t offset;
+    int lock_fd; /* the directory, locked while the store is open; -1 when none */
 };
 
 static int q3t__fail(q3t_store *s, const char *what, const char *detail) {
@@ -187,6 +197,7 @@ static int q3t__valid_dtype(const char *dtype) {
 q3t_store *q3t_open(const char *dir, const char *implementation, const char *dtype, int batch) {
     q3t_store *s = (q3t_store *)calloc(1, sizeof(q3t_store));
     if (!s) return NULL;
+    s->lock_fd = -1;
     s->dir = q3t__strdup(dir);
     s->batch = batch;
     if (!s->dir) {
@@ -197,6 +208,17 @@ q3t_store *q3t_open(const char *dir, const char *implementation, const char *dty
         q3t__fail(s, "q3t_open: dtype must be float32, bfloat16, float16 or float64 and batch at least 1", dtype);
         return s;
     }
+#ifdef Q3T__LOCK
+    s->lock_fd = open(dir, O_RDONLY);
+    if (s->lock_fd < 0) {
+        q3t__fail(s, "q3t_open: cannot open the directory (it must exist)", dir);
+        return s;
+    }
+    if (flock(s->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        q3t__fail(s, "q3t_open: another writer is writing a tap store into", dir);
+        return s;
+    }
+#endif
     if (q3t__puts(&s->head, " \"format\": \"qwen3dbg-taps/1\",\n \"implementation\": ") ||
         q3t__put_str(&s->head, implementation) || q3t__puts(&s->head, ",\n \"dtype\": ") ||
         q3t__put_str(&s->head, dtype) || q3t__putf(&s->head, ",\n \"batch\": %lld", (long long)batch)) {
@@ -394,6 +416,9 @@ int q3t_end_step(q3t_store *s) {
 static void q3t__free(q3t_store *s) {
     int i;
     if (s->data) fclose(s->data);
+#ifdef Q3T__LOCK
+    if (s->lock_fd >= 0) close(s->lock_fd);
+#endif
     for (i = 0; i < s->n_tensors; i++) free(s->tensors[i].name);
     free(s->tensors);
     free(s->ids);

@@ -148,9 +148,10 @@ def capture_stepper(engine, out_dir: Path):
     """(reset, step) that stream every tap of each step into a tap store, as `qwen3dbg capture` does."""
     state = {}
 
-    def reset():
+    def reset():  # each run writes its own store: a writer holds its directory until it is closed
         engine.reset()
-        state.update(writer=store_writer(engine, out_dir, 1), step=0)
+        runs = state.get("runs", 0)
+        state.update(writer=store_writer(engine, out_dir / f"run{runs}", 1), step=0, runs=runs + 1)
 
     def step(ids, positions):
         info = StepInfo(state["step"], ids.tolist(), positions.tolist())
