@@ -143,7 +143,8 @@ def capture(cand: Candidate, steps: list[StepInfo], out_dir: str | Path, *, patt
     """Run every step through `cand` and write a complete tap store at `out_dir` (`replace`: over a store there)."""
     plans = planned(cand, steps, patterns)
     cand.reset()
-    with store_writer(cand, out_dir, len(steps[0].token_ids), select=set().union(*plans), extra=extra,
+    kept = {"taps": list(patterns)} if patterns else {}  # a selection: the other taps are not expected
+    with store_writer(cand, out_dir, len(steps[0].token_ids), select=set().union(*plans), extra={**kept, **(extra or {})},
                       replace=replace) as writer:
         sink = _Progress(writer, tick)
         for info in steps:

@@ -11,6 +11,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 from math import prod
+from typing import Iterator
 
 from qwen3dbg.config import Qwen3Config
 
@@ -137,19 +138,36 @@ def layer_input(layer: int) -> str:
     return "embed" if layer == 0 else tap_name("resid_out", layer - 1)
 
 
+def _spec(o: OpSpec, layer: int | None, sizes: dict[str, int]) -> TapSpec:
+    # A layer of Qwen3-MoE that is dense (mlp_only_layers) uses intermediate_size, like HF.
+    return TapSpec(tap_name(o.op, layer), o.op, layer, tuple(sizes[a] for a in o.axes), o.axes, o.integer)
+
+
+def iter_step_taps(cfg: Qwen3Config, batch: int, tokens: int, cache_len: int) -> Iterator[TapSpec]:
+    """Every tap of one step, in forward order, with its concrete shape, one at a time (a config from a
+    file may declare any number of layers: a reader stops when it has what it checks)."""
+    sizes = axis_sizes(cfg, batch, tokens, cache_len)
+    yield from (_spec(o, None, sizes) for o in HEAD_OPS)
+    for layer in range(cfg.num_hidden_layers):
+        yield from (_spec(o, layer, sizes) for o in layer_ops(cfg, layer))
+    yield from (_spec(o, None, sizes) for o in TAIL_OPS)
+
+
 def step_taps(cfg: Qwen3Config, batch: int, tokens: int, cache_len: int) -> list[TapSpec]:
     """Every tap of one step, in forward order, with its concrete shape."""
-    sizes = axis_sizes(cfg, batch, tokens, cache_len)
+    return list(iter_step_taps(cfg, batch, tokens, cache_len))
 
-    def spec(o: OpSpec, layer: int | None) -> TapSpec:
-        # A layer of Qwen3-MoE that is dense (mlp_only_layers) uses intermediate_size, like HF.
-        return TapSpec(tap_name(o.op, layer), o.op, layer, tuple(sizes[a] for a in o.axes), o.axes, o.integer)
 
-    specs = [spec(o, None) for o in HEAD_OPS]
-    for layer in range(cfg.num_hidden_layers):
-        specs += [spec(o, layer) for o in layer_ops(cfg, layer)]
-    specs += [spec(o, None) for o in TAIL_OPS]
-    return specs
+def tap_spec(cfg: Qwen3Config, name: str, batch: int, tokens: int, cache_len: int) -> TapSpec | None:
+    """The tap `name` of one step with its concrete shape, or None when this model has no such tap;
+    found without listing the others."""
+    layer, op = parse_tap_name(name)
+    if layer is None:
+        ops = HEAD_OPS + TAIL_OPS
+    else:
+        ops = layer_ops(cfg, layer) if layer < cfg.num_hidden_layers and name == tap_name(op, layer) else ()
+    o = next((o for o in ops if o.op == op), None)
+    return None if o is None else _spec(o, layer, axis_sizes(cfg, batch, tokens, cache_len))
 
 
 def forward_index(cfg: Qwen3Config) -> dict[str, int]:

@@ -8,18 +8,26 @@ problem instead of failing somewhere inside a comparison.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from qwen3dbg.config import Qwen3Config, parse_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.scan.container import read_safetensors
 from qwen3dbg.store import read_manifest, step_file
-from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name, step_taps
+from qwen3dbg.taps import (HEAD_OPS, LAYER_OPS, OPS_BY_NAME, TAIL_OPS, iter_step_taps, parse_tap_name, select,
+                           tap_name, tap_spec)
 
 FLOAT_STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: what a manifest's dtype may say: torch's names and the aliases docs/taps.md allows readers to accept
 FLOAT_DTYPE_NAMES = (*FLOAT_STORE_DTYPES, "fp32", "bf16", "fp16", "fp64")
 INTEGER_TAP_DTYPES = ("int32", "int64")
+#: validation stops after this many problems (a manifest of a million broken steps is not listed in full)
+MAX_PROBLEMS = 1000
+#: taps lacking from one step counted at most (a config may declare any number of layers)
+MAX_LACKING = 1000
+#: without a vocabulary to check against, token ids must still index one: no tokenizer has 2**31 ids
+MAX_TOKEN_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,21 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
 
     def bad(where: str, message: str) -> None:
         problems.append(Problem(where, message))
+        if len(problems) == MAX_PROBLEMS:
+            raise _Enough
+
+    try:
+        _validate(path, m, config, bad)
+    except _Enough:
+        problems.append(Problem("store", f"validation stopped after {MAX_PROBLEMS} problems"))
+    return problems
+
+
+class _Enough(Exception):
+    """Raised by the problem collector when MAX_PROBLEMS are found."""
+
+
+def _validate(path: Path, m: dict, config: Qwen3Config | None, bad) -> None:
 
     if m.get("complete") is not True:
         bad("manifest", "it is incomplete (complete is not true): the writer stopped mid-run; capture it again")
@@ -55,6 +78,10 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
     if not isinstance(missing, list) or not all(isinstance(x, str) for x in missing):
         bad("manifest", "missing_taps is not a list of op names")
         missing = []
+    kept = m.get("taps")
+    if kept is not None and not (isinstance(kept, list) and kept and all(isinstance(x, str) for x in kept)):
+        bad("manifest", "taps is not a list of globs of tap names (what a capture with --taps kept)")
+        kept = None
     for name in missing:
         if name not in OPS_BY_NAME:
             bad("manifest", f"missing_taps names {name!r}, which is no op of the schema (it lists ops: attn_probs, ...)")
@@ -62,25 +89,27 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
     steps = m.get("steps")
     if not isinstance(steps, list) or not steps:
         bad("manifest", "steps is empty or not a list: the store holds no forward step")
-        return problems
+        return
 
     cache = 0
     for index, entry in enumerate(steps):
         where = f"step {index}"
         tokens = _step_tokens(entry, index, batch, cache, config, bad, where)
         if tokens is None:
-            return problems  # positions and cache lengths of later steps cannot be trusted
+            return  # positions and cache lengths of later steps cannot be trusted
         cache += tokens
         if isinstance(entry.get("missing"), list) and entry["missing"]:
             bad(where, f"the writer planned {len(entry['missing'])} taps it never wrote, e.g. {entry['missing'][0]}")
         subsets = _subsets(entry, cache, bad, where)
-        _check_step_file(path, index, batch or len(entry["token_ids"]), tokens, cache, config, bad, where, subsets)
-    return problems
+        _check_step_file(path, index, entry["token_ids"], cache, config, set(missing), kept, subsets, bad, where)
 
 
 def _config(m: dict, given: Qwen3Config | None, bad) -> Qwen3Config | None:
     raw = m.get("config")
     if raw is None:
+        return given
+    if not isinstance(raw, dict):
+        bad("manifest", f"its config is a JSON {type(raw).__name__}, not an object like config.json")
         return given
     try:
         carried = parse_config(raw)
@@ -122,10 +151,7 @@ def _step_tokens(entry, index: int, batch, cache: int, config, bad, where: str) 
     expected = list(range(cache, cache + tokens))
     if any(r != expected for r in pos):
         bad(where, f"positions {pos[0]} should be {expected}: they continue the cache without gaps")
-    if config is not None:
-        out = sorted({i for r in ids for i in r if not 0 <= i < config.vocab_size})
-        if out:
-            bad(where, f"token ids {out[:5]} are outside the vocabulary [0, {config.vocab_size})")
+    _check_ids(ids, config.vocab_size if config is not None else None, "the vocabulary", bad, where)
     return tokens
 
 
@@ -157,25 +183,39 @@ def _subsets(entry: dict, cache: int, bad, where: str) -> dict[str, int]:
     return sizes
 
 
-def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int, config, bad, where,
-                     subsets: dict[str, int]):
+def _check_ids(ids: list[list[int]], vocab: int | None, what: str, bad, where: str) -> None:
+    """Token ids must index the vocabulary; without one known, at least be ids (0 <= id <= MAX_TOKEN_ID)."""
+    top = vocab if vocab is not None else MAX_TOKEN_ID + 1
+    out = sorted({i for r in ids for i in r if not 0 <= i < top})
+    if out:
+        bad(where, f"token ids {out[:5]} are outside {what} [0, {top})")
+
+
+def _check_step_file(path: Path, step: int, ids: list[list[int]], cache: int, config, declared: set[str],
+                     kept: list[str] | None, subsets: dict[str, int], bad, where: str) -> None:
+    """The taps of one step file: names, dtypes and shapes against the schema (and `config`, with the
+    declared `subsets` of cache slots and query rows), and every tap of the schema present, its op in
+    missing_taps (`declared`), or left out by a selection (`kept`)."""
     f = path / step_file(step)
     if not f.is_file():
         bad(where, f"{f.name} is missing")
         return
+    batch, tokens = len(ids), len(ids[0])
     entries, damage = read_safetensors(f)
     for finding in damage:  # truncation, a bad header, overlapping or missing bytes
         bad(where, finding.message)
-    expected = {t.name: t for t in step_taps(config, batch, tokens, cache)} if config is not None else None
+    present = set()
     for entry in entries:
         name, file_dtype, shape = entry.name, entry.dtype, list(entry.shape)
         layer, op = parse_tap_name(name)
         spec = OPS_BY_NAME.get(op)
+        expected = tap_spec(config, name, batch, tokens, cache) if config is not None and spec else None
         tw = f"{where}, {name}"
-        if spec is None or (expected is not None and name not in expected):
+        if spec is None or (config is not None and expected is None) or (layer is not None and name != tap_name(op, layer)):
             why = "no op of the schema" if spec is None else "not a tap of this model (its layer count or dense/MoE kind differ)"
             bad(tw, f"is {why}; docs/taps.md lists the names")
             continue
+        present.add(name)
         if spec.integer:
             if file_dtype not in INTEGER_TAP_DTYPES:
                 bad(tw, f"has dtype {file_dtype}; expert ids are int64 or int32")
@@ -185,11 +225,32 @@ def _check_step_file(path: Path, step: int, batch: int, tokens: int, cache: int,
             bad(tw, f"has dtype {file_dtype}; a float tap is stored in the float dtype it was computed in "
                     f"({', '.join(FLOAT_STORE_DTYPES)})")
         if expected is not None:
-            want = list(expected[name].shape)
+            want = list(expected.shape)
             if op in subsets:  # a declared subset of the cache's slots or of the attention's query rows
                 want[2] = subsets[op]
             if shape != want:
-                axes = ",".join(spec.axes)
-                bad(tw, f"has shape {shape}, expected {want} [{axes}]")
+                bad(tw, f"has shape {shape}, expected {want} [{','.join(spec.axes)}]")
         elif len(shape) != len(spec.axes) or shape[:1] != [batch]:
             bad(tw, f"has shape {shape}, expected {len(spec.axes)} axes [{','.join(spec.axes)}] with B = {batch}")
+        elif op == "logits":  # no config: the logits' last axis is the vocabulary
+            _check_ids(ids, shape[-1], "the logits' vocabulary", bad, where)
+    wanted = (n for n in _schema_names(config, present, batch, tokens, cache)
+              if parse_tap_name(n)[1] not in declared and select([n], kept))
+    lacking = list(islice((n for n in wanted if n not in present), MAX_LACKING))
+    if lacking:
+        count = f"{len(lacking)}" if len(lacking) < MAX_LACKING else f"at least {MAX_LACKING}"
+        bad(where, f"lacks {count} taps that are neither in {f.name} nor declared in missing_taps, e.g. "
+                   f"{', '.join(lacking[:3])}: write them, or list their ops in the manifest's missing_taps")
+
+
+def _schema_names(config: Qwen3Config | None, present: set[str], batch: int, tokens: int, cache: int):
+    """The tap names a step must hold, lazily: the model's, or without a config those outside the layers and
+    the taps every layer has (dense or MoE alike), for each layer up to the last one the file holds."""
+    if config is not None:
+        yield from (t.name for t in iter_step_taps(config, batch, tokens, cache))
+        return
+    layers = max((layer for layer, _ in map(parse_tap_name, present) if layer is not None), default=-1) + 1
+    yield from (o.op for o in HEAD_OPS)
+    for layer in range(layers):
+        yield from (tap_name(o.op, layer) for o in LAYER_OPS if o.where == "all")
+    yield from (o.op for o in TAIL_OPS)

@@ -73,14 +73,14 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     t0 = time.perf_counter()
     return_large_frees()
     model_dir, cfg = resolve_model(Path(model_dir) if model_dir is not None else None)
-    specs = [parse_side(ref, "ref"), parse_side(cand, "cand")]
+    specs = [parse_side(ref, "ref", cfg), parse_side(cand, "cand", cfg)]
     dt = _dtype_under_test(specs, dtype)
     with_store = any(s.store is not None for s in specs)
     if with_store and (prompt is not None or decode_steps is not None):
         raise UserError("a store fixes the token ids: leave out --prompt and --decode-steps")
     given = resolve_inputs(model_dir, cfg, _ids_text(token_ids), None, _ids_text(decode_ids), None)[0] \
         if with_store and (token_ids is not None or decode_ids is not None) else None
-    fixed = store_steps(specs, cfg, given)
+    fixed = store_steps(specs, given)
     steps, greedy = (fixed, 0) if fixed else resolve_inputs(
         model_dir, cfg, _ids_text(token_ids), prompt, _ids_text(decode_ids), decode_steps)
     timings: dict[str, float] = {}

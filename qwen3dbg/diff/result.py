@@ -136,13 +136,21 @@ class DiffResult:
 
     @property
     def exit_code(self) -> int:
-        """1: a divergence; 2: none found, but the golden is not finite, so the input is bad and some taps
-        could not be judged; 0: none."""
-        return 1 if self.first_divergence is not None else 2 if self.golden_nonfinite else 0
+        """1: a divergence; 2: none found, but no tap was compared at all, or the golden is not finite, so
+        the input is bad and some taps could not be judged; 0: none."""
+        return 1 if self.first_divergence is not None else 2 if self.golden_nonfinite or not self.compared else 0
+
+    @property
+    def compared(self) -> int:
+        """Taps judged: neither side lacked them."""
+        return sum(t.status != "not_compared" for t in self.taps)
 
     @property
     def verdict(self) -> str:
         d, gold = self.first_divergence, self.golden_nonfinite
+        if d is None and not self.compared:
+            return ("not judged: no tap was compared, every one lacks on some side (see the taps' reasons); "
+                    "a store must hold the taps it does not declare in missing_taps")
         if d is None and gold:
             return (f"not judged: the fp64 golden itself holds NaN/inf from step {gold['step']}, {gold['tap']} on, "
                     "so the weights or the inputs are not finite (qwen3dbg scan-checkpoint names the tensors)")

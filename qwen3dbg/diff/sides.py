@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen3dbg.config import Qwen3Config, parse_config
+from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, TapStore
 from qwen3dbg.validate import validate_store
@@ -22,8 +22,9 @@ class SideSpec:
     store: TapStore | None = None
 
 
-def parse_side(text: str, role: str) -> SideSpec:
-    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is opened (and refused if incomplete) now.
+def parse_side(text: str, role: str, config: Qwen3Config | None = None) -> SideSpec:
+    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is validated (against `config`, the
+    model of the diff: its taps' shapes, its token ids) and opened now.
     Only a registered name takes `:key=value` options; any other text (`module:port.py:load`) is passed
     whole to the registry as the name."""
     from qwen3dbg.registry import IMPLEMENTATIONS
@@ -33,7 +34,7 @@ def parse_side(text: str, role: str) -> SideSpec:
         path = Path(text[len(STORE_PREFIX):])
         if not path.is_dir():
             raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
-        problems = validate_store(path)
+        problems = validate_store(path, config)
         if problems:
             raise UserError(f"--{role} {text} is not a valid tap store, {problems[0]}"
                             f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
@@ -53,14 +54,13 @@ def parse_side(text: str, role: str) -> SideSpec:
     return SideSpec(text, name=name, options=options)
 
 
-def store_steps(specs: list[SideSpec], cfg: Qwen3Config, given: list[StepInfo] | None) -> list[StepInfo] | None:
+def store_steps(specs: list[SideSpec], given: list[StepInfo] | None) -> list[StepInfo] | None:
     """The steps fixed by the stores among the sides (None when no side is a store); all must agree."""
     stores = [s for s in specs if s.store is not None]
     if not stores:
         return None
     steps = stores[0].store.steps
     for s in stores:
-        _check_store_config(s, cfg)
         if _ids(s.store.steps) != _ids(steps):
             raise UserError(f"{s.text} and {stores[0].text} were captured on different token ids: capture both on the same ids")
         if len(s.store.steps[0].token_ids) != 1:
@@ -74,13 +74,3 @@ def store_steps(specs: list[SideSpec], cfg: Qwen3Config, given: list[StepInfo] |
 def _ids(steps: list[StepInfo]):
     return [(s.token_ids, s.positions) for s in steps]
 
-
-def _check_store_config(spec: SideSpec, cfg: Qwen3Config) -> None:
-    stored = spec.store.manifest.get("config")
-    if not isinstance(stored, dict):
-        return
-    theirs = parse_config(stored)  # validate_store has already refused a config that does not parse
-    if bad := theirs.shape_mismatches(cfg):
-        f = bad[0]
-        raise UserError(f"{spec.text} was captured from another model ({f} {getattr(theirs, f)} vs "
-                        f"{getattr(cfg, f)} in --model): pass the model the store was captured from")
