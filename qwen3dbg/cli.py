@@ -147,8 +147,8 @@ def capture(
     loaded = {} if spec.name.startswith("llamacpp:") else {"weights_digest": Checkpoint(model_dir).digest()}
     plans = planned(cand, steps, taps or None)
     say(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
-                  f"{len(steps) - 1} decode steps, {sum(map(len, plans))} taps, "
-                  f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}")
+        f"{len(steps) - 1} decode steps, {sum(map(len, plans))} taps, "
+        f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}")
     with progress_bar() as bar:
         task = bar.add_task("capture", total=sum(map(len, plans)))
         run_capture(cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task),

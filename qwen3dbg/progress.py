@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.markup import escape
 
 
 class DiffProgress:
-    """`status(msg)` and `progress(step, layer)` for `run_diff`, rendered on `console` (stderr)."""
+    """`status(msg)` and `progress(step, layer)` for `run_diff`, rendered on `console` (stderr), which parses
+    no markup: messages quote the sides' specs and paths as they are."""
 
     def __init__(self, console: Console, every: float = 5.0):
         self.console, self.every = console, every
@@ -33,10 +33,10 @@ class DiffProgress:
 
     def _say(self, text: str) -> None:
         if self._status is not None:
-            self._status.update(f"diff: {escape(text)}")
+            self._status.update(f"diff: {text}")
         else:
             elapsed = time.perf_counter() - self._t0
-            self.console.print(f"diff [{elapsed:6.1f} s] {escape(text)}", highlight=False, soft_wrap=True)
+            self.console.print(f"diff [{elapsed:6.1f} s] {text}", highlight=False, soft_wrap=True)
 
     def status(self, msg: str) -> None:
         self.phase = msg

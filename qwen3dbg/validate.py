@@ -65,7 +65,6 @@ class _Enough(Exception):
 
 
 def _validate(path: Path, m: dict, config: Qwen3Config | None, bad) -> None:
-
     if m.get("complete") is not True:
         bad("manifest", "it is incomplete (complete is not true): the writer stopped mid-run; capture it again")
     if m.get("dtype") not in FLOAT_DTYPE_NAMES:
