@@ -1,0 +1,106 @@
+"""Reading JSON we are given (headers, indexes, configs, manifests) with bounded depth, time and memory.
+
+`json.loads` recurses once per nesting level, so `[[[[...` thousands deep ends in a RecursionError;
+here the depth is counted first, in one linear pass, and refused with a sentence. Files are read only
+when they are regular files (a FIFO named config.json would block forever) and not absurdly large.
+Stdlib only, so every reader can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from itertools import accumulate
+from pathlib import Path
+
+#: no JSON we read nests deeper than a handful of levels; far below the interpreter's recursion limit
+MAX_DEPTH = 64
+#: a config, index or manifest of any real checkpoint or store is far smaller
+MAX_FILE_BYTES = 256 * 1024**2
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_STRING = re.compile(rb'"[^"]*"')
+_OTHER = bytes(range(256)).translate(None, b'"[]{}')
+_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+
+
+class JSONReadError(ValueError):
+    """Not JSON we can use; the message says why in one sentence, without the path (callers add it)."""
+
+
+def open_regular(path: str | Path):
+    """Open `path` for binary reading only if it is a regular file: a FIFO, device or directory is
+    refused without blocking (O_NONBLOCK), and a symlink loop is an OSError like any unreadable path."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+            raise OSError(f"{path} is a {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def nesting_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text, in a few linear passes of C loops (brackets
+    inside strings do not count; for text that is not JSON the count is exact up to its first error)."""
+    # Escapes first: only \\ and \" can hide a quote. Then keep quotes and brackets only; a pair of
+    # adjacent quotes encloses no bracket either way (an empty string, or the gap between two strings).
+    skeleton = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _OTHER).replace(b'""', b"")
+    brackets = _STRING.sub(b"", skeleton).translate(_STEP)
+    return max(accumulate(memoryview(brackets).cast("b")), default=0)
+
+
+def _lone_surrogate(x) -> bool:
+    """Whether any string (key or value) in a parsed document holds half of a UTF-16 pair."""
+    stack = [x]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+    return False
+
+
+def loads(data: bytes | str, max_depth: int = MAX_DEPTH, **kwargs):
+    """`json.loads` for untrusted input: UTF-8 only, at most `max_depth` levels, strings that are valid
+    Unicode (a lone surrogate escape breaks every writer downstream). `kwargs` go to json.loads."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    try:
+        data = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JSONReadError(f"it is not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
+    depth = nesting_depth(raw)
+    if depth > max_depth:
+        raise JSONReadError(f"it nests arrays or objects {depth} levels deep, more than the {max_depth} any valid "
+                            "file needs")
+    try:
+        value = json.loads(data, **kwargs)
+    except json.JSONDecodeError as e:
+        raise JSONReadError(f"it is not valid JSON ({e})") from None
+    if _SURROGATE_ESCAPE.search(data) and _lone_surrogate(value):
+        raise JSONReadError("it holds a lone UTF-16 surrogate escape (\\ud800-\\udfff unpaired), which is not text")
+    return value
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_FILE_BYTES, max_depth: int = MAX_DEPTH, **kwargs):
+    """Parse the JSON file at `path` with `loads`' bounds; OSError when it cannot be read or is not a
+    regular file, JSONReadError when it is too large or not usable JSON."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise JSONReadError(f"it is {size} bytes, more than the {max_bytes} a file of this kind can need")
+        data = f.read(max_bytes + 1)
+    return loads(data, max_depth, **kwargs)
