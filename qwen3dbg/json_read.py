@@ -46,6 +46,14 @@ def open_regular(path: str | Path):
         raise
 
 
+def is_regular(path: str | Path) -> bool:
+    """Whether `path` is a regular file, following symlinks; a loop or a dangling link is not one."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def nesting_depth(data: bytes) -> int:
     """The deepest nesting of arrays and objects in JSON text, in a few linear passes of C loops (brackets
     inside strings do not count; for text that is not JSON the count is exact up to its first error)."""
@@ -102,5 +110,7 @@ def read_json(path: str | Path, max_bytes: int = MAX_FILE_BYTES, max_depth: int 
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
             raise JSONReadError(f"it is {size} bytes, more than the {max_bytes} a file of this kind can need")
-        data = f.read(max_bytes + 1)
+        data = f.read(size + 1)  # not max_bytes: read(n) allocates n bytes up front
+    if len(data) > max_bytes:  # it grew while we read it
+        raise JSONReadError(f"it is more than the {max_bytes} bytes a file of this kind can need")
     return loads(data, max_depth, **kwargs)

@@ -115,3 +115,17 @@ def test_read_json_refuses_an_oversized_file_before_reading_it(tmp_path):
     with pytest.raises(JSONReadError, match="bytes, more than"):
         read_json(path, max_bytes=100)
     assert read_json(path) == [0] * 1001
+
+
+def test_read_json_allocates_what_the_file_holds_not_its_limit(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "small.json"
+    path.write_text('{"a": [1, 2, 3]}')
+    tracemalloc.start()
+    try:
+        read_json(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024**2
