@@ -130,6 +130,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
         raise UserError(f"unknown GGUF type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     wanted = GGUF_TYPES[gguf_type]
     cfg, ckpt = load_config(model_dir), Checkpoint(model_dir)
+    ckpt.check_layout(cfg)  # counts and shapes first: the expert checks below go by the config's counts
     plan = gguf_plan(ckpt)
     shapes = gguf_shapes({n: ckpt.shape(n) for n in ckpt.keys()})
     stacked = {g for g, m in plan.items() if hf_to_gguf(m[0])[1] is not None}  # experts [E, ...]
@@ -297,6 +298,26 @@ def read_gguf(path: str | Path) -> GGUFFile:
         known = qtype in Q._value2member_map_ and Q(qtype) in gguf.GGML_QUANT_SIZES
         tensors.append(GGUFTensor(name, shape, qtype, data_start + offset, nbytes(shape, Q(qtype)) if known else None))
     return GGUFFile(path, version, kv, kv_types, tensors, data_start, align, size)
+
+
+def data_region_problems(g: GGUFFile) -> list[tuple[str | None, str, dict]]:
+    """(tensor or None, sentence, numbers) wherever the data region departs from the layout llama.cpp loads:
+    each tensor starts, aligned, where the one before it ends, and the last one ends the file. A tensor
+    whose type or shape was changed after writing (f32 bytes labelled q8_0) shows here as bytes out of place."""
+    out, expected = [], g.data_start  # where the next tensor must start; None once a tensor's size is unknown
+    for t in g.tensors:
+        if expected is None:
+            break
+        if t.offset != expected:
+            out.append((t.name, f"its data starts at byte {t.offset}, but the tensors before it end at byte {expected} "
+                        f"(aligned to {g.alignment}): llama.cpp refuses the file; a tensor's type or shape was likely "
+                        "changed after writing", {"offset": t.offset, "expected": expected}))
+        expected = None if t.nbytes is None else t.offset + t.nbytes + (-t.nbytes % g.alignment)
+    if expected is not None and g.file_size > expected:
+        out.append((None, f"{g.file_size - expected} bytes after the last tensor's data belong to no tensor: a "
+                    "tensor's type or shape was likely changed after writing, so its bytes are read as another type",
+                    {"unindexed_bytes": g.file_size - expected}))
+    return out
 
 
 def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:

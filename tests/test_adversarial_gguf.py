@@ -14,7 +14,9 @@ import pytest
 from conftest import peak_traced_bytes
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
+from qwen3dbg.errors import UserError
 from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, read_gguf, write_gguf
+from qwen3dbg.registry import load_candidate
 from qwen3dbg.scan.scan import scan_checkpoint
 
 Q = gguf.GGMLQuantizationType
@@ -156,13 +158,15 @@ def test_an_alignment_llama_cpp_refuses_is_damage(base, tmp_path, value):
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.F16, Q.BF16])
 @pytest.mark.parametrize("which", ["first", "last"])
-def test_f32_data_relabelled_as_another_type_is_found_in_the_data_region(base, tmp_path, qtype, which):
+def test_f32_data_relabelled_as_another_type_is_found_in_the_data_region(base, models, tmp_path, qtype, which):
     kv, tensors, data, align = base
     i = next(i for i, t in enumerate(tensors) if t[2] == Q.F32 and len(t[1]) == 2) if which == "first" else \
         max(i for i, t in enumerate(tensors) if t[2] == Q.F32 and len(t[1]) == 2)
     path = tmp_path / "m.gguf"
     path.write_bytes(_edited(base, ("relabel", i, qtype)))
     assert [f for f in _errors(scan_checkpoint(path)) if f.check == "container"]
+    with pytest.raises(UserError, match="type or shape was likely changed"):  # before llama.cpp reads a byte
+        load_candidate(f"llamacpp:{path}", models("tiny-moe"), "float32")
 
 
 @pytest.mark.parametrize("key,value", [("block_count", (UINT32, 10**9)), ("block_count", (UINT64, 2**62)),

@@ -245,30 +245,20 @@ def read_directory(model_dir: Path) -> tuple[list[Entry], list[Finding], list[Pa
 
 
 def read_gguf_file(path: Path):
-    """The intact tensors of a GGUF file, findings for the rest, and the parsed file (None if unreadable).
-
-    The data region is checked as llama.cpp loads it: each tensor starts, aligned, where the one before it
-    ends, and the last one ends the file, so a tensor whose type or shape was changed after writing (f32
-    bytes labelled q8_0) shows as bytes out of place."""
+    """The intact tensors of a GGUF file, findings for the rest, and the parsed file (None if unreadable)."""
     import gguf
 
-    from qwen3dbg.gguf_io import GGUFDamaged, read_gguf
+    from qwen3dbg.gguf_io import GGUFDamaged, data_region_problems, read_gguf
 
     try:
         g = read_gguf(path)
     except GGUFDamaged as e:
         return [], [_err("container", f"{path.name}: {e}")], None
-    entries, findings, spans = [], [], []
-    expected = g.data_start  # where the next tensor must start; None once a tensor's size is unknown
+    findings = [_err("container", f"{tensor or path.name}: {problem}", tensor, **numbers)
+                for tensor, problem, numbers in data_region_problems(g)]
+    entries, spans = [], []
     for t in g.tensors:
         block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.qtype)][0] if t.nbytes is not None else 1
-        if expected is not None:
-            if t.offset != expected:
-                findings.append(_err("container", f"{t.name}: its data starts at byte {t.offset}, but the tensors "
-                                     f"before it end at byte {expected} (aligned to {g.alignment}): llama.cpp refuses "
-                                     "the file; a tensor's type or shape was likely changed after writing", t.name,
-                                     offset=t.offset, expected=expected))
-            expected = None if t.nbytes is None else t.offset + t.nbytes + (-t.nbytes % g.alignment)
         if t.nbytes is None:
             findings.append(_err("container", f"{t.name}: unknown GGUF tensor type {t.qtype}", t.name))
         elif not t.shape or t.shape[-1] % block:
@@ -284,10 +274,6 @@ def read_gguf_file(path: Path):
         else:
             spans.append((t.name, t.offset, t.offset + t.nbytes))
             entries.append(Entry(t.name, path, t.type_name, t.shape, t.offset, t.nbytes, t.qtype))
-    if expected is not None and g.file_size > expected:
-        findings.append(_err("container", f"{path.name}: {g.file_size - expected} bytes after the last tensor's data "
-                             "belong to no tensor: a tensor's type or shape was likely changed after writing, so its "
-                             "bytes are read as another type", unindexed_bytes=g.file_size - expected))
     bad = overlaps(spans, path.name, "container")
     bad_names = {f.tensor for f in bad}
     return [e for e in entries if e.name not in bad_names], findings + bad, g
