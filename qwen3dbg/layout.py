@@ -29,11 +29,11 @@ def shard_problem(name) -> str | None:
     """Why an index entry is not a shard qwen3dbg reads, or None: shards are plain `*.safetensors` file
     names inside the model directory (never a path out of it, never a pickle that would be unpickled)."""
     if not isinstance(name, str):
-        return f"{name!r} is not a file name"
+        return "not a file name"
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        return f"{name!r} is not a file in the model directory"
+        return "not a file in the model directory"
     if not name.endswith(SUFFIX):
-        return f"{name!r} is not a safetensors file: qwen3dbg loads safetensors only, convert the checkpoint"
+        return "not a safetensors file: qwen3dbg loads safetensors only, convert the checkpoint"
     return None
 
 
@@ -46,7 +46,7 @@ def read_weight_map(model_dir: Path) -> dict[str, str]:
         raise BadIndex("it has no weight_map object of tensor names to shard file names")
     for tensor, shard in weight_map.items():
         if problem := shard_problem(shard):
-            raise BadIndex(f"it places {tensor} in {problem}")
+            raise BadIndex(f"it places {tensor} in {shard!r}, which is {problem}")
     return weight_map
 
 
