@@ -25,6 +25,7 @@ from qwen3dbg.config import Qwen3Config, load_config, parse_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.gguf_names import ARCH, MODEL_TYPE, gguf_shapes, hf_to_gguf
 from qwen3dbg.json_read import open_regular
+from qwen3dbg.layout import MAX_TENSORS
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -130,12 +131,12 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
         raise UserError(f"unknown GGUF type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     wanted = GGUF_TYPES[gguf_type]
     cfg, ckpt = load_config(model_dir), Checkpoint(model_dir)
-    ckpt.check_layout(cfg)  # counts and shapes first: the expert checks below go by the config's counts
     plan = gguf_plan(ckpt)
     shapes = gguf_shapes({n: ckpt.shape(n) for n in ckpt.keys()})
     stacked = {g for g, m in plan.items() if hf_to_gguf(m[0])[1] is not None}  # experts [E, ...]
     for g in stacked:  # plan lists members by expert id: they must be exactly 0..E-1
-        if [hf_to_gguf(m)[1] for m in plan[g]] != list(range(cfg.num_experts)):
+        ids = [hf_to_gguf(m)[1] for m in plan[g]]
+        if len(ids) != cfg.num_experts or ids != list(range(len(ids))):  # never a list of the config's count
             raise UserError(f"{g}: the checkpoint has {len(plan[g])} experts' tensors, not the config's experts "
                             f"0..{cfg.num_experts - 1}; run scan-checkpoint to see which are missing")
     types = {g: storage_type(g, shapes[g], wanted) for g in plan}
@@ -270,8 +271,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
             if version not in (2, 3):
                 raise GGUFDamaged(f"GGUF version {version} is not 2 or 3")
             n_tensors, n_kv = c.unpack("<Q", "tensor count"), c.unpack("<Q", "metadata count")
-            if n_tensors > size or n_kv > size:
-                raise GGUFDamaged(f"the header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file can hold")
+            if n_tensors > min(size, MAX_TENSORS) or n_kv > size:
+                raise GGUFDamaged(f"the header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file "
+                                  f"can hold or than the {MAX_TENSORS} tensors of any checkpoint")
             kv, kv_types = {}, {}
             for i in range(n_kv):
                 key = c.string(f"metadata key {i}")

@@ -16,6 +16,9 @@ from qwen3dbg.json_read import read_json
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SUFFIX = ".safetensors"
+#: far above any Qwen3 file (the largest release, 480B, has about 37k tensors in all its shards together);
+#: a file listing more is not a checkpoint, and reading its table would cost seconds and gigabytes
+MAX_TENSORS = 1 << 17
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from qwen3dbg.errors import UserError
 from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, read_gguf, write_gguf
+from qwen3dbg.layout import MAX_TENSORS
 from qwen3dbg.registry import load_candidate
 from qwen3dbg.scan.scan import scan_checkpoint
 
@@ -196,3 +197,23 @@ def test_arrays_nested_thousands_deep_are_damage(base, tmp_path):
     path.write_bytes(_edited(base, ("kv", "extra.key", ("deep", 5000))))
     with pytest.raises(GGUFDamaged, match="nested"):
         read_gguf(path)
+
+
+def test_a_tensor_table_larger_than_any_checkpoints_is_named_not_read(base, tmp_path):
+    raw = bytearray(_edited(base, ("append", 0)))
+    raw[8:16] = struct.pack("<Q", MAX_TENSORS + 1)  # the tensor count
+    path = tmp_path / "m.gguf"
+    path.write_bytes(raw)
+    with pytest.raises(GGUFDamaged, match=f"{MAX_TENSORS + 1} tensors"):
+        read_gguf(path)
+
+
+def test_experts_stacked_by_the_hundred_thousand_are_named_not_listed(base, tmp_path):
+    kv, tensors, data, align = base
+    experts = MAX_TENSORS + 1  # of one f32 value each: the file holds them, no checkpoint does
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_serialize(kv, [("blk.0.ffn_up_exps.weight", (experts, 1, 1), Q.F32, 0)], bytes(4 * experts),
+                                align))
+    result, peak = peak_traced_bytes(scan_checkpoint, path)
+    assert [f.numbers["tensors"] for f in _errors(result) if f.check == "container"] == [experts]
+    assert peak < 64 * 1024**2

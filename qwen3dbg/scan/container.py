@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen3dbg.json_read import JSONReadError, is_regular, loads, open_regular
-from qwen3dbg.layout import INDEX, read_weight_map
+from qwen3dbg.layout import INDEX, MAX_TENSORS, read_weight_map
 from qwen3dbg.scan.findings import Finding
 
 # safetensors dtype -> (name the scan reports, bytes per element)
@@ -29,11 +29,9 @@ ITEMSIZE = dict(ST_DTYPES.values())  # scan name -> bytes per element
 INTEGER_DTYPES = {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool",
                   "I64", "I32", "I16", "I8"}
 MAX_HEADER = 100 * 1024**2  # the safetensors library refuses larger headers
-#: far above any Qwen3 file (the largest release, 480B, has about 37k tensors in all its shards together,
-#: and no shard's header reaches 1 MB); beyond either a header is not a checkpoint's, and parsing it
-#: would cost seconds and gigabytes (10^6 entries: 1.2 GB)
-MAX_TENSORS = 1 << 17
+#: no shard's header reaches 1 MB; beyond this it is not a checkpoint's (10^6 entries once took 1.2 GB to parse)
 ABSURD_HEADER = 16 * 1024**2
+STACKED = "_exps.weight"  # GGUF tensors that stack a layer's experts, [experts, ...] in torch order
 DAMAGED = "a loader fails on this file or reads bytes that are not the tensor's"
 
 
@@ -254,6 +252,10 @@ def read_gguf_file(path: Path):
         g = read_gguf(path)
     except GGUFDamaged as e:
         return [], [_err("container", f"{path.name}: {e}")], None
+    held = sum(t.shape[0] if t.name.endswith(STACKED) and t.shape else 1 for t in g.tensors)
+    if held > MAX_TENSORS:  # stacked experts count one each: every one of them gets a name
+        return [], [_absurd(path, f"its tensor table holds {held} tensors (stacked experts counted one by one), "
+                            f"more than the {MAX_TENSORS} of any checkpoint", tensors=held)], g
     findings = [_err("container", f"{tensor or path.name}: {problem}", tensor, **numbers)
                 for tensor, problem, numbers in data_region_problems(g)]
     entries, spans = [], []

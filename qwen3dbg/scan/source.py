@@ -19,8 +19,8 @@ from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.json_read import open_regular
 from qwen3dbg.layout import INDEX
-from qwen3dbg.scan.container import (FLOAT_NAMES, INTEGER_DTYPES, ITEMSIZE, Entry, read_directory, read_gguf_file,
-                                     read_safetensors)
+from qwen3dbg.scan.container import (FLOAT_NAMES, INTEGER_DTYPES, ITEMSIZE, STACKED, Entry, read_directory,
+                                     read_gguf_file, read_safetensors)
 from qwen3dbg.scan.findings import Finding
 from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements
 from qwen3dbg.taps import MANIFEST
@@ -44,7 +44,7 @@ class Source:
             return [entry.name]
         from qwen3dbg.gguf_names import gguf_to_hf
 
-        return gguf_to_hf(entry.name, entry.shape[0] if entry.name.endswith("_exps.weight") else 0)
+        return gguf_to_hf(entry.name, entry.shape[0] if entry.name.endswith(STACKED) else 0)
 
     def _bytes(self, path: Path) -> tuple[mmap.mmap, np.ndarray]:
         if path not in self._maps:
