@@ -150,12 +150,17 @@ class LlamaCppCandidate(Candidate):
         self._load(n_ctx, threads)
 
     def _check_gguf_shape(self) -> None:
-        from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, read_gguf
+        from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, data_region_problems, read_gguf
 
         try:
-            theirs = config_from_gguf(read_gguf(self.gguf))
+            g = read_gguf(self.gguf)
+            theirs = config_from_gguf(g)
         except GGUFDamaged as e:
             raise UserError(f"{self.gguf} is not a readable GGUF file: {e}") from None
+        if problems := data_region_problems(g):
+            tensor, problem, _ = problems[0]
+            raise UserError(f"{self.gguf}{': ' + tensor if tensor else ''}: {problem}; run `qwen3dbg scan-checkpoint "
+                            f"{self.gguf}` for every problem")
         if bad := theirs.shape_mismatches(self.config):
             f = bad[0]
             raise UserError(f"{self.gguf} has {f} {getattr(theirs, f)} but the model directory has "

@@ -7,7 +7,7 @@ shard when `get` is called, so a 60 GB checkpoint costs what one tensor costs.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from pathlib import Path
 
 import torch
@@ -15,10 +15,12 @@ from safetensors import SafetensorError, safe_open
 
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
-from qwen3dbg.layout import INDEX, SINGLE, tensor_shapes
+from qwen3dbg.json_read import is_regular
+from qwen3dbg.layout import INDEX, SINGLE, Held, count_problems, read_weight_map, tensor_shapes
 
 
 SAMPLE_BYTES = 64 * 1024  # of each file's data at each end, in a digest
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names
 
 
 class Checkpoint:
@@ -26,17 +28,20 @@ class Checkpoint:
         self.dir = Path(model_dir)
         self._handles: dict[Path, object] = {}
         index = self.dir / INDEX
-        if index.is_file():
+        if os.path.lexists(index):
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{index} is not a valid safetensors index ({e})") from None
+                weight_map = read_weight_map(self.dir)
+            except (ValueError, OSError) as e:
+                raise UserError(f"{index} is not a usable safetensors index: {e}") from None
             self.file_of = {name: self.dir / f for name, f in weight_map.items()}
             for f in sorted(set(self.file_of.values())):
-                if not f.is_file():
-                    raise UserError(f"shard {f.name} listed in {INDEX} is missing from {self.dir}")
-        elif (self.dir / SINGLE).is_file():
+                if not is_regular(f):
+                    raise UserError(f"shard {f.name} listed in {INDEX} is missing from {self.dir} or is not a "
+                                    "regular file")
+        elif is_regular(self.dir / SINGLE):
             self.file_of = {name: self.dir / SINGLE for name in self._open(self.dir / SINGLE).keys()}
+        elif os.path.lexists(self.dir / SINGLE):
+            raise UserError(f"{self.dir / SINGLE} is not a regular file (a directory, a FIFO or a broken link)")
         else:
             raise UserError(f"no {SINGLE} or {INDEX} in {self.dir}")
 
@@ -55,12 +60,25 @@ class Checkpoint:
         return name in self.file_of
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The tensor's safetensors dtype name (F32, BF16, I64, ...)."""
+        return self._slice(name).get_dtype()
+
+    def _slice(self, name: str):
+        try:
+            return self._open(self.file_of[name]).get_slice(name)
+        except SafetensorError as e:
+            raise UserError(f"{self.file_of[name].name} does not hold {name}, which {INDEX} places there ({e})") from None
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.file_of:
             raise UserError(f"checkpoint {self.dir} has no tensor {name!r}")
-        t = self._open(self.file_of[name]).get_tensor(name)
+        try:
+            t = self._open(self.file_of[name]).get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"cannot read {name} from {self.file_of[name].name}: {e}") from None
         return t if dtype is None else t.to(dtype)
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -87,6 +105,8 @@ class Checkpoint:
         implementation would otherwise fail deep inside its first matmul, read values in the wrong
         layout, or (transformers) fill the missing weights with random values and run on."""
         scan = f"run `qwen3dbg scan-checkpoint {self.dir}` for every mismatch"
+        if problems := count_problems(cfg, Held.of(self.file_of)):
+            raise UserError(f"{self.dir}: its {problems[0][1]}: {scan}")
         expected = tensor_shapes(cfg)
         missing = [name for name in expected if name not in self]
         if missing:
@@ -96,3 +116,5 @@ class Checkpoint:
             if (have := self.shape(name)) != want:
                 raise UserError(f"{name} in {self.dir} has shape {list(have)} but its config.json "
                                 f"implies {list(want)}: {scan}")
+            if (dtype := self.dtype(name)) not in FLOAT_DTYPES:
+                raise UserError(f"{name} in {self.dir} is {dtype}, not floating point: weights must be; {scan}")

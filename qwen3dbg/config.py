@@ -7,11 +7,12 @@ Field names are Hugging Face's. Both spellings in the wild are accepted: release
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qwen3dbg.errors import UserError
+from qwen3dbg.json_read import JSONReadError, read_json
 
 MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 #: the fields that fix every tensor's shape: two configs that differ in one describe different models
@@ -119,9 +120,16 @@ def _flag(key: str, value) -> bool:
     return value
 
 
+def _section(raw: dict, key: str) -> dict:
+    """An optional nested object (rope_parameters, rope_scaling): absent or null reads as empty."""
+    value = _opt(raw, key, {})
+    if not isinstance(value, dict):
+        raise UserError(f"{key} is {value!r}, it must be an object or null")
+    return value
+
+
 def _rope_theta(raw: dict) -> float:
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
+    params, scaling = _section(raw, "rope_parameters"), _section(raw, "rope_scaling")
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type != "default":
         raise UserError(f"rope type {rope_type!r} is not supported: qwen3dbg implements Qwen3's default RoPE only")
@@ -134,7 +142,7 @@ def _rope_theta(raw: dict) -> float:
 def parse_config(raw: dict) -> Qwen3Config:
     """Turn a config.json dict into a Qwen3Config, or say in one sentence why it is not one."""
     model_type = raw.get("model_type")
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise UserError(
             f"model_type {model_type!r} is not a Qwen3 model: qwen3dbg reads 'qwen3' and 'qwen3_moe' configs"
         )
@@ -193,12 +201,14 @@ def load_config(model_dir: str | Path) -> Qwen3Config:
     path = Path(model_dir)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError(f"no config.json at {path}: pass a model directory made by `qwen3dbg make-model` or a HF checkpoint")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+        raw = read_json(path)
+    except JSONReadError as e:
+        raise UserError(f"{path} cannot be used: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} holds a JSON {type(raw).__name__}, not an object")
     return parse_config(raw)

@@ -10,6 +10,7 @@ anything to our synthetic models). The reader parses the container itself, so a 
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config, load_config, parse_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.gguf_names import ARCH, MODEL_TYPE, gguf_shapes, hf_to_gguf
+from qwen3dbg.json_read import open_regular
+from qwen3dbg.layout import MAX_TENSORS
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -132,7 +135,8 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
     shapes = gguf_shapes({n: ckpt.shape(n) for n in ckpt.keys()})
     stacked = {g for g, m in plan.items() if hf_to_gguf(m[0])[1] is not None}  # experts [E, ...]
     for g in stacked:  # plan lists members by expert id: they must be exactly 0..E-1
-        if [hf_to_gguf(m)[1] for m in plan[g]] != list(range(cfg.num_experts)):
+        ids = [hf_to_gguf(m)[1] for m in plan[g]]
+        if len(ids) != cfg.num_experts or ids != list(range(len(ids))):  # never a list of the config's count
             raise UserError(f"{g}: the checkpoint has {len(plan[g])} experts' tensors, not the config's experts "
                             f"0..{cfg.num_experts - 1}; run scan-checkpoint to see which are missing")
     types = {g: storage_type(g, shapes[g], wanted) for g in plan}
@@ -180,13 +184,19 @@ class GGUFFile:
     path: Path
     version: int
     kv: dict
+    kv_types: dict  # key -> GGUF value type id (4: UINT32, 8: STRING, 9: ARRAY, ...)
     tensors: list[GGUFTensor]
     data_start: int
+    alignment: int
     file_size: int
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_F32, _STRING, _ARRAY = 6, 8, 9
+_UINT32, _F32, _STRING, _ARRAY = 4, 6, 8, 9
+#: llama.cpp reads no arrays of arrays at all; a bound keeps a crafted file from nesting thousands deep
+MAX_ARRAY_DEPTH = 4
+#: elements of one metadata array: 16x the largest vocabulary in use, and a bound on the memory it takes
+MAX_ARRAY_LEN = 1 << 22
 
 
 class _Cursor:
@@ -210,7 +220,7 @@ class _Cursor:
         except UnicodeDecodeError:
             raise GGUFDamaged(f"{what} at byte {self.pos - len(raw)} is not UTF-8") from None
 
-    def value(self, vtype: int, what: str):
+    def value(self, vtype: int, what: str, depth: int = 0):
         if vtype == _F32:  # the shortest decimal that is this float32: 1e-06, not 9.99999997e-07
             return float(str(np.float32(self.unpack("<f", what))))
         if vtype in _SCALARS:
@@ -218,18 +228,39 @@ class _Cursor:
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFDamaged(f"{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
             sub, n = self.unpack("<I", what), self.unpack("<Q", what)
-            if n > self.size:
-                raise GGUFDamaged(f"{what}: array length {n} is larger than the file")
-            return [self.value(sub, what) for _ in range(n)]
+            if n > min(MAX_ARRAY_LEN, self.size - self.pos):  # every element takes at least one byte
+                raise GGUFDamaged(f"{what}: array length {n} is larger than the rest of the file or than "
+                                  f"{MAX_ARRAY_LEN}")
+            if sub in _SCALARS:  # in one read, not one Python call per element
+                fmt = np.dtype(_SCALARS[sub])
+                values = np.frombuffer(self.take(n * fmt.itemsize, what), fmt)
+                return [float(str(v)) for v in values] if sub == _F32 else values.tolist()
+            return [self.value(sub, what, depth + 1) for _ in range(n)]
         raise GGUFDamaged(f"{what}: unknown value type {vtype}")
+
+
+def _alignment(kv: dict, kv_types: dict) -> int:
+    """general.alignment as llama.cpp reads it: a UINT32 power of two, 32 when absent."""
+    if "general.alignment" not in kv:
+        return gguf.GGUF_DEFAULT_ALIGNMENT
+    align = kv["general.alignment"]
+    if kv_types["general.alignment"] != _UINT32 or align <= 0 or align & (align - 1):
+        raise GGUFDamaged(f"general.alignment is {align!r}, not a power of two stored as UINT32 (llama.cpp refuses it)")
+    return align
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header, metadata and tensor table (no tensor data is read)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        size = path.stat().st_size
+    try:
+        f = open_regular(path)
+    except OSError as e:
+        raise GGUFDamaged(f"it cannot be read: {e.strerror or e}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
         if size < 24:
             raise GGUFDamaged(f"the file has {size} bytes, fewer than a GGUF header's 24")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
@@ -240,28 +271,55 @@ def read_gguf(path: str | Path) -> GGUFFile:
             if version not in (2, 3):
                 raise GGUFDamaged(f"GGUF version {version} is not 2 or 3")
             n_tensors, n_kv = c.unpack("<Q", "tensor count"), c.unpack("<Q", "metadata count")
-            if n_tensors > size or n_kv > size:
-                raise GGUFDamaged(f"the header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file can hold")
-            kv = {}
+            if n_tensors > min(size, MAX_TENSORS) or n_kv > size:
+                raise GGUFDamaged(f"the header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file "
+                                  f"can hold or than the {MAX_TENSORS} tensors of any checkpoint")
+            kv, kv_types = {}, {}
             for i in range(n_kv):
                 key = c.string(f"metadata key {i}")
-                kv[key] = c.value(c.unpack("<I", f"type of {key}"), key)
-            infos = []
+                if key in kv:
+                    raise GGUFDamaged(f"metadata key {key} appears twice (llama.cpp refuses the file)")
+                kv_types[key] = c.unpack("<I", f"type of {key}")
+                kv[key] = c.value(kv_types[key], key)
+            infos, names = [], set()
             for i in range(n_tensors):
                 name = c.string(f"tensor name {i}")
+                if name in names:
+                    raise GGUFDamaged(f"tensor {name} appears twice in the tensor table (llama.cpp refuses the file)")
+                names.add(name)
                 n_dims = c.unpack("<I", f"dimensions of {name}")
                 if n_dims > 8:
                     raise GGUFDamaged(f"tensor {name} claims {n_dims} dimensions")
                 dims = [c.unpack("<Q", f"shape of {name}") for _ in range(n_dims)]
                 infos.append((name, tuple(reversed(dims)), c.unpack("<I", f"type of {name}"),
                               c.unpack("<Q", f"offset of {name}")))
-            align = int(kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+            align = _alignment(kv, kv_types)
             data_start = c.pos + (-c.pos % align)
     tensors = []
     for name, shape, qtype, offset in infos:
         known = qtype in Q._value2member_map_ and Q(qtype) in gguf.GGML_QUANT_SIZES
         tensors.append(GGUFTensor(name, shape, qtype, data_start + offset, nbytes(shape, Q(qtype)) if known else None))
-    return GGUFFile(path, version, kv, tensors, data_start, size)
+    return GGUFFile(path, version, kv, kv_types, tensors, data_start, align, size)
+
+
+def data_region_problems(g: GGUFFile) -> list[tuple[str | None, str, dict]]:
+    """(tensor or None, sentence, numbers) wherever the data region departs from the layout llama.cpp loads:
+    each tensor starts, aligned, where the one before it ends, and the last one ends the file. A tensor
+    whose type or shape was changed after writing (f32 bytes labelled q8_0) shows here as bytes out of place."""
+    out, expected = [], g.data_start  # where the next tensor must start; None once a tensor's size is unknown
+    for t in g.tensors:
+        if expected is None:
+            break
+        if t.offset != expected:
+            out.append((t.name, f"its data starts at byte {t.offset}, but the tensors before it end at byte {expected} "
+                        f"(aligned to {g.alignment}): llama.cpp refuses the file; a tensor's type or shape was likely "
+                        "changed after writing", {"offset": t.offset, "expected": expected}))
+        expected = None if t.nbytes is None else t.offset + t.nbytes + (-t.nbytes % g.alignment)
+    if expected is not None and g.file_size > expected:
+        out.append((None, f"{g.file_size - expected} bytes after the last tensor's data belong to no tensor: a "
+                    "tensor's type or shape was likely changed after writing, so its bytes are read as another type",
+                    {"unindexed_bytes": g.file_size - expected}))
+    return out
 
 
 def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -269,6 +327,8 @@ def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarra
     hot path), every other type a new array (quantized types expanded)."""
     if qtype == Q.F32:
         return raw.view(np.float32).reshape(shape)
+    if qtype == Q.F64:
+        return raw.view(np.float64).astype(np.float32).reshape(shape)
     if qtype == Q.F16:
         return raw.view(np.float16).astype(np.float32).reshape(shape)
     if qtype == Q.BF16:
@@ -278,9 +338,10 @@ def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarra
 
 
 def config_from_gguf(g: GGUFFile) -> Qwen3Config:
-    """The Qwen3Config a GGUF file's metadata describes; GGUFDamaged if a needed key is absent."""
+    """The Qwen3Config a GGUF file's metadata describes; GGUFDamaged if a needed key is absent or a value
+    is of the wrong type (values go to the one config parser as they are, never through int())."""
     arch = g.kv.get("general.architecture")
-    if arch not in MODEL_TYPE:
+    if not isinstance(arch, str) or arch not in MODEL_TYPE:
         raise GGUFDamaged(f"general.architecture is {arch!r}, not qwen3 or qwen3moe")
 
     def key(k, default=None):
@@ -290,20 +351,21 @@ def config_from_gguf(g: GGUFFile) -> Qwen3Config:
         return v
 
     names = {t.name: t for t in g.tensors}
-    vocab = len(g.kv["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in g.kv else \
+    tokens = g.kv.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if isinstance(tokens, list) else \
         names["token_embd.weight"].shape[0] if "token_embd.weight" in names else key("vocab_size")
-    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
     raw = {  # config.json's names, so the one parser checks a GGUF's config like any other
-        "model_type": MODEL_TYPE[arch], "vocab_size": int(vocab), "hidden_size": hidden,
-        "intermediate_size": int(key("feed_forward_length")), "num_hidden_layers": int(key("block_count")),
-        "num_attention_heads": heads, "num_key_value_heads": int(key("attention.head_count_kv", heads)),
-        "head_dim": int(key("attention.key_length", hidden // heads)), "rope_theta": float(key("rope.freq_base", 1e6)),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "model_type": MODEL_TYPE[arch], "vocab_size": vocab, "hidden_size": key("embedding_length"),
+        "intermediate_size": key("feed_forward_length"), "num_hidden_layers": key("block_count"),
+        "num_attention_heads": key("attention.head_count"),
+        "num_key_value_heads": g.kv.get(f"{arch}.attention.head_count_kv"),
+        "head_dim": g.kv.get(f"{arch}.attention.key_length"), "rope_theta": key("rope.freq_base", 1e6),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-6),
         "tie_word_embeddings": "output.weight" not in names,
-        "max_position_embeddings": int(key("context_length", 40960)),
-        "num_experts": int(key("expert_count", 0)), "num_experts_per_tok": int(key("expert_used_count", 0)),
-        "moe_intermediate_size": int(key("expert_feed_forward_length", 0)),
-        "norm_topk_prob": bool(key("expert_weights_norm", arch == "qwen3moe")),
+        "max_position_embeddings": key("context_length", 40960),
+        "num_experts": key("expert_count", 0), "num_experts_per_tok": key("expert_used_count", 0),
+        "moe_intermediate_size": key("expert_feed_forward_length", 0),
+        "norm_topk_prob": key("expert_weights_norm", arch == "qwen3moe"),
     }
     try:
         return parse_config(raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -149,3 +150,32 @@ def cli(*args):
         return e.code
     finally:
         sys.argv = argv
+
+
+# ---- adversarial inputs: tests/test_adversarial_*.py ----------------------------------------------
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: opening a FIFO for reading, for one, waits for a writer forever."""
+    import signal
+
+    def expire(*_):
+        raise TimeoutError(f"blocked for more than {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def peak_traced_bytes(fn, *args):
+    """(fn(*args), the peak of Python and numpy allocations while it ran)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return fn(*args), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

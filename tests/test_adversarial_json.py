@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-from contextlib import contextmanager
 
 import pytest
+from conftest import deadline, peak_traced_bytes
 from hypothesis import given, settings, strategies as st
 
 from qwen3dbg.json_read import MAX_DEPTH, JSONReadError, loads, nesting_depth, read_json
@@ -25,20 +24,6 @@ def _depth(v) -> int:
     if isinstance(v, dict):
         return 1 + max(map(_depth, v.values()), default=0)
     return 0
-
-
-@contextmanager
-def _deadline(seconds: int):
-    """Fail instead of hanging when a read blocks (a FIFO opened for reading waits for a writer)."""
-    def expire(*_):
-        raise TimeoutError(f"blocked for more than {seconds} s")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @settings(max_examples=120, deadline=None)
@@ -105,7 +90,7 @@ def test_read_json_refuses_what_is_not_a_regular_file_without_blocking(tmp_path,
         path.symlink_to(path)
     else:
         path.symlink_to(tmp_path / "absent.json")
-    with _deadline(10), pytest.raises(OSError):
+    with deadline(10), pytest.raises(OSError):
         read_json(path)
 
 
@@ -118,14 +103,6 @@ def test_read_json_refuses_an_oversized_file_before_reading_it(tmp_path):
 
 
 def test_read_json_allocates_what_the_file_holds_not_its_limit(tmp_path):
-    import tracemalloc
-
     path = tmp_path / "small.json"
     path.write_text('{"a": [1, 2, 3]}')
-    tracemalloc.start()
-    try:
-        read_json(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1024**2
+    assert peak_traced_bytes(read_json, path)[1] < 1024**2

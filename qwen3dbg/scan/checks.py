@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.scan.container import Entry
+from qwen3dbg.scan.container import INTEGER_DTYPES, Entry
 from qwen3dbg.scan.findings import Finding, NormPeak
 from qwen3dbg.scan.stats import Stats
 
@@ -28,7 +28,6 @@ _NORMS = {"self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_nor
           "input_layernorm.weight": "input_layernorm", "post_attention_layernorm.weight": "post_attention_layernorm"}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _GHOST = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias")
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
 def norm_role(hf: str) -> tuple[int | None, str] | None:
@@ -45,9 +44,9 @@ def is_ghost_bias(hf: str, cfg: Qwen3Config) -> bool:
 
 def against_config(cfg: Qwen3Config, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
                    hf_of: dict[str, list[str]]) -> list[Finding]:
-    """Missing, unexpected and misshapen tensors, and MoE expert counts. `shapes`/`expected` use the
-    file's own names; `hf_of` maps them to the HF names they hold (GGUF stacks experts). Ghost biases
-    are left to `values`, where they get their statistics."""
+    """Missing, unexpected and misshapen tensors. `shapes`/`expected` use the file's own names; `hf_of`
+    maps them to the HF names they hold (GGUF stacks experts). Ghost biases are left to `values`, where
+    they get their statistics; layer and expert counts to `layout.count_problems`."""
     out = []
     for name, shape in expected.items():
         if name not in shapes:
@@ -65,18 +64,6 @@ def against_config(cfg: Qwen3Config, shapes: dict[str, tuple[int, ...]], expecte
             continue  # judged by `tied_head`
         out.append(Finding("warning", "unexpected", f"{name} is not part of a {cfg.model_type} checkpoint of this config",
                            "the config has no place for it: a strict loader fails, others drop it", name))
-    if cfg.is_moe:
-        per_layer = Counter()
-        for hf in (h for name in shapes for h in hf_of.get(name, ())):
-            m = _EXPERT.match(hf)
-            if m:
-                per_layer[int(m[1]), int(m[2])] += 1
-        layers = Counter(layer for layer, _ in per_layer)
-        for layer in sorted(layers):
-            if layers[layer] != cfg.num_experts:
-                out.append(Finding("error", "experts", f"layer {layer} holds {layers[layer]} experts, the config says "
-                                   f"{cfg.num_experts}", "the router picks experts that are not there",
-                                   numbers={"layer": layer, "experts": layers[layer], "expected": cfg.num_experts}))
     return out
 
 
@@ -93,16 +80,21 @@ def tied_head(same_as_embedding: bool) -> Finding:
 def dtypes(entries: list[Entry], cfg: Qwen3Config | None, gguf: bool) -> list[Finding]:
     counts = Counter(e.dtype for e in entries)
     listing = ", ".join(f"{n} {d}" for d, n in counts.most_common())
+    out = []
+    if ints := [e for e in entries if e.dtype in INTEGER_DTYPES]:
+        out.append(Finding("error", "dtype", f"{len(ints)} tensor(s) hold integers, {ints[0].name} ({ints[0].dtype}) "
+                           "first", "weights must be floating point: a loader converts the integers and runs a model "
+                           "no one trained", ints[0].name, {"integer_tensors": len(ints)}))
     if gguf:
-        return [Finding("info", "dtype", f"tensor types: {listing}", "norms and the router stay F32 in llama.cpp's "
-                        "converter, so a mixture is normal in GGUF", numbers=dict(counts))]
-    if len(counts) > 1:
-        return [Finding("warning", "dtype", f"mixed dtypes: {listing}",
-                        "an implementation that assumes one dtype reads some tensors wrong", numbers=dict(counts))]
-    if cfg is not None and counts and next(iter(counts)) != cfg.torch_dtype:
-        return [Finding("info", "dtype", f"all tensors are {next(iter(counts))}, config.json says {cfg.torch_dtype}",
-                        "loaders that trust the config convert on load", numbers=dict(counts))]
-    return []
+        out.append(Finding("info", "dtype", f"tensor types: {listing}", "norms and the router stay F32 in llama.cpp's "
+                           "converter, so a mixture is normal in GGUF", numbers=dict(counts)))
+    elif len(counts) > 1:
+        out.append(Finding("warning", "dtype", f"mixed dtypes: {listing}",
+                           "an implementation that assumes one dtype reads some tensors wrong", numbers=dict(counts)))
+    elif cfg is not None and counts and next(iter(counts)) != cfg.torch_dtype:
+        out.append(Finding("info", "dtype", f"all tensors are {next(iter(counts))}, config.json says {cfg.torch_dtype}",
+                           "loaders that trust the config convert on load", numbers=dict(counts)))
+    return out
 
 
 def values(name: str, hf: str, s: Stats, cfg: Qwen3Config | None, th: Thresholds) -> list[Finding]:

@@ -8,11 +8,13 @@ tensors that are intact are still scanned.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3dbg.layout import INDEX
+from qwen3dbg.json_read import JSONReadError, is_regular, loads, open_regular
+from qwen3dbg.layout import INDEX, MAX_TENSORS, read_weight_map
 from qwen3dbg.scan.findings import Finding
 
 # safetensors dtype -> (name the scan reports, bytes per element)
@@ -23,7 +25,13 @@ ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2)
 #: the float spellings safetensors and GGUF share (F32, BF16, ...) -> the name the scan reports
 FLOAT_NAMES = {k: ST_DTYPES[k][0] for k in ("F64", "F32", "F16", "BF16")}
 ITEMSIZE = dict(ST_DTYPES.values())  # scan name -> bytes per element
+#: integer types as the scan names them (safetensors) and as GGUF does: no Qwen3 weight is one
+INTEGER_DTYPES = {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool",
+                  "I64", "I32", "I16", "I8"}
 MAX_HEADER = 100 * 1024**2  # the safetensors library refuses larger headers
+#: no shard's header reaches 1 MB; beyond this it is not a checkpoint's (10^6 entries once took 1.2 GB to parse)
+ABSURD_HEADER = 16 * 1024**2
+STACKED = "_exps.weight"  # GGUF tensors that stack a layer's experts, [experts, ...] in torch order
 DAMAGED = "a loader fails on this file or reads bytes that are not the tensor's"
 
 
@@ -84,8 +92,12 @@ def overlaps(entries: list[tuple[str, int, int]], file: str, check: str) -> list
 def read_safetensors(path: Path) -> tuple[list[Entry], list[Finding]]:
     """The intact tensors of one safetensors file and findings for everything that is not."""
     findings: list[Finding] = []
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path)
+    except OSError as e:
+        return [], [_err("container", f"{path.name} cannot be read: {e.strerror or e}")]
+    with f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             return [], [_err("container", f"{path.name} has {size} bytes, fewer than the 8-byte header length",
@@ -98,21 +110,27 @@ def read_safetensors(path: Path) -> tuple[list[Entry], list[Finding]]:
             return [], [_err("container", f"{path.name}: header length {n} is above safetensors' limit of {MAX_HEADER}",
                              header_length=n)]
         raw = f.read(n)
+    if n > ABSURD_HEADER:
+        return [], [_absurd(path, f"the header is {n} bytes, more than the {ABSURD_HEADER} of any checkpoint's",
+                            header_length=n)]
     try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as e:
-        return [], [_err("container", f"{path.name}: the header is not valid JSON ({e})")]
+        header = loads(raw, object_pairs_hook=_no_duplicates)
+    except (JSONReadError, ValueError) as e:
+        return [], [_err("container", f"{path.name}: the header cannot be used: {e}")]
     if not isinstance(header, dict):
         return [], [_err("container", f"{path.name}: the header is a JSON {type(header).__name__}, not an object")]
+    if len(header) > MAX_TENSORS:
+        return [], [_absurd(path, f"the header lists {len(header)} tensors, more than the {MAX_TENSORS} of any "
+                            "checkpoint", tensors=len(header))]
     meta = header.pop("__metadata__", {})
     if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
-        findings.append(Finding("warning", "container", f"{path.name}: __metadata__ is not a map of strings to strings",
-                                "the safetensors library rejects such a header"))
+        findings.append(_err("container", f"{path.name}: __metadata__ is not a map of strings to strings",
+                             why="the safetensors library refuses such a header, so no loader reads the file"))
     data_start, data_size = 8 + n, size - 8 - n
     entries, spans = [], []
     for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in ST_DTYPES or not _is_shape(info.get("shape")) \
-                or not _is_offsets(info.get("data_offsets")):
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in ST_DTYPES \
+                or not _is_shape(info.get("shape")) or not _is_offsets(info.get("data_offsets")):
             findings.append(_err("container", f"{name}: malformed header entry {json.dumps(info)[:200]} in {path.name}",
                                  name))
             continue
@@ -134,25 +152,41 @@ def read_safetensors(path: Path) -> tuple[list[Entry], list[Finding]]:
     findings += bad
     bad_names = {f.tensor for f in bad}
     covered = sum(e - b for _, b, e in spans)
-    if not bad and covered < data_size:
-        findings.append(Finding("warning", "container",
-                                f"{path.name}: {data_size - covered} bytes of the data section belong to no tensor",
-                                "the format forbids holes; a writer that left them may have dropped a tensor",
-                                numbers={"unindexed_bytes": data_size - covered}))
+    intact = not any(x.severity == "error" for x in findings)  # else the tensors lost explain any gap
+    if intact and covered < data_size:
+        findings.append(_err("container", f"{path.name}: {data_size - covered} bytes of the data section belong to "
+                             "no tensor", why="the format forbids holes and the safetensors library refuses the "
+                             "file; a writer that left them may have dropped a tensor",
+                             unindexed_bytes=data_size - covered))
+    if intact and covered == data_size:
+        findings += _library_refusal(path)
     return [x for x in entries if x.name not in bad_names], findings
+
+
+def _absurd(path: Path, what: str, **numbers) -> Finding:
+    return _err("container", f"{path.name}: {what}; not scanned further", why="this is not a model checkpoint, or "
+                "its header was generated wrong", **numbers)
+
+
+def _library_refusal(path: Path) -> list[Finding]:
+    """An error when the safetensors library refuses a file our own checks passed: what loaders use decides."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        safe_open(str(path), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        return [_err("container", f"{path.name}: the safetensors library refuses the file ({e})",
+                     why="every loader reads safetensors through that library: none can load this file")]
+    return []
 
 
 def read_index(model_dir: Path) -> tuple[dict[str, str] | None, list[Finding]]:
     """weight_map of a sharded checkpoint (tensor -> shard file name), or None with why it is unusable."""
-    path = model_dir / INDEX
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not a map of tensor names to file names")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        return None, [_err("index", f"{INDEX} is not a valid index ({e}); scanning every *.safetensors file instead",
-                           why="transformers cannot load a sharded checkpoint without its index")]
-    return weight_map, []
+        return read_weight_map(model_dir), []
+    except (ValueError, OSError) as e:
+        return None, [_err("index", f"{INDEX} is not a valid index: {e}; scanning every *.safetensors file instead",
+                           why="transformers cannot load a sharded checkpoint without a valid index")]
 
 
 def lost_tensors(findings: list[Finding]) -> set[str]:
@@ -162,26 +196,33 @@ def lost_tensors(findings: list[Finding]) -> set[str]:
 
 def read_directory(model_dir: Path) -> tuple[list[Entry], list[Finding], list[Path]]:
     """Every intact tensor of a safetensors model directory, with the index checked against the shards."""
-    on_disk = sorted(model_dir.glob("*.safetensors"))
-    weight_map, findings = read_index(model_dir) if (model_dir / INDEX).is_file() else (None, [])
+    on_disk, findings = [], []
+    for f in sorted(model_dir.glob("*.safetensors")):
+        if is_regular(f):
+            on_disk.append(f)
+        else:
+            findings.append(_err("container", f"{f.name} is not a regular file (a directory, a FIFO, a device or a "
+                                 "broken or looping link)", f.name, why="a loader that opens it fails or blocks"))
+    weight_map, bad_index = read_index(model_dir) if os.path.lexists(model_dir / INDEX) else (None, [])
+    findings += bad_index
     if weight_map is None:
         files = on_disk
-        if len(files) > 1 and not findings:
+        if len(files) > 1 and not bad_index:
             findings.append(Finding("warning", "index", f"{len(files)} safetensors files and no {INDEX}",
                                     "transformers loads a multi-file checkpoint only through its index"))
     else:
         files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
         for f in files:
-            if not f.is_file():
+            if not is_regular(f):
                 lost = [t for t, s in weight_map.items() if s == f.name]
-                findings.append(_err("index", f"shard {f.name} listed in {INDEX} is missing: its {len(lost)} tensors "
-                                     f"(e.g. {lost[0]}) cannot be read", f.name, why="loading the model fails",
-                                     lost=lost))
+                findings.append(_err("index", f"shard {f.name} listed in {INDEX} is missing or not a regular file: its "
+                                     f"{len(lost)} tensors (e.g. {lost[0]}) cannot be read", f.name,
+                                     why="loading the model fails", lost=lost))
         for f in on_disk:
             if f not in files:
                 findings.append(Finding("warning", "index", f"{f.name} is not listed in {INDEX}",
                                         "loaders never read it: a stale shard or a forgotten one", f.name))
-        files = [f for f in files if f.is_file()]
+        files = [f for f in files if is_regular(f)]
     entries: list[Entry] = []
     for f in files:
         got, bad = read_safetensors(f)
@@ -205,13 +246,19 @@ def read_gguf_file(path: Path):
     """The intact tensors of a GGUF file, findings for the rest, and the parsed file (None if unreadable)."""
     import gguf
 
-    from qwen3dbg.gguf_io import GGUFDamaged, read_gguf
+    from qwen3dbg.gguf_io import GGUFDamaged, data_region_problems, read_gguf
 
     try:
         g = read_gguf(path)
     except GGUFDamaged as e:
         return [], [_err("container", f"{path.name}: {e}")], None
-    entries, findings, spans = [], [], []
+    held = sum(t.shape[0] if t.name.endswith(STACKED) and t.shape else 1 for t in g.tensors)
+    if held > MAX_TENSORS:  # stacked experts count one each: every one of them gets a name
+        return [], [_absurd(path, f"its tensor table holds {held} tensors (stacked experts counted one by one), "
+                            f"more than the {MAX_TENSORS} of any checkpoint", tensors=held)], g
+    findings = [_err("container", f"{tensor or path.name}: {problem}", tensor, **numbers)
+                for tensor, problem, numbers in data_region_problems(g)]
+    entries, spans = [], []
     for t in g.tensors:
         block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.qtype)][0] if t.nbytes is not None else 1
         if t.nbytes is None:
@@ -219,6 +266,9 @@ def read_gguf_file(path: Path):
         elif not t.shape or t.shape[-1] % block:
             findings.append(_err("container", f"{t.name}: shape {list(t.shape)} does not split into {t.type_name} "
                                  f"blocks of {block}", t.name))
+        elif 0 in t.shape:
+            findings.append(_err("container", f"{t.name}: shape {list(t.shape)} holds no values", t.name,
+                                 why="no Qwen3 weight is empty: a loader finds nothing where the model needs weights"))
         elif t.offset + t.nbytes > g.file_size:
             findings.append(_err("container", f"{t.name}: bytes {t.offset}..{t.offset + t.nbytes} lie past the end of "
                                  f"the file ({g.file_size} bytes): the file is truncated", t.name,

@@ -7,23 +7,32 @@ from pathlib import Path
 from typing import Callable
 
 from qwen3dbg.scan import checks
-from qwen3dbg.scan.container import lost_tensors
+from qwen3dbg.scan.container import INTEGER_DTYPES, lost_tensors
 from qwen3dbg.scan.findings import Finding, NormPeak, ScanResult, TensorRow
 from qwen3dbg.scan.source import Source, open_source
 
 
+_COUNT_WHY = "the config belongs to another model or the weights are incomplete: loaders fail, or run layers " \
+    "and experts that are not there"
+
+
 def _config_findings(src: Source, hf_of: dict[str, list[str]]) -> list[Finding]:
-    from qwen3dbg.gguf_names import gguf_shapes
-    from qwen3dbg.layout import tensor_shapes
+    """Counts first (layers, experts), then each tensor the config implies within what the files hold."""
+    from qwen3dbg.gguf_names import gguf_shapes, gguf_to_hf
+    from qwen3dbg.layout import Held, count_problems, tensor_shapes
 
     cfg = src.cfg
-    expected = tensor_shapes(cfg)
+    lost = lost_tensors(src.findings)
+    lost_hf = lost if src.format == "safetensors" else {h for n in lost for h in gguf_to_hf(n)}
+    held = Held.of([h for names in hf_of.values() for h in names] + sorted(lost_hf))
+    out = [Finding("error", kind, message, _COUNT_WHY, numbers=numbers)
+           for kind, message, numbers in count_problems(cfg, held)]
+    expected = tensor_shapes(cfg, held=held)
     if src.format == "gguf":
         expected = gguf_shapes(expected)
-    lost = lost_tensors(src.findings)
     shapes = {e.name: e.shape for e in src.entries}
-    out = [f for f in checks.against_config(cfg, shapes, expected, hf_of)
-           if not (f.check == "missing" and f.tensor in lost)]
+    out += [f for f in checks.against_config(cfg, shapes, expected, hf_of)
+            if not (f.check == "missing" and f.tensor in lost)]
     by_name = {e.name: e for e in src.entries}
     if cfg.tie_word_embeddings and src.format == "safetensors" and "lm_head.weight" in by_name \
             and "model.embed_tokens.weight" in by_name:
@@ -47,15 +56,15 @@ def scan_checkpoint(path: str | Path, thresholds: checks.Thresholds = checks.Thr
             s = src.stats(e)
             rows.append(TensorRow(e.name, e.file.name, e.dtype, e.shape, e.nbytes, s))
             hf = (hf_of[e.name] or [e.name])[0]
-            if s is None:
-                findings.append(Finding("info", "dtype", f"{e.name} is {e.dtype}: no value statistics",
-                                        "only float tensors are summarized", e.name))
-            else:
+            if s is not None:
                 read += e.nbytes
                 findings += checks.values(e.name, hf, s, src.cfg, thresholds)
                 role = checks.norm_role(hf)
                 if role is not None:
                     peaks.append(NormPeak(role[0], role[1], e.name, s.absmax))
+            elif e.dtype not in INTEGER_DTYPES:  # integers have their own error in checks.dtypes
+                findings.append(Finding("info", "dtype", f"{e.name} is {e.dtype}: no value statistics",
+                                        "only float tensors are summarized", e.name))
             if tick:
                 tick(e.nbytes)
         findings += checks.norm_danger(peaks, thresholds)

@@ -8,6 +8,7 @@ back as soon as they are summed, so memory stays near one window whatever the ch
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass, field
 from math import gcd
 from pathlib import Path
@@ -16,7 +17,10 @@ import numpy as np
 
 from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.errors import UserError
-from qwen3dbg.scan.container import FLOAT_NAMES, ITEMSIZE, Entry, read_directory, read_gguf_file, read_safetensors
+from qwen3dbg.json_read import open_regular
+from qwen3dbg.layout import INDEX
+from qwen3dbg.scan.container import (FLOAT_NAMES, INTEGER_DTYPES, ITEMSIZE, STACKED, Entry, read_directory,
+                                     read_gguf_file, read_safetensors)
 from qwen3dbg.scan.findings import Finding
 from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements
 from qwen3dbg.taps import MANIFEST
@@ -40,11 +44,11 @@ class Source:
             return [entry.name]
         from qwen3dbg.gguf_names import gguf_to_hf
 
-        return gguf_to_hf(entry.name, entry.shape[0] if entry.name.endswith("_exps.weight") else 0)
+        return gguf_to_hf(entry.name, entry.shape[0] if entry.name.endswith(STACKED) else 0)
 
     def _bytes(self, path: Path) -> tuple[mmap.mmap, np.ndarray]:
         if path not in self._maps:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[path] = (mm, np.frombuffer(mm, dtype=np.uint8))
         return self._maps[path]
@@ -75,9 +79,12 @@ class Source:
                     acc.add(buf.ctypes.data + begin, m)
                 self._release(e.file, begin, begin + m * size)
             return acc.result()
-        if e.qtype is None:
+        if e.qtype is None or e.dtype in INTEGER_DTYPES:
             return None
-        return self._quantized_stats(e, buf)
+        try:
+            return self._quantized_stats(e, buf)
+        except NotImplementedError:  # a block format gguf-py cannot expand
+            return None
 
     def _quantized_stats(self, e: Entry, buf: np.ndarray) -> Stats:
         from qwen3dbg.gguf_io import dequantize
@@ -103,7 +110,10 @@ class Source:
         _, buf = self._bytes(e.file)
         raw = buf[e.offset:e.offset + e.nbytes]
         if e.qtype is not None:
-            vals = dequantize(raw, e.qtype, e.shape)
+            try:
+                vals = dequantize(raw, e.qtype, e.shape)
+            except NotImplementedError:
+                raise UserError(f"{e.name} is {e.dtype}, which diff-weights cannot read as floats") from None
             return vals.copy() if np.may_share_memory(vals, raw) else vals
         if e.dtype == "bfloat16":
             return dequantize(raw, GGUF_TYPES["bf16"], e.shape)
@@ -130,7 +140,7 @@ class Source:
 
 
 def _config(model_dir: Path) -> tuple[Qwen3Config | None, list[Finding]]:
-    if not (model_dir / "config.json").is_file():
+    if not os.path.lexists(model_dir / "config.json"):
         return None, [Finding("warning", "config", f"no config.json in {model_dir}: tensors are not checked against a config",
                               "missing, unexpected or misshapen tensors go unnoticed")]
     try:
@@ -144,18 +154,22 @@ def open_source(path: str | Path) -> Source:
     """Open PATH as a checkpoint; UserError when it is not one at all (the CLI's exit 2)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist: pass a model directory, a .safetensors file or a .gguf file")
+        what = "is a link that leads nowhere (dangling, or a loop)" if path.is_symlink() else "does not exist"
+        raise UserError(f"{path} {what}: pass a model directory, a .safetensors file or a .gguf file")
     if path.is_dir():
         if (path / MANIFEST).is_file():
             raise UserError(f"{path} is a tap store, not a checkpoint: its -inf values are attention masks, not "
                             f"broken weights; check it with `qwen3dbg validate-store {path}`")
-        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+        if not any(path.glob("*.safetensors")) and not os.path.lexists(path / INDEX):
             raise UserError(f"{path} holds no safetensors files: pass a model directory, a .safetensors or a .gguf file")
         cfg, findings = _config(path)
         entries, more, files = read_directory(path)
         return Source(path, "safetensors", files, entries, findings + more, cfg)
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open_regular(path) as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     if magic == b"GGUF" or path.suffix == ".gguf":
         entries, findings, g = read_gguf_file(path)
         cfg = None
