@@ -19,7 +19,7 @@ from qwen3dbg.capture import forced_steps, run_steps
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.candidates.catalogue import VARIANTS
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.diagnosis import diagnose, explain_rounding
+from qwen3dbg.diff.diagnosis import diagnose, explain_rounding
 from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm
 

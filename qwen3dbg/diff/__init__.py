@@ -192,7 +192,7 @@ def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Di
 
 
 def _diagnose(src: WindowSource, div: Divergence) -> list:
-    from qwen3dbg.diagnosis import diagnose
+    from qwen3dbg.diff.diagnosis import diagnose
 
     return list(diagnose(src, div.step, div.tap))
 
@@ -229,14 +229,14 @@ class _InNoise:
             self.window.snapshot(r.step, [r.name, *inputs])
 
     def _amplification(self, name: str) -> float:
-        from qwen3dbg.diagnosis import amplification
+        from qwen3dbg.diff.diagnosis import amplification
 
         if name not in self.amplification:
             self.amplification[name] = amplification(self.src, name)
         return self.amplification[name]
 
     def finding(self, dt: torch.dtype) -> Finding | None:
-        from qwen3dbg.diagnosis import explain_rounding
+        from qwen3dbg.diff.diagnosis import explain_rounding
 
         best = self.best
         if best is None:

@@ -91,7 +91,7 @@ class DiffResult:
     steps: list[dict]  # {"step", "tokens", "token_ids", "positions"}
     taps: list[TapResult]
     first_divergence: Divergence | None
-    diagnosis: list  # list[qwen3dbg.diagnosis.Diagnosis], best first
+    diagnosis: list  # list[qwen3dbg.diff.diagnosis.Diagnosis], best first
     first_nonfinite: dict | None = None  # {"step", "tap", "count"}: the op that first produced NaN/inf
     golden_nonfinite: dict | None = None  # the same of the fp64 golden: the weights or inputs are not finite
     in_noise: Finding | None = None
