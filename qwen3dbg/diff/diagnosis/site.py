@@ -168,12 +168,19 @@ class Site:
         layer = self.layer if layer == "same" else layer
         return f"model.layers.{layer}.{module}" if layer is not None else module
 
-    def weight_at(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor | None:
-        """A checkpoint tensor in float64, or only its `rows` (an LM head in float64 would be 1.2 GB)."""
+    def _raw(self, name: str) -> torch.Tensor | None:
         if name not in self._weights:
             self._weights[name] = self.src.weight(name)
-        t = self._weights[name]
+        return self._weights[name]
+
+    def weight_at(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A checkpoint tensor in float64, or only its `rows` (an LM head in float64 would be 1.2 GB)."""
+        t = self._raw(name)
         return None if t is None else (t if rows is None else t[rows]).double()
+
+    def weight_shape(self, name: str) -> tuple[int, ...] | None:
+        t = self._raw(name)
+        return None if t is None else tuple(t.shape)
 
     def weight(self, module: str) -> torch.Tensor | None:
         return self.weight_at(self.weight_name(module))

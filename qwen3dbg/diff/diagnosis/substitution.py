@@ -69,8 +69,8 @@ def norm_weight(s: Site) -> Diagnosis | None:
     xhat, c = rms_norm(x[:, t], 1.0, s.cfg.rms_norm_eps), s.cand()[:, t]
     if rel(c, w * xhat) <= s.tol:
         return None
-    tried = [(rel(c, s.weight_at(n) * xhat), n) for n in _candidates(s, own, tuple(w.shape), True)
-             if s.weight_at(n) is not None]
+    others = ((n, s.weight_at(n)) for n in _candidates(s, own, tuple(w.shape), True))
+    tried = [(rel(c, wn * xhat), n) for n, wn in others if wn is not None]
     if not tried:
         return None
     resid, used = min(tried)
@@ -82,20 +82,19 @@ def linear_weight(s: Site) -> Diagnosis | None:
     with its own weight transposed when square."""
     if not is_linear(s):
         return None
-    x, own = s.operand(s.inputs[0]), linear_weight_name(s)
-    if x is None or s.src.weight(own) is None:
+    x, own, c = s.operand(s.inputs[0]), linear_weight_name(s), s.cand()
+    rows = sample(c.shape[-1], OUT_CHANNELS)
+    w = s.weight_at(own, rows)
+    if x is None or w is None:
         return None
-    t, c = s.tokens(), s.cand()
-    n_out = c.shape[-1]
-    rows = sample(n_out, OUT_CHANNELS)
-    x, c = x[:, t], c[:, t][..., rows]
-    w = s.weight_at(own)
-    if rel(c, x @ s.weight_at(own, rows).T) <= s.tol:
+    x, c = x[:, s.tokens()], c[:, s.tokens()][..., rows]
+    if rel(c, x @ w.T) <= s.tol:
         return None
-    tried = [(rel(c, x @ s.weight_at(n, rows).T), n, False) for n in _candidates(s, own, tuple(w.shape), False)
-             if s.src.weight(n) is not None]
-    if w.shape[0] == w.shape[1]:
-        tried.append((rel(c, x @ w[:, rows]), own, True))
+    shape = s.weight_shape(own)
+    others = ((n, s.weight_at(n, rows)) for n in _candidates(s, own, shape, False))
+    tried = [(rel(c, x @ wn.T), n, False) for n, wn in others if wn is not None]
+    if shape[0] == shape[1]:
+        tried.append((rel(c, x @ s.weight_at(own)[:, rows]), own, True))
     if not tried:
         return None
     resid, used, transposed = min(tried)

@@ -30,8 +30,12 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
     act = s.src.dtype
     rows = s.tokens()  # the replay rounds K times per output: a sample of tokens suffices
     x, w, g, c = x[:, rows].to(act), w.to(act), g[:, rows], s.cand()[:, rows]
+    exact = x.double() @ w.double().T
+    per_channel = (c * exact).sum(1, keepdim=True) / exact.pow(2).sum(1, keepdim=True)  # [B,1,N]
+    if rel(c, per_channel * exact) <= s.tol:  # an error each output channel scales alike is no rounding
+        return None
     e_c = rel(c, g)
-    e_right = rel((x.double() @ w.double().T).to(act), g)
+    e_right = rel(exact.to(act), g)
     e_lp = rel(accumulate_lowp(x, w), g)
     if min(e_c, e_right) == 0 or not math.isfinite(e_c):
         return None
