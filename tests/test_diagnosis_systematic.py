@@ -54,10 +54,10 @@ def test_the_comparison_kernel_sums_signed_deviations_per_row(shape):
 def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_clean_taps():
     gen = torch.Generator().manual_seed(0)
     taps = []
-    for i in range(40):  # clean taps: each side rounds independently
+    for i in range(40):  # clean taps: the candidate errs by half an ulp either way before its rounding
         g = torch.randn(100, 100, generator=gen, dtype=torch.float64)
-        taps.append(_tap(f"clean{i}", g, g.to(torch.bfloat16), (g + 1e-9 * torch.randn(g.shape, generator=gen,
-                                                                                      dtype=torch.float64)).to(torch.bfloat16), torch.bfloat16))
+        wobble = 1 + 2 ** -8 * torch.randn(g.shape, generator=gen, dtype=torch.float64)
+        taps.append(_tap(f"clean{i}", g, g.to(torch.bfloat16), (g * wobble).to(torch.bfloat16), torch.bfloat16))
     g = torch.randn(100, 100, generator=gen, dtype=torch.float64)  # 1e4 elements, 100 rows
     taps.insert(17, _tap("planted", g, g.to(torch.bfloat16), shifted(g, torch.bfloat16, 0.2), torch.bfloat16))
     found = detect(taps, None, torch.bfloat16)

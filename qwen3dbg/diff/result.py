@@ -200,7 +200,8 @@ class DiffResult:
                 lines.append(("first NaN/inf", f"step {nf['step']}, {nf['tap']} ({nf['count']} values)"))
             lines += [("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)]
             if not self.diagnosis:
-                lines.append(("diagnosis", "no known bug signature fits the tensors"))
+                lines.append(("diagnosis", "nothing explains it: no hypothesis reproduces the candidate's tensor "
+                                           "within the noise floor"))
         story = self.decode_story()
         if story is not None and len(self.steps) > 2:
             lines.append(("decode steps", story))
