@@ -104,11 +104,11 @@ class SwigluSwapped(Qwen3Reference):
     """silu(up) * gate in the dense MLP and in every expert."""
 
     def linear(self, x, name):
-        swap = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
-        if ".experts." in name:
-            head, _, leaf = name.rpartition(".")
-            name = f"{head}.{swap.get(leaf, leaf)}"
-        return super().linear(x, name)
+        y = super().linear(x, name)
+        if name.endswith("gate_up_proj"):  # an expert's fused [gate; up] projection
+            gate, up = y.chunk(2, dim=-1)
+            return torch.cat((up, gate), -1)
+        return y
 
     def dense_mlp(self, i, x, sink):
         p = f"model.layers.{i}.mlp."
