@@ -13,9 +13,8 @@ from abc import abstractmethod
 import torch
 import torch.nn.functional as F
 
-from qwen3dbg.diagnosis import accumulate_lowp
 from qwen3dbg.errors import UserError
-from qwen3dbg.reference.qwen3 import Qwen3Reference, attention_scores, rms_norm, rope_cos_sin
+from qwen3dbg.reference.qwen3 import Qwen3Reference, accumulate_lowp, attention_scores, rms_norm, rope_cos_sin
 
 
 class RopeInterleaved(Qwen3Reference):

@@ -38,6 +38,15 @@ class Numerics:
 
 # ---- pure math ------------------------------------------------------------------------------------
 
+def accumulate_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w [N, K].T with every product and running sum rounded to x's dtype: how an engine
+    that accumulates in the activation dtype rounds, and what the diagnosis replays to recognise one."""
+    acc = torch.zeros(*x.shape[:-1], w.shape[0], dtype=x.dtype)
+    for k in range(x.shape[-1]):
+        acc = acc + x[..., k, None] * w[:, k]
+    return acc
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, num: Numerics) -> torch.Tensor:
     """RMSNorm over the last axis. Normalise in the wide dtype, round to `act`, THEN multiply by the
     weight (transformers' order; a large weight, e.g. k_norm ~100, amplifies that rounding)."""

@@ -118,7 +118,7 @@ def step_plot(result: DiffResult) -> str:
 
 
 _CLASS = {"first NaN/inf": "bad", "golden NaN/inf": "bad", "reference": "warn",
-          "within noise": "info", "routing ties": "warn", "note": "warn"}
+          "within noise": "info", "routing ties": "warn", "note": "warn", "systematic": "warn"}
 
 
 def _summary(result: DiffResult) -> str:

@@ -12,7 +12,8 @@ from qwen3dbg.text import escape
 
 _STYLE = {"first divergence": "bold", "origin": "bold", "first NaN/inf": "bold red", "golden NaN/inf": "bold red",
           "reference": "bold yellow", "diagnosis": "bold cyan", "or": "cyan", "within noise": "bold blue",
-          "routing ties": "yellow", "not compared": "dim", "note": "yellow", "decode steps": "bold"}
+          "routing ties": "yellow", "not compared": "dim", "note": "yellow", "decode steps": "bold",
+          "systematic": "bold yellow"}
 
 
 def summary(result: DiffResult) -> Panel:

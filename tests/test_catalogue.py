@@ -157,7 +157,7 @@ def test_cli_diff_of_a_catalogue_bug_exits_1_and_writes_its_diagnosis(catalogue_
 def test_docs_describe_every_catalogue_variant_and_every_diagnosis_id():
     from pathlib import Path
 
-    from qwen3dbg.diagnosis import SIGNATURE_IDS
+    from qwen3dbg.diff.diagnosis import SIGNATURE_IDS
 
     page = (Path(__file__).parents[1] / "docs" / "catalogue.md").read_text()
     assert [n for n in VARIANTS if f"| `{n}` |" not in page] == []

@@ -19,7 +19,7 @@ from qwen3dbg.capture import forced_steps, run_steps
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.candidates.catalogue import VARIANTS
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.diagnosis import diagnose, explain_rounding
+from qwen3dbg.diff.diagnosis import diagnose, explain_rounding
 from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm
 
@@ -149,10 +149,12 @@ def test_a_signature_is_never_claimed_by_another_bug(sides):
 class PerturbedQProj(Qwen3Reference):
     """A bug no signature knows: q_proj rows scaled by per-channel factors (a broken dequantisation)."""
 
+    spread = 0.05
+
     def linear(self, x, name):
         y = super().linear(x, name)
         if name.endswith("q_proj"):
-            y = y * (1 + 0.05 * torch.randn(y.shape[-1], generator=torch.Generator().manual_seed(0))).to(y.dtype)
+            y = y * (1 + self.spread * torch.randn(y.shape[-1], generator=torch.Generator().manual_seed(0))).to(y.dtype)
         return y
 
 
@@ -180,6 +182,16 @@ def test_no_signature_fits_a_bug_outside_the_catalogue(sides, cls, tap, dtype):
     src = sides("dense", dtype, cls)
     assert src.cand(0, tap) is not None and not torch.equal(src.cand(0, tap), src.ref(0, tap))
     assert diagnose(src, 0, tap) == []
+
+
+class SlightlyPerturbedQProj(PerturbedQProj):
+    spread = 0.025
+
+
+def test_a_per_channel_scale_on_a_long_reduction_is_not_taken_for_low_precision_accumulation(sides):
+    """On a reduction long enough for bf16 accumulation to show, a 2.5% per-channel scale errs as much."""
+    src = sides("wide", "bfloat16", SlightlyPerturbedQProj)
+    assert diagnose(src, 0, "layers.0.q_proj") == []
 
 
 def test_fused_rmsnorm_is_explained_as_a_rounding_point_amplified_by_the_k_norm_weight(sides, catalogue_model):

@@ -9,6 +9,7 @@ import torch
 from qwen3dbg.candidate import DictSink
 from qwen3dbg.capture import capture, forced_steps, run_steps
 from qwen3dbg.errors import UserError
+from qwen3dbg.measures import ulps_apart
 from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.store import TapStore
 from qwen3dbg.synth import Plants, make_model
@@ -33,15 +34,6 @@ def max_err(t: torch.Tensor, ref: torch.Tensor) -> float:
     finite = torch.isfinite(ref)
     assert torch.equal(finite, torch.isfinite(t.double())), "masked (-inf) entries differ"
     return (t.double() - ref.double())[finite].abs().max().item() if finite.any() else 0.0
-
-
-def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance between a and b in representable steps of their 16-bit dtype (0: bit-identical)."""
-    def ordered(x):
-        bits = x.contiguous().view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
 
 
 @pytest.fixture(scope="module", params=["tiny-dense", "tiny-moe"])

@@ -13,6 +13,7 @@ import torch
 from qwen3dbg.candidate import NullSink
 from qwen3dbg.capture import capture, capture_step, forced_steps, run_steps, store_writer
 from qwen3dbg.dtypes import dtype_name
+from qwen3dbg.measures import ulps_apart
 from qwen3dbg.store import StepInfo, TapStore, is_cache_tap
 
 
@@ -68,22 +69,6 @@ class SelftestResult:
 
 
 NOMINAL_GB_S = {"H100": 3350.0, "H200": 4800.0, "A100": 2000.0}
-
-
-def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance between two same-dtype float tensors in representable steps (ids: 0 or 1)."""
-    if not a.is_floating_point():
-        return int(not torch.equal(a.cpu(), b.cpu()))
-    int_type = {2: torch.int16, 4: torch.int32}[a.element_size()]
-    sign = {2: 0x7FFF, 4: 0x7FFFFFFF}[a.element_size()]
-
-    def ordered(x):
-        bits = x.detach().cpu().contiguous().view(int_type).to(torch.int64)
-        return torch.where(bits < 0, -(bits & sign), bits)
-
-    both_inf = torch.isinf(a.cpu()) & torch.isinf(b.cpu()) & (a.cpu() == b.cpu())
-    d = (ordered(a) - ordered(b)).abs().masked_fill(both_inf, 0)
-    return int(d.max()) if d.numel() else 0
 
 
 def identical_fraction(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ import torch
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.compare import ROUTER_OPS, Comparison
+from qwen3dbg.diff.diagnosis.systematic import detect
 from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
@@ -142,6 +143,7 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     status("diagnosing")
     diagnosis = [] if div is None else list(_diagnose(src, div))
     in_noise = noise.finding(dt)
+    systematic = detect(taps, div, dt)
     timings["diagnose"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return DiffResult(
@@ -149,7 +151,7 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
         steps=[{"step": s.step, "tokens": s.tokens, "token_ids": s.token_ids[0], "positions": s.positions[0]}
                for s in schedule.steps],
         taps=taps, first_divergence=div, diagnosis=diagnosis, first_nonfinite=_first_nonfinite(taps, "cand"),
-        golden_nonfinite=_first_nonfinite(taps, "gold"), in_noise=in_noise,
+        golden_nonfinite=_first_nonfinite(taps, "gold"), in_noise=in_noise, systematic=systematic,
         routing_ties=comparison.ties, timings=timings, spilled=keeper.spilled,
         rule={"norm_factor": NORM_FACTOR, "element_factor": ELEMENT_FACTOR, "rel_floor_ulps": REL_FLOOR_ULPS,
               "abs_floor_ulps": ABS_FLOOR_ULPS, "small_sample_n0": SMALL_SAMPLE_N0})
@@ -192,7 +194,7 @@ def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Di
 
 
 def _diagnose(src: WindowSource, div: Divergence) -> list:
-    from qwen3dbg.diagnosis import diagnose
+    from qwen3dbg.diff.diagnosis import diagnose
 
     return list(diagnose(src, div.step, div.tap))
 
@@ -229,14 +231,14 @@ class _InNoise:
             self.window.snapshot(r.step, [r.name, *inputs])
 
     def _amplification(self, name: str) -> float:
-        from qwen3dbg.diagnosis import amplification
+        from qwen3dbg.diff.diagnosis import amplification
 
         if name not in self.amplification:
             self.amplification[name] = amplification(self.src, name)
         return self.amplification[name]
 
     def finding(self, dt: torch.dtype) -> Finding | None:
-        from qwen3dbg.diagnosis import explain_rounding
+        from qwen3dbg.diff.diagnosis import explain_rounding
 
         best = self.best
         if best is None:

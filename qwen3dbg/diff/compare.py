@@ -14,6 +14,7 @@ import torch
 
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.blocks import RowBlocks, blocked_count_over, blocked_errors
+from qwen3dbg.diff.diagnosis.systematic import signed_stats
 from qwen3dbg.diff.fused import count_over, tap_errors
 from qwen3dbg.diff.metrics import (agreement, cosine, logits_counts, ratio, router_margin, same_sets,
                                    worst_coordinate)
@@ -173,7 +174,7 @@ class Comparison:
             also = (lambda gb, cb: counts.append(logits_counts(cb, gb))) if logits else None
             te = blocked_errors(g, r, c, scores, keep, also)
         else:
-            te = tap_errors(g, r, c, scores=scores, keep=keep)
+            te = tap_errors(g, r, c, scores=scores, keep=keep, row=spec.shape[-1])
         if te.mask_diff:
             reasons.append(f"mask pattern differs from fp64 at {te.mask_diff} entries")
         if te.nonfinite["cand"]:
@@ -188,6 +189,8 @@ class Comparison:
         if excess > 1:
             which = "rel. L2" if sc.rel_l2 / tol.rel >= sc.max_abs / tol.abs_ else "max |err|"
             reasons.append(f"{which} {excess:.3g}x over the {dtype_name(self.dtype)} noise floor")
+        if not reasons and te.rows is not None:  # a golden computed in blocks brings no row sums
+            extra["signed"] = signed_stats(te.rows, count, te.gold_norm, self.dtype)
         if logits and count:
             extra.update(agreement(counts or [logits_counts(c, g)]))
         # The share of elements over the per-element limit takes a second pass, only when some element is.

@@ -35,6 +35,7 @@ typedef struct {
     int64_t argmax, argmin;  /* first flat index of the candidate error's max / min */
     double ss_cand, ss_ref, ss_gold, ss_diff, dot;  /* sums of err_c^2, err_r^2, gold^2, (err_c - err_r)^2, err_c . gold */
     double max_cand, min_cand, absmax_ref, absmax_gold;
+    double head[4];  /* the row sums (below) of a row that began in an earlier chunk */
 } cmp_t;
 
 typedef struct {
@@ -44,6 +45,8 @@ typedef struct {
     int scores;
     const uint8_t* keep;  /* optional: 0 leaves an element out */
     double limit;         /* count candidate |err| above it */
+    int64_t row;          /* > 0: per row of this many elements, over judged elements, sum c - r, (c - r) * g, */
+    double* rows[4];      /* r - g and (r - g) * g */
 } args_t;
 
 enum { F64 = 0, F32 = 1, BF16 = 2, F16 = 3 };
@@ -89,7 +92,8 @@ __attribute__((optimize("finite-math-only"))) static double block_max(const doub
    torch.where(judged, ., 0). A golden NaN/inf that nothing masks or drops is counted: fp64 cannot be
    non-finite there unless the weights or inputs are. */
 static inline void block(const double* g, const double* r, const double* c, const uint8_t* keep, int64_t n,
-                         int64_t base, const args_t* a, cmp_t* s, const int scores, const int has_keep) {
+                         int64_t base, const args_t* a, cmp_t* s, const int scores, const int has_keep,
+                         double* dd, double* ee, double* gg) {
     double e[BLOCK], ne[BLOCK], aer[BLOCK], agj[BLOCK];
     int64_t cnt = 0, nfr = 0, nfc = 0, nfg = 0, md = 0, over = 0;
     double ssc = 0, ssr = 0, ssg = 0, ssd = 0, dot = 0;
@@ -108,7 +112,7 @@ static inline void block(const double* g, const double* r, const double* c, cons
         cnt += j;
         ssc += ec * ec; ssr += er * er; ssg += gj * gj; ssd += d * d; dot += ec * gj;
         over += fabs(ec) > limit;
-        e[i] = ec; ne[i] = -ec; aer[i] = fabs(er); agj[i] = fabs(gj);
+        e[i] = ec; ne[i] = -ec; aer[i] = fabs(er); agj[i] = fabs(gj); dd[i] = d; ee[i] = er; gg[i] = gj;
     }
     double mx = block_max(e, n), mn = -block_max(ne, n), ar = block_max(aer, n), ag = block_max(agj, n);
     if (mx > s->max_cand) { int64_t i = 0; while (e[i] != mx) i++; s->max_cand = mx; s->argmax = base + i; }
@@ -118,6 +122,24 @@ static inline void block(const double* g, const double* r, const double* c, cons
     s->ss_cand += ssc; s->ss_ref += ssr; s->ss_gold += ssg; s->ss_diff += ssd; s->dot += dot;
     s->absmax_ref = ar > s->absmax_ref ? ar : s->absmax_ref;
     s->absmax_gold = ag > s->absmax_gold ? ag : s->absmax_gold;
+}
+
+/* The signed sums of the systematic-deviation test, per row: d = c - r and e = r - g (0 where not judged),
+   alone and times the golden g. A row that began before this chunk goes to its head, which compare() folds
+   in chunk order afterwards, so the sums do not depend on the thread count; rows that begin here are this
+   chunk's alone. */
+static void rows_add(const double* d, const double* e, const double* g, int64_t b, int64_t m, int64_t lo,
+                     const args_t* a, cmp_t* s) {
+    for (int64_t i = 0; i < m;) {
+        int64_t row = (b + i) / a->row, end = (row + 1) * a->row - b;
+        if (end > m) end = m;
+        double sum[4] = {0, 0, 0, 0};
+        for (int64_t j = i; j < end; j++) { sum[0] += d[j]; sum[1] += d[j] * g[j]; sum[2] += e[j]; sum[3] += e[j] * g[j]; }
+        for (int k = 0; k < 4; k++) {
+            if (row * a->row < lo) s->head[k] += sum[k]; else a->rows[k][row] += sum[k];
+        }
+        i = end;
+    }
 }
 
 static void init(cmp_t* s) {
@@ -133,7 +155,7 @@ static const double* view(const void* p, int dtype, int64_t off, int64_t n, doub
 }
 
 static void chunk(const args_t* a, int64_t lo, int64_t n, cmp_t* s) {
-    double gb[BLOCK], rb[BLOCK], cb[BLOCK];
+    double gb[BLOCK], rb[BLOCK], cb[BLOCK], dd[BLOCK], ee[BLOCK], gg[BLOCK];
     init(s);
     for (int64_t b = lo; b < lo + n; b += BLOCK) {
         int64_t m = lo + n - b < BLOCK ? lo + n - b : BLOCK;
@@ -150,12 +172,17 @@ static void chunk(const args_t* a, int64_t lo, int64_t n, cmp_t* s) {
                 s->ss_cand += f.ssc; s->ss_ref += f.ssr; s->ss_gold += f.ssg; s->ss_diff += f.ssd; s->dot += f.dot;
                 s->absmax_ref = f.ar > s->absmax_ref ? f.ar : s->absmax_ref;
                 s->absmax_gold = f.ag > s->absmax_gold ? f.ag : s->absmax_gold;
+                if (a->row) {
+                    for (int64_t i = 0; i < m; i++) { dd[i] = c[i] - r[i]; ee[i] = r[i] - g[i]; }
+                    rows_add(dd, ee, g, b, m, lo, a, s);
+                }
                 continue;
             }
         }
         /* constant flags: the compiler specializes the loop for each case */
-        if (a->scores) { if (k) block(g, r, c, k, m, b, a, s, 1, 1); else block(g, r, c, k, m, b, a, s, 1, 0); }
-        else { if (k) block(g, r, c, k, m, b, a, s, 0, 1); else block(g, r, c, k, m, b, a, s, 0, 0); }
+        if (a->scores) { if (k) block(g, r, c, k, m, b, a, s, 1, 1, dd, ee, gg); else block(g, r, c, k, m, b, a, s, 1, 0, dd, ee, gg); }
+        else { if (k) block(g, r, c, k, m, b, a, s, 0, 1, dd, ee, gg); else block(g, r, c, k, m, b, a, s, 0, 0, dd, ee, gg); }
+        if (a->row) rows_add(dd, ee, gg, b, m, lo, a, s);
     }
 }
 
@@ -243,7 +270,11 @@ int compare(const args_t* a, int64_t n, cmp_t* out) {
     #pragma omp parallel for schedule(static) if (n >= PAR_MIN)
     for (int64_t i = 0; i < nc; i++) chunk(a, i * CHUNK, n - i * CHUNK < CHUNK ? n - i * CHUNK : CHUNK, &part[i]);
     init(out);
-    for (int64_t i = 0; i < nc; i++) fold(out, &part[i]);
+    for (int64_t i = 0; i < nc; i++) {
+        fold(out, &part[i]);
+        if (a->row && (i * CHUNK) % a->row)
+            for (int k = 0; k < 4; k++) a->rows[k][i * CHUNK / a->row] += part[i].head[k];
+    }
     free(part);
     return 0;
 }
@@ -259,14 +290,15 @@ _CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 
 
 class _Args(ctypes.Structure):
     _fields_ = [("p", ctypes.c_void_p * 3), ("dtype", ctypes.c_int * 3), ("masked_at", ctypes.c_double * 3),
-                ("scores", ctypes.c_int), ("keep", ctypes.c_void_p), ("limit", ctypes.c_double)]
+                ("scores", ctypes.c_int), ("keep", ctypes.c_void_p), ("limit", ctypes.c_double),
+                ("row", ctypes.c_int64), ("rows", ctypes.c_void_p * 4)]
 
 
 class _Out(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int64) for n in ("count", "nonfinite_ref", "nonfinite_cand", "nonfinite_gold",
                                               "mask_diff", "over", "argmax", "argmin")] + \
                [(n, ctypes.c_double) for n in ("ss_cand", "ss_ref", "ss_gold", "ss_diff", "dot", "max_cand",
-                                               "min_cand", "absmax_ref", "absmax_gold")]
+                                               "min_cand", "absmax_ref", "absmax_gold")] + [("head", ctypes.c_double * 4)]
 
 
 _lib = None
@@ -300,23 +332,27 @@ class TapErrors:
     gold_max: float  # max |gold| over the judged elements (0 when none)
     dot: float  # err_cand . gold
     diff_norm: float  # ||err_cand - err_ref||
+    #: with `row`: per row of the tap, over judged elements, the sums of cand - ref, (cand - ref) * gold,
+    #: ref - gold and (ref - gold) * gold, float64 [4, numel / row] (the systematic-deviation test's data)
+    rows: torch.Tensor | None = None
 
 
 def tap_errors(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, scores: bool = False,
-               keep: torch.Tensor | None = None) -> TapErrors:
+               keep: torch.Tensor | None = None, row: int = 0) -> TapErrors:
     """gold, ref, cand [...] of one shape, any float dtype; `scores`: masked attention entries (at or below
-    finfo.min / 2, or -inf) are left out; keep: bool [...] or None."""
+    finfo.min / 2, or -inf) are left out; keep: bool [...] or None; row: a length dividing numel, for `rows`."""
     if gold.numel() == 0:
         zero = ErrorStats(0.0, 0.0, 0, 0.0)
         return TapErrors(0, {"ref": 0, "cand": 0, "gold": 0}, 0, zero, zero, 0.0, 0.0, 0.0, 0.0)
-    out = _run(gold, ref, cand, scores, keep, math.inf)
+    rows = torch.zeros(4, gold.numel() // row, dtype=torch.float64) if row else None
+    out = _run(gold, ref, cand, scores, keep, math.inf, rows)
     gnorm, cn, rn = math.sqrt(out.ss_gold), math.sqrt(out.ss_cand), math.sqrt(out.ss_ref)
     hi = out.max_cand >= -out.min_cand  # torch's argmax/argmin: the first index of the extreme
     cand_stats = ErrorStats(out.max_cand if hi else -out.min_cand, ratio(cn, gnorm), out.argmax if hi else out.argmin, cn)
     nonfinite = {"ref": out.nonfinite_ref, "cand": out.nonfinite_cand, "gold": out.nonfinite_gold}
     return TapErrors(out.count, nonfinite, out.mask_diff, cand_stats,
                      ErrorStats(out.absmax_ref, ratio(rn, gnorm), 0, rn), gnorm, out.absmax_gold, out.dot,
-                     math.sqrt(out.ss_diff))
+                     math.sqrt(out.ss_diff), rows)
 
 
 def count_over(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, limit: float, scores: bool = False,
@@ -325,14 +361,15 @@ def count_over(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, limit:
     return _run(gold, ref, cand, scores, keep, limit).over
 
 
-def _run(gold, ref, cand, scores, keep, limit) -> _Out:
+def _run(gold, ref, cand, scores, keep, limit, rows=None) -> _Out:
     sides = [t if t.dtype in _CODES else t.double() for t in (gold, ref, cand)]
     sides = [t.contiguous() for t in sides]
     if keep is not None:
         keep = keep.expand(gold.shape).contiguous().view(torch.uint8)
     a = _Args((ctypes.c_void_p * 3)(*(t.data_ptr() for t in sides)), (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in sides)),
               (ctypes.c_double * 3)(*(torch.finfo(t.dtype).min / 2 for t in (gold, ref, cand))), int(scores),
-              keep.data_ptr() if keep is not None else None, limit)
+              keep.data_ptr() if keep is not None else None, limit, gold.numel() // rows.shape[1] if rows is not None else 0,
+              (ctypes.c_void_p * 4)(*(r.data_ptr() for r in rows) if rows is not None else ()))
     out = _Out()
     if _kernel().compare(ctypes.byref(a), gold.numel(), ctypes.byref(out)):
         raise MemoryError("the comparison kernel could not allocate its partials")

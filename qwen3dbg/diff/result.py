@@ -91,10 +91,11 @@ class DiffResult:
     steps: list[dict]  # {"step", "tokens", "token_ids", "positions"}
     taps: list[TapResult]
     first_divergence: Divergence | None
-    diagnosis: list  # list[qwen3dbg.diagnosis.Diagnosis], best first
+    diagnosis: list  # list[qwen3dbg.diff.diagnosis.Diagnosis], best first
     first_nonfinite: dict | None = None  # {"step", "tap", "count"}: the op that first produced NaN/inf
     golden_nonfinite: dict | None = None  # the same of the fp64 golden: the weights or inputs are not finite
     in_noise: Finding | None = None
+    systematic: Finding | None = None  # a deviation below the noise that every element shares (a warning)
     routing_ties: list[dict] = field(default_factory=list)
     rule: dict = field(default_factory=dict)  # the tolerance constants in force
     timings: dict = field(default_factory=dict)
@@ -207,12 +208,15 @@ class DiffResult:
                 lines.append(("first NaN/inf", f"step {nf['step']}, {nf['tap']} ({nf['count']} values)"))
             lines += [("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)]
             if not self.diagnosis:
-                lines.append(("diagnosis", "no known bug signature fits the tensors"))
+                lines.append(("diagnosis", "nothing explains it: no hypothesis reproduces the candidate's tensor "
+                                           "within the noise floor"))
         story = self.decode_story()
         if story is not None and len(self.steps) > 2:
             lines.append(("decode steps", story))
         if self.in_noise is not None:
             lines.append(("within noise", f"step {self.in_noise.step}, {self.in_noise.tap}: {self.in_noise.message}"))
+        if self.systematic is not None:
+            lines.append(("systematic", f"step {self.systematic.step}: {self.systematic.message}"))
         if self.routing_ties:
             lines.append(("routing ties", f"{len(self.routing_ties)} token(s) chose other experts within the router "
                                           "noise; their later taps are left out"))
@@ -246,6 +250,7 @@ class DiffResult:
             "first_nonfinite": self.first_nonfinite, "golden_nonfinite": self.golden_nonfinite,
             "suspect_reference": {"step": ref.step, "tap": ref.name, "ref_rel_l2": ref.ref_rel_l2} if ref else None,
             "in_noise": asdict(self.in_noise) if self.in_noise else None,
+            "systematic": asdict(self.systematic) if self.systematic else None,
             "routing_ties": self.routing_ties, "model": self.model, "dtype": self.dtype,
             "sides": [asdict(s) for s in self.sides], "rule": self.rule, "config": self.config,
             "steps": self.steps, "timings": self.timings, "spilled": self.spilled, "step_summary": self.step_summary,

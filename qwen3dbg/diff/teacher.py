@@ -12,6 +12,7 @@ import torch
 from qwen3dbg.candidate import Candidate, DictSink
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.result import Divergence, TapResult
+from qwen3dbg.measures import rel
 from qwen3dbg.store import StepInfo, masked
 from qwen3dbg.taps import inputs_of, layer_input, tap_name
 
@@ -50,11 +51,8 @@ def teacher_force(cand: Candidate, src, div: Divergence, res: TapResult, info: S
     if forced is None or forced.shape != r.shape:
         return None
     ok = torch.isfinite(g) & torch.isfinite(r) & ~masked(g) & ~masked(r)
-    gnorm = float(torch.linalg.vector_norm(torch.where(ok, g.double(), 0.0))) or 1.0
-    alone = float(torch.linalg.vector_norm(torch.where(ok, forced.double() - r.double(), 0.0))) / gnorm
     mask_diff = int((masked(forced) != masked(r)).sum())
-    if mask_diff or not bool(torch.isfinite(forced)[ok].all()):
-        alone = float("inf")
+    alone = float("inf") if mask_diff else rel(forced, r, scale=g, where=ok)
     introduced = alone > res.tol_rel
     how = "introduced in this layer" if introduced else "inherited: the layer is fine on the reference's input"
     what = (f"its mask pattern differs at {mask_diff} entries" if mask_diff else

@@ -1,0 +1,169 @@
+"""Parameter fits: an op's scalar parameters fitted to the candidate's tensor (embedding and score scale,
+RMSNorm eps, RoPE theta and position offset, softmax temperature). A fit is stated when the config's value
+leaves the error outside the noise, the fitted one brings it inside, and the two differ."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
+from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
+from qwen3dbg.diff.diagnosis.site import FIT_HEADS, Diagnosis, Site
+from qwen3dbg.measures import fit_scale, rel
+from qwen3dbg.store import masked
+
+
+def _sci(x: float) -> str:
+    """1e+06 -> 1e6, 12345.6 -> 1.2e4."""
+    return f"{x:.2g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _name_factor(a: float, factors: dict[str, float]) -> str | None:
+    return next((label for label, f in factors.items() if abs(a / f - 1) < 0.01), None)
+
+
+def golden_section(f: Callable[[float], float], lo: float, hi: float, rounds: int = 30) -> float:
+    """The minimum of a unimodal f on [lo, hi], one new probe a round."""
+    g = (5 ** 0.5 - 1) / 2
+    m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
+    r1, r2 = f(m1), f(m2)
+    for _ in range(rounds):
+        if r1 < r2:
+            hi, m2, r2 = m2, m1, r1
+            m1 = hi - g * (hi - lo)
+            r1 = f(m1)
+        else:
+            lo, m1, r1 = m1, m2, r2
+            m2 = lo + g * (hi - lo)
+            r2 = f(m2)
+    return (lo + hi) / 2
+
+
+def embed_scaled(s: Site) -> Diagnosis | None:
+    """embed = a x reference for one scalar a, named when it is sqrt(hidden) or its inverse."""
+    c, r = s.cand(), s.base()
+    a, resid = fit_scale(c, r)
+    if abs(a - 1) <= s.tol:
+        return None
+    h = s.cfg.hidden_size
+    label = _name_factor(a, {f"sqrt({h})": h ** 0.5, f"1/sqrt({h})": h ** -0.5})
+    named = f" = {label}" if label else ""
+    return s.explained("embed_scaled", f"embed = reference x {a:.6g}{named}", "embeddings are scaled; Qwen3 does "
+                       "not scale them", resid, {"factor": a, "named": label})
+
+
+def scores_scaled(s: Site) -> Diagnosis | None:
+    """Unmasked scores = a x reference, named when a is sqrt(head_dim) or its inverse."""
+    c, r = s.cand(), s.base()
+    valid = ~masked(r) & ~masked(c)
+    a, resid = fit_scale(c[valid], r[valid])
+    if abs(a - 1) <= s.tol:
+        return None
+    d = s.cfg.head_dim
+    label = _name_factor(a, {f"sqrt(head_dim {d})": d ** 0.5, f"1/sqrt(head_dim {d})": d ** -0.5})
+    why = {None: "the scores are scaled", f"sqrt(head_dim {d})": "the 1/sqrt(head_dim) scale is missing",
+           f"1/sqrt(head_dim {d})": "the 1/sqrt(head_dim) scale is applied twice"}[label]
+    named = f" = {label}" if label else ""
+    return s.explained("scores_scaled", f"attn_scores = reference x {a:.4g}{named}", why, resid,
+                       {"factor": a, "named": label, "head_dim": d})
+
+
+def softmax_temperature(s: Site) -> Diagnosis | None:
+    """attn_probs = softmax(a x the candidate's own scores): a fitted inverse temperature."""
+    sc, p = s.cand("attn_scores"), s.cand()
+    if sc is None or rel(p, sc.softmax(-1)) <= s.tol:
+        return None
+    live = torch.isfinite(sc)
+    sc = sc.masked_fill(~live, float("-inf"))
+
+    def resid(log_a: float) -> float:
+        return rel(p, (sc * math.exp(log_a)).softmax(-1))
+
+    grid = [i * 0.25 for i in range(-16, 17)]
+    log_a = golden_section(resid, min(grid, key=resid) - 0.25, min(grid, key=resid) + 0.25)
+    a = math.exp(log_a)
+    return s.explained("softmax_temperature", f"attn_probs = softmax({a:.4g} x attn_scores)",
+                       f"the softmax has a temperature of {1 / a:.4g}; Qwen3 takes it of the scores as they are",
+                       resid(log_a), {"factor": a})
+
+
+def _position_drift(s: Site) -> tuple[float, float, int]:
+    """Relative error of the candidate at the step's first position and its worst position."""
+    c, r = s.cand(), s.base()  # [B,T,n,D]
+    errs = [rel(c[:, t], r[:, t]) for t in range(c.shape[1])]
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    return errs[0], errs[worst], int(s.positions()[0, worst])
+
+
+def rope_fit(s: Site) -> Diagnosis | None:
+    """Fit theta, the position offset and the channel pairing that turn the candidate's q_norm into its
+    q_rope, on a sample of tokens (the last, farthest position included) and heads (~105 rotations)."""
+    x, y = s.cand(s.input_op), s.cand()
+    if x is None:
+        return None
+    idx = s.tokens()
+    x, y, pos = x[:, idx, :FIT_HEADS], y[:, idx, :FIT_HEADS], s.positions()[:, idx]
+    d, theta0 = s.cfg.head_dim, s.cfg.rope_theta
+
+    def resid(log_theta: float, interleaved: bool = False, offset: int = 0) -> float:
+        return rel(y, rotate(x, rope_angles(pos + offset, d, 10 ** log_theta, interleaved)))
+
+    if resid(math.log10(theta0)) <= s.tol:
+        return None
+    e0, e_worst, p_worst = _position_drift(s)
+    drift = (f"{s.op} matches at position {int(pos[0, 0])} (rel. error {e0:.1e}) and drifts with position "
+             f"({e_worst:.2g} at position {p_worst})" if e0 <= s.tol else
+             f"{s.op} differs from position {int(pos[0, 0])} on (rel. error {e0:.2g}; {e_worst:.2g} at position {p_worst})")
+    ev = {"rel_err_first_position": e0, "rel_err_worst": e_worst, "worst_position": p_worst, "config_theta": theta0}
+    grid = [2 + i * 0.1 for i in range(71)]  # log10 theta from 2 to 9
+    best = min(grid, key=resid)
+    fitted = golden_section(resid, best - 0.1, best + 0.1)
+    theta = 10 ** fitted
+    if abs(fitted - math.log10(theta0)) > 0.1 and (d_ := s.explained(
+            "rope_theta", f"{drift}: the RoPE angles of theta ~ {_sci(theta)}", f"rope_theta is {_sci(theta)}, the "
+            f"config says {_sci(theta0)}", resid(fitted), ev | {"fitted_theta": theta})):
+        return d_
+    for offset in (1, -1):
+        if d_ := s.explained("rope_position_offset", f"{drift}: the rotation is that of position p{offset:+d}",
+                             f"RoPE positions are off by {offset:+d}", resid(math.log10(theta0), offset=offset),
+                             ev | {"position_offset": offset}):
+            return d_
+    r_inter = resid(math.log10(theta0), True)
+    return s.explained("rope_layout", f"{drift}: channels 2i and 2i+1 share a RoPE angle (cos/sin interleaved) while "
+                       f"rotate_half pairs channel i with i+{d // 2}", "cos/sin are concatenated on the wrong dim",
+                       r_inter, ev | {"residual_interleaved": r_inter})
+
+
+def norm_eps(s: Site) -> Diagnosis | None:
+    """RMSNorm eps fitted per token (w x / y = sqrt(mean x^2 + eps)), its median replayed."""
+    x, w, c = norm_input(s), s.weight_at(norm_weight_name(s)), s.cand()
+    if x is None or w is None:
+        return None
+    eps0 = s.cfg.rms_norm_eps
+    if rel(c, rms_norm(x, w, eps0)) <= s.tol:
+        return None
+    t = s.tokens()
+    xs, cs = x[:, t].reshape(-1, x.shape[-1]), c[:, t].reshape(-1, x.shape[-1])
+    basis = w * xs
+    scale = (cs * basis).sum(-1) / basis.pow(2).sum(-1)  # 1 / sqrt(ms + eps) per row
+    ok = torch.isfinite(scale) & (scale > 0)
+    if not bool(ok.any()):
+        return None
+    eps = float((scale[ok].pow(-2) - xs[ok].pow(2).mean(-1)).median())
+    if not eps > 0 or abs(math.log(eps / eps0)) < math.log(1.5):
+        return None
+    return s.explained("norm_eps", f"{s.name()} is an RMSNorm with eps ~ {_sci(eps)}",
+                       f"rms_norm_eps is {_sci(eps)}, the config says {_sci(eps0)}; use the config's",
+                       rel(c, rms_norm(x, w, eps)), {"fitted_eps": eps, "config_eps": eps0})
+
+
+HYPOTHESES = (
+    Hypothesis(("embed_scaled",), ("embed",), embed_scaled),
+    Hypothesis(("scores_scaled",), ("attn_scores",), scores_scaled),
+    Hypothesis(("softmax_temperature",), ("attn_probs",), softmax_temperature),
+    Hypothesis(("norm_eps",), NORM_OPS, norm_eps),
+    Hypothesis(("rope_theta", "rope_position_offset", "rope_layout"), ("q_rope", "k_rope"), rope_fit),
+)

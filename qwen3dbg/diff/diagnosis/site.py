@@ -1,0 +1,186 @@
+"""Where a hypothesis looks: the divergent tap of one step, its neighbours, the checkpoint, its noise.
+
+Every read goes through `Site`, widened to float64 once and cached: a hypothesis asks only for the taps
+it needs, and a tap the TapSource does not hold (outside the window a streaming diff keeps) is None, on
+which the hypothesis steps aside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Protocol
+
+import torch
+
+from qwen3dbg.config import Qwen3Config
+from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS
+from qwen3dbg.dtypes import dtype_name
+from qwen3dbg.measures import rel, sample
+from qwen3dbg.store import StepInfo, masked
+from qwen3dbg.taps import inputs_of, parse_tap_name, tap_name
+
+#: the most tokens and heads a fit or a replay looks at
+FIT_TOKENS, FIT_HEADS = 16, 4
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    signature: str  # stable id
+    message: str  # one sentence: the mechanism, what it leaves unexplained, the fix
+    evidence: dict = field(default_factory=dict)  # JSON-serialisable numbers behind the message
+
+
+class TapSource(Protocol):
+    """What the differ hands in: every side's taps by (step, name), and the checkpoint. A tap outside
+    what the source holds is None; golden tensors may come in float32 for low-precision runs."""
+
+    config: Qwen3Config
+    steps: list[StepInfo]
+    dtype: torch.dtype  # dtype under test
+
+    def ref(self, step: int, name: str) -> torch.Tensor | None: ...
+
+    def cand(self, step: int, name: str) -> torch.Tensor | None: ...
+
+    def gold(self, step: int, name: str) -> torch.Tensor | None: ...
+
+    def weight(self, name: str) -> torch.Tensor | None: ...
+
+
+def widen(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A tap in float64, its masked attention entries as -inf (their canonical form): an additive mask
+    stored as finfo(dtype).min would no longer read as masked once widened."""
+    if t is None:
+        return None
+    return t.masked_fill(masked(t), float("-inf")).double() if t.is_floating_point() else t.double()
+
+
+def floors(x: float) -> str:
+    """How a residual in units of the noise floor reads in a message."""
+    return f"{x:.2g}x the noise floor" if x >= 0.01 else "under 0.01x the noise floor"
+
+
+def ulps_phrase(n: float, dtype_name: str) -> str:
+    return f"{n:.0f} {dtype_name} ulp" + ("" if round(n) == 1 else "s")
+
+
+@dataclass
+class Site:
+    """One tap of one step under suspicion, with its neighbours (by op in the same layer, or by name)."""
+
+    src: TapSource
+    step: int
+    layer: int | None
+    op: str
+    #: (side, step, name) -> widened tensor: hypotheses read the same few taps, each from the source once
+    _reads: dict = field(default_factory=dict, init=False, repr=False)
+    _weights: dict = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def cfg(self) -> Qwen3Config:
+        return self.src.config
+
+    @property
+    def eps(self) -> float:
+        return torch.finfo(self.src.dtype).eps
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.src.dtype)
+
+    def name(self, op: str | None = None, layer: int | None | str = "same") -> str:
+        return tap_name(op or self.op, self.layer if layer == "same" else layer)
+
+    def get(self, side: str, name: str, step: int | None = None) -> torch.Tensor | None:
+        """A tap by full name: side "cand", or "base" (the reference in the dtype under test, else the golden)."""
+        key = (side, self.step if step is None else step, name)
+        if key[1] < 0:
+            return None
+        if key not in self._reads:
+            if side == "cand":
+                t = self.src.cand(key[1], name)
+            else:
+                t = self.src.ref(key[1], name)
+                t = self.src.gold(key[1], name) if t is None else t
+            self._reads[key] = widen(t)
+        return self._reads[key]
+
+    def cand(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
+        return self.get("cand", self.name(op), step)
+
+    def base(self, op: str | None = None, step: int | None = None) -> torch.Tensor | None:
+        return self.get("base", self.name(op), step)
+
+    def operand(self, name: str, step: int | None = None) -> torch.Tensor | None:
+        """What the candidate fed an op: its own tap, else the reference's (within the noise before the divergence)."""
+        t = self.get("cand", name, step)
+        return self.get("base", name, step) if t is None else t
+
+    @cached_property
+    def tol(self) -> float:
+        """The noise floor a hypothesis must reach, the differ's own norm-wise rule: NORM_FACTOR x the
+        reference's relative error to fp64 at this tap, never under REL_FLOOR_ULPS ulps of the dtype."""
+        r, g = self.src.ref(self.step, self.name()), self.src.gold(self.step, self.name())
+        noise = 0.0
+        if r is not None and g is not None:
+            g = widen(g)
+            noise = rel(r, g, where=torch.isfinite(g) & ~masked(g))
+        return max(NORM_FACTOR * noise, REL_FLOOR_ULPS * self.eps)
+
+    def floors(self, resid: float) -> float:
+        """A relative residual in units of the noise floor."""
+        return resid / self.tol
+
+    def explained(self, signature: str, what: str, why: str, resid: float, evidence: dict | None = None) -> Diagnosis | None:
+        """The hypothesis' finding when its relative residual `resid` is within the noise floor, else None:
+        a hypothesis that leaves the error outside the noise is never stated."""
+        x = self.floors(resid)
+        if not x <= 1:
+            return None
+        return Diagnosis(signature, f"{what} (residual {floors(x)}): {why}",
+                         (evidence or {}) | {"residual": resid, "residual_in_noise": x})
+
+    def positions(self) -> torch.Tensor:
+        return torch.tensor(self.src.steps[self.step].positions)
+
+    def tokens(self, n: int | None = None) -> torch.Tensor:
+        """Token indices a replay looks at: a spread sample, the first and last included."""
+        return sample(self.positions().shape[1], n or FIT_TOKENS)
+
+    @property
+    def kv_of_head(self) -> list[int]:
+        """Qwen3's GQA mapping: query head h reads kv head h // n_rep."""
+        return [h // self.cfg.n_rep for h in range(self.cfg.num_attention_heads)]
+
+    @property
+    def inputs(self) -> list[str]:
+        """Tap names this op reads, from the schema's graph."""
+        return inputs_of(self.name(), self.cfg)
+
+    @property
+    def input_op(self) -> str:
+        """The op this tap reads first, within the same layer."""
+        return parse_tap_name(self.inputs[0])[1]
+
+    def weight_name(self, module: str, layer: int | None | str = "same") -> str:
+        """The on-disk name of a layer's `module` tensor (`self_attn.q_norm.weight`)."""
+        layer = self.layer if layer == "same" else layer
+        return f"model.layers.{layer}.{module}" if layer is not None else module
+
+    def _raw(self, name: str) -> torch.Tensor | None:
+        if name not in self._weights:
+            self._weights[name] = self.src.weight(name)
+        return self._weights[name]
+
+    def weight_at(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A checkpoint tensor in float64, or only its `rows` (an LM head in float64 would be 1.2 GB)."""
+        t = self._raw(name)
+        return None if t is None else (t if rows is None else t[rows]).double()
+
+    def weight_shape(self, name: str) -> tuple[int, ...] | None:
+        t = self._raw(name)
+        return None if t is None else tuple(t.shape)
+
+    def weight(self, module: str) -> torch.Tensor | None:
+        return self.weight_at(self.weight_name(module))

@@ -1,0 +1,88 @@
+"""Below the noise: a shift every element shares is reported as a systematic finding (exit 0), and clean
+pairs raise none. The false-alarm rate over 20 seeds is measured by bench/bench_systematic.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3dbg.diff import run_diff
+from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, signed_stats
+from qwen3dbg.diff.fused import tap_errors
+from qwen3dbg.diff.result import TapResult
+from qwen3dbg.reference.qwen3 import Qwen3Reference
+from qwen3dbg.registry import IMPLEMENTATIONS
+
+TOKENS = list(range(3, 3 + 160))  # 160 rows of 64: every hidden-state tap holds >= 1e4 elements
+
+
+def shifted(x: torch.Tensor, dtype: torch.dtype, ulps: float) -> torch.Tensor:
+    """x (wide) moved by `ulps` of `dtype` at each element's own magnitude, then rounded to dtype."""
+    x = x.double()
+    spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))))
+    return (x + ulps * spacing).to(dtype)
+
+
+class ShiftedAttnNorm(Qwen3Reference):
+    """Layer 1's input_layernorm output moved up by 0.2 ulp before its one rounding: systematic, in the noise."""
+
+    def norm(self, x, name):
+        if name != "model.layers.1.input_layernorm" or self.dtype == torch.float64:
+            return super().norm(x, name)
+        xw = x.double()
+        xhat = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return shifted(self.w[name + ".weight"].double() * xhat, self.dtype, 0.2)
+
+
+def _tap(name: str, g, r, c, dtype) -> TapResult:
+    te = tap_errors(g, r, c, row=g.shape[-1])
+    return TapResult(step=0, name=name, layer=None, op=name, status="ok",
+                     extra={"signed": signed_stats(te.rows, te.count, te.gold_norm, dtype)})
+
+
+@pytest.mark.parametrize("shape", [(3, 1000, 77), (2, 151_936)], ids=["rows-across-chunks", "rows-longer-than-a-chunk"])
+def test_the_comparison_kernel_sums_signed_deviations_per_row(shape):
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    r, c = g.to(torch.bfloat16), (g * (1 + 1e-3)).to(torch.bfloat16)
+    rows = tap_errors(g, r, c, row=shape[-1]).rows
+    d, e, gg = ((a.double() - b.double()).reshape(-1, shape[-1]) for a, b in ((c, r), (r, g), (g, 0 * g)))
+    want = torch.stack([d.sum(-1), (d * gg).sum(-1), e.sum(-1), (e * gg).sum(-1)])
+    assert torch.allclose(rows, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_clean_taps():
+    gen = torch.Generator().manual_seed(0)
+    taps = []
+    for i in range(40):  # clean taps: the candidate errs by half an ulp either way before its rounding
+        g = torch.randn(100, 100, generator=gen, dtype=torch.float64)
+        wobble = 1 + 2 ** -8 * torch.randn(g.shape, generator=gen, dtype=torch.float64)
+        taps.append(_tap(f"clean{i}", g, g.to(torch.bfloat16), (g * wobble).to(torch.bfloat16), torch.bfloat16))
+    g = torch.randn(100, 100, generator=gen, dtype=torch.float64)  # 1e4 elements, 100 rows
+    taps.insert(17, _tap("planted", g, g.to(torch.bfloat16), shifted(g, torch.bfloat16, 0.2), torch.bfloat16))
+    found = detect(taps, None, torch.bfloat16)
+    assert found is not None and found.tap == "planted" and found.signature == "systematic_shift", found
+    # in ulps at the tap's RMS magnitude, where elements under the RMS count their smaller ulp for less
+    assert 0.05 < found.evidence["fitted_shift"] < 0.2 and found.evidence["detection_limit"] < found.evidence["fitted_shift"]
+
+
+def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, monkeypatch):
+    monkeypatch.setitem(IMPLEMENTATIONS, "shifted-attn-norm", f"{__name__}:ShiftedAttnNorm")
+    result = run_diff(ref="hf", cand="shifted-attn-norm", model_dir=catalogue_model("dense"), dtype="bfloat16",
+                      token_ids=TOKENS)
+    assert result.first_divergence is None and result.exit_code == 0, result.verdict
+    assert result.systematic is not None and result.systematic.tap == "layers.1.attn_norm", result.systematic
+    assert result.to_json()["systematic"]["signature"] == "systematic_shift"
+    assert any(label == "systematic" for label, _ in result.summary())
+
+
+@pytest.mark.parametrize("ref,cand,model,dtype", [
+    ("hf", "hf:attn=sdpa", "dense", "bfloat16"), ("hf", "hf:attn=sdpa", "moe", "float16"),
+    ("hf", "rmsnorm-fused", "hot-qk", "bfloat16"), ("hf", "scratch", "moe", "float32"),
+    ("scratch", "hf", "dense", "float16"),
+])
+def test_clean_pairs_raise_no_systematic_finding(catalogue_model, ref, cand, model, dtype):
+    result = run_diff(ref=ref, cand=cand, model_dir=catalogue_model(model), dtype=dtype, token_ids=TOKENS[:64])
+    tested = [t for t in result.taps if t.extra.get("signed", {}).get("rows", 0) >= MIN_ROWS]
+    assert result.first_divergence is None and tested, result.verdict
+    assert result.systematic is None, result.systematic.message
