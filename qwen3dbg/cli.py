@@ -164,10 +164,12 @@ def validate_store_cmd(
 ):
     """Check a tap store written by any program: names, shapes, dtypes, steps, token ids, files.
     Exit 0 valid, 1 problems found, 2 unreadable."""
-    from qwen3dbg.config import load_config
+    from qwen3dbg.inputs import resolve_model
     from qwen3dbg.validate import validate_store
 
-    problems = validate_store(store, load_config(model) if model else None)
+    # the model is loaded as every command loads it: a config declaring 10^9 layers is refused by what
+    # the weights hold before any list of taps is made
+    problems = validate_store(store, resolve_model(model)[1] if model else None)
     shown = 20
     for p in problems[:shown]:
         say(("problem", "red"), f" {p}")
