@@ -48,6 +48,7 @@ def load(emulated: bool = False):
         name, what, flags = "qwen3dbg_mine_cpu", "CPU twin", []
     name += f"_{host_isa()}"  # built with -march=native: one build per CPU kind
     build_dir = Path(_get_build_directory(name, verbose=False))
+    _drop_stale_lock(build_dir / "lock")
     fresh = not any(build_dir.glob("*.so"))
     console = Console(stderr=True)
     status = console.status(f"compiling the mine engine ({what}); this happens once and takes a minute or two")
@@ -64,3 +65,19 @@ def load(emulated: bool = False):
     if fresh:
         console.print(f"built the mine engine ({what}) with torch {torch.__version__}")
     return module
+
+
+#: a build takes minutes; torch's build lock older than this was left by a build that was killed
+STALE_LOCK_S = 1800
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """torch waits on its build lock forever: a build killed mid-way (Ctrl-C, a CI timeout) would hang
+    every later use of the engine. A lock no build has touched for STALE_LOCK_S is removed."""
+    import time
+
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
