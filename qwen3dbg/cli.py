@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -110,20 +111,22 @@ def capture(
     """Run one implementation on fixed token ids and write every tap into a tap store."""
     from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
     from qwen3dbg.checkpoint import Checkpoint
-    from qwen3dbg.diff.sides import parse_side
+    from qwen3dbg.diff.sides import check_sides, parse_side
     from qwen3dbg.dtypes import dtype_name
     from qwen3dbg.inputs import resolve_model, resolve_steps
     from qwen3dbg.registry import load_candidate
 
     _writable_dir(out)
-    model_dir, cfg = resolve_model(model)
-    steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
     spec = parse_side(impl, "impl")
     if spec.store is not None:
         raise UserError(f"--impl {impl} is a tap store: capture runs an implementation")
     if attn is not None and (spec.name != "hf" or "attn" in spec.options or not attn):
         raise UserError(f"--attn {attn!r}: an option of hf (eager or sdpa), given once; not with --impl {impl}")
-    cand = load_candidate(spec.name, model_dir, dtype, **spec.options, **({"attn": attn} if attn else {}))
+    spec = replace(spec, options={**spec.options, **({"attn": attn} if attn else {})})
+    model_dir, cfg = resolve_model(model)
+    check_sides([spec], model_dir, dtype)
+    steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
+    cand = load_candidate(spec.name, model_dir, dtype, **spec.options)
     # what the run loaded: --model's weights, except for a GGUF file that llama.cpp reads itself
     loaded = {} if spec.name.startswith("llamacpp:") else {"weights_digest": Checkpoint(model_dir).digest()}
     plans = planned(cand, steps, taps or None)
@@ -343,5 +346,8 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        console.print(f"[red]error:[/red] {e}")
+        from rich.markup import escape
+
+        # "[llamacpp]" in a message is text, not markup; unwrapped, so a command in it copies whole
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         raise SystemExit(2)

@@ -31,8 +31,7 @@ class HFCandidate(Candidate):
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
-        if attn not in ATTN_IMPLEMENTATIONS:
-            raise UserError(f"--attn {attn!r}: choose eager (scores and probabilities captured) or sdpa")
+        self.check(model_dir, dtype, attn=attn)
         self.config = load_config(model_dir)
         self.dtype = parse_dtype(dtype)
         self.attn = attn
@@ -44,6 +43,12 @@ class HFCandidate(Candidate):
         if attn != "eager":  # sdpa computes scores and probabilities inside one fused call
             self.missing_taps = frozenset({"attn_scores", "attn_probs"})
         self.reset()
+
+    @staticmethod
+    def check(model_dir, dtype="float32", *, attn: str = "eager") -> None:
+        """What can be refused before loading the weights (`qwen3dbg.registry.check_candidate`)."""
+        if attn not in ATTN_IMPLEMENTATIONS:
+            raise UserError(f"--attn {attn!r}: choose eager (scores and probabilities captured) or sdpa")
 
     def manifest_extra(self) -> dict:
         return {"attn_implementation": self.attn,
