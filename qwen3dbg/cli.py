@@ -12,32 +12,58 @@ import typer
 from rich.console import Console
 
 from qwen3dbg.errors import UserError
+from qwen3dbg.wording import plural
 
 app = typer.Typer(
-    help="Numerical debugging and parity diffing for Qwen3 implementations: capture every intermediate "
-         "tensor of a reference and a candidate, and find the first op where they part.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+
+
+def _flag_type(display):
+    """Help shows a flag (--help, --list-presets) bare: it takes no value, so no `<bool>` beside it."""
+    return lambda self, ctx: None if self.is_flag else display(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_type(typer.core.TyperOption.display_type_rich)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"qwen3dbg {version('qwen3dbg')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print the version and exit.")):
+    """Numerical debugging and parity diffing for Qwen3 implementations: capture every intermediate
+    tensor of a reference and a candidate, and find the first op where they part."""
 
 MODEL_HELP = "Model directory (config.json + safetensors). Default: a tiny synthetic Qwen3 made on first use."
 TOKEN_IDS_HELP = "Prompt token ids, comma-separated, e.g. '5,17,99'. Default: a fixed 16-token prompt."
 PROMPT_HELP = "Prompt text, tokenized with the model directory's tokenizer (real checkpoints only)."
 DECODE_IDS_HELP = "Token ids fed at the decode steps, comma-separated (forced decoding)."
-DECODE_STEPS_HELP = "Number of decode steps; their ids are the greedy picks of an fp64 run, fixed before anything runs."
+DECODE_STEPS_HELP = ("Number of decode steps after the prefill; their ids are the greedy picks of an fp64 run, fixed "
+                     "before anything runs. Default: 0 (prefill only).")
+VERBOSE_HELP = "Let third-party warnings and banners (transformers' FutureWarnings, its LOAD REPORT) through."
 DTYPE_HELP = "Compute dtype: float32/fp32, bfloat16/bf16, float16/fp16 (float64/fp64 for the golden)."
 
 
 def progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # off the terminal a transient bar would leave only a blank line behind
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+                    console=console, transient=True, disable=not console.is_terminal)
 
 
 @app.command("make-model")
 def make_model_cmd(
-    out: Path = typer.Argument(..., help="Directory to write config.json and safetensors into (with --format gguf: the .gguf file)."),
+    out: Optional[Path] = typer.Argument(None, help="Directory to write config.json and safetensors into (with --format "
+                                         "gguf: the .gguf file); not needed with --list-presets.", show_default=False),
     preset: str = typer.Option("tiny-dense", help="Shape preset; see --list-presets."),
     seed: int = typer.Option(0, help="Weights are a deterministic function of the seed and the tensor name."),
     dtype: str = typer.Option("bfloat16", help="On-disk dtype (released Qwen3 checkpoints are bfloat16)."),
@@ -60,6 +86,8 @@ def make_model_cmd(
         for name, p in PRESETS.items():
             typer.echo(f"{name:20s} {p.about}")
         return
+    if out is None:
+        raise UserError("make-model needs the output path: qwen3dbg make-model DIR --preset ... (see --list-presets)")
     if format == "gguf" and out.is_dir():
         raise UserError(f"--format gguf writes one file, and {out} is a directory: name the .gguf file")
     _writable_dir(out.parent if format == "gguf" else out)  # write_gguf makes missing folders
@@ -107,6 +135,7 @@ def capture(
                                                    "captured) or sdpa; the same as --impl hf:attn=..."),
     taps: list[str] = typer.Option([], help="Glob of tap names to keep, e.g. 'layers.*.attn_*' (repeatable)."),
     out: Path = typer.Option(..., help="Directory of the tap store to write."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
     from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
@@ -115,7 +144,9 @@ def capture(
     from qwen3dbg.dtypes import dtype_name
     from qwen3dbg.inputs import resolve_model, resolve_steps
     from qwen3dbg.registry import load_candidate
+    from qwen3dbg.third_party import set_verbose
 
+    set_verbose(verbose)
     _writable_dir(out)
     spec = parse_side(impl, "impl")
     if spec.store is not None:
@@ -131,7 +162,7 @@ def capture(
     loaded = {} if spec.name.startswith("llamacpp:") else {"weights_digest": Checkpoint(model_dir).digest()}
     plans = planned(cand, steps, taps or None)
     console.print(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
-                  f"{len(steps) - 1} decode steps, {sum(map(len, plans))} taps, "
+                  f"{plural(len(steps) - 1, 'decode step')}, {sum(map(len, plans))} taps, "
                   f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}")
     with progress_bar() as bar:
         task = bar.add_task("capture", total=sum(map(len, plans)))
@@ -179,6 +210,7 @@ def diff(
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: a store's own dtype, else bfloat16."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole result as JSON to this file."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report to this file."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Find the first op where a candidate parts from the reference, judged against an fp64 golden.
 
@@ -186,7 +218,9 @@ def diff(
     from qwen3dbg.diff import run_diff
     from qwen3dbg.progress import DiffProgress
     from qwen3dbg.reports.terminal import render
+    from qwen3dbg.third_party import set_verbose
 
+    set_verbose(verbose)
     _writable_files(json_out, html_out)
     try:
         with DiffProgress(console) as shown:

@@ -19,6 +19,7 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.patching import patched
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import tap_name
+from qwen3dbg.third_party import quiet_transformers
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -37,7 +38,9 @@ class HFCandidate(Candidate):
         self.attn = attn
         extra = {"experts_implementation": "eager"} if self.config.is_moe else {}
         hf_logging.disable_progress_bar()
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn, **extra)
+        with quiet_transformers():  # its LOAD REPORT of unexpected keys: scan-checkpoint says it plainly
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn,
+                                                              **extra)
         self.model.eval()
         self.modeling = importlib.import_module(type(self.model).__module__)
         if attn != "eager":  # sdpa computes scores and probabilities inside one fused call
@@ -61,7 +64,7 @@ class HFCandidate(Candidate):
 
     @torch.no_grad()
     def step(self, ids, positions, sink: TapSink):
-        with self._capture(sink):
+        with self._capture(sink), quiet_transformers():  # its FutureWarnings come through torch's module call
             out = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
         return out.logits
 

@@ -7,6 +7,7 @@ from functools import cached_property
 
 from qwen3dbg.diff.noise import REF_SUSPECT_REL_L2, REF_SUSPECT_SKIPS
 from qwen3dbg.json_safe import json_safe
+from qwen3dbg.wording import plural
 
 FORMAT = "qwen3dbg-diff/1"
 #: the JSON lists every tap of this many decode steps; later ones are summarised per step (step_summary)
@@ -168,7 +169,7 @@ class DiffResult:
         lines = [("verdict", self.verdict),
                  ("sides", f"reference {ref.spec}, candidate {cand.spec}, both judged against scratch in float64; "
                            f"dtype {self.dtype}; prefill of {self.steps[0]['tokens']} tokens, "
-                           f"{len(self.steps) - 1} decode steps")]
+                           f"{plural(len(self.steps) - 1, 'decode step')}")]
         lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
         if len(self.steps) == 1:
             how = ("capture the store with --decode-steps 4" if any(s.spec.startswith("store:") for s in self.sides)
