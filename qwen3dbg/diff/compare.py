@@ -165,6 +165,10 @@ class Comparison:
         if excess > 1:
             which = "rel. L2" if sc.rel_l2 / tol.rel >= sc.max_abs / tol.abs_ else "max |err|"
             reasons.append(f"{which} {excess:.3g}x over the {dtype_name(self.dtype)} noise floor")
+        if keep is not None or te.nonfinite["cand"]:
+            # the reference's error over every element, whatever the candidate left out: what
+            # DiffResult.suspect_reference judges, so that its answer does not depend on the candidate
+            extra["ref_rel_l2_alone"] = tap_errors(g, r, r, scores=scores).ref.rel_l2
         if spec.op == "logits" and count:
             parts = ([logits_counts(c.narrow(g.axis, o, b.shape[g.axis]), b) for o, b in g.blocks()] if blocked
                      else [logits_counts(c, g)])
@@ -207,7 +211,7 @@ class Comparison:
         changed = ~cand_same
         tie = changed & (margin <= 2 * noise)
         wrong = changed & ~tie
-        extra = {}
+        extra = {"ref_experts_changed": int((~ref_same).sum())}  # for DiffResult.suspect_reference
         for b, t in tie.nonzero().tolist():
             pos = info.positions[b][t]
             self.tied_positions.setdefault(pos, layer)
