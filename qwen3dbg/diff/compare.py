@@ -168,11 +168,14 @@ class Comparison:
         if keep is not None or te.nonfinite["cand"]:
             # the reference's error over every element, whatever the candidate left out: what
             # DiffResult.suspect_reference judges, so that its answer does not depend on the candidate
-            extra["ref_rel_l2_alone"] = tap_errors(g, r, r, scores=scores).ref.rel_l2
+            alone = blocked_errors(g, r, r, scores, None) if blocked else tap_errors(g, r, r, scores=scores)
+            extra["ref_rel_l2_alone"] = alone.ref.rel_l2
         if spec.op == "logits" and count:
-            parts = ([logits_counts(c.narrow(g.axis, o, b.shape[g.axis]), b) for o, b in g.blocks()] if blocked
-                     else [logits_counts(c, g)])
-            extra.update(agreement(parts))
+            def counts(side):
+                return ([logits_counts(side.narrow(g.axis, o, b.shape[g.axis]), b) for o, b in g.blocks()] if blocked
+                        else [logits_counts(side, g)])
+            extra.update(agreement(counts(c)))
+            extra["reference"] = agreement(counts(r))  # what a clean run of this dtype reaches on these tokens
         # The share of elements over the per-element limit takes a second pass, only when some element is.
         limit = max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR)
         over = 0
