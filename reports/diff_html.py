@@ -1,5 +1,6 @@
 """The HTML view of a DiffResult: one self-contained file, verdict and diagnosis first, then the plots
-(error against layer per op family, layer x op heatmap, per-step view for decode) and the full table.
+(error against layer per op family, layer x op heatmap, per-step view for decode), the logits, and the
+tap table (what is interesting first, folded, sortable).
 Every string from a store, a checkpoint or the user goes through `esc`; plots carry schema names only."""
 
 from __future__ import annotations

@@ -60,6 +60,12 @@ def test_a_side_that_cannot_run_is_refused_before_any_model_runs(catalogue_model
     assert words in err and "Traceback" not in err
 
 
+def test_a_dtype_that_does_not_exist_is_refused_before_any_model_runs(catalogue_model, tmp_path, capsys, nothing_runs):
+    assert cli("capture", "--impl", "hf", "--dtype", "fp8", "--model", catalogue_model("dense"), "--decode-steps", "2",
+               "--out", tmp_path / "o") == 2
+    assert "unknown dtype 'fp8'" in capsys.readouterr().err
+
+
 def test_a_bad_reference_is_refused_before_any_model_runs(catalogue_model, capsys, nothing_runs):
     assert cli("diff", "--ref", "hf:attn=flash", "--cand", "scratch", "--model", catalogue_model("dense")) == 2
     assert "choose eager" in capsys.readouterr().err

@@ -56,9 +56,11 @@ def parse_side(text: str, role: str) -> SideSpec:
 def check_sides(specs: list[SideSpec], model_dir: Path, dtype) -> None:
     """Refuse any side that could not run, before any side does (`capture` and `diff` call this first):
     a name that does not resolve, an option it does not take, a port that does not import, a missing
-    extra. Stores were checked when parsed. No weights are loaded."""
+    extra, a dtype that does not exist. Stores were checked when parsed. No weights are loaded."""
+    from qwen3dbg.dtypes import parse_dtype
     from qwen3dbg.registry import check_candidate
 
+    dtype = parse_dtype(dtype)
     for spec in specs:
         if spec.store is None:
             check_candidate(spec.name, model_dir, dtype, **spec.options)
