@@ -44,6 +44,8 @@ BAD_SIDES = {
     "a port without a mapping": ("module:{port}:load", "has no tap mapping"),
     "a port with a mapping that does not exist": (PORT + "@nowhere.toml", "nowhere.toml"),
     "a GGUF file that does not exist": ("llamacpp:nowhere.gguf", "no such GGUF file"),
+    "an option value of our engine it refuses": ("mine:rmsnorm=bogus", "mine option rmsnorm='bogus'"),
+    "a cache size that is not a number": ("mine:max_seq=lots", "mine option max_seq='lots'"),
 }
 
 
