@@ -203,8 +203,8 @@ def _ranges(steps: list[int]) -> str:
 
 _KIND = {"first": "✗ first divergence", "divergent": "✗ divergent", "near": "! nearest to limit",
          "clean": "✓ within noise"}
-_COLUMNS = ("status", "tap", "divergent steps", "worst step", "excess", "evidence (cand vs ref)", "rel. L2",
-            "ref rel. L2", "max |err|", "ref max |err|", "ulps vs ref", "worst at", "note")
+_COLUMNS = ("status", "tap", "divergent steps", "worst step", "excess", "rel. L2", "ref rel. L2", "max |err|",
+            "ref max |err|", "ulps vs ref", "worst at", "note")
 
 
 def _num_cell(x: float) -> str:
@@ -220,7 +220,7 @@ def _row_html(r: Row) -> str:
     cls = r.kind + (" divergent" if r.kind == "first" else "")
     return (f'<tr class="{cls}"><td>{esc(_KIND[r.kind])}</td><td>{esc(label)}</td>'
             f'<td data-v="{len(r.divergent_steps)}">{esc(steps)}</td><td data-v="{t.step}">{t.step}</td>'
-            + _num_cell(t.excess) + f"<td>{esc(t.evidence)}</td>"
+            + _num_cell(t.excess)
             + "".join(_num_cell(x) for x in (t.rel_l2, t.ref_rel_l2, t.max_abs, t.ref_max_abs, t.diff_ulps))
             + f"<td>{esc(worst_at)}</td><td>{esc(t.reason)}</td></tr>")
 
@@ -235,7 +235,8 @@ def table(result: DiffResult) -> str:
             f"of {len(result.steps)} steps; every one is in --json. Click a header to sort.</p>"
             '<p><input id="tap-filter" type="search" placeholder="filter by tap, e.g. layers.3. or k_rope"> '
             f'<label><input id="tap-divergent" type="checkbox"> divergent only ({n})</label></p>'
-            f'<table id="taps"><thead><tr>{head}</tr></thead><tbody>{"".join(map(_row_html, rows))}</tbody></table>')
+            f'<div class="wide"><table id="taps"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(map(_row_html, rows))}</tbody></table></div>')
 
 
 #: sorts the tap table by a clicked header (numbers by their data-v), filters by text and "divergent only";
