@@ -21,8 +21,10 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}table.text t
 .verdict.ok{border-color:#17803d}.verdict.bad{border-color:#b42318}
 img{max-width:100%;height:auto}code{background:#f4f4f4;padding:0 .2em}
 #taps th{cursor:pointer;position:sticky;top:0}#taps th[aria-sort=ascending]::after{content:" \\25B2"}
-#taps th[aria-sort=descending]::after{content:" \\25BC"}#taps td{white-space:nowrap}#taps td:nth-child(2),#taps th:nth-child(2){text-align:left}
-#taps td:nth-last-child(-n+2),#taps th:nth-last-child(-n+2){white-space:normal;text-align:left;min-width:9em}.wide{overflow-x:auto}
+#taps th[aria-sort=descending]::after{content:" \\25BC"}
+#taps td{white-space:nowrap}#taps td:nth-child(2),#taps th:nth-child(2){text-align:left}
+#taps td:nth-last-child(-n+2),#taps th:nth-last-child(-n+2){white-space:normal;text-align:left;min-width:9em}
+.wide{overflow-x:auto}
 tr.first td{background:#fbd5d2;font-weight:600}tr.divergent td{background:#fdecea}tr.near td{background:#fff4dc}
 tr.clean td{color:#555}.hint{font-size:.9em;color:#555}
 """

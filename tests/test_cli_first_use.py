@@ -59,7 +59,8 @@ def test_step_counts_read_as_english(catalogue_model, tmp_path, capsys, n, words
 
 def _commands(model, tmp_path):
     return {"make-model": ["make-model", tmp_path / "m"],
-            "capture": ["capture", "--impl", "scratch", "--model", model, "--token-ids", "1,2", "--out", tmp_path / "s"],
+            "capture": ["capture", "--impl", "scratch", "--model", model, "--token-ids", "1,2",
+                        "--out", tmp_path / "s"],
             "scan-checkpoint": ["scan-checkpoint", model],
             "diff-weights": ["diff-weights", model, model]}
 

@@ -111,7 +111,8 @@ def test_clean_layers_fold_into_one_row_each_after_the_taps_nearest_their_limit(
     rows = tap_rows(result)
     near = [r for r in rows if r.kind == "near"]
     folded = [r for r in rows if r.kind == "clean"]
-    assert len(near) == NEAREST and [r.worst.excess for r in near] == sorted((r.worst.excess for r in near), reverse=True)
+    assert len(near) == NEAREST
+    assert [r.worst.excess for r in near] == sorted((r.worst.excess for r in near), reverse=True)
     assert len(folded) == result.config["num_hidden_layers"] + 1  # each layer, and the ops outside the layers
     assert min(r.worst.excess for r in near) >= max(r.worst.excess for r in folded)
     assert sum(r.collapsed for r in folded) + len(near) == len({t.name for t in result.taps if t.status == "ok"})

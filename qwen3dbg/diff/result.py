@@ -232,8 +232,8 @@ class DiffResult:
         if self.in_noise is not None and suspect is None:  # "only rounding" is no comfort from a suspect floor
             lines.append(("within noise", f"step {self.in_noise.step}, {self.in_noise.tap}: {self.in_noise.message}"))
         if self.routing_ties:
-            lines.append(("routing ties", f"{len(self.routing_ties)} token(s) chose other experts within the router "
-                                          "noise; their later taps are left out"))
+            lines.append(("routing ties", f"{plural(len(self.routing_ties), 'token')} chose other experts within the "
+                                          "router noise; their later taps are left out"))
         missing = sorted({t.op for t in self.not_compared})
         if missing:
             lines.append(("not compared", f"a side lacks {', '.join(missing)}"))
