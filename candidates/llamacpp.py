@@ -131,40 +131,49 @@ def attention_matrix(x: np.ndarray, heads: int, tokens: int, cache_len: int) -> 
     return x.reshape(heads, tokens, -1)[:, :, :cache_len][None]
 
 
+def _check_gguf(gguf_path: str, config) -> None:
+    gguf = Path(gguf_path)
+    if not gguf.is_file():
+        raise UserError(f"llamacpp:{gguf_path}: no such GGUF file (write one with `qwen3dbg make-model OUT.gguf "
+                        "--format gguf` or llama.cpp's converter)")
+    from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, data_region_problems, read_gguf
+
+    try:
+        g = read_gguf(gguf)
+        theirs = config_from_gguf(g)
+    except GGUFDamaged as e:
+        raise UserError(f"{gguf} is not a readable GGUF file: {e}") from None
+    if problems := data_region_problems(g):
+        tensor, problem, _ = problems[0]
+        raise UserError(f"{gguf}{': ' + tensor if tensor else ''}: {problem}; run `qwen3dbg scan-checkpoint "
+                        f"{gguf}` for every problem")
+    if bad := theirs.shape_mismatches(config):
+        f = bad[0]
+        raise UserError(f"{gguf} has {f} {getattr(theirs, f)} but the model directory has "
+                        f"{getattr(config, f)}: compare a GGUF against the checkpoint it was made from")
+
+
 class LlamaCppCandidate(Candidate):
     """A GGUF in llama.cpp, batch 1; options: n_ctx (positions, default 1024), threads (default 2)."""
 
 
     def __init__(self, gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2):
         self.gguf = Path(gguf_path)
-        if not self.gguf.is_file():
-            raise UserError(f"llamacpp:{gguf_path}: no such GGUF file (write one with `qwen3dbg make-model OUT.gguf "
-                            "--format gguf` or llama.cpp's converter)")
         self.name = f"llamacpp:{self.gguf.name}"
         self.config = load_config(model_dir)
         self.dtype = parse_dtype(dtype)
         self.missing_taps = frozenset(OPS_BY_NAME) - set(TAP_NODES)
-        self._check_gguf_shape()
+        _check_gguf(gguf_path, self.config)
         self.llama = _import_llama_cpp()
         self.tensor_get = _tensor_get()
         self._load(n_ctx, threads)
 
-    def _check_gguf_shape(self) -> None:
-        from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, data_region_problems, read_gguf
-
-        try:
-            g = read_gguf(self.gguf)
-            theirs = config_from_gguf(g)
-        except GGUFDamaged as e:
-            raise UserError(f"{self.gguf} is not a readable GGUF file: {e}") from None
-        if problems := data_region_problems(g):
-            tensor, problem, _ = problems[0]
-            raise UserError(f"{self.gguf}{': ' + tensor if tensor else ''}: {problem}; run `qwen3dbg scan-checkpoint "
-                            f"{self.gguf}` for every problem")
-        if bad := theirs.shape_mismatches(self.config):
-            f = bad[0]
-            raise UserError(f"{self.gguf} has {f} {getattr(theirs, f)} but the model directory has "
-                            f"{getattr(self.config, f)}: compare a GGUF against the checkpoint it was made from")
+    @staticmethod
+    def check(gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2) -> None:
+        """All but loading the model (`qwen3dbg.registry.check_candidate`): the GGUF file's shapes fit the
+        model directory, and llama-cpp-python imports."""
+        _check_gguf(gguf_path, load_config(model_dir))
+        _import_llama_cpp()
 
     def _load(self, n_ctx: int, threads: int) -> None:
         L = self.llama

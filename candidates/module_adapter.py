@@ -382,6 +382,20 @@ def _import_factory(spec: str):
     return module, getattr(module, attr)
 
 
+def _port(spec: str, at: str, mapping, config: Qwen3Config):
+    """The port's factory and its tap mapping (option, else `spec@mapping.toml`, else TAP_MAPPING)."""
+    factory_module, factory = _import_factory(spec)
+    mapping = mapping or at or getattr(factory_module, "TAP_MAPPING", None)
+    if not mapping:
+        raise UserError(f"module:{spec} has no tap mapping: pass module:{spec}@mapping.toml "
+                        "or set TAP_MAPPING in the port's module")
+    loaded = load_mapping(mapping, config)
+    unknown = sorted(set(loaded.taps) - {t.name for t in step_taps(config, 1, 1, 1)})
+    if unknown:
+        raise UserError(f"{loaded.path} maps {unknown[0]}, which this model does not have")
+    return factory, loaded
+
+
 class ModuleCandidate(Candidate):
     """A PyTorch port run through its mapping. Options: mapping=PATH (else `spec@mapping.toml`, else the
     port module's TAP_MAPPING)."""
@@ -391,17 +405,8 @@ class ModuleCandidate(Candidate):
         self.name = f"module:{spec}"
         self.config = load_config(model_dir)
         self.dtype = parse_dtype(dtype)
-        factory_module, factory = _import_factory(spec)
-        mapping = mapping or at or getattr(factory_module, "TAP_MAPPING", None)
-        if not mapping:
-            raise UserError(f"{self.name} has no tap mapping: pass module:{spec}@mapping.toml "
-                            "or set TAP_MAPPING in the port's module")
-        self.mapping = load_mapping(mapping, self.config)
-        schema = step_taps(self.config, 1, 1, 1)
-        unknown = sorted(set(self.mapping.taps) - {t.name for t in schema})
-        if unknown:
-            raise UserError(f"{self.mapping.path} maps {unknown[0]}, which this model does not have")
-        self.missing_taps = frozenset({t.op for t in schema} - self.mapping.ops)
+        factory, self.mapping = _port(spec, at, mapping, self.config)
+        self.missing_taps = frozenset({t.op for t in step_taps(self.config, 1, 1, 1)} - self.mapping.ops)
         try:
             self.model = factory(model_dir, self.dtype)
         except UserError:
@@ -425,6 +430,13 @@ class ModuleCandidate(Candidate):
         self.reset()
         self.step(torch.arange(tokens)[None] % self.config.vocab_size, torch.arange(tokens)[None], DictSink())
         self.reset()
+
+    @staticmethod
+    def check(spec: str, model_dir, dtype="float32", *, mapping: str | Path | None = None) -> None:
+        """All but building the model (`qwen3dbg.registry.check_candidate`): the port imports, and its
+        factory and mapping resolve."""
+        spec, _, at = spec.partition("@")
+        _port(spec, at, mapping, load_config(model_dir))
 
     def manifest_extra(self) -> dict:
         return {"mapping": str(self.mapping.path), "notes": [] if self.mapping.kv_cache else [RERUN_NOTE]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -12,10 +13,9 @@ from rich.console import Console
 from rich.text import Text
 
 from qwen3dbg.errors import UserError
+from qwen3dbg.wording import plural
 
 app = typer.Typer(
-    help="Numerical debugging and parity diffing for Qwen3 implementations: capture every intermediate "
-         "tensor of a reference and a candidate, and find the first op where they part.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 #: Messages carry paths, tap names and errors quoting files: `console` parses no markup and no :emoji:
@@ -28,11 +28,36 @@ def report_console() -> Console:
     `:smile:` is not an emoji either."""
     return Console(emoji=False)
 
+
+def _flag_type(display):
+    """Help shows a flag (--help, --list-presets) bare: it takes no value, so no `<bool>` beside it."""
+    return lambda self, ctx: None if self.is_flag else display(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_type(typer.core.TyperOption.display_type_rich)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"qwen3dbg {version('qwen3dbg')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print the version and exit.")):
+    """Numerical debugging and parity diffing for Qwen3 implementations: capture every intermediate
+    tensor of a reference and a candidate, and find the first op where they part."""
+
 MODEL_HELP = "Model directory (config.json + safetensors). Default: a tiny synthetic Qwen3 made on first use."
 TOKEN_IDS_HELP = "Prompt token ids, comma-separated, e.g. '5,17,99'. Default: a fixed 16-token prompt."
 PROMPT_HELP = "Prompt text, tokenized with the model directory's tokenizer (real checkpoints only)."
 DECODE_IDS_HELP = "Token ids fed at the decode steps, comma-separated (forced decoding)."
-DECODE_STEPS_HELP = "Number of decode steps; their ids are the greedy picks of an fp64 run, fixed before anything runs."
+DECODE_STEPS_HELP = ("Number of decode steps after the prefill; their ids are the greedy picks of an fp64 run, fixed "
+                     "before anything runs. Default: 0 (prefill only).")
+VERBOSE_HELP = "Let third-party warnings and banners (transformers' FutureWarnings, its LOAD REPORT) through."
 DTYPE_HELP = "Compute dtype: float32/fp32, bfloat16/bf16, float16/fp16 (float64/fp64 for the golden)."
 
 
@@ -44,13 +69,15 @@ def say(*parts: str | tuple[str, str]) -> None:
 def progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # off the terminal a transient bar would leave only a blank line behind
     return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
 @app.command("make-model")
 def make_model_cmd(
-    out: Path = typer.Argument(..., help="Directory to write config.json and safetensors into (with --format gguf: the .gguf file)."),
+    out: Optional[Path] = typer.Argument(None, help="Directory to write config.json and safetensors into (with --format "
+                                         "gguf: the .gguf file); not needed with --list-presets.", show_default=False),
     preset: str = typer.Option("tiny-dense", help="Shape preset; see --list-presets."),
     seed: int = typer.Option(0, help="Weights are a deterministic function of the seed and the tensor name."),
     dtype: str = typer.Option("bfloat16", help="On-disk dtype (released Qwen3 checkpoints are bfloat16)."),
@@ -73,6 +100,8 @@ def make_model_cmd(
         for name, p in PRESETS.items():
             typer.echo(f"{name:20s} {p.about}")
         return
+    if out is None:
+        raise UserError("make-model needs the output path: qwen3dbg make-model DIR --preset ... (see --list-presets)")
     if format == "gguf" and out.is_dir():
         raise UserError(f"--format gguf writes one file, and {out} is a directory: name the .gguf file")
     _writable_dir(out.parent if format == "gguf" else out)  # write_gguf makes missing folders
@@ -123,31 +152,36 @@ def capture(
                                        "that --replace overwrites."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite the tap store in --out (it reads as incomplete "
                                                           "until the new one is written)."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
     from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
     from qwen3dbg.checkpoint import Checkpoint
-    from qwen3dbg.diff.sides import parse_side
+    from qwen3dbg.diff.sides import check_sides, parse_side
     from qwen3dbg.dtypes import dtype_name
     from qwen3dbg.inputs import resolve_model, resolve_steps
     from qwen3dbg.registry import load_candidate
     from qwen3dbg.store import check_out_dir
+    from qwen3dbg.third_party import set_verbose
 
+    set_verbose(verbose)
     _writable_dir(out)
     check_out_dir(out, replace)  # before the run; the writer asks again under its lock
-    model_dir, cfg = resolve_model(model)
-    steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
     spec = parse_side(impl, "impl")
     if spec.store is not None:
         raise UserError(f"--impl {impl} is a tap store: capture runs an implementation")
     if attn is not None and (spec.name != "hf" or "attn" in spec.options or not attn):
         raise UserError(f"--attn {attn!r}: an option of hf (eager or sdpa), given once; not with --impl {impl}")
-    cand = load_candidate(spec.name, model_dir, dtype, **spec.options, **({"attn": attn} if attn else {}))
+    spec = dataclasses.replace(spec, options={**spec.options, **({"attn": attn} if attn else {})})
+    model_dir, cfg = resolve_model(model)
+    check_sides([spec], model_dir, dtype)
+    steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
+    cand = load_candidate(spec.name, model_dir, dtype, **spec.options)
     # what the run loaded: --model's weights, except for a GGUF file that llama.cpp reads itself
     loaded = {} if spec.name.startswith("llamacpp:") else {"weights_digest": Checkpoint(model_dir).digest()}
     plans = planned(cand, steps, taps or None)
     say(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
-        f"{len(steps) - 1} decode steps, {sum(map(len, plans))} taps, "
+        f"{plural(len(steps) - 1, 'decode step')}, {sum(map(len, plans))} taps, "
         f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}")
     with progress_bar() as bar:
         task = bar.add_task("capture", total=sum(map(len, plans)))
@@ -202,9 +236,9 @@ def cache_cmd(
     now = time.time()
     for e in found:
         table.add_row(e.kind, f"{e.size / 1e6:,.1f} MB", f"{(now - e.last_used) / 3600:,.1f} h ago", e.path.name)
-    Console().print(table, markup=False)
+    report_console().print(table, markup=False)
     total = sum(e.size for e in found)
-    Console().print(f"{len(found)} entries, {total / 1e9:.2f} GB; budget {budget() / 1e9:.2f} GB "
+    report_console().print(f"{len(found)} entries, {total / 1e9:.2f} GB; budget {budget() / 1e9:.2f} GB "
                     "(QWEN3DBG_CACHE_BUDGET)", markup=False, highlight=False)
 
 
@@ -225,6 +259,7 @@ def diff(
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: a store's own dtype, else bfloat16."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole result as JSON to this file."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report to this file."),
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ):
     """Find the first op where a candidate parts from the reference, judged against an fp64 golden.
 
@@ -232,7 +267,9 @@ def diff(
     from qwen3dbg.diff import run_diff
     from qwen3dbg.progress import DiffProgress
     from qwen3dbg.reports.terminal import render
+    from qwen3dbg.third_party import set_verbose
 
+    set_verbose(verbose)
     _writable_files(json_out, html_out)
     try:
         with DiffProgress(console) as shown:

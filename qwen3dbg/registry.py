@@ -5,6 +5,7 @@ Entries are import paths, so naming an implementation imports only what it needs
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 
@@ -55,18 +56,32 @@ def names() -> list[str]:
 
 def load_candidate(name: str, model_dir, dtype, **options) -> Candidate:
     """Instantiate implementation `name` for a model directory in a dtype."""
+    cls, args = _resolve(name, model_dir, dtype, options)
+    return cls(*args, **options)
+
+
+def check_candidate(name: str, model_dir, dtype, **options) -> None:
+    """Everything `load_candidate` would refuse, said before any model runs and without loading weights:
+    the name resolves, its module and optional dependency import, the options are ones it takes, and its
+    own `check` (a port's file, factory and mapping; a GGUF file and llama-cpp-python) passes."""
+    cls, args = _resolve(name, model_dir, dtype, options)
+    check = getattr(cls, "check", None)
+    if check is not None:
+        check(*args, **options)
+
+
+def _resolve(name: str, model_dir, dtype, options: dict) -> tuple[type, tuple]:
+    """The class `name` names and its positional arguments; options it does not take are refused."""
     prefix, _, rest = name.partition(":")
     if rest and prefix in PREFIXES:
-        return _construct(name, PREFIXES[prefix], (rest, model_dir, dtype), options)
-    if name not in IMPLEMENTATIONS:
-        raise UserError(f"unknown implementation {name!r}: choose one of {', '.join(names())}, "
+        target, args = PREFIXES[prefix], (rest, model_dir, dtype)
+    elif name in IMPLEMENTATIONS:
+        target, args = IMPLEMENTATIONS[name], (model_dir, dtype)
+    else:
+        close = difflib.get_close_matches(name, [*names(), *(f"{p}:" for p in PREFIXES)], n=1)
+        hint = f"did you mean {close[0]}? Otherwise " if close else ""
+        raise UserError(f"unknown implementation {name!r}: {hint}choose one of {', '.join(names())}, "
                         "or module:FILE.py:factory, llamacpp:MODEL.gguf")
-    return _construct(name, IMPLEMENTATIONS[name], (model_dir, dtype), options)
-
-
-def _construct(name: str, target: str, args: tuple, options: dict) -> Candidate:
-    """Import and build `target`; options are user-typed (`NAME:key=value`), so one the constructor
-    does not take is the user's mistake, said before the constructor runs."""
     module, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     params = inspect.signature(cls).parameters.values()
@@ -75,4 +90,4 @@ def _construct(name: str, target: str, args: tuple, options: dict) -> Candidate:
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
         takes = f"its options are {', '.join(accepted)}" if accepted else "it takes no options"
         raise UserError(f"implementation {name!r} has no option {unknown[0]!r}: {takes}")
-    return cls(*args, **options)
+    return cls, args

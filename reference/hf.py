@@ -24,6 +24,7 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.patching import patched
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import tap_name
+from qwen3dbg.third_party import quiet_transformers
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 #: the transformers versions this capture is tested with (pyproject.toml declares the same range)
@@ -58,19 +59,18 @@ class HFCandidate(Candidate):
     fresh_taps = True  # module outputs are new tensors; DynamicCache grows by concatenation
 
     def __init__(self, model_dir, dtype="float32", *, attn: str = "eager"):
-        import transformers
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
-        check_transformers_version(transformers.__version__)
-        if attn not in ATTN_IMPLEMENTATIONS:
-            raise UserError(f"--attn {attn!r}: choose eager (scores and probabilities captured) or sdpa")
+        self.check(model_dir, dtype, attn=attn)
         self.config = load_config(model_dir)
         self.dtype = parse_dtype(dtype)
         self.attn = attn
         extra = {"experts_implementation": "eager"} if self.config.is_moe else {}
         hf_logging.disable_progress_bar()
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn, **extra)
+        with quiet_transformers():  # its LOAD REPORT of unexpected keys: scan-checkpoint says it plainly
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn,
+                                                              **extra)
         self.model.eval()
         self.modeling = importlib.import_module(type(self.model).__module__)
         # transformers renamed forward's past_key_values to cache (the old name warns until 5.40)
@@ -79,6 +79,15 @@ class HFCandidate(Candidate):
         if attn != "eager":  # sdpa computes scores and probabilities inside one fused call
             self.missing_taps = frozenset({"attn_scores", "attn_probs"})
         self.reset()
+
+    @staticmethod
+    def check(model_dir, dtype="float32", *, attn: str = "eager") -> None:
+        """What can be refused before loading the weights (`qwen3dbg.registry.check_candidate`)."""
+        import transformers
+
+        check_transformers_version(transformers.__version__)
+        if attn not in ATTN_IMPLEMENTATIONS:
+            raise UserError(f"--attn {attn!r}: choose eager (scores and probabilities captured) or sdpa")
 
     def manifest_extra(self) -> dict:
         return {"attn_implementation": self.attn,
@@ -91,7 +100,7 @@ class HFCandidate(Candidate):
 
     @torch.no_grad()
     def step(self, ids, positions, sink: TapSink):
-        with self._capture(sink):
+        with self._capture(sink), quiet_transformers():  # its FutureWarnings come through torch's module call
             out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self.cache_kwarg: self.cache})
         return out.logits
 

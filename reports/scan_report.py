@@ -7,8 +7,9 @@ from collections import defaultdict
 
 from qwen3dbg.json_safe import json_safe
 from qwen3dbg.reports.html import esc, figure_png, page, pyplot
-from qwen3dbg.scan.findings import DiffResult, Finding, ScanResult, Verdict
+from qwen3dbg.scan.findings import DiffResult, Finding, ScanResult, Verdict, rank
 from qwen3dbg.text import escape
+from qwen3dbg.wording import plural
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "blue"}
 CSS_CLASS = {"error": "bad", "warning": "warn", "info": "info"}
@@ -21,25 +22,81 @@ def to_json(result: Verdict) -> str:
 
 
 def _verdict_line(result: Verdict) -> str:
-    c = result.counts()
     worst = result.worst()
     style = STYLE.get(worst, "bold green")
-    return f"[{style}]{c['error']} errors, {c['warning']} warnings, {c['info']} notes[/{style}]"
+    return f"[{style}]{_counts(result)}[/{style}]"
+
+
+def _counts(result: Verdict) -> str:
+    c = result.counts()
+    return f"{plural(c['error'], 'error')}, {plural(c['warning'], 'warning')}, {plural(c['info'], 'note')}"
+
+
+#: checks shown first within a severity: a non-finite weight turns every activation it touches into NaN
+FIRST_CHECKS = ("nonfinite",)
+SHOWN_TENSORS = 12  # tensors with findings the terminal lists (JSON and HTML list all)
+RATE_MIN_BYTES = 100e6  # below this a read takes milliseconds and its GB/s says nothing
+
+
+def _severity_key(findings: list[Finding]) -> tuple:
+    return min((-rank(f.severity), f.check not in FIRST_CHECKS) for f in findings)
+
+
+def by_tensor(result: Verdict) -> list[tuple[str | None, list[Finding]]]:
+    """Findings grouped by tensor (None: the checkpoint as a whole), worst group first, non-finite first
+    among equals; within a group, worst finding first. Ties keep the scan's order."""
+    groups: dict[str | None, list[Finding]] = defaultdict(list)
+    for f in result.findings:
+        groups[f.tensor].append(f)
+    ordered = sorted(groups.items(), key=lambda kv: _severity_key(kv[1]))
+    return [(tensor, sorted(fs, key=lambda f: _severity_key([f]))) for tensor, fs in ordered]
+
+
+def _what(f: Finding) -> str:
+    """The message without the tensor name its group heading already shows."""
+    return f.message.removeprefix(f"{f.tensor} ") if f.tensor else f.message
 
 
 def _terminal_findings(console, result: Verdict) -> None:
-    """Findings grouped by severity and check: the why once per group, then up to PER_CHECK messages."""
-    groups: dict[tuple[str, str], list[Finding]] = defaultdict(list)
-    for f in result.sorted_findings():
-        groups[f.severity, f.check].append(f)
+    """One block per tensor, worst first: its name, then each finding's check and message; then what each
+    check that fired means, once."""
+    from rich.table import Table
+
+    groups = by_tensor(result)
     if not groups:
         console.print("[bold green]no findings[/bold green]")
-    for (sev, check), fs in groups.items():
-        console.print(f"[{STYLE[sev]}]{sev}[/] [bold]{check}[/bold] ({len(fs)}): {escape(fs[0].why)}")
-        for f in fs[:PER_CHECK]:
-            console.print(f"    {escape(f.message)}")
-        if len(fs) > PER_CHECK:
-            console.print(f"    ... and {len(fs) - PER_CHECK} more (all in --json / --html)")
+    check_width = max((len(f.check) for f in result.findings), default=0)
+    for tensor, fs in groups[:SHOWN_TENSORS]:
+        worst = fs[0].severity
+        console.print(f"[{STYLE[worst]}]{worst:<8}[/]{escape(tensor or 'the checkpoint as a whole')}", soft_wrap=True)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(min_width=6)
+        grid.add_column(no_wrap=True, min_width=check_width)
+        grid.add_column()
+        for f in fs:
+            grid.add_row("", f"[{STYLE[f.severity]}]{f.check}[/]", escape(_what(f)))
+        console.print(grid)
+    if len(groups) > SHOWN_TENSORS:
+        console.print(f"... and {plural(len(groups) - SHOWN_TENSORS, 'more tensor')} with findings "
+                      "(all in --json / --html)")
+    why = {f.check: f.why for _, fs in groups for f in fs}
+    if why:
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True, style="bold")
+        grid.add_column()
+        for check, text in why.items():
+            grid.add_row(check, escape(text))
+        console.print("[dim]what the checks mean[/dim]")
+        console.print(grid)
+
+
+def _read_line(result: ScanResult) -> str:
+    """What was read and how fast: a rate only where the read is long enough to measure one."""
+    gb = result.bytes_read / 1e9
+    size = f"{gb:.3g} GB" if gb >= 1 else f"{result.bytes_read / 1e6:.3g} MB"
+    rate = f", {gb / result.seconds:.2f} GB/s" if result.bytes_read >= RATE_MIN_BYTES and result.seconds > 0 else ""
+    return (f"{result.format}, {plural(len(result.files), 'file')}, {plural(len(result.tensors), 'tensor')}, "
+            f"{size} read in {result.seconds:.2f} s{rate}")
 
 
 def _peaks_by_layer(result: ScanResult) -> list[tuple[str, dict[str, float]]]:
@@ -53,10 +110,7 @@ def _peaks_by_layer(result: ScanResult) -> list[tuple[str, dict[str, float]]]:
 def print_scan(result: ScanResult, console) -> None:
     from rich.table import Table
 
-    gb = result.bytes_read / 1e9
-    console.print(f"[bold]scan-checkpoint[/bold] {escape(str(result.path))} ({result.format}, "
-                  f"{len(result.files)} file(s), {len(result.tensors)} tensors, {gb:.3g} GB read in {result.seconds:.2f} s"
-                  f"{f', {gb / result.seconds:.2f} GB/s' if result.seconds > 0 else ''})")
+    console.print(f"[bold]scan-checkpoint[/bold] {escape(str(result.path))} ({_read_line(result)})", soft_wrap=True)
     peaks = _peaks_by_layer(result)
     if peaks:
         th = result.thresholds["norm"]
@@ -86,19 +140,20 @@ def print_diff(result: DiffResult, console) -> None:
 
 
 def _html_findings(result: Verdict) -> str:
-    rows = "".join(f'<tr><td class="{CSS_CLASS[f.severity]}">{esc(f.severity)}</td><td>{esc(f.check)}</td>'
-                   f'<td>{esc(f.tensor or "")}</td><td>{esc(f.message)}</td><td>{esc(f.why)}</td></tr>'
-                   for f in result.sorted_findings())
+    """The terminal's grouping: one row per finding, the tensor named on its group's first row."""
+    rows = "".join(f'<tr><td>{esc(tensor or "the checkpoint as a whole") if i == 0 else ""}</td>'
+                   f'<td class="{CSS_CLASS[f.severity]}">{esc(f.severity)}</td><td>{esc(f.check)}</td>'
+                   f'<td>{esc(_what(f))}</td><td>{esc(f.why)}</td></tr>'
+                   for tensor, fs in by_tensor(result) for i, f in enumerate(fs))
     if not rows:
         return '<p class="ok">No findings.</p>'
-    return ("<table><tr><th>severity</th><th>check</th><th>tensor</th><th>finding</th><th>why it matters</th></tr>"
-            f"{rows}</table>")
+    return ('<table class="text"><tr><th>tensor</th><th>severity</th><th>check</th><th>finding</th>'
+            f"<th>why it matters</th></tr>{rows}</table>")
 
 
 def _html_verdict(result: Verdict) -> str:
-    c = result.counts()
-    cls = "bad" if c["error"] else "ok"
-    return f'<p class="verdict {cls}">{c["error"]} errors, {c["warning"]} warnings, {c["info"]} notes</p>'
+    cls = "bad" if result.counts()["error"] else "ok"
+    return f'<p class="verdict {cls}">{esc(_counts(result))}</p>'
 
 
 def _num(x) -> str:
@@ -138,8 +193,7 @@ def scan_html(result: ScanResult) -> str:
                                                    t.stats.absmax, t.stats.nonfinite, t.stats.n_zero))
            if t.stats else '<td colspan="7">not read</td>') + "</tr>"
         for t in result.tensors)
-    body = (f"<h1>scan-checkpoint</h1><p><code>{esc(result.path)}</code> ({esc(result.format)}, {len(result.files)} "
-            f"file(s), {len(result.tensors)} tensors, {result.bytes_read / 1e9:.3g} GB in {result.seconds:.2f} s)</p>"
+    body = (f"<h1>scan-checkpoint</h1><p><code>{esc(result.path)}</code> ({esc(_read_line(result))})</p>"
             f"{_html_verdict(result)}<h2>Findings</h2>{_html_findings(result)}"
             f"<h2>Largest |norm weight| per layer (flagged above {th:g})</h2>"
             + (_peaks_plot(result) if any(p.layer is not None for p in result.norm_peaks) else "")

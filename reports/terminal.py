@@ -8,6 +8,7 @@ from rich.table import Table
 
 from qwen3dbg.diff.result import DiffResult, TapResult
 from qwen3dbg.text import escape
+from qwen3dbg.wording import short
 
 
 _STYLE = {"first divergence": "bold", "origin": "bold", "first NaN/inf": "bold red", "golden NaN/inf": "bold red",
@@ -31,16 +32,17 @@ def summary(result: DiffResult) -> Panel:
 
 
 def layer_table(result: DiffResult) -> Table:
-    """One row per layer (plus the ops outside layers): its worst tap over all steps."""
-    t = Table(title="worst tap per layer (- : embed, final_norm, logits); excess = error / tolerance, > 1 is divergent",
-              title_justify="left")
-    for col, just in (("layer", "left"), ("worst tap", "left"), ("step", "right"), ("excess", "right"),
-                      ("rel. L2", "right"), ("ref rel. L2", "right"), ("max |err|", "right"), ("", "left")):
-        t.add_column(col, justify=just)
+    """One row per layer (plus the ops outside the layers): its worst tap over all steps, with the statistic
+    that makes it so. Fits 80 columns: no borders, names never cut."""
+    t = Table(title="Worst tap of each layer (other: embed, final_norm, logits). Excess = error / tolerance, "
+                    "over 1 is divergent; evidence: the candidate's error vs the reference's",
+              title_justify="left", box=None, header_style="bold", pad_edge=False)
+    for col, just in (("layer", "left"), ("worst op", "left"), ("step", "right"), ("excess", "right"),
+                      ("evidence", "left"), ("divergent", "right")):
+        t.add_column(col, justify=just, no_wrap=True)
     groups: dict[str, list[TapResult]] = {}
     for r in result.taps:
-        key = "-" if r.layer is None else str(r.layer)
-        groups.setdefault(key, []).append(r)
+        groups.setdefault("other" if r.layer is None else str(r.layer), []).append(r)
     first = result.first_divergence
     for key, rows in groups.items():
         rows = [r for r in rows if r.status != "not_compared"]
@@ -48,11 +50,10 @@ def layer_table(result: DiffResult) -> Table:
             continue
         w = max(rows, key=lambda r: r.excess)
         n_div = sum(r.divergent for r in rows)
-        mark = "[red]✗ first[/]" if first and any((r.step, r.name) == (first.step, first.tap) for r in rows) else \
-            (f"[red]✗ {n_div}[/]" if n_div else "[green]✓[/]")
-        style = "red" if w.excess > 1 else ""
-        t.add_row(key, escape(w.op), str(w.step), f"[{style}]{w.excess:.3g}[/]" if style else f"{w.excess:.3g}",
-                  f"{w.rel_l2:.2g}", f"{w.ref_rel_l2:.2g}", f"{w.max_abs:.2g}", mark)
+        has_first = first is not None and any((r.step, r.name) == (first.step, first.tap) for r in rows)
+        mark = f"[red]{n_div} ✗{' first' if has_first else ''}[/]" if n_div else "[green]0 ✓[/]"
+        excess = f"[red]{short(w.excess, 3)}[/]" if w.excess > 1 else short(w.excess, 3)
+        t.add_row(key, escape(w.op), str(w.step), excess, escape(w.evidence), mark)
     return t
 
 

@@ -94,17 +94,12 @@ class MineCandidate(Candidate):
         sm_90 and later GPUs overlap them)."""
         from .build import load
 
+        self.check(model_dir, dtype, device=device, max_seq=max_seq)
         self.config = cfg = load_config(model_dir)
         self.dtype = parse_dtype(dtype)
-        if self.dtype == torch.float64:
-            raise UserError("mine computes in float32, bfloat16 or float16; float64 is the scratch golden's (--impl scratch)")
-        if cfg.attention_bias:
-            raise UserError("mine implements Qwen3 without attention biases, but this config sets attention_bias")
         self.numerics = Numerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
         self.device = resolve_device(device)
         self.emulated = device == "emulated"
-        if not str(max_seq).isdigit() or int(max_seq) < 1:
-            raise UserError(f"mine option max_seq={max_seq!r}: give the number of cache slots, a whole number >= 1")
         self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
         self.use_graph = option_flag("mine", "graph", graph) and self.device.type == "cuda"
         self.ops = load(emulated=self.emulated)
@@ -121,6 +116,21 @@ class MineCandidate(Candidate):
         self.k_cache = self.v_cache = None
         self.graphs: dict[int, tuple] = {}
         self.reset()
+
+    @staticmethod
+    def check(model_dir, dtype="bfloat16", *, device: str = "auto", rmsnorm: str = "hf", scores: str = "compute",
+              accum: str = "fp32", max_seq: int | str = 4096, graph: bool | str = True, pdl: bool | str = True) -> None:
+        """All but building the engine and loading the weights (`qwen3dbg.registry.check_candidate`)."""
+        if parse_dtype(dtype) == torch.float64:
+            raise UserError("mine computes in float32, bfloat16 or float16; float64 is the scratch golden's (--impl scratch)")
+        if load_config(model_dir).attention_bias:
+            raise UserError("mine implements Qwen3 without attention biases, but this config sets attention_bias")
+        Numerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
+        resolve_device(device)
+        if not str(max_seq).isdigit() or int(max_seq) < 1:
+            raise UserError(f"mine option max_seq={max_seq!r}: give the number of cache slots, a whole number >= 1")
+        option_flag("mine", "graph", graph)
+        option_flag("mine", "pdl", pdl)
 
     def manifest_extra(self) -> dict:
         if self.device.type == "cuda":

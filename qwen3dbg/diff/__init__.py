@@ -20,7 +20,7 @@ from qwen3dbg.diff.diagnosis.systematic import detect
 from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
-from qwen3dbg.diff.sides import SideSpec, parse_side, store_steps
+from qwen3dbg.diff.sides import SideSpec, check_sides, parse_side, store_steps
 from qwen3dbg.diff.streams import (Keeper, Schedule, StoreSide, ThreadSide, candidate_producer, golden_forced,
                                    golden_greedy)
 from qwen3dbg.diff.teacher import estimate, teacher_force
@@ -76,6 +76,7 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     model_dir, cfg = resolve_model(Path(model_dir) if model_dir is not None else None)
     specs = [parse_side(ref, "ref", cfg), parse_side(cand, "cand", cfg)]
     dt = _dtype_under_test(specs, dtype)
+    check_sides(specs, model_dir, dt)
     with_store = any(s.store is not None for s in specs)
     if with_store and (prompt is not None or decode_steps is not None):
         raise UserError("a store fixes the token ids: leave out --prompt and --decode-steps")

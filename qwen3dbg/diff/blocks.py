@@ -76,16 +76,16 @@ def value_of(t: torch.Tensor | RowBlocks) -> torch.Tensor:
 
 
 def blocked_errors(gold: RowBlocks, ref: torch.Tensor, cand: torch.Tensor, scores: bool,
-                   keep: torch.Tensor | None, also: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-                   ) -> TapErrors:
+                   keep: torch.Tensor | None,
+                   also: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> TapErrors:
     """`tap_errors` of a golden computed in blocks: each block against the same rows of both sides, folded;
-    `also(gold_block, cand_block)` sees each block too (the logits' agreement, without computing it twice)."""
+    `also(gold, ref, cand)` sees each block too (the logits' agreement, without computing the golden again)."""
     parts = []
     for r, g in gold.blocks():
         rr, cc, kk = _rows(gold.axis, r, g.shape[gold.axis], ref, cand, keep)
         parts.append((r, tap_errors(g, rr, cc, scores=scores, keep=kk)))
         if also is not None:
-            also(g, cc)
+            also(g, rr, cc)
     return _fold(parts, gold.axis, gold.view_shape)
 
 

@@ -169,10 +169,14 @@ class Comparison:
         # is not finite (the reference then sets no floor and the candidate is not judged), nothing is compared.
         scores, logits = spec.op == "attn_scores", spec.op == "logits"
         blocked = isinstance(g, RowBlocks)
-        counts: list[dict] = []
+        counts: dict[str, list[dict]] = {"cand": [], "ref": []}
+
+        def count_rows(gb: torch.Tensor, rb: torch.Tensor, cb: torch.Tensor) -> None:
+            counts["cand"].append(logits_counts(cb, gb))
+            counts["ref"].append(logits_counts(rb, gb))
+
         if blocked:
-            also = (lambda gb, cb: counts.append(logits_counts(cb, gb))) if logits else None
-            te = blocked_errors(g, r, c, scores, keep, also)
+            te = blocked_errors(g, r, c, scores, keep, count_rows if logits else None)
         else:
             te = tap_errors(g, r, c, scores=scores, keep=keep, row=spec.shape[-1])
         if te.mask_diff:
@@ -191,8 +195,15 @@ class Comparison:
             reasons.append(f"{which} {excess:.3g}x over the {dtype_name(self.dtype)} noise floor")
         if not reasons and te.rows is not None:  # a golden computed in blocks brings no row sums
             extra["signed"] = signed_stats(te.rows, count, te.gold_norm, self.dtype)
+        if keep is not None or te.nonfinite["cand"]:
+            # the reference's error over every element, whatever the candidate left out: what
+            # DiffResult.suspect_reference judges, so that its answer does not depend on the candidate
+            alone = blocked_errors(g, r, r, scores, None) if blocked else tap_errors(g, r, r, scores=scores)
+            extra["ref_rel_l2_alone"] = alone.ref.rel_l2
         if logits and count:
-            extra.update(agreement(counts or [logits_counts(c, g)]))
+            extra.update(agreement(counts["cand"] or [logits_counts(c, g)]))
+            # what a clean run of this dtype reaches on these tokens
+            extra["reference"] = agreement(counts["ref"] or [logits_counts(r, g)])
         # The share of elements over the per-element limit takes a second pass, only when some element is.
         limit = max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR)
         over = 0
@@ -239,7 +250,7 @@ class Comparison:
         changed = ~cand_same
         tie = changed & (margin <= 2 * noise)
         wrong = changed & ~tie
-        extra = {}
+        extra = {"ref_experts_changed": int((~ref_same).sum())}  # for DiffResult.suspect_reference
         for b, t in tie.nonzero().tolist():
             self._record_tie(info, layer, (b, t), margin, float(noise[b, t]), gold=g, chosen=("cand", c))
         if bool(tie.any() | ref_tie.any()):

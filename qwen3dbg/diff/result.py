@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 from qwen3dbg.diff.noise import REF_SUSPECT_REL_L2, REF_SUSPECT_SKIPS
 from qwen3dbg.json_safe import json_safe
+from qwen3dbg.wording import plural, short
 
 FORMAT = "qwen3dbg-diff/1"
 #: the JSON lists every tap of this many decode steps; later ones are summarised per step (step_summary)
@@ -41,6 +43,25 @@ class TapResult:
     @property
     def divergent(self) -> bool:
         return self.status == "divergent"
+
+    @property
+    def evidence(self) -> str:
+        """The statistic that sets the excess, the candidate's vs the reference's: what a reader checks the
+        verdict by."""
+        if self.status == "not_compared":
+            return self.reason
+        if self.op == "moe.topk_ids":
+            return f"ids differ: {self.mismatch:.0%} of tokens" if self.mismatch else "ids as fp64's"
+        if self.nonfinite.get("cand"):
+            return f"{self.nonfinite['cand']} NaN/inf where fp64 is finite"
+        if self.tol_abs and self.tol_rel and self.max_abs / self.tol_abs > self.rel_l2 / self.tol_rel:
+            return f"max |err| {short(self.max_abs)} vs {short(self.ref_max_abs)}"
+        return f"rel. L2 {short(self.rel_l2)} vs {short(self.ref_rel_l2)}"
+
+
+def ref_error(t: TapResult) -> float:
+    """The reference's rel. L2 error to fp64 over all of the tap's elements."""
+    return t.extra.get("ref_rel_l2_alone", t.ref_rel_l2)
 
 
 @dataclass
@@ -163,9 +184,16 @@ class DiffResult:
 
     @property
     def suspect_reference(self) -> TapResult | None:
-        """The first prefill tap where the reference is further from fp64 than a correct implementation gets."""
-        return next((t for t in self.taps
-                     if t.step == 0 and t.op not in REF_SUSPECT_SKIPS and t.ref_rel_l2 > REF_SUSPECT_REL_L2), None)
+        """The first prefill tap where the reference alone is further from fp64 than a correct implementation
+        gets. It depends on the reference and the golden only (never on what the candidate left out), and
+        stops at the reference's first changed expert choice: past a routing flip within the noise, a
+        correct reference is far from fp64 too."""
+        for t in self.taps:
+            if t.step != 0 or t.extra.get("ref_experts_changed"):
+                return None
+            if t.status != "not_compared" and t.op not in REF_SUSPECT_SKIPS and ref_error(t) > REF_SUSPECT_REL_L2:
+                return t
+        return None
 
     @property
     def not_compared(self) -> list[TapResult]:
@@ -175,23 +203,21 @@ class DiffResult:
         """The one-screen summary as (label, sentence) pairs in reading order; every view renders these."""
         ref, cand = self.side("ref"), self.side("cand")
         lines = [("verdict", self.verdict),
-                 ("sides", f"reference {ref.spec}, candidate {cand.spec}, both judged against scratch in float64; "
-                           f"dtype {self.dtype}; prefill of {self.steps[0]['tokens']} tokens, "
-                           f"{len(self.steps) - 1} decode steps")]
+                 ("sides", f"Candidate {cand.spec} against reference {ref.spec} in {self.dtype}, on "
+                           f"{plural(self.steps[0]['tokens'], 'prompt token')} and "
+                           f"{plural(len(self.steps) - 1, 'decode step')}. Each side's error is measured against "
+                           "the readable reference (scratch) run in float64.")]
         lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
         if len(self.steps) == 1:
             how = ("capture the store with --decode-steps 4" if any(s.spec.startswith("store:") for s in self.sides)
                    else "--decode-steps 4 checks them")
             lines.append(("note", f"prefill only: the KV cache and the decode path ran no step; {how} (a cache off "
                                   "by one shows only there)"))
-        suspect, ref = self.suspect_reference, self.side("ref").spec
+        suspect = self.suspect_reference
         if suspect is not None:
-            check = (f"check it: qwen3dbg diff --ref scratch --cand {ref} --model {self.model} --dtype {self.dtype}"
-                     if not ref.startswith("scratch") else f"scratch is the golden's code: is the model sound? "
-                     f"qwen3dbg scan-checkpoint {self.model}")
-            lines.append(("reference", f"the reference itself is {suspect.ref_rel_l2:.2g} rel. L2 from fp64 at step "
+            lines.append(("reference", f"the reference itself is {ref_error(suspect):.2g} rel. L2 from fp64 at step "
                                        f"{suspect.step}, {suspect.name}: tolerances follow its error, so it may hide "
-                                       f"the candidate's bugs ({check})"))
+                                       f"the candidate's bugs; {self.reference_check()}"))
         gold = self.golden_nonfinite
         if gold:
             lines.append(("golden NaN/inf", f"step {gold['step']}, {gold['tap']} ({gold['count']} values): "
@@ -213,13 +239,13 @@ class DiffResult:
         story = self.decode_story()
         if story is not None and len(self.steps) > 2:
             lines.append(("decode steps", story))
-        if self.in_noise is not None:
+        if self.in_noise is not None and suspect is None:  # "only rounding" is no comfort from a suspect floor
             lines.append(("within noise", f"step {self.in_noise.step}, {self.in_noise.tap}: {self.in_noise.message}"))
         if self.systematic is not None:
             lines.append(("systematic", f"step {self.systematic.step}: {self.systematic.message}"))
         if self.routing_ties:
-            lines.append(("routing ties", f"{len(self.routing_ties)} token(s) chose other experts within the router "
-                                          "noise; their later taps are left out"))
+            lines.append(("routing ties", f"{plural(len(self.routing_ties), 'token')} chose other experts within the "
+                                          "router noise; their later taps are left out"))
         missing = sorted({t.op for t in self.not_compared})
         if missing:
             lines.append(("not compared", f"a side lacks {', '.join(missing)}"))
@@ -236,6 +262,16 @@ class DiffResult:
             keep |= {d.step, max(d.step - 1, 0)}
         return keep
 
+    def reference_check(self) -> str:
+        """The command that confirms a suspect reference: the reference as the candidate of the readable one,
+        on the same model, dtype and prompt; scratch itself can only be wrong through the model."""
+        ref, model = self.side("ref").spec, shlex.quote(self.model)
+        if ref.split(":")[0] == "scratch":
+            return f"scratch is the golden's own code, so check the model: qwen3dbg scan-checkpoint {model}"
+        ids = "" if ref.startswith("store:") else f" --token-ids {','.join(map(str, self.steps[0]['token_ids']))}"
+        return (f"check it: qwen3dbg diff --ref scratch --cand {shlex.quote(ref)} --model {model} "
+                f"--dtype {self.dtype}{ids}")
+
     def side(self, role: str) -> SideInfo:
         return next(s for s in self.sides if s.role == role)
 
@@ -248,7 +284,8 @@ class DiffResult:
             "diagnosis": [{"signature": x.signature, "message": x.message, "evidence": x.evidence}
                           for x in self.diagnosis],
             "first_nonfinite": self.first_nonfinite, "golden_nonfinite": self.golden_nonfinite,
-            "suspect_reference": {"step": ref.step, "tap": ref.name, "ref_rel_l2": ref.ref_rel_l2} if ref else None,
+            "suspect_reference": {"step": ref.step, "tap": ref.name, "ref_rel_l2": ref_error(ref),
+                                  "check": self.reference_check()} if ref else None,
             "in_noise": asdict(self.in_noise) if self.in_noise else None,
             "systematic": asdict(self.systematic) if self.systematic else None,
             "routing_ties": self.routing_ties, "model": self.model, "dtype": self.dtype,

@@ -54,6 +54,19 @@ def parse_side(text: str, role: str, config: Qwen3Config | None = None) -> SideS
     return SideSpec(text, name=name, options=options)
 
 
+def check_sides(specs: list[SideSpec], model_dir: Path, dtype) -> None:
+    """Refuse any side that could not run, before any side does (`capture` and `diff` call this first):
+    a name that does not resolve, an option it does not take, a port that does not import, a missing
+    extra, a dtype that does not exist. Stores were checked when parsed. No weights are loaded."""
+    from qwen3dbg.dtypes import parse_dtype
+    from qwen3dbg.registry import check_candidate
+
+    dtype = parse_dtype(dtype)
+    for spec in specs:
+        if spec.store is None:
+            check_candidate(spec.name, model_dir, dtype, **spec.options)
+
+
 def store_steps(specs: list[SideSpec], given: list[StepInfo] | None) -> list[StepInfo] | None:
     """The steps fixed by the stores among the sides (None when no side is a store); all must agree."""
     stores = [s for s in specs if s.store is not None]

@@ -241,7 +241,7 @@ def moe_experts(s: Site) -> Diagnosis | None:
         return s.explained(sig, f"{s.name()} is each expert's silu(up) * gate", "gate and up are swapped in the "
                            "experts' SwiGLU", resid)
     return s.explained(sig, f"{s.name()} mixes expert e{shift:+d}'s weights where the router chose expert e",
-                       f"the experts are indexed off by one; use experts.{{e}} for id e", resid,
+                       "the experts are indexed off by one; use experts.{e} for id e", resid,
                        {"expert_shift": shift})
 
 
