@@ -80,6 +80,8 @@ def heatmap(result: DiffResult) -> str:
     worst = _worst(result)
     layers = sorted({k[0] for k in worst})
     ops = [o.op for o in LAYER_OPS if any((layer, o.op) in worst for layer in layers)]
+    if not ops:  # a store of selected taps (capture --taps) may hold no layer tap at all
+        return "<p>No tap inside the layers was compared.</p>"
     grid = np.full((len(layers), len(ops)), np.nan)
     for (layer, op), t in worst.items():
         grid[layers.index(layer), ops.index(op)] = min(max(t.excess, 1e-3), 1e6)

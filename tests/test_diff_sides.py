@@ -193,3 +193,14 @@ def test_a_store_captured_on_other_weights_says_so(tmp_path):
         return [n for n in cand.notes if "other weights" in n]
 
     assert notes(other) and not notes(ours)
+
+
+def test_a_store_of_selected_taps_diffs_and_writes_its_reports(models, tmp_path):
+    """capture --taps keeps a few taps: the diff compares those, and the HTML and JSON still render."""
+    model, store = models("tiny-dense"), tmp_path / "s"
+    assert cli("capture", "--impl", "scratch", "--model", model, "--out", store, "--taps", "embed",
+               "--decode-steps", "1") == 0
+    html, js = tmp_path / "r.html", tmp_path / "r.json"
+    assert cli("diff", "--cand", f"store:{store}", "--model", model, "--html", html, "--json", js) == 0
+    assert "No tap inside the layers was compared" in html.read_text()
+    assert json.loads(js.read_text())["first_divergence"] is None
