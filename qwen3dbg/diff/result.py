@@ -146,8 +146,12 @@ class DiffResult:
         decode = [r for r in self.step_summary if r["step"] > 0]
         if not decode:
             return None
-        out = next((r for r in decode if r["divergent"]), None)
+        out = next((r for r in self.step_summary if r["divergent"]), None)
         last = decode[-1]
+        if out is not None and out["step"] == 0:
+            return (f"the prefill already diverges, so the decode steps start from it: by the last step "
+                    f"{last['step']}, {last['divergent']} of {last['compared']} taps over, worst "
+                    f"{last['worst_excess']:.3g}x")
         if out is None:
             worst = max(decode, key=lambda r: r["worst_excess"])
             return (f"all {len(decode)} decode steps within the noise floor (closest: step {worst['step']}, "
