@@ -27,7 +27,7 @@ def summary(result: DiffResult) -> Panel:
         elif label == "sides":
             lines.append(f"[dim]{escape(text)}[/]")
         else:
-            lines.append(f"[{_STYLE[label]}]{label}[/] {escape(text)}")
+            lines.append(f"[{_STYLE.get(label, 'bold')}]{label}[/] {escape(text)}")
     return Panel("\n".join(lines), title="qwen3dbg diff", border_style="red" if bad else "green", expand=False)
 
 

@@ -69,3 +69,9 @@ class LitGPTCandidate(ModuleCandidate):
     def __init__(self, model_dir, dtype="float32"):
         super().__init__(f"{__name__}:load", model_dir, dtype)
         self.name = "litgpt"
+
+    @staticmethod
+    def check(model_dir, dtype="float32") -> None:
+        """The port's check (`qwen3dbg.registry.check_candidate`) with this module as the port: litgpt
+        imports, and the mapping resolves."""
+        ModuleCandidate.check(f"{__name__}:load", model_dir, dtype)
