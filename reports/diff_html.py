@@ -234,7 +234,7 @@ def table(result: DiffResult) -> str:
     n = sum(r.kind in ("first", "divergent") for r in rows)
     return ('<p class="hint">Divergent taps first (each once, over all its steps), then the clean taps nearest to '
             f"their limit, then the clean rest folded per layer: {len(rows)} rows for {len(result.taps)} taps "
-            f"of {len(result.steps)} steps; every one is in --json. Click a header to sort.</p>"
+            f"of {len(result.steps)} steps; --json holds the details. Click a header to sort.</p>"
             '<p><input id="tap-filter" type="search" placeholder="filter by tap, e.g. layers.3. or k_rope"> '
             f'<label><input id="tap-divergent" type="checkbox"> divergent only ({n})</label></p>'
             f'<div class="wide"><table id="taps"><thead><tr>{head}</tr></thead>'
