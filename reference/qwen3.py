@@ -207,6 +207,10 @@ class Qwen3Reference(Candidate):
         emit(sink, i, "attn_scores", scores), emit(sink, i, "attn_probs", probs)
         return self.context(probs, v_all)
 
+    def residual(self, x, normed):
+        """What the attention adds to: the layer's raw input x, not its normalised copy."""
+        return x
+
     def route(self, logits):
         c = self.config
         return route(logits, c.num_experts_per_tok, c.norm_topk_prob, self.num)
@@ -268,7 +272,7 @@ class Qwen3Reference(Candidate):
         p = f"model.layers.{i}."
         h = self.norm(x, p + "input_layernorm")
         emit(sink, i, "attn_norm", h)
-        x = x + self.attention(i, h, positions, sink)
+        x = self.residual(x, h) + self.attention(i, h, positions, sink)
         emit(sink, i, "resid_mid", x)
         h = self.norm(x, p + "post_attention_layernorm")
         emit(sink, i, "mlp_norm", h)

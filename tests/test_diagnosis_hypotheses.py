@@ -136,19 +136,8 @@ class HeadNotTied(Qwen3Reference):
 class ResidualFromNormed(Qwen3Reference):
     """The attention residual starts from the normalised input instead of the raw one."""
 
-    def layer(self, i, x, positions, sink):
-        p = f"model.layers.{i}."
-        h = self.norm(x, p + "input_layernorm")
-        emit(sink, i, "attn_norm", h)
-        x = h + self.attention(i, h, positions, sink)  # right: x + self.attention(...)
-        emit(sink, i, "resid_mid", x)
-        h = self.norm(x, p + "post_attention_layernorm")
-        emit(sink, i, "mlp_norm", h)
-        h = self.moe_mlp(i, h, sink) if self.config.is_moe_layer(i) else self.dense_mlp(i, h, sink)
-        emit(sink, i, "mlp.out", h)
-        x = x + h
-        emit(sink, i, "resid_out", x)
-        return x
+    def residual(self, x, normed):
+        return normed  # right: x
 
 
 class CachePreRope(Qwen3Reference):
