@@ -103,21 +103,36 @@ def test_fused_pass_of_an_empty_tap_compares_nothing():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_logits_rows_match_torch_argmax_and_log_softmax_kl(dtype):
+def test_logits_rows_match_torch_argmax_topk_and_log_softmax_kl(dtype):
     gen = torch.Generator().manual_seed(3)
     g = 4 * torch.randn(12, 1000, dtype=torch.float64, generator=gen)
-    c = (g + 0.1 * torch.randn(12, 1000, dtype=torch.float64, generator=gen)).to(dtype)
+    sides = [(g + e * torch.randn(12, 1000, dtype=torch.float64, generator=gen)).to(dtype) for e in (0.1, 0.01)]
+    c = sides[0]
     c[1, 5] = float("nan")  # argmax takes the first NaN; the row has no KL
     c[2, 7] = float("-inf")
     g[3, 9] = float("inf")
-    c[4, :] = c[4, 0]  # all tied: the first index
-    am_c, am_g, kl, ok = logits_rows(c, g)
-    assert torch.equal(am_c, c.double().argmax(-1)) and torch.equal(am_g, g.argmax(-1))
-    lg, lc = torch.log_softmax(g, -1), torch.log_softmax(c.double(), -1)
-    want_ok = torch.isfinite(lc).all(-1) & torch.isfinite(lg).all(-1)
-    assert torch.equal(ok, want_ok) and not ok[1:4].any()
-    want = (lg.exp() * (lg - lc)).sum(-1)
-    # exp within a few ulp and sums over V terms: within (V + 64) eps of the row's magnitude
-    scale = 1 + g.abs().amax(-1) + c.double().abs().nan_to_num(0, 0, 0).amax(-1)
-    bound = (g.shape[-1] + 64) * torch.finfo(torch.float64).eps * scale
-    assert ((kl - want).abs() <= bound)[ok].all()
+    c[4, :] = c[4, 0]  # all tied: the first indices
+    got = logits_rows(g, *sides, k=5)
+    for i, t in enumerate((g, *sides)):
+        assert torch.equal(got.top[i, :, 0], t.double().argmax(-1))
+    assert got.top[1, 4].tolist() == [0, 1, 2, 3, 4]
+    # the k largest values, largest first, equal values in index order (rounded rows hold ties)
+    for i, t in enumerate((g, *sides)):
+        rows = [0, 5, 6, 7, 8, 10, 11]
+        x, top = t.double()[rows], got.top[i, rows]
+        picked = x.gather(-1, top)
+        assert torch.equal(picked, x.topk(5, -1).values)
+        tied = picked[:, 1:] == picked[:, :-1]
+        assert (top[:, 1:] > top[:, :-1])[tied].all()
+    lg = torch.log_softmax(g, -1)
+    for s, side in enumerate(sides):
+        lc = torch.log_softmax(side.double(), -1)
+        want_ok = torch.isfinite(lc).all(-1) & torch.isfinite(lg).all(-1)
+        ok, kl = got.ok[s], got.kl[s]
+        assert torch.equal(ok, want_ok) and not ok[3]
+        want = (lg.exp() * (lg - lc)).sum(-1)
+        # exp within a few ulp and sums over V terms: within (V + 64) eps of the row's magnitude
+        scale = 1 + g.abs().amax(-1) + side.double().abs().nan_to_num(0, 0, 0).amax(-1)
+        bound = (g.shape[-1] + 64) * torch.finfo(torch.float64).eps * scale
+        assert ((kl - want).abs() <= bound)[ok].all()
+    assert not got.ok[0, 1:4].any()

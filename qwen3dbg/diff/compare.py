@@ -172,8 +172,9 @@ class Comparison:
         counts: dict[str, list[dict]] = {"cand": [], "ref": []}
 
         def count_rows(gb: torch.Tensor, rb: torch.Tensor, cb: torch.Tensor) -> None:
-            counts["cand"].append(logits_counts(cb, gb))
-            counts["ref"].append(logits_counts(rb, gb))
+            cand, ref = logits_counts(gb, cb, rb)
+            counts["cand"].append(cand)
+            counts["ref"].append(ref)
 
         if blocked:
             te = blocked_errors(g, r, c, scores, keep, count_rows if logits else None)
@@ -201,9 +202,10 @@ class Comparison:
             alone = blocked_errors(g, r, r, scores, None) if blocked else tap_errors(g, r, r, scores=scores)
             extra["ref_rel_l2_alone"] = alone.ref.rel_l2
         if logits and count:
-            extra.update(agreement(counts["cand"] or [logits_counts(c, g)]))
-            # what a clean run of this dtype reaches on these tokens
-            extra["reference"] = agreement(counts["ref"] or [logits_counts(r, g)])
+            if not counts["cand"]:
+                count_rows(g, r, c)
+            extra.update(agreement(counts["cand"]))
+            extra["reference"] = agreement(counts["ref"])  # what a clean run of this dtype reaches on these tokens
         # The share of elements over the per-element limit takes a second pass, only when some element is.
         limit = max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR)
         over = 0

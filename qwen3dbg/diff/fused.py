@@ -219,47 +219,67 @@ static inline double exp_neg(double x) {
     return n < -1022 ? 0.0 : q * scale;
 }
 
-/* First index of the largest element of a row, a NaN counting as largest (as torch.argmax); *finite: none
-   is NaN or inf; *max: the largest. */
-static int64_t row_argmax(const void* p, int dtype, int64_t off, int64_t n, double* max, int* finite) {
-    double buf[BLOCK], m = -INFINITY;
-    int64_t at = 0;
+/* NaN above everything (as torch.argmax and torch.topk); equal values keep the earlier index. */
+static inline int above(double x, double y) { return (isnan(x) && !isnan(y)) || x > y; }
+
+/* One pass over a row: its first argmax, its largest value, whether it is finite, and its top k indices
+   (k <= TOPK_MAX, largest first; ties to the earlier index). */
+#define TOPK_MAX 16
+static void row_scan(const void* p, int dtype, int64_t off, int64_t n, int k, int64_t* top, double* max, int* finite) {
+    double buf[BLOCK], val[TOPK_MAX];
+    int filled = 0;
     *finite = 1;
     for (int64_t b = 0; b < n; b += BLOCK) {
         int64_t len = n - b < BLOCK ? n - b : BLOCK;
         const double* x = view(p, dtype, off + b, len, buf);
+        double bm = -INFINITY;
+        int64_t bad = 0;
+        for (int64_t i = 0; i < len; i++) { bm = x[i] > bm ? x[i] : bm; bad += !(fabs(x[i]) < INFINITY); }
+        if (!bad && filled == k && !(bm > val[k - 1])) continue;  /* most blocks: nothing enters the top k */
         for (int64_t i = 0; i < len; i++) {
-            if (isnan(x[i])) { *finite = 0; *max = NAN; return b + i; }
-            if (isinf(x[i])) *finite = 0;
-            if (x[i] > m || (b + i == 0)) { m = x[i]; at = b + i; }
+            double v = x[i];
+            if (!(fabs(v) < INFINITY)) *finite = 0;
+            if (filled == k && !above(v, val[k - 1])) continue;
+            int j = filled < k ? filled++ : k - 1;
+            while (j > 0 && above(v, val[j - 1])) { val[j] = val[j - 1]; top[j] = top[j - 1]; j--; }
+            val[j] = v; top[j] = b + i;
         }
     }
-    *max = m;
-    return at;
+    *max = filled ? val[0] : -INFINITY;
 }
 
-/* Per row of gold and cand [rows, V]: both argmaxes, whether both rows are finite, and for finite rows
-   KL(softmax gold || softmax cand) = sum p (g - c) - (lse_g - lse_c), lse = max + log sum e^(x - max). */
-void logits_rows(const void* g, int gdt, const void* c, int cdt, int64_t rows, int64_t V,
-                 int64_t* argmax_g, int64_t* argmax_c, double* kl, uint8_t* ok) {
-    #pragma omp parallel for schedule(static) if (rows * V >= PAR_MIN)
+/* Per row of gold and of each side ([rows, V] each; p[0] the golden): every tensor's argmax (= its top
+   index) and top k, whether golden and side are both finite, and for finite rows KL(softmax gold ||
+   softmax side) = sum p (g - s) - (lse_g - lse_s), lse = max + log sum e^(x - max). The golden's row is
+   read twice, whatever the number of sides. */
+void logits_rows(const void* const* p, const int* dt, int sides, int64_t rows, int64_t V, int k, int64_t* top,
+                 double* kl, uint8_t* ok) {
+    #pragma omp parallel for schedule(static) if (rows * V * (sides + 1) >= PAR_MIN)
     for (int64_t row = 0; row < rows; row++) {
-        double mg, mc, gb[BLOCK], cb[BLOCK], sg = 0, sc = 0, t = 0;
-        int fg, fc;
-        argmax_g[row] = row_argmax(g, gdt, row * V, V, &mg, &fg);
-        argmax_c[row] = row_argmax(c, cdt, row * V, V, &mc, &fc);
-        ok[row] = fg && fc && V > 0;
-        kl[row] = 0;
-        if (!ok[row]) continue;
+        double m[3], buf[3][BLOCK], sum[3] = {0, 0, 0}, t[3] = {0, 0, 0};
+        int fin[3];
+        for (int s = 0; s <= sides; s++)
+            row_scan(p[s], dt[s], row * V, V, k, top + (s * rows + row) * k, &m[s], &fin[s]);
+        int any = 0;
+        for (int s = 1; s <= sides; s++) {
+            ok[(s - 1) * rows + row] = fin[0] && fin[s] && V > 0;
+            kl[(s - 1) * rows + row] = 0;
+            any |= ok[(s - 1) * rows + row];
+        }
+        if (!any) continue;
         for (int64_t b = 0; b < V; b += BLOCK) {
             int64_t len = V - b < BLOCK ? V - b : BLOCK;
-            const double *x = view(g, gdt, row * V + b, len, gb), *y = view(c, cdt, row * V + b, len, cb);
+            const double* x[3];
+            for (int s = 0; s <= sides; s++) x[s] = view(p[s], dt[s], row * V + b, len, buf[s]);
             for (int64_t i = 0; i < len; i++) {
-                double eg = exp_neg(x[i] - mg);
-                sg += eg; sc += exp_neg(y[i] - mc); t += eg * (x[i] - y[i]);
+                double eg = exp_neg(x[0][i] - m[0]);
+                sum[0] += eg;
+                for (int s = 1; s <= sides; s++) { sum[s] += exp_neg(x[s][i] - m[s]); t[s] += eg * (x[0][i] - x[s][i]); }
             }
         }
-        kl[row] = t / sg - ((mg - mc) + (log(sg) - log(sc)));
+        for (int s = 1; s <= sides; s++)
+            if (ok[(s - 1) * rows + row])
+                kl[(s - 1) * rows + row] = t[s] / sum[0] - ((m[0] - m[s]) + (log(sum[0]) - log(sum[s])));
     }
 }
 
@@ -310,8 +330,8 @@ def _kernel():
         lib = build("diff_compare", _SOURCE, _FLAGS, "the differ's comparison kernel")
         lib.compare.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.POINTER(_Out)]
         lib.compare.restype = ctypes.c_int
-        lib.logits_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.logits_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.logits_rows.restype = None
         _lib = lib
     return _lib
@@ -376,12 +396,31 @@ def _run(gold, ref, cand, scores, keep, limit, rows=None) -> _Out:
     return out
 
 
-def logits_rows(cand: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """cand, gold [N, V] -> argmax of cand and of gold [N] (first index; a NaN counts as largest), KL(softmax gold ||
-    softmax cand) [N] float64 and whether both rows are finite [N] (KL 0 where not), in one pass per row."""
-    (g, c), (n, v) = ((t if t.dtype in _CODES else t.double()).contiguous() for t in (gold, cand)), gold.shape
-    am_g, am_c = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
-    kl, ok = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.bool)
-    _kernel().logits_rows(g.data_ptr(), _CODES[g.dtype], c.data_ptr(), _CODES[c.dtype], n, v, am_g.data_ptr(),
-                          am_c.data_ptr(), kl.data_ptr(), ok.data_ptr())
-    return am_c, am_g, kl, ok
+#: most sides and largest k of `logits_rows`, as its kernel is built
+MAX_SIDES, TOPK_MAX = 2, 16
+
+
+@dataclass(frozen=True)
+class LogitsRows:
+    """Per row of the golden's and each side's logits: `top` [1 + sides, N, k] indices, largest first (column 0
+    is the argmax); `kl` [sides, N] KL(softmax gold || softmax side), 0 where `ok` [sides, N] (both rows
+    finite) is False."""
+
+    top: torch.Tensor
+    kl: torch.Tensor
+    ok: torch.Tensor
+
+
+def logits_rows(gold: torch.Tensor, *sides: torch.Tensor, k: int = 1) -> LogitsRows:
+    """gold and up to two sides [N, V] -> `LogitsRows`, in one pass per row and tensor for the top k (a NaN
+    counts as largest, equal values keep the earlier index, as torch.argmax) and one for the KLs, which reads
+    the golden's row once for all sides."""
+    if not 1 <= len(sides) <= MAX_SIDES or not 1 <= k <= min(TOPK_MAX, gold.shape[-1]):
+        raise ValueError(f"logits_rows: 1 to {MAX_SIDES} sides and 1 <= k <= min({TOPK_MAX}, V)")
+    ts = [(t if t.dtype in _CODES else t.double()).contiguous() for t in (gold, *sides)]
+    n, v = gold.shape
+    top = torch.empty(len(ts), n, k, dtype=torch.int64)
+    kl, ok = torch.empty(len(sides), n, dtype=torch.float64), torch.empty(len(sides), n, dtype=torch.bool)
+    _kernel().logits_rows((ctypes.c_void_p * 3)(*(t.data_ptr() for t in ts)), (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in ts)),
+                          len(sides), n, v, k, top.data_ptr(), kl.data_ptr(), ok.data_ptr())
+    return LogitsRows(top, kl, ok)

@@ -53,22 +53,24 @@ def worst_coordinate(flat_index: int, shape: tuple[int, ...], axes: tuple[str, .
     return coord
 
 
-def logits_counts(cand: torch.Tensor, gold: torch.Tensor, k: int = 5, rows: int = 4) -> dict:
-    """cand, gold [B,T,V] -> sums over tokens, in float64, that `agreement` turns into means (so that runs of
-    rows compared apart add up): tokens, top-1 matches, top-k overlap, KL(gold || cand) and finite rows.
-    argmax and KL in one fused pass per token, top-k `rows` tokens at a time (a real vocabulary makes each
-    row 1.2 MB in float64: four stay in cache)."""
+def logits_counts(gold: torch.Tensor, *sides: torch.Tensor, k: int = 5) -> list[dict]:
+    """gold and each side [B,T,V] -> per side, sums over tokens, in float64, that `agreement` turns into means
+    (so that runs of rows compared apart add up): tokens, top-1 matches, top-k overlap, KL(gold || side) and
+    finite rows. One fused pass per row of each tensor for the top k, one for the KLs."""
     from qwen3dbg.diff.fused import logits_rows
 
-    c, g = cand.reshape(-1, cand.shape[-1]), gold.reshape(-1, gold.shape[-1])
-    k = min(k, c.shape[-1])
-    am_c, am_g, kl, ok = logits_rows(c, g)
-    overlap = 0.0
-    for i in range(0, c.shape[0], rows):
-        ct, gt = c[i:i + rows].double().topk(k, -1).indices, g[i:i + rows].double().topk(k, -1).indices
-        overlap += float((ct[:, :, None] == gt[:, None, :]).any(-1).double().sum()) / k
-    return {"tokens": c.shape[0], "top1": int((am_c == am_g).sum()), "topk": overlap, "k": k,
-            "kl": float(kl[ok].sum()), "finite": int(ok.sum())}
+    flat = [t.reshape(-1, t.shape[-1]) for t in (gold, *sides)]
+    k = min(k, flat[0].shape[-1])
+    rows = logits_rows(*flat, k=k)
+    gt = rows.top[0]
+    out = []
+    for s in range(len(sides)):
+        st = rows.top[s + 1]
+        overlap = float((st[:, :, None] == gt[:, None, :]).any(-1).double().sum()) / k
+        ok = rows.ok[s]
+        out.append({"tokens": gt.shape[0], "top1": int((st[:, 0] == gt[:, 0]).sum()), "topk": overlap, "k": k,
+                    "kl": float(rows.kl[s][ok].sum()), "finite": int(ok.sum())})
+    return out
 
 
 def agreement(counts: list[dict]) -> dict:
@@ -81,7 +83,7 @@ def agreement(counts: list[dict]) -> dict:
 
 def logits_agreement(cand: torch.Tensor, gold: torch.Tensor, k: int = 5) -> dict:
     """cand, gold [B,T,V] -> top-1 agreement, mean top-k overlap and mean KL(gold || cand) over tokens."""
-    return agreement([logits_counts(cand, gold, k)])
+    return agreement(logits_counts(gold, cand, k=k))
 
 
 def router_margin(logits: torch.Tensor, k: int) -> torch.Tensor:
