@@ -1,10 +1,14 @@
-"""Freed tensors go back to the system, so a long diff's memory follows what it holds.
+"""How a diff's allocations reach the system: freed prefill tensors go back, decode steps reuse memory.
 
 glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after which blocks of that
-size come from the heap and stay with the process when freed. A diff allocates and frees tensors of every
-size from three threads at once, so its resident memory then grows with the longest prompt's tensors
-times the fragments left behind (270 MB to 690 MB from 1024 to 2048 tokens on the tiny model, 270 MB to
-300 MB with the threshold fixed). Fixing it at 1 MiB keeps every block past that size mapped on its own.
+size come from the heap and stay with the process when freed. A diff's prefill allocates and frees tensors
+of every size from three threads at once, so its resident memory then grows with the longest prompt's
+tensors times the fragments left behind (270 MB to 690 MB from 1024 to 2048 tokens on the tiny model,
+270 MB to 300 MB with the threshold fixed at 1 MiB): through the prefill every block past 1 MiB is mapped
+on its own. Decode steps are the opposite: each allocates the same few MB-sized blocks again (HF's cache
+grows by concatenation, 4.7 MB a layer at 2304 tokens of the 0.6B shape), which, mapped anew each time,
+cost a page fault per 4 KB (tens of GB zeroed over 256 steps); from the first decode step on, such blocks
+stay with the heap for reuse.
 """
 
 from __future__ import annotations
@@ -12,17 +16,30 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-THRESHOLD = 1 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+PREFILL_THRESHOLD = 1 << 20
+#: glibc's own ceiling for the threshold (HEAP_MAX_SIZE / 2 on 64-bit); the trim threshold twice that, as
+#: glibc sets it itself when it raises the threshold
+DECODE_THRESHOLD = 32 << 20
 
 
-def return_large_frees() -> None:
-    """Fix glibc's mmap threshold (a no-op on other C libraries)."""
-    name = ctypes.util.find_library("c")
+def _mallopt():
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
-        return
+        return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(M_MMAP_THRESHOLD, THRESHOLD)
+    return mallopt
+
+
+def for_prefill() -> None:
+    """Every block past 1 MiB mapped on its own (a no-op on other C libraries)."""
+    if (mallopt := _mallopt()) is not None:
+        mallopt(M_MMAP_THRESHOLD, PREFILL_THRESHOLD)
+
+
+def for_decode() -> None:
+    """Blocks up to 32 MB reused from the heap, which is trimmed only past 64 MB free at its top."""
+    if (mallopt := _mallopt()) is not None:
+        mallopt(M_MMAP_THRESHOLD, DECODE_THRESHOLD)
+        mallopt(M_TRIM_THRESHOLD, 2 * DECODE_THRESHOLD)

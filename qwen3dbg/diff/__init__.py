@@ -27,7 +27,7 @@ from qwen3dbg.diff.teacher import estimate, teacher_force
 from qwen3dbg.diff.window import Window, WindowSource
 from qwen3dbg.dtypes import dtype_name, parse_dtype
 from qwen3dbg.errors import UserError
-from qwen3dbg.memory import return_large_frees
+from qwen3dbg import memory
 from qwen3dbg.store import TapStore
 from qwen3dbg.taps import inputs_of, parse_tap_name
 
@@ -72,7 +72,7 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     from qwen3dbg.inputs import resolve_inputs, resolve_model
 
     t0 = time.perf_counter()
-    return_large_frees()
+    memory.for_prefill()
     model_dir, cfg = resolve_model(Path(model_dir) if model_dir is not None else None)
     specs = [parse_side(ref, "ref", cfg), parse_side(cand, "cand", cfg)]
     dt = _dtype_under_test(specs, dtype)
@@ -116,8 +116,14 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     window = Window(keep)
     src = WindowSource(cfg, schedule.steps, dt, model_dir, {})
     noise = _InNoise(cfg, src, window)
-    comparison = Comparison(sides["gold"], sides["ref"], sides["cand"], schedule, cfg, dt, window,
-                            progress or (lambda step, layer: None), lacks)
+    shown = progress or (lambda step, layer: None)
+
+    def on_progress(step: int, layer: int | None) -> None:
+        if step == 0 and layer is None:  # the prefill is compared: decode steps reuse their blocks
+            memory.for_decode()
+        shown(step, layer)
+
+    comparison = Comparison(sides["gold"], sides["ref"], sides["cand"], schedule, cfg, dt, window, on_progress, lacks)
     status(f"comparing {schedule.total} step(s) against the fp64 golden")
     t = time.perf_counter()
     taps = []
