@@ -1,20 +1,20 @@
 """The three sides of a diff as streams of taps, compared in lockstep as they are produced.
 
-Every side runs in its own thread and hands each tap to a bounded queue; the comparison takes them by
-(step, name) in forward order, so memory holds a few taps of each side, never a step's worth, and
-nothing is written to disk. A side that produces a tap out of order (HF's cache after its attention)
-costs a short buffer. The fp64 golden is one pass over the whole forced sequence (`golden_forced`):
-its prefill rows stream like any side's, its decode rows are kept (float32 when the dtype under test is
-narrower) and replayed as decode steps, the cache as the slots each step wrote.
+Every side runs in its own thread and hands each tap to a queue bounded in bytes (`TapQueue`); the
+comparison takes them by (step, name) in forward order, so memory holds a few large taps of each side or
+a step's worth of small ones, and nothing is written to disk. A side that produces a tap out of order
+(HF's cache after its attention) costs a short buffer. The fp64 golden is one pass over the whole forced
+sequence (`golden_forced`): its prefill rows stream like any side's, its decode rows are kept (float32 when
+the dtype under test is narrower) and replayed as decode steps, the cache as the slots each step wrote.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import queue
 import tempfile
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -78,13 +78,58 @@ class Schedule:
 
 
 _END = "end"
+#: bytes of taps a side may hand out ahead of the comparison: a decode step's hundreds of small taps pass
+#: without waiting for each to be compared (a handoff per tap left the cores idle half the time), while
+#: a prefill's large ones queue a few at a time
+QUEUE_BYTES = 128 << 20
+
+
+def _nbytes(item) -> int:
+    t = item[2]
+    if isinstance(t, torch.Tensor):
+        return t.nbytes
+    return t.values.nbytes if isinstance(t, (CacheSlots, QueryRows)) else 0  # RowBlocks: computed when read
+
+
+class TapQueue:
+    """A side's taps on their way to the comparison, at most `budget` bytes of them (one tap whatever its size)."""
+
+    def __init__(self, budget: int = QUEUE_BYTES):
+        self.budget, self.bytes = budget, 0
+        self._items: deque = deque()
+        self._changed = threading.Condition()
+
+    def put(self, item, cancelled: threading.Event) -> None:
+        size = _nbytes(item)
+        with self._changed:
+            while self._items and self.bytes + size > self.budget:
+                if cancelled.is_set():
+                    raise Cancelled()
+                self._changed.wait(0.2)
+            self._items.append((item, size))
+            self.bytes += size
+            self._changed.notify_all()
+
+    def get(self, timeout: float):
+        """The next item, or None after `timeout` seconds without one."""
+        with self._changed:
+            if not self._items and not self._changed.wait_for(lambda: self._items, timeout):
+                return None
+            item, size = self._items.popleft()
+            self.bytes -= size
+            self._changed.notify_all()
+            return item
+
+    def empty(self) -> bool:
+        with self._changed:
+            return not self._items
 
 
 class QueueSink:
     """What a producer's implementation hands its taps to. Tensors are copied unless the implementation
     promises never to change a tensor it handed out (`Candidate.fresh_taps`)."""
 
-    def __init__(self, q: queue.Queue, wanted: Callable[[str], bool], fresh: bool, cancelled: threading.Event):
+    def __init__(self, q: TapQueue, wanted: Callable[[str], bool], fresh: bool, cancelled: threading.Event):
         self.q, self._wanted, self.fresh, self.cancelled = q, wanted, fresh, cancelled
         self.step = 0
 
@@ -98,14 +143,9 @@ class QueueSink:
             self.put((self.step, name, t))
 
     def put(self, item) -> None:
-        while True:
-            if self.cancelled.is_set():
-                raise Cancelled()
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        if self.cancelled.is_set():
+            raise Cancelled()
+        self.q.put(item, self.cancelled)
 
     def end_step(self) -> None:
         self.put((self.step, _END, None))
@@ -128,9 +168,9 @@ class ThreadSide:
     """A side whose taps come from `produce(sink)` running in a thread of its own."""
 
     def __init__(self, label: str, produce: Callable[[QueueSink], None], wanted: Callable[[str], bool],
-                 fresh: bool, schedule: Schedule, depth: int = 2):
+                 fresh: bool, schedule: Schedule):
         self.label = label
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._q = TapQueue()
         self._early: dict[tuple[int, str], object] = {}
         self._ended: set[int] = set()
         self._error: BaseException | None = None
@@ -158,11 +198,11 @@ class ThreadSide:
         while True:
             if self._error is not None:
                 raise self._error
-            try:
-                return self._q.get(timeout=0.2)
-            except queue.Empty:
-                if not self._thread.is_alive() and self._q.empty():
-                    raise self._error or RuntimeError(f"the {self.label} side stopped without finishing")
+            item = self._q.get(timeout=0.2)
+            if item is not None:
+                return item
+            if not self._thread.is_alive() and self._q.empty():
+                raise self._error or RuntimeError(f"the {self.label} side stopped without finishing")
 
     def take(self, step: int, name: str):
         """The side's tap `name` of `step`, or None when the step ended without it."""
