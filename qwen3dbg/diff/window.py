@@ -50,7 +50,7 @@ class Window:
             if self._pending is not None:
                 self._freeze()
                 return
-            self.previous = {k: v for k, v in self.live.items() if self._tokens == 1 or _is_cache(k[2])}
+            self.previous = self._kept({k: v for k, v in self.live.items() if self._tokens == 1 or _is_cache(k[2])})
             self.live, self._step, self._tokens, self._layer = {}, info.step, info.tokens, None
         if self._pending is not None and spec.layer != self._pending[1]:
             self._freeze()
@@ -61,7 +61,7 @@ class Window:
         for role in ROLES:
             v = values[role]
             if v is not None:
-                self.live[(role, info.step, spec.name)] = self._kept(role, v)
+                self.live[(role, info.step, spec.name)] = v
         if divergent and self._pending is None:
             self._pending = (info.step, spec.layer)
 
@@ -72,12 +72,16 @@ class Window:
 
     def snapshot(self, step: int, names: list[str]) -> None:
         """Keep these taps of the current step for the in-noise explanation (replacing the last ones)."""
-        self.noise = {k: v for k, v in self.live.items() if k[1] == step and k[2] in names}
+        self.noise = self._kept({k: v for k, v in self.live.items() if k[1] == step and k[2] in names})
 
-    def _kept(self, role: str, v):
-        if role == "gold" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.keep_dtype:
-            return v.to(self.keep_dtype)
-        return v
+    def _kept(self, entries: dict) -> dict:
+        """The golden's taps in `keep_dtype`: converted only for what outlives the stream, not tap by tap."""
+        def kept(role: str, v):
+            if role == "gold" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.keep_dtype:
+                return v.to(self.keep_dtype)
+            return v
+
+        return {k: kept(k[0], v) for k, v in entries.items()}
 
     def _prune(self, layer: int) -> None:
         """Entering `layer` of a multi-token step: drop what the window never holds."""
@@ -95,7 +99,7 @@ class Window:
                 del self.live[key]
 
     def _freeze(self) -> None:
-        self.frozen = {**self.previous, **self.live}
+        self.frozen = self._kept({**self.previous, **self.live})
         self.live, self.previous, self._pending = {}, {}, None
 
 

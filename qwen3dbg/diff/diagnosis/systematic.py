@@ -46,9 +46,10 @@ def signed_stats(rows: torch.Tensor, count: int, gold_norm: float, dtype: torch.
         return {}
     unit = torch.finfo(dtype).eps * gold_norm / math.sqrt(count)  # an ulp at the tap's RMS magnitude
     out = {"rows": rows.shape[1]}
+    totals, spreads = rows.sum(1).tolist(), rows.square().sum(1).sqrt().tolist()
     for i, (kind, per) in enumerate((("shift", count * unit), ("scale", gold_norm ** 2), ("ref_shift", 1.0),
                                      ("ref_scale", 1.0))):
-        total, spread = float(rows[i].sum()), float(rows[i].pow(2).sum().sqrt())
+        total, spread = totals[i], spreads[i]
         out[f"z_{kind}"] = total / spread if spread > 0 else 0.0
         if i < 2:
             out |= {kind: total / per, f"se_{kind}": spread / per}
