@@ -70,8 +70,11 @@ def child_plain(model: str, side: str, prompt: int, decode: int) -> dict:
         if side == "golden":
             from qwen3dbg.diff.golden import LongGolden
 
-            with torch.no_grad():
-                LongGolden(model).step(torch.tensor([p + d]), torch.tensor([list(range(len(p) + len(d)))]), NullSink())
+            with torch.no_grad():  # its logits are computed on demand: a forward computes them all
+                logits = LongGolden(model).step(torch.tensor([p + d]), torch.tensor([list(range(len(p) + len(d)))]),
+                                                NullSink())
+                for _, block in logits.blocks():
+                    block.max()
         elif side.startswith("store:"):
             from qwen3dbg.store import TapStore
 
