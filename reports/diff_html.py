@@ -44,10 +44,12 @@ def error_plot(result: DiffResult) -> str:
     d = result.first_divergence
     fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), sharex=True)
     for ax, (family, ops) in zip(axes.flat, FAMILIES.items()):
+        drawn = False
         for i, op in enumerate(ops):
             pts = [(layer, worst[(layer, op)]) for layer in layers if (layer, op) in worst]
             if not pts:
                 continue
+            drawn = True
             color = plt.cm.tab10(i % 10)
             xs = [p[0] for p in pts]
             ax.plot(xs, [max(p[1].rel_l2, _FLOOR) for p in pts], "-o", ms=3, color=color, label=op)
@@ -56,8 +58,11 @@ def error_plot(result: DiffResult) -> str:
                 ax.plot([d.layer], [max(worst[(d.layer, op)].rel_l2, _FLOOR)], "*", ms=16, color="red", zorder=5)
         if d is not None and d.layer is not None:
             ax.axvline(d.layer, color="red", lw=1, alpha=0.6)
-        ax.set_yscale("log")
         ax.set_title(family, fontsize=10)
+        if not drawn:  # a store of selected taps may hold none of this family
+            ax.text(0.5, 0.5, "no taps of this family compared", transform=ax.transAxes, ha="center", fontsize=8)
+            continue
+        ax.set_yscale("log")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # off the data
     for ax in axes[-1]:

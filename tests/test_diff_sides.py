@@ -195,6 +195,7 @@ def test_a_store_captured_on_other_weights_says_so(tmp_path):
     assert notes(other) and not notes(ours)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # an empty panel is said in words, not left to matplotlib
 def test_a_store_of_selected_taps_diffs_and_writes_its_reports(models, tmp_path):
     """capture --taps keeps a few taps: the diff compares those, and the HTML and JSON still render."""
     model, store = models("tiny-dense"), tmp_path / "s"
