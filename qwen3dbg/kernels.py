@@ -7,32 +7,14 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
 from qwen3dbg.errors import UserError
 from qwen3dbg.home import home
 
-
-#: C helpers widening each stored element type to double exactly (needs <stdint.h>, <string.h>)
-WIDEN = r"""
-static inline double from_f64(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
-static inline double from_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline double from_bf16(uint16_t u) { return from_f32((uint32_t)u << 16); }
-/* Exact and vectorizable (a _Float16 cast becomes a library call per element): the magnitude bits
-   moved to a float's place and scaled by 2^112, which also normalizes subnormals; all-ones exponents
-   are set to inf/NaN, then the sign. */
-static inline double from_f16(uint16_t h) {
-    uint32_t mag = (uint32_t)(h & 0x7fff) << 13, u;
-    float f;
-    memcpy(&f, &mag, 4);
-    f *= 0x1p112f;
-    memcpy(&u, &f, 4);
-    u |= (h & 0x7c00) == 0x7c00 ? 0x7f800000u : 0u;
-    u |= (uint32_t)(h & 0x8000) << 16;
-    return from_f32(u);
-}
-"""
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"', re.M)
 
 
 def cache_dir() -> Path:
@@ -50,18 +32,25 @@ def host_isa() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:8]
 
 
-def build(name: str, source: str, flags: list[str], what: str) -> ctypes.CDLL:
-    """The library compiled from `source` with `flags`, cached by a hash of both (and the compiler and CPU);
-    `what` names the kernel in a user error ("the scan's statistics kernel")."""
+def _texts(source: Path) -> list[str]:
+    """The text of `source` and of every header it includes by a quoted name, recursively: all the build reads
+    besides the system's headers."""
+    text = source.read_text()
+    return [text, *(t for header in _LOCAL_INCLUDE.findall(text) for t in _texts(source.parent / header))]
+
+
+def build(name: str, source: Path, flags: list[str], what: str) -> ctypes.CDLL:
+    """The library compiled from the C file `source` with `flags`, cached by a hash of its text, its local
+    headers', the flags, the compiler and the CPU; `what` names the kernel in a user error ("the scan's
+    statistics kernel")."""
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256((source + " ".join([cc, *flags, host_isa()])).encode()).hexdigest()[:16]
+    key = hashlib.sha256(("".join(_texts(source)) + " ".join([cc, *flags, host_isa()])).encode()).hexdigest()[:16]
     so = cache_dir() / f"{name}-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
-        src, tmp = so.with_suffix(".c"), so.with_suffix(f".{os.getpid()}.tmp")
-        src.write_text(source)
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
         try:
-            subprocess.run([cc, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
+            subprocess.run([cc, *flags, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True)
         except FileNotFoundError:
             raise UserError(f"{what} needs a C compiler and {cc!r} was not found: "
                             "install gcc (e.g. apt-get install gcc) or set CC") from None
