@@ -130,31 +130,13 @@ def test_a_second_writer_is_refused_while_the_first_writes_and_the_store_is_the_
     assert TapStore.open(out).implementation == "first"
 
 
-C_HOLDER = r"""
-#define QWEN3DBG_TAPS_IMPLEMENTATION
-#include "qwen3dbg_taps.h"
-int main(int argc, char **argv) {
-    int64_t ids[1] = {5}, pos[1] = {0}, shape[3] = {1, 1, 2};
-    float x[2] = {3, 3};
-    q3t_store *s = q3t_open(argv[1], "c-writer", "float32", 1);
-    (void)argc;
-    if (q3t_error(s)[0]) { fprintf(stderr, "%s\n", q3t_error(s)); q3t_abandon(s); return 3; }
-    if (q3t_begin_step(s, 0, 1, ids, pos) || q3t_write(s, "embed", Q3T_F32, 3, shape, x) || q3t_end_step(s)) return 1;
-    puts("holding"); fflush(stdout);
-    getchar();  /* hold the store open until told to close it */
-    return q3t_close(s) ? 1 : 0;
-}
-"""
-
-
 @pytest.fixture(scope="module")
 def c_writer(tmp_path_factory) -> Path:
     from test_ext_c import C_DIR, FLAGS, _compiler
 
     d = tmp_path_factory.mktemp("c_writer")
-    (d / "w.c").write_text(C_HOLDER)
-    subprocess.run([_compiler("cc"), "-std=c99", "-O1", *FLAGS, "-I", str(C_DIR), "-o", str(d / "w"), str(d / "w.c")],
-                   check=True)
+    subprocess.run([_compiler("cc"), "-std=c99", "-O1", *FLAGS, "-I", str(C_DIR), "-o", str(d / "w"),
+                    str(Path(__file__).with_name("store_holder.c"))], check=True)
     return d / "w"
 
 
