@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from qwen3dbg.diff.metrics import cosine, logits_agreement, router_margin, same_sets, worst_coordinate
+from qwen3dbg.diff.fused import logits_agreement
+from qwen3dbg.diff.metrics import cosine, router_margin, same_sets, worst_coordinate
 from qwen3dbg.diff.noise import ELEMENT_FACTOR, NORM_FACTOR, SMALL_SAMPLE_N0, tolerance
 
 MANY = 1_000_000  # elements: no small-sample allowance to speak of

@@ -15,9 +15,8 @@ import torch
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.blocks import RowBlocks, blocked_count_over, blocked_errors
 from qwen3dbg.diff.diagnosis.systematic import signed_stats
-from qwen3dbg.diff.fused import count_over, tap_errors
-from qwen3dbg.diff.metrics import (agreement, cosine, logits_counts, ratio, router_margin, same_sets,
-                                   worst_coordinate)
+from qwen3dbg.diff.fused import count_over, logits_counts, tap_errors
+from qwen3dbg.diff.metrics import agreement, cosine, ratio, router_margin, same_sets, worst_coordinate
 from qwen3dbg.diff.noise import ELEMENT_FACTOR, tolerance
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows, Schedule, Side

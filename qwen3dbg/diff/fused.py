@@ -5,7 +5,7 @@ reading the stores; this small C kernel (fused.c, built on first use like the sc
 golden, the reference and the candidate in their own element types (f64/f32/bf16/f16), widens a block of each to
 double in cache, and accumulates both sides' errors in the same loop. Sums are taken in fixed chunks
 folded in order, so results do not depend on the thread count. The logits' argmax and KL per token are
-a second kernel here (`logits_rows`).
+a second kernel here (`logits_rows`), which `logits_counts` folds per side.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.diff.metrics import ErrorStats, ratio
+from qwen3dbg.diff.metrics import ErrorStats, agreement, ratio
 from qwen3dbg.kernels import build
 
 # As the scan's kernel: -fassociative-math vectorizes the sums (their order is fixed per build) and
@@ -144,3 +144,26 @@ def logits_rows(gold: torch.Tensor, *sides: torch.Tensor, k: int = 1) -> LogitsR
     _kernel().logits_rows((ctypes.c_void_p * 3)(*(t.data_ptr() for t in ts)), (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in ts)),
                           len(sides), n, v, k, top.data_ptr(), kl.data_ptr(), ok.data_ptr())
     return LogitsRows(top, kl, ok)
+
+
+def logits_counts(gold: torch.Tensor, *sides: torch.Tensor, k: int = 5) -> list[dict]:
+    """gold and each side [B,T,V] -> per side, sums over tokens, in float64, that `agreement` turns into means
+    (so that runs of rows compared apart add up): tokens, top-1 matches, top-k overlap, KL(gold || side) and
+    finite rows. One fused pass per row of each tensor for the top k, one for the KLs."""
+    flat = [t.reshape(-1, t.shape[-1]) for t in (gold, *sides)]
+    k = min(k, flat[0].shape[-1])
+    rows = logits_rows(*flat, k=k)
+    gt = rows.top[0]
+    out = []
+    for s in range(len(sides)):
+        st = rows.top[s + 1]
+        overlap = float((st[:, :, None] == gt[:, None, :]).any(-1).double().sum()) / k
+        ok = rows.ok[s]
+        out.append({"tokens": gt.shape[0], "top1": int((st[:, 0] == gt[:, 0]).sum()), "topk": overlap, "k": k,
+                    "kl": float(rows.kl[s][ok].sum()), "finite": int(ok.sum())})
+    return out
+
+
+def logits_agreement(cand: torch.Tensor, gold: torch.Tensor, k: int = 5) -> dict:
+    """cand, gold [B,T,V] -> top-1 agreement, mean top-k overlap and mean KL(gold || cand) over tokens."""
+    return agreement(logits_counts(gold, cand, k=k))

@@ -1,4 +1,5 @@
-"""Per-tap error metrics against the fp64 golden: pure functions (the fused per-tap pass is in `fused`)."""
+"""Per-tap error metrics against the fp64 golden: pure functions, below the fused kernels (`fused` imports
+them; nothing here calls a kernel)."""
 
 from __future__ import annotations
 
@@ -53,37 +54,12 @@ def worst_coordinate(flat_index: int, shape: tuple[int, ...], axes: tuple[str, .
     return coord
 
 
-def logits_counts(gold: torch.Tensor, *sides: torch.Tensor, k: int = 5) -> list[dict]:
-    """gold and each side [B,T,V] -> per side, sums over tokens, in float64, that `agreement` turns into means
-    (so that runs of rows compared apart add up): tokens, top-1 matches, top-k overlap, KL(gold || side) and
-    finite rows. One fused pass per row of each tensor for the top k, one for the KLs."""
-    from qwen3dbg.diff.fused import logits_rows
-
-    flat = [t.reshape(-1, t.shape[-1]) for t in (gold, *sides)]
-    k = min(k, flat[0].shape[-1])
-    rows = logits_rows(*flat, k=k)
-    gt = rows.top[0]
-    out = []
-    for s in range(len(sides)):
-        st = rows.top[s + 1]
-        overlap = float((st[:, :, None] == gt[:, None, :]).any(-1).double().sum()) / k
-        ok = rows.ok[s]
-        out.append({"tokens": gt.shape[0], "top1": int((st[:, 0] == gt[:, 0]).sum()), "topk": overlap, "k": k,
-                    "kl": float(rows.kl[s][ok].sum()), "finite": int(ok.sum())})
-    return out
-
-
 def agreement(counts: list[dict]) -> dict:
-    """Folded `logits_counts` -> top-1 agreement, mean top-k overlap and mean KL over the finite tokens."""
+    """Folded `fused.logits_counts` -> top-1 agreement, mean top-k overlap and mean KL over the finite tokens."""
     n, finite = sum(c["tokens"] for c in counts), sum(c["finite"] for c in counts)
     k = counts[0]["k"]
     return {"top1_agreement": sum(c["top1"] for c in counts) / n, f"top{k}_overlap": sum(c["topk"] for c in counts) / n,
             "kl": sum(c["kl"] for c in counts) / finite if finite else float("nan")}
-
-
-def logits_agreement(cand: torch.Tensor, gold: torch.Tensor, k: int = 5) -> dict:
-    """cand, gold [B,T,V] -> top-1 agreement, mean top-k overlap and mean KL(gold || cand) over tokens."""
-    return agreement(logits_counts(gold, cand, k=k))
 
 
 def router_margin(logits: torch.Tensor, k: int) -> torch.Tensor:
