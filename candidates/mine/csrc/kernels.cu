@@ -25,6 +25,7 @@ void cuda_overlap_launches(bool on) { overlap_launches = on; }
 #endif
 
 #include "api.h"
+#include "qk_head.cuh"
 
 using namespace qmath;
 
@@ -85,14 +86,11 @@ template <class T> __device__ float warp_dot(const T* x, const T* w, int K, int 
   return warp_reduce<T>(lane_dot(x, w, K, lane_id(), accum), accum);
 }
 
-// Softmax statistics of s[0..n) (see twin.cpp's softmax_stats): max and 1 / sum(exp(s - max)).
+// Softmax statistics of s[0..n): max and 1 / sum(exp(s - max)), in the lane order of lane_exp_sum.
 __device__ void warp_softmax_stats(const float* s, int n, float* max_out, float* inv_sum) {
-  float m = -INFINITY, acc = 0.f;
-  for (int i = lane_id(); i < n; i += LANES) m = fmaxf(m, s[i]);
-  m = warp_max(m);
-  for (int i = lane_id(); i < n; i += LANES) acc += expf(s[i] - m);
+  const float m = warp_max(lane_max(s, n, lane_id()));
   *max_out = m;
-  *inv_sum = 1.0f / warp_reduce<float>(acc, ACC_FP32);
+  *inv_sum = 1.0f / warp_reduce<float>(lane_exp_sum(s, n, m, lane_id()), ACC_FP32);
 }
 
 template <class T> __device__ void warp_rms_row(const T* src, const T* w, T* out, int dim, float eps, int mode) {

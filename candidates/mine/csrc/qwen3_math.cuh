@@ -8,8 +8,9 @@
 // and a sum are two IEEE roundings on both sides, as in PyTorch's elementwise ops.
 //
 // Every reduction has one canonical order, the warp's: 32 lanes each accumulate their own elements
-// in ascending order, then a butterfly (xor 16, 8, 4, 2, 1) combines the lanes. The twin replays
-// the same lanes and the same butterfly, so a GPU sum and a twin sum are the same bits.
+// in ascending order, then a butterfly (xor 16, 8, 4, 2, 1) combines the lanes. Each order is written
+// here once (dot_first/dot_step, lane_exp_sum, reduce_lanes); the twin replays the same lanes and the
+// same butterfly, so a GPU sum and a twin sum are the same bits.
 #pragma once
 
 #include <stdint.h>
@@ -125,6 +126,29 @@ template <class T> QD float reduce_lanes(float* p, int accum) {
   }
   return p[0];
 }
+
+// Softmax statistics of s[0..n): lane `lane` takes s[lane], s[lane + LANES], ... in ascending order.
+// The lanes' maxima combine in any order (a max is exact); their sums of exp(s - max) by the butterfly,
+// in fp32 (reduce_lanes or the warp's shuffles with ACC_FP32).
+QD float lane_max(const float* s, int n, int lane) {
+  float m = -INFINITY;
+  for (int i = lane; i < n; i += LANES) m = fmaxf(m, s[i]);
+  return m;
+}
+
+QD float lane_exp_sum(const float* s, int n, float max, int lane) {
+  float acc = 0.f;
+  for (int i = lane; i < n; i += LANES) acc += expf(s[i] - max);
+  return acc;
+}
+
+// The order of a dot product over K (a multiple of CHUNK): chunks of CHUNK elements, each added in
+// ascending k. Lane `lane` takes the chunks that start at dot_first and follow one another dot_step
+// apart, below K: chunk `lane` of every sweep of STRIDE elements, which the butterfly then combines.
+// ACC_COMPUTE instead keeps one running sum over every chunk in ascending order, in lane 0, as a
+// plain loop accumulating in T does (the butterfly then adds the other lanes' exact zeros).
+QD int dot_first(int lane, int K, int accum) { return accum == ACC_COMPUTE ? (lane == 0 ? 0 : K) : lane * CHUNK; }
+QD int dot_step(int accum) { return accum == ACC_COMPUTE ? CHUNK : STRIDE; }
 
 // ---- per-element arithmetic -----------------------------------------------------------------------
 
@@ -247,17 +271,13 @@ template <class T> struct SiluRow {
 };
 
 // Lane `lane`'s partials of sum_k x_r[k] * w[k] for R rows x_r of `x` (rows >= `rows` are skipped), K a
-// multiple of CHUNK. The lane owns the chunks [lane*CHUNK + j*STRIDE, +CHUNK) for j = 0, 1, ... and
-// adds their products in ascending k. ACC_COMPUTE instead keeps one running sum over the whole row,
-// in lane 0, as a plain loop accumulating in T does (the butterfly then adds the other lanes' exact
-// zeros). R > 1 lets a kernel read each chunk of w once for several tokens; every row's arithmetic is
-// the same as with R = 1.
+// multiple of CHUNK, its chunks in the order of dot_first and dot_step. R > 1 lets a kernel read each
+// chunk of w once for several tokens; every row's arithmetic is the same as with R = 1.
 template <class T, int R, class X>
 QD void lane_dot_rows(const X& x, int rows, const T* w, int K, int lane, int accum, float* acc) {
   float xv[CHUNK], wv[CHUNK];
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
-  const bool one_sum = accum == ACC_COMPUTE;
-  const int first = one_sum ? (lane == 0 ? 0 : K) : lane * CHUNK, step = one_sum ? CHUNK : STRIDE;
+  const int first = dot_first(lane, K, accum), step = dot_step(accum);
 #ifdef __CUDA_ARCH__
 #pragma unroll 4
 #endif

@@ -9,6 +9,7 @@
 #endif
 
 #include "api.h"
+#include "qk_head.cuh"
 
 using namespace qmath;
 
@@ -21,16 +22,11 @@ template <class T> float dot(const T* x, const T* w, int K, int accum) {
   return reduce_lanes<T>(p, accum);
 }
 
-// Softmax statistics of s[0..n): the max and 1 / sum(exp(s - max)), lanes striding by one.
+// Softmax statistics of s[0..n): the max and 1 / sum(exp(s - max)), what one warp computes.
 void softmax_stats(const float* s, int n, float* max_out, float* inv_sum) {
-  float m = -INFINITY;
-  for (int i = 0; i < n; ++i) m = fmaxf(m, s[i]);
-  float p[LANES];
-  for (int lane = 0; lane < LANES; ++lane) {
-    float acc = 0.f;
-    for (int i = lane; i < n; i += LANES) acc += expf(s[i] - m);
-    p[lane] = acc;
-  }
+  float m = -INFINITY, p[LANES];
+  for (int lane = 0; lane < LANES; ++lane) m = fmaxf(m, lane_max(s, n, lane));
+  for (int lane = 0; lane < LANES; ++lane) p[lane] = lane_exp_sum(s, n, m, lane);
   *max_out = m;
   *inv_sum = 1.0f / reduce_lanes<float>(p, ACC_FP32);
 }
@@ -50,16 +46,16 @@ template <class T> void rmsnorm_t(const T* x, const T* w, T* out, int n, int dim
   for (int r = 0; r < n; ++r) rms_row(x + (size_t)r * dim, w, out + (size_t)r * dim, dim, eps, mode);
 }
 
-// A row laid out lane-major: out[s][v][lane] = row[s*STRIDE + lane*CHUNK + v] as float, zero past k, so
-// that the 32 lane sums of `dot` run side by side over contiguous floats (the compiler vectorises
-// them). Adding the zero padding changes no sum: a running sum that starts at +0 stays put under +0.
-// Only data moves here, so the vectorised sweeps below give the same floats as the scalar loop.
+// A row laid out lane-major: out[s][v][lane] = element v of lane `lane`'s chunk s (dot_first, dot_step)
+// as float, zero past k, so that the 32 lane sums of `dot` run side by side over contiguous floats (the
+// compiler vectorises them). Adding the zero padding changes no sum: a running sum that starts at +0
+// stays put under +0. Only data moves here: the AVX2 transpose below writes the same floats.
 template <class T> void lane_major_tail(const T* row, int k, int s, float* out) {
   for (; s * STRIDE < k; ++s)
     for (int v = 0; v < CHUNK; ++v)
       for (int lane = 0; lane < LANES; ++lane) {
-        int i = s * STRIDE + lane * CHUNK + v;
-        out[(s * CHUNK + v) * LANES + lane] = i < k ? to_f(row[i]) : 0.f;
+        int base = dot_first(lane, k, ACC_FP32) + s * dot_step(ACC_FP32);
+        out[(s * CHUNK + v) * LANES + lane] = base < k ? to_f(row[base + v]) : 0.f;
       }
 }
 
@@ -105,14 +101,13 @@ template <class T> void lane_major(const T* row, int k, float* out) { lane_major
 template <class T, int A> float dot_lane_major(const float* x, const float* w, int k) {
   float p[LANES] = {};
   const int sweeps = (k + STRIDE - 1) / STRIDE;
-  if (A == ACC_COMPUTE) {  // one running sum in ascending k, in lane 0 (lane_dot_rows)
-    for (int s = 0; s < sweeps; ++s)
-      for (int lane = 0; lane < LANES && s * STRIDE + lane * CHUNK < k; ++lane)
-        for (int v = 0; v < CHUNK; ++v) {
-          const int i = (s * CHUNK + v) * LANES + lane;
-          p[0] = acc_add<T>(p[0], x[i] * w[i], A);
-        }
-  } else {
+  if (A == ACC_COMPUTE) {  // lane 0's chunks, found where lane_major put them
+    for (int base = dot_first(0, k, A); base < k; base += dot_step(A))
+      for (int v = 0; v < CHUNK; ++v) {
+        const int i = (base / STRIDE * CHUNK + v) * LANES + base % STRIDE / CHUNK;
+        p[0] = acc_add<T>(p[0], x[i] * w[i], A);
+      }
+  } else {  // every lane's chunk s in step s, lanes side by side
     for (int i = 0; i < sweeps * CHUNK; ++i)
       for (int lane = 0; lane < LANES; ++lane)
         p[lane] = acc_add<T>(p[lane], x[i * LANES + lane] * w[i * LANES + lane], A);
