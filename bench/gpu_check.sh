@@ -9,8 +9,11 @@ set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$PWD/gpu-check}
 mkdir -p "$out" /tmp/qwen3dbg-gpu-models
-export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-cd /tmp  # the checkout comes from PYTHONPATH, whether or not it is pip-installed here
+export PYTHONUNBUFFERED=1
+# The checkout is installed offline (its dependencies are on the machine already), so the package imports the one
+# way it is installed, and a lent machine's minutes are not lost to resolving or building anything.
+python3 -m pip install -q --no-deps --no-build-isolation -e "$repo" || exit 1
+cd /tmp
 qwen3dbg() { python3 -c 'import sys; from qwen3dbg.cli import main; sys.argv[0] = "qwen3dbg"; main()' "$@"; }
 
 nvidia-smi -L | tee "$out/device.txt"
