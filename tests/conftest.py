@@ -1,17 +1,15 @@
-"""Shared fixtures: synthetic checkpoints made once per test session, and forced steps."""
+"""Shared fixtures: synthetic checkpoints made once per test session, and forced steps. Shared helpers that
+are not fixtures live in helpers.py."""
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 
 import pytest
 
+from helpers import DECODE, PROMPT
 from qwen3dbg.capture import forced_steps
 from qwen3dbg.synth import Plants, make_model
-
-PROMPT = [5, 17, 99, 250, 3, 411, 8]
-DECODE = [42, 300, 7]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,8 +40,6 @@ def models(tmp_path_factory):
 @pytest.fixture
 def steps():
     return forced_steps(PROMPT, DECODE)
-
-
 
 
 # ---- catalogue models: tests/test_catalogue.py, tests/test_diagnosis.py, tests/test_diff_*.py --------
@@ -80,102 +76,3 @@ def catalogue_model(tmp_path_factory):
         return made[key]
 
     return get
-
-
-# --- scan-checkpoint / diff-weights / GGUF (issue 5) ------------------------------------------------
-
-def rewrite_checkpoint(src, dst, edit):
-    """Copy a model directory through `edit(tensors: dict) -> dict` into `dst` (one safetensors file)."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from qwen3dbg.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(src)
-    tensors = edit({n: ckpt.get(n) for n in ckpt.keys()})
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src / "config.json", dst / "config.json")
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(dst / "model.safetensors"))
-    return dst
-
-
-def with_config(src, dst, **changes):
-    """A copy of model directory `src` at `dst` whose config.json has `changes` (a value None removes the key)."""
-    import json
-    import shutil
-
-    shutil.copytree(src, dst)
-    raw = json.loads((dst / "config.json").read_text()) | changes
-    (dst / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if v is not None}))
-    return dst
-
-
-def edit_safetensors_header(path, edit):
-    """Rewrite a safetensors file's JSON header through `edit(header: dict) -> dict`, data bytes unchanged."""
-    import json
-    import struct
-
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = edit(json.loads(raw[8:8 + n]))
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
-
-
-# ---- external candidates: tests/test_ext_*.py ------------------------------------------------------
-
-def first_divergence(model, cand: str, dtype: str | None = None) -> str | None:
-    """'step N: tap' where `qwen3dbg diff --ref hf --cand CAND` first finds a divergence on PROMPT + DECODE,
-    or None when the candidate agrees (a store: side brings its own ids)."""
-    from qwen3dbg.diff import run_diff
-
-    ids = {} if cand.startswith("store:") else {"token_ids": PROMPT, "decode_ids": DECODE}
-    div = run_diff("hf", cand, model_dir=model, dtype=dtype, **ids).first_divergence
-    return None if div is None else f"step {div.step}: {div.tap}"
-
-
-def cli(*args):
-    """Run the CLI like the console script does (UserError -> one line, exit 2)."""
-    import sys
-
-    from qwen3dbg.cli import main
-
-    argv, sys.argv = sys.argv, ["qwen3dbg", *map(str, args)]
-    try:
-        main()
-        return 0
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = argv
-
-
-# ---- adversarial inputs: tests/test_adversarial_*.py ----------------------------------------------
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging: opening a FIFO for reading, for one, waits for a writer forever."""
-    import signal
-
-    def expire(*_):
-        raise TimeoutError(f"blocked for more than {seconds} s")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def peak_traced_bytes(fn, *args):
-    """(fn(*args), the peak of Python and numpy allocations while it ran)."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        return fn(*args), tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()

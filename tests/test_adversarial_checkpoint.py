@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import deadline, peak_traced_bytes, rewrite_checkpoint
+from helpers import deadline, peak_traced_bytes, rewrite_checkpoint
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors import SafetensorError, safe_open
 
@@ -191,7 +191,7 @@ def test_an_index_naming_bin_files_never_reaches_torch_load(models, tmp_path, mo
     def never(*args, **kwargs):
         raise AssertionError("torch.load was called")
     monkeypatch.setattr(torch, "load", never)
-    from conftest import cli
+    from helpers import cli
 
     assert cli("capture", "--impl", "hf", "--model", d, "--out", tmp_path / "out") == 2
     with pytest.raises(UserError, match="safetensors only"):

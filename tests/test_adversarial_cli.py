@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import cli, edit_safetensors_header
+from helpers import cli, edit_safetensors_header
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import Qwen3Reference

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from conftest import peak_traced_bytes
+from helpers import peak_traced_bytes
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from qwen3dbg.errors import UserError

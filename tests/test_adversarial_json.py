@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import deadline, peak_traced_bytes
+from helpers import deadline, peak_traced_bytes
 from hypothesis import given, settings, strategies as st
 
 from qwen3dbg.json_read import MAX_DEPTH, JSONReadError, loads, nesting_depth, read_json

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import PROMPT, cli
+from helpers import PROMPT, cli
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
 from qwen3dbg.diff import run_diff

@@ -9,7 +9,7 @@ import pytest
 
 from qwen3dbg.cache import clear, entries, fit, parse_size
 from qwen3dbg.errors import UserError
-from conftest import cli
+from helpers import cli
 
 
 def _entry(home, folder: str, name: str, size: int, age_h: float):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import cli, rewrite_checkpoint, with_config
+from helpers import cli, rewrite_checkpoint, with_config
 from typer.testing import CliRunner
 
 from qwen3dbg.cli import app

@@ -9,7 +9,7 @@ import warnings
 import pytest
 from typer.testing import CliRunner
 
-from conftest import cli
+from helpers import cli
 from qwen3dbg.cli import app
 from qwen3dbg.synth import PRESETS
 

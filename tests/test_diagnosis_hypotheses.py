@@ -24,7 +24,7 @@ from qwen3dbg.diff.diagnosis import diagnose
 from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm, swiglu
 from qwen3dbg.taps import parse_tap_name
 
-from conftest import rewrite_checkpoint
+from helpers import rewrite_checkpoint
 from test_diagnosis import DECODE, PROMPT, STEPS, Sides
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, with_config
+from helpers import cli, with_config
 from typer.testing import CliRunner
 
 from qwen3dbg.capture import capture, forced_steps

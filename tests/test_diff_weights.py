@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rewrite_checkpoint
+from helpers import rewrite_checkpoint
 
 from qwen3dbg.gguf_io import GGUF_TYPES, write_gguf
 from qwen3dbg.scan.diff import diff_weights, rope_permute, rope_unpermute

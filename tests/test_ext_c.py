@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import DECODE, PROMPT, edit_safetensors_header, first_divergence
+from helpers import DECODE, PROMPT, edit_safetensors_header, first_divergence
 
 from qwen3dbg.cli import app
 from qwen3dbg.config import load_config

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import DECODE, PROMPT, first_divergence
+from helpers import DECODE, PROMPT, first_divergence
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
 from qwen3dbg.errors import UserError

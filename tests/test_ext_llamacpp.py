@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DECODE, PROMPT, first_divergence
+from helpers import DECODE, PROMPT, first_divergence
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
 from qwen3dbg.errors import UserError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DECODE, PROMPT, first_divergence
+from helpers import DECODE, PROMPT, first_divergence
 from qwen3dbg.candidates.module_adapter import RERUN_NOTE, Source, apply_transforms, load_mapping
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli
+from helpers import cli
 
 from qwen3dbg.errors import UserError
 from qwen3dbg.reference.hf import SUPPORTED_TRANSFORMERS, check_transformers_version, router_outputs

@@ -7,7 +7,7 @@ import pytest
 
 from qwen3dbg.diff import run_diff
 
-from conftest import DECODE, PROMPT
+from helpers import DECODE, PROMPT
 
 
 def diff(cand: str, model_dir):

@@ -14,7 +14,7 @@ from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.store import TapStore
 from qwen3dbg.synth import Plants, make_model
 
-from conftest import DECODE, PROMPT
+from helpers import DECODE, PROMPT
 
 STEPS = forced_steps(PROMPT, DECODE)  # prefill + 3 decode steps
 

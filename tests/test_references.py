@@ -4,7 +4,7 @@ transformers we accept, whose bf16 MoE mixture rounds otherwise (there: within t
 
 import pytest
 import torch
-from conftest import DECODE, PROMPT
+from helpers import DECODE, PROMPT
 
 from qwen3dbg.capture import run_steps
 from qwen3dbg.registry import load_candidate

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import edit_safetensors_header, rewrite_checkpoint
+from helpers import edit_safetensors_header, rewrite_checkpoint
 
 from qwen3dbg.layout import INDEX, tensor_shapes
 from qwen3dbg.gguf_io import write_gguf

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import cli
+from helpers import cli
 
 from qwen3dbg.synth import Plants, make_model
 

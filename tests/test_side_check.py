@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwen3dbg.checkpoint import Checkpoint
-from conftest import cli
+from helpers import cli
 
 PORT = "module:qwen3dbg.candidates.ports.standalone_qwen3:load"
 

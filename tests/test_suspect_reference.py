@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import cli
+from helpers import cli
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.result import Finding
 
