@@ -1,7 +1,7 @@
 """The numerics switches of `mine`: where it rounds, each switch answering one question a porter asks.
 
 The defaults reproduce transformers' rounding points; flipping one shows what that choice does to
-every tap (`qwen3dbg diff --ref hf --cand mine --option rmsnorm=fused`).
+every tap (`qwen3dbg diff --ref hf --cand mine:rmsnorm=fused`).
 """
 
 from __future__ import annotations
