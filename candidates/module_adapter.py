@@ -35,7 +35,7 @@ RERUN_NOTE = "no KV cache: each decode step re-runs the whole prefix and its las
 # ---- the mapping ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Source:
+class TapOrigin:
     """Where one tap comes from in the port: a module's output/input or a function's output/argument
     (a tensor method is the function torch.Tensor.<name>, its argument 0 the tensor itself)."""
 
@@ -62,7 +62,7 @@ class Source:
 
 @dataclass(frozen=True)
 class Mapping:
-    taps: dict[str, Source]  # concrete tap names ({i} expanded)
+    taps: dict[str, TapOrigin]  # concrete tap names ({i} expanded)
     kv_cache: bool
     reset: str | None
     positions: str | None  # keyword under which the port takes the step's positions [T]
@@ -84,7 +84,7 @@ _INT_KEYS = ("input", "arg", "call", "calls")
 _SELECT = re.compile(r"^(\[-?\d+\]|\.[A-Za-z_]\w*)*$")
 
 
-def _source(key: str, value, layer: int | None, sizes: dict[str, int], where: str) -> Source:
+def _source(key: str, value, layer: int | None, sizes: dict[str, int], where: str) -> TapOrigin:
     """One tap's table with `{i}` filled in and its integer expressions (call = "2*i+1") evaluated."""
     if isinstance(value, str):
         value = {"module": value}
@@ -109,7 +109,7 @@ def _source(key: str, value, layer: int | None, sizes: dict[str, int], where: st
         raise UserError(f"{at}: select = {fill['select']!r} is not a chain of [n] and .name, "
                         "e.g. \"[0]\" or \".indices\"")
     fill["transform"] = tuple(fill.get("transform", ()))
-    return Source(**fill)
+    return TapOrigin(**fill)
 
 
 def load_mapping(path: str | Path, config: Qwen3Config) -> Mapping:
@@ -123,7 +123,7 @@ def load_mapping(path: str | Path, config: Qwen3Config) -> Mapping:
         raise UserError(f"mapping file {path} is not valid TOML: {e}") from None
     call = raw.get("call", {})
     model_sizes = {k: v for k, v in axis_sizes(config, 1, 1, 1).items() if k not in ("B", "T", "S")}
-    taps: dict[str, Source] = {}
+    taps: dict[str, TapOrigin] = {}
     for key, value in raw.get("taps", {}).items():
         for t in (value.get("transform", []) if isinstance(value, dict) else []):
             parse_transform(t, axis_sizes(config, 1, 1, 1), where=f"{path}: tap {key!r}")
@@ -228,7 +228,7 @@ class _Recorder:
 
     def __init__(self, model: torch.nn.Module, code_module, mapping: Mapping, wanted: set[str]):
         self.model, self.code_module, self.mapping = model, code_module, mapping
-        self.sites: dict[tuple, list[tuple[str, Source]]] = {}
+        self.sites: dict[tuple, list[tuple[str, TapOrigin]]] = {}
         for name, src in mapping.taps.items():  # the mapping's order: the first mistake reported is stable
             if name in wanted:
                 self.sites.setdefault(src.site, []).append((name, src))
@@ -289,7 +289,7 @@ class _Recorder:
                 value = self._take(name, src, args, out)
                 self.values[name] = value.detach().clone() if isinstance(value, torch.Tensor) else value
 
-    def _take(self, name: str, src: Source, args: tuple, out):
+    def _take(self, name: str, src: TapOrigin, args: tuple, out):
         """What a tap reads from one call: the output or a positional input, then its `select`."""
         position = src.input if src.module is not None else src.arg
         if position is not None and not -len(args) <= position < len(args):

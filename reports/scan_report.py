@@ -1,4 +1,4 @@
-"""Views of a ScanResult / DiffResult: terminal (rich), JSON and self-contained HTML. Nothing is recomputed."""
+"""Views of a ScanResult / WeightsDiffResult: terminal (rich), JSON and self-contained HTML. Nothing is recomputed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from qwen3dbg.json_safe import json_safe
 from qwen3dbg.reports.html import esc, figure_png, page, pyplot
-from qwen3dbg.scan.findings import DiffResult, Finding, ScanResult, Verdict, rank
+from qwen3dbg.scan.findings import WeightsDiffResult, CheckpointFinding, ScanResult, Verdict, rank
 from qwen3dbg.text import escape
 from qwen3dbg.wording import plural
 
@@ -38,21 +38,21 @@ SHOWN_TENSORS = 12  # tensors with findings the terminal lists (JSON and HTML li
 RATE_MIN_BYTES = 100e6  # below this a read takes milliseconds and its GB/s says nothing
 
 
-def _severity_key(findings: list[Finding]) -> tuple:
+def _severity_key(findings: list[CheckpointFinding]) -> tuple:
     return min((-rank(f.severity), f.check not in FIRST_CHECKS) for f in findings)
 
 
-def by_tensor(result: Verdict) -> list[tuple[str | None, list[Finding]]]:
+def by_tensor(result: Verdict) -> list[tuple[str | None, list[CheckpointFinding]]]:
     """Findings grouped by tensor (None: the checkpoint as a whole), worst group first, non-finite first
     among equals; within a group, worst finding first. Ties keep the scan's order."""
-    groups: dict[str | None, list[Finding]] = defaultdict(list)
+    groups: dict[str | None, list[CheckpointFinding]] = defaultdict(list)
     for f in result.findings:
         groups[f.tensor].append(f)
     ordered = sorted(groups.items(), key=lambda kv: _severity_key(kv[1]))
     return [(tensor, sorted(fs, key=lambda f: _severity_key([f]))) for tensor, fs in ordered]
 
 
-def _what(f: Finding) -> str:
+def _what(f: CheckpointFinding) -> str:
     """The message without the tensor name its group heading already shows."""
     return f.message.removeprefix(f"{f.tensor} ") if f.tensor else f.message
 
@@ -126,7 +126,7 @@ def print_scan(result: ScanResult, console) -> None:
     console.print(_verdict_line(result))
 
 
-def print_diff(result: DiffResult, console) -> None:
+def print_diff(result: WeightsDiffResult, console) -> None:
     rel = defaultdict(int)
     for d in result.tensors:
         rel[d.relation] += 1
@@ -203,7 +203,7 @@ def scan_html(result: ScanResult) -> str:
     return page(f"scan-checkpoint {result.path}", body)
 
 
-def diff_html(result: DiffResult) -> str:
+def diff_html(result: WeightsDiffResult) -> str:
     rows = "".join(
         f'<tr><td>{esc(d.name)}</td><td class="{"" if d.relation in ("equal", "rounding") else "bad"}">'
         f"{esc(d.relation)}</td><td>{esc(d.dtype_a)}</td><td>{esc(d.dtype_b)}</td><td>{esc(list(d.shape_a))}</td>"

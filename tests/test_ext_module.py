@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import DECODE, PROMPT, first_divergence
-from qwen3dbg.candidates.module_adapter import RERUN_NOTE, Source, apply_transforms, load_mapping
+from qwen3dbg.candidates.module_adapter import RERUN_NOTE, TapOrigin, apply_transforms, load_mapping
 from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.config import load_config
 from qwen3dbg.errors import UserError
@@ -193,7 +193,7 @@ class SharedRope(torch.nn.Module):
         return torch.topk(probs, 2, dim=-1)
 
 
-def record(model, taps: dict[str, Source], x):
+def record(model, taps: dict[str, TapOrigin], x):
     from qwen3dbg.candidates.module_adapter import Mapping, _Recorder
 
     mapping = Mapping(taps, False, None, None, Path("toy.toml"))
@@ -206,7 +206,7 @@ def record(model, taps: dict[str, Source], x):
 
 def test_a_shared_module_gives_each_layer_its_own_call():
     x = torch.zeros(1, 2, 4)
-    taps = {f"layers.{i}.{op}": Source(module="rope", call=2 * i + (op == "k_rope"))
+    taps = {f"layers.{i}.{op}": TapOrigin(module="rope", call=2 * i + (op == "k_rope"))
             for i in range(3) for op in ("q_rope", "k_rope")}
     values = record(SharedRope(), taps, x)
     assert [float(values[f"layers.{i}.{op}"][0, 0, 0]) for i in range(3) for op in ("q_rope", "k_rope")] == \
@@ -215,21 +215,21 @@ def test_a_shared_module_gives_each_layer_its_own_call():
 
 def test_a_module_running_more_often_than_mapped_is_refused_naming_it():
     with pytest.raises(UserError, match=r"module 'rope' ran 6 times in one step, but the mapping takes 1"):
-        record(SharedRope(), {"layers.0.q_rope": Source(module="rope")}, torch.zeros(1, 2, 4))
-    assert record(SharedRope(), {"layers.0.q_rope": Source(module="rope", calls=6)}, torch.zeros(1, 2, 4))
+        record(SharedRope(), {"layers.0.q_rope": TapOrigin(module="rope")}, torch.zeros(1, 2, 4))
+    assert record(SharedRope(), {"layers.0.q_rope": TapOrigin(module="rope", calls=6)}, torch.zeros(1, 2, 4))
 
 
 @pytest.mark.parametrize("select", ["[1]", ".indices"])
 def test_a_tuple_output_is_selected_by_index_or_attribute(select):
     x = torch.randn(1, 2, 4)
-    values = record(SharedRope(), {"layers.0.moe.topk_ids": Source(function="torch.topk", select=select)}, x)
+    values = record(SharedRope(), {"layers.0.moe.topk_ids": TapOrigin(function="torch.topk", select=select)}, x)
     assert torch.equal(values["layers.0.moe.topk_ids"], torch.topk(x.softmax(-1), 2, dim=-1).indices)
 
 
 @pytest.mark.parametrize("source, complaint", [
-    (Source(module="rope", input=3, calls=6), r"layers\.0\.q_rope takes positional input 3 of module 'rope'"),
-    (Source(function="torch.topk", select=".nope"), r"layers\.0\.q_rope: select = '\.nope' does not apply"),
-    (Source(function="torch.topk", select="[2]"), r"layers\.0\.q_rope: select = '\[2\]' does not apply"),
+    (TapOrigin(module="rope", input=3, calls=6), r"layers\.0\.q_rope takes positional input 3 of module 'rope'"),
+    (TapOrigin(function="torch.topk", select=".nope"), r"layers\.0\.q_rope: select = '\.nope' does not apply"),
+    (TapOrigin(function="torch.topk", select="[2]"), r"layers\.0\.q_rope: select = '\[2\]' does not apply"),
 ])
 def test_taking_what_a_call_does_not_have_names_the_tap(source, complaint):
     with pytest.raises(UserError, match=complaint):
@@ -238,7 +238,7 @@ def test_taking_what_a_call_does_not_have_names_the_tap(source, complaint):
 
 def test_a_tensor_method_is_tapped_and_put_back():
     x = torch.randn(1, 2, 4)
-    values = record(SharedRope(), {"layers.0.attn_probs": Source(function="torch.Tensor.softmax")}, x)
+    values = record(SharedRope(), {"layers.0.attn_probs": TapOrigin(function="torch.Tensor.softmax")}, x)
     assert torch.equal(values["layers.0.attn_probs"], torch.softmax(x, -1))
     assert "softmax" not in vars(torch.Tensor), "the wrapper is removed, not left over the inherited method"
 

@@ -19,7 +19,7 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import forward_index, tap_name
 
-from .numerics import Numerics
+from .numerics import MineNumerics
 
 DEVICES = ("auto", "cpu", "cuda", "emulated")
 
@@ -97,7 +97,7 @@ class MineCandidate(Candidate):
         self.check(model_dir, dtype, device=device, max_seq=max_seq)
         self.config = cfg = load_config(model_dir)
         self.dtype = parse_dtype(dtype)
-        self.numerics = Numerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
+        self.numerics = MineNumerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
         self.device = resolve_device(device)
         self.emulated = device == "emulated"
         self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
@@ -125,7 +125,7 @@ class MineCandidate(Candidate):
             raise UserError("mine computes in float32, bfloat16 or float16; float64 is the scratch golden's (--impl scratch)")
         if load_config(model_dir).attention_bias:
             raise UserError("mine implements Qwen3 without attention biases, but this config sets attention_bias")
-        Numerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
+        MineNumerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
         resolve_device(device)
         if not str(max_seq).isdigit() or int(max_seq) < 1:
             raise UserError(f"mine option max_seq={max_seq!r}: give the number of cache slots, a whole number >= 1")

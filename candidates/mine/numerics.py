@@ -31,7 +31,7 @@ _CODES = {"rmsnorm": {"hf": 0, "fused": 1}, "accum": {"fp32": 0, "compute": 1, "
 
 
 @dataclass(frozen=True)
-class Numerics:
+class MineNumerics:
     rmsnorm: str = "hf"
     scores: str = "compute"
     accum: str = "fp32"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qwen3dbg.json_read import JSONReadError, is_regular, loads, open_regular
 from qwen3dbg.layout import INDEX, MAX_TENSORS, read_weight_map
-from qwen3dbg.scan.findings import Finding
+from qwen3dbg.scan.findings import CheckpointFinding
 
 # safetensors dtype -> (name the scan reports, bytes per element)
 ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
@@ -48,8 +48,8 @@ class Entry:
     qtype: int | None = None  # GGUF type id; None for safetensors
 
 
-def _err(check: str, message: str, tensor: str | None = None, why: str = DAMAGED, **numbers) -> Finding:
-    return Finding("error", check, message, why, tensor, numbers)
+def _err(check: str, message: str, tensor: str | None = None, why: str = DAMAGED, **numbers) -> CheckpointFinding:
+    return CheckpointFinding("error", check, message, why, tensor, numbers)
 
 
 def _no_duplicates(pairs):
@@ -77,7 +77,7 @@ def _is_offsets(off) -> bool:
             and 0 <= off[0] <= off[1])
 
 
-def overlaps(entries: list[tuple[str, int, int]], file: str, check: str) -> list[Finding]:
+def overlaps(entries: list[tuple[str, int, int]], file: str, check: str) -> list[CheckpointFinding]:
     """Errors for byte ranges (name, begin, end) that overlap another's."""
     out, prev = [], None
     for name, b, e in sorted(entries, key=lambda x: (x[1], x[2])):
@@ -89,9 +89,9 @@ def overlaps(entries: list[tuple[str, int, int]], file: str, check: str) -> list
     return out
 
 
-def read_safetensors(path: Path) -> tuple[list[Entry], list[Finding]]:
+def read_safetensors(path: Path) -> tuple[list[Entry], list[CheckpointFinding]]:
     """The intact tensors of one safetensors file and findings for everything that is not."""
-    findings: list[Finding] = []
+    findings: list[CheckpointFinding] = []
     try:
         f = open_regular(path)
     except OSError as e:
@@ -163,12 +163,12 @@ def read_safetensors(path: Path) -> tuple[list[Entry], list[Finding]]:
     return [x for x in entries if x.name not in bad_names], findings
 
 
-def _absurd(path: Path, what: str, **numbers) -> Finding:
+def _absurd(path: Path, what: str, **numbers) -> CheckpointFinding:
     return _err("container", f"{path.name}: {what}; not scanned further", why="this is not a model checkpoint, or "
                 "its header was generated wrong", **numbers)
 
 
-def _library_refusal(path: Path) -> list[Finding]:
+def _library_refusal(path: Path) -> list[CheckpointFinding]:
     """An error when the safetensors library refuses a file our own checks passed: what loaders use decides."""
     from safetensors import SafetensorError, safe_open
 
@@ -180,7 +180,7 @@ def _library_refusal(path: Path) -> list[Finding]:
     return []
 
 
-def read_index(model_dir: Path) -> tuple[dict[str, str] | None, list[Finding]]:
+def read_index(model_dir: Path) -> tuple[dict[str, str] | None, list[CheckpointFinding]]:
     """weight_map of a sharded checkpoint (tensor -> shard file name), or None with why it is unusable."""
     try:
         return read_weight_map(model_dir), []
@@ -189,12 +189,12 @@ def read_index(model_dir: Path) -> tuple[dict[str, str] | None, list[Finding]]:
                            why="transformers cannot load a sharded checkpoint without a valid index")]
 
 
-def lost_tensors(findings: list[Finding]) -> set[str]:
+def lost_tensors(findings: list[CheckpointFinding]) -> set[str]:
     """Tensors that exist but are reported unreadable, so the config check does not call them missing too."""
     return {n for f in findings if f.check in ("container", "index") for n in f.numbers.get("lost", [f.tensor]) if n}
 
 
-def read_directory(model_dir: Path) -> tuple[list[Entry], list[Finding], list[Path]]:
+def read_directory(model_dir: Path) -> tuple[list[Entry], list[CheckpointFinding], list[Path]]:
     """Every intact tensor of a safetensors model directory, with the index checked against the shards."""
     on_disk, findings = [], []
     for f in sorted(model_dir.glob("*.safetensors")):
@@ -208,7 +208,7 @@ def read_directory(model_dir: Path) -> tuple[list[Entry], list[Finding], list[Pa
     if weight_map is None:
         files = on_disk
         if len(files) > 1 and not bad_index:
-            findings.append(Finding("warning", "index", f"{len(files)} safetensors files and no {INDEX}",
+            findings.append(CheckpointFinding("warning", "index", f"{len(files)} safetensors files and no {INDEX}",
                                     "transformers loads a multi-file checkpoint only through its index"))
     else:
         files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
@@ -220,7 +220,7 @@ def read_directory(model_dir: Path) -> tuple[list[Entry], list[Finding], list[Pa
                                      why="loading the model fails", lost=lost))
         for f in on_disk:
             if f not in files:
-                findings.append(Finding("warning", "index", f"{f.name} is not listed in {INDEX}",
+                findings.append(CheckpointFinding("warning", "index", f"{f.name} is not listed in {INDEX}",
                                         "loaders never read it: a stale shard or a forgotten one", f.name))
         files = [f for f in files if is_regular(f)]
     entries: list[Entry] = []
@@ -232,7 +232,7 @@ def read_directory(model_dir: Path) -> tuple[list[Entry], list[Finding], list[Pa
             held = {e.name for e in got} | {x.tensor for x in bad}
             for e in got:
                 if weight_map.get(e.name) != f.name:
-                    findings.append(Finding("warning", "index", f"{e.name} is in {f.name} but the index "
+                    findings.append(CheckpointFinding("warning", "index", f"{e.name} is in {f.name} but the index "
                                             f"{'maps it to ' + weight_map[e.name] if e.name in weight_map else 'lacks it'}",
                                             "loaders look for a tensor only where the index says", e.name))
             for t, s in weight_map.items():

@@ -14,8 +14,8 @@ import numpy as np
 
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.scan.container import FLOAT_NAMES, Entry
-from qwen3dbg.scan.findings import DiffResult, Finding, TensorDiff
-from qwen3dbg.scan.source import Source, open_source
+from qwen3dbg.scan.findings import WeightsDiffResult, CheckpointFinding, TensorDiff
+from qwen3dbg.scan.source import CheckpointSource, open_source
 
 # Largest error of storing a value in a format, relative to the tensor's absmax: half an ulp for floats,
 # for block formats half a step of the block scale (amax/127 for Q8_0) plus the f16 rounding of that scale.
@@ -64,7 +64,7 @@ def rope_heads(name: str, cfg: Qwen3Config | None) -> int | None:
 class _Tensors:
     """HF name -> float32 array of one checkpoint; stacked GGUF experts are read once and sliced."""
 
-    def __init__(self, src: Source):
+    def __init__(self, src: CheckpointSource):
         self.src = src
         self.where: dict[str, tuple[Entry, int | None]] = {}
         for e in src.entries:
@@ -123,7 +123,7 @@ _WHY = {
 }
 
 
-def _finding(d: TensorDiff, a: str, b: str) -> Finding:
+def _finding(d: TensorDiff, a: str, b: str) -> CheckpointFinding:
     nums = {k: v for k, v in d.to_dict().items() if k != "name"}
     if d.relation == "changed":
         msg = (f"{d.name} changed: max |a-b| {d.max_abs_diff:.4g} is {d.rel_to_absmax:.3g} of its absmax, "
@@ -132,23 +132,23 @@ def _finding(d: TensorDiff, a: str, b: str) -> Finding:
         msg = f"{d.name} is permuted like llama.cpp's Llama-style q/k reorder (values otherwise the same)"
     else:
         msg = f"{d.name} is {d.relation}: {list(d.shape_a)} in {a}, {list(d.shape_b)} in {b}"
-    return Finding("error", d.relation, msg, _WHY[d.relation], d.name, nums)
+    return CheckpointFinding("error", d.relation, msg, _WHY[d.relation], d.name, nums)
 
 
 def diff_weights(path_a: str | Path, path_b: str | Path,
-                 progress: Callable[[int], Callable[[int], None]] | None = None) -> DiffResult:
+                 progress: Callable[[int], Callable[[int], None]] | None = None) -> WeightsDiffResult:
     """Compare every tensor of A with B; `progress(total)` may return a callback given 1 per tensor."""
     t0 = time.perf_counter()
     with open_source(path_a) as sa, open_source(path_b) as sb:
         ta, tb = _Tensors(sa), _Tensors(sb)
         cfg = sa.cfg or sb.cfg
-        findings = [Finding(f.severity, f.check, f"{side}: {f.message}", f.why, f.tensor, f.numbers)
+        findings = [CheckpointFinding(f.severity, f.check, f"{side}: {f.message}", f.why, f.tensor, f.numbers)
                     for side, s in (("A", sa), ("B", sb)) for f in s.findings if f.severity == "error"]
         only_a = [n for n in ta.where if n not in tb.where]
         only_b = [n for n in tb.where if n not in ta.where]
-        findings += [Finding("error", "missing", f"{n} is in A but not in B", "a loader of B fails or leaves it "
+        findings += [CheckpointFinding("error", "missing", f"{n} is in A but not in B", "a loader of B fails or leaves it "
                              "uninitialized", n) for n in only_a]
-        findings += [Finding("warning", "extra", f"{n} is in B but not in A", "B carries a tensor A does not have", n)
+        findings += [CheckpointFinding("warning", "extra", f"{n} is in B but not in A", "B carries a tensor A does not have", n)
                      for n in only_b]
         common = [n for n in ta.where if n in tb.where]
         tick = progress(len(common)) if progress else None
@@ -163,7 +163,7 @@ def diff_weights(path_a: str | Path, path_b: str | Path,
         rounded = [d for d in diffs if d.relation == "rounding"]
         if rounded:
             worst = max(rounded, key=lambda d: d.rel_to_absmax or 0.0)
-            findings.append(Finding("info", "rounding", f"{len(rounded)} tensors differ within their formats' rounding; "
+            findings.append(CheckpointFinding("info", "rounding", f"{len(rounded)} tensors differ within their formats' rounding; "
                                     f"the largest, {worst.name}, by {worst.rel_to_absmax:.3g} of its absmax "
                                     f"(allowed {worst.tolerance:.3g})", "expected from a conversion", worst.name))
-        return DiffResult(str(path_a), str(path_b), only_a, only_b, diffs, findings, time.perf_counter() - t0)
+        return WeightsDiffResult(str(path_a), str(path_b), only_a, only_b, diffs, findings, time.perf_counter() - t0)

@@ -18,7 +18,7 @@ def rank(severity: str) -> int:
 
 
 @dataclass(frozen=True)
-class Finding:
+class CheckpointFinding:
     severity: str  # info | warning | error
     check: str  # short id of the rule, e.g. "nonfinite", "ghost-bias", "norm-danger"
     message: str  # what was found, with its numbers
@@ -64,7 +64,7 @@ class NormPeak:
 class Verdict:
     """What both results share: findings, their counts, the worst severity and the exit status."""
 
-    findings: list[Finding]
+    findings: list[CheckpointFinding]
 
     def counts(self) -> dict[str, int]:
         c = Counter(f.severity for f in self.findings)
@@ -78,7 +78,7 @@ class Verdict:
         worst = self.worst()
         return int(worst is not None and rank(worst) >= rank(fail_on))
 
-    def sorted_findings(self) -> list[Finding]:
+    def sorted_findings(self) -> list[CheckpointFinding]:
         return sorted(self.findings, key=lambda f: -rank(f.severity))
 
 
@@ -90,7 +90,7 @@ class ScanResult(Verdict):
     config: dict | None  # the config checked against (HF field names), None when there was none
     tensors: list[TensorRow]
     norm_peaks: list[NormPeak]
-    findings: list[Finding]
+    findings: list[CheckpointFinding]
     seconds: float
     bytes_read: int
     thresholds: dict
@@ -125,13 +125,13 @@ class TensorDiff:
 
 
 @dataclass
-class DiffResult(Verdict):
+class WeightsDiffResult(Verdict):
     a: str
     b: str
     only_a: list[str]
     only_b: list[str]
     tensors: list[TensorDiff]
-    findings: list[Finding]
+    findings: list[CheckpointFinding]
     seconds: float
 
     def to_dict(self) -> dict:

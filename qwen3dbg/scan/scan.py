@@ -8,15 +8,15 @@ from typing import Callable
 
 from qwen3dbg.scan import checks
 from qwen3dbg.scan.container import INTEGER_DTYPES, lost_tensors
-from qwen3dbg.scan.findings import Finding, NormPeak, ScanResult, TensorRow
-from qwen3dbg.scan.source import Source, open_source
+from qwen3dbg.scan.findings import CheckpointFinding, NormPeak, ScanResult, TensorRow
+from qwen3dbg.scan.source import CheckpointSource, open_source
 
 
 _COUNT_WHY = "the config belongs to another model or the weights are incomplete: loaders fail, or run layers " \
     "and experts that are not there"
 
 
-def _config_findings(src: Source, hf_of: dict[str, list[str]]) -> list[Finding]:
+def _config_findings(src: CheckpointSource, hf_of: dict[str, list[str]]) -> list[CheckpointFinding]:
     """Counts first (layers, experts), then each tensor the config implies within what the files hold."""
     from qwen3dbg.gguf_names import gguf_shapes, gguf_to_hf
     from qwen3dbg.layout import Held, count_problems, tensor_shapes
@@ -25,7 +25,7 @@ def _config_findings(src: Source, hf_of: dict[str, list[str]]) -> list[Finding]:
     lost = lost_tensors(src.findings)
     lost_hf = lost if src.format == "safetensors" else {h for n in lost for h in gguf_to_hf(n)}
     held = Held.of([h for names in hf_of.values() for h in names] + sorted(lost_hf))
-    out = [Finding("error", kind, message, _COUNT_WHY, numbers=numbers)
+    out = [CheckpointFinding("error", kind, message, _COUNT_WHY, numbers=numbers)
            for kind, message, numbers in count_problems(cfg, held)]
     expected = tensor_shapes(cfg, held=held)
     if src.format == "gguf":
@@ -63,7 +63,7 @@ def scan_checkpoint(path: str | Path, thresholds: checks.Thresholds = checks.Thr
                 if role is not None:
                     peaks.append(NormPeak(role[0], role[1], e.name, s.absmax))
             elif e.dtype not in INTEGER_DTYPES:  # integers have their own error in checks.dtypes
-                findings.append(Finding("info", "dtype", f"{e.name} is {e.dtype}: no value statistics",
+                findings.append(CheckpointFinding("info", "dtype", f"{e.name} is {e.dtype}: no value statistics",
                                         "only float tensors are summarized", e.name))
             if tick:
                 tick(e.nbytes)

@@ -21,7 +21,7 @@ from qwen3dbg.json_read import open_regular
 from qwen3dbg.layout import INDEX
 from qwen3dbg.scan.container import (FLOAT_NAMES, INTEGER_DTYPES, ITEMSIZE, STACKED, Entry, read_directory,
                                      read_gguf_file, read_safetensors)
-from qwen3dbg.scan.findings import Finding
+from qwen3dbg.scan.findings import CheckpointFinding
 from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements
 from qwen3dbg.taps import MANIFEST
 
@@ -29,12 +29,12 @@ WINDOW_BYTES = 64 * 1024**2
 
 
 @dataclass
-class Source:
+class CheckpointSource:
     path: Path
     format: str  # safetensors | gguf
     files: list[Path]
     entries: list[Entry]
-    findings: list[Finding]
+    findings: list[CheckpointFinding]
     cfg: Qwen3Config | None
     _maps: dict = field(default_factory=dict, repr=False)
 
@@ -139,18 +139,18 @@ class Source:
         self.close()
 
 
-def _config(model_dir: Path) -> tuple[Qwen3Config | None, list[Finding]]:
+def _config(model_dir: Path) -> tuple[Qwen3Config | None, list[CheckpointFinding]]:
     if not os.path.lexists(model_dir / "config.json"):
-        return None, [Finding("warning", "config", f"no config.json in {model_dir}: tensors are not checked against a config",
+        return None, [CheckpointFinding("warning", "config", f"no config.json in {model_dir}: tensors are not checked against a config",
                               "missing, unexpected or misshapen tensors go unnoticed")]
     try:
         return load_config(model_dir), []
     except UserError as e:
-        return None, [Finding("error", "config", f"config.json cannot be used: {e}",
+        return None, [CheckpointFinding("error", "config", f"config.json cannot be used: {e}",
                               "loaders fail on it; tensors are not checked against a config")]
 
 
-def open_source(path: str | Path) -> Source:
+def open_source(path: str | Path) -> CheckpointSource:
     """Open PATH as a checkpoint; UserError when it is not one at all (the CLI's exit 2)."""
     path = Path(path)
     if not path.exists():
@@ -164,7 +164,7 @@ def open_source(path: str | Path) -> Source:
             raise UserError(f"{path} holds no safetensors files: pass a model directory, a .safetensors or a .gguf file")
         cfg, findings = _config(path)
         entries, more, files = read_directory(path)
-        return Source(path, "safetensors", files, entries, findings + more, cfg)
+        return CheckpointSource(path, "safetensors", files, entries, findings + more, cfg)
     try:
         with open_regular(path) as f:
             magic = f.read(4)
@@ -179,12 +179,12 @@ def open_source(path: str | Path) -> Source:
             try:
                 cfg = config_from_gguf(g)
             except GGUFDamaged as e:
-                findings.append(Finding("error", "config", f"the GGUF metadata does not describe a Qwen3 model: {e}",
+                findings.append(CheckpointFinding("error", "config", f"the GGUF metadata does not describe a Qwen3 model: {e}",
                                         "llama.cpp cannot load it; tensors are not checked against a config"))
-        return Source(path, "gguf", [path], entries, findings, cfg)
+        return CheckpointSource(path, "gguf", [path], entries, findings, cfg)
     if path.suffix != ".safetensors":
         raise UserError(f"{path} is neither a model directory, a .safetensors file nor a .gguf file")
     entries, findings = read_safetensors(path)
-    findings.append(Finding("info", "config", "a single safetensors file is checked without a config: pass its "
+    findings.append(CheckpointFinding("info", "config", "a single safetensors file is checked without a config: pass its "
                             "directory to check names and shapes against config.json", "-"))
-    return Source(path, "safetensors", [path], entries, findings, None)
+    return CheckpointSource(path, "safetensors", [path], entries, findings, None)
