@@ -365,10 +365,11 @@ def scan_checkpoint_cmd(
     fail_on = _fail_on(fail_on)
     _writable_files(json_out, html_out)
     with progress_bar() as bar:
-        result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"))
+        result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"),
+                                 fail_on)
     print_scan(result, report_console())
     _write_outputs(result, {json_out: to_json, html_out: scan_html})
-    raise typer.Exit(result.exit_code(fail_on))
+    raise typer.Exit(result.exit_code)
 
 
 @app.command("diff-weights")
@@ -388,10 +389,10 @@ def diff_weights_cmd(
     fail_on = _fail_on(fail_on)
     _writable_files(json_out, html_out)
     with progress_bar() as bar:
-        result = diff_weights(a, b, _progress_task(bar, "comparing (tensors)"))
+        result = diff_weights(a, b, _progress_task(bar, "comparing (tensors)"), fail_on)
     print_diff(result, report_console())
     _write_outputs(result, {json_out: to_json, html_out: diff_html})
-    raise typer.Exit(result.exit_code(fail_on))
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -423,8 +424,7 @@ def selftest(
                           progress=lambda what: say((what, "dim")))
     render(result, report_console())
     _write_outputs(result, {json_out: lambda r: json.dumps(r.to_dict(), indent=2)})
-    if result.problems:
-        raise SystemExit(1)
+    raise typer.Exit(result.exit_code)
 
 
 def main() -> None:

@@ -8,4 +8,4 @@ from qwen3dbg.diff.result import DiffResult
 
 
 def render_json(result: DiffResult) -> str:
-    return json.dumps(result.to_json(), indent=1) + "\n"
+    return json.dumps(result.to_dict(), indent=1) + "\n"

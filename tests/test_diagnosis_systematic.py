@@ -72,7 +72,7 @@ def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, m
                       token_ids=TOKENS)
     assert result.first_divergence is None and result.exit_code == 0, result.verdict
     assert result.systematic is not None and result.systematic.tap == "layers.1.attn_norm", result.systematic
-    assert result.to_json()["systematic"]["signature"] == "systematic_shift"
+    assert result.to_dict()["systematic"]["signature"] == "systematic_shift"
     assert any(label == "systematic" for label, _ in result.summary())
 
 

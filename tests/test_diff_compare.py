@@ -84,7 +84,7 @@ def test_nan_weights_are_not_judged_a_match_where_every_side_and_the_golden_is_n
     assert result.first_divergence is None and result.exit_code == 2
     assert result.golden_nonfinite["tap"] == "layers.1.mlp.up" and result.golden_nonfinite["step"] == 0
     assert "scan-checkpoint" in result.verdict and "golden" in result.verdict
-    assert result.to_json()["golden_nonfinite"] == result.golden_nonfinite
+    assert result.to_dict()["golden_nonfinite"] == result.golden_nonfinite
 
 
 def test_finite_weights_leave_the_golden_finite(dense_bf16):

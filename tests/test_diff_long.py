@@ -135,7 +135,7 @@ def test_a_cache_that_overwrites_an_old_slot_is_caught_at_the_step_and_slot_wher
 def test_the_json_of_a_long_decode_lists_the_taps_of_the_steps_that_matter_and_summarises_the_rest(catalogue_model):
     result = run_diff("hf", "kv-cache-off-by-one", model_dir=catalogue_model("dense"), dtype="float32",
                       token_ids=PROMPT[:6], decode_ids=list(range(1, 31)))
-    doc = result.to_json()
+    doc = result.to_dict()
     assert [r["step"] for r in doc["step_summary"]] == list(range(31))
     assert {t["step"] for t in doc["taps"]} == {0, *range(1, 17)}
     assert len(doc["taps"]) < len(result.taps)

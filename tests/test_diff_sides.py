@@ -121,7 +121,7 @@ def test_a_broken_reference_is_called_suspect(catalogue_model):
     assert result.suspect_reference is not None and result.suspect_reference.op in ("q_rope", "k_rope")
     assert any(label == "reference" and "--ref scratch --cand rope-theta-1e4 --model" in text
                for label, text in result.summary())
-    assert result.to_json()["suspect_reference"]["tap"] == result.suspect_reference.name
+    assert result.to_dict()["suspect_reference"]["tap"] == result.suspect_reference.name
 
 
 @pytest.mark.parametrize("model", ["dense", "hot-qk", "moe"])

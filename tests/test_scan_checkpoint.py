@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,14 +27,14 @@ def _severities(result):
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe", "sharded"])
 def test_clean_synthetic_checkpoint_has_no_findings(models, preset):
-    result = scan_checkpoint(models(preset))
-    assert result.findings == [] and result.exit_code("warning") == 0
+    result = scan_checkpoint(models(preset), fail_on="warning")
+    assert result.findings == [] and result.exit_code == 0
     assert all(t.stats is not None for t in result.tensors)
 
 
 def test_clean_gguf_conversion_has_no_error(models, tmp_path):
     result = scan_checkpoint(write_gguf(models("tiny-moe"), tmp_path / "m.gguf", "q8_0"))
-    assert result.exit_code("error") == 0 and result.format == "gguf"
+    assert result.exit_code == 0 and result.format == "gguf"
     assert {f.check for f in result.findings} == {"dtype"}  # the note listing GGUF tensor types
 
 
@@ -63,8 +64,8 @@ def test_planted_anomaly_is_reported_with_its_severity(planted, plant):
     found = _found(result, check)
     assert set(found) == tensors
     assert {f.severity for f in found.values()} == {severity}
-    assert result.exit_code("error") == (severity == "error")
-    assert result.exit_code("warning") == 1
+    assert result.exit_code == (severity == "error")
+    assert replace(result, fail_on="warning").exit_code == 1
 
 
 @pytest.mark.parametrize("plant", ["k_norm_peak", "nonfinite"])
@@ -163,7 +164,7 @@ def test_truncated_file_reports_the_lost_tensors_and_scans_the_rest(copy_of):
     f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 3])
     result = scan_checkpoint(d)
     lost = {x.tensor for x in _container_errors(result)}
-    assert lost and result.exit_code() == 1
+    assert lost and result.exit_code == 1
     assert not lost & set(_found(result, "missing"))  # reported once, as damage
     assert len(result.tensors) + len(lost) == len(tensor_shapes(PRESETS["tiny-dense"].config))
 
@@ -204,7 +205,7 @@ def test_unreadable_header_is_one_error_not_a_crash(copy_of, damage):
                    "not_json": raw[:8] + b"#" + raw[9:],
                    "tiny": raw[:5]}[damage])
     result = scan_checkpoint(d)
-    assert len(_container_errors(result)) == 1 and result.tensors == [] and result.exit_code() == 1
+    assert len(_container_errors(result)) == 1 and result.tensors == [] and result.exit_code == 1
 
 
 def test_missing_shard_is_one_error_and_the_other_shards_are_scanned(copy_of):
@@ -224,7 +225,7 @@ def test_truncated_gguf(models, tmp_path):
     p = write_gguf(models("tiny-dense"), tmp_path / "m.gguf", "f16")
     p.write_bytes(p.read_bytes()[: p.stat().st_size - 1000])
     result = scan_checkpoint(p)
-    assert _container_errors(result) and result.tensors and result.exit_code() == 1
+    assert _container_errors(result) and result.tensors and result.exit_code == 1
 
 
 def test_single_safetensors_file_is_scanned_without_a_config(models):
@@ -237,7 +238,7 @@ def test_gguf_header_damage_is_an_error_finding(models, tmp_path):
     p = write_gguf(models("tiny-dense"), tmp_path / "m.gguf", "f16")
     p.write_bytes(p.read_bytes()[:300])
     result = scan_checkpoint(p)
-    assert len(_container_errors(result)) == 1 and result.tensors == [] and result.exit_code() == 1
+    assert len(_container_errors(result)) == 1 and result.tensors == [] and result.exit_code == 1
 
 
 def test_tensor_at_an_unaligned_offset_is_read_correctly(models, copy_of):

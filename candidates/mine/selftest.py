@@ -64,6 +64,11 @@ class SelftestResult:
             out.append("with capture off (decode by CUDA graph on a GPU) the logits differ from the captured run's")
         return out
 
+    @property
+    def exit_code(self) -> int:
+        """0 when every check holds, 1 on any of `problems`."""
+        return int(bool(self.problems))
+
     def to_dict(self) -> dict:
         return {**asdict(self), "bandwidth_limit_tok_s": self.bandwidth_limit_tok_s, "problems": self.problems}
 

@@ -279,7 +279,7 @@ class DiffResult:
     def side(self, role: str) -> SideInfo:
         return next(s for s in self.sides if s.role == role)
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         """Everything, JSON-safe (NaN and inf become null); CI jobs read first_divergence and diagnosis."""
         ref = self.suspect_reference
         d = {

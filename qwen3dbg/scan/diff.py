@@ -136,8 +136,10 @@ def _finding(d: TensorDiff, a: str, b: str) -> CheckpointFinding:
 
 
 def diff_weights(path_a: str | Path, path_b: str | Path,
-                 progress: Callable[[int], Callable[[int], None]] | None = None) -> WeightsDiffResult:
-    """Compare every tensor of A with B; `progress(total)` may return a callback given 1 per tensor."""
+                 progress: Callable[[int], Callable[[int], None]] | None = None,
+                 fail_on: str = "error") -> WeightsDiffResult:
+    """Compare every tensor of A with B; `progress(total)` may return a callback given 1 per tensor; the result
+    fails (exit 1) on findings at or above `fail_on`."""
     t0 = time.perf_counter()
     with open_source(path_a) as sa, open_source(path_b) as sb:
         ta, tb = _Tensors(sa), _Tensors(sb)
@@ -166,4 +168,5 @@ def diff_weights(path_a: str | Path, path_b: str | Path,
             findings.append(CheckpointFinding("info", "rounding", f"{len(rounded)} tensors differ within their formats' rounding; "
                                     f"the largest, {worst.name}, by {worst.rel_to_absmax:.3g} of its absmax "
                                     f"(allowed {worst.tolerance:.3g})", "expected from a conversion", worst.name))
-        return WeightsDiffResult(str(path_a), str(path_b), only_a, only_b, diffs, findings, time.perf_counter() - t0)
+        return WeightsDiffResult(str(path_a), str(path_b), only_a, only_b, diffs, findings, time.perf_counter() - t0,
+                                 fail_on)

@@ -65,6 +65,7 @@ class Verdict:
     """What both results share: findings, their counts, the worst severity and the exit status."""
 
     findings: list[CheckpointFinding]
+    fail_on: str  # the least severity that fails the command: warning | error
 
     def counts(self) -> dict[str, int]:
         c = Counter(f.severity for f in self.findings)
@@ -73,10 +74,11 @@ class Verdict:
     def worst(self) -> str | None:
         return max((f.severity for f in self.findings), key=rank, default=None)
 
-    def exit_code(self, fail_on: str = "error") -> int:
+    @property
+    def exit_code(self) -> int:
         """0 clean, 1 when a finding is at or above `fail_on`."""
         worst = self.worst()
-        return int(worst is not None and rank(worst) >= rank(fail_on))
+        return int(worst is not None and rank(worst) >= rank(self.fail_on))
 
     def sorted_findings(self) -> list[CheckpointFinding]:
         return sorted(self.findings, key=lambda f: -rank(f.severity))
@@ -94,6 +96,7 @@ class ScanResult(Verdict):
     seconds: float
     bytes_read: int
     thresholds: dict
+    fail_on: str = "error"
 
     def to_dict(self) -> dict:
         return {"kind": "scan-checkpoint", "path": self.path, "format": self.format, "files": self.files,
@@ -133,6 +136,7 @@ class WeightsDiffResult(Verdict):
     tensors: list[TensorDiff]
     findings: list[CheckpointFinding]
     seconds: float
+    fail_on: str = "error"
 
     def to_dict(self) -> dict:
         return {"kind": "diff-weights", "a": self.a, "b": self.b, "seconds": self.seconds, "counts": self.counts(),

@@ -41,8 +41,10 @@ def _config_findings(src: CheckpointSource, hf_of: dict[str, list[str]]) -> list
 
 
 def scan_checkpoint(path: str | Path, thresholds: checks.Thresholds = checks.Thresholds(),
-                    progress: Callable[[int], Callable[[int], None]] | None = None) -> ScanResult:
-    """Scan PATH; `progress(total_bytes)` may return a callback that is given each tensor's bytes as it is done."""
+                    progress: Callable[[int], Callable[[int], None]] | None = None,
+                    fail_on: str = "error") -> ScanResult:
+    """Scan PATH; `progress(total_bytes)` may return a callback that is given each tensor's bytes as it is done;
+    the result fails (exit 1) on findings at or above `fail_on`."""
     t0 = time.perf_counter()
     with open_source(path) as src:
         findings = list(src.findings)
@@ -70,4 +72,4 @@ def scan_checkpoint(path: str | Path, thresholds: checks.Thresholds = checks.Thr
         findings += checks.norm_danger(peaks, thresholds)
         return ScanResult(str(path), src.format, [{"path": str(f), "bytes": f.stat().st_size} for f in src.files],
                           src.cfg.to_hf_dict() if src.cfg else None, rows, peaks, findings,
-                          time.perf_counter() - t0, read, thresholds.to_dict())
+                          time.perf_counter() - t0, read, thresholds.to_dict(), fail_on)
