@@ -358,7 +358,8 @@ def scan_checkpoint_cmd(
     """Lint a checkpoint: container integrity, tensors against the config, values, and numerically dangerous norms.
 
     Exit 0 clean, 1 findings at or above --fail-on, 2 when PATH is not a checkpoint at all."""
-    from qwen3dbg.reports.scan_report import print_scan, scan_html, to_json
+    from qwen3dbg.reports.scan_json import render_json
+    from qwen3dbg.reports.scan_report import print_scan, scan_html
     from qwen3dbg.scan.checks import Thresholds
     from qwen3dbg.scan.scan import scan_checkpoint
 
@@ -368,7 +369,7 @@ def scan_checkpoint_cmd(
         result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"),
                                  fail_on)
     print_scan(result, report_console())
-    _write_outputs(result, {json_out: to_json, html_out: scan_html})
+    _write_outputs(result, {json_out: render_json, html_out: scan_html})
     raise typer.Exit(result.exit_code)
 
 
@@ -383,15 +384,16 @@ def diff_weights_cmd(
     """Compare two checkpoints tensor by tensor in HF names: missing, reshaped, permuted and changed tensors.
 
     Differences within the two formats' rounding are not findings. Exit 0 clean, 1 differences, 2 unreadable."""
-    from qwen3dbg.reports.scan_report import diff_html, print_diff, to_json
+    from qwen3dbg.reports.scan_json import render_json
+    from qwen3dbg.reports.scan_report import print_weights_diff, weights_diff_html
     from qwen3dbg.scan.diff import diff_weights
 
     fail_on = _fail_on(fail_on)
     _writable_files(json_out, html_out)
     with progress_bar() as bar:
         result = diff_weights(a, b, _progress_task(bar, "comparing (tensors)"), fail_on)
-    print_diff(result, report_console())
-    _write_outputs(result, {json_out: to_json, html_out: diff_html})
+    print_weights_diff(result, report_console())
+    _write_outputs(result, {json_out: render_json, html_out: weights_diff_html})
     raise typer.Exit(result.exit_code)
 
 
@@ -411,9 +413,9 @@ def selftest(
     Exits 1 if a tap's bits differ from the CPU twin's, a capture to a tap store does not read back
     exactly (on a GPU the store copies taps asynchronously), or capture off (on a GPU, decode by CUDA
     graph) gives other logits than capture on; else 0."""
-    import json
-
-    from qwen3dbg.candidates.mine.selftest import render, selftest as run_selftest
+    from qwen3dbg.candidates.mine.selftest import selftest as run_selftest
+    from qwen3dbg.reports.selftest_json import render_json
+    from qwen3dbg.reports.selftest_terminal import render
     from qwen3dbg.inputs import resolve_model
 
     if prompt_tokens < 1 or decode_steps < 1:
@@ -423,7 +425,7 @@ def selftest(
     result = run_selftest(model_dir, device, dtype, prompt_tokens, decode_steps,
                           progress=lambda what: say((what, "dim")))
     render(result, report_console())
-    _write_outputs(result, {json_out: lambda r: json.dumps(r.to_dict(), indent=2)})
+    _write_outputs(result, {json_out: render_json})
     raise typer.Exit(result.exit_code)
 
 

@@ -1,11 +1,10 @@
-"""Views of a ScanResult / WeightsDiffResult: terminal (rich), JSON and self-contained HTML. Nothing is recomputed."""
+"""Views of a ScanResult / WeightsDiffResult: terminal (rich) and self-contained HTML, which group findings
+alike (JSON: reports/scan_json.py). Nothing is recomputed."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
-from qwen3dbg.json_safe import json_safe
 from qwen3dbg.reports.html import esc, figure_png, page, pyplot
 from qwen3dbg.scan.findings import WeightsDiffResult, CheckpointFinding, ScanResult, Verdict, rank
 from qwen3dbg.text import escape
@@ -15,10 +14,6 @@ STYLE = {"error": "bold red", "warning": "yellow", "info": "blue"}
 CSS_CLASS = {"error": "bad", "warning": "warn", "info": "info"}
 PER_CHECK = 6  # findings of one check the terminal shows (JSON and HTML list all)
 NORM_COLUMNS = ("q_norm", "k_norm", "input_layernorm", "post_attention_layernorm", "norm")  # norm: the final one
-
-
-def to_json(result: Verdict) -> str:
-    return json.dumps(json_safe(result.to_dict()), indent=1)
 
 
 def _verdict_line(result: Verdict) -> str:
@@ -126,7 +121,7 @@ def print_scan(result: ScanResult, console) -> None:
     console.print(_verdict_line(result))
 
 
-def print_diff(result: WeightsDiffResult, console) -> None:
+def print_weights_diff(result: WeightsDiffResult, console) -> None:
     rel = defaultdict(int)
     for d in result.tensors:
         rel[d.relation] += 1
@@ -203,7 +198,7 @@ def scan_html(result: ScanResult) -> str:
     return page(f"scan-checkpoint {result.path}", body)
 
 
-def diff_html(result: WeightsDiffResult) -> str:
+def weights_diff_html(result: WeightsDiffResult) -> str:
     rows = "".join(
         f'<tr><td>{esc(d.name)}</td><td class="{"" if d.relation in ("equal", "rounding") else "bad"}">'
         f"{esc(d.relation)}</td><td>{esc(d.dtype_a)}</td><td>{esc(d.dtype_b)}</td><td>{esc(list(d.shape_a))}</td>"

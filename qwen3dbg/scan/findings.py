@@ -1,6 +1,7 @@
 """The result objects of `scan-checkpoint` and `diff-weights`: findings, per-tensor rows, verdicts.
 
-Renderers (terminal, JSON, HTML in `qwen3dbg.reports.scan_report`) only read these.
+Renderers (terminal and HTML in `qwen3dbg.reports.scan_report`, JSON in `qwen3dbg.reports.scan_json`) only
+read these.
 """
 
 from __future__ import annotations
