@@ -358,8 +358,9 @@ def scan_checkpoint_cmd(
     """Lint a checkpoint: container integrity, tensors against the config, values, and numerically dangerous norms.
 
     Exit 0 clean, 1 findings at or above --fail-on, 2 when PATH is not a checkpoint at all."""
+    from qwen3dbg.reports.scan_html import scan_html
     from qwen3dbg.reports.scan_json import render_json
-    from qwen3dbg.reports.scan_report import print_scan, scan_html
+    from qwen3dbg.reports.scan_terminal import print_scan
     from qwen3dbg.scan.checks import Thresholds
     from qwen3dbg.scan.scan import scan_checkpoint
 
@@ -384,8 +385,9 @@ def diff_weights_cmd(
     """Compare two checkpoints tensor by tensor in HF names: missing, reshaped, permuted and changed tensors.
 
     Differences within the two formats' rounding are not findings. Exit 0 clean, 1 differences, 2 unreadable."""
+    from qwen3dbg.reports.scan_html import weights_diff_html
     from qwen3dbg.reports.scan_json import render_json
-    from qwen3dbg.reports.scan_report import print_weights_diff, weights_diff_html
+    from qwen3dbg.reports.scan_terminal import print_weights_diff
     from qwen3dbg.scan.diff import diff_weights
 
     fail_on = _fail_on(fail_on)
@@ -414,9 +416,9 @@ def selftest(
     exactly (on a GPU the store copies taps asynchronously), or capture off (on a GPU, decode by CUDA
     graph) gives other logits than capture on; else 0."""
     from qwen3dbg.candidates.mine.selftest import selftest as run_selftest
+    from qwen3dbg.inputs import resolve_model
     from qwen3dbg.reports.selftest_json import render_json
     from qwen3dbg.reports.selftest_terminal import render
-    from qwen3dbg.inputs import resolve_model
 
     if prompt_tokens < 1 or decode_steps < 1:
         raise UserError("--prompt-tokens and --decode-steps must be at least 1")

@@ -10,7 +10,9 @@ from dataclasses import replace
 import pytest
 from rich.console import Console
 
-from qwen3dbg.reports.scan_report import by_tensor, print_scan, scan_html
+from qwen3dbg.reports.scan_groups import by_tensor
+from qwen3dbg.reports.scan_html import scan_html
+from qwen3dbg.reports.scan_terminal import print_scan
 from qwen3dbg.scan.checks import Thresholds
 from qwen3dbg.scan.scan import scan_checkpoint
 from qwen3dbg.synth import Plants, make_model

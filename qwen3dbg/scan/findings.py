@@ -1,7 +1,6 @@
 """The result objects of `scan-checkpoint` and `diff-weights`: findings, per-tensor rows, verdicts.
 
-Renderers (terminal and HTML in `qwen3dbg.reports.scan_report`, JSON in `qwen3dbg.reports.scan_json`) only
-read these.
+Renderers (`qwen3dbg.reports.scan_terminal`, `scan_html`, `scan_json`) only read these.
 """
 
 from __future__ import annotations
