@@ -156,6 +156,7 @@ def _check_gguf(gguf_path: str, config) -> None:
 class LlamaCppCandidate(Candidate):
     """A GGUF in llama.cpp, batch 1; options: n_ctx (positions, default 1024), threads (default 2)."""
 
+    reads_model_weights = False
 
     def __init__(self, gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2):
         self.gguf = Path(gguf_path)

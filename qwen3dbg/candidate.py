@@ -60,6 +60,9 @@ class Candidate(ABC):
     #: True when a tensor handed to the sink is never changed afterwards (no buffer reused, no in-place
     #: update), so a diff may keep it without a copy; engines with preallocated buffers leave it False
     fresh_taps: bool = False
+    #: False for an engine that reads its own weights file (a GGUF), not the model directory's safetensors:
+    #: a capture then records no digest of those
+    reads_model_weights: bool = True
 
     def manifest_extra(self) -> dict:
         """Fields this implementation adds to a store's manifest (e.g. which attention path ran)."""

@@ -18,41 +18,6 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, StoreWriter, TapSink
 from qwen3dbg.taps import select, step_taps
 
-DEFAULT_PROMPT = [9, 41, 7, 300, 12, 5, 77, 150, 3, 99, 64, 201, 18, 2, 450, 33]
-
-
-def parse_ids(text: str, cfg: Qwen3Config, what: str = "--token-ids") -> list[int]:
-    """'5,17,99' -> [5, 17, 99], every id checked against the vocabulary."""
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise UserError(f"{what} {text!r} is not a comma-separated list of integers, e.g. '5,17,99'") from None
-    if not ids:
-        raise UserError(f"{what} is empty: give at least one token id")
-    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
-    if bad:
-        raise UserError(f"{what}: ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
-    return ids
-
-
-def tokenize(model_dir: Path, prompt: str) -> list[int]:
-    if not prompt:
-        raise UserError("--prompt is empty: give some text, or leave it out for the default prompt")
-    from transformers import AutoTokenizer
-
-    no_tokenizer = UserError(f"{model_dir} has no tokenizer (synthetic models have none): pass --token-ids instead")
-    if not any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise no_tokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError, TypeError):
-        raise no_tokenizer from None
-    ids = tok(prompt)["input_ids"]
-    if not ids:
-        raise UserError("--prompt tokenizes to nothing")
-    return ids
-
-
 def forced_steps(prompt: list[int], decode: list[int]) -> list[StepInfo]:
     """Step 0 prefills the prompt; step s > 0 feeds decode[s-1] at position len(prompt) + s - 1."""
     n = len(prompt)

@@ -6,7 +6,7 @@ import os
 import tempfile
 import dataclasses
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -51,15 +51,26 @@ def _main(version: bool = typer.Option(False, "--version", is_eager=True, callba
     """Numerical debugging and parity diffing for Qwen3 implementations: capture every intermediate
     tensor of a reference and a candidate, and find the first op where they part."""
 
-MODEL_HELP = "Model directory (config.json + safetensors). Default: a tiny synthetic Qwen3 made on first use."
-TOKEN_IDS_HELP = "Prompt token ids, comma-separated, e.g. '5,17,99'. Default: a fixed 16-token prompt."
-PROMPT_HELP = "Prompt text, tokenized with the model directory's tokenizer (real checkpoints only)."
-DECODE_IDS_HELP = "Token ids fed at the decode steps, comma-separated (forced decoding)."
-DECODE_STEPS_HELP = ("Number of decode steps after the prefill; their ids are the greedy picks of an fp64 run, fixed "
-                     "before anything runs. Default: 0 (prefill only).")
-VERBOSE_HELP = "Let third-party warnings and banners (transformers' FutureWarnings, its LOAD REPORT) through."
+# Options more than one command takes, declared once. Each command gives its own default
+# (`dtype: Dtype = "bfloat16"`); a command whose option means something else declares its own.
+Model = Annotated[Optional[Path], typer.Option(
+    help="Model directory (config.json + safetensors). Default: a tiny synthetic Qwen3 made on first use.")]
+TokenIds = Annotated[Optional[str], typer.Option(
+    help="Prompt token ids, comma-separated, e.g. '5,17,99'. Default: a fixed 16-token prompt.")]
+Prompt = Annotated[Optional[str], typer.Option(
+    help="Prompt text, tokenized with the model directory's tokenizer (real checkpoints only).")]
+DecodeIds = Annotated[Optional[str], typer.Option(
+    help="Token ids fed at the decode steps, comma-separated (forced decoding).")]
+DecodeSteps = Annotated[Optional[int], typer.Option(
+    help="Number of decode steps after the prefill; their ids are the greedy picks of an fp64 run, fixed "
+         "before anything runs. Default: 0 (prefill only).")]
 DTYPE_HELP = "Compute dtype: float32/fp32, bfloat16/bf16, float16/fp16 (float64/fp64 for the golden)."
-
+Dtype = Annotated[str, typer.Option(help=DTYPE_HELP)]
+Verbose = Annotated[bool, typer.Option(
+    "--verbose", help="Let third-party warnings and banners (transformers' FutureWarnings, its LOAD REPORT) through.")]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the whole result as JSON to this file.")]
+HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report to this file.")]
+FailOn = Annotated[str, typer.Option(help="Exit 1 when a finding is at or above this severity: warning or error.")]
 
 def say(*parts: str | tuple[str, str]) -> None:
     """One message on stderr: strings as written, (text, style) pairs styled; long paths are not wrapped."""
@@ -139,12 +150,12 @@ def capture(
     impl: str = typer.Option("hf", help="Implementation to run: hf, scratch (the readable reference), mine, a bug "
                                         "of the catalogue, with NAME:key=value options (mine:rmsnorm=fused), or "
                                         "module:FILE.py:factory (docs/ports.md), litgpt, llamacpp:MODEL.gguf."),
-    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
-    token_ids: Optional[str] = typer.Option(None, help=TOKEN_IDS_HELP),
-    prompt: Optional[str] = typer.Option(None, help=PROMPT_HELP),
-    decode_ids: Optional[str] = typer.Option(None, help=DECODE_IDS_HELP),
-    decode_steps: Optional[int] = typer.Option(None, help=DECODE_STEPS_HELP),
-    dtype: str = typer.Option("bfloat16", help=DTYPE_HELP),
+    model: Model = None,
+    token_ids: TokenIds = None,
+    prompt: Prompt = None,
+    decode_ids: DecodeIds = None,
+    decode_steps: DecodeSteps = None,
+    dtype: Dtype = "bfloat16",
     attn: Optional[str] = typer.Option(None, help="hf only: eager (the default: scores and probabilities "
                                                    "captured) or sdpa; the same as --impl hf:attn=..."),
     taps: list[str] = typer.Option([], help="Glob of tap names to keep, e.g. 'layers.*.attn_*' (repeatable)."),
@@ -152,33 +163,31 @@ def capture(
                                        "that --replace overwrites."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite the tap store in --out (it reads as incomplete "
                                                           "until the new one is written)."),
-    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
+    verbose: Verbose = False,
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
     from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
     from qwen3dbg.checkpoint import Checkpoint
     from qwen3dbg.diff.sides import check_sides, parse_side
     from qwen3dbg.dtypes import dtype_name
-    from qwen3dbg.inputs import resolve_model, resolve_steps
-    from qwen3dbg.registry import load_candidate
+    from qwen3dbg.inputs import RunInputs, resolve_model, resolve_steps
+    from qwen3dbg.registry import load_candidate, with_attn
     from qwen3dbg.store import check_out_dir
     from qwen3dbg.third_party import set_verbose
 
     set_verbose(verbose)
+    inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
     _writable_dir(out)
     check_out_dir(out, replace)  # before the run; the writer asks again under its lock
     spec = parse_side(impl, "impl")
     if spec.store is not None:
         raise UserError(f"--impl {impl} is a tap store: capture runs an implementation")
-    if attn is not None and (spec.name != "hf" or "attn" in spec.options or not attn):
-        raise UserError(f"--attn {attn!r}: an option of hf (eager or sdpa), given once; not with --impl {impl}")
-    spec = dataclasses.replace(spec, options={**spec.options, **({"attn": attn} if attn else {})})
+    spec = with_attn(spec, attn)
     model_dir, cfg = resolve_model(model)
     check_sides([spec], model_dir, dtype)
-    steps = resolve_steps(model_dir, cfg, token_ids, prompt, decode_ids, decode_steps)
+    steps = resolve_steps(model_dir, cfg, inputs)
     cand = load_candidate(spec.name, model_dir, dtype, **spec.options)
-    # what the run loaded: --model's weights, except for a GGUF file that llama.cpp reads itself
-    loaded = {} if spec.name.startswith("llamacpp:") else {"weights_digest": Checkpoint(model_dir).digest()}
+    loaded = {"weights_digest": Checkpoint(model_dir).digest()} if cand.reads_model_weights else {}
     plans = planned(cand, steps, taps or None)
     say(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
         f"{plural(len(steps) - 1, 'decode step')}, {sum(map(len, plans))} taps, "
@@ -251,30 +260,32 @@ def diff(
                                        "PyTorch port, docs/ports.md), litgpt (litgpt's own Qwen3), "
                                        "llamacpp:MODEL.gguf, or store:DIR (an external engine's taps; "
                                        "the other sides run on its token ids)."),
-    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
-    token_ids: Optional[str] = typer.Option(None, help=TOKEN_IDS_HELP),
-    prompt: Optional[str] = typer.Option(None, help=PROMPT_HELP),
-    decode_ids: Optional[str] = typer.Option(None, help=DECODE_IDS_HELP),
-    decode_steps: Optional[int] = typer.Option(None, help=DECODE_STEPS_HELP),
+    model: Model = None,
+    token_ids: TokenIds = None,
+    prompt: Prompt = None,
+    decode_ids: DecodeIds = None,
+    decode_steps: DecodeSteps = None,
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: a store's own dtype, else bfloat16."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole result as JSON to this file."),
-    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report to this file."),
-    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
+    json_out: JsonOut = None,
+    html_out: HtmlOut = None,
+    verbose: Verbose = False,
 ):
     """Find the first op where a candidate parts from the reference, judged against an fp64 golden.
 
     Exit status: 0 no divergence, 1 divergence found, 2 bad input or a failure."""
     from qwen3dbg.diff import run_diff
+    from qwen3dbg.inputs import RunInputs
     from qwen3dbg.progress import DiffProgress
     from qwen3dbg.reports.terminal import render
     from qwen3dbg.third_party import set_verbose
 
     set_verbose(verbose)
+    inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
     _writable_files(json_out, html_out)
     try:
         with DiffProgress(console) as shown:
-            result = run_diff(ref, cand, model_dir=model, dtype=dtype, token_ids=token_ids, decode_ids=decode_ids,
-                              decode_steps=decode_steps, prompt=prompt, status=shown.status, progress=shown.progress)
+            result = run_diff(ref, cand, model_dir=model, dtype=dtype, **dataclasses.asdict(inputs), status=shown.status,
+                              progress=shown.progress)
     except UserError:
         raise
     except Exception:  # a crash must not read as exit 1, "divergence found"
@@ -347,9 +358,9 @@ def _progress_task(bar, label: str):
 @app.command("scan-checkpoint")
 def scan_checkpoint_cmd(
     path: Path = typer.Argument(..., help="Model directory (config.json + safetensors), a .safetensors or a .gguf file."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
-    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
-    fail_on: str = typer.Option("error", help="Exit 1 when a finding is at or above this severity: warning or error."),
+    json_out: JsonOut = None,
+    html_out: HtmlOut = None,
+    fail_on: FailOn = "error",
     threshold: float = typer.Option(20.0, min=0,
                                     help="Flag norm weights (q_norm, k_norm, ...) whose |value| exceeds this."),
     huge: float = typer.Option(1e4, min=0,
@@ -378,9 +389,9 @@ def scan_checkpoint_cmd(
 def diff_weights_cmd(
     a: Path = typer.Argument(..., help="Checkpoint A: model directory, .safetensors or .gguf."),
     b: Path = typer.Argument(..., help="Checkpoint B, e.g. A's GGUF conversion."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON here."),
-    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
-    fail_on: str = typer.Option("error", help="Exit 1 when a finding is at or above this severity: warning or error."),
+    json_out: JsonOut = None,
+    html_out: HtmlOut = None,
+    fail_on: FailOn = "error",
 ):
     """Compare two checkpoints tensor by tensor in HF names: missing, reshaped, permuted and changed tensors.
 
@@ -404,11 +415,11 @@ def selftest(
     device: str = typer.Option("cuda", help="Where mine runs: cuda (checked against its CPU twin and HF), emulated "
                                "(the CUDA kernels run on the CPU by an emulator and checked against the twin: no GPU "
                                "needed, slow, for tiny models; no speed table) or cpu."),
-    model: Optional[Path] = typer.Option(None, help=MODEL_HELP),
-    dtype: str = typer.Option("bfloat16", help=DTYPE_HELP),
+    model: Model = None,
+    dtype: Dtype = "bfloat16",
     prompt_tokens: int = typer.Option(128, help="Prompt length of the prefill timing."),
     decode_steps: int = typer.Option(64, help="Decode steps of the decode timing."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    json_out: JsonOut = None,
 ):
     """Check the mine engine on a GPU: tap by tap against its CPU twin and HF eager, then tokens/s next to HF.
 

@@ -5,6 +5,7 @@ Entries are import paths, so naming an implementation imports only what it needs
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -48,6 +49,15 @@ PREFIXES: dict[str, str] = {
     "module": "qwen3dbg.candidates.module_adapter:ModuleCandidate",
     "llamacpp": "qwen3dbg.candidates.llamacpp:LlamaCppCandidate",
 }
+
+
+def with_attn(spec, attn: str | None):
+    """`--impl hf --attn sdpa` is `--impl hf:attn=sdpa`: an option of hf, given once, as the spec's option."""
+    if attn is None:
+        return spec
+    if spec.name != "hf" or "attn" in spec.options or not attn:
+        raise UserError(f"--attn {attn!r}: an option of hf (eager or sdpa), given once; not with --impl {spec.text}")
+    return dataclasses.replace(spec, options={**spec.options, "attn": attn})
 
 
 def names() -> list[str]:

@@ -140,3 +140,35 @@ def test_an_output_file_that_cannot_be_written_is_one_clear_line_and_exit_2(mode
     assert cli("scan-checkpoint", models("tiny-dense"), "--html", missing_dir / "r.html") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("cannot write") == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["capture", "--out", "{tmp}/taps"], ["diff", "--cand", "scratch"]])
+def test_capture_and_diff_parse_the_same_input_flags_into_the_same_run_inputs(monkeypatch, tmp_path, command):
+    """Both commands hand their flags to RunInputs.from_flags and to nothing else: the same flags are the same inputs."""
+    from qwen3dbg.inputs import RunInputs
+
+    parsed, parse = [], RunInputs.from_flags
+
+    def spy(*flags):
+        parsed.append(parse(*flags))
+        raise SystemExit(0)  # the parse is all this test needs, not the run
+
+    monkeypatch.setattr(RunInputs, "from_flags", staticmethod(spy))
+    cli(*[a.replace("{tmp}", str(tmp_path)) for a in command], "--token-ids", "5, 17,99", "--decode-ids", "7")
+    assert parsed == [RunInputs(token_ids=(5, 17, 99), decode_ids=(7,))]
+
+
+@pytest.mark.parametrize("command", [["capture", "--out", "{tmp}/taps"], ["diff", "--cand", "scratch"]])
+@pytest.mark.parametrize("flags, words", [
+    (["--token-ids", "5,x"], "--token-ids '5,x' is not a comma-separated list of integers, e.g. '5,17,99'"),
+    (["--decode-ids", ","], "--decode-ids is empty: give at least one token id"),
+    (["--prompt", "hi", "--token-ids", "5"], "give either --token-ids or --prompt, not both"),
+    (["--decode-steps", "-1"], "--decode-steps must be 0 or more"),
+])
+def test_bad_input_flags_are_one_sentence_and_the_same_for_capture_and_diff(models, tmp_path, capsys, command,
+                                                                          flags, words):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    assert cli(*args, "--model", models("tiny-dense"), *flags) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err == f"error: {words}"
+    assert not (tmp_path / "taps").exists()

@@ -52,7 +52,7 @@ def test_ids_that_differ_from_the_stores_are_refused(store):
 def test_empty_ids_beside_a_store_are_refused_not_dropped(store):
     model, path = store
     with pytest.raises(UserError, match="is empty"):
-        run_diff("hf", f"store:{path}", model_dir=model, token_ids="")
+        run_diff("hf", f"store:{path}", model_dir=model, token_ids=[])
 
 
 def test_a_dtype_other_than_the_stores_is_refused(store):
@@ -174,7 +174,7 @@ def test_output_files_are_checked_before_the_diff_runs(models, tmp_path, monkeyp
 
 def test_a_prefill_only_diff_says_the_decode_path_went_unchecked(catalogue_model):
     def notes(**steps):
-        result = run_diff("hf", "scratch", model_dir=catalogue_model("dense"), token_ids="5,6,7", **steps)
+        result = run_diff("hf", "scratch", model_dir=catalogue_model("dense"), token_ids=[5, 6, 7], **steps)
         return [text for label, text in result.summary() if label == "note" and "decode-steps" in text]
 
     assert notes() and not notes(decode_steps=1)

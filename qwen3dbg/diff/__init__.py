@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,10 +40,6 @@ IN_NOISE_MIN_ULPS = 0.25
 IN_NOISE_CARRIED_ULPS = 0.05
 
 
-def _ids_text(ids: list[int] | str | None) -> str | None:
-    return ",".join(map(str, ids)) if isinstance(ids, (list, tuple)) else ids
-
-
 def _dtype_under_test(specs: list[SideSpec], dtype: str | torch.dtype | None) -> torch.dtype:
     """A store fixes the dtype; an explicit --dtype must agree with it; otherwise bfloat16."""
     stored = {s.text: s.store.dtype for s in specs if s.store is not None}
@@ -63,28 +59,28 @@ def _dtype_under_test(specs: list[SideSpec], dtype: str | torch.dtype | None) ->
 
 
 def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | None = None,
-             dtype: str | torch.dtype | None = None, token_ids: list[int] | str | None = None,
-             decode_ids: list[int] | str | None = None, decode_steps: int | None = None, prompt: str | None = None,
+             dtype: str | torch.dtype | None = None, token_ids: Sequence[int] | None = None,
+             decode_ids: Sequence[int] | None = None, decode_steps: int | None = None, prompt: str | None = None,
              teacher: bool = True, status: Callable[[str], None] = lambda msg: None,
              progress: Callable[[int, int | None], None] | None = None) -> DiffResult:
     """Compare `cand` with `ref` on the same ids, both judged against the fp64 golden; see docs/differ.md.
-    The three sides run side by side and are compared tap by tap as they go; nothing is written to disk."""
-    from qwen3dbg.inputs import resolve_inputs, resolve_model
+    The three sides run side by side and are compared tap by tap as they go; nothing is written to disk.
+    The ids are the fields of `RunInputs` (the CLI's flags, parsed by `RunInputs.from_flags`)."""
+    from qwen3dbg.inputs import RunInputs, resolve_model
 
     t0 = time.perf_counter()
     memory.for_prefill()
+    inputs = RunInputs(token_ids, prompt, decode_ids, decode_steps)
     model_dir, cfg = resolve_model(Path(model_dir) if model_dir is not None else None)
     specs = [parse_side(ref, "ref", cfg), parse_side(cand, "cand", cfg)]
     dt = _dtype_under_test(specs, dtype)
     check_sides(specs, model_dir, dt)
     with_store = any(s.store is not None for s in specs)
-    if with_store and (prompt is not None or decode_steps is not None):
+    if with_store and inputs.picks_ids:
         raise UserError("a store fixes the token ids: leave out --prompt and --decode-steps")
-    given = resolve_inputs(model_dir, cfg, _ids_text(token_ids), None, _ids_text(decode_ids), None)[0] \
-        if with_store and (token_ids is not None or decode_ids is not None) else None
+    given = inputs.steps(model_dir, cfg)[0] if with_store and inputs != RunInputs() else None
     fixed = store_steps(specs, given)
-    steps, greedy = (fixed, 0) if fixed else resolve_inputs(
-        model_dir, cfg, _ids_text(token_ids), prompt, _ids_text(decode_ids), decode_steps)
+    steps, greedy = (fixed, 0) if fixed else inputs.steps(model_dir, cfg)
     timings: dict[str, float] = {}
     schedule = Schedule(steps, len(steps) + greedy)
     t = time.perf_counter()
