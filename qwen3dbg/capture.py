@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from qwen3dbg.candidate import Candidate, DictSink, NullSink
-from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, StoreWriter, TapSink
 from qwen3dbg.taps import select, step_taps
