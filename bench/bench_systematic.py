@@ -20,6 +20,7 @@ import torch
 from qwen3dbg.capture import forced_steps, run_steps
 from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.diff import run_diff
+from qwen3dbg.diff.sides import parse_side
 from qwen3dbg.diff.diagnosis import diagnose
 from qwen3dbg.diff.diagnosis.systematic import MARGIN, MIN_ROWS, inflation, threshold
 from qwen3dbg.dtypes import parse_dtype
@@ -31,7 +32,8 @@ from qwen3dbg.synth import Plants, make_model
 PAIRS = [("hf", "hf:attn=sdpa", "tiny-dense", {}, "bfloat16"), ("hf", "hf:attn=sdpa", "tiny-moe", {}, "float16"),
          ("hf", "rmsnorm-fused", "tiny-dense", {"q_norm_peak": 40.0, "k_norm_peak": 96.5}, "bfloat16"),
          ("hf", "scratch", "tiny-dense", {}, "float32"), ("hf", "scratch", "tiny-moe", {}, "bfloat16"),
-         ("scratch", "hf", "tiny-moe", {}, "float16"), ("hf", "mine", "tiny-dense", {}, "bfloat16")]
+         ("scratch", "hf", "tiny-moe", {}, "float16"), ("hf", "mine", "tiny-dense", {}, "bfloat16"),
+         ("hf", "module:qwen3dbg.candidates.ports.standalone_qwen3:load", "tiny-dense", {}, "bfloat16")]
 
 
 class Memory:
@@ -104,10 +106,10 @@ def main() -> None:
                   flush=True)
 
 
-def _load(spec: str, model: Path, dtype: str):
-    """`hf:attn=sdpa` -> the hf candidate with attn="sdpa"."""
-    name, _, opts = spec.partition(":")
-    return load_candidate(name, model, dtype, **dict(o.split("=") for o in opts.split(",") if o))
+def _load(text: str, model: Path, dtype: str):
+    """A side as `diff` reads it (`hf:attn=sdpa`, `module:...`), loaded."""
+    spec = parse_side(text, "cand")
+    return load_candidate(spec.name, model, dtype, **spec.options)
 
 
 if __name__ == "__main__":

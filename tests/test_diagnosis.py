@@ -201,7 +201,7 @@ def test_fused_rmsnorm_is_explained_as_a_rounding_point_amplified_by_the_k_norm_
     weight = Checkpoint(catalogue_model("hot-qk")).get("model.layers.0.self_attn.k_norm.weight").float()
     assert d.evidence["max_weight"] == float(weight.max()) and d.evidence["max_ulps"] >= 1
     assert "k_norm weight 96.5" in d.message
-    assert [x.signature for x in diagnose(src, 0, "layers.0.k_norm")] == ["rounding_point"]
+    assert diagnose(src, 0, "layers.0.k_norm") == []  # within the noise: worded, never diagnosed as a bug
 
 
 def test_a_reordered_sum_is_explained_as_rounding_order_not_a_bug(sides):

@@ -80,6 +80,7 @@ def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, m
     ("hf", "hf:attn=sdpa", "dense", "bfloat16"), ("hf", "hf:attn=sdpa", "moe", "float16"),
     ("hf", "rmsnorm-fused", "hot-qk", "bfloat16"), ("hf", "scratch", "moe", "float32"),
     ("scratch", "hf", "dense", "float16"),
+    ("hf", "module:qwen3dbg.candidates.ports.standalone_qwen3:load", "dense", "bfloat16"),  # fp32 attn_probs
 ])
 def test_clean_pairs_raise_no_systematic_finding(catalogue_model, ref, cand, model, dtype):
     result = run_diff(ref=ref, cand=cand, model_dir=catalogue_model(model), dtype=dtype, token_ids=TOKENS[:64])

@@ -56,6 +56,8 @@ def diagnose(src: TapSource, step: int, tap: str) -> list[Diagnosis]:
         return []
     c, b = s.cand(), s.base()
     has_nonfinite = not bool(torch.isfinite(c[torch.isfinite(b)]).all())
+    if not has_nonfinite and not s.divergent():
+        return []
     for _, hyps in FAMILIES:
         found = []
         for h in hyps:

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from qwen3dbg.config import Qwen3Config
-from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS
+from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS, tolerance
 from qwen3dbg.dtypes import dtype_name
 from qwen3dbg.measures import rel, sample
 from qwen3dbg.store import StepInfo, masked
@@ -127,6 +127,30 @@ class Site:
             g = widen(g)
             noise = rel(r, g, where=torch.isfinite(g) & ~masked(g))
         return max(NORM_FACTOR * noise, REL_FLOOR_ULPS * self.eps)
+
+    def divergent(self) -> bool:
+        """Whether the candidate's tap is past the differ's rule (True when the golden is not at hand):
+        a tap within the noise has nothing for a hypothesis to explain (`explain_rounding` words it)."""
+        name = self.name()
+        c, r, g = self.cand(), widen(self.src.ref(self.step, name)), widen(self.src.gold(self.step, name))
+        if r is None or g is None or c is None or not c.shape == r.shape == g.shape:
+            return True
+        keep = torch.isfinite(g) & ~masked(g)
+        if not bool(keep.any()) or bool((masked(c) != masked(g)).any()):  # the differ compares masks too
+            return True
+
+        def amax(t: torch.Tensor) -> float:
+            return float(t[keep].abs().max())
+
+        (c_rel, c_max), (r_rel, r_max) = [(rel(x, g, where=keep), amax(x - g)) for x in (c, r)]
+        if self.step > 0:  # as the differ does at a decode step: the prefill's noise of the op pools in
+            r0, g0 = widen(self.src.ref(0, name)), widen(self.src.gold(0, name))
+            if r0 is not None and g0 is not None and r0.shape == g0.shape:
+                k0 = torch.isfinite(g0) & ~masked(g0)
+                if bool(k0.any()):
+                    r_rel, r_max = max(r_rel, rel(r0, g0, where=k0)), max(r_max, float((r0 - g0)[k0].abs().max()))
+        tol = tolerance(self.src.dtype, r_rel, r_max, amax(g), int(keep.sum()))
+        return tol.excess(c_rel, c_max) > 1
 
     def floors(self, resid: float) -> float:
         """A relative residual in units of the noise floor."""
