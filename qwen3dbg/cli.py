@@ -127,19 +127,14 @@ def make_model_cmd(
                 yield n
                 bar.advance(task)
 
+        options = dict(seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants, progress=track)
         if format == "safetensors":
-            make_model(out, preset, seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants,
-                       progress=track)
+            make_model(out, preset, **options)
         elif format == "gguf":
-            import tempfile
+            from qwen3dbg.gguf_io import make_gguf_model
 
-            from qwen3dbg.gguf_io import write_gguf
-
-            with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
-                make_model(tmp, preset, seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants,
-                           progress=track)
-                bar.update(task, description=f"converting to GGUF {gguf_type}", completed=0)
-                write_gguf(tmp, out, gguf_type, progress=track, name=f"{preset}-seed{seed}")
+            make_gguf_model(out, preset, gguf_type, **options, converting=lambda: bar.update(
+                task, description=f"converting to GGUF {gguf_type}", completed=0))
         else:
             raise UserError(f"unknown --format {format!r}: use safetensors or gguf")
     say(f"wrote {preset} to {out}")

@@ -122,6 +122,23 @@ def gguf_plan(ckpt: Checkpoint) -> dict[str, list[str]]:
     return plan
 
 
+def make_gguf_model(out: str | Path, preset: str, gguf_type: str = "f16", *,
+                    converting: Callable[[], None] | None = None, **make_model_options) -> Path:
+    """A synthetic model (`synth.make_model` and its options) as one GGUF file: written as safetensors to
+    a temporary folder beside `out`, then converted; `converting()` is called between the two phases."""
+    import tempfile
+
+    from qwen3dbg.synth import make_model
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        make_model(tmp, preset, **make_model_options)
+        if converting is not None:
+            converting()
+        return write_gguf(tmp, out, gguf_type, progress=make_model_options.get("progress"),
+                          name=f"{preset}-seed{make_model_options.get('seed', 0)}")
+
+
 def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
                progress: Callable[[Iterator, int], Iterator] | None = None, name: str | None = None) -> Path:
     """Convert a Qwen3 safetensors model directory to one GGUF file of `gguf_type`; return its path.
