@@ -122,9 +122,11 @@ def main() -> None:
     largest = max(gold.get(0, n).numel() for n in gold.names(0)) * 8
     print(f"\nread the three stores (one pass over every tap), {a.threads} torch thread(s), best of {a.repeat}:")
     print(f"                         {read['seconds']:7.2f} s   peak anon memory {read['peak_anon'] / 1e6:8.1f} MB")
-    print(f"compare (all {comp['count']} taps): {comp['seconds']:7.2f} s   peak anon memory {comp['peak_anon'] / 1e6:8.1f} MB")
+    print(f"compare (all {comp['count']} taps): {comp['seconds']:7.2f} s   "
+          f"peak anon memory {comp['peak_anon'] / 1e6:8.1f} MB")
     print(f"ratio compare / read:    {comp['seconds'] / read['seconds']:7.2f}x   (goal: within 2x)")
-    print(f"largest tap in float64:  {largest / 1e6:7.1f} MB  -> compare peak = {comp['peak_anon'] / largest:.1f} such taps")
+    print(f"largest tap in float64:  {largest / 1e6:7.1f} MB  "
+          f"-> compare peak = {comp['peak_anon'] / largest:.1f} such taps")
 
 
 if __name__ == "__main__":

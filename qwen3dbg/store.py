@@ -1,7 +1,8 @@
 """Tap stores: a directory of `manifest.json` plus one `step_{s:04d}.safetensors` per step.
 
 The writer streams each tap to disk as it is produced (see safetensors_stream), so memory never
-holds more than the tap being written; the reader is lazy and maps one tensor at a time. docs/taps.md states the rules for strangers.
+holds more than the tap being written; the reader is lazy and maps one tensor at a time. docs/taps.md
+states the rules for strangers.
 """
 
 from __future__ import annotations

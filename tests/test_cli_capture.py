@@ -144,7 +144,7 @@ def test_an_output_file_that_cannot_be_written_is_one_clear_line_and_exit_2(mode
 
 @pytest.mark.parametrize("command", [["capture", "--out", "{tmp}/taps"], ["diff", "--cand", "scratch"]])
 def test_capture_and_diff_parse_the_same_input_flags_into_the_same_run_inputs(monkeypatch, tmp_path, command):
-    """Both commands hand their flags to RunInputs.from_flags and to nothing else: the same flags are the same inputs."""
+    """Both commands hand their flags to RunInputs.from_flags and nothing else: the same flags, the same inputs."""
     from qwen3dbg.inputs import RunInputs
 
     parsed, parse = [], RunInputs.from_flags

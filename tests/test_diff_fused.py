@@ -84,7 +84,7 @@ def test_fused_pass_equals_float64_torch_with_nonfinite_and_masked_entries(kind,
         assert (got.count, got.nonfinite, got.mask_diff) == (want["count"], want["nonfinite"], want["mask_diff"])
         assert (got.cand.argmax, got.cand.max_abs) == (want["argmax"], want["cand_max"])
         assert (got.ref.max_abs, got.gold_max) == (want["ref_max"], want["gold_max"])
-        # sums in another order: within n ulps of float64 
+        # sums in another order: within n ulps of float64
         for name, value in (("cand_norm", got.cand.norm), ("ref_norm", got.ref.norm), ("gold_norm", got.gold_norm),
                             ("diff_norm", got.diff_norm)):
             assert value == want[name] or abs(value - want[name]) <= N * eps * want[name], name

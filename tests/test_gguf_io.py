@@ -147,5 +147,6 @@ def test_a_checkpoint_missing_an_experts_tensor_is_refused_not_stacked_short(mod
             save_file(tensors, dst / f.name, metadata={"format": "pt"})
         else:
             (dst / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(UserError, match=f"blk.0.ffn_up_exps.weight: the checkpoint has {last} experts' tensors, not the config's experts 0..{last}"):
+    with pytest.raises(UserError, match=f"blk.0.ffn_up_exps.weight: the checkpoint has {last} experts' tensors, "
+                                         f"not the config's experts 0..{last}"):
         write_gguf(dst, tmp_path / "m.gguf")

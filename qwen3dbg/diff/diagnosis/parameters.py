@@ -116,7 +116,8 @@ def rope_fit(s: Site) -> Diagnosis | None:
     e0, e_worst, p_worst = _position_drift(s)
     drift = (f"{s.op} matches at position {int(pos[0, 0])} (rel. error {e0:.1e}) and drifts with position "
              f"({e_worst:.2g} at position {p_worst})" if e0 <= s.tol else
-             f"{s.op} differs from position {int(pos[0, 0])} on (rel. error {e0:.2g}; {e_worst:.2g} at position {p_worst})")
+             f"{s.op} differs from position {int(pos[0, 0])} on "
+             f"(rel. error {e0:.2g}; {e_worst:.2g} at position {p_worst})")
     ev = {"rel_err_first_position": e0, "rel_err_worst": e_worst, "worst_position": p_worst, "config_theta": theta0}
     grid = [2 + i * 0.1 for i in range(71)]  # log10 theta from 2 to 9
     best = min(grid, key=resid)
