@@ -2,7 +2,8 @@
 
 With a candidate that can run one layer, teacher forcing feeds the reference's input of that layer
 (and its KV cache, from the diff's window) into the candidate's layer and measures what the layer alone
-adds. A store cannot run, so there the answer is estimated from the jump in error between the op's inputs and its output.
+adds. A store cannot run, so there the answer is estimated from the jump in error between the op's
+inputs and its output.
 """
 
 from __future__ import annotations
