@@ -38,14 +38,22 @@ def child(mode: str, model: Path, tokens: int, decode: int, dtype: str, attn: st
                 cand.reset()
                 with torch.no_grad():
                     for info in steps:
-                        cand.model(input_ids=torch.tensor(info.token_ids), position_ids=torch.tensor(info.positions),
-                                   past_key_values=cand.cache, use_cache=True)
+                        cand.model(
+                            input_ids=torch.tensor(info.token_ids),
+                            position_ids=torch.tensor(info.positions),
+                            past_key_values=cand.cache,
+                            use_cache=True,
+                        )
             else:
                 capture(cand, steps, out)
             best = min(best, time.perf_counter() - t0)
             written = sum(f.stat().st_size for f in Path(out).iterdir())
-    return {"mode": mode, "seconds": best, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-            "written_mb": written / 1e6}
+    return {
+        "mode": mode,
+        "seconds": best,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "written_mb": written / 1e6,
+    }
 
 
 def main() -> None:
@@ -68,16 +76,36 @@ def main() -> None:
     model = default_model_dir(a.preset)
     results = {}
     for mode in ("plain", "capture"):
-        cmd = [sys.executable, __file__, "--child", mode, "--model", str(model), "--tokens", str(a.tokens),
-               "--decode", str(a.decode), "--dtype", a.dtype, "--attn", a.attn, "--repeat", str(a.repeat)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--model",
+            str(model),
+            "--tokens",
+            str(a.tokens),
+            "--decode",
+            str(a.decode),
+            "--dtype",
+            a.dtype,
+            "--attn",
+            a.attn,
+            "--repeat",
+            str(a.repeat),
+        ]
         results[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     p, c = results["plain"], results["capture"]
-    print(f"{a.preset}, {a.tokens} prompt tokens + {a.decode} decode steps, {a.dtype}, attn={a.attn}, best of {a.repeat}")
+    print(
+        f"{a.preset}, {a.tokens} prompt tokens + {a.decode} decode steps, {a.dtype}, attn={a.attn}, best of {a.repeat}"
+    )
     print(f"{'':22s}{'seconds':>10s}{'peak RSS GB':>14s}{'written MB':>12s}")
     print(f"{'plain HF forward':22s}{p['seconds']:10.3f}{p['peak_rss_gb']:14.2f}{'':>12s}")
     print(f"{'capture, all taps':22s}{c['seconds']:10.3f}{c['peak_rss_gb']:14.2f}{c['written_mb']:12.1f}")
-    print(f"capture / plain: {c['seconds'] / p['seconds']:.2f}x time (goal <= 1.5x), "
-          f"{c['peak_rss_gb'] / p['peak_rss_gb']:.2f}x peak memory")
+    print(
+        f"capture / plain: {c['seconds'] / p['seconds']:.2f}x time (goal <= 1.5x), "
+        f"{c['peak_rss_gb'] / p['peak_rss_gb']:.2f}x peak memory"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ from qwen3dbg.diff.diagnosis import diagnose  # noqa: E402
 from qwen3dbg.reference.qwen3 import Qwen3Reference  # noqa: E402
 from qwen3dbg.synth import make_model  # noqa: E402
 
-CASES = [(MlpNormPreviousLayer, 0, "layers.1.mlp_norm"), (AttendsPreviousLayerCache, 1, "layers.1.attn_scores"),
-         (PerturbedQProj, 0, "layers.0.q_proj")]
+CASES = [
+    (MlpNormPreviousLayer, 0, "layers.1.mlp_norm"),
+    (AttendsPreviousLayerCache, 1, "layers.1.attn_scores"),
+    (PerturbedQProj, 0, "layers.0.q_proj"),
+]
 
 
 def run_window(cand, steps, window: Window) -> list[dict]:
@@ -61,8 +64,14 @@ def main() -> None:
         cfg = Qwen3Reference(model, "bfloat16").config
         window = Window(SimpleNamespace(config=cfg, steps=steps, dtype=torch.bfloat16), step, tap)
         t = time.perf_counter()
-        runs = [run_window(c, steps, window) for c in (cls(model, "bfloat16"), Qwen3Reference(model, "bfloat16"),
-                                                       Qwen3Reference(model, "float64", stream_weights=True))]
+        runs = [
+            run_window(c, steps, window)
+            for c in (
+                cls(model, "bfloat16"),
+                Qwen3Reference(model, "bfloat16"),
+                Qwen3Reference(model, "float64", stream_weights=True),
+            )
+        ]
         t_runs = time.perf_counter() - t
         src = Sides.__new__(Sides)  # the tests' in-memory TapSource, over the window's runs
         src.config, src.steps, src.dtype, (src._cand, src._ref, src._gold) = cfg, steps, torch.bfloat16, runs

@@ -85,8 +85,12 @@ def child(mode: str, threads: str, model: str, gold: str, ref: str, cand: str) -
 
 def measure(mode: str, threads: int, model: Path, runs: dict) -> dict:
     paths = [str(runs[k][2]) for k in ("scratch float64", "hf bfloat16", "rmsnorm-fused bfloat16")]
-    out = subprocess.run([sys.executable, __file__, "--child", mode, str(threads), str(model), *paths],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(threads), str(model), *paths],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -95,8 +99,12 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=home("bench"))
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--preset", default="qwen3-0.6b")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for both measurements (1: a shared machine's oversubscribed OpenMP distorts timings)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both measurements (1: a shared machine's oversubscribed OpenMP distorts timings)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="best of this many runs of each measurement")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -122,11 +130,15 @@ def main() -> None:
     largest = max(gold.get(0, n).numel() for n in gold.names(0)) * 8
     print(f"\nread the three stores (one pass over every tap), {a.threads} torch thread(s), best of {a.repeat}:")
     print(f"                         {read['seconds']:7.2f} s   peak anon memory {read['peak_anon'] / 1e6:8.1f} MB")
-    print(f"compare (all {comp['count']} taps): {comp['seconds']:7.2f} s   "
-          f"peak anon memory {comp['peak_anon'] / 1e6:8.1f} MB")
+    print(
+        f"compare (all {comp['count']} taps): {comp['seconds']:7.2f} s   "
+        f"peak anon memory {comp['peak_anon'] / 1e6:8.1f} MB"
+    )
     print(f"ratio compare / read:    {comp['seconds'] / read['seconds']:7.2f}x   (goal: within 2x)")
-    print(f"largest tap in float64:  {largest / 1e6:7.1f} MB  "
-          f"-> compare peak = {comp['peak_anon'] / largest:.1f} such taps")
+    print(
+        f"largest tap in float64:  {largest / 1e6:7.1f} MB  "
+        f"-> compare peak = {comp['peak_anon'] / largest:.1f} such taps"
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def ids(model: Path, prompt: int, decode: int) -> tuple[list[int], list[int]]:
 
 # ---- what runs in a child process ---------------------------------------------------------------
 
+
 def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
     from qwen3dbg.diff import run_diff
 
@@ -48,12 +49,23 @@ def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
     before = bytes_written()
     with PeakAnon(0.02) as mem:
         t = time.perf_counter()
-        result = run_diff("hf", cand, model_dir=model, dtype="bfloat16",
-                          token_ids=None if cand.startswith("store:") else p,
-                          decode_ids=None if cand.startswith("store:") else d)
+        result = run_diff(
+            "hf",
+            cand,
+            model_dir=model,
+            dtype="bfloat16",
+            token_ids=None if cand.startswith("store:") else p,
+            decode_ids=None if cand.startswith("store:") else d,
+        )
         wall = time.perf_counter() - t
-    return {"wall": wall, "phases": result.timings, "peak_anon": mem.peak, "written": bytes_written() - before,
-            "verdict": result.verdict, "taps": len(result.taps)}
+    return {
+        "wall": wall,
+        "phases": result.timings,
+        "peak_anon": mem.peak,
+        "written": bytes_written() - before,
+        "verdict": result.verdict,
+        "taps": len(result.taps),
+    }
 
 
 def child_plain(model: str, side: str, prompt: int, decode: int) -> dict:
@@ -71,14 +83,15 @@ def child_plain(model: str, side: str, prompt: int, decode: int) -> dict:
             from qwen3dbg.diff.golden import LongGolden
 
             with torch.no_grad():  # its logits are computed on demand: a forward computes them all
-                logits = LongGolden(model).step(torch.tensor([p + d]), torch.tensor([list(range(len(p) + len(d)))]),
-                                                NullSink())
+                logits = LongGolden(model).step(
+                    torch.tensor([p + d]), torch.tensor([list(range(len(p) + len(d)))]), NullSink()
+                )
                 for _, block in logits.blocks():
                     block.max()
         elif side.startswith("store:"):
             from qwen3dbg.store import TapStore
 
-            store = TapStore.open(side[len("store:"):])
+            store = TapStore.open(side[len("store:") :])
             for info in store.steps:
                 for name in store.names(info.step):
                     store.get(info.step, name).max()
@@ -128,19 +141,22 @@ def plain_run(model: Path, side: str, prompt: int, decode: int) -> dict:
 
 
 def case(name: str, model: Path, cand: str, plain: list[str], prompt: int, decode: int) -> dict:
-    print(f"\n{name}: --cand {cand.split('/')[-1] if cand.startswith('store:') else cand}, "
-          f"{prompt} + {decode} tokens", flush=True)
+    print(
+        f"\n{name}: --cand {cand.split('/')[-1] if cand.startswith('store:') else cand}, {prompt} + {decode} tokens",
+        flush=True,
+    )
     base = {side: plain_run(model, side, prompt, decode) for side in plain}
     for side, r in base.items():
         print(f"  plain {side:18s} {r['wall']:8.1f} s   peak anon {r['peak_anon'] / 1e9:5.2f} GB", flush=True)
     d = run_child("diff", model, cand, prompt, decode)
     plain_sum = sum(r["wall"] for r in base.values())
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in d["phases"].items() if k != "total")
-    print(f"  diff                     {d['wall']:8.1f} s   peak anon {d['peak_anon'] / 1e9:5.2f} GB   "
-          f"written {d['written'] / 1e6:8.1f} MB   ({phases})")
+    print(
+        f"  diff                     {d['wall']:8.1f} s   peak anon {d['peak_anon'] / 1e9:5.2f} GB   "
+        f"written {d['written'] / 1e6:8.1f} MB   ({phases})"
+    )
     print(f"  wall / sum of plain runs {d['wall'] / plain_sum:8.2f}x   verdict: {d['verdict']}", flush=True)
-    return {"name": name, "prompt": prompt, "decode": decode, "plain": base, "diff": d,
-            "ratio": d["wall"] / plain_sum}
+    return {"name": name, "prompt": prompt, "decode": decode, "plain": base, "diff": d, "ratio": d["wall"] / plain_sum}
 
 
 def main() -> None:
@@ -169,8 +185,12 @@ def main() -> None:
         "W": lambda: case("W", model, "hf:attn=sdpa", ["golden", "hf", "hf:attn=sdpa"], *big),
         "mine": lambda: case("mine", model, "mine", ["golden", "hf", "mine"], *small),
         "store": lambda: case("store", model, f"store:{store}", ["golden", "hf", f"store:{store}"], *small),
-        **{f"scale-{n}": (lambda n=n: case(f"scale-{n}", model, "hf:attn=sdpa", ["golden", "hf", "hf:attn=sdpa"], n, 32))
-           for n in (512, 1024, 2048)},
+        **{
+            f"scale-{n}": (
+                lambda n=n: case(f"scale-{n}", model, "hf:attn=sdpa", ["golden", "hf", "hf:attn=sdpa"], n, 32)
+            )
+            for n in (512, 1024, 2048)
+        },
     }
     if (not a.only or "store" in a.only) and not (store / "manifest.json").exists():
         print(f"capturing the store: qwen3dbg capture --impl mine, {small[0]} + {small[1]} ...", flush=True)
@@ -182,9 +202,11 @@ def main() -> None:
         print("\nscaling (peak anonymous memory of the diff over the largest plain run's):")
         for r in scale:
             own = max(x["peak_anon"] for x in r["plain"].values())
-            print(f"  {r['prompt']:5d} + 32   diff {r['diff']['peak_anon'] / 1e9:5.2f} GB   largest plain "
-                  f"{own / 1e9:5.2f} GB   added {(r['diff']['peak_anon'] - own) / 1e9:5.2f} GB   "
-                  f"written {r['diff']['written'] / 1e6:7.1f} MB")
+            print(
+                f"  {r['prompt']:5d} + 32   diff {r['diff']['peak_anon'] / 1e9:5.2f} GB   largest plain "
+                f"{own / 1e9:5.2f} GB   added {(r['diff']['peak_anon'] - own) / 1e9:5.2f} GB   "
+                f"written {r['diff']['written'] / 1e6:7.1f} MB"
+            )
     print(f"\nbench took {(time.perf_counter() - t0) / 60:.1f} min")
     (a.workdir / "bench_long.json").write_text(json.dumps(rows, indent=1))
 

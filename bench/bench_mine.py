@@ -64,9 +64,13 @@ def main() -> None:
         hf.model.to(dev)
         rows[f"hf {attn}"] = time_steps(*hf_stepper(hf), dev, prompt, args.decode_steps)
         del hf
-    print(f"{Path(model).name}, bf16, {dev.type}: prefill {args.prompt_tokens} tokens, {args.decode_steps} decode steps")
-    print(f"{'':18s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill x':>10s} {'decode x':>9s}"
-          "  (x: mine / this row)")
+    print(
+        f"{Path(model).name}, bf16, {dev.type}: prefill {args.prompt_tokens} tokens, {args.decode_steps} decode steps"
+    )
+    print(
+        f"{'':18s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill x':>10s} {'decode x':>9s}"
+        "  (x: mine / this row)"
+    )
     mine_pre, mine_dec = rows["mine"]
     for label, (pre, dec) in rows.items():
         print(f"{label:18s} {pre:14.1f} {dec:13.2f} {mine_pre / pre:10.2f} {mine_dec / dec:9.2f}")

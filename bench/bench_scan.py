@@ -61,8 +61,13 @@ def child(mode: str, model: Path, repeat: int) -> dict:
             t0 = time.perf_counter()
             result = scan_checkpoint(model)
             best = min(best, time.perf_counter() - t0)
-        return {"seconds": best, "bytes": result.bytes_read, "rss_base_mb": base, "rss_peak_mb": _rss_mb(),
-                "counts": result.counts()}
+        return {
+            "seconds": best,
+            "bytes": result.bytes_read,
+            "rss_base_mb": base,
+            "rss_peak_mb": _rss_mb(),
+            "counts": result.counts(),
+        }
     import torch
 
     from qwen3dbg.checkpoint import Checkpoint
@@ -71,8 +76,12 @@ def child(mode: str, model: Path, repeat: int) -> dict:
     base = _rss_mb("VmRSS")
     t0 = time.perf_counter()
     torch.isfinite(t).all(), t.min(), t.max(), t.float().mean(), t.float().std(), t.abs().max(), (t == 0).sum()
-    return {"seconds": time.perf_counter() - t0, "bytes": t.numel() * t.element_size(), "rss_base_mb": base,
-            "rss_peak_mb": _rss_mb()}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "bytes": t.numel() * t.element_size(),
+        "rss_base_mb": base,
+        "rss_peak_mb": _rss_mb(),
+    }
 
 
 def ensure_model(root: Path, layers: int, shard_mb: int) -> Path:
@@ -105,19 +114,27 @@ def main() -> None:
     read_all(files)
     runs = {}
     for mode in ("read", "scan", "torch"):
-        out = subprocess.run([sys.executable, __file__, "--repeat", str(args.repeat), "--child", mode, str(model)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--repeat", str(args.repeat), "--child", mode, str(model)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         runs[mode] = json.loads(out.strip().splitlines()[-1])
     print(f"{'mode':<7}{'seconds':>9}{'GB':>8}{'GB/s':>8}{'base RSS MB':>13}{'peak RSS MB':>13}")
     for mode, r in runs.items():
-        print(f"{mode:<7}{r['seconds']:>9.2f}{r['bytes'] / 1e9:>8.2f}{r['bytes'] / 1e9 / r['seconds']:>8.2f}"
-              f"{r['rss_base_mb']:>13.0f}{r['rss_peak_mb']:>13.0f}")
+        print(
+            f"{mode:<7}{r['seconds']:>9.2f}{r['bytes'] / 1e9:>8.2f}{r['bytes'] / 1e9 / r['seconds']:>8.2f}"
+            f"{r['rss_base_mb']:>13.0f}{r['rss_peak_mb']:>13.0f}"
+        )
     ratio = runs["scan"]["seconds"] / runs["read"]["seconds"]
     print(f"scan / read time: {ratio:.2f}x (goal <= 1.5x); scan findings: {runs['scan']['counts']}")
     torch_rate = runs["torch"]["bytes"] / runs["torch"]["seconds"]
     scan_rate = runs["scan"]["bytes"] / runs["scan"]["seconds"]
-    print(f"separate torch reductions on the largest tensor: {torch_rate / 1e9:.2f} GB/s, "
-          f"{scan_rate / torch_rate:.1f}x slower than the scan")
+    print(
+        f"separate torch reductions on the largest tensor: {torch_rate / 1e9:.2f} GB/s, "
+        f"{scan_rate / torch_rate:.1f}x slower than the scan"
+    )
 
 
 if __name__ == "__main__":

@@ -29,11 +29,16 @@ from qwen3dbg.registry import load_candidate
 from qwen3dbg.synth import Plants, make_model
 
 #: (ref, cand, preset, plants, dtype): the clean pairs of issue 14 that run on a CPU
-PAIRS = [("hf", "hf:attn=sdpa", "tiny-dense", {}, "bfloat16"), ("hf", "hf:attn=sdpa", "tiny-moe", {}, "float16"),
-         ("hf", "rmsnorm-fused", "tiny-dense", {"q_norm_peak": 40.0, "k_norm_peak": 96.5}, "bfloat16"),
-         ("hf", "scratch", "tiny-dense", {}, "float32"), ("hf", "scratch", "tiny-moe", {}, "bfloat16"),
-         ("scratch", "hf", "tiny-moe", {}, "float16"), ("hf", "mine", "tiny-dense", {}, "bfloat16"),
-         ("hf", "module:qwen3dbg.candidates.ports.standalone_qwen3:load", "tiny-dense", {}, "bfloat16")]
+PAIRS = [
+    ("hf", "hf:attn=sdpa", "tiny-dense", {}, "bfloat16"),
+    ("hf", "hf:attn=sdpa", "tiny-moe", {}, "float16"),
+    ("hf", "rmsnorm-fused", "tiny-dense", {"q_norm_peak": 40.0, "k_norm_peak": 96.5}, "bfloat16"),
+    ("hf", "scratch", "tiny-dense", {}, "float32"),
+    ("hf", "scratch", "tiny-moe", {}, "bfloat16"),
+    ("scratch", "hf", "tiny-moe", {}, "float16"),
+    ("hf", "mine", "tiny-dense", {}, "bfloat16"),
+    ("hf", "module:qwen3dbg.candidates.ports.standalone_qwen3:load", "tiny-dense", {}, "bfloat16"),
+]
 
 
 class Memory:
@@ -90,20 +95,31 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - a pair this machine cannot run (mine without its build)
                 print(f"{ref} vs {cand} ({preset}, {dtype}): skipped, {type(e).__name__}: {e}")
                 break
-            tested = [t for t in result.taps if t.status == "ok" and t.extra.get("signed", {}).get("rows", 0) >= MIN_ROWS]
-            lam = {k: max(inflation([t.extra["signed"][f"z_{s}{k}"] for t in tested]) for s in ("", "ref_"))
-                   for k in ("shift", "scale")}
+            tested = [
+                t for t in result.taps if t.status == "ok" and t.extra.get("signed", {}).get("rows", 0) >= MIN_ROWS
+            ]
+            lam = {
+                k: max(inflation([t.extra["signed"][f"z_{s}{k}"] for t in tested]) for s in ("", "ref_"))
+                for k in ("shift", "scale")
+            }
             crit = MARGIN * threshold(2 * len(tested))
-            margins.append(max(abs(t.extra["signed"][f"z_{k}"]) / math.sqrt(lam[k]) / crit
-                               for t in tested for k in ("shift", "scale")))
+            margins.append(
+                max(
+                    abs(t.extra["signed"][f"z_{k}"]) / math.sqrt(lam[k]) / crit
+                    for t in tested
+                    for k in ("shift", "scale")
+                )
+            )
             findings += result.systematic is not None
             src = Memory(model, dtype, _load(ref, model, dtype), _load(cand, model, dtype), forced_steps(ids, ids[:2]))
             stated += [f"{n}: {d.signature}" for s, n in worst_taps(src) for d in diagnose(src, s, n)]
         if margins:
-            print(f"{ref} vs {cand} ({preset}, {dtype}), {len(margins)} seeds: systematic findings {findings}, largest "
-                  f"z / threshold {max(margins):.2f} (median {sorted(margins)[len(margins) // 2]:.2f}); hypotheses "
-                  f"stated on the 3 worst taps: {len(stated)} {stated[:3]} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+            print(
+                f"{ref} vs {cand} ({preset}, {dtype}), {len(margins)} seeds: systematic findings {findings}, largest "
+                f"z / threshold {max(margins):.2f} (median {sorted(margins)[len(margins) // 2]:.2f}); hypotheses "
+                f"stated on the 3 worst taps: {len(stated)} {stated[:3]} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
 
 def _load(text: str, model: Path, dtype: str):

@@ -96,7 +96,7 @@ class EmbedScaled(Qwen3Reference):
     name = "embed-scaled"
 
     def embed(self, ids):
-        return super().embed(ids) * self.config.hidden_size ** 0.5
+        return super().embed(ids) * self.config.hidden_size**0.5
 
 
 class KvCacheOffByOne(Qwen3Reference):
@@ -113,8 +113,8 @@ class KvCacheOffByOne(Qwen3Reference):
         length = past[0].shape[2]
         k_all = torch.cat((past[0], torch.zeros_like(k)), dim=2)
         v_all = torch.cat((past[1], torch.zeros_like(v)), dim=2)
-        k_all[:, :, length - 1: length - 1 + k.shape[2]] = k
-        v_all[:, :, length - 1: length - 1 + v.shape[2]] = v
+        k_all[:, :, length - 1 : length - 1 + k.shape[2]] = k
+        v_all[:, :, length - 1 : length - 1 + v.shape[2]] = v
         self.cache[layer] = (k_all, v_all)
         return k_all, v_all
 
@@ -196,6 +196,7 @@ class RmsNormFused(Qwen3Reference):
 
 
 # ---- long-context bugs: exact at short lengths, wrong from a length on ----------------------------
+
 
 def _count_option(impl: str, name: str, value: int | str) -> int:
     """A positive whole-number option, as an int or as `NAME:key=value` passes it (a string)."""
@@ -282,8 +283,9 @@ class PagedCacheTableClamped(SlotCache):
 
     name = "paged-cache-clamped"
 
-    def __init__(self, model_dir, dtype="float64", *, pages: int | str = 64, page_size: int | str = 16,
-                 stream_weights=None):
+    def __init__(
+        self, model_dir, dtype="float64", *, pages: int | str = 64, page_size: int | str = 16, stream_weights=None
+    ):
         super().__init__(model_dir, dtype, stream_weights=stream_weights)
         self.pages = _count_option(self.name, "pages", pages)
         self.page_size = _count_option(self.name, "page_size", page_size)
@@ -315,9 +317,9 @@ class SplitKvUnscaledSums(Qwen3Reference):
         size = self.partition if s.shape[-2] == 1 else s.shape[-1]  # a prefill: one pass, one partition
         weighted, total = 0.0, 0.0
         for start in range(0, s.shape[-1], size):
-            part = s[..., start:start + size]
+            part = s[..., start : start + size]
             e = torch.exp(part - part.amax(-1, keepdim=True))
-            weighted = weighted + e @ v[:, :, start:start + size]  # the bug: both terms want a factor
+            weighted = weighted + e @ v[:, :, start : start + size]  # the bug: both terms want a factor
             total = total + e.sum(-1, keepdim=True)  # exp(this partition's max - the row's max)
         out = (weighted / total).to(self.num.act)
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
@@ -337,10 +339,30 @@ class SoftmaxSumInDtype(Qwen3Reference):
         return (e / e.sum(dim=-1, keepdim=True).to(self.num.act)).to(self.num.act)
 
 
-VARIANTS: dict[str, type[Qwen3Reference]] = {cls.name: cls for cls in (
-    RopeInterleaved, RopeTheta1e4, QkNormOverHidden, SoftmaxWrongAxis, NoTransposeBeforeReshape, GhostBias,
-    CausalMaskMissing, EmbedScaled, KvCacheOffByOne, GqaModulo, SoftmaxNoMax, MissingScale,
-    LowPrecisionAccumulation, MoeTopkSoftmax, RmsNormFused, RopePositionsInDtype, SlidingWindowIgnoresFlag,
-    RingCacheWraps, PagedCacheTableClamped, SplitKvUnscaledSums, SoftmaxSumInDtype,
-)}
+VARIANTS: dict[str, type[Qwen3Reference]] = {
+    cls.name: cls
+    for cls in (
+        RopeInterleaved,
+        RopeTheta1e4,
+        QkNormOverHidden,
+        SoftmaxWrongAxis,
+        NoTransposeBeforeReshape,
+        GhostBias,
+        CausalMaskMissing,
+        EmbedScaled,
+        KvCacheOffByOne,
+        GqaModulo,
+        SoftmaxNoMax,
+        MissingScale,
+        LowPrecisionAccumulation,
+        MoeTopkSoftmax,
+        RmsNormFused,
+        RopePositionsInDtype,
+        SlidingWindowIgnoresFlag,
+        RingCacheWraps,
+        PagedCacheTableClamped,
+        SplitKvUnscaledSums,
+        SoftmaxSumInDtype,
+    )
+}
 CLEAN = frozenset({RmsNormFused.name})

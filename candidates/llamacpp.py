@@ -25,8 +25,10 @@ from qwen3dbg.reference.qwen3 import causal_mask
 from qwen3dbg.store import TapSink
 from qwen3dbg.taps import OPS_BY_NAME, step_taps
 
-SCORES_NOTE = ("attn_scores is llama.cpp's kq node times 1/sqrt(head_dim) with the causal mask applied by "
-               "the adapter (llama.cpp scales and masks inside its fused softmax)")
+SCORES_NOTE = (
+    "attn_scores is llama.cpp's kq node times 1/sqrt(head_dim) with the causal mask applied by "
+    "the adapter (llama.cpp scales and masks inside its fused softmax)"
+)
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_I32 = 0, 1, 26
@@ -60,22 +62,33 @@ FIRST, LAST = 0, -1
 TAP_NODES: dict[str, tuple[tuple[str, ...], int]] = {
     "embed": (("embd", "inp_embd"), FIRST),
     "attn_norm": (("attn_norm-{i}",), FIRST),
-    "q_proj": (("Qcur-{i}",), FIRST), "k_proj": (("Kcur-{i}",), FIRST), "v_proj": (("Vcur-{i}",), FIRST),
-    "q_norm": (("Qcur_normed-{i}",), FIRST), "k_norm": (("Kcur_normed-{i}",), FIRST),
-    "q_rope": (("Qcur-{i}",), LAST), "k_rope": (("Kcur-{i}",), LAST),
-    "k_cache": (("cache_k_l{i} (view)",), LAST), "v_cache": (("cache_v_l{i} (view)",), LAST),
-    "attn_scores": (("kq-{i}",), FIRST), "attn_probs": (("kq_soft_max-{i}",), FIRST),
+    "q_proj": (("Qcur-{i}",), FIRST),
+    "k_proj": (("Kcur-{i}",), FIRST),
+    "v_proj": (("Vcur-{i}",), FIRST),
+    "q_norm": (("Qcur_normed-{i}",), FIRST),
+    "k_norm": (("Kcur_normed-{i}",), FIRST),
+    "q_rope": (("Qcur-{i}",), LAST),
+    "k_rope": (("Kcur-{i}",), LAST),
+    "k_cache": (("cache_k_l{i} (view)",), LAST),
+    "v_cache": (("cache_v_l{i} (view)",), LAST),
+    "attn_scores": (("kq-{i}",), FIRST),
+    "attn_probs": (("kq_soft_max-{i}",), FIRST),
     "attn_out": (("kqv_out-{i}",), FIRST),
     "o_proj": (("o_proj-{i}",), FIRST),  # llama.cpp leaves it unnamed: the matmul reading kqv_out-{i}
-    "resid_mid": (("ffn_inp-{i}",), FIRST), "mlp_norm": (("ffn_norm-{i}",), FIRST),
-    "mlp.gate": (("ffn_gate-{i}",), FIRST), "mlp.up": (("ffn_up-{i}",), FIRST), "mlp.act": (("ffn_swiglu-{i}",), FIRST),
-    "moe.router_logits": (("ffn_moe_logits-{i}",), FIRST), "moe.topk_ids": (("ffn_moe_topk-{i}",), FIRST),
+    "resid_mid": (("ffn_inp-{i}",), FIRST),
+    "mlp_norm": (("ffn_norm-{i}",), FIRST),
+    "mlp.gate": (("ffn_gate-{i}",), FIRST),
+    "mlp.up": (("ffn_up-{i}",), FIRST),
+    "mlp.act": (("ffn_swiglu-{i}",), FIRST),
+    "moe.router_logits": (("ffn_moe_logits-{i}",), FIRST),
+    "moe.topk_ids": (("ffn_moe_topk-{i}",), FIRST),
     # the weights llama.cpp multiplies with, most processed first: it renormalises by its own rules
     # (always for qwen3moe), which a norm_topk_prob=false model then shows as a divergence
     "moe.topk_weights": (("ffn_moe_weights_scaled-{i}", "ffn_moe_weights_norm-{i}", "ffn_moe_weights-{i}"), FIRST),
     "mlp.out": (("ffn_out-{i}", "ffn_moe_out-{i}"), FIRST),
     "resid_out": (("l_out-{i}",), FIRST),
-    "final_norm": (("result_norm",), FIRST), "logits": (("result_output",), FIRST),
+    "final_norm": (("result_norm",), FIRST),
+    "logits": (("result_output",), FIRST),
 }
 O_PROJ = "o_proj-{i}"
 
@@ -88,8 +101,10 @@ def _import_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        raise UserError("llamacpp: candidates need llama-cpp-python: pip install 'qwen3dbg[llamacpp]' "
-                        "(or run .ci/install_llamacpp.sh)") from None
+        raise UserError(
+            "llamacpp: candidates need llama-cpp-python: pip install 'qwen3dbg[llamacpp]' "
+            "(or run .ci/install_llamacpp.sh)"
+        ) from None
     return llama_cpp
 
 
@@ -134,8 +149,10 @@ def attention_matrix(x: np.ndarray, heads: int, tokens: int, cache_len: int) -> 
 def _check_gguf(gguf_path: str, config) -> None:
     gguf = Path(gguf_path)
     if not gguf.is_file():
-        raise UserError(f"llamacpp:{gguf_path}: no such GGUF file (write one with `qwen3dbg make-model OUT.gguf "
-                        "--format gguf` or llama.cpp's converter)")
+        raise UserError(
+            f"llamacpp:{gguf_path}: no such GGUF file (write one with `qwen3dbg make-model OUT.gguf "
+            "--format gguf` or llama.cpp's converter)"
+        )
     from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, data_region_problems, read_gguf
 
     try:
@@ -145,12 +162,16 @@ def _check_gguf(gguf_path: str, config) -> None:
         raise UserError(f"{gguf} is not a readable GGUF file: {e}") from None
     if problems := data_region_problems(g):
         tensor, problem, _ = problems[0]
-        raise UserError(f"{gguf}{': ' + tensor if tensor else ''}: {problem}; run `qwen3dbg scan-checkpoint "
-                        f"{gguf}` for every problem")
+        raise UserError(
+            f"{gguf}{': ' + tensor if tensor else ''}: {problem}; run `qwen3dbg scan-checkpoint "
+            f"{gguf}` for every problem"
+        )
     if bad := theirs.shape_mismatches(config):
         f = bad[0]
-        raise UserError(f"{gguf} has {f} {getattr(theirs, f)} but the model directory has "
-                        f"{getattr(config, f)}: compare a GGUF against the checkpoint it was made from")
+        raise UserError(
+            f"{gguf} has {f} {getattr(theirs, f)} but the model directory has "
+            f"{getattr(config, f)}: compare a GGUF against the checkpoint it was made from"
+        )
 
 
 class LlamaCppCandidate(Candidate):
@@ -206,9 +227,14 @@ class LlamaCppCandidate(Candidate):
         self.cache_len = 0
 
     def manifest_extra(self) -> dict:
-        return {"gguf": str(self.gguf), "llama_cpp_python": getattr(self.llama, "__version__", "?"),
-                "notes": ["llama.cpp ran with an f32 KV cache, flash attention off and logits for every token",
-                          SCORES_NOTE]}
+        return {
+            "gguf": str(self.gguf),
+            "llama_cpp_python": getattr(self.llama, "__version__", "?"),
+            "notes": [
+                "llama.cpp ran with an f32 KV cache, flash attention off and logits for every token",
+                SCORES_NOTE,
+            ],
+        }
 
     def reset(self) -> None:
         self.llama.llama_memory_clear(self.llama.llama_get_memory(self.ctx), True)
@@ -270,8 +296,10 @@ class LlamaCppCandidate(Candidate):
         names, pick = node_names(op, layer), TAP_NODES[op][1]
         seen = next((self._nodes[n] for n in names if n in self._nodes), None)
         if not seen:
-            raise UserError(f"llamacpp: llama.cpp computed no node {' or '.join(names)} for tap {spec.name}; "
-                            "this llama.cpp version names its graph differently")
+            raise UserError(
+                f"llamacpp: llama.cpp computed no node {' or '.join(names)} for tap {spec.name}; "
+                "this llama.cpp version names its graph differently"
+            )
         x = seen[pick]
         if op == "k_cache":  # [n_kv, nKV, D], the cache padded to n_kv cells
             x = x.reshape(-1, c.num_key_value_heads, c.head_dim)[: spec.shape[2]].transpose(1, 0, 2)

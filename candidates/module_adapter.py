@@ -34,6 +34,7 @@ RERUN_NOTE = "no KV cache: each decode step re-runs the whole prefix and its las
 
 # ---- the mapping ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TapOrigin:
     """Where one tap comes from in the port: a module's output/input or a function's output/argument
@@ -52,8 +53,11 @@ class TapOrigin:
     @property
     def site(self) -> tuple[str, str, str | None]:
         """What is hooked and counted: taps sharing a site share one hook and one call counter."""
-        return ("module", self.module, self.within) if self.module is not None else \
-            ("function", self.function, self.within)
+        return (
+            ("module", self.module, self.within)
+            if self.module is not None
+            else ("function", self.function, self.within)
+        )
 
     def describe(self) -> str:
         what = f"module {self.module!r}" if self.module is not None else f"function {self.function!r}"
@@ -90,10 +94,13 @@ def _source(key: str, value, layer: int | None, sizes: dict[str, int], where: st
         value = {"module": value}
     kinds = [k for k in ("module", "function", "method") if k in value] if isinstance(value, dict) else []
     if not isinstance(value, dict) or set(value) - _SOURCE_KEYS or len(kinds) != 1:
-        raise UserError(f"{where}: tap {key!r} needs a module path or a table with exactly one of "
-                        f"module/function/method and only the keys {', '.join(sorted(_SOURCE_KEYS))}")
-    fill = {k: (v.replace("{i}", str(layer)) if isinstance(v, str) and layer is not None else v)
-            for k, v in value.items()}
+        raise UserError(
+            f"{where}: tap {key!r} needs a module path or a table with exactly one of "
+            f"module/function/method and only the keys {', '.join(sorted(_SOURCE_KEYS))}"
+        )
+    fill = {
+        k: (v.replace("{i}", str(layer)) if isinstance(v, str) and layer is not None else v) for k, v in value.items()
+    }
     if "method" in fill:  # x.softmax(...) is torch.Tensor.softmax(x, ...)
         fill["function"] = "torch.Tensor." + fill.pop("method")
     at = f"{where}: tap {key!r}"
@@ -103,11 +110,12 @@ def _source(key: str, value, layer: int | None, sizes: dict[str, int], where: st
             try:
                 fill[k] = _size(str(fill[k]), local)
             except (ValueError, SyntaxError, ZeroDivisionError):
-                raise UserError(f"{at}: {k} = {value[k]!r} is not an integer expression over i and the model's "
-                                f"sizes ({', '.join(sorted(local))})") from None
+                raise UserError(
+                    f"{at}: {k} = {value[k]!r} is not an integer expression over i and the model's "
+                    f"sizes ({', '.join(sorted(local))})"
+                ) from None
     if not _SELECT.match(str(fill.get("select", ""))):
-        raise UserError(f"{at}: select = {fill['select']!r} is not a chain of [n] and .name, "
-                        "e.g. \"[0]\" or \".indices\"")
+        raise UserError(f'{at}: select = {fill["select"]!r} is not a chain of [n] and .name, e.g. "[0]" or ".indices"')
     fill["transform"] = tuple(fill.get("transform", ()))
     return TapOrigin(**fill)
 
@@ -125,35 +133,45 @@ def load_mapping(path: str | Path, config: Qwen3Config) -> Mapping:
     model_sizes = {k: v for k, v in axis_sizes(config, 1, 1, 1).items() if k not in ("B", "T", "S")}
     taps: dict[str, TapOrigin] = {}
     for key, value in raw.get("taps", {}).items():
-        for t in (value.get("transform", []) if isinstance(value, dict) else []):
+        for t in value.get("transform", []) if isinstance(value, dict) else []:
             parse_transform(t, axis_sizes(config, 1, 1, 1), where=f"{path}: tap {key!r}")
         op = parse_tap_name(key.replace("{i}", "0"))[1]
         if op not in OPS_BY_NAME:
             raise UserError(f"{path}: {key!r} is not a tap name of the schema (see qwen3dbg/taps.py)")
         # `{i}` covers the layers that have the op: one mapping serves dense, MoE and mixed models
-        layers = [i for i in range(config.num_hidden_layers) if op in {o.op for o in layer_ops(config, i)}] \
-            if "{i}" in key else [None]
+        layers = (
+            [i for i in range(config.num_hidden_layers) if op in {o.op for o in layer_ops(config, i)}]
+            if "{i}" in key
+            else [None]
+        )
         for i in layers:
             name = key.replace("{i}", str(i))
             taps[name] = _source(key, value, i, model_sizes, str(path))
     if not taps:
         raise UserError(f"{path} maps no taps: add a [taps] table")
     if call.get("kv_cache") and not (call.get("reset") or call.get("positions")):
-        raise UserError(f"{path}: [call] kv_cache = true needs reset = \"<method that empties the port's cache>\", "
-                        "or positions = \"<keyword>\" for a port that writes its cache where the positions say")
+        raise UserError(
+            f'{path}: [call] kv_cache = true needs reset = "<method that empties the port\'s cache>", '
+            'or positions = "<keyword>" for a port that writes its cache where the positions say'
+        )
     return Mapping(taps, bool(call.get("kv_cache", False)), call.get("reset"), call.get("positions"), path)
 
 
 # ---- transforms -----------------------------------------------------------------------------------
 
 _TRANSFORM = re.compile(r"^\s*(transpose|reshape|slice)\s*\((.*)\)\s*$")
-_ARITH = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-          ast.FloorDiv: lambda a, b: a // b}
+_ARITH = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+}
 
 
 def _size(expr: str, sizes: dict[str, int]) -> int:
     """Evaluate '2*nKV*D' or 'nH/nKV' style size expressions: integers, axis names, + - * // and a `/`
     that must divide exactly (a size is never fractional)."""
+
     def ev(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
@@ -169,6 +187,7 @@ def _size(expr: str, sizes: dict[str, int]) -> int:
                 raise ValueError(f"{expr}: {a}/{b} is not a whole number")
             return a // b
         raise ValueError(expr)
+
     return ev(ast.parse(expr.strip(), mode="eval").body)
 
 
@@ -183,8 +202,10 @@ def parse_transform(text: str, sizes: dict[str, int], *, where: str = "mapping")
         if len(args) not in arity:
             raise ValueError(text)
     except (ValueError, SyntaxError, ZeroDivisionError):
-        raise UserError(f"{where}: transform {text!r} is not transpose(a,b), reshape(...) or slice(dim,start,stop) "
-                        f"over integers and the axes {', '.join(sorted(sizes))} (+ - * // and exact /)") from None
+        raise UserError(
+            f"{where}: transform {text!r} is not transpose(a,b), reshape(...) or slice(dim,start,stop) "
+            f"over integers and the axes {', '.join(sorted(sizes))} (+ - * // and exact /)"
+        ) from None
     return m.group(1), args
 
 
@@ -219,6 +240,7 @@ def keep_last_positions(x: torch.Tensor, op: str, tokens: int) -> torch.Tensor:
 
 
 # ---- capturing one run ----------------------------------------------------------------------------
+
 
 class _Recorder:
     """Hooks and function wrappers for one forward call; `values[tap]` holds what each tap saw.
@@ -293,24 +315,30 @@ class _Recorder:
         """What a tap reads from one call: the output or a positional input, then its `select`."""
         position = src.input if src.module is not None else src.arg
         if position is not None and not -len(args) <= position < len(args):
-            raise UserError(f"{self.mapping.path}: {name} takes positional input {position} of {src.describe()}, "
-                            f"which was called with {len(args)}: pass-by-keyword inputs cannot be taken")
+            raise UserError(
+                f"{self.mapping.path}: {name} takes positional input {position} of {src.describe()}, "
+                f"which was called with {len(args)}: pass-by-keyword inputs cannot be taken"
+            )
         value = out if position is None else args[position]
         try:
             return select(value, src.select)
         except (IndexError, KeyError, AttributeError, TypeError) as e:
-            raise UserError(f"{self.mapping.path}: {name}: select = {src.select!r} does not apply to the "
-                            f"{type(value).__name__} {src.describe()} gives ({e})") from None
+            raise UserError(
+                f"{self.mapping.path}: {name}: select = {src.select!r} does not apply to the "
+                f"{type(value).__name__} {src.describe()} gives ({e})"
+            ) from None
 
     def check_counts(self) -> None:
         for site, fired in self.counts.items():
             expected = self.mapping.expected_calls(site)
             if fired != expected:
                 src = self.sites[site][0][1]
-                raise UserError(f"{self.mapping.path}: {src.describe()} ran {fired} times in one step, but the "
-                                f"mapping takes {expected} (calls 0..{expected - 1}): give each call its tap with "
-                                "call = N (e.g. \"2*i+1\" for a module shared by all layers), narrow it with "
-                                f"within, or say calls = {fired}")
+                raise UserError(
+                    f"{self.mapping.path}: {src.describe()} ran {fired} times in one step, but the "
+                    f"mapping takes {expected} (calls 0..{expected - 1}): give each call its tap with "
+                    'call = N (e.g. "2*i+1" for a module shared by all layers), narrow it with '
+                    f"within, or say calls = {fired}"
+                )
 
     @contextlib.contextmanager
     def _module_hook(self, site):
@@ -347,6 +375,7 @@ class _Recorder:
                 for site in sites:
                     self._fired(site, args, out)
                 return out
+
             return wrapper
 
         with patched(owner, attr, wrap):  # this thread's calls only: a diff runs its sides concurrently
@@ -354,6 +383,7 @@ class _Recorder:
 
 
 # ---- the candidate --------------------------------------------------------------------------------
+
 
 def _import_factory(spec: str):
     """'path/to/file.py:factory' or 'pkg.mod:factory' -> (module object, factory)."""
@@ -387,8 +417,9 @@ def _port(spec: str, at: str, mapping, config: Qwen3Config):
     factory_module, factory = _import_factory(spec)
     mapping = mapping or at or getattr(factory_module, "TAP_MAPPING", None)
     if not mapping:
-        raise UserError(f"module:{spec} has no tap mapping: pass module:{spec}@mapping.toml "
-                        "or set TAP_MAPPING in the port's module")
+        raise UserError(
+            f"module:{spec} has no tap mapping: pass module:{spec}@mapping.toml or set TAP_MAPPING in the port's module"
+        )
     loaded = load_mapping(mapping, config)
     unknown = sorted(set(loaded.taps) - {t.name for t in step_taps(config, 1, 1, 1)})
     if unknown:
@@ -467,8 +498,9 @@ class ModuleCandidate(Candidate):
         for name in sorted(wanted):
             src = self.mapping.taps[name]
             if name not in recorder.values:
-                raise UserError(f"{self.name}: the mapping's source of {name} ({src.describe()}) "
-                                "never ran in the forward pass")
+                raise UserError(
+                    f"{self.name}: the mapping's source of {name} ({src.describe()}) never ran in the forward pass"
+                )
             value = self._to_schema(name, recorder.values[name], shapes[name], sizes, tokens)
             sink(name, value)  # in the dtype the port computed it in (docs/taps.md)
         return logits[:, -tokens:]
@@ -479,16 +511,22 @@ class ModuleCandidate(Candidate):
         src = self.mapping.taps[name]
         want = f"[{', '.join(spec.axes)}] = {list(spec.shape)}"
         if not isinstance(value, torch.Tensor):
-            raise UserError(f"{self.mapping.path}: {name} takes a {type(value).__name__} from {src.describe()}, "
-                            f"not a tensor: pick one with select = \"[0]\" or \".name\" (the schema wants {want})")
+            raise UserError(
+                f"{self.mapping.path}: {name} takes a {type(value).__name__} from {src.describe()}, "
+                f'not a tensor: pick one with select = "[0]" or ".name" (the schema wants {want})'
+            )
         given = list(value.shape)
         try:
             value = apply_transforms(value, src.transform, sizes)
         except (RuntimeError, IndexError) as e:
-            raise UserError(f"{self.mapping.path}: {name}: the transforms {list(src.transform)} fail on the port's "
-                            f"{given} ({e}); the schema wants {want}") from None
+            raise UserError(
+                f"{self.mapping.path}: {name}: the transforms {list(src.transform)} fail on the port's "
+                f"{given} ({e}); the schema wants {want}"
+            ) from None
         if tuple(value.shape) != spec.shape:
             gave = f" (the port gave {given})" if src.transform else ""
-            raise UserError(f"{self.mapping.path}: {name} comes out {list(value.shape)}{gave}, but the schema wants "
-                            f"{want}: fix its transform")
+            raise UserError(
+                f"{self.mapping.path}: {name} comes out {list(value.shape)}{gave}, but the schema wants "
+                f"{want}: fix its transform"
+            )
         return value if self.mapping.kv_cache else keep_last_positions(value, spec.op, tokens)

@@ -25,8 +25,18 @@ DEFAULT_BUDGET = 10 * 1000**3
 KINDS = {"models": "default model", "kernels": "kernel", "runs": "old run", "tmp": "temporary"}
 #: an entry used this recently is never evicted: a running diff may be reading it
 RECENT_S = 600
-_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,14 @@ class Candidate(ABC):
 
     supports_layer = False
 
-    def run_layer(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor,
-                  past_kv: tuple[torch.Tensor, torch.Tensor] | None, sink: TapSink) -> torch.Tensor:
+    def run_layer(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        sink: TapSink,
+    ) -> torch.Tensor:
         """Run decoder layer `layer` alone on hidden [B,T,H] with the given cache [B,nKV,S',D]; return resid_out."""
         raise NotImplementedError(f"{self.name} cannot run a single layer")
 

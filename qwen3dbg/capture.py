@@ -17,6 +17,7 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, StoreWriter, TapSink
 from qwen3dbg.taps import select, step_taps
 
+
 def forced_steps(prompt: list[int], decode: list[int]) -> list[StepInfo]:
     """Step 0 prefills the prompt; step s > 0 feeds decode[s-1] at position len(prompt) + s - 1."""
     n = len(prompt)
@@ -68,8 +69,9 @@ def planned(cand: Candidate, steps: list[StepInfo], patterns: list[str] | None) 
 def estimate_bytes(cand: Candidate, plans: list[dict[str, tuple[int, ...]]]) -> int:
     """What a capture will write, counted before it starts (attention matrices grow with T x S)."""
     item = cand.dtype.itemsize
-    return sum(prod(shape) * (8 if name.endswith("topk_ids") else item)
-               for plan in plans for name, shape in plan.items())
+    return sum(
+        prod(shape) * (8 if name.endswith("topk_ids") else item) for plan in plans for name, shape in plan.items()
+    )
 
 
 class _Progress:
@@ -86,12 +88,27 @@ class _Progress:
         self.tick()
 
 
-def store_writer(cand: Candidate, out_dir: str | Path, batch: int, *, select: set[str] | None = None,
-                 extra: dict | None = None, replace: bool = False) -> StoreWriter:
+def store_writer(
+    cand: Candidate,
+    out_dir: str | Path,
+    batch: int,
+    *,
+    select: set[str] | None = None,
+    extra: dict | None = None,
+    replace: bool = False,
+) -> StoreWriter:
     """A store for `cand`'s taps whose manifest says what ran (device, numerics, config)."""
     manifest = {**cand.manifest_extra(), "config": cand.config.to_hf_dict(), **(extra or {})}
-    return StoreWriter(out_dir, cand.name, cand.dtype, batch, select=select, missing_taps=cand.missing_taps,
-                       extra=manifest, replace=replace)
+    return StoreWriter(
+        out_dir,
+        cand.name,
+        cand.dtype,
+        batch,
+        select=select,
+        missing_taps=cand.missing_taps,
+        extra=manifest,
+        replace=replace,
+    )
 
 
 def capture_step(cand: Candidate, writer: StoreWriter, info: StepInfo, sink: TapSink | None = None) -> torch.Tensor:
@@ -102,14 +119,28 @@ def capture_step(cand: Candidate, writer: StoreWriter, info: StepInfo, sink: Tap
     return logits
 
 
-def capture(cand: Candidate, steps: list[StepInfo], out_dir: str | Path, *, patterns: list[str] | None = None,
-            tick: Callable[[], None] = lambda: None, extra: dict | None = None, replace: bool = False) -> Path:
+def capture(
+    cand: Candidate,
+    steps: list[StepInfo],
+    out_dir: str | Path,
+    *,
+    patterns: list[str] | None = None,
+    tick: Callable[[], None] = lambda: None,
+    extra: dict | None = None,
+    replace: bool = False,
+) -> Path:
     """Run every step through `cand` and write a complete tap store at `out_dir` (`replace`: over a store there)."""
     plans = planned(cand, steps, patterns)
     cand.reset()
     kept = {"taps": list(patterns)} if patterns else {}  # a selection: the other taps are not expected
-    with store_writer(cand, out_dir, len(steps[0].token_ids), select=set().union(*plans), extra={**kept, **(extra or {})},
-                      replace=replace) as writer:
+    with store_writer(
+        cand,
+        out_dir,
+        len(steps[0].token_ids),
+        select=set().union(*plans),
+        extra={**kept, **(extra or {})},
+        replace=replace,
+    ) as writer:
         sink = _Progress(writer, tick)
         for info in steps:
             capture_step(cand, writer, info, sink)

@@ -36,8 +36,9 @@ class Checkpoint:
             self.file_of = {name: self.dir / f for name, f in weight_map.items()}
             for f in sorted(set(self.file_of.values())):
                 if not is_regular(f):
-                    raise UserError(f"shard {f.name} listed in {INDEX} is missing from {self.dir} or is not a "
-                                    "regular file")
+                    raise UserError(
+                        f"shard {f.name} listed in {INDEX} is missing from {self.dir} or is not a regular file"
+                    )
         elif is_regular(self.dir / SINGLE):
             self.file_of = {name: self.dir / SINGLE for name in self._open(self.dir / SINGLE).keys()}
         elif os.path.lexists(self.dir / SINGLE):
@@ -70,7 +71,9 @@ class Checkpoint:
         try:
             return self._open(self.file_of[name]).get_slice(name)
         except SafetensorError as e:
-            raise UserError(f"{self.file_of[name].name} does not hold {name}, which {INDEX} places there ({e})") from None
+            raise UserError(
+                f"{self.file_of[name].name} does not hold {name}, which {INDEX} places there ({e})"
+            ) from None
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.file_of:
@@ -110,11 +113,13 @@ class Checkpoint:
         expected = tensor_shapes(cfg)
         missing = [name for name in expected if name not in self]
         if missing:
-            raise UserError(f"{self.dir} lacks {len(missing)} tensor(s) its config.json implies, "
-                            f"{missing[0]} first: {scan}")
+            raise UserError(
+                f"{self.dir} lacks {len(missing)} tensor(s) its config.json implies, {missing[0]} first: {scan}"
+            )
         for name, want in expected.items():
             if (have := self.shape(name)) != want:
-                raise UserError(f"{name} in {self.dir} has shape {list(have)} but its config.json "
-                                f"implies {list(want)}: {scan}")
+                raise UserError(
+                    f"{name} in {self.dir} has shape {list(have)} but its config.json implies {list(want)}: {scan}"
+                )
             if (dtype := self.dtype(name)) not in FLOAT_DTYPES:
                 raise UserError(f"{name} in {self.dir} is {dtype}, not floating point: weights must be; {scan}")

@@ -16,7 +16,9 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.wording import plural
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 #: Messages carry paths, tap names and errors quoting files: `console` parses no markup and no :emoji:
 #: codes in them, so `[/]` or `pip install 'qwen3dbg[llamacpp]'` prints as written. Print through `say`.
@@ -46,31 +48,54 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
-                                       help="Print the version and exit.")):
+def _main(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="Print the version and exit."
+    ),
+):
     """Numerical debugging and parity diffing for Qwen3 implementations: capture every intermediate
     tensor of a reference and a candidate, and find the first op where they part."""
 
+
 # Options more than one command takes, declared once. Each command gives its own default
 # (`dtype: Dtype = "bfloat16"`); a command whose option means something else declares its own.
-Model = Annotated[Optional[Path], typer.Option(
-    help="Model directory (config.json + safetensors). Default: a tiny synthetic Qwen3 made on first use.")]
-TokenIds = Annotated[Optional[str], typer.Option(
-    help="Prompt token ids, comma-separated, e.g. '5,17,99'. Default: a fixed 16-token prompt.")]
-Prompt = Annotated[Optional[str], typer.Option(
-    help="Prompt text, tokenized with the model directory's tokenizer (real checkpoints only).")]
-DecodeIds = Annotated[Optional[str], typer.Option(
-    help="Token ids fed at the decode steps, comma-separated (forced decoding).")]
-DecodeSteps = Annotated[Optional[int], typer.Option(
-    help="Number of decode steps after the prefill; their ids are the greedy picks of an fp64 run, fixed "
-         "before anything runs. Default: 0 (prefill only).")]
+Model = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Model directory (config.json + safetensors). Default: a tiny synthetic Qwen3 made on first use."
+    ),
+]
+TokenIds = Annotated[
+    Optional[str],
+    typer.Option(help="Prompt token ids, comma-separated, e.g. '5,17,99'. Default: a fixed 16-token prompt."),
+]
+Prompt = Annotated[
+    Optional[str],
+    typer.Option(help="Prompt text, tokenized with the model directory's tokenizer (real checkpoints only)."),
+]
+DecodeIds = Annotated[
+    Optional[str], typer.Option(help="Token ids fed at the decode steps, comma-separated (forced decoding).")
+]
+DecodeSteps = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Number of decode steps after the prefill; their ids are the greedy picks of an fp64 run, fixed "
+        "before anything runs. Default: 0 (prefill only)."
+    ),
+]
 DTYPE_HELP = "Compute dtype: float32/fp32, bfloat16/bf16, float16/fp16 (float64/fp64 for the golden)."
 Dtype = Annotated[str, typer.Option(help=DTYPE_HELP)]
-Verbose = Annotated[bool, typer.Option(
-    "--verbose", help="Let third-party warnings and banners (transformers' FutureWarnings, its LOAD REPORT) through.")]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        help="Let third-party warnings and banners (transformers' FutureWarnings, its LOAD REPORT) through.",
+    ),
+]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Write the whole result as JSON to this file.")]
 HtmlOut = Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report to this file.")]
 FailOn = Annotated[str, typer.Option(help="Exit 1 when a finding is at or above this severity: warning or error.")]
+
 
 def say(*parts: str | tuple[str, str]) -> None:
     """One message on stderr: strings as written, (text, style) pairs styled; long paths are not wrapped."""
@@ -81,28 +106,43 @@ def progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # off the terminal a transient bar would leave only a blank line behind
-    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+    return Progress(
+        TextColumn("{task.description}", style="bold", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
 
 
 @app.command("make-model")
 def make_model_cmd(
-    out: Optional[Path] = typer.Argument(None, help="Directory to write config.json and safetensors into (with --format "
-                                         "gguf: the .gguf file); not needed with --list-presets.", show_default=False),
+    out: Optional[Path] = typer.Argument(
+        None,
+        help="Directory to write config.json and safetensors into (with --format "
+        "gguf: the .gguf file); not needed with --list-presets.",
+        show_default=False,
+    ),
     preset: str = typer.Option("tiny-dense", help="Shape preset; see --list-presets."),
     seed: int = typer.Option(0, help="Weights are a deterministic function of the seed and the tensor name."),
     dtype: str = typer.Option("bfloat16", help="On-disk dtype (released Qwen3 checkpoints are bfloat16)."),
-    shard_size_mb: int = typer.Option(4096, min=0, help="Shard the safetensors above this size (MiB), with an "
-                                      "index; 0: one tensor per shard."),
+    shard_size_mb: int = typer.Option(
+        4096, min=0, help="Shard the safetensors above this size (MiB), with an index; 0: one tensor per shard."
+    ),
     k_norm_peak: Optional[float] = typer.Option(None, help="Largest k_norm weight (layer 0; halves per layer)."),
     q_norm_peak: Optional[float] = typer.Option(None, help="Plant one q_norm weight of this size in every layer."),
     ghost_bias: Optional[float] = typer.Option(
-        None, help="Plant q/k/v/o_proj.bias tensors of this scale that the config does not declare (e.g. 1e30)."),
+        None, help="Plant q/k/v/o_proj.bias tensors of this scale that the config does not declare (e.g. 1e30)."
+    ),
     nonfinite: list[str] = typer.Option([], help="Tensor name to plant a NaN and an inf into (repeatable)."),
     huge: list[str] = typer.Option([], help="Tensor name to plant values of 1e30 into (repeatable)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
     format: str = typer.Option("safetensors", "--format", help="safetensors (a model directory) or gguf (one file)."),
-    gguf_type: str = typer.Option("f16", help="--format gguf only: f32, f16, bf16 or q8_0 (norms and router stay f32)."),
+    gguf_type: str = typer.Option(
+        "f16", help="--format gguf only: f32, f16, bf16 or q8_0 (norms and router stay f32)."
+    ),
 ):
     """Write a synthetic Qwen3 checkpoint in exactly the on-disk format of released ones."""
     from qwen3dbg.synth import PRESETS, Plants, make_model
@@ -116,8 +156,13 @@ def make_model_cmd(
     if format == "gguf" and out.is_dir():
         raise UserError(f"--format gguf writes one file, and {out} is a directory: name the .gguf file")
     _writable_dir(out.parent if format == "gguf" else out)  # write_gguf makes missing folders
-    plants = Plants(k_norm_peak=k_norm_peak, q_norm_peak=q_norm_peak, ghost_bias=ghost_bias,
-                    nonfinite=tuple(nonfinite), huge=tuple(huge))
+    plants = Plants(
+        k_norm_peak=k_norm_peak,
+        q_norm_peak=q_norm_peak,
+        ghost_bias=ghost_bias,
+        nonfinite=tuple(nonfinite),
+        huge=tuple(huge),
+    )
     with progress_bar() as bar:
         task = bar.add_task(f"writing {preset}")
 
@@ -133,8 +178,13 @@ def make_model_cmd(
         elif format == "gguf":
             from qwen3dbg.gguf_io import make_gguf_model
 
-            make_gguf_model(out, preset, gguf_type, **options, converting=lambda: bar.update(
-                task, description=f"converting to GGUF {gguf_type}", completed=0))
+            make_gguf_model(
+                out,
+                preset,
+                gguf_type,
+                **options,
+                converting=lambda: bar.update(task, description=f"converting to GGUF {gguf_type}", completed=0),
+            )
         else:
             raise UserError(f"unknown --format {format!r}: use safetensors or gguf")
     say(f"wrote {preset} to {out}")
@@ -142,22 +192,31 @@ def make_model_cmd(
 
 @app.command()
 def capture(
-    impl: str = typer.Option("hf", help="Implementation to run: hf, scratch (the readable reference), mine, a bug "
-                                        "of the catalogue, with NAME:key=value options (mine:rmsnorm=fused), or "
-                                        "module:FILE.py:factory (docs/ports.md), litgpt, llamacpp:MODEL.gguf."),
+    impl: str = typer.Option(
+        "hf",
+        help="Implementation to run: hf, scratch (the readable reference), mine, a bug "
+        "of the catalogue, with NAME:key=value options (mine:rmsnorm=fused), or "
+        "module:FILE.py:factory (docs/ports.md), litgpt, llamacpp:MODEL.gguf.",
+    ),
     model: Model = None,
     token_ids: TokenIds = None,
     prompt: Prompt = None,
     decode_ids: DecodeIds = None,
     decode_steps: DecodeSteps = None,
     dtype: Dtype = "bfloat16",
-    attn: Optional[str] = typer.Option(None, help="hf only: eager (the default: scores and probabilities "
-                                                   "captured) or sdpa; the same as --impl hf:attn=..."),
+    attn: Optional[str] = typer.Option(
+        None,
+        help="hf only: eager (the default: scores and probabilities captured) or sdpa; the same as --impl hf:attn=...",
+    ),
     taps: list[str] = typer.Option([], help="Glob of tap names to keep, e.g. 'layers.*.attn_*' (repeatable)."),
-    out: Path = typer.Option(..., help="Directory of the tap store to write: new or empty, or holding a store "
-                                       "that --replace overwrites."),
-    replace: bool = typer.Option(False, "--replace", help="Overwrite the tap store in --out (it reads as incomplete "
-                                                          "until the new one is written)."),
+    out: Path = typer.Option(
+        ..., help="Directory of the tap store to write: new or empty, or holding a store that --replace overwrites."
+    ),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="Overwrite the tap store in --out (it reads as incomplete until the new one is written).",
+    ),
     verbose: Verbose = False,
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
@@ -184,21 +243,26 @@ def capture(
     cand = load_candidate(spec.name, model_dir, dtype, **spec.options)
     loaded = {"weights_digest": Checkpoint(model_dir).digest()} if cand.reads_model_weights else {}
     plans = planned(cand, steps, taps or None)
-    say(f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
+    say(
+        f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
         f"{plural(len(steps) - 1, 'decode step')}, {sum(map(len, plans))} taps, "
-        f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}")
+        f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}"
+    )
     with progress_bar() as bar:
         task = bar.add_task("capture", total=sum(map(len, plans)))
-        run_capture(cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task),
-                    extra=loaded, replace=replace)
+        run_capture(
+            cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task), extra=loaded, replace=replace
+        )
     say(f"wrote tap store {out}")
 
 
 @app.command("validate-store")
 def validate_store_cmd(
     store: Path = typer.Argument(..., help="Tap store directory (manifest.json + step_NNNN.safetensors)."),
-    model: Optional[Path] = typer.Option(None, help="Model directory whose config the shapes must match "
-                                                    "(default: the config the manifest carries, if any)."),
+    model: Optional[Path] = typer.Option(
+        None,
+        help="Model directory whose config the shapes must match (default: the config the manifest carries, if any).",
+    ),
 ):
     """Check a tap store written by any program: names, shapes, dtypes, steps, token ids, files.
     Exit 0 valid, 1 problems found, 2 unreadable."""
@@ -242,19 +306,28 @@ def cache_cmd(
         table.add_row(e.kind, f"{e.size / 1e6:,.1f} MB", f"{(now - e.last_used) / 3600:,.1f} h ago", e.path.name)
     report_console().print(table, markup=False)
     total = sum(e.size for e in found)
-    report_console().print(f"{len(found)} entries, {total / 1e9:.2f} GB; budget {budget() / 1e9:.2f} GB "
-                    "(QWEN3DBG_CACHE_BUDGET)", markup=False, highlight=False)
+    report_console().print(
+        f"{len(found)} entries, {total / 1e9:.2f} GB; budget {budget() / 1e9:.2f} GB (QWEN3DBG_CACHE_BUDGET)",
+        markup=False,
+        highlight=False,
+    )
 
 
 @app.command()
 def diff(
-    ref: str = typer.Option("hf", help="Reference: an implementation name (hf, scratch), NAME:key=value options "
-                                       "(hf:attn=sdpa), or store:DIR for a tap store on disk."),
-    cand: str = typer.Option(..., help="Candidate: an implementation name (mine, ...) with NAME:key=value options "
-                                       "(mine:rmsnorm=fused), a bug of the catalogue, module:FILE.py:factory (a "
-                                       "PyTorch port, docs/ports.md), litgpt (litgpt's own Qwen3), "
-                                       "llamacpp:MODEL.gguf, or store:DIR (an external engine's taps; "
-                                       "the other sides run on its token ids)."),
+    ref: str = typer.Option(
+        "hf",
+        help="Reference: an implementation name (hf, scratch), NAME:key=value options "
+        "(hf:attn=sdpa), or store:DIR for a tap store on disk.",
+    ),
+    cand: str = typer.Option(
+        ...,
+        help="Candidate: an implementation name (mine, ...) with NAME:key=value options "
+        "(mine:rmsnorm=fused), a bug of the catalogue, module:FILE.py:factory (a "
+        "PyTorch port, docs/ports.md), litgpt (litgpt's own Qwen3), "
+        "llamacpp:MODEL.gguf, or store:DIR (an external engine's taps; "
+        "the other sides run on its token ids).",
+    ),
     model: Model = None,
     token_ids: TokenIds = None,
     prompt: Prompt = None,
@@ -279,8 +352,15 @@ def diff(
     _writable_files(json_out, html_out)
     try:
         with DiffProgress(console) as shown:
-            result = run_diff(ref, cand, model_dir=model, dtype=dtype, **dataclasses.asdict(inputs), status=shown.status,
-                              progress=shown.progress)
+            result = run_diff(
+                ref,
+                cand,
+                model_dir=model,
+                dtype=dtype,
+                **dataclasses.asdict(inputs),
+                status=shown.status,
+                progress=shown.progress,
+            )
     except UserError:
         raise
     except Exception:  # a crash must not read as exit 1, "divergence found"
@@ -344,22 +424,28 @@ def _write_outputs(result, views: dict[Optional[Path], Callable[[object], str]])
 
 def _progress_task(bar, label: str):
     """A `progress(total)` callback for the library: adds a task and returns its `advance(n)`."""
+
     def progress(total):
         task = bar.add_task(label, total=total)
         return lambda n: bar.advance(task, n)
+
     return progress
 
 
 @app.command("scan-checkpoint")
 def scan_checkpoint_cmd(
-    path: Path = typer.Argument(..., help="Model directory (config.json + safetensors), a .safetensors or a .gguf file."),
+    path: Path = typer.Argument(
+        ..., help="Model directory (config.json + safetensors), a .safetensors or a .gguf file."
+    ),
     json_out: JsonOut = None,
     html_out: HtmlOut = None,
     fail_on: FailOn = "error",
-    threshold: float = typer.Option(20.0, min=0,
-                                    help="Flag norm weights (q_norm, k_norm, ...) whose |value| exceeds this."),
-    huge: float = typer.Option(1e4, min=0,
-                               help="Flag tensors with |values| at or above this (trained weights stay far below)."),
+    threshold: float = typer.Option(
+        20.0, min=0, help="Flag norm weights (q_norm, k_norm, ...) whose |value| exceeds this."
+    ),
+    huge: float = typer.Option(
+        1e4, min=0, help="Flag tensors with |values| at or above this (trained weights stay far below)."
+    ),
 ):
     """Lint a checkpoint: container integrity, tensors against the config, values, and numerically dangerous norms.
 
@@ -373,8 +459,9 @@ def scan_checkpoint_cmd(
     fail_on = _fail_on(fail_on)
     _writable_files(json_out, html_out)
     with progress_bar() as bar:
-        result = scan_checkpoint(path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"),
-                                 fail_on)
+        result = scan_checkpoint(
+            path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"), fail_on
+        )
     print_scan(result, report_console())
     _write_outputs(result, {json_out: render_json, html_out: scan_html})
     raise typer.Exit(result.exit_code)
@@ -407,9 +494,12 @@ def diff_weights_cmd(
 
 @app.command()
 def selftest(
-    device: str = typer.Option("cuda", help="Where mine runs: cuda (checked against its CPU twin and HF), emulated "
-                               "(the CUDA kernels run on the CPU by an emulator and checked against the twin: no GPU "
-                               "needed, slow, for tiny models; no speed table) or cpu."),
+    device: str = typer.Option(
+        "cuda",
+        help="Where mine runs: cuda (checked against its CPU twin and HF), emulated "
+        "(the CUDA kernels run on the CPU by an emulator and checked against the twin: no GPU "
+        "needed, slow, for tiny models; no speed table) or cpu.",
+    ),
     model: Model = None,
     dtype: Dtype = "bfloat16",
     prompt_tokens: int = typer.Option(128, help="Prompt length of the prefill timing."),
@@ -430,8 +520,9 @@ def selftest(
         raise UserError("--prompt-tokens and --decode-steps must be at least 1")
     _writable_files(json_out)
     model_dir, _ = resolve_model(model)
-    result = run_selftest(model_dir, device, dtype, prompt_tokens, decode_steps,
-                          progress=lambda what: say((what, "dim")))
+    result = run_selftest(
+        model_dir, device, dtype, prompt_tokens, decode_steps, progress=lambda what: say((what, "dim"))
+    )
     render(result, report_console())
     _write_outputs(result, {json_out: render_json})
     raise typer.Exit(result.exit_code)

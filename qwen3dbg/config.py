@@ -16,8 +16,18 @@ from qwen3dbg.json_read import JSONReadError, read_json
 
 MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 #: the fields that fix every tensor's shape: two configs that differ in one describe different models
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
 
 
 @dataclass(frozen=True)
@@ -59,11 +69,7 @@ class Qwen3Config:
 
     def is_moe_layer(self, layer: int) -> bool:
         """Transformers' rule: sparse unless listed in mlp_only_layers or off the sparse step."""
-        return (
-            self.is_moe
-            and layer not in self.mlp_only_layers
-            and (layer + 1) % self.decoder_sparse_step == 0
-        )
+        return self.is_moe and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
     def to_hf_dict(self) -> dict:
         """The config.json a released checkpoint of this shape carries."""
@@ -78,8 +84,14 @@ class Qwen3Config:
         d["bos_token_id"] = 0
         d["eos_token_id"] = 1
         if not self.is_moe:
-            for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-                      "decoder_sparse_step", "mlp_only_layers"):
+            for k in (
+                "num_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "norm_topk_prob",
+                "decoder_sparse_step",
+                "mlp_only_layers",
+            ):
                 d.pop(k)
         else:
             d["router_aux_loss_coef"] = 0.001
@@ -169,7 +181,9 @@ def parse_config(raw: dict) -> Qwen3Config:
             max_position_embeddings=_whole("max_position_embeddings", _opt(raw, "max_position_embeddings", 40960)),
             hidden_act=str(raw.get("hidden_act", "silu")),
             use_sliding_window=_flag("use_sliding_window", _opt(raw, "use_sliding_window", False)),
-            sliding_window=None if raw.get("sliding_window") is None else _whole("sliding_window", raw["sliding_window"]),
+            sliding_window=None
+            if raw.get("sliding_window") is None
+            else _whole("sliding_window", raw["sliding_window"]),
             num_experts=num_experts if model_type == "qwen3_moe" else 0,
             num_experts_per_tok=_whole("num_experts_per_tok", _opt(raw, "num_experts_per_tok", 0), 0),
             moe_intermediate_size=_whole("moe_intermediate_size", _opt(raw, "moe_intermediate_size", 0), 0),
@@ -184,8 +198,10 @@ def parse_config(raw: dict) -> Qwen3Config:
     if cfg.hidden_act != "silu":
         raise UserError(f"hidden_act {cfg.hidden_act!r} is not Qwen3's 'silu'")
     if cfg.use_sliding_window:
-        raise UserError("use_sliding_window is true: qwen3dbg implements Qwen3's full attention only, "
-                        "as every released Qwen3 config has it (set it to false)")
+        raise UserError(
+            "use_sliding_window is true: qwen3dbg implements Qwen3's full attention only, "
+            "as every released Qwen3 config has it (set it to false)"
+        )
     if heads % cfg.num_key_value_heads:
         raise UserError(
             f"num_attention_heads {heads} is not a multiple of num_key_value_heads {cfg.num_key_value_heads}"
@@ -202,7 +218,9 @@ def load_config(model_dir: str | Path) -> Qwen3Config:
     if path.is_dir():
         path = path / "config.json"
     if not os.path.lexists(path):
-        raise UserError(f"no config.json at {path}: pass a model directory made by `qwen3dbg make-model` or a HF checkpoint")
+        raise UserError(
+            f"no config.json at {path}: pass a model directory made by `qwen3dbg make-model` or a HF checkpoint"
+        )
     try:
         raw = read_json(path)
     except JSONReadError as e:

@@ -29,8 +29,12 @@ from qwen3dbg.layout import MAX_TENSORS
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
-_FILE_TYPE = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
-              Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+_FILE_TYPE = {
+    Q.F32: gguf.LlamaFileType.ALL_F32,
+    Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+    Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
 _F32_ALWAYS = ("_norm.weight", "ffn_gate_inp.weight")  # as llama.cpp's converter: norms and the router
 
 
@@ -122,8 +126,14 @@ def gguf_plan(ckpt: Checkpoint) -> dict[str, list[str]]:
     return plan
 
 
-def make_gguf_model(out: str | Path, preset: str, gguf_type: str = "f16", *,
-                    converting: Callable[[], None] | None = None, **make_model_options) -> Path:
+def make_gguf_model(
+    out: str | Path,
+    preset: str,
+    gguf_type: str = "f16",
+    *,
+    converting: Callable[[], None] | None = None,
+    **make_model_options,
+) -> Path:
     """A synthetic model (`synth.make_model` and its options) as one GGUF file: written as safetensors to
     a temporary folder beside `out`, then converted; `converting()` is called between the two phases."""
     import tempfile
@@ -135,12 +145,22 @@ def make_gguf_model(out: str | Path, preset: str, gguf_type: str = "f16", *,
         make_model(tmp, preset, **make_model_options)
         if converting is not None:
             converting()
-        return write_gguf(tmp, out, gguf_type, progress=make_model_options.get("progress"),
-                          name=f"{preset}-seed{make_model_options.get('seed', 0)}")
+        return write_gguf(
+            tmp,
+            out,
+            gguf_type,
+            progress=make_model_options.get("progress"),
+            name=f"{preset}-seed{make_model_options.get('seed', 0)}",
+        )
 
 
-def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
-               progress: Callable[[Iterator, int], Iterator] | None = None, name: str | None = None) -> Path:
+def write_gguf(
+    model_dir: str | Path,
+    out: str | Path,
+    gguf_type: str = "f16",
+    progress: Callable[[Iterator, int], Iterator] | None = None,
+    name: str | None = None,
+) -> Path:
     """Convert a Qwen3 safetensors model directory to one GGUF file of `gguf_type`; return its path.
 
     `name` becomes general.name (default: the directory's name)."""
@@ -154,8 +174,10 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
     for g in stacked:  # plan lists members by expert id: they must be exactly 0..E-1
         ids = [hf_to_gguf(m)[1] for m in plan[g]]
         if len(ids) != cfg.num_experts or ids != list(range(len(ids))):  # never a list of the config's count
-            raise UserError(f"{g}: the checkpoint has {len(plan[g])} experts' tensors, not the config's experts "
-                            f"0..{cfg.num_experts - 1}; run scan-checkpoint to see which are missing")
+            raise UserError(
+                f"{g}: the checkpoint has {len(plan[g])} experts' tensors, not the config's experts "
+                f"0..{cfg.num_experts - 1}; run scan-checkpoint to see which are missing"
+            )
     types = {g: storage_type(g, shapes[g], wanted) for g in plan}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +200,7 @@ def write_gguf(model_dir: str | Path, out: str | Path, gguf_type: str = "f16",
 
 
 # --- reading ---------------------------------------------------------------------------------
+
 
 class GGUFDamaged(ValueError):
     """The file is not a well-formed GGUF container; the message says where it breaks."""
@@ -223,7 +246,7 @@ class _Cursor:
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > self.size:
             raise GGUFDamaged(f"{what} at byte {self.pos} runs past the end of the file ({self.size} bytes)")
-        b = self.buf[self.pos:self.pos + n]
+        b = self.buf[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -249,8 +272,9 @@ class _Cursor:
                 raise GGUFDamaged(f"{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
             sub, n = self.unpack("<I", what), self.unpack("<Q", what)
             if n > min(MAX_ARRAY_LEN, self.size - self.pos):  # every element takes at least one byte
-                raise GGUFDamaged(f"{what}: array length {n} is larger than the rest of the file or than "
-                                  f"{MAX_ARRAY_LEN}")
+                raise GGUFDamaged(
+                    f"{what}: array length {n} is larger than the rest of the file or than {MAX_ARRAY_LEN}"
+                )
             if sub in _SCALARS:  # in one read, not one Python call per element
                 fmt = np.dtype(_SCALARS[sub])
                 values = np.frombuffer(self.take(n * fmt.itemsize, what), fmt)
@@ -289,8 +313,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 raise GGUFDamaged(f"GGUF version {version} is not 2 or 3")
             n_tensors, n_kv = c.unpack("<Q", "tensor count"), c.unpack("<Q", "metadata count")
             if n_tensors > min(size, MAX_TENSORS) or n_kv > size:
-                raise GGUFDamaged(f"the header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file "
-                                  f"can hold or than the {MAX_TENSORS} tensors of any checkpoint")
+                raise GGUFDamaged(
+                    f"the header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file "
+                    f"can hold or than the {MAX_TENSORS} tensors of any checkpoint"
+                )
             kv, kv_types = {}, {}
             for i in range(n_kv):
                 key = c.string(f"metadata key {i}")
@@ -308,8 +334,14 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 if n_dims > 8:
                     raise GGUFDamaged(f"tensor {name} claims {n_dims} dimensions")
                 dims = [c.unpack("<Q", f"shape of {name}") for _ in range(n_dims)]
-                infos.append((name, tuple(reversed(dims)), c.unpack("<I", f"type of {name}"),
-                              c.unpack("<Q", f"offset of {name}")))
+                infos.append(
+                    (
+                        name,
+                        tuple(reversed(dims)),
+                        c.unpack("<I", f"type of {name}"),
+                        c.unpack("<Q", f"offset of {name}"),
+                    )
+                )
             align = _alignment(kv, kv_types)
             data_start = c.pos + (-c.pos % align)
     tensors = []
@@ -328,14 +360,25 @@ def data_region_problems(g: GGUFFile) -> list[tuple[str | None, str, dict]]:
         if expected is None:
             break
         if t.offset != expected:
-            out.append((t.name, f"its data starts at byte {t.offset}, but the tensors before it end at byte {expected} "
-                        f"(aligned to {g.alignment}): llama.cpp refuses the file; a tensor's type or shape was likely "
-                        "changed after writing", {"offset": t.offset, "expected": expected}))
+            out.append(
+                (
+                    t.name,
+                    f"its data starts at byte {t.offset}, but the tensors before it end at byte {expected} "
+                    f"(aligned to {g.alignment}): llama.cpp refuses the file; a tensor's type or shape was likely "
+                    "changed after writing",
+                    {"offset": t.offset, "expected": expected},
+                )
+            )
         expected = None if t.nbytes is None else t.offset + t.nbytes + (-t.nbytes % g.alignment)
     if expected is not None and g.file_size > expected:
-        out.append((None, f"{g.file_size - expected} bytes after the last tensor's data belong to no tensor: a "
-                    "tensor's type or shape was likely changed after writing, so its bytes are read as another type",
-                    {"unindexed_bytes": g.file_size - expected}))
+        out.append(
+            (
+                None,
+                f"{g.file_size - expected} bytes after the last tensor's data belong to no tensor: a "
+                "tensor's type or shape was likely changed after writing, so its bytes are read as another type",
+                {"unindexed_bytes": g.file_size - expected},
+            )
+        )
     return out
 
 
@@ -350,8 +393,9 @@ def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> np.ndarra
         return raw.view(np.float16).astype(np.float32).reshape(shape)
     if qtype == Q.BF16:
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    return gguf.quants.dequantize(raw.reshape(-1, raw.size // int(np.prod(shape[:-1], dtype=np.int64))),
-                                  Q(qtype)).reshape(shape)
+    return gguf.quants.dequantize(
+        raw.reshape(-1, raw.size // int(np.prod(shape[:-1], dtype=np.int64))), Q(qtype)
+    ).reshape(shape)
 
 
 def config_from_gguf(g: GGUFFile) -> Qwen3Config:
@@ -369,18 +413,28 @@ def config_from_gguf(g: GGUFFile) -> Qwen3Config:
 
     names = {t.name: t for t in g.tensors}
     tokens = g.kv.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if isinstance(tokens, list) else \
-        names["token_embd.weight"].shape[0] if "token_embd.weight" in names else key("vocab_size")
+    vocab = (
+        len(tokens)
+        if isinstance(tokens, list)
+        else names["token_embd.weight"].shape[0]
+        if "token_embd.weight" in names
+        else key("vocab_size")
+    )
     raw = {  # config.json's names, so the one parser checks a GGUF's config like any other
-        "model_type": MODEL_TYPE[arch], "vocab_size": vocab, "hidden_size": key("embedding_length"),
-        "intermediate_size": key("feed_forward_length"), "num_hidden_layers": key("block_count"),
+        "model_type": MODEL_TYPE[arch],
+        "vocab_size": vocab,
+        "hidden_size": key("embedding_length"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
         "num_attention_heads": key("attention.head_count"),
         "num_key_value_heads": g.kv.get(f"{arch}.attention.head_count_kv"),
-        "head_dim": g.kv.get(f"{arch}.attention.key_length"), "rope_theta": key("rope.freq_base", 1e6),
+        "head_dim": g.kv.get(f"{arch}.attention.key_length"),
+        "rope_theta": key("rope.freq_base", 1e6),
         "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-6),
         "tie_word_embeddings": "output.weight" not in names,
         "max_position_embeddings": key("context_length", 40960),
-        "num_experts": key("expert_count", 0), "num_experts_per_tok": key("expert_used_count", 0),
+        "num_experts": key("expert_count", 0),
+        "num_experts_per_tok": key("expert_used_count", 0),
         "moe_intermediate_size": key("expert_feed_forward_length", 0),
         "norm_topk_prob": key("expert_weights_norm", arch == "qwen3moe"),
     }

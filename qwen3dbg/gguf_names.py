@@ -16,10 +16,17 @@ MODEL_TYPE = {v: k for k, v in ARCH.items()}
 _T = gguf.MODEL_TENSOR
 _GLOBAL = {"model.embed_tokens": _T.TOKEN_EMBD, "model.norm": _T.OUTPUT_NORM, "lm_head": _T.OUTPUT}
 _LAYER = {
-    "input_layernorm": _T.ATTN_NORM, "post_attention_layernorm": _T.FFN_NORM,
-    "self_attn.q_proj": _T.ATTN_Q, "self_attn.k_proj": _T.ATTN_K, "self_attn.v_proj": _T.ATTN_V,
-    "self_attn.o_proj": _T.ATTN_OUT, "self_attn.q_norm": _T.ATTN_Q_NORM, "self_attn.k_norm": _T.ATTN_K_NORM,
-    "mlp.gate_proj": _T.FFN_GATE, "mlp.up_proj": _T.FFN_UP, "mlp.down_proj": _T.FFN_DOWN,
+    "input_layernorm": _T.ATTN_NORM,
+    "post_attention_layernorm": _T.FFN_NORM,
+    "self_attn.q_proj": _T.ATTN_Q,
+    "self_attn.k_proj": _T.ATTN_K,
+    "self_attn.v_proj": _T.ATTN_V,
+    "self_attn.o_proj": _T.ATTN_OUT,
+    "self_attn.q_norm": _T.ATTN_Q_NORM,
+    "self_attn.k_norm": _T.ATTN_K_NORM,
+    "mlp.gate_proj": _T.FFN_GATE,
+    "mlp.up_proj": _T.FFN_UP,
+    "mlp.down_proj": _T.FFN_DOWN,
     "mlp.gate": _T.FFN_GATE_INP,
 }
 _EXPERT = {"gate_proj": _T.FFN_GATE_EXP, "up_proj": _T.FFN_UP_EXP, "down_proj": _T.FFN_DOWN_EXP}

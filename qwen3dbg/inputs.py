@@ -46,11 +46,20 @@ class RunInputs:
         object.__setattr__(self, "decode_ids", _ids(self.decode_ids))
 
     @classmethod
-    def from_flags(cls, token_ids: str | None = None, prompt: str | None = None, decode_ids: str | None = None,
-                   decode_steps: int | None = None) -> RunInputs:
+    def from_flags(
+        cls,
+        token_ids: str | None = None,
+        prompt: str | None = None,
+        decode_ids: str | None = None,
+        decode_steps: int | None = None,
+    ) -> RunInputs:
         """The CLI's --token-ids, --prompt, --decode-ids and --decode-steps, as capture and diff both take them."""
-        return cls(parse_ids(token_ids, "--token-ids") if token_ids is not None else None, prompt,
-                   parse_ids(decode_ids, "--decode-ids") if decode_ids is not None else None, decode_steps)
+        return cls(
+            parse_ids(token_ids, "--token-ids") if token_ids is not None else None,
+            prompt,
+            parse_ids(decode_ids, "--decode-ids") if decode_ids is not None else None,
+            decode_steps,
+        )
 
     @property
     def picks_ids(self) -> bool:
@@ -60,8 +69,13 @@ class RunInputs:
     def steps(self, model_dir: Path, cfg: Qwen3Config) -> tuple[list[StepInfo], int]:
         """The steps whose ids are fixed now, and how many decode steps are still to be picked greedily by
         the fp64 golden."""
-        ids = _in_vocab(self.token_ids, cfg, "--token-ids") if self.token_ids is not None else \
-            tokenize(model_dir, self.prompt) if self.prompt is not None else [i % cfg.vocab_size for i in DEFAULT_PROMPT]
+        ids = (
+            _in_vocab(self.token_ids, cfg, "--token-ids")
+            if self.token_ids is not None
+            else tokenize(model_dir, self.prompt)
+            if self.prompt is not None
+            else [i % cfg.vocab_size for i in DEFAULT_PROMPT]
+        )
         decode = _in_vocab(self.decode_ids, cfg, "--decode-ids") if self.decode_ids is not None else []
         return forced_steps(ids, decode), self.decode_steps or 0
 

@@ -89,11 +89,12 @@ def loads(data: bytes | str, max_depth: int = MAX_DEPTH, **kwargs):
     try:
         data = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise JSONReadError(f"it is not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
+        raise JSONReadError(f"it is not UTF-8 text (byte {e.start} is {raw[e.start : e.start + 1]!r})") from None
     depth = nesting_depth(raw)
     if depth > max_depth:
-        raise JSONReadError(f"it nests arrays or objects {depth} levels deep, more than the {max_depth} any valid "
-                            "file needs")
+        raise JSONReadError(
+            f"it nests arrays or objects {depth} levels deep, more than the {max_depth} any valid file needs"
+        )
     try:
         value = json.loads(data, **kwargs)
     except json.JSONDecodeError as e:

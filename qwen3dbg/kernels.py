@@ -52,8 +52,9 @@ def build(name: str, source: Path, flags: list[str], what: str) -> ctypes.CDLL:
         try:
             subprocess.run([cc, *flags, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True)
         except FileNotFoundError:
-            raise UserError(f"{what} needs a C compiler and {cc!r} was not found: "
-                            "install gcc (e.g. apt-get install gcc) or set CC") from None
+            raise UserError(
+                f"{what} needs a C compiler and {cc!r} was not found: install gcc (e.g. apt-get install gcc) or set CC"
+            ) from None
         except subprocess.CalledProcessError as e:
             raise UserError(f"building {what} with {cc} failed: {e.stderr.strip()[:500]}") from None
         tmp.replace(so)  # atomic: a concurrent process sees the whole library or none

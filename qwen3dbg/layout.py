@@ -88,15 +88,26 @@ def count_problems(cfg: Qwen3Config, held: Held) -> list[tuple[str, str, dict]]:
     out = []
     n = cfg.num_hidden_layers
     if why := _mismatch(n, held.layers):
-        out.append(("layers", f"config declares {n} layers but the weights hold {len(held.layers)} (layer {why})",
-                    {"layers": len(held.layers), "expected": n}))
+        out.append(
+            (
+                "layers",
+                f"config declares {n} layers but the weights hold {len(held.layers)} (layer {why})",
+                {"layers": len(held.layers), "expected": n},
+            )
+        )
     if cfg.is_moe:
         e = cfg.num_experts
         for layer in sorted(i for i in held.layers if i < n and cfg.is_moe_layer(i)):
             have = held.experts.get(layer, set())
             if why := _mismatch(e, have):
-                out.append(("experts", f"config declares {e} experts per sparse layer but layer {layer} holds "
-                            f"{len(have)} (expert {why})", {"layer": layer, "experts": len(have), "expected": e}))
+                out.append(
+                    (
+                        "experts",
+                        f"config declares {e} experts per sparse layer but layer {layer} holds "
+                        f"{len(have)} (expert {why})",
+                        {"layer": layer, "experts": len(have), "expected": e},
+                    )
+                )
     return out
 
 
@@ -119,25 +130,40 @@ def tensor_shapes(cfg: Qwen3Config, ghost_bias: bool = False, held: Held | None 
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for i in layers:
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "self_attn.q_norm.weight": (d,),
+            p + "self_attn.k_norm.weight": (d,),
+        }
         if ghost_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)}
+            shapes |= {
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.bias": (h,),
+            }
         if cfg.is_moe_layer(i):
             e_i = cfg.moe_intermediate_size
             experts = _indices(cfg.num_experts, None if held is None else held.experts.get(i, set()))
             shapes[p + "mlp.gate.weight"] = (cfg.num_experts, h)
             for e in experts:
-                shapes |= {p + f"mlp.experts.{e}.gate_proj.weight": (e_i, h),
-                           p + f"mlp.experts.{e}.up_proj.weight": (e_i, h),
-                           p + f"mlp.experts.{e}.down_proj.weight": (h, e_i)}
+                shapes |= {
+                    p + f"mlp.experts.{e}.gate_proj.weight": (e_i, h),
+                    p + f"mlp.experts.{e}.up_proj.weight": (e_i, h),
+                    p + f"mlp.experts.{e}.down_proj.weight": (h, e_i),
+                }
         else:
             inter = cfg.intermediate_size
-            shapes |= {p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                       p + "mlp.down_proj.weight": (h, inter)}
+            shapes |= {
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            }
     shapes["model.norm.weight"] = (h,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)

@@ -8,8 +8,9 @@ import math
 import torch
 
 
-def rel(a: torch.Tensor, b: torch.Tensor, *, scale: torch.Tensor | None = None,
-        where: torch.Tensor | None = None) -> float:
+def rel(
+    a: torch.Tensor, b: torch.Tensor, *, scale: torch.Tensor | None = None, where: torch.Tensor | None = None
+) -> float:
     """||a - b|| / ||scale|| (scale defaults to b) in float64 over `where` (default: the entries where b is
     finite); inf when a is not finite there."""
     a, b = a.double(), b.double()

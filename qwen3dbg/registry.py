@@ -90,8 +90,10 @@ def _resolve(name: str, model_dir, dtype, options: dict) -> tuple[type, tuple]:
     else:
         close = difflib.get_close_matches(name, [*names(), *(f"{p}:" for p in PREFIXES)], n=1)
         hint = f"did you mean {close[0]}? Otherwise " if close else ""
-        raise UserError(f"unknown implementation {name!r}: {hint}choose one of {', '.join(names())}, "
-                        "or module:FILE.py:factory, llamacpp:MODEL.gguf")
+        raise UserError(
+            f"unknown implementation {name!r}: {hint}choose one of {', '.join(names())}, "
+            "or module:FILE.py:factory, llamacpp:MODEL.gguf"
+        )
     module, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     params = inspect.signature(cls).parameters.values()

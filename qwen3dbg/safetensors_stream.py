@@ -19,8 +19,15 @@ from pathlib import Path
 import torch
 
 SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -50,7 +57,9 @@ class StreamingWriter:
         """Append `tensor` (its value now, in stream order where it lives on a GPU)."""
         assert name in self.plan, f"tensor {name} is not in this file's plan"
         assert name not in self.seen, f"tensor {name} written twice"
-        assert tuple(tensor.shape) == tuple(self.plan[name]), f"{name}: shape {tuple(tensor.shape)} != {self.plan[name]}"
+        assert tuple(tensor.shape) == tuple(self.plan[name]), (
+            f"{name}: shape {tuple(tensor.shape)} != {self.plan[name]}"
+        )
         self.seen.add(name)
         tensor = tensor.detach()
         if not tensor.is_cuda:
@@ -80,8 +89,11 @@ class StreamingWriter:
         if t.numel():
             self.f.write(t.reshape(-1).view(torch.uint8).numpy())
         n = t.numel() * t.element_size()
-        self.header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                             "data_offsets": [self.offset, self.offset + n]}
+        self.header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.offset, self.offset + n],
+        }
         self.offset += n
 
     def close(self) -> list[str]:

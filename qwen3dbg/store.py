@@ -65,8 +65,10 @@ def lock_dir(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UserError(f"another writer is writing a tap store into {path}: wait for it to finish, "
-                        "or choose another --out directory") from None
+        raise UserError(
+            f"another writer is writing a tap store into {path}: wait for it to finish, "
+            "or choose another --out directory"
+        ) from None
     return fd
 
 
@@ -77,11 +79,13 @@ def check_out_dir(path: Path, replace: bool) -> None:
     if not held:
         return
     if MANIFEST not in held:
-        raise UserError(f"{path} exists and is not a tap store (it holds {held[0]}): choose an empty or new "
-                        "--out directory")
+        raise UserError(
+            f"{path} exists and is not a tap store (it holds {held[0]}): choose an empty or new --out directory"
+        )
     if not replace:
-        raise UserError(f"{path} holds a tap store already: pass --replace to overwrite it, or choose another "
-                        "--out directory")
+        raise UserError(
+            f"{path} holds a tap store already: pass --replace to overwrite it, or choose another --out directory"
+        )
 
 
 class StoreWriter:
@@ -93,9 +97,19 @@ class StoreWriter:
     any of its files is removed.
     """
 
-    def __init__(self, out_dir: str | Path, implementation: str, dtype: torch.dtype | str, batch: int,
-                 *, select: Iterable[str] | None = None, missing_taps: Iterable[str] = (), extra: dict | None = None,
-                 cache_slots: bool = True, replace: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        implementation: str,
+        dtype: torch.dtype | str,
+        batch: int,
+        *,
+        select: Iterable[str] | None = None,
+        missing_taps: Iterable[str] = (),
+        extra: dict | None = None,
+        cache_slots: bool = True,
+        replace: bool = False,
+    ):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = lock_dir(self.dir)
@@ -105,8 +119,13 @@ class StoreWriter:
             self._unlock()
             raise
         self.manifest = {
-            "format": FORMAT, "implementation": implementation, "dtype": dtype_name(parse_dtype(dtype)),
-            "batch": batch, "steps": [], "complete": False, "missing_taps": sorted(set(missing_taps)),
+            "format": FORMAT,
+            "implementation": implementation,
+            "dtype": dtype_name(parse_dtype(dtype)),
+            "batch": batch,
+            "steps": [],
+            "complete": False,
+            "missing_taps": sorted(set(missing_taps)),
             **(extra or {}),
         }
         self.select = set(select) if select is not None else None
@@ -130,7 +149,11 @@ class StoreWriter:
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         if self.wants(name):
-            if self._slots is not None and is_cache_tap(name) and tensor.shape[2] != self._slots.stop - self._slots.start:
+            if (
+                self._slots is not None
+                and is_cache_tap(name)
+                and tensor.shape[2] != self._slots.stop - self._slots.start
+            ):
                 tensor = tensor[:, :, self._slots]
             self._step.write(name, tensor)
 
@@ -230,10 +253,18 @@ class TapStore:
                 "capture it again"
             )
         try:
-            steps = [StepInfo(int(s["step"]), [list(map(int, r)) for r in s["token_ids"]],
-                              [list(map(int, r)) for r in s["positions"]],
-                              *(None if s.get(k) is None else list(map(int, s[k]))
-                                for k in ("cache_positions", "attention_positions"))) for s in m["steps"]]
+            steps = [
+                StepInfo(
+                    int(s["step"]),
+                    [list(map(int, r)) for r in s["token_ids"]],
+                    [list(map(int, r)) for r in s["positions"]],
+                    *(
+                        None if s.get(k) is None else list(map(int, s[k]))
+                        for k in ("cache_positions", "attention_positions")
+                    ),
+                )
+                for s in m["steps"]
+            ]
             parse_dtype(m["dtype"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{mpath}: malformed step or dtype entry ({e})") from None

@@ -33,28 +33,77 @@ class Preset:
     about: str
 
 
-_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # head_dim != hidden/heads on purpose
-             max_position_embeddings=4096)
-_TINY_MOE = dict(_TINY, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                 tie_word_embeddings=False)
+_TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,  # head_dim != hidden/heads on purpose
+    max_position_embeddings=4096,
+)
+_TINY_MOE = dict(
+    _TINY,
+    model_type="qwen3_moe",
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=48,
+    tie_word_embeddings=False,
+)
 
 PRESETS: dict[str, Preset] = {
-    "tiny-dense": Preset(Qwen3Config(model_type="qwen3", tie_word_embeddings=True, **_TINY), None, 20.0,
-                         "3 layers, hidden 64, 4/2 heads of 32, vocab 512; for tests"),
-    "tiny-moe": Preset(Qwen3Config(norm_topk_prob=True, **_TINY_MOE), None, 20.0,
-                       "tiny-dense's attention with 8 experts of 48, top-2, norm_topk_prob true"),
-    "tiny-moe-nonorm": Preset(Qwen3Config(norm_topk_prob=False, **_TINY_MOE), None, 20.0,
-                              "tiny-moe with norm_topk_prob false"),
-    "qwen3-0.6b": Preset(Qwen3Config(
-        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True), 0.02, 96.5,
-        "the real Qwen3-0.6B shape (28 layers, 1.2 GB in bf16)"),
-    "qwen3-30b-a3b-2l": Preset(Qwen3Config(
-        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=2,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False, num_experts=128,
-        num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True), 0.02, 96.5,
-        "Qwen3-30B-A3B's real per-layer shapes (128 experts of 768, 32/4 heads) with 2 layers (3.7 GB)"),
+    "tiny-dense": Preset(
+        Qwen3Config(model_type="qwen3", tie_word_embeddings=True, **_TINY),
+        None,
+        20.0,
+        "3 layers, hidden 64, 4/2 heads of 32, vocab 512; for tests",
+    ),
+    "tiny-moe": Preset(
+        Qwen3Config(norm_topk_prob=True, **_TINY_MOE),
+        None,
+        20.0,
+        "tiny-dense's attention with 8 experts of 48, top-2, norm_topk_prob true",
+    ),
+    "tiny-moe-nonorm": Preset(
+        Qwen3Config(norm_topk_prob=False, **_TINY_MOE), None, 20.0, "tiny-moe with norm_topk_prob false"
+    ),
+    "qwen3-0.6b": Preset(
+        Qwen3Config(
+            model_type="qwen3",
+            vocab_size=151936,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=True,
+        ),
+        0.02,
+        96.5,
+        "the real Qwen3-0.6B shape (28 layers, 1.2 GB in bf16)",
+    ),
+    "qwen3-30b-a3b-2l": Preset(
+        Qwen3Config(
+            model_type="qwen3_moe",
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            tie_word_embeddings=False,
+            num_experts=128,
+            num_experts_per_tok=8,
+            moe_intermediate_size=768,
+            norm_topk_prob=True,
+        ),
+        0.02,
+        96.5,
+        "Qwen3-30B-A3B's real per-layer shapes (128 experts of 768, 32/4 heads) with 2 layers (3.7 GB)",
+    ),
 }
 
 
@@ -78,7 +127,7 @@ def _norm_weight(name: str, size: int, g: torch.Generator, cfg: Qwen3Config, pre
     layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
     if name.endswith("k_norm.weight"):
         # Released Qwen3: a few k_norm channels reach ~100 in early layers and fade with depth.
-        peak = (plants.k_norm_peak or preset.k_norm_peak) * 0.5 ** layer
+        peak = (plants.k_norm_peak or preset.k_norm_peak) * 0.5**layer
         if peak > 2:
             chans = torch.randperm(size, generator=g)[:2]
             w[chans[0]], w[chans[1]] = peak, peak / 2
@@ -87,8 +136,9 @@ def _norm_weight(name: str, size: int, g: torch.Generator, cfg: Qwen3Config, pre
     return w
 
 
-def make_tensor(name: str, shape: tuple[int, ...], cfg: Qwen3Config, preset: Preset, plants: Plants,
-                seed: int, dtype: torch.dtype) -> torch.Tensor:
+def make_tensor(
+    name: str, shape: tuple[int, ...], cfg: Qwen3Config, preset: Preset, plants: Plants, seed: int, dtype: torch.dtype
+) -> torch.Tensor:
     g = _generator(seed, name)
     if name.endswith("norm.weight"):
         t = _norm_weight(name, shape[0], g, cfg, preset, plants)
@@ -119,9 +169,17 @@ def _shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: int)
     return shards
 
 
-def make_model(out_dir: str | Path, preset: str = "tiny-dense", *, seed: int = 0, dtype: str = "bfloat16",
-               shard_bytes: int = 4 * 1024**3, plants: Plants = Plants(), overrides: dict | None = None,
-               progress: Callable[[Iterator, int], Iterator] | None = None) -> Path:
+def make_model(
+    out_dir: str | Path,
+    preset: str = "tiny-dense",
+    *,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    shard_bytes: int = 4 * 1024**3,
+    plants: Plants = Plants(),
+    overrides: dict | None = None,
+    progress: Callable[[Iterator, int], Iterator] | None = None,
+) -> Path:
     """Write config.json and safetensors (sharded above `shard_bytes`); return the directory."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -139,8 +197,11 @@ def make_model(out_dir: str | Path, preset: str = "tiny-dense", *, seed: int = 0
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
 
     shards = _shards(shapes, torch.tensor([], dtype=torch_dtype).element_size(), shard_bytes)
-    files = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                               for i in range(len(shards))]
+    files = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     names = iter(shapes)
     if progress is not None:
         names = progress(names, len(shapes))
@@ -152,8 +213,7 @@ def make_model(out_dir: str | Path, preset: str = "tiny-dense", *, seed: int = 0
         w.close()
     if len(files) > 1:
         total = sum(w.offset for w in writers)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
+        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
         (out / INDEX).write_text(json.dumps(index, indent=2))
     return out
 

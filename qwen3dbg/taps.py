@@ -41,7 +41,9 @@ LAYER_OPS: tuple[OpSpec, ...] = (
     OpSpec("k_norm", ("B", "T", "nKV", "D")),
     OpSpec("q_rope", ("B", "T", "nH", "D")),
     OpSpec("k_rope", ("B", "T", "nKV", "D")),
-    OpSpec("k_cache", ("B", "nKV", "S", "D"), attention_matrix=True, doc="keys as the cache holds them after this step"),
+    OpSpec(
+        "k_cache", ("B", "nKV", "S", "D"), attention_matrix=True, doc="keys as the cache holds them after this step"
+    ),
     OpSpec("v_cache", ("B", "nKV", "S", "D"), attention_matrix=True),
     OpSpec("attn_scores", ("B", "nH", "T", "S"), attention_matrix=True, doc="scaled pre-softmax scores, masked -inf"),
     OpSpec("attn_probs", ("B", "nH", "T", "S"), attention_matrix=True),
@@ -81,10 +83,18 @@ class TapSpec:
 def axis_sizes(cfg: Qwen3Config, batch: int, tokens: int, cache_len: int) -> dict[str, int]:
     d = cfg.head_dim
     return {
-        "B": batch, "T": tokens, "S": cache_len, "H": cfg.hidden_size,
-        "nH": cfg.num_attention_heads, "nKV": cfg.num_key_value_heads, "D": d,
-        "nH*D": cfg.num_attention_heads * d, "nKV*D": cfg.num_key_value_heads * d,
-        "I": cfg.intermediate_size, "E": cfg.num_experts, "k": cfg.num_experts_per_tok,
+        "B": batch,
+        "T": tokens,
+        "S": cache_len,
+        "H": cfg.hidden_size,
+        "nH": cfg.num_attention_heads,
+        "nKV": cfg.num_key_value_heads,
+        "D": d,
+        "nH*D": cfg.num_attention_heads * d,
+        "nKV*D": cfg.num_key_value_heads * d,
+        "I": cfg.intermediate_size,
+        "E": cfg.num_experts,
+        "k": cfg.num_experts_per_tok,
         "V": cfg.vocab_size,
     }
 
@@ -109,13 +119,28 @@ def parse_tap_name(name: str) -> tuple[int | None, str]:
 
 #: the taps each op reads (within its layer; "prev" is the previous layer's resid_out, or embed)
 _INPUTS = {
-    "attn_norm": ("prev",), "q_proj": ("attn_norm",), "k_proj": ("attn_norm",), "v_proj": ("attn_norm",),
-    "q_norm": ("q_proj",), "k_norm": ("k_proj",), "q_rope": ("q_norm",), "k_rope": ("k_norm",),
-    "k_cache": ("k_rope",), "v_cache": ("v_proj",), "attn_scores": ("q_rope", "k_cache"),
-    "attn_probs": ("attn_scores",), "attn_out": ("attn_probs", "v_cache"), "o_proj": ("attn_out",),
-    "resid_mid": ("prev", "o_proj"), "mlp_norm": ("resid_mid",), "mlp.gate": ("mlp_norm",),
-    "mlp.up": ("mlp_norm",), "mlp.act": ("mlp.gate", "mlp.up"), "moe.router_logits": ("mlp_norm",),
-    "moe.topk_ids": ("moe.router_logits",), "moe.topk_weights": ("moe.router_logits",),
+    "attn_norm": ("prev",),
+    "q_proj": ("attn_norm",),
+    "k_proj": ("attn_norm",),
+    "v_proj": ("attn_norm",),
+    "q_norm": ("q_proj",),
+    "k_norm": ("k_proj",),
+    "q_rope": ("q_norm",),
+    "k_rope": ("k_norm",),
+    "k_cache": ("k_rope",),
+    "v_cache": ("v_proj",),
+    "attn_scores": ("q_rope", "k_cache"),
+    "attn_probs": ("attn_scores",),
+    "attn_out": ("attn_probs", "v_cache"),
+    "o_proj": ("attn_out",),
+    "resid_mid": ("prev", "o_proj"),
+    "mlp_norm": ("resid_mid",),
+    "mlp.gate": ("mlp_norm",),
+    "mlp.up": ("mlp_norm",),
+    "mlp.act": ("mlp.gate", "mlp.up"),
+    "moe.router_logits": ("mlp_norm",),
+    "moe.topk_ids": ("moe.router_logits",),
+    "moe.topk_weights": ("moe.router_logits",),
     "resid_out": ("resid_mid", "mlp.out"),
 }
 

@@ -23,8 +23,10 @@ def escape(s: str) -> str:
     and keeps a trailing `\\\\` that then escapes the tag after it. Rich prints n backslashes before a tag
     from 2n + 1 (the tag escaped) and before any other `[` from n + 1; trailing ones are doubled, so that
     a tag of ours that follows stays a tag (and at the very end of a line, print them doubled)."""
+
     def one(m: re.Match) -> str:
         if m.group(2) is not None:
             return m.group(1) * 2 + "\\" + m.group(2)
         return m.group(3) + "\\["
+
     return _TRAILING.sub(lambda m: m.group(1) * 2, _BRACKET.sub(one, s))

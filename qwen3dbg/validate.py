@@ -15,8 +15,17 @@ from qwen3dbg.config import Qwen3Config, parse_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.scan.container import read_safetensors
 from qwen3dbg.store import read_manifest, step_file
-from qwen3dbg.taps import (HEAD_OPS, LAYER_OPS, OPS_BY_NAME, TAIL_OPS, iter_step_taps, parse_tap_name, select,
-                           tap_name, tap_spec)
+from qwen3dbg.taps import (
+    HEAD_OPS,
+    LAYER_OPS,
+    OPS_BY_NAME,
+    TAIL_OPS,
+    iter_step_taps,
+    parse_tap_name,
+    select,
+    tap_name,
+    tap_spec,
+)
 
 FLOAT_STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: what a manifest's dtype may say: torch's names and the aliases docs/taps.md allows readers to accept
@@ -83,7 +92,9 @@ def _validate(path: Path, m: dict, config: Qwen3Config | None, bad) -> None:
         kept = None
     for name in missing:
         if name not in OPS_BY_NAME:
-            bad("manifest", f"missing_taps names {name!r}, which is no op of the schema (it lists ops: attn_probs, ...)")
+            bad(
+                "manifest", f"missing_taps names {name!r}, which is no op of the schema (it lists ops: attn_probs, ...)"
+            )
     config = _config(m, config, bad)
     steps = m.get("steps")
     if not isinstance(steps, list) or not steps:
@@ -118,14 +129,20 @@ def _config(m: dict, given: Qwen3Config | None, bad) -> Qwen3Config | None:
     if given is None:
         return carried
     for f in carried.shape_mismatches(given):
-        bad("manifest", f"its config has {f} {getattr(carried, f)} but --model has {getattr(given, f)}: "
-                        "the store was written for another model")
+        bad(
+            "manifest",
+            f"its config has {f} {getattr(carried, f)} but --model has {getattr(given, f)}: "
+            "the store was written for another model",
+        )
     return given
 
 
 def _int_rows(rows) -> bool:
-    return isinstance(rows, list) and rows and all(
-        isinstance(r, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in rows)
+    return (
+        isinstance(rows, list)
+        and rows
+        and all(isinstance(r, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in rows)
+    )
 
 
 def _step_tokens(entry, index: int, batch, cache: int, config, bad, where: str) -> int | None:
@@ -159,25 +176,36 @@ def _subsets(entry: dict, cache: int, bad, where: str) -> dict[str, int]:
     that it holds only some slots or rows (docs/taps.md): op -> size."""
     sizes = {}
     positions = entry["positions"][0]
-    for key, ops, allowed, what in (("cache_positions", ("k_cache", "v_cache"), range(cache), "cache slots"),
-                                    ("attention_positions", ("attn_scores", "attn_probs"), positions, "query rows")):
+    for key, ops, allowed, what in (
+        ("cache_positions", ("k_cache", "v_cache"), range(cache), "cache slots"),
+        ("attention_positions", ("attn_scores", "attn_probs"), positions, "query rows"),
+    ):
         declared = entry.get(key)
         if declared is None:
             continue
-        if not isinstance(declared, list) or not declared or not all(
-                isinstance(p, int) and not isinstance(p, bool) for p in declared):
+        if (
+            not isinstance(declared, list)
+            or not declared
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in declared)
+        ):
             bad(where, f"{key} must be a non-empty list of integer positions")
             continue
         outside = [p for p in declared if p not in allowed]
         if outside:
-            bad(where, f"{key} {outside[:5]} are not {what} of this step (allowed: "
-                       f"{allowed.start}..{allowed.stop - 1})" if isinstance(allowed, range) else
-                f"{key} {outside[:5]} are not {what} of this step (its positions: {positions[:5]}...)")
+            bad(
+                where,
+                f"{key} {outside[:5]} are not {what} of this step (allowed: {allowed.start}..{allowed.stop - 1})"
+                if isinstance(allowed, range)
+                else f"{key} {outside[:5]} are not {what} of this step (its positions: {positions[:5]}...)",
+            )
         if len(set(declared)) != len(declared):
             bad(where, f"{key} repeats a position: each {what[:-1]} is written once")
         if key == "cache_positions" and declared != positions and declared != list(range(cache)):
-            bad(where, f"cache_positions {declared[:5]} are neither the step's own positions {positions[:5]} nor the "
-                       "whole cache: a step holds the slots it wrote, or all of them")
+            bad(
+                where,
+                f"cache_positions {declared[:5]} are neither the step's own positions {positions[:5]} nor the "
+                "whole cache: a step holds the slots it wrote, or all of them",
+            )
         sizes.update({op: len(declared) for op in ops})
     return sizes
 
@@ -190,8 +218,18 @@ def _check_ids(ids: list[list[int]], vocab: int | None, what: str, bad, where: s
         bad(where, f"token ids {out[:5]} are outside {what} [0, {top})")
 
 
-def _check_step_file(path: Path, step: int, ids: list[list[int]], cache: int, config, declared: set[str],
-                     kept: list[str] | None, subsets: dict[str, int], bad, where: str) -> None:
+def _check_step_file(
+    path: Path,
+    step: int,
+    ids: list[list[int]],
+    cache: int,
+    config,
+    declared: set[str],
+    kept: list[str] | None,
+    subsets: dict[str, int],
+    bad,
+    where: str,
+) -> None:
     """The taps of one step file: names, dtypes and shapes against the schema (and `config`, with the
     declared `subsets` of cache slots and query rows), and every tap of the schema present, its op in
     missing_taps (`declared`), or left out by a selection (`kept`)."""
@@ -210,8 +248,16 @@ def _check_step_file(path: Path, step: int, ids: list[list[int]], cache: int, co
         spec = OPS_BY_NAME.get(op)
         expected = tap_spec(config, name, batch, tokens, cache) if config is not None and spec else None
         tw = f"{where}, {name}"
-        if spec is None or (config is not None and expected is None) or (layer is not None and name != tap_name(op, layer)):
-            why = "no op of the schema" if spec is None else "not a tap of this model (its layer count or dense/MoE kind differ)"
+        if (
+            spec is None
+            or (config is not None and expected is None)
+            or (layer is not None and name != tap_name(op, layer))
+        ):
+            why = (
+                "no op of the schema"
+                if spec is None
+                else "not a tap of this model (its layer count or dense/MoE kind differ)"
+            )
             bad(tw, f"is {why}; docs/taps.md lists the names")
             continue
         present.add(name)
@@ -221,8 +267,11 @@ def _check_step_file(path: Path, step: int, ids: list[list[int]], cache: int, co
         elif file_dtype not in FLOAT_STORE_DTYPES:
             # A tap may be kept in another float dtype than the store's (fp32 attention probabilities in a
             # bf16 engine): it is compared as stored, with the tolerances of the manifest's dtype.
-            bad(tw, f"has dtype {file_dtype}; a float tap is stored in the float dtype it was computed in "
-                    f"({', '.join(FLOAT_STORE_DTYPES)})")
+            bad(
+                tw,
+                f"has dtype {file_dtype}; a float tap is stored in the float dtype it was computed in "
+                f"({', '.join(FLOAT_STORE_DTYPES)})",
+            )
         if expected is not None:
             want = list(expected.shape)
             if op in subsets:  # a declared subset of the cache's slots or of the attention's query rows
@@ -233,13 +282,19 @@ def _check_step_file(path: Path, step: int, ids: list[list[int]], cache: int, co
             bad(tw, f"has shape {shape}, expected {len(spec.axes)} axes [{','.join(spec.axes)}] with B = {batch}")
         elif op == "logits":  # no config: the logits' last axis is the vocabulary
             _check_ids(ids, shape[-1], "the logits' vocabulary", bad, where)
-    wanted = (n for n in _schema_names(config, present, batch, tokens, cache)
-              if parse_tap_name(n)[1] not in declared and select([n], kept))
+    wanted = (
+        n
+        for n in _schema_names(config, present, batch, tokens, cache)
+        if parse_tap_name(n)[1] not in declared and select([n], kept)
+    )
     lacking = list(islice((n for n in wanted if n not in present), MAX_LACKING))
     if lacking:
         count = f"{len(lacking)}" if len(lacking) < MAX_LACKING else f"at least {MAX_LACKING}"
-        bad(where, f"lacks {count} taps that are neither in {f.name} nor declared in missing_taps, e.g. "
-                   f"{', '.join(lacking[:3])}: write them, or list their ops in the manifest's missing_taps")
+        bad(
+            where,
+            f"lacks {count} taps that are neither in {f.name} nor declared in missing_taps, e.g. "
+            f"{', '.join(lacking[:3])}: write them, or list their ops in the manifest's missing_taps",
+        )
 
 
 def _schema_names(config: Qwen3Config | None, present: set[str], batch: int, tokens: int, cache: int):

@@ -36,8 +36,10 @@ def check_transformers_version(version: str) -> None:
     from packaging.specifiers import SpecifierSet
 
     if version not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
-        raise UserError(f"transformers {version} is outside the versions the hf capture is tested with "
-                        f"({SUPPORTED_TRANSFORMERS}): pip install 'transformers{SUPPORTED_TRANSFORMERS}'")
+        raise UserError(
+            f"transformers {version} is outside the versions the hf capture is tested with "
+            f"({SUPPORTED_TRANSFORMERS}): pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
+        )
 
 
 def router_outputs(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +51,10 @@ def router_outputs(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if len(ids) != 1 or len(weights) != 1:
         import transformers
 
-        raise UserError(f"transformers {transformers.__version__}: the Qwen3-MoE router returns no single top-k "
-                        f"id and weight tensor: pip install 'transformers{SUPPORTED_TRANSFORMERS}'")
+        raise UserError(
+            f"transformers {transformers.__version__}: the Qwen3-MoE router returns no single top-k "
+            f"id and weight tensor: pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
+        )
     return ids[0], weights[0]
 
 
@@ -69,8 +73,9 @@ class HFCandidate(Candidate):
         extra = {"experts_implementation": "eager"} if self.config.is_moe else {}
         hf_logging.disable_progress_bar()
         with quiet_transformers():  # its LOAD REPORT of unexpected keys: scan-checkpoint says it plainly
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype, attn_implementation=attn,
-                                                              **extra)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=self.dtype, attn_implementation=attn, **extra
+            )
         self.model.eval()
         self.modeling = importlib.import_module(type(self.model).__module__)
         # transformers renamed forward's past_key_values to cache (the old name warns until 5.40)
@@ -90,8 +95,7 @@ class HFCandidate(Candidate):
             raise UserError(f"--attn {attn!r}: choose eager (scores and probabilities captured) or sdpa")
 
     def manifest_extra(self) -> dict:
-        return {"attn_implementation": self.attn,
-                **({"experts_implementation": "eager"} if self.config.is_moe else {})}
+        return {"attn_implementation": self.attn, **({"experts_implementation": "eager"} if self.config.is_moe else {})}
 
     def reset(self) -> None:
         from transformers import DynamicCache
@@ -114,23 +118,27 @@ class HFCandidate(Candidate):
         def out_hook(layer, op):
             def hook(module, args, output):
                 emit(sink, layer, op, output)
+
             return hook
 
         def in_hook(layer, op):
             def hook(module, args):
                 emit(sink, layer, op, args[0])
+
             return hook
 
         def enter_layer(i):
             def hook(module, args):
                 current["layer"] = i
                 B_T["shape"] = args[0].shape[:2]
+
             return hook
 
         def cache_of(layer):  # after the attention of `layer`, its cache holds this step's keys and values
             def hook(module, args, output):
                 emit(sink, layer, "k_cache", self.cache.layers[layer].keys)
                 emit(sink, layer, "v_cache", self.cache.layers[layer].values)
+
             return hook
 
         def per_token(t):  # the router flattens tokens: [B*T, X] -> [B, T, X]
@@ -145,6 +153,7 @@ class HFCandidate(Candidate):
                 ids, weights = router_outputs(output, self.config.num_experts_per_tok)
                 emit(sink, layer, "moe.topk_weights", per_token(weights))
                 emit(sink, layer, "moe.topk_ids", per_token(ids))
+
             return hook
 
         reg = lambda m, h: handles.append(m.register_forward_hook(h))  # noqa: E731
@@ -179,6 +188,7 @@ class HFCandidate(Candidate):
                 emit(sink, current["layer"], "q_rope", q.transpose(1, 2))
                 emit(sink, current["layer"], "k_rope", k.transpose(1, 2))
                 return q, k
+
             return wrapper
 
         def eager(original):
@@ -187,13 +197,16 @@ class HFCandidate(Candidate):
                 i = current["layer"]
                 if sink.wants(tap_name("attn_scores", i)):
                     # The same ops eager runs, for the pre-softmax scores it does not return.
-                    scores = torch.matmul(query, m.repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
+                    scores = (
+                        torch.matmul(query, m.repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
+                    )
                     if attention_mask is not None:
                         scores = scores + attention_mask
                         scores = scores.masked_fill(scores <= torch.finfo(scores.dtype).min / 2, float("-inf"))
                     sink(tap_name("attn_scores", i), scores)
                 emit(sink, i, "attn_probs", probs)
                 return out, probs
+
             return wrapper
 
         # Patched for this thread only: a diff runs the reference and an hf candidate side by side.

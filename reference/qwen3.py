@@ -38,6 +38,7 @@ class Numerics:
 
 # ---- pure math ------------------------------------------------------------------------------------
 
+
 def accumulate_lowp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w [N, K].T with every product and running sum rounded to x's dtype: how an engine
     that accumulates in the activation dtype rounds, and what the diagnosis replays to recognise one."""
@@ -109,6 +110,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the model ------------------------------------------------------------------------------------
+
 
 class Weights:
     """Checkpoint tensors converted to the compute dtype on first use. With `stream`, a layer's
@@ -307,4 +309,3 @@ class Qwen3Reference(Candidate):
             return self.layer(layer, hidden.to(self.dtype), positions, sink)
         finally:
             self.cache[layer] = saved
-

@@ -70,8 +70,11 @@ def error_plot(result: DiffResult) -> str:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[:, 0]:
         ax.set_ylabel("rel. L2 error to fp64")
-    fig.suptitle("candidate (solid) and reference (dashed) error against layer, each op at its worst step; "
-                 "red star: the first divergent op, on its own line", fontsize=10)
+    fig.suptitle(
+        "candidate (solid) and reference (dashed) error against layer, each op at its worst step; "
+        "red star: the first divergent op, on its own line",
+        fontsize=10,
+    )
     fig.tight_layout()
     return figure_png(fig)
 
@@ -91,14 +94,21 @@ def heatmap(result: DiffResult) -> str:
     for (layer, op), t in worst.items():
         grid[layers.index(layer), ops.index(op)] = min(max(t.excess, 1e-3), 1e6)
     fig, ax = plt.subplots(figsize=(min(2 + 0.45 * len(ops), 14), min(1.5 + 0.3 * len(layers), 12)))
-    im = ax.imshow(grid, aspect="auto", cmap="RdYlGn_r", norm=LogNorm(vmin=1e-2, vmax=max(1e2, np.nanmax(grid))),
-                   interpolation="nearest")
+    im = ax.imshow(
+        grid,
+        aspect="auto",
+        cmap="RdYlGn_r",
+        norm=LogNorm(vmin=1e-2, vmax=max(1e2, np.nanmax(grid))),
+        interpolation="nearest",
+    )
     ax.set_xticks(range(len(ops)), ops, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=8)
     ax.set_ylabel("layer")
     d = result.first_divergence
     if d is not None and d.layer is not None and d.op in ops:
-        ax.add_patch(plt.Rectangle((ops.index(d.op) - 0.5, layers.index(d.layer) - 0.5), 1, 1, fill=False, ec="blue", lw=2.5))
+        ax.add_patch(
+            plt.Rectangle((ops.index(d.op) - 0.5, layers.index(d.layer) - 0.5), 1, 1, fill=False, ec="blue", lw=2.5)
+        )
     fig.colorbar(im, ax=ax, label="excess (> 1 divergent)")
     ax.set_title("error / tolerance per layer and op (worst over steps); blue box: first divergence", fontsize=10)
     fig.tight_layout()
@@ -119,8 +129,14 @@ def step_plot(result: DiffResult) -> str:
         if t.layer is not None and t.status != "not_compared":
             grid[t.layer, t.step] = max(grid[t.layer, t.step], min(t.excess, 1e6))
     fig, ax = plt.subplots(figsize=(10, min(1.5 + 0.3 * n_layers, 8)))
-    im = ax.imshow(grid, aspect="auto", cmap="RdYlGn_r", norm=LogNorm(vmin=1e-2, vmax=max(1e2, grid.max())),
-                   interpolation="nearest", origin="lower")
+    im = ax.imshow(
+        grid,
+        aspect="auto",
+        cmap="RdYlGn_r",
+        norm=LogNorm(vmin=1e-2, vmax=max(1e2, grid.max())),
+        interpolation="nearest",
+        origin="lower",
+    )
     ax.set_xlabel("step (0: prefill)")
     ax.set_ylabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -131,8 +147,15 @@ def step_plot(result: DiffResult) -> str:
     return figure_png(fig)
 
 
-_CLASS = {"first NaN/inf": "bad", "golden NaN/inf": "bad", "reference": "warn",
-          "within noise": "info", "routing ties": "warn", "note": "warn", "systematic": "warn"}
+_CLASS = {
+    "first NaN/inf": "bad",
+    "golden NaN/inf": "bad",
+    "reference": "warn",
+    "within noise": "info",
+    "routing ties": "warn",
+    "note": "warn",
+    "systematic": "warn",
+}
 
 
 def _summary(result: DiffResult) -> str:
@@ -190,9 +213,17 @@ def tap_rows(result: DiffResult) -> list[Row]:
     for r in clean:
         if r.kind == "clean":
             rest.setdefault(r.worst.layer, []).append(r)
-    folded = [Row("clean", f"layer {layer}" if layer is not None else "outside the layers",
-                  max((r.worst for r in rows), key=lambda t: t.excess), [], n_steps, collapsed=len(rows))
-              for layer, rows in rest.items()]
+    folded = [
+        Row(
+            "clean",
+            f"layer {layer}" if layer is not None else "outside the layers",
+            max((r.worst for r in rows), key=lambda t: t.excess),
+            [],
+            n_steps,
+            collapsed=len(rows),
+        )
+        for layer, rows in rest.items()
+    ]
     return divergent + near + folded
 
 
@@ -208,10 +239,26 @@ def _ranges(steps: list[int]) -> str:
     return ", ".join(out)
 
 
-_KIND = {"first": "✗ first divergence", "divergent": "✗ divergent", "near": "! nearest to limit",
-         "clean": "✓ within noise"}
-_COLUMNS = ("status", "tap", "divergent steps", "worst step", "excess", "rel. L2", "ref rel. L2", "max |err|",
-            "ref max |err|", "ulps vs ref", "worst at", "note")
+_KIND = {
+    "first": "✗ first divergence",
+    "divergent": "✗ divergent",
+    "near": "! nearest to limit",
+    "clean": "✓ within noise",
+}
+_COLUMNS = (
+    "status",
+    "tap",
+    "divergent steps",
+    "worst step",
+    "excess",
+    "rel. L2",
+    "ref rel. L2",
+    "max |err|",
+    "ref max |err|",
+    "ulps vs ref",
+    "worst at",
+    "note",
+)
 
 
 def _num_cell(x: float) -> str:
@@ -220,16 +267,21 @@ def _num_cell(x: float) -> str:
 
 def _row_html(r: Row) -> str:
     t = r.worst
-    steps = (f"{_ranges(r.divergent_steps)} ({len(r.divergent_steps)} of {r.steps})" if r.divergent_steps
-             else f"none of {r.steps}")
+    steps = (
+        f"{_ranges(r.divergent_steps)} ({len(r.divergent_steps)} of {r.steps})"
+        if r.divergent_steps
+        else f"none of {r.steps}"
+    )
     label = r.label if not r.collapsed else f"{r.label}: {r.collapsed} more taps (worst {t.name})"
     worst_at = ", ".join(f"{k} {v}" for k, v in (t.worst or {}).items() if k not in ("step", "batch"))
     cls = r.kind + (" divergent" if r.kind == "first" else "")
-    return (f'<tr class="{cls}"><td>{esc(_KIND[r.kind])}</td><td>{esc(label)}</td>'
-            f'<td data-v="{len(r.divergent_steps)}">{esc(steps)}</td><td data-v="{t.step}">{t.step}</td>'
-            + _num_cell(t.excess)
-            + "".join(_num_cell(x) for x in (t.rel_l2, t.ref_rel_l2, t.max_abs, t.ref_max_abs, t.diff_ulps))
-            + f"<td>{esc(worst_at)}</td><td>{esc(t.reason)}</td></tr>")
+    return (
+        f'<tr class="{cls}"><td>{esc(_KIND[r.kind])}</td><td>{esc(label)}</td>'
+        f'<td data-v="{len(r.divergent_steps)}">{esc(steps)}</td><td data-v="{t.step}">{t.step}</td>'
+        + _num_cell(t.excess)
+        + "".join(_num_cell(x) for x in (t.rel_l2, t.ref_rel_l2, t.max_abs, t.ref_max_abs, t.diff_ulps))
+        + f"<td>{esc(worst_at)}</td><td>{esc(t.reason)}</td></tr>"
+    )
 
 
 def table(result: DiffResult) -> str:
@@ -237,13 +289,15 @@ def table(result: DiffResult) -> str:
     rows = tap_rows(result)
     head = "".join(f'<th scope="col" data-col="{esc(c)}">{esc(c)}</th>' for c in _COLUMNS)
     n = sum(r.kind in ("first", "divergent") for r in rows)
-    return ('<p class="hint">Divergent taps first (each once, over all its steps), then the clean taps nearest to '
-            f"their limit, then the clean rest folded per layer: {len(rows)} rows for {len(result.taps)} taps "
-            f"of {len(result.steps)} steps; --json holds the details. Click a header to sort.</p>"
-            '<p><input id="tap-filter" type="search" placeholder="filter by tap, e.g. layers.3. or k_rope"> '
-            f'<label><input id="tap-divergent" type="checkbox"> divergent only ({n})</label></p>'
-            f'<div class="wide"><table id="taps"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(map(_row_html, rows))}</tbody></table></div>')
+    return (
+        '<p class="hint">Divergent taps first (each once, over all its steps), then the clean taps nearest to '
+        f"their limit, then the clean rest folded per layer: {len(rows)} rows for {len(result.taps)} taps "
+        f"of {len(result.steps)} steps; --json holds the details. Click a header to sort.</p>"
+        '<p><input id="tap-filter" type="search" placeholder="filter by tap, e.g. layers.3. or k_rope"> '
+        f'<label><input id="tap-divergent" type="checkbox"> divergent only ({n})</label></p>'
+        f'<div class="wide"><table id="taps"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(map(_row_html, rows))}</tbody></table></div>"
+    )
 
 
 #: sorts the tap table by a clicked header (numbers by their data-v), filters by text and "divergent only";
@@ -285,12 +339,14 @@ SCRIPT = """
 
 
 _METRIC = {"top1_agreement": "top-1 agreement", "top5_overlap": "top-5 overlap", "kl": "KL"}
-_LOGITS_HELP = ("Each side's logits against the fp64 golden's, on the same tokens. <b>top-1 agreement</b>: the "
-                "share of positions whose most likely next token is the golden's; <b>top-5 overlap</b>: the "
-                "average share of the golden's five most likely tokens among the side's five; <b>KL</b>: "
-                "KL(fp64 || side) in nats, averaged over positions. What a clean run of {dtype} looks like is the "
-                "reference's column: it is that dtype's own rounding on these tokens. A candidate near it is as "
-                "good as {dtype} gets; the divergence rule, not these numbers, gives the verdict.")
+_LOGITS_HELP = (
+    "Each side's logits against the fp64 golden's, on the same tokens. <b>top-1 agreement</b>: the "
+    "share of positions whose most likely next token is the golden's; <b>top-5 overlap</b>: the "
+    "average share of the golden's five most likely tokens among the side's five; <b>KL</b>: "
+    "KL(fp64 || side) in nats, averaged over positions. What a clean run of {dtype} looks like is the "
+    "reference's column: it is that dtype's own rounding on these tokens. A candidate near it is as "
+    "good as {dtype} gets; the divergence rule, not these numbers, gives the verdict."
+)
 
 
 def logits_section(result: DiffResult) -> str:
@@ -300,8 +356,9 @@ def logits_section(result: DiffResult) -> str:
     if not logits:
         return ""
     keys = [k for k in logits[0].extra if k.startswith(("top", "kl"))]
-    groups = [("prefill", logits[:1])] + ([(f"decode steps 1-{len(result.steps) - 1} (mean)", logits[1:])]
-                                          if len(logits) > 1 else [])
+    groups = [("prefill", logits[:1])] + (
+        [(f"decode steps 1-{len(result.steps) - 1} (mean)", logits[1:])] if len(logits) > 1 else []
+    )
 
     def mean(ts, key, side):
         vals = [(t.extra if side == "cand" else t.extra.get("reference", {})).get(key) for t in ts]
@@ -309,16 +366,27 @@ def logits_section(result: DiffResult) -> str:
         return f"{sum(vals) / len(vals):.3g}" if vals else "-"
 
     head = "".join(f"<th>{esc(_METRIC.get(k, k))}: candidate</th><th>reference</th>" for k in keys)
-    body = "".join(f"<tr><td>{esc(label)}</td>" + "".join(f"<td>{mean(ts, k, 'cand')}</td><td>{mean(ts, k, 'ref')}</td>"
-                                                          for k in keys) + "</tr>" for label, ts in groups)
-    return (f"<h2>Logits</h2><p>{_LOGITS_HELP.format(dtype=esc(result.dtype))}</p>"
-            f"<table><tr><th>steps</th>{head}</tr>{body}</table>")
+    body = "".join(
+        f"<tr><td>{esc(label)}</td>"
+        + "".join(f"<td>{mean(ts, k, 'cand')}</td><td>{mean(ts, k, 'ref')}</td>" for k in keys)
+        + "</tr>"
+        for label, ts in groups
+    )
+    return (
+        f"<h2>Logits</h2><p>{_LOGITS_HELP.format(dtype=esc(result.dtype))}</p>"
+        f"<table><tr><th>steps</th>{head}</tr>{body}</table>"
+    )
 
 
 def render_html(result: DiffResult) -> str:
-    body = [f"<h1>qwen3dbg diff: {esc(result.side('cand').spec)} vs {esc(result.side('ref').spec)}</h1>",
-            _summary(result), "<h2>Error against layer</h2>", error_plot(result),
-            "<h2>Layer x op</h2>", heatmap(result)]
+    body = [
+        f"<h1>qwen3dbg diff: {esc(result.side('cand').spec)} vs {esc(result.side('ref').spec)}</h1>",
+        _summary(result),
+        "<h2>Error against layer</h2>",
+        error_plot(result),
+        "<h2>Layer x op</h2>",
+        heatmap(result),
+    ]
     if len(result.steps) > 1:
         body += ["<h2>Per step</h2>", step_plot(result)]
     body += [logits_section(result), "<h2>Taps</h2>", table(result)]

@@ -61,5 +61,7 @@ def page(title: str, body: str, script: str = "") -> str:
     """One self-contained page; `script` is inline code of ours (never data), run after the body."""
     assert "</script" not in script.lower() and "<!--" not in script, "would end or confuse the script element"
     tail = f"<script>{script}</script>" if script else ""
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>{body}{tail}</body></html>")
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{CSS}</style></head><body>{body}{tail}</body></html>"
+    )

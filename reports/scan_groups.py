@@ -43,8 +43,10 @@ def read_line(result: ScanResult) -> str:
     gb = result.bytes_read / 1e9
     size = f"{gb:.3g} GB" if gb >= 1 else f"{result.bytes_read / 1e6:.3g} MB"
     rate = f", {gb / result.seconds:.2f} GB/s" if result.bytes_read >= RATE_MIN_BYTES and result.seconds > 0 else ""
-    return (f"{result.format}, {plural(len(result.files), 'file')}, {plural(len(result.tensors), 'tensor')}, "
-            f"{size} read in {result.seconds:.2f} s{rate}")
+    return (
+        f"{result.format}, {plural(len(result.files), 'file')}, {plural(len(result.tensors), 'tensor')}, "
+        f"{size} read in {result.seconds:.2f} s{rate}"
+    )
 
 
 def peaks_by_layer(result: ScanResult) -> list[tuple[str, dict[str, float]]]:

@@ -39,8 +39,9 @@ def _terminal_findings(console, result: Verdict) -> None:
             grid.add_row("", f"[{STYLE[f.severity]}]{f.check}[/]", escape(what(f)))
         console.print(grid)
     if len(groups) > SHOWN_TENSORS:
-        console.print(f"... and {plural(len(groups) - SHOWN_TENSORS, 'more tensor')} with findings "
-                      "(all in --json / --html)")
+        console.print(
+            f"... and {plural(len(groups) - SHOWN_TENSORS, 'more tensor')} with findings (all in --json / --html)"
+        )
     why = {f.check: f.why for _, fs in groups for f in fs}
     if why:
         grid = Table.grid(padding=(0, 2))
@@ -64,8 +65,9 @@ def print_scan(result: ScanResult, console) -> None:
         for col in NORM_COLUMNS:
             table.add_column(col, justify="right")
         for layer, row in peaks:
-            table.add_row(layer, *[f"[yellow]{row[c]:.4g}[/]" if row.get(c, 0) > th else num(row.get(c))
-                                   for c in NORM_COLUMNS])
+            table.add_row(
+                layer, *[f"[yellow]{row[c]:.4g}[/]" if row.get(c, 0) > th else num(row.get(c)) for c in NORM_COLUMNS]
+            )
         console.print(table)
     _terminal_findings(console, result)
     console.print(_verdict_line(result))
@@ -76,9 +78,11 @@ def print_weights_diff(result: WeightsDiffResult, console) -> None:
     for d in result.tensors:
         rel[d.relation] += 1
     summary = ", ".join(f"{n} {r}" for r, n in sorted(rel.items(), key=lambda x: -x[1]))
-    console.print(f"[bold]diff-weights[/bold] A={escape(str(result.a))} B={escape(str(result.b))}: "
-                  f"{len(result.tensors)} tensors in both "
-                  f"({summary or 'none'}), {len(result.only_a)} only in A, {len(result.only_b)} only in B "
-                  f"({result.seconds:.2f} s)")
+    console.print(
+        f"[bold]diff-weights[/bold] A={escape(str(result.a))} B={escape(str(result.b))}: "
+        f"{len(result.tensors)} tensors in both "
+        f"({summary or 'none'}), {len(result.only_a)} only in A, {len(result.only_b)} only in B "
+        f"({result.seconds:.2f} s)"
+    )
     _terminal_findings(console, result)
     console.print(_verdict_line(result))

@@ -11,10 +11,21 @@ from qwen3dbg.text import escape
 from qwen3dbg.wording import short
 
 
-_STYLE = {"first divergence": "bold", "origin": "bold", "first NaN/inf": "bold red", "golden NaN/inf": "bold red",
-          "reference": "bold yellow", "diagnosis": "bold cyan", "or": "cyan", "within noise": "bold blue",
-          "routing ties": "yellow", "not compared": "dim", "note": "yellow", "decode steps": "bold",
-          "systematic": "bold yellow"}
+_STYLE = {
+    "first divergence": "bold",
+    "origin": "bold",
+    "first NaN/inf": "bold red",
+    "golden NaN/inf": "bold red",
+    "reference": "bold yellow",
+    "diagnosis": "bold cyan",
+    "or": "cyan",
+    "within noise": "bold blue",
+    "routing ties": "yellow",
+    "not compared": "dim",
+    "note": "yellow",
+    "decode steps": "bold",
+    "systematic": "bold yellow",
+}
 
 
 def summary(result: DiffResult) -> Panel:
@@ -34,11 +45,22 @@ def summary(result: DiffResult) -> Panel:
 def layer_table(result: DiffResult) -> Table:
     """One row per layer (plus the ops outside the layers): its worst tap over all steps, with the statistic
     that makes it so. Fits 80 columns: no borders, names never cut."""
-    t = Table(title="Worst tap of each layer (other: embed, final_norm, logits). Excess = error / tolerance, "
-                    "over 1 is divergent; evidence: the candidate's error vs the reference's",
-              title_justify="left", box=None, header_style="bold", pad_edge=False)
-    for col, just in (("layer", "left"), ("worst op", "left"), ("step", "right"), ("excess", "right"),
-                      ("evidence", "left"), ("divergent", "right")):
+    t = Table(
+        title="Worst tap of each layer (other: embed, final_norm, logits). Excess = error / tolerance, "
+        "over 1 is divergent; evidence: the candidate's error vs the reference's",
+        title_justify="left",
+        box=None,
+        header_style="bold",
+        pad_edge=False,
+    )
+    for col, just in (
+        ("layer", "left"),
+        ("worst op", "left"),
+        ("step", "right"),
+        ("excess", "right"),
+        ("evidence", "left"),
+        ("divergent", "right"),
+    ):
         t.add_column(col, justify=just, no_wrap=True)
     groups: dict[str, list[TapResult]] = {}
     for r in result.taps:

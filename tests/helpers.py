@@ -12,6 +12,7 @@ DECODE = [42, 300, 7]
 
 # --- scan-checkpoint / diff-weights / GGUF (issue 5) ------------------------------------------------
 
+
 def rewrite_checkpoint(src, dst, edit):
     """Copy a model directory through `edit(tensors: dict) -> dict` into `dst` (one safetensors file)."""
     import shutil
@@ -46,13 +47,14 @@ def edit_safetensors_header(path, edit):
 
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = edit(json.loads(raw[8:8 + n]))
+    header = edit(json.loads(raw[8 : 8 + n]))
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
 
 
 # ---- external candidates: tests/test_ext_*.py ------------------------------------------------------
+
 
 def first_divergence(model, cand: str, dtype: str | None = None) -> str | None:
     """'step N: tap' where `qwen3dbg diff --ref hf --cand CAND` first finds a divergence on PROMPT + DECODE,
@@ -82,6 +84,7 @@ def cli(*args):
 
 # ---- adversarial inputs: tests/test_adversarial_*.py ----------------------------------------------
 
+
 @contextmanager
 def deadline(seconds: int):
     """Fail instead of hanging: opening a FIFO for reading, for one, waits for a writer forever."""
@@ -89,6 +92,7 @@ def deadline(seconds: int):
 
     def expire(*_):
         raise TimeoutError(f"blocked for more than {seconds} s")
+
     old = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
     try:

@@ -24,9 +24,11 @@ from qwen3dbg.scan import container
 from qwen3dbg.scan.scan import scan_checkpoint
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-                    | st.text(max_size=6), lambda inner: st.lists(inner, max_size=3)
-                    | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
 NESTED = st.integers(100, 5000).map(lambda n: "[" * n + "]" * n)
 
 
@@ -56,12 +58,18 @@ def _errors(result, check: str | None = None) -> list:
 
 # --- safetensors headers ----------------------------------------------------------------------------
 
-_BASE = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
-         "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]}}
+_BASE = {
+    "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+    "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]},
+}
 
 _HEADER_EDITS = st.one_of(
-    st.tuples(st.just("field"), st.sampled_from(["a", "b"]), st.sampled_from(["dtype", "shape", "data_offsets", "x"]),
-              JSON | st.sampled_from(["F64", "I32", "BOOL", "F8_E4M3", [2, 3], [0, 32], [24, 56], [-1], [2**64]])),
+    st.tuples(
+        st.just("field"),
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["dtype", "shape", "data_offsets", "x"]),
+        JSON | st.sampled_from(["F64", "I32", "BOOL", "F8_E4M3", [2, 3], [0, 32], [24, 56], [-1], [2**64]]),
+    ),
     st.tuples(st.just("entry"), st.sampled_from(["a", "b", "c", "__metadata__", "\\ud800"]), JSON),
     st.tuples(st.just("nest"), NESTED),
     st.tuples(st.just("length"), st.integers(-16, 16) | st.sampled_from([2**63, 2**64 - 1, 100 * 1024**2 + 1])),
@@ -83,7 +91,7 @@ def _mutated_safetensors(edit) -> bytes:
     elif edit[0] == "length":
         delta = edit[1]
     elif edit[0] == "data":
-        data = data[:32 + edit[1]] if edit[1] < 0 else data + bytes(edit[1])
+        data = data[: 32 + edit[1]] if edit[1] < 0 else data + bytes(edit[1])
     if blob is None:
         blob = json.dumps(header).replace('"\\\\ud800"', '"\\ud800"').encode()
     if edit[0] == "bytes":
@@ -91,7 +99,7 @@ def _mutated_safetensors(edit) -> bytes:
         blob = blob[:at] + edit[2] + blob[at:]
     n = len(blob) + delta if edit[0] != "length" or abs(edit[1]) <= 16 else edit[1]
     raw = struct.pack("<Q", max(0, n) % 2**64) + blob + data
-    return raw[:edit[1]] if edit[0] == "truncate" else raw
+    return raw[: edit[1]] if edit[0] == "truncate" else raw
 
 
 def _library_refuses(path: Path) -> bool:
@@ -142,17 +150,32 @@ def test_an_absurd_header_is_named_and_costs_little(tmp_path, monkeypatch, absur
 
 # --- index files ------------------------------------------------------------------------------------
 
-_SHARD_NAMES = st.sampled_from([".", "..", "", "/", "/etc/hostname", "../model.safetensors", "sub/x.safetensors",
-                                "pytorch_model.bin", "model-00001-of-00002.bin", "missing.safetensors", "x\0.safetensors"])
+_SHARD_NAMES = st.sampled_from(
+    [
+        ".",
+        "..",
+        "",
+        "/",
+        "/etc/hostname",
+        "../model.safetensors",
+        "sub/x.safetensors",
+        "pytorch_model.bin",
+        "model-00001-of-00002.bin",
+        "missing.safetensors",
+        "x\0.safetensors",
+    ]
+)
 
 
 @FAST
-@given(st.one_of(
-    st.tuples(st.just("value"), _SHARD_NAMES | JSON),
-    st.tuples(st.just("weight_map"), JSON),
-    st.tuples(st.just("raw"), st.binary(max_size=40) | NESTED.map(str.encode)),
-    st.tuples(st.just("other shard"), st.integers(0, 100)),
-))
+@given(
+    st.one_of(
+        st.tuples(st.just("value"), _SHARD_NAMES | JSON),
+        st.tuples(st.just("weight_map"), JSON),
+        st.tuples(st.just("raw"), st.binary(max_size=40) | NESTED.map(str.encode)),
+        st.tuples(st.just("other shard"), st.integers(0, 100)),
+    )
+)
 def test_a_malformed_index_is_refused_by_the_loader_and_reported_by_the_scan(models, tmp_path, edit):
     with tempfile.TemporaryDirectory(dir=tmp_path) as d:
         d = _linked_copy(models("sharded"), Path(d) / "m")
@@ -190,6 +213,7 @@ def test_an_index_naming_bin_files_never_reaches_torch_load(models, tmp_path, mo
 
     def never(*args, **kwargs):
         raise AssertionError("torch.load was called")
+
     monkeypatch.setattr(torch, "load", never)
     from helpers import cli
 
@@ -200,18 +224,55 @@ def test_an_index_naming_bin_files_never_reaches_torch_load(models, tmp_path, mo
 
 # --- configs ----------------------------------------------------------------------------------------
 
-_FIELDS = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-           "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
-           "tie_word_embeddings", "attention_bias", "torch_dtype", "max_position_embeddings", "hidden_act",
-           "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-           "mlp_only_layers"]
-_BOMBS = st.sampled_from([10**9, 10**18, 2**63, 10**8, 0, -1, "4", 4.0, [4], {"rope_type": "yarn"}, "default",
-                          {"rope_theta": "1e6"}, list(range(2000))])
+_FIELDS = [
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "attention_bias",
+    "torch_dtype",
+    "max_position_embeddings",
+    "hidden_act",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+]
+_BOMBS = st.sampled_from(
+    [
+        10**9,
+        10**18,
+        2**63,
+        10**8,
+        0,
+        -1,
+        "4",
+        4.0,
+        [4],
+        {"rope_type": "yarn"},
+        "default",
+        {"rope_theta": "1e6"},
+        list(range(2000)),
+    ]
+)
 
 
 @FAST
-@given(st.sampled_from(["tiny-dense", "tiny-moe"]), st.dictionaries(st.sampled_from(_FIELDS), JSON | _BOMBS,
-                                                                    min_size=1, max_size=3))
+@given(
+    st.sampled_from(["tiny-dense", "tiny-moe"]),
+    st.dictionaries(st.sampled_from(_FIELDS), JSON | _BOMBS, min_size=1, max_size=3),
+)
 def test_any_config_field_of_any_type_loads_or_is_refused_in_bounded_memory(models, tmp_path, preset, changes):
     with tempfile.TemporaryDirectory(dir=tmp_path) as d:
         d = _linked_copy(models(preset), Path(d) / "m")
@@ -224,9 +285,15 @@ def test_any_config_field_of_any_type_loads_or_is_refused_in_bounded_memory(mode
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.sampled_from([("tiny-dense", "num_hidden_layers", "layers", 3), ("tiny-moe", "num_experts", "experts", 8)])
-       .flatmap(lambda c: st.tuples(st.just(c), st.integers(2, 12).filter(lambda n: n != c[3])
-                                    | st.sampled_from([10**8, 10**9, 10**15]))))
+@given(
+    st.sampled_from(
+        [("tiny-dense", "num_hidden_layers", "layers", 3), ("tiny-moe", "num_experts", "experts", 8)]
+    ).flatmap(
+        lambda c: st.tuples(
+            st.just(c), st.integers(2, 12).filter(lambda n: n != c[3]) | st.sampled_from([10**8, 10**9, 10**15])
+        )
+    )
+)
 def test_a_config_whose_layer_or_expert_count_differs_from_the_weights_is_refused(models, tmp_path_factory, case):
     (preset, field, kind, held), declared = case
     d = _linked_copy(models(preset), tmp_path_factory.mktemp(kind))
@@ -239,19 +306,31 @@ def test_a_config_whose_layer_or_expert_count_differs_from_the_weights_is_refuse
 
 # --- weights ----------------------------------------------------------------------------------------
 
+
 @settings(max_examples=8, deadline=None)
-@given(st.sampled_from(["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight",
-                        "model.layers.0.self_attn.k_norm.weight", "model.layers.2.mlp.down_proj.weight"]),
-       st.sampled_from([torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]))
+@given(
+    st.sampled_from(
+        [
+            "model.embed_tokens.weight",
+            "model.layers.1.self_attn.q_proj.weight",
+            "model.norm.weight",
+            "model.layers.0.self_attn.k_norm.weight",
+            "model.layers.2.mlp.down_proj.weight",
+        ]
+    ),
+    st.sampled_from([torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool]),
+)
 def test_an_integer_weight_is_an_error_for_the_scan_and_the_loader(models, tmp_path_factory, name, dtype):
-    d = rewrite_checkpoint(models("tiny-dense"), tmp_path_factory.mktemp("int"),
-                           lambda t: t | {name: (t[name] * 100).to(dtype)})
+    d = rewrite_checkpoint(
+        models("tiny-dense"), tmp_path_factory.mktemp("int"), lambda t: t | {name: (t[name] * 100).to(dtype)}
+    )
     with pytest.raises(UserError, match="not floating point"):
         resolve_model(d)
     assert [f.tensor for f in _errors(scan_checkpoint(d), "dtype")] == [name]
 
 
 # --- the file system --------------------------------------------------------------------------------
+
 
 def _make_odd(path: Path, kind: str) -> None:
     if path.exists() or path.is_symlink():

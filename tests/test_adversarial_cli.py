@@ -17,15 +17,42 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import Qwen3Reference
 
 #: pieces that mean something to rich (markup tags, escapes, emoji codes) or to a format string
-MARKUP = ["[/]", "[bold]", "[/bold]", "[red]", "[llamacpp]", "[link=https://x]", "[@click=quit]", ":smile:",
-          ":warning:", "\\", "\\[", "[", "]", "[[", "]]", "%s", "{}", "'", '"', " ", "a", "é", "∑"]
+MARKUP = [
+    "[/]",
+    "[bold]",
+    "[/bold]",
+    "[red]",
+    "[llamacpp]",
+    "[link=https://x]",
+    "[@click=quit]",
+    ":smile:",
+    ":warning:",
+    "\\",
+    "\\[",
+    "[",
+    "]",
+    "[[",
+    "]]",
+    "%s",
+    "{}",
+    "'",
+    '"',
+    " ",
+    "a",
+    "é",
+    "∑",
+]
 #: printable text where rich's syntax is dense (no control characters: the terminal strips those)
-nasty = st.lists(st.sampled_from(MARKUP) | st.text(st.characters(categories=["L", "N", "P", "S"]), max_size=3),
-                 min_size=1, max_size=12).map("".join)
+nasty = st.lists(
+    st.sampled_from(MARKUP) | st.text(st.characters(categories=["L", "N", "P", "S"]), max_size=3),
+    min_size=1,
+    max_size=12,
+).map("".join)
 #: file-name safe: no separator, not `.` or `..`
 nasty_name = nasty.map(lambda s: "n" + s.replace("/", "|"))
-fixtures_ok = settings(max_examples=40, deadline=None, derandomize=True,
-                       suppress_health_check=[HealthCheck.function_scoped_fixture])
+fixtures_ok = settings(
+    max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @settings(max_examples=150, derandomize=True)

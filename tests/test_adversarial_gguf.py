@@ -22,8 +22,19 @@ from qwen3dbg.scan.scan import scan_checkpoint
 
 Q = gguf.GGMLQuantizationType
 UINT32, INT32, F32, BOOL, STRING, ARRAY, UINT64, INT64 = 4, 5, 6, 7, 8, 9, 10, 11
-_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", UINT32: "<I", INT32: "<i", F32: "<f", BOOL: "<?", UINT64: "<Q",
-        INT64: "<q", 12: "<d"}
+_FMT = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    UINT32: "<I",
+    INT32: "<i",
+    F32: "<f",
+    BOOL: "<?",
+    UINT64: "<Q",
+    INT64: "<q",
+    12: "<d",
+}
 ARCH = "qwen3moe"
 
 
@@ -53,7 +64,11 @@ def _serialize(kv: dict, tensors: list, data: bytes, align: int) -> bytes:
     for key, (vtype, value) in kv.items():
         out += _encode(STRING, key) + struct.pack("<I", vtype) + _encode(vtype, value)
     for name, shape, qtype, offset in tensors:
-        out += _encode(STRING, name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        out += (
+            _encode(STRING, name)
+            + struct.pack("<I", len(shape))
+            + b"".join(struct.pack("<Q", d) for d in reversed(shape))
+        )
         out += struct.pack("<IQ", qtype, offset)
     return out + bytes(-len(out) % align) + data
 
@@ -70,7 +85,7 @@ def base(models, tmp_path_factory):
     g = read_gguf(path)
     kv = {k: (g.kv_types[k], _typed(v, g.kv_types[k])) for k, v in g.kv.items()}
     tensors = [(t.name, t.shape, t.qtype, t.offset - g.data_start) for t in g.tensors]
-    return _Parts((kv, tensors, path.read_bytes()[g.data_start:], g.alignment))
+    return _Parts((kv, tensors, path.read_bytes()[g.data_start :], g.alignment))
 
 
 def _deep_array(depth: int):
@@ -80,7 +95,7 @@ def _deep_array(depth: int):
 
 _VALUES = st.one_of(
     st.tuples(st.just(UINT32), st.sampled_from([0, 1, 7, 3, 31, 64, 2**31, 10**9, 2**32 - 1])),
-    st.tuples(st.sampled_from([INT32, INT64]), st.integers(-2**31, -1) | st.sampled_from([0, 3, 10**9])),
+    st.tuples(st.sampled_from([INT32, INT64]), st.integers(-(2**31), -1) | st.sampled_from([0, 3, 10**9])),
     st.tuples(st.just(UINT64), st.sampled_from([0, 3, 10**9, 2**64 - 1])),
     st.tuples(st.just(F32), st.floats(width=32, allow_nan=True)),
     st.tuples(st.just(BOOL), st.booleans()),
@@ -88,17 +103,33 @@ _VALUES = st.one_of(
     st.tuples(st.just(ARRAY), st.tuples(st.just(INT32), st.lists(st.integers(-3, 3), max_size=3))),
     st.tuples(st.just("deep"), st.integers(5, 3000)),  # built when written: its repr would nest as deep
 )
-_KEYS = st.sampled_from(["general.alignment", "general.architecture", f"{ARCH}.block_count",
-                         f"{ARCH}.attention.head_count", f"{ARCH}.attention.head_count_kv", f"{ARCH}.embedding_length",
-                         f"{ARCH}.expert_count", f"{ARCH}.expert_used_count", f"{ARCH}.attention.key_length",
-                         f"{ARCH}.rope.freq_base", f"{ARCH}.context_length", f"{ARCH}.expert_weights_norm",
-                         "tokenizer.ggml.tokens", "extra.key"])
+_KEYS = st.sampled_from(
+    [
+        "general.alignment",
+        "general.architecture",
+        f"{ARCH}.block_count",
+        f"{ARCH}.attention.head_count",
+        f"{ARCH}.attention.head_count_kv",
+        f"{ARCH}.embedding_length",
+        f"{ARCH}.expert_count",
+        f"{ARCH}.expert_used_count",
+        f"{ARCH}.attention.key_length",
+        f"{ARCH}.rope.freq_base",
+        f"{ARCH}.context_length",
+        f"{ARCH}.expert_weights_norm",
+        "tokenizer.ggml.tokens",
+        "extra.key",
+    ]
+)
 _EDITS = st.one_of(
     st.tuples(st.just("kv"), _KEYS, _VALUES),
     st.tuples(st.just("relabel"), st.integers(0, 10**6), st.sampled_from([Q.Q8_0, Q.F16, Q.BF16, Q.Q4_0, Q.I32, 1000])),
     st.tuples(st.just("offset"), st.integers(0, 10**6), st.sampled_from([-32, 1, 7, 32, 10**12])),
-    st.tuples(st.just("shape"), st.integers(0, 10**6), st.lists(st.sampled_from([0, 1, 2, 64, 10**9, 2**63]),
-                                                                  min_size=0, max_size=4)),
+    st.tuples(
+        st.just("shape"),
+        st.integers(0, 10**6),
+        st.lists(st.sampled_from([0, 1, 2, 64, 10**9, 2**63]), min_size=0, max_size=4),
+    ),
     st.tuples(st.just("truncate"), st.integers(1, 4000)),
     st.tuples(st.just("append"), st.integers(1, 100)),
 )
@@ -122,7 +153,7 @@ def _edited(base, edit) -> bytes:
         tensors[i] = (name, shape, qtype, offset)
     raw = _serialize(kv, tensors, data, align)
     if edit[0] == "truncate":
-        return raw[:-edit[1]]
+        return raw[: -edit[1]]
     return raw + bytes(edit[1]) if edit[0] == "append" else raw
 
 
@@ -130,8 +161,12 @@ def _errors(result) -> list:
     return [f for f in result.findings if f.severity == "error"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # shrinking a file edit takes minutes
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)  # shrinking a file edit takes minutes
 @given(_EDITS)
 def test_any_edit_of_a_gguf_is_reported_by_the_scan_and_refused_by_the_reader(base, tmp_path, edit):
     with tempfile.TemporaryDirectory(dir=tmp_path) as d:
@@ -147,8 +182,10 @@ def test_any_edit_of_a_gguf_is_reported_by_the_scan_and_refused_by_the_reader(ba
             assert _errors(result), edit
 
 
-@pytest.mark.parametrize("value", [(UINT32, 0), (UINT32, 7), (UINT32, 48), (INT32, -32), (INT32, 32), (STRING, "32"),
-                                   (F32, 32.0), (UINT64, 32)])
+@pytest.mark.parametrize(
+    "value",
+    [(UINT32, 0), (UINT32, 7), (UINT32, 48), (INT32, -32), (INT32, 32), (STRING, "32"), (F32, 32.0), (UINT64, 32)],
+)
 def test_an_alignment_llama_cpp_refuses_is_damage(base, tmp_path, value):
     path = tmp_path / "m.gguf"
     path.write_bytes(_edited(base, ("kv", "general.alignment", value)))
@@ -161,8 +198,11 @@ def test_an_alignment_llama_cpp_refuses_is_damage(base, tmp_path, value):
 @pytest.mark.parametrize("which", ["first", "last"])
 def test_f32_data_relabelled_as_another_type_is_found_in_the_data_region(base, models, tmp_path, qtype, which):
     kv, tensors, data, align = base
-    i = next(i for i, t in enumerate(tensors) if t[2] == Q.F32 and len(t[1]) == 2) if which == "first" else \
-        max(i for i, t in enumerate(tensors) if t[2] == Q.F32 and len(t[1]) == 2)
+    i = (
+        next(i for i, t in enumerate(tensors) if t[2] == Q.F32 and len(t[1]) == 2)
+        if which == "first"
+        else max(i for i, t in enumerate(tensors) if t[2] == Q.F32 and len(t[1]) == 2)
+    )
     path = tmp_path / "m.gguf"
     path.write_bytes(_edited(base, ("relabel", i, qtype)))
     assert [f for f in _errors(scan_checkpoint(path)) if f.check == "container"]
@@ -170,8 +210,9 @@ def test_f32_data_relabelled_as_another_type_is_found_in_the_data_region(base, m
         load_candidate(f"llamacpp:{path}", models("tiny-moe"), "float32")
 
 
-@pytest.mark.parametrize("key,value", [("block_count", (UINT32, 10**9)), ("block_count", (UINT64, 2**62)),
-                                       ("expert_count", (UINT32, 10**8))])
+@pytest.mark.parametrize(
+    "key,value", [("block_count", (UINT32, 10**9)), ("block_count", (UINT64, 2**62)), ("expert_count", (UINT32, 10**8))]
+)
 def test_a_declared_count_in_the_billions_costs_what_the_file_holds(base, tmp_path, key, value):
     path = tmp_path / "m.gguf"
     path.write_bytes(_edited(base, ("kv", f"{ARCH}.{key}", value)))
@@ -180,10 +221,17 @@ def test_a_declared_count_in_the_billions_costs_what_the_file_holds(base, tmp_pa
     assert peak < 64 * 1024**2
 
 
-@pytest.mark.parametrize("key,value,field", [
-    ("attention.head_count", (UINT32, 0), "num_attention_heads"), ("attention.head_count", (BOOL, True), "num_attention_heads"),
-    ("block_count", (STRING, "3"), "num_hidden_layers"), ("block_count", (ARRAY, (INT32, [3])), "num_hidden_layers"),
-    ("embedding_length", (F32, 64.0), "hidden_size"), ("rope.freq_base", (STRING, "1e6"), "rope_theta")])
+@pytest.mark.parametrize(
+    "key,value,field",
+    [
+        ("attention.head_count", (UINT32, 0), "num_attention_heads"),
+        ("attention.head_count", (BOOL, True), "num_attention_heads"),
+        ("block_count", (STRING, "3"), "num_hidden_layers"),
+        ("block_count", (ARRAY, (INT32, [3])), "num_hidden_layers"),
+        ("embedding_length", (F32, 64.0), "hidden_size"),
+        ("rope.freq_base", (STRING, "1e6"), "rope_theta"),
+    ],
+)
 def test_metadata_of_the_wrong_type_or_value_is_damage(base, tmp_path, key, value, field):
     path = tmp_path / "m.gguf"
     path.write_bytes(_edited(base, ("kv", f"{ARCH}.{key}", value)))
@@ -212,8 +260,9 @@ def test_experts_stacked_by_the_hundred_thousand_are_named_not_listed(base, tmp_
     kv, tensors, data, align = base
     experts = MAX_TENSORS + 1  # of one f32 value each: the file holds them, no checkpoint does
     path = tmp_path / "m.gguf"
-    path.write_bytes(_serialize(kv, [("blk.0.ffn_up_exps.weight", (experts, 1, 1), Q.F32, 0)], bytes(4 * experts),
-                                align))
+    path.write_bytes(
+        _serialize(kv, [("blk.0.ffn_up_exps.weight", (experts, 1, 1), Q.F32, 0)], bytes(4 * experts), align)
+    )
     result, peak = peak_traced_bytes(scan_checkpoint, path)
     assert [f.numbers["tensors"] for f in _errors(result) if f.check == "container"] == [experts]
     assert peak < 64 * 1024**2

@@ -13,9 +13,11 @@ from qwen3dbg.json_read import MAX_DEPTH, JSONReadError, loads, nesting_depth, r
 
 # strings full of what a depth counter could mistake for structure
 _TRICKY = st.text(alphabet=st.sampled_from(list('[]{}"\\:,ab\n\u00e9\U0001f600')), max_size=12)
-_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TRICKY,
-                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TRICKY, inner, max_size=4),
-                       max_leaves=40)
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TRICKY,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TRICKY, inner, max_size=4),
+    max_leaves=40,
+)
 
 
 def _depth(v) -> int:
@@ -55,8 +57,12 @@ def test_thousands_deep_is_refused_without_recursion():
 
 
 @settings(max_examples=120, deadline=None)
-@given(st.binary(max_size=64) | _VALUES.map(lambda v: json.dumps(v).encode()).flatmap(
-    lambda b: st.integers(0, len(b)).map(lambda i: b[:i] + b"\xff\x00[{\\"[i % 5:] + b[i:])))
+@given(
+    st.binary(max_size=64)
+    | _VALUES.map(lambda v: json.dumps(v).encode()).flatmap(
+        lambda b: st.integers(0, len(b)).map(lambda i: b[:i] + b"\xff\x00[{\\"[i % 5 :] + b[i:])
+    )
+)
 def test_arbitrary_bytes_give_a_value_or_one_json_read_error(data):
     try:
         loads(data)

@@ -36,15 +36,20 @@ def _rewrite_taps(store: Path, edit) -> None:
 
 def _fp32_softmax(step, taps):
     """attn_probs as a bf16 engine with an fp32 softmax keeps them: from its own bf16 scores, not rounded back."""
-    return taps | {n.replace("attn_scores", "attn_probs"): torch.softmax(t.float(), -1)
-                   for n, t in taps.items() if n.endswith("attn_scores")}
+    return taps | {
+        n.replace("attn_scores", "attn_probs"): torch.softmax(t.float(), -1)
+        for n, t in taps.items()
+        if n.endswith("attn_scores")
+    }
 
 
 def _golden_fp32(golden: Path):
     """Every float tap kept in fp32 as an engine more accurate than its store's dtype would: fp64 rounded once."""
+
     def edit(step, taps):
         gold = TapStore.open(golden)
         return {n: gold.get(step, n).float() if t.is_floating_point() else t for n, t in taps.items()}
+
     return edit
 
 
@@ -66,6 +71,7 @@ def test_a_bf16_store_with_taps_kept_in_fp32_validates_and_diffs_clean(tmp_path,
 
 
 # ---- one writer per directory ---------------------------------------------------------------------
+
 
 def _write(out: Path, value: float, *, replace: bool = False, steps: int = 1) -> None:
     with StoreWriter(out, f"writer-{value}", "float32", 1, replace=replace) as w:
@@ -135,8 +141,20 @@ def c_writer(tmp_path_factory) -> Path:
     from test_ext_c import C_DIR, FLAGS, _compiler
 
     d = tmp_path_factory.mktemp("c_writer")
-    subprocess.run([_compiler("cc"), "-std=c99", "-O1", *FLAGS, "-I", str(C_DIR), "-o", str(d / "w"),
-                    str(Path(__file__).with_name("store_holder.c"))], check=True)
+    subprocess.run(
+        [
+            _compiler("cc"),
+            "-std=c99",
+            "-O1",
+            *FLAGS,
+            "-I",
+            str(C_DIR),
+            "-o",
+            str(d / "w"),
+            str(Path(__file__).with_name("store_holder.c")),
+        ],
+        check=True,
+    )
     return d / "w"
 
 
@@ -158,8 +176,20 @@ def test_capture_refuses_an_out_holding_a_store_unless_told_to_replace_it(tmp_pa
     out = tmp_path / "out"
 
     def run(ids, *extra):
-        return cli("capture", "--impl", "scratch", "--model", dense, "--token-ids", ids, "--taps", "embed",
-                   "--out", out, *extra)
+        return cli(
+            "capture",
+            "--impl",
+            "scratch",
+            "--model",
+            dense,
+            "--token-ids",
+            ids,
+            "--taps",
+            "embed",
+            "--out",
+            out,
+            *extra,
+        )
 
     assert run("5,17") == 0
     first = _snapshot(out)
@@ -170,6 +200,7 @@ def test_capture_refuses_an_out_holding_a_store_unless_told_to_replace_it(tmp_pa
 
 
 # ---- manifests and step files from strangers ------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def valid_store(dense, tmp_path_factory) -> Path:
@@ -201,18 +232,22 @@ def _outcome(store: Path, config=None):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
 FIELDS = ["format", "dtype", "batch", "complete", "missing_taps", "taps", "config", "steps"]
 STEP_FIELDS = ["step", "token_ids", "positions", "missing"]
-adversarial = settings(max_examples=60, deadline=None, derandomize=True,
-                       suppress_health_check=[HealthCheck.function_scoped_fixture])
+adversarial = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @adversarial
 @given(field=st.sampled_from(FIELDS + STEP_FIELDS), value=json_values, step=st.integers(0, 1))
-def test_any_value_in_any_manifest_field_is_a_problem_or_unreadable_never_a_crash(tmp_path, valid_store, field,
-                                                                                    value, step):
+def test_any_value_in_any_manifest_field_is_a_problem_or_unreadable_never_a_crash(
+    tmp_path, valid_store, field, value, step
+):
     store = _copy(valid_store, tmp_path / "s")
     m = _manifest(store)
     (m if field in FIELDS else m["steps"][step])[field] = value
@@ -238,8 +273,9 @@ def test_deeply_nested_manifests_are_refused_in_one_sentence(tmp_path, valid_sto
 
 @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layers=st.integers(4, 10**12), experts=st.none() | st.integers(10**6, 10**12))
-def test_a_manifest_config_declaring_absurd_sizes_is_checked_against_the_files_first(tmp_path, valid_store, layers,
-                                                                                     experts):
+def test_a_manifest_config_declaring_absurd_sizes_is_checked_against_the_files_first(
+    tmp_path, valid_store, layers, experts
+):
     """The taps the files hold are checked one by one; the taps the config declares are never listed
     in full (1e8 layers are 2.4e9 tap names), and a missing one ends the count."""
     import time
@@ -271,13 +307,27 @@ def test_a_manifest_config_that_is_not_an_object_is_a_problem(tmp_path, valid_st
 
 
 @adversarial
-@given(drop=st.sets(st.sampled_from(["embed", "logits", "final_norm", "layers.0.attn_probs", "layers.1.q_rope",
-                                     "layers.2.mlp.act", "layers.2.resid_out"]), min_size=1),
-       declare=st.sets(st.sampled_from(["embed", "logits", "final_norm", "attn_probs", "q_rope", "mlp.act",
-                                        "resid_out"])),
-       with_config=st.booleans())
-def test_a_tap_neither_present_nor_declared_missing_is_a_problem(tmp_path, valid_store, dense, drop, declare,
-                                                                 with_config):
+@given(
+    drop=st.sets(
+        st.sampled_from(
+            [
+                "embed",
+                "logits",
+                "final_norm",
+                "layers.0.attn_probs",
+                "layers.1.q_rope",
+                "layers.2.mlp.act",
+                "layers.2.resid_out",
+            ]
+        ),
+        min_size=1,
+    ),
+    declare=st.sets(st.sampled_from(["embed", "logits", "final_norm", "attn_probs", "q_rope", "mlp.act", "resid_out"])),
+    with_config=st.booleans(),
+)
+def test_a_tap_neither_present_nor_declared_missing_is_a_problem(
+    tmp_path, valid_store, dense, drop, declare, with_config
+):
     """With or without a config; without one, the layers are those the file holds (layer 2 keeps other
     taps) and a dense FFN tap cannot be asked for: the layer might be MoE."""
     from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name
@@ -286,8 +336,11 @@ def test_a_tap_neither_present_nor_declared_missing_is_a_problem(tmp_path, valid
     m = _manifest(store) | {"missing_taps": sorted(declare)}
     _set_manifest(store, m if with_config else {k: v for k, v in m.items() if k != "config"})
     _rewrite_taps(store, lambda step, taps: {n: t for n, t in taps.items() if n not in drop})
-    undeclared = {n for n in drop if parse_tap_name(n)[1] not in declare
-                  and (with_config or OPS_BY_NAME[parse_tap_name(n)[1]].where == "all")}
+    undeclared = {
+        n
+        for n in drop
+        if parse_tap_name(n)[1] not in declare and (with_config or OPS_BY_NAME[parse_tap_name(n)[1]].where == "all")
+    }
     problems = validate_store(store, load_config(dense) if with_config else None)
     lacking = [p.message for p in problems if "lacks" in p.message]
     assert len(lacking) == (2 if undeclared else 0), problems  # in both steps
@@ -295,8 +348,7 @@ def test_a_tap_neither_present_nor_declared_missing_is_a_problem(tmp_path, valid
 
 
 @pytest.mark.parametrize("every_op_declared", [False, True])
-def test_a_store_without_any_tap_is_refused_or_judges_nothing(tmp_path, valid_store, dense, every_op_declared,
-                                                               capsys):
+def test_a_store_without_any_tap_is_refused_or_judges_nothing(tmp_path, valid_store, dense, every_op_declared, capsys):
     from qwen3dbg.taps import OPS_BY_NAME
 
     store = _copy(valid_store, tmp_path / "s")
@@ -309,13 +361,14 @@ def test_a_store_without_any_tap_is_refused_or_judges_nothing(tmp_path, valid_st
     assert ("no tap was compared" if every_op_declared else "lacks") in said.out + said.err
 
 
-bad_ids = st.integers(-2**70, -1) | st.integers(512, 2**70)
+bad_ids = st.integers(-(2**70), -1) | st.integers(512, 2**70)
 
 
 @adversarial
 @given(bad=bad_ids, at=st.integers(0, 3), with_config=st.booleans())
-def test_token_ids_outside_the_vocabulary_are_problems_with_or_without_a_config(tmp_path, valid_store, bad, at,
-                                                                                with_config):
+def test_token_ids_outside_the_vocabulary_are_problems_with_or_without_a_config(
+    tmp_path, valid_store, bad, at, with_config
+):
     store = _copy(valid_store, tmp_path / "s")
     m = _manifest(store)
     if not with_config:
@@ -328,8 +381,9 @@ def test_token_ids_outside_the_vocabulary_are_problems_with_or_without_a_config(
 
 
 @pytest.mark.parametrize("bad", [-1, 512, 2**63, 10**30])
-def test_diff_refuses_a_store_whose_ids_are_outside_the_vocabulary_of_its_model(tmp_path, valid_store, dense, bad,
-                                                                                capsys):
+def test_diff_refuses_a_store_whose_ids_are_outside_the_vocabulary_of_its_model(
+    tmp_path, valid_store, dense, bad, capsys
+):
     store = _copy(valid_store, tmp_path / "s")
     m = _manifest(store)
     del m["config"]

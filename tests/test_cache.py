@@ -33,12 +33,15 @@ def test_entries_are_listed_by_kind_least_recently_used_first(home):
     _entry(home, "models", "tiny-dense-seed0-abc", 200, 2)
     found = entries()
     assert [(e.path.name, e.kind, e.size >= s) for e, s in zip(found, (300, 200))] == [
-        ("hf-bfloat16-old", "old run", True), ("tiny-dense-seed0-abc", "default model", True)]
+        ("hf-bfloat16-old", "old run", True),
+        ("tiny-dense-seed0-abc", "default model", True),
+    ]
 
 
 @pytest.mark.parametrize("budget,left", [("1KB", {"new"}), ("0", {"new"}), ("10GB", {"old", "mid", "new"})])
-def test_fitting_the_budget_evicts_the_least_recently_used_first_and_never_what_was_just_added(home, monkeypatch,
-                                                                                               budget, left):
+def test_fitting_the_budget_evicts_the_least_recently_used_first_and_never_what_was_just_added(
+    home, monkeypatch, budget, left
+):
     monkeypatch.setenv("QWEN3DBG_CACHE_BUDGET", budget)
     _entry(home, "runs", "old", 600, 30)
     _entry(home, "runs", "mid", 600, 20)

@@ -53,8 +53,11 @@ CLEAN = [
 
 def _params(cases, every_dtype: bool = True):
     """(case, dtype) for each of a case's dtypes, or only its last (bf16 where both are listed)."""
-    return [pytest.param(c, dt, id=f"{c.cand}@{c.model}-{dt}") for c in cases
-            for dt in (c.dtypes if every_dtype else c.dtypes[-1:])]
+    return [
+        pytest.param(c, dt, id=f"{c.cand}@{c.model}-{dt}")
+        for c in cases
+        for dt in (c.dtypes if every_dtype else c.dtypes[-1:])
+    ]
 
 
 def _diff(cand: str, model_dir, dtype: str, ref: str = "hf"):
@@ -94,8 +97,9 @@ def test_bug_is_found_and_named_from_its_tap_store_alone(catalogue_model, tmp_pa
 ATTENTION_MATRICES = frozenset({"attn_scores", "attn_probs"})
 
 
-@pytest.mark.parametrize("case,dtype", _params([c for c in BUGS if c.first[2].endswith(tuple(ATTENTION_MATRICES))],
-                                               every_dtype=False))
+@pytest.mark.parametrize(
+    "case,dtype", _params([c for c in BUGS if c.first[2].endswith(tuple(ATTENTION_MATRICES))], every_dtype=False)
+)
 def test_attention_bug_is_named_from_a_store_without_attention_matrices(catalogue_model, tmp_path, case, dtype):
     model = catalogue_model(case.model)
     store = _through_store(case.cand, model, dtype, tmp_path / "store", missing=ATTENTION_MATRICES)
@@ -110,10 +114,15 @@ def test_clean_variant_reports_no_divergence(catalogue_model, case, dtype):
     assert result.first_divergence is None, result.verdict
 
 
-@pytest.mark.parametrize("ref,cand,model,dtype", [
-    ("hf", "scratch", "dense", "float32"), ("scratch", "hf", "moe", "bfloat16"),
-    ("hf", "hf:attn=sdpa", "dense", "bfloat16"), ("hf", "scratch", "hot-qk", "float16"),
-])
+@pytest.mark.parametrize(
+    "ref,cand,model,dtype",
+    [
+        ("hf", "scratch", "dense", "float32"),
+        ("scratch", "hf", "moe", "bfloat16"),
+        ("hf", "hf:attn=sdpa", "dense", "bfloat16"),
+        ("hf", "scratch", "hot-qk", "float16"),
+    ],
+)
 def test_clean_pairs_report_no_divergence(catalogue_model, ref, cand, model, dtype):
     result = _diff(cand, catalogue_model(model), dtype, ref=ref)
     assert result.first_divergence is None, result.verdict
@@ -145,8 +154,21 @@ def test_cli_diff_of_a_catalogue_bug_exits_1_and_writes_its_diagnosis(catalogue_
     from qwen3dbg.cli import app
 
     out = tmp_path / "diff.json"
-    args = ["diff", "--ref", "hf", "--cand", "embed-scaled", "--model", str(catalogue_model("dense")), "--token-ids",
-            ",".join(map(str, PROMPT)), "--dtype", "bf16", "--json", str(out)]
+    args = [
+        "diff",
+        "--ref",
+        "hf",
+        "--cand",
+        "embed-scaled",
+        "--model",
+        str(catalogue_model("dense")),
+        "--token-ids",
+        ",".join(map(str, PROMPT)),
+        "--dtype",
+        "bf16",
+        "--json",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     report = json.loads(out.read_text())

@@ -16,6 +16,7 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.taps import tap_name
 
+
 def ids(n: int) -> list[int]:
     """n token ids, the same prefix for every n (so a shorter run is a prefix of the longer one)."""
     return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(13)).tolist()
@@ -26,8 +27,14 @@ def first_divergence(cand: str, model_dir, dtype: str, tokens: int, decode: bool
     prompt, or the last one a decode step; None when clean."""
     prompt = tokens - 1 if decode else tokens
     every = ids(tokens)
-    result = run_diff(ref="scratch", cand=cand, model_dir=model_dir, dtype=dtype, token_ids=every[:prompt],
-                      decode_ids=every[prompt:] or None)
+    result = run_diff(
+        ref="scratch",
+        cand=cand,
+        model_dir=model_dir,
+        dtype=dtype,
+        token_ids=every[:prompt],
+        decode_ids=every[prompt:] or None,
+    )
     d = result.first_divergence
     return None if d is None else (d.step, d.layer, d.tap)
 
@@ -104,8 +111,11 @@ def _first_overflowing_row(model_dir, tokens: int) -> tuple[int, int, float]:
 def test_softmax_sum_overflow_is_found_at_the_first_row_whose_float16_sum_overflows(catalogue_model):
     position, layer, largest = _first_overflowing_row(catalogue_model("warm-qk"), 400)
     assert position > 64 and largest < torch.finfo(torch.float16).max, "the sum of a long row overflows, no exp"
-    assert first_divergence("softmax-sum-overflow", catalogue_model("warm-qk"), "float16", position + 1, False) \
-        == (0, layer, tap_name("attn_probs", layer))
+    assert first_divergence("softmax-sum-overflow", catalogue_model("warm-qk"), "float16", position + 1, False) == (
+        0,
+        layer,
+        tap_name("attn_probs", layer),
+    )
     assert first_divergence("softmax-sum-overflow", catalogue_model("warm-qk"), "float16", position, False) is None
 
 
@@ -113,8 +123,15 @@ def test_softmax_sum_overflow_is_clean_where_the_dtype_has_the_range(catalogue_m
     assert first_divergence("softmax-sum-overflow", catalogue_model("warm-qk"), "bfloat16", 400, False) is None
 
 
-@pytest.mark.parametrize("cand", ["kv-ring-wrap:slots=0", "paged-cache-clamped:pages=many", "split-kv-unscaled:partition=-4",
-                                  "paged-cache-clamped:page_size=1.5"])
+@pytest.mark.parametrize(
+    "cand",
+    [
+        "kv-ring-wrap:slots=0",
+        "paged-cache-clamped:pages=many",
+        "split-kv-unscaled:partition=-4",
+        "paged-cache-clamped:page_size=1.5",
+    ],
+)
 def test_a_length_option_that_is_no_whole_number_is_refused_in_one_sentence(catalogue_model, cand):
     with pytest.raises(UserError, match="give a whole number of at least 1"):
         run_diff(ref="scratch", cand=cand, model_dir=catalogue_model("dense"), token_ids=ids(4))

@@ -27,7 +27,10 @@ def test_on_disk_names_and_shapes_are_those_of_released_checkpoints(models):
         assert {n: ck.shape(n) for n in ck.keys()} == expected
         assert ("lm_head.weight" in ck) == (not cfg.tie_word_embeddings)
         if cfg.is_moe:
-            assert ck.shape("model.layers.0.mlp.experts.7.down_proj.weight") == (cfg.hidden_size, cfg.moe_intermediate_size)
+            assert ck.shape("model.layers.0.mlp.experts.7.down_proj.weight") == (
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+            )
             assert ck.shape("model.layers.0.mlp.gate.weight") == (cfg.num_experts, cfg.hidden_size)
 
 

@@ -49,20 +49,51 @@ def test_make_model_without_an_output_path_says_so_in_one_line(capsys):
 @pytest.mark.parametrize("n, words", [(1, "1 decode step,"), (2, "2 decode steps,")])
 def test_step_counts_read_as_english(catalogue_model, tmp_path, capsys, n, words):
     model = catalogue_model("dense")
-    assert cli("capture", "--impl", "scratch", "--model", model, "--token-ids", "1,2", "--decode-steps", n,
-               "--out", tmp_path / "s") == 0
+    assert (
+        cli(
+            "capture",
+            "--impl",
+            "scratch",
+            "--model",
+            model,
+            "--token-ids",
+            "1,2",
+            "--decode-steps",
+            n,
+            "--out",
+            tmp_path / "s",
+        )
+        == 0
+    )
     assert words in capsys.readouterr().err
-    assert cli("diff", "--cand", "scratch", "--ref", "scratch", "--model", model, "--token-ids", "1,2",
-               "--decode-steps", n, "--dtype", "fp32") == 0
+    assert (
+        cli(
+            "diff",
+            "--cand",
+            "scratch",
+            "--ref",
+            "scratch",
+            "--model",
+            model,
+            "--token-ids",
+            "1,2",
+            "--decode-steps",
+            n,
+            "--dtype",
+            "fp32",
+        )
+        == 0
+    )
     assert words.rstrip(",") in " ".join(capsys.readouterr().out.split())
 
 
 def _commands(model, tmp_path):
-    return {"make-model": ["make-model", tmp_path / "m"],
-            "capture": ["capture", "--impl", "scratch", "--model", model, "--token-ids", "1,2",
-                        "--out", tmp_path / "s"],
-            "scan-checkpoint": ["scan-checkpoint", model],
-            "diff-weights": ["diff-weights", model, model]}
+    return {
+        "make-model": ["make-model", tmp_path / "m"],
+        "capture": ["capture", "--impl", "scratch", "--model", model, "--token-ids", "1,2", "--out", tmp_path / "s"],
+        "scan-checkpoint": ["scan-checkpoint", model],
+        "diff-weights": ["diff-weights", model, model],
+    }
 
 
 @pytest.mark.parametrize("command", ["make-model", "capture", "scan-checkpoint", "diff-weights"])
@@ -85,8 +116,23 @@ def _capture_hf(model, out, *flags) -> tuple[list[str], list[str]]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert cli("capture", "--impl", "hf", "--model", model, "--token-ids", "1,2", "--decode-steps", 1,
-                       "--out", out, *flags) == 0
+            assert (
+                cli(
+                    "capture",
+                    "--impl",
+                    "hf",
+                    "--model",
+                    model,
+                    "--token-ids",
+                    "1,2",
+                    "--decode-steps",
+                    1,
+                    "--out",
+                    out,
+                    *flags,
+                )
+                == 0
+            )
     finally:
         hf_logger.removeHandler(handler)
     return [str(w.message) for w in caught], records

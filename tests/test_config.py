@@ -7,10 +7,22 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.synth import PRESETS
 
 RELEASED_0_6B = {  # field spellings of the released Qwen3-0.6B config.json
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
-    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-    "rope_theta": 1000000, "rope_scaling": None, "rms_norm_eps": 1e-06, "tie_word_embeddings": True,
-    "attention_bias": False, "torch_dtype": "bfloat16", "vocab_size": 151936, "hidden_act": "silu",
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rope_theta": 1000000,
+    "rope_scaling": None,
+    "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 151936,
+    "hidden_act": "silu",
 }
 
 
@@ -35,21 +47,35 @@ def test_moe_fields_from_either_spelling_and_sparse_layers():
     assert [a.is_moe_layer(i) for i in range(3)] == [True, False, True]
 
 
-@pytest.mark.parametrize("raw, words", [
-    ({"model_type": "llama"}, "not a Qwen3 model"),
-    ({"model_type": "qwen3"}, "lacks the field"),
-    (RELEASED_0_6B | {"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "not supported"),
-    (RELEASED_0_6B | {"num_key_value_heads": 5}, "not a multiple"),
-    ({k: v for k, v in RELEASED_0_6B.items() if k != "head_dim"} | {"num_attention_heads": 0},
-     "num_attention_heads is 0"),
-    (RELEASED_0_6B | {"num_key_value_heads": 0}, "num_key_value_heads is 0"),
-    (RELEASED_0_6B | {"head_dim": 0}, "head_dim is 0"),
-    (RELEASED_0_6B | {"vocab_size": "151936"}, "vocab_size is '151936'"),
-    (RELEASED_0_6B | {"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', it must be true or false"),
-    (RELEASED_0_6B | {"rms_norm_eps": -1e-6}, "rms_norm_eps is -1e-06"),
-    (RELEASED_0_6B | {"model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
-                      "moe_intermediate_size": 64, "decoder_sparse_step": 0}, "decoder_sparse_step is 0"),
-])
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"model_type": "llama"}, "not a Qwen3 model"),
+        ({"model_type": "qwen3"}, "lacks the field"),
+        (RELEASED_0_6B | {"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "not supported"),
+        (RELEASED_0_6B | {"num_key_value_heads": 5}, "not a multiple"),
+        (
+            {k: v for k, v in RELEASED_0_6B.items() if k != "head_dim"} | {"num_attention_heads": 0},
+            "num_attention_heads is 0",
+        ),
+        (RELEASED_0_6B | {"num_key_value_heads": 0}, "num_key_value_heads is 0"),
+        (RELEASED_0_6B | {"head_dim": 0}, "head_dim is 0"),
+        (RELEASED_0_6B | {"vocab_size": "151936"}, "vocab_size is '151936'"),
+        (RELEASED_0_6B | {"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', it must be true or false"),
+        (RELEASED_0_6B | {"rms_norm_eps": -1e-6}, "rms_norm_eps is -1e-06"),
+        (
+            RELEASED_0_6B
+            | {
+                "model_type": "qwen3_moe",
+                "num_experts": 8,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 64,
+                "decoder_sparse_step": 0,
+            },
+            "decoder_sparse_step is 0",
+        ),
+    ],
+)
 def test_bad_configs_are_one_clear_error(raw, words):
     with pytest.raises(UserError, match=words):
         parse_config(raw)

@@ -61,8 +61,9 @@ def sides(catalogue_model):
     def make(model: str, dtype: str, cand_cls) -> Sides:
         if (model, dtype, cand_cls) not in made:
             d = catalogue_model(model)
-            made[model, dtype, cand_cls] = Sides(d, dtype, cand_cls(d, dtype), reference(model, dtype),
-                                                 reference(model, "float64"))
+            made[model, dtype, cand_cls] = Sides(
+                d, dtype, cand_cls(d, dtype), reference(model, dtype), reference(model, "float64")
+            )
         return made[model, dtype, cand_cls]
 
     return make
@@ -88,45 +89,160 @@ class Case:
 
 BOTH = ("float32", "bfloat16")
 CASES = [
-    Case("embed-scaled", "dense", BOTH, 0, "embed", "embed_scaled",
-         lambda ev, c, dt: ev["factor"] == c.hidden_size ** 0.5 and ev["named"] == f"sqrt({c.hidden_size})"),
-    Case("rope-theta-1e4", "dense", BOTH, 0, "layers.0.q_rope", "rope_theta",
-         lambda ev, c, dt: 0.5 < ev["fitted_theta"] / 1e4 < 2 and ev["config_theta"] == c.rope_theta
-         and ev["rel_err_first_position"] == 0),
-    Case("rope-interleaved", "moe", BOTH, 0, "layers.0.q_rope", "rope_layout",
-         lambda ev, c, dt: ev["rel_err_first_position"] == 0 and ev["residual_interleaved"] < 4 * _eps(dt)),
-    Case("qk-norm-over-hidden", "dense", BOTH, 0, "layers.0.q_norm", "norm_axis",
-         lambda ev, c, dt: ev["heads"] == c.num_attention_heads
-         and abs(ev["joint_rms"] - ev["joint_rms_expected"]) < 4 * _eps(dt) < ev["per_head_rms_max"] - 1),
-    Case("ghost-bias", "ghost-bias", BOTH, 0, "layers.0.q_proj", "extra_bias",
-         lambda ev, c, dt: ev["bias_tensor"] == "model.layers.0.self_attn.q_proj.bias"),
-    Case("missing-scale", "dense", BOTH, 0, "layers.0.attn_scores", "scores_scaled",
-         lambda ev, c, dt: math.isclose(ev["factor"], c.head_dim ** 0.5, rel_tol=4 * _eps(dt))),
-    Case("no-causal-mask", "moe", BOTH, 0, "layers.0.attn_scores", "causal_mask_missing",
-         lambda ev, c, dt: ev["reached"] == ev["future_entries"]
-         == c.num_attention_heads * len(PROMPT) * (len(PROMPT) - 1) // 2),
-    Case("gqa-modulo", "dense", BOTH, 0, "layers.0.attn_scores", "gqa_modulo",
-         lambda ev, c, dt: ev["mapping"] == [h % c.num_key_value_heads for h in range(c.num_attention_heads)]),
-    Case("softmax-wrong-axis", "dense", BOTH, 0, "layers.0.attn_probs", "softmax_axis",
-         lambda ev, c, dt: ev["row_sum_max"] > 1 + 4 * _eps(dt)),
-    Case("no-transpose", "dense", BOTH, 0, "layers.0.attn_out", "transpose_before_reshape",
-         lambda ev, c, dt: ev["rel_err_transposed"] < 4 * _eps(dt) < ev["rel_err_as_is"]),
-    Case("kv-cache-off-by-one", "dense", BOTH, 1, "layers.0.k_cache", "cache_off_by_one",
-         lambda ev, c, dt: ev["moved_slots"] == [len(PROMPT) - 1] and ev["empty_slots"] == [len(PROMPT)]),
-    Case("kv-cache-off-by-one", "moe", BOTH, 2, "layers.0.v_cache", "cache_off_by_one",
-         lambda ev, c, dt: ev["moved_slots"] == [len(PROMPT) - 1, len(PROMPT)]),
-    Case("moe-topk-softmax", "moe-nonorm", BOTH, 0, "layers.0.moe.topk_weights", "moe_topk_softmax",
-         lambda ev, c, dt: not ev["norm_topk_prob"] and abs(ev["cand_sum_mean"] - 1) < 4 * _eps(dt)),
-    Case("softmax-no-max", "hot-qk", ("float16",), 0, "layers.0.attn_probs", "softmax_overflow",
-         lambda ev, c, dt: ev["max_score"] > ev["exp_limit"] == math.log(torch.finfo(torch.float16).max)
-         and ev["nonfinite"] > 0),
-    Case("lowp-accumulation", "wide", ("bfloat16",), 0, "layers.0.q_proj", "lowp_accumulation",
-         lambda ev, c, dt: ev["reduction_length"] == c.hidden_size and ev["rel_err"] > 2 * ev["replay_fp32_rel_err"]),
+    Case(
+        "embed-scaled",
+        "dense",
+        BOTH,
+        0,
+        "embed",
+        "embed_scaled",
+        lambda ev, c, dt: ev["factor"] == c.hidden_size**0.5 and ev["named"] == f"sqrt({c.hidden_size})",
+    ),
+    Case(
+        "rope-theta-1e4",
+        "dense",
+        BOTH,
+        0,
+        "layers.0.q_rope",
+        "rope_theta",
+        lambda ev, c, dt: (
+            0.5 < ev["fitted_theta"] / 1e4 < 2
+            and ev["config_theta"] == c.rope_theta
+            and ev["rel_err_first_position"] == 0
+        ),
+    ),
+    Case(
+        "rope-interleaved",
+        "moe",
+        BOTH,
+        0,
+        "layers.0.q_rope",
+        "rope_layout",
+        lambda ev, c, dt: ev["rel_err_first_position"] == 0 and ev["residual_interleaved"] < 4 * _eps(dt),
+    ),
+    Case(
+        "qk-norm-over-hidden",
+        "dense",
+        BOTH,
+        0,
+        "layers.0.q_norm",
+        "norm_axis",
+        lambda ev, c, dt: (
+            ev["heads"] == c.num_attention_heads
+            and abs(ev["joint_rms"] - ev["joint_rms_expected"]) < 4 * _eps(dt) < ev["per_head_rms_max"] - 1
+        ),
+    ),
+    Case(
+        "ghost-bias",
+        "ghost-bias",
+        BOTH,
+        0,
+        "layers.0.q_proj",
+        "extra_bias",
+        lambda ev, c, dt: ev["bias_tensor"] == "model.layers.0.self_attn.q_proj.bias",
+    ),
+    Case(
+        "missing-scale",
+        "dense",
+        BOTH,
+        0,
+        "layers.0.attn_scores",
+        "scores_scaled",
+        lambda ev, c, dt: math.isclose(ev["factor"], c.head_dim**0.5, rel_tol=4 * _eps(dt)),
+    ),
+    Case(
+        "no-causal-mask",
+        "moe",
+        BOTH,
+        0,
+        "layers.0.attn_scores",
+        "causal_mask_missing",
+        lambda ev, c, dt: (
+            ev["reached"] == ev["future_entries"] == c.num_attention_heads * len(PROMPT) * (len(PROMPT) - 1) // 2
+        ),
+    ),
+    Case(
+        "gqa-modulo",
+        "dense",
+        BOTH,
+        0,
+        "layers.0.attn_scores",
+        "gqa_modulo",
+        lambda ev, c, dt: ev["mapping"] == [h % c.num_key_value_heads for h in range(c.num_attention_heads)],
+    ),
+    Case(
+        "softmax-wrong-axis",
+        "dense",
+        BOTH,
+        0,
+        "layers.0.attn_probs",
+        "softmax_axis",
+        lambda ev, c, dt: ev["row_sum_max"] > 1 + 4 * _eps(dt),
+    ),
+    Case(
+        "no-transpose",
+        "dense",
+        BOTH,
+        0,
+        "layers.0.attn_out",
+        "transpose_before_reshape",
+        lambda ev, c, dt: ev["rel_err_transposed"] < 4 * _eps(dt) < ev["rel_err_as_is"],
+    ),
+    Case(
+        "kv-cache-off-by-one",
+        "dense",
+        BOTH,
+        1,
+        "layers.0.k_cache",
+        "cache_off_by_one",
+        lambda ev, c, dt: ev["moved_slots"] == [len(PROMPT) - 1] and ev["empty_slots"] == [len(PROMPT)],
+    ),
+    Case(
+        "kv-cache-off-by-one",
+        "moe",
+        BOTH,
+        2,
+        "layers.0.v_cache",
+        "cache_off_by_one",
+        lambda ev, c, dt: ev["moved_slots"] == [len(PROMPT) - 1, len(PROMPT)],
+    ),
+    Case(
+        "moe-topk-softmax",
+        "moe-nonorm",
+        BOTH,
+        0,
+        "layers.0.moe.topk_weights",
+        "moe_topk_softmax",
+        lambda ev, c, dt: not ev["norm_topk_prob"] and abs(ev["cand_sum_mean"] - 1) < 4 * _eps(dt),
+    ),
+    Case(
+        "softmax-no-max",
+        "hot-qk",
+        ("float16",),
+        0,
+        "layers.0.attn_probs",
+        "softmax_overflow",
+        lambda ev, c, dt: (
+            ev["max_score"] > ev["exp_limit"] == math.log(torch.finfo(torch.float16).max) and ev["nonfinite"] > 0
+        ),
+    ),
+    Case(
+        "lowp-accumulation",
+        "wide",
+        ("bfloat16",),
+        0,
+        "layers.0.q_proj",
+        "lowp_accumulation",
+        lambda ev, c, dt: ev["reduction_length"] == c.hidden_size and ev["rel_err"] > 2 * ev["replay_fp32_rel_err"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("case,dtype", [(c, dt) for c in CASES for dt in c.dtypes],
-                         ids=lambda x: x if isinstance(x, str) else f"{x.variant}@{x.model}")
+@pytest.mark.parametrize(
+    "case,dtype",
+    [(c, dt) for c in CASES for dt in c.dtypes],
+    ids=lambda x: x if isinstance(x, str) else f"{x.variant}@{x.model}",
+)
 def test_each_catalogue_bug_is_named_first_with_its_evidence(sides, case, dtype):
     src = sides(case.model, dtype, VARIANTS[case.variant])
     found = diagnose(src, case.step, case.tap)
@@ -176,8 +292,11 @@ class GeluMlp(Qwen3Reference):
 
 
 @pytest.mark.parametrize("dtype", BOTH)
-@pytest.mark.parametrize("cls,tap", [(PerturbedQProj, "layers.0.q_proj"), (SoftcappedScores, "layers.0.attn_scores"),
-                                     (GeluMlp, "layers.0.mlp.out")], ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize(
+    "cls,tap",
+    [(PerturbedQProj, "layers.0.q_proj"), (SoftcappedScores, "layers.0.attn_scores"), (GeluMlp, "layers.0.mlp.out")],
+    ids=lambda x: getattr(x, "__name__", x),
+)
 def test_no_signature_fits_a_bug_outside_the_catalogue(sides, cls, tap, dtype):
     src = sides("dense", dtype, cls)
     assert src.cand(0, tap) is not None and not torch.equal(src.cand(0, tap), src.ref(0, tap))
@@ -243,9 +362,15 @@ class GemmaNorm(Qwen3Reference):
 
 
 @pytest.mark.parametrize("dtype", BOTH)
-@pytest.mark.parametrize("cls,tap,signature", [
-    (SkipsQkNorm, "layers.0.q_norm", "norm_skipped"), (NormWithoutWeight, "layers.0.attn_norm", "norm_weight_missing"),
-    (GemmaNorm, "layers.0.attn_norm", "norm_weight_one_plus")], ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize(
+    "cls,tap,signature",
+    [
+        (SkipsQkNorm, "layers.0.q_norm", "norm_skipped"),
+        (NormWithoutWeight, "layers.0.attn_norm", "norm_weight_missing"),
+        (GemmaNorm, "layers.0.attn_norm", "norm_weight_one_plus"),
+    ],
+    ids=lambda x: getattr(x, "__name__", x),
+)
 def test_norm_slips_are_named_from_the_norms_own_input(sides, cls, tap, signature, dtype):
     found = diagnose(sides("dense", dtype, cls), 0, tap)
     assert [d.signature for d in found] == [signature], [d.message for d in found]
@@ -293,9 +418,15 @@ class WithoutAttentionMatrices:
 
 
 @pytest.mark.parametrize("dtype", BOTH)
-@pytest.mark.parametrize("variant,signature", [
-    ("no-causal-mask", "causal_mask_missing"), ("gqa-modulo", "gqa_modulo"), ("missing-scale", "scores_scaled"),
-    ("softmax-wrong-axis", "softmax_axis")])
+@pytest.mark.parametrize(
+    "variant,signature",
+    [
+        ("no-causal-mask", "causal_mask_missing"),
+        ("gqa-modulo", "gqa_modulo"),
+        ("missing-scale", "scores_scaled"),
+        ("softmax-wrong-axis", "softmax_axis"),
+    ],
+)
 def test_attention_bugs_are_named_from_attn_out_when_the_matrices_are_not_exposed(sides, variant, signature, dtype):
     src = WithoutAttentionMatrices(sides("dense", dtype, VARIANTS[variant]))
     found = diagnose(src, 0, "layers.0.attn_out")
@@ -310,14 +441,19 @@ def test_softmax_overflow_is_named_from_attn_out_by_rebuilding_the_scores(sides)
     assert found[0].evidence["max_score"] > math.log(torch.finfo(torch.float16).max)
 
 
-@pytest.mark.parametrize("model,dtype,variant,allowed", [
-    ("hot-qk", "bfloat16", "rmsnorm-fused", {"rounding_point"}),
-    ("wide", "float32", "lowp-accumulation", set()),  # float32 sums in another order: not a bug
-], ids=["rmsnorm-fused-bf16", "lowp-accumulation-fp32"])
+@pytest.mark.parametrize(
+    "model,dtype,variant,allowed",
+    [
+        ("hot-qk", "bfloat16", "rmsnorm-fused", {"rounding_point"}),
+        ("wide", "float32", "lowp-accumulation", set()),  # float32 sums in another order: not a bug
+    ],
+    ids=["rmsnorm-fused-bf16", "lowp-accumulation-fp32"],
+)
 def test_no_bug_signature_fits_a_clean_candidate_at_any_tap(sides, model, dtype, variant, allowed):
     src = sides(model, dtype, VARIANTS[variant])
-    found = {(name, d.signature) for step in range(len(STEPS)) for name in src._cand[step]
-             for d in diagnose(src, step, name)}
+    found = {
+        (name, d.signature) for step in range(len(STEPS)) for name in src._cand[step] for d in diagnose(src, step, name)
+    }
     assert {sig for _, sig in found} <= allowed, sorted(f for f in found if f[1] not in allowed)
 
 

@@ -64,6 +64,7 @@ class Window:
 
 # ---- planted bugs, one per kind ---------------------------------------------------------------------
 
+
 class QNormWithKNormWeight(Qwen3Reference):
     """q_norm applies the layer's k_norm weight."""
 
@@ -86,8 +87,9 @@ class LayerNormForRmsNorm(Qwen3Reference):
 
     def norm(self, x, name):
         xw = x.float()
-        return rms_norm((xw - xw.mean(-1, keepdim=True)).to(x.dtype), self.w[name + ".weight"],
-                        self.config.rms_norm_eps, self.num)
+        return rms_norm(
+            (xw - xw.mean(-1, keepdim=True)).to(x.dtype), self.w[name + ".weight"], self.config.rms_norm_eps, self.num
+        )
 
 
 def with_eps(eps: float) -> type[Qwen3Reference]:
@@ -195,6 +197,7 @@ class RopeTwice(Qwen3Reference):
 
 # ---- cases ------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -212,34 +215,133 @@ BOTH_MODELS = ("dense", "moe")
 EPS = {"float32": 1e-5, "bfloat16": 1e-3}  # bf16 hides 1e-5 under its noise: the systematic test covers that
 
 CASES = [
-    Case("q_norm-applies-k_norm-weight", lambda dt: QNormWithKNormWeight, BOTH_MODELS, 0, "layers.0.q_norm",
-         "weight_substituted", lambda ev, dt: ev["weight"] == "model.layers.0.self_attn.k_norm.weight"),
-    Case("mlp_norm-previous-layer-weight", lambda dt: MlpNormPreviousLayer, BOTH_MODELS, 0, "layers.1.mlp_norm",
-         "weight_substituted", lambda ev, dt: ev["weight"] == "model.layers.0.post_attention_layernorm.weight"),
-    Case("layernorm-for-rmsnorm", lambda dt: LayerNormForRmsNorm, BOTH_MODELS, 0, "layers.0.attn_norm",
-         "layer_norm", lambda ev, dt: True),
-    Case("rmsnorm-eps", lambda dt: with_eps(EPS[dt]), BOTH_MODELS, 0, "layers.0.attn_norm", "norm_eps",
-         lambda ev, dt: ev["config_eps"] == 1e-6 and math.isclose(ev["fitted_eps"], EPS[dt], rel_tol=0.05)),
-    Case("swiglu-swapped-dense", lambda dt: SwigluSwapped, ("dense",), 0, "layers.0.mlp.act", "swiglu_swapped",
-         lambda ev, dt: True),
-    Case("swiglu-swapped-experts", lambda dt: SwigluSwapped, ("moe",), 0, "layers.0.mlp.out", "swiglu_swapped",
-         lambda ev, dt: True),
-    Case("k_proj-transposed", lambda dt: KProjTransposed, BOTH_MODELS, 0, "layers.0.k_proj", "weight_transposed",
-         lambda ev, dt: ev["weight"] == "model.layers.0.self_attn.k_proj.weight"),
-    Case("lm_head-not-tied", lambda dt: HeadNotTied, ("dense-head",), 0, "logits", "weight_substituted",
-         lambda ev, dt: ev["weight"] == "lm_head.weight" and ev["expected"] == "model.embed_tokens.weight", "scratch"),
-    Case("lm_head-tied-when-untied", lambda dt: HeadNotTied, ("moe",), 0, "logits", "weight_substituted",
-         lambda ev, dt: ev["weight"] == "model.embed_tokens.weight" and ev["expected"] == "lm_head.weight"),
-    Case("residual-from-normed-input", lambda dt: ResidualFromNormed, BOTH_MODELS, 0, "layers.0.resid_mid",
-         "input_substituted", lambda ev, dt: ev["operand"] == "layers.0.attn_norm" and ev["expected"] == "embed"),
-    Case("keys-cached-before-rope", lambda dt: CachePreRope, BOTH_MODELS, 0, "layers.0.k_cache",
-         "input_substituted", lambda ev, dt: ev["operand"] == "layers.0.k_norm"),
-    Case("attends-previous-layer-cache", lambda dt: AttendsPreviousLayerCache, BOTH_MODELS, 1, "layers.1.attn_scores",
-         "input_substituted", lambda ev, dt: ev["operand"] == "layers.0.k_cache" and ev["expected"] == "layers.1.k_cache"),
-    Case("experts-off-by-one", lambda dt: ExpertsOffByOne, ("moe",), 0, "layers.0.mlp.out", "moe_expert_index",
-         lambda ev, dt: ev["expert_shift"] == -1),
-    Case("softmax-temperature", lambda dt: SoftmaxTemperature, ("dense",), 0, "layers.0.attn_probs",
-         "softmax_temperature", lambda ev, dt: math.isclose(ev["factor"], 1 / 0.7, rel_tol=0.01)),
+    Case(
+        "q_norm-applies-k_norm-weight",
+        lambda dt: QNormWithKNormWeight,
+        BOTH_MODELS,
+        0,
+        "layers.0.q_norm",
+        "weight_substituted",
+        lambda ev, dt: ev["weight"] == "model.layers.0.self_attn.k_norm.weight",
+    ),
+    Case(
+        "mlp_norm-previous-layer-weight",
+        lambda dt: MlpNormPreviousLayer,
+        BOTH_MODELS,
+        0,
+        "layers.1.mlp_norm",
+        "weight_substituted",
+        lambda ev, dt: ev["weight"] == "model.layers.0.post_attention_layernorm.weight",
+    ),
+    Case(
+        "layernorm-for-rmsnorm",
+        lambda dt: LayerNormForRmsNorm,
+        BOTH_MODELS,
+        0,
+        "layers.0.attn_norm",
+        "layer_norm",
+        lambda ev, dt: True,
+    ),
+    Case(
+        "rmsnorm-eps",
+        lambda dt: with_eps(EPS[dt]),
+        BOTH_MODELS,
+        0,
+        "layers.0.attn_norm",
+        "norm_eps",
+        lambda ev, dt: ev["config_eps"] == 1e-6 and math.isclose(ev["fitted_eps"], EPS[dt], rel_tol=0.05),
+    ),
+    Case(
+        "swiglu-swapped-dense",
+        lambda dt: SwigluSwapped,
+        ("dense",),
+        0,
+        "layers.0.mlp.act",
+        "swiglu_swapped",
+        lambda ev, dt: True,
+    ),
+    Case(
+        "swiglu-swapped-experts",
+        lambda dt: SwigluSwapped,
+        ("moe",),
+        0,
+        "layers.0.mlp.out",
+        "swiglu_swapped",
+        lambda ev, dt: True,
+    ),
+    Case(
+        "k_proj-transposed",
+        lambda dt: KProjTransposed,
+        BOTH_MODELS,
+        0,
+        "layers.0.k_proj",
+        "weight_transposed",
+        lambda ev, dt: ev["weight"] == "model.layers.0.self_attn.k_proj.weight",
+    ),
+    Case(
+        "lm_head-not-tied",
+        lambda dt: HeadNotTied,
+        ("dense-head",),
+        0,
+        "logits",
+        "weight_substituted",
+        lambda ev, dt: ev["weight"] == "lm_head.weight" and ev["expected"] == "model.embed_tokens.weight",
+        "scratch",
+    ),
+    Case(
+        "lm_head-tied-when-untied",
+        lambda dt: HeadNotTied,
+        ("moe",),
+        0,
+        "logits",
+        "weight_substituted",
+        lambda ev, dt: ev["weight"] == "model.embed_tokens.weight" and ev["expected"] == "lm_head.weight",
+    ),
+    Case(
+        "residual-from-normed-input",
+        lambda dt: ResidualFromNormed,
+        BOTH_MODELS,
+        0,
+        "layers.0.resid_mid",
+        "input_substituted",
+        lambda ev, dt: ev["operand"] == "layers.0.attn_norm" and ev["expected"] == "embed",
+    ),
+    Case(
+        "keys-cached-before-rope",
+        lambda dt: CachePreRope,
+        BOTH_MODELS,
+        0,
+        "layers.0.k_cache",
+        "input_substituted",
+        lambda ev, dt: ev["operand"] == "layers.0.k_norm",
+    ),
+    Case(
+        "attends-previous-layer-cache",
+        lambda dt: AttendsPreviousLayerCache,
+        BOTH_MODELS,
+        1,
+        "layers.1.attn_scores",
+        "input_substituted",
+        lambda ev, dt: ev["operand"] == "layers.0.k_cache" and ev["expected"] == "layers.1.k_cache",
+    ),
+    Case(
+        "experts-off-by-one",
+        lambda dt: ExpertsOffByOne,
+        ("moe",),
+        0,
+        "layers.0.mlp.out",
+        "moe_expert_index",
+        lambda ev, dt: ev["expert_shift"] == -1,
+    ),
+    Case(
+        "softmax-temperature",
+        lambda dt: SoftmaxTemperature,
+        ("dense",),
+        0,
+        "layers.0.attn_probs",
+        "softmax_temperature",
+        lambda ev, dt: math.isclose(ev["factor"], 1 / 0.7, rel_tol=0.01),
+    ),
     Case("rope-twice", lambda dt: RopeTwice, ("dense",), 0, "layers.0.q_rope", "rope_twice", lambda ev, dt: True),
 ]
 DTYPES = ("float32", "bfloat16")
@@ -248,16 +350,20 @@ DTYPES = ("float32", "bfloat16")
 @pytest.fixture(scope="module")
 def model(catalogue_model, tmp_path_factory):
     """Catalogue models, plus 'dense-head': tiny-dense (tied) whose checkpoint also carries an lm_head.weight."""
+
     def get(key: str):
         if key != "dense-head":
             return catalogue_model(key)
         dst = tmp_path_factory.getbasetemp() / "dense-head"
         if not dst.exists():
+
             def add_head(t):
                 head = torch.randn(t["model.embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(1))
                 return t | {"lm_head.weight": (head * 0.125).to(t["model.embed_tokens.weight"].dtype)}
+
             rewrite_checkpoint(catalogue_model("dense"), dst, add_head)
         return dst
+
     return get
 
 

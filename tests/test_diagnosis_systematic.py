@@ -36,8 +36,14 @@ class ShiftedAttnNorm(Qwen3Reference):
 
 def _tap(name: str, g, r, c, dtype) -> TapResult:
     te = tap_errors(g, r, c, row=g.shape[-1])
-    return TapResult(step=0, name=name, layer=None, op=name, status="ok",
-                     extra={"signed": signed_stats(te.rows, te.count, te.gold_norm, dtype)})
+    return TapResult(
+        step=0,
+        name=name,
+        layer=None,
+        op=name,
+        status="ok",
+        extra={"signed": signed_stats(te.rows, te.count, te.gold_norm, dtype)},
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 1000, 77), (2, 151_936)], ids=["rows-across-chunks", "rows-longer-than-a-chunk"])
@@ -56,32 +62,41 @@ def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_cl
     taps = []
     for i in range(40):  # clean taps: the candidate errs by half an ulp either way before its rounding
         g = torch.randn(100, 100, generator=gen, dtype=torch.float64)
-        wobble = 1 + 2 ** -8 * torch.randn(g.shape, generator=gen, dtype=torch.float64)
+        wobble = 1 + 2**-8 * torch.randn(g.shape, generator=gen, dtype=torch.float64)
         taps.append(_tap(f"clean{i}", g, g.to(torch.bfloat16), (g * wobble).to(torch.bfloat16), torch.bfloat16))
     g = torch.randn(100, 100, generator=gen, dtype=torch.float64)  # 1e4 elements, 100 rows
     taps.insert(17, _tap("planted", g, g.to(torch.bfloat16), shifted(g, torch.bfloat16, 0.2), torch.bfloat16))
     found = detect(taps, None, torch.bfloat16)
     assert found is not None and found.tap == "planted" and found.signature == "systematic_shift", found
     # in ulps at the tap's RMS magnitude, where elements under the RMS count their smaller ulp for less
-    assert 0.05 < found.evidence["fitted_shift"] < 0.2 and found.evidence["detection_limit"] < found.evidence["fitted_shift"]
+    assert (
+        0.05 < found.evidence["fitted_shift"] < 0.2
+        and found.evidence["detection_limit"] < found.evidence["fitted_shift"]
+    )
 
 
 def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, monkeypatch):
     monkeypatch.setitem(IMPLEMENTATIONS, "shifted-attn-norm", f"{__name__}:ShiftedAttnNorm")
-    result = run_diff(ref="hf", cand="shifted-attn-norm", model_dir=catalogue_model("dense"), dtype="bfloat16",
-                      token_ids=TOKENS)
+    result = run_diff(
+        ref="hf", cand="shifted-attn-norm", model_dir=catalogue_model("dense"), dtype="bfloat16", token_ids=TOKENS
+    )
     assert result.first_divergence is None and result.exit_code == 0, result.verdict
     assert result.systematic is not None and result.systematic.tap == "layers.1.attn_norm", result.systematic
     assert result.to_dict()["systematic"]["signature"] == "systematic_shift"
     assert any(label == "systematic" for label, _ in result.summary())
 
 
-@pytest.mark.parametrize("ref,cand,model,dtype", [
-    ("hf", "hf:attn=sdpa", "dense", "bfloat16"), ("hf", "hf:attn=sdpa", "moe", "float16"),
-    ("hf", "rmsnorm-fused", "hot-qk", "bfloat16"), ("hf", "scratch", "moe", "float32"),
-    ("scratch", "hf", "dense", "float16"),
-    ("hf", "module:qwen3dbg.candidates.ports.standalone_qwen3:load", "dense", "bfloat16"),  # fp32 attn_probs
-])
+@pytest.mark.parametrize(
+    "ref,cand,model,dtype",
+    [
+        ("hf", "hf:attn=sdpa", "dense", "bfloat16"),
+        ("hf", "hf:attn=sdpa", "moe", "float16"),
+        ("hf", "rmsnorm-fused", "hot-qk", "bfloat16"),
+        ("hf", "scratch", "moe", "float32"),
+        ("scratch", "hf", "dense", "float16"),
+        ("hf", "module:qwen3dbg.candidates.ports.standalone_qwen3:load", "dense", "bfloat16"),  # fp32 attn_probs
+    ],
+)
 def test_clean_pairs_raise_no_systematic_finding(catalogue_model, ref, cand, model, dtype):
     result = run_diff(ref=ref, cand=cand, model_dir=catalogue_model(model), dtype=dtype, token_ids=TOKENS[:64])
     tested = [t for t in result.taps if t.extra.get("signed", {}).get("rows", 0) >= MIN_ROWS]

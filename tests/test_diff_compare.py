@@ -62,10 +62,15 @@ def test_one_wrong_element_is_the_first_divergence_with_its_coordinate(dense_bf1
 def test_nan_is_traced_to_the_first_op_that_produced_it(dense_bf16, tmp_path):
     model, src = dense_bf16
     order = [t.name for t in run_diff("hf", f"store:{src}", model_dir=model).taps if t.step == 0]
-    after = set(order[order.index("layers.0.o_proj"):])
+    after = set(order[order.index("layers.0.o_proj") :])
 
     def edit(step, name, t):
-        if step == 0 and name in after and t.is_floating_point() and OPS_BY_NAME[parse_tap_name(name)[1]].axes[1] == "T":
+        if (
+            step == 0
+            and name in after
+            and t.is_floating_point()
+            and OPS_BY_NAME[parse_tap_name(name)[1]].axes[1] == "T"
+        ):
             t[0, 2] = float("nan")  # token 2 of every tap from o_proj on, as a real NaN spreads
         return t
 
@@ -107,8 +112,9 @@ def test_a_changed_mask_pattern_is_a_divergence_even_when_values_agree(dense_bf1
 
 
 def test_taps_one_side_lacks_are_not_compared_and_never_divergent(catalogue_model):
-    result = run_diff("hf", "hf:attn=sdpa", model_dir=catalogue_model("dense"), dtype="bfloat16",
-                      token_ids=PROMPT, decode_ids=DECODE)
+    result = run_diff(
+        "hf", "hf:attn=sdpa", model_dir=catalogue_model("dense"), dtype="bfloat16", token_ids=PROMPT, decode_ids=DECODE
+    )
     assert {t.op for t in result.not_compared} == {"attn_scores", "attn_probs"}
     assert all("candidate lacks it" in t.reason for t in result.not_compared)
     assert result.first_divergence is None
@@ -124,7 +130,9 @@ def moe_tie(catalogue_model, tmp_path_factory):
     model = catalogue_model("moe")
     src = clean_store(model, "bfloat16", tmp_path_factory.mktemp("moe") / "s", LONG)
     clean = run_diff("hf", f"store:{src}", model_dir=model)
-    logits = run_steps(load_candidate("scratch", model, "float64"), forced_steps(LONG, []))[0]["layers.0.moe.router_logits"][0]
+    logits = run_steps(load_candidate("scratch", model, "float64"), forced_steps(LONG, []))[0][
+        "layers.0.moe.router_logits"
+    ][0]
     tol = next(t.tol_abs for t in clean.taps if (t.step, t.name) == (0, "layers.0.moe.router_logits"))
     return model, src, logits, router_margin(logits, 2), tol
 
@@ -193,8 +201,14 @@ def test_a_reference_tie_is_found_when_the_candidate_exposes_no_expert_ids(moe_t
     token = int(margins.argmin())
     ref = rewrite(src, tmp_path / "r", _swap_kth(logits, token))
     store = TapStore.open(src)
-    with StoreWriter(tmp_path / "c", "engine", store.dtype, 1, missing_taps=["moe.topk_ids"],
-                     extra={"config": store.manifest["config"]}) as w:
+    with StoreWriter(
+        tmp_path / "c",
+        "engine",
+        store.dtype,
+        1,
+        missing_taps=["moe.topk_ids"],
+        extra={"config": store.manifest["config"]},
+    ) as w:
         for info in store.steps:
             names = [n for n in store.names(info.step) if not n.endswith("moe.topk_ids")]
             w.begin_step(info, {n: tuple(store.get(info.step, n).shape) for n in names})

@@ -52,19 +52,33 @@ def _torch_reference(g, r, c, scores: bool, keep, limit: float) -> dict:
     if keep is not None:
         live = live & keep
     valid = live & torch.isfinite(g)
-    nonfinite = {"ref": int((valid & ~torch.isfinite(r)).sum()), "cand": int((valid & ~torch.isfinite(c)).sum()),
-                 "gold": int((live & ~torch.isfinite(g)).sum())}
+    nonfinite = {
+        "ref": int((valid & ~torch.isfinite(r)).sum()),
+        "cand": int((valid & ~torch.isfinite(c)).sum()),
+        "gold": int((live & ~torch.isfinite(g)).sum()),
+    }
     judged = valid & torch.isfinite(r) & torch.isfinite(c)
     g64 = torch.where(judged, g.double(), 0.0)
     ec = torch.where(judged, c.double() - g.double(), 0.0)
     er = torch.where(judged, r.double() - g.double(), 0.0)
     hi, lo = int(ec.argmax()), int(ec.argmin())
     i = hi if float(ec[hi]) >= -float(ec[lo]) else lo
-    return {"count": int(judged.sum()), "nonfinite": nonfinite, "mask_diff": mask_diff, "argmax": i,
-            "cand_max": abs(float(ec[i])), "ref_max": float(er.abs().max()), "gold_max": float(g64.abs().max()),
-            "cand_norm": float(ec.norm()), "ref_norm": float(er.norm()), "gold_norm": float(g64.norm()),
-            "dot": float(ec @ g64), "dot_scale": float((ec * g64).abs().sum()), "diff_norm": float(torch.dist(ec, er)),
-            "over": int((ec.abs() > limit).sum())}
+    return {
+        "count": int(judged.sum()),
+        "nonfinite": nonfinite,
+        "mask_diff": mask_diff,
+        "argmax": i,
+        "cand_max": abs(float(ec[i])),
+        "ref_max": float(er.abs().max()),
+        "gold_max": float(g64.abs().max()),
+        "cand_norm": float(ec.norm()),
+        "ref_norm": float(er.norm()),
+        "gold_norm": float(g64.norm()),
+        "dot": float(ec @ g64),
+        "dot_scale": float((ec * g64).abs().sum()),
+        "diff_norm": float(torch.dist(ec, er)),
+        "over": int((ec.abs() > limit).sum()),
+    }
 
 
 @pytest.mark.parametrize("kind", ["ties", "noise"])
@@ -85,8 +99,12 @@ def test_fused_pass_equals_float64_torch_with_nonfinite_and_masked_entries(kind,
         assert (got.cand.argmax, got.cand.max_abs) == (want["argmax"], want["cand_max"])
         assert (got.ref.max_abs, got.gold_max) == (want["ref_max"], want["gold_max"])
         # sums in another order: within n ulps of float64
-        for name, value in (("cand_norm", got.cand.norm), ("ref_norm", got.ref.norm), ("gold_norm", got.gold_norm),
-                            ("diff_norm", got.diff_norm)):
+        for name, value in (
+            ("cand_norm", got.cand.norm),
+            ("ref_norm", got.ref.norm),
+            ("gold_norm", got.gold_norm),
+            ("diff_norm", got.diff_norm),
+        ):
             assert value == want[name] or abs(value - want[name]) <= N * eps * want[name], name
         assert got.dot == want["dot"] or abs(got.dot - want["dot"]) <= N * eps * want["dot_scale"]
         assert count_over(g, r, c, 0.3, scores=scores, keep=kp) == want["over"]

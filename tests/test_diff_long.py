@@ -83,8 +83,14 @@ def test_block_by_block_statistics_equal_the_whole_tap(rows, monkeypatch):
 def test_attention_of_a_long_prompt_is_compared_in_blocks_and_still_localizes_a_mask_bug(catalogue_model, monkeypatch):
     """With blocks of a few query rows, a causal-mask bug is still found at layer 0's attn_scores."""
     monkeypatch.setattr("qwen3dbg.diff.blocks.BLOCK_ELEMENTS", 4 * 4 * 64)
-    result = run_diff("hf", "no-causal-mask", model_dir=catalogue_model("dense"), dtype="float32",
-                      token_ids=PROMPT[:64], decode_ids=DECODE[:1])
+    result = run_diff(
+        "hf",
+        "no-causal-mask",
+        model_dir=catalogue_model("dense"),
+        dtype="float32",
+        token_ids=PROMPT[:64],
+        decode_ids=DECODE[:1],
+    )
     d = result.first_divergence
     assert (d.step, d.tap) == (0, "layers.0.attn_scores") and "mask pattern" in d.reason
 
@@ -108,20 +114,23 @@ class RingCache(Qwen3Reference):
             return super().update_cache(layer, k, v)
         k_all, v_all = past[0].clone(), past[1].clone()
         slot = length % self.slots
-        k_all[:, :, slot:slot + 1], v_all[:, :, slot:slot + 1] = k, v
+        k_all[:, :, slot : slot + 1], v_all[:, :, slot : slot + 1] = k, v
         k_all, v_all = torch.cat((k_all, k), 2), torch.cat((v_all, v), 2)  # shown at the right length
         self.cache[layer] = (k_all, v_all)
         return k_all, v_all
 
 
-def test_a_cache_that_overwrites_an_old_slot_is_caught_at_the_step_and_slot_where_it_happens(catalogue_model, monkeypatch):
+def test_a_cache_that_overwrites_an_old_slot_is_caught_at_the_step_and_slot_where_it_happens(
+    catalogue_model, monkeypatch
+):
     """44 slots, prompt 40: decode steps 1-4 fill slots 40-43, step 5 writes position 44 into slot 0."""
     from qwen3dbg import registry
 
     monkeypatch.setitem(registry.IMPLEMENTATIONS, "ring-cache", f"{__name__}:RingCache")
     model = catalogue_model("dense")
-    result = run_diff("hf", "ring-cache", model_dir=model, dtype="float32", token_ids=PROMPT,
-                      decode_ids=[3, 4, 5, 6, 7, 8])
+    result = run_diff(
+        "hf", "ring-cache", model_dir=model, dtype="float32", token_ids=PROMPT, decode_ids=[3, 4, 5, 6, 7, 8]
+    )
     d = result.first_divergence
     wraps_at = 44 - len(PROMPT) + 1  # the step whose token sits at position 44
     assert (d.step, d.tap) == (wraps_at, "layers.0.k_cache")
@@ -133,16 +142,23 @@ def test_a_cache_that_overwrites_an_old_slot_is_caught_at_the_step_and_slot_wher
 
 
 def test_the_json_of_a_long_decode_lists_the_taps_of_the_steps_that_matter_and_summarises_the_rest(catalogue_model):
-    result = run_diff("hf", "kv-cache-off-by-one", model_dir=catalogue_model("dense"), dtype="float32",
-                      token_ids=PROMPT[:6], decode_ids=list(range(1, 31)))
+    result = run_diff(
+        "hf",
+        "kv-cache-off-by-one",
+        model_dir=catalogue_model("dense"),
+        dtype="float32",
+        token_ids=PROMPT[:6],
+        decode_ids=list(range(1, 31)),
+    )
     doc = result.to_dict()
     assert [r["step"] for r in doc["step_summary"]] == list(range(31))
     assert {t["step"] for t in doc["taps"]} == {0, *range(1, 17)}
     assert len(doc["taps"]) < len(result.taps)
 
 
-def test_a_capture_stores_large_decode_caches_as_slots_that_validate_and_diff_clean(catalogue_model, tmp_path,
-                                                                                    monkeypatch):
+def test_a_capture_stores_large_decode_caches_as_slots_that_validate_and_diff_clean(
+    catalogue_model, tmp_path, monkeypatch
+):
     monkeypatch.setattr("qwen3dbg.store.FULL_CACHE_BYTES", 0)  # every cache counts as large
     model = catalogue_model("dense")
     path = capture(load_candidate("scratch", model, "bfloat16"), forced_steps(PROMPT, DECODE), tmp_path / "s")
@@ -155,13 +171,16 @@ def test_a_capture_stores_large_decode_caches_as_slots_that_validate_and_diff_cl
     assert result.first_divergence is None and not result.not_compared
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("cache_positions", [999], "not cache slots"),
-    ("cache_positions", [3, 3], "repeats"),
-    ("cache_positions", [5], "neither the step's own positions"),
-    ("attention_positions", [0], "not query rows"),
-    ("cache_positions", "40", "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("cache_positions", [999], "not cache slots"),
+        ("cache_positions", [3, 3], "repeats"),
+        ("cache_positions", [5], "neither the step's own positions"),
+        ("attention_positions", [0], "not query rows"),
+        ("cache_positions", "40", "non-empty list"),
+    ],
+)
 def test_a_store_declaring_impossible_slots_or_rows_is_refused(catalogue_model, tmp_path, field, value, words):
     model = catalogue_model("dense")
     path = capture(load_candidate("scratch", model, "float32"), forced_steps(PROMPT[:6], [7, 9]), tmp_path / "s")
@@ -203,25 +222,27 @@ def test_attention_rows_of_a_subset_of_queries_are_compared_at_those_rows(catalo
 
 
 def _peak(args: list[str]) -> dict:
-    code = ("import json, sys, threading, time\n"
-            "from pathlib import Path\n"
-            "peak = [0]\n"
-            "def anon():\n"
-            "    return int(next(l for l in Path('/proc/self/status').read_text().splitlines()"
-            " if l.startswith('RssAnon:')).split()[1]) * 1024\n"
-            "def watch():\n"
-            "    while True:\n"
-            "        peak[0] = max(peak[0], anon()); time.sleep(0.005)\n"
-            "threading.Thread(target=watch, daemon=True).start()\n"
-            "from qwen3dbg.diff import run_diff\n"
-            "base = anon()\n"
-            "model, ref, cand, n = sys.argv[1:5]\n"
-            "ids = [(13 * i + 5) % 512 for i in range(int(n))]\n"
-            "wchar = lambda: int(next(l for l in Path('/proc/self/io').read_text().splitlines()"
-            " if l.startswith('wchar:')).split()[1])\n"
-            "w0 = wchar()\n"
-            "run_diff(ref, cand, model_dir=model, dtype='bfloat16', token_ids=ids, decode_ids=[7, 9])\n"
-            "print(json.dumps({'added': peak[0] - base, 'written': wchar() - w0}))\n")
+    code = (
+        "import json, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "peak = [0]\n"
+        "def anon():\n"
+        "    return int(next(l for l in Path('/proc/self/status').read_text().splitlines()"
+        " if l.startswith('RssAnon:')).split()[1]) * 1024\n"
+        "def watch():\n"
+        "    while True:\n"
+        "        peak[0] = max(peak[0], anon()); time.sleep(0.005)\n"
+        "threading.Thread(target=watch, daemon=True).start()\n"
+        "from qwen3dbg.diff import run_diff\n"
+        "base = anon()\n"
+        "model, ref, cand, n = sys.argv[1:5]\n"
+        "ids = [(13 * i + 5) % 512 for i in range(int(n))]\n"
+        "wchar = lambda: int(next(l for l in Path('/proc/self/io').read_text().splitlines()"
+        " if l.startswith('wchar:')).split()[1])\n"
+        "w0 = wchar()\n"
+        "run_diff(ref, cand, model_dir=model, dtype='bfloat16', token_ids=ids, decode_ids=[7, 9])\n"
+        "print(json.dumps({'added': peak[0] - base, 'written': wchar() - w0}))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -38,20 +38,32 @@ def test_a_candidate_beyond_the_factor_on_either_statistic_is_divergent():
 
 def test_a_small_sample_widens_the_norm_tolerance_by_its_uncertainty():
     few, many = (tolerance(torch.bfloat16, 0.02, 0.1, 4.0, count=n) for n in (SMALL_SAMPLE_N0, MANY))
-    assert abs(few.rel / many.rel - 2 ** 0.5) < 1e-3
+    assert abs(few.rel / many.rel - 2**0.5) < 1e-3
     assert few.abs_ == many.abs_
 
 
 def test_worst_coordinate_splits_merged_heads_into_head_and_channel():
     shape, axes = (1, 3, 4 * 8), ("B", "T", "nH*D")
     flat = 2 * 32 + 2 * 8 + 5
-    assert worst_coordinate(flat, shape, axes, step=1, head_dim=8) == {"step": 1, "batch": 0, "token": 2, "head": 2, "channel": 5}
+    assert worst_coordinate(flat, shape, axes, step=1, head_dim=8) == {
+        "step": 1,
+        "batch": 0,
+        "token": 2,
+        "head": 2,
+        "channel": 5,
+    }
 
 
 def test_worst_coordinate_of_attention_names_head_token_and_key():
     shape, axes = (1, 2, 3, 5), ("B", "nH", "T", "S")
     flat = 1 * 15 + 2 * 5 + 4
-    assert worst_coordinate(flat, shape, axes, step=0, head_dim=8) == {"step": 0, "batch": 0, "head": 1, "token": 2, "key": 4}
+    assert worst_coordinate(flat, shape, axes, step=0, head_dim=8) == {
+        "step": 0,
+        "batch": 0,
+        "head": 1,
+        "token": 2,
+        "key": 4,
+    }
 
 
 def test_cosine_from_the_error_agrees_with_its_definition():

@@ -25,8 +25,11 @@ PROMPT, DECODE = [3, 1, 4, 1, 5, 9, 2, 6], [5]
 def store(catalogue_model, tmp_path_factory):
     """A bf16 store of the clean scratch reference, captured on PROMPT + DECODE."""
     model = catalogue_model("dense")
-    out = capture(load_candidate("scratch", model, "bfloat16"), forced_steps(PROMPT, DECODE),
-                  tmp_path_factory.mktemp("side") / "s")
+    out = capture(
+        load_candidate("scratch", model, "bfloat16"),
+        forced_steps(PROMPT, DECODE),
+        tmp_path_factory.mktemp("side") / "s",
+    )
     return model, out
 
 
@@ -70,8 +73,9 @@ def test_an_incomplete_store_is_refused_with_its_reason_and_exit_2(store, tmp_pa
     manifest = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     exe = Path(sys.executable).with_name("qwen3dbg")  # the installed entry point, as a user runs it
-    run = subprocess.run([str(exe), "diff", "--cand", f"store:{broken}", "--model", str(model)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [str(exe), "diff", "--cand", f"store:{broken}", "--model", str(model)], capture_output=True, text=True
+    )
     assert run.returncode == 2
     assert "incomplete" in run.stderr
 
@@ -81,8 +85,14 @@ def test_a_diff_of_running_sides_writes_nothing_to_disk(catalogue_model, tmp_pat
     monkeypatch.setenv("QWEN3DBG_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    result = run_diff("hf", "rope-theta-1e4", model_dir=catalogue_model("dense"), dtype="float32", token_ids=[11, 12, 13],
-                      decode_ids=[4, 5])
+    result = run_diff(
+        "hf",
+        "rope-theta-1e4",
+        model_dir=catalogue_model("dense"),
+        dtype="float32",
+        token_ids=[11, 12, 13],
+        decode_ids=[4, 5],
+    )
     assert result.first_divergence is not None
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert written == []
@@ -99,17 +109,49 @@ def test_teacher_forcing_finds_a_bug_introduced_by_its_layer_and_a_store_gets_an
 
 def test_diff_command_exits_1_on_a_divergence_and_its_json_names_the_first_divergent_tap(catalogue_model, tmp_path):
     out = tmp_path / "r.json"
-    run = CliRunner().invoke(app, ["diff", "--cand", "embed-scaled", "--model", str(catalogue_model("dense")),
-                                   "--dtype", "fp32", "--token-ids", "5,6,7", "--json", str(out)])
+    run = CliRunner().invoke(
+        app,
+        [
+            "diff",
+            "--cand",
+            "embed-scaled",
+            "--model",
+            str(catalogue_model("dense")),
+            "--dtype",
+            "fp32",
+            "--token-ids",
+            "5,6,7",
+            "--json",
+            str(out),
+        ],
+    )
     assert run.exit_code == 1, run.output
     doc = json.loads(out.read_text())
-    assert {k: doc["first_divergence"][k] for k in ("step", "layer", "tap")} == {"step": 0, "layer": None, "tap": "embed"}
+    assert {k: doc["first_divergence"][k] for k in ("step", "layer", "tap")} == {
+        "step": 0,
+        "layer": None,
+        "tap": "embed",
+    }
     assert doc["diagnosis"] and {"signature", "message", "evidence"} <= set(doc["diagnosis"][0])
 
 
 def test_diff_command_exits_0_on_a_clean_pair(catalogue_model):
-    run = CliRunner().invoke(app, ["diff", "--ref", "hf", "--cand", "scratch", "--model", str(catalogue_model("dense")),
-                                   "--dtype", "float32", "--token-ids", "5,6,7"])
+    run = CliRunner().invoke(
+        app,
+        [
+            "diff",
+            "--ref",
+            "hf",
+            "--cand",
+            "scratch",
+            "--model",
+            str(catalogue_model("dense")),
+            "--dtype",
+            "float32",
+            "--token-ids",
+            "5,6,7",
+        ],
+    )
     assert run.exit_code == 0, run.output
     assert "no divergence" in run.output
 
@@ -119,8 +161,10 @@ def test_a_broken_reference_is_called_suspect(catalogue_model):
     correct candidate and hide a broken one, so the result names it instead."""
     result = run_diff("rope-theta-1e4", "hf", model_dir=catalogue_model("dense"))
     assert result.suspect_reference is not None and result.suspect_reference.op in ("q_rope", "k_rope")
-    assert any(label == "reference" and "--ref scratch --cand rope-theta-1e4 --model" in text
-               for label, text in result.summary())
+    assert any(
+        label == "reference" and "--ref scratch --cand rope-theta-1e4 --model" in text
+        for label, text in result.summary()
+    )
     assert result.to_dict()["suspect_reference"]["tap"] == result.suspect_reference.name
 
 
@@ -132,38 +176,48 @@ def test_a_correct_reference_is_not_suspect(catalogue_model, model):
     assert result.suspect_reference is None, result.suspect_reference
 
 
-@pytest.mark.parametrize("cand, words", [
-    ("mine:bogus=1", "implementation 'mine' has no option 'bogus': its options are device, rmsnorm"),
-    ("hf:foo=1", "implementation 'hf' has no option 'foo': its options are attn"),
-    ("scratch:x=1", "implementation 'scratch' has no option 'x'"),
-])
+@pytest.mark.parametrize(
+    "cand, words",
+    [
+        ("mine:bogus=1", "implementation 'mine' has no option 'bogus': its options are device, rmsnorm"),
+        ("hf:foo=1", "implementation 'hf' has no option 'foo': its options are attn"),
+        ("scratch:x=1", "implementation 'scratch' has no option 'x'"),
+    ],
+)
 def test_an_unknown_option_key_is_named_with_the_options_the_implementation_takes(catalogue_model, capsys, cand, words):
     assert cli("diff", "--cand", cand, "--model", catalogue_model("dense"), "--token-ids", "5,6,7") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert words in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads is 0"),
-    ({"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', it must be true or false"),
-    ({"num_key_value_heads": 0}, "num_key_value_heads is 0"),
-    ({"head_dim": 16}, "self_attn.q_proj.weight in"),
-    ({"vocab_size": 1000}, "implies [1000, 64]: run `qwen3dbg scan-checkpoint"),
-])
-def test_a_config_the_weights_or_types_contradict_is_exit_2_before_anything_runs(models, tmp_path, capsys, changes,
-                                                                                   words):
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads is 0"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', it must be true or false"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads is 0"),
+        ({"head_dim": 16}, "self_attn.q_proj.weight in"),
+        ({"vocab_size": 1000}, "implies [1000, 64]: run `qwen3dbg scan-checkpoint"),
+    ],
+)
+def test_a_config_the_weights_or_types_contradict_is_exit_2_before_anything_runs(
+    models, tmp_path, capsys, changes, words
+):
     model = with_config(models("tiny-dense"), tmp_path / "m", **changes)
     assert cli("diff", "--cand", "scratch", "--model", model, "--dtype", "fp32", "--token-ids", "5,6,7") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert words in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("outputs, words", [
-    (["--json", "{tmp}/no/such/r.json", "--html", "{tmp}/ok.html"], "cannot write"),
-    (["--json", "{tmp}/r", "--html", "{tmp}/r"], "--json and --html both name"),
-    (["--json", "-"], "'-' is not an output file"),
-    (["--html", "{tmp}"], "Is a directory"),
-])
+@pytest.mark.parametrize(
+    "outputs, words",
+    [
+        (["--json", "{tmp}/no/such/r.json", "--html", "{tmp}/ok.html"], "cannot write"),
+        (["--json", "{tmp}/r", "--html", "{tmp}/r"], "--json and --html both name"),
+        (["--json", "-"], "'-' is not an output file"),
+        (["--html", "{tmp}"], "Is a directory"),
+    ],
+)
 def test_output_files_are_checked_before_the_diff_runs(models, tmp_path, monkeypatch, capsys, outputs, words):
     monkeypatch.setattr("qwen3dbg.diff.run_diff", lambda *a, **k: pytest.fail("the diff ran"))
     args = [a.replace("{tmp}", str(tmp_path)) for a in outputs]
@@ -199,8 +253,10 @@ def test_a_store_captured_on_other_weights_says_so(tmp_path):
 def test_a_store_of_selected_taps_diffs_and_writes_its_reports(models, tmp_path):
     """capture --taps keeps a few taps: the diff compares those, and the HTML and JSON still render."""
     model, store = models("tiny-dense"), tmp_path / "s"
-    assert cli("capture", "--impl", "scratch", "--model", model, "--out", store, "--taps", "embed",
-               "--decode-steps", "1") == 0
+    assert (
+        cli("capture", "--impl", "scratch", "--model", model, "--out", store, "--taps", "embed", "--decode-steps", "1")
+        == 0
+    )
     html, js = tmp_path / "r.html", tmp_path / "r.json"
     assert cli("diff", "--cand", f"store:{store}", "--model", model, "--html", html, "--json", js) == 0
     assert "No tap inside the layers was compared" in html.read_text()

@@ -17,8 +17,7 @@ L1 = "model.layers.1."
 @pytest.mark.parametrize("gguf_type", list(GGUF_TYPES))
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_own_gguf_conversion_differs_only_by_rounding(models, tmp_path, preset, gguf_type):
-    result = diff_weights(models(preset), write_gguf(models(preset), tmp_path / "m.gguf", gguf_type),
-                          fail_on="warning")
+    result = diff_weights(models(preset), write_gguf(models(preset), tmp_path / "m.gguf", gguf_type), fail_on="warning")
     assert result.exit_code == 0
     assert not result.only_a and not result.only_b
     assert {d.relation for d in result.tensors} <= {"equal", "rounding"}
@@ -40,8 +39,11 @@ def test_dropped_reshaped_and_changed_tensors_are_named(models, tmp_path):
     changed = write_gguf(rewrite_checkpoint(src, tmp_path / "edited", edit), tmp_path / "m.gguf", "q8_0")
     result = diff_weights(src, changed)
     named = {(f.check, f.tensor) for f in result.findings if f.severity == "error"}
-    assert named == {("missing", L1 + "self_attn.v_proj.weight"), ("reshaped", L1 + "self_attn.o_proj.weight"),
-                     ("changed", L1 + "mlp.experts.3.up_proj.weight")}
+    assert named == {
+        ("missing", L1 + "self_attn.v_proj.weight"),
+        ("reshaped", L1 + "self_attn.o_proj.weight"),
+        ("changed", L1 + "mlp.experts.3.up_proj.weight"),
+    }
     assert result.exit_code == 1
 
 
@@ -56,7 +58,9 @@ def test_llama_style_qk_permutation_is_recognised(models, tmp_path):
             t[name] = torch.from_numpy(rope_permute(t[name].float().numpy(), n)).to(t[name].dtype)
         return t
 
-    result = diff_weights(src, write_gguf(rewrite_checkpoint(src, tmp_path / "perm", permute), tmp_path / "m.gguf", "f16"))
+    result = diff_weights(
+        src, write_gguf(rewrite_checkpoint(src, tmp_path / "perm", permute), tmp_path / "m.gguf", "f16")
+    )
     relations = {d.name: d.relation for d in result.tensors if d.relation not in ("equal", "rounding")}
     assert relations == {L1 + "self_attn.q_proj.weight": "permuted", L1 + "self_attn.k_proj.weight": "permuted"}
 

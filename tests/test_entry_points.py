@@ -31,8 +31,17 @@ def test_pytest_collects_from_the_checkout_root(runner):
 
 
 def test_pytest_collects_a_test_file_given_by_path_from_another_directory(tmp_path):
-    out = run(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-              str(CHECKOUT / SMALL_TEST_FILE), cwd=tmp_path)
+    out = run(
+        sys.executable,
+        "-m",
+        "pytest",
+        "--collect-only",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(CHECKOUT / SMALL_TEST_FILE),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "test_config.py::" in out.stdout
 
@@ -62,7 +71,11 @@ def test_checkout_folders_outside_the_package_do_not_import_as_subpackages(name)
 
 
 def test_mapped_subpackages_import_from_the_checkout(tmp_path):
-    out = run(sys.executable, "-c", "import qwen3dbg.reference, qwen3dbg.candidates, qwen3dbg.reports; "
-              "print(qwen3dbg.reference.__file__)", cwd=tmp_path)
+    out = run(
+        sys.executable,
+        "-c",
+        "import qwen3dbg.reference, qwen3dbg.candidates, qwen3dbg.reports; print(qwen3dbg.reference.__file__)",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == CHECKOUT / "reference" / "__init__.py"

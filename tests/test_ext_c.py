@@ -46,30 +46,40 @@ def engines(tmp_path_factory) -> dict[str, Path]:
     built = {}
     for kind, extra in (("clean", []), ("rope_bug", ["-DPLANT_ROPE_BUG"])):
         built[kind] = out / f"engine_{kind}"
-        subprocess.run([cc, "-std=c99", "-O2", *FLAGS, *extra, "-o", str(built[kind]),
-                        str(C_DIR / "example_engine.c"), "-lm"], check=True)
+        subprocess.run(
+            [cc, "-std=c99", "-O2", *FLAGS, *extra, "-o", str(built[kind]), str(C_DIR / "example_engine.c"), "-lm"],
+            check=True,
+        )
     return built
 
 
 def run_engine(engine: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(engine), str(model), str(out), ",".join(map(str, PROMPT)),
-                           "--decode", ",".join(map(str, DECODE)), *extra], capture_output=True, text=True)
+    return subprocess.run(
+        [str(engine), str(model), str(out), ",".join(map(str, PROMPT)), "--decode", ",".join(map(str, DECODE)), *extra],
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("lang,std", [("c", "-std=c99"), ("c++", "-std=c++11")])
 @pytest.mark.parametrize("implementation", [False, True])
 def test_header_compiles_alone_warning_free(tmp_path, lang, std, implementation):
     src = tmp_path / "only.c"
-    src.write_text(("#define QWEN3DBG_TAPS_IMPLEMENTATION\n" if implementation else "") + '#include "qwen3dbg_taps.h"\n')
+    src.write_text(
+        ("#define QWEN3DBG_TAPS_IMPLEMENTATION\n" if implementation else "") + '#include "qwen3dbg_taps.h"\n'
+    )
     compiler = _compiler("cc" if lang == "c" else "c++")
-    subprocess.run([compiler, "-x", lang, std, "-O2", *FLAGS, "-I", str(C_DIR), "-c", str(src), "-o",
-                    str(tmp_path / "only.o")], check=True)
+    subprocess.run(
+        [compiler, "-x", lang, std, "-O2", *FLAGS, "-I", str(C_DIR), "-c", str(src), "-o", str(tmp_path / "only.o")],
+        check=True,
+    )
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real entry point, so that user errors go through its exit-2 boundary."""
-    return subprocess.run([sys.executable, "-c", "from qwen3dbg.cli import main; main()", *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", "from qwen3dbg.cli import main; main()", *args], capture_output=True, text=True
+    )
 
 
 def test_clean_c_engine_writes_every_tap_and_agrees_with_the_reference(tmp_path, dense, engines):
@@ -85,8 +95,9 @@ def test_clean_c_engine_writes_every_tap_and_agrees_with_the_reference(tmp_path,
 def test_planted_rope_bug_is_localized_to_the_first_rope_tap(tmp_path, dense, engines):
     out = tmp_path / "store"
     assert run_engine(engines["rope_bug"], dense, out).returncode == 0
-    result = run_cli("diff", "--ref", "hf", "--cand", f"store:{out}", "--model", str(dense),
-                     "--json", str(tmp_path / "diff.json"))
+    result = run_cli(
+        "diff", "--ref", "hf", "--cand", f"store:{out}", "--model", str(dense), "--json", str(tmp_path / "diff.json")
+    )
     assert result.returncode == 1, result.stderr
     first = json.loads((tmp_path / "diff.json").read_text())["first_divergence"]
     assert (first["step"], first["tap"]) == (0, "layers.0.q_rope")
@@ -133,13 +144,15 @@ BREAKAGES = {
     "a step file truncated": (lambda s: _truncate(s / "step_0002.safetensors"), "truncated"),
     "a position gap": (lambda s: _edit_manifest(s, lambda m: m["steps"][1].update(positions=[[20]])), "positions"),
     "a token id outside the vocabulary": (
-        lambda s: _edit_manifest(s, lambda m: m["steps"][0]["token_ids"][0].__setitem__(0, 10**6)), "vocabulary"),
+        lambda s: _edit_manifest(s, lambda m: m["steps"][0]["token_ids"][0].__setitem__(0, 10**6)),
+        "vocabulary",
+    ),
     "steps out of order": (lambda s: _edit_manifest(s, lambda m: m["steps"][2].update(step=5)), "numbered"),
     "an integer float tap": (
         lambda s: edit_safetensors_header(s / "step_0000.safetensors", lambda h: h["embed"].update(dtype="I32") or h),
-        "has dtype int32"),
-    "a config of another shape": (
-        lambda s: _edit_manifest(s, lambda m: m["config"].update(head_dim=16)), "head_dim"),
+        "has dtype int32",
+    ),
+    "a config of another shape": (lambda s: _edit_manifest(s, lambda m: m["config"].update(head_dim=16)), "head_dim"),
 }
 
 

@@ -22,7 +22,8 @@ from qwen3dbg.validate import validate_store
 
 needs_litgpt = pytest.mark.skipif(
     importlib.util.find_spec("litgpt") is None and os.environ.get("CI") != "true",
-    reason="litgpt is not installed (pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]')")
+    reason="litgpt is not installed (pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]')",
+)
 
 
 @needs_litgpt
@@ -56,11 +57,16 @@ def load(model_dir, dtype):
     return model
 '''
 PLANTS = {  # preset -> (what is swapped, the statement swapping it, where the diff must point)
-    "tiny-dense": ("gate_proj and up_proj",
-                   "w.fc_1.weight.data, w.fc_2.weight.data = w.fc_2.weight.data, w.fc_1.weight.data",
-                   "step 0: layers.1.mlp.gate"),
-    "tiny-moe": ("router rows of experts 0 and 1", "w.gate.weight.data[[0, 1]] = w.gate.weight.data[[1, 0]]",
-                 "step 0: layers.1.moe.router_logits"),
+    "tiny-dense": (
+        "gate_proj and up_proj",
+        "w.fc_1.weight.data, w.fc_2.weight.data = w.fc_2.weight.data, w.fc_1.weight.data",
+        "step 0: layers.1.mlp.gate",
+    ),
+    "tiny-moe": (
+        "router rows of experts 0 and 1",
+        "w.gate.weight.data[[0, 1]] = w.gate.weight.data[[1, 0]]",
+        "step 0: layers.1.moe.router_logits",
+    ),
 }
 
 

@@ -27,7 +27,8 @@ STEPS = forced_steps(PROMPT, DECODE)
 
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None and os.environ.get("CI") != "true",
-    reason="llama-cpp-python is not installed (pip install '.[llamacpp]' or .ci/install_llamacpp.sh)")
+    reason="llama-cpp-python is not installed (pip install '.[llamacpp]' or .ci/install_llamacpp.sh)",
+)
 
 
 def gguf_of(model: Path, out: Path) -> Path:
@@ -89,7 +90,7 @@ def fake_node(array, ggml_type: int):
 
     def tensor_get(_ptr, dst, start, size):
         raw = np.ascontiguousarray(base).view(np.uint8).reshape(-1)
-        ctypes.memmove(dst, raw[offset + start:].ctypes.data, size)
+        ctypes.memmove(dst, raw[offset + start :].ctypes.data, size)
 
     return t, tensor_get
 

@@ -81,7 +81,7 @@ def test_transforms_slice_a_fused_gate_up_and_move_head_axes():
     assert torch.equal(apply_transforms(fused, ("slice(-1,I,2*I)",), sizes), up)
     heads = torch.randn(2, cfg.num_attention_heads, 3, cfg.head_dim)  # [B, nH, T, D]
     flat = apply_transforms(heads, ("transpose(1,2)", "reshape(B,T,nH*D)"), sizes)
-    assert torch.equal(flat[1, 2, cfg.head_dim:2 * cfg.head_dim], heads[1, 1, 2])
+    assert torch.equal(flat[1, 2, cfg.head_dim : 2 * cfg.head_dim], heads[1, 1, 2])
 
 
 def load_config_like():
@@ -90,16 +90,19 @@ def load_config_like():
     return PRESETS["tiny-dense"].config
 
 
-@pytest.mark.parametrize("text,complaint", [
-    ('[taps]\n"layers.{i}.nope" = "x"', "not a tap name"),
-    ('[taps]\nembed = { module = "tok_emb", function = "f" }', "exactly one of module/function"),
-    ('[taps]\nembed = { module = "tok_emb", transform = ["flip(0)"] }', "is not transpose"),
-    ('[taps]\nembed = { module = "tok_emb", transform = ["reshape(B,Q)"] }', "is not transpose"),
-    ('[call]\nkv_cache = true\n[taps]\nembed = "tok_emb"', "reset = .* or positions = "),
-    ('[taps]\nembed = { module = "tok_emb", select = "[x]" }', "is not a chain"),
-    ('[taps]\n"layers.{i}.q_rope" = { function = "f", call = "2*j" }', "not an integer expression"),
-    ("[taps", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,complaint",
+    [
+        ('[taps]\n"layers.{i}.nope" = "x"', "not a tap name"),
+        ('[taps]\nembed = { module = "tok_emb", function = "f" }', "exactly one of module/function"),
+        ('[taps]\nembed = { module = "tok_emb", transform = ["flip(0)"] }', "is not transpose"),
+        ('[taps]\nembed = { module = "tok_emb", transform = ["reshape(B,Q)"] }', "is not transpose"),
+        ('[call]\nkv_cache = true\n[taps]\nembed = "tok_emb"', "reset = .* or positions = "),
+        ('[taps]\nembed = { module = "tok_emb", select = "[x]" }', "is not a chain"),
+        ('[taps]\n"layers.{i}.q_rope" = { function = "f", call = "2*j" }', "not an integer expression"),
+        ("[taps", "not valid TOML"),
+    ],
+)
 def test_a_bad_mapping_is_explained_in_one_sentence(tmp_path, text, complaint):
     (tmp_path / "m.toml").write_text(text)
     with pytest.raises(UserError, match=complaint):
@@ -139,7 +142,7 @@ def load(model_dir, dtype):
     return CachedHF(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval())
 '''
 # Module outputs only: RoPE, the cache and the attention matrices are left unmapped on purpose.
-CACHED_MAPPING = '''
+CACHED_MAPPING = """
 [call]
 kv_cache = true
 reset = "reset_cache"
@@ -163,7 +166,7 @@ embed = "hf.model.embed_tokens"
 "layers.{i}.resid_out" = "hf.model.layers.{i}"
 final_norm = "hf.model.norm"
 logits = "hf.lm_head"
-'''
+"""
 
 
 def test_port_with_its_own_cache_and_a_partial_mapping_runs_step_by_step(tmp_path, dense):
@@ -178,6 +181,7 @@ def test_port_with_its_own_cache_and_a_partial_mapping_runs_step_by_step(tmp_pat
 
 
 # ---- the mapping grammar: selectors, tensor methods, shared modules, arithmetic, layouts, dtypes ----
+
 
 class SharedRope(torch.nn.Module):
     """A toy port whose one `rope` module serves every layer, called for q then k (torchtune's style)."""
@@ -206,11 +210,20 @@ def record(model, taps: dict[str, TapOrigin], x):
 
 def test_a_shared_module_gives_each_layer_its_own_call():
     x = torch.zeros(1, 2, 4)
-    taps = {f"layers.{i}.{op}": TapOrigin(module="rope", call=2 * i + (op == "k_rope"))
-            for i in range(3) for op in ("q_rope", "k_rope")}
+    taps = {
+        f"layers.{i}.{op}": TapOrigin(module="rope", call=2 * i + (op == "k_rope"))
+        for i in range(3)
+        for op in ("q_rope", "k_rope")
+    }
     values = record(SharedRope(), taps, x)
-    assert [float(values[f"layers.{i}.{op}"][0, 0, 0]) for i in range(3) for op in ("q_rope", "k_rope")] == \
-        [0, 1, 2, 3, 4, 5]
+    assert [float(values[f"layers.{i}.{op}"][0, 0, 0]) for i in range(3) for op in ("q_rope", "k_rope")] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
 
 
 def test_a_module_running_more_often_than_mapped_is_refused_naming_it():
@@ -226,11 +239,14 @@ def test_a_tuple_output_is_selected_by_index_or_attribute(select):
     assert torch.equal(values["layers.0.moe.topk_ids"], torch.topk(x.softmax(-1), 2, dim=-1).indices)
 
 
-@pytest.mark.parametrize("source, complaint", [
-    (TapOrigin(module="rope", input=3, calls=6), r"layers\.0\.q_rope takes positional input 3 of module 'rope'"),
-    (TapOrigin(function="torch.topk", select=".nope"), r"layers\.0\.q_rope: select = '\.nope' does not apply"),
-    (TapOrigin(function="torch.topk", select="[2]"), r"layers\.0\.q_rope: select = '\[2\]' does not apply"),
-])
+@pytest.mark.parametrize(
+    "source, complaint",
+    [
+        (TapOrigin(module="rope", input=3, calls=6), r"layers\.0\.q_rope takes positional input 3 of module 'rope'"),
+        (TapOrigin(function="torch.topk", select=".nope"), r"layers\.0\.q_rope: select = '\.nope' does not apply"),
+        (TapOrigin(function="torch.topk", select="[2]"), r"layers\.0\.q_rope: select = '\[2\]' does not apply"),
+    ],
+)
 def test_taking_what_a_call_does_not_have_names_the_tap(source, complaint):
     with pytest.raises(UserError, match=complaint):
         record(SharedRope(), {"layers.0.q_rope": source}, torch.zeros(1, 2, 4))
@@ -243,10 +259,15 @@ def test_a_tensor_method_is_tapped_and_put_back():
     assert "softmax" not in vars(torch.Tensor), "the wrapper is removed, not left over the inherited method"
 
 
-@pytest.mark.parametrize("expr, expected", [
-    ("nH/nKV", lambda c, i: c.n_rep), ("nH//nKV", lambda c, i: c.n_rep),
-    ("(nH+2*nKV)*D", lambda c, i: (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim),
-    ("2*i+1", lambda c, i: 2 * i + 1)])
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        ("nH/nKV", lambda c, i: c.n_rep),
+        ("nH//nKV", lambda c, i: c.n_rep),
+        ("(nH+2*nKV)*D", lambda c, i: (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim),
+        ("2*i+1", lambda c, i: 2 * i + 1),
+    ],
+)
 def test_counts_are_integer_expressions_over_the_layer_and_the_model_sizes(tmp_path, expr, expected):
     cfg = load_config_like()
     (tmp_path / "m.toml").write_text(f'[taps]\n"layers.{{i}}.q_rope" = {{ module = "x", calls = "{expr}" }}')
@@ -257,8 +278,11 @@ def test_counts_are_integer_expressions_over_the_layer_and_the_model_sizes(tmp_p
 
 def test_a_transform_divides_exactly():
     cfg = load_config_like()
-    grouped = apply_transforms(torch.zeros(1, 3, cfg.num_attention_heads, cfg.head_dim),
-                               ("reshape(B,T,nKV,nH/nKV,D)",), axis_sizes(cfg, 1, 3, 3))
+    grouped = apply_transforms(
+        torch.zeros(1, 3, cfg.num_attention_heads, cfg.head_dim),
+        ("reshape(B,T,nKV,nH/nKV,D)",),
+        axis_sizes(cfg, 1, 3, 3),
+    )
     assert grouped.shape == (1, 3, cfg.num_key_value_heads, cfg.n_rep, cfg.head_dim)
 
 
@@ -270,13 +294,18 @@ def test_a_size_that_is_not_a_whole_number_is_refused(tmp_path, transform):
 
 
 LAYOUT_MISTAKES = {  # mapping line edited -> what the error must name
-    ('"layers.{i}.q_norm" = { module = "trf_blocks.{i}.att.q_norm", transform = ["transpose(1,2)"] }',
-     '"layers.{i}.q_norm" = "trf_blocks.{i}.att.q_norm"'): r"layers\.0\.q_norm comes out .* \[B, T, nH, D\]",
-    ('transform = ["reshape(B,S,nKV,D)", "transpose(1,2)"]', 'transform = ["reshape(B,S,nH,D)", "transpose(1,2)"]'):
-        r"layers\.0\.v_cache: the transforms .* fail .* \[B, nKV, S, D\]",
-    ('"layers.{i}.mlp.gate" = "trf_blocks.{i}.ff.fc1"',
-     '"layers.{i}.mlp.gate" = { module = "trf_blocks.{i}.ff.fc1", select = "[0]" }'):
-        r"layers\.0\.mlp\.gate comes out .* \[B, T, I\]",
+    (
+        '"layers.{i}.q_norm" = { module = "trf_blocks.{i}.att.q_norm", transform = ["transpose(1,2)"] }',
+        '"layers.{i}.q_norm" = "trf_blocks.{i}.att.q_norm"',
+    ): r"layers\.0\.q_norm comes out .* \[B, T, nH, D\]",
+    (
+        'transform = ["reshape(B,S,nKV,D)", "transpose(1,2)"]',
+        'transform = ["reshape(B,S,nH,D)", "transpose(1,2)"]',
+    ): r"layers\.0\.v_cache: the transforms .* fail .* \[B, nKV, S, D\]",
+    (
+        '"layers.{i}.mlp.gate" = "trf_blocks.{i}.ff.fc1"',
+        '"layers.{i}.mlp.gate" = { module = "trf_blocks.{i}.ff.fc1", select = "[0]" }',
+    ): r"layers\.0\.mlp\.gate comes out .* \[B, T, I\]",
 }
 
 
@@ -291,13 +320,17 @@ def test_a_layout_mistake_is_caught_by_the_trial_forward_naming_tap_and_layout(t
 
 def test_a_function_shared_by_all_layers_taken_by_call_index(tmp_path, dense):
     """apply_rope without `within`: calls 2i and 2i+1 of the step are layer i's queries and keys."""
-    text = MAPPING.read_text().replace('within = "trf_blocks.{i}.att", call = 0', 'call = "2*i"') \
+    text = (
+        MAPPING.read_text()
+        .replace('within = "trf_blocks.{i}.att", call = 0', 'call = "2*i"')
         .replace('within = "trf_blocks.{i}.att", call = 1', 'call = "2*i+1"')
+    )
     (tmp_path / "m.toml").write_text(text)
     spec = f"{PORT}@{tmp_path / 'm.toml'}"
     assert first_divergence(dense, spec, "float32") is None
-    unscoped = MAPPING.read_text().replace('function = "apply_rope", within = "trf_blocks.{i}.att", ',
-                                           'function = "apply_rope", ')  # every layer takes calls 0 and 1
+    unscoped = MAPPING.read_text().replace(
+        'function = "apply_rope", within = "trf_blocks.{i}.att", ', 'function = "apply_rope", '
+    )  # every layer takes calls 0 and 1
     (tmp_path / "bad.toml").write_text(unscoped)
     with pytest.raises(UserError, match=r"function 'apply_rope' ran 6 times in one step, but the mapping takes 2"):
         load_candidate(f"{PORT}@{tmp_path / 'bad.toml'}", dense, "float32")

@@ -61,7 +61,9 @@ def test_every_tensor_round_trips_within_the_formats_rounding(model, gguf_type, 
 def test_metadata_describes_the_config_llama_cpp_needs(model, tmp_path):
     g = read_gguf(write_gguf(model, tmp_path / "m.gguf", "bf16"))
     cfg = load_config(model)
-    assert config_from_gguf(g) == cfg.replace(torch_dtype="bfloat16", max_position_embeddings=cfg.max_position_embeddings)
+    assert config_from_gguf(g) == cfg.replace(
+        torch_dtype="bfloat16", max_position_embeddings=cfg.max_position_embeddings
+    )
     arch = g.kv["general.architecture"]
     assert arch == {"qwen3": "qwen3", "qwen3_moe": "qwen3moe"}[cfg.model_type]
     assert g.kv[f"{arch}.attention.key_length"] == cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads
@@ -97,8 +99,9 @@ def test_our_parser_agrees_with_the_gguf_packages_reader(model, tmp_path):
 
     p = write_gguf(model, tmp_path / "m.gguf", "q8_0")
     ours, theirs = read_gguf(p), gguf.GGUFReader(p)
-    assert [(t.name, t.offset, t.nbytes, t.qtype) for t in ours.tensors] == \
-        [(t.name, t.data_offset, t.n_bytes, int(t.tensor_type)) for t in theirs.tensors]
+    assert [(t.name, t.offset, t.nbytes, t.qtype) for t in ours.tensors] == [
+        (t.name, t.data_offset, t.n_bytes, int(t.tensor_type)) for t in theirs.tensors
+    ]
     assert set(ours.kv) == {k for k in theirs.fields if not k.startswith("GGUF.")}  # it lists the header too
 
 
@@ -116,8 +119,13 @@ def _llama_cpp():
 def test_llama_cpp_loads_and_runs_every_type_we_write(model, gguf_type, tmp_path):
     llama_cpp = _llama_cpp()
     cfg = load_config(model)
-    llm = llama_cpp.Llama(model_path=str(write_gguf(model, tmp_path / "m.gguf", gguf_type)), n_ctx=32,
-                          logits_all=True, verbose=False, n_threads=1)
+    llm = llama_cpp.Llama(
+        model_path=str(write_gguf(model, tmp_path / "m.gguf", gguf_type)),
+        n_ctx=32,
+        logits_all=True,
+        verbose=False,
+        n_threads=1,
+    )
     llm.eval([5, 17, 99])
     assert llm.n_vocab() == cfg.vocab_size
     assert np.isfinite(np.asarray(llm.scores[:3])).all()
@@ -126,9 +134,15 @@ def test_llama_cpp_loads_and_runs_every_type_we_write(model, gguf_type, tmp_path
 def test_metadata_that_is_no_valid_qwen3_config_is_damage():
     from types import SimpleNamespace
 
-    kv = {"general.architecture": "qwen3", "qwen3.embedding_length": 64, "qwen3.attention.head_count": 4,
-          "qwen3.attention.head_count_kv": 3, "qwen3.feed_forward_length": 160, "qwen3.block_count": 2,
-          "qwen3.vocab_size": 512}
+    kv = {
+        "general.architecture": "qwen3",
+        "qwen3.embedding_length": 64,
+        "qwen3.attention.head_count": 4,
+        "qwen3.attention.head_count_kv": 3,
+        "qwen3.feed_forward_length": 160,
+        "qwen3.block_count": 2,
+        "qwen3.vocab_size": 512,
+    }
     with pytest.raises(GGUFDamaged, match="not a multiple"):
         config_from_gguf(SimpleNamespace(kv=kv, tensors=[]))
 
@@ -147,6 +161,9 @@ def test_a_checkpoint_missing_an_experts_tensor_is_refused_not_stacked_short(mod
             save_file(tensors, dst / f.name, metadata={"format": "pt"})
         else:
             (dst / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(UserError, match=f"blk.0.ffn_up_exps.weight: the checkpoint has {last} experts' tensors, "
-                                         f"not the config's experts 0..{last}"):
+    with pytest.raises(
+        UserError,
+        match=f"blk.0.ffn_up_exps.weight: the checkpoint has {last} experts' tensors, "
+        f"not the config's experts 0..{last}",
+    ):
         write_gguf(dst, tmp_path / "m.gguf")

@@ -23,7 +23,7 @@ def early_uses(source: str) -> dict[str, list[str]]:
         while depth:
             depth += {"{": 1, "}": -1}.get(source[at], 0)
             at += 1
-        early, wait, _ = source[head.end():at].partition("wait_for_inputs();")
+        early, wait, _ = source[head.end() : at].partition("wait_for_inputs();")
         assert wait, f"{head.group(1)} never calls wait_for_inputs()"
         early = re.sub(r"prefetch_row\([^;]*\);", "", early)
         params = [re.findall(r"\w+", p) for p in head.group(2).split(",") if "*" in p or "QKRope" in p]

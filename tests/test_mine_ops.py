@@ -81,6 +81,7 @@ def builds():
 
 # ---- each op: its inputs from a generator, then a run that calls one build and returns what it wrote ----
 
+
 def _randn(g, *shape, dtype):
     return torch.randn(*shape, generator=g).to(dtype)
 
@@ -99,6 +100,7 @@ def embed(g, c):
         out = torch.zeros(p["n"], p["h"], dtype=c.dtype)
         ops.embed(ids, table, out)
         return {"out": out}
+
     return run
 
 
@@ -110,6 +112,7 @@ def rmsnorm(g, c):
         out = torch.zeros_like(x)
         ops.rmsnorm(x, w, out, EPS, p["mode"])
         return {"out": out}
+
     return run
 
 
@@ -123,6 +126,7 @@ def linear(g, c):
         resid_out = torch.zeros_like(resid_in)
         ops.linear(x, w, y, p["accum"], resid_in, resid_out)
         return {"y": y, "resid_out": resid_out} if resid else {"y": y}
+
     return run
 
 
@@ -137,6 +141,7 @@ def norm_linear(g, c):
         normed = torch.zeros_like(x) if keep_normed else torch.empty(0, dtype=c.dtype)
         ops.norm_linear(x, norm_w, w, y, normed, EPS, p["mode"], p["accum"])
         return {"y": y, "normed": normed}
+
     return run
 
 
@@ -148,6 +153,7 @@ def silu_mul(g, c):
         out = torch.zeros(p["n"], p["inter"], dtype=c.dtype)
         ops.silu_mul(gate_up, out)
         return {"out": out}
+
     return run
 
 
@@ -163,6 +169,7 @@ def silu_linear(g, c):
         resid_out = torch.zeros_like(resid_in)
         ops.silu_linear(gate_up, w, y, act, p["accum"], resid_in, resid_out)
         return {"y": y, "act": act, **({"resid_out": resid_out} if resid else {})}
+
     return run
 
 
@@ -180,14 +187,36 @@ def attention(g, c):
     def run(ops):
         cos, sin = torch.empty(slots, D, dtype=c.dtype), torch.empty(slots, D, dtype=c.dtype)
         ops.rope_table(cos, sin, 10000.0)
-        out = {"q_norm": torch.zeros(N, nH, D, dtype=c.dtype), "k_norm": torch.zeros(N, nKV, D, dtype=c.dtype),
-               "q_rope": torch.zeros(N, nH, D, dtype=c.dtype), "k_rope": torch.zeros(N, nKV, D, dtype=c.dtype),
-               "k_cache": k_cache.clone(), "v_cache": v_cache.clone(),
-               "scores": torch.zeros(B, nH, T, slots), "probs": torch.zeros(B, nH, T, slots, dtype=c.dtype),
-               "out": torch.zeros(N, nH * D, dtype=c.dtype)}
-        ops.attention(qkv, qw, kw, cos, sin, pos, *out.values(), B, 1, fill, D ** -0.5,
-                      p.get("round_scores", True), p.get("accum", FP32), EPS, p.get("mode", 0))
+        out = {
+            "q_norm": torch.zeros(N, nH, D, dtype=c.dtype),
+            "k_norm": torch.zeros(N, nKV, D, dtype=c.dtype),
+            "q_rope": torch.zeros(N, nH, D, dtype=c.dtype),
+            "k_rope": torch.zeros(N, nKV, D, dtype=c.dtype),
+            "k_cache": k_cache.clone(),
+            "v_cache": v_cache.clone(),
+            "scores": torch.zeros(B, nH, T, slots),
+            "probs": torch.zeros(B, nH, T, slots, dtype=c.dtype),
+            "out": torch.zeros(N, nH * D, dtype=c.dtype),
+        }
+        ops.attention(
+            qkv,
+            qw,
+            kw,
+            cos,
+            sin,
+            pos,
+            *out.values(),
+            B,
+            1,
+            fill,
+            D**-0.5,
+            p.get("round_scores", True),
+            p.get("accum", FP32),
+            EPS,
+            p.get("mode", 0),
+        )
         return out
+
     return run
 
 
@@ -199,6 +228,7 @@ def route(g, c):
         ids, weights = torch.zeros(p["n"], p["k"], dtype=torch.int64), torch.zeros(p["n"], p["k"], dtype=c.dtype)
         ops.route(logits, ids, weights, p["norm"])
         return {"ids": ids, "weights": weights}
+
     return run
 
 
@@ -217,6 +247,7 @@ def moe_linear(g, c):
         y = torch.zeros(n * topk, p["out"], dtype=c.dtype)
         ops.moe_linear(x, ids, w, y, p["per_slot"], p["accum"])
         return {"y": y}
+
     return run
 
 
@@ -231,11 +262,14 @@ def moe_combine(g, c):
         out, resid_out = torch.zeros(n, h, dtype=c.dtype), torch.zeros_like(resid_in)
         ops.moe_combine(y, ids, weights, out, resid_in, resid_out)
         return {"out": out, **({"resid_out": resid_out} if resid else {})}
+
     return run
 
 
-OPS = {f.__name__: f for f in (embed, rmsnorm, linear, norm_linear, silu_mul, silu_linear, attention, route,
-                               moe_linear, moe_combine)}
+OPS = {
+    f.__name__: f
+    for f in (embed, rmsnorm, linear, norm_linear, silu_mul, silu_linear, attention, route, moe_linear, moe_combine)
+}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -254,5 +288,7 @@ def test_emulated_kernel_gives_the_twins_bits(c, builds):
     want, got = run(twin), run(kernels)
     for name in want:
         differ = _bits(got[name]) != _bits(want[name])
-        assert not differ.any(), (f"{c}: {name} differs in {int(differ.sum())} of {differ.numel()} elements, "
-                                  f"first at {tuple(differ.nonzero()[0].tolist())}")
+        assert not differ.any(), (
+            f"{c}: {name} differs in {int(differ.sum())} of {differ.numel()} elements, "
+            f"first at {tuple(differ.nonzero()[0].tolist())}"
+        )

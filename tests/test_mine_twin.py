@@ -181,8 +181,19 @@ def test_stray_tensors_on_disk_are_ignored(tmp_path, models):
     assert torch.equal(run(mine(ghost, "bfloat16"))[-1]["logits"], run(mine(clean, "bfloat16"))[-1]["logits"])
 
 
-@pytest.mark.parametrize("options", [{"rmsnorm": "late"}, {"accum": "bf17"}, {"device": "tpu"}, {"max_seq": "many"},
-                                     {"max_seq": "-5"}, {"max_seq": "0"}, {"pdl": "bogus"}, {"graph": "maybe"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rmsnorm": "late"},
+        {"accum": "bf17"},
+        {"device": "tpu"},
+        {"max_seq": "many"},
+        {"max_seq": "-5"},
+        {"max_seq": "0"},
+        {"pdl": "bogus"},
+        {"graph": "maybe"},
+    ],
+)
 def test_bad_options_are_user_errors(options, models):
     with pytest.raises(UserError):
         mine(models("tiny-dense"), "bfloat16", **options)
@@ -213,8 +224,13 @@ def test_one_layer_run_alone_reproduces_that_layer_of_the_full_step(models):
     taps = run(cand)
     info = STEPS[1]
     sink = DictSink()
-    out = cand.run_layer(1, taps[1]["layers.0.resid_out"], torch.tensor(info.positions),
-                         (taps[0]["layers.1.k_cache"], taps[0]["layers.1.v_cache"]), sink)
+    out = cand.run_layer(
+        1,
+        taps[1]["layers.0.resid_out"],
+        torch.tensor(info.positions),
+        (taps[0]["layers.1.k_cache"], taps[0]["layers.1.v_cache"]),
+        sink,
+    )
     assert torch.equal(out, taps[1]["layers.1.resid_out"])
     assert torch.equal(sink.taps["layers.1.attn_probs"], taps[1]["layers.1.attn_probs"])
 
@@ -275,7 +291,28 @@ def test_kernels_refuse_tensors_they_would_misread():
     bf = dict(dtype=torch.bfloat16)
     q, cache, rope = torch.zeros(1, 2, 16, **bf), torch.zeros(1, 1, 1, 4, 8, **bf), torch.zeros(4, 16, **bf)
     with pytest.raises(RuntimeError, match="do not share"):  # heads of 16 dims, a cache of 8
-        ops.attention(torch.zeros(1, 64, **bf), torch.ones(16, **bf), torch.ones(16, **bf), rope, rope,
-                      torch.zeros(1, dtype=torch.int32), q, torch.zeros(1, 1, 16, **bf), q, torch.zeros(1, 1, 16, **bf),
-                      cache, cache, torch.empty(1, 2, 1, 4), torch.empty(1, 2, 1, 4, **bf), torch.empty(1, 32, **bf),
-                      1, 0, 0, 0.25, True, 0, 1e-6, 0)
+        ops.attention(
+            torch.zeros(1, 64, **bf),
+            torch.ones(16, **bf),
+            torch.ones(16, **bf),
+            rope,
+            rope,
+            torch.zeros(1, dtype=torch.int32),
+            q,
+            torch.zeros(1, 1, 16, **bf),
+            q,
+            torch.zeros(1, 1, 16, **bf),
+            cache,
+            cache,
+            torch.empty(1, 2, 1, 4),
+            torch.empty(1, 2, 1, 4, **bf),
+            torch.empty(1, 32, **bf),
+            1,
+            0,
+            0,
+            0.25,
+            True,
+            0,
+            1e-6,
+            0,
+        )

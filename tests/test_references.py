@@ -66,18 +66,30 @@ def test_scratch_equals_hf_eager_bit_for_bit(models, steps, preset, dtype):
     cand = load_candidate("hf", models(preset), dtype)
     hf = run_steps(cand, steps)
     order = forward_index(cand.config)
-    differing = sorted({name for s in range(len(steps)) for name in hf[s]
-                        if not torch.equal(scratch[s][name], hf[s][name].to(scratch[s][name].dtype))}, key=order.get)
-    wide_router = sorted((n for n, t in hf[0].items() if n.endswith("topk_weights") and t.dtype != cand.dtype),
-                         key=order.get)
+    differing = sorted(
+        {
+            name
+            for s in range(len(steps))
+            for name in hf[s]
+            if not torch.equal(scratch[s][name], hf[s][name].to(scratch[s][name].dtype))
+        },
+        key=order.get,
+    )
+    wide_router = sorted(
+        (n for n, t in hf[0].items() if n.endswith("topk_weights") and t.dtype != cand.dtype), key=order.get
+    )
     if not wide_router:
         assert differing == []
         return
     from qwen3dbg.diff import run_diff
 
     assert order[differing[0]] >= order[wide_router[0].replace("moe.topk_weights", "mlp.out")]
-    assert run_diff("scratch", "hf", model_dir=models(preset), dtype=dtype, token_ids=PROMPT,
-                    decode_ids=DECODE).first_divergence is None
+    assert (
+        run_diff(
+            "scratch", "hf", model_dir=models(preset), dtype=dtype, token_ids=PROMPT, decode_ids=DECODE
+        ).first_divergence
+        is None
+    )
 
 
 def test_teacher_forced_layer_reproduces_the_full_run(models, steps):

@@ -25,8 +25,11 @@ def report(catalogue_model, tmp_path_factory):
     """A report of a bug with decode steps, read from a store whose directory name is markup."""
     model = catalogue_model("moe")
     root = tmp_path_factory.mktemp("html")
-    store = capture(load_candidate("rope-theta-1e4", model, "bfloat16"), forced_steps([9, 41, 7, 300, 12, 5], [77, 150]),
-                    root / EVIL)
+    store = capture(
+        load_candidate("rope-theta-1e4", model, "bfloat16"),
+        forced_steps([9, 41, 7, 300, 12, 5], [77, 150]),
+        root / EVIL,
+    )
     manifest = json.loads((store / "manifest.json").read_text())
     (store / "manifest.json").write_text(json.dumps({**manifest, "notes": [f"a caveat with markup {EVIL}"]}))
     result = run_diff("hf", f"store:{store}", model_dir=model)
@@ -49,8 +52,12 @@ def test_report_is_self_contained_with_verdict_and_diagnosis_before_the_plots(re
     assert "http://" not in text and "https://" not in text and "<script src" not in text
     assert text.count("<script>") == 1 and EVIL not in text.split("<script>")[1]  # our inline code, no data
     verdict, diagnosis, first_plot, logits, taps = (
-        text.index("verdict bad"), text.index(result.diagnosis[0].signature), text.index("data:image/png;base64,"),
-        text.index("<h2>Logits"), text.index("<h2>Taps"))
+        text.index("verdict bad"),
+        text.index(result.diagnosis[0].signature),
+        text.index("data:image/png;base64,"),
+        text.index("<h2>Logits"),
+        text.index("<h2>Taps"),
+    )
     assert verdict < diagnosis < first_plot < logits < taps
     assert text.count("data:image/png;base64,") == 3  # error vs layer, heatmap, per step (decode)
 
@@ -73,21 +80,37 @@ def test_report_renders_in_headless_chromium_with_its_plots_and_no_console_error
     import matplotlib.image as mpimg
 
     _, path = report
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", "--window-size=1300,2600"]
-    dom = subprocess.run([_chromium(), *flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1300,2600",
+    ]
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count("<img") == 3 and "qwen3dbg diff" in dom.stdout
     assert "CONSOLE" not in dom.stderr, [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
     shot = tmp_path / "shot.png"
-    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [_chromium(), *flags, f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120, check=True
+    )
     pixels = mpimg.imread(shot)[..., :3]
     colourful = (pixels.max(-1) - pixels.min(-1)) > 0.25  # plot lines and the heatmap, not black text on white
     assert colourful.mean() > 0.01
 
 
 # ---- the tap table: what matters first, marked, folded, sortable ---------------------------------------
+
 
 def _body_rows(html: str) -> list[str]:
     return re.findall(r'<tr class="([a-z ]+)">', html)
@@ -136,7 +159,7 @@ def test_the_table_grows_with_interesting_rows_not_with_steps_times_taps(report)
 def test_logit_metrics_say_what_a_clean_run_of_the_dtype_looks_like(report):
     result, path = report
     text = path.read_text()
-    section = text[text.index("<h2>Logits"):text.index("<h2>Taps")]
+    section = text[text.index("<h2>Logits") : text.index("<h2>Taps")]
     assert "What a clean run of bfloat16 looks like is the reference's column" in section
     ref = next(t for t in result.taps if t.op == "logits").extra["reference"]
     assert f"{ref['top5_overlap']:.3g}" in section
@@ -183,8 +206,9 @@ def test_report_sorts_filters_and_marks_the_divergent_row_in_headless_chromium(r
     probed = tmp_path / "probed.html"
     probed.write_text(path.read_text().replace("</body>", probe), encoding="utf-8")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}"]
-    dom = subprocess.run([_chromium(), *flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True,
-                         timeout=120)
+    dom = subprocess.run(
+        [_chromium(), *flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120
+    )
     body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
     attr = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
     order = [float(x) for x in attr["order"].split()]

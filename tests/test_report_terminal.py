@@ -35,8 +35,20 @@ def test_every_column_is_labelled(moe_bug):
 @pytest.mark.parametrize("op", sorted(OPS_BY_NAME))
 def test_every_op_name_and_large_numbers_fit_80_columns(moe_bug, op):
     """Each op in turn as every layer's worst tap, with numbers as long as they get."""
-    worst = [replace(t, op=op, excess=123456.0 + i, rel_l2=1.2345e-05, ref_rel_l2=6.789e-07, max_abs=1.5e30,
-                     ref_max_abs=2.5e-30, step=255, mismatch=0.999) for i, t in enumerate(moe_bug.taps)]
+    worst = [
+        replace(
+            t,
+            op=op,
+            excess=123456.0 + i,
+            rel_l2=1.2345e-05,
+            ref_rel_l2=6.789e-07,
+            max_abs=1.5e30,
+            ref_max_abs=2.5e-30,
+            step=255,
+            mismatch=0.999,
+        )
+        for i, t in enumerate(moe_bug.taps)
+    ]
     text = _text(replace(moe_bug, taps=worst))
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
     assert sum(f" {op} " in line for line in text.splitlines()) >= moe_bug.config["num_hidden_layers"]
@@ -54,6 +66,7 @@ def test_a_value_row_shows_the_statistic_that_sets_its_excess_beside_the_referen
 
 def test_sides_and_origin_read_as_sentences(moe_bug):
     summary = dict(moe_bug.summary())
-    assert summary["sides"].startswith("Candidate rope-theta-1e4 against reference hf in bfloat16, on 16 prompt tokens "
-                                       "and 2 decode steps.")
+    assert summary["sides"].startswith(
+        "Candidate rope-theta-1e4 against reference hf in bfloat16, on 16 prompt tokens and 2 decode steps."
+    )
     assert summary["origin"].startswith("layer 0 introduced the error: run on the reference's own input")

@@ -40,12 +40,24 @@ def test_clean_gguf_conversion_has_no_error(models, tmp_path):
 
 L0 = "model.layers.0."
 PLANTS = {  # plant -> (severity, check, tensors it must name)
-    "k_norm_peak": (Plants(k_norm_peak=96.5), "warning", "norm-danger",  # the peak halves per layer
-                    {f"model.layers.{i}.self_attn.k_norm.weight" for i in range(3) if 96.5 * 0.5**i > 20}),
-    "q_norm_peak": (Plants(q_norm_peak=40.0), "warning", "norm-danger",
-                    {f"model.layers.{i}.self_attn.q_norm.weight" for i in range(3)}),
-    "ghost_bias": (Plants(ghost_bias=0.02), "warning", "ghost-bias",
-                   {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(3) for p in "qkvo"}),
+    "k_norm_peak": (
+        Plants(k_norm_peak=96.5),
+        "warning",
+        "norm-danger",  # the peak halves per layer
+        {f"model.layers.{i}.self_attn.k_norm.weight" for i in range(3) if 96.5 * 0.5**i > 20},
+    ),
+    "q_norm_peak": (
+        Plants(q_norm_peak=40.0),
+        "warning",
+        "norm-danger",
+        {f"model.layers.{i}.self_attn.q_norm.weight" for i in range(3)},
+    ),
+    "ghost_bias": (
+        Plants(ghost_bias=0.02),
+        "warning",
+        "ghost-bias",
+        {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(3) for p in "qkvo"},
+    ),
     "nonfinite": (Plants(nonfinite=(L0 + "mlp.up_proj.weight",)), "error", "nonfinite", {L0 + "mlp.up_proj.weight"}),
     "huge": (Plants(huge=(L0 + "self_attn.o_proj.weight",)), "error", "huge", {L0 + "self_attn.o_proj.weight"}),
 }
@@ -97,6 +109,7 @@ def test_norm_peaks_table_has_every_layer(models):
 
 # --- against the config ---
 
+
 def _edited(models, tmp_path, edit, preset="tiny-dense"):
     return scan_checkpoint(rewrite_checkpoint(models(preset), tmp_path / "edited", edit))
 
@@ -136,13 +149,23 @@ def test_dropped_expert_is_counted(models, tmp_path):
 
 
 def test_all_zero_and_constant_tensors(models, tmp_path):
-    result = _edited(models, tmp_path, lambda t: t | {L0 + "mlp.up_proj.weight": torch.zeros_like(t[L0 + "mlp.up_proj.weight"]),
-                                                       L0 + "mlp.gate_proj.weight": torch.full_like(t[L0 + "mlp.gate_proj.weight"], 0.5)})
+    result = _edited(
+        models,
+        tmp_path,
+        lambda t: (
+            t
+            | {
+                L0 + "mlp.up_proj.weight": torch.zeros_like(t[L0 + "mlp.up_proj.weight"]),
+                L0 + "mlp.gate_proj.weight": torch.full_like(t[L0 + "mlp.gate_proj.weight"], 0.5),
+            }
+        ),
+    )
     assert _found(result, "zero")[L0 + "mlp.up_proj.weight"].severity == "error"
     assert _found(result, "constant")[L0 + "mlp.gate_proj.weight"].severity == "warning"
 
 
 # --- broken files: findings, never a crash ---
+
 
 @pytest.fixture
 def copy_of(models, tmp_path):
@@ -201,9 +224,13 @@ def test_unreadable_header_is_one_error_not_a_crash(copy_of, damage):
     d = copy_of("tiny-dense")
     f = d / "model.safetensors"
     raw = f.read_bytes()
-    f.write_bytes({"length_past_end": struct.pack("<Q", len(raw)) + raw[8:],
-                   "not_json": raw[:8] + b"#" + raw[9:],
-                   "tiny": raw[:5]}[damage])
+    f.write_bytes(
+        {
+            "length_past_end": struct.pack("<Q", len(raw)) + raw[8:],
+            "not_json": raw[:8] + b"#" + raw[9:],
+            "tiny": raw[:5],
+        }[damage]
+    )
     result = scan_checkpoint(d)
     assert len(_container_errors(result)) == 1 and result.tensors == [] and result.exit_code == 1
 
@@ -248,11 +275,11 @@ def test_tensor_at_an_unaligned_offset_is_read_correctly(models, copy_of):
     f = d / "model.safetensors"
     raw = f.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     header.pop("__metadata__", None)
     blob = json.dumps(header).encode()
     blob += b" " * ((-len(blob) % 8) + 1)  # one byte more: every tensor starts at an odd address
-    f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    f.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
     odd, clean = scan_checkpoint(d), scan_checkpoint(models("tiny-dense"))
     assert odd.findings == [] and [t.stats for t in odd.tensors] == [t.stats for t in clean.tensors]
 
@@ -262,8 +289,10 @@ def test_a_safetensors_scan_does_not_load_torch(models):
     import subprocess
     import sys
 
-    code = ("import sys; from pathlib import Path; from qwen3dbg.scan.scan import scan_checkpoint; "
-            "from qwen3dbg.scan.checks import Thresholds; "
-            f"scan_checkpoint(Path({str(models('tiny-dense'))!r}), Thresholds(), None); print('torch' in sys.modules)")
+    code = (
+        "import sys; from pathlib import Path; from qwen3dbg.scan.scan import scan_checkpoint; "
+        "from qwen3dbg.scan.checks import Thresholds; "
+        f"scan_checkpoint(Path({str(models('tiny-dense'))!r}), Thresholds(), None); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -49,8 +49,20 @@ def test_a_negative_threshold_is_refused_with_exit_2(models, capsys):
 
 def test_a_tap_store_is_refused_as_not_a_checkpoint(models, tmp_path, capsys):
     store = tmp_path / "taps"
-    assert cli("capture", "--impl", "scratch", "--model", models("tiny-dense"), "--taps", "layers.0.attn_scores",
-               "--out", store) == 0
+    assert (
+        cli(
+            "capture",
+            "--impl",
+            "scratch",
+            "--model",
+            models("tiny-dense"),
+            "--taps",
+            "layers.0.attn_scores",
+            "--out",
+            store,
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli("scan-checkpoint", store) == 2
     assert "is a tap store, not a checkpoint" in " ".join(capsys.readouterr().err.split())

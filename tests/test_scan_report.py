@@ -25,8 +25,11 @@ def scanned(request, tmp_path_factory):
     """Ghost biases of 1e30 (each flagged as huge and as a ghost bias), a huge q_proj, and one NaN tensor,
     planted in turn early, in the middle and late in the file."""
     bad = request.param
-    model = make_model(tmp_path_factory.mktemp("m"), "tiny-dense", plants=Plants(
-        ghost_bias=1e30, nonfinite=(bad,), huge=("model.layers.0.self_attn.q_proj.weight",)))
+    model = make_model(
+        tmp_path_factory.mktemp("m"),
+        "tiny-dense",
+        plants=Plants(ghost_bias=1e30, nonfinite=(bad,), huge=("model.layers.0.self_attn.q_proj.weight",)),
+    )
     return bad, scan_checkpoint(model, Thresholds())
 
 
@@ -42,7 +45,7 @@ def test_a_tensor_with_several_findings_is_listed_once_with_all_of_them(scanned)
     bias = "model.layers.0.self_attn.q_proj.bias"
     headings = [i for i, line in enumerate(lines) if line.split()[1:] == [bias]]
     assert len(headings) == 1
-    below = " ".join(lines[headings[0] + 1:headings[0] + 4])
+    below = " ".join(lines[headings[0] + 1 : headings[0] + 4])
     assert "huge" in below and "ghost-bias" in below
 
 

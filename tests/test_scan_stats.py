@@ -11,8 +11,16 @@ from qwen3dbg.scan.stats import Accumulator, array_stats, chunk_elements, histog
 
 def _reference(x: np.ndarray) -> dict:
     f = x[np.isfinite(x)]
-    return {"min": f.min(), "max": f.max(), "mean": f.mean(), "std": f.std(), "n_nan": int(np.isnan(x).sum()),
-            "n_posinf": int((x == np.inf).sum()), "n_neginf": int((x == -np.inf).sum()), "n_zero": int((x == 0).sum())}
+    return {
+        "min": f.min(),
+        "max": f.max(),
+        "mean": f.mean(),
+        "std": f.std(),
+        "n_nan": int(np.isnan(x).sum()),
+        "n_posinf": int((x == np.inf).sum()),
+        "n_neginf": int((x == -np.inf).sum()),
+        "n_zero": int((x == 0).sum()),
+    }
 
 
 def _as_kernel_input(t: torch.Tensor) -> tuple[np.ndarray, str | None]:
@@ -26,7 +34,12 @@ def _check(t: torch.Tensor):
     # sums run in float64 over n terms: relative error at most about n * eps64
     rtol = x.size * np.finfo(np.float64).eps
     assert (s.min, s.max) == (ref["min"], ref["max"])
-    assert (s.n_nan, s.n_posinf, s.n_neginf, s.n_zero) == (ref["n_nan"], ref["n_posinf"], ref["n_neginf"], ref["n_zero"])
+    assert (s.n_nan, s.n_posinf, s.n_neginf, s.n_zero) == (
+        ref["n_nan"],
+        ref["n_posinf"],
+        ref["n_neginf"],
+        ref["n_zero"],
+    )
     assert s.mean == pytest.approx(ref["mean"], rel=rtol, abs=rtol * ref["std"])
     assert s.std == pytest.approx(ref["std"], rel=rtol)
     assert s.numel == x.size
@@ -76,7 +89,7 @@ def test_windowed_feeding_gives_the_same_bits_as_one_pass():
     acc = Accumulator("float32", a[:1])
     step = 2 * chunk_elements()
     for i in range(0, a.size, step):
-        part = a[i:i + step]
+        part = a[i : i + step]
         acc.add(part.ctypes.data, part.size)
     assert acc.result() == whole
 

@@ -16,6 +16,7 @@ PORT = "module:qwen3dbg.candidates.ports.standalone_qwen3:load"
 
 def _refuse_running(monkeypatch):
     """Running a model or reading a weight fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model ran or a weight was read before the sides were checked")
 
@@ -51,20 +52,35 @@ BAD_SIDES = {
 
 @pytest.mark.parametrize("command", ["diff", "capture"])
 @pytest.mark.parametrize("what", list(BAD_SIDES))
-def test_a_side_that_cannot_run_is_refused_before_any_model_runs(catalogue_model, tmp_path, capsys, nothing_runs,
-                                                                   command, what):
+def test_a_side_that_cannot_run_is_refused_before_any_model_runs(
+    catalogue_model, tmp_path, capsys, nothing_runs, command, what
+):
     side, words = BAD_SIDES[what]
     side = side.format(port=_bad_port_file(tmp_path))
     model = catalogue_model("dense")
-    args = (["diff", "--cand", side] if command == "diff" else ["capture", "--impl", side, "--out", tmp_path / "o"])
+    args = ["diff", "--cand", side] if command == "diff" else ["capture", "--impl", side, "--out", tmp_path / "o"]
     assert cli(*args, "--model", model, "--decode-steps", "2") == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
 
 
 def test_a_dtype_that_does_not_exist_is_refused_before_any_model_runs(catalogue_model, tmp_path, capsys, nothing_runs):
-    assert cli("capture", "--impl", "hf", "--dtype", "fp8", "--model", catalogue_model("dense"), "--decode-steps", "2",
-               "--out", tmp_path / "o") == 2
+    assert (
+        cli(
+            "capture",
+            "--impl",
+            "hf",
+            "--dtype",
+            "fp8",
+            "--model",
+            catalogue_model("dense"),
+            "--decode-steps",
+            "2",
+            "--out",
+            tmp_path / "o",
+        )
+        == 2
+    )
     assert "unknown dtype 'fp8'" in capsys.readouterr().err
 
 

@@ -27,12 +27,19 @@ def test_the_same_reference_gets_the_same_answer_whatever_the_candidate(catalogu
     assert (next(iter(names.values())) is not None) == broken, names
 
 
-@pytest.mark.parametrize("ref, model", [("no-causal-mask", "dense"), ("rope-theta-1e4", "dense"),
-                                        ("no-causal-mask", "moe")])
+@pytest.mark.parametrize(
+    "ref, model", [("no-causal-mask", "dense"), ("rope-theta-1e4", "dense"), ("no-causal-mask", "moe")]
+)
 def test_the_suggested_check_confirms_a_suspect_reference(catalogue_model, tmp_path, ref, model):
     """Run on other ids than the default prompt: the check must run on the ones the note came from."""
-    result = run_diff(ref, "hf", model_dir=catalogue_model(model), token_ids=[7, 300, 41, 9, 250, 3, 88, 12, 5],
-                      decode_steps=1, teacher=False)
+    result = run_diff(
+        ref,
+        "hf",
+        model_dir=catalogue_model(model),
+        token_ids=[7, 300, 41, 9, 250, 3, 88, 12, 5],
+        decode_steps=1,
+        teacher=False,
+    )
     assert result.suspect_reference is not None
     command = shlex.split(result.reference_check().split("check it: ", 1)[1])
     assert command[:2] == ["qwen3dbg", "diff"]

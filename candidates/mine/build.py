@@ -14,8 +14,7 @@ CSRC = Path(__file__).with_name("csrc")
 # No contraction of a*b+c into an FMA on either side: the twin and the kernels round op by op alike.
 # -march=native: the build is per machine, and the twin's GEMV transposes with AVX2 where it can.
 HOST_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
-NVCC_FLAGS = ["-O3", "-fmad=false", "-gencode=arch=compute_80,code=sm_80",
-              "-gencode=arch=compute_90,code=sm_90"]
+NVCC_FLAGS = ["-O3", "-fmad=false", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
 def cuda_available() -> bool:
@@ -56,9 +55,14 @@ def load(emulated: bool = False):
         status.start()
     try:
         module = cpp_load(
-            name=name, sources=[str(s) for s in sources], extra_include_paths=[str(CSRC)],
-            extra_cflags=HOST_FLAGS + flags, extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=["-fopenmp"],
-            with_cuda=with_cuda, verbose=bool(os.environ.get("QWEN3DBG_BUILD_VERBOSE")),
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=HOST_FLAGS + flags,
+            extra_cuda_cflags=NVCC_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            with_cuda=with_cuda,
+            verbose=bool(os.environ.get("QWEN3DBG_BUILD_VERBOSE")),
         )
     finally:
         status.stop()

@@ -32,9 +32,11 @@ def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise UserError(f"mine option device={device!r}: choose auto, cpu, cuda or emulated")
     if device == "cuda" and not cuda_available():
-        raise UserError("mine on device cuda, but this torch has no CUDA device (or nvcc is missing): run the "
-                        "CPU twin (--cand mine:device=cpu, selftest --device cpu) or the kernels emulated "
-                        "(--device emulated)")
+        raise UserError(
+            "mine on device cuda, but this torch has no CUDA device (or nvcc is missing): run the "
+            "CPU twin (--cand mine:device=cpu, selftest --device cpu) or the kernels emulated "
+            "(--device emulated)"
+        )
     return torch.device("cuda" if device == "cuda" or (device == "auto" and cuda_available()) else "cpu")
 
 
@@ -42,18 +44,19 @@ def resolve_device(device: str) -> torch.device:
 class LayerWeights:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: torch.Tensor        # [(nH + 2 nKV) D, H]: q_proj, k_proj, v_proj stacked (one product, same rows)
+    qkv: torch.Tensor  # [(nH + 2 nKV) D, H]: q_proj, k_proj, v_proj stacked (one product, same rows)
     q_norm: torch.Tensor
     k_norm: torch.Tensor
     o: torch.Tensor
-    gate_up: torch.Tensor    # dense [2I, H]; MoE [E, 2I, H]
-    down: torch.Tensor       # dense [H, I]; MoE [E, H, I]
+    gate_up: torch.Tensor  # dense [2I, H]; MoE [E, 2I, H]
+    down: torch.Tensor  # dense [H, I]; MoE [E, H, I]
     router: torch.Tensor | None = None  # MoE [E, H]
 
 
 def load_weights(ckpt: Checkpoint, cfg: Qwen3Config, dtype: torch.dtype, device: torch.device):
     """(embedding, per-layer weights, final norm, lm_head) in the compute dtype on `device`. Only the
     tensors the config declares are read, so stray ones on disk (e.g. biases) are ignored."""
+
     def get(name):
         return ckpt.get(name, dtype).to(device).contiguous()
 
@@ -64,19 +67,33 @@ def load_weights(ckpt: Checkpoint, cfg: Qwen3Config, dtype: torch.dtype, device:
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        common = dict(input_norm=get(p + "input_layernorm.weight"), post_norm=get(p + "post_attention_layernorm.weight"),
-                      qkv=cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                      q_norm=get(a + "q_norm.weight"), k_norm=get(a + "k_norm.weight"), o=get(a + "o_proj.weight"))
+        common = dict(
+            input_norm=get(p + "input_layernorm.weight"),
+            post_norm=get(p + "post_attention_layernorm.weight"),
+            qkv=cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+            q_norm=get(a + "q_norm.weight"),
+            k_norm=get(a + "k_norm.weight"),
+            o=get(a + "o_proj.weight"),
+        )
         m = p + "mlp."
         if cfg.is_moe_layer(i):
             e = [f"{m}experts.{j}." for j in range(cfg.num_experts)]
-            layers.append(LayerWeights(
-                **common, router=get(m + "gate.weight"),
-                gate_up=torch.stack([cat(x + "gate_proj.weight", x + "up_proj.weight") for x in e]),
-                down=torch.stack([get(x + "down_proj.weight") for x in e])))
+            layers.append(
+                LayerWeights(
+                    **common,
+                    router=get(m + "gate.weight"),
+                    gate_up=torch.stack([cat(x + "gate_proj.weight", x + "up_proj.weight") for x in e]),
+                    down=torch.stack([get(x + "down_proj.weight") for x in e]),
+                )
+            )
         else:
-            layers.append(LayerWeights(**common, gate_up=cat(m + "gate_proj.weight", m + "up_proj.weight"),
-                                       down=get(m + "down_proj.weight")))
+            layers.append(
+                LayerWeights(
+                    **common,
+                    gate_up=cat(m + "gate_proj.weight", m + "up_proj.weight"),
+                    down=get(m + "down_proj.weight"),
+                )
+            )
     embed = get("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
     return embed, layers, get("model.norm.weight"), lm_head
@@ -85,9 +102,19 @@ def load_weights(ckpt: Checkpoint, cfg: Qwen3Config, dtype: torch.dtype, device:
 class MineCandidate(Candidate):
     name = "mine"
 
-    def __init__(self, model_dir, dtype="bfloat16", *, device: str = "auto", rmsnorm: str = "hf",
-                 scores: str = "compute", accum: str = "fp32", max_seq: int | str = 4096, graph: bool | str = True,
-                 pdl: bool | str = True):
+    def __init__(
+        self,
+        model_dir,
+        dtype="bfloat16",
+        *,
+        device: str = "auto",
+        rmsnorm: str = "hf",
+        scores: str = "compute",
+        accum: str = "fp32",
+        max_seq: int | str = 4096,
+        graph: bool | str = True,
+        pdl: bool | str = True,
+    ):
         """Options come as strings from `--cand mine:key=value`: device, rmsnorm, scores, accum (see
         numerics.py), max_seq (cache slots), graph (false: no CUDA graph for decode), pdl (false: no
         programmatic dependent launch, so a kernel starts only once the one before has ended; only
@@ -103,10 +130,12 @@ class MineCandidate(Candidate):
         self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
         self.use_graph = option_flag("mine", "graph", graph) and self.device.type == "cuda"
         self.ops = load(emulated=self.emulated)
-        self.use_pdl = (option_flag("mine", "pdl", pdl) and self.device.type == "cuda"
-                        and self.ops.can_overlap_launches())
+        self.use_pdl = (
+            option_flag("mine", "pdl", pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
+        )
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
-            Checkpoint(model_dir), cfg, self.dtype, self.device)
+            Checkpoint(model_dir), cfg, self.dtype, self.device
+        )
         cos = torch.empty(self.max_seq, cfg.head_dim, dtype=self.dtype)
         sin = torch.empty_like(cos)
         self.ops.rope_table(cos, sin, cfg.rope_theta)
@@ -118,11 +147,23 @@ class MineCandidate(Candidate):
         self.reset()
 
     @staticmethod
-    def check(model_dir, dtype="bfloat16", *, device: str = "auto", rmsnorm: str = "hf", scores: str = "compute",
-              accum: str = "fp32", max_seq: int | str = 4096, graph: bool | str = True, pdl: bool | str = True) -> None:
+    def check(
+        model_dir,
+        dtype="bfloat16",
+        *,
+        device: str = "auto",
+        rmsnorm: str = "hf",
+        scores: str = "compute",
+        accum: str = "fp32",
+        max_seq: int | str = 4096,
+        graph: bool | str = True,
+        pdl: bool | str = True,
+    ) -> None:
         """All but building the engine and loading the weights (`qwen3dbg.registry.check_candidate`)."""
         if parse_dtype(dtype) == torch.float64:
-            raise UserError("mine computes in float32, bfloat16 or float16; float64 is the scratch golden's (--impl scratch)")
+            raise UserError(
+                "mine computes in float32, bfloat16 or float16; float64 is the scratch golden's (--impl scratch)"
+            )
         if load_config(model_dir).attention_bias:
             raise UserError("mine implements Qwen3 without attention biases, but this config sets attention_bias")
         MineNumerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
@@ -140,9 +181,14 @@ class MineCandidate(Candidate):
             where, ran = "CUDA kernels emulated on the CPU", "ran the CUDA kernels on the CPU through cuda_emu.h"
         else:
             where, ran = "CPU twin", "ran the CPU twin (no CUDA device used)"
-        return {"device": "emulated" if self.emulated else self.device.type, "device_name": where,
-                "numerics": self.numerics.to_dict(), "decode_cuda_graph": self.use_graph,
-                "programmatic_dependent_launch": self.use_pdl, "notes": [ran]}
+        return {
+            "device": "emulated" if self.emulated else self.device.type,
+            "device_name": where,
+            "numerics": self.numerics.to_dict(),
+            "decode_cuda_graph": self.use_graph,
+            "programmatic_dependent_launch": self.use_pdl,
+            "notes": [ran],
+        }
 
     def reset(self) -> None:
         self.length = 0
@@ -168,11 +214,15 @@ class MineCandidate(Candidate):
         B, T = ids.shape
         S = self.length + T
         if positions.tolist() != [list(range(self.length, S))] * B:
-            raise UserError(f"mine keeps a token's keys in the cache slot of its position: this step needs positions "
-                            f"{self.length}..{S - 1} in every row")
+            raise UserError(
+                f"mine keeps a token's keys in the cache slot of its position: this step needs positions "
+                f"{self.length}..{S - 1} in every row"
+            )
         if S > self.config.max_position_embeddings:
-            raise UserError(f"{S} positions exceed the model's max_position_embeddings "
-                            f"({self.config.max_position_embeddings}): use fewer tokens")
+            raise UserError(
+                f"{S} positions exceed the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings}): use fewer tokens"
+            )
         if S > self.max_seq:
             raise UserError(f"{S} positions exceed mine's cache of {self.max_seq}: pass the option max_seq={S}")
         self._cache(B)
@@ -247,14 +297,36 @@ class MineCandidate(Candidate):
         h, qkv = self._tap_buffer(sink, i, "attn_norm", N, H), new(N, (nH + 2 * nKV) * D)
         ops.norm_linear(x, L.input_norm, L.qkv, qkv, h, eps, num.rmsnorm_code, num.accum_code)
         self._emit_buffer(sink, i, "attn_norm", h, B, T, H)
-        emit(sink, i, "q_proj", qkv[:, :nH * D].view(B, T, -1))
-        emit(sink, i, "k_proj", qkv[:, nH * D:(nH + nKV) * D].view(B, T, -1))
-        emit(sink, i, "v_proj", qkv[:, (nH + nKV) * D:].view(B, T, -1))
+        emit(sink, i, "q_proj", qkv[:, : nH * D].view(B, T, -1))
+        emit(sink, i, "k_proj", qkv[:, nH * D : (nH + nKV) * D].view(B, T, -1))
+        emit(sink, i, "v_proj", qkv[:, (nH + nKV) * D :].view(B, T, -1))
         q_norm, k_norm, q_rope, k_rope = new(N, nH, D), new(N, nKV, D), new(N, nH, D), new(N, nKV, D)
         scores, probs, attn = new(B, nH, T, scores_ld, dtype=torch.float32), new(B, nH, T, scores_ld), new(N, nH * D)
-        ops.attention(qkv, L.q_norm, L.k_norm, self.cos, self.sin, pos, q_norm, k_norm, q_rope, k_rope, k_cache, v_cache,
-                      scores, probs, attn, B, i, scores_fill, D ** -0.5, num.round_scores, num.accum_code, eps,
-                      num.rmsnorm_code)
+        ops.attention(
+            qkv,
+            L.q_norm,
+            L.k_norm,
+            self.cos,
+            self.sin,
+            pos,
+            q_norm,
+            k_norm,
+            q_rope,
+            k_rope,
+            k_cache,
+            v_cache,
+            scores,
+            probs,
+            attn,
+            B,
+            i,
+            scores_fill,
+            D**-0.5,
+            num.round_scores,
+            num.accum_code,
+            eps,
+            num.rmsnorm_code,
+        )
         emit(sink, i, "q_norm", q_norm.view(B, T, nH, D))
         emit(sink, i, "k_norm", k_norm.view(B, T, nKV, D))
         emit(sink, i, "q_rope", q_rope.view(B, T, nH, D))
@@ -286,7 +358,7 @@ class MineCandidate(Candidate):
         if positions.tolist() != [list(range(past, past + T))] * B:
             raise UserError(f"mine runs a layer at positions {past}..{past + T - 1}, the slots after its cache")
         k_cache, v_cache = self._cache(B)
-        saved = k_cache[layer, :, :, :past + T].clone(), v_cache[layer, :, :, :past + T].clone()
+        saved = k_cache[layer, :, :, : past + T].clone(), v_cache[layer, :, :, : past + T].clone()
         if past:
             k_cache[layer, :, :, :past] = past_kv[0].to(self.device, self.dtype)
             v_cache[layer, :, :, :past] = past_kv[1].to(self.device, self.dtype)
@@ -296,15 +368,16 @@ class MineCandidate(Candidate):
         try:
             out = self._layer(layer, x, pos, B, T, sink, past + T, past + T)
         finally:
-            k_cache[layer, :, :, :past + T], v_cache[layer, :, :, :past + T] = saved
+            k_cache[layer, :, :, : past + T], v_cache[layer, :, :, : past + T] = saved
         return out.view(B, T, H)
 
     def _dense(self, i, L: LayerWeights, mid, out, B, T, sink) -> torch.Tensor:
         """SwiGLU MLP on RMSNorm(mid); returns its output and writes out = mid + it."""
         num, N, H, inter = self.numerics, B * T, self.config.hidden_size, L.down.shape[1]
         h, gate_up = self._tap_buffer(sink, i, "mlp_norm", N, H), self._new(N, 2 * inter)
-        self.ops.norm_linear(mid, L.post_norm, L.gate_up, gate_up, h, self.config.rms_norm_eps, num.rmsnorm_code,
-                             num.accum_code)
+        self.ops.norm_linear(
+            mid, L.post_norm, L.gate_up, gate_up, h, self.config.rms_norm_eps, num.rmsnorm_code, num.accum_code
+        )
         self._emit_buffer(sink, i, "mlp_norm", h, B, T, H)
         emit(sink, i, "mlp.gate", gate_up[:, :inter].view(B, T, inter))
         emit(sink, i, "mlp.up", gate_up[:, inter:].view(B, T, inter))

@@ -13,18 +13,24 @@ from qwen3dbg.errors import UserError
 # name -> (choices, the porter's question it answers). The compute dtype is the candidate's dtype:
 # "my engine computes in fp16 / bf16 / fp32: how far from the reference does that alone take me?"
 SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
-    "rmsnorm": (("hf", "fused"),
-                "My RMSNorm multiplies by the weight in fp32 and rounds once (fused); transformers normalises in "
-                "fp32, rounds, then multiplies by the weight in the compute dtype (hf). Which taps move, and by how "
-                "much where the weight is large (k_norm ~100)?"),
-    "scores": (("compute", "fp32"),
-               "My attention keeps q.k and the scaled scores in fp32 (fp32, as fused kernels do); transformers' "
-               "eager path rounds both to the compute dtype (compute). Does that explain my attention differences?"),
-    "accum": (("fp32", "compute", "split"),
-              "My matrix products accumulate in fp32 (fp32), or in one running sum rounded to the compute dtype "
-              "after every add (compute, a plain loop accumulating in bf16), or in fp32 per lane with the 32 lane "
-              "partials rounded and summed in the compute dtype (split, as a split-K GEMM with bf16 partials). Is "
-              "my accumulation the divergence?"),
+    "rmsnorm": (
+        ("hf", "fused"),
+        "My RMSNorm multiplies by the weight in fp32 and rounds once (fused); transformers normalises in "
+        "fp32, rounds, then multiplies by the weight in the compute dtype (hf). Which taps move, and by how "
+        "much where the weight is large (k_norm ~100)?",
+    ),
+    "scores": (
+        ("compute", "fp32"),
+        "My attention keeps q.k and the scaled scores in fp32 (fp32, as fused kernels do); transformers' "
+        "eager path rounds both to the compute dtype (compute). Does that explain my attention differences?",
+    ),
+    "accum": (
+        ("fp32", "compute", "split"),
+        "My matrix products accumulate in fp32 (fp32), or in one running sum rounded to the compute dtype "
+        "after every add (compute, a plain loop accumulating in bf16), or in fp32 per lane with the 32 lane "
+        "partials rounded and summed in the compute dtype (split, as a split-K GEMM with bf16 partials). Is "
+        "my accumulation the divergence?",
+    ),
 }
 
 _CODES = {"rmsnorm": {"hf": 0, "fused": 1}, "accum": {"fp32": 0, "compute": 1, "split": 2}}

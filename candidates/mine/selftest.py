@@ -22,8 +22,8 @@ from qwen3dbg.store import StepInfo, TapStore, is_cache_tap
 class TapRow:
     tap: str
     ulps_vs_twin: int | None  # largest distance over all steps, in representable steps (0: bit-identical)
-    identical_vs_hf: float    # fraction of elements bit-identical to HF eager on the same device
-    rel_err_vs_hf: float      # max |mine - hf| / max |hf| over all steps (finite entries)
+    identical_vs_hf: float  # fraction of elements bit-identical to HF eager on the same device
+    rel_err_vs_hf: float  # max |mine - hf| / max |hf| over all steps (finite entries)
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,11 @@ class SelftestResult:
     @property
     def problems(self) -> list[str]:
         """What fails the check: taps whose device bits differ from the twin's, a store that changed bits."""
-        out = [f"{row.tap} differs from the CPU twin by up to {row.ulps_vs_twin} ulps"
-               for row in self.taps if row.ulps_vs_twin]
+        out = [
+            f"{row.tap} differs from the CPU twin by up to {row.ulps_vs_twin} ulps"
+            for row in self.taps
+            if row.ulps_vs_twin
+        ]
         if not self.store_identical:
             out.append("a capture to a tap store does not read back as the taps the engine emitted")
         if not self.uncaptured_identical:
@@ -130,8 +133,10 @@ def hf_stepper(hf):
     @torch.no_grad()
     def step(ids, positions):
         dev = hf.model.device
-        return hf.model(input_ids=ids.to(dev), position_ids=positions.to(dev), past_key_values=state["cache"],
-                        use_cache=True).logits
+        return hf.model(
+            input_ids=ids.to(dev), position_ids=positions.to(dev), past_key_values=state["cache"], use_cache=True
+        ).logits
+
     return reset, step
 
 
@@ -148,6 +153,7 @@ def capture_stepper(engine, out_dir: Path):
         info = StepInfo(state["step"], ids.tolist(), positions.tolist())
         state["step"] += 1
         return capture_step(engine, state["writer"], info)
+
     return reset, step
 
 
@@ -156,8 +162,16 @@ def uncaptured_matches(engine, steps: list[StepInfo], taps: list[dict]) -> bool:
     the kernels a plain forward takes (on a GPU, a CUDA graph for decode) do the same arithmetic."""
     engine.reset()
     dev = engine.device
-    return all(ulps_apart(engine.step(torch.tensor(info.token_ids, device=dev), torch.tensor(info.positions, device=dev),
-                                      NullSink()).cpu(), step["logits"]) == 0 for info, step in zip(steps, taps))
+    return all(
+        ulps_apart(
+            engine.step(
+                torch.tensor(info.token_ids, device=dev), torch.tensor(info.positions, device=dev), NullSink()
+            ).cpu(),
+            step["logits"],
+        )
+        == 0
+        for info, step in zip(steps, taps)
+    )
 
 
 def store_matches(engine, steps: list[StepInfo], taps: list[dict], out_dir: Path) -> bool:
@@ -168,9 +182,11 @@ def store_matches(engine, steps: list[StepInfo], taps: list[dict], out_dir: Path
         slots = store.steps[i].cache_positions
         return t[:, :, slots] if slots is not None and is_cache_tap(name) else t
 
-    return all(sorted(store.names(i)) == sorted(step) and all(ulps_apart(store.get(i, n), stored(i, n, t)) == 0
-                                                              for n, t in step.items())
-               for i, step in enumerate(taps))
+    return all(
+        sorted(store.names(i)) == sorted(step)
+        and all(ulps_apart(store.get(i, n), stored(i, n, t)) == 0 for n, t in step.items())
+        for i, step in enumerate(taps)
+    )
 
 
 def probe_ids(vocab_size: int, n: int) -> list[int]:
@@ -178,8 +194,16 @@ def probe_ids(vocab_size: int, n: int) -> list[int]:
     return [(7 + 31 * i) % vocab_size for i in range(n)]
 
 
-def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decode_steps: int,
-             check_tokens: int = 8, check_decode: int = 3, progress=print) -> SelftestResult:
+def selftest(
+    model_dir: Path,
+    device: str,
+    dtype: str,
+    prompt_tokens: int,
+    decode_steps: int,
+    check_tokens: int = 8,
+    check_decode: int = 3,
+    progress=print,
+) -> SelftestResult:
     from qwen3dbg.reference.hf import HFCandidate
 
     from .engine import MineCandidate
@@ -187,8 +211,9 @@ def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decod
     engine = MineCandidate(model_dir, dtype, device=device)
     cfg, dev = engine.config, engine.device
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "emulated" if engine.emulated else "cpu"
-    res = SelftestResult(str(model_dir), where, dtype_name(engine.dtype), prompt_tokens, decode_steps, check_tokens,
-                         check_decode)
+    res = SelftestResult(
+        str(model_dir), where, dtype_name(engine.dtype), prompt_tokens, decode_steps, check_tokens, check_decode
+    )
     ids = probe_ids(cfg.vocab_size, max(prompt_tokens, check_tokens))
     steps = forced_steps(ids[:check_tokens], [(5 + 13 * i) % cfg.vocab_size for i in range(check_decode)])
 
@@ -204,9 +229,14 @@ def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decod
     hf = run_steps(hf_eager, steps, dev)
     for name in ours[0]:
         pairs = [(o[name], h[name].to(o[name].dtype)) for o, h in zip(ours, hf)]
-        res.taps.append(TapRow(
-            name, None if twin is None else max(ulps_apart(o[name], t[name]) for o, t in zip(ours, twin)),
-            min(identical_fraction(a, b) for a, b in pairs), max(rel_err(a, b) for a, b in pairs)))
+        res.taps.append(
+            TapRow(
+                name,
+                None if twin is None else max(ulps_apart(o[name], t[name]) for o, t in zip(ours, twin)),
+                min(identical_fraction(a, b) for a, b in pairs),
+                max(rel_err(a, b) for a, b in pairs),
+            )
+        )
 
     prompt = ids[:prompt_tokens]
     res.weights_bytes = engine.decode_bytes()
@@ -219,8 +249,12 @@ def selftest(model_dir: Path, device: str, dtype: str, prompt_tokens: int, decod
         progress("speed: mine")
         mine = plain_stepper(engine)
         res.speed.append(SpeedRow(f"mine ({dev.type})", *time_steps(*mine, dev, prompt, decode_steps)))
-        res.speed.append(SpeedRow(f"mine ({dev.type}, capture to a store)",
-                                  *time_steps(*capture_stepper(engine, Path(tmp) / "timed"), dev, prompt, decode_steps)))
+        res.speed.append(
+            SpeedRow(
+                f"mine ({dev.type}, capture to a store)",
+                *time_steps(*capture_stepper(engine, Path(tmp) / "timed"), dev, prompt, decode_steps),
+            )
+        )
     if engine.use_graph:
         engine.use_graph = False
         res.speed.append(SpeedRow("mine (cuda, no graph)", *time_steps(*mine, dev, prompt, decode_steps)))

@@ -28,17 +28,41 @@ def litgpt_config(cfg: Qwen3Config):
     from litgpt import Config
 
     if cfg.is_moe and not all(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
-        raise UserError("litgpt's Qwen3-MoE makes every layer sparse: this checkpoint has dense layers "
-                        "(mlp_only_layers or decoder_sparse_step), which litgpt cannot express")
-    moe = dict(mlp_class_name="LLaMAMoE", moe_intermediate_size=cfg.moe_intermediate_size, n_expert=cfg.num_experts,
-               n_expert_per_token=cfg.num_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob) if cfg.is_moe else \
-        dict(mlp_class_name="LLaMAMLP")
-    return Config(name="qwen3dbg", block_size=min(cfg.max_position_embeddings, MAX_SEQ), vocab_size=cfg.vocab_size,
-                  padded_vocab_size=cfg.vocab_size, n_layer=cfg.num_hidden_layers, n_embd=cfg.hidden_size,
-                  n_head=cfg.num_attention_heads, n_query_groups=cfg.num_key_value_heads, head_size=cfg.head_dim,
-                  rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-                  norm_eps=cfg.rms_norm_eps, rope_base=cfg.rope_theta, norm_qk=True,
-                  intermediate_size=cfg.intermediate_size, **moe)
+        raise UserError(
+            "litgpt's Qwen3-MoE makes every layer sparse: this checkpoint has dense layers "
+            "(mlp_only_layers or decoder_sparse_step), which litgpt cannot express"
+        )
+    moe = (
+        dict(
+            mlp_class_name="LLaMAMoE",
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            n_expert=cfg.num_experts,
+            n_expert_per_token=cfg.num_experts_per_tok,
+            norm_topk_prob=cfg.norm_topk_prob,
+        )
+        if cfg.is_moe
+        else dict(mlp_class_name="LLaMAMLP")
+    )
+    return Config(
+        name="qwen3dbg",
+        block_size=min(cfg.max_position_embeddings, MAX_SEQ),
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=cfg.vocab_size,
+        n_layer=cfg.num_hidden_layers,
+        n_embd=cfg.hidden_size,
+        n_head=cfg.num_attention_heads,
+        n_query_groups=cfg.num_key_value_heads,
+        head_size=cfg.head_dim,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        norm_eps=cfg.rms_norm_eps,
+        rope_base=cfg.rope_theta,
+        norm_qk=True,
+        intermediate_size=cfg.intermediate_size,
+        **moe,
+    )
 
 
 def load(model_dir, dtype=torch.float32):

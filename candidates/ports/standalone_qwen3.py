@@ -26,7 +26,7 @@ def compute_rope_params(head_dim: int, theta_base: float, context_length: int, d
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, T, D] at positions 0..T-1; cos, sin [context_length, D]."""
     seq_len, head_dim = x.shape[2], x.shape[3]
-    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2:]
+    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos[:seq_len][None, None] + rotated * sin[:seq_len][None, None]
 
@@ -78,7 +78,7 @@ class GroupedQueryAttention(nn.Module):
         keys = keys.repeat_interleave(self.group_size, dim=1)
         values = values.repeat_interleave(self.group_size, dim=1)
         attn_scores = (queries @ keys.transpose(2, 3)).masked_fill(mask, float("-inf"))
-        attn_weights = torch.softmax(attn_scores * self.head_dim ** -0.5, dim=-1, dtype=torch.float32).to(x.dtype)
+        attn_weights = torch.softmax(attn_scores * self.head_dim**-0.5, dim=-1, dtype=torch.float32).to(x.dtype)
         context = (attn_weights @ values).transpose(1, 2).reshape(b, num_tokens, -1)
         return self.out_proj(context)
 
@@ -120,16 +120,24 @@ class Qwen3Model(nn.Module):
 def config_from_hf(hf: dict, dtype: torch.dtype) -> dict:
     """The `cfg` dict from a Hugging Face config.json (note head_dim is explicit: not emb_dim // n_heads)."""
     return {
-        "vocab_size": hf["vocab_size"], "context_length": min(hf.get("max_position_embeddings", 4096), 8192),
-        "emb_dim": hf["hidden_size"], "n_heads": hf["num_attention_heads"], "n_layers": hf["num_hidden_layers"],
-        "hidden_dim": hf["intermediate_size"], "head_dim": hf["head_dim"], "n_kv_groups": hf["num_key_value_heads"],
+        "vocab_size": hf["vocab_size"],
+        "context_length": min(hf.get("max_position_embeddings", 4096), 8192),
+        "emb_dim": hf["hidden_size"],
+        "n_heads": hf["num_attention_heads"],
+        "n_layers": hf["num_hidden_layers"],
+        "hidden_dim": hf["intermediate_size"],
+        "head_dim": hf["head_dim"],
+        "n_kv_groups": hf["num_key_value_heads"],
         "rope_base": hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta")),
-        "eps": hf.get("rms_norm_eps", 1e-6), "tie": hf.get("tie_word_embeddings", False), "dtype": dtype,
+        "eps": hf.get("rms_norm_eps", 1e-6),
+        "tie": hf.get("tie_word_embeddings", False),
+        "dtype": dtype,
     }
 
 
 def load_weights(model: Qwen3Model, weights: dict[str, torch.Tensor]) -> None:
     """Copy Hugging Face-named tensors into the port's modules."""
+
     def put(param, name):
         with torch.no_grad():
             param.copy_(weights[name].to(param.dtype))
@@ -138,8 +146,12 @@ def load_weights(model: Qwen3Model, weights: dict[str, torch.Tensor]) -> None:
     for i, block in enumerate(model.trf_blocks):
         p = f"model.layers.{i}."
         att = block.att
-        for mine, theirs in ((att.W_query, "q_proj"), (att.W_key, "k_proj"), (att.W_value, "v_proj"),
-                             (att.out_proj, "o_proj")):
+        for mine, theirs in (
+            (att.W_query, "q_proj"),
+            (att.W_key, "k_proj"),
+            (att.W_value, "v_proj"),
+            (att.out_proj, "o_proj"),
+        ):
             put(mine.weight, p + f"self_attn.{theirs}.weight")
         put(att.q_norm.scale, p + "self_attn.q_norm.weight")
         put(att.k_norm.scale, p + "self_attn.k_norm.weight")

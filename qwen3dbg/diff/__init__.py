@@ -21,8 +21,15 @@ from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
 from qwen3dbg.diff.sides import SideSpec, check_sides, parse_side, store_steps
-from qwen3dbg.diff.streams import (Keeper, Schedule, StoreSide, ThreadSide, candidate_producer, golden_forced,
-                                   golden_greedy)
+from qwen3dbg.diff.streams import (
+    Keeper,
+    Schedule,
+    StoreSide,
+    ThreadSide,
+    candidate_producer,
+    golden_forced,
+    golden_greedy,
+)
 from qwen3dbg.diff.teacher import estimate, teacher_force
 from qwen3dbg.diff.window import Window, WindowSource
 from qwen3dbg.dtypes import dtype_name, parse_dtype
@@ -44,25 +51,39 @@ def _dtype_under_test(specs: list[SideSpec], dtype: str | torch.dtype | None) ->
     """A store fixes the dtype; an explicit --dtype must agree with it; otherwise bfloat16."""
     stored = {s.text: s.store.dtype for s in specs if s.store is not None}
     if len(set(stored.values())) > 1:
-        raise UserError("the two stores hold different dtypes (" + ", ".join(f"{k}: {dtype_name(v)}" for k, v in stored.items())
-                        + "): capture both in the dtype under test")
+        raise UserError(
+            "the two stores hold different dtypes ("
+            + ", ".join(f"{k}: {dtype_name(v)}" for k, v in stored.items())
+            + "): capture both in the dtype under test"
+        )
     asked = parse_dtype(dtype) if dtype is not None else None
     if stored:
         found = next(iter(stored.values()))
         if asked is not None and asked != found:
-            raise UserError(f"--dtype {dtype_name(asked)} but {next(iter(stored))} holds {dtype_name(found)}: "
-                            "leave out --dtype or capture the store in that dtype")
+            raise UserError(
+                f"--dtype {dtype_name(asked)} but {next(iter(stored))} holds {dtype_name(found)}: "
+                "leave out --dtype or capture the store in that dtype"
+            )
         return found
     if asked == torch.float64:
         raise UserError("--dtype float64 is the golden itself: test in float32, bfloat16 or float16")
     return asked or DEFAULT_DTYPE
 
 
-def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | None = None,
-             dtype: str | torch.dtype | None = None, token_ids: Sequence[int] | None = None,
-             decode_ids: Sequence[int] | None = None, decode_steps: int | None = None, prompt: str | None = None,
-             teacher: bool = True, status: Callable[[str], None] = lambda msg: None,
-             progress: Callable[[int, int | None], None] | None = None) -> DiffResult:
+def run_diff(
+    ref: str = "hf",
+    cand: str = "scratch",
+    *,
+    model_dir: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    token_ids: Sequence[int] | None = None,
+    decode_ids: Sequence[int] | None = None,
+    decode_steps: int | None = None,
+    prompt: str | None = None,
+    teacher: bool = True,
+    status: Callable[[str], None] = lambda msg: None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DiffResult:
     """Compare `cand` with `ref` on the same ids, both judged against the fp64 golden; see docs/differ.md.
     The three sides run side by side and are compared tap by tap as they go; nothing is written to disk.
     The ids are the fields of `RunInputs` (the CLI's flags, parsed by `RunInputs.from_flags`)."""
@@ -86,14 +107,25 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     t = time.perf_counter()
     loaded, infos, lacks = {}, [SideInfo("gold", "scratch:float64", "scratch", "float64", "")], {}
     for role, spec in zip(("ref", "cand"), specs):
-        status(f"loading {role}: {spec.text}" + (" (its engine is built on first use: minutes)" if spec.name == "mine" else ""))
+        status(
+            f"loading {role}: {spec.text}"
+            + (" (its engine is built on first use: minutes)" if spec.name == "mine" else "")
+        )
         if spec.store is not None:
             store = spec.store
             lacks[role] = frozenset(store.missing_taps)
             notes = store.manifest.get("notes")
             notes = [str(n) for n in notes] if isinstance(notes, list) else []
-            infos.append(SideInfo(role, spec.text, store.implementation, dtype_name(store.dtype), str(store.path),
-                                  notes + _other_weights(store, model_dir)))
+            infos.append(
+                SideInfo(
+                    role,
+                    spec.text,
+                    store.implementation,
+                    dtype_name(store.dtype),
+                    str(store.path),
+                    notes + _other_weights(store, model_dir),
+                )
+            )
         else:
             loaded[role] = _load(spec, model_dir, dt)
             lacks[role] = frozenset(loaded[role].missing_taps)
@@ -104,11 +136,18 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     compared = lambda name: parse_tap_name(name)[1] not in missing  # noqa: E731
     keep = torch.float32 if dt.itemsize < 4 else torch.float64
     keeper = Keeper(keep)
-    produce_gold = golden_forced(golden, steps, keeper) if not greedy else golden_greedy(golden, schedule, steps[0].token_ids[0])
+    produce_gold = (
+        golden_forced(golden, steps, keeper) if not greedy else golden_greedy(golden, schedule, steps[0].token_ids[0])
+    )
     sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
     for role, spec in zip(("ref", "cand"), specs):
-        sides[role] = StoreSide(role, spec.store) if spec.store is not None else ThreadSide(
-            role, candidate_producer(loaded[role], schedule), compared, loaded[role].fresh_taps, schedule)
+        sides[role] = (
+            StoreSide(role, spec.store)
+            if spec.store is not None
+            else ThreadSide(
+                role, candidate_producer(loaded[role], schedule), compared, loaded[role].fresh_taps, schedule
+            )
+        )
     window = Window(keep)
     src = WindowSource(cfg, schedule.steps, dt, model_dir, {})
     noise = _InNoise(cfg, src, window)
@@ -150,14 +189,32 @@ def run_diff(ref: str = "hf", cand: str = "scratch", *, model_dir: str | Path | 
     timings["diagnose"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return DiffResult(
-        model=str(model_dir), config=cfg.to_hf_dict(), dtype=dtype_name(dt), sides=infos,
-        steps=[{"step": s.step, "tokens": s.tokens, "token_ids": s.token_ids[0], "positions": s.positions[0]}
-               for s in schedule.steps],
-        taps=taps, first_divergence=div, diagnosis=diagnosis, first_nonfinite=_first_nonfinite(taps, "cand"),
-        golden_nonfinite=_first_nonfinite(taps, "gold"), in_noise=in_noise, systematic=systematic,
-        routing_ties=comparison.ties, timings=timings, spilled=keeper.spilled,
-        rule={"norm_factor": NORM_FACTOR, "element_factor": ELEMENT_FACTOR, "rel_floor_ulps": REL_FLOOR_ULPS,
-              "abs_floor_ulps": ABS_FLOOR_ULPS, "small_sample_n0": SMALL_SAMPLE_N0})
+        model=str(model_dir),
+        config=cfg.to_hf_dict(),
+        dtype=dtype_name(dt),
+        sides=infos,
+        steps=[
+            {"step": s.step, "tokens": s.tokens, "token_ids": s.token_ids[0], "positions": s.positions[0]}
+            for s in schedule.steps
+        ],
+        taps=taps,
+        first_divergence=div,
+        diagnosis=diagnosis,
+        first_nonfinite=_first_nonfinite(taps, "cand"),
+        golden_nonfinite=_first_nonfinite(taps, "gold"),
+        in_noise=in_noise,
+        systematic=systematic,
+        routing_ties=comparison.ties,
+        timings=timings,
+        spilled=keeper.spilled,
+        rule={
+            "norm_factor": NORM_FACTOR,
+            "element_factor": ELEMENT_FACTOR,
+            "rel_floor_ulps": REL_FLOOR_ULPS,
+            "abs_floor_ulps": ABS_FLOOR_ULPS,
+            "small_sample_n0": SMALL_SAMPLE_N0,
+        },
+    )
 
 
 def _large(model_dir: Path) -> bool:
@@ -173,14 +230,17 @@ def _other_weights(store: TapStore, model_dir: Path) -> list[str]:
     here = None if recorded is None else Checkpoint(model_dir).digest()
     if recorded == here:
         return []
-    return [f"captured on other weights than {model_dir} (weights digest {recorded}, the model's {here}): "
-            "its differences are the weights'; diff it against the model it was captured on"]
+    return [
+        f"captured on other weights than {model_dir} (weights digest {recorded}, the model's {here}): "
+        "its differences are the weights'; diff it against the model it was captured on"
+    ]
 
 
 def _first_nonfinite(taps: list[TapResult], side: str) -> dict | None:
     """{"step", "tap", "count"} of the first tap where `side` ("cand" or "gold") holds NaN/inf."""
-    return next(({"step": r.step, "tap": r.name, "count": r.nonfinite[side]} for r in taps
-                 if r.nonfinite.get(side)), None)
+    return next(
+        ({"step": r.step, "tap": r.name, "count": r.nonfinite[side]} for r in taps if r.nonfinite.get(side)), None
+    )
 
 
 def _load(spec: SideSpec, model_dir: Path, dt: torch.dtype):
@@ -190,8 +250,17 @@ def _load(spec: SideSpec, model_dir: Path, dt: torch.dtype):
 
 
 def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Divergence:
-    div = Divergence(step=first.step, layer=first.layer, tap=first.name, op=first.op, reason=first.reason,
-                     excess=first.excess, max_abs=first.max_abs, rel_l2=first.rel_l2, worst=first.worst)
+    div = Divergence(
+        step=first.step,
+        layer=first.layer,
+        tap=first.name,
+        op=first.op,
+        reason=first.reason,
+        excess=first.excess,
+        max_abs=first.max_abs,
+        rel_l2=first.rel_l2,
+        worst=first.worst,
+    )
     div.origin = estimate(div, {t.name: t for t in taps if t.step == first.step}, cfg)
     return div
 
@@ -249,10 +318,23 @@ class _InNoise:
         src = WindowSource(self.cfg, self.src.steps, self.src.dtype, self.src.model_dir, self.window.noise)
         explained = explain_rounding(src, best.step, best.name)
         if explained is not None:
-            return Finding(best.step, best.name, best.diff_ulps, self.best_in, explained.message,
-                           explained.signature, dict(explained.evidence))
-        return Finding(best.step, best.name, best.diff_ulps, self.best_in,
-                       f"{best.name} differs from the reference by {best.diff_ulps:.2g} {dtype_name(dt)} ulps (rms) "
-                       f"while its inputs differ by {self.best_in:.2g}: the candidate rounds differently here, "
-                       "within the noise floor", "rounding_point", {"diff_ulps": best.diff_ulps,
-                                                                    "input_ulps": self.best_in})
+            return Finding(
+                best.step,
+                best.name,
+                best.diff_ulps,
+                self.best_in,
+                explained.message,
+                explained.signature,
+                dict(explained.evidence),
+            )
+        return Finding(
+            best.step,
+            best.name,
+            best.diff_ulps,
+            self.best_in,
+            f"{best.name} differs from the reference by {best.diff_ulps:.2g} {dtype_name(dt)} ulps (rms) "
+            f"while its inputs differ by {self.best_in:.2g}: the candidate rounds differently here, "
+            "within the noise floor",
+            "rounding_point",
+            {"diff_ulps": best.diff_ulps, "input_ulps": self.best_in},
+        )

@@ -48,8 +48,9 @@ class RowBlocks:
 
     def restrict(self, start: int, stop: int, cols: int | None = None) -> "RowBlocks":
         """The window rows [start, stop) of this view (relative to it) and its first `cols` columns."""
-        return replace(self, start=self.start + start, stop=self.start + stop,
-                       cols=cols if cols is not None else self.cols)
+        return replace(
+            self, start=self.start + start, stop=self.start + stop, cols=cols if cols is not None else self.cols
+        )
 
     def block_rows(self) -> int:
         per_row = math.prod(self.view_shape) // max(self.rows, 1)
@@ -64,7 +65,7 @@ class RowBlocks:
     def take(self, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) of the window, computed now."""
         t = self.compute(self.start + r0, self.start + r1)
-        return t if self.cols is None else t[..., :self.cols]
+        return t if self.cols is None else t[..., : self.cols]
 
     def whole(self) -> torch.Tensor:
         """The window materialised (for the small ones: one decode step's rows, a diagnosis window)."""
@@ -75,9 +76,14 @@ def value_of(t: torch.Tensor | RowBlocks) -> torch.Tensor:
     return t.whole() if isinstance(t, RowBlocks) else t
 
 
-def blocked_errors(gold: RowBlocks, ref: torch.Tensor, cand: torch.Tensor, scores: bool,
-                   keep: torch.Tensor | None,
-                   also: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None) -> TapErrors:
+def blocked_errors(
+    gold: RowBlocks,
+    ref: torch.Tensor,
+    cand: torch.Tensor,
+    scores: bool,
+    keep: torch.Tensor | None,
+    also: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> TapErrors:
     """`tap_errors` of a golden computed in blocks: each block against the same rows of both sides, folded;
     `also(gold, ref, cand)` sees each block too (the logits' agreement, without computing the golden again)."""
     parts = []
@@ -89,8 +95,9 @@ def blocked_errors(gold: RowBlocks, ref: torch.Tensor, cand: torch.Tensor, score
     return _fold(parts, gold.axis, gold.view_shape)
 
 
-def blocked_count_over(gold: RowBlocks, ref: torch.Tensor, cand: torch.Tensor, limit: float, scores: bool,
-                       keep: torch.Tensor | None) -> int:
+def blocked_count_over(
+    gold: RowBlocks, ref: torch.Tensor, cand: torch.Tensor, limit: float, scores: bool, keep: torch.Tensor | None
+) -> int:
     """`count_over` of a golden computed in blocks (recomputed: the second pass is rare and exact)."""
     total = 0
     for r, g in gold.blocks():
@@ -115,11 +122,16 @@ def _fold(parts: list[tuple[int, TapErrors]], axis: int, shape: tuple[int, ...])
     block_shape[axis] = _block_len(parts, worst_r, shape[axis])
     argmax = _moved(worst.cand.argmax, block_shape, axis, worst_r, shape)
     return TapErrors(
-        count=sum(p.count for _, p in parts), nonfinite=nonfinite, mask_diff=sum(p.mask_diff for _, p in parts),
+        count=sum(p.count for _, p in parts),
+        nonfinite=nonfinite,
+        mask_diff=sum(p.mask_diff for _, p in parts),
         cand=ErrorStats(worst.cand.max_abs, ratio(cand_norm, gold_norm), argmax, cand_norm),
         ref=ErrorStats(max(p.ref.max_abs for _, p in parts), ratio(ref_norm, gold_norm), 0, ref_norm),
-        gold_norm=gold_norm, gold_max=max(p.gold_max for _, p in parts), dot=sum(p.dot for _, p in parts),
-        diff_norm=math.sqrt(ss(lambda p: p.diff_norm)))
+        gold_norm=gold_norm,
+        gold_max=max(p.gold_max for _, p in parts),
+        dot=sum(p.dot for _, p in parts),
+        diff_norm=math.sqrt(ss(lambda p: p.diff_norm)),
+    )
 
 
 def _block_len(parts: list[tuple[int, TapErrors]], r: int, rows: int) -> int:

@@ -25,6 +25,7 @@ from qwen3dbg.dtypes import dtype_name
 from qwen3dbg.store import StepInfo
 from qwen3dbg.taps import TapSpec, step_taps
 
+
 @dataclass
 class _Router:
     """What a MoE layer's topk_ids comparison leaves for its topk_weights: ids of each side, tokens to compare."""
@@ -55,7 +56,9 @@ class Comparison:
     lacks: dict[str, frozenset[str]] = field(default_factory=dict)
     ties: list[dict] = field(default_factory=list)
     tied_positions: dict[int, int] = field(default_factory=dict)  # position -> layer of its tie
-    prefill_noise: dict[str, tuple[float, float]] = field(default_factory=dict)  # tap -> reference (rel_l2, max_abs) at step 0
+    prefill_noise: dict[str, tuple[float, float]] = field(
+        default_factory=dict
+    )  # tap -> reference (rel_l2, max_abs) at step 0
     router_ok: dict[tuple[int, int], bool] = field(default_factory=dict)  # (step, layer) -> router logits within noise
     _router_logits: dict[int, tuple] = field(default_factory=dict)  # layer -> (gold, ref, cand) of this step
     _cache: dict[str, torch.Tensor] = field(default_factory=dict)  # the candidate's whole cache after the last step
@@ -72,14 +75,22 @@ class Comparison:
                     self.progress(s, layer)
                 declared = [role for role in ("ref", "cand") if spec.op in self.lacks.get(role, ())]
                 if declared == ["cand"] and spec.op in ROUTER_OPS:  # the reference's own routing ties still count
-                    res, router = self.tap(info, spec, self.gold.take(s, spec.name), self.ref.take(s, spec.name),
-                                           None, router)
+                    res, router = self.tap(
+                        info, spec, self.gold.take(s, spec.name), self.ref.take(s, spec.name), None, router
+                    )
                     yield res
                     continue
                 if declared:
                     lacking = " and the ".join({"ref": "reference", "cand": "candidate"}[r] for r in declared)
-                    yield TapResult(step=s, name=spec.name, layer=spec.layer, op=spec.op, numel=spec.numel,
-                                    status="not_compared", reason=f"the {lacking} lacks it")
+                    yield TapResult(
+                        step=s,
+                        name=spec.name,
+                        layer=spec.layer,
+                        op=spec.op,
+                        numel=spec.numel,
+                        status="not_compared",
+                        reason=f"the {lacking} lacks it",
+                    )
                     continue
                 g, r, c = (side.take(s, spec.name) for side in sides)
                 res, router = self.tap(info, spec, g, r, c, router)
@@ -90,8 +101,9 @@ class Comparison:
                 side.end_step(s)
             self.progress(s, None)
 
-    def tap(self, info: StepInfo, spec: TapSpec, g: Value | None, r: Value | None, c: Value | None,
-            router: _Router | None) -> tuple[TapResult, _Router | None]:
+    def tap(
+        self, info: StepInfo, spec: TapSpec, g: Value | None, r: Value | None, c: Value | None, router: _Router | None
+    ) -> tuple[TapResult, _Router | None]:
         s, name = info.step, spec.name
         base = dict(step=s, name=name, layer=spec.layer, op=spec.op, numel=spec.numel)
         lacking = [role for role, v in (("fp64 golden", g), ("reference", r), ("candidate", c)) if v is None]
@@ -108,8 +120,10 @@ class Comparison:
                 slots = sorted(set(info.positions[0]) | set(changed))
                 fulls = [_full(v) for v in (g, r, c)]
                 if changed and any(f is None for f in fulls):
-                    problem = (f"{_changed_words(info, changed)}, and they cannot be judged: a side lacks the whole "
-                               "cache at this step")
+                    problem = (
+                        f"{_changed_words(info, changed)}, and they cannot be judged: a side lacks the whole "
+                        "cache at this step"
+                    )
                 else:
                     g, r, c = (f[:, :, slots] if changed else written_slots(v, info) for f, v in zip(fulls, (g, r, c)))
                     base["numel"] = g.numel()
@@ -121,7 +135,9 @@ class Comparison:
         for who, t in (("reference", r), ("candidate", c)):
             if tuple(t.shape) != gshape:
                 status = "divergent" if who == "candidate" else "not_compared"
-                return TapResult(status=status, reason=f"{who} shape {list(t.shape)} vs fp64 {list(gshape)}", **base), router
+                return TapResult(
+                    status=status, reason=f"{who} shape {list(t.shape)} vs fp64 {list(gshape)}", **base
+                ), router
         if spec.integer:
             return self.expert_ids(info, spec, g, r, c, base)
         if spec.op == "moe.topk_weights" and router is not None:
@@ -146,7 +162,10 @@ class Comparison:
         index off by one overwrites them with another token's entry."""
         positions = info.positions[0]
         if isinstance(c, CacheSlots) and c.positions != positions:
-            return f"the step wrote cache slots at positions {c.positions[:8]}, but its tokens are at {positions[:8]}", []
+            return (
+                f"the step wrote cache slots at positions {c.positions[:8]}, but its tokens are at {positions[:8]}",
+                [],
+            )
         full = _full(c)
         if full is None:
             return "", []
@@ -154,9 +173,11 @@ class Comparison:
         self._cache[spec.name] = full
         if previous is None or full.shape[2] < previous.shape[2] or full.shape[:2] != previous.shape[:2]:
             return "", []
-        return "", changed_slots(previous, full[:, :, :previous.shape[2]])
+        return "", changed_slots(previous, full[:, :, : previous.shape[2]])
 
-    def values(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict, token_ok: torch.Tensor | None = None) -> TapResult:
+    def values(
+        self, info: StepInfo, spec: TapSpec, g, r, c, base: dict, token_ok: torch.Tensor | None = None
+    ) -> TapResult:
         reasons, extra = [], {}
         keep = None
         shape = g.view_shape if isinstance(g, RowBlocks) else tuple(g.shape)
@@ -209,15 +230,30 @@ class Comparison:
         limit = max(sr.max_abs, tol.abs_ / ELEMENT_FACTOR)
         over = 0
         if count and sc.max_abs > limit:
-            over = (blocked_count_over(g, r, c, limit, scores, keep) if blocked
-                    else count_over(g, r, c, limit, scores=scores, keep=keep))
+            over = (
+                blocked_count_over(g, r, c, limit, scores, keep)
+                if blocked
+                else count_over(g, r, c, limit, scores=scores, keep=keep)
+            )
         eps = torch.finfo(self.dtype).eps
         return TapResult(
-            status="divergent" if reasons else "ok", reason="; ".join(reasons), max_abs=sc.max_abs,
-            rel_l2=sc.rel_l2, cosine=cosine(te.dot, te.gold_norm, sc.norm), mismatch=over / count if count else 0.0,
-            ref_max_abs=sr.max_abs, ref_rel_l2=sr.rel_l2, tol_rel=tol.rel, tol_abs=tol.abs_, excess=excess,
-            diff_ulps=ratio(te.diff_norm, te.gold_norm) / eps, nonfinite=te.nonfinite,
-            worst=worst_coordinate(sc.argmax, shape, spec.axes, info.step, self.cfg.head_dim), extra=extra, **base)
+            status="divergent" if reasons else "ok",
+            reason="; ".join(reasons),
+            max_abs=sc.max_abs,
+            rel_l2=sc.rel_l2,
+            cosine=cosine(te.dot, te.gold_norm, sc.norm),
+            mismatch=over / count if count else 0.0,
+            ref_max_abs=sr.max_abs,
+            ref_rel_l2=sr.rel_l2,
+            tol_rel=tol.rel,
+            tol_abs=tol.abs_,
+            excess=excess,
+            diff_ulps=ratio(te.diff_norm, te.gold_norm) / eps,
+            nonfinite=te.nonfinite,
+            worst=worst_coordinate(sc.argmax, shape, spec.axes, info.step, self.cfg.head_dim),
+            extra=extra,
+            **base,
+        )
 
     def expert_ids(self, info: StepInfo, spec: TapSpec, g, r, c, base: dict) -> tuple[TapResult, _Router | None]:
         """Sets per token; a changed set is a routing tie when the router logits are within the noise and the
@@ -256,27 +292,52 @@ class Comparison:
             self._record_tie(info, layer, (b, t), margin, float(noise[b, t]), gold=g, chosen=("cand", c))
         if bool(tie.any() | ref_tie.any()):
             extra["routing_ties"] = int(tie.sum() + ref_tie.sum())
-        res = TapResult(status="divergent" if bool(wrong.any()) else "ok", extra=extra, **base,
-                        mismatch=float(changed.double().mean()))
+        res = TapResult(
+            status="divergent" if bool(wrong.any()) else "ok",
+            extra=extra,
+            **base,
+            mismatch=float(changed.double().mean()),
+        )
         if res.divergent:
             b, t = wrong.nonzero()[0].tolist()
-            res.reason = (f"expert choice differs for {int(wrong.sum())} tokens beyond router noise "
-                          f"(token {t}: margin {float(margin[b, t]):.3g} > 2 x logit error {float(noise[b, t]):.3g})")
+            res.reason = (
+                f"expert choice differs for {int(wrong.sum())} tokens beyond router noise "
+                f"(token {t}: margin {float(margin[b, t]):.3g} > 2 x logit error {float(noise[b, t]):.3g})"
+            )
             res.worst = {"step": info.step, "batch": b, "token": t}
             window = max(2 * float(noise[b, t]), torch.finfo(self.dtype).eps * float(lg[b, t].abs().max()))
             res.excess = float(margin[b, t]) / window if window > 0 else float(margin[b, t])
         return res, _Router((g, r, c), cand_same & ref_same)
 
-    def _record_tie(self, info: StepInfo, layer: int, at: tuple[int, int], margin: torch.Tensor, noise: float, *,
-                    gold: torch.Tensor, chosen: tuple[str, torch.Tensor]) -> None:
+    def _record_tie(
+        self,
+        info: StepInfo,
+        layer: int,
+        at: tuple[int, int],
+        margin: torch.Tensor,
+        noise: float,
+        *,
+        gold: torch.Tensor,
+        chosen: tuple[str, torch.Tensor],
+    ) -> None:
         """Note a routing tie of one side ('ref' or 'cand': whose choice changed) at (batch, token) and take
         its position out of every later comparison."""
         (b, t), (side, ids) = at, chosen
         pos = info.positions[b][t]
         self.tied_positions.setdefault(pos, layer)
-        self.ties.append({"step": info.step, "layer": layer, "token": t, "position": pos, "side": side,
-                          "margin": float(margin[b, t]), "noise": noise, "gold": gold[b, t].tolist(),
-                          side: ids[b, t].tolist()})
+        self.ties.append(
+            {
+                "step": info.step,
+                "layer": layer,
+                "token": t,
+                "position": pos,
+                "side": side,
+                "margin": float(margin[b, t]),
+                "noise": noise,
+                "gold": gold[b, t].tolist(),
+                side: ids[b, t].tolist(),
+            }
+        )
 
     def _tied(self, spec: TapSpec) -> set[int]:
         """Positions whose expert choice was a routing tie before this tap."""
@@ -289,7 +350,10 @@ class Comparison:
         if not tied:
             return valid
         keep = valid.clone()
-        for axis_name, index in (("T", info.positions[0]), ("S", range(valid.shape[spec.axes.index("S")]) if "S" in spec.axes else [])):
+        for axis_name, index in (
+            ("T", info.positions[0]),
+            ("S", range(valid.shape[spec.axes.index("S")]) if "S" in spec.axes else []),
+        ):
             if axis_name in spec.axes:
                 ax = spec.axes.index(axis_name)
                 drop = torch.tensor([p in tied for p in index])
@@ -300,8 +364,9 @@ class Comparison:
         return keep
 
 
-def reference_ties(gold_logits: torch.Tensor, ref_logits: torch.Tensor | None, margin: torch.Tensor,
-                   ref_same: torch.Tensor) -> tuple[torch.Tensor, float]:
+def reference_ties(
+    gold_logits: torch.Tensor, ref_logits: torch.Tensor | None, margin: torch.Tensor, ref_same: torch.Tensor
+) -> tuple[torch.Tensor, float]:
     """(bool [B,T], noise): tokens where the reference chose other experts than fp64 within its own router
     noise, from the ids and margins alone: fp64's k-th/(k+1)-th margin [B,T] is at most twice the reference's
     largest router-logit error [B,T,E] over the tokens it routes as fp64 does (ref_same [B,T]), so a broken
@@ -331,8 +396,10 @@ def _full(v: Value) -> torch.Tensor | None:
 
 def _changed_words(info: StepInfo, changed: list[int]) -> str:
     p = info.positions[0]
-    return (f"step {info.step} changed cache slot(s) {changed[:8]} written by earlier steps (it writes position"
-            f"{'s' if len(p) > 1 else ''} {p[0]}{f'..{p[-1]}' if len(p) > 1 else ''})")
+    return (
+        f"step {info.step} changed cache slot(s) {changed[:8]} written by earlier steps (it writes position"
+        f"{'s' if len(p) > 1 else ''} {p[0]}{f'..{p[-1]}' if len(p) > 1 else ''})"
+    )
 
 
 def written_slots(v: Value, info: StepInfo) -> torch.Tensor:
@@ -340,7 +407,7 @@ def written_slots(v: Value, info: StepInfo) -> torch.Tensor:
     if isinstance(v, CacheSlots):
         return v.values
     p = info.positions[0]
-    return v[:, :, p[0]:p[-1] + 1]
+    return v[:, :, p[0] : p[-1] + 1]
 
 
 def changed_slots(before: torch.Tensor, after: torch.Tensor) -> list[int]:

@@ -22,23 +22,64 @@ from qwen3dbg.kernels import build
 
 # As the scan's kernel: -fassociative-math vectorizes the sums (their order is fixed per build) and
 # changes no NaN handling.
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-signed-zeros", "-fno-trapping-math",
-          "-fassociative-math"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-fassociative-math",
+]
 
 _CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
 class _Args(ctypes.Structure):
-    _fields_ = [("p", ctypes.c_void_p * 3), ("dtype", ctypes.c_int * 3), ("masked_at", ctypes.c_double * 3),
-                ("scores", ctypes.c_int), ("keep", ctypes.c_void_p), ("limit", ctypes.c_double),
-                ("row", ctypes.c_int64), ("rows", ctypes.c_void_p * 4)]
+    _fields_ = [
+        ("p", ctypes.c_void_p * 3),
+        ("dtype", ctypes.c_int * 3),
+        ("masked_at", ctypes.c_double * 3),
+        ("scores", ctypes.c_int),
+        ("keep", ctypes.c_void_p),
+        ("limit", ctypes.c_double),
+        ("row", ctypes.c_int64),
+        ("rows", ctypes.c_void_p * 4),
+    ]
 
 
 class _Out(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in ("count", "nonfinite_ref", "nonfinite_cand", "nonfinite_gold",
-                                              "mask_diff", "over", "argmax", "argmin")] + \
-               [(n, ctypes.c_double) for n in ("ss_cand", "ss_ref", "ss_gold", "ss_diff", "dot", "max_cand",
-                                               "min_cand", "absmax_ref", "absmax_gold")] + [("head", ctypes.c_double * 4)]
+    _fields_ = (
+        [
+            (n, ctypes.c_int64)
+            for n in (
+                "count",
+                "nonfinite_ref",
+                "nonfinite_cand",
+                "nonfinite_gold",
+                "mask_diff",
+                "over",
+                "argmax",
+                "argmin",
+            )
+        ]
+        + [
+            (n, ctypes.c_double)
+            for n in (
+                "ss_cand",
+                "ss_ref",
+                "ss_gold",
+                "ss_diff",
+                "dot",
+                "max_cand",
+                "min_cand",
+                "absmax_ref",
+                "absmax_gold",
+            )
+        ]
+        + [("head", ctypes.c_double * 4)]
+    )
 
 
 _lib = None
@@ -50,8 +91,17 @@ def _kernel():
         lib = build("diff_compare", Path(__file__).with_name("fused.c"), _FLAGS, "the differ's comparison kernel")
         lib.compare.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.POINTER(_Out)]
         lib.compare.restype = ctypes.c_int
-        lib.logits_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.logits_rows.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.logits_rows.restype = None
         _lib = lib
     return _lib
@@ -77,8 +127,14 @@ class TapErrors:
     rows: torch.Tensor | None = None
 
 
-def tap_errors(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, scores: bool = False,
-               keep: torch.Tensor | None = None, row: int = 0) -> TapErrors:
+def tap_errors(
+    gold: torch.Tensor,
+    ref: torch.Tensor,
+    cand: torch.Tensor,
+    scores: bool = False,
+    keep: torch.Tensor | None = None,
+    row: int = 0,
+) -> TapErrors:
     """gold, ref, cand [...] of one shape, any float dtype; `scores`: masked attention entries (at or below
     finfo.min / 2, or -inf) are left out; keep: bool [...] or None; row: a length dividing numel, for `rows`."""
     if gold.numel() == 0:
@@ -88,15 +144,32 @@ def tap_errors(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, scores
     out = _run(gold, ref, cand, scores, keep, math.inf, rows)
     gnorm, cn, rn = math.sqrt(out.ss_gold), math.sqrt(out.ss_cand), math.sqrt(out.ss_ref)
     hi = out.max_cand >= -out.min_cand  # torch's argmax/argmin: the first index of the extreme
-    cand_stats = ErrorStats(out.max_cand if hi else -out.min_cand, ratio(cn, gnorm), out.argmax if hi else out.argmin, cn)
+    cand_stats = ErrorStats(
+        out.max_cand if hi else -out.min_cand, ratio(cn, gnorm), out.argmax if hi else out.argmin, cn
+    )
     nonfinite = {"ref": out.nonfinite_ref, "cand": out.nonfinite_cand, "gold": out.nonfinite_gold}
-    return TapErrors(out.count, nonfinite, out.mask_diff, cand_stats,
-                     ErrorStats(out.absmax_ref, ratio(rn, gnorm), 0, rn), gnorm, out.absmax_gold, out.dot,
-                     math.sqrt(out.ss_diff), rows)
+    return TapErrors(
+        out.count,
+        nonfinite,
+        out.mask_diff,
+        cand_stats,
+        ErrorStats(out.absmax_ref, ratio(rn, gnorm), 0, rn),
+        gnorm,
+        out.absmax_gold,
+        out.dot,
+        math.sqrt(out.ss_diff),
+        rows,
+    )
 
 
-def count_over(gold: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor, limit: float, scores: bool = False,
-               keep: torch.Tensor | None = None) -> int:
+def count_over(
+    gold: torch.Tensor,
+    ref: torch.Tensor,
+    cand: torch.Tensor,
+    limit: float,
+    scores: bool = False,
+    keep: torch.Tensor | None = None,
+) -> int:
     """Judged elements (as in `tap_errors`) whose candidate |err| exceeds `limit`: a second pass."""
     return _run(gold, ref, cand, scores, keep, limit).over
 
@@ -113,10 +186,16 @@ def _run(gold, ref, cand, scores, keep, limit, rows=None) -> _Out:
     sides = [t.contiguous() for t in sides]
     if keep is not None:
         keep = keep.expand(gold.shape).contiguous().view(torch.uint8)
-    a = _Args((ctypes.c_void_p * 3)(*(t.data_ptr() for t in sides)), (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in sides)),
-              (ctypes.c_double * 3)(*(torch.finfo(t.dtype).min / 2 for t in (gold, ref, cand))), int(scores),
-              keep.data_ptr() if keep is not None else None, limit, gold.numel() // rows.shape[1] if rows is not None else 0,
-              (ctypes.c_void_p * 4)(*_row_pointers(rows)))
+    a = _Args(
+        (ctypes.c_void_p * 3)(*(t.data_ptr() for t in sides)),
+        (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in sides)),
+        (ctypes.c_double * 3)(*(torch.finfo(t.dtype).min / 2 for t in (gold, ref, cand))),
+        int(scores),
+        keep.data_ptr() if keep is not None else None,
+        limit,
+        gold.numel() // rows.shape[1] if rows is not None else 0,
+        (ctypes.c_void_p * 4)(*_row_pointers(rows)),
+    )
     out = _Out()
     if _kernel().compare(ctypes.byref(a), gold.numel(), ctypes.byref(out)):
         raise MemoryError("the comparison kernel could not allocate its partials")
@@ -148,8 +227,17 @@ def logits_rows(gold: torch.Tensor, *sides: torch.Tensor, k: int = 1) -> LogitsR
     n, v = gold.shape
     top = torch.empty(len(ts), n, k, dtype=torch.int64)
     kl, ok = torch.empty(len(sides), n, dtype=torch.float64), torch.empty(len(sides), n, dtype=torch.bool)
-    _kernel().logits_rows((ctypes.c_void_p * 3)(*(t.data_ptr() for t in ts)), (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in ts)),
-                          len(sides), n, v, k, top.data_ptr(), kl.data_ptr(), ok.data_ptr())
+    _kernel().logits_rows(
+        (ctypes.c_void_p * 3)(*(t.data_ptr() for t in ts)),
+        (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in ts)),
+        len(sides),
+        n,
+        v,
+        k,
+        top.data_ptr(),
+        kl.data_ptr(),
+        ok.data_ptr(),
+    )
     return LogitsRows(top, kl, ok)
 
 
@@ -166,8 +254,16 @@ def logits_counts(gold: torch.Tensor, *sides: torch.Tensor, k: int = 5) -> list[
         st = rows.top[s + 1]
         overlap = float((st[:, :, None] == gt[:, None, :]).any(-1).double().sum()) / k
         ok = rows.ok[s]
-        out.append({"tokens": gt.shape[0], "top1": int((st[:, 0] == gt[:, 0]).sum()), "topk": overlap, "k": k,
-                    "kl": float(rows.kl[s][ok].sum()), "finite": int(ok.sum())})
+        out.append(
+            {
+                "tokens": gt.shape[0],
+                "top1": int((st[:, 0] == gt[:, 0]).sum()),
+                "topk": overlap,
+                "k": k,
+                "kl": float(rows.kl[s][ok].sum()),
+                "finite": int(ok.sum()),
+            }
+        )
     return out
 
 

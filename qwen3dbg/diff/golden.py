@@ -78,4 +78,3 @@ class LongGolden(Qwen3Reference):
 def last_logits(logits: RowBlocks) -> torch.Tensor:
     """The last token's logits [B,V] (a greedy pick needs nothing else)."""
     return logits.take(logits.rows - 1, logits.rows)[:, -1]
-

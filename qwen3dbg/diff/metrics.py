@@ -32,8 +32,18 @@ def cosine(dot: float, gold_norm: float, err_norm: float) -> float:
 
 
 #: how an axis of the schema reads in a coordinate
-_COORD = {"T": "token", "S": "key", "nH": "head", "nKV": "head", "D": "channel", "H": "channel",
-          "I": "channel", "E": "expert", "k": "slot", "V": "vocab"}
+_COORD = {
+    "T": "token",
+    "S": "key",
+    "nH": "head",
+    "nKV": "head",
+    "D": "channel",
+    "H": "channel",
+    "I": "channel",
+    "E": "expert",
+    "k": "slot",
+    "V": "vocab",
+}
 
 
 def worst_coordinate(flat_index: int, shape: tuple[int, ...], axes: tuple[str, ...], step: int, head_dim: int) -> dict:
@@ -58,8 +68,11 @@ def agreement(counts: list[dict]) -> dict:
     """Folded `fused.logits_counts` -> top-1 agreement, mean top-k overlap and mean KL over the finite tokens."""
     n, finite = sum(c["tokens"] for c in counts), sum(c["finite"] for c in counts)
     k = counts[0]["k"]
-    return {"top1_agreement": sum(c["top1"] for c in counts) / n, f"top{k}_overlap": sum(c["topk"] for c in counts) / n,
-            "kl": sum(c["kl"] for c in counts) / finite if finite else float("nan")}
+    return {
+        "top1_agreement": sum(c["top1"] for c in counts) / n,
+        f"top{k}_overlap": sum(c["topk"] for c in counts) / n,
+        "kl": sum(c["kl"] for c in counts) / finite if finite else float("nan"),
+    }
 
 
 def router_margin(logits: torch.Tensor, k: int) -> torch.Tensor:

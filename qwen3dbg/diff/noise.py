@@ -42,13 +42,14 @@ class Tolerance:
         return max(rel_l2 / self.rel, max_abs / self.abs_)
 
 
-def tolerance(dtype: torch.dtype, ref_rel_l2: float, ref_max_abs: float, gold_max_abs: float,
-              count: int) -> Tolerance:
+def tolerance(dtype: torch.dtype, ref_rel_l2: float, ref_max_abs: float, gold_max_abs: float, count: int) -> Tolerance:
     """The tolerance of a tap from the reference's error to fp64 in `dtype` (rel. L2 and max |err|) over
     `count` compared elements and the golden's largest magnitude: a factor over the reference's error,
     widened for small samples, never below the floors."""
     eps = torch.finfo(dtype).eps
     floor_abs = ABS_FLOOR_ULPS * eps * max(gold_max_abs, torch.finfo(dtype).tiny)
     small = (1 + SMALL_SAMPLE_N0 / max(count, 1)) ** 0.5
-    return Tolerance(rel=max(NORM_FACTOR * small * ref_rel_l2, REL_FLOOR_ULPS * eps),
-                     abs_=max(ELEMENT_FACTOR * ref_max_abs, floor_abs))
+    return Tolerance(
+        rel=max(NORM_FACTOR * small * ref_rel_l2, REL_FLOOR_ULPS * eps),
+        abs_=max(ELEMENT_FACTOR * ref_max_abs, floor_abs),
+    )

@@ -128,8 +128,18 @@ class DiffResult:
         top-1 agreement and KL; where a long decode leaves the noise floor and how its error grows after."""
         rows: dict[int, dict] = {}
         for t in self.taps:
-            row = rows.setdefault(t.step, {"step": t.step, "worst_excess": 0.0, "worst_tap": None, "divergent": 0,
-                                           "compared": 0, "top1_agreement": None, "kl": None})
+            row = rows.setdefault(
+                t.step,
+                {
+                    "step": t.step,
+                    "worst_excess": 0.0,
+                    "worst_tap": None,
+                    "divergent": 0,
+                    "compared": 0,
+                    "top1_agreement": None,
+                    "kl": None,
+                },
+            )
             if t.status == "not_compared":
                 continue
             row["compared"] += 1
@@ -149,16 +159,22 @@ class DiffResult:
         out = next((r for r in self.step_summary if r["divergent"]), None)
         last = decode[-1]
         if out is not None and out["step"] == 0:
-            return (f"the prefill already diverges, so the decode steps start from it: by the last step "
-                    f"{last['step']}, {last['divergent']} of {last['compared']} taps over, worst "
-                    f"{last['worst_excess']:.3g}x")
+            return (
+                f"the prefill already diverges, so the decode steps start from it: by the last step "
+                f"{last['step']}, {last['divergent']} of {last['compared']} taps over, worst "
+                f"{last['worst_excess']:.3g}x"
+            )
         if out is None:
             worst = max(decode, key=lambda r: r["worst_excess"])
-            return (f"all {len(decode)} decode steps within the noise floor (closest: step {worst['step']}, "
-                    f"{worst['worst_tap']} at {worst['worst_excess']:.2g}x the tolerance)")
-        return (f"within the noise floor through step {out['step'] - 1}; from step {out['step']} on the candidate "
-                f"leaves it ({out['worst_tap']} at {out['worst_excess']:.3g}x), by the last step {last['step']}: "
-                f"{last['divergent']} of {last['compared']} taps over, worst {last['worst_excess']:.3g}x")
+            return (
+                f"all {len(decode)} decode steps within the noise floor (closest: step {worst['step']}, "
+                f"{worst['worst_tap']} at {worst['worst_excess']:.2g}x the tolerance)"
+            )
+        return (
+            f"within the noise floor through step {out['step'] - 1}; from step {out['step']} on the candidate "
+            f"leaves it ({out['worst_tap']} at {out['worst_excess']:.3g}x), by the last step {last['step']}: "
+            f"{last['divergent']} of {last['compared']} taps over, worst {last['worst_excess']:.3g}x"
+        )
 
     @property
     def exit_code(self) -> int:
@@ -175,11 +191,15 @@ class DiffResult:
     def verdict(self) -> str:
         d, gold = self.first_divergence, self.golden_nonfinite
         if d is None and not self.compared:
-            return ("not judged: no tap was compared, every one lacks on some side (see the taps' reasons); "
-                    "a store must hold the taps it does not declare in missing_taps")
+            return (
+                "not judged: no tap was compared, every one lacks on some side (see the taps' reasons); "
+                "a store must hold the taps it does not declare in missing_taps"
+            )
         if d is None and gold:
-            return (f"not judged: the fp64 golden itself holds NaN/inf from step {gold['step']}, {gold['tap']} on, "
-                    "so the weights or the inputs are not finite (qwen3dbg scan-checkpoint names the tensors)")
+            return (
+                f"not judged: the fp64 golden itself holds NaN/inf from step {gold['step']}, {gold['tap']} on, "
+                "so the weights or the inputs are not finite (qwen3dbg scan-checkpoint names the tensors)"
+            )
         if d is None:
             n = sum(t.status == "ok" for t in self.taps)
             return f"no divergence: {n} taps within the {self.dtype} noise floor"
@@ -206,40 +226,73 @@ class DiffResult:
     def summary(self) -> list[tuple[str, str]]:
         """The one-screen summary as (label, sentence) pairs in reading order; every view renders these."""
         ref, cand = self.side("ref"), self.side("cand")
-        lines = [("verdict", self.verdict),
-                 ("sides", f"Candidate {cand.spec} against reference {ref.spec} in {self.dtype}, on "
-                           f"{plural(self.steps[0]['tokens'], 'prompt token')} and "
-                           f"{plural(len(self.steps) - 1, 'decode step')}. Each side's error is measured against "
-                           "the readable reference (scratch) run in float64.")]
+        lines = [
+            ("verdict", self.verdict),
+            (
+                "sides",
+                f"Candidate {cand.spec} against reference {ref.spec} in {self.dtype}, on "
+                f"{plural(self.steps[0]['tokens'], 'prompt token')} and "
+                f"{plural(len(self.steps) - 1, 'decode step')}. Each side's error is measured against "
+                "the readable reference (scratch) run in float64.",
+            ),
+        ]
         lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
         if len(self.steps) == 1:
-            how = ("capture the store with --decode-steps 4" if any(s.spec.startswith("store:") for s in self.sides)
-                   else "--decode-steps 4 checks them")
-            lines.append(("note", f"prefill only: the KV cache and the decode path ran no step; {how} (a cache off "
-                                  "by one shows only there)"))
+            how = (
+                "capture the store with --decode-steps 4"
+                if any(s.spec.startswith("store:") for s in self.sides)
+                else "--decode-steps 4 checks them"
+            )
+            lines.append(
+                (
+                    "note",
+                    f"prefill only: the KV cache and the decode path ran no step; {how} (a cache off "
+                    "by one shows only there)",
+                )
+            )
         suspect = self.suspect_reference
         if suspect is not None:
-            lines.append(("reference", f"the reference itself is {ref_error(suspect):.2g} rel. L2 from fp64 at step "
-                                       f"{suspect.step}, {suspect.name}: tolerances follow its error, so it may hide "
-                                       f"the candidate's bugs; {self.reference_check()}"))
+            lines.append(
+                (
+                    "reference",
+                    f"the reference itself is {ref_error(suspect):.2g} rel. L2 from fp64 at step "
+                    f"{suspect.step}, {suspect.name}: tolerances follow its error, so it may hide "
+                    f"the candidate's bugs; {self.reference_check()}",
+                )
+            )
         gold = self.golden_nonfinite
         if gold:
-            lines.append(("golden NaN/inf", f"step {gold['step']}, {gold['tap']} ({gold['count']} values): "
-                                            "neither side is judged where the golden is not finite"))
+            lines.append(
+                (
+                    "golden NaN/inf",
+                    f"step {gold['step']}, {gold['tap']} ({gold['count']} values): "
+                    "neither side is judged where the golden is not finite",
+                )
+            )
         d = self.first_divergence
         if d is not None:
             worst = ", ".join(f"{k} {v}" for k, v in (d.worst or {}).items() if k not in ("step", "batch")) or "-"
-            lines.append(("first divergence", f"step {d.step}, {d.tap}: rel. L2 {d.rel_l2:.3g}, max |err| "
-                                              f"{d.max_abs:.3g}, worst at {worst}"))
+            lines.append(
+                (
+                    "first divergence",
+                    f"step {d.step}, {d.tap}: rel. L2 {d.rel_l2:.3g}, max |err| {d.max_abs:.3g}, worst at {worst}",
+                )
+            )
             if d.origin:
                 lines.append(("origin", d.origin["message"]))
             nf = self.first_nonfinite
             if nf:
                 lines.append(("first NaN/inf", f"step {nf['step']}, {nf['tap']} ({nf['count']} values)"))
-            lines += [("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)]
+            lines += [
+                ("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)
+            ]
             if not self.diagnosis:
-                lines.append(("diagnosis", "nothing explains it: no hypothesis reproduces the candidate's tensor "
-                                           "within the noise floor"))
+                lines.append(
+                    (
+                        "diagnosis",
+                        "nothing explains it: no hypothesis reproduces the candidate's tensor within the noise floor",
+                    )
+                )
         story = self.decode_story()
         if story is not None and len(self.steps) > 2:
             lines.append(("decode steps", story))
@@ -248,8 +301,13 @@ class DiffResult:
         if self.systematic is not None:
             lines.append(("systematic", f"step {self.systematic.step}: {self.systematic.message}"))
         if self.routing_ties:
-            lines.append(("routing ties", f"{plural(len(self.routing_ties), 'token')} chose other experts within the "
-                                          "router noise; their later taps are left out"))
+            lines.append(
+                (
+                    "routing ties",
+                    f"{plural(len(self.routing_ties), 'token')} chose other experts within the "
+                    "router noise; their later taps are left out",
+                )
+            )
         missing = sorted({t.op for t in self.not_compared})
         if missing:
             lines.append(("not compared", f"a side lacks {', '.join(missing)}"))
@@ -273,8 +331,9 @@ class DiffResult:
         if ref.split(":")[0] == "scratch":
             return f"scratch is the golden's own code, so check the model: qwen3dbg scan-checkpoint {model}"
         ids = "" if ref.startswith("store:") else f" --token-ids {','.join(map(str, self.steps[0]['token_ids']))}"
-        return (f"check it: qwen3dbg diff --ref scratch --cand {shlex.quote(ref)} --model {model} "
-                f"--dtype {self.dtype}{ids}")
+        return (
+            f"check it: qwen3dbg diff --ref scratch --cand {shlex.quote(ref)} --model {model} --dtype {self.dtype}{ids}"
+        )
 
     def side(self, role: str) -> SideInfo:
         return next(s for s in self.sides if s.role == role)
@@ -283,18 +342,35 @@ class DiffResult:
         """Everything, JSON-safe (NaN and inf become null); CI jobs read first_divergence and diagnosis."""
         ref = self.suspect_reference
         d = {
-            "format": FORMAT, "verdict": self.verdict, "exit_code": self.exit_code,
+            "format": FORMAT,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
             "first_divergence": asdict(self.first_divergence) if self.first_divergence else None,
-            "diagnosis": [{"signature": x.signature, "message": x.message, "evidence": x.evidence}
-                          for x in self.diagnosis],
-            "first_nonfinite": self.first_nonfinite, "golden_nonfinite": self.golden_nonfinite,
-            "suspect_reference": {"step": ref.step, "tap": ref.name, "ref_rel_l2": ref_error(ref),
-                                  "check": self.reference_check()} if ref else None,
+            "diagnosis": [
+                {"signature": x.signature, "message": x.message, "evidence": x.evidence} for x in self.diagnosis
+            ],
+            "first_nonfinite": self.first_nonfinite,
+            "golden_nonfinite": self.golden_nonfinite,
+            "suspect_reference": {
+                "step": ref.step,
+                "tap": ref.name,
+                "ref_rel_l2": ref_error(ref),
+                "check": self.reference_check(),
+            }
+            if ref
+            else None,
             "in_noise": asdict(self.in_noise) if self.in_noise else None,
             "systematic": asdict(self.systematic) if self.systematic else None,
-            "routing_ties": self.routing_ties, "model": self.model, "dtype": self.dtype,
-            "sides": [asdict(s) for s in self.sides], "rule": self.rule, "config": self.config,
-            "steps": self.steps, "timings": self.timings, "spilled": self.spilled, "step_summary": self.step_summary,
+            "routing_ties": self.routing_ties,
+            "model": self.model,
+            "dtype": self.dtype,
+            "sides": [asdict(s) for s in self.sides],
+            "rule": self.rule,
+            "config": self.config,
+            "steps": self.steps,
+            "timings": self.timings,
+            "spilled": self.spilled,
+            "step_summary": self.step_summary,
             "taps": [asdict(t) for t in self.taps if t.step in self.detailed_steps],
         }
         return json_safe(d)

@@ -31,14 +31,16 @@ def parse_side(text: str, role: str, config: Qwen3Config | None = None) -> SideS
 
     text = text.strip()
     if text.startswith(STORE_PREFIX):
-        path = Path(text[len(STORE_PREFIX):])
+        path = Path(text[len(STORE_PREFIX) :])
         if not path.is_dir():
             raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
         problems = validate_store(path, config)
         if problems:
-            raise UserError(f"--{role} {text} is not a valid tap store, {problems[0]}"
-                            f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
-                            f"see `qwen3dbg validate-store {path}`")
+            raise UserError(
+                f"--{role} {text} is not a valid tap store, {problems[0]}"
+                f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
+                f"see `qwen3dbg validate-store {path}`"
+            )
         return SideSpec(text, store=TapStore.open(path))
     name, _, opts = text.partition(":")
     if name not in IMPLEMENTATIONS:
@@ -75,15 +77,18 @@ def store_steps(specs: list[SideSpec], given: list[StepInfo] | None) -> list[Ste
     steps = stores[0].store.steps
     for s in stores:
         if _ids(s.store.steps) != _ids(steps):
-            raise UserError(f"{s.text} and {stores[0].text} were captured on different token ids: capture both on the same ids")
+            raise UserError(
+                f"{s.text} and {stores[0].text} were captured on different token ids: capture both on the same ids"
+            )
         if len(s.store.steps[0].token_ids) != 1:
             raise UserError(f"{s.text} holds a batch of {len(s.store.steps[0].token_ids)}: the differ compares batch 1")
     if given is not None and _ids(given) != _ids(steps):
-        raise UserError(f"{stores[0].text} was captured on other token ids than the ones given: "
-                        "leave out --token-ids/--decode-ids, the store's own ids are used")
+        raise UserError(
+            f"{stores[0].text} was captured on other token ids than the ones given: "
+            "leave out --token-ids/--decode-ids, the store's own ids are used"
+        )
     return steps
 
 
 def _ids(steps: list[StepInfo]):
     return [(s.token_ids, s.positions) for s in steps]
-

@@ -167,8 +167,14 @@ class Side(Protocol):
 class ThreadSide:
     """A side whose taps come from `produce(sink)` running in a thread of its own."""
 
-    def __init__(self, label: str, produce: Callable[[QueueSink], None], wanted: Callable[[str], bool],
-                 fresh: bool, schedule: Schedule):
+    def __init__(
+        self,
+        label: str,
+        produce: Callable[[QueueSink], None],
+        wanted: Callable[[str], bool],
+        fresh: bool,
+        schedule: Schedule,
+    ):
         self.label = label
         self._q = TapQueue()
         self._early: dict[tuple[int, str], object] = {}
@@ -248,7 +254,11 @@ class StoreSide:
         t, info, op = self.store.get(step, name), self.store.steps[step], parse_tap_name(name)[1]
         if op in CACHE_OPS and info.cache_positions is not None and info.cache_positions != list(range(t.shape[2])):
             return CacheSlots(t, info.cache_positions)
-        if op in ATTENTION_OPS and info.attention_positions is not None and info.attention_positions != info.positions[0]:
+        if (
+            op in ATTENTION_OPS
+            and info.attention_positions is not None
+            and info.attention_positions != info.positions[0]
+        ):
             return QueryRows(t, info.attention_positions)
         return t
 
@@ -397,11 +407,11 @@ def _replay_decode(golden, cfg: Qwen3Config, info: StepInfo, P: int, kept: dict,
             continue
         if op in CACHE_OPS:
             full = kept[name]
-            sink(name, CacheSlots(full[:, :, p:p + 1], [p], full[:, :, :p + 1]))
+            sink(name, CacheSlots(full[:, :, p : p + 1], [p], full[:, :, : p + 1]))
         elif op in ("attn_scores", "attn_probs"):
             layer = spec.layer
-            q = kept[f"layers.{layer}.q_rope"][:, j:j + 1].transpose(1, 2).double()
-            k = kept[f"layers.{layer}.k_cache"][:, :, :p + 1].double()
+            q = kept[f"layers.{layer}.q_rope"][:, j : j + 1].transpose(1, 2).double()
+            k = kept[f"layers.{layer}.k_cache"][:, :, : p + 1].double()
             scores = golden.scores(q, k, causal_mask(torch.tensor([[p]]), p + 1))
             sink(name, scores if op == "attn_scores" else golden.probs(scores))
         else:

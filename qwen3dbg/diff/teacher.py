@@ -24,11 +24,19 @@ def estimate(div: Divergence, by_name: dict[str, TapResult], cfg: Qwen3Config) -
     worst_in = max((t.excess for t in ins), default=0.0)
     introduced = worst_in <= 1 < div.excess
     names = ", ".join(t.name for t in ins) or "none"
-    how = (f"{div.op} introduced the error: its output is {div.excess:.3g}x over the noise floor while its inputs "
-           f"({names}) are at most {worst_in:.2g}x" if introduced else
-           f"inherited: the inputs of {div.op} ({names}) are already {worst_in:.2g}x over the noise floor")
-    return {"introduced": introduced, "method": "error jump", "input_excess": worst_in, "output_excess": div.excess,
-            "message": f"{how} (estimated from the error jump: a store cannot rerun one layer)"}
+    how = (
+        f"{div.op} introduced the error: its output is {div.excess:.3g}x over the noise floor while its inputs "
+        f"({names}) are at most {worst_in:.2g}x"
+        if introduced
+        else f"inherited: the inputs of {div.op} ({names}) are already {worst_in:.2g}x over the noise floor"
+    )
+    return {
+        "introduced": introduced,
+        "method": "error jump",
+        "input_excess": worst_in,
+        "output_excess": div.excess,
+        "message": f"{how} (estimated from the error jump: a store cannot rerun one layer)",
+    }
 
 
 def teacher_force(cand: Candidate, src, div: Divergence, res: TapResult, info: StepInfo) -> dict | None:
@@ -43,7 +51,7 @@ def teacher_force(cand: Candidate, src, div: Divergence, res: TapResult, info: S
         caches = [src.ref(s, tap_name(op, layer)) for op in ("k_cache", "v_cache")]
         if any(c is None for c in caches):
             return None
-        past = tuple(c[:, :, :c.shape[2] - info.tokens].to(cand.dtype) for c in caches)
+        past = tuple(c[:, :, : c.shape[2] - info.tokens].to(cand.dtype) for c in caches)
     if hidden is None or r is None or g is None:
         return None
     sink = DictSink(only={div.tap})
@@ -56,11 +64,24 @@ def teacher_force(cand: Candidate, src, div: Divergence, res: TapResult, info: S
     mask_diff = int((masked(forced) != masked(r)).sum())
     alone = float("inf") if mask_diff else rel(forced, r, scale=g, where=ok)
     introduced = alone > res.tol_rel
-    what = (f"its attention mask differs at {mask_diff} entries" if mask_diff else
-            f"{div.op} is {alone:.3g} rel. L2 off, against a tolerance of {res.tol_rel:.3g}")
-    message = (f"layer {layer} introduced the error: run on the reference's own input, the candidate's layer "
-               f"{layer} alone already goes wrong; {what}" if introduced else
-               f"inherited from before layer {layer}: run on the reference's own input, the candidate's layer "
-               f"{layer} stays within the noise; {what}. The error comes in with the layer's input")
-    return {"introduced": introduced, "method": "teacher forcing", "alone_rel_l2": alone, "full_rel_l2": res.rel_l2,
-            "tol_rel": res.tol_rel, "mask_entries": mask_diff, "message": message}
+    what = (
+        f"its attention mask differs at {mask_diff} entries"
+        if mask_diff
+        else f"{div.op} is {alone:.3g} rel. L2 off, against a tolerance of {res.tol_rel:.3g}"
+    )
+    message = (
+        f"layer {layer} introduced the error: run on the reference's own input, the candidate's layer "
+        f"{layer} alone already goes wrong; {what}"
+        if introduced
+        else f"inherited from before layer {layer}: run on the reference's own input, the candidate's layer "
+        f"{layer} stays within the noise; {what}. The error comes in with the layer's input"
+    )
+    return {
+        "introduced": introduced,
+        "method": "teacher forcing",
+        "alone_rel_l2": alone,
+        "full_rel_l2": res.rel_l2,
+        "tol_rel": res.tol_rel,
+        "mask_entries": mask_diff,
+        "message": message,
+    }

@@ -76,6 +76,7 @@ class Window:
 
     def _kept(self, entries: dict) -> dict:
         """The golden's taps in `keep_dtype`: converted only for what outlives the stream, not tap by tap."""
+
         def kept(role: str, v):
             if role == "gold" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.keep_dtype:
                 return v.to(self.keep_dtype)

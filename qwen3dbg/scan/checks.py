@@ -24,8 +24,12 @@ class Thresholds:
         return asdict(self)
 
 
-_NORMS = {"self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
-          "input_layernorm.weight": "input_layernorm", "post_attention_layernorm.weight": "post_attention_layernorm"}
+_NORMS = {
+    "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm",
+    "input_layernorm.weight": "input_layernorm",
+    "post_attention_layernorm.weight": "post_attention_layernorm",
+}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _GHOST = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias")
 
@@ -42,39 +46,73 @@ def is_ghost_bias(hf: str, cfg: Qwen3Config) -> bool:
     return not cfg.attention_bias and bool(_GHOST.fullmatch(hf))
 
 
-def against_config(cfg: Qwen3Config, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
-                   hf_of: dict[str, list[str]]) -> list[CheckpointFinding]:
+def against_config(
+    cfg: Qwen3Config,
+    shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    hf_of: dict[str, list[str]],
+) -> list[CheckpointFinding]:
     """Missing, unexpected and misshapen tensors. `shapes`/`expected` use the file's own names; `hf_of`
     maps them to the HF names they hold (GGUF stacks experts). Ghost biases are left to `values`, where
     they get their statistics; layer and expert counts to `layout.count_problems`."""
     out = []
     for name, shape in expected.items():
         if name not in shapes:
-            out.append(CheckpointFinding("error", "missing", f"{name} {list(shape)} is missing",
-                               "the config needs it: loading fails or the weight is left uninitialized", name))
+            out.append(
+                CheckpointFinding(
+                    "error",
+                    "missing",
+                    f"{name} {list(shape)} is missing",
+                    "the config needs it: loading fails or the weight is left uninitialized",
+                    name,
+                )
+            )
         elif tuple(shapes[name]) != tuple(shape):
-            out.append(CheckpointFinding("error", "shape", f"{name} has shape {list(shapes[name])}, the config implies {list(shape)}",
-                               "a loader either fails or reads the values in the wrong layout", name,
-                               {"shape": list(shapes[name]), "expected": list(shape)}))
+            out.append(
+                CheckpointFinding(
+                    "error",
+                    "shape",
+                    f"{name} has shape {list(shapes[name])}, the config implies {list(shape)}",
+                    "a loader either fails or reads the values in the wrong layout",
+                    name,
+                    {"shape": list(shapes[name]), "expected": list(shape)},
+                )
+            )
     for name in shapes:
         hf = (hf_of.get(name) or [""])[0]
         if name in expected or is_ghost_bias(hf, cfg):
             continue
         if hf == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # judged by `tied_head`
-        out.append(CheckpointFinding("warning", "unexpected", f"{name} is not part of a {cfg.model_type} checkpoint of this config",
-                           "the config has no place for it: a strict loader fails, others drop it", name))
+        out.append(
+            CheckpointFinding(
+                "warning",
+                "unexpected",
+                f"{name} is not part of a {cfg.model_type} checkpoint of this config",
+                "the config has no place for it: a strict loader fails, others drop it",
+                name,
+            )
+        )
     return out
 
 
 def tied_head(same_as_embedding: bool) -> CheckpointFinding:
     """`lm_head.weight` stored although tie_word_embeddings is true."""
     if same_as_embedding:
-        return CheckpointFinding("info", "tied", "lm_head.weight is stored although tie_word_embeddings is true; it equals "
-                       "model.embed_tokens.weight", "harmless: loaders tie it to the embedding", "lm_head.weight")
-    return CheckpointFinding("warning", "tied", "lm_head.weight differs from model.embed_tokens.weight although "
-                   "tie_word_embeddings is true", "transformers ignores it and uses the embedding; an implementation "
-                   "that loads it computes other logits", "lm_head.weight")
+        return CheckpointFinding(
+            "info",
+            "tied",
+            "lm_head.weight is stored although tie_word_embeddings is true; it equals model.embed_tokens.weight",
+            "harmless: loaders tie it to the embedding",
+            "lm_head.weight",
+        )
+    return CheckpointFinding(
+        "warning",
+        "tied",
+        "lm_head.weight differs from model.embed_tokens.weight although tie_word_embeddings is true",
+        "transformers ignores it and uses the embedding; an implementation that loads it computes other logits",
+        "lm_head.weight",
+    )
 
 
 def dtypes(entries: list[Entry], cfg: Qwen3Config | None, gguf: bool) -> list[CheckpointFinding]:
@@ -82,18 +120,46 @@ def dtypes(entries: list[Entry], cfg: Qwen3Config | None, gguf: bool) -> list[Ch
     listing = ", ".join(f"{n} {d}" for d, n in counts.most_common())
     out = []
     if ints := [e for e in entries if e.dtype in INTEGER_DTYPES]:
-        out.append(CheckpointFinding("error", "dtype", f"{len(ints)} tensor(s) hold integers, {ints[0].name} ({ints[0].dtype}) "
-                           "first", "weights must be floating point: a loader converts the integers and runs a model "
-                           "no one trained", ints[0].name, {"integer_tensors": len(ints)}))
+        out.append(
+            CheckpointFinding(
+                "error",
+                "dtype",
+                f"{len(ints)} tensor(s) hold integers, {ints[0].name} ({ints[0].dtype}) first",
+                "weights must be floating point: a loader converts the integers and runs a model no one trained",
+                ints[0].name,
+                {"integer_tensors": len(ints)},
+            )
+        )
     if gguf:
-        out.append(CheckpointFinding("info", "dtype", f"tensor types: {listing}", "norms and the router stay F32 in llama.cpp's "
-                           "converter, so a mixture is normal in GGUF", numbers=dict(counts)))
+        out.append(
+            CheckpointFinding(
+                "info",
+                "dtype",
+                f"tensor types: {listing}",
+                "norms and the router stay F32 in llama.cpp's converter, so a mixture is normal in GGUF",
+                numbers=dict(counts),
+            )
+        )
     elif len(counts) > 1:
-        out.append(CheckpointFinding("warning", "dtype", f"mixed dtypes: {listing}",
-                           "an implementation that assumes one dtype reads some tensors wrong", numbers=dict(counts)))
+        out.append(
+            CheckpointFinding(
+                "warning",
+                "dtype",
+                f"mixed dtypes: {listing}",
+                "an implementation that assumes one dtype reads some tensors wrong",
+                numbers=dict(counts),
+            )
+        )
     elif cfg is not None and counts and next(iter(counts)) != cfg.torch_dtype:
-        out.append(CheckpointFinding("info", "dtype", f"all tensors are {next(iter(counts))}, config.json says {cfg.torch_dtype}",
-                           "loaders that trust the config convert on load", numbers=dict(counts)))
+        out.append(
+            CheckpointFinding(
+                "info",
+                "dtype",
+                f"all tensors are {next(iter(counts))}, config.json says {cfg.torch_dtype}",
+                "loaders that trust the config convert on load",
+                numbers=dict(counts),
+            )
+        )
     return out
 
 
@@ -102,30 +168,76 @@ def values(name: str, hf: str, s: Stats, cfg: Qwen3Config | None, th: Thresholds
     out = []
     nums = {k: v for k, v in s.to_dict().items() if k != "numel"}
     if cfg is not None and is_ghost_bias(hf, cfg):
-        out.append(CheckpointFinding("warning", "ghost-bias", f"{name} exists although attention_bias is false "
-                           f"(absmax {s.absmax:.4g}, mean {s.mean:.4g}, std {s.std:.4g})",
-                           "a correct implementation ignores it; one that adds it reads values the model never "
-                           "trained with", name, nums))
+        out.append(
+            CheckpointFinding(
+                "warning",
+                "ghost-bias",
+                f"{name} exists although attention_bias is false "
+                f"(absmax {s.absmax:.4g}, mean {s.mean:.4g}, std {s.std:.4g})",
+                "a correct implementation ignores it; one that adds it reads values the model never trained with",
+                name,
+                nums,
+            )
+        )
     if s.nonfinite:
-        out.append(CheckpointFinding("error", "nonfinite", f"{name} holds {s.n_nan} NaN, {s.n_posinf} +inf, {s.n_neginf} -inf",
-                           "one non-finite weight turns every activation it touches into NaN", name, nums))
+        out.append(
+            CheckpointFinding(
+                "error",
+                "nonfinite",
+                f"{name} holds {s.n_nan} NaN, {s.n_posinf} +inf, {s.n_neginf} -inf",
+                "one non-finite weight turns every activation it touches into NaN",
+                name,
+                nums,
+            )
+        )
     if s.absmax >= th.huge:
-        out.append(CheckpointFinding("error", "huge", f"{name} has |values| up to {s.absmax:.4g} (threshold {th.huge:g})",
-                           "no trained weight is this large; corrupted or uninitialized buffers are", name, nums))
+        out.append(
+            CheckpointFinding(
+                "error",
+                "huge",
+                f"{name} has |values| up to {s.absmax:.4g} (threshold {th.huge:g})",
+                "no trained weight is this large; corrupted or uninitialized buffers are",
+                name,
+                nums,
+            )
+        )
     if s.numel and s.n_zero == s.numel:
-        out.append(CheckpointFinding("error", "zero", f"{name} is all zeros", "a trained weight never is: the bytes were "
-                           "probably never written", name, nums))
+        out.append(
+            CheckpointFinding(
+                "error",
+                "zero",
+                f"{name} is all zeros",
+                "a trained weight never is: the bytes were probably never written",
+                name,
+                nums,
+            )
+        )
     elif s.numel > 1 and not s.nonfinite and s.min == s.max:
-        out.append(CheckpointFinding("warning", "constant", f"{name} is constant ({s.min:g})",
-                           "a trained weight rarely is: it looks like an initializer's value", name, nums))
+        out.append(
+            CheckpointFinding(
+                "warning",
+                "constant",
+                f"{name} is constant ({s.min:g})",
+                "a trained weight rarely is: it looks like an initializer's value",
+                name,
+                nums,
+            )
+        )
     return out
 
 
 def norm_danger(peaks: list[NormPeak], th: Thresholds) -> list[CheckpointFinding]:
-    return [CheckpointFinding("warning", "norm-danger",
-                    f"{p.kind} weight {p.absmax:.4g} in {'the final norm' if p.layer is None else f'layer {p.layer}'}: "
-                    f"a rounding error entering this norm leaves it about {p.absmax:.0f}x larger",
-                    f"above {th.norm:g}: bf16/fp16 differences between implementations are amplified here, so "
-                    "compare this layer with a looser tolerance or in fp32", p.tensor,
-                    {"absmax": p.absmax, "layer": p.layer, "threshold": th.norm})
-            for p in peaks if p.absmax > th.norm]
+    return [
+        CheckpointFinding(
+            "warning",
+            "norm-danger",
+            f"{p.kind} weight {p.absmax:.4g} in {'the final norm' if p.layer is None else f'layer {p.layer}'}: "
+            f"a rounding error entering this norm leaves it about {p.absmax:.0f}x larger",
+            f"above {th.norm:g}: bf16/fp16 differences between implementations are amplified here, so "
+            "compare this layer with a looser tolerance or in fp32",
+            p.tensor,
+            {"absmax": p.absmax, "layer": p.layer, "threshold": th.norm},
+        )
+        for p in peaks
+        if p.absmax > th.norm
+    ]

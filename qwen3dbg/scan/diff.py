@@ -19,8 +19,15 @@ from qwen3dbg.scan.source import CheckpointSource, open_source
 
 # Largest error of storing a value in a format, relative to the tensor's absmax: half an ulp for floats,
 # for block formats half a step of the block scale (amax/127 for Q8_0) plus the f16 rounding of that scale.
-_REL = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11,
-        "Q8_0": 1 / 254 + 2.0**-11, "Q5_0": 1 / 30 + 2.0**-11, "Q4_0": 1 / 14 + 2.0**-11}  # keys: scan names (FLOAT_NAMES)
+_REL = {
+    "float64": 2.0**-53,
+    "float32": 2.0**-24,
+    "bfloat16": 2.0**-8,
+    "float16": 2.0**-11,
+    "Q8_0": 1 / 254 + 2.0**-11,
+    "Q5_0": 1 / 30 + 2.0**-11,
+    "Q4_0": 1 / 14 + 2.0**-11,
+}  # keys: scan names (FLOAT_NAMES)
 _F16_SUBNORMAL = 2.0**-25  # absolute: half the spacing of f16's subnormals
 _EXACT_IN = {"bfloat16": {"float32", "float64"}, "float16": {"float32", "float64"}, "float32": {"float64"}}
 
@@ -54,8 +61,12 @@ def rope_heads(name: str, cfg: Qwen3Config | None) -> int | None:
     """Heads a q/k tensor is permuted over (1 for q_norm/k_norm [head_dim]); None for other tensors."""
     if cfg is None:
         return None
-    for suffix, heads in (("q_proj.weight", cfg.num_attention_heads), ("k_proj.weight", cfg.num_key_value_heads),
-                          ("q_norm.weight", 1), ("k_norm.weight", 1)):
+    for suffix, heads in (
+        ("q_proj.weight", cfg.num_attention_heads),
+        ("k_proj.weight", cfg.num_key_value_heads),
+        ("q_norm.weight", 1),
+        ("k_norm.weight", 1),
+    ):
         if name.endswith("self_attn." + suffix):
             return heads
     return None
@@ -117,7 +128,7 @@ def compare(name: str, a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str,
 _WHY = {
     "changed": "the values differ beyond what the two formats' rounding allows: a conversion or loading bug",
     "permuted": "llama.cpp's converter reorders q/k rows this way for Llama-style rope; Qwen3 in llama.cpp uses "
-                "NEOX rope and expects them unpermuted, so attention comes out wrong",
+    "NEOX rope and expects them unpermuted, so attention comes out wrong",
     "transposed": "a loader that expects one layout reads the other as garbage",
     "reshaped": "a loader either fails or reads the values in the wrong layout",
 }
@@ -126,8 +137,10 @@ _WHY = {
 def _finding(d: TensorDiff, a: str, b: str) -> CheckpointFinding:
     nums = {k: v for k, v in d.to_dict().items() if k != "name"}
     if d.relation == "changed":
-        msg = (f"{d.name} changed: max |a-b| {d.max_abs_diff:.4g} is {d.rel_to_absmax:.3g} of its absmax, "
-               f"rounding from {d.dtype_a} and {d.dtype_b} allows {d.tolerance:.3g}")
+        msg = (
+            f"{d.name} changed: max |a-b| {d.max_abs_diff:.4g} is {d.rel_to_absmax:.3g} of its absmax, "
+            f"rounding from {d.dtype_a} and {d.dtype_b} allows {d.tolerance:.3g}"
+        )
     elif d.relation == "permuted":
         msg = f"{d.name} is permuted like llama.cpp's Llama-style q/k reorder (values otherwise the same)"
     else:
@@ -135,23 +148,36 @@ def _finding(d: TensorDiff, a: str, b: str) -> CheckpointFinding:
     return CheckpointFinding("error", d.relation, msg, _WHY[d.relation], d.name, nums)
 
 
-def diff_weights(path_a: str | Path, path_b: str | Path,
-                 progress: Callable[[int], Callable[[int], None]] | None = None,
-                 fail_on: str = "error") -> WeightsDiffResult:
+def diff_weights(
+    path_a: str | Path,
+    path_b: str | Path,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
+    fail_on: str = "error",
+) -> WeightsDiffResult:
     """Compare every tensor of A with B; `progress(total)` may return a callback given 1 per tensor; the result
     fails (exit 1) on findings at or above `fail_on`."""
     t0 = time.perf_counter()
     with open_source(path_a) as sa, open_source(path_b) as sb:
         ta, tb = _Tensors(sa), _Tensors(sb)
         cfg = sa.cfg or sb.cfg
-        findings = [CheckpointFinding(f.severity, f.check, f"{side}: {f.message}", f.why, f.tensor, f.numbers)
-                    for side, s in (("A", sa), ("B", sb)) for f in s.findings if f.severity == "error"]
+        findings = [
+            CheckpointFinding(f.severity, f.check, f"{side}: {f.message}", f.why, f.tensor, f.numbers)
+            for side, s in (("A", sa), ("B", sb))
+            for f in s.findings
+            if f.severity == "error"
+        ]
         only_a = [n for n in ta.where if n not in tb.where]
         only_b = [n for n in tb.where if n not in ta.where]
-        findings += [CheckpointFinding("error", "missing", f"{n} is in A but not in B", "a loader of B fails or leaves it "
-                             "uninitialized", n) for n in only_a]
-        findings += [CheckpointFinding("warning", "extra", f"{n} is in B but not in A", "B carries a tensor A does not have", n)
-                     for n in only_b]
+        findings += [
+            CheckpointFinding(
+                "error", "missing", f"{n} is in A but not in B", "a loader of B fails or leaves it uninitialized", n
+            )
+            for n in only_a
+        ]
+        findings += [
+            CheckpointFinding("warning", "extra", f"{n} is in B but not in A", "B carries a tensor A does not have", n)
+            for n in only_b
+        ]
         common = [n for n in ta.where if n in tb.where]
         tick = progress(len(common)) if progress else None
         diffs = []
@@ -165,8 +191,17 @@ def diff_weights(path_a: str | Path, path_b: str | Path,
         rounded = [d for d in diffs if d.relation == "rounding"]
         if rounded:
             worst = max(rounded, key=lambda d: d.rel_to_absmax or 0.0)
-            findings.append(CheckpointFinding("info", "rounding", f"{len(rounded)} tensors differ within their formats' rounding; "
-                                    f"the largest, {worst.name}, by {worst.rel_to_absmax:.3g} of its absmax "
-                                    f"(allowed {worst.tolerance:.3g})", "expected from a conversion", worst.name))
-        return WeightsDiffResult(str(path_a), str(path_b), only_a, only_b, diffs, findings, time.perf_counter() - t0,
-                                 fail_on)
+            findings.append(
+                CheckpointFinding(
+                    "info",
+                    "rounding",
+                    f"{len(rounded)} tensors differ within their formats' rounding; "
+                    f"the largest, {worst.name}, by {worst.rel_to_absmax:.3g} of its absmax "
+                    f"(allowed {worst.tolerance:.3g})",
+                    "expected from a conversion",
+                    worst.name,
+                )
+            )
+        return WeightsDiffResult(
+            str(path_a), str(path_b), only_a, only_b, diffs, findings, time.perf_counter() - t0, fail_on
+        )

@@ -30,8 +30,14 @@ class CheckpointFinding:
         assert self.severity in SEVERITIES, self.severity
 
     def to_dict(self) -> dict:
-        return {"severity": self.severity, "check": self.check, "tensor": self.tensor, "message": self.message,
-                "why": self.why, "numbers": self.numbers}
+        return {
+            "severity": self.severity,
+            "check": self.check,
+            "tensor": self.tensor,
+            "message": self.message,
+            "why": self.why,
+            "numbers": self.numbers,
+        }
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,14 @@ class TensorRow:
     stats: Stats | None  # None: not read (damaged, or not a float type)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "file": self.file, "dtype": self.dtype, "shape": list(self.shape),
-                "nbytes": self.nbytes, "stats": self.stats.to_dict() if self.stats else None}
+        return {
+            "name": self.name,
+            "file": self.file,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "stats": self.stats.to_dict() if self.stats else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -99,12 +111,20 @@ class ScanResult(Verdict):
     fail_on: str = "error"
 
     def to_dict(self) -> dict:
-        return {"kind": "scan-checkpoint", "path": self.path, "format": self.format, "files": self.files,
-                "config": self.config, "thresholds": self.thresholds, "seconds": self.seconds,
-                "bytes_read": self.bytes_read, "counts": self.counts(),
-                "findings": [f.to_dict() for f in self.sorted_findings()],
-                "norm_peaks": [p.to_dict() for p in self.norm_peaks],
-                "tensors": [t.to_dict() for t in self.tensors]}
+        return {
+            "kind": "scan-checkpoint",
+            "path": self.path,
+            "format": self.format,
+            "files": self.files,
+            "config": self.config,
+            "thresholds": self.thresholds,
+            "seconds": self.seconds,
+            "bytes_read": self.bytes_read,
+            "counts": self.counts(),
+            "findings": [f.to_dict() for f in self.sorted_findings()],
+            "norm_peaks": [p.to_dict() for p in self.norm_peaks],
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
 
 
 @dataclass(frozen=True)
@@ -122,9 +142,17 @@ class TensorDiff:
     tolerance: float | None  # the rel_to_absmax the coarser format's rounding allows
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape_a": list(self.shape_a), "shape_b": list(self.shape_b),
-                "dtype_a": self.dtype_a, "dtype_b": self.dtype_b, "relation": self.relation,
-                "max_abs_diff": self.max_abs_diff, "rel_to_absmax": self.rel_to_absmax, "tolerance": self.tolerance}
+        return {
+            "name": self.name,
+            "shape_a": list(self.shape_a),
+            "shape_b": list(self.shape_b),
+            "dtype_a": self.dtype_a,
+            "dtype_b": self.dtype_b,
+            "relation": self.relation,
+            "max_abs_diff": self.max_abs_diff,
+            "rel_to_absmax": self.rel_to_absmax,
+            "tolerance": self.tolerance,
+        }
 
 
 @dataclass
@@ -139,7 +167,14 @@ class WeightsDiffResult(Verdict):
     fail_on: str = "error"
 
     def to_dict(self) -> dict:
-        return {"kind": "diff-weights", "a": self.a, "b": self.b, "seconds": self.seconds, "counts": self.counts(),
-                "only_a": self.only_a, "only_b": self.only_b,
-                "findings": [f.to_dict() for f in self.sorted_findings()],
-                "tensors": [t.to_dict() for t in self.tensors]}
+        return {
+            "kind": "diff-weights",
+            "a": self.a,
+            "b": self.b,
+            "seconds": self.seconds,
+            "counts": self.counts(),
+            "only_a": self.only_a,
+            "only_b": self.only_b,
+            "findings": [f.to_dict() for f in self.sorted_findings()],
+            "tensors": [t.to_dict() for t in self.tensors],
+        }

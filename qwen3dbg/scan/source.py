@@ -19,8 +19,16 @@ from qwen3dbg.config import Qwen3Config, load_config
 from qwen3dbg.errors import UserError
 from qwen3dbg.json_read import open_regular
 from qwen3dbg.layout import INDEX
-from qwen3dbg.scan.container import (FLOAT_NAMES, INTEGER_DTYPES, ITEMSIZE, STACKED, Entry, read_directory,
-                                     read_gguf_file, read_safetensors)
+from qwen3dbg.scan.container import (
+    FLOAT_NAMES,
+    INTEGER_DTYPES,
+    ITEMSIZE,
+    STACKED,
+    Entry,
+    read_directory,
+    read_gguf_file,
+    read_safetensors,
+)
 from qwen3dbg.scan.findings import CheckpointFinding
 from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements
 from qwen3dbg.taps import MANIFEST
@@ -66,14 +74,14 @@ class CheckpointSource:
         _, buf = self._bytes(e.file)
         if dtype in DTYPE_CODES:
             size = ITEMSIZE[dtype]
-            acc = Accumulator(dtype, buf[e.offset:e.offset + size])
+            acc = Accumulator(dtype, buf[e.offset : e.offset + size])
             step = max(1, WINDOW_BYTES // (chunk_elements() * size)) * chunk_elements()
             n = e.nbytes // size
             for start in range(0, n, step):
                 m = min(step, n - start)
                 begin = e.offset + start * size
                 if (buf.ctypes.data + begin) % size:  # the format allows odd offsets; the kernel wants aligned
-                    window = np.frombuffer(buf[begin:begin + m * size].tobytes(), dtype=np.uint8)
+                    window = np.frombuffer(buf[begin : begin + m * size].tobytes(), dtype=np.uint8)
                     acc.add(window.ctypes.data, m)
                 else:
                     acc.add(buf.ctypes.data + begin, m)
@@ -97,7 +105,7 @@ class CheckpointSource:
         for r in range(0, rows, per):
             k = min(per, rows - r)
             begin = e.offset + r * row_bytes
-            vals = np.ascontiguousarray(dequantize(buf[begin:begin + k * row_bytes], e.qtype, (k, cols)))
+            vals = np.ascontiguousarray(dequantize(buf[begin : begin + k * row_bytes], e.qtype, (k, cols)))
             acc = acc or Accumulator("float32", vals.reshape(-1)[:1])
             acc.add(vals.ctypes.data, vals.size)
             self._release(e.file, begin, begin + k * row_bytes)
@@ -108,7 +116,7 @@ class CheckpointSource:
         from qwen3dbg.gguf_io import GGUF_TYPES, dequantize
 
         _, buf = self._bytes(e.file)
-        raw = buf[e.offset:e.offset + e.nbytes]
+        raw = buf[e.offset : e.offset + e.nbytes]
         if e.qtype is not None:
             try:
                 vals = dequantize(raw, e.qtype, e.shape)
@@ -124,7 +132,9 @@ class CheckpointSource:
     def same_bytes(self, a: Entry, b: Entry) -> bool:
         _, buf = self._bytes(a.file)
         _, buf_b = self._bytes(b.file)
-        return a.nbytes == b.nbytes and np.array_equal(buf[a.offset:a.offset + a.nbytes], buf_b[b.offset:b.offset + b.nbytes])
+        return a.nbytes == b.nbytes and np.array_equal(
+            buf[a.offset : a.offset + a.nbytes], buf_b[b.offset : b.offset + b.nbytes]
+        )
 
     def close(self) -> None:
         for path in list(self._maps):
@@ -141,13 +151,25 @@ class CheckpointSource:
 
 def _config(model_dir: Path) -> tuple[Qwen3Config | None, list[CheckpointFinding]]:
     if not os.path.lexists(model_dir / "config.json"):
-        return None, [CheckpointFinding("warning", "config", f"no config.json in {model_dir}: tensors are not checked against a config",
-                              "missing, unexpected or misshapen tensors go unnoticed")]
+        return None, [
+            CheckpointFinding(
+                "warning",
+                "config",
+                f"no config.json in {model_dir}: tensors are not checked against a config",
+                "missing, unexpected or misshapen tensors go unnoticed",
+            )
+        ]
     try:
         return load_config(model_dir), []
     except UserError as e:
-        return None, [CheckpointFinding("error", "config", f"config.json cannot be used: {e}",
-                              "loaders fail on it; tensors are not checked against a config")]
+        return None, [
+            CheckpointFinding(
+                "error",
+                "config",
+                f"config.json cannot be used: {e}",
+                "loaders fail on it; tensors are not checked against a config",
+            )
+        ]
 
 
 def open_source(path: str | Path) -> CheckpointSource:
@@ -158,10 +180,14 @@ def open_source(path: str | Path) -> CheckpointSource:
         raise UserError(f"{path} {what}: pass a model directory, a .safetensors file or a .gguf file")
     if path.is_dir():
         if (path / MANIFEST).is_file():
-            raise UserError(f"{path} is a tap store, not a checkpoint: its -inf values are attention masks, not "
-                            f"broken weights; check it with `qwen3dbg validate-store {path}`")
+            raise UserError(
+                f"{path} is a tap store, not a checkpoint: its -inf values are attention masks, not "
+                f"broken weights; check it with `qwen3dbg validate-store {path}`"
+            )
         if not any(path.glob("*.safetensors")) and not os.path.lexists(path / INDEX):
-            raise UserError(f"{path} holds no safetensors files: pass a model directory, a .safetensors or a .gguf file")
+            raise UserError(
+                f"{path} holds no safetensors files: pass a model directory, a .safetensors or a .gguf file"
+            )
         cfg, findings = _config(path)
         entries, more, files = read_directory(path)
         return CheckpointSource(path, "safetensors", files, entries, findings + more, cfg)
@@ -179,12 +205,25 @@ def open_source(path: str | Path) -> CheckpointSource:
             try:
                 cfg = config_from_gguf(g)
             except GGUFDamaged as e:
-                findings.append(CheckpointFinding("error", "config", f"the GGUF metadata does not describe a Qwen3 model: {e}",
-                                        "llama.cpp cannot load it; tensors are not checked against a config"))
+                findings.append(
+                    CheckpointFinding(
+                        "error",
+                        "config",
+                        f"the GGUF metadata does not describe a Qwen3 model: {e}",
+                        "llama.cpp cannot load it; tensors are not checked against a config",
+                    )
+                )
         return CheckpointSource(path, "gguf", [path], entries, findings, cfg)
     if path.suffix != ".safetensors":
         raise UserError(f"{path} is neither a model directory, a .safetensors file nor a .gguf file")
     entries, findings = read_safetensors(path)
-    findings.append(CheckpointFinding("info", "config", "a single safetensors file is checked without a config: pass its "
-                            "directory to check names and shapes against config.json", "-"))
+    findings.append(
+        CheckpointFinding(
+            "info",
+            "config",
+            "a single safetensors file is checked without a config: pass its "
+            "directory to check names and shapes against config.json",
+            "-",
+        )
+    )
     return CheckpointSource(path, "safetensors", [path], entries, findings, None)

@@ -19,15 +19,24 @@ from qwen3dbg.kernels import build
 
 # -fassociative-math lets the compiler vectorize the two double sums; it changes no NaN handling
 # (the finiteness tests are on the bits) and the sums' order is fixed per build.
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-signed-zeros", "-fno-trapping-math",
-          "-fassociative-math"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-fassociative-math",
+]
 
 DTYPE_CODES = {"float64": 0, "float32": 1, "bfloat16": 2, "float16": 3}
 
 
 class _Stats(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int64) for n in ("n_finite", "n_nan", "n_posinf", "n_neginf", "n_zero")] + \
-               [(n, ctypes.c_double) for n in ("sum", "sumsq", "min", "max")]
+    _fields_ = [(n, ctypes.c_int64) for n in ("n_finite", "n_nan", "n_posinf", "n_neginf", "n_zero")] + [
+        (n, ctypes.c_double) for n in ("sum", "sumsq", "min", "max")
+    ]
 
 
 _lib = None
@@ -38,8 +47,13 @@ def _kernel():
     global _lib
     if _lib is None:
         lib = build("scan_stats", Path(__file__).with_name("stats.c"), _FLAGS, "the scan's statistics kernel")
-        lib.stats_update.argtypes = [ctypes.POINTER(_Stats), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                                     ctypes.c_double]
+        lib.stats_update.argtypes = [
+            ctypes.POINTER(_Stats),
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int,
+            ctypes.c_double,
+        ]
         lib.stats_update.restype = ctypes.c_int
         lib.stats_chunk.restype = ctypes.c_int64
         lib.stats_hist_min.restype = ctypes.c_int64
@@ -70,9 +84,18 @@ class Stats:
         return max(abs(self.min), abs(self.max)) if self.numel > self.nonfinite else float("nan")
 
     def to_dict(self) -> dict:
-        return {"numel": self.numel, "min": self.min, "max": self.max, "mean": self.mean, "std": self.std,
-                "absmax": self.absmax, "n_nan": self.n_nan, "n_posinf": self.n_posinf, "n_neginf": self.n_neginf,
-                "n_zero": self.n_zero}
+        return {
+            "numel": self.numel,
+            "min": self.min,
+            "max": self.max,
+            "mean": self.mean,
+            "std": self.std,
+            "absmax": self.absmax,
+            "n_nan": self.n_nan,
+            "n_posinf": self.n_posinf,
+            "n_neginf": self.n_neginf,
+            "n_zero": self.n_zero,
+        }
 
 
 def chunk_elements() -> int:
@@ -105,9 +128,17 @@ class Accumulator:
         nf = a.n_finite
         mean_d = a.sum / nf if nf else float("nan")
         var = max(0.0, a.sumsq / nf - mean_d * mean_d) if nf else float("nan")
-        return Stats(self.numel, a.n_nan, a.n_posinf, a.n_neginf, a.n_zero,
-                     a.min if nf else float("nan"), a.max if nf else float("nan"),
-                     self.shift + mean_d, var ** 0.5)
+        return Stats(
+            self.numel,
+            a.n_nan,
+            a.n_posinf,
+            a.n_neginf,
+            a.n_zero,
+            a.min if nf else float("nan"),
+            a.max if nf else float("nan"),
+            self.shift + mean_d,
+            var**0.5,
+        )
 
 
 def array_stats(a: np.ndarray, dtype: str | None = None) -> Stats:
@@ -130,5 +161,5 @@ def shift_of(first: np.ndarray, dtype: str) -> float:
     if dtype == "bfloat16":
         v = float((raw[:2].view(np.uint16).astype(np.uint32) << 16).view(np.float32)[0])
     else:
-        v = float(raw[:np.dtype(dtype).itemsize].view(dtype)[0])
+        v = float(raw[: np.dtype(dtype).itemsize].view(dtype)[0])
     return v if np.isfinite(v) else 0.0

@@ -30,8 +30,12 @@ from qwen3dbg.taps import parse_tap_name
 __all__ = ["Diagnosis", "TapSource", "diagnose", "explain_rounding", "amplification", "FAMILIES", "SIGNATURE_IDS"]
 
 #: (family, its hypotheses), cheapest first
-FAMILIES = (("structure", structure.HYPOTHESES), ("parameters", parameters.HYPOTHESES),
-            ("substitution", substitution.HYPOTHESES), ("variants", variants.HYPOTHESES))
+FAMILIES = (
+    ("structure", structure.HYPOTHESES),
+    ("parameters", parameters.HYPOTHESES),
+    ("substitution", substitution.HYPOTHESES),
+    ("variants", variants.HYPOTHESES),
+)
 #: every id diagnose() can report; explain_rounding reports rounding_point or rounding_order
 SIGNATURE_IDS = tuple(dict.fromkeys(i for _, hyps in FAMILIES for h in hyps for i in h.ids))
 

@@ -11,13 +11,25 @@ Check = Callable[[Site], "Diagnosis | None"]
 
 NORM_OPS = ("attn_norm", "q_norm", "k_norm", "mlp_norm", "final_norm")
 #: each norm tap's weight module
-NORM_WEIGHT = {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
-               "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-               "final_norm": "model.norm.weight"}
+NORM_WEIGHT = {
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "final_norm": "model.norm.weight",
+}
 #: matmul taps and the checkpoint module holding their weight (and any bias a converter left beside it)
-MATMUL_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-                 "o_proj": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
-                 "mlp.out": "mlp.down_proj", "moe.router_logits": "mlp.gate", "logits": "lm_head"}
+MATMUL_MODULE = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.out": "mlp.down_proj",
+    "moe.router_logits": "mlp.gate",
+    "logits": "lm_head",
+}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def _name_factor(a: float, factors: dict[str, float]) -> str | None:
 
 def golden_section(f: Callable[[float], float], lo: float, hi: float, rounds: int = 30) -> float:
     """The minimum of a unimodal f on [lo, hi], one new probe a round."""
-    g = (5 ** 0.5 - 1) / 2
+    g = (5**0.5 - 1) / 2
     m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
     r1, r2 = f(m1), f(m2)
     for _ in range(rounds):
@@ -49,10 +49,15 @@ def embed_scaled(s: Site) -> Diagnosis | None:
     if abs(a - 1) <= s.tol:
         return None
     h = s.cfg.hidden_size
-    label = _name_factor(a, {f"sqrt({h})": h ** 0.5, f"1/sqrt({h})": h ** -0.5})
+    label = _name_factor(a, {f"sqrt({h})": h**0.5, f"1/sqrt({h})": h**-0.5})
     named = f" = {label}" if label else ""
-    return s.explained("embed_scaled", f"embed = reference x {a:.6g}{named}", "embeddings are scaled; Qwen3 does "
-                       "not scale them", resid, {"factor": a, "named": label})
+    return s.explained(
+        "embed_scaled",
+        f"embed = reference x {a:.6g}{named}",
+        "embeddings are scaled; Qwen3 does not scale them",
+        resid,
+        {"factor": a, "named": label},
+    )
 
 
 def scores_scaled(s: Site) -> Diagnosis | None:
@@ -63,12 +68,20 @@ def scores_scaled(s: Site) -> Diagnosis | None:
     if abs(a - 1) <= s.tol:
         return None
     d = s.cfg.head_dim
-    label = _name_factor(a, {f"sqrt(head_dim {d})": d ** 0.5, f"1/sqrt(head_dim {d})": d ** -0.5})
-    why = {None: "the scores are scaled", f"sqrt(head_dim {d})": "the 1/sqrt(head_dim) scale is missing",
-           f"1/sqrt(head_dim {d})": "the 1/sqrt(head_dim) scale is applied twice"}[label]
+    label = _name_factor(a, {f"sqrt(head_dim {d})": d**0.5, f"1/sqrt(head_dim {d})": d**-0.5})
+    why = {
+        None: "the scores are scaled",
+        f"sqrt(head_dim {d})": "the 1/sqrt(head_dim) scale is missing",
+        f"1/sqrt(head_dim {d})": "the 1/sqrt(head_dim) scale is applied twice",
+    }[label]
     named = f" = {label}" if label else ""
-    return s.explained("scores_scaled", f"attn_scores = reference x {a:.4g}{named}", why, resid,
-                       {"factor": a, "named": label, "head_dim": d})
+    return s.explained(
+        "scores_scaled",
+        f"attn_scores = reference x {a:.4g}{named}",
+        why,
+        resid,
+        {"factor": a, "named": label, "head_dim": d},
+    )
 
 
 def softmax_temperature(s: Site) -> Diagnosis | None:
@@ -85,9 +98,13 @@ def softmax_temperature(s: Site) -> Diagnosis | None:
     grid = [i * 0.25 for i in range(-16, 17)]
     log_a = golden_section(resid, min(grid, key=resid) - 0.25, min(grid, key=resid) + 0.25)
     a = math.exp(log_a)
-    return s.explained("softmax_temperature", f"attn_probs = softmax({a:.4g} x attn_scores)",
-                       f"the softmax has a temperature of {1 / a:.4g}; Qwen3 takes it of the scores as they are",
-                       resid(log_a), {"factor": a})
+    return s.explained(
+        "softmax_temperature",
+        f"attn_probs = softmax({a:.4g} x attn_scores)",
+        f"the softmax has a temperature of {1 / a:.4g}; Qwen3 takes it of the scores as they are",
+        resid(log_a),
+        {"factor": a},
+    )
 
 
 def _position_drift(s: Site) -> tuple[float, float, int]:
@@ -109,33 +126,51 @@ def rope_fit(s: Site) -> Diagnosis | None:
     d, theta0 = s.cfg.head_dim, s.cfg.rope_theta
 
     def resid(log_theta: float, interleaved: bool = False, offset: int = 0) -> float:
-        return rel(y, rotate(x, rope_angles(pos + offset, d, 10 ** log_theta, interleaved)))
+        return rel(y, rotate(x, rope_angles(pos + offset, d, 10**log_theta, interleaved)))
 
     if resid(math.log10(theta0)) <= s.tol:
         return None
     e0, e_worst, p_worst = _position_drift(s)
-    drift = (f"{s.op} matches at position {int(pos[0, 0])} (rel. error {e0:.1e}) and drifts with position "
-             f"({e_worst:.2g} at position {p_worst})" if e0 <= s.tol else
-             f"{s.op} differs from position {int(pos[0, 0])} on "
-             f"(rel. error {e0:.2g}; {e_worst:.2g} at position {p_worst})")
+    drift = (
+        f"{s.op} matches at position {int(pos[0, 0])} (rel. error {e0:.1e}) and drifts with position "
+        f"({e_worst:.2g} at position {p_worst})"
+        if e0 <= s.tol
+        else f"{s.op} differs from position {int(pos[0, 0])} on "
+        f"(rel. error {e0:.2g}; {e_worst:.2g} at position {p_worst})"
+    )
     ev = {"rel_err_first_position": e0, "rel_err_worst": e_worst, "worst_position": p_worst, "config_theta": theta0}
     grid = [2 + i * 0.1 for i in range(71)]  # log10 theta from 2 to 9
     best = min(grid, key=resid)
     fitted = golden_section(resid, best - 0.1, best + 0.1)
-    theta = 10 ** fitted
-    if abs(fitted - math.log10(theta0)) > 0.1 and (d_ := s.explained(
-            "rope_theta", f"{drift}: the RoPE angles of theta ~ {_sci(theta)}", f"rope_theta is {_sci(theta)}, the "
-            f"config says {_sci(theta0)}", resid(fitted), ev | {"fitted_theta": theta})):
+    theta = 10**fitted
+    if abs(fitted - math.log10(theta0)) > 0.1 and (
+        d_ := s.explained(
+            "rope_theta",
+            f"{drift}: the RoPE angles of theta ~ {_sci(theta)}",
+            f"rope_theta is {_sci(theta)}, the config says {_sci(theta0)}",
+            resid(fitted),
+            ev | {"fitted_theta": theta},
+        )
+    ):
         return d_
     for offset in (1, -1):
-        if d_ := s.explained("rope_position_offset", f"{drift}: the rotation is that of position p{offset:+d}",
-                             f"RoPE positions are off by {offset:+d}", resid(math.log10(theta0), offset=offset),
-                             ev | {"position_offset": offset}):
+        if d_ := s.explained(
+            "rope_position_offset",
+            f"{drift}: the rotation is that of position p{offset:+d}",
+            f"RoPE positions are off by {offset:+d}",
+            resid(math.log10(theta0), offset=offset),
+            ev | {"position_offset": offset},
+        ):
             return d_
     r_inter = resid(math.log10(theta0), True)
-    return s.explained("rope_layout", f"{drift}: channels 2i and 2i+1 share a RoPE angle (cos/sin interleaved) while "
-                       f"rotate_half pairs channel i with i+{d // 2}", "cos/sin are concatenated on the wrong dim",
-                       r_inter, ev | {"residual_interleaved": r_inter})
+    return s.explained(
+        "rope_layout",
+        f"{drift}: channels 2i and 2i+1 share a RoPE angle (cos/sin interleaved) while "
+        f"rotate_half pairs channel i with i+{d // 2}",
+        "cos/sin are concatenated on the wrong dim",
+        r_inter,
+        ev | {"residual_interleaved": r_inter},
+    )
 
 
 def norm_eps(s: Site) -> Diagnosis | None:
@@ -156,9 +191,13 @@ def norm_eps(s: Site) -> Diagnosis | None:
     eps = float((scale[ok].pow(-2) - xs[ok].pow(2).mean(-1)).median())
     if not eps > 0 or abs(math.log(eps / eps0)) < math.log(1.5):
         return None
-    return s.explained("norm_eps", f"{s.name()} is an RMSNorm with eps ~ {_sci(eps)}",
-                       f"rms_norm_eps is {_sci(eps)}, the config says {_sci(eps0)}; use the config's",
-                       rel(c, rms_norm(x, w, eps)), {"fitted_eps": eps, "config_eps": eps0})
+    return s.explained(
+        "norm_eps",
+        f"{s.name()} is an RMSNorm with eps ~ {_sci(eps)}",
+        f"rms_norm_eps is {_sci(eps)}, the config says {_sci(eps0)}; use the config's",
+        rel(c, rms_norm(x, w, eps)),
+        {"fitted_eps": eps, "config_eps": eps0},
+    )
 
 
 HYPOTHESES = (

@@ -34,8 +34,9 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return apply_rope(x.double(), angles.cos(), angles.sin())
 
 
-def scores(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int], scale: float,
-           causal: bool = True) -> torch.Tensor:
+def scores(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int], scale: float, causal: bool = True
+) -> torch.Tensor:
     """Attention scores in float64 from q [B,T,nH,D], a key cache [B,nKV,S,D] and query positions [B,T]
     -> [B,nH,T,S], future keys -inf when causal; query head h reads kv head kv_of_head[h]."""
     q, k = q.double().transpose(1, 2), k.double()[:, kv_of_head]
@@ -49,8 +50,16 @@ def context(probs: torch.Tensor, v: torch.Tensor, kv_of_head: list[int]) -> torc
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int],
-              scale: float, causal: bool = True, softmax_dim: int = -1) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    kv_of_head: list[int],
+    scale: float,
+    causal: bool = True,
+    softmax_dim: int = -1,
+) -> torch.Tensor:
     """Attention in float64 (see `scores`; v [B,nKV,S,D]) -> context [B,T,nH*D]. The knobs are where bugs live."""
     return context(scores(q, k, positions, kv_of_head, scale, causal).softmax(softmax_dim), v, kv_of_head)
 

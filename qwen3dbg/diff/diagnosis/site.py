@@ -156,14 +156,19 @@ class Site:
         """A relative residual in units of the noise floor."""
         return resid / self.tol
 
-    def explained(self, signature: str, what: str, why: str, resid: float, evidence: dict | None = None) -> Diagnosis | None:
+    def explained(
+        self, signature: str, what: str, why: str, resid: float, evidence: dict | None = None
+    ) -> Diagnosis | None:
         """The hypothesis' finding when its relative residual `resid` is within the noise floor, else None:
         a hypothesis that leaves the error outside the noise is never stated."""
         x = self.floors(resid)
         if not x <= 1:
             return None
-        return Diagnosis(signature, f"{what} (residual {floors(x)}): {why}",
-                         (evidence or {}) | {"residual": resid, "residual_in_noise": x})
+        return Diagnosis(
+            signature,
+            f"{what} (residual {floors(x)}): {why}",
+            (evidence or {}) | {"residual": resid, "residual_in_noise": x},
+        )
 
     def positions(self) -> torch.Tensor:
         return torch.tensor(self.src.steps[self.step].positions)

@@ -28,16 +28,31 @@ def norm_variants(s: Site) -> Diagnosis | None:
     eps, n = s.cfg.rms_norm_eps, s.name()
     if rel(c, rms_norm(x, w, eps)) <= s.tol:
         return None
-    best = _best(c, (
-        ("norm_skipped", x, f"{n} is its input unchanged", "the RMSNorm is skipped; apply it"),
-        ("norm_weight_missing", rms_norm(x, 1.0, eps), f"{n} is its input normalised without the weight",
-         "the RMSNorm weight is not applied; multiply by it"),
-        ("norm_weight_one_plus", rms_norm(x, 1 + w, eps), f"{n} is its input normalised times (1 + weight)",
-         "Gemma's convention; Qwen3 multiplies by the weight itself"),
-        ("layer_norm", layer_norm(x, w, eps), f"{n} is a LayerNorm of its input (mean subtracted)",
-         "Qwen3's RMSNorm does not subtract the mean; use RMSNorm"),
-        ("norm_twice", rms_norm(rms_norm(x, w, eps), w, eps), f"{n} is the RMSNorm applied twice",
-         "apply it once")))
+    best = _best(
+        c,
+        (
+            ("norm_skipped", x, f"{n} is its input unchanged", "the RMSNorm is skipped; apply it"),
+            (
+                "norm_weight_missing",
+                rms_norm(x, 1.0, eps),
+                f"{n} is its input normalised without the weight",
+                "the RMSNorm weight is not applied; multiply by it",
+            ),
+            (
+                "norm_weight_one_plus",
+                rms_norm(x, 1 + w, eps),
+                f"{n} is its input normalised times (1 + weight)",
+                "Gemma's convention; Qwen3 multiplies by the weight itself",
+            ),
+            (
+                "layer_norm",
+                layer_norm(x, w, eps),
+                f"{n} is a LayerNorm of its input (mean subtracted)",
+                "Qwen3's RMSNorm does not subtract the mean; use RMSNorm",
+            ),
+            ("norm_twice", rms_norm(rms_norm(x, w, eps), w, eps), f"{n} is the RMSNorm applied twice", "apply it once"),
+        ),
+    )
     return s.explained(best[0], best[2], best[3], best[1])
 
 
@@ -51,13 +66,23 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
         return None
     joint = rms_norm(x.flatten(-2), w.repeat(n), eps).reshape(c.shape)
     per_head = (c / w).pow(2).mean(-1).sqrt()  # [B,T,n]: the RMS each head got before its weight
-    ev = {"per_head_rms_min": float(per_head.min()), "per_head_rms_max": float(per_head.max()),
-          "joint_rms": float((c / w).flatten(-2).pow(2).mean(-1).sqrt().mean()),
-          "joint_rms_expected": float((x.flatten(-2).pow(2).mean(-1) / (x.flatten(-2).pow(2).mean(-1) + eps)).sqrt().mean()),
-          "heads": n}
-    return s.explained("norm_axis", f"{s.name()} is normalised over all {n} heads jointly (the RMS of {s.op}/weight "
-                       f"per head ranges {ev['per_head_rms_min']:.3f}..{ev['per_head_rms_max']:.3f})",
-                       f"Qwen3 normalises each head over head_dim {c.shape[-1]}", rel(c, joint), ev)
+    ev = {
+        "per_head_rms_min": float(per_head.min()),
+        "per_head_rms_max": float(per_head.max()),
+        "joint_rms": float((c / w).flatten(-2).pow(2).mean(-1).sqrt().mean()),
+        "joint_rms_expected": float(
+            (x.flatten(-2).pow(2).mean(-1) / (x.flatten(-2).pow(2).mean(-1) + eps)).sqrt().mean()
+        ),
+        "heads": n,
+    }
+    return s.explained(
+        "norm_axis",
+        f"{s.name()} is normalised over all {n} heads jointly (the RMS of {s.op}/weight "
+        f"per head ranges {ev['per_head_rms_min']:.3f}..{ev['per_head_rms_max']:.3f})",
+        f"Qwen3 normalises each head over head_dim {c.shape[-1]}",
+        rel(c, joint),
+        ev,
+    )
 
 
 def rope_structure(s: Site) -> Diagnosis | None:
@@ -68,9 +93,18 @@ def rope_structure(s: Site) -> Diagnosis | None:
     angles = rope_angles(s.positions(), s.cfg.head_dim, s.cfg.rope_theta, False)
     if rel(c, rotate(x, angles)) <= s.tol:
         return None
-    best = _best(c, (("rope_skipped", x, f"{s.name()} is {s.input_op} unrotated", "RoPE is not applied; rotate it"),
-                        ("rope_twice", rotate(x, 2 * angles), f"{s.name()} is {s.input_op} rotated twice",
-                         "RoPE is applied twice; rotate once")))
+    best = _best(
+        c,
+        (
+            ("rope_skipped", x, f"{s.name()} is {s.input_op} unrotated", "RoPE is not applied; rotate it"),
+            (
+                "rope_twice",
+                rotate(x, 2 * angles),
+                f"{s.name()} is {s.input_op} rotated twice",
+                "RoPE is applied twice; rotate once",
+            ),
+        ),
+    )
     return s.explained(best[0], best[2], best[3], best[1])
 
 
@@ -82,9 +116,13 @@ def transpose_before_reshape(s: Site) -> Diagnosis | None:
         return None
     undone = c.reshape(B, -1, T, s.cfg.head_dim).transpose(1, 2).reshape(B, T, -1)
     as_is, fixed = rel(c, r), rel(undone, r)
-    return s.explained("transpose_before_reshape", "attn_out is a permutation of the reference: read as [B,nH,T,D] "
-                       "and transposed to [B,T,nH,D] it matches", "heads and tokens are not transposed back before "
-                       "the reshape", fixed, {"rel_err_as_is": as_is, "rel_err_transposed": fixed})
+    return s.explained(
+        "transpose_before_reshape",
+        "attn_out is a permutation of the reference: read as [B,nH,T,D] and transposed to [B,T,nH,D] it matches",
+        "heads and tokens are not transposed back before the reshape",
+        fixed,
+        {"rel_err_as_is": as_is, "rel_err_transposed": fixed},
+    )
 
 
 def gqa_mapping(s: Site) -> Diagnosis | None:
@@ -95,8 +133,10 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
     if q is None or k is None or c.n_rep == 1:
         return None
     valid = ~masked(sc)  # [B,nH,T,S]
-    every_head_reads = [scores(q, k, s.positions(), [g] * c.num_attention_heads, c.head_dim ** -0.5, causal=False)
-                        for g in range(c.num_key_value_heads)]
+    every_head_reads = [
+        scores(q, k, s.positions(), [g] * c.num_attention_heads, c.head_dim**-0.5, causal=False)
+        for g in range(c.num_key_value_heads)
+    ]
     mapping, resid = [], []
     for h in range(c.num_attention_heads):
         errs = [rel(sc[:, h][valid[:, h]], hyp[:, h][valid[:, h]]) for hyp in every_head_reads]
@@ -109,11 +149,21 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
     modulo = [h % c.num_key_value_heads for h in range(c.num_attention_heads)]
     ev = {"mapping": mapping, "expected": expected}
     if mapping == modulo:
-        return s.explained("gqa_modulo", f"query heads read kv heads {mapping} (h % {c.num_key_value_heads}), the "
-                           f"config implies {expected} (h // {c.n_rep})", "the GQA head mapping uses modulo; use "
-                           f"h // {c.n_rep}", max(resid), ev)
-    return s.explained("gqa_mapping", f"query heads read kv heads {mapping}, the config implies {expected} "
-                       f"(h // {c.n_rep})", "the GQA head mapping is wrong", max(resid), ev)
+        return s.explained(
+            "gqa_modulo",
+            f"query heads read kv heads {mapping} (h % {c.num_key_value_heads}), the "
+            f"config implies {expected} (h // {c.n_rep})",
+            f"the GQA head mapping uses modulo; use h // {c.n_rep}",
+            max(resid),
+            ev,
+        )
+    return s.explained(
+        "gqa_mapping",
+        f"query heads read kv heads {mapping}, the config implies {expected} (h // {c.n_rep})",
+        "the GQA head mapping is wrong",
+        max(resid),
+        ev,
+    )
 
 
 def causal_mask_missing(s: Site) -> Diagnosis | None:
@@ -121,7 +171,7 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     sc, q, k = s.cand("attn_scores"), s.operand(s.name("q_rope")), s.operand(s.name("k_cache"))
     if q is None or k is None:
         return None
-    hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim ** -0.5, causal=False)
+    hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5, causal=False)
     future = causal_mask(s.positions(), k.shape[2]).expand_as(hyp)  # [B,nH,T,S]
     if not bool(future.any()):
         return None
@@ -129,15 +179,18 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     ev = {"future_entries": int(future.sum())}
     if sc is not None:
         ev["reached"] = int((future & ~masked(sc)).sum())
-    msg = f"attention reaches future positions: {ev.get('reached', 'all')} of {ev['future_entries']} future " \
-          "(query < key) score entries are not masked"
+    msg = (
+        f"attention reaches future positions: {ev.get('reached', 'all')} of {ev['future_entries']} future "
+        "(query < key) score entries are not masked"
+    )
     probs = s.cand("attn_probs")
     if probs is not None:
         ev["future_mass"] = float(probs[future].sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
     resid = rel(c, hyp if s.op == "attn_scores" else hyp.softmax(-1))
-    return s.explained("causal_mask_missing", msg, "the causal mask is missing; mask keys after the query's position",
-                       resid, ev)
+    return s.explained(
+        "causal_mask_missing", msg, "the causal mask is missing; mask keys after the query's position", resid, ev
+    )
 
 
 def softmax_axis(s: Site) -> Diagnosis | None:
@@ -146,9 +199,14 @@ def softmax_axis(s: Site) -> Diagnosis | None:
     if sc is None or p.shape[-2] == 1:
         return None
     ev = {"row_sum_min": float(p.sum(-1).min()), "row_sum_max": float(p.sum(-1).max())}
-    return s.explained("softmax_axis", f"rows of attn_probs sum to {ev['row_sum_min']:.3g}..{ev['row_sum_max']:.3g} "
-                       "over keys, and they are the softmax of attn_scores over queries", "softmax taken over the "
-                       "wrong axis; take it over keys (dim=-1)", rel(p, sc.softmax(-2)), ev)
+    return s.explained(
+        "softmax_axis",
+        f"rows of attn_probs sum to {ev['row_sum_min']:.3g}..{ev['row_sum_max']:.3g} "
+        "over keys, and they are the softmax of attn_scores over queries",
+        "softmax taken over the wrong axis; take it over keys (dim=-1)",
+        rel(p, sc.softmax(-2)),
+        ev,
+    )
 
 
 def cache_off_by_one(s: Site) -> Diagnosis | None:
@@ -173,11 +231,15 @@ def cache_off_by_one(s: Site) -> Diagnosis | None:
             hyp[:, :, j] = r[:, :, j + shift]
         hyp[:, :, empty] = 0
         where = "one slot early" if shift == 1 else "one slot late"
-        return s.explained("cache_off_by_one", f"prefill agrees, decode step {s.step} diverges: {s.op} slot "
-                           f"{moved[-1]} holds the entry the reference has at slot {moved[-1] + shift}"
-                           + (f", slot {empty[-1]} is empty" if empty else ""),
-                           f"the cache is off by one (entries written {where})", rel(c, hyp),
-                           {"step": s.step, "shift": shift, "moved_slots": moved, "empty_slots": empty})
+        return s.explained(
+            "cache_off_by_one",
+            f"prefill agrees, decode step {s.step} diverges: {s.op} slot "
+            f"{moved[-1]} holds the entry the reference has at slot {moved[-1] + shift}"
+            + (f", slot {empty[-1]} is empty" if empty else ""),
+            f"the cache is off by one (entries written {where})",
+            rel(c, hyp),
+            {"step": s.step, "shift": shift, "moved_slots": moved, "empty_slots": empty},
+        )
     return None
 
 
@@ -188,16 +250,28 @@ def moe_weights_normalisation(s: Site) -> Diagnosis | None:
         return None
     picked = logits.softmax(-1).gather(-1, ids.long())
     norm = s.cfg.norm_topk_prob
-    ev = {"cand_sum_mean": float(c.sum(-1).mean()), "ref_sum_mean": float(s.base().sum(-1).mean()),
-          "norm_topk_prob": norm}
+    ev = {
+        "cand_sum_mean": float(c.sum(-1).mean()),
+        "ref_sum_mean": float(s.base().sum(-1).mean()),
+        "norm_topk_prob": norm,
+    }
     if norm:
-        return s.explained("moe_topk_not_normalised", f"moe.topk_weights sum to {ev['cand_sum_mean']:.3g} per token "
-                           "on average though norm_topk_prob is true", "the top-k weights are not renormalised",
-                           rel(c, picked), ev)
-    return s.explained("moe_topk_softmax", f"moe.topk_weights sum to 1 per token though norm_topk_prob is false "
-                       f"(reference: {ev['ref_sum_mean']:.3g} on average, the top-k share of a softmax over all "
-                       f"{s.cfg.num_experts} experts)", "softmax over the top-k logits only, or a renormalisation",
-                       rel(c, picked / picked.sum(-1, keepdim=True)), ev)
+        return s.explained(
+            "moe_topk_not_normalised",
+            f"moe.topk_weights sum to {ev['cand_sum_mean']:.3g} per token on average though norm_topk_prob is true",
+            "the top-k weights are not renormalised",
+            rel(c, picked),
+            ev,
+        )
+    return s.explained(
+        "moe_topk_softmax",
+        f"moe.topk_weights sum to 1 per token though norm_topk_prob is false "
+        f"(reference: {ev['ref_sum_mean']:.3g} on average, the top-k share of a softmax over all "
+        f"{s.cfg.num_experts} experts)",
+        "softmax over the top-k logits only, or a renormalisation",
+        rel(c, picked / picked.sum(-1, keepdim=True)),
+        ev,
+    )
 
 
 def swiglu_swapped(s: Site) -> Diagnosis | None:
@@ -205,8 +279,12 @@ def swiglu_swapped(s: Site) -> Diagnosis | None:
     gate, up, c = s.operand(s.name("mlp.gate")), s.operand(s.name("mlp.up")), s.cand()
     if gate is None or up is None or rel(c, swiglu(gate, up)) <= s.tol:
         return None
-    return s.explained("swiglu_swapped", f"{s.name()} is silu(up) * gate", "gate and up are swapped in SwiGLU; "
-                       "Qwen3 computes silu(gate_proj(x)) * up_proj(x)", rel(c, swiglu(up, gate)))
+    return s.explained(
+        "swiglu_swapped",
+        f"{s.name()} is silu(up) * gate",
+        "gate and up are swapped in SwiGLU; Qwen3 computes silu(gate_proj(x)) * up_proj(x)",
+        rel(c, swiglu(up, gate)),
+    )
 
 
 #: tokens a MoE replay mixes (each costs k experts' three matmuls)
@@ -229,6 +307,7 @@ def moe_experts(s: Site) -> Diagnosis | None:
             p = s.weight_name(f"mlp.experts.{(e + shift) % E}.")
             g, u, d = (s.weight_at(p + m + ".weight") for m in ("gate_proj", "up_proj", "down_proj"))
             return None if d is None else ((u, g, d) if swap else (g, u, d))
+
         return mats
 
     qwen3 = experts_mix(x, ids, wts, expert())
@@ -238,17 +317,25 @@ def moe_experts(s: Site) -> Diagnosis | None:
     tried.append((rel(c, experts_mix(x, ids, wts, expert(swap=True))), "swiglu_swapped", 0))
     resid, sig, shift = min(tried)
     if sig == "swiglu_swapped":
-        return s.explained(sig, f"{s.name()} is each expert's silu(up) * gate", "gate and up are swapped in the "
-                           "experts' SwiGLU", resid)
-    return s.explained(sig, f"{s.name()} mixes expert e{shift:+d}'s weights where the router chose expert e",
-                       "the experts are indexed off by one; use experts.{e} for id e", resid,
-                       {"expert_shift": shift})
+        return s.explained(
+            sig, f"{s.name()} is each expert's silu(up) * gate", "gate and up are swapped in the experts' SwiGLU", resid
+        )
+    return s.explained(
+        sig,
+        f"{s.name()} mixes expert e{shift:+d}'s weights where the router chose expert e",
+        "the experts are indexed off by one; use experts.{e} for id e",
+        resid,
+        {"expert_shift": shift},
+    )
 
 
 HYPOTHESES = (
     Hypothesis(("norm_axis",), ("q_norm", "k_norm"), norm_over_all_heads),
-    Hypothesis(("norm_skipped", "norm_weight_missing", "norm_weight_one_plus", "layer_norm", "norm_twice"), NORM_OPS,
-               norm_variants),
+    Hypothesis(
+        ("norm_skipped", "norm_weight_missing", "norm_weight_one_plus", "layer_norm", "norm_twice"),
+        NORM_OPS,
+        norm_variants,
+    ),
     Hypothesis(("rope_skipped", "rope_twice"), ("q_rope", "k_rope"), rope_structure),
     Hypothesis(("cache_off_by_one",), ("k_cache", "v_cache"), cache_off_by_one),
     Hypothesis(("causal_mask_missing",), ("attn_scores", "attn_probs"), causal_mask_missing),

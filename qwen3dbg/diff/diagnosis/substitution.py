@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from qwen3dbg.diff.diagnosis.hypothesis import (MATMUL_MODULE, NORM_OPS, Hypothesis, is_linear, linear_weight_name,
-                                                norm_input, norm_weight_name)
+from qwen3dbg.diff.diagnosis.hypothesis import (
+    MATMUL_MODULE,
+    NORM_OPS,
+    Hypothesis,
+    is_linear,
+    linear_weight_name,
+    norm_input,
+    norm_weight_name,
+)
 from qwen3dbg.diff.diagnosis.replay import context, rms_norm, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
 from qwen3dbg.layout import tensor_shapes
@@ -33,7 +40,8 @@ def _relation(s: Site, used: str, own: str) -> str:
     layer = _layer_of(used)
     if _module_of(used) == _module_of(own) and layer is not None and s.layer is not None:
         return {s.layer - 1: "the previous layer's weight", s.layer + 1: "the next layer's weight"}.get(
-            layer, f"layer {layer}'s weight")
+            layer, f"layer {layer}'s weight"
+        )
     return f"{_module_of(used)} in place of {_module_of(own)}"
 
 
@@ -41,22 +49,35 @@ def _candidates(s: Site, own: str, shape: tuple[int, ...], everywhere: bool) -> 
     """Checkpoint names of the same shape as `own`: every layer's when `everywhere` (norm weights are tiny),
     else this layer's, its neighbours' and the global ones."""
     near = {None} | ({s.layer - 1, s.layer, s.layer + 1} if s.layer is not None else {0, s.cfg.num_hidden_layers - 1})
-    names = [n for n, sh in tensor_shapes(s.cfg).items() if tuple(sh) == tuple(shape) and n != own
-             and (everywhere or _layer_of(n) in near)]
-    return names + [n for n in ("lm_head.weight", "model.embed_tokens.weight") if n != own and n not in names
-                    and s.op == "logits"]
+    names = [
+        n
+        for n, sh in tensor_shapes(s.cfg).items()
+        if tuple(sh) == tuple(shape) and n != own and (everywhere or _layer_of(n) in near)
+    ]
+    return names + [
+        n for n in ("lm_head.weight", "model.embed_tokens.weight") if n != own and n not in names and s.op == "logits"
+    ]
 
 
 def _stated(s: Site, used: str, own: str, transposed: bool, resid: float) -> Diagnosis | None:
     if transposed:
-        return s.explained("weight_transposed", f"{s.name()} applies {own} transposed",
-                           "the weight is used transposed; F.linear takes [out, in] as stored", resid,
-                           {"weight": own, "expected": own})
+        return s.explained(
+            "weight_transposed",
+            f"{s.name()} applies {own} transposed",
+            "the weight is used transposed; F.linear takes [out, in] as stored",
+            resid,
+            {"weight": own, "expected": own},
+        )
     why = f"it loads {_relation(s, used, own)}"
     if s.op == "logits" and s.cfg.tie_word_embeddings and used == "lm_head.weight":
         why = "the LM head is not the embedding though tie_word_embeddings is true; use model.embed_tokens.weight"
-    return s.explained("weight_substituted", f"{s.name()} applies {used}", f"{why}; load {own}", resid,
-                       {"weight": used, "expected": own})
+    return s.explained(
+        "weight_substituted",
+        f"{s.name()} applies {used}",
+        f"{why}; load {own}",
+        resid,
+        {"weight": used, "expected": own},
+    )
 
 
 def norm_weight(s: Site) -> Diagnosis | None:
@@ -120,12 +141,15 @@ def extra_bias(s: Site) -> Diagnosis | None:
     if bias is not None and bias.shape == offset.shape and rel(offset, bias) < 0.05:
         offset = bias
         ev |= {"bias_tensor": bias_name, "offset_vs_bias_rel": rel(d.mean(0), bias)}
-        why += (f"; it equals the checkpoint's {bias_name}, which attention_bias "
-                f"{str(s.cfg.attention_bias).lower()} leaves unused")
+        why += (
+            f"; it equals the checkpoint's {bias_name}, which attention_bias "
+            f"{str(s.cfg.attention_bias).lower()} leaves unused"
+        )
     return s.explained("extra_bias", what, why, rel(c, r + offset), ev)
 
 
 # ---- another tap as input --------------------------------------------------------------------------
+
 
 def _replay(s: Site, ins: list[torch.Tensor]) -> torch.Tensor | None:
     """This op on inputs `ins` (shaped as its schema inputs), on all tokens; None for ops not replayed here."""
@@ -145,7 +169,7 @@ def _replay(s: Site, ins: list[torch.Tensor]) -> torch.Tensor | None:
             return None
         return new if past is None else torch.cat((past, new), 2)
     if op == "attn_scores":
-        return scores(ins[0], ins[1], s.positions(), s.kv_of_head, s.cfg.head_dim ** -0.5)
+        return scores(ins[0], ins[1], s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5)
     if op == "attn_out":
         return context(ins[0], ins[1], s.kv_of_head)
     return None
@@ -184,7 +208,7 @@ def input_substituted(s: Site) -> Diagnosis | None:
             alt = s.operand(name, step)
             if alt is None or alt.numel() != right.numel() or alt.dtype != right.dtype:
                 continue
-            hyp = _replay(s, ins[:slot] + [alt.reshape(right.shape)] + ins[slot + 1:])
+            hyp = _replay(s, ins[:slot] + [alt.reshape(right.shape)] + ins[slot + 1 :])
             if hyp is not None and hyp.shape == c.shape:
                 tried.append((rel(c, hyp), slot, name, step))
     if not tried:
@@ -200,15 +224,22 @@ def input_substituted(s: Site) -> Diagnosis | None:
         why = "the keys are cached before RoPE; cache k_rope"
     elif used_op == parse_tap_name(right)[1] and step == s.step:
         why = f"layer {s.layer} reads layer {parse_tap_name(name)[0]}'s {used_op}"
-    return s.explained("input_substituted", f"{s.name()} is computed from {used} where Qwen3 uses {right}",
-                       f"{why}; feed it {right}", resid, {"operand": name, "operand_step": step, "expected": right})
+    return s.explained(
+        "input_substituted",
+        f"{s.name()} is computed from {used} where Qwen3 uses {right}",
+        f"{why}; feed it {right}",
+        resid,
+        {"operand": name, "operand_step": step, "expected": right},
+    )
 
 
 HYPOTHESES = (
     Hypothesis(("extra_bias",), tuple(MATMUL_MODULE), extra_bias),
     Hypothesis(("weight_substituted",), NORM_OPS, norm_weight),
     Hypothesis(("weight_substituted", "weight_transposed"), tuple(MATMUL_MODULE), linear_weight),
-    Hypothesis(("input_substituted",), NORM_OPS + tuple(MATMUL_MODULE) + ("resid_mid", "resid_out", "k_cache",
-                                                                          "v_cache", "attn_scores", "attn_out"),
-               input_substituted),
+    Hypothesis(
+        ("input_substituted",),
+        NORM_OPS + tuple(MATMUL_MODULE) + ("resid_mid", "resid_out", "k_cache", "v_cache", "attn_scores", "attn_out"),
+        input_substituted,
+    ),
 )

@@ -47,8 +47,9 @@ def signed_stats(rows: torch.Tensor, count: int, gold_norm: float, dtype: torch.
     unit = torch.finfo(dtype).eps * gold_norm / math.sqrt(count)  # an ulp at the tap's RMS magnitude
     out = {"rows": rows.shape[1]}
     totals, spreads = rows.sum(1).tolist(), rows.square().sum(1).sqrt().tolist()
-    for i, (kind, per) in enumerate((("shift", count * unit), ("scale", gold_norm ** 2), ("ref_shift", 1.0),
-                                     ("ref_scale", 1.0))):
+    for i, (kind, per) in enumerate(
+        (("shift", count * unit), ("scale", gold_norm**2), ("ref_shift", 1.0), ("ref_scale", 1.0))
+    ):
         total, spread = totals[i], spreads[i]
         out[f"z_{kind}"] = total / spread if spread > 0 else 0.0
         if i < 2:
@@ -78,26 +79,48 @@ def detect(taps: list[TapResult], div: Divergence | None, dtype: torch.dtype) ->
         if t.status == "ok" and t.extra.get("signed", {}).get("rows", 0) >= MIN_ROWS:
             tested.append(t)
     crit = MARGIN * threshold(2 * len(tested))
-    lam = {kind: max(inflation([t.extra["signed"][f"z_{side}{kind}"] for t in tested]) for side in ("", "ref_"))
-           for kind in ("shift", "scale")}
-    found = [(abs(t.extra["signed"][f"z_{kind}"]) / math.sqrt(lam[kind]) / crit, kind, t)
-             for t in tested for kind in ("shift", "scale")]
+    lam = {
+        kind: max(inflation([t.extra["signed"][f"z_{side}{kind}"] for t in tested]) for side in ("", "ref_"))
+        for kind in ("shift", "scale")
+    }
+    found = [
+        (abs(t.extra["signed"][f"z_{kind}"]) / math.sqrt(lam[kind]) / crit, kind, t)
+        for t in tested
+        for kind in ("shift", "scale")
+    ]
     if not found or max(found, key=lambda f: f[0])[0] <= 1:
         return None
     _, kind, t = max(found, key=lambda f: f[0])
     st = t.extra["signed"]
     z = st[f"z_{kind}"] / math.sqrt(lam[kind])
     limit = crit * math.sqrt(lam[kind]) * st[f"se_{kind}"]
-    ev = {"kind": kind, "z": z, "threshold": crit, "inflation": lam[kind], "taps_tested": len(tested), "rows": st["rows"],
-          f"fitted_{kind}": st[kind], "detection_limit": limit}
+    ev = {
+        "kind": kind,
+        "z": z,
+        "threshold": crit,
+        "inflation": lam[kind],
+        "taps_tested": len(tested),
+        "rows": st["rows"],
+        f"fitted_{kind}": st[kind],
+        "detection_limit": limit,
+    }
     if kind == "shift":
         what = f"shifted by {st['shift']:+.2g} {dtype_name(dtype)} ulp (at its RMS magnitude) against the reference"
     else:
         what = f"the reference scaled by 1 {st['scale']:+.2g}"
-    why = ("every normalised value moves the same way, as an RMSNorm eps other than the config's does"
-           if parse_tap_name(t.name)[1] in _NORMS and kind == "scale" else "rounding scatters both ways, this does not")
-    return Finding(t.step, t.name, t.diff_ulps, 0.0,
-                   f"{t.name} is {what}, within the noise floor but systematic: z = {z:.3g} over {st['rows']} rows "
-                   f"(threshold {crit:.2g} for {len(tested)} taps, row correlation {lam[kind]:.2g}; detection limit "
-                   f"{limit:.2g}): {why}",
-                   f"systematic_{kind}", ev)
+    why = (
+        "every normalised value moves the same way, as an RMSNorm eps other than the config's does"
+        if parse_tap_name(t.name)[1] in _NORMS and kind == "scale"
+        else "rounding scatters both ways, this does not"
+    )
+    return Finding(
+        t.step,
+        t.name,
+        t.diff_ulps,
+        0.0,
+        f"{t.name} is {what}, within the noise floor but systematic: z = {z:.3g} over {st['rows']} rows "
+        f"(threshold {crit:.2g} for {len(tested)} taps, row correlation {lam[kind]:.2g}; detection limit "
+        f"{limit:.2g}): {why}",
+        f"systematic_{kind}",
+        ev,
+    )

@@ -45,12 +45,20 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
     if e_lp < 2 * e_right or off_lp > math.log(2) or off_lp > off_right:
         return None
     k = x.shape[-1]
-    return Diagnosis("lowp_accumulation", f"{s.name()} is {e_c:.2g} from fp64 (rel. L2); replayed on its own input, "
-                     f"summing its {k} products per output in float32 gives {e_right:.2g} and in {s.dtype_name} "
-                     f"{e_lp:.2g} (residual {off_lp / math.log(2):.2g}x the noise floor): the matmul accumulates in "
-                     f"{s.dtype_name}; accumulate in float32",
-                     {"rel_err": e_c, "replay_fp32_rel_err": e_right, "replay_lowp_rel_err": e_lp,
-                      "reduction_length": k, "residual_in_noise": off_lp / math.log(2)})
+    return Diagnosis(
+        "lowp_accumulation",
+        f"{s.name()} is {e_c:.2g} from fp64 (rel. L2); replayed on its own input, "
+        f"summing its {k} products per output in float32 gives {e_right:.2g} and in {s.dtype_name} "
+        f"{e_lp:.2g} (residual {off_lp / math.log(2):.2g}x the noise floor): the matmul accumulates in "
+        f"{s.dtype_name}; accumulate in float32",
+        {
+            "rel_err": e_c,
+            "replay_fp32_rel_err": e_right,
+            "replay_lowp_rel_err": e_lp,
+            "reduction_length": k,
+            "residual_in_noise": off_lp / math.log(2),
+        },
+    )
 
 
 def attention_rebuilt(s: Site) -> Diagnosis | None:
@@ -60,30 +68,49 @@ def attention_rebuilt(s: Site) -> Diagnosis | None:
     if q is None or k is None or v is None or s.cand("attn_probs") is not None:
         return None
     cfg, pos = s.cfg, s.positions()
-    right = {"kv_of_head": s.kv_of_head, "scale": cfg.head_dim ** -0.5}
+    right = {"kv_of_head": s.kv_of_head, "scale": cfg.head_dim**-0.5}
     as_qwen3 = rel(c, attention(q, k, v, pos, **right))
     if as_qwen3 <= s.tol:
         return None
     modulo = [h % cfg.num_key_value_heads for h in range(cfg.num_attention_heads)]
-    slips = [("causal_mask_missing", {"causal": False}, "no causal mask", "the causal mask is missing"),
-             ("scores_scaled", {"scale": 1.0}, "no 1/sqrt(head_dim) scale", "the 1/sqrt(head_dim) scale is missing"),
-             ("softmax_axis", {"softmax_dim": -2}, "the softmax over queries", "softmax taken over the wrong axis")]
+    slips = [
+        ("causal_mask_missing", {"causal": False}, "no causal mask", "the causal mask is missing"),
+        ("scores_scaled", {"scale": 1.0}, "no 1/sqrt(head_dim) scale", "the 1/sqrt(head_dim) scale is missing"),
+        ("softmax_axis", {"softmax_dim": -2}, "the softmax over queries", "softmax taken over the wrong axis"),
+    ]
     if modulo != right["kv_of_head"]:
-        slips.append(("gqa_modulo", {"kv_of_head": modulo}, f"query head h reading kv head h % "
-                      f"{cfg.num_key_value_heads}", "the GQA head mapping uses modulo"))
-    tried = [(rel(c, attention(q, k, v, pos, **(right | change))), sig, what, why, {})
-             for sig, change, what, why in slips]
+        slips.append(
+            (
+                "gqa_modulo",
+                {"kv_of_head": modulo},
+                f"query head h reading kv head h % {cfg.num_key_value_heads}",
+                "the GQA head mapping uses modulo",
+            )
+        )
+    tried = [
+        (rel(c, attention(q, k, v, pos, **(right | change))), sig, what, why, {}) for sig, change, what, why in slips
+    ]
     for layer in range(cfg.num_hidden_layers):
         kl, vl = s.operand(tap_name("k_cache", layer)), s.operand(tap_name("v_cache", layer))
         if layer != s.layer and kl is not None and vl is not None and kl.shape == k.shape:
-            tried.append((rel(c, attention(q, kl, vl, pos, **right)), "input_substituted",
-                          f"layer {layer}'s k_cache and v_cache", f"layer {s.layer} attends over layer {layer}'s "
-                          f"cache; read layer {s.layer}'s", {"operand": tap_name("k_cache", layer),
-                                                              "expected": tap_name("k_cache", s.layer)}))
+            tried.append(
+                (
+                    rel(c, attention(q, kl, vl, pos, **right)),
+                    "input_substituted",
+                    f"layer {layer}'s k_cache and v_cache",
+                    f"layer {s.layer} attends over layer {layer}'s cache; read layer {s.layer}'s",
+                    {"operand": tap_name("k_cache", layer), "expected": tap_name("k_cache", s.layer)},
+                )
+            )
     resid, sig, what, why, ev = min(tried, key=lambda t: t[0])
-    return s.explained(sig, f"{s.name()} is what the candidate's own q_rope, k_cache and v_cache give with {what} "
-                       f"(attending as Qwen3 leaves {as_qwen3:.2g})", why, resid,
-                       ev | {"residual_as_qwen3": as_qwen3, "rebuilt_from": "attn_out"})
+    return s.explained(
+        sig,
+        f"{s.name()} is what the candidate's own q_rope, k_cache and v_cache give with {what} "
+        f"(attending as Qwen3 leaves {as_qwen3:.2g})",
+        why,
+        resid,
+        ev | {"residual_as_qwen3": as_qwen3, "rebuilt_from": "attn_out"},
+    )
 
 
 def softmax_overflow(s: Site) -> Diagnosis | None:
@@ -94,7 +121,7 @@ def softmax_overflow(s: Site) -> Diagnosis | None:
         q, k = s.cand("q_rope"), s.cand("k_cache")
         if q is None or k is None:
             return None
-        sc = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim ** -0.5)
+        sc = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5)
         source = "the scores its q_rope and k_cache give are"
     live = sc[~masked(sc)]
     limit = math.log(torch.finfo(s.src.dtype).max)
@@ -103,19 +130,26 @@ def softmax_overflow(s: Site) -> Diagnosis | None:
         return None
     out = s.cand()
     bad = int((~torch.isfinite(out)).sum())
-    return Diagnosis("softmax_overflow", f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({bad} of "
-                     f"{out.numel()} values) while {source} finite with max {top:.4g} > log(max {s.dtype_name}) = "
-                     f"{limit:.2f}: softmax without max subtraction overflows exp; subtract the row max first",
-                     {"nonfinite": bad, "max_score": top, "exp_limit": limit})
+    return Diagnosis(
+        "softmax_overflow",
+        f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({bad} of "
+        f"{out.numel()} values) while {source} finite with max {top:.4g} > log(max {s.dtype_name}) = "
+        f"{limit:.2f}: softmax without max subtraction overflows exp; subtract the row max first",
+        {"nonfinite": bad, "max_score": top, "exp_limit": limit},
+    )
 
 
 def nonfinite(s: Site) -> Diagnosis | None:
     """The generic fallback for NaN/inf: where they first appear, and how many."""
     c, r = s.cand(), s.base()
     nan, inf = int(torch.isnan(c).sum()), int(torch.isinf(c).sum())
-    return Diagnosis("nonfinite", f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({nan} NaN, {inf} inf of "
-                     f"{c.numel()} values) where the reference is finite (max |x| "
-                     f"{float(r[torch.isfinite(r)].abs().max()):.4g})", {"nan": nan, "inf": inf, "numel": c.numel()})
+    return Diagnosis(
+        "nonfinite",
+        f"NaN/inf first produced by {s.name()} in {s.dtype_name} ({nan} NaN, {inf} inf of "
+        f"{c.numel()} values) where the reference is finite (max |x| "
+        f"{float(r[torch.isfinite(r)].abs().max()):.4g})",
+        {"nan": nan, "inf": inf, "numel": c.numel()},
+    )
 
 
 def amplification(src, tap: str) -> float:
@@ -145,17 +179,27 @@ def rounding_point(s: Site) -> Diagnosis | None:
     n = ulps(c, base, act) if base is not None else 0.0
     wmax = float(w.abs().max())
     amplified = f"; {s.op} weight {wmax:.1f} amplifies the reference's rounding" if wmax > 2 else ""
-    return Diagnosis("rounding_point", f"{s.name()} differs by up to {ulps_phrase(n, s.dtype_name)}: the RMSNorm weight is "
-                     f"applied before rounding here and after it in the reference{amplified}",
-                     {"max_ulps": n, "share_matching_fused": share_fused, "max_weight": wmax,
-                      "residual_in_noise": s.floors(rel(c, fused))})
+    return Diagnosis(
+        "rounding_point",
+        f"{s.name()} differs by up to {ulps_phrase(n, s.dtype_name)}: the RMSNorm weight is "
+        f"applied before rounding here and after it in the reference{amplified}",
+        {
+            "max_ulps": n,
+            "share_matching_fused": share_fused,
+            "max_weight": wmax,
+            "residual_in_noise": s.floors(rel(c, fused)),
+        },
+    )
 
 
 HYPOTHESES = (
     Hypothesis(("softmax_overflow",), ("attn_probs", "attn_out"), softmax_overflow, nonfinite=True),
     Hypothesis(("rounding_point",), NORM_OPS, rounding_point),
-    Hypothesis(("causal_mask_missing", "scores_scaled", "softmax_axis", "gqa_modulo", "input_substituted"),
-               ("attn_out",), attention_rebuilt),
+    Hypothesis(
+        ("causal_mask_missing", "scores_scaled", "softmax_axis", "gqa_modulo", "input_substituted"),
+        ("attn_out",),
+        attention_rebuilt,
+    ),
     Hypothesis(("lowp_accumulation",), tuple(op for op in MATMUL_MODULE if op != "logits"), lowp_accumulation),
     Hypothesis(("nonfinite",), ("*",), nonfinite, nonfinite=True),
 )
