@@ -17,6 +17,21 @@ from qwen3dbg.home import home
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"', re.M)
 
 
+#: the flags of the reduction kernels (the differ's comparison, the scan's statistics): -fassociative-math
+#: vectorizes their sums, whose order is then fixed per build, and changes no NaN handling (their
+#: finiteness tests are on the bits)
+REDUCTION_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-fno-signed-zeros",
+    "-fno-trapping-math",
+    "-fassociative-math",
+]
+
+
 def cache_dir() -> Path:
     return home("kernels")
 

@@ -18,20 +18,8 @@ from pathlib import Path
 import torch
 
 from qwen3dbg.diff.metrics import ErrorStats, agreement, ratio
-from qwen3dbg.kernels import build
+from qwen3dbg.kernels import REDUCTION_FLAGS, build
 
-# As the scan's kernel: -fassociative-math vectorizes the sums (their order is fixed per build) and
-# changes no NaN handling.
-_FLAGS = [
-    "-O3",
-    "-march=native",
-    "-fopenmp",
-    "-fPIC",
-    "-shared",
-    "-fno-signed-zeros",
-    "-fno-trapping-math",
-    "-fassociative-math",
-]
 
 _CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -88,7 +76,9 @@ _lib = None
 def _kernel():
     global _lib
     if _lib is None:
-        lib = build("diff_compare", Path(__file__).with_name("fused.c"), _FLAGS, "the differ's comparison kernel")
+        lib = build(
+            "diff_compare", Path(__file__).with_name("fused.c"), REDUCTION_FLAGS, "the differ's comparison kernel"
+        )
         lib.compare.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.POINTER(_Out)]
         lib.compare.restype = ctypes.c_int
         lib.logits_rows.argtypes = [

@@ -15,20 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3dbg.kernels import build
+from qwen3dbg.kernels import REDUCTION_FLAGS, build
 
-# -fassociative-math lets the compiler vectorize the two double sums; it changes no NaN handling
-# (the finiteness tests are on the bits) and the sums' order is fixed per build.
-_FLAGS = [
-    "-O3",
-    "-march=native",
-    "-fopenmp",
-    "-fPIC",
-    "-shared",
-    "-fno-signed-zeros",
-    "-fno-trapping-math",
-    "-fassociative-math",
-]
 
 DTYPE_CODES = {"float64": 0, "float32": 1, "bfloat16": 2, "float16": 3}
 
@@ -46,7 +34,7 @@ def _kernel():
     """The compiled kernel, built on first use into the cache (keyed by source and flags)."""
     global _lib
     if _lib is None:
-        lib = build("scan_stats", Path(__file__).with_name("stats.c"), _FLAGS, "the scan's statistics kernel")
+        lib = build("scan_stats", Path(__file__).with_name("stats.c"), REDUCTION_FLAGS, "the scan's statistics kernel")
         lib.stats_update.argtypes = [
             ctypes.POINTER(_Stats),
             ctypes.c_void_p,
