@@ -20,11 +20,10 @@ from pathlib import Path
 
 def child(mode: str, model: Path, tokens: int, decode: int, dtype: str, attn: str, repeat: int) -> dict:
     import torch
-
-    from qwen3dbg.capture import capture, forced_steps
     from qwen3dbg.reference.hf import HFCandidate
 
-    from qwen3dbg.config import load_config
+    from qwen3dbg.model.config import load_config
+    from qwen3dbg.run.capture import capture, forced_steps
 
     torch.manual_seed(0)
     prompt = torch.randint(0, load_config(model).vocab_size, (tokens,)).tolist()
@@ -71,7 +70,7 @@ def main() -> None:
         print(json.dumps(child(a.child, a.model, a.tokens, a.decode, a.dtype, a.attn, a.repeat)))
         return
 
-    from qwen3dbg.synth import default_model_dir
+    from qwen3dbg.model.synth import default_model_dir
 
     model = default_model_dir(a.preset)
     results = {}

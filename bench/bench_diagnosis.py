@@ -19,15 +19,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
+from qwen3dbg.reference.qwen3 import Qwen3Reference  # noqa: E402
 from test_diagnosis import PerturbedQProj, Sides  # noqa: E402
 from test_diagnosis_hypotheses import AttendsPreviousLayerCache, MlpNormPreviousLayer, Window  # noqa: E402
 
-from qwen3dbg.capture import forced_steps  # noqa: E402
-from qwen3dbg.candidate import DictSink  # noqa: E402
-from qwen3dbg.checkpoint import Checkpoint  # noqa: E402
 from qwen3dbg.diff.diagnosis import diagnose  # noqa: E402
-from qwen3dbg.reference.qwen3 import Qwen3Reference  # noqa: E402
-from qwen3dbg.synth import make_model  # noqa: E402
+from qwen3dbg.model.checkpoint import Checkpoint  # noqa: E402
+from qwen3dbg.model.synth import make_model  # noqa: E402
+from qwen3dbg.run.candidate import DictSink  # noqa: E402
+from qwen3dbg.run.capture import forced_steps  # noqa: E402
 
 CASES = [
     (MlpNormPreviousLayer, 0, "layers.1.mlp_norm"),

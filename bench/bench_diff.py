@@ -20,16 +20,16 @@ from pathlib import Path
 
 from measure import PeakAnon
 
-from qwen3dbg.home import home
+from qwen3dbg.util.home import home
 
 
 def stores(work: Path, preset: str, tokens: int):
     """Make the model and the three stores if absent; return (model_dir, gold, ref, cand, reference-run seconds)."""
     os.environ["QWEN3DBG_HOME"] = str(work / "home")
-    from qwen3dbg.capture import capture, forced_steps
-    from qwen3dbg.config import load_config
-    from qwen3dbg.registry import load_candidate
-    from qwen3dbg.synth import make_model
+    from qwen3dbg.model.config import load_config
+    from qwen3dbg.model.synth import make_model
+    from qwen3dbg.run.capture import capture, forced_steps
+    from qwen3dbg.run.registry import load_candidate
 
     model = work / preset
     if not (model / "config.json").exists():
@@ -58,10 +58,10 @@ def child(mode: str, threads: str, model: str, gold: str, ref: str, cand: str) -
     """One measurement in this fresh process: 'read' every tap of the three stores, or 'compare' them."""
     import torch
 
-    from qwen3dbg.config import load_config
     from qwen3dbg.diff.compare import Comparison
     from qwen3dbg.diff.streams import Schedule, StoreSide
-    from qwen3dbg.store import TapStore
+    from qwen3dbg.model.config import load_config
+    from qwen3dbg.tapstore.store import TapStore
 
     torch.set_num_threads(int(threads))
     sides = [TapStore.open(p) for p in (gold, ref, cand)]
@@ -124,7 +124,7 @@ def main() -> None:
         reads.append(measure("read", a.threads, model, runs))
         comps.append(measure("compare", a.threads, model, runs))
     read, comp = min(reads, key=lambda r: r["seconds"]), min(comps, key=lambda r: r["seconds"])
-    from qwen3dbg.store import TapStore
+    from qwen3dbg.tapstore.store import TapStore
 
     gold = TapStore.open(runs["scratch float64"][2])
     largest = max(gold.get(0, n).numel() for n in gold.names(0)) * 8

@@ -26,13 +26,13 @@ from pathlib import Path
 
 from measure import PeakAnon, bytes_written
 
-from qwen3dbg.home import home
+from qwen3dbg.util.home import home
 
 PRESET = "qwen3-0.6b"
 
 
 def ids(model: Path, prompt: int, decode: int) -> tuple[list[int], list[int]]:
-    from qwen3dbg.config import load_config
+    from qwen3dbg.model.config import load_config
 
     vocab = load_config(model).vocab_size
     seq = [(7919 * i + 13) % vocab for i in range(prompt + decode)]
@@ -72,8 +72,8 @@ def child_plain(model: str, side: str, prompt: int, decode: int) -> dict:
     """One side with capture off: its own prefill + decode steps (the golden: one forward over all tokens)."""
     import torch
 
-    from qwen3dbg.candidate import NullSink
-    from qwen3dbg.capture import forced_steps
+    from qwen3dbg.run.candidate import NullSink
+    from qwen3dbg.run.capture import forced_steps
 
     p, d = ids(Path(model), prompt, decode)
     before = bytes_written()
@@ -89,15 +89,15 @@ def child_plain(model: str, side: str, prompt: int, decode: int) -> dict:
                 for _, block in logits.blocks():
                     block.max()
         elif side.startswith("store:"):
-            from qwen3dbg.store import TapStore
+            from qwen3dbg.tapstore.store import TapStore
 
             store = TapStore.open(side[len("store:") :])
             for info in store.steps:
                 for name in store.names(info.step):
                     store.get(info.step, name).max()
         else:
-            from qwen3dbg.diff.sides import parse_side
-            from qwen3dbg.registry import load_candidate
+            from qwen3dbg.run.registry import load_candidate
+            from qwen3dbg.run.sides import parse_side
 
             spec = parse_side(side, "cand")
             cand = load_candidate(spec.name, model, "bfloat16", **spec.options)
@@ -111,8 +111,8 @@ def child_plain(model: str, side: str, prompt: int, decode: int) -> dict:
 
 
 def child_capture(model: str, out: str, prompt: int, decode: int) -> dict:
-    from qwen3dbg.capture import capture, forced_steps
-    from qwen3dbg.registry import load_candidate
+    from qwen3dbg.run.capture import capture, forced_steps
+    from qwen3dbg.run.registry import load_candidate
 
     p, d = ids(Path(model), prompt, decode)
     t = time.perf_counter()
@@ -175,7 +175,7 @@ def main() -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     model = a.workdir / PRESET
     if not (model / "config.json").exists():
-        from qwen3dbg.synth import make_model
+        from qwen3dbg.model.synth import make_model
 
         make_model(model, PRESET)
     big = (2048, 256)

@@ -13,12 +13,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from qwen3dbg.candidate import NullSink
 from qwen3dbg.candidates.mine.engine import MineCandidate
 from qwen3dbg.candidates.mine.selftest import capture_stepper, hf_stepper, plain_stepper, probe_ids, time_steps
 from qwen3dbg.reference.hf import HFCandidate
-from qwen3dbg.synth import default_model_dir
+
+from qwen3dbg.model.synth import default_model_dir
+from qwen3dbg.run.candidate import NullSink
 
 
 def profile_decode(engine: MineCandidate, steps: int) -> str:

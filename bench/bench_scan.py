@@ -70,7 +70,7 @@ def child(mode: str, model: Path, repeat: int) -> dict:
         }
     import torch
 
-    from qwen3dbg.checkpoint import Checkpoint
+    from qwen3dbg.model.checkpoint import Checkpoint
 
     t = Checkpoint(model).get("model.embed_tokens.weight")
     base = _rss_mb("VmRSS")
@@ -85,7 +85,7 @@ def child(mode: str, model: Path, repeat: int) -> dict:
 
 
 def ensure_model(root: Path, layers: int, shard_mb: int) -> Path:
-    from qwen3dbg.synth import make_model
+    from qwen3dbg.model.synth import make_model
 
     model = root / f"qwen3-0.6b-{layers}l-bf16"
     done = model / ".complete"

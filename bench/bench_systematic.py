@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.capture import forced_steps, run_steps
-from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.diff import run_diff
-from qwen3dbg.diff.sides import parse_side
 from qwen3dbg.diff.diagnosis import diagnose
 from qwen3dbg.diff.diagnosis.systematic import MARGIN, MIN_ROWS, inflation, threshold
-from qwen3dbg.dtypes import parse_dtype
-from qwen3dbg.measures import rel
-from qwen3dbg.registry import load_candidate
-from qwen3dbg.synth import Plants, make_model
+from qwen3dbg.diff.metrics import rel
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.synth import Plants, make_model
+from qwen3dbg.run.capture import forced_steps, run_steps
+from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.run.sides import parse_side
+from qwen3dbg.util.dtypes import parse_dtype
 
 #: (ref, cand, preset, plants, dtype): the clean pairs of issue 14 that run on a CPU
 PAIRS = [

@@ -2,7 +2,7 @@
 
 Each variant overrides one op of `Qwen3Reference` (two where the bug lives in a helper both ops
 share) and says in its docstring what is wrong and what the correct line is. Run any of them with
-`--cand NAME`: qwen3dbg/registry.py lists them, and a test keeps that list in step with `VARIANTS`.
+`--cand NAME`: qwen3dbg/run/registry.py lists them, and a test keeps that list in step with `VARIANTS`.
 `rmsnorm-fused` is the one clean variant: it rounds at another point, which is not a bug.
 """
 
@@ -12,9 +12,9 @@ from abc import abstractmethod
 
 import torch
 import torch.nn.functional as F
-
-from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import Qwen3Reference, accumulate_lowp, attention_scores, rms_norm, rope_cos_sin
+
+from qwen3dbg.util.errors import UserError
 
 
 class RopeInterleaved(Qwen3Reference):

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from qwen3dbg.candidate import Candidate
-from qwen3dbg.config import load_config
-from qwen3dbg.dtypes import parse_dtype
-from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import causal_mask
-from qwen3dbg.store import TapSink
-from qwen3dbg.taps import OPS_BY_NAME, step_taps
+
+from qwen3dbg.model.config import load_config
+from qwen3dbg.run.candidate import Candidate
+from qwen3dbg.tapstore.schema import OPS_BY_NAME, step_taps
+from qwen3dbg.tapstore.store import TapSink
+from qwen3dbg.util.dtypes import parse_dtype
+from qwen3dbg.util.errors import UserError
 
 SCORES_NOTE = (
     "attn_scores is llama.cpp's kq node times 1/sqrt(head_dim) with the causal mask applied by "
@@ -153,7 +153,7 @@ def _check_gguf(gguf_path: str, config) -> None:
             f"llamacpp:{gguf_path}: no such GGUF file (write one with `qwen3dbg make-model OUT.gguf "
             "--format gguf` or llama.cpp's converter)"
         )
-    from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, data_region_problems, read_gguf
+    from qwen3dbg.model.gguf_io import GGUFDamaged, config_from_gguf, data_region_problems, read_gguf
 
     try:
         g = read_gguf(gguf)
@@ -192,7 +192,7 @@ class LlamaCppCandidate(Candidate):
 
     @staticmethod
     def check(gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2) -> None:
-        """All but loading the model (`qwen3dbg.registry.check_candidate`): the GGUF file's shapes fit the
+        """All but loading the model (`qwen3dbg.run.registry.check_candidate`): the GGUF file's shapes fit the
         model directory, and llama-cpp-python imports."""
         _check_gguf(gguf_path, load_config(model_dir))
         _import_llama_cpp()

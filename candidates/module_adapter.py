@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.candidate import Candidate, DictSink
-from qwen3dbg.config import Qwen3Config, load_config
-from qwen3dbg.dtypes import parse_dtype
-from qwen3dbg.errors import UserError
-from qwen3dbg.patching import patched
-from qwen3dbg.store import TapSink
-from qwen3dbg.taps import OPS_BY_NAME, axis_sizes, layer_ops, parse_tap_name, step_taps
+from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.run.candidate import Candidate, DictSink
+from qwen3dbg.tapstore.schema import OPS_BY_NAME, axis_sizes, layer_ops, parse_tap_name, step_taps
+from qwen3dbg.tapstore.store import TapSink
+from qwen3dbg.util.dtypes import parse_dtype
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.patching import patched
 
 RERUN_NOTE = "no KV cache: each decode step re-runs the whole prefix and its last position is compared"
 
@@ -137,7 +137,7 @@ def load_mapping(path: str | Path, config: Qwen3Config) -> Mapping:
             parse_transform(t, axis_sizes(config, 1, 1, 1), where=f"{path}: tap {key!r}")
         op = parse_tap_name(key.replace("{i}", "0"))[1]
         if op not in OPS_BY_NAME:
-            raise UserError(f"{path}: {key!r} is not a tap name of the schema (see qwen3dbg/taps.py)")
+            raise UserError(f"{path}: {key!r} is not a tap name of the schema (see qwen3dbg/tapstore/schema.py)")
         # `{i}` covers the layers that have the op: one mapping serves dense, MoE and mixed models
         layers = (
             [i for i in range(config.num_hidden_layers) if op in {o.op for o in layer_ops(config, i)}]
@@ -464,7 +464,7 @@ class ModuleCandidate(Candidate):
 
     @staticmethod
     def check(spec: str, model_dir, dtype="float32", *, mapping: str | Path | None = None) -> None:
-        """All but building the model (`qwen3dbg.registry.check_candidate`): the port imports, and its
+        """All but building the model (`qwen3dbg.run.registry.check_candidate`): the port imports, and its
         factory and mapping resolve."""
         spec, _, at = spec.partition("@")
         _port(spec, at, mapping, load_config(model_dir))

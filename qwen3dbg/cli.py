@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from qwen3dbg.errors import UserError
-from qwen3dbg.wording import plural
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.text import plural
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -145,7 +145,7 @@ def make_model_cmd(
     ),
 ):
     """Write a synthetic Qwen3 checkpoint in exactly the on-disk format of released ones."""
-    from qwen3dbg.synth import PRESETS, Plants, make_model
+    from qwen3dbg.model.synth import PRESETS, Plants, make_model
 
     if list_presets:
         for name, p in PRESETS.items():
@@ -176,7 +176,7 @@ def make_model_cmd(
         if format == "safetensors":
             make_model(out, preset, **options)
         elif format == "gguf":
-            from qwen3dbg.gguf_io import make_gguf_model
+            from qwen3dbg.model.gguf_io import make_gguf_model
 
             make_gguf_model(
                 out,
@@ -220,14 +220,15 @@ def capture(
     verbose: Verbose = False,
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
-    from qwen3dbg.capture import capture as run_capture, estimate_bytes, planned
-    from qwen3dbg.checkpoint import Checkpoint
-    from qwen3dbg.diff.sides import check_sides, parse_side
-    from qwen3dbg.dtypes import dtype_name
-    from qwen3dbg.inputs import RunInputs, resolve_model, resolve_steps
-    from qwen3dbg.registry import load_candidate, with_attn
-    from qwen3dbg.store import check_out_dir
-    from qwen3dbg.third_party import set_verbose
+    from qwen3dbg.model.checkpoint import Checkpoint
+    from qwen3dbg.run.capture import capture as run_capture
+    from qwen3dbg.run.capture import estimate_bytes, planned
+    from qwen3dbg.run.inputs import RunInputs, resolve_model, resolve_steps
+    from qwen3dbg.run.registry import load_candidate, with_attn
+    from qwen3dbg.run.sides import check_sides, parse_side
+    from qwen3dbg.tapstore.store import check_out_dir
+    from qwen3dbg.util.dtypes import dtype_name
+    from qwen3dbg.util.third_party import set_verbose
 
     set_verbose(verbose)
     inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
@@ -266,8 +267,8 @@ def validate_store_cmd(
 ):
     """Check a tap store written by any program: names, shapes, dtypes, steps, token ids, files.
     Exit 0 valid, 1 problems found, 2 unreadable."""
-    from qwen3dbg.inputs import resolve_model
-    from qwen3dbg.validate import validate_store
+    from qwen3dbg.run.inputs import resolve_model
+    from qwen3dbg.tapstore.validate import validate_store
 
     # the model is loaded as every command loads it: a config declaring 10^9 layers is refused by what
     # the weights hold before any list of taps is made
@@ -294,8 +295,8 @@ def cache_cmd(
 
     from rich.table import Table
 
-    from qwen3dbg.cache import budget, clear as clear_all, entries
-    from qwen3dbg.home import home
+    from qwen3dbg.util.home import budget, entries, home
+    from qwen3dbg.util.home import clear as clear_all
 
     found = clear_all() if clear else entries()
     table = Table(title=f"{'removed from' if clear else 'cached in'} {home()}", title_justify="left")
@@ -342,10 +343,10 @@ def diff(
 
     Exit status: 0 no divergence, 1 divergence found, 2 bad input or a failure."""
     from qwen3dbg.diff import run_diff
-    from qwen3dbg.inputs import RunInputs
-    from qwen3dbg.progress import DiffProgress
     from qwen3dbg.reports.terminal import render
-    from qwen3dbg.third_party import set_verbose
+    from qwen3dbg.run.inputs import RunInputs
+    from qwen3dbg.util.progress import DiffProgress
+    from qwen3dbg.util.third_party import set_verbose
 
     set_verbose(verbose)
     inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
@@ -411,7 +412,7 @@ def _writable_files(*paths: Optional[Path]) -> None:
 
 def _write_outputs(result, views: dict[Optional[Path], Callable[[object], str]]) -> None:
     """Write each requested view of `result` (path -> renderer); a path that cannot be written is a UserError."""
-    from qwen3dbg.text import utf8_text
+    from qwen3dbg.util.text import utf8_text
 
     for path, view in views.items():
         if path is not None:
@@ -512,9 +513,9 @@ def selftest(
     exactly (on a GPU the store copies taps asynchronously), or capture off (on a GPU, decode by CUDA
     graph) gives other logits than capture on; else 0."""
     from qwen3dbg.candidates.mine.selftest import selftest as run_selftest
-    from qwen3dbg.inputs import resolve_model
     from qwen3dbg.reports.selftest_json import render_json
     from qwen3dbg.reports.selftest_terminal import render
+    from qwen3dbg.run.inputs import resolve_model
 
     if prompt_tokens < 1 or decode_steps < 1:
         raise UserError("--prompt-tokens and --decode-steps must be at least 1")

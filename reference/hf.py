@@ -17,14 +17,14 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from qwen3dbg.candidate import Candidate, emit
-from qwen3dbg.config import load_config
-from qwen3dbg.dtypes import parse_dtype
-from qwen3dbg.errors import UserError
-from qwen3dbg.patching import patched
-from qwen3dbg.store import TapSink
-from qwen3dbg.taps import tap_name
-from qwen3dbg.third_party import quiet_transformers
+from qwen3dbg.model.config import load_config
+from qwen3dbg.run.candidate import Candidate, emit
+from qwen3dbg.tapstore.schema import tap_name
+from qwen3dbg.tapstore.store import TapSink
+from qwen3dbg.util.dtypes import parse_dtype
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.patching import patched
+from qwen3dbg.util.third_party import quiet_transformers
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 #: the transformers versions this capture is tested with (pyproject.toml declares the same range)
@@ -87,7 +87,7 @@ class HFCandidate(Candidate):
 
     @staticmethod
     def check(model_dir, dtype="float32", *, attn: str = "eager") -> None:
-        """What can be refused before loading the weights (`qwen3dbg.registry.check_candidate`)."""
+        """What can be refused before loading the weights (`qwen3dbg.run.registry.check_candidate`)."""
         import transformers
 
         check_transformers_version(transformers.__version__)

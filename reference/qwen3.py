@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwen3dbg.candidate import Candidate, NullSink, emit, option_flag
-from qwen3dbg.checkpoint import Checkpoint
-from qwen3dbg.config import Qwen3Config, load_config
-from qwen3dbg.dtypes import parse_dtype
-from qwen3dbg.store import TapSink
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.run.candidate import Candidate, NullSink, emit, option_flag
+from qwen3dbg.tapstore.store import TapSink
+from qwen3dbg.util.dtypes import parse_dtype
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from qwen3dbg.diff.result import DiffResult, TapResult
 from qwen3dbg.reports.html import esc, figure_png, page, pyplot
-from qwen3dbg.taps import LAYER_OPS
+
+from qwen3dbg.diff.result import DiffResult, TapResult
+from qwen3dbg.tapstore.schema import LAYER_OPS
 
 #: op families, one panel each in the error-vs-layer plot
 FAMILIES = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from qwen3dbg.scan.findings import CheckpointFinding, ScanResult, Verdict, rank
-from qwen3dbg.wording import plural
+from qwen3dbg.util.text import plural
 
 NORM_COLUMNS = ("q_norm", "k_norm", "input_layernorm", "post_attention_layernorm", "norm")  # norm: the final one
 #: checks shown first within a severity: a non-finite weight turns every activation it touches into NaN

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qwen3dbg.reports.html import esc, figure_png, page, pyplot
 from qwen3dbg.reports.scan_groups import NORM_COLUMNS, by_tensor, counts_line, num, peaks_by_layer, read_line, what
+
 from qwen3dbg.scan.findings import ScanResult, Verdict, WeightsDiffResult
 
 CSS_CLASS = {"error": "bad", "warning": "warn", "info": "info"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from qwen3dbg.json_safe import json_safe
 from qwen3dbg.scan.findings import Verdict
+from qwen3dbg.util.jsonio import json_safe
 
 
 def render_json(result: Verdict) -> str:

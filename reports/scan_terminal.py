@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 from qwen3dbg.reports.scan_groups import NORM_COLUMNS, by_tensor, counts_line, num, peaks_by_layer, read_line, what
+
 from qwen3dbg.scan.findings import ScanResult, Verdict, WeightsDiffResult
-from qwen3dbg.text import escape
-from qwen3dbg.wording import plural
+from qwen3dbg.util.text import escape, plural
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "blue"}
 SHOWN_TENSORS = 12  # tensors with findings the terminal lists (JSON and HTML list all)

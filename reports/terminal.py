@@ -7,9 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from qwen3dbg.diff.result import DiffResult, TapResult
-from qwen3dbg.text import escape
-from qwen3dbg.wording import short
-
+from qwen3dbg.util.text import escape, short
 
 _STYLE = {
     "first divergence": "bold",

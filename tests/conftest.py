@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from helpers import DECODE, PROMPT
-from qwen3dbg.capture import forced_steps
-from qwen3dbg.synth import Plants, make_model
+
+from qwen3dbg.model.synth import Plants, make_model
+from qwen3dbg.run.capture import forced_steps
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,7 +19,7 @@ def rewrite_checkpoint(src, dst, edit):
 
     from safetensors.torch import save_file
 
-    from qwen3dbg.checkpoint import Checkpoint
+    from qwen3dbg.model.checkpoint import Checkpoint
 
     ckpt = Checkpoint(src)
     tensors = edit({n: ckpt.get(n) for n in ckpt.keys()})

@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import deadline, peak_traced_bytes, rewrite_checkpoint
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import SafetensorError, safe_open
 
-from qwen3dbg.errors import UserError
-from qwen3dbg.inputs import resolve_model
-from qwen3dbg.layout import INDEX, SINGLE
+from qwen3dbg.model.layout import INDEX, SINGLE
+from qwen3dbg.run.inputs import resolve_model
 from qwen3dbg.scan import container
 from qwen3dbg.scan.scan import scan_checkpoint
+from qwen3dbg.util.errors import UserError
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 JSON = st.recursive(

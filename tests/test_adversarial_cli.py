@@ -8,13 +8,14 @@ import shutil
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from helpers import cli, edit_safetensors_header
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from qwen3dbg.reference.qwen3 import Qwen3Reference
 from safetensors.torch import load_file, save_file
 
-from helpers import cli, edit_safetensors_header
-from qwen3dbg.capture import capture, forced_steps
-from qwen3dbg.errors import UserError
-from qwen3dbg.reference.qwen3 import Qwen3Reference
+from qwen3dbg.run.capture import capture, forced_steps
+from qwen3dbg.util.errors import UserError
 
 #: pieces that mean something to rich (markup tags, escapes, emoji codes) or to a format string
 MARKUP = [
@@ -60,7 +61,7 @@ fixtures_ok = settings(
 def test_escaped_text_prints_as_written_inside_markup_of_ours(text):
     from rich.markup import render
 
-    from qwen3dbg.text import escape
+    from qwen3dbg.util.text import escape
 
     assert render(f"[bold]{escape(text)}[/]", emoji=False).plain == text
     if not text.endswith("\\"):  # alone at the end of a line, trailing backslashes print doubled (see escape)
@@ -75,7 +76,7 @@ def test_the_error_printer_prints_any_message_as_written(monkeypatch, capsys, me
     def refuse(*a, **k):
         raise UserError(message)
 
-    monkeypatch.setattr("qwen3dbg.validate.validate_store", refuse)
+    monkeypatch.setattr("qwen3dbg.tapstore.validate.validate_store", refuse)
     assert cli("validate-store", "anything") == 2
     assert capsys.readouterr().err == f"error: {message}\n"
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import gguf
 import pytest
 from helpers import peak_traced_bytes
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
-from qwen3dbg.errors import UserError
-from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, read_gguf, write_gguf
-from qwen3dbg.layout import MAX_TENSORS
-from qwen3dbg.registry import load_candidate
+from qwen3dbg.model.gguf_io import GGUFDamaged, config_from_gguf, read_gguf, write_gguf
+from qwen3dbg.model.layout import MAX_TENSORS
+from qwen3dbg.run.registry import load_candidate
 from qwen3dbg.scan.scan import scan_checkpoint
+from qwen3dbg.util.errors import UserError
 
 Q = gguf.GGMLQuantizationType
 UINT32, INT32, F32, BOOL, STRING, ARRAY, UINT64, INT64 = 4, 5, 6, 7, 8, 9, 10, 11

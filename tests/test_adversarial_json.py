@@ -7,9 +7,10 @@ import os
 
 import pytest
 from helpers import deadline, peak_traced_bytes
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from qwen3dbg.json_read import MAX_DEPTH, JSONReadError, loads, nesting_depth, read_json
+from qwen3dbg.util.jsonio import MAX_DEPTH, JSONReadError, loads, nesting_depth, read_json
 
 # strings full of what a depth counter could mistake for structure
 _TRICKY = st.text(alphabet=st.sampled_from(list('[]{}"\\:,ab\n\u00e9\U0001f600')), max_size=12)

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import PROMPT, cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from qwen3dbg.reference.qwen3 import Qwen3Reference
 from safetensors.torch import load_file, save_file
 
-from helpers import PROMPT, cli
-from qwen3dbg.capture import capture, forced_steps
-from qwen3dbg.config import load_config
 from qwen3dbg.diff import run_diff
-from qwen3dbg.reference.qwen3 import Qwen3Reference
-from qwen3dbg.errors import UserError
-from qwen3dbg.store import StepInfo, StoreWriter, TapStore
-from qwen3dbg.validate import validate_store
+from qwen3dbg.model.config import load_config
+from qwen3dbg.run.capture import capture, forced_steps
+from qwen3dbg.tapstore.store import StepInfo, StoreWriter, TapStore
+from qwen3dbg.tapstore.validate import validate_store
+from qwen3dbg.util.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +331,7 @@ def test_a_tap_neither_present_nor_declared_missing_is_a_problem(
 ):
     """With or without a config; without one, the layers are those the file holds (layer 2 keeps other
     taps) and a dense FFN tap cannot be asked for: the layer might be MoE."""
-    from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name
+    from qwen3dbg.tapstore.schema import OPS_BY_NAME, parse_tap_name
 
     store = _copy(valid_store, tmp_path / "s")
     m = _manifest(store) | {"missing_taps": sorted(declare)}
@@ -349,7 +350,7 @@ def test_a_tap_neither_present_nor_declared_missing_is_a_problem(
 
 @pytest.mark.parametrize("every_op_declared", [False, True])
 def test_a_store_without_any_tap_is_refused_or_judges_nothing(tmp_path, valid_store, dense, every_op_declared, capsys):
-    from qwen3dbg.taps import OPS_BY_NAME
+    from qwen3dbg.tapstore.schema import OPS_BY_NAME
 
     store = _copy(valid_store, tmp_path / "s")
     _rewrite_taps(store, lambda step, taps: {})

@@ -6,10 +6,10 @@ import os
 import time
 
 import pytest
-
-from qwen3dbg.cache import clear, entries, fit, parse_size
-from qwen3dbg.errors import UserError
 from helpers import cli
+
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.home import clear, entries, fit, parse_size
 
 
 def _entry(home, folder: str, name: str, size: int, age_h: float):

@@ -9,12 +9,12 @@ import json
 from dataclasses import dataclass
 
 import pytest
-
 from qwen3dbg.candidates.catalogue import VARIANTS
-from qwen3dbg.capture import capture, forced_steps
+
 from qwen3dbg.diff import run_diff
-from qwen3dbg.errors import UserError
-from qwen3dbg.registry import IMPLEMENTATIONS, load_candidate
+from qwen3dbg.run.capture import capture, forced_steps
+from qwen3dbg.run.registry import IMPLEMENTATIONS, load_candidate
+from qwen3dbg.util.errors import UserError
 
 PROMPT, DECODE = [9, 41, 7, 300, 12, 5], [77, 150]
 BOTH = ("float32", "bfloat16")

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-from qwen3dbg.candidate import DictSink
-from qwen3dbg.diff import run_diff
-from qwen3dbg.errors import UserError
 from qwen3dbg.reference.qwen3 import Qwen3Reference
-from qwen3dbg.taps import tap_name
+
+from qwen3dbg.diff import run_diff
+from qwen3dbg.run.candidate import DictSink
+from qwen3dbg.tapstore.schema import tap_name
+from qwen3dbg.util.errors import UserError
 
 
 def ids(n: int) -> list[int]:

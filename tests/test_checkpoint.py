@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from qwen3dbg.checkpoint import Checkpoint
-from qwen3dbg.layout import INDEX, tensor_shapes
-from qwen3dbg.config import load_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.synth import Plants, make_model
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.config import load_config
+from qwen3dbg.model.layout import INDEX, tensor_shapes
+from qwen3dbg.model.synth import Plants, make_model
+from qwen3dbg.util.errors import UserError
 
 
 def test_sharded_checkpoint_reads_like_the_single_file(models, tmp_path):
@@ -77,7 +77,7 @@ def test_missing_shard_and_missing_weights_are_clear_errors(models, tmp_path):
 def test_a_default_model_cached_by_another_generator_is_not_reused(tmp_path, monkeypatch):
     """The embedded default is cached; a cache left by an older generator (other weights) must not stand
     in for what make-model writes today, or stores captured on one would diverge on the other."""
-    from qwen3dbg import synth
+    from qwen3dbg.model import synth
 
     monkeypatch.setattr(synth, "generator_digest", lambda: "an-older-one")
     stale = synth.default_model_dir()

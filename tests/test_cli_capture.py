@@ -8,8 +8,8 @@ from helpers import cli, rewrite_checkpoint, with_config
 from typer.testing import CliRunner
 
 from qwen3dbg.cli import app
-from qwen3dbg.store import TapStore
-from qwen3dbg.taps import step_taps
+from qwen3dbg.tapstore.schema import step_taps
+from qwen3dbg.tapstore.store import TapStore
 
 runner = CliRunner()
 
@@ -39,14 +39,15 @@ def test_capture_writes_a_complete_store_with_recorded_greedy_decode_ids(models,
     assert [s.tokens for s in store.steps] == [4, 1, 1]
     assert store.steps[2].positions == [[5]]
     # The decode ids are the greedy choices of the fp64 golden, recorded for every other side to reuse.
-    from qwen3dbg.capture import greedy_decode_ids
     from qwen3dbg.reference.qwen3 import Qwen3Reference
+
+    from qwen3dbg.run.capture import greedy_decode_ids
 
     picked = greedy_decode_ids(Qwen3Reference(models("tiny-moe")), [5, 17, 99, 3], 2)
     assert [s.token_ids[0][0] for s in store.steps[1:]] == picked
     cfg = store.manifest["config"]
     assert set(store.names(1)) == {
-        t.name for t in step_taps(__import__("qwen3dbg.config").config.parse_config(cfg), 1, 1, 5)
+        t.name for t in step_taps(__import__("qwen3dbg.model.config").model.config.parse_config(cfg), 1, 1, 5)
     }
 
 
@@ -215,7 +216,7 @@ def test_an_output_file_that_cannot_be_written_is_one_clear_line_and_exit_2(mode
 @pytest.mark.parametrize("command", [["capture", "--out", "{tmp}/taps"], ["diff", "--cand", "scratch"]])
 def test_capture_and_diff_parse_the_same_input_flags_into_the_same_run_inputs(monkeypatch, tmp_path, command):
     """Both commands hand their flags to RunInputs.from_flags and nothing else: the same flags, the same inputs."""
-    from qwen3dbg.inputs import RunInputs
+    from qwen3dbg.run.inputs import RunInputs
 
     parsed, parse = [], RunInputs.from_flags
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from helpers import cli
 from typer.testing import CliRunner
 
-from helpers import cli
 from qwen3dbg.cli import app
-from qwen3dbg.synth import PRESETS
+from qwen3dbg.model.synth import PRESETS
 
 COMMANDS = [c.name for c in app.registered_commands]
 
@@ -158,7 +158,7 @@ def test_overlapping_quiet_calls_from_two_threads_restore_the_state_they_found()
 
     from transformers.utils import logging as hf_logging
 
-    from qwen3dbg.third_party import quiet_transformers, set_verbose
+    from qwen3dbg.util.third_party import quiet_transformers, set_verbose
 
     set_verbose(False)  # as a command without --verbose leaves it
     filters, level = list(warnings.filters), hf_logging.get_verbosity()

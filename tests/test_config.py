@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from qwen3dbg.config import load_config, parse_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.synth import PRESETS
+from qwen3dbg.model.config import load_config, parse_config
+from qwen3dbg.model.synth import PRESETS
+from qwen3dbg.util.errors import UserError
 
 RELEASED_0_6B = {  # field spellings of the released Qwen3-0.6B config.json
     "architectures": ["Qwen3ForCausalLM"],

@@ -14,14 +14,14 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-
-from qwen3dbg.capture import forced_steps, run_steps
-from qwen3dbg.checkpoint import Checkpoint
 from qwen3dbg.candidates.catalogue import VARIANTS
-from qwen3dbg.config import Qwen3Config
-from qwen3dbg.diff.diagnosis import diagnose, explain_rounding
-from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm
+
+from qwen3dbg.diff.diagnosis import diagnose, explain_rounding
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.run.capture import forced_steps, run_steps
+from qwen3dbg.util.dtypes import parse_dtype
 
 PROMPT, DECODE = [9, 41, 7, 300, 12, 5], [77, 150]
 STEPS = forced_steps(PROMPT, DECODE)

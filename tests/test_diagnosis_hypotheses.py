@@ -16,16 +16,15 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rewrite_checkpoint
+from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm, swiglu
+from test_diagnosis import DECODE, PROMPT, STEPS, Sides
 
-from qwen3dbg.candidate import emit
-from qwen3dbg.capture import capture, forced_steps, run_steps
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.diagnosis import diagnose
-from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm, swiglu
-from qwen3dbg.taps import parse_tap_name
-
-from helpers import rewrite_checkpoint
-from test_diagnosis import DECODE, PROMPT, STEPS, Sides
+from qwen3dbg.run.candidate import emit
+from qwen3dbg.run.capture import capture, forced_steps, run_steps
+from qwen3dbg.tapstore.schema import parse_tap_name
 
 
 class Window:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qwen3dbg.reference.qwen3 import Qwen3Reference
 
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, signed_stats
 from qwen3dbg.diff.fused import tap_errors
 from qwen3dbg.diff.result import TapResult
-from qwen3dbg.reference.qwen3 import Qwen3Reference
-from qwen3dbg.registry import IMPLEMENTATIONS
+from qwen3dbg.run.registry import IMPLEMENTATIONS
 
 TOKENS = list(range(3, 3 + 160))  # 160 rows of 64: every hidden-state tap holds >= 1e4 elements
 

@@ -10,12 +10,12 @@ from typing import Callable
 import pytest
 import torch
 
-from qwen3dbg.capture import capture, forced_steps, run_steps
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.metrics import router_margin
-from qwen3dbg.registry import load_candidate
-from qwen3dbg.store import StoreWriter, TapStore
-from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name
+from qwen3dbg.run.capture import capture, forced_steps, run_steps
+from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.tapstore.schema import OPS_BY_NAME, parse_tap_name
+from qwen3dbg.tapstore.store import StoreWriter, TapStore
 
 PROMPT, DECODE = [9, 41, 7, 300, 12, 5, 77, 150], [3]
 
@@ -82,7 +82,7 @@ def test_nan_is_traced_to_the_first_op_that_produced_it(dense_bf16, tmp_path):
 def test_nan_weights_are_not_judged_a_match_where_every_side_and_the_golden_is_nan(tmp_path):
     """A NaN in the checkpoint makes the golden NaN too: nothing can be judged from there on, and
     'no divergence' would read as a pass."""
-    from qwen3dbg.synth import Plants, make_model
+    from qwen3dbg.model.synth import Plants, make_model
 
     model = make_model(tmp_path / "m", "tiny-dense", plants=Plants(nonfinite=("model.layers.1.mlp.up_proj.weight",)))
     result = run_diff("hf", "scratch", model_dir=model, token_ids=PROMPT)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen3dbg.diff.fused import count_over, logits_rows, tap_errors
-from qwen3dbg.store import masked
+from qwen3dbg.tapstore.store import masked
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 N = 3 * 65536 + 1234  # several partial-sum chunks and a ragged tail

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from qwen3dbg.reference.qwen3 import Qwen3Reference
 
-from qwen3dbg.capture import capture, forced_steps, run_steps
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.blocks import RowBlocks, blocked_count_over, blocked_errors
 from qwen3dbg.diff.fused import count_over, tap_errors
 from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.streams import CacheSlots, Keeper, Schedule, ThreadSide, golden_forced
-from qwen3dbg.reference.qwen3 import Qwen3Reference
-from qwen3dbg.registry import load_candidate
-from qwen3dbg.store import TapStore
-from qwen3dbg.validate import validate_store
+from qwen3dbg.run.capture import capture, forced_steps, run_steps
+from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.tapstore.store import TapStore
+from qwen3dbg.tapstore.validate import validate_store
 
 PROMPT = [(13 * i + 5) % 512 for i in range(40)]
 DECODE = [7, 300, 42, 9]
@@ -124,7 +124,7 @@ def test_a_cache_that_overwrites_an_old_slot_is_caught_at_the_step_and_slot_wher
     catalogue_model, monkeypatch
 ):
     """44 slots, prompt 40: decode steps 1-4 fill slots 40-43, step 5 writes position 44 into slot 0."""
-    from qwen3dbg import registry
+    from qwen3dbg.run import registry
 
     monkeypatch.setitem(registry.IMPLEMENTATIONS, "ring-cache", f"{__name__}:RingCache")
     model = catalogue_model("dense")
@@ -159,7 +159,7 @@ def test_the_json_of_a_long_decode_lists_the_taps_of_the_steps_that_matter_and_s
 def test_a_capture_stores_large_decode_caches_as_slots_that_validate_and_diff_clean(
     catalogue_model, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr("qwen3dbg.store.FULL_CACHE_BYTES", 0)  # every cache counts as large
+    monkeypatch.setattr("qwen3dbg.tapstore.store.FULL_CACHE_BYTES", 0)  # every cache counts as large
     model = catalogue_model("dense")
     path = capture(load_candidate("scratch", model, "bfloat16"), forced_steps(PROMPT, DECODE), tmp_path / "s")
     store = TapStore.open(path)

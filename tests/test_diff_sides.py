@@ -11,12 +11,12 @@ import pytest
 from helpers import cli, with_config
 from typer.testing import CliRunner
 
-from qwen3dbg.capture import capture, forced_steps
 from qwen3dbg.cli import app
 from qwen3dbg.diff import run_diff
-from qwen3dbg.diff.sides import parse_side
-from qwen3dbg.errors import UserError
-from qwen3dbg.registry import load_candidate
+from qwen3dbg.run.capture import capture, forced_steps
+from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.run.sides import parse_side
+from qwen3dbg.util.errors import UserError
 
 PROMPT, DECODE = [3, 1, 4, 1, 5, 9, 2, 6], [5]
 
@@ -237,7 +237,7 @@ def test_a_prefill_only_diff_says_the_decode_path_went_unchecked(catalogue_model
 def test_a_store_captured_on_other_weights_says_so(tmp_path):
     """`qwen3dbg capture` records a digest of the weights; diffed against another model (here another
     seed, same shapes) the store's differences are the weights', and the result must say it."""
-    from qwen3dbg.synth import make_model
+    from qwen3dbg.model.synth import make_model
 
     ours, other = make_model(tmp_path / "ours", "tiny-dense"), make_model(tmp_path / "other", "tiny-dense", seed=1)
     assert cli("capture", "--impl", "scratch", "--model", ours, "--token-ids", "5,6,7", "--out", tmp_path / "s") == 0

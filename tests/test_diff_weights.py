@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import rewrite_checkpoint
 
-from qwen3dbg.gguf_io import GGUF_TYPES, write_gguf
+from qwen3dbg.model.gguf_io import GGUF_TYPES, write_gguf
+from qwen3dbg.model.synth import PRESETS
 from qwen3dbg.scan.diff import diff_weights, rope_permute, rope_unpermute
-from qwen3dbg.synth import PRESETS
 
 L1 = "model.layers.1."
 

@@ -62,7 +62,7 @@ def test_gpu_check_parses_and_installs_the_checkout_offline_without_a_path_hack(
     assert 'pip install -q --no-deps --no-build-isolation -e "$repo"' in text
 
 
-@pytest.mark.parametrize("name", ["qwen3dbg.bench", "qwen3dbg.docs", "qwen3dbg.qwen3dbg.taps"])
+@pytest.mark.parametrize("name", ["qwen3dbg.bench", "qwen3dbg.docs", "qwen3dbg.qwen3dbg.tapstore.schema"])
 def test_checkout_folders_outside_the_package_do_not_import_as_subpackages(name):
     """One name per file: from the checkout's root too, only pyproject's mapping makes subpackages."""
     out = run(sys.executable, "-c", f"import {name}")

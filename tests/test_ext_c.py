@@ -10,16 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import DECODE, PROMPT, edit_safetensors_header, first_divergence
 from typer.testing import CliRunner
 
-from helpers import DECODE, PROMPT, edit_safetensors_header, first_divergence
-
 from qwen3dbg.cli import app
-from qwen3dbg.config import load_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.store import TapStore
-from qwen3dbg.taps import step_taps
-from qwen3dbg.validate import validate_store
+from qwen3dbg.model.config import load_config
+from qwen3dbg.tapstore.schema import step_taps
+from qwen3dbg.tapstore.store import TapStore
+from qwen3dbg.tapstore.validate import validate_store
+from qwen3dbg.util.errors import UserError
 
 C_DIR = Path(__file__).resolve().parents[1] / "candidates" / "c"
 FLAGS = ["-Wall", "-Wextra", "-Werror", "-pedantic"]
@@ -183,8 +182,9 @@ def test_validate_store_with_a_half_written_manifest_is_unreadable(c_store):
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_validate_store_accepts_python_captures(tmp_path, models, steps, preset):
-    from qwen3dbg.capture import capture
     from qwen3dbg.reference.qwen3 import Qwen3Reference
+
+    from qwen3dbg.run.capture import capture
 
     capture(Qwen3Reference(models(preset), "bfloat16"), steps, tmp_path / "store")
     assert validate_store(tmp_path / "store", load_config(models(preset))) == []

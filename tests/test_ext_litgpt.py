@@ -11,14 +11,14 @@ import os
 import sys
 
 import pytest
-
 from helpers import DECODE, PROMPT, first_divergence
-from qwen3dbg.capture import capture, forced_steps
-from qwen3dbg.config import load_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.registry import load_candidate
-from qwen3dbg.store import TapStore
-from qwen3dbg.validate import validate_store
+
+from qwen3dbg.model.config import load_config
+from qwen3dbg.run.capture import capture, forced_steps
+from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.tapstore.store import TapStore
+from qwen3dbg.tapstore.validate import validate_store
+from qwen3dbg.util.errors import UserError
 
 needs_litgpt = pytest.mark.skipif(
     importlib.util.find_spec("litgpt") is None and os.environ.get("CI") != "true",

@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import DECODE, PROMPT, first_divergence
-from qwen3dbg.capture import capture, forced_steps
-from qwen3dbg.config import load_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.registry import load_candidate
-from qwen3dbg.store import TapStore
-from qwen3dbg.validate import validate_store
+
+from qwen3dbg.model.config import load_config
+from qwen3dbg.run.capture import capture, forced_steps
+from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.tapstore.store import TapStore
+from qwen3dbg.tapstore.validate import validate_store
+from qwen3dbg.util.errors import UserError
 
 STEPS = forced_steps(PROMPT, DECODE)
 
@@ -32,7 +32,7 @@ needs_llama = pytest.mark.skipif(
 
 
 def gguf_of(model: Path, out: Path) -> Path:
-    from qwen3dbg.gguf_io import write_gguf
+    from qwen3dbg.model.gguf_io import write_gguf
 
     return write_gguf(model, out, gguf_type="f32")
 
@@ -76,7 +76,6 @@ def fake_node(array, ggml_type: int):
     import ctypes
 
     import numpy as np
-
     from qwen3dbg.candidates.llamacpp import GGMLTensor
 
     t = GGMLTensor()
@@ -97,7 +96,6 @@ def fake_node(array, ggml_type: int):
 
 def test_a_node_is_read_in_numpy_order_through_its_strides():
     import numpy as np
-
     from qwen3dbg.candidates.llamacpp import GGML_TYPE_F32, GGML_TYPE_I32, read_node
 
     full = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
@@ -111,7 +109,6 @@ def test_a_node_is_read_in_numpy_order_through_its_strides():
 
 def test_attention_matrices_drop_the_cache_padding():
     import numpy as np
-
     from qwen3dbg.candidates.llamacpp import attention_matrix
 
     heads, tokens, padded, cache = 4, 3, 256, 10

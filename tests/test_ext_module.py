@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import DECODE, PROMPT, first_divergence
 from qwen3dbg.candidates.module_adapter import RERUN_NOTE, TapOrigin, apply_transforms, load_mapping
-from qwen3dbg.capture import capture, forced_steps
-from qwen3dbg.config import load_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.registry import load_candidate
-from qwen3dbg.store import TapStore
-from qwen3dbg.taps import axis_sizes
-from qwen3dbg.validate import validate_store
+
+from qwen3dbg.model.config import load_config
+from qwen3dbg.run.capture import capture, forced_steps
+from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.tapstore.schema import axis_sizes
+from qwen3dbg.tapstore.store import TapStore
+from qwen3dbg.tapstore.validate import validate_store
+from qwen3dbg.util.errors import UserError
 
 PORT = "module:qwen3dbg.candidates.ports.standalone_qwen3:load"
 MAPPING = Path(__file__).resolve().parents[1] / "candidates" / "mappings" / "standalone_qwen3.toml"
@@ -85,7 +85,7 @@ def test_transforms_slice_a_fused_gate_up_and_move_head_axes():
 
 
 def load_config_like():
-    from qwen3dbg.synth import PRESETS
+    from qwen3dbg.model.synth import PRESETS
 
     return PRESETS["tiny-dense"].config
 
@@ -338,7 +338,7 @@ def test_a_function_shared_by_all_layers_taken_by_call_index(tmp_path, dense):
 
 def test_taps_keep_the_dtype_the_port_computed_them_in(dense):
     """The standalone port's softmax runs in float32: its probabilities are stored so, not rounded to bf16."""
-    from qwen3dbg.capture import run_steps
+    from qwen3dbg.run.capture import run_steps
 
     taps = run_steps(load_candidate(PORT, dense, "bfloat16"), STEPS[:1])[0]
     assert taps["layers.0.attn_probs"].dtype == torch.float32
@@ -350,8 +350,8 @@ LITGPT_MAPPING = Path(__file__).resolve().parents[1] / "candidates" / "mappings"
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
 def test_a_layer_key_covers_only_the_layers_that_have_the_op(preset):
-    from qwen3dbg.synth import PRESETS
-    from qwen3dbg.taps import step_taps
+    from qwen3dbg.model.synth import PRESETS
+    from qwen3dbg.tapstore.schema import step_taps
 
     cfg = PRESETS[preset].config
     mapped = set(load_mapping(LITGPT_MAPPING, cfg).taps)

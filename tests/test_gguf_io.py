@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3dbg.checkpoint import Checkpoint
-from qwen3dbg.config import load_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf, dequantize, read_gguf, write_gguf
-from qwen3dbg.gguf_names import gguf_shapes, gguf_to_hf, hf_to_gguf
-from qwen3dbg.layout import tensor_shapes
-from qwen3dbg.synth import PRESETS
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.config import load_config
+from qwen3dbg.model.gguf_io import GGUFDamaged, config_from_gguf, dequantize, read_gguf, write_gguf
+from qwen3dbg.model.gguf_names import gguf_shapes, gguf_to_hf, hf_to_gguf
+from qwen3dbg.model.layout import tensor_shapes
+from qwen3dbg.model.synth import PRESETS
+from qwen3dbg.util.errors import UserError
 
 
 def _q8_0_bound(ref: np.ndarray) -> np.ndarray:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import cli
-
-from qwen3dbg.errors import UserError
 from qwen3dbg.reference.hf import SUPPORTED_TRANSFORMERS, check_transformers_version, router_outputs
+
+from qwen3dbg.util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """The C kernels' build cache is keyed on everything the compiler reads from the package, headers included."""
 
-from qwen3dbg.kernels import build
+from qwen3dbg.util.cbuild import build
 
 
 def test_editing_a_header_the_kernel_includes_builds_it_anew(tmp_path, monkeypatch):

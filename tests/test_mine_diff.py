@@ -4,10 +4,9 @@ RMSNorm switch stays in the noise; accumulating the products in bf16 is a diverg
 from __future__ import annotations
 
 import pytest
+from helpers import DECODE, PROMPT
 
 from qwen3dbg.diff import run_diff
-
-from helpers import DECODE, PROMPT
 
 
 def diff(cand: str, model_dir):

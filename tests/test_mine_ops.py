@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from qwen3dbg.dtypes import dtype_name
+from qwen3dbg.util.dtypes import dtype_name
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 #: the accumulation modes of numerics.py, as the kernels take them

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from typer.testing import CliRunner
 
 from qwen3dbg.cli import app
-from qwen3dbg.config import load_config
-from qwen3dbg.taps import forward_index
+from qwen3dbg.model.config import load_config
+from qwen3dbg.tapstore.schema import forward_index
 
 
 def test_selftest_on_cpu_reports_every_tap_and_the_speed_of_each_implementation(models, tmp_path):

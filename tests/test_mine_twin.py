@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from qwen3dbg.candidate import DictSink
-from qwen3dbg.capture import capture, forced_steps, run_steps
-from qwen3dbg.errors import UserError
-from qwen3dbg.measures import ulps_apart
-from qwen3dbg.reference.qwen3 import Qwen3Reference
-from qwen3dbg.store import TapStore
-from qwen3dbg.synth import Plants, make_model
-
 from helpers import DECODE, PROMPT
+from qwen3dbg.reference.qwen3 import Qwen3Reference
+
+from qwen3dbg.diff.metrics import ulps_apart
+from qwen3dbg.model.synth import Plants, make_model
+from qwen3dbg.run.candidate import DictSink
+from qwen3dbg.run.capture import capture, forced_steps, run_steps
+from qwen3dbg.tapstore.store import TapStore
+from qwen3dbg.util.errors import UserError
 
 STEPS = forced_steps(PROMPT, DECODE)  # prefill + 3 decode steps
 
@@ -112,7 +111,7 @@ def test_fused_rmsnorm_rounds_k_norm_correctly_where_hf_order_does_not(big_k_nor
     """Rounding the normalised k before a ~96.5 weight multiplies it costs up to 96.5 of its half-ulps:
     the HF order lands more than half an ulp from the exact norm, fused rounds once and never does.
     Judged against the exact norm (fp64) of each run's own k_proj tap."""
-    from qwen3dbg.checkpoint import Checkpoint
+    from qwen3dbg.model.checkpoint import Checkpoint
 
     weight = Checkpoint(big_k_norm).get("model.layers.0.self_attn.k_norm.weight")
     hf_order, fused = mine(big_k_norm, "bfloat16"), mine(big_k_norm, "bfloat16", rmsnorm="fused")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import DECODE, PROMPT
 
-from qwen3dbg.capture import run_steps
-from qwen3dbg.registry import load_candidate
-from qwen3dbg.taps import forward_index, step_taps
+from qwen3dbg.run.capture import run_steps
+from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.tapstore.schema import forward_index, step_taps
 
 FP32_ROUNDINGS = 64  # a tap of a 3-layer model is a few dozen roundings deep
 
@@ -94,7 +94,7 @@ def test_scratch_equals_hf_eager_bit_for_bit(models, steps, preset, dtype):
 
 def test_teacher_forced_layer_reproduces_the_full_run(models, steps):
     """run_layer on a layer's recorded input and cache gives that layer's recorded output."""
-    from qwen3dbg.candidate import DictSink
+    from qwen3dbg.run.candidate import DictSink
 
     cand = load_candidate("scratch", models("tiny-dense"), "float32")
     taps = run_steps(cand, steps)

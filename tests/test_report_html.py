@@ -11,11 +11,11 @@ import subprocess
 from dataclasses import replace
 
 import pytest
-
-from qwen3dbg.capture import capture, forced_steps
-from qwen3dbg.diff import run_diff
-from qwen3dbg.registry import load_candidate
 from qwen3dbg.reports.diff_html import NEAREST, render_html, table, tap_rows
+
+from qwen3dbg.diff import run_diff
+from qwen3dbg.run.capture import capture, forced_steps
+from qwen3dbg.run.registry import load_candidate
 
 EVIL = "<img src=x onerror=alert(1)>"
 

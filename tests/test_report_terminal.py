@@ -7,11 +7,11 @@ import io
 from dataclasses import replace
 
 import pytest
+from qwen3dbg.reports.terminal import layer_table, render
 from rich.console import Console
 
 from qwen3dbg.diff import run_diff
-from qwen3dbg.reports.terminal import layer_table, render
-from qwen3dbg.taps import OPS_BY_NAME
+from qwen3dbg.tapstore.schema import OPS_BY_NAME
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from helpers import edit_safetensors_header, rewrite_checkpoint
 
-from qwen3dbg.layout import INDEX, tensor_shapes
-from qwen3dbg.gguf_io import write_gguf
-from qwen3dbg.gguf_names import hf_to_gguf
+from qwen3dbg.model.gguf_io import write_gguf
+from qwen3dbg.model.gguf_names import hf_to_gguf
+from qwen3dbg.model.layout import INDEX, tensor_shapes
+from qwen3dbg.model.synth import PRESETS, Plants, make_model
 from qwen3dbg.scan.checks import Thresholds
 from qwen3dbg.scan.scan import scan_checkpoint
-from qwen3dbg.synth import PRESETS, Plants, make_model
 
 
 def _found(result, check):

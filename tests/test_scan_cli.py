@@ -6,7 +6,7 @@ import json
 
 from helpers import cli
 
-from qwen3dbg.synth import Plants, make_model
+from qwen3dbg.model.synth import Plants, make_model
 
 
 def test_clean_checkpoint_exits_0_and_writes_json_and_html(models, tmp_path):

@@ -8,14 +8,14 @@ import io
 from dataclasses import replace
 
 import pytest
-from rich.console import Console
-
 from qwen3dbg.reports.scan_groups import by_tensor
 from qwen3dbg.reports.scan_html import scan_html
 from qwen3dbg.reports.scan_terminal import print_scan
+from rich.console import Console
+
+from qwen3dbg.model.synth import Plants, make_model
 from qwen3dbg.scan.checks import Thresholds
 from qwen3dbg.scan.scan import scan_checkpoint
-from qwen3dbg.synth import Plants, make_model
 
 TENSORS = ["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
 

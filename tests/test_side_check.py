@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-
-from qwen3dbg.checkpoint import Checkpoint
 from helpers import cli
+
+from qwen3dbg.model.checkpoint import Checkpoint
 
 PORT = "module:qwen3dbg.candidates.ports.standalone_qwen3:load"
 
@@ -90,7 +90,7 @@ def test_a_bad_reference_is_refused_before_any_model_runs(catalogue_model, capsy
 
 
 def test_a_missing_extra_is_refused_before_any_model_runs(catalogue_model, tmp_path, capsys, monkeypatch):
-    from qwen3dbg.gguf_io import write_gguf
+    from qwen3dbg.model.gguf_io import write_gguf
 
     model = catalogue_model("dense")
     gguf = tmp_path / "m.gguf"
@@ -102,6 +102,6 @@ def test_a_missing_extra_is_refused_before_any_model_runs(catalogue_model, tmp_p
 
 
 def test_a_good_port_passes_the_check_without_building_its_model(catalogue_model, nothing_runs):
-    from qwen3dbg.registry import check_candidate
+    from qwen3dbg.run.registry import check_candidate
 
     check_candidate(PORT, catalogue_model("dense"), "float32")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qwen3dbg.errors import UserError
-from qwen3dbg.store import StepInfo, StoreWriter, TapStore, masked
+from qwen3dbg.tapstore.store import StepInfo, StoreWriter, TapStore, masked
+from qwen3dbg.util.errors import UserError
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
 

@@ -8,8 +8,8 @@ import shlex
 from dataclasses import replace
 
 import pytest
-
 from helpers import cli
+
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.result import Finding
 

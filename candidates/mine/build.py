@@ -30,9 +30,10 @@ def load(emulated: bool = False):
     `emulated`: the CUDA kernels built by the host compiler and run on the CPU by csrc/cuda_emu.h."""
     import torch
     from rich.console import Console
-    from torch.utils.cpp_extension import _get_build_directory, load as cpp_load
+    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.cpp_extension import load as cpp_load
 
-    from qwen3dbg.kernels import host_isa
+    from qwen3dbg.util.cbuild import host_isa
 
     with_cuda = cuda_available() and not emulated
     sources = [CSRC / "bindings.cpp", CSRC / "twin.cpp"]

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen3dbg.candidate import Candidate, NullSink, emit, option_flag
-from qwen3dbg.checkpoint import Checkpoint
-from qwen3dbg.config import Qwen3Config, load_config
-from qwen3dbg.dtypes import parse_dtype
-from qwen3dbg.errors import UserError
-from qwen3dbg.store import TapSink
-from qwen3dbg.taps import forward_index, tap_name
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.run.candidate import Candidate, NullSink, emit, option_flag
+from qwen3dbg.tapstore.schema import forward_index, tap_name
+from qwen3dbg.tapstore.store import TapSink
+from qwen3dbg.util.dtypes import parse_dtype
+from qwen3dbg.util.errors import UserError
 
 from .numerics import MineNumerics
 
@@ -159,7 +159,7 @@ class MineCandidate(Candidate):
         graph: bool | str = True,
         pdl: bool | str = True,
     ) -> None:
-        """All but building the engine and loading the weights (`qwen3dbg.registry.check_candidate`)."""
+        """All but building the engine and loading the weights (`qwen3dbg.run.registry.check_candidate`)."""
         if parse_dtype(dtype) == torch.float64:
             raise UserError(
                 "mine computes in float32, bfloat16 or float16; float64 is the scratch golden's (--impl scratch)"

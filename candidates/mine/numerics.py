@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qwen3dbg.errors import UserError
+from qwen3dbg.util.errors import UserError
 
 # name -> (choices, the porter's question it answers). The compute dtype is the candidate's dtype:
 # "my engine computes in fp16 / bf16 / fp32: how far from the reference does that alone take me?"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.candidate import NullSink
-from qwen3dbg.capture import capture, capture_step, forced_steps, run_steps, store_writer
-from qwen3dbg.dtypes import dtype_name
-from qwen3dbg.measures import ulps_apart
-from qwen3dbg.store import StepInfo, TapStore, is_cache_tap
+from qwen3dbg.diff.metrics import ulps_apart
+from qwen3dbg.run.candidate import NullSink
+from qwen3dbg.run.capture import capture, capture_step, forced_steps, run_steps, store_writer
+from qwen3dbg.tapstore.store import StepInfo, TapStore, is_cache_tap
+from qwen3dbg.util.dtypes import dtype_name
 
 
 @dataclass(frozen=True)

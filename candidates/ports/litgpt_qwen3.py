@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from qwen3dbg.candidates.module_adapter import ModuleCandidate
-from qwen3dbg.config import Qwen3Config, load_config
-from qwen3dbg.errors import UserError
+
+from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.util.errors import UserError
 
 TAP_MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "litgpt_qwen3.toml"
 INSTALL = "pip install --no-deps litgpt==0.5.13 && pip install 'qwen3dbg[litgpt]'"
@@ -96,6 +96,6 @@ class LitGPTCandidate(ModuleCandidate):
 
     @staticmethod
     def check(model_dir, dtype="float32") -> None:
-        """The port's check (`qwen3dbg.registry.check_candidate`) with this module as the port: litgpt
+        """The port's check (`qwen3dbg.run.registry.check_candidate`) with this module as the port: litgpt
         imports, and the mapping resolves."""
         ModuleCandidate.check(f"{__name__}:load", model_dir, dtype)

@@ -13,14 +13,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from qwen3dbg.checkpoint import Checkpoint
-from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.compare import ROUTER_OPS, Comparison
 from qwen3dbg.diff.diagnosis.systematic import detect
 from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
-from qwen3dbg.diff.sides import SideSpec, check_sides, parse_side, store_steps
 from qwen3dbg.diff.streams import (
     Keeper,
     Schedule,
@@ -32,11 +29,14 @@ from qwen3dbg.diff.streams import (
 )
 from qwen3dbg.diff.teacher import estimate, teacher_force
 from qwen3dbg.diff.window import Window, WindowSource
-from qwen3dbg.dtypes import dtype_name, parse_dtype
-from qwen3dbg.errors import UserError
-from qwen3dbg import memory
-from qwen3dbg.store import TapStore
-from qwen3dbg.taps import inputs_of, parse_tap_name
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.run.sides import SideSpec, check_sides, parse_side, store_steps
+from qwen3dbg.tapstore.schema import inputs_of, parse_tap_name
+from qwen3dbg.tapstore.store import TapStore
+from qwen3dbg.util import memory
+from qwen3dbg.util.dtypes import dtype_name, parse_dtype
+from qwen3dbg.util.errors import UserError
 
 __all__ = ["run_diff", "DiffResult", "Divergence", "TapResult"]
 
@@ -87,7 +87,7 @@ def run_diff(
     """Compare `cand` with `ref` on the same ids, both judged against the fp64 golden; see docs/differ.md.
     The three sides run side by side and are compared tap by tap as they go; nothing is written to disk.
     The ids are the fields of `RunInputs` (the CLI's flags, parsed by `RunInputs.from_flags`)."""
-    from qwen3dbg.inputs import RunInputs, resolve_model
+    from qwen3dbg.run.inputs import RunInputs, resolve_model
 
     t0 = time.perf_counter()
     memory.for_prefill()
@@ -244,7 +244,7 @@ def _first_nonfinite(taps: list[TapResult], side: str) -> dict | None:
 
 
 def _load(spec: SideSpec, model_dir: Path, dt: torch.dtype):
-    from qwen3dbg.registry import load_candidate
+    from qwen3dbg.run.registry import load_candidate
 
     return load_candidate(spec.name, model_dir, dt, **spec.options)
 

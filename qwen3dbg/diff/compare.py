@@ -12,7 +12,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.blocks import RowBlocks, blocked_count_over, blocked_errors
 from qwen3dbg.diff.diagnosis.systematic import signed_stats
 from qwen3dbg.diff.fused import count_over, logits_counts, tap_errors
@@ -21,9 +20,10 @@ from qwen3dbg.diff.noise import ELEMENT_FACTOR, tolerance
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows, Schedule, Side
 from qwen3dbg.diff.window import Window
-from qwen3dbg.dtypes import dtype_name
-from qwen3dbg.store import StepInfo
-from qwen3dbg.taps import TapSpec, step_taps
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.tapstore.schema import TapSpec, step_taps
+from qwen3dbg.tapstore.store import StepInfo
+from qwen3dbg.util.dtypes import dtype_name
 
 
 @dataclass

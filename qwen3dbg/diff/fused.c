@@ -4,7 +4,7 @@
 #include <string.h>
 #include <math.h>
 #include <omp.h>
-#include "../widen.h"
+#include "../util/widen.h"
 
 #define CHUNK 65536        /* elements per partial sum */
 #define BLOCK 256          /* elements widened to double at a time (stays in L1) */

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from qwen3dbg.diff.metrics import ErrorStats, agreement, ratio
-from qwen3dbg.kernels import REDUCTION_FLAGS, build
-
+from qwen3dbg.util.cbuild import REDUCTION_FLAGS, build
 
 _CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 

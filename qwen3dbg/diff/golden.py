@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qwen3dbg.candidate import emit
 from qwen3dbg.diff.blocks import BLOCK_ELEMENTS, RowBlocks
 from qwen3dbg.reference.qwen3 import Qwen3Reference, causal_mask
+from qwen3dbg.run.candidate import emit
 
 #: vocabulary rows of the embedding / lm_head converted to float64 at a time (128 MB at hidden 1024)
 VOCAB_CHUNK = 16384

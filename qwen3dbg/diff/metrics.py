@@ -1,8 +1,10 @@
-"""Per-tap error metrics against the fp64 golden: pure functions, below the fused kernels (`fused` imports
-them; nothing here calls a kernel)."""
+"""Error measures against the fp64 golden, pure functions in float64, below the fused kernels: per-tap
+statistics (`fused` imports them), and the relative errors, ulp distances and fits that the diagnosis, teacher
+forcing, the engine's selftest and the tests share."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +88,64 @@ def router_margin(logits: torch.Tensor, k: int) -> torch.Tensor:
 def same_sets(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Integer ids [..., k] -> bool [...]: the two sides chose the same set (order ignored)."""
     return (a.sort(-1).values == b.sort(-1).values).all(-1)
+
+
+def rel(
+    a: torch.Tensor, b: torch.Tensor, *, scale: torch.Tensor | None = None, where: torch.Tensor | None = None
+) -> float:
+    """||a - b|| / ||scale|| (scale defaults to b) in float64 over `where` (default: the entries where b is
+    finite); inf when a is not finite there."""
+    a, b = a.double(), b.double()
+    ok = torch.isfinite(b) if where is None else where
+    if not bool(torch.isfinite(a[ok]).all()):
+        return math.inf
+    den = float(torch.linalg.vector_norm((b if scale is None else scale.double())[ok]))
+    num = float(torch.linalg.vector_norm((a - b)[ok]))
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def fit_scale(c: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
+    """Least-squares a with c ~ a * r over finite entries of both; returns (a, ||c - a r|| / ||c||)."""
+    ok = torch.isfinite(r) & torch.isfinite(c)
+    c, r = c[ok].double(), r[ok].double()
+    rr = float(r @ r)
+    if rr == 0:
+        return 1.0, math.inf
+    a = float(c @ r) / rr
+    return a, rel(a * r, c)
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest |a - b| over entries finite on both sides, in units in the last place of `dtype` at b's
+    magnitude, where magnitudes under b's RMS count as the RMS (a near-zero element inherits its
+    neighbours' absolute error)."""
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    a, b = a[ok].double(), b[ok].double()
+    if b.numel() == 0:
+        return 0.0
+    mag = b.abs().clamp_min(float(b.pow(2).mean().sqrt()) or torch.finfo(dtype).tiny)
+    spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(mag)))
+    return float(((a - b).abs() / spacing).max())
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between two same-dtype tensors in representable steps (0: bit-identical; integer
+    tensors: 0 or 1); infinities of the same sign are 0 apart."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if not a.is_floating_point():
+        return int(not torch.equal(a, b))
+    int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    sign = (1 << (8 * a.element_size() - 1)) - 1
+
+    def ordered(x):
+        bits = x.contiguous().view(int_type).to(torch.int64)
+        return torch.where(bits < 0, -(bits & sign), bits)
+
+    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+    d = (ordered(a) - ordered(b)).abs().masked_fill(both_inf, 0)
+    return int(d.max()) if d.numel() else 0
+
+
+def sample(n: int, k: int) -> torch.Tensor:
+    """At most k indices spread evenly over range(n), first and last included."""
+    return torch.linspace(0, n - 1, min(n, k)).round().long().unique()

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 from qwen3dbg.diff.noise import REF_SUSPECT_REL_L2, REF_SUSPECT_SKIPS
-from qwen3dbg.json_safe import json_safe
-from qwen3dbg.wording import plural, short
+from qwen3dbg.util.jsonio import json_safe
+from qwen3dbg.util.text import plural, short
 
 FORMAT = "qwen3dbg-diff/1"
 #: the JSON lists every tap of this many decode steps; later ones are summarised per step (step_summary)

@@ -20,13 +20,13 @@ from typing import Callable, Protocol
 
 import torch
 
-from qwen3dbg.candidate import Candidate
-from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.blocks import RowBlocks
-from qwen3dbg.home import home
+from qwen3dbg.model.config import Qwen3Config
 from qwen3dbg.reference.qwen3 import causal_mask
-from qwen3dbg.store import StepInfo, TapStore
-from qwen3dbg.taps import OPS_BY_NAME, parse_tap_name, step_taps
+from qwen3dbg.run.candidate import Candidate
+from qwen3dbg.tapstore.schema import OPS_BY_NAME, parse_tap_name, step_taps
+from qwen3dbg.tapstore.store import StepInfo, TapStore
+from qwen3dbg.util.home import home
 
 CACHE_OPS = frozenset({"k_cache", "v_cache"})
 ATTENTION_OPS = frozenset({"attn_scores", "attn_probs"})

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from qwen3dbg.candidate import Candidate, DictSink
-from qwen3dbg.config import Qwen3Config
+from qwen3dbg.diff.metrics import rel
 from qwen3dbg.diff.result import Divergence, TapResult
-from qwen3dbg.measures import rel
-from qwen3dbg.store import StepInfo, masked
-from qwen3dbg.taps import inputs_of, layer_input, tap_name
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.run.candidate import Candidate, DictSink
+from qwen3dbg.tapstore.schema import inputs_of, layer_input, tap_name
+from qwen3dbg.tapstore.store import StepInfo, masked
 
 
 def estimate(div: Divergence, by_name: dict[str, TapResult], cfg: Qwen3Config) -> dict:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.blocks import RowBlocks
 from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows
-from qwen3dbg.store import StepInfo
-from qwen3dbg.taps import TapSpec
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.tapstore.schema import TapSpec
+from qwen3dbg.tapstore.store import StepInfo
 
 ROLES = ("gold", "ref", "cand")
 
@@ -133,7 +133,7 @@ class WindowSource:
 
     @cached_property
     def _checkpoint(self):
-        from qwen3dbg.checkpoint import Checkpoint
+        from qwen3dbg.model.checkpoint import Checkpoint
 
         return Checkpoint(self.model_dir)
 

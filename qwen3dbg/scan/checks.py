@@ -9,7 +9,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from qwen3dbg.config import Qwen3Config
+from qwen3dbg.model.config import Qwen3Config
 from qwen3dbg.scan.container import INTEGER_DTYPES, Entry
 from qwen3dbg.scan.findings import CheckpointFinding, NormPeak
 from qwen3dbg.scan.stats import Stats

@@ -13,9 +13,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3dbg.json_read import JSONReadError, is_regular, loads, open_regular
-from qwen3dbg.layout import INDEX, MAX_TENSORS, read_weight_map
+from qwen3dbg.model.layout import INDEX, MAX_TENSORS, read_weight_map
 from qwen3dbg.scan.findings import CheckpointFinding
+from qwen3dbg.util.jsonio import JSONReadError, is_regular, loads, open_regular
 
 # safetensors dtype -> (name the scan reports, bytes per element)
 ST_DTYPES = {
@@ -388,7 +388,7 @@ def read_gguf_file(path: Path):
     """The intact tensors of a GGUF file, findings for the rest, and the parsed file (None if unreadable)."""
     import gguf
 
-    from qwen3dbg.gguf_io import GGUFDamaged, data_region_problems, read_gguf
+    from qwen3dbg.model.gguf_io import GGUFDamaged, data_region_problems, read_gguf
 
     try:
         g = read_gguf(path)

@@ -12,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from qwen3dbg.config import Qwen3Config
+from qwen3dbg.model.config import Qwen3Config
 from qwen3dbg.scan.container import FLOAT_NAMES, Entry
-from qwen3dbg.scan.findings import WeightsDiffResult, CheckpointFinding, TensorDiff
+from qwen3dbg.scan.findings import CheckpointFinding, TensorDiff, WeightsDiffResult
 from qwen3dbg.scan.source import CheckpointSource, open_source
 
 # Largest error of storing a value in a format, relative to the tensor's absmax: half an ulp for floats,

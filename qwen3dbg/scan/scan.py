@@ -11,7 +11,6 @@ from qwen3dbg.scan.container import INTEGER_DTYPES, lost_tensors
 from qwen3dbg.scan.findings import CheckpointFinding, NormPeak, ScanResult, TensorRow
 from qwen3dbg.scan.source import CheckpointSource, open_source
 
-
 _COUNT_WHY = (
     "the config belongs to another model or the weights are incomplete: loaders fail, or run layers "
     "and experts that are not there"
@@ -20,8 +19,8 @@ _COUNT_WHY = (
 
 def _config_findings(src: CheckpointSource, hf_of: dict[str, list[str]]) -> list[CheckpointFinding]:
     """Counts first (layers, experts), then each tensor the config implies within what the files hold."""
-    from qwen3dbg.gguf_names import gguf_shapes, gguf_to_hf
-    from qwen3dbg.layout import Held, count_problems, tensor_shapes
+    from qwen3dbg.model.gguf_names import gguf_shapes, gguf_to_hf
+    from qwen3dbg.model.layout import Held, count_problems, tensor_shapes
 
     cfg = src.cfg
     lost = lost_tensors(src.findings)

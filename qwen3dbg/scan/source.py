@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3dbg.config import Qwen3Config, load_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.json_read import open_regular
-from qwen3dbg.layout import INDEX
+from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.model.layout import INDEX
 from qwen3dbg.scan.container import (
     FLOAT_NAMES,
     INTEGER_DTYPES,
@@ -31,7 +29,9 @@ from qwen3dbg.scan.container import (
 )
 from qwen3dbg.scan.findings import CheckpointFinding
 from qwen3dbg.scan.stats import DTYPE_CODES, Accumulator, Stats, chunk_elements
-from qwen3dbg.taps import MANIFEST
+from qwen3dbg.tapstore.schema import MANIFEST
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.jsonio import open_regular
 
 WINDOW_BYTES = 64 * 1024**2
 
@@ -50,7 +50,7 @@ class CheckpointSource:
         """The HF tensor names an entry holds: itself, or for GGUF its mapped name(s) (one per stacked expert)."""
         if self.format == "safetensors":
             return [entry.name]
-        from qwen3dbg.gguf_names import gguf_to_hf
+        from qwen3dbg.model.gguf_names import gguf_to_hf
 
         return gguf_to_hf(entry.name, entry.shape[0] if entry.name.endswith(STACKED) else 0)
 
@@ -95,7 +95,7 @@ class CheckpointSource:
             return None
 
     def _quantized_stats(self, e: Entry, buf: np.ndarray) -> Stats:
-        from qwen3dbg.gguf_io import dequantize
+        from qwen3dbg.model.gguf_io import dequantize
 
         cols, rows = e.shape[-1], int(np.prod(e.shape[:-1], dtype=np.int64))
         row_bytes = e.nbytes // rows if rows else 0
@@ -113,7 +113,7 @@ class CheckpointSource:
 
     def array(self, e: Entry) -> np.ndarray:
         """The tensor as float32 in torch order (a copy; quantized types dequantized)."""
-        from qwen3dbg.gguf_io import GGUF_TYPES, dequantize
+        from qwen3dbg.model.gguf_io import GGUF_TYPES, dequantize
 
         _, buf = self._bytes(e.file)
         raw = buf[e.offset : e.offset + e.nbytes]
@@ -200,7 +200,7 @@ def open_source(path: str | Path) -> CheckpointSource:
         entries, findings, g = read_gguf_file(path)
         cfg = None
         if g is not None:
-            from qwen3dbg.gguf_io import GGUFDamaged, config_from_gguf
+            from qwen3dbg.model.gguf_io import GGUFDamaged, config_from_gguf
 
             try:
                 cfg = config_from_gguf(g)

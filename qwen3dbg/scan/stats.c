@@ -4,7 +4,7 @@
 #include <string.h>
 #include <math.h>
 #include <omp.h>
-#include "../widen.h"
+#include "../util/widen.h"
 
 #define CHUNK 65536 /* elements per partial: the 16-bit zero counters below hold CHUNK / LANES */
 #define LANES 16    /* independent accumulators, so the loops vectorize without reassociating */

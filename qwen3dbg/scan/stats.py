@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3dbg.kernels import REDUCTION_FLAGS, build
-
+from qwen3dbg.util.cbuild import REDUCTION_FLAGS, build
 
 DTYPE_CODES = {"float64": 0, "float32": 1, "bfloat16": 2, "float16": 3}
 

@@ -8,7 +8,7 @@ first family that explains the tensor ends the search:
 1. `structure`: permutations along named axes, an op skipped or applied twice, LayerNorm for RMSNorm, ...
 2. `parameters`: scalar parameters fitted (scales, RMSNorm eps, RoPE theta and offset, temperature);
 3. `substitution`: another weight or another tap as operand;
-4. `variants`: the op replayed the way other engines compute it, and where NaN/inf are born.
+4. `recompute`: the op replayed the way other engines compute it, and where NaN/inf are born.
 
 `systematic` looks below the noise, `explain_rounding` words differences inside it. Hypotheses read only
 the taps they need, through `Site`; one the TapSource does not hold is skipped.
@@ -20,12 +20,12 @@ import math
 
 import torch
 
-from qwen3dbg.diff.diagnosis import parameters, structure, substitution, variants
+from qwen3dbg.diff.diagnosis import parameters, recompute, structure, substitution
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS
+from qwen3dbg.diff.diagnosis.recompute import amplification, rounding_point
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site, TapSource, ulps_phrase
-from qwen3dbg.diff.diagnosis.variants import amplification, rounding_point
-from qwen3dbg.measures import rel, ulps
-from qwen3dbg.taps import parse_tap_name
+from qwen3dbg.diff.metrics import rel, ulps
+from qwen3dbg.tapstore.schema import parse_tap_name
 
 __all__ = ["Diagnosis", "TapSource", "diagnose", "explain_rounding", "amplification", "FAMILIES", "SIGNATURE_IDS"]
 
@@ -34,7 +34,7 @@ FAMILIES = (
     ("structure", structure.HYPOTHESES),
     ("parameters", parameters.HYPOTHESES),
     ("substitution", substitution.HYPOTHESES),
-    ("variants", variants.HYPOTHESES),
+    ("recompute", recompute.HYPOTHESES),
 )
 #: every id diagnose() can report; explain_rounding reports rounding_point or rounding_order
 SIGNATURE_IDS = tuple(dict.fromkeys(i for _, hyps in FAMILIES for h in hyps for i in h.ids))

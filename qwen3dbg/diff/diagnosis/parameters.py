@@ -12,8 +12,8 @@ import torch
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
 from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
 from qwen3dbg.diff.diagnosis.site import FIT_HEADS, Diagnosis, Site
-from qwen3dbg.measures import fit_scale, rel
-from qwen3dbg.store import masked
+from qwen3dbg.diff.metrics import fit_scale, rel
+from qwen3dbg.tapstore.store import masked
 
 
 def _sci(x: float) -> str:

@@ -13,12 +13,12 @@ from typing import Protocol
 
 import torch
 
-from qwen3dbg.config import Qwen3Config
+from qwen3dbg.diff.metrics import rel, sample
 from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS, tolerance
-from qwen3dbg.dtypes import dtype_name
-from qwen3dbg.measures import rel, sample
-from qwen3dbg.store import StepInfo, masked
-from qwen3dbg.taps import inputs_of, parse_tap_name, tap_name
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.tapstore.schema import inputs_of, parse_tap_name, tap_name
+from qwen3dbg.tapstore.store import StepInfo, masked
+from qwen3dbg.util.dtypes import dtype_name
 
 #: the most tokens and heads a fit or a replay looks at
 FIT_TOKENS, FIT_HEADS = 16, 4

@@ -8,9 +8,9 @@ import torch
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
 from qwen3dbg.diff.diagnosis.replay import experts_mix, layer_norm, rms_norm, rope_angles, rotate, scores, swiglu
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
-from qwen3dbg.measures import rel
+from qwen3dbg.diff.metrics import rel
 from qwen3dbg.reference.qwen3 import causal_mask
-from qwen3dbg.store import masked
+from qwen3dbg.tapstore.store import masked
 
 
 def _best(c: torch.Tensor, variants) -> tuple[str, float, str, str] | None:

@@ -18,9 +18,9 @@ from qwen3dbg.diff.diagnosis.hypothesis import (
 )
 from qwen3dbg.diff.diagnosis.replay import context, rms_norm, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
-from qwen3dbg.layout import tensor_shapes
-from qwen3dbg.measures import rel, sample
-from qwen3dbg.taps import layer_ops, parse_tap_name, step_taps, tap_name
+from qwen3dbg.diff.metrics import rel, sample
+from qwen3dbg.model.layout import tensor_shapes
+from qwen3dbg.tapstore.schema import layer_ops, parse_tap_name, step_taps, tap_name
 
 #: output channels a matmul replay looks at (an LM head has 152k)
 OUT_CHANNELS = 512

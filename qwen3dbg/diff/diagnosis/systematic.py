@@ -24,8 +24,8 @@ from statistics import NormalDist
 import torch
 
 from qwen3dbg.diff.result import Divergence, Finding, TapResult
-from qwen3dbg.dtypes import dtype_name
-from qwen3dbg.taps import parse_tap_name
+from qwen3dbg.tapstore.schema import parse_tap_name
+from qwen3dbg.util.dtypes import dtype_name
 
 #: the per-run false-alarm rate the threshold is set for, over every tap and statistic tested
 FALSE_ALARM = 1e-3

@@ -11,8 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from qwen3dbg.errors import UserError
-from qwen3dbg.json_read import JSONReadError, read_json
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.jsonio import JSONReadError, read_json
 
 MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 #: the fields that fix every tensor's shape: two configs that differ in one describe different models

@@ -10,8 +10,8 @@ import difflib
 import importlib
 import inspect
 
-from qwen3dbg.candidate import Candidate
-from qwen3dbg.errors import UserError
+from qwen3dbg.run.candidate import Candidate
+from qwen3dbg.util.errors import UserError
 
 IMPLEMENTATIONS: dict[str, str] = {
     "hf": "qwen3dbg.reference.hf:HFCandidate",

@@ -11,8 +11,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from qwen3dbg.errors import UserError
-from qwen3dbg.home import home
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.home import home
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"', re.M)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from qwen3dbg.config import Qwen3Config
-from qwen3dbg.json_read import read_json
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.util.jsonio import read_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen3dbg.errors import UserError
+from qwen3dbg.util.errors import UserError
 
 _BY_NAME = {
     "float32": torch.float32,

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3dbg.capture import forced_steps, greedy_decode_ids
-from qwen3dbg.checkpoint import Checkpoint
-from qwen3dbg.config import Qwen3Config, load_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.store import StepInfo
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.run.capture import forced_steps, greedy_decode_ids
+from qwen3dbg.tapstore.store import StepInfo
+from qwen3dbg.util.errors import UserError
 
 DEFAULT_PROMPT = [9, 41, 7, 300, 12, 5, 77, 150, 3, 99, 64, 201, 18, 2, 450, 33]
 
@@ -121,7 +121,7 @@ def tokenize(model_dir: Path, prompt: str) -> list[int]:
 def resolve_model(model: Path | None) -> tuple[Path, Qwen3Config]:
     """`--model DIR`, or the embedded synthetic default when omitted; its weights must fit its config."""
     if model is None:
-        from qwen3dbg.synth import default_model_dir
+        from qwen3dbg.model.synth import default_model_dir
 
         model = default_model_dir()
     model = Path(model)

@@ -1,19 +1,30 @@
-"""Reading JSON we are given (headers, indexes, configs, manifests) with bounded depth, time and memory.
-
-`json.loads` recurses once per nesting level, so `[[[[...` thousands deep ends in a RecursionError;
-here the depth is counted first, in one linear pass, and refused with a sentence. Files are read only
-when they are regular files (a FIFO named config.json would block forever) and not absurdly large.
-Stdlib only, so every reader can use it.
-"""
+"""JSON in and out: what we are given (headers, indexes, configs, manifests) read with bounded depth, time
+and memory; what we write made strict (no NaN or inf, no lone surrogates)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
 from itertools import accumulate
 from pathlib import Path
+
+from qwen3dbg.util.text import utf8_text
+
+
+def json_safe(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, str):
+        return utf8_text(x)
+    if isinstance(x, dict):
+        return {utf8_text(str(k)): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
 
 #: no JSON we read nests deeper than a handful of levels; far below the interpreter's recursion limit
 MAX_DEPTH = 64

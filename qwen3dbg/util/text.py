@@ -1,5 +1,5 @@
-"""Text from users and files (paths, tensor and tap names, messages quoting them) made safe for each
-writer: UTF-8 files, which cannot hold a lone surrogate, and rich markup, where `[` and `\\` mean something."""
+"""Text we print and write: user and file text made safe for each writer (UTF-8 files cannot hold a lone
+surrogate; in rich markup `[` and `\\` mean something), and small helpers for the sentences the commands print."""
 
 from __future__ import annotations
 
@@ -30,3 +30,13 @@ def escape(s: str) -> str:
         return m.group(3) + "\\["
 
     return _TRAILING.sub(lambda m: m.group(1) * 2, _BRACKET.sub(one, s))
+
+
+def plural(n: int, noun: str) -> str:
+    """`1 decode step`, `2 decode steps`, `0 decode steps`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def short(x: float, digits: int = 2) -> str:
+    """A number in `digits` significant digits and as few characters as that allows: 1.5e30, 2.5e-30, 0.0031."""
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{x:.{digits}g}")

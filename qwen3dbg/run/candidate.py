@@ -12,10 +12,10 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from qwen3dbg.config import Qwen3Config
-from qwen3dbg.errors import UserError
-from qwen3dbg.store import TapSink
-from qwen3dbg.taps import tap_name
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.tapstore.schema import tap_name
+from qwen3dbg.tapstore.store import TapSink
+from qwen3dbg.util.errors import UserError
 
 
 def option_flag(impl: str, name: str, value: bool | str) -> bool:

@@ -11,10 +11,10 @@ import torch
 from qwen3dbg.diff.diagnosis.hypothesis import MATMUL_MODULE, NORM_OPS, NORM_WEIGHT, Hypothesis, is_linear, norm_input
 from qwen3dbg.diff.diagnosis.replay import attention, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site, ulps_phrase
-from qwen3dbg.measures import rel, ulps
+from qwen3dbg.diff.metrics import rel, ulps
 from qwen3dbg.reference.qwen3 import accumulate_lowp
-from qwen3dbg.store import masked
-from qwen3dbg.taps import parse_tap_name, tap_name
+from qwen3dbg.tapstore.schema import parse_tap_name, tap_name
+from qwen3dbg.tapstore.store import masked
 
 
 def lowp_accumulation(s: Site) -> Diagnosis | None:

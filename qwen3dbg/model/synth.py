@@ -17,12 +17,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from qwen3dbg.config import Qwen3Config
-from qwen3dbg.dtypes import dtype_name, parse_dtype
-from qwen3dbg.errors import UserError
-from qwen3dbg.home import home
-from qwen3dbg.layout import INDEX, SINGLE, tensor_shapes
-from qwen3dbg.safetensors_stream import StreamingWriter
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.model.layout import INDEX, SINGLE, tensor_shapes
+from qwen3dbg.model.safetensors_stream import StreamingWriter
+from qwen3dbg.util.dtypes import dtype_name, parse_dtype
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.home import home
 
 
 @dataclass(frozen=True)
@@ -221,10 +221,12 @@ def make_model(
 def generator_digest() -> str:
     """What make_model's output depends on: this file, the config and layout modules it writes through,
     and torch's random number generator."""
-    import qwen3dbg.config
-    import qwen3dbg.layout
+    import qwen3dbg.model.config
+    import qwen3dbg.model.layout
 
-    sources = b"".join(Path(f).read_bytes() for f in (__file__, qwen3dbg.config.__file__, qwen3dbg.layout.__file__))
+    sources = b"".join(
+        Path(f).read_bytes() for f in (__file__, qwen3dbg.model.config.__file__, qwen3dbg.model.layout.__file__)
+    )
     return hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:12]
 
 
@@ -237,7 +239,7 @@ def default_model_dir(preset: str = "tiny-dense") -> Path:
     if not done.exists():
         make_model(root, preset)
         done.touch()
-        from qwen3dbg.cache import fit
+        from qwen3dbg.util.home import fit
 
         fit(keep=root)  # older generators' defaults and older versions' runs go first
     return root

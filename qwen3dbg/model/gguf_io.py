@@ -20,12 +20,12 @@ import gguf
 import numpy as np
 import torch
 
-from qwen3dbg.checkpoint import Checkpoint
-from qwen3dbg.config import Qwen3Config, load_config, parse_config
-from qwen3dbg.errors import UserError
-from qwen3dbg.gguf_names import ARCH, MODEL_TYPE, gguf_shapes, hf_to_gguf
-from qwen3dbg.json_read import open_regular
-from qwen3dbg.layout import MAX_TENSORS
+from qwen3dbg.model.checkpoint import Checkpoint
+from qwen3dbg.model.config import Qwen3Config, load_config, parse_config
+from qwen3dbg.model.gguf_names import ARCH, MODEL_TYPE, gguf_shapes, hf_to_gguf
+from qwen3dbg.model.layout import MAX_TENSORS
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.jsonio import open_regular
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -138,7 +138,7 @@ def make_gguf_model(
     a temporary folder beside `out`, then converted; `converting()` is called between the two phases."""
     import tempfile
 
-    from qwen3dbg.synth import make_model
+    from qwen3dbg.model.synth import make_model
 
     out = Path(out)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:

@@ -1,11 +1,6 @@
-"""What qwen3dbg keeps under $QWEN3DBG_HOME (default ~/.cache/qwen3dbg), within a size budget.
-
-A diff streams and caches no run any more; what stays is what is costly to make again: the embedded default
-models (`models/`), the compiled comparison and scan kernels (`kernels/`), and what older versions left
-(`runs/`, reference runs of every diff, often gigabytes). `qwen3dbg cache` lists it and clears it; whenever
-qwen3dbg adds an entry, the least recently used ones go until the whole fits the budget:
-`QWEN3DBG_CACHE_BUDGET` (`10GB`, `500MB`, `0`), default 10 GB.
-"""
+"""What qwen3dbg keeps for itself under $QWEN3DBG_HOME (default ~/.cache/qwen3dbg): the embedded default
+models, compiled kernels, what older versions left. `qwen3dbg cache` lists and clears it; whenever an entry is
+added, the least recently used go until the whole fits `QWEN3DBG_CACHE_BUDGET` (`10GB`, `500MB`, `0`; default 10 GB)."""
 
 from __future__ import annotations
 
@@ -16,8 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3dbg.errors import UserError
-from qwen3dbg.home import home
+from qwen3dbg.util.errors import UserError
+
+
+def home(*parts: str) -> Path:
+    """$QWEN3DBG_HOME (default ~/.cache/qwen3dbg), joined with `parts`."""
+    return Path(os.environ.get("QWEN3DBG_HOME", Path.home() / ".cache" / "qwen3dbg")).joinpath(*parts)
+
 
 BUDGET_ENV = "QWEN3DBG_CACHE_BUDGET"
 DEFAULT_BUDGET = 10 * 1000**3

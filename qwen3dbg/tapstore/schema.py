@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Iterator
 
-from qwen3dbg.config import Qwen3Config
+from qwen3dbg.model.config import Qwen3Config
 
 FORMAT = "qwen3dbg-taps/1"
 #: the file that makes a directory a tap store (here, not in store.py, so the torch-free scanner can tell one)

@@ -12,10 +12,10 @@ from typing import Callable
 
 import torch
 
-from qwen3dbg.candidate import Candidate, DictSink, NullSink
-from qwen3dbg.errors import UserError
-from qwen3dbg.store import StepInfo, StoreWriter, TapSink
-from qwen3dbg.taps import select, step_taps
+from qwen3dbg.run.candidate import Candidate, DictSink, NullSink
+from qwen3dbg.tapstore.schema import select, step_taps
+from qwen3dbg.tapstore.store import StepInfo, StoreWriter, TapSink
+from qwen3dbg.util.errors import UserError
 
 
 def forced_steps(prompt: list[int], decode: list[int]) -> list[StepInfo]:

@@ -17,11 +17,10 @@ from typing import Iterable, Protocol
 import torch
 from safetensors import safe_open
 
-from qwen3dbg.dtypes import dtype_name, parse_dtype
-from qwen3dbg.errors import UserError
-from qwen3dbg.safetensors_stream import StreamingWriter
-from qwen3dbg.taps import FORMAT, MANIFEST
-
+from qwen3dbg.model.safetensors_stream import StreamingWriter
+from qwen3dbg.tapstore.schema import FORMAT, MANIFEST
+from qwen3dbg.util.dtypes import dtype_name, parse_dtype
+from qwen3dbg.util.errors import UserError
 
 #: a decode step's cache tap up to this size is written whole, past it as the slots the step wrote
 FULL_CACHE_BYTES = 4 << 20
@@ -208,7 +207,7 @@ class StoreWriter:
 
 def read_manifest(path: Path) -> dict:
     """A store's manifest as a dict, or a UserError when the store cannot be read at all (exit 2)."""
-    from qwen3dbg.json_read import JSONReadError, read_json
+    from qwen3dbg.util.jsonio import JSONReadError, read_json
 
     mpath = Path(path) / MANIFEST
     if not os.path.lexists(mpath):

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from qwen3dbg.config import Qwen3Config
-from qwen3dbg.errors import UserError
-from qwen3dbg.json_read import is_regular
-from qwen3dbg.layout import INDEX, SINGLE, Held, count_problems, read_weight_map, tensor_shapes
-
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.model.layout import INDEX, SINGLE, Held, count_problems, read_weight_map, tensor_shapes
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.util.jsonio import is_regular
 
 SAMPLE_BYTES = 64 * 1024  # of each file's data at each end, in a digest
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names

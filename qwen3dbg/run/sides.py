@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen3dbg.config import Qwen3Config
-from qwen3dbg.errors import UserError
-from qwen3dbg.store import StepInfo, TapStore
-from qwen3dbg.validate import validate_store
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.tapstore.store import StepInfo, TapStore
+from qwen3dbg.tapstore.validate import validate_store
+from qwen3dbg.util.errors import UserError
 
 STORE_PREFIX = "store:"
 
@@ -27,7 +27,7 @@ def parse_side(text: str, role: str, config: Qwen3Config | None = None) -> SideS
     model of the diff: its taps' shapes, its token ids) and opened now.
     Only a registered name takes `:key=value` options; any other text (`module:port.py:load`) is passed
     whole to the registry as the name."""
-    from qwen3dbg.registry import IMPLEMENTATIONS
+    from qwen3dbg.run.registry import IMPLEMENTATIONS
 
     text = text.strip()
     if text.startswith(STORE_PREFIX):
@@ -60,8 +60,8 @@ def check_sides(specs: list[SideSpec], model_dir: Path, dtype) -> None:
     """Refuse any side that could not run, before any side does (`capture` and `diff` call this first):
     a name that does not resolve, an option it does not take, a port that does not import, a missing
     extra, a dtype that does not exist. Stores were checked when parsed. No weights are loaded."""
-    from qwen3dbg.dtypes import parse_dtype
-    from qwen3dbg.registry import check_candidate
+    from qwen3dbg.run.registry import check_candidate
+    from qwen3dbg.util.dtypes import parse_dtype
 
     dtype = parse_dtype(dtype)
     for spec in specs:

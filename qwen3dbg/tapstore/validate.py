@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from qwen3dbg.config import Qwen3Config, parse_config
-from qwen3dbg.errors import UserError
+from qwen3dbg.model.config import Qwen3Config, parse_config
 from qwen3dbg.scan.container import read_safetensors
-from qwen3dbg.store import read_manifest, step_file
-from qwen3dbg.taps import (
+from qwen3dbg.tapstore.schema import (
     HEAD_OPS,
     LAYER_OPS,
     OPS_BY_NAME,
@@ -26,6 +24,8 @@ from qwen3dbg.taps import (
     tap_name,
     tap_spec,
 )
+from qwen3dbg.tapstore.store import read_manifest, step_file
+from qwen3dbg.util.errors import UserError
 
 FLOAT_STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: what a manifest's dtype may say: torch's names and the aliases docs/taps.md allows readers to accept

@@ -1,0 +1,1 @@
+"""Model files: the typed config, the on-disk layout, checkpoint reading and writing, GGUF, synthetic models."""
