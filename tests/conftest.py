@@ -42,7 +42,7 @@ def steps():
     return forced_steps(PROMPT, DECODE)
 
 
-# ---- catalogue models: tests/test_catalogue.py, tests/test_diagnosis.py, tests/test_diff_*.py --------
+# ---- catalogue models: tests/diff/ --------
 
 #: key -> (preset, Plants fields, config overrides): the tiny models the bug catalogue is tested on
 CATALOGUE_MODELS = {
@@ -54,7 +54,7 @@ CATALOGUE_MODELS = {
     "hot-qk": ("tiny-dense", {"q_norm_peak": 40.0, "k_norm_peak": 96.5}, None),
     # reductions long enough (512, 1024) that bf16 accumulation stands out of bf16's own noise
     "wide": ("tiny-dense", {}, {"hidden_size": 512, "intermediate_size": 1024}),
-    # long-context bugs (tests/test_catalogue_long.py): a window in config.json with use_sliding_window
+    # long-context bugs (tests/diff/test_catalogue_long.py): a window in config.json with use_sliding_window
     # false, as Qwen2.5 configs carry one ...
     "window-512": ("tiny-dense", {}, {"sliding_window": 512}),
     "window-64": ("tiny-dense", {}, {"sliding_window": 64}),

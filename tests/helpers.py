@@ -53,7 +53,7 @@ def edit_safetensors_header(path, edit):
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
 
 
-# ---- external candidates: tests/test_ext_*.py ------------------------------------------------------
+# ---- external candidates: tests/candidates/test_ext_*.py ------------------------------------------------------
 
 
 def first_divergence(model, cand: str, dtype: str | None = None) -> str | None:
@@ -82,7 +82,7 @@ def cli(*args):
         sys.argv = argv
 
 
-# ---- adversarial inputs: tests/test_adversarial_*.py ----------------------------------------------
+# ---- adversarial inputs: tests/*/test_adversarial_*.py ----------------------------------------------
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from qwen3dbg.tapstore.store import TapStore
 from qwen3dbg.tapstore.validate import validate_store
 from qwen3dbg.util.errors import UserError
 
-C_DIR = Path(__file__).resolve().parents[1] / "candidates" / "c"
+C_DIR = Path(__file__).resolve().parents[2] / "candidates" / "c"
 FLAGS = ["-Wall", "-Wextra", "-Werror", "-pedantic"]
 
 

@@ -19,7 +19,7 @@ from qwen3dbg.tapstore.validate import validate_store
 from qwen3dbg.util.errors import UserError
 
 PORT = "module:qwen3dbg.candidates.ports.standalone_qwen3:load"
-MAPPING = Path(__file__).resolve().parents[1] / "candidates" / "mappings" / "standalone_qwen3.toml"
+MAPPING = Path(__file__).resolve().parents[2] / "candidates" / "mappings" / "standalone_qwen3.toml"
 STEPS = forced_steps(PROMPT, DECODE)
 
 
@@ -345,7 +345,7 @@ def test_taps_keep_the_dtype_the_port_computed_them_in(dense):
     assert taps["layers.0.q_proj"].dtype == torch.bfloat16
 
 
-LITGPT_MAPPING = Path(__file__).resolve().parents[1] / "candidates" / "mappings" / "litgpt_qwen3.toml"
+LITGPT_MAPPING = Path(__file__).resolve().parents[2] / "candidates" / "mappings" / "litgpt_qwen3.toml"
 
 
 @pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])

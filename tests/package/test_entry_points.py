@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]
 BENCH_SCRIPTS = sorted((CHECKOUT / "bench").glob("bench_*.py"))
-SMALL_TEST_FILE = "tests/test_config.py"
+SMALL_TEST_FILE = "tests/model/test_config.py"
 # The `pytest` command beside this interpreter (a venv's), else the one on PATH (a venv made with
 # --system-site-packages has none of its own).
 _BESIDE = Path(sys.executable).with_name("pytest")

@@ -181,6 +181,6 @@ def test_docs_describe_every_catalogue_variant_and_every_diagnosis_id():
 
     from qwen3dbg.diff.diagnosis import SIGNATURE_IDS
 
-    page = (Path(__file__).parents[1] / "docs" / "catalogue.md").read_text()
+    page = (Path(__file__).parents[2] / "docs" / "catalogue.md").read_text()
     assert [n for n in VARIANTS if f"| `{n}` |" not in page] == []
     assert [i for i in SIGNATURE_IDS + ("rounding_order",) if f"`{i}`" not in page] == []

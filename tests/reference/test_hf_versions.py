@@ -12,7 +12,7 @@ from qwen3dbg.reference.hf import SUPPORTED_TRANSFORMERS, check_transformers_ver
 
 from qwen3dbg.util.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pyproject_declares_the_range_the_capture_checks():
