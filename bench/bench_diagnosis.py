@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+sys.path[:0] = [str(Path(__file__).parents[1] / "tests"), str(Path(__file__).parents[1] / "tests" / "diff")]
 
 from qwen3dbg.reference.qwen3 import Qwen3Reference  # noqa: E402
 from test_diagnosis import PerturbedQProj, Sides  # noqa: E402

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from qwen3dbg.reference.qwen3 import causal_mask
 
-from qwen3dbg.model.config import load_config
+from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.run.candidate import Candidate
 from qwen3dbg.tapstore.schema import OPS_BY_NAME, step_taps
 from qwen3dbg.tapstore.store import TapSink
@@ -182,10 +182,9 @@ class LlamaCppCandidate(Candidate):
     def __init__(self, gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2):
         self.gguf = Path(gguf_path)
         self.name = f"llamacpp:{self.gguf.name}"
-        self.config = load_config(model_dir)
+        self.config = open_model(model_dir, check_layout=False).config
         self.dtype = parse_dtype(dtype)
         self.missing_taps = frozenset(OPS_BY_NAME) - set(TAP_NODES)
-        _check_gguf(gguf_path, self.config)
         self.llama = _import_llama_cpp()
         self.tensor_get = _tensor_get()
         self._load(n_ctx, threads)
@@ -194,7 +193,7 @@ class LlamaCppCandidate(Candidate):
     def check(gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2) -> None:
         """All but loading the model (`qwen3dbg.run.registry.check_candidate`): the GGUF file's shapes fit the
         model directory, and llama-cpp-python imports."""
-        _check_gguf(gguf_path, load_config(model_dir))
+        _check_gguf(gguf_path, open_model(model_dir, check_layout=False).config)
         _import_llama_cpp()
 
     def _load(self, n_ctx: int, threads: int) -> None:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.run.candidate import Candidate, DictSink
 from qwen3dbg.tapstore.schema import OPS_BY_NAME, axis_sizes, layer_ops, parse_tap_name, step_taps
 from qwen3dbg.tapstore.store import TapSink
@@ -434,12 +435,13 @@ class ModuleCandidate(Candidate):
     def __init__(self, spec: str, model_dir, dtype="float32", *, mapping: str | Path | None = None):
         spec, _, at = spec.partition("@")
         self.name = f"module:{spec}"
-        self.config = load_config(model_dir)
+        model = open_model(model_dir, check_layout=False)
+        self.config = model.config
         self.dtype = parse_dtype(dtype)
         factory, self.mapping = _port(spec, at, mapping, self.config)
         self.missing_taps = frozenset({t.op for t in step_taps(self.config, 1, 1, 1)} - self.mapping.ops)
         try:
-            self.model = factory(model_dir, self.dtype)
+            self.model = factory(model.path, self.dtype)
         except UserError:
             raise
         except Exception as e:  # the port's own loader: say whose failure it is
@@ -467,7 +469,7 @@ class ModuleCandidate(Candidate):
         """All but building the model (`qwen3dbg.run.registry.check_candidate`): the port imports, and its
         factory and mapping resolve."""
         spec, _, at = spec.partition("@")
-        _port(spec, at, mapping, load_config(model_dir))
+        _port(spec, at, mapping, open_model(model_dir, check_layout=False).config)
 
     def manifest_extra(self) -> dict:
         return {"mapping": str(self.mapping.path), "notes": [] if self.mapping.kv_cache else [RERUN_NOTE]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -220,29 +219,35 @@ def capture(
     verbose: Verbose = False,
 ):
     """Run one implementation on fixed token ids and write every tap into a tap store."""
-    from qwen3dbg.model.checkpoint import Checkpoint
+    from qwen3dbg.run.inputs import RunInputs
+    from qwen3dbg.run.registry import with_attn
+    from qwen3dbg.run.sides import parse_side
+
+    inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
+    spec = parse_side(impl, "impl")
+    if spec.store_path is not None:
+        raise UserError(f"--impl {impl} is a tap store: capture runs an implementation")
+    spec = with_attn(spec, attn)
+    _check_model_flag(model)
+    _writable_dir(out)
+
+    from qwen3dbg.diff.golden import pick_steps
     from qwen3dbg.run.capture import capture as run_capture
     from qwen3dbg.run.capture import estimate_bytes, planned
-    from qwen3dbg.run.inputs import RunInputs, resolve_model, resolve_steps
-    from qwen3dbg.run.registry import load_candidate, with_attn
-    from qwen3dbg.run.sides import check_sides, parse_side
+    from qwen3dbg.run.plan import plan_run, with_greedy_ids
     from qwen3dbg.tapstore.store import check_out_dir
     from qwen3dbg.util.dtypes import dtype_name
     from qwen3dbg.util.third_party import set_verbose
 
     set_verbose(verbose)
-    inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
-    _writable_dir(out)
     check_out_dir(out, replace)  # before the run; the writer asks again under its lock
-    spec = parse_side(impl, "impl")
-    if spec.store is not None:
-        raise UserError(f"--impl {impl} is a tap store: capture runs an implementation")
-    spec = with_attn(spec, attn)
-    model_dir, cfg = resolve_model(model)
-    check_sides([spec], model_dir, dtype)
-    steps = resolve_steps(model_dir, cfg, inputs)
-    cand = load_candidate(spec.name, model_dir, dtype, **spec.options)
-    loaded = {"weights_digest": Checkpoint(model_dir).digest()} if cand.reads_model_weights else {}
+    plan = plan_run([spec], model, inputs, dtype)
+    if plan.greedy:
+        say(f"picking {plural(plan.greedy, 'decode token')} greedily with the fp64 golden")
+        plan = with_greedy_ids(plan, pick_steps(plan.model, plan.steps[0].token_ids[0], plan.greedy))
+    steps = plan.steps
+    cand = plan.load("impl")
+    loaded = {"weights_digest": plan.model.checkpoint.digest()} if cand.reads_model_weights else {}
     plans = planned(cand, steps, taps or None)
     say(
         f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
@@ -267,12 +272,12 @@ def validate_store_cmd(
 ):
     """Check a tap store written by any program: names, shapes, dtypes, steps, token ids, files.
     Exit 0 valid, 1 problems found, 2 unreadable."""
-    from qwen3dbg.run.inputs import resolve_model
+    from qwen3dbg.model.model_dir import open_model
     from qwen3dbg.tapstore.validate import validate_store
 
     # the model is loaded as every command loads it: a config declaring 10^9 layers is refused by what
     # the weights hold before any list of taps is made
-    problems = validate_store(store, resolve_model(model)[1] if model else None)
+    problems = validate_store(store, open_model(model).config if model else None)
     shown = 20
     for p in problems[:shown]:
         say(("problem", "red"), f" {p}")
@@ -342,26 +347,26 @@ def diff(
     """Find the first op where a candidate parts from the reference, judged against an fp64 golden.
 
     Exit status: 0 no divergence, 1 divergence found, 2 bad input or a failure."""
-    from qwen3dbg.diff import run_diff
-    from qwen3dbg.reports.terminal import render
     from qwen3dbg.run.inputs import RunInputs
+    from qwen3dbg.run.sides import parse_side
+
+    inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
+    sides = [parse_side(ref, "ref"), parse_side(cand, "cand")]
+    _check_model_flag(model)
+    _writable_files(json_out, html_out)
+
+    from qwen3dbg.diff import diff_plan
+    from qwen3dbg.reports.terminal import render
+    from qwen3dbg.run.plan import plan_run
     from qwen3dbg.util.progress import DiffProgress
     from qwen3dbg.util.third_party import set_verbose
 
     set_verbose(verbose)
-    inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
-    _writable_files(json_out, html_out)
     try:
         with DiffProgress(console) as shown:
-            result = run_diff(
-                ref,
-                cand,
-                model_dir=model,
-                dtype=dtype,
-                **dataclasses.asdict(inputs),
-                status=shown.status,
-                progress=shown.progress,
-            )
+            shown.status("resolving the run: model, sides, ids")
+            plan = plan_run(sides, model, inputs, dtype)
+            result = diff_plan(plan, status=shown.status, progress=shown.progress)
     except UserError:
         raise
     except Exception:  # a crash must not read as exit 1, "divergence found"
@@ -373,6 +378,14 @@ def diff(
 
     _write_outputs(result, {json_out: render_json, html_out: render_html})
     raise typer.Exit(result.exit_code)
+
+
+def _check_model_flag(model: Optional[Path]) -> None:
+    """--model refused before torch is imported: a missing directory costs no second of imports."""
+    from qwen3dbg.model.model_dir import check_model_path
+
+    if model is not None:
+        check_model_path(model)
 
 
 def _fail_on(value: str) -> str:
@@ -515,14 +528,13 @@ def selftest(
     from qwen3dbg.candidates.mine.selftest import selftest as run_selftest
     from qwen3dbg.reports.selftest_json import render_json
     from qwen3dbg.reports.selftest_terminal import render
-    from qwen3dbg.run.inputs import resolve_model
+    from qwen3dbg.model.model_dir import open_model
 
     if prompt_tokens < 1 or decode_steps < 1:
         raise UserError("--prompt-tokens and --decode-steps must be at least 1")
     _writable_files(json_out)
-    model_dir, _ = resolve_model(model)
     result = run_selftest(
-        model_dir, device, dtype, prompt_tokens, decode_steps, progress=lambda what: say((what, "dim"))
+        open_model(model).path, device, dtype, prompt_tokens, decode_steps, progress=lambda what: say((what, "dim"))
     )
     render(result, report_console())
     _write_outputs(result, {json_out: render_json})

@@ -17,7 +17,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from qwen3dbg.model.config import load_config
+from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.run.candidate import Candidate, emit
 from qwen3dbg.tapstore.schema import tap_name
 from qwen3dbg.tapstore.store import TapSink
@@ -66,15 +66,15 @@ class HFCandidate(Candidate):
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
-        self.check(model_dir, dtype, attn=attn)
-        self.config = load_config(model_dir)
+        model = open_model(model_dir, check_layout=False)
+        self.config = model.config
         self.dtype = parse_dtype(dtype)
         self.attn = attn
         extra = {"experts_implementation": "eager"} if self.config.is_moe else {}
         hf_logging.disable_progress_bar()
         with quiet_transformers():  # its LOAD REPORT of unexpected keys: scan-checkpoint says it plainly
             self.model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=self.dtype, attn_implementation=attn, **extra
+                model.path, dtype=self.dtype, attn_implementation=attn, **extra
             )
         self.model.eval()
         self.modeling = importlib.import_module(type(self.model).__module__)

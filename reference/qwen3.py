@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from qwen3dbg.model.checkpoint import Checkpoint
-from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.run.candidate import Candidate, NullSink, emit, option_flag
 from qwen3dbg.tapstore.store import TapSink
 from qwen3dbg.util.dtypes import parse_dtype
@@ -144,10 +145,11 @@ class Qwen3Reference(Candidate):
     fresh_taps = True  # every op makes a new tensor; the cache grows by concatenation
 
     def __init__(self, model_dir, dtype="float64", *, stream_weights: bool | str | None = None):
-        self.config: Qwen3Config = load_config(model_dir)
+        model = open_model(model_dir, check_layout=False)
+        self.config: Qwen3Config = model.config
         self.dtype = parse_dtype(dtype)
         self.num = Numerics(self.dtype)
-        ckpt = Checkpoint(model_dir)
+        ckpt = model.checkpoint
         if stream_weights is None:  # hold everything unless that exceeds ~8 GB
             params = sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.keys())
             stream_weights = params * self.dtype.itemsize > 8 * 1024**3

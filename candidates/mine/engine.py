@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from qwen3dbg.model.checkpoint import Checkpoint
-from qwen3dbg.model.config import Qwen3Config, load_config
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.run.candidate import Candidate, NullSink, emit, option_flag
 from qwen3dbg.tapstore.schema import forward_index, tap_name
 from qwen3dbg.tapstore.store import TapSink
@@ -121,8 +122,8 @@ class MineCandidate(Candidate):
         sm_90 and later GPUs overlap them)."""
         from .build import load
 
-        self.check(model_dir, dtype, device=device, max_seq=max_seq)
-        self.config = cfg = load_config(model_dir)
+        model = open_model(model_dir, check_layout=False)
+        self.config = cfg = model.config
         self.dtype = parse_dtype(dtype)
         self.numerics = MineNumerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
         self.device = resolve_device(device)
@@ -134,7 +135,7 @@ class MineCandidate(Candidate):
             option_flag("mine", "pdl", pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
         )
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
-            Checkpoint(model_dir), cfg, self.dtype, self.device
+            model.checkpoint, cfg, self.dtype, self.device
         )
         cos = torch.empty(self.max_seq, cfg.head_dim, dtype=self.dtype)
         sin = torch.empty_like(cos)
@@ -164,7 +165,7 @@ class MineCandidate(Candidate):
             raise UserError(
                 "mine computes in float32, bfloat16 or float16; float64 is the scratch golden's (--impl scratch)"
             )
-        if load_config(model_dir).attention_bias:
+        if open_model(model_dir, check_layout=False).config.attention_bias:
             raise UserError("mine implements Qwen3 without attention biases, but this config sets attention_bias")
         MineNumerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
         resolve_device(device)

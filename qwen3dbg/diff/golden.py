@@ -8,12 +8,18 @@ handed out as `RowBlocks` computed on demand. Its arithmetic is scratch's: same 
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+from typing import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 
 from qwen3dbg.diff.blocks import BLOCK_ELEMENTS, RowBlocks
+from qwen3dbg.model.model_dir import ModelDir, open_model
 from qwen3dbg.reference.qwen3 import Qwen3Reference, causal_mask
-from qwen3dbg.run.candidate import emit
+from qwen3dbg.run.candidate import NullSink, emit
+from qwen3dbg.tapstore.store import StepInfo, TapSink
 
 #: vocabulary rows of the embedding / lm_head converted to float64 at a time (128 MB at hidden 1024)
 VOCAB_CHUNK = 16384
@@ -26,8 +32,13 @@ class LongGolden(Qwen3Reference):
 
     name = "scratch"
 
-    def __init__(self, model_dir, *, stream_weights: bool = True):
-        super().__init__(model_dir, "float64", stream_weights=stream_weights)
+    def __init__(self, model: ModelDir | str | Path, *, stream_weights: bool | None = None):
+        """`stream_weights` None: stream where holding the weights in float64 would pass 2 GB."""
+        model = open_model(model, check_layout=False)
+        if stream_weights is None:
+            ckpt = model.checkpoint
+            stream_weights = sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.keys()) * 8 > 2 * 1024**3
+        super().__init__(model, "float64", stream_weights=stream_weights)
 
     def _head(self) -> str:
         return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
@@ -78,3 +89,23 @@ class LongGolden(Qwen3Reference):
 def last_logits(logits: RowBlocks) -> torch.Tensor:
     """The last token's logits [B,V] (a greedy pick needs nothing else)."""
     return logits.take(logits.rows - 1, logits.rows)[:, -1]
+
+
+def greedy_steps(
+    golden: LongGolden, prompt: list[int], total: int, sink: TapSink, end_step: Callable[[], None] = lambda: None
+) -> Iterator[StepInfo]:
+    """The one greedy picker (`--decode-steps`): the golden runs `total` steps from `prompt`, each decode step fed
+    the token the step before picked. Each step is yielded before it runs, so a caller may publish its ids to the
+    other sides, or stop once it has the ids it needs."""
+    golden.reset()
+    info = StepInfo(0, [list(prompt)], [list(range(len(prompt)))])
+    for s in range(total):
+        yield info
+        logits = golden.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
+        end_step()
+        info = StepInfo(s + 1, [[int(last_logits(logits)[0].argmax())]], [[len(prompt) + s]])
+
+
+def pick_steps(model: ModelDir, prompt: list[int], decode: int) -> list[StepInfo]:
+    """The prefill and `decode` greedy steps, their ids picked by the fp64 golden before any side runs."""
+    return list(itertools.islice(greedy_steps(LongGolden(model), prompt, decode + 1, NullSink()), decode + 1))

@@ -286,17 +286,12 @@ def candidate_producer(cand: Candidate, schedule: Schedule) -> Callable[[QueueSi
 def golden_greedy(golden, schedule: Schedule, prompt: list[int]) -> Callable[[QueueSink], None]:
     """The golden stepping like any side and picking each next token greedily (`--decode-steps`): the pass
     that picks the ids is the golden itself, never a second fp64 pass."""
-    from qwen3dbg.diff.golden import last_logits
+    from qwen3dbg.diff.golden import greedy_steps
 
     def produce(sink: QueueSink) -> None:
-        golden.reset()
-        for s in range(schedule.total):
-            info = schedule.get(s)
-            logits = golden.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
-            sink.end_step()
-            if s + 1 < schedule.total and len(schedule.steps) == s + 1:
-                pick = int(last_logits(logits)[0].argmax())
-                schedule.publish(StepInfo(s + 1, [[pick]], [[len(prompt) + s]]))
+        for info in greedy_steps(golden, prompt, schedule.total, sink, sink.end_step):
+            if info.step == len(schedule.steps):
+                schedule.publish(info)
 
     return produce
 

@@ -14,14 +14,13 @@ Everything else is None. The golden comes as float32 where the dtype under test 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
 
 import torch
 
 from qwen3dbg.diff.blocks import RowBlocks
 from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows
 from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.model.model_dir import ModelDir
 from qwen3dbg.tapstore.schema import TapSpec
 from qwen3dbg.tapstore.store import StepInfo
 
@@ -111,7 +110,7 @@ class WindowSource:
     config: Qwen3Config
     steps: list[StepInfo]
     dtype: torch.dtype
-    model_dir: Path
+    model: ModelDir
     entries: dict
 
     def _get(self, role: str, step: int, name: str) -> torch.Tensor | None:
@@ -131,14 +130,9 @@ class WindowSource:
     def gold(self, step: int, name: str) -> torch.Tensor | None:
         return self._get("gold", step, name)
 
-    @cached_property
-    def _checkpoint(self):
-        from qwen3dbg.model.checkpoint import Checkpoint
-
-        return Checkpoint(self.model_dir)
-
     def weight(self, name: str) -> torch.Tensor | None:
-        return self._checkpoint.get(name) if name in self._checkpoint else None
+        ckpt = self.model.checkpoint
+        return ckpt.get(name) if name in ckpt else None
 
 
 def _is_cache(name: str) -> bool:

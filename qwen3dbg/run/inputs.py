@@ -1,19 +1,17 @@
-"""Resolving what the user asked to run: model directory, prompt ids and forced decode ids.
-
-The flags are parsed here once, into `RunInputs`, by every command that runs implementations (capture,
-diff), so all of them accept the same flags and fail the same way on bad input.
-"""
+"""The ids a run is asked for, parsed from the flags once and before anything heavy is imported: a wrong id
+list is refused in a fraction of a second, the same way by every command."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen3dbg.model.checkpoint import Checkpoint
-from qwen3dbg.model.config import Qwen3Config, load_config
-from qwen3dbg.run.capture import forced_steps, greedy_decode_ids
-from qwen3dbg.tapstore.store import StepInfo
+from typing import TYPE_CHECKING
+
 from qwen3dbg.util.errors import UserError
+
+if TYPE_CHECKING:
+    from qwen3dbg.model.config import Qwen3Config
 
 DEFAULT_PROMPT = [9, 41, 7, 300, 12, 5, 77, 150, 3, 99, 64, 201, 18, 2, 450, 33]
 
@@ -66,10 +64,9 @@ class RunInputs:
         """Whether some ids are left to a tokenizer or to the golden's greedy picks (a tap store fixes its own)."""
         return self.prompt is not None or self.decode_steps is not None
 
-    def steps(self, model_dir: Path, cfg: Qwen3Config) -> tuple[list[StepInfo], int]:
-        """The steps whose ids are fixed now, and how many decode steps are still to be picked greedily by
-        the fp64 golden."""
-        ids = (
+    def ids(self, model_dir: Path, cfg: Qwen3Config) -> tuple[list[int], list[int], int]:
+        """The prompt ids, the forced decode ids, and how many decode steps are left to the golden's greedy picks."""
+        prompt = (
             _in_vocab(self.token_ids, cfg, "--token-ids")
             if self.token_ids is not None
             else tokenize(model_dir, self.prompt)
@@ -77,7 +74,7 @@ class RunInputs:
             else [i % cfg.vocab_size for i in DEFAULT_PROMPT]
         )
         decode = _in_vocab(self.decode_ids, cfg, "--decode-ids") if self.decode_ids is not None else []
-        return forced_steps(ids, decode), self.decode_steps or 0
+        return prompt, decode, self.decode_steps or 0
 
 
 def _ids(ids) -> tuple[int, ...] | None:
@@ -116,31 +113,3 @@ def tokenize(model_dir: Path, prompt: str) -> list[int]:
     if not ids:
         raise UserError("--prompt tokenizes to nothing")
     return ids
-
-
-def resolve_model(model: Path | None) -> tuple[Path, Qwen3Config]:
-    """`--model DIR`, or the embedded synthetic default when omitted; its weights must fit its config."""
-    if model is None:
-        from qwen3dbg.model.synth import default_model_dir
-
-        model = default_model_dir()
-    model = Path(model)
-    if not model.exists():
-        raise UserError(f"model directory {model} does not exist: make one with `qwen3dbg make-model {model}`")
-    if not model.is_dir():
-        raise UserError(f"--model {model} is a file: pass the directory that holds config.json and the safetensors")
-    cfg = load_config(model)
-    Checkpoint(model).check_layout(cfg)
-    return model, cfg
-
-
-def resolve_steps(model_dir: Path, cfg: Qwen3Config, inputs: RunInputs) -> list[StepInfo]:
-    """Fix every step's token ids before any implementation runs (`--decode-steps` picks them with one
-    greedy fp64 run)."""
-    steps, greedy = inputs.steps(model_dir, cfg)
-    if greedy:
-        from qwen3dbg.reference.qwen3 import Qwen3Reference
-
-        decode = greedy_decode_ids(Qwen3Reference(model_dir, "float64"), steps[0].token_ids[0], greedy)
-        steps = forced_steps(steps[0].token_ids[0], decode)
-    return steps

@@ -9,9 +9,12 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+from typing import TYPE_CHECKING
 
-from qwen3dbg.run.candidate import Candidate
 from qwen3dbg.util.errors import UserError
+
+if TYPE_CHECKING:
+    from qwen3dbg.run.candidate import Candidate
 
 IMPLEMENTATIONS: dict[str, str] = {
     "hf": "qwen3dbg.reference.hf:HFCandidate",
@@ -65,7 +68,13 @@ def names() -> list[str]:
 
 
 def load_candidate(name: str, model_dir, dtype, **options) -> Candidate:
-    """Instantiate implementation `name` for a model directory in a dtype."""
+    """Implementation `name` for a model directory (a path or an opened ModelDir) in a dtype, checked then loaded."""
+    check_candidate(name, model_dir, dtype, **options)
+    return construct(name, model_dir, dtype, **options)
+
+
+def construct(name: str, model_dir, dtype, **options) -> Candidate:
+    """Implementation `name` loaded without its check: for a side `check_candidate` has already passed."""
     cls, args = _resolve(name, model_dir, dtype, options)
     return cls(*args, **options)
 
@@ -80,20 +89,27 @@ def check_candidate(name: str, model_dir, dtype, **options) -> None:
         check(*args, **options)
 
 
+def check_name(name: str) -> None:
+    """Refuse a name that is neither registered nor prefixed, from the text alone (nothing is imported)."""
+    prefix, _, rest = name.partition(":")
+    if (rest and prefix in PREFIXES) or name in IMPLEMENTATIONS:
+        return
+    close = difflib.get_close_matches(name, [*names(), *(f"{p}:" for p in PREFIXES)], n=1)
+    hint = f"did you mean {close[0]}? Otherwise " if close else ""
+    raise UserError(
+        f"unknown implementation {name!r}: {hint}choose one of {', '.join(names())}, "
+        "or module:FILE.py:factory, llamacpp:MODEL.gguf"
+    )
+
+
 def _resolve(name: str, model_dir, dtype, options: dict) -> tuple[type, tuple]:
     """The class `name` names and its positional arguments; options it does not take are refused."""
+    check_name(name)
     prefix, _, rest = name.partition(":")
     if rest and prefix in PREFIXES:
         target, args = PREFIXES[prefix], (rest, model_dir, dtype)
-    elif name in IMPLEMENTATIONS:
-        target, args = IMPLEMENTATIONS[name], (model_dir, dtype)
     else:
-        close = difflib.get_close_matches(name, [*names(), *(f"{p}:" for p in PREFIXES)], n=1)
-        hint = f"did you mean {close[0]}? Otherwise " if close else ""
-        raise UserError(
-            f"unknown implementation {name!r}: {hint}choose one of {', '.join(names())}, "
-            "or module:FILE.py:factory, llamacpp:MODEL.gguf"
-        )
+        target, args = IMPLEMENTATIONS[name], (model_dir, dtype)
     module, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     params = inspect.signature(cls).parameters.values()

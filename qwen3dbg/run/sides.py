@@ -1,15 +1,19 @@
-"""What `--ref` and `--cand` name: an implementation to run (`hf`, `hf:attn=sdpa`, a catalogue bug) or
-`store:DIR`, a tap store already on disk whose token ids every other side is then run on."""
+"""What `--ref`, `--cand` and `--impl` name: an implementation to run (`hf`, `hf:attn=sdpa`, a catalogue bug,
+`module:...`) or `store:DIR`, a tap store on disk whose token ids every other side then runs on. Parsing is
+pure text and imports nothing heavy, so a misspelt side is refused at once."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qwen3dbg.model.config import Qwen3Config
-from qwen3dbg.tapstore.store import StepInfo, TapStore
-from qwen3dbg.tapstore.validate import validate_store
 from qwen3dbg.util.errors import UserError
+
+if TYPE_CHECKING:
+    from qwen3dbg.model.config import Qwen3Config
+    from qwen3dbg.tapstore.store import StepInfo, TapStore
 
 STORE_PREFIX = "store:"
 
@@ -17,56 +21,53 @@ STORE_PREFIX = "store:"
 @dataclass(frozen=True)
 class SideSpec:
     text: str
+    role: str
     name: str | None = None  # implementation name, None for a store
     options: dict = field(default_factory=dict)
-    store: TapStore | None = None
+    store_path: Path | None = None
+    store: TapStore | None = None  # opened and validated by `open_store`
 
 
-def parse_side(text: str, role: str, config: Qwen3Config | None = None) -> SideSpec:
-    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` -> SideSpec; a store is validated (against `config`, the
-    model of the diff: its taps' shapes, its token ids) and opened now.
-    Only a registered name takes `:key=value` options; any other text (`module:port.py:load`) is passed
-    whole to the registry as the name."""
-    from qwen3dbg.run.registry import IMPLEMENTATIONS
+def parse_side(text: str, role: str) -> SideSpec:
+    """`hf` | `hf:attn=sdpa,k=v` | `store:DIR` | `module:port.py:load` -> SideSpec, from the text alone: a
+    registered name takes `:key=value` options, a prefixed name (`module:`, `llamacpp:`) is passed whole to the
+    registry, any other name must be registered (with a did-you-mean)."""
+    from qwen3dbg.run.registry import IMPLEMENTATIONS, check_name
 
     text = text.strip()
     if text.startswith(STORE_PREFIX):
         path = Path(text[len(STORE_PREFIX) :])
         if not path.is_dir():
             raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
-        problems = validate_store(path, config)
-        if problems:
-            raise UserError(
-                f"--{role} {text} is not a valid tap store, {problems[0]}"
-                f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
-                f"see `qwen3dbg validate-store {path}`"
-            )
-        return SideSpec(text, store=TapStore.open(path))
+        return SideSpec(text, role, store_path=path)
+    if not text:
+        raise UserError(f"--{role} is empty: name an implementation (hf, scratch, ...) or store:DIR")
     name, _, opts = text.partition(":")
     if name not in IMPLEMENTATIONS:
-        return SideSpec(text, name=text)
+        check_name(text)
+        return SideSpec(text, role, name=text)
     options = {}
     for item in filter(None, opts.split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise UserError(f"--{role} {text}: options are written NAME:key=value,key=value, e.g. hf:attn=sdpa")
         options[key] = value
-    if not name:
-        raise UserError(f"--{role} is empty: name an implementation (hf, scratch, ...) or store:DIR")
-    return SideSpec(text, name=name, options=options)
+    return SideSpec(text, role, name=name, options=options)
 
 
-def check_sides(specs: list[SideSpec], model_dir: Path, dtype) -> None:
-    """Refuse any side that could not run, before any side does (`capture` and `diff` call this first):
-    a name that does not resolve, an option it does not take, a port that does not import, a missing
-    extra, a dtype that does not exist. Stores were checked when parsed. No weights are loaded."""
-    from qwen3dbg.run.registry import check_candidate
-    from qwen3dbg.util.dtypes import parse_dtype
+def open_store(spec: SideSpec, config: Qwen3Config) -> SideSpec:
+    """A store side validated against the model of the run (its taps' shapes, its token ids) and opened."""
+    from qwen3dbg.tapstore.store import TapStore
+    from qwen3dbg.tapstore.validate import validate_store
 
-    dtype = parse_dtype(dtype)
-    for spec in specs:
-        if spec.store is None:
-            check_candidate(spec.name, model_dir, dtype, **spec.options)
+    problems = validate_store(spec.store_path, config)
+    if problems:
+        raise UserError(
+            f"--{spec.role} {spec.text} is not a valid tap store, {problems[0]}"
+            f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
+            f"see `qwen3dbg validate-store {spec.store_path}`"
+        )
+    return dataclasses.replace(spec, store=TapStore.open(spec.store_path))
 
 
 def store_steps(specs: list[SideSpec], given: list[StepInfo] | None) -> list[StepInfo] | None:

@@ -19,9 +19,10 @@ STEPS = forced_steps(PROMPT, DECODE)  # prefill + 3 decode steps
 
 
 def mine(model_dir, dtype, **options):
-    from qwen3dbg.candidates.mine.engine import MineCandidate
+    """The engine as every side loads it: its check, then the engine (the constructor alone checks nothing)."""
+    from qwen3dbg.run.registry import load_candidate
 
-    return MineCandidate(model_dir, dtype, **{"device": "cpu", **options})
+    return load_candidate("mine", model_dir, dtype, **{"device": "cpu", **options})
 
 
 def run(cand) -> list[dict[str, torch.Tensor]]:

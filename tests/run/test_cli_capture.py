@@ -40,10 +40,13 @@ def test_capture_writes_a_complete_store_with_recorded_greedy_decode_ids(models,
     assert store.steps[2].positions == [[5]]
     # The decode ids are the greedy choices of the fp64 golden, recorded for every other side to reuse.
     from qwen3dbg.reference.qwen3 import Qwen3Reference
+    from qwen3dbg.run.candidate import NullSink
 
-    from qwen3dbg.run.capture import greedy_decode_ids
-
-    picked = greedy_decode_ids(Qwen3Reference(models("tiny-moe")), [5, 17, 99, 3], 2)
+    golden, picked, ids = Qwen3Reference(models("tiny-moe")), [], [[5, 17, 99, 3]]
+    for position in ([0, 1, 2, 3], [4]):
+        logits = golden.step(torch.tensor(ids), torch.tensor([position]), NullSink())
+        picked.append(int(logits[0, -1].argmax()))
+        ids = [[picked[-1]]]
     assert [s.token_ids[0][0] for s in store.steps[1:]] == picked
     cfg = store.manifest["config"]
     assert set(store.names(1)) == {

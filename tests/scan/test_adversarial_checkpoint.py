@@ -1,5 +1,5 @@
 """Malformed checkpoints, indexes and configs, generated: each variant ends in findings (scan-checkpoint)
-or one UserError (the loading path: resolve_model / Checkpoint / load_config), never in a traceback, a
+or one UserError (the loading path: open_model / Checkpoint / load_config), never in a traceback, a
 hang, a memory bomb or silent acceptance."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors import SafetensorError, safe_open
 
 from qwen3dbg.model.layout import INDEX, SINGLE
-from qwen3dbg.run.inputs import resolve_model
+from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.scan import container
 from qwen3dbg.scan.scan import scan_checkpoint
 from qwen3dbg.util.errors import UserError
@@ -47,7 +47,7 @@ def _linked_copy(src: Path, dst: Path) -> Path:
 def _loads_or_refuses(model_dir: Path):
     """The loading path's promise: the model resolves, or one UserError says why."""
     try:
-        return resolve_model(model_dir)
+        return open_model(model_dir)
     except UserError as e:
         assert str(e)
         return None
@@ -202,7 +202,7 @@ def test_an_index_pointing_outside_the_model_directory_is_refused(models, tmp_pa
     for target in (f"../other/{SINGLE}", str(other / SINGLE)):
         (d / INDEX).write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": target}}))
         with pytest.raises(UserError, match="not a file in the model directory"):
-            resolve_model(d)
+            open_model(d)
         assert _errors(scan_checkpoint(d), "index")
 
 
@@ -220,7 +220,7 @@ def test_an_index_naming_bin_files_never_reaches_torch_load(models, tmp_path, mo
 
     assert cli("capture", "--impl", "hf", "--model", d, "--out", tmp_path / "out") == 2
     with pytest.raises(UserError, match="safetensors only"):
-        resolve_model(d)
+        open_model(d)
 
 
 # --- configs ----------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def test_a_config_whose_layer_or_expert_count_differs_from_the_weights_is_refuse
     raw = json.loads((d / "config.json").read_text()) | {field: declared}
     (d / "config.json").write_text(json.dumps(raw))
     with pytest.raises(UserError, match=f"declares {declared} {kind}.* holds? {held}"):
-        resolve_model(d)
+        open_model(d)
     assert {f.numbers[kind] for f in _errors(scan_checkpoint(d), kind)} == {held}
 
 
@@ -326,7 +326,7 @@ def test_an_integer_weight_is_an_error_for_the_scan_and_the_loader(models, tmp_p
         models("tiny-dense"), tmp_path_factory.mktemp("int"), lambda t: t | {name: (t[name] * 100).to(dtype)}
     )
     with pytest.raises(UserError, match="not floating point"):
-        resolve_model(d)
+        open_model(d)
     assert [f.tensor for f in _errors(scan_checkpoint(d), "dtype")] == [name]
 
 

@@ -1,0 +1,224 @@
+"""`run_diff`: the whole `qwen3dbg diff`. Three sides (reference, candidate, fp64 golden) run side by side and are
+compared tap by tap as they go; then the first divergent op, introduced or inherited, and the diagnosis."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from qwen3dbg.diff.compare import ROUTER_OPS, Comparison
+from qwen3dbg.diff.diagnosis.systematic import detect
+from qwen3dbg.diff.golden import LongGolden
+from qwen3dbg.diff.in_noise import InNoise
+from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
+from qwen3dbg.diff.result import DiffResult, Divergence, SideInfo, TapResult
+from qwen3dbg.diff.streams import (
+    Keeper,
+    Schedule,
+    StoreSide,
+    ThreadSide,
+    candidate_producer,
+    golden_forced,
+    golden_greedy,
+)
+from qwen3dbg.diff.teacher import estimate, teacher_force
+from qwen3dbg.diff.window import Window, WindowSource
+from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.model.model_dir import ModelDir
+from qwen3dbg.run.inputs import RunInputs
+from qwen3dbg.run.plan import RunPlan, plan_run
+from qwen3dbg.tapstore.schema import parse_tap_name
+from qwen3dbg.tapstore.store import TapStore
+from qwen3dbg.util import memory
+from qwen3dbg.util.dtypes import dtype_name
+
+
+def run_diff(
+    ref: str = "hf",
+    cand: str = "scratch",
+    *,
+    model_dir: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    token_ids: Sequence[int] | None = None,
+    decode_ids: Sequence[int] | None = None,
+    decode_steps: int | None = None,
+    prompt: str | None = None,
+    **kwargs,
+) -> DiffResult:
+    """Compare `cand` with `ref` on the same ids, both judged against the fp64 golden; see docs/differ.md. The
+    ids are RunInputs' fields; `kwargs` are `diff_plan`'s (teacher, status, progress)."""
+    inputs = RunInputs(token_ids, prompt, decode_ids, decode_steps)
+    return diff_plan(plan_run({"ref": ref, "cand": cand}, model_dir, inputs, dtype), **kwargs)
+
+
+def diff_plan(
+    plan: RunPlan,
+    *,
+    teacher: bool = True,
+    status: Callable[[str], None] = lambda msg: None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DiffResult:
+    """The diff of a resolved run (`plan_run`): the sides run side by side and are compared tap by tap as they
+    go; nothing is written to disk."""
+    t0 = time.perf_counter()
+    memory.for_prefill()
+    model, cfg, dt, steps, greedy = plan.model, plan.model.config, plan.dtype, plan.steps, plan.greedy
+    specs = [plan.side("ref"), plan.side("cand")]
+    timings: dict[str, float] = {}
+    schedule = Schedule(steps, len(steps) + greedy)
+    t = time.perf_counter()
+    loaded, infos, lacks = {}, [SideInfo("gold", "scratch:float64", "scratch", "float64", "")], {}
+    for role, spec in zip(("ref", "cand"), specs):
+        status(
+            f"loading {role}: {spec.text}"
+            + (" (its engine is built on first use: minutes)" if spec.name == "mine" else "")
+        )
+        if spec.store is not None:
+            store = spec.store
+            lacks[role] = frozenset(store.missing_taps)
+            notes = store.manifest.get("notes")
+            notes = [str(n) for n in notes] if isinstance(notes, list) else []
+            infos.append(
+                SideInfo(
+                    role,
+                    spec.text,
+                    store.implementation,
+                    dtype_name(store.dtype),
+                    str(store.path),
+                    notes + _other_weights(store, model),
+                )
+            )
+        else:
+            loaded[role] = plan.load(role)
+            lacks[role] = frozenset(loaded[role].missing_taps)
+            infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), ""))
+    golden = LongGolden(model, stream_weights=True if not greedy else None)
+    timings["load"] = time.perf_counter() - t
+    missing = lacks["ref"] | (lacks["cand"] - ROUTER_OPS)
+    compared = lambda name: parse_tap_name(name)[1] not in missing  # noqa: E731
+    keep = torch.float32 if dt.itemsize < 4 else torch.float64
+    keeper = Keeper(keep)
+    produce_gold = (
+        golden_forced(golden, steps, keeper) if not greedy else golden_greedy(golden, schedule, steps[0].token_ids[0])
+    )
+    sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
+    for role, spec in zip(("ref", "cand"), specs):
+        sides[role] = (
+            StoreSide(role, spec.store)
+            if spec.store is not None
+            else ThreadSide(
+                role, candidate_producer(loaded[role], schedule), compared, loaded[role].fresh_taps, schedule
+            )
+        )
+    window = Window(keep)
+    src = WindowSource(cfg, schedule.steps, dt, model, {})
+    noise = InNoise(cfg, src, window)
+    shown = progress or (lambda step, layer: None)
+
+    def on_progress(step: int, layer: int | None) -> None:
+        if step == 0 and layer is None:  # the prefill is compared: decode steps reuse their blocks
+            memory.for_decode()
+        shown(step, layer)
+
+    comparison = Comparison(sides["gold"], sides["ref"], sides["cand"], schedule, cfg, dt, window, on_progress, lacks)
+    status(f"comparing {schedule.total} step(s) against the fp64 golden")
+    t = time.perf_counter()
+    taps = []
+    try:
+        for res in comparison.run():
+            taps.append(res)
+            noise.add(res)
+    finally:
+        for side in sides.values():
+            side.close()
+    window.finish()
+    for info in infos:  # what an implementation has to say about its run (the device it ran on, ...)
+        if info.role in loaded:
+            info.notes = [str(n) for n in loaded[info.role].manifest_extra().get("notes", [])]
+    timings["compare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    first = next((r for r in taps if r.divergent), None)
+    div = _divergence(first, taps, cfg) if first else None
+    src.entries = window.frozen or {}
+    if div is not None and teacher and "cand" in loaded:
+        status("teacher forcing the divergent layer")
+        forced = teacher_force(loaded["cand"], src, div, first, schedule.steps[div.step])
+        div.origin = forced or div.origin
+    status("diagnosing")
+    diagnosis = [] if div is None else list(_diagnose(src, div))
+    in_noise = noise.finding(dt)
+    systematic = detect(taps, div, dt)
+    timings["diagnose"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return DiffResult(
+        model=str(model.path),
+        config=cfg.to_hf_dict(),
+        dtype=dtype_name(dt),
+        sides=infos,
+        steps=[
+            {"step": s.step, "tokens": s.tokens, "token_ids": s.token_ids[0], "positions": s.positions[0]}
+            for s in schedule.steps
+        ],
+        taps=taps,
+        first_divergence=div,
+        diagnosis=diagnosis,
+        first_nonfinite=_first_nonfinite(taps, "cand"),
+        golden_nonfinite=_first_nonfinite(taps, "gold"),
+        in_noise=in_noise,
+        systematic=systematic,
+        routing_ties=comparison.ties,
+        timings=timings,
+        spilled=keeper.spilled,
+        rule={
+            "norm_factor": NORM_FACTOR,
+            "element_factor": ELEMENT_FACTOR,
+            "rel_floor_ulps": REL_FLOOR_ULPS,
+            "abs_floor_ulps": ABS_FLOOR_ULPS,
+            "small_sample_n0": SMALL_SAMPLE_N0,
+        },
+    )
+
+
+def _other_weights(store: TapStore, model: ModelDir) -> list[str]:
+    """A note when `qwen3dbg capture` recorded other weights for this store than the model's: its
+    differences from the other sides are then the weights' (other stores record none)."""
+    recorded = store.manifest.get("weights_digest")
+    here = None if recorded is None else model.checkpoint.digest()
+    if recorded == here:
+        return []
+    return [
+        f"captured on other weights than {model.path} (weights digest {recorded}, the model's {here}): "
+        "its differences are the weights'; diff it against the model it was captured on"
+    ]
+
+
+def _first_nonfinite(taps: list[TapResult], side: str) -> dict | None:
+    """{"step", "tap", "count"} of the first tap where `side` ("cand" or "gold") holds NaN/inf."""
+    return next(
+        ({"step": r.step, "tap": r.name, "count": r.nonfinite[side]} for r in taps if r.nonfinite.get(side)), None
+    )
+
+
+def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Divergence:
+    div = Divergence(
+        step=first.step,
+        layer=first.layer,
+        tap=first.name,
+        op=first.op,
+        reason=first.reason,
+        excess=first.excess,
+        max_abs=first.max_abs,
+        rel_l2=first.rel_l2,
+        worst=first.worst,
+    )
+    div.origin = estimate(div, {t.name: t for t in taps if t.step == first.step}, cfg)
+    return div
+
+
+def _diagnose(src: WindowSource, div: Divergence) -> list:
+    from qwen3dbg.diff.diagnosis import diagnose
+
+    return list(diagnose(src, div.step, div.tap))
