@@ -11,18 +11,15 @@ import torch
 
 from qwen3dbg.diff.compare import ROUTER_OPS, Comparison
 from qwen3dbg.diff.diagnosis.systematic import detect
-from qwen3dbg.diff.golden import LongGolden
+from qwen3dbg.diff.golden import Keeper, LongGolden, golden_forced, golden_greedy
 from qwen3dbg.diff.in_noise import InNoise
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.diff.result import DiffResult, Divergence, SideInfo, TapResult
 from qwen3dbg.diff.streams import (
-    Keeper,
     Schedule,
     StoreSide,
     ThreadSide,
     candidate_producer,
-    golden_forced,
-    golden_greedy,
 )
 from qwen3dbg.diff.teacher import estimate, teacher_force
 from qwen3dbg.diff.window import Window, WindowSource

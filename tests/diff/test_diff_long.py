@@ -16,7 +16,8 @@ from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.blocks import RowBlocks, blocked_count_over, blocked_errors
 from qwen3dbg.diff.fused import count_over, tap_errors
 from qwen3dbg.diff.golden import LongGolden
-from qwen3dbg.diff.streams import CacheSlots, Keeper, Schedule, ThreadSide, golden_forced
+from qwen3dbg.diff.golden import Keeper, golden_forced
+from qwen3dbg.diff.streams import CacheSlots, Schedule, ThreadSide
 from qwen3dbg.run.capture import capture, forced_steps, run_steps
 from qwen3dbg.run.registry import load_candidate
 from qwen3dbg.tapstore.store import TapStore
