@@ -19,10 +19,12 @@ from qwen3dbg.diff.compare import ROUTER_OPS, Comparison
 from qwen3dbg.diff.diagnosis.systematic import detect
 from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
+from qwen3dbg.diff.shards import RankStores
 from qwen3dbg.diff.result import DiffResult, Divergence, Finding, SideInfo, TapResult
 from qwen3dbg.diff.sides import SideSpec, check_sides, parse_side, store_steps
 from qwen3dbg.diff.streams import (
     Keeper,
+    RankSide,
     Schedule,
     StoreSide,
     ThreadSide,
@@ -142,7 +144,7 @@ def run_diff(
     sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
     for role, spec in zip(("ref", "cand"), specs):
         sides[role] = (
-            StoreSide(role, spec.store)
+            (RankSide if isinstance(spec.store, RankStores) else StoreSide)(role, spec.store)
             if spec.store is not None
             else ThreadSide(
                 role, candidate_producer(loaded[role], schedule), compared, loaded[role].fresh_taps, schedule

@@ -1,15 +1,20 @@
 """What `--ref` and `--cand` name: an implementation to run (`hf`, `hf:attn=sdpa`, a catalogue bug) or
-`store:DIR`, a tap store already on disk whose token ids every other side is then run on."""
+`store:DIR`, a tap store already on disk whose token ids every other side is then run on, or
+`store:DIR0,DIR1,...`, the stores of the ranks of one tensor-parallel run, gathered tap by tap."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import StepInfo, TapStore
-from qwen3dbg.validate import validate_store
+from qwen3dbg.validate import validate_ranks, validate_store
+
+if TYPE_CHECKING:
+    from qwen3dbg.diff.shards import RankStores
 
 STORE_PREFIX = "store:"
 
@@ -19,7 +24,7 @@ class SideSpec:
     text: str
     name: str | None = None  # implementation name, None for a store
     options: dict = field(default_factory=dict)
-    store: TapStore | None = None
+    store: "TapStore | RankStores | None" = None
 
 
 def parse_side(text: str, role: str, config: Qwen3Config | None = None) -> SideSpec:
@@ -31,17 +36,7 @@ def parse_side(text: str, role: str, config: Qwen3Config | None = None) -> SideS
 
     text = text.strip()
     if text.startswith(STORE_PREFIX):
-        path = Path(text[len(STORE_PREFIX) :])
-        if not path.is_dir():
-            raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
-        problems = validate_store(path, config)
-        if problems:
-            raise UserError(
-                f"--{role} {text} is not a valid tap store, {problems[0]}"
-                f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
-                f"see `qwen3dbg validate-store {path}`"
-            )
-        return SideSpec(text, store=TapStore.open(path))
+        return SideSpec(text, store=_open_stores(text, role, config))
     name, _, opts = text.partition(":")
     if name not in IMPLEMENTATIONS:
         return SideSpec(text, name=text)
@@ -54,6 +49,37 @@ def parse_side(text: str, role: str, config: Qwen3Config | None = None) -> SideS
     if not name:
         raise UserError(f"--{role} is empty: name an implementation (hf, scratch, ...) or store:DIR")
     return SideSpec(text, name=name, options=options)
+
+
+def _open_stores(text: str, role: str, config: Qwen3Config | None) -> "TapStore | RankStores":
+    """`store:DIR`, or `store:DIR0,DIR1,...` (a directory whose own name holds a comma is one store), validated
+    and opened; a store written by one rank of several is refused alone."""
+    from qwen3dbg.diff.shards import RankStores
+
+    given = text[len(STORE_PREFIX) :]
+    paths = [Path(given)] if Path(given).is_dir() else [Path(p) for p in given.split(",")]
+    for path in paths:
+        if not path.is_dir():
+            raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
+    problems = validate_store(paths[0], config) if len(paths) == 1 else validate_ranks(paths, config)
+    if problems:
+        shown = " ".join(str(p) for p in paths)
+        raise UserError(
+            f"--{role} {text} is not a valid tap store, {problems[0]}"
+            f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
+            f"see `qwen3dbg validate-store {shown}`"
+        )
+    if len(paths) > 1:
+        return RankStores.open(paths)
+    store = TapStore.open(paths[0])
+    if store.rank is None:
+        return store
+    if store.rank.world_size > 1:
+        raise UserError(
+            f"--{role} {text} holds rank {store.rank.rank} of a {store.rank.world_size}-rank run: name every "
+            f'rank\'s store, store:DIR0,DIR1,... (docs/taps.md, "Tensor-parallel runs")'
+        )
+    return RankStores([store])
 
 
 def check_sides(specs: list[SideSpec], model_dir: Path, dtype) -> None:

@@ -23,6 +23,7 @@ import torch
 from qwen3dbg.candidate import Candidate
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.blocks import RowBlocks
+from qwen3dbg.diff.shards import Gathered, gather
 from qwen3dbg.home import home
 from qwen3dbg.reference.qwen3 import causal_mask
 from qwen3dbg.store import StepInfo, TapStore
@@ -251,7 +252,11 @@ class StoreSide:
     def take(self, step: int, name: str):
         if step >= len(self.store.steps) or not self.store.has(step, name):
             return None
-        t, info, op = self.store.get(step, name), self.store.steps[step], parse_tap_name(name)[1]
+        return self.view(step, name, self.store.get(step, name))
+
+    def view(self, step: int, name: str, t: torch.Tensor):
+        """A stored tap as the comparison takes it: the cache slots or query rows the step declares it holds."""
+        info, op = self.store.steps[step], parse_tap_name(name)[1]
         if op in CACHE_OPS and info.cache_positions is not None and info.cache_positions != list(range(t.shape[2])):
             return CacheSlots(t, info.cache_positions)
         if (
@@ -267,6 +272,19 @@ class StoreSide:
 
     def close(self) -> None:
         pass
+
+
+class RankSide(StoreSide):
+    """The stores of the ranks of a tensor-parallel run (`RankStores`): each tap is gathered from the ranks'
+    shards when it is taken, so memory holds the ranks' shards of one tap, never more."""
+
+    def take(self, step: int, name: str):
+        if step >= len(self.store.steps) or not self.store.has(step, name):
+            return None
+        parts = self.store.parts(step, name)
+        whole = gather(parts)
+        see = lambda t: self.view(step, name, t)  # noqa: E731
+        return Gathered(see(whole), whole, parts[0].shard.kind, tuple(parts), see)
 
 
 def candidate_producer(cand: Candidate, schedule: Schedule) -> Callable[[QueueSink], None]:
