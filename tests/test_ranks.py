@@ -58,12 +58,20 @@ def whole(dense, tmp_path_factory) -> Path:
     return capture(Qwen3Reference(dense, "float32"), forced_steps(PROMPT, DECODE), out)
 
 
+@pytest.fixture(scope="module")
+def moe_whole(models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moe_whole") / "store"
+    return capture(Qwen3Reference(models("tiny-moe"), "float32"), forced_steps(PROMPT, DECODE), out)
+
+
 def rank_shards(layout: str, world: int, rank: int, sizes: dict[str, int], head_dim: int) -> dict[str, Shard]:
     """Rank `rank`'s layout: its share of the heads or channels of each split op (the one head it shares with
     other ranks where there are fewer heads than ranks), and the partial sums."""
     split, partial = LAYOUTS[layout]
     shards = {op: Shard("partial") for op in partial}
     for op, (axis, unit) in split.items():
+        if op not in sizes:
+            continue
         unit = head_dim if unit == "D" else unit
         n = sizes[op] // unit
         lo = n * rank // world
@@ -79,9 +87,8 @@ def cut(whole: Path, out: Path, layout: str, world: int, edit=lambda rank, name,
     store = TapStore.open(whole)
     cfg = store.manifest["config"]
     config = parse_config(cfg)
-    sizes = {
-        op: tap_spec(config, f"layers.0.{op}", 1, 1, 1).shape[axis] for op, (axis, _) in {**HEADS, **CHANNELS}.items()
-    }
+    specs = {op: (tap_spec(config, f"layers.0.{op}", 1, 1, 1), axis) for op, (axis, _) in {**HEADS, **CHANNELS}.items()}
+    sizes = {op: spec.shape[axis] for op, (spec, axis) in specs.items() if spec is not None}  # a MoE has no mlp.gate
     dirs = []
     for rank in range(world):
         info = RankInfo(rank, world, rank_shards(layout, world, rank, sizes, cfg["head_dim"]))
@@ -182,6 +189,27 @@ def test_a_partial_sum_scaled_on_one_rank_is_named_a_partial_sum_fault(
     assert d.tap == "layers.0.o_proj"
     assert f"the sum of the {world} ranks' partial sums is off" in d.reason
     assert f"rank {rank}'s partial" in d.reason and f"as if that partial were {times} what the sum needs" in d.reason
+
+
+def test_a_moe_whose_ranks_each_add_their_experts_diffs_clean(tmp_path, moe_whole, models):
+    """Expert parallelism as the format holds it: each rank's MoE output is its experts' partial sum."""
+    result = diff(cut(moe_whole, tmp_path, "megatron", 2), models("tiny-moe"))
+    assert result.first_divergence is None, result.verdict
+
+
+def test_a_moe_partial_scaled_on_one_rank_names_that_rank(tmp_path, moe_whole, models):
+    """The shared-expert-scaled-by-1/TP bug of vLLM, SGLang and TensorRT-LLM, on one rank's addend."""
+    dirs = cut(moe_whole, tmp_path, "megatron", 2, scaled(1, "layers.1.mlp.out", 0.5))
+    d = diff(dirs, models("tiny-moe")).first_divergence
+    assert d.tap == "layers.1.mlp.out" and "rank 1's partial" in d.reason
+
+
+def test_expert_ids_that_differ_between_ranks_name_the_rank(tmp_path, moe_whole, models):
+    def other_expert(rank, n, t):
+        return (t + 1) % 8 if (rank, n) == (1, "layers.0.moe.topk_ids") else t
+
+    d = diff(cut(moe_whole, tmp_path, "megatron", 2, other_expert), models("tiny-moe")).first_divergence
+    assert d.tap == "layers.0.moe.topk_ids" and "rank 1's copy differs from rank 0's" in d.reason
 
 
 def test_a_lone_rank_store_is_refused_naming_the_grammar(tmp_path, whole, dense):

@@ -97,6 +97,10 @@ class Comparison:
                 ranks = c if isinstance(c, Gathered) else None
                 r, c = _whole(r), _whole(c)
                 res, router = self.tap(info, spec, g, r, c, router, ranks)
+                if ranks is not None and "ranks" not in res.extra:  # expert ids and weights: judged by sets
+                    res = _copies_differ(res, ranks)
+                elif ranks is not None and "copy" in res.extra["ranks"]:  # the window keeps the copy judged divergent
+                    c = ranks.variant(next(p for p in ranks.parts if p.rank == res.extra["ranks"]["copy"]))
                 if self.window is not None:
                     self.window.add(info, spec, res.divergent, {"gold": g, "ref": r, "cand": c})
                 yield res
@@ -207,7 +211,9 @@ class Comparison:
             traced["copies_differ"] = sorted(verdicts)
             if off and fine:
                 traced["rank"] = off
-                worst = res if res.divergent else judged[off[0]]
+                worst = res
+                if not res.divergent:
+                    worst, traced["copy"] = judged[off[0]], off[0]
                 shard = differ[0][1].shard
                 of = (
                     f" of {slice_words(spec.axes[shard.axis], shard.start, shard.stop, self.cfg.head_dim)}"
@@ -484,6 +490,18 @@ ROUTER_OPS = frozenset({"moe.router_logits", "moe.topk_ids"})
 def _sort_by_ids(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """topk_weights [B,T,k] reordered by expert id, so sides that list the same experts align."""
     return t.gather(-1, ids.argsort(-1))
+
+
+def _copies_differ(res: TapResult, ranks: Gathered) -> TapResult:
+    """A tap judged without `values` (expert ids, their weights), its ranks' copies compared bitwise only: copies
+    that should be equal and are not make it divergent, naming the ranks."""
+    differ = ranks.disagreeing()
+    res.extra["ranks"] = {"kind": ranks.kind, "world_size": len(ranks.parts)}
+    if differ:
+        res.extra["ranks"]["copies_differ"] = sorted({r for lowest, p in differ for r in (lowest, p.rank)})
+        words = "; ".join(f"rank {p.rank}'s copy differs from rank {lowest}'s" for lowest, p in differ)
+        res.status, res.reason = "divergent", "; ".join(filter(None, [res.reason, words]))
+    return res
 
 
 def _whole(v):
