@@ -32,10 +32,6 @@ def step_file(step: int) -> str:
     return f"step_{step:04d}.safetensors"
 
 
-#: the kinds of a tap's shard layout in a store written by one rank of a tensor-parallel run
-SHARD_KINDS = ("split", "replicated", "partial")
-
-
 @dataclass(frozen=True)
 class Shard:
     """How one rank holds a tap (docs/taps.md, "Tensor-parallel runs"): `split`, the slice [start, stop) of

@@ -270,37 +270,34 @@ def _other_dtype(whole: Path, out: Path) -> list[Path]:
     return cut(whole, out, "megatron", 2, lambda rank, n, t: t.half() if (rank, n) == (1, "layers.0.q_proj") else t)
 
 
+def _rank1_manifest(edit):
+    """The pair of rank stores with rank 1's manifest changed by `edit`."""
+
+    def make(a: Path, b: Path, tmp: Path, whole: Path) -> list[Path]:
+        _manifest(b, edit)
+        return [a, b]
+
+    return make
+
+
 BAD_SETS = {
     "a missing rank": (lambda a, b, t, w: [a], "rank 1 of 2 is missing"),
     "a duplicate rank": (lambda a, b, t, w: [a, _copy(a, t / "again")], "it is rank 0, and so is"),
-    "world sizes that disagree": (
-        lambda a, b, t, w: [a, b] if _manifest(b, lambda m: m.update(world_size=3)) is None else [],
-        "its world_size is 3 but",
-    ),
+    "world sizes that disagree": (_rank1_manifest(lambda m: m.update(world_size=3)), "its world_size is 3 but"),
     "overlapping slices": (
-        lambda a, b, t, w: (
-            [a, b]
-            if _manifest(b, lambda m: m["shards"].update(q_norm={"axis": 2, "start": 1, "stop": 3})) is None
-            else []
-        ),
+        _rank1_manifest(lambda m: m["shards"].update(q_norm={"axis": 2, "start": 1, "stop": 3})),
         "its slices do not cover it exactly once: ranks 0, 1 hold overlapping slices",
     ),
     "a slice no rank holds": (
-        lambda a, b, t, w: (
-            [a, b]
-            if _manifest(b, lambda m: m["shards"].update(q_norm={"axis": 2, "start": 3, "stop": 5})) is None
-            else []
-        ),
+        _rank1_manifest(lambda m: m["shards"].update(q_norm={"axis": 2, "start": 3, "stop": 5})),
         "[2, 3) is held by no rank",
     ),
     "layouts that disagree": (
-        lambda a, b, t, w: (
-            [a, b] if _manifest(b, lambda m: m["shards"].update({"o_proj": "replicated"})) is None else []
-        ),
+        _rank1_manifest(lambda m: m["shards"].update({"o_proj": "replicated"})),
         "the ranks declare different layouts for it",
     ),
     "other token ids": (
-        lambda a, b, t, w: [a, b] if _manifest(b, lambda m: m["steps"][1].update(token_ids=[[43]])) is None else [],
+        _rank1_manifest(lambda m: m["steps"][1].update(token_ids=[[43]])),
         "its steps (token ids, positions, cache slots and query rows) differ from",
     ),
     "shards of one tap in two dtypes": (
@@ -308,9 +305,7 @@ BAD_SETS = {
         "its shards have different dtypes (float16, float32)",
     ),
     "a store of a whole run among ranks": (
-        lambda a, b, t, w: (
-            [a, b] if _manifest(b, lambda m: [m.pop(k) for k in ("rank", "world_size", "shards")]) is None else []
-        ),
+        _rank1_manifest(lambda m: [m.pop(k) for k in ("rank", "world_size", "shards")]),
         "its manifest names no rank and world_size",
     ),
 }

@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from qwen3dbg.errors import UserError
 from qwen3dbg.store import Shard, TapStore
 
 #: a divergent partial sum is blamed on one rank's partial when the error is that partial times a factor up to
@@ -150,8 +149,7 @@ class RankStores:
     @classmethod
     def open(cls, paths: list[Path]) -> "RankStores":
         stores = [TapStore.open(p) for p in paths]
-        if any(s.rank is None for s in stores):
-            raise UserError("every store of a tensor-parallel run must say its rank and world_size in its manifest")
+        assert all(s.rank is not None for s in stores), "validate_ranks refuses a store that names no rank"
         return cls(stores)
 
     @property
@@ -172,6 +170,3 @@ class RankStores:
     def parts(self, step: int, name: str) -> list[Part]:
         """Every rank's shard of tap `name` at `step`, read now."""
         return [Part(s.rank.rank, s.rank.shard(name), s.get(step, name)) for s in self.stores]
-
-    def label(self) -> str:
-        return ",".join(str(s.path) for s in self.stores)
