@@ -218,6 +218,11 @@ def test_a_lone_rank_store_is_refused_naming_the_grammar(tmp_path, whole, dense)
         run_diff("hf", f"store:{dirs[0]}", model_dir=dense)
 
 
+def test_the_ranks_of_a_run_serve_as_the_reference_too(tmp_path, whole, dense):
+    ref = "store:" + ",".join(map(str, cut(whole, tmp_path, "megatron", 2)))
+    assert run_diff(ref, "scratch", model_dir=dense).first_divergence is None
+
+
 def test_a_one_rank_run_diffs_as_a_store(tmp_path, whole, dense):
     assert diff(cut(whole, tmp_path, "megatron", 1), dense).first_divergence is None
 
@@ -226,7 +231,17 @@ def test_the_cli_diff_exits_1_on_a_one_rank_bug_and_names_the_rank(tmp_path, who
     dirs = cut(whole, tmp_path, "megatron", 2, scaled(1, "layers.0.k_proj"))
     out = tmp_path / "d.json"
     assert cli("diff", "--cand", "store:" + ",".join(map(str, dirs)), "--model", dense, "--json", out) == 1
-    assert "confined to rank 1's slice (kv head 1)" in json.loads(out.read_text())["first_divergence"]["reason"]
+    first = json.loads(out.read_text())["first_divergence"]
+    assert "confined to rank 1's slice (kv head 1)" in first["reason"]
+    assert first["ranks"] == {
+        "kind": "split",
+        "world_size": 2,
+        "rank": [1],
+        "slice": "kv head 1",
+        "axis": 2,
+        "start": 32,
+        "stop": 64,
+    }
 
 
 # ---- validate-store on rank stores -------------------------------------------------------------------

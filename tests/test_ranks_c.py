@@ -100,6 +100,7 @@ def test_a_partial_sum_scaled_on_rank_1_is_named_a_partial_sum_fault(tmp_path, e
     assert (
         "rank 1's partial" in first["reason"] and "as if that partial were 0.5x what the sum needs" in first["reason"]
     )
+    assert first["ranks"]["kind"] == "partial" and first["ranks"]["rank"] == [1]
 
 
 MISUSES = {

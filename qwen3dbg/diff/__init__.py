@@ -262,6 +262,7 @@ def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Di
         max_abs=first.max_abs,
         rel_l2=first.rel_l2,
         worst=first.worst,
+        ranks=first.extra.get("ranks", {}),
     )
     div.origin = estimate(div, {t.name: t for t in taps if t.step == first.step}, cfg)
     return div
