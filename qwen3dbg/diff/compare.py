@@ -7,6 +7,7 @@ in `noise`; docs/differ.md explains it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -228,9 +229,9 @@ class Comparison:
                 return worst
         if not res.divergent or ranks.kind == "replicated" or spec.integer:
             return res
-        gold = value_of(g) if not isinstance(g, RowBlocks) or g.rows * 8 <= BLOCK_ELEMENTS else None
-        if gold is None:  # a golden too large to hold whole: the tap's verdict stands, untraced
-            return res
+        if isinstance(g, RowBlocks) and math.prod(g.view_shape) > BLOCK_ELEMENTS:
+            return res  # a golden too large to hold whole: the tap's verdict stands, untraced
+        gold = value_of(g)
         if ranks.kind == "partial":
             res.reason += f"; the sum of the {len(ranks.parts)} ranks' partial sums is off"
             fit = partial_fit(

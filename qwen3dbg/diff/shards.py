@@ -103,6 +103,14 @@ def gather(parts: list[Part]) -> torch.Tensor:
     return torch.cat([firsts[s].value for s in sorted(firsts)], dim=parts[0].shard.axis)
 
 
+def gathered(parts: list[Part], view: Callable[[torch.Tensor], object] = lambda t: t) -> Gathered:
+    """One tap of every rank gathered (`gather`), kept with its parts so that the comparison can trace a
+    divergence back to a rank: what a side hands the comparison for a tensor-parallel run, a store's
+    (`RankSide`) or a live one's. `view` is how the side presents a whole tap (cache slots, query rows)."""
+    whole = gather(parts)
+    return Gathered(view(whole), whole, parts[0].shard.kind, tuple(parts), view)
+
+
 def slice_words(axis_name: str, start: int, stop: int, head_dim: int) -> str:
     """A rank's slice of a schema axis in the porter's units: `nH*D` 64..127 of head_dim 32 -> "heads 2..3";
     `nKV` 1..1 -> "kv head 1"; any other axis -> "channels 80..159"."""

@@ -23,7 +23,7 @@ import torch
 from qwen3dbg.candidate import Candidate
 from qwen3dbg.config import Qwen3Config
 from qwen3dbg.diff.blocks import RowBlocks
-from qwen3dbg.diff.shards import Gathered, gather
+from qwen3dbg.diff.shards import gathered
 from qwen3dbg.home import home
 from qwen3dbg.reference.qwen3 import causal_mask
 from qwen3dbg.store import StepInfo, TapStore
@@ -281,10 +281,7 @@ class RankSide(StoreSide):
     def take(self, step: int, name: str):
         if step >= len(self.store.steps) or not self.store.has(step, name):
             return None
-        parts = self.store.parts(step, name)
-        whole = gather(parts)
-        see = lambda t: self.view(step, name, t)  # noqa: E731
-        return Gathered(see(whole), whole, parts[0].shard.kind, tuple(parts), see)
+        return gathered(self.store.parts(step, name), lambda t: self.view(step, name, t))
 
 
 def candidate_producer(cand: Candidate, schedule: Schedule) -> Callable[[QueueSink], None]:
