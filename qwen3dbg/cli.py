@@ -225,7 +225,7 @@ def capture(
 
     inputs = RunInputs.from_flags(token_ids, prompt, decode_ids, decode_steps)
     spec = parse_side(impl, "impl")
-    if spec.store_path is not None:
+    if spec.store_paths:
         raise UserError(f"--impl {impl} is a tap store: capture runs an implementation")
     spec = with_attn(spec, attn)
     _check_model_flag(model)
@@ -264,20 +264,27 @@ def capture(
 
 @app.command("validate-store")
 def validate_store_cmd(
-    store: Path = typer.Argument(..., help="Tap store directory (manifest.json + step_NNNN.safetensors)."),
+    stores: list[Path] = typer.Argument(
+        ...,
+        help="Tap store directory (manifest.json + step_NNNN.safetensors), or the stores of every rank of one "
+        "tensor-parallel run.",
+    ),
     model: Optional[Path] = typer.Option(
         None,
         help="Model directory whose config the shapes must match (default: the config the manifest carries, if any).",
     ),
 ):
-    """Check a tap store written by any program: names, shapes, dtypes, steps, token ids, files.
-    Exit 0 valid, 1 problems found, 2 unreadable."""
+    """Check a tap store written by any program: names, shapes, dtypes, steps, token ids, files; given the
+    stores of a tensor-parallel run's ranks, each alone and all together. Exit 0 valid, 1 problems found,
+    2 unreadable."""
     from qwen3dbg.model.model_dir import open_model
-    from qwen3dbg.tapstore.validate import validate_store
+    from qwen3dbg.tapstore.validate import validate_ranks, validate_store
 
     # the model is loaded as every command loads it: a config declaring 10^9 layers is refused by what
     # the weights hold before any list of taps is made
-    problems = validate_store(store, open_model(model).config if model else None)
+    config = open_model(model).config if model else None
+    problems = validate_store(stores[0], config) if len(stores) == 1 else validate_ranks(stores, config)
+    store = " ".join(map(str, stores))
     shown = 20
     for p in problems[:shown]:
         say(("problem", "red"), f" {p}")
@@ -286,7 +293,7 @@ def validate_store_cmd(
     if problems:
         say(f"{store}: {len(problems)} problem(s)")
         raise typer.Exit(1)
-    say(f"{store}: valid tap store")
+    say(f"{store}: valid tap store" + (f"s of {len(stores)} ranks" if len(stores) > 1 else ""))
 
 
 @app.command("cache")

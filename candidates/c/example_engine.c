@@ -8,8 +8,17 @@
    Build:  cc -std=c99 -O2 -Wall -o example_engine example_engine.c -lm
            (add -DPLANT_ROPE_BUG to plant a wrong RoPE theta, 10000 instead of the config's)
    Run:    example_engine MODEL_DIR OUT_DIR 9,41,7,300 [--decode 5,17] [--crash-after STEP] [--no-attention-matrices 1]
+                          [--tp RANK/WORLD [--plant-kv-offset RANK] [--plant-partial-scale RANK]]
    --crash-after exits abruptly after that step, leaving a store whose manifest says incomplete;
    --no-attention-matrices declares attn_scores and attn_probs missing instead of writing them.
+
+   Tensor parallelism, simulated: `--tp 1/2` writes the store of rank 1 of a TP=2 run, holding what that rank
+   holds (run it once per rank, then `qwen3dbg diff --cand store:OUT0,OUT1`). Each process computes every rank's
+   work, so the all-reduces (summing the ranks' partials in rank order) need no communication. Rank r holds
+   query heads and gate/up channels r*n/WORLD..(r+1)*n/WORLD-1 and its kv heads (each kv head on several ranks
+   when there are fewer kv heads than ranks); o_proj and mlp.out are its partial sums before the all-reduce;
+   norms, residuals and logits are replicated. Planted one-rank bugs: --plant-kv-offset R makes rank R read
+   its kv heads at offset 0 (another rank's heads), --plant-partial-scale R halves rank R's o_proj partial.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -208,6 +217,17 @@ static void linear(float *y, const float *x, const float *w, int T, int N, int O
         }
 }
 
+/* y[T,O] = x[:, lo:hi] @ W[:, lo:hi]^T: one rank's partial sum of a row-parallel linear over input columns lo..hi-1. */
+static void linear_cols(float *y, const float *x, const float *w, int T, int N, int O, int lo, int hi) {
+    int t, o, n;
+    for (t = 0; t < T; t++)
+        for (o = 0; o < O; o++) {
+            double acc = 0.0;
+            for (n = lo; n < hi; n++) acc += (double)x[(size_t)t * N + n] * w[(size_t)o * N + n];
+            y[(size_t)t * O + o] = (float)acc;
+        }
+}
+
 /* RMSNorm of each of `rows` rows of length n: normalise, then multiply by the weight (transformers' order). */
 static void rms_norm(float *y, const float *x, const float *w, int rows, int n, float eps) {
     int r, i;
@@ -243,6 +263,19 @@ static float silu(float x) { return x / (1.0f + expf(-x)); }
 
 static int skip_attention_matrices;
 
+/* Tensor parallelism (--tp): this process's rank, the world size (0: a whole run), the planted bugs' ranks. */
+static int tp_rank, tp_world, kv_offset_bug = -1, partial_scale_bug = -1;
+
+typedef struct { int lo, hi; } Range;
+
+/* Rank r's share of n units (heads or channels); with fewer units than ranks, the unit it shares with others. */
+static Range share(int n, int r) {
+    Range g;
+    g.lo = n * r / tp_world;
+    g.hi = n >= tp_world ? n * (r + 1) / tp_world : g.lo + 1;
+    return g;
+}
+
 static void tap(q3t_store *s, const char *name, int layer, int ndim, const int64_t *shape, const float *data) {
     char full[128];
     if (layer >= 0)
@@ -250,6 +283,51 @@ static void tap(q3t_store *s, const char *name, int layer, int ndim, const int64
     else
         snprintf(full, sizeof full, "%s", name);
     if (q3t_write(s, full, Q3T_F32, ndim, shape, data)) die("tap store", q3t_error(s));
+}
+
+/* This rank's slice [lo, hi) of `axis` of a tap of `shape`, or the whole tap outside a TP run. */
+static void tap_slice(q3t_store *s, const char *name, int layer, int ndim, const int64_t *shape, const float *data,
+                      int axis, Range slice) {
+    int64_t sub[8], outer = 1, inner = 1, o;
+    int d, n = slice.hi - slice.lo;
+    float *buf;
+    if (!tp_world) {
+        tap(s, name, layer, ndim, shape, data);
+        return;
+    }
+    for (d = 0; d < ndim; d++) {
+        sub[d] = d == axis ? n : shape[d];
+        if (d < axis) outer *= shape[d];
+        if (d > axis) inner *= shape[d];
+    }
+    buf = (float *)malloc(sizeof(float) * (size_t)(outer * n * inner));
+    for (o = 0; o < outer; o++)
+        memcpy(buf + (size_t)(o * n * inner), data + (size_t)((o * shape[axis] + slice.lo) * inner), sizeof(float) * (size_t)(n * inner));
+    tap(s, name, layer, ndim, sub, buf);
+    free(buf);
+}
+
+/* A row-parallel linear y[T,O] = x[T,N] @ W^T: whole outside a TP run; in one, every rank's partial over its
+   input columns (`unit` of them per head or channel of `n`), summed in rank order as the all-reduce does; this
+   rank's partial goes to `mine`. */
+static void linear_rows(float *y, float *mine, const float *x, const float *w, int T, int N, int O, int n, int unit,
+                        int scaled_rank) {
+    int r, j;
+    float *part;
+    if (!tp_world) {
+        linear(y, x, w, T, N, O);
+        return;
+    }
+    part = (float *)malloc(sizeof(float) * T * O);
+    for (r = 0; r < tp_world; r++) {
+        Range g = share(n, r);
+        linear_cols(part, x, w, T, N, O, g.lo * unit, g.hi * unit);
+        if (r == scaled_rank)
+            for (j = 0; j < T * O; j++) part[j] *= 0.5f; /* the planted bug: a partial scaled on one rank */
+        for (j = 0; j < T * O; j++) y[j] = r ? y[j] + part[j] : part[j];
+        if (r == tp_rank) memcpy(mine, part, sizeof(float) * T * O);
+    }
+    free(part);
 }
 
 static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos, int T) {
@@ -264,7 +342,8 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
     float *u = (float *)malloc(sizeof(float) * T * I), *a = (float *)malloc(sizeof(float) * T * I);
     float *sc = (float *)malloc(sizeof(float) * nH * T * S), *pr = (float *)malloc(sizeof(float) * nH * T * S);
     float *cache = (float *)malloc(sizeof(float) * KV * S);
-    float *logits = (float *)malloc(sizeof(float) * T * V);
+    float *logits = (float *)malloc(sizeof(float) * T * V), *mine = (float *)malloc(sizeof(float) * T * H);
+    Range qh = {0, nH}, kvh = {0, nKV}, ch = {0, I};
     int64_t sh_h[3] = {1, T, H}, sh_q[3] = {1, T, Q}, sh_kv[3] = {1, T, KV}, sh_i[3] = {1, T, I};
     int64_t sh_qh[4] = {1, T, nH, D}, sh_kh[4] = {1, T, nKV, D}, sh_c[4] = {1, nKV, m->len ? T : S, D};
     size_t first = m->len ? (size_t)m->len : 0; /* the first cache slot the step's cache taps hold */
@@ -274,6 +353,11 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
     theta = 10000.0f; /* the planted bug: Llama's theta instead of Qwen3's */
 #endif
     if (S > m->max_seq) die("the KV cache is full", NULL);
+    if (tp_world) {
+        qh = share(nH, tp_rank);
+        kvh = share(nKV, tp_rank);
+        ch = share(I, tp_rank);
+    }
 
     for (t = 0; t < T; t++) memcpy(x + (size_t)t * H, m->embed + (size_t)ids[t] * H, sizeof(float) * H);
     tap(s, "embed", -1, 3, sh_h, x);
@@ -284,17 +368,24 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
         linear(q, hn, L->q, T, H, Q);
         linear(k, hn, L->k, T, H, KV);
         linear(v, hn, L->v, T, H, KV);
-        tap(s, "q_proj", i, 3, sh_q, q);
-        tap(s, "k_proj", i, 3, sh_kv, k);
-        tap(s, "v_proj", i, 3, sh_kv, v);
+        if (kv_offset_bug >= 0) { /* the planted bug: that rank reads its kv heads' weights at offset 0 */
+            Range bad = share(nKV, kv_offset_bug);
+            for (t = 0; t < T; t++) {
+                memmove(k + ((size_t)t * nKV + bad.lo) * D, k + (size_t)t * nKV * D, sizeof(float) * (bad.hi - bad.lo) * D);
+                memmove(v + ((size_t)t * nKV + bad.lo) * D, v + (size_t)t * nKV * D, sizeof(float) * (bad.hi - bad.lo) * D);
+            }
+        }
+        tap_slice(s, "q_proj", i, 3, sh_q, q, 2, (Range){qh.lo * D, qh.hi * D});
+        tap_slice(s, "k_proj", i, 3, sh_kv, k, 2, (Range){kvh.lo * D, kvh.hi * D});
+        tap_slice(s, "v_proj", i, 3, sh_kv, v, 2, (Range){kvh.lo * D, kvh.hi * D});
         rms_norm(q, q, L->q_norm, T * nH, D, c->eps);
         rms_norm(k, k, L->k_norm, T * nKV, D, c->eps);
-        tap(s, "q_norm", i, 4, sh_qh, q);
-        tap(s, "k_norm", i, 4, sh_kh, k);
+        tap_slice(s, "q_norm", i, 4, sh_qh, q, 2, qh);
+        tap_slice(s, "k_norm", i, 4, sh_kh, k, 2, kvh);
         rope(q, pos, T, nH, D, theta);
         rope(k, pos, T, nKV, D, theta);
-        tap(s, "q_rope", i, 4, sh_qh, q);
-        tap(s, "k_rope", i, 4, sh_kh, k);
+        tap_slice(s, "q_rope", i, 4, sh_qh, q, 2, qh);
+        tap_slice(s, "k_rope", i, 4, sh_kh, k, 2, kvh);
         for (t = 0; t < T; t++)
             for (h = 0; h < nKV; h++) {
                 size_t slot = ((size_t)h * m->max_seq + m->len + t) * D, src = ((size_t)t * nKV + h) * D;
@@ -304,10 +395,10 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
         /* The prefill writes its whole cache; a decode step only the slots it filled (declared below). */
         for (h = 0; h < nKV; h++)
             memcpy(cache + (size_t)h * sh_c[2] * D, L->k_cache + ((size_t)h * m->max_seq + first) * D, sizeof(float) * sh_c[2] * D);
-        tap(s, "k_cache", i, 4, sh_c, cache);
+        tap_slice(s, "k_cache", i, 4, sh_c, cache, 1, kvh);
         for (h = 0; h < nKV; h++)
             memcpy(cache + (size_t)h * sh_c[2] * D, L->v_cache + ((size_t)h * m->max_seq + first) * D, sizeof(float) * sh_c[2] * D);
-        tap(s, "v_cache", i, 4, sh_c, cache);
+        tap_slice(s, "v_cache", i, 4, sh_c, cache, 1, kvh);
         for (h = 0; h < nH; h++)
             for (t = 0; t < T; t++) {
                 const float *qv = q + ((size_t)t * nH + h) * D;
@@ -333,12 +424,12 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
                 }
             }
         if (!skip_attention_matrices) { /* declared missing in the manifest instead */
-            tap(s, "attn_scores", i, 4, sh_s, sc);
-            tap(s, "attn_probs", i, 4, sh_s, pr);
+            tap_slice(s, "attn_scores", i, 4, sh_s, sc, 1, qh);
+            tap_slice(s, "attn_probs", i, 4, sh_s, pr, 1, qh);
         }
-        tap(s, "attn_out", i, 3, sh_q, att);
-        linear(o, att, L->o, T, Q, H);
-        tap(s, "o_proj", i, 3, sh_h, o);
+        tap_slice(s, "attn_out", i, 3, sh_q, att, 2, (Range){qh.lo * D, qh.hi * D});
+        linear_rows(o, mine, att, L->o, T, Q, H, nH, D, partial_scale_bug);
+        tap(s, "o_proj", i, 3, sh_h, tp_world ? mine : o);
         for (j = 0; j < T * H; j++) x[j] += o[j];
         tap(s, "resid_mid", i, 3, sh_h, x);
         rms_norm(hn, x, L->mlp_norm, T, H, c->eps);
@@ -346,11 +437,11 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
         linear(g, hn, L->gate, T, H, I);
         linear(u, hn, L->up, T, H, I);
         for (j = 0; j < T * I; j++) a[j] = silu(g[j]) * u[j];
-        tap(s, "mlp.gate", i, 3, sh_i, g);
-        tap(s, "mlp.up", i, 3, sh_i, u);
-        tap(s, "mlp.act", i, 3, sh_i, a);
-        linear(o, a, L->down, T, I, H);
-        tap(s, "mlp.out", i, 3, sh_h, o);
+        tap_slice(s, "mlp.gate", i, 3, sh_i, g, 2, ch);
+        tap_slice(s, "mlp.up", i, 3, sh_i, u, 2, ch);
+        tap_slice(s, "mlp.act", i, 3, sh_i, a, 2, ch);
+        linear_rows(o, mine, a, L->down, T, I, H, I, 1, -1);
+        tap(s, "mlp.out", i, 3, sh_h, tp_world ? mine : o);
         for (j = 0; j < T * H; j++) x[j] += o[j];
         tap(s, "resid_out", i, 3, sh_h, x);
     }
@@ -360,7 +451,7 @@ static void step(Model *m, q3t_store *s, const int64_t *ids, const int64_t *pos,
     tap(s, "logits", -1, 3, sh_v, logits);
     m->len = S;
     free(x), free(hn), free(q), free(k), free(v), free(att), free(o), free(g), free(u), free(a);
-    free(sc), free(pr), free(cache), free(logits);
+    free(sc), free(pr), free(cache), free(logits), free(mine);
 }
 
 static int parse_ids(const char *text, int64_t *out, int cap) {
@@ -373,6 +464,28 @@ static int parse_ids(const char *text, int64_t *out, int cap) {
         text = *end == ',' ? end + 1 : end;
     }
     return n;
+}
+
+/* This rank's layout of every tap it does not hold whole: the slices `step` writes, and the partial sums. */
+static void declare_shards(q3t_store *s, const Config *c) {
+    static const char *q_ops[] = {"q_proj", "attn_out"}, *kv_ops[] = {"k_proj", "v_proj"};
+    static const char *q_head_ops[] = {"q_norm", "q_rope"}, *kv_head_ops[] = {"k_norm", "k_rope"};
+    static const char *ch_ops[] = {"mlp.gate", "mlp.up", "mlp.act"}, *partial_ops[] = {"o_proj", "mlp.out"};
+    Range qh = share(c->heads, tp_rank), kvh = share(c->kv_heads, tp_rank), ch = share(c->inter, tp_rank);
+    int D = c->head_dim, j, rc = q3t_rank(s, tp_rank, tp_world);
+    if (c->heads % tp_world || c->inter % tp_world || (c->kv_heads % tp_world && tp_world % c->kv_heads))
+        die("--tp: the world size must divide the heads and the intermediate size, and divide or be divided by the kv heads", NULL);
+    for (j = 0; j < 2; j++) {
+        rc = rc || q3t_shard(s, q_ops[j], Q3T_SPLIT, 2, (int64_t)qh.lo * D, (int64_t)qh.hi * D);
+        rc = rc || q3t_shard(s, kv_ops[j], Q3T_SPLIT, 2, (int64_t)kvh.lo * D, (int64_t)kvh.hi * D);
+        rc = rc || q3t_shard(s, q_head_ops[j], Q3T_SPLIT, 2, qh.lo, qh.hi);
+        rc = rc || q3t_shard(s, kv_head_ops[j], Q3T_SPLIT, 2, kvh.lo, kvh.hi);
+        rc = rc || q3t_shard(s, j ? "v_cache" : "k_cache", Q3T_SPLIT, 1, kvh.lo, kvh.hi);
+        rc = rc || q3t_shard(s, j ? "attn_probs" : "attn_scores", Q3T_SPLIT, 1, qh.lo, qh.hi);
+        rc = rc || q3t_shard(s, partial_ops[j], Q3T_PARTIAL, 0, 0, 0);
+    }
+    for (j = 0; j < 3; j++) rc = rc || q3t_shard(s, ch_ops[j], Q3T_SPLIT, 2, ch.lo, ch.hi);
+    if (rc) die("tap store", q3t_error(s));
 }
 
 int main(int argc, char **argv) {
@@ -389,6 +502,13 @@ int main(int argc, char **argv) {
             crash_after = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--no-attention-matrices"))
             skip_attention_matrices = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--tp")) {
+            if (sscanf(argv[i + 1], "%d/%d", &tp_rank, &tp_world) != 2 || tp_world < 1 || tp_rank < 0 || tp_rank >= tp_world)
+                die("--tp is RANK/WORLD with 0 <= RANK < WORLD", argv[i + 1]);
+        } else if (!strcmp(argv[i], "--plant-kv-offset"))
+            kv_offset_bug = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--plant-partial-scale"))
+            partial_scale_bug = atoi(argv[i + 1]);
         else
             die("unknown option", argv[i]);
     }
@@ -402,6 +522,7 @@ int main(int argc, char **argv) {
     if (q3t_error(s)[0] || q3t_manifest_field(s, "config", m.config)) die("tap store", q3t_error(s));
     if (skip_attention_matrices && (q3t_missing(s, "attn_scores") || q3t_missing(s, "attn_probs")))
         die("tap store", q3t_error(s));
+    if (tp_world) declare_shards(s, &m.c);
     for (i = 0; i <= n_decode; i++) {
         const int64_t *ids = i == 0 ? prompt : &decode[i - 1];
         int T = i == 0 ? n_prompt : 1;

@@ -13,6 +13,9 @@
                                                // (e.g. another writer holds out_dir: the store
                                                // is locked from q3t_open to q3t_close)
        q3t_missing(s, "attn_scores");          // ops this engine cannot expose (optional)
+       q3t_rank(s, 1, 2);                      // one rank of a tensor-parallel run (optional), then
+       q3t_shard(s, "q_proj", Q3T_SPLIT, 2, 1024, 2048);   // per op or tap: how this rank holds it
+       q3t_shard(s, "o_proj", Q3T_PARTIAL, 0, 0, 0);       // (undeclared taps are replicated)
        q3t_begin_step(s, 0, T, ids, positions);  // ids, positions: int64 [B*T], row-major [B][T]
        q3t_write(s, "layers.0.q_rope", Q3T_F32, 4, shape, ptr);   // host pointer, C-contiguous
        q3t_end_step(s);
@@ -45,6 +48,16 @@ int q3t_missing(q3t_store *s, const char *name);
 /* Add a top-level manifest field whose value is raw JSON text: "config" (the model's config.json),
    "notes" (a list of sentences shown with the report, e.g. "[\"attention in fp16\"]"). */
 int q3t_manifest_field(q3t_store *s, const char *key, const char *json_value);
+/* A store written by one rank of a tensor-parallel run: its rank (0 <= rank < world_size); before the first
+   step. Each rank writes a store of its own; `qwen3dbg diff --cand store:DIR0,DIR1,...` gathers them. */
+int q3t_rank(q3t_store *s, int rank, int world_size);
+/* How this rank holds the taps of op `name` ("q_proj": every layer) or tap `name` ("layers.3.q_proj": that one,
+   before its op's entry); a tap named by neither is replicated (every rank writes the same whole tap).
+   Q3T_SPLIT: the slice [start, stop) of axis `axis` of the whole tap (column-parallel: heads or channels);
+   Q3T_PARTIAL: a whole-shaped addend that the ranks' sum completes (row-parallel, before the all-reduce);
+   Q3T_PARTIAL and Q3T_REPLICATED ignore axis, start and stop. After q3t_rank, before the first step. */
+typedef enum { Q3T_REPLICATED = 0, Q3T_SPLIT = 1, Q3T_PARTIAL = 2 } q3t_layout;
+int q3t_shard(q3t_store *s, const char *name, q3t_layout layout, int axis, int64_t start, int64_t stop);
 int q3t_begin_step(q3t_store *s, int step, int tokens, const int64_t *token_ids, const int64_t *positions);
 /* Within a step, before its taps: declare that the step's k_cache/v_cache hold only the slots at these
    logical positions, [B,nKV,n,D] (Q3T_CACHE_POSITIONS: at a decode step, the step's own positions), or
@@ -96,6 +109,8 @@ struct q3t_store {
     q3t__buf head;    /* manifest fields before "steps" */
     q3t__buf steps;   /* the steps array's entries, comma-separated */
     q3t__buf missing; /* the missing_taps entries */
+    q3t__buf shards;  /* the shards entries of a rank's store */
+    int rank, world_size; /* world_size 0: not a rank's store */
     int batch, in_step, n_steps, step, tokens;
     int64_t *ids, *pos;
     int64_t *subset[2]; /* the step's declared cache slots and attention rows (q3t_step_positions) */
@@ -181,9 +196,13 @@ static int q3t__write_manifest(q3t_store *s, int complete) {
     q3t__path(s, tmp, sizeof tmp, "manifest.json.tmp");
     f = fopen(tmp, "wb");
     if (!f) return q3t__fail(s, "cannot write the manifest (does the store directory exist?)", tmp);
-    ok = fprintf(f, "{\n%s,\n \"complete\": %s,\n \"missing_taps\": [%s],\n \"steps\": [%s%s%s]\n}\n",
-                 s->head.p, complete ? "true" : "false", s->missing.p ? s->missing.p : "",
-                 s->n_steps ? "\n  " : "", s->steps.p ? s->steps.p : "", s->n_steps ? "\n " : "") > 0;
+    ok = fprintf(f, "{\n%s,\n \"complete\": %s,\n \"missing_taps\": [%s],\n", s->head.p, complete ? "true" : "false",
+                 s->missing.p ? s->missing.p : "") > 0;
+    if (s->world_size)
+        ok = fprintf(f, " \"rank\": %d,\n \"world_size\": %d,\n \"shards\": {%s},\n", s->rank, s->world_size,
+                     s->shards.p ? s->shards.p : "") > 0 && ok;
+    ok = fprintf(f, " \"steps\": [%s%s%s]\n}\n", s->n_steps ? "\n  " : "", s->steps.p ? s->steps.p : "",
+                 s->n_steps ? "\n " : "") > 0 && ok;
     ok = (fclose(f) == 0) && ok;
     if (!ok || rename(tmp, path) != 0) return q3t__fail(s, "cannot replace the manifest", path);
     return 0;
@@ -236,6 +255,36 @@ int q3t_missing(q3t_store *s, const char *name) {
     if (s->n_steps || s->in_step) return q3t__fail(s, "q3t_missing: declare missing taps before the first step", name);
     if ((s->missing.len && q3t__puts(&s->missing, ", ")) || q3t__put_str(&s->missing, name))
         return q3t__fail(s, "out of memory", NULL);
+    return q3t__write_manifest(s, 0);
+}
+
+int q3t_rank(q3t_store *s, int rank, int world_size) {
+    if (s->error[0]) return -1;
+    if (s->n_steps || s->in_step) return q3t__fail(s, "q3t_rank: declare the rank before the first step", NULL);
+    if (world_size < 1 || rank < 0 || rank >= world_size)
+        return q3t__fail(s, "q3t_rank: the rank must satisfy 0 <= rank < world_size", NULL);
+    s->rank = rank;
+    s->world_size = world_size;
+    return q3t__write_manifest(s, 0);
+}
+
+int q3t_shard(q3t_store *s, const char *name, q3t_layout layout, int axis, int64_t start, int64_t stop) {
+    int rc;
+    if (s->error[0]) return -1;
+    if (!s->world_size) return q3t__fail(s, "q3t_shard: call q3t_rank first", name);
+    if (s->n_steps || s->in_step) return q3t__fail(s, "q3t_shard: declare layouts before the first step", name);
+    if (layout == Q3T_SPLIT && (axis < 0 || start < 0 || stop <= start))
+        return q3t__fail(s, "q3t_shard: a split needs an axis >= 0 and 0 <= start < stop", name);
+    if (layout != Q3T_SPLIT && layout != Q3T_PARTIAL && layout != Q3T_REPLICATED)
+        return q3t__fail(s, "q3t_shard: the layout is Q3T_SPLIT, Q3T_PARTIAL or Q3T_REPLICATED", name);
+    rc = (s->shards.len && q3t__puts(&s->shards, ", ")) || q3t__put_str(&s->shards, name) || q3t__puts(&s->shards, ": ");
+    if (layout == Q3T_SPLIT)
+        rc = rc || q3t__putf(&s->shards, "{\"axis\": %lld", (long long)axis) ||
+             q3t__putf(&s->shards, ", \"start\": %lld", (long long)start) ||
+             q3t__putf(&s->shards, ", \"stop\": %lld}", (long long)stop);
+    else
+        rc = rc || q3t__puts(&s->shards, layout == Q3T_PARTIAL ? "\"partial\"" : "\"replicated\"");
+    if (rc) return q3t__fail(s, "out of memory", NULL);
     return q3t__write_manifest(s, 0);
 }
 
@@ -428,6 +477,7 @@ static void q3t__free(q3t_store *s) {
     free(s->head.p);
     free(s->steps.p);
     free(s->missing.p);
+    free(s->shards.p);
     free(s->dir);
     free(s);
 }

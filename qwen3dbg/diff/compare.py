@@ -7,17 +7,19 @@ in `noise`; docs/differ.md explains it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
-from qwen3dbg.diff.blocks import RowBlocks, blocked_count_over, blocked_errors
+from qwen3dbg.diff.blocks import BLOCK_ELEMENTS, RowBlocks, blocked_count_over, blocked_errors, value_of
 from qwen3dbg.diff.diagnosis.systematic import signed_stats
 from qwen3dbg.diff.fused import count_over, logits_counts, tap_errors
 from qwen3dbg.diff.metrics import agreement, cosine, ratio, router_margin, same_sets, worst_coordinate
 from qwen3dbg.diff.noise import ELEMENT_FACTOR, tolerance
 from qwen3dbg.diff.result import TapResult
+from qwen3dbg.tapstore.shards import Gathered, Part, partial_fit, slice_words
 from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows, Schedule, Side
 from qwen3dbg.diff.window import Window
 from qwen3dbg.model.config import Qwen3Config
@@ -76,7 +78,7 @@ class Comparison:
                 declared = [role for role in ("ref", "cand") if spec.op in self.lacks.get(role, ())]
                 if declared == ["cand"] and spec.op in ROUTER_OPS:  # the reference's own routing ties still count
                     res, router = self.tap(
-                        info, spec, self.gold.take(s, spec.name), self.ref.take(s, spec.name), None, router
+                        info, spec, self.gold.take(s, spec.name), _whole(self.ref.take(s, spec.name)), None, router
                     )
                     yield res
                     continue
@@ -93,7 +95,13 @@ class Comparison:
                     )
                     continue
                 g, r, c = (side.take(s, spec.name) for side in sides)
-                res, router = self.tap(info, spec, g, r, c, router)
+                ranks = c if isinstance(c, Gathered) else None
+                r, c = _whole(r), _whole(c)
+                res, router = self.tap(info, spec, g, r, c, router, ranks)
+                if ranks is not None and "ranks" not in res.extra:  # expert ids and weights: judged by sets
+                    res = _copies_differ(res, ranks)
+                elif ranks is not None and "copy" in res.extra["ranks"]:  # the window keeps the copy judged divergent
+                    c = ranks.variant(next(p for p in ranks.parts if p.rank == res.extra["ranks"]["copy"]))
                 if self.window is not None:
                     self.window.add(info, spec, res.divergent, {"gold": g, "ref": r, "cand": c})
                 yield res
@@ -102,9 +110,19 @@ class Comparison:
             self.progress(s, None)
 
     def tap(
-        self, info: StepInfo, spec: TapSpec, g: Value | None, r: Value | None, c: Value | None, router: _Router | None
+        self,
+        info: StepInfo,
+        spec: TapSpec,
+        g: Value | None,
+        r: Value | None,
+        c: Value | None,
+        router: _Router | None,
+        ranks: Gathered | None = None,
     ) -> tuple[TapResult, _Router | None]:
+        """The verdict on one tap; `ranks`, when the candidate's tap was gathered from the ranks of a
+        tensor-parallel run (`c` is its whole value), traces a divergence back to a rank."""
         s, name = info.step, spec.name
+        stored = (r, c)
         base = dict(step=s, name=name, layer=spec.layer, op=spec.op, numel=spec.numel)
         lacking = [role for role, v in (("fp64 golden", g), ("reference", r), ("candidate", c)) if v is None]
         if lacking == ["candidate"] and spec.op in ROUTER_OPS:
@@ -129,7 +147,8 @@ class Comparison:
                     base["numel"] = g.numel()
             if problem:
                 return TapResult(status="divergent", reason=problem, **base), router
-        if any(isinstance(v, QueryRows) for v in (r, c)):  # an engine wrote some query rows only
+        rows = any(isinstance(v, QueryRows) for v in (r, c))
+        if rows:  # an engine wrote some query rows only
             g, r, c = query_rows(info, g, r, c)
         gshape = g.view_shape if isinstance(g, RowBlocks) else tuple(g.shape)
         for who, t in (("reference", r), ("candidate", c)):
@@ -150,10 +169,95 @@ class Comparison:
             res.extra["changed_slots"] = changed
             if res.divergent:
                 res.reason = f"{_changed_words(info, changed)}, and they now differ from fp64; {res.reason}"
+        if ranks is not None:
+
+            def compared(v: Value) -> torch.Tensor:  # a rank's variant of the tap, as c is compared
+                if slots is not None:
+                    v = _full(v)[:, :, slots] if changed else written_slots(v, info)
+                return query_rows(info, *stored, v)[-1] if rows else v
+
+            res = self.trace_ranks(info, spec, res, g, r, c, ranks, compared)
         if spec.op == "moe.router_logits":
             self.router_ok[(s, spec.layer)] = res.status == "ok"
             self._router_logits[spec.layer] = (g, r, c)
         return res, router
+
+    def trace_ranks(
+        self,
+        info: StepInfo,
+        spec: TapSpec,
+        res: TapResult,
+        g,
+        r: torch.Tensor,
+        c: torch.Tensor,
+        ranks: Gathered,
+        compared: Callable[[Value], torch.Tensor],
+    ) -> TapResult:
+        """The verdict `res` on a gathered tap, traced back to the ranks: copies of one slice (or of a replicated
+        tap) that differ are each judged as the tap their rank holds, and a rank whose copy alone leaves the
+        noise floor is named; a divergence confined to one rank's slice names the rank and the slice; a
+        divergent partial sum says so, and which rank's addend the error is a multiple of."""
+        base = dict(step=info.step, name=spec.name, layer=spec.layer, op=spec.op, numel=res.numel)
+        traced: dict = {"kind": ranks.kind, "world_size": len(ranks.parts)}
+        res.extra["ranks"] = traced
+        differ = ranks.disagreeing()
+        if differ:
+            verdicts = {lowest: res.divergent for lowest, _ in differ}
+            judged = {}
+            for _, part in differ:
+                judged[part.rank] = self.values(info, spec, g, r, compared(ranks.variant(part)), dict(base))
+                verdicts[part.rank] = judged[part.rank].divergent
+            off = sorted(k for k, v in verdicts.items() if v)
+            fine = sorted(k for k, v in verdicts.items() if not v)
+            traced["copies_differ"] = sorted(verdicts)
+            if off and fine:
+                traced["rank"] = off
+                worst = res
+                if not res.divergent:
+                    worst, traced["copy"] = judged[off[0]], off[0]
+                shard = differ[0][1].shard
+                of = (
+                    f" of {slice_words(spec.axes[shard.axis], shard.start, shard.stop, self.cfg.head_dim)}"
+                    if shard.kind == "split"
+                    else ""
+                )
+                worst.reason = (
+                    f"the ranks' copies{of} differ: rank {_ranks(off)}'s leaves the noise floor ({worst.reason}) "
+                    f"while rank {_ranks(fine)}'s is within it"
+                )
+                worst.extra["ranks"] = traced
+                return worst
+        if not res.divergent or ranks.kind == "replicated" or spec.integer:
+            return res
+        if isinstance(g, RowBlocks) and math.prod(g.view_shape) > BLOCK_ELEMENTS:
+            return res  # a golden too large to hold whole: the tap's verdict stands, untraced
+        gold = value_of(g)
+        if ranks.kind == "partial":
+            res.reason += f"; the sum of the {len(ranks.parts)} ranks' partial sums is off"
+            fit = partial_fit(
+                c.double() - gold.double(), [Part(p.rank, p.shard, compared(p.value)) for p in ranks.parts]
+            )
+            if fit is not None:
+                rank, a, cos = fit
+                traced.update(rank=[rank], factor=a, cosine=cos)
+                res.reason += f": the error is {a:.3g} x rank {rank}'s partial (cosine {cos:.4f})" + (
+                    f", as if that partial were {1 / (1 - a):.3g}x what the sum needs" if abs(1 - a) > 1e-3 else ""
+                )
+            return res
+        axis = ranks.axis
+        off = []
+        for group in ranks.groups():
+            start, stop = group[0].shard.start, group[0].shard.stop
+            narrow = [t.narrow(axis, start, stop - start) for t in (gold, r, c)]
+            if self.values(info, spec, *narrow, dict(base)).divergent:
+                off.append(group)
+        if len(off) == 1 and len(ranks.groups()) > 1:
+            held = [p.rank for p in off[0]]
+            shard = off[0][0].shard
+            words = slice_words(spec.axes[axis], shard.start, shard.stop, self.cfg.head_dim)
+            traced.update(rank=held, slice=words, axis=axis, start=shard.start, stop=shard.stop)
+            res.reason += f"; confined to rank {_ranks(held)}'s slice ({words})"
+        return res
 
     def _cache_changes(self, info: StepInfo, spec: TapSpec, c: Value) -> tuple[str, list[int]]:
         """(what is wrong with where the candidate wrote its cache, the older slots it changed since the last
@@ -199,7 +303,7 @@ class Comparison:
         if blocked:
             te = blocked_errors(g, r, c, scores, keep, count_rows if logits else None)
         else:
-            te = tap_errors(g, r, c, scores=scores, keep=keep, row=spec.shape[-1])
+            te = tap_errors(g, r, c, scores=scores, keep=keep, row=shape[-1])
         if te.mask_diff:
             reasons.append(f"mask pattern differs from fp64 at {te.mask_diff} entries")
         if te.nonfinite["cand"]:
@@ -387,6 +491,27 @@ ROUTER_OPS = frozenset({"moe.router_logits", "moe.topk_ids"})
 def _sort_by_ids(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """topk_weights [B,T,k] reordered by expert id, so sides that list the same experts align."""
     return t.gather(-1, ids.argsort(-1))
+
+
+def _copies_differ(res: TapResult, ranks: Gathered) -> TapResult:
+    """A tap judged without `values` (expert ids, their weights), its ranks' copies compared bitwise only: copies
+    that should be equal and are not make it divergent, naming the ranks."""
+    differ = ranks.disagreeing()
+    res.extra["ranks"] = {"kind": ranks.kind, "world_size": len(ranks.parts)}
+    if differ:
+        res.extra["ranks"]["copies_differ"] = sorted({r for lowest, p in differ for r in (lowest, p.rank)})
+        words = "; ".join(f"rank {p.rank}'s copy differs from rank {lowest}'s" for lowest, p in differ)
+        res.status, res.reason = "divergent", "; ".join(filter(None, [res.reason, words]))
+    return res
+
+
+def _whole(v):
+    """A side's value with a tensor-parallel gathering's trace left out (`Gathered.value`)."""
+    return v.value if isinstance(v, Gathered) else v
+
+
+def _ranks(ranks: list[int]) -> str:
+    return " and ".join(map(str, ranks))
 
 
 def _full(v: Value) -> torch.Tensor | None:

@@ -78,6 +78,8 @@ class Divergence:
     rel_l2: float
     worst: dict | None
     origin: dict = field(default_factory=dict)  # {"introduced": bool, "method": ..., "message": ..., numbers}
+    #: a tensor-parallel run's tap: its layout, and the rank(s) and slice the divergence is traced to
+    ranks: dict = field(default_factory=dict)
 
 
 @dataclass

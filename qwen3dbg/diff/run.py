@@ -14,8 +14,10 @@ from qwen3dbg.diff.diagnosis.systematic import detect
 from qwen3dbg.diff.golden import Keeper, LongGolden, golden_forced, golden_greedy
 from qwen3dbg.diff.in_noise import InNoise
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
+from qwen3dbg.tapstore.shards import RankStores
 from qwen3dbg.diff.result import DiffResult, Divergence, SideInfo, TapResult
 from qwen3dbg.diff.streams import (
+    RankSide,
     Schedule,
     StoreSide,
     ThreadSide,
@@ -104,7 +106,7 @@ def diff_plan(
     sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
     for role, spec in zip(("ref", "cand"), specs):
         sides[role] = (
-            StoreSide(role, spec.store)
+            (RankSide if isinstance(spec.store, RankStores) else StoreSide)(role, spec.store)
             if spec.store is not None
             else ThreadSide(
                 role, candidate_producer(loaded[role], schedule), compared, loaded[role].fresh_taps, schedule
@@ -210,6 +212,7 @@ def _divergence(first: TapResult, taps: list[TapResult], cfg: Qwen3Config) -> Di
         max_abs=first.max_abs,
         rel_l2=first.rel_l2,
         worst=first.worst,
+        ranks=first.extra.get("ranks", {}),
     )
     div.origin = estimate(div, {t.name: t for t in taps if t.step == first.step}, cfg)
     return div

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from qwen3dbg.tapstore.shards import gathered
 from qwen3dbg.run.candidate import Candidate
 from qwen3dbg.tapstore.schema import parse_tap_name
 from qwen3dbg.tapstore.store import StepInfo, TapStore
@@ -243,7 +244,11 @@ class StoreSide:
     def take(self, step: int, name: str):
         if step >= len(self.store.steps) or not self.store.has(step, name):
             return None
-        t, info, op = self.store.get(step, name), self.store.steps[step], parse_tap_name(name)[1]
+        return self.view(step, name, self.store.get(step, name))
+
+    def view(self, step: int, name: str, t: torch.Tensor):
+        """A stored tap as the comparison takes it: the cache slots or query rows the step declares it holds."""
+        info, op = self.store.steps[step], parse_tap_name(name)[1]
         if op in CACHE_OPS and info.cache_positions is not None and info.cache_positions != list(range(t.shape[2])):
             return CacheSlots(t, info.cache_positions)
         if (
@@ -259,6 +264,16 @@ class StoreSide:
 
     def close(self) -> None:
         pass
+
+
+class RankSide(StoreSide):
+    """The stores of the ranks of a tensor-parallel run (`RankStores`): each tap is gathered from the ranks'
+    shards when it is taken, so memory holds the ranks' shards of one tap, never more."""
+
+    def take(self, step: int, name: str):
+        if step >= len(self.store.steps) or not self.store.has(step, name):
+            return None
+        return gathered(self.store.parts(step, name), lambda t: self.view(step, name, t))
 
 
 def candidate_producer(cand: Candidate, schedule: Schedule) -> Callable[[QueueSink], None]:

@@ -54,7 +54,7 @@ def plan_run(
     refuse is refused here, before any weights load."""
     specs = [parse_side(text, role) for role, text in sides.items()] if isinstance(sides, dict) else list(sides)
     model = open_model(model)
-    specs = [open_store(s, model.config) if s.store_path is not None else s for s in specs]
+    specs = [open_store(s, model.config) if s.store_paths else s for s in specs]
     dt = _dtype_under_test(specs, dtype)
     for spec in specs:
         if spec.store is None:

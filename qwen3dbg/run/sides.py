@@ -1,6 +1,6 @@
 """What `--ref`, `--cand` and `--impl` name: an implementation to run (`hf`, `hf:attn=sdpa`, a catalogue bug,
-`module:...`) or `store:DIR`, a tap store on disk whose token ids every other side then runs on. Parsing is
-pure text and imports nothing heavy, so a misspelt side is refused at once."""
+`module:...`), `store:DIR` (a tap store whose token ids the other sides then run on) or `store:DIR0,DIR1,...` (the
+ranks of one tensor-parallel run). Parsing is pure text, imports nothing heavy: a misspelt side is refused at once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from qwen3dbg.util.errors import UserError
 
 if TYPE_CHECKING:
+    from qwen3dbg.tapstore.shards import RankStores
     from qwen3dbg.model.config import Qwen3Config
     from qwen3dbg.tapstore.store import StepInfo, TapStore
 
@@ -24,8 +25,8 @@ class SideSpec:
     role: str
     name: str | None = None  # implementation name, None for a store
     options: dict = field(default_factory=dict)
-    store_path: Path | None = None
-    store: TapStore | None = None  # opened and validated by `open_store`
+    store_paths: tuple[Path, ...] = ()  # one store, or one per rank
+    store: TapStore | RankStores | None = None  # opened and validated by `open_store`
 
 
 def parse_side(text: str, role: str) -> SideSpec:
@@ -36,10 +37,12 @@ def parse_side(text: str, role: str) -> SideSpec:
 
     text = text.strip()
     if text.startswith(STORE_PREFIX):
-        path = Path(text[len(STORE_PREFIX) :])
-        if not path.is_dir():
-            raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
-        return SideSpec(text, role, store_path=path)
+        given = text[len(STORE_PREFIX) :]  # a directory whose own name holds a comma is one store
+        paths = [Path(given)] if Path(given).is_dir() else [Path(p) for p in given.split(",")]
+        for path in paths:
+            if not path.is_dir():
+                raise UserError(f"--{role} {text}: {path} is not a directory holding a tap store")
+        return SideSpec(text, role, store_paths=tuple(paths))
     if not text:
         raise UserError(f"--{role} is empty: name an implementation (hf, scratch, ...) or store:DIR")
     name, _, opts = text.partition(":")
@@ -56,18 +59,29 @@ def parse_side(text: str, role: str) -> SideSpec:
 
 
 def open_store(spec: SideSpec, config: Qwen3Config) -> SideSpec:
-    """A store side validated against the model of the run (its taps' shapes, its token ids) and opened."""
+    """A store side validated against the model of the run (its taps' shapes, its token ids) and opened; a
+    store written by one rank of several is refused alone."""
+    from qwen3dbg.tapstore.shards import RankStores
     from qwen3dbg.tapstore.store import TapStore
-    from qwen3dbg.tapstore.validate import validate_store
+    from qwen3dbg.tapstore.validate import validate_ranks, validate_store
 
-    problems = validate_store(spec.store_path, config)
+    paths, role, text = spec.store_paths, spec.role, spec.text
+    problems = validate_store(paths[0], config) if len(paths) == 1 else validate_ranks(list(paths), config)
     if problems:
         raise UserError(
-            f"--{spec.role} {spec.text} is not a valid tap store, {problems[0]}"
+            f"--{role} {text} is not a valid tap store, {problems[0]}"
             f"{f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''}: "
-            f"see `qwen3dbg validate-store {spec.store_path}`"
+            f"see `qwen3dbg validate-store {' '.join(map(str, paths))}`"
         )
-    return dataclasses.replace(spec, store=TapStore.open(spec.store_path))
+    if len(paths) > 1:
+        return dataclasses.replace(spec, store=RankStores.open(list(paths)))
+    store = TapStore.open(paths[0])
+    if store.rank is not None and store.rank.world_size > 1:
+        raise UserError(
+            f"--{role} {text} holds rank {store.rank.rank} of a {store.rank.world_size}-rank run: name every "
+            f'rank\'s store, store:DIR0,DIR1,... (docs/taps.md, "Tensor-parallel runs")'
+        )
+    return dataclasses.replace(spec, store=store if store.rank is None else RankStores([store]))
 
 
 def store_steps(specs: list[SideSpec], given: list[StepInfo] | None) -> list[StepInfo] | None:

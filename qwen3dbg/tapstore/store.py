@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from math import prod
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -28,6 +29,79 @@ FULL_CACHE_BYTES = 4 << 20
 
 def step_file(step: int) -> str:
     return f"step_{step:04d}.safetensors"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How one rank holds a tap (docs/taps.md, "Tensor-parallel runs"): `split`, the slice [start, stop) of
+    the whole tap's `axis` (column-parallel: heads or channels); `replicated`, a whole copy every rank holds
+    alike; `partial`, a whole-shaped addend of an all-reduce (row-parallel) that the ranks' sum completes."""
+
+    kind: str
+    axis: int | None = None
+    start: int | None = None
+    stop: int | None = None
+
+    def to_json(self) -> str | dict:
+        return {"axis": self.axis, "start": self.start, "stop": self.stop} if self.kind == "split" else self.kind
+
+    @classmethod
+    def parse(cls, value) -> "Shard":
+        """A manifest's `shards` entry -> Shard; ValueError saying what is wrong with it."""
+        if value in ("replicated", "partial"):
+            return cls(value)
+        if not isinstance(value, dict) or sorted(value) != ["axis", "start", "stop"]:
+            raise ValueError('is neither "replicated", "partial" nor a split {"axis": a, "start": i, "stop": j}')
+        axis, start, stop = value["axis"], value["start"], value["stop"]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (axis, start, stop)):
+            raise ValueError("a split's axis, start and stop must be integers")
+        if not 0 <= start < stop:
+            raise ValueError(f"a split's slice [{start}, {stop}) must satisfy 0 <= start < stop")
+        return cls("split", axis, start, stop)
+
+
+REPLICATED = Shard("replicated")
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What a store written by one rank says of it: its rank, the world size and each tap's layout, keyed
+    by op (`q_proj`: every layer) or by tap name (`layers.3.q_proj`: that tap, before its op's entry);
+    a tap named by neither is replicated."""
+
+    rank: int
+    world_size: int
+    shards: dict[str, Shard] = field(default_factory=dict)
+
+    def shard(self, name: str) -> Shard:
+        from qwen3dbg.tapstore.schema import parse_tap_name
+
+        return self.shards.get(name) or self.shards.get(parse_tap_name(name)[1]) or REPLICATED
+
+    def to_json(self) -> dict:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shards": {k: v.to_json() for k, v in self.shards.items()},
+        }
+
+    @classmethod
+    def parse(cls, m: dict) -> "RankInfo | None":
+        """The manifest's rank fields, None for a store of a whole run (no `rank`); ValueError if malformed."""
+        if "rank" not in m and "world_size" not in m and "shards" not in m:
+            return None
+        rank, world, shards = m.get("rank"), m.get("world_size"), m.get("shards", {})
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (rank, world)) or not 0 <= rank < world:
+            raise ValueError(f"rank {rank!r} and world_size {world!r} must be integers with 0 <= rank < world_size")
+        if not isinstance(shards, dict):
+            raise ValueError("shards must be an object mapping ops or tap names to their layout")
+        parsed = {}
+        for key, value in shards.items():
+            try:
+                parsed[key] = Shard.parse(value)
+            except ValueError as e:
+                raise ValueError(f"shards[{key!r}] {e}") from None
+        return cls(rank, world, parsed)
 
 
 class TapSink(Protocol):
@@ -93,7 +167,8 @@ class StoreWriter:
     Used as a context manager, an exception mid-run leaves a manifest with `complete: false`,
     which readers refuse to compare. The directory is locked while the writer is open; one holding a
     store already is refused unless `replace` is true, and then that store is marked incomplete before
-    any of its files is removed.
+    any of its files is removed. A rank of a tensor-parallel run passes `rank` (its rank, the world size and
+    its taps' layouts) and hands each tap as that rank holds it.
     """
 
     def __init__(
@@ -108,6 +183,7 @@ class StoreWriter:
         extra: dict | None = None,
         cache_slots: bool = True,
         replace: bool = False,
+        rank: RankInfo | None = None,
     ):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +201,7 @@ class StoreWriter:
             "steps": [],
             "complete": False,
             "missing_taps": sorted(set(missing_taps)),
+            **(rank.to_json() if rank is not None else {}),
             **(extra or {}),
         }
         self.select = set(select) if select is not None else None
@@ -280,6 +357,14 @@ class TapStore:
     @property
     def missing_taps(self) -> list[str]:
         return list(self.manifest.get("missing_taps", []))
+
+    @cached_property
+    def rank(self) -> RankInfo | None:
+        """The rank that wrote this store and its taps' layouts; None for a store of a whole run."""
+        try:
+            return RankInfo.parse(self.manifest)
+        except ValueError as e:
+            raise UserError(f"{self.path / MANIFEST}: {e}") from None
 
     def _file(self, step: int):
         if step not in self._files:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qwen3dbg.model.config import Qwen3Config, parse_config
 from qwen3dbg.scan.container import read_safetensors
+from qwen3dbg.tapstore.store import RankInfo, read_manifest, step_file
 from qwen3dbg.tapstore.schema import (
     HEAD_OPS,
     LAYER_OPS,
@@ -24,7 +25,6 @@ from qwen3dbg.tapstore.schema import (
     tap_name,
     tap_spec,
 )
-from qwen3dbg.tapstore.store import read_manifest, step_file
 from qwen3dbg.util.errors import UserError
 
 FLOAT_STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -55,6 +55,26 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
     or against the config the manifest carries when none is given. Raises UserError if unreadable."""
     path = Path(path)
     m = read_manifest(path)
+    return _collect(lambda bad: _validate(path, m, config, bad))
+
+
+def validate_ranks(paths: list[str | Path], config: Qwen3Config | None = None) -> list[Problem]:
+    """Every problem of the stores of the ranks of one tensor-parallel run, each alone (its rank's slices
+    shaped as its manifest says) and together: one store per rank 0..N-1 of one world size, the same model,
+    dtype, ids and declared taps, the same layout of each tap on every rank, splits covering the tap exactly
+    once, and each tap in one dtype on every rank. Raises UserError if a store is unreadable."""
+    paths = [Path(p) for p in paths]
+    manifests = [read_manifest(p) for p in paths]
+
+    def check(bad) -> None:
+        for path, m in zip(paths, manifests):
+            _validate(path, m, config, lambda where, message: bad(f"{path}, {where}", message))
+        _validate_together(paths, manifests, config, bad)
+
+    return _collect(check)
+
+
+def _collect(check) -> list[Problem]:
     problems: list[Problem] = []
 
     def bad(where: str, message: str) -> None:
@@ -63,7 +83,7 @@ def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[
             raise _Enough
 
     try:
-        _validate(path, m, config, bad)
+        check(bad)
     except _Enough:
         problems.append(Problem("store", f"validation stopped after {MAX_PROBLEMS} problems"))
     return problems
@@ -96,6 +116,13 @@ def _validate(path: Path, m: dict, config: Qwen3Config | None, bad) -> None:
                 "manifest", f"missing_taps names {name!r}, which is no op of the schema (it lists ops: attn_probs, ...)"
             )
     config = _config(m, config, bad)
+    try:
+        rank = RankInfo.parse(m)
+    except ValueError as e:
+        bad("manifest", f"its {e}")
+        rank = None
+    if rank is not None:
+        _check_shards(rank, bad)
     steps = m.get("steps")
     if not isinstance(steps, list) or not steps:
         bad("manifest", "steps is empty or not a list: the store holds no forward step")
@@ -111,7 +138,7 @@ def _validate(path: Path, m: dict, config: Qwen3Config | None, bad) -> None:
         if isinstance(entry.get("missing"), list) and entry["missing"]:
             bad(where, f"the writer planned {len(entry['missing'])} taps it never wrote, e.g. {entry['missing'][0]}")
         subsets = _subsets(entry, cache, bad, where)
-        _check_step_file(path, index, entry["token_ids"], cache, config, set(missing), kept, subsets, bad, where)
+        _check_step_file(path, index, entry["token_ids"], cache, config, set(missing), kept, subsets, rank, bad, where)
 
 
 def _config(m: dict, given: Qwen3Config | None, bad) -> Qwen3Config | None:
@@ -227,12 +254,13 @@ def _check_step_file(
     declared: set[str],
     kept: list[str] | None,
     subsets: dict[str, int],
+    rank: RankInfo | None,
     bad,
     where: str,
 ) -> None:
     """The taps of one step file: names, dtypes and shapes against the schema (and `config`, with the
-    declared `subsets` of cache slots and query rows), and every tap of the schema present, its op in
-    missing_taps (`declared`), or left out by a selection (`kept`)."""
+    declared `subsets` of cache slots and query rows, and the slice a `rank` holds of a split tap), and
+    every tap of the schema present, its op in missing_taps (`declared`), or left out by a selection (`kept`)."""
     f = path / step_file(step)
     if not f.is_file():
         bad(where, f"{f.name} is missing")
@@ -276,6 +304,11 @@ def _check_step_file(
             want = list(expected.shape)
             if op in subsets:  # a declared subset of the cache's slots or of the attention's query rows
                 want[2] = subsets[op]
+            shard = rank.shard(name) if rank is not None else None
+            if shard is not None and shard.kind == "split" and shard.axis < len(want):
+                if shard.stop > want[shard.axis]:
+                    bad(tw, f"is split up to {shard.stop} along axis {shard.axis}, which has {want[shard.axis]}")
+                want[shard.axis] = shard.stop - shard.start
             if shape != want:
                 bad(tw, f"has shape {shape}, expected {want} [{','.join(spec.axes)}]")
         elif len(shape) != len(spec.axes) or shape[:1] != [batch]:
@@ -308,3 +341,144 @@ def _schema_names(config: Qwen3Config | None, present: set[str], batch: int, tok
     for layer in range(layers):
         yield from (tap_name(o.op, layer) for o in LAYER_OPS if o.where == "all")
     yield from (o.op for o in TAIL_OPS)
+
+
+#: axes a tap is never split along: the batch, and the token and cache axes whose subsets a step declares
+UNSPLIT_AXES = ("B", "T", "S")
+
+
+def _check_shards(rank: RankInfo, bad) -> None:
+    """Each entry of a rank store's `shards`: an op or tap of the schema, split along an axis it has."""
+    for key, shard in rank.shards.items():
+        layer, op = parse_tap_name(key)
+        spec = OPS_BY_NAME.get(op)
+        if spec is None or (layer is not None and key != tap_name(op, layer)):
+            bad("manifest", f"shards names {key!r}, which is neither an op nor a tap of the schema")
+            continue
+        if spec.integer and shard.kind == "partial":
+            bad("manifest", f"shards declares {key} a partial sum, but its expert ids are not summed")
+        if shard.kind == "split" and not (
+            0 <= shard.axis < len(spec.axes) and spec.axes[shard.axis] not in UNSPLIT_AXES
+        ):
+            bad(
+                "manifest",
+                f"shards splits {key} along axis {shard.axis}, which is not one of its axes other than "
+                f"B, T and S [{','.join(spec.axes)}]",
+            )
+
+
+def _validate_together(paths: list[Path], manifests: list[dict], config: Qwen3Config | None, bad) -> None:
+    """What the ranks' stores must agree on (see validate_ranks); each store's own problems are found alone."""
+    ranks: dict[int, Path] = {}
+    infos: list[RankInfo] = []
+    for path, m in zip(paths, manifests):
+        try:
+            info = RankInfo.parse(m)
+        except ValueError:
+            return  # said by the store's own validation
+        if info is None:
+            bad(str(path), "its manifest names no rank and world_size: it is not a store of one rank of a run")
+            return
+        if info.rank in ranks:
+            bad(str(path), f"it is rank {info.rank}, and so is {ranks[info.rank]}: give each rank's store once")
+            return
+        ranks[info.rank] = path
+        infos.append(info)
+    first, world = paths[0], infos[0].world_size
+    for path, info in zip(paths, infos):
+        if info.world_size != world:
+            bad(str(path), f"its world_size is {info.world_size} but {first}'s is {world}: give the stores of one run")
+            return
+    absent = sorted(set(range(world)) - set(ranks))
+    if absent:
+        bad("ranks", f"rank {', '.join(map(str, absent))} of {world} is missing: give every rank's store")
+        return
+    for key, what in (
+        ("config", "model config"),
+        ("dtype", "dtype"),
+        ("batch", "batch"),
+        ("missing_taps", "missing_taps"),
+        ("taps", "selection of taps"),
+        ("steps", "steps (token ids, positions, cache slots and query rows)"),
+    ):
+        for path, m in zip(paths[1:], manifests[1:]):
+            if _agreeing(m.get(key), key) != _agreeing(manifests[0].get(key), key):
+                bad(str(path), f"its {what} differ from {first}'s: the ranks of one run see the same model and ids")
+    if not isinstance(manifests[0].get("steps"), list):
+        return
+    order = sorted(range(len(paths)), key=lambda i: infos[i].rank)
+    for step in range(len(manifests[0]["steps"])):
+        headers = [_header(paths[i] / step_file(step)) for i in order]
+        if any(h is None for h in headers):
+            continue  # a missing or damaged step file: said by that store's own validation
+        _check_step_together(step, [infos[i] for i in order], [paths[i] for i in order], headers, config, bad)
+
+
+def _agreeing(value, key: str):
+    """A manifest field as ranks must agree on it (missing_taps in any order)."""
+    return sorted(value) if key == "missing_taps" and isinstance(value, list) else value
+
+
+def _header(path: Path) -> dict[str, tuple[str, list[int]]] | None:
+    """name -> (dtype, shape) of a step file's tensors, or None when it cannot be read."""
+    if not path.is_file():
+        return None
+    entries, damage = read_safetensors(path)
+    return None if damage else {e.name: (e.dtype, list(e.shape)) for e in entries}
+
+
+def _check_step_together(step: int, infos: list[RankInfo], paths: list[Path], headers: list[dict], config, bad) -> None:
+    """One step's files of every rank (ordered by rank): the same taps, each in one dtype, laid out alike,
+    and the slices of a split tap covering it exactly once."""
+    where = f"step {step}"
+    names = headers[0].keys()
+    for info, path, h in zip(infos[1:], paths[1:], headers[1:]):
+        if h.keys() != names:
+            odd = sorted(h.keys() ^ names)[0]
+            bad(where, f"rank {info.rank} ({path}) and rank 0 do not hold the same taps, e.g. {odd}")
+    for name in names:
+        held = [(info, h[name]) for info, h in zip(infos, headers) if name in h]
+        dtypes = {dtype for _, (dtype, _) in held}
+        if len(dtypes) > 1:
+            bad(f"{where}, {name}", f"its shards have different dtypes ({', '.join(sorted(dtypes))}): write one dtype")
+        shards = [info.shard(name) for info, _ in held]
+        kinds = {(sh.kind, sh.axis) for sh in shards}
+        if len(kinds) > 1:
+            bad(f"{where}, {name}", "the ranks declare different layouts for it: every rank lays a tap out alike")
+            continue
+        shapes = [list(shape) for _, (_, shape) in held]
+        shard = shards[0]
+        if shard.kind == "split":
+            for s in shapes:
+                if shard.axis < len(s):
+                    s[shard.axis] = None
+        if any(s != shapes[0] for s in shapes):
+            bad(f"{where}, {name}", "its shards have different shapes off the split axis: the ranks hold one tensor")
+            continue
+        if shard.kind == "split" and step == 0:
+            spec = tap_spec(config, name, 1, 1, 1) if config is not None else None
+            size = None
+            if spec is not None and shard.axis < len(spec.shape):
+                size = spec.shape[shard.axis]
+            problem = coverage_problem([(info.rank, sh.start, sh.stop) for (info, _), sh in zip(held, shards)], size)
+            if problem:
+                bad(f"{where}, {name}", f"its slices do not cover it exactly once: {problem}")
+
+
+def coverage_problem(slices: list[tuple[int, int, int]], size: int | None) -> str | None:
+    """What is wrong with how ranks' slices (rank, start, stop) of one axis cover it, in words, or None when
+    they cover [0, size) exactly once (ranks with identical slices hold copies of one slice). Without a
+    known `size`, the slices must cover [0, their largest stop)."""
+    distinct = sorted({(start, stop) for _, start, stop in slices})
+    end = size if size is not None else distinct[-1][1]
+    reach = 0
+    for start, stop in distinct:
+        if start < reach:
+            holders = sorted(r for r, a, b in slices if a < stop and start < b)
+            return f"ranks {', '.join(map(str, holders))} hold overlapping slices ending at {reach} and {stop}"
+        if start > reach:
+            return f"[{reach}, {start}) is held by no rank"
+        reach = stop
+    if reach != end:
+        return f"[{reach}, {end}) is held by no rank" if reach < end else f"the slices reach {reach}, past {end}"
+    return None
