@@ -138,6 +138,12 @@ def make_model_cmd(
     nonfinite: list[str] = typer.Option([], help="Tensor name to plant a NaN and an inf into (repeatable)."),
     huge: list[str] = typer.Option([], help="Tensor name to plant values of 1e30 into (repeatable)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="Write into a directory that is not empty: replace what make-model wrote there before (a marker file "
+        "records it) and keep every other file. A file it did not write whose name it would write is never replaced.",
+    ),
     format: str = typer.Option("safetensors", "--format", help="safetensors (a model directory) or gguf (one file)."),
     gguf_type: str = typer.Option(
         "f16", help="--format gguf only: f32, f16, bf16 or q8_0 (norms and router stay f32)."
@@ -173,7 +179,7 @@ def make_model_cmd(
 
         options = dict(seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants, progress=track)
         if format == "safetensors":
-            make_model(out, preset, **options)
+            make_model(out, preset, **options, replace=replace)
         elif format == "gguf":
             from qwen3dbg.model.gguf_io import make_gguf_model
 
