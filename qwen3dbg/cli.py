@@ -243,27 +243,38 @@ def capture(
     from qwen3dbg.run.plan import plan_run, with_greedy_ids
     from qwen3dbg.tapstore.store import check_out_dir
     from qwen3dbg.util.dtypes import dtype_name
+    from qwen3dbg.util.progress import Phases
     from qwen3dbg.util.third_party import set_verbose
 
     set_verbose(verbose)
     check_out_dir(out, replace)  # before the run; the writer asks again under its lock
-    plan = plan_run([spec], model, inputs, dtype)
-    if plan.greedy:
-        say(f"picking {plural(plan.greedy, 'decode token')} greedily with the fp64 golden")
-        plan = with_greedy_ids(plan, pick_steps(plan.model, plan.steps[0].token_ids[0], plan.greedy))
-    steps = plan.steps
-    cand = plan.load("impl")
-    loaded = {"weights_digest": plan.model.checkpoint.digest()} if cand.reads_model_weights else {}
-    plans = planned(cand, steps, taps or None)
-    say(
-        f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
-        f"{plural(len(steps) - 1, 'decode step')}, {sum(map(len, plans))} taps, "
-        f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}"
-    )
-    with progress_bar() as bar:
-        task = bar.add_task("capture", total=sum(map(len, plans)))
+    with Phases(console, "capture") as shown:
+        shown.status("reading the model")
+        plan = plan_run([spec], model, inputs, dtype)
+        if plan.greedy:
+            shown.status(f"picking {plural(plan.greedy, 'decode token')} greedily with the fp64 golden")
+            plan = with_greedy_ids(plan, pick_steps(plan.model, plan.steps[0].token_ids[0], plan.greedy))
+        steps = plan.steps
+        shown.status(f"loading {impl}")
+        cand = plan.load("impl")
+        loaded = {"weights_digest": plan.model.checkpoint.digest()} if cand.reads_model_weights else {}
+        plans = planned(cand, steps, taps or None)
+        total = sum(map(len, plans))
+        say(
+            f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
+            f"{plural(len(steps) - 1, 'decode step')}, {total} taps, "
+            f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}"
+        )
+        shown.status("capturing")
+        written = iter(range(1, total + 1))
         run_capture(
-            cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task), extra=loaded, replace=replace
+            cand,
+            steps,
+            out,
+            patterns=taps or None,
+            tick=lambda: shown.count(next(written), total, "taps written"),
+            extra=loaded,
+            replace=replace,
         )
     say(f"wrote tap store {out}")
 
@@ -364,12 +375,12 @@ def diff(
     from qwen3dbg.diff import diff_plan
     from qwen3dbg.reports.terminal import render
     from qwen3dbg.run.plan import plan_run
-    from qwen3dbg.util.progress import DiffProgress
+    from qwen3dbg.util.progress import Phases
     from qwen3dbg.util.third_party import set_verbose
 
     set_verbose(verbose)
     try:
-        with DiffProgress(console) as shown:
+        with Phases(console, "diff") as shown:
             shown.status("resolving the run: model, sides, ids")
             plan = plan_run(sides, model, inputs, dtype)
             result = diff_plan(plan, status=shown.status, progress=shown.progress)
@@ -382,7 +393,8 @@ def diff(
     from qwen3dbg.reports.diff_html import render_html
     from qwen3dbg.reports.diff_json import render_json
 
-    _write_outputs(result, {json_out: render_json, html_out: render_html})
+    with Phases(console, "diff") as shown:  # a 2048-token run's JSON takes seconds to write
+        _write_outputs(result, {json_out: render_json, html_out: render_html}, shown.status)
     raise typer.Exit(result.exit_code)
 
 
@@ -429,12 +441,16 @@ def _writable_files(*paths: Optional[Path]) -> None:
             path.unlink()
 
 
-def _write_outputs(result, views: dict[Optional[Path], Callable[[object], str]]) -> None:
-    """Write each requested view of `result` (path -> renderer); a path that cannot be written is a UserError."""
+def _write_outputs(
+    result, views: dict[Optional[Path], Callable[[object], str]], status: Callable[[str], None] = lambda msg: None
+) -> None:
+    """Write each requested view of `result` (path -> renderer), saying `status` before each; a path that
+    cannot be written is a UserError."""
     from qwen3dbg.util.text import utf8_text
 
     for path, view in views.items():
         if path is not None:
+            status(f"writing {path}")
             try:
                 path.write_text(utf8_text(view(result)), encoding="utf-8")
             except OSError as e:
