@@ -317,10 +317,10 @@ def cache_cmd(
 
     from rich.table import Table
 
-    from qwen3dbg.util.home import budget, entries, home
+    from qwen3dbg.util.home import budget, home, listing
     from qwen3dbg.util.home import clear as clear_all
 
-    found = clear_all() if clear else entries()
+    found = clear_all() if clear else listing()
     table = Table(title=f"{'removed from' if clear else 'cached in'} {home()}", title_justify="left")
     for col in ("kind", "size", "last used", "path"):
         table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
