@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 #: Messages carry paths, tap names and errors quoting files: `console` parses no markup and no :emoji:
-#: codes in them, so `[/]` or `pip install 'qwen3dbg[llamacpp]'` prints as written. Print through `say`.
+#: codes in them, so `[/]` or `pip install '.[llamacpp]'` prints as written. Print through `say`.
 console = Console(stderr=True, markup=False, emoji=False)
 
 

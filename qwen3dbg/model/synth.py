@@ -60,6 +60,15 @@ PRESETS: dict[str, Preset] = {
         20.0,
         "3 layers, hidden 64, 4/2 heads of 32, vocab 512; for tests",
     ),
+    "tiny-wide": Preset(
+        Qwen3Config(
+            model_type="qwen3", tie_word_embeddings=True, **dict(_TINY, hidden_size=512, intermediate_size=1024)
+        ),
+        None,
+        20.0,
+        "tiny-dense with hidden 512 and intermediate 1024: reductions long enough for bf16 accumulation to "
+        "stand out of bf16's own noise (docs/catalogue.md, lowp-accumulation)",
+    ),
     "tiny-moe": Preset(
         Qwen3Config(norm_topk_prob=True, **_TINY_MOE),
         None,
