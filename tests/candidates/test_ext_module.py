@@ -72,6 +72,16 @@ def test_port_from_a_file_with_swapped_gate_and_up_is_localized_to_mlp_gate(tmp_
     assert found == "step 0: layers.1.mlp.gate"
 
 
+def test_a_ports_origin_is_estimated_and_says_so_without_calling_it_a_store(tmp_path, dense):
+    from qwen3dbg.diff import run_diff
+
+    (tmp_path / "buggy_port.py").write_text(BUGGY_PORT)
+    result = run_diff("hf", f"module:{tmp_path / 'buggy_port.py'}:load", model_dir=dense, dtype="float32")
+    origin = result.first_divergence.origin
+    assert origin["method"] == "error jump" and "not rerun alone" in origin["message"]
+    assert "store" not in dict(result.summary())["origin"]
+
+
 def test_transforms_slice_a_fused_gate_up_and_move_head_axes():
     cfg = load_config_like()
     sizes = axis_sizes(cfg, 2, 3, 3)
