@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -101,11 +102,16 @@ def say(*parts: str | tuple[str, str]) -> None:
     console.print(Text.assemble(*parts), highlight=False, soft_wrap=True)
 
 
-def progress_bar():
+@contextmanager
+def progress_bar(label: str):
+    """A live bar on a terminal; in a log, where the bar stays off, a heartbeat line naming `label` whenever
+    nothing was printed for 5 s (util/progress.py), so long work never reads as a hang."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from qwen3dbg.util.progress import Phases
+
     # off the terminal a transient bar would leave only a blank line behind
-    return Progress(
+    bar = Progress(
         TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
@@ -114,6 +120,8 @@ def progress_bar():
         transient=True,
         disable=not console.is_terminal,
     )
+    with bar, Phases(console, label) if not console.is_terminal else nullcontext():
+        yield bar
 
 
 @app.command("make-model")
@@ -168,7 +176,7 @@ def make_model_cmd(
         nonfinite=tuple(nonfinite),
         huge=tuple(huge),
     )
-    with progress_bar() as bar:
+    with progress_bar("make-model") as bar:
         task = bar.add_task(f"writing {preset}")
 
         def track(names, total):
@@ -494,7 +502,7 @@ def scan_checkpoint_cmd(
 
     fail_on = _fail_on(fail_on)
     _writable_files(json_out, html_out)
-    with progress_bar() as bar:
+    with progress_bar("scan-checkpoint") as bar:
         result = scan_checkpoint(
             path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"), fail_on
         )
@@ -521,7 +529,7 @@ def diff_weights_cmd(
 
     fail_on = _fail_on(fail_on)
     _writable_files(json_out, html_out)
-    with progress_bar() as bar:
+    with progress_bar("diff-weights") as bar:
         result = diff_weights(a, b, _progress_task(bar, "comparing (tensors)"), fail_on)
     print_weights_diff(result, report_console())
     _write_outputs(result, {json_out: render_json, html_out: weights_diff_html})

@@ -104,3 +104,23 @@ def test_diff_says_each_phase_up_to_the_last_report_written(models, tmp_path, ca
     order = ["loading ref", "comparing", "step 0 (prefill)", "diagnosing", f"writing {j}", f"writing {h}"]
     at = [err.index(phase) for phase in order]
     assert at == sorted(at) and err.rstrip().endswith(f"wrote {h}")
+
+
+def test_every_long_command_keeps_a_heartbeat_in_a_log(models, tmp_path, monkeypatch):
+    """make-model, scan-checkpoint and diff-weights show a bar only on a terminal: in a log their work runs
+    under the heartbeat, as capture's and diff's does."""
+    import qwen3dbg.util.progress as progress
+
+    entered = []
+
+    class Recorded(Phases):
+        def __enter__(self):
+            entered.append(self.label)
+            return super().__enter__()
+
+    monkeypatch.setattr(progress, "Phases", Recorded)
+    model = tmp_path / "m"
+    assert cli("make-model", model) == 0
+    assert cli("scan-checkpoint", model) == 0
+    assert cli("diff-weights", model, models("tiny-dense")) == 0
+    assert entered == ["make-model", "scan-checkpoint", "diff-weights"]
