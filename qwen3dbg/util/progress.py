@@ -62,7 +62,7 @@ class Phases:
     def beat(self) -> None:
         """Say the phase again when nothing was said for `every` seconds (the heartbeat thread calls this)."""
         if self.clock() - self._said >= self.every:
-            self._say(f"{self.phase} (still working)")
+            self._say("still working" if self.phase == self.label else f"{self.phase} (still working)")
 
     def status(self, msg: str) -> None:
         self.phase = msg
