@@ -485,7 +485,10 @@ def scan_checkpoint_cmd(
     html_out: HtmlOut = None,
     fail_on: FailOn = "error",
     threshold: float = typer.Option(
-        20.0, min=0, help="Flag norm weights (q_norm, k_norm, ...) whose |value| exceeds this."
+        20.0,
+        min=0,
+        help="Warn about norm weights (q_norm, k_norm, ...) whose |value| exceeds this; a q_norm/k_norm weight of "
+        "256 or more is an error whatever this is (docs/bad-input.md).",
     ),
     huge: float = typer.Option(
         1e4, min=0, help="Flag tensors with |values| at or above this (trained weights stay far below)."
