@@ -92,7 +92,12 @@ def test_capture_says_each_phase_from_the_greedy_ids_to_the_last_file(models, tm
         == 0
     )
     err = capsys.readouterr().err
-    order = ["reading the model", "picking 2 decode tokens greedily with the fp64 golden", "loading scratch", "taps written"]
+    order = [
+        "reading the model",
+        "picking 2 decode tokens greedily with the fp64 golden",
+        "loading scratch",
+        "taps written",
+    ]
     at = [err.index(phase) for phase in order]
     assert at == sorted(at) and err.rstrip().endswith(f"wrote tap store {tmp_path / 's'}")
 
