@@ -365,4 +365,3 @@ VARIANTS: dict[str, type[Qwen3Reference]] = {
         SoftmaxSumInDtype,
     )
 }
-CLEAN = frozenset({RmsNormFused.name})

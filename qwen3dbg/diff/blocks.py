@@ -72,10 +72,6 @@ class RowBlocks:
         return self.take(0, self.rows)
 
 
-def value_of(t: torch.Tensor | RowBlocks) -> torch.Tensor:
-    return t.whole() if isinstance(t, RowBlocks) else t
-
-
 def blocked_errors(
     gold: RowBlocks,
     ref: torch.Tensor,

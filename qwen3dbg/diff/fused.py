@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.diff.metrics import ErrorStats, agreement, ratio
+from qwen3dbg.diff.metrics import ErrorStats, ratio
 from qwen3dbg.util.cbuild import REDUCTION_FLAGS, build
 
 _CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -254,8 +254,3 @@ def logits_counts(gold: torch.Tensor, *sides: torch.Tensor, k: int = 5) -> list[
             }
         )
     return out
-
-
-def logits_agreement(cand: torch.Tensor, gold: torch.Tensor, k: int = 5) -> dict:
-    """cand, gold [B,T,V] -> top-1 agreement, mean top-k overlap and mean KL(gold || cand) over tokens."""
-    return agreement(logits_counts(gold, cand, k=k))

@@ -28,7 +28,6 @@ class OpSpec:
     axes: tuple[str, ...]
     where: str = "all"  # "all", "dense" (dense FFN layers) or "moe" (sparse FFN layers)
     integer: bool = False
-    attention_matrix: bool = False  # (*) in the schema: external engines may leave these out
     doc: str = ""
 
 
@@ -41,12 +40,11 @@ LAYER_OPS: tuple[OpSpec, ...] = (
     OpSpec("k_norm", ("B", "T", "nKV", "D")),
     OpSpec("q_rope", ("B", "T", "nH", "D")),
     OpSpec("k_rope", ("B", "T", "nKV", "D")),
-    OpSpec(
-        "k_cache", ("B", "nKV", "S", "D"), attention_matrix=True, doc="keys as the cache holds them after this step"
-    ),
-    OpSpec("v_cache", ("B", "nKV", "S", "D"), attention_matrix=True),
-    OpSpec("attn_scores", ("B", "nH", "T", "S"), attention_matrix=True, doc="scaled pre-softmax scores, masked -inf"),
-    OpSpec("attn_probs", ("B", "nH", "T", "S"), attention_matrix=True),
+    # the cache and attention matrices: the taps an external engine most often leaves out (docs/taps.md, (*))
+    OpSpec("k_cache", ("B", "nKV", "S", "D"), doc="keys as the cache holds them after this step"),
+    OpSpec("v_cache", ("B", "nKV", "S", "D")),
+    OpSpec("attn_scores", ("B", "nH", "T", "S"), doc="scaled pre-softmax scores, masked -inf"),
+    OpSpec("attn_probs", ("B", "nH", "T", "S")),
     OpSpec("attn_out", ("B", "T", "nH*D"), doc="context, heads concatenated, before o_proj"),
     OpSpec("o_proj", ("B", "T", "H")),
     OpSpec("resid_mid", ("B", "T", "H"), doc="residual + attention"),
@@ -63,7 +61,6 @@ LAYER_OPS: tuple[OpSpec, ...] = (
 HEAD_OPS = (OpSpec("embed", ("B", "T", "H")),)
 TAIL_OPS = (OpSpec("final_norm", ("B", "T", "H")), OpSpec("logits", ("B", "T", "V")))
 OPS_BY_NAME = {o.op: o for o in HEAD_OPS + LAYER_OPS + TAIL_OPS}
-ATTENTION_MATRIX_OPS = frozenset(o.op for o in LAYER_OPS if o.attention_matrix)
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,3 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """torch's own name ('bfloat16'), the spelling a store's manifest uses."""
     return str(dtype).removeprefix("torch.")
-
-
-def ulp(dtype: torch.dtype) -> float:
-    """Spacing of the dtype at 1.0 (machine epsilon): the unit of rounding error at magnitude 1."""
-    return torch.finfo(dtype).eps
