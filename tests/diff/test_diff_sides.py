@@ -1,4 +1,4 @@
-"""What --ref/--cand accept, the run cache, introduced-vs-inherited, and the `diff` command's exit codes."""
+"""What --ref/--cand accept, introduced-vs-inherited, and the `diff` command's exit codes."""
 
 from __future__ import annotations
 
