@@ -207,17 +207,14 @@ class StoreWriter:
 
 def read_manifest(path: Path) -> dict:
     """A store's manifest as a dict, or a UserError when the store cannot be read at all (exit 2)."""
-    from qwen3dbg.util.jsonio import JSONReadError, read_json
+    from qwen3dbg.util.jsonio import read_given_json
 
     mpath = Path(path) / MANIFEST
-    if not os.path.lexists(mpath):
-        raise UserError(f"{path} is not a tap store: it has no {MANIFEST}")
-    try:
-        m = read_json(mpath)
-    except OSError as e:
-        raise UserError(f"cannot read {mpath}: {e.strerror or e}") from None
-    except JSONReadError as e:
-        raise UserError(f"{mpath} is not a manifest: {e}; the writer died while writing it, or it is not one") from None
+    m = read_given_json(
+        mpath,
+        missing=f"{path} is not a tap store: it has no {MANIFEST}",
+        unusable=f"{mpath} is not a manifest: {{why}}; the writer died while writing it, or it is not one",
+    )
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         found = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise UserError(f"{mpath}: format is {found!r}, expected {FORMAT!r}")
