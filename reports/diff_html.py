@@ -1,7 +1,5 @@
-"""The HTML view of a DiffResult: one self-contained file, verdict and diagnosis first, then the plots
-(error against layer per op family, layer x op heatmap, per-step view for decode), the logits, and the
-tap table (what is interesting first, folded, sortable).
-Every string from a store, a checkpoint or the user goes through `esc`; plots carry schema names only."""
+"""The HTML view of a DiffResult: one self-contained file, verdict and diagnosis first, then the plots, the
+logits and the tap table."""
 
 from __future__ import annotations
 
@@ -24,6 +22,9 @@ FAMILIES = {
 _FLOOR = 1e-12  # where an error is exactly zero, a log axis still needs a value
 
 
+# The plots: error against layer per op family, a layer x op heatmap, a per-step view for decode; the tap table
+# shows what is interesting first, folded and sortable. Every string from a store, a checkpoint or the user goes
+# through `esc`; plots carry schema names only.
 def _worst(result: DiffResult) -> dict[tuple[int, str], TapResult]:
     """(layer, op) -> the tap with the largest excess over all steps."""
     out: dict[tuple[int, str], TapResult] = {}

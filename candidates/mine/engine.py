@@ -1,9 +1,4 @@
-"""`mine` as a Candidate: our own Qwen3 engine (CUDA kernels, or their CPU twin) that emits every tap.
-
-The layer loop is here, in Python, and every op is one call into the compiled extension; each op's
-output tensor is handed to the sink as it is, so capture off costs nothing but a `wants` check. On a
-GPU, decode steps without capture replay a CUDA graph of the whole step. Shapes: N = B*T rows.
-"""
+"""`mine` as a Candidate: our own Qwen3 engine (CUDA kernels, or their CPU twin) that emits every tap."""
 
 from __future__ import annotations
 
@@ -130,6 +125,9 @@ class MineOptions:
         return MineNumerics(rmsnorm=self.rmsnorm, scores=self.scores, accum=self.accum)
 
 
+# The layer loop is here, in Python, and every op is one call into the compiled extension; each op's output
+# tensor is handed to the sink as it is, so capture off costs nothing but a `wants` check. On a GPU, decode
+# steps without capture replay a CUDA graph of the whole step. Shapes: N = B*T rows.
 class MineCandidate(Candidate):
     name = "mine"
     options = MineOptions  # the registry takes its fields as mine's options

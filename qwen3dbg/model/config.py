@@ -1,9 +1,5 @@
-"""The one typed Qwen3 / Qwen3-MoE config, parsed once from a Hugging Face `config.json`.
-
-Field names are Hugging Face's. Both spellings in the wild are accepted: released checkpoints
-(`rope_theta`, `num_experts`, `torch_dtype`) and transformers 5.x (`rope_parameters`,
-`num_local_experts`, `dtype`). Nothing downstream reads the raw JSON.
-"""
+"""The one typed Qwen3 / Qwen3-MoE config, parsed once from a Hugging Face `config.json`; nothing downstream
+reads the raw JSON."""
 
 from __future__ import annotations
 
@@ -150,6 +146,8 @@ def _rope_theta(raw: dict) -> float:
     return _real("rope_theta", theta)
 
 
+# Field names are Hugging Face's. Both spellings in the wild are accepted: released checkpoints (`rope_theta`,
+# `num_experts`, `torch_dtype`) and transformers 5.x (`rope_parameters`, `num_local_experts`, `dtype`).
 def parse_config(raw: dict) -> Qwen3Config:
     """Turn a config.json dict into a Qwen3Config, or say in one sentence why it is not one."""
     model_type = raw.get("model_type")

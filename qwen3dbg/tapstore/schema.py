@@ -1,9 +1,5 @@
-"""The tap schema `qwen3dbg-taps/1`: every tap's name, forward order and shape. Everything imports it.
-
-A tap is one intermediate tensor of one forward step. Step 0 is the prefill (T = prompt length),
-each later step decodes one token (T = 1) with a KV cache holding S positions after the step.
-docs/taps.md is the public description of this module for engines in other languages.
-"""
+"""The tap schema `qwen3dbg-taps/1`: every tap's name, forward order and shape. Everything imports it;
+docs/taps.md is its public description for engines in other languages."""
 
 from __future__ import annotations
 
@@ -15,6 +11,8 @@ from typing import Iterator
 
 from qwen3dbg.model.config import Qwen3Config
 
+# A tap is one intermediate tensor of one forward step. Step 0 is the prefill (T = prompt length), each later
+# step decodes one token (T = 1) with a KV cache holding S positions after the step.
 FORMAT = "qwen3dbg-taps/1"
 #: the file that makes a directory a tap store (here, not in store.py, so the torch-free scanner can tell one)
 MANIFEST = "manifest.json"

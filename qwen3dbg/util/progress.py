@@ -1,9 +1,4 @@
-"""Progress of long work for a person watching: a live bar on a terminal, plain lines in a log.
-
-A diff at real lengths runs for minutes; a log (CI, `| tee`) that stays silent that long reads as a hang,
-so where the output is not a terminal each change of phase, and the step and layer at most every few
-seconds, is printed as one plain line.
-"""
+"""Progress of long work for a person watching: a live bar on a terminal, plain lines in a log."""
 
 from __future__ import annotations
 
@@ -12,6 +7,9 @@ import time
 from rich.console import Console
 
 
+# A diff at real lengths runs for minutes; a log (CI, `| tee`) that stays silent that long reads as a hang, so
+# where the output is not a terminal each change of phase, and the step and layer at most every few seconds, is
+# printed as one plain line.
 class DiffProgress:
     """`status(msg)` and `progress(step, layer)` for `run_diff`, rendered on `console` (stderr), which parses
     no markup: messages quote the sides' specs and paths as they are."""
