@@ -1,9 +1,5 @@
-"""Tap stores: a directory of `manifest.json` plus one `step_{s:04d}.safetensors` per step.
-
-The writer streams each tap to disk as it is produced (see safetensors_stream), so memory never
-holds more than the tap being written; the reader is lazy and maps one tensor at a time. docs/taps.md
-states the rules for strangers.
-"""
+"""Tap stores: a directory of `manifest.json` plus one `step_{s:04d}.safetensors` per step; docs/taps.md states
+the rules for strangers."""
 
 from __future__ import annotations
 
@@ -87,6 +83,8 @@ def check_out_dir(path: Path, replace: bool) -> None:
         )
 
 
+# The writer streams each tap to disk as it is produced (see safetensors_stream), so memory never holds more than
+# the tap being written.
 class StoreWriter:
     """Writes a tap store step by step; the manifest says `complete` only after `close()`.
 
