@@ -1,10 +1,11 @@
 """Shared test helpers that are not fixtures (those live in conftest.py): the forced prompt, checkpoint
-rewriting, running the CLI in-process, deadlines and memory peaks. Tests import them `from helpers import ...`;
+rewriting, running the CLI in-process, deadlines, memory peaks and C compilers. Tests import them `from helpers import ...`;
 pytest puts tests/ on sys.path for the rootdir's conftest."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 PROMPT = [5, 17, 99, 250, 3, 411, 8]
 DECODE = [42, 300, 7]
@@ -111,3 +112,25 @@ def peak_traced_bytes(fn, *args):
         return fn(*args), tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+# ---- C sources: tests/candidates/test_ext_c.py, tests/tapstore/test_adversarial_stores.py --------------
+
+C_DIR = Path(__file__).resolve().parents[1] / "candidates" / "c"
+#: the C header and the example engine compile without a warning under these
+C_FLAGS = ["-Wall", "-Wextra", "-Werror", "-pedantic"]
+
+
+def compiler(name: str) -> str:
+    """The path of compiler `name`; the test skips without one, except under CI=true, where it fails."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no {name} on PATH: CI must provide a C and a C++ compiler")
+        pytest.skip(f"no {name} on PATH")
+    return path
