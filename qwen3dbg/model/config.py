@@ -217,7 +217,7 @@ def load_config(model_dir: str | Path) -> Qwen3Config:
     raw = read_given_json(
         path,
         missing=f"no config.json at {path}: pass a model directory made by `qwen3dbg make-model` or a HF checkpoint",
-        unusable=f"{path} cannot be used: {{why}}",
+        unusable=lambda why: f"{path} cannot be used: {why}",
     )
     if not isinstance(raw, dict):
         raise UserError(f"{path} holds a JSON {type(raw).__name__}, not an object")

@@ -211,7 +211,7 @@ def read_manifest(path: Path) -> dict:
     m = read_given_json(
         mpath,
         missing=f"{path} is not a tap store: it has no {MANIFEST}",
-        unusable=f"{mpath} is not a manifest: {{why}}; the writer died while writing it, or it is not one",
+        unusable=lambda why: f"{mpath} is not a manifest: {why}; the writer died while writing it, or it is not one",
     )
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         found = m.get("format") if isinstance(m, dict) else type(m).__name__

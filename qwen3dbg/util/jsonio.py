@@ -10,6 +10,7 @@ import re
 import stat
 from itertools import accumulate
 from pathlib import Path
+from typing import Callable
 
 from qwen3dbg.util.errors import UserError
 from qwen3dbg.util.text import utf8_text
@@ -129,14 +130,14 @@ def read_json(path: str | Path, max_bytes: int = MAX_FILE_BYTES, max_depth: int 
     return loads(data, max_depth, **kwargs)
 
 
-def read_given_json(path: str | Path, missing: str, unusable: str):
+def read_given_json(path: str | Path, missing: str, unusable: Callable[[str], str]):
     """`read_json` of a file the user pointed us to, every failure a UserError: `missing` when there is no
-    such file, `unusable` (its `{why}` filled in) when it is not usable JSON, else why it cannot be read."""
+    such file, `unusable(why)` when it is not usable JSON, else why it cannot be read."""
     if not os.path.lexists(path):
         raise UserError(missing)
     try:
         return read_json(path)
     except JSONReadError as e:
-        raise UserError(unusable.format(why=e)) from None
+        raise UserError(unusable(str(e))) from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
