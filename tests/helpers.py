@@ -1,5 +1,4 @@
-"""Shared test helpers that are not fixtures (those live in conftest.py): the forced prompt, checkpoint
-rewriting, running the CLI in-process, deadlines, memory peaks and C compilers. Tests import them `from helpers import ...`;
+"""Shared test helpers that are not fixtures (those live in conftest.py), imported `from helpers import ...`:
 pytest puts tests/ on sys.path for the rootdir's conftest."""
 
 from __future__ import annotations
