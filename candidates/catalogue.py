@@ -1,10 +1,4 @@
-"""The bug catalogue: the readable reference with ONE bug each, as porters actually write them.
-
-Each variant overrides one op of `Qwen3Reference` (two where the bug lives in a helper both ops
-share) and says in its docstring what is wrong and what the correct line is. Run any of them with
-`--cand NAME`: qwen3dbg/run/registry.py lists them, and a test keeps that list in step with `VARIANTS`.
-`rmsnorm-fused` is the one clean variant: it rounds at another point, which is not a bug.
-"""
+"""The bug catalogue: the readable reference with one bug each, as porters actually write them."""
 
 from __future__ import annotations
 
@@ -339,6 +333,10 @@ class SoftmaxSumInDtype(Qwen3Reference):
         return (e / e.sum(dim=-1, keepdim=True).to(self.num.act)).to(self.num.act)
 
 
+# Each variant overrides one op of `Qwen3Reference` (two where the bug lives in a helper both ops share) and
+# says in its docstring what is wrong and what the correct line is. `--cand NAME` runs one: qwen3dbg/run/registry.py
+# lists them, and a test keeps that list in step with this one. `rmsnorm-fused` is the one clean variant: it rounds
+# at another point, which is not a bug.
 VARIANTS: dict[str, type[Qwen3Reference]] = {
     cls.name: cls
     for cls in (
@@ -365,4 +363,3 @@ VARIANTS: dict[str, type[Qwen3Reference]] = {
         SoftmaxSumInDtype,
     )
 }
-CLEAN = frozenset({RmsNormFused.name})

@@ -1,12 +1,4 @@
-"""`--cand llamacpp:MODEL.gguf`: a GGUF run by llama.cpp (llama-cpp-python), tapped through its eval callback.
-
-llama.cpp names its graph nodes (`attn_norm-0`, `Qcur_normed-0`, `kq_soft_max-0`, ...). The callback
-asks for the nodes that hold taps, copies each one out of its backend buffer as it is computed, and
-the layout is then brought to the schema: ggml lists dimensions fastest first (reversed), keeps heads
-as [D, heads, T], stores V transposed, and pads the attention key axis to the KV cache size. For a
-fair comparison the KV cache is f32, flash attention is off and logits are requested for every token.
-A tap with no node in llama.cpp's graph would be declared in missing_taps, never reconstructed.
-"""
+"""`--cand llamacpp:MODEL.gguf`: a GGUF run by llama.cpp (llama-cpp-python), tapped through its eval callback."""
 
 from __future__ import annotations
 
@@ -174,6 +166,11 @@ def _check_gguf(gguf_path: str, config) -> None:
         )
 
 
+# llama.cpp names its graph nodes (`attn_norm-0`, `Qcur_normed-0`, `kq_soft_max-0`, ...). The callback asks for
+# the nodes that hold taps, copies each one out of its backend buffer as it is computed, and `_tap` brings the
+# layout to the schema: ggml lists dimensions fastest first (reversed), keeps heads as [D, heads, T], stores V
+# transposed, and pads the attention key axis to the KV cache size. A tap with no node in llama.cpp's graph is
+# declared in missing_taps, never reconstructed.
 class LlamaCppCandidate(Candidate):
     """A GGUF in llama.cpp, batch 1; options: n_ctx (positions, default 1024), threads (default 2)."""
 
@@ -208,6 +205,7 @@ class LlamaCppCandidate(Candidate):
         cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx  # one ubatch per step: every node computed once
         cp.n_seq_max = 1
         cp.n_threads = cp.n_threads_batch = threads
+        # for a fair comparison: an f32 KV cache, no flash attention, and logits for every token
         cp.type_k = cp.type_v = GGML_TYPE_F32
         cp.flash_attn_type = FLASH_ATTN_DISABLED
         cp.embeddings = False

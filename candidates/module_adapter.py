@@ -1,11 +1,4 @@
-"""`--cand module:FILE.py:factory` or `module:pkg.mod:factory`: any PyTorch port, tapped through a TOML mapping.
-
-`factory(model_dir, dtype)` returns an nn.Module called as `module(ids)` (ids [B,T]), or with the
-step's positions as a keyword the mapping names. The mapping (grammar: docs/ports.md) says which
-module output or input, function or tensor-method call holds each tap, and how to bring it to the
-schema's layout; a trial forward checks every tap's shape before any real run. A port without a KV
-cache is re-run on the whole prefix at every decode step; its last positions are kept.
-"""
+"""`--cand module:FILE.py:factory` or `module:pkg.mod:factory`: any PyTorch port, tapped through a TOML mapping."""
 
 from __future__ import annotations
 
@@ -428,6 +421,11 @@ def _port(spec: str, at: str, mapping, config: Qwen3Config):
     return factory, loaded
 
 
+# `factory(model_dir, dtype)` returns an nn.Module called as `module(ids)` (ids [B,T]), or with the step's
+# positions as a keyword the mapping names. The mapping (grammar: docs/ports.md) says which module output or
+# input, function or tensor-method call holds each tap, and how to bring it to the schema's layout; a trial
+# forward checks every tap's shape before any real run. A port without a KV cache is re-run on the whole prefix
+# at every decode step; its last positions are kept.
 class ModuleCandidate(Candidate):
     """A PyTorch port run through its mapping. Options: mapping=PATH (else `spec@mapping.toml`, else the
     port module's TAP_MAPPING)."""

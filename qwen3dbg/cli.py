@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from qwen3dbg.cli_help import bare_flags_in_help
 from qwen3dbg.util.errors import UserError
 from qwen3dbg.util.text import plural
 
@@ -20,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+bare_flags_in_help()
 #: Messages carry paths, tap names and errors quoting files: `console` parses no markup and no :emoji:
 #: codes in them, so `[/]` or `pip install '.[llamacpp]'` prints as written. Print through `say`.
 console = Console(stderr=True, markup=False, emoji=False)
@@ -29,14 +31,6 @@ def report_console() -> Console:
     """Stdout, where the reports render: they style with markup and escape what they quote; a quoted
     `:smile:` is not an emoji either."""
     return Console(emoji=False)
-
-
-def _flag_type(display):
-    """Help shows a flag (--help, --list-presets) bare: it takes no value, so no `<bool>` beside it."""
-    return lambda self, ctx: None if self.is_flag else display(self, ctx)
-
-
-typer.core.TyperOption.display_type_rich = _flag_type(typer.core.TyperOption.display_type_rich)
 
 
 def _version(value: bool) -> None:
@@ -325,30 +319,14 @@ def validate_store_cmd(
 def cache_cmd(
     clear: bool = typer.Option(False, "--clear", help="Remove everything listed."),
 ):
-    """List what qwen3dbg keeps under $QWEN3DBG_HOME (default models, compiled kernels, runs older versions
-    left), least recently used first, or clear it. It stays within QWEN3DBG_CACHE_BUDGET (default 10GB):
-    when an entry is added, the least recently used go."""
-    import time
-
-    from rich.table import Table
-
-    from qwen3dbg.util.home import budget, home, listing
+    """List what qwen3dbg keeps under $QWEN3DBG_HOME (default models, compiled kernels, run stores older versions
+    left) and the mine engine builds torch keeps, least recently used first, or clear it. It stays within
+    QWEN3DBG_CACHE_BUDGET (default 10GB): when a default model is made, the least recently used go."""
+    from qwen3dbg.reports.cache_terminal import render
     from qwen3dbg.util.home import clear as clear_all
+    from qwen3dbg.util.home import listing
 
-    found = clear_all() if clear else listing()
-    table = Table(title=f"{'removed from' if clear else 'cached in'} {home()}", title_justify="left")
-    for col in ("kind", "size", "last used", "path"):
-        table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
-    now = time.time()
-    for e in found:
-        table.add_row(e.kind, f"{e.size / 1e6:,.1f} MB", f"{(now - e.last_used) / 3600:,.1f} h ago", e.path.name)
-    report_console().print(table, markup=False)
-    total = sum(e.size for e in found)
-    report_console().print(
-        f"{len(found)} entries, {total / 1e9:.2f} GB; budget {budget() / 1e9:.2f} GB (QWEN3DBG_CACHE_BUDGET)",
-        markup=False,
-        highlight=False,
-    )
+    render(clear_all() if clear else listing(), cleared=clear, console=report_console())
 
 
 @app.command()

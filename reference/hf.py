@@ -1,12 +1,4 @@
-"""The Hugging Face transformers reference (`--impl hf`): the real model, its real KV cache and masks.
-
-Taps that are module outputs come from forward hooks; the rest (RoPE output, attention scores and
-probabilities) from narrow wrappers around transformers' module-level functions, installed for one
-step and restored on exit; cache contents are read from the model's own DynamicCache after the step.
-Nothing relies on an output convention that transformers changed between the versions we accept: the
-router logits are recomputed from the router's own input and weight (before 5.6 its first output is the
-softmax), and its top-k ids and weights are told apart by dtype, not by position.
-"""
+"""The Hugging Face transformers reference (`--impl hf`): the real model, its real KV cache and masks."""
 
 from __future__ import annotations
 
@@ -58,6 +50,12 @@ def router_outputs(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[0], weights[0]
 
 
+# Taps that are module outputs come from forward hooks; the rest (RoPE output, attention scores and
+# probabilities) from narrow wrappers around transformers' module-level functions, installed for one step and
+# restored on exit; cache contents are read from the model's own DynamicCache after the step. Nothing relies on an
+# output convention that transformers changed between the versions we accept: the router logits are recomputed
+# from the router's own input and weight (before 5.6 its first output is the softmax), and its top-k ids and
+# weights are told apart by dtype, not by position.
 class HFCandidate(Candidate):
     name = "hf"
     fresh_taps = True  # module outputs are new tensors; DynamicCache grows by concatenation

@@ -1,13 +1,5 @@
-"""Qwen3 and Qwen3-MoE from scratch, written to be read: the template a porter follows.
-
-One readable forward pass that emits every tap of the schema. In float64 it is the golden every
-tolerance is measured against: all of it runs in float64, RoPE angles, norms and softmax included.
-In float32, bfloat16 and float16 it rounds exactly where transformers rounds (see `Numerics`), so
-it agrees with HF eager bit for bit or within an ulp of a matmul's accumulation order.
-
-Shapes: B batch, T tokens of the step, S cache length, H hidden, nH/nKV heads, D head_dim,
-I intermediate, E experts, k experts per token, V vocab.
-"""
+"""Qwen3 and Qwen3-MoE from scratch, written to be read: the template a porter follows, and in float64 the
+golden every tolerance is measured against."""
 
 from __future__ import annotations
 
@@ -24,6 +16,11 @@ from qwen3dbg.tapstore.store import TapSink
 from qwen3dbg.util.dtypes import parse_dtype
 
 
+# One readable forward pass that emits every tap of the schema. In float64 all of it runs in float64, RoPE angles,
+# norms and softmax included. In float32, bfloat16 and float16 it rounds exactly where transformers rounds (see
+# `Numerics`), so it agrees with HF eager bit for bit or within an ulp of a matmul's accumulation order.
+# Shapes: B batch, T tokens of the step, S cache length, H hidden, nH/nKV heads, D head_dim, I intermediate,
+# E experts, k experts per token, V vocab.
 @dataclass(frozen=True)
 class Numerics:
     """Where values are rounded. `act` is the dtype activations and weights live in; `wide` is the

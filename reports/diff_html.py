@@ -1,7 +1,5 @@
-"""The HTML view of a DiffResult: one self-contained file, verdict and diagnosis first, then the plots
-(error against layer per op family, layer x op heatmap, per-step view for decode), the logits, and the
-tap table (what is interesting first, folded, sortable).
-Every string from a store, a checkpoint or the user goes through `esc`; plots carry schema names only."""
+"""The HTML view of a DiffResult: one self-contained file, verdict and diagnosis first, then the plots, the
+logits and the tap table."""
 
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ from dataclasses import dataclass
 from qwen3dbg.reports.html import esc, figure_png, page, pyplot
 
 from qwen3dbg.diff.result import DiffResult, TapResult
+from qwen3dbg.diff.summary import TONE, summary
 from qwen3dbg.tapstore.schema import LAYER_OPS
 
 #: op families, one panel each in the error-vs-layer plot
@@ -23,6 +22,9 @@ FAMILIES = {
 _FLOOR = 1e-12  # where an error is exactly zero, a log axis still needs a value
 
 
+# The plots: error against layer per op family, a layer x op heatmap, a per-step view for decode; the tap table
+# shows what is interesting first, folded and sortable. Every string from a store, a checkpoint or the user goes
+# through `esc`; plots carry schema names only.
 def _worst(result: DiffResult) -> dict[tuple[int, str], TapResult]:
     """(layer, op) -> the tap with the largest excess over all steps."""
     out: dict[tuple[int, str], TapResult] = {}
@@ -148,25 +150,14 @@ def step_plot(result: DiffResult) -> str:
     return figure_png(fig)
 
 
-_CLASS = {
-    "first NaN/inf": "bad",
-    "golden NaN/inf": "bad",
-    "reference": "warn",
-    "within noise": "info",
-    "routing ties": "warn",
-    "note": "warn",
-    "systematic": "warn",
-}
-
-
 def _summary(result: DiffResult) -> str:
     bad = result.exit_code != 0
     parts = []
-    for label, text in result.summary():
+    for label, text in summary(result):
         if label == "verdict":
             parts.append(f'<div class="verdict {"bad" if bad else "ok"}">{esc(text)}</div>')
         else:
-            parts.append(f'<p class="{_CLASS.get(label, "")}"><b>{esc(label)}:</b> {esc(text)}</p>')
+            parts.append(f'<p class="{TONE.get(label, "")}"><b>{esc(label)}:</b> {esc(text)}</p>')
     rule = ", ".join(f"{esc(k)} {esc(v)}" for k, v in result.rule.items())
     parts.append(f"<p style='font-size:.85em;color:#666'>Rule (docs/differ.md): {rule}; model {esc(result.model)}.</p>")
     return "".join(parts)

@@ -1,9 +1,4 @@
-"""Building blocks of the self-contained HTML reports: one page, inline CSS, plots as inline PNGs.
-
-No network and no scripts from elsewhere: a report is one file that opens anywhere; a report may carry a
-small inline script of ours that reads its own tables. Every string that comes from a store, a
-checkpoint or a user goes through `esc`.
-"""
+"""Building blocks of the self-contained HTML reports: one page, inline CSS, plots as inline PNGs."""
 
 from __future__ import annotations
 
@@ -32,6 +27,9 @@ tr.clean td{color:#555}.hint{font-size:.9em;color:#555}
 """
 
 
+# No network and no scripts from elsewhere: a report is one file that opens anywhere; a report may carry a small
+# inline script of ours that reads its own tables. Every string that comes from a store, a checkpoint or a user
+# goes through `esc`.
 def esc(value) -> str:
     return html.escape(str(value), quote=True)
 

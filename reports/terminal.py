@@ -7,36 +7,24 @@ from rich.panel import Panel
 from rich.table import Table
 
 from qwen3dbg.diff.result import DiffResult, TapResult
+from qwen3dbg.diff.summary import TONE, evidence, summary
 from qwen3dbg.util.text import escape, short
 
-_STYLE = {
-    "first divergence": "bold",
-    "origin": "bold",
-    "first NaN/inf": "bold red",
-    "golden NaN/inf": "bold red",
-    "reference": "bold yellow",
-    "diagnosis": "bold cyan",
-    "or": "cyan",
-    "within noise": "bold blue",
-    "routing ties": "yellow",
-    "not compared": "dim",
-    "note": "yellow",
-    "decode steps": "bold",
-    "systematic": "bold yellow",
-}
+#: how the terminal shows each tone of a summary label (qwen3dbg.diff.summary.TONE); plain labels are bold
+_STYLE = {"bad": "bold red", "warn": "bold yellow", "info": "bold blue", "hint": "bold cyan", "quiet": "dim"}
 
 
-def summary(result: DiffResult) -> Panel:
+def summary_panel(result: DiffResult) -> Panel:
     """Verdict, sides, first divergence with its origin, diagnosis, in-noise finding."""
     bad = result.exit_code != 0
     lines = []
-    for label, text in result.summary():
+    for label, text in summary(result):
         if label == "verdict":
             lines.append(f"[bold {'red' if bad else 'green'}]{escape(text)}[/]")
         elif label == "sides":
             lines.append(f"[dim]{escape(text)}[/]")
         else:
-            lines.append(f"[{_STYLE.get(label, 'bold')}]{label}[/] {escape(text)}")
+            lines.append(f"[{_STYLE.get(TONE.get(label), 'bold')}]{label}[/] {escape(text)}")
     return Panel("\n".join(lines), title="qwen3dbg diff", border_style="red" if bad else "green", expand=False)
 
 
@@ -78,9 +66,9 @@ def layer_table(result: DiffResult) -> Table:
             else:
                 mark = f"[red]{n_div} ✗{' first' if r is f else ''}[/]" if n_div else "[green]0 ✓[/]"
             excess = f"[red]{short(r.excess, 3)}[/]" if r.excess > 1 else short(r.excess, 3)
-            t.add_row(key, escape(r.op), str(r.step), excess, escape(r.evidence), mark)
+            t.add_row(key, escape(r.op), str(r.step), excess, escape(evidence(r)), mark)
     return t
 
 
 def render(result: DiffResult, console: Console) -> None:
-    console.print(Group(summary(result), layer_table(result)))
+    console.print(Group(summary_panel(result), layer_table(result)))

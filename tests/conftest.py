@@ -14,7 +14,7 @@ from qwen3dbg.run.capture import forced_steps
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_home(tmp_path_factory):
-    """Keep the default model and run caches of tests out of the user's ~/.cache."""
+    """Keep the default models and compiled kernels of tests out of the user's ~/.cache."""
     os.environ["QWEN3DBG_HOME"] = str(tmp_path_factory.mktemp("qwen3dbg_home"))
 
 

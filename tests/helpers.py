@@ -1,5 +1,4 @@
-"""Shared test helpers that are not fixtures (those live in conftest.py): the forced prompt, checkpoint
-rewriting, running the CLI in-process, deadlines and memory peaks. Tests import them `from helpers import ...`;
+"""Shared test helpers that are not fixtures (those live in conftest.py), imported `from helpers import ...`:
 pytest puts tests/ on sys.path for the rootdir's conftest."""
 
 from __future__ import annotations
@@ -127,3 +126,25 @@ def released_checkpoint(d: Path) -> Path:
     (d / "generation_config.json").write_text("{}")
     assert len(list(d.glob("model-*.safetensors"))) > 30 and (d / INDEX).exists()
     return d
+
+
+# ---- C sources: tests/candidates/test_ext_c.py, tests/tapstore/test_adversarial_stores.py --------------
+
+C_DIR = Path(__file__).resolve().parents[1] / "candidates" / "c"
+#: the C header and the example engine compile without a warning under these
+C_FLAGS = ["-Wall", "-Wextra", "-Werror", "-pedantic"]
+
+
+def compiler(name: str) -> str:
+    """The path of compiler `name`; the test skips without one, except under CI=true, where it fails."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no {name} on PATH: CI must provide a C and a C++ compiler")
+        pytest.skip(f"no {name} on PATH")
+    return path

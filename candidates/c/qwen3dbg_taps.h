@@ -22,7 +22,7 @@
        ...
        q3t_close(s);   // only now does the manifest say "complete": true
 
-   Tap names, order and shapes are the schema of qwen3dbg/taps.py (`qwen3dbg validate-store DIR
+   Tap names, order and shapes are the schema of qwen3dbg/tapstore/schema.py (`qwen3dbg validate-store DIR
    --model MODEL` checks a store against it). Every other function returns 0 on success and -1 on
    error; q3t_error(s) says why, and after an error every later call fails too. If the program dies before q3t_close, the manifest on disk says
    "complete": false and qwen3dbg refuses to compare the store.

@@ -1,8 +1,5 @@
-"""Building the `mine` extension on first use with torch.utils.cpp_extension (ninja), cached per machine.
-
-The CPU twin is always built; the CUDA kernels join it where this torch has CUDA and nvcc is found,
-or, for the `emulated` device, are built by the host compiler and run on the CPU (csrc/cuda_emu.h).
-"""
+"""Building the `mine` extension on first use with torch.utils.cpp_extension (ninja), cached per machine: the CPU
+twin always, the CUDA kernels where torch has CUDA and nvcc, or on the CPU for `emulated` (csrc/cuda_emu.h)."""
 
 from __future__ import annotations
 

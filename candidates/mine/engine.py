@@ -1,9 +1,4 @@
-"""`mine` as a Candidate: our own Qwen3 engine (CUDA kernels, or their CPU twin) that emits every tap.
-
-The layer loop is here, in Python, and every op is one call into the compiled extension; each op's
-output tensor is handed to the sink as it is, so capture off costs nothing but a `wants` check. On a
-GPU, decode steps without capture replay a CUDA graph of the whole step. Shapes: N = B*T rows.
-"""
+"""`mine` as a Candidate: our own Qwen3 engine (CUDA kernels, or their CPU twin) that emits every tap."""
 
 from __future__ import annotations
 
@@ -100,39 +95,58 @@ def load_weights(ckpt: Checkpoint, cfg: Qwen3Config, dtype: torch.dtype, device:
     return embed, layers, get("model.norm.weight"), lm_head
 
 
+@dataclass(frozen=True)
+class MineOptions:
+    """`--cand mine:key=value` (values arrive as strings), checked when made: device, rmsnorm, scores, accum
+    (see numerics.py), max_seq (cache slots), graph (false: no CUDA graph for decode), pdl (false: no
+    programmatic dependent launch, so a kernel starts only once the one before has ended; only sm_90 and
+    later GPUs overlap them)."""
+
+    device: str = "auto"
+    rmsnorm: str = "hf"
+    scores: str = "compute"
+    accum: str = "fp32"
+    max_seq: int | str = 4096
+    graph: bool | str = True
+    pdl: bool | str = True
+
+    def __post_init__(self):
+        self.numerics  # refuses a switch outside its choices
+        resolve_device(self.device)
+        if not str(self.max_seq).isdigit() or int(self.max_seq) < 1:
+            raise UserError(
+                f"mine option max_seq={self.max_seq!r}: give the number of cache slots, a whole number >= 1"
+            )
+        option_flag("mine", "graph", self.graph)
+        option_flag("mine", "pdl", self.pdl)
+
+    @property
+    def numerics(self) -> MineNumerics:
+        return MineNumerics(rmsnorm=self.rmsnorm, scores=self.scores, accum=self.accum)
+
+
+# The layer loop is here, in Python, and every op is one call into the compiled extension; each op's output
+# tensor is handed to the sink as it is, so capture off costs nothing but a `wants` check. On a GPU, decode
+# steps without capture replay a CUDA graph of the whole step. Shapes: N = B*T rows.
 class MineCandidate(Candidate):
     name = "mine"
+    options = MineOptions  # the registry takes its fields as mine's options
 
-    def __init__(
-        self,
-        model_dir,
-        dtype="bfloat16",
-        *,
-        device: str = "auto",
-        rmsnorm: str = "hf",
-        scores: str = "compute",
-        accum: str = "fp32",
-        max_seq: int | str = 4096,
-        graph: bool | str = True,
-        pdl: bool | str = True,
-    ):
-        """Options come as strings from `--cand mine:key=value`: device, rmsnorm, scores, accum (see
-        numerics.py), max_seq (cache slots), graph (false: no CUDA graph for decode), pdl (false: no
-        programmatic dependent launch, so a kernel starts only once the one before has ended; only
-        sm_90 and later GPUs overlap them)."""
+    def __init__(self, model_dir, dtype="bfloat16", **options):
         from .build import load
 
         model = open_model(model_dir, check_layout=False)
         self.config = cfg = model.config
+        opts = MineOptions(**options)  # values only: the registry ran `check` before
         self.dtype = parse_dtype(dtype)
-        self.numerics = MineNumerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
-        self.device = resolve_device(device)
-        self.emulated = device == "emulated"
-        self.max_seq = min(int(max_seq), cfg.max_position_embeddings)
-        self.use_graph = option_flag("mine", "graph", graph) and self.device.type == "cuda"
+        self.numerics = opts.numerics
+        self.device = resolve_device(opts.device)
+        self.emulated = opts.device == "emulated"
+        self.max_seq = min(int(opts.max_seq), cfg.max_position_embeddings)
+        self.use_graph = option_flag("mine", "graph", opts.graph) and self.device.type == "cuda"
         self.ops = load(emulated=self.emulated)
         self.use_pdl = (
-            option_flag("mine", "pdl", pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
+            option_flag("mine", "pdl", opts.pdl) and self.device.type == "cuda" and self.ops.can_overlap_launches()
         )
         self.embed_w, self.layers, self.final_norm_w, self.lm_head = load_weights(
             model.checkpoint, cfg, self.dtype, self.device
@@ -148,18 +162,7 @@ class MineCandidate(Candidate):
         self.reset()
 
     @staticmethod
-    def check(
-        model_dir,
-        dtype="bfloat16",
-        *,
-        device: str = "auto",
-        rmsnorm: str = "hf",
-        scores: str = "compute",
-        accum: str = "fp32",
-        max_seq: int | str = 4096,
-        graph: bool | str = True,
-        pdl: bool | str = True,
-    ) -> None:
+    def check(model_dir, dtype="bfloat16", **options) -> MineOptions:
         """All but building the engine and loading the weights (`qwen3dbg.run.registry.check_candidate`)."""
         if parse_dtype(dtype) == torch.float64:
             raise UserError(
@@ -167,12 +170,7 @@ class MineCandidate(Candidate):
             )
         if open_model(model_dir, check_layout=False).config.attention_bias:
             raise UserError("mine implements Qwen3 without attention biases, but this config sets attention_bias")
-        MineNumerics(rmsnorm=rmsnorm, scores=scores, accum=accum)
-        resolve_device(device)
-        if not str(max_seq).isdigit() or int(max_seq) < 1:
-            raise UserError(f"mine option max_seq={max_seq!r}: give the number of cache slots, a whole number >= 1")
-        option_flag("mine", "graph", graph)
-        option_flag("mine", "pdl", pdl)
+        return MineOptions(**options)
 
     def manifest_extra(self) -> dict:
         if self.device.type == "cuda":

@@ -1,8 +1,5 @@
-"""The numerics switches of `mine`: where it rounds, each switch answering one question a porter asks.
-
-The defaults reproduce transformers' rounding points; flipping one shows what that choice does to
-every tap (`qwen3dbg diff --ref hf --cand mine:rmsnorm=fused`).
-"""
+"""The numerics switches of `mine`: where it rounds, each switch answering one question a porter asks. The
+defaults round where transformers does; flipping one (`--cand mine:rmsnorm=fused`) shows what it does to every tap."""
 
 from __future__ import annotations
 

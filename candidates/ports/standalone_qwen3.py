@@ -1,9 +1,5 @@
-"""A from-scratch Qwen3 in the style of the popular standalone code: a `cfg` dict, small modules, no cache.
-
-Written for qwen3dbg as the worked example of `--cand module:...` (its tap mapping is
-candidates/mappings/standalone_qwen3.toml). Like the code it imitates, it has no KV cache: every
-call runs the whole sequence, so the adapter re-runs the prefix at each decode step. Dense only.
-"""
+"""A from-scratch Qwen3 in the style of the popular standalone code (a `cfg` dict, small modules, dense only, no
+KV cache): the worked example of `--cand module:...`, mapped by candidates/mappings/standalone_qwen3.toml."""
 
 from __future__ import annotations
 
@@ -109,6 +105,8 @@ class Qwen3Model(nn.Module):
         self.cfg = cfg
 
     def forward(self, in_idx):
+        # no KV cache, like the code it imitates: every call runs the whole sequence, so the adapter re-runs
+        # the prefix at each decode step
         x = self.tok_emb(in_idx)
         n = in_idx.shape[1]
         mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), diagonal=1)

@@ -1,9 +1,5 @@
-"""Taps too large to hold whole, compared block by block along their token axis.
-
-At real lengths the golden's attention matrices ([B,nH,T,S] in float64: 680 MB a layer at 2304 tokens) and
-logits ([B,T,V]: 2.8 GB) never exist whole: the golden hands them out as `RowBlocks`, a recipe that computes
-any run of rows on demand, and the comparison folds the per-block statistics into one tap's.
-"""
+"""Taps too large to hold whole (the golden's attention matrices and logits at real lengths), compared block by
+block along their token axis."""
 
 from __future__ import annotations
 
@@ -20,6 +16,9 @@ from qwen3dbg.diff.metrics import ErrorStats, ratio
 BLOCK_ELEMENTS = 1 << 22
 
 
+# At real lengths the golden's attention matrices ([B,nH,T,S] in float64: 680 MB a layer at 2304 tokens) and
+# logits ([B,T,V]: 2.8 GB) never exist whole: the golden hands them out as `RowBlocks`, a recipe that computes any
+# run of rows on demand, and the comparison folds the per-block statistics into one tap's.
 @dataclass(frozen=True)
 class RowBlocks:
     """A tap of `shape` computed rows [r0, r1) at a time along `axis` by `compute(r0, r1)`, seen through a
@@ -73,6 +72,7 @@ class RowBlocks:
 
 
 def value_of(t: torch.Tensor | RowBlocks) -> torch.Tensor:
+    """A tap whole, whether it came whole or as row blocks."""
     return t.whole() if isinstance(t, RowBlocks) else t
 
 

@@ -1,9 +1,5 @@
-"""Streaming comparison of a candidate's taps with the reference's, both judged against the fp64 golden.
-
-Taps are taken one at a time in forward order (steps, layers, schema order) from the three side streams
-as the sides produce them: memory holds a few taps of each side, never a whole step. The rule itself is
-in `noise`; docs/differ.md explains it.
-"""
+"""Streaming comparison of a candidate's taps with the reference's, both judged against the fp64 golden (the rule
+itself is in `noise`; docs/differ.md explains it)."""
 
 from __future__ import annotations
 
@@ -39,6 +35,8 @@ class _Router:
 Value = torch.Tensor | RowBlocks | CacheSlots
 
 
+# Taps are taken one at a time in forward order (steps, layers, schema order) from the three side streams as the
+# sides produce them: memory holds a few taps of each side, never a whole step.
 @dataclass
 class Comparison:
     """One lockstep comparison of three side streams (`streams`): taps are taken in forward order, judged

@@ -1,12 +1,5 @@
-"""Everything one tap's comparison needs, in one fused pass over the three tensors as stored.
-
-A dozen float64 torch passes per tap (casts, differences, norms, max/min/argmax, dot, masks) cost 12-15x
-reading the stores; this small C kernel (fused.c, built on first use like the scan's) reads the fp64
-golden, the reference and the candidate in their own element types (f64/f32/bf16/f16), widens a block of each to
-double in cache, and accumulates both sides' errors in the same loop. Sums are taken in fixed chunks
-folded in order, so results do not depend on the thread count. The logits' argmax and KL per token are
-a second kernel here (`logits_rows`), which `logits_counts` folds per side.
-"""
+"""Everything one tap's comparison needs, in one fused pass of a C kernel (fused.c) over the three tensors as
+stored; and the logits' argmax and KL per token (`logits_rows`), which `logits_counts` folds per side."""
 
 from __future__ import annotations
 
@@ -17,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3dbg.diff.metrics import ErrorStats, agreement, ratio
+from qwen3dbg.diff.metrics import ErrorStats, ratio
 from qwen3dbg.util.cbuild import REDUCTION_FLAGS, build
 
 _CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -72,6 +65,11 @@ class _Out(ctypes.Structure):
 _lib = None
 
 
+# A dozen float64 torch passes per tap (casts, differences, norms, max/min/argmax, dot, masks) cost 12-15x reading
+# the stores; this kernel (built on first use like the scan's) reads the fp64 golden, the reference and the
+# candidate in their own element types (f64/f32/bf16/f16), widens a block of each to double in cache, and
+# accumulates both sides' errors in the same loop. Sums are taken in fixed chunks folded in order, so results do
+# not depend on the thread count.
 def _kernel():
     global _lib
     if _lib is None:
@@ -254,8 +252,3 @@ def logits_counts(gold: torch.Tensor, *sides: torch.Tensor, k: int = 5) -> list[
             }
         )
     return out
-
-
-def logits_agreement(cand: torch.Tensor, gold: torch.Tensor, k: int = 5) -> dict:
-    """cand, gold [B,T,V] -> top-1 agreement, mean top-k overlap and mean KL(gold || cand) over tokens."""
-    return agreement(logits_counts(gold, cand, k=k))

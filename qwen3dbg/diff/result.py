@@ -1,4 +1,5 @@
-"""The one result of `qwen3dbg diff`: plain dataclasses that the terminal, JSON and HTML views render."""
+"""The one result of `qwen3dbg diff`: plain dataclasses that the terminal, JSON and HTML views render
+(its one-screen English summary is diff/summary.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from functools import cached_property
 
 from qwen3dbg.diff.noise import REF_SUSPECT_REL_L2, REF_SUSPECT_SKIPS
 from qwen3dbg.util.jsonio import json_safe
-from qwen3dbg.util.text import plural, short
 
 FORMAT = "qwen3dbg-diff/1"
 #: the JSON lists every tap of this many decode steps; later ones are summarised per step (step_summary)
@@ -43,20 +43,6 @@ class TapResult:
     @property
     def divergent(self) -> bool:
         return self.status == "divergent"
-
-    @property
-    def evidence(self) -> str:
-        """The statistic that sets the excess, the candidate's vs the reference's: what a reader checks the
-        verdict by."""
-        if self.status == "not_compared":
-            return self.reason
-        if self.op == "moe.topk_ids":
-            return f"ids differ: {self.mismatch:.0%} of tokens" if self.mismatch else "ids as fp64's"
-        if self.nonfinite.get("cand"):
-            return f"{self.nonfinite['cand']} NaN/inf where fp64 is finite"
-        if self.tol_abs and self.tol_rel and self.max_abs / self.tol_abs > self.rel_l2 / self.tol_rel:
-            return f"max |err| {short(self.max_abs)} vs {short(self.ref_max_abs)}"
-        return f"rel. L2 {short(self.rel_l2)} vs {short(self.ref_rel_l2)}"
 
 
 def ref_error(t: TapResult) -> float:
@@ -152,32 +138,6 @@ class DiffResult:
                 row["top1_agreement"], row["kl"] = t.extra.get("top1_agreement"), t.extra.get("kl")
         return [rows[s] for s in sorted(rows)]
 
-    def decode_story(self) -> str | None:
-        """One sentence on the decode steps: clean throughout, or where the candidate leaves the noise floor
-        and how far its error has grown by the last step."""
-        decode = [r for r in self.step_summary if r["step"] > 0]
-        if not decode:
-            return None
-        out = next((r for r in self.step_summary if r["divergent"]), None)
-        last = decode[-1]
-        if out is not None and out["step"] == 0:
-            return (
-                f"the prefill already diverges, so the decode steps start from it: by the last step "
-                f"{last['step']}, {last['divergent']} of {last['compared']} taps over, worst "
-                f"{last['worst_excess']:.3g}x"
-            )
-        if out is None:
-            worst = max(decode, key=lambda r: r["worst_excess"])
-            return (
-                f"all {len(decode)} decode steps within the noise floor (closest: step {worst['step']}, "
-                f"{worst['worst_tap']} at {worst['worst_excess']:.2g}x the tolerance)"
-            )
-        return (
-            f"within the noise floor through step {out['step'] - 1}; from step {out['step']} on the candidate "
-            f"leaves it ({out['worst_tap']} at {out['worst_excess']:.3g}x), by the last step {last['step']}: "
-            f"{last['divergent']} of {last['compared']} taps over, worst {last['worst_excess']:.3g}x"
-        )
-
     @property
     def exit_code(self) -> int:
         """1: a divergence; 2: none found, but no tap was compared at all, or the golden is not finite, so
@@ -224,96 +184,6 @@ class DiffResult:
     @property
     def not_compared(self) -> list[TapResult]:
         return [t for t in self.taps if t.status == "not_compared"]
-
-    def summary(self) -> list[tuple[str, str]]:
-        """The one-screen summary as (label, sentence) pairs in reading order; every view renders these."""
-        ref, cand = self.side("ref"), self.side("cand")
-        lines = [
-            ("verdict", self.verdict),
-            (
-                "sides",
-                f"Candidate {cand.spec} against reference {ref.spec} in {self.dtype}, on "
-                f"{plural(self.steps[0]['tokens'], 'prompt token')} and "
-                f"{plural(len(self.steps) - 1, 'decode step')}. Each side's error is measured against "
-                "the readable reference (scratch) run in float64.",
-            ),
-        ]
-        lines += [("note", f"{s.role} {s.spec}: {n}") for s in self.sides for n in s.notes]
-        if len(self.steps) == 1:
-            how = (
-                "capture the store with --decode-steps 4"
-                if any(s.spec.startswith("store:") for s in self.sides)
-                else "--decode-steps 4 checks them"
-            )
-            lines.append(
-                (
-                    "note",
-                    f"prefill only: the KV cache and the decode path ran no step; {how} (a cache off "
-                    "by one shows only there)",
-                )
-            )
-        suspect = self.suspect_reference
-        if suspect is not None:
-            lines.append(
-                (
-                    "reference",
-                    f"the reference itself is {ref_error(suspect):.2g} rel. L2 from fp64 at step "
-                    f"{suspect.step}, {suspect.name}: tolerances follow its error, so it may hide "
-                    f"the candidate's bugs; {self.reference_check()}",
-                )
-            )
-        gold = self.golden_nonfinite
-        if gold:
-            lines.append(
-                (
-                    "golden NaN/inf",
-                    f"step {gold['step']}, {gold['tap']} ({gold['count']} values): "
-                    "neither side is judged where the golden is not finite",
-                )
-            )
-        d = self.first_divergence
-        if d is not None:
-            worst = ", ".join(f"{k} {v}" for k, v in (d.worst or {}).items() if k not in ("step", "batch")) or "-"
-            lines.append(
-                (
-                    "first divergence",
-                    f"step {d.step}, {d.tap}: rel. L2 {d.rel_l2:.3g}, max |err| {d.max_abs:.3g}, worst at {worst}",
-                )
-            )
-            if d.origin:
-                lines.append(("origin", d.origin["message"]))
-            nf = self.first_nonfinite
-            if nf:
-                lines.append(("first NaN/inf", f"step {nf['step']}, {nf['tap']} ({nf['count']} values)"))
-            lines += [
-                ("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)
-            ]
-            if not self.diagnosis:
-                lines.append(
-                    (
-                        "diagnosis",
-                        "nothing explains it: no hypothesis reproduces the candidate's tensor within the noise floor",
-                    )
-                )
-        story = self.decode_story()
-        if story is not None and len(self.steps) > 2:
-            lines.append(("decode steps", story))
-        if self.in_noise is not None and suspect is None:  # "only rounding" is no comfort from a suspect floor
-            lines.append(("within noise", f"step {self.in_noise.step}, {self.in_noise.tap}: {self.in_noise.message}"))
-        if self.systematic is not None:
-            lines.append(("systematic", f"step {self.systematic.step}: {self.systematic.message}"))
-        if self.routing_ties:
-            lines.append(
-                (
-                    "routing ties",
-                    f"{plural(len(self.routing_ties), 'token')} chose other experts within the "
-                    "router noise; their later taps are left out",
-                )
-            )
-        missing = sorted({t.op for t in self.not_compared})
-        if missing:
-            lines.append(("not compared", f"a side lacks {', '.join(missing)}"))
-        return lines
 
     @property
     def detailed_steps(self) -> set[int]:

@@ -1,10 +1,4 @@
-"""Introduced or inherited: does the first divergent op create the error, or carry it in from its inputs?
-
-With a candidate that can run one layer, teacher forcing feeds the reference's input of that layer
-(and its KV cache, from the diff's window) into the candidate's layer and measures what the layer alone
-adds. A store cannot run, so there the answer is estimated from the jump in error between the op's
-inputs and its output.
-"""
+"""Introduced or inherited: does the first divergent op create the error, or carry it in from its inputs?"""
 
 from __future__ import annotations
 
@@ -18,6 +12,9 @@ from qwen3dbg.tapstore.schema import inputs_of, layer_input, tap_name
 from qwen3dbg.tapstore.store import StepInfo, masked
 
 
+# With a candidate that can run one layer, teacher forcing feeds the reference's input of that layer (and its KV
+# cache, from the diff's window) into the candidate's layer and measures what the layer alone adds. A store cannot
+# run, so there the answer is estimated from the jump in error between the op's inputs and its output.
 def estimate(div: Divergence, by_name: dict[str, TapResult], cfg: Qwen3Config) -> dict:
     """Error jump of the op: its inputs' largest excess over the noise floor vs its own."""
     ins = [by_name[n] for n in inputs_of(div.tap, cfg) if n in by_name and by_name[n].status == "ok"]

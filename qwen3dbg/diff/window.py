@@ -1,15 +1,5 @@
-"""What outlives a streaming comparison: the tensors around the first divergence, and nothing else.
-
-Teacher forcing, the diagnosis and the in-noise explanation run after the verdict, when the sides' taps
-are gone. They read through a `WindowSource` (the diagnosis' TapSource), which holds, for all three sides
-unless said otherwise (docs/differ.md, "After the verdict"):
-- at the divergent step: every tap of the divergent layer; the reference's taps of the layer before and
-  every side's resid_out there (the layer's input); embed; final_norm and logits when the divergence is
-  past the layers; each layer's cache;
-- the step before: each layer's cache, and when it decoded one token all its other taps too;
-- for the in-noise explanation (no divergence before it): that tap and the taps it reads.
-Everything else is None. The golden comes as float32 where the dtype under test is narrower.
-"""
+"""What outlives a streaming comparison: the tensors around the first divergence, which teacher forcing, the
+diagnosis and the in-noise explanation read after the verdict, when the sides' taps are gone."""
 
 from __future__ import annotations
 
@@ -103,6 +93,13 @@ class Window:
         self.live, self.previous, self._pending = {}, {}, None
 
 
+# What a window holds, for all three sides unless said otherwise (docs/differ.md, "After the verdict"):
+# - at the divergent step: every tap of the divergent layer; the reference's taps of the layer before and every
+#   side's resid_out there (the layer's input); embed; final_norm and logits when the divergence is past the
+#   layers; each layer's cache;
+# - the step before: each layer's cache, and when it decoded one token all its other taps too;
+# - for the in-noise explanation (no divergence before it): that tap and the taps it reads.
+# Everything else is None. The golden comes as float32 where the dtype under test is narrower.
 @dataclass
 class WindowSource:
     """The diagnosis' TapSource over a window: each side's taps by (step, name), None outside it."""

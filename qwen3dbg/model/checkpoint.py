@@ -1,8 +1,5 @@
-"""Lazy reading of safetensors checkpoints, single-file or sharded, in their on-disk tensor names.
-
-Nothing is unpickled and nothing is read before it is asked for: a tensor is memory-mapped from its
-shard when `get` is called, so a 60 GB checkpoint costs what one tensor costs.
-"""
+"""Lazy reading of safetensors checkpoints, single-file or sharded, in their on-disk tensor names: nothing is
+unpickled, and a tensor is memory-mapped from its shard only when `get` asks, so 60 GB cost what one tensor costs."""
 
 from __future__ import annotations
 

@@ -1,18 +1,13 @@
-"""The one typed Qwen3 / Qwen3-MoE config, parsed once from a Hugging Face `config.json`.
-
-Field names are Hugging Face's. Both spellings in the wild are accepted: released checkpoints
-(`rope_theta`, `num_experts`, `torch_dtype`) and transformers 5.x (`rope_parameters`,
-`num_local_experts`, `dtype`). Nothing downstream reads the raw JSON.
-"""
+"""The one typed Qwen3 / Qwen3-MoE config, parsed once from a Hugging Face `config.json`; nothing downstream
+reads the raw JSON."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qwen3dbg.util.errors import UserError
-from qwen3dbg.util.jsonio import JSONReadError, read_json
+from qwen3dbg.util.jsonio import read_given_json
 
 MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 #: the fields that fix every tensor's shape: two configs that differ in one describe different models
@@ -151,6 +146,8 @@ def _rope_theta(raw: dict) -> float:
     return _real("rope_theta", theta)
 
 
+# Field names are Hugging Face's. Both spellings in the wild are accepted: released checkpoints (`rope_theta`,
+# `num_experts`, `torch_dtype`) and transformers 5.x (`rope_parameters`, `num_local_experts`, `dtype`).
 def parse_config(raw: dict) -> Qwen3Config:
     """Turn a config.json dict into a Qwen3Config, or say in one sentence why it is not one."""
     model_type = raw.get("model_type")
@@ -217,16 +214,11 @@ def load_config(model_dir: str | Path) -> Qwen3Config:
     path = Path(model_dir)
     if path.is_dir():
         path = path / "config.json"
-    if not os.path.lexists(path):
-        raise UserError(
-            f"no config.json at {path}: pass a model directory made by `qwen3dbg make-model` or a HF checkpoint"
-        )
-    try:
-        raw = read_json(path)
-    except JSONReadError as e:
-        raise UserError(f"{path} cannot be used: {e}") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    raw = read_given_json(
+        path,
+        missing=f"no config.json at {path}: pass a model directory made by `qwen3dbg make-model` or a HF checkpoint",
+        unusable=lambda why: f"{path} cannot be used: {why}",
+    )
     if not isinstance(raw, dict):
         raise UserError(f"{path} holds a JSON {type(raw).__name__}, not an object")
     return parse_config(raw)

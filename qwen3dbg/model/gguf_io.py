@@ -1,11 +1,4 @@
-"""GGUF files of Qwen3 checkpoints: write one from a safetensors model directory, read one back.
-
-The writer follows llama.cpp's converter: the `qwen3` / `qwen3moe` metadata its loader reads, experts
-stacked per layer, norms and the router kept in F32, q/k NOT permuted (Qwen3 uses NEOX rope in
-llama.cpp), and a minimal byte-level BPE vocabulary so llama.cpp can load the file (ids only mean
-anything to our synthetic models). The reader parses the container itself, so a damaged file raises
-`GGUFDamaged` with what is wrong instead of an arbitrary exception.
-"""
+"""GGUF files of Qwen3 checkpoints: write one from a safetensors model directory, read one back."""
 
 from __future__ import annotations
 
@@ -155,6 +148,10 @@ def make_gguf_model(
         )
 
 
+# The writer follows llama.cpp's converter: the `qwen3` / `qwen3moe` metadata its loader reads, experts stacked
+# per layer, norms and the router kept in F32, q/k NOT permuted (Qwen3 uses NEOX rope in llama.cpp), and a
+# minimal byte-level BPE vocabulary so llama.cpp can load the file (ids only mean anything to our synthetic
+# models).
 def write_gguf(
     model_dir: str | Path,
     out: str | Path,
@@ -294,6 +291,8 @@ def _alignment(kv: dict, kv_types: dict) -> int:
     return align
 
 
+# The reader parses the container itself, so a damaged file raises `GGUFDamaged` with what is wrong instead of an
+# arbitrary exception.
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header, metadata and tensor table (no tensor data is read)."""
     path = Path(path)

@@ -1,8 +1,4 @@
-"""Tensor names of Qwen3 / Qwen3-MoE in Hugging Face checkpoints and in GGUF files, both ways.
-
-GGUF stacks a layer's experts into one tensor per projection (`blk.N.ffn_gate_exps.weight`,
-[num_experts, rows, cols] in torch order), so one GGUF name can stand for many HF names.
-"""
+"""Tensor names of Qwen3 / Qwen3-MoE in Hugging Face checkpoints and in GGUF files, both ways."""
 
 from __future__ import annotations
 
@@ -57,6 +53,8 @@ def hf_to_gguf(name: str) -> tuple[str, int | None] | None:
     return None
 
 
+# GGUF stacks a layer's experts into one tensor per projection (`blk.N.ffn_gate_exps.weight`, [num_experts, rows,
+# cols] in torch order), so one GGUF name can stand for many HF names.
 def gguf_to_hf(name: str, num_experts: int = 0) -> list[str]:
     """The HF name(s) a GGUF tensor holds: one, or one per expert for a stacked tensor; [] if unmapped."""
     stem, _, suffix = name.rpartition(".")

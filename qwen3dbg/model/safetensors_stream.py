@@ -1,13 +1,4 @@
-"""A safetensors file written one tensor at a time, without holding the others in memory.
-
-The header's room is reserved from the planned names and shapes before any data is written (the
-widest dtype name, 20-digit offsets), tensors are appended as they come, and the real header is
-written last, padded with spaces as the safetensors format allows.
-
-A tensor on a GPU is not waited for: it is copied into pinned host memory on the current stream and
-written once that copy is done, so an engine emitting taps keeps its stream busy (a tap's data offset
-is where it lands in the file; readers go by the header, not by the plan's order).
-"""
+"""A safetensors file written one tensor at a time, without holding the others in memory."""
 
 from __future__ import annotations
 
@@ -37,6 +28,11 @@ SAFETENSORS_DTYPES = {
 MAX_PENDING_BYTES = 256 << 20
 
 
+# The header's room is reserved from the planned names and shapes before any data is written (the widest dtype
+# name, 20-digit offsets), tensors are appended as they come, and the real header is written last, padded with
+# spaces as the safetensors format allows. A tensor on a GPU is not waited for: it is copied into pinned host
+# memory on the current stream and written once that copy is done, so an engine emitting taps keeps its stream
+# busy (a tap's data offset is where it lands in the file; readers go by the header, not by the plan's order).
 class StreamingWriter:
     def __init__(self, path: str | Path, plan: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None):
         self.path, self.plan = Path(path), dict(plan)

@@ -1,10 +1,5 @@
-"""Synthetic Qwen3 checkpoints in exactly the on-disk format of released ones (`qwen3dbg make-model`).
-
-Only the weight values are made up: deterministic from a seed (each tensor from its own generator,
-so sharding never changes a value), realistic in scale, with k_norm weights that reach tens in the
-early layers as in the released Qwen3. Anomalies can be planted for the checkpoint scanner and the
-differ's bug catalogue.
-"""
+"""Synthetic Qwen3 checkpoints in exactly the on-disk format of released ones (`qwen3dbg make-model`), with
+anomalies planted on request for the checkpoint scanner and the differ's bug catalogue."""
 
 from __future__ import annotations
 
@@ -146,6 +141,9 @@ def _norm_weight(name: str, size: int, g: torch.Generator, cfg: Qwen3Config, pre
     return w
 
 
+# Only the weight values are made up: deterministic from a seed (each tensor from its own generator, so sharding
+# never changes a value), realistic in scale, with k_norm weights that reach tens in the early layers as in the
+# released Qwen3.
 def make_tensor(
     name: str, shape: tuple[int, ...], cfg: Qwen3Config, preset: Preset, plants: Plants, seed: int, dtype: torch.dtype
 ) -> torch.Tensor:

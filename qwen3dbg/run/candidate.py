@@ -1,10 +1,4 @@
-"""The one interface every implementation offers the tool (HF, scratch, our engine, catalogue bugs, adapters).
-
-A candidate is loaded once for a model directory and a dtype, then runs forward steps: `reset()`
-forgets the KV cache, `step(ids, positions, sink)` runs one step (prefill or decode) and hands every
-tap it produces to the sink. Candidates that can run one decoder layer alone from a given input also
-implement `run_layer`, which the differ uses for teacher forcing.
-"""
+"""The one interface every implementation offers the tool (HF, scratch, our engine, catalogue bugs, adapters)."""
 
 from __future__ import annotations
 
@@ -51,6 +45,10 @@ class DictSink:
             self.taps[name] = tensor.detach().clone()
 
 
+# A candidate is loaded once for a model directory and a dtype, then runs forward steps: `reset()` forgets the KV
+# cache, `step(ids, positions, sink)` runs one step (prefill or decode) and hands every tap it produces to the
+# sink. Candidates that can run one decoder layer alone from a given input also implement `run_layer`, which the
+# differ uses for teacher forcing.
 class Candidate(ABC):
     name: str = "?"
     config: Qwen3Config

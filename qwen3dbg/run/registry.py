@@ -113,9 +113,14 @@ def _resolve(name: str, model_dir, dtype, options: dict) -> tuple[type, tuple]:
     module, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     params = inspect.signature(cls).parameters.values()
-    accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    declared = getattr(cls, "options", None)  # a dataclass of its options, where it keeps them in one
+    if declared is not None:
+        accepted, open_ended = [f.name for f in dataclasses.fields(declared)], False
+    else:
+        accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
     unknown = [k for k in options if k not in accepted]
-    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+    if unknown and not open_ended:
         takes = f"its options are {', '.join(accepted)}" if accepted else "it takes no options"
         raise UserError(f"implementation {name!r} has no option {unknown[0]!r}: {takes}")
     return cls, args

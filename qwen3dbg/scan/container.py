@@ -1,9 +1,4 @@
-"""Container integrity of safetensors (single, sharded) and GGUF files, from the raw bytes.
-
-Headers are parsed here, not by the safetensors library, so a damaged file becomes findings (header
-length, JSON, dtypes, offsets in bounds and not overlapping, index and shards complete) and the
-tensors that are intact are still scanned.
-"""
+"""Container integrity of safetensors (single, sharded) and GGUF files, from the raw bytes."""
 
 from __future__ import annotations
 
@@ -127,6 +122,9 @@ def overlaps(entries: list[tuple[str, int, int]], file: str, check: str) -> list
     return out
 
 
+# Headers are parsed here, not by the safetensors library, so a damaged file becomes findings (header length,
+# JSON, dtypes, offsets in bounds and not overlapping, index and shards complete) and the tensors that are intact
+# are still scanned.
 def read_safetensors(path: Path) -> tuple[list[Entry], list[CheckpointFinding]]:
     """The intact tensors of one safetensors file and findings for everything that is not."""
     findings: list[CheckpointFinding] = []

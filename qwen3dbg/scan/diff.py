@@ -1,8 +1,4 @@
-"""`diff-weights A B`: two checkpoints tensor by tensor, in HF names (GGUF names are mapped back).
-
-Each tensor present in both is equal, within the rounding its two formats allow, permuted the way
-llama.cpp's converter reorders q/k for Llama-style rope, transposed, reshaped, or changed.
-"""
+"""`diff-weights A B`: two checkpoints tensor by tensor, in HF names (GGUF names are mapped back)."""
 
 from __future__ import annotations
 
@@ -100,6 +96,8 @@ def _within(a: np.ndarray, b: np.ndarray, rel: float, abs_: float, absmax: float
     return float(np.max(np.abs(a - b), initial=0.0)) <= rel * absmax + abs_
 
 
+# Each tensor present in both is equal, within the rounding its two formats allow, permuted the way llama.cpp's
+# converter reorders q/k for Llama-style rope, transposed, reshaped, or changed.
 def compare(name: str, a: np.ndarray, b: np.ndarray, dtype_a: str, dtype_b: str, heads: int | None) -> TensorDiff:
     """How b relates to a (both float32 arrays holding the same HF tensor)."""
     rel, abs_ = rounding_tolerance(dtype_a, dtype_b)

@@ -1,9 +1,5 @@
-"""A checkpoint opened for scanning or diffing: its intact tensors, its config, and reading them.
-
-PATH is a model directory (config.json + safetensors, single or sharded), one `.safetensors` file, or
-one `.gguf` file. Files are memory-mapped once; a tensor is read in windows whose pages are handed
-back as soon as they are summed, so memory stays near one window whatever the checkpoint's size.
-"""
+"""A checkpoint opened for scanning or diffing (a model directory, one `.safetensors` or one `.gguf` file): its
+intact tensors, its config, and reading them."""
 
 from __future__ import annotations
 
@@ -36,6 +32,8 @@ from qwen3dbg.util.jsonio import open_regular
 WINDOW_BYTES = 64 * 1024**2
 
 
+# Files are memory-mapped once; a tensor is read in windows whose pages are handed back as soon as they are
+# summed, so memory stays near one window whatever the checkpoint's size.
 @dataclass
 class CheckpointSource:
     path: Path

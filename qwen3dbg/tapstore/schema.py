@@ -1,9 +1,5 @@
-"""The tap schema `qwen3dbg-taps/1`: every tap's name, forward order and shape. Everything imports it.
-
-A tap is one intermediate tensor of one forward step. Step 0 is the prefill (T = prompt length),
-each later step decodes one token (T = 1) with a KV cache holding S positions after the step.
-docs/taps.md is the public description of this module for engines in other languages.
-"""
+"""The tap schema `qwen3dbg-taps/1`: every tap's name, forward order and shape. Everything imports it;
+docs/taps.md is its public description for engines in other languages."""
 
 from __future__ import annotations
 
@@ -15,6 +11,8 @@ from typing import Iterator
 
 from qwen3dbg.model.config import Qwen3Config
 
+# A tap is one intermediate tensor of one forward step. Step 0 is the prefill (T = prompt length), each later
+# step decodes one token (T = 1) with a KV cache holding S positions after the step.
 FORMAT = "qwen3dbg-taps/1"
 #: the file that makes a directory a tap store (here, not in store.py, so the torch-free scanner can tell one)
 MANIFEST = "manifest.json"
@@ -28,7 +26,6 @@ class OpSpec:
     axes: tuple[str, ...]
     where: str = "all"  # "all", "dense" (dense FFN layers) or "moe" (sparse FFN layers)
     integer: bool = False
-    attention_matrix: bool = False  # (*) in the schema: external engines may leave these out
     doc: str = ""
 
 
@@ -41,12 +38,11 @@ LAYER_OPS: tuple[OpSpec, ...] = (
     OpSpec("k_norm", ("B", "T", "nKV", "D")),
     OpSpec("q_rope", ("B", "T", "nH", "D")),
     OpSpec("k_rope", ("B", "T", "nKV", "D")),
-    OpSpec(
-        "k_cache", ("B", "nKV", "S", "D"), attention_matrix=True, doc="keys as the cache holds them after this step"
-    ),
-    OpSpec("v_cache", ("B", "nKV", "S", "D"), attention_matrix=True),
-    OpSpec("attn_scores", ("B", "nH", "T", "S"), attention_matrix=True, doc="scaled pre-softmax scores, masked -inf"),
-    OpSpec("attn_probs", ("B", "nH", "T", "S"), attention_matrix=True),
+    # the cache and attention matrices: the taps an external engine most often leaves out (docs/taps.md, (*))
+    OpSpec("k_cache", ("B", "nKV", "S", "D"), doc="keys as the cache holds them after this step"),
+    OpSpec("v_cache", ("B", "nKV", "S", "D")),
+    OpSpec("attn_scores", ("B", "nH", "T", "S"), doc="scaled pre-softmax scores, masked -inf"),
+    OpSpec("attn_probs", ("B", "nH", "T", "S")),
     OpSpec("attn_out", ("B", "T", "nH*D"), doc="context, heads concatenated, before o_proj"),
     OpSpec("o_proj", ("B", "T", "H")),
     OpSpec("resid_mid", ("B", "T", "H"), doc="residual + attention"),
@@ -63,7 +59,6 @@ LAYER_OPS: tuple[OpSpec, ...] = (
 HEAD_OPS = (OpSpec("embed", ("B", "T", "H")),)
 TAIL_OPS = (OpSpec("final_norm", ("B", "T", "H")), OpSpec("logits", ("B", "T", "V")))
 OPS_BY_NAME = {o.op: o for o in HEAD_OPS + LAYER_OPS + TAIL_OPS}
-ATTENTION_MATRIX_OPS = frozenset(o.op for o in LAYER_OPS if o.attention_matrix)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,5 @@
-"""Tap stores: a directory of `manifest.json` plus one `step_{s:04d}.safetensors` per step.
-
-The writer streams each tap to disk as it is produced (see safetensors_stream), so memory never
-holds more than the tap being written; the reader is lazy and maps one tensor at a time. docs/taps.md
-states the rules for strangers.
-"""
+"""Tap stores: a directory of `manifest.json` plus one `step_{s:04d}.safetensors` per step; docs/taps.md states
+the rules for strangers."""
 
 from __future__ import annotations
 
@@ -161,6 +157,8 @@ def check_out_dir(path: Path, replace: bool) -> None:
         )
 
 
+# The writer streams each tap to disk as it is produced (see safetensors_stream), so memory never holds more than
+# the tap being written.
 class StoreWriter:
     """Writes a tap store step by step; the manifest says `complete` only after `close()`.
 
@@ -284,17 +282,14 @@ class StoreWriter:
 
 def read_manifest(path: Path) -> dict:
     """A store's manifest as a dict, or a UserError when the store cannot be read at all (exit 2)."""
-    from qwen3dbg.util.jsonio import JSONReadError, read_json
+    from qwen3dbg.util.jsonio import read_given_json
 
     mpath = Path(path) / MANIFEST
-    if not os.path.lexists(mpath):
-        raise UserError(f"{path} is not a tap store: it has no {MANIFEST}")
-    try:
-        m = read_json(mpath)
-    except OSError as e:
-        raise UserError(f"cannot read {mpath}: {e.strerror or e}") from None
-    except JSONReadError as e:
-        raise UserError(f"{mpath} is not a manifest: {e}; the writer died while writing it, or it is not one") from None
+    m = read_given_json(
+        mpath,
+        missing=f"{path} is not a tap store: it has no {MANIFEST}",
+        unusable=lambda why: f"{mpath} is not a manifest: {why}; the writer died while writing it, or it is not one",
+    )
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         found = m.get("format") if isinstance(m, dict) else type(m).__name__
         raise UserError(f"{mpath}: format is {found!r}, expected {FORMAT!r}")

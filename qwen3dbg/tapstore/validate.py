@@ -1,9 +1,4 @@
-"""Checking a tap store against the store rules and the tap schema before anything compares it.
-
-`validate_store` is what `qwen3dbg validate-store` prints and what `diff` runs on a `store:` candidate:
-a store written by another program (the C header, a port's own dumper) is explained problem by
-problem instead of failing somewhere inside a comparison.
-"""
+"""Checking a tap store against the store rules and the tap schema before anything compares it."""
 
 from __future__ import annotations
 
@@ -51,6 +46,9 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
+# What `qwen3dbg validate-store` prints and what `diff` runs on a `store:` side: a store written by another program
+# (the C header, a port's own dumper) is explained problem by problem instead of failing somewhere inside a
+# comparison.
 def validate_store(path: str | Path, config: Qwen3Config | None = None) -> list[Problem]:
     """Every problem of the store at `path`; [] when it is valid. Shapes are checked against `config`,
     or against the config the manifest carries when none is given. Raises UserError if unreadable."""

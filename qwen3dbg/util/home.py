@@ -1,6 +1,5 @@
-"""What qwen3dbg keeps for itself under $QWEN3DBG_HOME (default ~/.cache/qwen3dbg): the embedded default
-models, compiled kernels, what older versions left. `qwen3dbg cache` lists and clears it; whenever an entry is
-added, the least recently used go until the whole fits `QWEN3DBG_CACHE_BUDGET` (`10GB`, `500MB`, `0`; default 10 GB)."""
+"""The cache under $QWEN3DBG_HOME (default ~/.cache/qwen3dbg): default models, compiled kernels, and the run
+stores versions before streaming diffs left; kept within QWEN3DBG_CACHE_BUDGET, least recently used first."""
 
 from __future__ import annotations
 
@@ -21,7 +20,9 @@ def home(*parts: str) -> Path:
 
 BUDGET_ENV = "QWEN3DBG_CACHE_BUDGET"
 DEFAULT_BUDGET = 10 * 1000**3
-#: the folders of the home that hold cache entries (one entry per child), and what each child is
+#: the folders of the home that hold cache entries (one entry per child), and what each child is. Nothing writes
+#: runs/ any more (a diff stores no run); it is listed so that `qwen3dbg cache` can show and clear what older
+#: versions left there. Whenever a default model is made, `fit` evicts down to the budget (`10GB`, `500MB`, `0`).
 KINDS = {"models": "default model", "kernels": "kernel", "runs": "old run", "tmp": "temporary"}
 #: an entry used this recently is never evicted: a running diff may be reading it
 RECENT_S = 600

@@ -10,7 +10,9 @@ import re
 import stat
 from itertools import accumulate
 from pathlib import Path
+from typing import Callable
 
+from qwen3dbg.util.errors import UserError
 from qwen3dbg.util.text import utf8_text
 
 
@@ -126,3 +128,16 @@ def read_json(path: str | Path, max_bytes: int = MAX_FILE_BYTES, max_depth: int 
     if len(data) > max_bytes:  # it grew while we read it
         raise JSONReadError(f"it is more than the {max_bytes} bytes a file of this kind can need")
     return loads(data, max_depth, **kwargs)
+
+
+def read_given_json(path: str | Path, missing: str, unusable: Callable[[str], str]):
+    """`read_json` of a file the user pointed us to, every failure a UserError: `missing` when there is no
+    such file, `unusable(why)` when it is not usable JSON, else why it cannot be read."""
+    if not os.path.lexists(path):
+        raise UserError(missing)
+    try:
+        return read_json(path)
+    except JSONReadError as e:
+        raise UserError(unusable(str(e))) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None

@@ -1,15 +1,4 @@
-"""How a diff's allocations reach the system: freed prefill tensors go back, decode steps reuse memory.
-
-glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after which blocks of that
-size come from the heap and stay with the process when freed. A diff's prefill allocates and frees tensors
-of every size from three threads at once, so its resident memory then grows with the longest prompt's
-tensors times the fragments left behind (270 MB to 690 MB from 1024 to 2048 tokens on the tiny model,
-270 MB to 300 MB with the threshold fixed at 1 MiB): through the prefill every block past 1 MiB is mapped
-on its own. Decode steps are the opposite: each allocates the same few MB-sized blocks again (HF's cache
-grows by concatenation, 4.7 MB a layer at 2304 tokens of the 0.6B shape), which, mapped anew each time,
-cost a page fault per 4 KB (tens of GB zeroed over 256 steps); from the first decode step on, such blocks
-stay with the heap for reuse.
-"""
+"""How a diff's allocations reach the system: freed prefill tensors go back, decode steps reuse memory."""
 
 from __future__ import annotations
 
@@ -23,6 +12,14 @@ PREFILL_THRESHOLD = 1 << 20
 DECODE_THRESHOLD = 32 << 20
 
 
+# glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after which blocks of that size
+# come from the heap and stay with the process when freed. A diff's prefill allocates and frees tensors of every
+# size from three threads at once, so its resident memory then grows with the longest prompt's tensors times the
+# fragments left behind (270 MB to 690 MB from 1024 to 2048 tokens on the tiny model, 270 MB to 300 MB with the
+# threshold fixed at 1 MiB): through the prefill every block past 1 MiB is mapped on its own. Decode steps are the
+# opposite: each allocates the same few MB-sized blocks again (HF's cache grows by concatenation, 4.7 MB a layer
+# at 2304 tokens of the 0.6B shape), which, mapped anew each time, cost a page fault per 4 KB (tens of GB zeroed
+# over 256 steps); from the first decode step on, such blocks stay with the heap for reuse.
 def _mallopt():
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt

@@ -1,10 +1,5 @@
-"""Patching a module-level function for one thread only.
-
-Capture wraps functions that models look up at call time (transformers' `apply_rotary_pos_emb`, a port's
-`torch.softmax`). A diff runs its sides concurrently, two of them possibly the same library: a plain
-`setattr` would hand one side's calls to the other side's wrapper. Here the attribute is replaced once by a
-dispatcher that routes each thread to its own wrapper, and every other thread to the original.
-"""
+"""Patching a module-level function for one thread only, so that the concurrent sides of a diff each see their
+own wrapper."""
 
 from __future__ import annotations
 
@@ -17,6 +12,10 @@ _lock = threading.Lock()
 _installed: dict[tuple[int, str], "_Dispatcher"] = {}
 
 
+# Capture wraps functions that models look up at call time (transformers' `apply_rotary_pos_emb`, a port's
+# `torch.softmax`). A diff runs its sides concurrently, two of them possibly the same library: a plain `setattr`
+# would hand one side's calls to the other side's wrapper. Here the attribute is replaced once by a dispatcher
+# that routes each thread to its own wrapper, and every other thread to the original.
 class _Dispatcher:
     def __init__(self, original: Callable):
         self.original = original

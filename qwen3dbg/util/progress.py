@@ -1,11 +1,4 @@
-"""Progress of long work for a person watching: a live line on a terminal, plain lines in a log.
-
-A diff or a capture at real lengths runs for minutes, and some of its phases (an fp64 prefill over 2048
-tokens, a port's first layer, writing a large JSON) emit no event for longer than a person waits: a log
-(CI, `| tee`) that stays silent reads as a hang. So each change of phase is said, the step and layer at most
-every `every` seconds, and a heartbeat repeats the phase with its elapsed time whenever nothing was said for
-`every` seconds: no silence is longer than that, from the first second to the last file written.
-"""
+"""Progress of long work for a person watching: a live bar on a terminal, plain lines in a log."""
 
 from __future__ import annotations
 
@@ -16,6 +9,11 @@ from typing import Callable
 from rich.console import Console
 
 
+# A diff or a capture at real lengths runs for minutes, and some of its phases (an fp64 prefill over 2048 tokens, a
+# port's first layer, writing a large JSON) emit no event for longer than a person waits: a log (CI, `| tee`) that
+# stays silent reads as a hang. So each change of phase is said, the step and layer at most every `every` seconds,
+# and a heartbeat repeats the phase with its elapsed time whenever nothing was said for `every` seconds: no silence
+# is longer than that, from the first second to the last file written.
 class Phases:
     """`status(msg)`, `progress(step, layer)` and `count(done, total)` for one command (`label`), rendered
     on `console` (stderr), which parses no markup: messages quote the sides' specs and paths as they are."""

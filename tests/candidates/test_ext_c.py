@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import DECODE, PROMPT, edit_safetensors_header, first_divergence
+from helpers import C_DIR, C_FLAGS, DECODE, PROMPT, compiler, edit_safetensors_header, first_divergence
 from typer.testing import CliRunner
 
 from qwen3dbg.cli import app
@@ -19,18 +17,6 @@ from qwen3dbg.tapstore.schema import step_taps
 from qwen3dbg.tapstore.store import TapStore
 from qwen3dbg.tapstore.validate import validate_store
 from qwen3dbg.util.errors import UserError
-
-C_DIR = Path(__file__).resolve().parents[2] / "candidates" / "c"
-FLAGS = ["-Wall", "-Wextra", "-Werror", "-pedantic"]
-
-
-def _compiler(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"no {name} on PATH: CI must provide a C and a C++ compiler")
-        pytest.skip(f"no {name} on PATH")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +27,12 @@ def dense(models) -> Path:
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory) -> dict[str, Path]:
     """The example engine built clean and with its planted RoPE bug."""
-    cc, out = _compiler("cc"), tmp_path_factory.mktemp("bin")
+    cc, out = compiler("cc"), tmp_path_factory.mktemp("bin")
     built = {}
     for kind, extra in (("clean", []), ("rope_bug", ["-DPLANT_ROPE_BUG"])):
         built[kind] = out / f"engine_{kind}"
         subprocess.run(
-            [cc, "-std=c99", "-O2", *FLAGS, *extra, "-o", str(built[kind]), str(C_DIR / "example_engine.c"), "-lm"],
+            [cc, "-std=c99", "-O2", *C_FLAGS, *extra, "-o", str(built[kind]), str(C_DIR / "example_engine.c"), "-lm"],
             check=True,
         )
     return built
@@ -67,9 +53,9 @@ def test_header_compiles_alone_warning_free(tmp_path, lang, std, implementation)
     src.write_text(
         ("#define QWEN3DBG_TAPS_IMPLEMENTATION\n" if implementation else "") + '#include "qwen3dbg_taps.h"\n'
     )
-    compiler = _compiler("cc" if lang == "c" else "c++")
+    cc = compiler("cc" if lang == "c" else "c++")
     subprocess.run(
-        [compiler, "-x", lang, std, "-O2", *FLAGS, "-I", str(C_DIR), "-c", str(src), "-o", str(tmp_path / "only.o")],
+        [cc, "-x", lang, std, "-O2", *C_FLAGS, "-I", str(C_DIR), "-c", str(src), "-o", str(tmp_path / "only.o")],
         check=True,
     )
 

@@ -1,8 +1,4 @@
-"""`--cand litgpt`: litgpt's own Qwen3 and Qwen3-MoE through candidates/mappings/litgpt_qwen3.toml.
-
-Needs litgpt's model code (`pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]'`, as .ci/run
-does): skipped without it, except under CI=true, where a missing install fails the run.
-"""
+"""`--cand litgpt`: litgpt's own Qwen3 and Qwen3-MoE through candidates/mappings/litgpt_qwen3.toml."""
 
 from __future__ import annotations
 
@@ -20,6 +16,8 @@ from qwen3dbg.tapstore.store import TapStore
 from qwen3dbg.tapstore.validate import validate_store
 from qwen3dbg.util.errors import UserError
 
+# Needs litgpt's model code (`pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]'`, as .ci/run does):
+# skipped without it, except under CI=true, where a missing install fails the run.
 needs_litgpt = pytest.mark.skipif(
     importlib.util.find_spec("litgpt") is None and os.environ.get("CI") != "true",
     reason="litgpt is not installed (pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]')",

@@ -1,8 +1,4 @@
-"""`--cand llamacpp:MODEL.gguf`: llama.cpp's graph nodes mapped to taps, against our reference.
-
-Needs llama-cpp-python (`pip install '.[llamacpp]'` or .ci/install_llamacpp.sh): skipped without it,
-except under CI=true, where a missing build fails the run.
-"""
+"""`--cand llamacpp:MODEL.gguf`: llama.cpp's graph nodes mapped to taps, against our reference."""
 
 from __future__ import annotations
 
@@ -25,6 +21,8 @@ from qwen3dbg.util.errors import UserError
 
 STEPS = forced_steps(PROMPT, DECODE)
 
+# Needs llama-cpp-python (`pip install '.[llamacpp]'` or .ci/install_llamacpp.sh): skipped without it, except
+# under CI=true, where a missing build fails the run.
 needs_llama = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None and os.environ.get("CI") != "true",
     reason="llama-cpp-python is not installed (pip install '.[llamacpp]' or .ci/install_llamacpp.sh)",

@@ -11,6 +11,7 @@ from helpers import DECODE, PROMPT, first_divergence
 from qwen3dbg.candidates.module_adapter import RERUN_NOTE, TapOrigin, apply_transforms, load_mapping
 
 from qwen3dbg.model.config import load_config
+from qwen3dbg.diff.summary import summary
 from qwen3dbg.run.capture import capture, forced_steps
 from qwen3dbg.run.registry import load_candidate
 from qwen3dbg.tapstore.schema import axis_sizes
@@ -79,7 +80,7 @@ def test_a_ports_origin_is_estimated_and_says_so_without_calling_it_a_store(tmp_
     result = run_diff("hf", f"module:{tmp_path / 'buggy_port.py'}:load", model_dir=dense, dtype="float32")
     origin = result.first_divergence.origin
     assert origin["method"] == "error jump" and "not rerun alone" in origin["message"]
-    assert "store" not in dict(result.summary())["origin"]
+    assert "store" not in dict(summary(result))["origin"]
 
 
 def test_transforms_slice_a_fused_gate_up_and_move_head_axes():

@@ -1,7 +1,5 @@
-"""A rule of kernels.cu that neither the twin nor the emulator can see, read from the source: with
-programmatic dependent launch a kernel starts while the one before it still runs, so before it calls
-wait_for_inputs() it may touch nothing but its own weight row (through prefetch_row). A read of an
-activation there is a race that only shows, now and then, on an sm_90 GPU."""
+"""A rule of kernels.cu that neither the twin nor the emulator can see, read from the source: before
+wait_for_inputs() a kernel touches nothing but its own weight row."""
 
 from __future__ import annotations
 
@@ -14,6 +12,9 @@ KERNELS = Path(mine.__file__).with_name("csrc") / "kernels.cu"
 KERNEL_HEAD = re.compile(r"__global__\s[^{;]*?(\w+)\s*\(([^()]*)\)\s*\{")
 
 
+# With programmatic dependent launch a kernel starts while the one before it still runs, so before it calls
+# wait_for_inputs() it may touch nothing but its own weight row (through prefetch_row). A read of an activation
+# there is a race that only shows, now and then, on an sm_90 GPU.
 def early_uses(source: str) -> dict[str, list[str]]:
     """{kernel: the pointer-bearing parameters it uses before wait_for_inputs()} of every __global__
     function in `source`, its weight prefetches left out."""

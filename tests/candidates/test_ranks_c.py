@@ -11,21 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DECODE, PROMPT, cli
+from helpers import C_DIR, C_FLAGS, DECODE, PROMPT, cli, compiler
 
 from qwen3dbg.model.config import load_config
 from qwen3dbg.diff import run_diff
 from qwen3dbg.tapstore.store import Shard, TapStore
 from qwen3dbg.tapstore.validate import validate_ranks
 
-C_DIR = Path(__file__).resolve().parents[2] / "candidates" / "c"
-FLAGS = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic"]
+FLAGS = ["-std=c99", "-O2", *C_FLAGS]
 
 
 def _cc() -> str:
-    from test_ext_c import _compiler
-
-    return _compiler("cc")
+    return compiler("cc")
 
 
 @pytest.fixture(scope="module")

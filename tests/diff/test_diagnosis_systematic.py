@@ -11,6 +11,7 @@ from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, signed_stats
 from qwen3dbg.diff.fused import tap_errors
 from qwen3dbg.diff.result import TapResult
+from qwen3dbg.diff.summary import summary
 from qwen3dbg.run.registry import IMPLEMENTATIONS
 
 TOKENS = list(range(3, 3 + 160))  # 160 rows of 64: every hidden-state tap holds >= 1e4 elements
@@ -83,7 +84,7 @@ def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, m
     assert result.first_divergence is None and result.exit_code == 0, result.verdict
     assert result.systematic is not None and result.systematic.tap == "layers.1.attn_norm", result.systematic
     assert result.to_dict()["systematic"]["signature"] == "systematic_shift"
-    assert any(label == "systematic" for label, _ in result.summary())
+    assert any(label == "systematic" for label, _ in summary(result))
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from qwen3dbg.diff.fused import count_over, tap_errors
 from qwen3dbg.diff.golden import LongGolden
 from qwen3dbg.diff.golden import Keeper, golden_forced
 from qwen3dbg.diff.streams import CacheSlots, Schedule, ThreadSide
+from qwen3dbg.diff.summary import decode_story
 from qwen3dbg.run.capture import capture, forced_steps, run_steps
 from qwen3dbg.run.registry import load_candidate
 from qwen3dbg.tapstore.store import TapStore
@@ -139,7 +140,7 @@ def test_a_cache_that_overwrites_an_old_slot_is_caught_at_the_step_and_slot_wher
     # error against step: clean until the wrap, over from there on, and said so in one sentence
     rows = {r["step"]: r for r in result.step_summary}
     assert all(rows[s]["divergent"] == 0 for s in range(wraps_at)) and rows[wraps_at]["divergent"] > 0
-    assert f"through step {wraps_at - 1}; from step {wraps_at} on" in result.decode_story()
+    assert f"through step {wraps_at - 1}; from step {wraps_at} on" in decode_story(result)
 
 
 def test_the_json_of_a_long_decode_lists_the_taps_of_the_steps_that_matter_and_summarises_the_rest(catalogue_model):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from qwen3dbg.diff.fused import logits_agreement
-from qwen3dbg.diff.metrics import cosine, router_margin, same_sets, worst_coordinate
+from qwen3dbg.diff.fused import logits_counts
+from qwen3dbg.diff.metrics import agreement, cosine, router_margin, same_sets, worst_coordinate
 from qwen3dbg.diff.noise import ELEMENT_FACTOR, NORM_FACTOR, SMALL_SAMPLE_N0, tolerance
 
 MANY = 1_000_000  # elements: no small-sample allowance to speak of
@@ -76,11 +76,11 @@ def test_cosine_from_the_error_agrees_with_its_definition():
 
 def test_logits_agreement_sees_a_changed_top1_and_no_kl_for_equal_logits():
     g = torch.tensor([[[3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, 0.0]]], dtype=torch.float64)
-    same = logits_agreement(g, g, k=2)
+    same = agreement(logits_counts(g, g, k=2))
     assert same["top1_agreement"] == 1.0 and same["top2_overlap"] == 1.0 and abs(same["kl"]) < 1e-15
     swapped = g.clone()
     swapped[0, 0, [0, 1]] = swapped[0, 0, [1, 0]]
-    assert logits_agreement(swapped, g, k=2)["top1_agreement"] == 0.5
+    assert agreement(logits_counts(g, swapped, k=2))["top1_agreement"] == 0.5
 
 
 def test_router_margin_is_the_gap_after_the_kth_expert_and_sets_ignore_order():

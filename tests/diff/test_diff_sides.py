@@ -1,4 +1,4 @@
-"""What --ref/--cand accept, the run cache, introduced-vs-inherited, and the `diff` command's exit codes."""
+"""What --ref/--cand accept, introduced-vs-inherited, and the `diff` command's exit codes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from qwen3dbg.cli import app
 from qwen3dbg.diff import run_diff
+from qwen3dbg.diff.summary import summary
 from qwen3dbg.run.capture import capture, forced_steps
 from qwen3dbg.run.registry import load_candidate
 from qwen3dbg.run.sides import parse_side
@@ -163,7 +164,7 @@ def test_a_broken_reference_is_called_suspect(catalogue_model):
     assert result.suspect_reference is not None and result.suspect_reference.op in ("q_rope", "k_rope")
     assert any(
         label == "reference" and "--ref scratch --cand rope-theta-1e4 --model" in text
-        for label, text in result.summary()
+        for label, text in summary(result)
     )
     assert result.to_dict()["suspect_reference"]["tap"] == result.suspect_reference.name
 
@@ -229,7 +230,7 @@ def test_output_files_are_checked_before_the_diff_runs(models, tmp_path, monkeyp
 def test_a_prefill_only_diff_says_the_decode_path_went_unchecked(catalogue_model):
     def notes(**steps):
         result = run_diff("hf", "scratch", model_dir=catalogue_model("dense"), token_ids=[5, 6, 7], **steps)
-        return [text for label, text in result.summary() if label == "note" and "decode-steps" in text]
+        return [text for label, text in summary(result) if label == "note" and "decode-steps" in text]
 
     assert notes() and not notes(decode_steps=1)
 

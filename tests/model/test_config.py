@@ -91,6 +91,14 @@ def test_load_config_reports_missing_and_malformed_files(tmp_path):
     assert load_config(tmp_path).num_hidden_layers == 28
 
 
+def test_a_malformed_config_in_a_folder_named_with_braces_is_still_one_clear_error(tmp_path):
+    model = tmp_path / "{why}{0}"  # the path is quoted in the message, never read as a template
+    model.mkdir()
+    (model / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"\{why\}\{0\}/config.json cannot be used: it is not valid JSON"):
+        load_config(model)
+
+
 def test_a_window_with_the_flag_off_is_kept_and_written_back_and_the_flag_on_is_refused():
     cfg = parse_config(RELEASED_0_6B | {"sliding_window": 32768, "use_sliding_window": False})
     assert cfg.sliding_window == 32768 and parse_config(cfg.to_hf_dict()) == cfg

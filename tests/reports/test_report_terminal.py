@@ -11,6 +11,7 @@ from qwen3dbg.reports.terminal import layer_table, render
 from rich.console import Console
 
 from qwen3dbg.diff import run_diff
+from qwen3dbg.diff.summary import summary
 from qwen3dbg.tapstore.schema import OPS_BY_NAME
 
 
@@ -73,8 +74,8 @@ def test_first_marks_the_row_of_the_first_divergence_not_its_layers_worst_op(moe
 
 
 def test_sides_and_origin_read_as_sentences(moe_bug):
-    summary = dict(moe_bug.summary())
-    assert summary["sides"].startswith(
+    said = dict(summary(moe_bug))
+    assert said["sides"].startswith(
         "Candidate rope-theta-1e4 against reference hf in bfloat16, on 16 prompt tokens and 2 decode steps."
     )
-    assert summary["origin"].startswith("layer 0 introduced the error: run on the reference's own input")
+    assert said["origin"].startswith("layer 0 introduced the error: run on the reference's own input")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROMPT, cli
+from helpers import C_DIR, C_FLAGS, PROMPT, cli, compiler
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qwen3dbg.reference.qwen3 import Qwen3Reference
@@ -139,15 +139,13 @@ def test_a_second_writer_is_refused_while_the_first_writes_and_the_store_is_the_
 
 @pytest.fixture(scope="module")
 def c_writer(tmp_path_factory) -> Path:
-    from test_ext_c import C_DIR, FLAGS, _compiler
-
     d = tmp_path_factory.mktemp("c_writer")
     subprocess.run(
         [
-            _compiler("cc"),
+            compiler("cc"),
             "-std=c99",
             "-O1",
-            *FLAGS,
+            *C_FLAGS,
             "-I",
             str(C_DIR),
             "-o",
