@@ -7,7 +7,7 @@ in `noise`; docs/differ.md explains it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -93,7 +93,12 @@ class Comparison:
                     )
                     continue
                 g, r, c = (side.take(s, spec.name) for side in sides)
-                res, router = self.tap(info, spec, g, r, c, router)
+                if any(isinstance(v, QueryRows) for v in (r, c)):  # a side computed some rows only
+                    rows, compared = query_rows(info, spec, g, r, c)
+                    res, router = self.tap(*_rows_of_step(info, spec, rows), *compared, router)
+                    _to_step_rows(res, info, rows)
+                else:
+                    res, router = self.tap(info, spec, g, r, c, router)
                 if self.window is not None:
                     self.window.add(info, spec, res.divergent, {"gold": g, "ref": r, "cand": c})
                 yield res
@@ -129,8 +134,6 @@ class Comparison:
                     base["numel"] = g.numel()
             if problem:
                 return TapResult(status="divergent", reason=problem, **base), router
-        if any(isinstance(v, QueryRows) for v in (r, c)):  # an engine wrote some query rows only
-            g, r, c = query_rows(info, g, r, c)
         gshape = g.view_shape if isinstance(g, RowBlocks) else tuple(g.shape)
         for who, t in (("reference", r), ("candidate", c)):
             if tuple(t.shape) != gshape:
@@ -421,16 +424,40 @@ def changed_slots(before: torch.Tensor, after: torch.Tensor) -> list[int]:
     return (a != b).any(-1).any(1).any(0).nonzero().flatten().tolist()
 
 
-def query_rows(info: StepInfo, *sides: Value) -> list[torch.Tensor]:
-    """The attention rows of the query positions a store holds, on every side [B,nH,n,S]."""
+def query_rows(info: StepInfo, spec: TapSpec, *sides: Value) -> tuple[list[int], list[torch.Tensor]]:
+    """(positions, every side's rows at them): the rows of the token (T) axis a side computed or kept
+    (`QueryRows`: an engine's attention rows, a serving engine's sampled logits, a prefill that started
+    at a cached prefix), taken from every side."""
     rows = next(v.positions for v in sides if isinstance(v, QueryRows))
     index = [p - info.positions[0][0] for p in rows]
+    axis = spec.axes.index("T")
 
     def pick(v: Value) -> torch.Tensor:
         if isinstance(v, QueryRows):
-            return v.values if v.positions == rows else v.values[:, :, [v.positions.index(p) for p in rows]]
+            return (
+                v.values
+                if v.positions == rows
+                else v.values.index_select(axis, torch.tensor([v.positions.index(p) for p in rows]))
+            )
         if isinstance(v, RowBlocks):
             return torch.cat([v.take(i, i + 1) for i in index], dim=v.axis)
-        return v[:, :, index]
+        return v.index_select(axis, torch.tensor(index))
 
-    return [pick(v) for v in sides]
+    return rows, [pick(v) for v in sides]
+
+
+def _rows_of_step(info: StepInfo, spec: TapSpec, rows: list[int]) -> tuple[StepInfo, TapSpec]:
+    """The step and the tap as if the step had only the tokens at `rows`."""
+    index = [p - info.positions[0][0] for p in rows]
+    step = replace(info, token_ids=[[info.token_ids[0][i] for i in index]], positions=[list(rows)])
+    shape = list(spec.shape)
+    shape[spec.axes.index("T")] = len(rows)
+    return step, replace(spec, shape=tuple(shape))
+
+
+def _to_step_rows(res: TapResult, info: StepInfo, rows: list[int]) -> None:
+    """A result over some rows told in the step's own token numbering, with the rows it compared."""
+    if res.worst and "token" in res.worst:
+        res.worst["token"] = rows[res.worst["token"]] - info.positions[0][0]
+    if rows != info.positions[0]:
+        res.extra["positions"] = rows if len(rows) <= 8 else f"{rows[0]}..{rows[-1]} ({len(rows)} rows)"

@@ -44,7 +44,9 @@ class CacheSlots:
 
 @dataclass(frozen=True)
 class QueryRows:
-    """Attention taps an engine wrote for some query rows only: `values` [B,nH,n,S] at query `positions`."""
+    """A tap a side holds for some token rows only: `values` with n rows on the T axis at `positions` (an
+    engine's attention rows [B,nH,n,S], a serving engine's sampled logits [B,n,V], the rows a prefill
+    computed past a cached prefix)."""
 
     values: torch.Tensor
     positions: list[int]
