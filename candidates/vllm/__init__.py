@@ -230,6 +230,7 @@ class VllmCandidate(Candidate):
             first = e.add(tokens[: o["prefix"]] + [(tokens[o["prefix"]] + 1) % self.config.vocab_size], max_tokens=1)
             while not e.finished(first):
                 e.forward()
+                e.sample()
         for j, n in enumerate(_companion_lengths(len(tokens), o["batch"] - 1)):
             g = torch.Generator().manual_seed(j)
             e.add(torch.randint(0, self.config.vocab_size, (n,), generator=g).tolist(), max_tokens=room - n)
