@@ -35,7 +35,7 @@ def estimate(div: Divergence, by_name: dict[str, TapResult], cfg: Qwen3Config) -
         "method": "error jump",
         "input_excess": worst_in,
         "output_excess": div.excess,
-        "message": f"{how} (estimated from the error jump: a store cannot rerun one layer)",
+        "message": f"{how} (estimated from the error jump: this candidate cannot rerun one layer alone)",
     }
 
 
