@@ -122,6 +122,7 @@ class VllmCandidate(Candidate):
             hf_overrides=o["hf_overrides"],
             kv_cache_bytes=per_token * tokens,
             threads=o["threads"] or torch.get_num_threads(),
+            moe=c.num_experts > 0,
         )
         self.recorder = Recorder(self.engine.model, self.engine.runner, c)
         self.notes: list[str] = []

@@ -20,6 +20,8 @@ from qwen3dbg.errors import UserError
 
 INSTALL = ".ci/install_vllm.sh"
 _ids = itertools.count()
+#: the kind (MoE or not) of model vLLM's process-wide parallel groups were made for
+_PARALLEL_KIND: list[bool] = []
 
 
 def import_vllm():
@@ -73,11 +75,13 @@ class Engine:
         hf_overrides: dict,
         kv_cache_bytes: int,
         threads: int,
+        moe: bool,
     ):
         vllm = import_vllm()
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        _parallel_state_for(moe)
         set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op for the process
         args = EngineArgs(
             model=str(model_dir),
@@ -160,3 +164,15 @@ class Engine:
         if self.requests:
             self.llm.abort_request(self.requests, internal=True)
         self.requests = []
+
+
+def _parallel_state_for(moe: bool) -> None:
+    """vLLM makes its (single-process) parallel groups once per process, for the first model's kind (a MoE
+    model needs an expert-parallel group): an engine over a model of the other kind has them made anew.
+    Both sides of one diff load the same model, so no engine in use loses its groups."""
+    if _PARALLEL_KIND and _PARALLEL_KIND[0] != moe:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    _PARALLEL_KIND[:] = [moe]

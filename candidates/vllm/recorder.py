@@ -4,8 +4,8 @@ vLLM runs every scheduled sequence of a forward as one flat token axis; the sequ
 `query_start_loc[i]:query_start_loc[i+1]`, i its index in the model runner's input batch (both read from the
 engine's own metadata at each forward). What the model fuses or defers is brought back to docs/taps.md:
 - q/k/v are slices of `qkv_proj`, gate/up of `gate_up_proj`;
-- `q_norm`/`k_norm` are copied before `rotary_emb` rotates them in place; one rotary module serves every
-  layer, so the layer is the attention module it runs under;
+- `q_norm`/`k_norm` are copied before `rotary_emb` rotates them in place, and q_rope/k_rope taken as the
+  attention's inputs (one rotary module serves every layer, and every model of the process);
 - the residual is deferred: layer i returns (mlp output, resid_mid) and layer i+1's `input_layernorm` adds
   them, so `resid_out` of layer i is the residual that norm returns (the final `norm`'s for the last layer);
 - the MoE routing runs inside the experts' runner: its router's `select_experts` is wrapped (ids int32,
@@ -20,6 +20,7 @@ Every tensor is copied out of vLLM's buffers at the hook (they are reused and up
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +106,7 @@ class Recorder:
         self._positions: list[int] = []
         self._blocks: torch.Tensor | None = None
         self._seq_len = 0
-        self._layer = -1
+        self._thread = -1
         self.handles: list = []
         self._install()
 
@@ -124,13 +125,20 @@ class Recorder:
         if start == end:
             return
         positions = kwargs["positions"] if "positions" in kwargs else args[1]
-        self._index, self._rows = i, slice(start, end)
+        self._index, self._rows, self._thread = i, slice(start, end), threading.get_ident()
         self._positions = positions[start:end].tolist()
         self._blocks, self._seq_len = md.block_table[i].clone(), int(md.seq_lens[i])
         self.step.begin_forward(self._positions)
 
     def _wants(self, op: str, layer: int | None) -> bool:
-        return self._rows is not None and self.step.sink.wants(tap_name(op, layer))
+        """Our rows are in the running forward: a step of ours runs, in this thread (another engine of the
+        process, e.g. the other side of a diff, runs its forwards in its own)."""
+        return (
+            self._rows is not None
+            and self.step is not None
+            and threading.get_ident() == self._thread
+            and self.step.sink.wants(tap_name(op, layer))
+        )
 
     def _put(self, op: str, layer: int | None, flat: torch.Tensor) -> None:
         """Our rows of a flat [N, ...] tensor, reshaped to the op's per-token shape."""
@@ -150,17 +158,13 @@ class Recorder:
         hook = self.handles.append
         hook(m.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         hook(m.model.embed_tokens.register_forward_hook(lambda mod, a, out: self._put("embed", None, out)))
-        rotaries = set()
         for i, layer in enumerate(m.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             hook(layer.input_layernorm.register_forward_hook(self._input_norm(i)))
-            hook(attn.register_forward_pre_hook(self._enter(i)))
             hook(attn.qkv_proj.register_forward_hook(self._qkv(i, attn.q_size, attn.kv_size)))
             hook(attn.q_norm.register_forward_hook(self._out("q_norm", i)))
             hook(attn.k_norm.register_forward_hook(self._out("k_norm", i)))
-            if id(attn.rotary_emb) not in rotaries:
-                rotaries.add(id(attn.rotary_emb))
-                hook(attn.rotary_emb.register_forward_hook(self._rope))
+            hook(attn.attn.register_forward_pre_hook(self._rope(i)))
             hook(attn.attn.register_forward_hook(self._attention(i)))
             hook(attn.o_proj.register_forward_hook(self._out("o_proj", i, first=True)))
             hook(layer.post_attention_layernorm.register_forward_hook(self._post_norm(i)))
@@ -177,12 +181,6 @@ class Recorder:
     def _out(self, op: str, layer: int, first: bool = False):
         def on(mod, args, out):
             self._put(op, layer, out[0] if first else out)
-
-        return on
-
-    def _enter(self, layer: int):
-        def on(mod, args):
-            self._layer = layer
 
         return on
 
@@ -207,9 +205,14 @@ class Recorder:
 
         return on
 
-    def _rope(self, mod, args, out) -> None:
-        self._put("q_rope", self._layer, out[0])
-        self._put("k_rope", self._layer, out[1])
+    def _rope(self, layer: int):
+        """The attention's query and key inputs: what `rotary_emb` left in place."""
+
+        def on(mod, args):
+            self._put("q_rope", layer, args[0])
+            self._put("k_rope", layer, args[1])
+
+        return on
 
     def _attention(self, layer: int):
         def on(mod, args, out):
