@@ -31,6 +31,7 @@ from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapSink
 
 from .engine import INSTALL, check_patch
+from .recorder import CACHE_LAYOUT, MISSING
 
 #: head sizes vLLM's CPU attention backend takes (CPUAttentionBackend.get_supported_head_sizes, 0.32)
 HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -66,7 +67,7 @@ def _overrides(text: str) -> dict:
 class VllmCandidate(Candidate):
     """vLLM's model and engine; every step's taps for the one sequence under test."""
 
-    missing_taps = frozenset({"attn_scores", "attn_probs"})
+    missing_taps = MISSING
     fresh_taps = True  # every tap is copied out of vLLM's buffers at its hook
 
     def __init__(
@@ -126,6 +127,13 @@ class VllmCandidate(Candidate):
         )
         self.recorder = Recorder(self.engine.model, self.engine.runner, c)
         self.notes: list[str] = []
+        layout = getattr(self.engine.model.model.layers[0].self_attn.attn, "isa", CACHE_LAYOUT)
+        if layout != CACHE_LAYOUT:
+            self.missing_taps = self.missing_taps | {"k_cache", "v_cache"}
+            self.notes.append(
+                f"k_cache/v_cache not compared: vLLM's CPU attention keeps its cache in its {layout!r} layout "
+                f"here, which this adapter does not read (it reads {CACHE_LAYOUT!r})"
+            )
         self.req: str | None = None
         self.key = ""
 

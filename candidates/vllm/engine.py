@@ -27,6 +27,7 @@ _PARALLEL_KIND: list[bool] = []
 def import_vllm():
     """vLLM, set up to run its engine in this process and quietly; a UserError where it is not installed."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: hooks see its model
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the V1 CPU model runner, whose metadata we read
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its tokenizer-less warnings look like crashes
     try:
         import vllm
@@ -109,6 +110,10 @@ class Engine:
         self.version = vllm.__version__
         self.core = self.llm.engine_core.engine_core
         self.runner = self.core.model_executor.driver_worker.worker.model_runner
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        if type(self.runner) is not CPUModelRunner:
+            raise RuntimeError(f"vLLM runs {type(self.runner).__qualname__}: --cand vllm reads the V1 CPUModelRunner")
         self.model = self.runner.model
         self.pending = None  # a forward's scheduler output whose sampling waits for the next step
         self.requests: list[str] = []
