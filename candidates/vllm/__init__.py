@@ -180,6 +180,25 @@ class VllmCandidate(Candidate):
             )
         return o
 
+    def logits_positions(self, info) -> list[int] | None:
+        """vLLM computes logits at the last token each forward schedules for a sequence: a prefill's last
+        position, or each chunk's (a capture plans them; with companions the chunks are the scheduler's)."""
+        pos, o = info.positions[0], self.options
+        if len(pos) == 1:
+            return None
+        if o["prefix"]:
+            raise UserError(
+                "vllm:prefix=N leaves the cached positions of the prefill uncomputed, which a tap store cannot "
+                "hold: diff it instead (qwen3dbg diff --cand vllm:prefix=N)"
+            )
+        if o["chunk"] and o["batch"] > 1:
+            raise UserError(
+                "vllm:batch=N,chunk=K: where vLLM's scheduler cuts the prompt depends on the other sequences, so a "
+                "capture cannot plan its logits rows: diff it instead, or capture one of the two options"
+            )
+        step = o["chunk"] or len(pos)
+        return [min(start + step, len(pos)) - 1 for start in range(0, len(pos), step)]
+
     def manifest_extra(self) -> dict:
         return {"vllm": self.engine.version, "vllm_options": self.options["given"], "notes": [EAGER_NOTE, *self.notes]}
 

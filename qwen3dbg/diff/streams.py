@@ -256,12 +256,9 @@ class StoreSide:
         t, info, op = self.store.get(step, name), self.store.steps[step], parse_tap_name(name)[1]
         if op in CACHE_OPS and info.cache_positions is not None and info.cache_positions != list(range(t.shape[2])):
             return CacheSlots(t, info.cache_positions)
-        if (
-            op in ATTENTION_OPS
-            and info.attention_positions is not None
-            and info.attention_positions != info.positions[0]
-        ):
-            return QueryRows(t, info.attention_positions)
+        rows = info.attention_positions if op in ATTENTION_OPS else info.logits_positions if op == "logits" else None
+        if rows is not None and rows != info.positions[0]:
+            return QueryRows(t, rows)
         return t
 
     def end_step(self, step: int) -> None:
