@@ -58,8 +58,9 @@ def test_alone_is_clean_and_compares_every_tap_vllm_computes(models, preset, dty
     assert any("eager" in n for n in cand.notes)
 
 
-def test_as_the_reference(models):
-    assert diff(models("tiny-dense"), "hf", ref="vllm").first_divergence is None
+def test_as_the_reference_beside_a_batched_vllm(models):
+    """Two engines in one process, run side by side (one at a time through vLLM's global forward context)."""
+    assert diff(models("tiny-dense"), "vllm:batch=3", ref="vllm").first_divergence is None
 
 
 @pytest.mark.parametrize("options", ["batch=3", "chunk=24", "batch=3,chunk=16"])

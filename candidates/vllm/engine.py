@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import runpy
+import threading
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ from qwen3dbg.errors import UserError
 
 INSTALL = ".ci/install_vllm.sh"
 _ids = itertools.count()
+#: held through each forward and sampling: vLLM keeps its forward context (attention metadata) in a global, so
+#: two engines of one process (`--ref vllm --cand vllm:batch=4`) must not run at once
+_ENGINE_CALL = threading.Lock()
 #: the kind (MoE or not) of model vLLM's process-wide parallel groups were made for
 _PARALLEL_KIND: list[bool] = []
 
@@ -142,7 +146,8 @@ class Engine:
         scheduled = self.core.scheduler.schedule()
         if not scheduled.total_num_scheduled_tokens:
             raise RuntimeError("vLLM scheduled no token although the sequence under test is unfinished")
-        out = self.core.model_executor.execute_model(scheduled)
+        with _ENGINE_CALL:
+            out = self.core.model_executor.execute_model(scheduled)
         if out is None:
             self.pending = scheduled
         else:
@@ -151,7 +156,8 @@ class Engine:
     def sample(self) -> None:
         """The pending forward's sampling (forced ids included), then the scheduler's bookkeeping."""
         scheduled, self.pending = self.pending, None
-        out = self.core.model_executor.sample_tokens(None)
+        with _ENGINE_CALL:
+            out = self.core.model_executor.sample_tokens(None)
         self.core.scheduler.update_from_output(scheduled, out)
 
     def computed(self, req: str) -> int:
