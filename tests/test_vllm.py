@@ -104,6 +104,14 @@ def test_an_fp8_cache_diverges_at_the_cache_with_its_cause(models, kv_cache_dtyp
     assert found.evidence["rounding"] == "toward_zero"  # vLLM's CPU cache writer drops the low bits
 
 
+def test_a_config_vllm_loads_differently_through_hf_overrides(models):
+    """vLLM told norm_topk_prob=false for a model that says true: the top-k weights are not renormalised."""
+    r = diff(models("tiny-moe"), "vllm:hf_overrides=norm_topk_prob:false")
+    d = r.first_divergence
+    assert (d.step, d.tap) == (0, "layers.0.moe.topk_weights")
+    assert r.diagnosis[0].signature == "moe_topk_not_normalised"
+
+
 def _patched(model, patch: str, *options: str) -> list[dict | None]:
     """`vllm:OPTIONS,patch=PATCH` diffed for each of `options`, in one fresh interpreter: per run, None when
     clean, else where it diverged and the diagnosis."""
