@@ -4,7 +4,7 @@ itself is in `noise`; docs/differ.md explains it)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -95,7 +95,13 @@ class Comparison:
                 g, r, c = (side.take(s, spec.name) for side in sides)
                 ranks = c if isinstance(c, Gathered) else None
                 r, c = _whole(r), _whole(c)
-                res, router = self.tap(info, spec, g, r, c, router, ranks)
+                if any(isinstance(v, QueryRows) for v in (r, c)):  # a side computed some rows only
+                    rows = next(v.positions for v in (r, c) if isinstance(v, QueryRows))
+                    pick = lambda v, rows=rows: pick_rows(info, spec, rows, v)  # noqa: E731
+                    res, router = self.tap(*_rows_of_step(info, spec, rows), *map(pick, (g, r, c)), router, ranks, pick)
+                    _to_step_rows(res, info, rows)
+                else:
+                    res, router = self.tap(info, spec, g, r, c, router, ranks)
                 if ranks is not None and "ranks" not in res.extra:  # expert ids and weights: judged by sets
                     res = _copies_differ(res, ranks)
                 elif ranks is not None and "copy" in res.extra["ranks"]:  # the window keeps the copy judged divergent
@@ -116,11 +122,12 @@ class Comparison:
         c: Value | None,
         router: _Router | None,
         ranks: Gathered | None = None,
+        pick: Callable[[Value], torch.Tensor] | None = None,
     ) -> tuple[TapResult, _Router | None]:
         """The verdict on one tap; `ranks`, when the candidate's tap was gathered from the ranks of a
-        tensor-parallel run (`c` is its whole value), traces a divergence back to a rank."""
+        tensor-parallel run (`c` is its whole value), traces a divergence back to a rank; `pick` takes the rows
+        compared from a rank's copy when a side holds some token rows only."""
         s, name = info.step, spec.name
-        stored = (r, c)
         base = dict(step=s, name=name, layer=spec.layer, op=spec.op, numel=spec.numel)
         lacking = [role for role, v in (("fp64 golden", g), ("reference", r), ("candidate", c)) if v is None]
         if lacking == ["candidate"] and spec.op in ROUTER_OPS:
@@ -145,9 +152,6 @@ class Comparison:
                     base["numel"] = g.numel()
             if problem:
                 return TapResult(status="divergent", reason=problem, **base), router
-        rows = any(isinstance(v, QueryRows) for v in (r, c))
-        if rows:  # an engine wrote some query rows only
-            g, r, c = query_rows(info, g, r, c)
         gshape = g.view_shape if isinstance(g, RowBlocks) else tuple(g.shape)
         for who, t in (("reference", r), ("candidate", c)):
             if tuple(t.shape) != gshape:
@@ -172,7 +176,7 @@ class Comparison:
             def compared(v: Value) -> torch.Tensor:  # a rank's variant of the tap, as c is compared
                 if slots is not None:
                     v = _full(v)[:, :, slots] if changed else written_slots(v, info)
-                return query_rows(info, *stored, v)[-1] if rows else v
+                return pick(v) if pick is not None else v
 
             res = self.trace_ranks(info, spec, res, g, r, c, ranks, compared)
         if spec.op == "moe.router_logits":
@@ -544,16 +548,33 @@ def changed_slots(before: torch.Tensor, after: torch.Tensor) -> list[int]:
     return (a != b).any(-1).any(1).any(0).nonzero().flatten().tolist()
 
 
-def query_rows(info: StepInfo, *sides: Value) -> list[torch.Tensor]:
-    """The attention rows of the query positions a store holds, on every side [B,nH,n,S]."""
-    rows = next(v.positions for v in sides if isinstance(v, QueryRows))
+def pick_rows(info: StepInfo, spec: TapSpec, rows: list[int], v: Value) -> torch.Tensor:
+    """A side's rows of the token (T) axis at positions `rows`: the rows a side computed or kept (`QueryRows`: an
+    engine's attention rows, a serving engine's sampled logits, a prefill that started at a cached prefix),
+    taken from any side."""
+    axis = spec.axes.index("T")
+    if isinstance(v, QueryRows):
+        if v.positions == rows:
+            return v.values
+        return v.values.index_select(axis, torch.tensor([v.positions.index(p) for p in rows]))
     index = [p - info.positions[0][0] for p in rows]
+    if isinstance(v, RowBlocks):
+        return torch.cat([v.take(i, i + 1) for i in index], dim=v.axis)
+    return v.index_select(axis, torch.tensor(index))
 
-    def pick(v: Value) -> torch.Tensor:
-        if isinstance(v, QueryRows):
-            return v.values if v.positions == rows else v.values[:, :, [v.positions.index(p) for p in rows]]
-        if isinstance(v, RowBlocks):
-            return torch.cat([v.take(i, i + 1) for i in index], dim=v.axis)
-        return v[:, :, index]
 
-    return [pick(v) for v in sides]
+def _rows_of_step(info: StepInfo, spec: TapSpec, rows: list[int]) -> tuple[StepInfo, TapSpec]:
+    """The step and the tap as if the step had only the tokens at `rows`."""
+    index = [p - info.positions[0][0] for p in rows]
+    step = replace(info, token_ids=[[info.token_ids[0][i] for i in index]], positions=[list(rows)])
+    shape = list(spec.shape)
+    shape[spec.axes.index("T")] = len(rows)
+    return step, replace(spec, shape=tuple(shape))
+
+
+def _to_step_rows(res: TapResult, info: StepInfo, rows: list[int]) -> None:
+    """A result over some rows told in the step's own token numbering, with the rows it compared."""
+    if res.worst and "token" in res.worst:
+        res.worst["token"] = rows[res.worst["token"]] - info.positions[0][0]
+    if rows != info.positions[0]:
+        res.extra["positions"] = rows if len(rows) <= 8 else f"{rows[0]}..{rows[-1]} ({len(rows)} rows)"

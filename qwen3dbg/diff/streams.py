@@ -37,7 +37,9 @@ class CacheSlots:
 
 @dataclass(frozen=True)
 class QueryRows:
-    """Attention taps an engine wrote for some query rows only: `values` [B,nH,n,S] at query `positions`."""
+    """A tap a side holds for some token rows only: `values` with n rows on the T axis at `positions` (an
+    engine's attention rows [B,nH,n,S], a serving engine's sampled logits [B,n,V], the rows a prefill
+    computed past a cached prefix)."""
 
     values: torch.Tensor
     positions: list[int]
@@ -251,12 +253,9 @@ class StoreSide:
         info, op = self.store.steps[step], parse_tap_name(name)[1]
         if op in CACHE_OPS and info.cache_positions is not None and info.cache_positions != list(range(t.shape[2])):
             return CacheSlots(t, info.cache_positions)
-        if (
-            op in ATTENTION_OPS
-            and info.attention_positions is not None
-            and info.attention_positions != info.positions[0]
-        ):
-            return QueryRows(t, info.attention_positions)
+        rows = info.attention_positions if op in ATTENTION_OPS else info.logits_positions if op == "logits" else None
+        if rows is not None and rows != info.positions[0]:
+            return QueryRows(t, rows)
         return t
 
     def end_step(self, step: int) -> None:

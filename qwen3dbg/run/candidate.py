@@ -62,6 +62,11 @@ class Candidate(ABC):
     #: a capture then records no digest of those
     reads_model_weights: bool = True
 
+    def logits_positions(self, info) -> list[int] | None:
+        """The positions of the step `info` whose logits this implementation computes; None: all of them (a
+        serving engine computes them at the rows it samples only)."""
+        return None
+
     def manifest_extra(self) -> dict:
         """Fields this implementation adds to a store's manifest (e.g. which attention path ran)."""
         return {}

@@ -6,6 +6,7 @@ decode step feeds a token fixed in advance, either given or the greedy choice of
 
 from __future__ import annotations
 
+from dataclasses import replace
 from math import prod
 from pathlib import Path
 from typing import Callable
@@ -50,16 +51,27 @@ def run_steps(cand: Candidate, steps: list[StepInfo], device: torch.device | str
 
 
 def step_plan(cand: Candidate, info: StepInfo) -> dict[str, tuple[int, ...]]:
-    """Every tap `cand` produces in this step, with its shape (the cache then holds positions 0..last)."""
+    """Every tap `cand` produces in this step, with its shape (the cache then holds positions 0..last; the
+    logits the rows of `info.logits_positions`, where the step declares them)."""
     specs = step_taps(cand.config, len(info.token_ids), info.tokens, info.positions[0][-1] + 1)
-    return {t.name: t.shape for t in specs if t.op not in cand.missing_taps}
+    plan = {t.name: t.shape for t in specs if t.op not in cand.missing_taps}
+    if info.logits_positions is not None and "logits" in plan:
+        b, _, v = plan["logits"]
+        plan["logits"] = (b, len(info.logits_positions), v)
+    return plan
+
+
+def with_rows(cand: Candidate, info: StepInfo) -> StepInfo:
+    """The step as `cand` will compute it: with the rows of its logits where it computes some only."""
+    rows = cand.logits_positions(info)
+    return info if rows is None or rows == info.positions[0] else replace(info, logits_positions=rows)
 
 
 def planned(cand: Candidate, steps: list[StepInfo], patterns: list[str] | None) -> list[dict[str, tuple[int, ...]]]:
     """Per step, the taps a capture will write (those `patterns` select) and their shapes."""
     plans = []
     for info in steps:
-        plan = step_plan(cand, info)
+        plan = step_plan(cand, with_rows(cand, info))
         plans.append({n: plan[n] for n in select(list(plan), patterns)})
     if not any(plans):
         raise UserError(f"--taps {patterns} matches no tap name (see docs/taps.md for the names)")
@@ -113,6 +125,7 @@ def store_writer(
 
 def capture_step(cand: Candidate, writer: StoreWriter, info: StepInfo, sink: TapSink | None = None) -> torch.Tensor:
     """One step of `cand` with its taps streamed into `writer` (through `sink`, default the writer)."""
+    info = with_rows(cand, info)
     writer.begin_step(info, step_plan(cand, info))
     logits = cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink or writer)
     writer.end_step()

@@ -21,6 +21,7 @@ IMPLEMENTATIONS: dict[str, str] = {
     "scratch": "qwen3dbg.reference.qwen3:Qwen3Reference",
     "mine": "qwen3dbg.candidates.mine.engine:MineCandidate",
     "litgpt": "qwen3dbg.candidates.ports.litgpt_qwen3:LitGPTCandidate",  # pip install '.[litgpt]' (docs/ports.md)
+    "vllm": "qwen3dbg.candidates.vllm:VllmCandidate",  # in the venv of .ci/install_vllm.sh (docs/engines.md)
     # the bug catalogue: one bug each (rmsnorm-fused is the clean one); see candidates/catalogue.py
     "rope-interleaved": "qwen3dbg.candidates.catalogue:RopeInterleaved",
     "rope-theta-1e4": "qwen3dbg.candidates.catalogue:RopeTheta1e4",

@@ -21,6 +21,9 @@ from qwen3dbg.util.errors import UserError
 
 #: a decode step's cache tap up to this size is written whole, past it as the slots the step wrote
 FULL_CACHE_BYTES = 4 << 20
+#: the optional fields of a step entry that say which slots or rows some taps hold (docs/taps.md), in
+#: StepInfo's order
+ROW_KEYS = ("cache_positions", "attention_positions", "logits_positions")
 
 
 def step_file(step: int) -> str:
@@ -117,6 +120,9 @@ class StepInfo:
     cache_positions: list[int] | None = None
     #: the query positions whose rows attn_scores/attn_probs hold, [B,nH,n,S]; None: every token of the step
     attention_positions: list[int] | None = None
+    #: the positions whose rows logits holds, [B,n,V] (a serving engine computes logits at sampled rows only);
+    #: None: every token of the step
+    logits_positions: list[int] | None = None
 
     @property
     def tokens(self) -> int:
@@ -223,6 +229,8 @@ class StoreWriter:
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         if self.wants(name):
+            if not isinstance(tensor, torch.Tensor):  # some rows or slots only, as the step entry declares them
+                tensor = tensor.values
             if (
                 self._slots is not None
                 and is_cache_tap(name)
@@ -251,7 +259,7 @@ class StoreWriter:
         missing = self._step.close()
         self._step = None
         entry = {"step": self._info.step, "token_ids": self._info.token_ids, "positions": self._info.positions}
-        for key in ("cache_positions", "attention_positions"):
+        for key in ROW_KEYS:
             if getattr(self._info, key) is not None:
                 entry[key] = getattr(self._info, key)
         if missing:
@@ -329,10 +337,7 @@ class TapStore:
                     int(s["step"]),
                     [list(map(int, r)) for r in s["token_ids"]],
                     [list(map(int, r)) for r in s["positions"]],
-                    *(
-                        None if s.get(k) is None else list(map(int, s[k]))
-                        for k in ("cache_positions", "attention_positions")
-                    ),
+                    *(None if s.get(k) is None else list(map(int, s[k])) for k in ROW_KEYS),
                 )
                 for s in m["steps"]
             ]

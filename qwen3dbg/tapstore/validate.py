@@ -200,14 +200,15 @@ def _step_tokens(entry, index: int, batch, cache: int, config, bad, where: str) 
     return tokens
 
 
-def _subsets(entry: dict, cache: int, bad, where: str) -> dict[str, int]:
-    """The sizes of the S axis of the cache taps and the T axis of the attention taps where the step declares
-    that it holds only some slots or rows (docs/taps.md): op -> size."""
+def _subsets(entry: dict, cache: int, bad, where: str) -> dict[str, tuple[int, int]]:
+    """Where the step declares that it holds only some slots or rows (docs/taps.md): op -> (axis, size), the
+    S axis of the cache taps, the T axis of the attention taps and of the logits."""
     sizes = {}
     positions = entry["positions"][0]
-    for key, ops, allowed, what in (
-        ("cache_positions", ("k_cache", "v_cache"), range(cache), "cache slots"),
-        ("attention_positions", ("attn_scores", "attn_probs"), positions, "query rows"),
+    for key, ops, axis, allowed, what in (
+        ("cache_positions", ("k_cache", "v_cache"), 2, range(cache), "cache slots"),
+        ("attention_positions", ("attn_scores", "attn_probs"), 2, positions, "query rows"),
+        ("logits_positions", ("logits",), 1, positions, "token rows"),
     ):
         declared = entry.get(key)
         if declared is None:
@@ -235,7 +236,7 @@ def _subsets(entry: dict, cache: int, bad, where: str) -> dict[str, int]:
                 f"cache_positions {declared[:5]} are neither the step's own positions {positions[:5]} nor the "
                 "whole cache: a step holds the slots it wrote, or all of them",
             )
-        sizes.update({op: len(declared) for op in ops})
+        sizes.update({op: (axis, len(declared)) for op in ops})
     return sizes
 
 
@@ -256,7 +257,7 @@ def _check_step_file(
     dtype,
     declared: set[str],
     kept: list[str] | None,
-    subsets: dict[str, int],
+    subsets: dict[str, tuple[int, int]],
     rank: RankInfo | None,
     bad,
     where: str,
@@ -309,8 +310,9 @@ def _check_step_file(
             coarser.append(entry)
         if expected is not None:
             want = list(expected.shape)
-            if op in subsets:  # a declared subset of the cache's slots or of the attention's query rows
-                want[2] = subsets[op]
+            if op in subsets:  # a declared subset of the cache's slots, the attention's or the logits' rows
+                axis, size = subsets[op]
+                want[axis] = size
             shard = rank.shard(name) if rank is not None else None
             if shard is not None and shard.kind == "split" and shard.axis < len(want):
                 if shard.stop > want[shard.axis]:

@@ -220,7 +220,33 @@ def test_attention_rows_of_a_subset_of_queries_are_compared_at_those_rows(catalo
         return t
 
     d = run_diff("hf", store(tmp_path / "bad", broken), model_dir=model).first_divergence
-    assert d.tap == "layers.1.attn_probs" and d.worst["token"] == 1
+    assert d.tap == "layers.1.attn_probs" and d.worst["token"] == 5  # the step's token, not the row's index
+
+
+def test_logits_of_some_rows_are_compared_at_those_rows(catalogue_model, tmp_path):
+    """A store holding the prefill's logits at its last position only (as a serving engine samples): valid,
+    clean as written; a change in that row is found there."""
+    from safetensors.torch import load_file, save_file
+
+    model = catalogue_model("dense")
+
+    def store(out: Path, shift: float) -> str:
+        path = capture(load_candidate("scratch", model, "float32"), forced_steps(PROMPT[:8], [9]), out)
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["steps"][0]["logits_positions"] = [7]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        taps = load_file(path / "step_0000.safetensors")
+        taps["logits"] = taps["logits"][:, 7:].contiguous()
+        taps["logits"][0, 0, 3] += shift
+        save_file(taps, path / "step_0000.safetensors")
+        assert validate_store(path) == []
+        return f"store:{path}"
+
+    clean = run_diff("hf", store(tmp_path / "clean", 0.0), model_dir=model)
+    assert clean.first_divergence is None
+    assert next(t for t in clean.taps if t.step == 0 and t.name == "logits").extra["positions"] == [7]
+    d = run_diff("hf", store(tmp_path / "bad", 0.5), model_dir=model).first_divergence
+    assert (d.step, d.tap, d.worst["token"]) == (0, "logits", 7)
 
 
 def _peak(args: list[str]) -> dict:

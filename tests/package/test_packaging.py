@@ -11,6 +11,8 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parents[2]
 #: what a module needs beside its .py files at run time (kernel sources, headers, mappings, build scripts)
 SHIPPED = {".py", ".c", ".h", ".cu", ".cuh", ".cpp", ".toml", ".sh"}
+#: engines a module may need that a plain install lacks (vLLM has a venv of its own: .ci/install_vllm.sh)
+OPTIONAL = ("vllm",)
 
 
 def _tool() -> dict:
@@ -60,7 +62,11 @@ def test_the_built_wheel_ships_every_source_imports_from_itself_and_runs(tmp_pat
     script = (
         "import importlib, sys; site = sys.argv[1]; sys.path.insert(0, site)\n"
         "for m in sys.argv[2:]:\n"
-        "    mod = importlib.import_module(m)\n"
+        "    try:\n"
+        "        mod = importlib.import_module(m)\n"
+        f"    except ModuleNotFoundError as e:  # an engine's own package, installed only with it\n"
+        f"        assert e.name.split('.')[0] in {OPTIONAL!r}, (m, e)\n"
+        "        continue\n"
         "    assert mod.__file__.startswith(site), (m, mod.__file__)\n"
         "from qwen3dbg.cli import main\n"
         "sys.argv = ['qwen3dbg', '--help']\n"

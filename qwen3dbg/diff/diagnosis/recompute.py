@@ -61,6 +61,51 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
     )
 
 
+#: narrower float formats a KV cache may keep keys and values in (vLLM's kv_cache_dtype fp8 / fp8_e5m2):
+#: (name, explicit mantissa bits, exponent of the smallest normal, largest finite value)
+CACHE_FORMATS = (("float8_e4m3", 3, -6, 448.0), ("float8_e5m2", 2, -14, 57344.0))
+
+
+def float8(x: torch.Tensor, mantissa: int, min_exp: int, largest: float, toward_zero: bool) -> torch.Tensor:
+    """x rounded to a float8 format, saturating: to nearest (ties to even), or toward zero (the bits past
+    the mantissa dropped, as vLLM's CPU cache writer does)."""
+    a = x.double().abs().clamp(max=largest)
+    exp = torch.floor(torch.log2(a.clamp(min=2.0**min_exp))).clamp(min=min_exp)
+    step = torch.exp2(exp - mantissa)
+    q = torch.floor(a / step) if toward_zero else torch.round(a / step)
+    return torch.sign(x.double()) * (q * step).clamp(max=largest)
+
+
+def cache_lowp(s: Site) -> Diagnosis | None:
+    """The step's slots of the cache replayed from the candidate's own keys (k_rope) or values (v_proj),
+    rounded to a float8 format (to nearest, else toward zero): named when that reproduces what its cache
+    holds within the noise."""
+    x, c = s.cand("k_rope" if s.op == "k_cache" else "v_proj"), s.cand()
+    if x is None or c is None:
+        return None
+    positions = s.positions()[0]
+    if c.shape[2] <= int(positions[-1]):
+        return None
+    x = x.reshape(*x.shape[:2], c.shape[1], -1).transpose(1, 2)  # [B,nKV,T,D], as the cache holds them
+    c = c[:, :, positions]
+    what = "keys" if s.op == "k_cache" else "values"
+    for name, bits, min_exp, largest in CACHE_FORMATS:
+        for toward_zero in (False, True):
+            how = "toward zero (the bits past its mantissa dropped)" if toward_zero else "to nearest"
+            found = s.explained(
+                "cache_lowp",
+                f"{s.name()} holds the step's {what} rounded {how} to {name}",
+                f"the KV cache keeps {what} in {name} ({bits} mantissa bits, {s.dtype_name} has "
+                f"{round(-math.log2(s.eps))}): a quantized cache, not a bug in the op; attention reads the "
+                "rounded values from here on",
+                rel(c, float8(x, bits, min_exp, largest, toward_zero)),
+                {"format": name, "rounding": "toward_zero" if toward_zero else "nearest"},
+            )
+            if found is not None:
+                return found
+    return None
+
+
 def attention_rebuilt(s: Site) -> Diagnosis | None:
     """For engines that expose no attention matrices: recompute attn_out from the candidate's own q_rope,
     k_cache and v_cache, the Qwen3 way, with one known slip at a time, and over another layer's cache."""
@@ -201,5 +246,6 @@ HYPOTHESES = (
         attention_rebuilt,
     ),
     Hypothesis(("lowp_accumulation",), tuple(op for op in MATMUL_MODULE if op != "logits"), lowp_accumulation),
+    Hypothesis(("cache_lowp",), ("k_cache", "v_cache"), cache_lowp),
     Hypothesis(("nonfinite",), ("*",), nonfinite, nonfinite=True),
 )

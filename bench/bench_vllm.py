@@ -1,0 +1,155 @@
+"""`--cand vllm` on the Qwen3-0.6B shape: each diff next to the plain runs of its sides, and vLLM's decode
+tokens/s with capture on, off, and in its compiled (default CPU) mode. Run it with the python of the venv of
+.ci/install_vllm.sh:
+
+    python bench/bench_vllm.py [--workdir DIR] [--full] [--only NAME]
+
+Cases (bf16, forced decode ids; goals from issue 24):
+  W           --cand vllm              2048 + 256  peak anon <= plain vLLM's + 5 GB, written <= 2 GB,
+                                                   wall <= 1.5x the sum of the plain runs
+  batch=4     --cand vllm:batch=4      1024 + 64   clean, same memory rule
+  chunk=256   --cand vllm:chunk=256    1024 + 64
+  prefix=512  --cand vllm:prefix=512   1024 + 64
+  tokens/s    vLLM decode tokens/s: eager with capture off, eager with every tap captured (goal: at most 2x
+              slower), compiled (what vLLM runs by default on CPU, never captured)
+Without --full the cases run at 512 + 32 (chunk=128, prefix=256) and W is left out. The plain runs are
+bench_long's: the golden's one fp64 forward, hf's and vLLM's own prefill and decode steps with capture off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_long import PRESET, case, ids  # noqa: E402
+
+from qwen3dbg.util.home import home  # noqa: E402
+
+SIDES = ["golden", "hf", "vllm"]
+
+
+def child_tokens_per_s(model: str, prompt: int, decode: int) -> dict:
+    """Decode tokens/s of vLLM on the same forced ids: eager capture off and on (our driver, one step at a
+    time), and compiled (vLLM's own generate loop, default CPU compilation, warmed up first)."""
+    import torch
+
+    from qwen3dbg.run.candidate import NullSink
+    from qwen3dbg.run.capture import forced_steps
+    from qwen3dbg.run.registry import load_candidate
+
+    class Discard:
+        def wants(self, name):
+            return True
+
+        def __call__(self, name, t):
+            pass
+
+    p, d = ids(Path(model), prompt, decode)
+    steps = forced_steps(p, d)
+    cand = load_candidate("vllm", model, "bfloat16")
+    out = {}
+    for label, sink in (("eager, capture off", NullSink()), ("eager, capture on", Discard())):
+        cand.reset()
+        cand.step(torch.tensor(steps[0].token_ids), torch.tensor(steps[0].positions), sink)
+        t = time.perf_counter()
+        for info in steps[1:]:
+            cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
+        out[label] = decode / (time.perf_counter() - t)
+    del cand
+    out["compiled"] = _compiled(model, p, d)
+    return out
+
+
+def _compiled(model: str, prompt: list[int], decode: list[int]) -> float:
+    """vLLM's default CPU mode (dynamo + inductor) decoding the forced ids: tokens/s past its prefill."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from qwen3dbg.candidates.vllm.forcing import EXTRA_KEY, FORCED
+
+    FORCED["bench"] = list(decode)
+    llm = LLM(
+        model=model,
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        max_model_len=4096,
+        gpu_memory_utilization=0.01,
+        kv_cache_memory_bytes=1 << 30,
+        logits_processors=["qwen3dbg.candidates.vllm.forcing:ForcedIds"],
+    )
+
+    def run(n: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, extra_args={EXTRA_KEY: "bench"})
+        t = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    run(2)  # compiles
+    one, full = run(1), run(len(decode))
+    return (len(decode) - 1) / (full - one)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=home("bench"))
+    p.add_argument("--full", action="store_true", help="W at 2048 + 256 and the options at 1024 + 64")
+    p.add_argument("--only", action="append", help="run only these cases (W, batch=4, chunk, prefix, tokens/s)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child_tokens_per_s(a.child[0], *map(int, a.child[1:]))))
+        return
+    os.environ["QWEN3DBG_HOME"] = str(a.workdir / "home")
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    model = a.workdir / PRESET
+    if not (model / "config.json").exists():
+        from qwen3dbg.model.synth import make_model
+
+        make_model(model, PRESET)
+    n, k = (1024, 64) if a.full else (512, 32)
+    cases = {
+        "batch=4": lambda: case("batch=4", model, "vllm:batch=4", SIDES, n, k),
+        "chunk": lambda: case(f"chunk={n // 4}", model, f"vllm:chunk={n // 4}", SIDES, n, k),
+        "prefix": lambda: case(f"prefix={n // 2}", model, f"vllm:prefix={n // 2}", SIDES, n, k),
+        "tokens/s": lambda: tokens_per_s(model, n, k),
+    }
+    if a.full:
+        cases = {"W": lambda: case("W", model, "vllm", SIDES, 2048, 256), **cases}
+    t0 = time.perf_counter()
+    rows = [fn() for name, fn in cases.items() if not a.only or name in a.only]
+    for r in rows:
+        if "diff" in r:
+            grew = r["diff"]["peak_anon"] - r["plain"]["vllm"]["peak_anon"]
+            print(f"{r['name']}: peak anon {grew / 1e9:+.2f} GB over plain vLLM's (goal <= +5 GB)")
+    print(f"\nbench took {(time.perf_counter() - t0) / 60:.1f} min")
+    (a.workdir / "bench_vllm.json").write_text(json.dumps(rows, indent=1))
+
+
+def tokens_per_s(model: Path, prompt: int, decode: int) -> dict:
+    print(f"\ntokens/s: vLLM decoding {decode} forced ids after {prompt} prompt tokens", flush=True)
+    r = _child_here(model, prompt, decode)
+    for label, v in r.items():
+        print(f"  {label:20s} {v:8.2f} tokens/s", flush=True)
+    print(f"  capture on / off      {r['eager, capture off'] / r['eager, capture on']:8.2f}x slower (goal <= 2x)")
+    return {"name": "tokens/s", **r}
+
+
+def _child_here(model: Path, prompt: int, decode: int) -> dict:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(model), str(prompt), str(decode)], capture_output=True, text=True
+    )
+    if out.returncode:
+        raise SystemExit(f"tokens/s failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""`--cand vllm[:options]`: vLLM's own Qwen3 / Qwen3-MoE through its real engine (scheduler, paged KV cache,
+CPU attention kernels), tapped tap by tap in eager mode; docs/engines.md.
+
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) from vLLM's CPU build, installed in a
+venv of its own by .ci/install_vllm.sh. Each step of the differ is one or more forwards of the sequence
+under test (`engine.Engine`); its rows are cut out of the flat token axis and brought to the schema by
+`recorder.Recorder`. Options:
+- `batch=N`: the sequence among N-1 others of different lengths, all in the same forwards;
+- `chunk=K`: vLLM's chunked-prefill budget (`max_num_batched_tokens=K`): the prompt over several forwards;
+- `prefix=N`: a first request computes the prompt's first N tokens (whole blocks) into the prefix cache,
+  so the prefill computes positions N.. only;
+- vLLM's knobs `kv_cache_dtype`, `block_size`, `max_model_len`, `hf_overrides` (`key:value;key:value`);
+  the dtype is the diff's `--dtype`;
+- `patch=FILE.py`: a file run before the model loads (once per process), to plant or fix a bug in vLLM;
+- `threads`: torch threads for the process after vLLM's worker set its own (default: as before).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from qwen3dbg.run.candidate import Candidate
+from qwen3dbg.model.model_dir import open_model
+from qwen3dbg.util.dtypes import parse_dtype
+from qwen3dbg.util.errors import UserError
+from qwen3dbg.tapstore.store import TapSink
+
+from .engine import NOT_INSTALLED, check_patch
+from .recorder import CACHE_LAYOUT, MISSING
+
+#: head sizes vLLM's CPU attention backend takes (CPUAttentionBackend.get_supported_head_sizes, 0.32)
+HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+EAGER_NOTE = (
+    "vLLM ran in eager mode (enforce_eager): its module hooks do not fire in the compiled CPU mode, so the "
+    "compiled path is not what was compared"
+)
+_keys = itertools.count()
+
+
+def _whole(name: str, value, least: int) -> int:
+    text = str(value)
+    if not text.isdigit() or int(text) < least:
+        raise UserError(f"vllm option {name}={value!r}: give a whole number of at least {least}")
+    return int(text)
+
+
+def _overrides(text: str) -> dict:
+    """`key:value;key:value` (values as JSON: numbers, true/false, strings) -> vLLM's hf_overrides."""
+    out = {}
+    for item in filter(None, str(text).split(";")):
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise UserError(f"vllm option hf_overrides={text!r}: write key:value;key:value, e.g. rope_theta:10000")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+class VllmCandidate(Candidate):
+    """vLLM's model and engine; every step's taps for the one sequence under test."""
+
+    missing_taps = MISSING
+    fresh_taps = True  # every tap is copied out of vLLM's buffers at its hook
+
+    def __init__(
+        self,
+        model_dir,
+        dtype="bfloat16",
+        *,
+        batch: int = 1,
+        chunk: int = 0,
+        prefix: int = 0,
+        kv_cache_dtype: str = "auto",
+        block_size: int = 128,
+        max_model_len: int = 4096,
+        hf_overrides: str = "",
+        patch: str = "",
+        threads: int = 0,
+    ):
+        o = self.check(
+            model_dir,
+            dtype,
+            batch=batch,
+            chunk=chunk,
+            prefix=prefix,
+            kv_cache_dtype=kv_cache_dtype,
+            block_size=block_size,
+            max_model_len=max_model_len,
+            hf_overrides=hf_overrides,
+            patch=patch,
+            threads=threads,
+        )
+        from .engine import Engine, import_vllm, run_patch
+        from .recorder import Recorder
+
+        self.config, self.dtype, self.options = open_model(model_dir, check_layout=False).config, parse_dtype(dtype), o
+        self.name = "vllm" + "".join(f":{k}={v}" for k, v in o["given"].items())
+        import_vllm()
+        if patch:
+            run_patch(patch)
+        c = self.config
+        itemsize = 1 if o["kv_cache_dtype"] != "auto" else self.dtype.itemsize
+        per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * itemsize
+        sequences = o["batch"] + (1 if o["prefix"] else 0)
+        tokens = sequences * (o["max_model_len"] + o["block_size"])
+        self.engine = Engine(
+            Path(model_dir),
+            self.dtype,
+            block_size=o["block_size"],
+            max_model_len=o["max_model_len"],
+            max_batched=o["chunk"] or o["max_model_len"] * o["batch"],
+            kv_cache_dtype=o["kv_cache_dtype"],
+            prefix_caching=bool(o["prefix"]),
+            max_seqs=sequences,
+            hf_overrides=o["hf_overrides"],
+            kv_cache_bytes=per_token * tokens,
+            threads=o["threads"] or torch.get_num_threads(),
+            moe=c.num_experts > 0,
+        )
+        self.recorder = Recorder(self.engine.model, self.engine.runner, c)
+        self.notes: list[str] = []
+        layout = getattr(self.engine.model.model.layers[0].self_attn.attn, "isa", CACHE_LAYOUT)
+        if layout != CACHE_LAYOUT:
+            self.missing_taps = self.missing_taps | {"k_cache", "v_cache"}
+            self.notes.append(
+                f"k_cache/v_cache not compared: vLLM's CPU attention keeps its cache in its {layout!r} layout "
+                f"here, which this adapter does not read (it reads {CACHE_LAYOUT!r})"
+            )
+        self.req: str | None = None
+        self.key = ""
+
+    @staticmethod
+    def check(model_dir, dtype="bfloat16", **options) -> dict:
+        """Every option and the model's head size checked, vLLM found, without loading anything
+        (`qwen3dbg.run.registry.check_candidate`); returns the options parsed."""
+        given = {k: v for k, v in options.items() if v not in ("", 0, None)}
+        o = {
+            "batch": _whole("batch", options.get("batch", 1), 1),
+            "chunk": _whole("chunk", options.get("chunk", 0), 0),
+            "prefix": _whole("prefix", options.get("prefix", 0), 0),
+            "block_size": _whole("block_size", options.get("block_size", 128), 32),
+            "max_model_len": _whole("max_model_len", options.get("max_model_len", 4096), 2),
+            "threads": _whole("threads", options.get("threads", 0), 0),
+            "kv_cache_dtype": str(options.get("kv_cache_dtype", "auto")),
+            "hf_overrides": _overrides(options.get("hf_overrides", "")),
+            "given": {k: v for k, v in given.items() if str(v) != str(_DEFAULTS.get(k))},
+        }
+        if o["block_size"] % 32:
+            raise UserError(f"vllm option block_size={o['block_size']}: vLLM's CPU cache takes multiples of 32")
+        if o["prefix"] % o["block_size"]:
+            raise UserError(
+                f"vllm option prefix={o['prefix']}: vLLM caches whole blocks, give a multiple of "
+                f"block_size={o['block_size']}"
+            )
+        if o["kv_cache_dtype"] not in KV_CACHE_DTYPES:
+            raise UserError(
+                f"vllm option kv_cache_dtype={o['kv_cache_dtype']!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"
+            )
+        if options.get("patch"):
+            check_patch(options["patch"])
+        parse_dtype(dtype)
+        head_dim = open_model(model_dir, check_layout=False).config.head_dim
+        if head_dim not in HEAD_SIZES:
+            raise UserError(
+                f"vLLM's CPU attention takes head_dim {', '.join(map(str, HEAD_SIZES))}; this model has "
+                f"{head_dim} (the tiny presets have 32)"
+            )
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError(NOT_INSTALLED)
+        return o
+
+    def logits_positions(self, info) -> list[int] | None:
+        """vLLM computes logits at the last token each forward schedules for a sequence: a prefill's last
+        position, or each chunk's (a capture plans them; with companions the chunks are the scheduler's)."""
+        pos, o = info.positions[0], self.options
+        if len(pos) == 1:
+            return None
+        if o["prefix"]:
+            raise UserError(
+                "vllm:prefix=N leaves the cached positions of the prefill uncomputed, which a tap store cannot "
+                "hold: diff it instead (qwen3dbg diff --cand vllm:prefix=N)"
+            )
+        if o["chunk"] and o["batch"] > 1:
+            raise UserError(
+                "vllm:batch=N,chunk=K: where vLLM's scheduler cuts the prompt depends on the other sequences, so a "
+                "capture cannot plan its logits rows: diff it instead, or capture one of the two options"
+            )
+        step = o["chunk"] or len(pos)
+        return [min(start + step, len(pos)) - 1 for start in range(0, len(pos), step)]
+
+    def manifest_extra(self) -> dict:
+        return {"vllm": self.engine.version, "vllm_options": self.options["given"], "notes": [EAGER_NOTE, *self.notes]}
+
+    def reset(self) -> None:
+        from .forcing import FORCED
+
+        self.engine.clear()
+        FORCED.pop(self.key, None)
+        self.req = None
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, sink: TapSink) -> torch.Tensor:
+        """One step of the sequence under test (a prefill: every forward until its prompt is computed; a
+        decode: the forward after its forced id was sampled). Returns the logits vLLM computed at the
+        step's last position, [1,1,V]: the only row it computes."""
+        from .recorder import StepCapture
+
+        if ids.shape[0] != 1:
+            raise UserError("vllm: the sequence under test is batch 1; batch=N adds the others in vLLM itself")
+        tokens, pos = ids[0].tolist(), positions[0].tolist()
+        if pos[-1] + 1 > self.options["max_model_len"]:
+            raise UserError(
+                f"vllm: position {pos[-1]} is past max_model_len={self.options['max_model_len']}: "
+                "pass vllm:max_model_len=N"
+            )
+        capture = StepCapture(sink, pos, self.config)
+        self.recorder.step = capture
+        try:
+            if self.req is None:
+                self._prefill(tokens, pos)
+            else:
+                self._decode(tokens)
+            capture.finish()
+        finally:
+            self.recorder.step = None
+        missing = sorted(set(pos) - capture.computed)
+        if missing and pos[0] != 0:
+            raise RuntimeError(f"vLLM's forward did not compute position {missing[0]} of the sequence under test")
+        if missing:
+            self.notes.append(
+                f"positions {missing[0]}..{missing[-1]} of the prompt came from vLLM's prefix cache (prefix="
+                f"{self.options['prefix']}): the prefill's taps hold positions {missing[-1] + 1}.. only, its "
+                "k_cache/v_cache every position"
+            )
+        return capture.last_logits
+
+    def _prefill(self, tokens: list[int], pos: list[int]) -> None:
+        from .forcing import FORCED
+
+        o, e = self.options, self.engine
+        if pos != list(range(len(tokens))):
+            raise UserError("vllm: the first step must prefill positions 0..T-1")
+        if o["prefix"] >= len(tokens):
+            raise UserError(f"vllm option prefix={o['prefix']}: the prompt has {len(tokens)} tokens; give fewer")
+        room = o["max_model_len"]
+        if o["prefix"]:
+            first = e.add(tokens[: o["prefix"]] + [(tokens[o["prefix"]] + 1) % self.config.vocab_size], max_tokens=1)
+            while not e.finished(first):
+                e.forward()
+                e.sample()
+        for j, n in enumerate(_companion_lengths(len(tokens), o["batch"] - 1)):
+            g = torch.Generator().manual_seed(j)
+            e.add(torch.randint(0, self.config.vocab_size, (n,), generator=g).tolist(), max_tokens=room - n)
+        self.key = f"qwen3dbg-forced-{next(_keys)}"
+        FORCED[self.key] = []
+        self.req = e.add(tokens, max_tokens=room - len(tokens), forced=self.key)
+        self.recorder.req_id = self.req
+        while e.computed(self.req) < len(tokens):
+            e.forward()
+
+    def _decode(self, tokens: list[int]) -> None:
+        from .forcing import FORCED
+
+        FORCED[self.key].append(tokens[0])
+        self.engine.forward()
+
+
+_DEFAULTS = {"batch": 1, "chunk": 0, "prefix": 0, "kv_cache_dtype": "auto", "block_size": 128, "max_model_len": 4096}
+
+
+def _companion_lengths(length: int, n: int) -> list[int]:
+    """Prompt lengths of the sequences beside the one under test: all different from it and from each other."""
+    out: list[int] = []
+    for j in range(n):
+        m = max(1, length // 2 + 1 + 7 * j) if j % 2 == 0 else length + 3 + 5 * j
+        while m == length or m in out:
+            m += 1
+        out.append(m)
+    return out
