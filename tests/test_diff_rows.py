@@ -51,7 +51,7 @@ class LateWindow(Qwen3Reference):
         return mask | (slots[None, None, :] <= positions[:, :, None] - WINDOW)[:, None]
 
 
-def test_a_window_in_later_layers_is_flagged_by_its_rows_where_the_whole_tensor_dilutes_it(
+def test_a_window_in_later_layers_is_flagged_by_its_rows_and_named_as_a_window(
     catalogue_model, monkeypatch
 ):
     monkeypatch.setitem(IMPLEMENTATIONS, "late-window", f"{__name__}:LateWindow")
@@ -67,6 +67,9 @@ def test_a_window_in_later_layers_is_flagged_by_its_rows_where_the_whole_tensor_
     assert rows["first"]["position"] >= WINDOW, rows  # no row before the window leaves the noise
     assert f"the first at position {rows['first']['position']}" in d.reason
     assert [t.name for t in result.taps if t.layer == 0 and "rows" in t.extra] == []  # layer 0 attends as Qwen3
+    assert [(x.signature, x.evidence["window"]) for x in result.diagnosis] == [("sliding_window", WINDOW)], [
+        x.message for x in result.diagnosis
+    ]
 
 
 def test_a_clean_pair_over_many_rows_has_no_row_over_its_noise(catalogue_model):

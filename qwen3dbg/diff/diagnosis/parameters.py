@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
-from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
+from qwen3dbg.diff.diagnosis.replay import attention, rms_norm, rope_angles, rotate, scores
 from qwen3dbg.diff.diagnosis.site import FIT_HEADS, Diagnosis, Site
 from qwen3dbg.measures import fit_scale, ranked, rel
 from qwen3dbg.store import masked
@@ -216,10 +216,61 @@ def norm_eps(s: Site) -> Diagnosis | None:
     )
 
 
+def sliding_window(s: Site) -> Diagnosis | None:
+    """Attention over the last W keys only, W fitted: attn_scores (masked where the window ends), or attn_out
+    rebuilt from the candidate's own q_rope, k_cache and v_cache when it exposes no attention matrices. On a
+    sample of query rows; a row at position p loses keys only when p >= W, so W is at most the first sampled
+    position whose row leaves the noise, and is searched on a log grid below it, then refined."""
+    q, k, v = s.cand("q_rope"), s.cand("k_cache"), s.cand("v_cache")
+    if q is None or k is None or (s.op == "attn_out" and (v is None or s.cand("attn_probs") is not None)):
+        return None
+    t = s.tokens()
+    pos, qt, scale = s.positions()[:, t], q[:, t], s.cfg.head_dim**-0.5
+    c = s.cand()[:, t] if s.op == "attn_out" else s.cand()[:, :, t]
+
+    def replay(window: int | None) -> torch.Tensor:
+        if s.op == "attn_out":
+            return attention(qt, k, v, pos, s.kv_of_head, scale, window=window)
+        return scores(qt, k, pos, s.kv_of_head, scale, window=window)
+
+    def row(x: torch.Tensor, i: int) -> torch.Tensor:
+        return x[:, i] if s.op == "attn_out" else x[:, :, i]
+
+    qwen3 = replay(None)
+    off = [i for i in range(len(t)) if not rel(row(c, i), row(qwen3, i)) <= s.tol]
+    if not off:
+        return None
+    top = int(pos[0, off[0]])
+    if top < 1:
+        return None
+
+    def resid(w: int) -> float:
+        return ranked(rel(c, replay(w)))
+
+    grid = sorted({max(1, round(top * 2 ** (-i / 4))) for i in range(4 * max(1, top.bit_length()))} | {top})
+    best = min(grid, key=resid)
+    lo, hi = max((g for g in grid if g < best), default=1), min((g for g in grid if g > best), default=top)
+    while hi - lo > 2:  # integer ternary search between the grid's neighbours of the best
+        m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+        lo, hi = (lo, m2) if resid(m1) <= resid(m2) else (m1, hi)
+    w = min(range(lo, hi + 1), key=resid)
+    return s.explained(
+        "sliding_window",
+        f"{s.name()} attends over the last {w} keys only: queries at position {w} and later lose their oldest "
+        f"keys (first sampled query off: position {top})",
+        "a sliding window is applied; Qwen3 attends to every earlier key",
+        replay(w),
+        {"window": w, "first_position_off": top, "rows_replayed": len(t)},
+        cand=c,
+        unchanged=qwen3,
+    )
+
+
 HYPOTHESES = (
     Hypothesis(("embed_scaled",), ("embed",), embed_scaled),
     Hypothesis(("scores_scaled",), ("attn_scores",), scores_scaled),
     Hypothesis(("softmax_temperature",), ("attn_probs",), softmax_temperature),
     Hypothesis(("norm_eps",), NORM_OPS, norm_eps),
     Hypothesis(("rope_theta", "rope_position_offset", "rope_layout"), ("q_rope", "k_rope"), rope_fit),
+    Hypothesis(("sliding_window",), ("attn_scores", "attn_out"), sliding_window),
 )

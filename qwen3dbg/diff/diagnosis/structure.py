@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
-from qwen3dbg.diff.diagnosis.replay import experts_mix, layer_norm, rms_norm, rope_angles, rotate, scores, swiglu
+from qwen3dbg.diff.diagnosis.replay import experts_mix, layer_norm, rms_norm, rope_angles, rotate, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
 from qwen3dbg.measures import ranked, rel
-from qwen3dbg.reference.qwen3 import causal_mask
+from qwen3dbg.reference.qwen3 import causal_mask, swiglu
 from qwen3dbg.store import masked
 
 
