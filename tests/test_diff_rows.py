@@ -51,9 +51,7 @@ class LateWindow(Qwen3Reference):
         return mask | (slots[None, None, :] <= positions[:, :, None] - WINDOW)[:, None]
 
 
-def test_a_window_in_later_layers_is_flagged_by_its_rows_and_named_as_a_window(
-    catalogue_model, monkeypatch
-):
+def test_a_window_in_later_layers_is_flagged_by_its_rows_and_named_as_a_window(catalogue_model, monkeypatch):
     monkeypatch.setitem(IMPLEMENTATIONS, "late-window", f"{__name__}:LateWindow")
     result = run_diff(
         ref="hf", cand="late-window", model_dir=catalogue_model("dense"), dtype="bfloat16", token_ids=TOKENS
