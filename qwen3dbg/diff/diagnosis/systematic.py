@@ -107,7 +107,7 @@ def detect(taps: list[TapResult], div: Divergence | None, dtype: torch.dtype) ->
     else:
         what = f"the reference scaled by 1 {st['scale']:+.2g}"
     # Measured figures only: no replay has shown what moves the tap (an eps, a scale, a rounding mode).
-    why = "rounding scatters both ways and the reference's does; no replay has shown its cause"
+    why = "rounding would scatter both ways, as the reference's deviation does; no replay has shown the cause"
     return Finding(
         t.step,
         t.name,
