@@ -8,6 +8,8 @@ inputs and its output.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qwen3dbg.candidate import Candidate, DictSink
@@ -63,6 +65,8 @@ def teacher_force(cand: Candidate, src, div: Divergence, res: TapResult, info: S
     ok = torch.isfinite(g) & torch.isfinite(r) & ~masked(g) & ~masked(r)
     mask_diff = int((masked(forced) != masked(r)).sum())
     alone = float("inf") if mask_diff else rel(forced, r, scale=g, where=ok)
+    if math.isnan(alone):  # nothing comparable: no evidence either way
+        return None
     introduced = alone > res.tol_rel
     what = (
         f"its attention mask differs at {mask_diff} entries"
