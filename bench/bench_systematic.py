@@ -1,5 +1,6 @@
 """False alarms of the diagnosis on clean pairs, over seeds: the systematic-deviation detector (its own
-margin: the largest z over its threshold, and findings) and the hypothesis engine on each pair's worst taps.
+margin: the largest z over its threshold, and findings), the row rule (seeds where a row of some tap left
+its noise, and the largest row excess) and the hypothesis engine on each pair's worst taps.
 
     python bench/bench_systematic.py [--seeds 20] [--tokens 48] [--workdir DIR]
 
@@ -83,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-systematic-"))
     for ref, cand, preset, plants, dtype in PAIRS:
-        t0, margins, findings, stated = time.perf_counter(), [], 0, []
+        t0, margins, findings, stated, row_flags, row_worst = time.perf_counter(), [], 0, [], 0, 0.0
         for seed in range(args.seeds):
             model = work / f"{preset}-{'-'.join(f'{k}{v}' for k, v in plants.items())}-{seed}"
             if not model.exists():
@@ -111,12 +112,16 @@ def main() -> None:
                 )
             )
             findings += result.systematic is not None
+            over = [t.extra["rows"]["worst_excess"] for t in result.taps if "rows" in t.extra]
+            row_flags += bool(over) or result.first_divergence is not None
+            row_worst = max([row_worst, *over])
             src = Memory(model, dtype, _load(ref, model, dtype), _load(cand, model, dtype), forced_steps(ids, ids[:2]))
             stated += [f"{n}: {d.signature}" for s, n in worst_taps(src) for d in diagnose(src, s, n)]
         if margins:
             print(
                 f"{ref} vs {cand} ({preset}, {dtype}), {len(margins)} seeds: systematic findings {findings}, largest "
-                f"z / threshold {max(margins):.2f} (median {sorted(margins)[len(margins) // 2]:.2f}); hypotheses "
+                f"z / threshold {max(margins):.2f} (median {sorted(margins)[len(margins) // 2]:.2f}); seeds divergent "
+                f"or with a row over its noise {row_flags} (largest row excess over 1: {row_worst:.2f}); hypotheses "
                 f"stated on the 3 worst taps: {len(stated)} {stated[:3]} ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )

@@ -13,7 +13,7 @@ from qwen3dbg.diff.blocks import BLOCK_ELEMENTS, RowBlocks, blocked_count_over, 
 from qwen3dbg.diff.diagnosis.systematic import signed_stats
 from qwen3dbg.diff.fused import count_over, logits_counts, tap_errors
 from qwen3dbg.diff.metrics import agreement, cosine, ratio, router_margin, same_sets, worst_coordinate
-from qwen3dbg.diff.noise import ELEMENT_FACTOR, tolerance
+from qwen3dbg.diff.noise import ELEMENT_FACTOR, row_excess, tolerance
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.tapstore.shards import Gathered, Part, partial_fit, slice_words
 from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows, Schedule, Side
@@ -152,6 +152,7 @@ class Comparison:
                     base["numel"] = g.numel()
             if problem:
                 return TapResult(status="divergent", reason=problem, **base), router
+        t_positions = info.positions  # the position of each T index, per batch row (the rows compared)
         gshape = g.view_shape if isinstance(g, RowBlocks) else tuple(g.shape)
         for who, t in (("reference", r), ("candidate", c)):
             if tuple(t.shape) != gshape:
@@ -163,8 +164,8 @@ class Comparison:
             return self.expert_ids(info, spec, g, r, c, base)
         if spec.op == "moe.topk_weights" and router is not None:
             g, r, c = (_sort_by_ids(t, ids) for t, ids in zip((g, r, c), router.ids))
-            return self.values(info, spec, g, r, c, base, token_ok=router.agree), None
-        res = self.values(info, spec, g, r, c, base)
+            return self.values(info, spec, g, r, c, base, token_ok=router.agree, positions=t_positions), None
+        res = self.values(info, spec, g, r, c, base, positions=t_positions, slots=slots)
         if slots is not None and res.worst:
             res.worst["key"] = slots[res.worst.get("key", 0)]
         if changed:
@@ -282,7 +283,16 @@ class Comparison:
         return "", changed_slots(previous, full[:, :, : previous.shape[2]])
 
     def values(
-        self, info: StepInfo, spec: TapSpec, g, r, c, base: dict, token_ok: torch.Tensor | None = None
+        self,
+        info: StepInfo,
+        spec: TapSpec,
+        g,
+        r,
+        c,
+        base: dict,
+        token_ok: torch.Tensor | None = None,
+        positions: list[list[int]] | None = None,
+        slots: list[int] | None = None,
     ) -> TapResult:
         reasons, extra = [], {}
         keep = None
@@ -320,8 +330,15 @@ class Comparison:
         if excess > 1:
             which = "rel. L2" if sc.rel_l2 / tol.rel >= sc.max_abs / tol.abs_ else "max |err|"
             reasons.append(f"{which} {excess:.3g}x over the {dtype_name(self.dtype)} noise floor")
+        if te.rows is not None and te.rows.shape[1] > 1:
+            ref_rel = max(sr.rel_l2, noise[0])
+            rows = judge_rows(te.rows[4:], ref_rel, self.dtype, shape, spec.axes, positions, slots)
+            if rows is not None:
+                extra["rows"] = rows
+                reasons.append(rows_reason(rows, dtype_name(self.dtype)))
+                excess = max(excess, rows["worst_excess"])
         if not reasons and te.rows is not None:  # a golden computed in blocks brings no row sums
-            extra["signed"] = signed_stats(te.rows, count, te.gold_norm, self.dtype)
+            extra["signed"] = signed_stats(te.rows[:4], count, te.gold_norm, self.dtype)
         if keep is not None or te.nonfinite["cand"]:
             # the reference's error over every element, whatever the candidate left out: what
             # DiffResult.suspect_reference judges, so that its answer does not depend on the candidate
@@ -356,7 +373,9 @@ class Comparison:
             excess=excess,
             diff_ulps=ratio(te.diff_norm, te.gold_norm) / eps,
             nonfinite=te.nonfinite,
-            worst=worst_coordinate(sc.argmax, shape, spec.axes, info.step, self.cfg.head_dim),
+            worst=_with_position(
+                worst_coordinate(sc.argmax, shape, spec.axes, info.step, self.cfg.head_dim), positions
+            ),
             extra=extra,
             **base,
         )
@@ -578,3 +597,58 @@ def _to_step_rows(res: TapResult, info: StepInfo, rows: list[int]) -> None:
         res.worst["token"] = rows[res.worst["token"]] - info.positions[0][0]
     if rows != info.positions[0]:
         res.extra["positions"] = rows if len(rows) <= 8 else f"{rows[0]}..{rows[-1]} ({len(rows)} rows)"
+
+
+def judge_rows(
+    sums: torch.Tensor,
+    ref_rel_l2: float,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    positions: list[list[int]] | None,
+    slots: list[int] | None,
+) -> dict | None:
+    """The row rule (`noise.row_excess`) over a tap's rows (every axis but the last): None when no row leaves
+    the noise, else how many do, the worst excess, and the first row by position then head, with its
+    position as a position (a decode step's query row is its absolute position, a cache slot its own)."""
+    excess = row_excess(sums, ref_rel_l2, dtype)
+    over = (excess > 1).nonzero().flatten()
+    if over.numel() == 0:
+        return None
+    coords, rem = {}, over
+    for size, axis in reversed(list(zip(shape[:-1], axes[:-1]))):
+        coords[axis], rem = rem % size, rem // size
+    if "T" in coords and positions is not None:
+        pos = torch.tensor(positions)[coords.get("B", torch.zeros_like(over)), coords["T"]]
+    elif "S" in coords:
+        pos = torch.tensor(slots)[coords["S"]] if slots is not None else coords["S"]
+    else:
+        pos = torch.zeros_like(over)
+    head = coords.get("nH", coords.get("nKV", torch.zeros_like(over)))
+    first = int(torch.argmin(pos * (int(head.max()) + 1) + head))
+    where = {"position": int(pos[first])} if "T" in coords or "S" in coords else {}
+    if "nH" in coords or "nKV" in coords:
+        where["head"] = int(head[first])
+    judged = int(torch.isfinite(excess).sum())
+    return {
+        "over": int(over.numel()),
+        "judged": judged,
+        "first": where,
+        "first_excess": float(excess[over[first]]),
+        "worst_excess": float(excess[over].max()),
+    }
+
+
+def rows_reason(rows: dict, dtype: str) -> str:
+    where = ", ".join(f"{k} {v}" for k, v in rows["first"].items()) or "a row"
+    return (
+        f"{rows['over']} of {rows['judged']} rows over their own {dtype} noise floor, the first at {where} "
+        f"({rows['first_excess']:.3g}x; worst {rows['worst_excess']:.3g}x)"
+    )
+
+
+def _with_position(worst: dict, positions: list[list[int]] | None) -> dict:
+    """The worst element's token also as its position: at a decode step, token 0 is position 2148."""
+    if "token" in worst and positions is not None:
+        worst["position"] = positions[worst.get("batch", 0)][worst["token"]]
+    return worst

@@ -9,13 +9,14 @@
 #define CHUNK 65536        /* elements per partial sum */
 #define BLOCK 256          /* elements widened to double at a time (stays in L1) */
 #define PAR_MIN (1 << 23)  /* below this, waking a second thread costs more than it saves */
+#define ROW_SUMS 9         /* per-row sums (rows_add) */
 
 typedef struct {
     int64_t count, nonfinite_ref, nonfinite_cand, nonfinite_gold, mask_diff, over;
     int64_t argmax, argmin;  /* first flat index of the candidate error's max / min */
     double ss_cand, ss_ref, ss_gold, ss_diff, dot;  /* sums of err_c^2, err_r^2, gold^2, (err_c - err_r)^2, err_c . gold */
     double max_cand, min_cand, absmax_ref, absmax_gold;
-    double head[4];  /* the row sums (below) of a row that began in an earlier chunk */
+    double head[ROW_SUMS];  /* the row sums (below) of a row that began in an earlier chunk */
 } cmp_t;
 
 typedef struct {
@@ -26,7 +27,7 @@ typedef struct {
     const uint8_t* keep;  /* optional: 0 leaves an element out */
     double limit;         /* count candidate |err| above it */
     int64_t row;          /* > 0: per row of this many elements, over judged elements, sum c - r, (c - r) * g, */
-    double* rows[4];      /* r - g and (r - g) * g */
+    double* rows[ROW_SUMS]; /* r - g, (r - g) * g, (c - g)^2, (r - g)^2, g^2, the count judged and g^4 */
 } args_t;
 
 enum { F64 = 0, F32 = 1, BF16 = 2, F16 = 3 };
@@ -73,7 +74,7 @@ __attribute__((optimize("finite-math-only"))) static double block_max(const doub
    non-finite there unless the weights or inputs are. */
 static inline void block(const double* g, const double* r, const double* c, const uint8_t* keep, int64_t n,
                          int64_t base, const args_t* a, cmp_t* s, const int scores, const int has_keep,
-                         double* dd, double* ee, double* gg) {
+                         double* dd, double* ee, double* gg, double* jj) {
     double e[BLOCK], ne[BLOCK], aer[BLOCK], agj[BLOCK];
     int64_t cnt = 0, nfr = 0, nfc = 0, nfg = 0, md = 0, over = 0;
     double ssc = 0, ssr = 0, ssg = 0, ssd = 0, dot = 0;
@@ -92,7 +93,7 @@ static inline void block(const double* g, const double* r, const double* c, cons
         cnt += j;
         ssc += ec * ec; ssr += er * er; ssg += gj * gj; ssd += d * d; dot += ec * gj;
         over += fabs(ec) > limit;
-        e[i] = ec; ne[i] = -ec; aer[i] = fabs(er); agj[i] = fabs(gj); dd[i] = d; ee[i] = er; gg[i] = gj;
+        e[i] = ec; ne[i] = -ec; aer[i] = fabs(er); agj[i] = fabs(gj); dd[i] = d; ee[i] = er; gg[i] = gj; jj[i] = j;
     }
     double mx = block_max(e, n), mn = -block_max(ne, n), ar = block_max(aer, n), ag = block_max(agj, n);
     if (mx > s->max_cand) { int64_t i = 0; while (e[i] != mx) i++; s->max_cand = mx; s->argmax = base + i; }
@@ -104,18 +105,25 @@ static inline void block(const double* g, const double* r, const double* c, cons
     s->absmax_gold = ag > s->absmax_gold ? ag : s->absmax_gold;
 }
 
-/* The signed sums of the systematic-deviation test, per row: d = c - r and e = r - g (0 where not judged),
-   alone and times the golden g. A row that began before this chunk goes to its head, which compare() folds
-   in chunk order afterwards, so the sums do not depend on the thread count; rows that begin here are this
-   chunk's alone. */
-static void rows_add(const double* d, const double* e, const double* g, int64_t b, int64_t m, int64_t lo,
-                     const args_t* a, cmp_t* s) {
+/* Per row: the signed sums of the systematic-deviation test, d = c - r and e = r - g (0 where not judged),
+   alone and times the golden g; and the row rule's sums, (c - g)^2 = (d + e)^2, e^2, g^2, the count of judged
+   elements (jj: 1 judged, 0 not; NULL: all judged) and g^4. A row that began before this chunk
+   goes to its head, which compare() folds in chunk order afterwards, so the sums do not depend on the thread
+   count; rows that begin here are this chunk's alone. */
+static void rows_add(const double* d, const double* e, const double* g, const double* jj, int64_t b, int64_t m,
+                     int64_t lo, const args_t* a, cmp_t* s) {
     for (int64_t i = 0; i < m;) {
         int64_t row = (b + i) / a->row, end = (row + 1) * a->row - b;
         if (end > m) end = m;
-        double sum[4] = {0, 0, 0, 0};
-        for (int64_t j = i; j < end; j++) { sum[0] += d[j]; sum[1] += d[j] * g[j]; sum[2] += e[j]; sum[3] += e[j] * g[j]; }
-        for (int k = 0; k < 4; k++) {
+        double sum[ROW_SUMS] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t j = i; j < end; j++) {
+            double ec = d[j] + e[j];
+            sum[0] += d[j]; sum[1] += d[j] * g[j]; sum[2] += e[j]; sum[3] += e[j] * g[j];
+            double g2 = g[j] * g[j];
+            sum[4] += ec * ec; sum[5] += e[j] * e[j]; sum[6] += g2; sum[8] += g2 * g2;
+        }
+        if (jj) for (int64_t j = i; j < end; j++) sum[7] += jj[j]; else sum[7] = (double)(end - i);
+        for (int k = 0; k < ROW_SUMS; k++) {
             if (row * a->row < lo) s->head[k] += sum[k]; else a->rows[k][row] += sum[k];
         }
         i = end;
@@ -135,7 +143,7 @@ static const double* view(const void* p, int dtype, int64_t off, int64_t n, doub
 }
 
 static void chunk(const args_t* a, int64_t lo, int64_t n, cmp_t* s) {
-    double gb[BLOCK], rb[BLOCK], cb[BLOCK], dd[BLOCK], ee[BLOCK], gg[BLOCK];
+    double gb[BLOCK], rb[BLOCK], cb[BLOCK], dd[BLOCK], ee[BLOCK], gg[BLOCK], jj[BLOCK];
     init(s);
     for (int64_t b = lo; b < lo + n; b += BLOCK) {
         int64_t m = lo + n - b < BLOCK ? lo + n - b : BLOCK;
@@ -154,15 +162,15 @@ static void chunk(const args_t* a, int64_t lo, int64_t n, cmp_t* s) {
                 s->absmax_gold = f.ag > s->absmax_gold ? f.ag : s->absmax_gold;
                 if (a->row) {
                     for (int64_t i = 0; i < m; i++) { dd[i] = c[i] - r[i]; ee[i] = r[i] - g[i]; }
-                    rows_add(dd, ee, g, b, m, lo, a, s);
+                    rows_add(dd, ee, g, 0, b, m, lo, a, s);
                 }
                 continue;
             }
         }
         /* constant flags: the compiler specializes the loop for each case */
-        if (a->scores) { if (k) block(g, r, c, k, m, b, a, s, 1, 1, dd, ee, gg); else block(g, r, c, k, m, b, a, s, 1, 0, dd, ee, gg); }
-        else { if (k) block(g, r, c, k, m, b, a, s, 0, 1, dd, ee, gg); else block(g, r, c, k, m, b, a, s, 0, 0, dd, ee, gg); }
-        if (a->row) rows_add(dd, ee, gg, b, m, lo, a, s);
+        if (a->scores) { if (k) block(g, r, c, k, m, b, a, s, 1, 1, dd, ee, gg, jj); else block(g, r, c, k, m, b, a, s, 1, 0, dd, ee, gg, jj); }
+        else { if (k) block(g, r, c, k, m, b, a, s, 0, 1, dd, ee, gg, jj); else block(g, r, c, k, m, b, a, s, 0, 0, dd, ee, gg, jj); }
+        if (a->row) rows_add(dd, ee, gg, jj, b, m, lo, a, s);
     }
 }
 
@@ -273,7 +281,7 @@ int compare(const args_t* a, int64_t n, cmp_t* out) {
     for (int64_t i = 0; i < nc; i++) {
         fold(out, &part[i]);
         if (a->row && (i * CHUNK) % a->row)
-            for (int k = 0; k < 4; k++) a->rows[k][i * CHUNK / a->row] += part[i].head[k];
+            for (int k = 0; k < ROW_SUMS; k++) a->rows[k][i * CHUNK / a->row] += part[i].head[k];
     }
     free(part);
     return 0;

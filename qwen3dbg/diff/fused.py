@@ -14,6 +14,8 @@ from qwen3dbg.diff.metrics import ErrorStats, ratio
 from qwen3dbg.util.cbuild import REDUCTION_FLAGS, build
 
 _CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+#: per-row sums of `tap_errors(row=...)`, as fused.c's ROW_SUMS
+ROW_SUMS = 9
 
 
 class _Args(ctypes.Structure):
@@ -25,7 +27,7 @@ class _Args(ctypes.Structure):
         ("keep", ctypes.c_void_p),
         ("limit", ctypes.c_double),
         ("row", ctypes.c_int64),
-        ("rows", ctypes.c_void_p * 4),
+        ("rows", ctypes.c_void_p * ROW_SUMS),
     ]
 
 
@@ -58,7 +60,7 @@ class _Out(ctypes.Structure):
                 "absmax_gold",
             )
         ]
-        + [("head", ctypes.c_double * 4)]
+        + [("head", ctypes.c_double * ROW_SUMS)]
     )
 
 
@@ -110,7 +112,9 @@ class TapErrors:
     dot: float  # err_cand . gold
     diff_norm: float  # ||err_cand - err_ref||
     #: with `row`: per row of the tap, over judged elements, the sums of cand - ref, (cand - ref) * gold,
-    #: ref - gold and (ref - gold) * gold, float64 [4, numel / row] (the systematic-deviation test's data)
+    #: ref - gold and (ref - gold) * gold (the systematic-deviation test's data), then (cand - gold)^2,
+    #: (ref - gold)^2, gold^2, the count of judged elements and gold^4 (the row rule's), float64
+    #: [ROW_SUMS, numel / row]
     rows: torch.Tensor | None = None
 
 
@@ -127,7 +131,7 @@ def tap_errors(
     if gold.numel() == 0:
         zero = ErrorStats(0.0, 0.0, 0, 0.0)
         return TapErrors(0, {"ref": 0, "cand": 0, "gold": 0}, 0, zero, zero, 0.0, 0.0, 0.0, 0.0)
-    rows = torch.zeros(4, gold.numel() // row, dtype=torch.float64) if row else None
+    rows = torch.zeros(ROW_SUMS, gold.numel() // row, dtype=torch.float64) if row else None
     out = _run(gold, ref, cand, scores, keep, math.inf, rows)
     gnorm, cn, rn = math.sqrt(out.ss_gold), math.sqrt(out.ss_cand), math.sqrt(out.ss_ref)
     hi = out.max_cand >= -out.min_cand  # torch's argmax/argmin: the first index of the extreme
@@ -162,7 +166,7 @@ def count_over(
 
 
 def _row_pointers(rows: torch.Tensor | None) -> list[int]:
-    """The addresses of `rows`' four rows, without iterating the tensor (an unbind per tap)."""
+    """The addresses of `rows`' rows, without iterating the tensor (an unbind per tap)."""
     if rows is None:
         return []
     return [rows.data_ptr() + i * rows.stride(0) * rows.element_size() for i in range(rows.shape[0])]
@@ -181,7 +185,7 @@ def _run(gold, ref, cand, scores, keep, limit, rows=None) -> _Out:
         keep.data_ptr() if keep is not None else None,
         limit,
         gold.numel() // rows.shape[1] if rows is not None else 0,
-        (ctypes.c_void_p * 4)(*_row_pointers(rows)),
+        (ctypes.c_void_p * ROW_SUMS)(*_row_pointers(rows)),
     )
     out = _Out()
     if _kernel().compare(ctypes.byref(a), gold.numel(), ctypes.byref(out)):

@@ -94,14 +94,27 @@ def rel(
     a: torch.Tensor, b: torch.Tensor, *, scale: torch.Tensor | None = None, where: torch.Tensor | None = None
 ) -> float:
     """||a - b|| / ||scale|| (scale defaults to b) in float64 over `where` (default: the entries where b is
-    finite); inf when a is not finite there."""
+    finite); inf when a is not finite there, or (default `where`) when b is not finite where a is: a replay
+    of NaN/inf fits no finite tensor. NaN, "no evidence", when nothing is compared: never a perfect 0.0."""
     a, b = a.double(), b.double()
-    ok = torch.isfinite(b) if where is None else where
+    if where is None:
+        ok = torch.isfinite(b)
+        if bool((torch.isfinite(a) & ~ok).any()):
+            return math.inf
+    else:
+        ok = where
+    if not bool(ok.any()):
+        return math.nan
     if not bool(torch.isfinite(a[ok]).all()):
         return math.inf
     den = float(torch.linalg.vector_norm((b if scale is None else scale.double())[ok]))
     num = float(torch.linalg.vector_norm((a - b)[ok]))
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def ranked(x: float) -> float:
+    """A residual as a sort key: "no evidence" (NaN) ranks last, never first."""
+    return math.inf if math.isnan(x) else x
 
 
 def fit_scale(c: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
@@ -118,11 +131,11 @@ def fit_scale(c: torch.Tensor, r: torch.Tensor) -> tuple[float, float]:
 def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
     """Largest |a - b| over entries finite on both sides, in units in the last place of `dtype` at b's
     magnitude, where magnitudes under b's RMS count as the RMS (a near-zero element inherits its
-    neighbours' absolute error)."""
+    neighbours' absolute error); NaN when no entry is finite on both sides."""
     ok = torch.isfinite(a) & torch.isfinite(b)
     a, b = a[ok].double(), b[ok].double()
     if b.numel() == 0:
-        return 0.0
+        return math.nan
     mag = b.abs().clamp_min(float(b.pow(2).mean().sqrt()) or torch.finfo(dtype).tiny)
     spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(mag)))
     return float(((a - b).abs() / spacing).max())

@@ -6,6 +6,7 @@ docs/differ.md states the rule for users; the constants live here and nowhere el
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 
@@ -53,3 +54,37 @@ def tolerance(dtype: torch.dtype, ref_rel_l2: float, ref_max_abs: float, gold_ma
         rel=max(NORM_FACTOR * small * ref_rel_l2, REL_FLOOR_ULPS * eps),
         abs_=max(ELEMENT_FACTOR * ref_max_abs, floor_abs),
     )
+
+
+#: The row rule: besides the whole tensor, each row of a tap (a token's vector, a head's query row: the
+#: last axis) is judged on its own, so that an error confined to some rows stands out at its own size.
+#: Its false-alarm rate per row: 1e-9 keeps a run of 1e6 rows under 1e-3 (Bonferroni) ...
+ROW_FALSE_ALARM = 1e-9
+#: ... rows with fewer judged elements than this are left to the whole-tensor rule (a decode step's
+#: attention row over a few keys: its chi-square tail is too wide to say anything the tap rule does not)
+ROW_MIN_ELEMENTS = 16
+
+
+def row_excess(sums: torch.Tensor, ref_rel_l2: float, dtype: torch.dtype) -> torch.Tensor:
+    """Per row, how far past its own tolerance the candidate is (> 1: the row leaves the noise; NaN: not
+    judged), from the kernel's row sums [5, rows] of (c - g)^2, (r - g)^2, g^2, the count judged and g^4.
+
+    A row's noise is the reference's error there, never under the tap's noise spread over the row (by its
+    share of elements and by its share of the golden's energy): the reference's error over a few elements
+    is a poor estimate. Its tolerance is NORM_FACTOR times that noise, never under REL_FLOOR_ULPS of the
+    row's golden (the tap rule's, row by row), widened for the spread of a row's error: a candidate at the
+    tolerance with Gaussian errors has a row's squared error of tolerance^2 chi2_m / m, and the limit is that
+    chi-square's 1 - ROW_FALSE_ALARM quantile (Wilson-Hilferty). Rounding errs in proportion to each value,
+    so a row whose energy sits in a few values (an RMSNorm weight of 96.5 on one channel) has fewer degrees
+    of freedom than elements: m = (sum g^2)^2 / sum g^4, at most the count."""
+    ssc, ssr, ssg, n, g4 = sums.double()
+    total_n, total_ssr = float(n.sum()), float(ssr.sum())
+    noise = torch.maximum(torch.maximum(ssr, ref_rel_l2**2 * ssg), n * (total_ssr / max(total_n, 1.0)))
+    tol = torch.maximum(NORM_FACTOR**2 * noise, (REL_FLOOR_ULPS * torch.finfo(dtype).eps) ** 2 * ssg)
+    m = torch.minimum(n, ssg.square() / g4.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(1)
+    z = NormalDist().inv_cdf(1 - ROW_FALSE_ALARM)
+    k = 2 / (9 * m)
+    quantile = (1 - k + z * k.sqrt()).pow(3)  # chi2_m / m at 1 - ROW_FALSE_ALARM
+    excess = (ssc / (quantile * tol)).sqrt()
+    judged = (n >= ROW_MIN_ELEMENTS) & (tol > 0)
+    return excess.where(judged, torch.nan)

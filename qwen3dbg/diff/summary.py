@@ -69,7 +69,8 @@ def summary(result: DiffResult) -> list[tuple[str, str]]:
         )
     d = result.first_divergence
     if d is not None:
-        worst = ", ".join(f"{k} {v}" for k, v in (d.worst or {}).items() if k not in ("step", "batch")) or "-"
+        shown = ("step", "batch", "token") if "position" in (d.worst or {}) else ("step", "batch")
+        worst = ", ".join(f"{k} {v}" for k, v in (d.worst or {}).items() if k not in shown) or "-"
         lines.append(
             (
                 "first divergence",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qwen3dbg.diff.metrics import rel
@@ -62,6 +64,8 @@ def teacher_force(cand: Candidate, src, div: Divergence, res: TapResult, info: S
     ok = torch.isfinite(g) & torch.isfinite(r) & ~masked(g) & ~masked(r)
     mask_diff = int((masked(forced) != masked(r)).sum())
     alone = float("inf") if mask_diff else rel(forced, r, scale=g, where=ok)
+    if math.isnan(alone):  # nothing comparable: no evidence either way
+        return None
     introduced = alone > res.tol_rel
     what = (
         f"its attention mask differs at {mask_diff} entries"

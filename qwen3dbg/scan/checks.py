@@ -13,6 +13,7 @@ from qwen3dbg.model.config import Qwen3Config
 from qwen3dbg.scan.container import INTEGER_DTYPES, Entry
 from qwen3dbg.scan.findings import CheckpointFinding, NormPeak
 from qwen3dbg.scan.stats import Stats
+from qwen3dbg.tapstore.schema import OPS_BY_NAME
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,10 @@ class Thresholds:
         return asdict(self)
 
 
+#: a layer's norm weights and their role, from the schema's op-to-weight map
 _NORMS = {
-    "self_attn.q_norm.weight": "q_norm",
-    "self_attn.k_norm.weight": "k_norm",
-    "input_layernorm.weight": "input_layernorm",
-    "post_attention_layernorm.weight": "post_attention_layernorm",
+    OPS_BY_NAME[op].module + ".weight": OPS_BY_NAME[op].module.split(".")[-1]
+    for op in ("q_norm", "k_norm", "attn_norm", "mlp_norm")
 }
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _GHOST = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias")

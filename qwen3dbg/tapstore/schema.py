@@ -27,15 +27,18 @@ class OpSpec:
     where: str = "all"  # "all", "dense" (dense FFN layers) or "moe" (sparse FFN layers)
     integer: bool = False
     doc: str = ""
+    #: the checkpoint module whose weight the op applies, inside its layer (`self_attn.q_proj`), or global
+    #: (`lm_head`); "" for ops without one. The one op-to-weight map: the diagnosis and the scan read it.
+    module: str = ""
 
 
 LAYER_OPS: tuple[OpSpec, ...] = (
-    OpSpec("attn_norm", ("B", "T", "H"), doc="input_layernorm output"),
-    OpSpec("q_proj", ("B", "T", "nH*D")),
-    OpSpec("k_proj", ("B", "T", "nKV*D")),
-    OpSpec("v_proj", ("B", "T", "nKV*D")),
-    OpSpec("q_norm", ("B", "T", "nH", "D"), doc="per-head RMSNorm over head_dim"),
-    OpSpec("k_norm", ("B", "T", "nKV", "D")),
+    OpSpec("attn_norm", ("B", "T", "H"), module="input_layernorm", doc="input_layernorm output"),
+    OpSpec("q_proj", ("B", "T", "nH*D"), module="self_attn.q_proj"),
+    OpSpec("k_proj", ("B", "T", "nKV*D"), module="self_attn.k_proj"),
+    OpSpec("v_proj", ("B", "T", "nKV*D"), module="self_attn.v_proj"),
+    OpSpec("q_norm", ("B", "T", "nH", "D"), module="self_attn.q_norm", doc="per-head RMSNorm over head_dim"),
+    OpSpec("k_norm", ("B", "T", "nKV", "D"), module="self_attn.k_norm"),
     OpSpec("q_rope", ("B", "T", "nH", "D")),
     OpSpec("k_rope", ("B", "T", "nKV", "D")),
     # the cache and attention matrices: the taps an external engine most often leaves out (docs/taps.md, (*))
@@ -44,20 +47,23 @@ LAYER_OPS: tuple[OpSpec, ...] = (
     OpSpec("attn_scores", ("B", "nH", "T", "S"), doc="scaled pre-softmax scores, masked -inf"),
     OpSpec("attn_probs", ("B", "nH", "T", "S")),
     OpSpec("attn_out", ("B", "T", "nH*D"), doc="context, heads concatenated, before o_proj"),
-    OpSpec("o_proj", ("B", "T", "H")),
+    OpSpec("o_proj", ("B", "T", "H"), module="self_attn.o_proj"),
     OpSpec("resid_mid", ("B", "T", "H"), doc="residual + attention"),
-    OpSpec("mlp_norm", ("B", "T", "H"), doc="post_attention_layernorm output"),
-    OpSpec("mlp.gate", ("B", "T", "I"), where="dense"),
-    OpSpec("mlp.up", ("B", "T", "I"), where="dense"),
+    OpSpec("mlp_norm", ("B", "T", "H"), module="post_attention_layernorm", doc="post_attention_layernorm output"),
+    OpSpec("mlp.gate", ("B", "T", "I"), module="mlp.gate_proj", where="dense"),
+    OpSpec("mlp.up", ("B", "T", "I"), module="mlp.up_proj", where="dense"),
     OpSpec("mlp.act", ("B", "T", "I"), where="dense", doc="silu(gate) * up"),
-    OpSpec("moe.router_logits", ("B", "T", "E"), where="moe"),
+    OpSpec("moe.router_logits", ("B", "T", "E"), module="mlp.gate", where="moe"),
     OpSpec("moe.topk_ids", ("B", "T", "k"), where="moe", integer=True, doc="int64 (or int32), by descending weight"),
     OpSpec("moe.topk_weights", ("B", "T", "k"), where="moe"),
-    OpSpec("mlp.out", ("B", "T", "H"), doc="FFN output: dense down_proj or the MoE mixture"),
+    OpSpec("mlp.out", ("B", "T", "H"), module="mlp.down_proj", doc="FFN output: dense down_proj or the MoE mixture"),
     OpSpec("resid_out", ("B", "T", "H")),
 )
-HEAD_OPS = (OpSpec("embed", ("B", "T", "H")),)
-TAIL_OPS = (OpSpec("final_norm", ("B", "T", "H")), OpSpec("logits", ("B", "T", "V")))
+HEAD_OPS = (OpSpec("embed", ("B", "T", "H"), module="model.embed_tokens"),)
+TAIL_OPS = (
+    OpSpec("final_norm", ("B", "T", "H"), module="model.norm"),
+    OpSpec("logits", ("B", "T", "V"), module="lm_head"),
+)
 OPS_BY_NAME = {o.op: o for o in HEAD_OPS + LAYER_OPS + TAIL_OPS}
 
 

@@ -186,7 +186,7 @@ def test_docs_describe_every_catalogue_variant_and_every_diagnosis_id():
 
     page = (Path(__file__).parents[2] / "docs" / "catalogue.md").read_text()
     assert [n for n in VARIANTS if f"| `{n}` |" not in page] == []
-    assert [i for i in SIGNATURE_IDS + ("rounding_order",) if f"`{i}`" not in page] == []
+    assert [i for i in SIGNATURE_IDS + ("rounding_order", "in_noise") if f"`{i}`" not in page] == []
     from qwen3dbg.model.synth import PRESETS
 
     named = re.findall(r"--preset ([\w.-]+)", page)

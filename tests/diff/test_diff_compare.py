@@ -55,8 +55,21 @@ def test_one_wrong_element_is_the_first_divergence_with_its_coordinate(dense_bf1
     result = run_diff("hf", rewrite(src, tmp_path / "c", edit), model_dir=model)
     d = result.first_divergence
     assert (d.step, d.layer, d.tap) == (0, 1, "layers.1.v_proj")
-    assert d.worst == {"step": 0, "batch": 0, "token": 3, "head": 0, "channel": 7}
+    assert d.worst == {"step": 0, "batch": 0, "token": 3, "head": 0, "channel": 7, "position": 3}
     assert result.exit_code == 1
+
+
+def test_a_decode_step_reports_its_worst_element_at_its_absolute_position(dense_bf16, tmp_path):
+    model, src = dense_bf16
+
+    def edit(step, name, t):
+        if (step, name) == (1, "layers.1.v_proj"):
+            t[0, 0, 7] += 4 * t.abs().max()
+        return t
+
+    d = run_diff("hf", rewrite(src, tmp_path / "c", edit), model_dir=model).first_divergence
+    assert (d.step, d.tap) == (1, "layers.1.v_proj")
+    assert d.worst["token"] == 0 and d.worst["position"] == len(PROMPT)  # the step's one row, at position 8
 
 
 def test_nan_is_traced_to_the_first_op_that_produced_it(dense_bf16, tmp_path):

@@ -10,8 +10,10 @@ first family that explains the tensor ends the search:
 3. `substitution`: another weight or another tap as operand;
 4. `recompute`: the op replayed the way other engines compute it, and where NaN/inf are born.
 
-`systematic` looks below the noise, `explain_rounding` words differences inside it. Hypotheses read only
-the taps they need, through `Site`; one the TapSource does not hold is skipped.
+`systematic` looks below the noise, `explain_rounding` words differences inside it: a cause only where a
+replay under that rounding order reproduces the candidate, else the measured figures alone. Hypotheses read
+only the taps they need, through `Site`, which refuses taps computed after the op (data flow); one the
+TapSource does not hold is skipped. `Site.explained` is the gate every replayed hypothesis passes.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 
 from qwen3dbg.diff.diagnosis import parameters, recompute, structure, substitution
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS
-from qwen3dbg.diff.diagnosis.recompute import amplification, rounding_point
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site, TapSource, ulps_phrase
+from qwen3dbg.diff.diagnosis.recompute import amplification, rounding_point, summation_order
 from qwen3dbg.diff.metrics import rel, ulps
 from qwen3dbg.tapstore.schema import parse_tap_name
 
@@ -36,7 +38,7 @@ FAMILIES = (
     ("substitution", substitution.HYPOTHESES),
     ("recompute", recompute.HYPOTHESES),
 )
-#: every id diagnose() can report; explain_rounding reports rounding_point or rounding_order
+#: every id diagnose() can report; explain_rounding reports rounding_point, rounding_order or in_noise
 SIGNATURE_IDS = tuple(dict.fromkeys(i for _, hyps in FAMILIES for h in hyps for i in h.ids))
 
 
@@ -76,17 +78,20 @@ def diagnose(src: TapSource, step: int, tap: str) -> list[Diagnosis]:
 
 
 def explain_rounding(src: TapSource, step: int, tap: str) -> Diagnosis | None:
-    """Word an in-noise difference: a known rounding point when one fits, else its size in ulps."""
+    """Word an in-noise difference: a rounding point or summation order when its replay reproduces the
+    candidate, else only what is measured (its size in ulps and both sides' distance to fp64), no cause."""
     s = _site(src, step, tap)
     if s is None or bool(torch.equal(s.cand(), s.base())):
         return None
     if s.op in NORM_OPS and (d := rounding_point(s)) is not None:
         return d
+    if (d := summation_order(s)) is not None:
+        return d
     c, b, g = s.cand(), s.base(), s.src.gold(step, tap)
     n = ulps(c, b, src.dtype)
     ev = {"max_ulps": n}
-    msg = f"{tap} differs from the reference by up to {ulps_phrase(n, s.dtype_name)}"
+    msg = f"{tap} is within the noise floor and differs from the reference by up to {ulps_phrase(n, s.dtype_name)}"
     if g is not None:
         ev |= {"rel_err": rel(c, g), "ref_rel_err": rel(b, g)}
         msg += f" (rel. L2 to fp64 {ev['rel_err']:.2g}, reference {ev['ref_rel_err']:.2g})"
-    return Diagnosis("rounding_order", msg + ": another rounding order, not a bug", ev)
+    return Diagnosis("in_noise", msg + "; no replay reproduced the difference, so no cause is stated", ev)

@@ -6,29 +6,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
+from qwen3dbg.tapstore.schema import OPS_BY_NAME
 
 Check = Callable[[Site], "Diagnosis | None"]
 
 NORM_OPS = ("attn_norm", "q_norm", "k_norm", "mlp_norm", "final_norm")
-#: each norm tap's weight module
-NORM_WEIGHT = {
-    "q_norm": "self_attn.q_norm.weight",
-    "k_norm": "self_attn.k_norm.weight",
-    "attn_norm": "input_layernorm.weight",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "final_norm": "model.norm.weight",
-}
+#: each norm tap's weight, from the schema
+NORM_WEIGHT = {op: OPS_BY_NAME[op].module + ".weight" for op in NORM_OPS}
 #: matmul taps and the checkpoint module holding their weight (and any bias a converter left beside it)
 MATMUL_MODULE = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "mlp.gate": "mlp.gate_proj",
-    "mlp.up": "mlp.up_proj",
-    "mlp.out": "mlp.down_proj",
-    "moe.router_logits": "mlp.gate",
-    "logits": "lm_head",
+    op: OPS_BY_NAME[op].module
+    for op in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate", "mlp.up", "mlp.out", "moe.router_logits", "logits")
 }
 
 

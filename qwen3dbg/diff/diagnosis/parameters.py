@@ -10,9 +10,9 @@ from typing import Callable
 import torch
 
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
-from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
+from qwen3dbg.diff.diagnosis.replay import attention, rms_norm, rope_angles, rotate, scores
 from qwen3dbg.diff.diagnosis.site import FIT_HEADS, Diagnosis, Site
-from qwen3dbg.diff.metrics import fit_scale, rel
+from qwen3dbg.diff.metrics import fit_scale, ranked, rel
 from qwen3dbg.tapstore.store import masked
 
 
@@ -45,7 +45,7 @@ def golden_section(f: Callable[[float], float], lo: float, hi: float, rounds: in
 def embed_scaled(s: Site) -> Diagnosis | None:
     """embed = a x reference for one scalar a, named when it is sqrt(hidden) or its inverse."""
     c, r = s.cand(), s.base()
-    a, resid = fit_scale(c, r)
+    a, _ = fit_scale(c, r)
     if abs(a - 1) <= s.tol:
         return None
     h = s.cfg.hidden_size
@@ -55,7 +55,7 @@ def embed_scaled(s: Site) -> Diagnosis | None:
         "embed_scaled",
         f"embed = reference x {a:.6g}{named}",
         "embeddings are scaled; Qwen3 does not scale them",
-        resid,
+        a * r,
         {"factor": a, "named": label},
     )
 
@@ -64,7 +64,7 @@ def scores_scaled(s: Site) -> Diagnosis | None:
     """Unmasked scores = a x reference, named when a is sqrt(head_dim) or its inverse."""
     c, r = s.cand(), s.base()
     valid = ~masked(r) & ~masked(c)
-    a, resid = fit_scale(c[valid], r[valid])
+    a, _ = fit_scale(c[valid], r[valid])
     if abs(a - 1) <= s.tol:
         return None
     d = s.cfg.head_dim
@@ -79,8 +79,10 @@ def scores_scaled(s: Site) -> Diagnosis | None:
         "scores_scaled",
         f"attn_scores = reference x {a:.4g}{named}",
         why,
-        resid,
+        a * r[valid],
         {"factor": a, "named": label, "head_dim": d},
+        cand=c[valid],
+        unchanged=r[valid],
     )
 
 
@@ -93,7 +95,7 @@ def softmax_temperature(s: Site) -> Diagnosis | None:
     sc = sc.masked_fill(~live, float("-inf"))
 
     def resid(log_a: float) -> float:
-        return rel(p, (sc * math.exp(log_a)).softmax(-1))
+        return ranked(rel(p, (sc * math.exp(log_a)).softmax(-1)))
 
     grid = [i * 0.25 for i in range(-16, 17)]
     log_a = golden_section(resid, min(grid, key=resid) - 0.25, min(grid, key=resid) + 0.25)
@@ -102,8 +104,9 @@ def softmax_temperature(s: Site) -> Diagnosis | None:
         "softmax_temperature",
         f"attn_probs = softmax({a:.4g} x attn_scores)",
         f"the softmax has a temperature of {1 / a:.4g}; Qwen3 takes it of the scores as they are",
-        resid(log_a),
+        (sc * a).softmax(-1),
         {"factor": a},
+        unchanged=sc.softmax(-1),
     )
 
 
@@ -125,10 +128,14 @@ def rope_fit(s: Site) -> Diagnosis | None:
     x, y, pos = x[:, idx, :FIT_HEADS], y[:, idx, :FIT_HEADS], s.positions()[:, idx]
     d, theta0 = s.cfg.head_dim, s.cfg.rope_theta
 
-    def resid(log_theta: float, interleaved: bool = False, offset: int = 0) -> float:
-        return rel(y, rotate(x, rope_angles(pos + offset, d, 10**log_theta, interleaved)))
+    def replay(log_theta: float, interleaved: bool = False, offset: int = 0) -> torch.Tensor:
+        return rotate(x, rope_angles(pos + offset, d, 10**log_theta, interleaved))
 
-    if resid(math.log10(theta0)) <= s.tol:
+    def resid(log_theta: float, interleaved: bool = False, offset: int = 0) -> float:
+        return ranked(rel(y, replay(log_theta, interleaved, offset)))
+
+    qwen3 = replay(math.log10(theta0))
+    if rel(y, qwen3) <= s.tol:
         return None
     e0, e_worst, p_worst = _position_drift(s)
     drift = (
@@ -148,8 +155,10 @@ def rope_fit(s: Site) -> Diagnosis | None:
             "rope_theta",
             f"{drift}: the RoPE angles of theta ~ {_sci(theta)}",
             f"rope_theta is {_sci(theta)}, the config says {_sci(theta0)}",
-            resid(fitted),
+            replay(fitted),
             ev | {"fitted_theta": theta},
+            cand=y,
+            unchanged=qwen3,
         )
     ):
         return d_
@@ -158,18 +167,23 @@ def rope_fit(s: Site) -> Diagnosis | None:
             "rope_position_offset",
             f"{drift}: the rotation is that of position p{offset:+d}",
             f"RoPE positions are off by {offset:+d}",
-            resid(math.log10(theta0), offset=offset),
+            replay(math.log10(theta0), offset=offset),
             ev | {"position_offset": offset},
+            cand=y,
+            unchanged=qwen3,
         ):
             return d_
-    r_inter = resid(math.log10(theta0), True)
+    interleaved = replay(math.log10(theta0), True)
+    r_inter = rel(y, interleaved)
     return s.explained(
         "rope_layout",
         f"{drift}: channels 2i and 2i+1 share a RoPE angle (cos/sin interleaved) while "
         f"rotate_half pairs channel i with i+{d // 2}",
         "cos/sin are concatenated on the wrong dim",
-        r_inter,
+        interleaved,
         ev | {"residual_interleaved": r_inter},
+        cand=y,
+        unchanged=qwen3,
     )
 
 
@@ -179,7 +193,8 @@ def norm_eps(s: Site) -> Diagnosis | None:
     if x is None or w is None:
         return None
     eps0 = s.cfg.rms_norm_eps
-    if rel(c, rms_norm(x, w, eps0)) <= s.tol:
+    qwen3 = rms_norm(x, w, eps0)
+    if rel(c, qwen3) <= s.tol:
         return None
     t = s.tokens()
     xs, cs = x[:, t].reshape(-1, x.shape[-1]), c[:, t].reshape(-1, x.shape[-1])
@@ -195,8 +210,59 @@ def norm_eps(s: Site) -> Diagnosis | None:
         "norm_eps",
         f"{s.name()} is an RMSNorm with eps ~ {_sci(eps)}",
         f"rms_norm_eps is {_sci(eps)}, the config says {_sci(eps0)}; use the config's",
-        rel(c, rms_norm(x, w, eps)),
+        rms_norm(x, w, eps),
         {"fitted_eps": eps, "config_eps": eps0},
+        unchanged=qwen3,
+    )
+
+
+def sliding_window(s: Site) -> Diagnosis | None:
+    """Attention over the last W keys only, W fitted: attn_scores (masked where the window ends), or attn_out
+    rebuilt from the candidate's own q_rope, k_cache and v_cache when it exposes no attention matrices. On a
+    sample of query rows; a row at position p loses keys only when p >= W, so W is at most the first sampled
+    position whose row leaves the noise, and is searched on a log grid below it, then refined."""
+    q, k, v = s.cand("q_rope"), s.cand("k_cache"), s.cand("v_cache")
+    if q is None or k is None or (s.op == "attn_out" and (v is None or s.cand("attn_probs") is not None)):
+        return None
+    t = s.tokens()
+    pos, qt, scale = s.positions()[:, t], q[:, t], s.cfg.head_dim**-0.5
+    c = s.cand()[:, t] if s.op == "attn_out" else s.cand()[:, :, t]
+
+    def replay(window: int | None) -> torch.Tensor:
+        if s.op == "attn_out":
+            return attention(qt, k, v, pos, s.kv_of_head, scale, window=window)
+        return scores(qt, k, pos, s.kv_of_head, scale, window=window)
+
+    def row(x: torch.Tensor, i: int) -> torch.Tensor:
+        return x[:, i] if s.op == "attn_out" else x[:, :, i]
+
+    qwen3 = replay(None)
+    off = [i for i in range(len(t)) if not rel(row(c, i), row(qwen3, i)) <= s.tol]
+    if not off:
+        return None
+    top = int(pos[0, off[0]])
+    if top < 1:
+        return None
+
+    def resid(w: int) -> float:
+        return ranked(rel(c, replay(w)))
+
+    grid = sorted({max(1, round(top * 2 ** (-i / 4))) for i in range(4 * max(1, top.bit_length()))} | {top})
+    best = min(grid, key=resid)
+    lo, hi = max((g for g in grid if g < best), default=1), min((g for g in grid if g > best), default=top)
+    while hi - lo > 2:  # integer ternary search between the grid's neighbours of the best
+        m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+        lo, hi = (lo, m2) if resid(m1) <= resid(m2) else (m1, hi)
+    w = min(range(lo, hi + 1), key=resid)
+    return s.explained(
+        "sliding_window",
+        f"{s.name()} attends over the last {w} keys only: queries at position {w} and later lose their oldest "
+        f"keys (first sampled query off: position {top})",
+        "a sliding window is applied; Qwen3 attends to every earlier key",
+        replay(w),
+        {"window": w, "first_position_off": top, "rows_replayed": len(t)},
+        cand=c,
+        unchanged=qwen3,
     )
 
 
@@ -206,4 +272,5 @@ HYPOTHESES = (
     Hypothesis(("softmax_temperature",), ("attn_probs",), softmax_temperature),
     Hypothesis(("norm_eps",), NORM_OPS, norm_eps),
     Hypothesis(("rope_theta", "rope_position_offset", "rope_layout"), ("q_rope", "k_rope"), rope_fit),
+    Hypothesis(("sliding_window",), ("attn_scores", "attn_out"), sliding_window),
 )

@@ -11,7 +11,7 @@ import torch
 from qwen3dbg.diff.diagnosis.hypothesis import MATMUL_MODULE, NORM_OPS, NORM_WEIGHT, Hypothesis, is_linear, norm_input
 from qwen3dbg.diff.diagnosis.replay import attention, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site, floors, ulps_phrase
-from qwen3dbg.diff.metrics import rel, ulps
+from qwen3dbg.diff.metrics import ranked, rel, ulps
 from qwen3dbg.reference.qwen3 import accumulate_lowp
 from qwen3dbg.tapstore.schema import parse_tap_name, tap_name
 from qwen3dbg.tapstore.store import masked
@@ -98,8 +98,10 @@ def cache_lowp(s: Site) -> Diagnosis | None:
                 f"the KV cache keeps {what} in {name} ({bits} mantissa bits, {s.dtype_name} has "
                 f"{round(-math.log2(s.eps))}): a quantized cache, not a bug in the op; attention reads the "
                 "rounded values from here on",
-                rel(c, float8(x, bits, min_exp, largest, toward_zero)),
+                float8(x, bits, min_exp, largest, toward_zero),
                 {"format": name, "rounding": "toward_zero" if toward_zero else "nearest"},
+                cand=c,
+                unchanged=x.double(),  # Qwen3's cache holds the step's keys/values as they are
             )
             if found is not None:
                 return found
@@ -115,7 +117,7 @@ def attention_rebuilt(s: Site) -> Diagnosis | None:
     cfg, pos = s.cfg, s.positions()
     right = {"kv_of_head": s.kv_of_head, "scale": cfg.head_dim**-0.5}
     as_qwen3 = rel(c, attention(q, k, v, pos, **right))
-    if as_qwen3 <= s.tol:
+    if not as_qwen3 > s.tol:
         return None
     modulo = [h % cfg.num_key_value_heads for h in range(cfg.num_attention_heads)]
     slips = [
@@ -132,29 +134,29 @@ def attention_rebuilt(s: Site) -> Diagnosis | None:
                 "the GQA head mapping uses modulo",
             )
         )
-    tried = [
-        (rel(c, attention(q, k, v, pos, **(right | change))), sig, what, why, {}) for sig, change, what, why in slips
-    ]
+    qwen3 = attention(q, k, v, pos, **right)
+    tried = [(attention(q, k, v, pos, **(right | change)), sig, what, why, {}) for sig, change, what, why in slips]
     for layer in range(cfg.num_hidden_layers):
         kl, vl = s.operand(tap_name("k_cache", layer)), s.operand(tap_name("v_cache", layer))
         if layer != s.layer and kl is not None and vl is not None and kl.shape == k.shape:
             tried.append(
                 (
-                    rel(c, attention(q, kl, vl, pos, **right)),
+                    attention(q, kl, vl, pos, **right),
                     "input_substituted",
                     f"layer {layer}'s k_cache and v_cache",
                     f"layer {s.layer} attends over layer {layer}'s cache; read layer {s.layer}'s",
                     {"operand": tap_name("k_cache", layer), "expected": tap_name("k_cache", s.layer)},
                 )
             )
-    resid, sig, what, why, ev = min(tried, key=lambda t: t[0])
+    replay, sig, what, why, ev = min(tried, key=lambda t: ranked(rel(c, t[0])))
     return s.explained(
         sig,
         f"{s.name()} is what the candidate's own q_rope, k_cache and v_cache give with {what} "
         f"(attending as Qwen3 leaves {as_qwen3:.2g})",
         why,
-        resid,
+        replay,
         ev | {"residual_as_qwen3": as_qwen3, "rebuilt_from": "attn_out"},
+        unchanged=qwen3,
     )
 
 
@@ -221,7 +223,7 @@ def rounding_point(s: Site) -> Diagnosis | None:
     if share_fused < 0.9 or share_fused <= float((c == unfused).double().mean()):
         return None
     base = s.base()
-    n = ulps(c, base, act) if base is not None else 0.0
+    n = ulps(c, base, act) if base is not None else math.nan
     wmax = float(w.abs().max())
     amplified = f"; {s.op} weight {wmax:.1f} amplifies the reference's rounding" if wmax > 2 else ""
     return Diagnosis(
@@ -234,6 +236,35 @@ def rounding_point(s: Site) -> Diagnosis | None:
             "max_weight": wmax,
             "residual_in_noise": s.floors(rel(c, fused)),
         },
+    )
+
+
+def summation_order(s: Site) -> Diagnosis | None:
+    """Does the candidate's matmul sum its products in sequence, rounding each partial sum to the activation
+    dtype? Replayed on its own input for a sample of tokens: named when at least 90% of its values are that
+    replay's bit for bit, more than match the reference. Within the noise only (`explain_rounding`)."""
+    if not is_linear(s) or s.op == "logits":
+        return None
+    x, w, base = s.cand(s.input_op), s.weight(MATMUL_MODULE[s.op] + ".weight"), s.base()
+    if x is None or w is None or base is None:
+        return None
+    act, rows = s.src.dtype, s.tokens()
+    c, base = s.cand()[:, rows], base[:, rows]
+    share = float((c == accumulate_lowp(x[:, rows].to(act), w.to(act)).double()).double().mean())
+    if share < 0.9 or share <= float((c == base).double().mean()):
+        return None
+    n = ulps(c, base, act)
+    why = (
+        "another summation order, not a bug"
+        if s.eps < 1e-4
+        else f"it accumulates in {s.dtype_name}, within the noise at this reduction length; accumulate in float32"
+    )
+    return Diagnosis(
+        "rounding_order",
+        f"{s.name()} differs from the reference by up to {ulps_phrase(n, s.dtype_name)}, and {share:.0%} of "
+        f"its values are, bit for bit, its own input's products summed in sequence in {s.dtype_name} (replayed "
+        f"on {len(rows)} tokens): {why}",
+        {"max_ulps": n, "share_matching_sequential_sum": share, "tokens_replayed": len(rows)},
     )
 
 

@@ -6,14 +6,17 @@ Shapes: B batch, T tokens of the step, S cache slots, nH/nKV heads, D head_dim, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from qwen3dbg.reference.qwen3 import apply_rope, causal_mask
+from qwen3dbg.reference import qwen3
+from qwen3dbg.reference.qwen3 import apply_rope, causal_mask, swiglu
+
+#: Qwen3's own functions with nothing rounded: float64 throughout
+_FLOAT64 = qwen3.Numerics(torch.float64)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor | float, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis in float64: w * x / sqrt(mean(x^2) + eps)."""
-    return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """RMSNorm over the last axis in float64: the reference's own `rms_norm`, w * x / sqrt(mean(x^2) + eps)."""
+    return qwen3.rms_norm(x.double(), w, eps, _FLOAT64)
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor | float, eps: float) -> torch.Tensor:
@@ -35,13 +38,25 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def scores(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv_of_head: list[int], scale: float, causal: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    kv_of_head: list[int],
+    scale: float,
+    causal: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention scores in float64 from q [B,T,nH,D], a key cache [B,nKV,S,D] and query positions [B,T]
-    -> [B,nH,T,S], future keys -inf when causal; query head h reads kv head kv_of_head[h]."""
+    -> [B,nH,T,S], future keys -inf when causal, and keys `window` or more positions back with a sliding
+    window; query head h reads kv head kv_of_head[h]."""
     q, k = q.double().transpose(1, 2), k.double()[:, kv_of_head]
     out = q @ k.transpose(2, 3) * scale
-    return out.masked_fill(causal_mask(positions, k.shape[2]), float("-inf")) if causal else out
+    if causal:
+        out = out.masked_fill(causal_mask(positions, k.shape[2]), float("-inf"))
+    if window is not None:
+        old = torch.arange(k.shape[2])[None, None, :] <= positions[:, :, None] - window  # [B,T,S]
+        out = out.masked_fill(old[:, None], float("-inf"))
+    return out
 
 
 def context(probs: torch.Tensor, v: torch.Tensor, kv_of_head: list[int]) -> torch.Tensor:
@@ -59,13 +74,10 @@ def attention(
     scale: float,
     causal: bool = True,
     softmax_dim: int = -1,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention in float64 (see `scores`; v [B,nKV,S,D]) -> context [B,T,nH*D]. The knobs are where bugs live."""
-    return context(scores(q, k, positions, kv_of_head, scale, causal).softmax(softmax_dim), v, kv_of_head)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+    return context(scores(q, k, positions, kv_of_head, scale, causal, window).softmax(softmax_dim), v, kv_of_head)
 
 
 def experts_mix(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert) -> torch.Tensor:

@@ -7,18 +7,19 @@ which the hypothesis steps aside.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
 
 import torch
 
-from qwen3dbg.diff.metrics import rel, sample
-from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS, tolerance
 from qwen3dbg.model.config import Qwen3Config
-from qwen3dbg.tapstore.schema import inputs_of, parse_tap_name, tap_name
-from qwen3dbg.tapstore.store import StepInfo, masked
+from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS, tolerance
 from qwen3dbg.util.dtypes import dtype_name
+from qwen3dbg.diff.metrics import rel, sample
+from qwen3dbg.tapstore.store import StepInfo, masked
+from qwen3dbg.tapstore.schema import forward_index, inputs_of, parse_tap_name, tap_name
 
 #: the most tokens and heads a fit or a replay looks at
 FIT_TOKENS, FIT_HEADS = 16, 4
@@ -62,6 +63,9 @@ def floors(x: float) -> str:
 
 
 def ulps_phrase(n: float, dtype_name: str) -> str:
+    """`n` ulps in words, for a difference that exists: never "0 ulps" (under half an ulp says so)."""
+    if not n >= 0.5:
+        return f"less than half a {dtype_name} ulp"
     return f"{n:.0f} {dtype_name} ulp" + ("" if round(n) == 1 else "s")
 
 
@@ -92,10 +96,24 @@ class Site:
     def name(self, op: str | None = None, layer: int | None | str = "same") -> str:
         return tap_name(op or self.op, self.layer if layer == "same" else layer)
 
+    @cached_property
+    def _order(self) -> dict[str, int]:
+        return forward_index(self.cfg)
+
+    def before(self, name: str, step: int) -> bool:
+        """Whether tap `name` of `step` exists when this op runs (data flow): an earlier step's, or one
+        computed earlier in this step's forward order. The tap under suspicion itself counts, as what is
+        explained, never as an operand (`operand` refuses it)."""
+        if step != self.step:
+            return 0 <= step < self.step
+        here, there = self._order.get(self.name()), self._order.get(name)
+        return here is not None and there is not None and there <= here
+
     def get(self, side: str, name: str, step: int | None = None) -> torch.Tensor | None:
-        """A tap by full name: side "cand", or "base" (the reference in the dtype under test, else the golden)."""
+        """A tap by full name: side "cand", or "base" (the reference in the dtype under test, else the golden).
+        None for a tap computed after this op: no replay may read the future."""
         key = (side, self.step if step is None else step, name)
-        if key[1] < 0:
+        if not self.before(name, key[1]):
             return None
         if key not in self._reads:
             if side == "cand":
@@ -113,7 +131,10 @@ class Site:
         return self.get("base", self.name(op), step)
 
     def operand(self, name: str, step: int | None = None) -> torch.Tensor | None:
-        """What the candidate fed an op: its own tap, else the reference's (within the noise before the divergence)."""
+        """What the candidate fed an op: its own tap, else the reference's (within the noise before the
+        divergence); never the tap under suspicion itself (a replay that returns it proves nothing)."""
+        if name == self.name() and (step is None or step == self.step):
+            return None
         t = self.get("cand", name, step)
         return self.get("base", name, step) if t is None else t
 
@@ -126,6 +147,7 @@ class Site:
         if r is not None and g is not None:
             g = widen(g)
             noise = rel(r, g, where=torch.isfinite(g) & ~masked(g))
+            noise = 0.0 if math.isnan(noise) else noise  # nothing compared: the floor alone
         return max(NORM_FACTOR * noise, REL_FLOOR_ULPS * self.eps)
 
     def divergent(self) -> bool:
@@ -157,12 +179,29 @@ class Site:
         return resid / self.tol
 
     def explained(
-        self, signature: str, what: str, why: str, resid: float, evidence: dict | None = None
+        self,
+        signature: str,
+        what: str,
+        why: str,
+        replay: torch.Tensor,
+        evidence: dict | None = None,
+        *,
+        cand: torch.Tensor | None = None,
+        unchanged: torch.Tensor | None = None,
     ) -> Diagnosis | None:
-        """The hypothesis' finding when its relative residual `resid` is within the noise floor, else None:
-        a hypothesis that leaves the error outside the noise is never stated."""
+        """The one gate every replayed hypothesis goes through: its finding, or None unless it proves
+        something. `replay` is the op recomputed with the edit, `unchanged` the same replay without it (default:
+        the reference's tap), `cand` what both are compared with (default: the candidate's tap; a slice of it
+        needs its `unchanged`). Stated only when the replay reproduces the candidate within the noise floor
+        (NaN/inf where the candidate is finite, or nothing to compare, is no fit), the unchanged replay does not,
+        and the edit moves the replay out of the noise of the unchanged one (an edit that would explain the
+        reference side as well distinguishes nothing)."""
+        assert cand is None or unchanged is not None, "a replay on a slice needs its unchanged replay"
+        c = self.cand() if cand is None else cand
+        unchanged = self.base() if unchanged is None else unchanged
+        resid = rel(c, replay)
         x = self.floors(resid)
-        if not x <= 1:
+        if not x <= 1 or not rel(c, unchanged) > self.tol or not rel(replay, unchanged) > self.tol:
             return None
         return Diagnosis(
             signature,

@@ -6,17 +6,16 @@ from __future__ import annotations
 import torch
 
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
-from qwen3dbg.diff.diagnosis.replay import experts_mix, layer_norm, rms_norm, rope_angles, rotate, scores, swiglu
+from qwen3dbg.diff.diagnosis.replay import experts_mix, layer_norm, rms_norm, rope_angles, rotate, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
-from qwen3dbg.diff.metrics import rel
-from qwen3dbg.reference.qwen3 import causal_mask
+from qwen3dbg.diff.metrics import ranked, rel
+from qwen3dbg.reference.qwen3 import causal_mask, swiglu
 from qwen3dbg.tapstore.store import masked
 
 
-def _best(c: torch.Tensor, variants) -> tuple[str, float, str, str] | None:
-    """(signature, residual, what, why) of the variant closest to c; variants yield (id, tensor, what, why)."""
-    tried = [(sig, rel(c, hyp), what, why) for sig, hyp, what, why in variants]
-    return min(tried, key=lambda v: v[1], default=None)
+def _best(c: torch.Tensor, variants) -> tuple[str, torch.Tensor, str, str] | None:
+    """(signature, replay, what, why) of the variant closest to c; variants yield (id, tensor, what, why)."""
+    return min(variants, key=lambda v: ranked(rel(c, v[1])), default=None)
 
 
 def norm_variants(s: Site) -> Diagnosis | None:
@@ -26,7 +25,8 @@ def norm_variants(s: Site) -> Diagnosis | None:
     if x is None or w is None:
         return None
     eps, n = s.cfg.rms_norm_eps, s.name()
-    if rel(c, rms_norm(x, w, eps)) <= s.tol:
+    qwen3 = rms_norm(x, w, eps)
+    if rel(c, qwen3) <= s.tol:
         return None
     best = _best(
         c,
@@ -53,7 +53,7 @@ def norm_variants(s: Site) -> Diagnosis | None:
             ("norm_twice", rms_norm(rms_norm(x, w, eps), w, eps), f"{n} is the RMSNorm applied twice", "apply it once"),
         ),
     )
-    return s.explained(best[0], best[2], best[3], best[1])
+    return s.explained(best[0], best[2], best[3], best[1], unchanged=qwen3)
 
 
 def norm_over_all_heads(s: Site) -> Diagnosis | None:
@@ -62,7 +62,8 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
     if w is None or x is None:
         return None
     eps, n = s.cfg.rms_norm_eps, c.shape[-2]
-    if rel(c, rms_norm(x, w, eps)) <= s.tol:
+    qwen3 = rms_norm(x, w, eps)
+    if rel(c, qwen3) <= s.tol:
         return None
     joint = rms_norm(x.flatten(-2), w.repeat(n), eps).reshape(c.shape)
     per_head = (c / w).pow(2).mean(-1).sqrt()  # [B,T,n]: the RMS each head got before its weight
@@ -80,8 +81,9 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
         f"{s.name()} is normalised over all {n} heads jointly (the RMS of {s.op}/weight "
         f"per head ranges {ev['per_head_rms_min']:.3f}..{ev['per_head_rms_max']:.3f})",
         f"Qwen3 normalises each head over head_dim {c.shape[-1]}",
-        rel(c, joint),
+        joint,
         ev,
+        unchanged=qwen3,
     )
 
 
@@ -91,7 +93,8 @@ def rope_structure(s: Site) -> Diagnosis | None:
     if x is None:
         return None
     angles = rope_angles(s.positions(), s.cfg.head_dim, s.cfg.rope_theta, False)
-    if rel(c, rotate(x, angles)) <= s.tol:
+    qwen3 = rotate(x, angles)
+    if rel(c, qwen3) <= s.tol:
         return None
     best = _best(
         c,
@@ -105,7 +108,7 @@ def rope_structure(s: Site) -> Diagnosis | None:
             ),
         ),
     )
-    return s.explained(best[0], best[2], best[3], best[1])
+    return s.explained(best[0], best[2], best[3], best[1], unchanged=qwen3)
 
 
 def transpose_before_reshape(s: Site) -> Diagnosis | None:
@@ -114,14 +117,15 @@ def transpose_before_reshape(s: Site) -> Diagnosis | None:
     B, T, _ = c.shape
     if T == 1:
         return None
+    # the reference's [B,nH,T,D] context read as [B,T,nH*D] without the transpose back
+    untransposed = r.reshape(B, T, -1, s.cfg.head_dim).transpose(1, 2).reshape(B, T, -1)
     undone = c.reshape(B, -1, T, s.cfg.head_dim).transpose(1, 2).reshape(B, T, -1)
-    as_is, fixed = rel(c, r), rel(undone, r)
     return s.explained(
         "transpose_before_reshape",
         "attn_out is a permutation of the reference: read as [B,nH,T,D] and transposed to [B,T,nH,D] it matches",
         "heads and tokens are not transposed back before the reshape",
-        fixed,
-        {"rel_err_as_is": as_is, "rel_err_transposed": fixed},
+        untransposed,
+        {"rel_err_as_is": rel(c, r), "rel_err_transposed": rel(undone, r)},
     )
 
 
@@ -147,22 +151,26 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
     if mapping == expected:
         return None
     modulo = [h % c.num_key_value_heads for h in range(c.num_attention_heads)]
-    ev = {"mapping": mapping, "expected": expected}
+    ev = {"mapping": mapping, "expected": expected, "worst_head_residual": max(resid)}
+    replay = scores(q, k, s.positions(), mapping, c.head_dim**-0.5)
+    qwen3 = scores(q, k, s.positions(), expected, c.head_dim**-0.5)
     if mapping == modulo:
         return s.explained(
             "gqa_modulo",
             f"query heads read kv heads {mapping} (h % {c.num_key_value_heads}), the "
             f"config implies {expected} (h // {c.n_rep})",
             f"the GQA head mapping uses modulo; use h // {c.n_rep}",
-            max(resid),
+            replay,
             ev,
+            unchanged=qwen3,
         )
     return s.explained(
         "gqa_mapping",
         f"query heads read kv heads {mapping}, the config implies {expected} (h // {c.n_rep})",
         "the GQA head mapping is wrong",
-        max(resid),
+        replay,
         ev,
+        unchanged=qwen3,
     )
 
 
@@ -175,7 +183,6 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     future = causal_mask(s.positions(), k.shape[2]).expand_as(hyp)  # [B,nH,T,S]
     if not bool(future.any()):
         return None
-    c = s.cand()
     ev = {"future_entries": int(future.sum())}
     if sc is not None:
         ev["reached"] = int((future & ~masked(sc)).sum())
@@ -187,9 +194,15 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     if probs is not None:
         ev["future_mass"] = float(probs[future].sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
-    resid = rel(c, hyp if s.op == "attn_scores" else hyp.softmax(-1))
+    masked_hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5)
+    replay, qwen3 = (hyp, masked_hyp) if s.op == "attn_scores" else (hyp.softmax(-1), masked_hyp.softmax(-1))
     return s.explained(
-        "causal_mask_missing", msg, "the causal mask is missing; mask keys after the query's position", resid, ev
+        "causal_mask_missing",
+        msg,
+        "the causal mask is missing; mask keys after the query's position",
+        replay,
+        ev,
+        unchanged=qwen3,
     )
 
 
@@ -204,8 +217,9 @@ def softmax_axis(s: Site) -> Diagnosis | None:
         f"rows of attn_probs sum to {ev['row_sum_min']:.3g}..{ev['row_sum_max']:.3g} "
         "over keys, and they are the softmax of attn_scores over queries",
         "softmax taken over the wrong axis; take it over keys (dim=-1)",
-        rel(p, sc.softmax(-2)),
+        sc.softmax(-2),
         ev,
+        unchanged=sc.softmax(-1),
     )
 
 
@@ -237,7 +251,7 @@ def cache_off_by_one(s: Site) -> Diagnosis | None:
             f"{moved[-1]} holds the entry the reference has at slot {moved[-1] + shift}"
             + (f", slot {empty[-1]} is empty" if empty else ""),
             f"the cache is off by one (entries written {where})",
-            rel(c, hyp),
+            hyp,
             {"step": s.step, "shift": shift, "moved_slots": moved, "empty_slots": empty},
         )
     return None
@@ -250,6 +264,7 @@ def moe_weights_normalisation(s: Site) -> Diagnosis | None:
         return None
     picked = logits.softmax(-1).gather(-1, ids.long())
     norm = s.cfg.norm_topk_prob
+    renormalised = picked / picked.sum(-1, keepdim=True)
     ev = {
         "cand_sum_mean": float(c.sum(-1).mean()),
         "ref_sum_mean": float(s.base().sum(-1).mean()),
@@ -260,8 +275,9 @@ def moe_weights_normalisation(s: Site) -> Diagnosis | None:
             "moe_topk_not_normalised",
             f"moe.topk_weights sum to {ev['cand_sum_mean']:.3g} per token on average though norm_topk_prob is true",
             "the top-k weights are not renormalised",
-            rel(c, picked),
+            picked,
             ev,
+            unchanged=renormalised,
         )
     return s.explained(
         "moe_topk_softmax",
@@ -269,8 +285,9 @@ def moe_weights_normalisation(s: Site) -> Diagnosis | None:
         f"(reference: {ev['ref_sum_mean']:.3g} on average, the top-k share of a softmax over all "
         f"{s.cfg.num_experts} experts)",
         "softmax over the top-k logits only, or a renormalisation",
-        rel(c, picked / picked.sum(-1, keepdim=True)),
+        renormalised,
         ev,
+        unchanged=picked,
     )
 
 
@@ -283,7 +300,8 @@ def swiglu_swapped(s: Site) -> Diagnosis | None:
         "swiglu_swapped",
         f"{s.name()} is silu(up) * gate",
         "gate and up are swapped in SwiGLU; Qwen3 computes silu(gate_proj(x)) * up_proj(x)",
-        rel(c, swiglu(up, gate)),
+        swiglu(up, gate),
+        unchanged=swiglu(gate, up),
     )
 
 
@@ -313,19 +331,30 @@ def moe_experts(s: Site) -> Diagnosis | None:
     qwen3 = experts_mix(x, ids, wts, expert())
     if qwen3 is None or rel(c, qwen3) <= s.tol:
         return None
-    tried = [(rel(c, experts_mix(x, ids, wts, expert(shift))), "moe_expert_index", shift) for shift in (-1, 1)]
-    tried.append((rel(c, experts_mix(x, ids, wts, expert(swap=True))), "swiglu_swapped", 0))
-    resid, sig, shift = min(tried)
+    tried = [(experts_mix(x, ids, wts, expert(shift)), "moe_expert_index", shift) for shift in (-1, 1)]
+    tried.append((experts_mix(x, ids, wts, expert(swap=True)), "swiglu_swapped", 0))
+    replay, sig, shift = min(
+        (t for t in tried if t[0] is not None), key=lambda t: ranked(rel(c, t[0])), default=(None, "", 0)
+    )
+    if replay is None:
+        return None
     if sig == "swiglu_swapped":
         return s.explained(
-            sig, f"{s.name()} is each expert's silu(up) * gate", "gate and up are swapped in the experts' SwiGLU", resid
+            sig,
+            f"{s.name()} is each expert's silu(up) * gate",
+            "gate and up are swapped in the experts' SwiGLU",
+            replay,
+            cand=c,
+            unchanged=qwen3,
         )
     return s.explained(
         sig,
         f"{s.name()} mixes expert e{shift:+d}'s weights where the router chose expert e",
         "the experts are indexed off by one; use experts.{e} for id e",
-        resid,
+        replay,
         {"expert_shift": shift},
+        cand=c,
+        unchanged=qwen3,
     )
 
 

@@ -18,8 +18,8 @@ from qwen3dbg.diff.diagnosis.hypothesis import (
 )
 from qwen3dbg.diff.diagnosis.replay import context, rms_norm, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
-from qwen3dbg.diff.metrics import rel, sample
 from qwen3dbg.model.layout import tensor_shapes
+from qwen3dbg.diff.metrics import ranked, rel, sample
 from qwen3dbg.tapstore.schema import layer_ops, parse_tap_name, step_taps, tap_name
 
 #: output channels a matmul replay looks at (an LM head has 152k)
@@ -59,14 +59,20 @@ def _candidates(s: Site, own: str, shape: tuple[int, ...], everywhere: bool) -> 
     ]
 
 
-def _stated(s: Site, used: str, own: str, transposed: bool, resid: float) -> Diagnosis | None:
+def _stated(
+    s: Site, used: str, own: str, transposed: bool, fit: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> Diagnosis | None:
+    """`fit`: (the candidate's slice, the replay with `used`, the replay with `own`) on the same slice."""
+    c, replay, qwen3 = fit
     if transposed:
         return s.explained(
             "weight_transposed",
             f"{s.name()} applies {own} transposed",
             "the weight is used transposed; F.linear takes [out, in] as stored",
-            resid,
+            replay,
             {"weight": own, "expected": own},
+            cand=c,
+            unchanged=qwen3,
         )
     why = f"it loads {_relation(s, used, own)}"
     if s.op == "logits" and s.cfg.tie_word_embeddings and used == "lm_head.weight":
@@ -75,8 +81,10 @@ def _stated(s: Site, used: str, own: str, transposed: bool, resid: float) -> Dia
         "weight_substituted",
         f"{s.name()} applies {used}",
         f"{why}; load {own}",
-        resid,
+        replay,
         {"weight": used, "expected": own},
+        cand=c,
+        unchanged=qwen3,
     )
 
 
@@ -91,11 +99,11 @@ def norm_weight(s: Site) -> Diagnosis | None:
     if rel(c, w * xhat) <= s.tol:
         return None
     others = ((n, s.weight_at(n)) for n in _candidates(s, own, tuple(w.shape), True))
-    tried = [(rel(c, wn * xhat), n) for n, wn in others if wn is not None]
+    tried = [(wn * xhat, n) for n, wn in others if wn is not None]
     if not tried:
         return None
-    resid, used = min(tried)
-    return _stated(s, used, own, False, resid)
+    replay, used = min(tried, key=lambda t: ranked(rel(c, t[0])))
+    return _stated(s, used, own, False, (c, replay, w * xhat))
 
 
 def linear_weight(s: Site) -> Diagnosis | None:
@@ -109,17 +117,18 @@ def linear_weight(s: Site) -> Diagnosis | None:
     if x is None or w is None:
         return None
     x, c = x[:, s.tokens()], c[:, s.tokens()][..., rows]
-    if rel(c, x @ w.T) <= s.tol:
+    qwen3 = x @ w.T
+    if rel(c, qwen3) <= s.tol:
         return None
     shape = s.weight_shape(own)
     others = ((n, s.weight_at(n, rows)) for n in _candidates(s, own, shape, False))
-    tried = [(rel(c, x @ wn.T), n, False) for n, wn in others if wn is not None]
+    tried = [(x @ wn.T, n, False) for n, wn in others if wn is not None]
     if shape[0] == shape[1]:
-        tried.append((rel(c, x @ s.weight_at(own)[:, rows]), own, True))
+        tried.append((x @ s.weight_at(own)[:, rows], own, True))
     if not tried:
         return None
-    resid, used, transposed = min(tried)
-    return _stated(s, used, own, transposed, resid)
+    replay, used, transposed = min(tried, key=lambda t: ranked(rel(c, t[0])))
+    return _stated(s, used, own, transposed, (c, replay, qwen3))
 
 
 def extra_bias(s: Site) -> Diagnosis | None:
@@ -145,7 +154,7 @@ def extra_bias(s: Site) -> Diagnosis | None:
             f"; it equals the checkpoint's {bias_name}, which attention_bias "
             f"{str(s.cfg.attention_bias).lower()} leaves unused"
         )
-    return s.explained("extra_bias", what, why, rel(c, r + offset), ev)
+    return s.explained("extra_bias", what, why, r + offset, ev)
 
 
 # ---- another tap as input --------------------------------------------------------------------------
@@ -210,10 +219,10 @@ def input_substituted(s: Site) -> Diagnosis | None:
                 continue
             hyp = _replay(s, ins[:slot] + [alt.reshape(right.shape)] + ins[slot + 1 :])
             if hyp is not None and hyp.shape == c.shape:
-                tried.append((rel(c, hyp), slot, name, step))
+                tried.append((hyp, slot, name, step))
     if not tried:
         return None
-    resid, slot, name, step = min(tried)
+    replay, slot, name, step = min(tried, key=lambda t: ranked(rel(c, t[0])))
     right = s.inputs[slot]
     used = name + (f" of step {step}" if step != s.step else "")
     why = f"it reads {used} in place of {right}"
@@ -228,8 +237,9 @@ def input_substituted(s: Site) -> Diagnosis | None:
         "input_substituted",
         f"{s.name()} is computed from {used} where Qwen3 uses {right}",
         f"{why}; feed it {right}",
-        resid,
+        replay,
         {"operand": name, "operand_step": step, "expected": right},
+        unchanged=qwen3,
     )
 
 

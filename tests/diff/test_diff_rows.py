@@ -1,0 +1,78 @@
+"""The row rule: an error confined to some rows of a tap (positions, heads) is judged at its own size, with
+each row's noise floor and the multiple comparisons over many rows accounted for."""
+
+from __future__ import annotations
+
+import torch
+
+from qwen3dbg.diff import run_diff
+from qwen3dbg.diff.fused import tap_errors
+from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS, row_excess
+from qwen3dbg.reference.qwen3 import Qwen3Reference, causal_mask
+from qwen3dbg.run.registry import IMPLEMENTATIONS
+
+TOKENS = list(range(3, 3 + 160))
+WINDOW = 120
+
+
+def _rows(g, r, c, dtype=torch.bfloat16):
+    te = tap_errors(g, r, c, row=g.shape[-1])
+    return row_excess(te.rows[4:], te.ref.rel_l2, dtype)
+
+
+def test_ten_thousand_clean_rows_raise_no_row_and_one_row_five_times_over_the_tap_tolerance_does():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(10_000, 64, generator=gen, dtype=torch.float64)
+    r = g.to(torch.bfloat16)
+    # the candidate rounds as the reference does, with its own errors: wobbled before rounding
+    c = (g * (1 + 2**-9 * torch.randn(g.shape, generator=gen, dtype=torch.float64))).to(torch.bfloat16)
+    assert float(_rows(g, r, c).max()) < 1
+    tol = max(NORM_FACTOR * tap_errors(g, r, c).ref.rel_l2, REL_FLOOR_ULPS * torch.finfo(torch.bfloat16).eps)
+    c[4321] = (g[4321] * (1 + 5 * tol * torch.randn(64, generator=gen, dtype=torch.float64))).to(torch.bfloat16)
+    excess = _rows(g, r, c)
+    assert (excess > 1).nonzero().flatten().tolist() == [4321]
+
+
+class LateWindow(Qwen3Reference):
+    """A port that applies a sliding window of WINDOW keys in layers 1 and up (Qwen3 attends to every
+    earlier key), without exposing the attention matrices, as a fused kernel would."""
+
+    missing_taps = frozenset({"attn_scores", "attn_probs"})
+
+    def attend(self, i, q, k_all, v_all, positions, sink):
+        self._windowed = i >= 1
+        return super().attend(i, q, k_all, v_all, positions, sink)
+
+    def mask(self, positions, k_len):
+        mask = causal_mask(positions, k_len)
+        if not self._windowed:
+            return mask
+        slots = torch.arange(k_len)
+        return mask | (slots[None, None, :] <= positions[:, :, None] - WINDOW)[:, None]
+
+
+def test_a_window_in_later_layers_is_flagged_by_its_rows_and_named_as_a_window(catalogue_model, monkeypatch):
+    monkeypatch.setitem(IMPLEMENTATIONS, "late-window", f"{__name__}:LateWindow")
+    result = run_diff(
+        ref="hf", cand="late-window", model_dir=catalogue_model("dense"), dtype="bfloat16", token_ids=TOKENS
+    )
+    d = result.first_divergence
+    assert d is not None and (d.step, d.tap) == (0, "layers.1.attn_out"), result.verdict
+    tap = next(t for t in result.taps if (t.step, t.name) == (0, d.tap))
+    rows = tap.extra["rows"]
+    whole = max(tap.rel_l2 / tap.tol_rel, tap.max_abs / tap.tol_abs)  # over 160 rows, most of them exact
+    assert rows["worst_excess"] > 2 * whole, (rows, whole)
+    assert rows["first"]["position"] >= WINDOW, rows  # no row before the window leaves the noise
+    assert f"the first at position {rows['first']['position']}" in d.reason
+    assert [t.name for t in result.taps if t.layer == 0 and "rows" in t.extra] == []  # layer 0 attends as Qwen3
+    assert [(x.signature, x.evidence["window"]) for x in result.diagnosis] == [("sliding_window", WINDOW)], [
+        x.message for x in result.diagnosis
+    ]
+
+
+def test_a_clean_pair_over_many_rows_has_no_row_over_its_noise(catalogue_model):
+    result = run_diff(
+        ref="hf", cand="hf:attn=sdpa", model_dir=catalogue_model("dense"), dtype="bfloat16", token_ids=TOKENS
+    )
+    assert result.first_divergence is None, result.verdict
+    assert [t.name for t in result.taps if "rows" in t.extra] == []
