@@ -24,29 +24,35 @@ from qwen3dbg.util.errors import UserError
 HOLD_SHARE = 0.5
 #: copies of a tap past the queue's bound a side may hold at once (compared, queued, being copied)
 COPIES = 3
-#: MemAvailable below which a run stops (QWEN3DBG_MEMORY_RESERVE_MB overrides): past it the kernel's
-#: out-of-memory killer ends the process without a word, and all that was found is lost
-RESERVE = 1 << 30
+#: MemAvailable below which a run stops, or that share of a smaller machine's memory
+#: (QWEN3DBG_MEMORY_RESERVE_MB overrides): past it the kernel's out-of-memory killer ends the process without
+#: a word, and all that was found is lost
+RESERVE, RESERVE_SHARE = 1 << 30, 1 / 16
 #: seconds between two looks at MemAvailable: a prefill allocates at most a few hundred MB in that time
 PERIOD = 0.05
 
 
-def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo, None where there is none (not Linux)."""
+def _meminfo(field: str) -> int | None:
+    """A field of /proc/meminfo in bytes, None where there is none (not Linux)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def available_bytes() -> int | None:
+    return _meminfo("MemAvailable")
+
+
 def reserve_bytes() -> int:
     text = os.environ.get("QWEN3DBG_MEMORY_RESERVE_MB")
     if text is None:
-        return RESERVE
+        total = _meminfo("MemTotal")
+        return RESERVE if total is None else min(RESERVE, int(total * RESERVE_SHARE))
     try:
         return int(float(text) * (1 << 20))
     except ValueError:
