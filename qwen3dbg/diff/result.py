@@ -297,7 +297,9 @@ class DiffResult:
             lines += [
                 ("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(self.diagnosis)
             ]
-            if not self.diagnosis:
+            if not self.diagnosis and self.stopped:  # nothing was tried: memory was about to run out
+                lines.append(("diagnosis", "not run: the run stopped before its end"))
+            elif not self.diagnosis:
                 lines.append(
                     (
                         "diagnosis",

@@ -69,3 +69,20 @@ def test_the_reserve_from_the_environment_stops_the_cli_and_writes_the_json(dens
     code = cli("diff", "--cand", "scratch", "--model", dense, "--token-ids", ids, "--decode-steps", 2, "--json", out)
     written = json.loads(out.read_text())
     assert code == 2 and written["stopped"].startswith("stopped early") and written["exit_code"] == 2
+
+
+def test_a_divergence_found_before_the_stop_stands_and_is_said_undiagnosed(dense, monkeypatch):
+    """A stop after the first divergence keeps it (exit 1) and says the diagnosis was not run, rather than
+    that nothing explains it."""
+    free = {"bytes": 1 << 50}
+    monkeypatch.setattr(guard, "available_bytes", lambda: free["bytes"])
+
+    def progress(step: int, layer: int | None) -> None:
+        if (step, layer) == (0, 2):
+            free["bytes"] = 0
+            time.sleep(10 * guard.PERIOD)
+
+    result = run_diff("hf", "rope-interleaved", model_dir=dense, token_ids=PROMPT, decode_ids=DECODE, progress=progress)
+    summary = dict(result.summary())
+    assert result.exit_code == 1 and result.stopped and summary["not finished"] == result.stopped
+    assert summary["diagnosis"].startswith("not run")
