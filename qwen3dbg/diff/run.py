@@ -11,7 +11,7 @@ import torch
 
 from qwen3dbg.diff.compare import ROUTER_OPS, Comparison
 from qwen3dbg.diff.diagnosis.systematic import detect
-from qwen3dbg.diff import guard
+import qwen3dbg.diff.guard as guard
 from qwen3dbg.diff.golden import Keeper, LongGolden, golden_forced, golden_greedy
 from qwen3dbg.diff.in_noise import InNoise
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
