@@ -56,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     model = args.workdir / args.preset
     if not (model / "config.json").exists():
-        make_model(model, args.preset)
+        make_model(model, args.preset, replace=True)  # what a run that died left
     ids = torch.randint(3, 1000, (args.tokens + 1,), generator=torch.Generator().manual_seed(0)).tolist()
     steps = forced_steps(ids[:-1], ids[-1:])
     torch.set_num_threads(1)

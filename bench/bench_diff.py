@@ -34,7 +34,7 @@ def stores(work: Path, preset: str, tokens: int):
     model = work / preset
     if not (model / "config.json").exists():
         t = time.perf_counter()
-        make_model(model, preset)
+        make_model(model, preset, replace=True)  # what a run that died left
         print(f"made {preset} in {time.perf_counter() - t:.1f} s", flush=True)
     vocab = load_config(model).vocab_size
     steps = forced_steps([(17 * i + 5) % vocab for i in range(tokens)], [])

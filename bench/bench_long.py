@@ -184,7 +184,7 @@ def main() -> None:
     if not (model / "config.json").exists():
         from qwen3dbg.model.synth import make_model
 
-        make_model(model, PRESET)
+        make_model(model, PRESET, replace=True)  # what a run that died left
     big = tuple(map(int, a.tokens.split("+"))) if a.tokens else (2048, 256)
     small = big if a.full else (1024, 64)
     store = a.workdir / f"store-mine-{small[0]}-{small[1]}"

@@ -91,7 +91,13 @@ def ensure_model(root: Path, layers: int, shard_mb: int) -> Path:
     done = model / ".complete"
     if not done.exists():
         print(f"generating {model} (once) ...", flush=True)
-        make_model(model, "qwen3-0.6b", overrides={"num_hidden_layers": layers}, shard_bytes=shard_mb * 1024**2)
+        make_model(
+            model,
+            "qwen3-0.6b",
+            overrides={"num_hidden_layers": layers},
+            shard_bytes=shard_mb * 1024**2,
+            replace=True,
+        )
         done.touch()
     return model
 

@@ -87,7 +87,7 @@ def main() -> None:
         for seed in range(args.seeds):
             model = work / f"{preset}-{'-'.join(f'{k}{v}' for k, v in plants.items())}-{seed}"
             if not model.exists():
-                make_model(model, preset, seed=seed, plants=Plants(**plants))
+                make_model(model, preset, seed=seed, plants=Plants(**plants), replace=True)
             gen = torch.Generator().manual_seed(seed)
             ids = torch.randint(3, 500, (args.tokens,), generator=gen).tolist()
             try:

@@ -102,7 +102,7 @@ def _import_llama_cpp():
         import llama_cpp
     except ImportError:
         raise UserError(
-            "llamacpp: candidates need llama-cpp-python: pip install 'qwen3dbg[llamacpp]' "
+            "llamacpp: candidates need llama-cpp-python: pip install '.[llamacpp]' in the qwen3dbg checkout "
             "(or run .ci/install_llamacpp.sh)"
         ) from None
     return llama_cpp

@@ -502,7 +502,7 @@ class ModuleCandidate(Candidate):
         recorder = _Recorder(self.model, self.code_module, self.mapping, wanted, emit)
         kwargs = {self.mapping.positions: run_positions} if self.mapping.positions else {}
         with recorder.active():
-            logits = self.model(run_ids, **kwargs)
+            logits = _logits_of(self.model(run_ids, **kwargs), self.name)
         recorder.check_counts()
         never = sorted(wanted - recorder.seen)
         if never:
@@ -537,3 +537,15 @@ class ModuleCandidate(Candidate):
                 f"{want}: fix its transform"
             )
         return value if self.mapping.kv_cache else keep_last_positions(value, spec.op, tokens)
+
+
+def _logits_of(out, name: str) -> torch.Tensor:
+    """What the port's forward returned, as logits [B, T, V]: the tensor itself, or the `.logits` of an object
+    holding them (transformers' ModelOutput, a dataclass of the port's own)."""
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise UserError(
+            f"{name}: the port's forward returned a {type(out).__name__}, not logits: return the logits tensor "
+            "[B, T, V], or an object with a .logits tensor"
+        )
+    return logits

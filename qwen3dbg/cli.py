@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -20,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 #: Messages carry paths, tap names and errors quoting files: `console` parses no markup and no :emoji:
-#: codes in them, so `[/]` or `pip install 'qwen3dbg[llamacpp]'` prints as written. Print through `say`.
+#: codes in them, so `[/]` or `pip install '.[llamacpp]'` prints as written. Print through `say`.
 console = Console(stderr=True, markup=False, emoji=False)
 
 
@@ -101,11 +102,16 @@ def say(*parts: str | tuple[str, str]) -> None:
     console.print(Text.assemble(*parts), highlight=False, soft_wrap=True)
 
 
-def progress_bar():
+@contextmanager
+def progress_bar(label: str):
+    """A live bar on a terminal; in a log, where the bar stays off, a heartbeat line naming `label` whenever
+    nothing was printed for 5 s (util/progress.py), so long work never reads as a hang."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from qwen3dbg.util.progress import Phases
+
     # off the terminal a transient bar would leave only a blank line behind
-    return Progress(
+    bar = Progress(
         TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
@@ -114,6 +120,8 @@ def progress_bar():
         transient=True,
         disable=not console.is_terminal,
     )
+    with bar, Phases(console, label) if not console.is_terminal else nullcontext():
+        yield bar
 
 
 @app.command("make-model")
@@ -138,6 +146,12 @@ def make_model_cmd(
     nonfinite: list[str] = typer.Option([], help="Tensor name to plant a NaN and an inf into (repeatable)."),
     huge: list[str] = typer.Option([], help="Tensor name to plant values of 1e30 into (repeatable)."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the presets and exit."),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="Write into a directory that is not empty: replace what make-model wrote there before (a marker file "
+        "records it) and keep every other file. A file it did not write whose name it would write is never replaced.",
+    ),
     format: str = typer.Option("safetensors", "--format", help="safetensors (a model directory) or gguf (one file)."),
     gguf_type: str = typer.Option(
         "f16", help="--format gguf only: f32, f16, bf16 or q8_0 (norms and router stay f32)."
@@ -162,7 +176,7 @@ def make_model_cmd(
         nonfinite=tuple(nonfinite),
         huge=tuple(huge),
     )
-    with progress_bar() as bar:
+    with progress_bar("make-model") as bar:
         task = bar.add_task(f"writing {preset}")
 
         def track(names, total):
@@ -173,7 +187,7 @@ def make_model_cmd(
 
         options = dict(seed=seed, dtype=dtype, shard_bytes=shard_size_mb * 1024**2, plants=plants, progress=track)
         if format == "safetensors":
-            make_model(out, preset, **options)
+            make_model(out, preset, **options, replace=replace)
         elif format == "gguf":
             from qwen3dbg.model.gguf_io import make_gguf_model
 
@@ -237,27 +251,38 @@ def capture(
     from qwen3dbg.run.plan import plan_run, with_greedy_ids
     from qwen3dbg.tapstore.store import check_out_dir
     from qwen3dbg.util.dtypes import dtype_name
+    from qwen3dbg.util.progress import Phases
     from qwen3dbg.util.third_party import set_verbose
 
     set_verbose(verbose)
     check_out_dir(out, replace)  # before the run; the writer asks again under its lock
-    plan = plan_run([spec], model, inputs, dtype)
-    if plan.greedy:
-        say(f"picking {plural(plan.greedy, 'decode token')} greedily with the fp64 golden")
-        plan = with_greedy_ids(plan, pick_steps(plan.model, plan.steps[0].token_ids[0], plan.greedy))
-    steps = plan.steps
-    cand = plan.load("impl")
-    loaded = {"weights_digest": plan.model.checkpoint.digest()} if cand.reads_model_weights else {}
-    plans = planned(cand, steps, taps or None)
-    say(
-        f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
-        f"{plural(len(steps) - 1, 'decode step')}, {sum(map(len, plans))} taps, "
-        f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}"
-    )
-    with progress_bar() as bar:
-        task = bar.add_task("capture", total=sum(map(len, plans)))
+    with Phases(console, "capture") as shown:
+        shown.status("reading the model")
+        plan = plan_run([spec], model, inputs, dtype)
+        if plan.greedy:
+            shown.status(f"picking {plural(plan.greedy, 'decode token')} greedily with the fp64 golden")
+            plan = with_greedy_ids(plan, pick_steps(plan.model, plan.steps[0].token_ids[0], plan.greedy))
+        steps = plan.steps
+        shown.status(f"loading {impl}")
+        cand = plan.load("impl")
+        loaded = {"weights_digest": plan.model.checkpoint.digest()} if cand.reads_model_weights else {}
+        plans = planned(cand, steps, taps or None)
+        total = sum(map(len, plans))
+        say(
+            f"capturing {impl} in {dtype_name(cand.dtype)}: {steps[0].tokens} prompt tokens + "
+            f"{plural(len(steps) - 1, 'decode step')}, {total} taps, "
+            f"about {estimate_bytes(cand, plans) / 1e6:.1f} MB into {out}"
+        )
+        shown.status("capturing")
+        written = iter(range(1, total + 1))
         run_capture(
-            cand, steps, out, patterns=taps or None, tick=lambda: bar.advance(task), extra=loaded, replace=replace
+            cand,
+            steps,
+            out,
+            patterns=taps or None,
+            tick=lambda: shown.count(next(written), total, "taps written"),
+            extra=loaded,
+            replace=replace,
         )
     say(f"wrote tap store {out}")
 
@@ -307,10 +332,10 @@ def cache_cmd(
 
     from rich.table import Table
 
-    from qwen3dbg.util.home import budget, entries, home
+    from qwen3dbg.util.home import budget, home, listing
     from qwen3dbg.util.home import clear as clear_all
 
-    found = clear_all() if clear else entries()
+    found = clear_all() if clear else listing()
     table = Table(title=f"{'removed from' if clear else 'cached in'} {home()}", title_justify="left")
     for col in ("kind", "size", "last used", "path"):
         table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
@@ -365,12 +390,12 @@ def diff(
     from qwen3dbg.diff import diff_plan
     from qwen3dbg.reports.terminal import render
     from qwen3dbg.run.plan import plan_run
-    from qwen3dbg.util.progress import DiffProgress
+    from qwen3dbg.util.progress import Phases
     from qwen3dbg.util.third_party import set_verbose
 
     set_verbose(verbose)
     try:
-        with DiffProgress(console) as shown:
+        with Phases(console, "diff") as shown:
             shown.status("resolving the run: model, sides, ids")
             plan = plan_run(sides, model, inputs, dtype)
             result = diff_plan(plan, status=shown.status, progress=shown.progress)
@@ -383,7 +408,8 @@ def diff(
     from qwen3dbg.reports.diff_html import render_html
     from qwen3dbg.reports.diff_json import render_json
 
-    _write_outputs(result, {json_out: render_json, html_out: render_html})
+    with Phases(console, "diff") as shown:  # a 2048-token run's JSON takes seconds to write
+        _write_outputs(result, {json_out: render_json, html_out: render_html}, shown.status)
     raise typer.Exit(result.exit_code)
 
 
@@ -430,12 +456,16 @@ def _writable_files(*paths: Optional[Path]) -> None:
             path.unlink()
 
 
-def _write_outputs(result, views: dict[Optional[Path], Callable[[object], str]]) -> None:
-    """Write each requested view of `result` (path -> renderer); a path that cannot be written is a UserError."""
+def _write_outputs(
+    result, views: dict[Optional[Path], Callable[[object], str]], status: Callable[[str], None] = lambda msg: None
+) -> None:
+    """Write each requested view of `result` (path -> renderer), saying `status` before each; a path that
+    cannot be written is a UserError."""
     from qwen3dbg.util.text import utf8_text
 
     for path, view in views.items():
         if path is not None:
+            status(f"writing {path}")
             try:
                 path.write_text(utf8_text(view(result)), encoding="utf-8")
             except OSError as e:
@@ -462,7 +492,10 @@ def scan_checkpoint_cmd(
     html_out: HtmlOut = None,
     fail_on: FailOn = "error",
     threshold: float = typer.Option(
-        20.0, min=0, help="Flag norm weights (q_norm, k_norm, ...) whose |value| exceeds this."
+        20.0,
+        min=0,
+        help="Warn about norm weights (q_norm, k_norm, ...) whose |value| exceeds this; a q_norm/k_norm weight of "
+        "256 or more is an error whatever this is (docs/bad-input.md).",
     ),
     huge: float = typer.Option(
         1e4, min=0, help="Flag tensors with |values| at or above this (trained weights stay far below)."
@@ -479,7 +512,7 @@ def scan_checkpoint_cmd(
 
     fail_on = _fail_on(fail_on)
     _writable_files(json_out, html_out)
-    with progress_bar() as bar:
+    with progress_bar("scan-checkpoint") as bar:
         result = scan_checkpoint(
             path, Thresholds(norm=threshold, huge=huge), _progress_task(bar, "scanning (bytes)"), fail_on
         )
@@ -506,7 +539,7 @@ def diff_weights_cmd(
 
     fail_on = _fail_on(fail_on)
     _writable_files(json_out, html_out)
-    with progress_bar() as bar:
+    with progress_bar("diff-weights") as bar:
         result = diff_weights(a, b, _progress_task(bar, "comparing (tensors)"), fail_on)
     print_weights_diff(result, report_console())
     _write_outputs(result, {json_out: render_json, html_out: weights_diff_html})

@@ -70,10 +70,15 @@ def layer_table(result: DiffResult) -> Table:
             continue
         w = max(rows, key=lambda r: r.excess)
         n_div = sum(r.divergent for r in rows)
-        has_first = first is not None and any((r.step, r.name) == (first.step, first.tap) for r in rows)
-        mark = f"[red]{n_div} ✗{' first' if has_first else ''}[/]" if n_div else "[green]0 ✓[/]"
-        excess = f"[red]{short(w.excess, 3)}[/]" if w.excess > 1 else short(w.excess, 3)
-        t.add_row(key, escape(w.op), str(w.step), excess, escape(w.evidence), mark)
+        f = next((r for r in rows if first is not None and (r.step, r.name) == (first.step, first.tap)), None)
+        # the first divergence gets its own row when it is not the layer's worst: the mark sits on its op
+        for r in [f] if f is w else [f, w] if f is not None else [w]:
+            if r is f and f is not w:
+                mark = "[red]✗ first[/]"
+            else:
+                mark = f"[red]{n_div} ✗{' first' if r is f else ''}[/]" if n_div else "[green]0 ✓[/]"
+            excess = f"[red]{short(r.excess, 3)}[/]" if r.excess > 1 else short(r.excess, 3)
+            t.add_row(key, escape(r.op), str(r.step), excess, escape(r.evidence), mark)
     return t
 
 

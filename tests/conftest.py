@@ -53,7 +53,7 @@ CATALOGUE_MODELS = {
     # q/k norm weights large enough that layer-0 scores pass log(65504) = 11.09; k_norm ~100 as released
     "hot-qk": ("tiny-dense", {"q_norm_peak": 40.0, "k_norm_peak": 96.5}, None),
     # reductions long enough (512, 1024) that bf16 accumulation stands out of bf16's own noise
-    "wide": ("tiny-dense", {}, {"hidden_size": 512, "intermediate_size": 1024}),
+    "wide": ("tiny-wide", {}, None),
     # long-context bugs (tests/diff/test_catalogue_long.py): a window in config.json with use_sliding_window
     # false, as Qwen2.5 configs carry one ...
     "window-512": ("tiny-dense", {}, {"sliding_window": 512}),

@@ -5,6 +5,7 @@ pytest puts tests/ on sys.path for the rootdir's conftest."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 PROMPT = [5, 17, 99, 250, 3, 411, 8]
 DECODE = [42, 300, 7]
@@ -111,3 +112,18 @@ def peak_traced_bytes(fn, *args):
         return fn(*args), tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def released_checkpoint(d: Path) -> Path:
+    """A real-looking sharded checkpoint nobody made with make-model here: one shard per tensor (dozens) with an
+    index, a tokenizer and a generation config beside them."""
+    from qwen3dbg.model.layout import INDEX
+    from qwen3dbg.model.synth import make_model
+    from qwen3dbg.util.outdir import MARKER
+
+    make_model(d, "tiny-dense", shard_bytes=0)
+    (d / MARKER).unlink()
+    (d / "tokenizer.json").write_text("{}")
+    (d / "generation_config.json").write_text("{}")
+    assert len(list(d.glob("model-*.safetensors"))) > 30 and (d / INDEX).exists()
+    return d

@@ -4,7 +4,7 @@ Its taps come through candidates/mappings/litgpt_qwen3.toml, the same `module:` 
 this file only builds litgpt's config from config.json and loads the weights with litgpt's own converter.
 litgpt 0.5.13 pins huggingface-hub<1.4, which would drag transformers down, while its model code runs
 with ours: install it without its dependencies, then what that code imports (docs/ports.md):
-    pip install --no-deps litgpt==0.5.13 && pip install 'qwen3dbg[litgpt]'
+    pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]'    (in the qwen3dbg checkout)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from qwen3dbg.model.config import Qwen3Config, load_config
 from qwen3dbg.util.errors import UserError
 
 TAP_MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "litgpt_qwen3.toml"
-INSTALL = "pip install --no-deps litgpt==0.5.13 && pip install 'qwen3dbg[litgpt]'"
+INSTALL = "pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]' in the qwen3dbg checkout"
 #: litgpt allocates its KV cache for the whole context up front: cap it as the standalone port does
 MAX_SEQ = 8192
 

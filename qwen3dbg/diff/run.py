@@ -34,6 +34,7 @@ from qwen3dbg.tapstore.schema import parse_tap_name
 from qwen3dbg.tapstore.store import TapStore
 from qwen3dbg.util import memory
 from qwen3dbg.util.dtypes import dtype_name
+from qwen3dbg.util.errors import UserError
 
 
 def run_diff(
@@ -67,6 +68,9 @@ def diff_plan(
     memory.for_prefill()
     model, cfg, dt, steps, greedy = plan.model, plan.model.config, plan.dtype, plan.steps, plan.greedy
     specs = [plan.side("ref"), plan.side("cand")]
+    for spec in specs:
+        if spec.store is not None:
+            _same_weights(spec.text, spec.store, model)
     timings: dict[str, float] = {}
     schedule = Schedule(steps, len(steps) + greedy)
     t = time.perf_counter()
@@ -88,7 +92,7 @@ def diff_plan(
                     store.implementation,
                     dtype_name(store.dtype),
                     str(store.path),
-                    notes + _other_weights(store, model),
+                    notes,
                 )
             )
         else:
@@ -192,17 +196,17 @@ def diff_plan(
     )
 
 
-def _other_weights(store: TapStore, model: ModelDir) -> list[str]:
-    """A note when `qwen3dbg capture` recorded other weights for this store than the model's: its
-    differences from the other sides are then the weights' (other stores record none)."""
+def _same_weights(text: str, store: TapStore, model: ModelDir) -> None:
+    """Refuse a store that `qwen3dbg capture` recorded on other weights than the model's (other stores record
+    none): every difference would be the weights', a divergence no bug made."""
     recorded = store.manifest.get("weights_digest")
     here = None if recorded is None else model.checkpoint.digest()
-    if recorded == here:
-        return []
-    return [
-        f"captured on other weights than {model.path} (weights digest {recorded}, the model's {here}): "
-        "its differences are the weights'; diff it against the model it was captured on"
-    ]
+    if recorded != here:
+        raise UserError(
+            f"{text} was captured on other weights than {model.path} (weights digest {recorded}, the model's "
+            f"{here}): its differences would be the weights', not a bug; diff it with --model set to the model it "
+            "was captured on"
+        )
 
 
 def _first_nonfinite(taps: list[TapResult], side: str) -> dict | None:

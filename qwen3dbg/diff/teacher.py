@@ -35,7 +35,9 @@ def estimate(div: Divergence, by_name: dict[str, TapResult], cfg: Qwen3Config) -
         "method": "error jump",
         "input_excess": worst_in,
         "output_excess": div.excess,
-        "message": f"{how} (estimated from the error jump: a store cannot rerun one layer)",
+        # teacher forcing replaces this where it can; a store, a port without run_layer, a tap outside
+        # the layers cannot be rerun alone
+        "message": f"{how} (estimated from the error jump: the layer was not rerun alone on the reference's input)",
     }
 
 

@@ -9,6 +9,7 @@ anything to our synthetic models). The reader parses the container itself, so a 
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -98,7 +99,7 @@ def storage_type(gguf_name: str, shape: tuple[int, ...], wanted: Q) -> Q:
 
 def nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return int(np.prod(shape, dtype=np.int64)) // block * size
+    return math.prod(shape) // block * size  # exact: dims [3, 2^62] must not wrap around int64 to a small size
 
 
 def encode(t: torch.Tensor, qtype: Q) -> np.ndarray:

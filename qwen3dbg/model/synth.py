@@ -20,6 +20,7 @@ import torch
 from qwen3dbg.model.config import Qwen3Config
 from qwen3dbg.model.layout import INDEX, SINGLE, tensor_shapes
 from qwen3dbg.model.safetensors_stream import StreamingWriter
+from qwen3dbg.util import outdir
 from qwen3dbg.util.dtypes import dtype_name, parse_dtype
 from qwen3dbg.util.errors import UserError
 from qwen3dbg.util.home import home
@@ -58,6 +59,15 @@ PRESETS: dict[str, Preset] = {
         None,
         20.0,
         "3 layers, hidden 64, 4/2 heads of 32, vocab 512; for tests",
+    ),
+    "tiny-wide": Preset(
+        Qwen3Config(
+            model_type="qwen3", tie_word_embeddings=True, **dict(_TINY, hidden_size=512, intermediate_size=1024)
+        ),
+        None,
+        20.0,
+        "tiny-dense with hidden 512 and intermediate 1024: reductions long enough for bf16 accumulation to "
+        "stand out of bf16's own noise (docs/catalogue.md, lowp-accumulation)",
     ),
     "tiny-moe": Preset(
         Qwen3Config(norm_topk_prob=True, **_TINY_MOE),
@@ -179,8 +189,10 @@ def make_model(
     plants: Plants = Plants(),
     overrides: dict | None = None,
     progress: Callable[[Iterator, int], Iterator] | None = None,
+    replace: bool = False,
 ) -> Path:
-    """Write config.json and safetensors (sharded above `shard_bytes`); return the directory."""
+    """Write config.json and safetensors (sharded above `shard_bytes`); return the directory. A directory
+    holding anything is refused unless `replace`, which removes only what make_model wrote there before."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -190,18 +202,20 @@ def make_model(
     for name in plants.nonfinite + plants.huge:
         if name not in shapes:
             raise UserError(f"cannot plant into {name!r}: the checkpoint has no such tensor")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("model*.safetensors")) + [out / INDEX]:
-        old.unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
-
     shards = _shards(shapes, torch.tensor([], dtype=torch_dtype).element_size(), shard_bytes)
     files = (
         [SINGLE]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
+    out = Path(out_dir)
+    old = outdir.claim(out, "make-model", ("config.json", "*.safetensors", INDEX), replace)
+    out.mkdir(parents=True, exist_ok=True)
+    written = ["config.json", *files, *([INDEX] if len(files) > 1 else [])]
+    outdir.record(out, "make-model", old + written)
+    for name in old:
+        (out / name).unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     names = iter(shapes)
     if progress is not None:
         names = progress(names, len(shapes))
@@ -215,6 +229,7 @@ def make_model(
         total = sum(w.offset for w in writers)
         index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
         (out / INDEX).write_text(json.dumps(index, indent=2))
+    outdir.record(out, "make-model", written)
     return out
 
 
@@ -237,7 +252,7 @@ def default_model_dir(preset: str = "tiny-dense") -> Path:
     root = home("models", f"{preset}-seed0-{generator_digest()}")
     done = root / ".complete"
     if not done.exists():
-        make_model(root, preset)
+        make_model(root, preset, replace=True)  # what a run that died left
         done.touch()
         from qwen3dbg.util.home import fit
 

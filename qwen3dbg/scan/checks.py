@@ -19,6 +19,12 @@ from qwen3dbg.scan.stats import Stats
 class Thresholds:
     norm: float = 20.0  # a norm weight above this is flagged: it multiplies rounding errors by as much
     huge: float = 1e4  # no trained Qwen3 weight comes near this; corrupted buffers hold 1e29..1e34
+    #: a q_norm/k_norm weight w scales the normalized query/key (RMS 1), so one bf16 rounding of them (relative
+    #: u = 2^-8, the coarsest dtype engines run Qwen3 in) moves an attention logit q.k/sqrt(D) by about w*u
+    #: when the other side is of unit scale; at w >= 1/u = 256 that is >= 1, a factor e on attention weights:
+    #: bf16 inference of that layer is noise. Released Qwen3 k_norm weights reach about 100 (the 0.6B preset's
+    #: 96.5) and stay warnings.
+    attention_norm: float = 2.0**8
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,10 +92,11 @@ def against_config(
             continue  # judged by `tied_head`
         out.append(
             CheckpointFinding(
-                "warning",
+                "error",
                 "unexpected",
                 f"{name} is not part of a {cfg.model_type} checkpoint of this config",
-                "the config has no place for it: a strict loader fails, others drop it",
+                "the config has no place for it: a strict loader fails, an engine that loads every tensor may "
+                "compute with it",
                 name,
             )
         )
@@ -170,11 +177,12 @@ def values(name: str, hf: str, s: Stats, cfg: Qwen3Config | None, th: Thresholds
     if cfg is not None and is_ghost_bias(hf, cfg):
         out.append(
             CheckpointFinding(
-                "warning",
+                "error",
                 "ghost-bias",
                 f"{name} exists although attention_bias is false "
                 f"(absmax {s.absmax:.4g}, mean {s.mean:.4g}, std {s.std:.4g})",
-                "a correct implementation ignores it; one that adds it reads values the model never trained with",
+                "the config says it does not exist: transformers ignores it, an engine that loads every tensor adds "
+                "it and computes a model no one trained",
                 name,
                 nums,
             )
@@ -227,17 +235,26 @@ def values(name: str, hf: str, s: Stats, cfg: Qwen3Config | None, th: Thresholds
 
 
 def norm_danger(peaks: list[NormPeak], th: Thresholds) -> list[CheckpointFinding]:
-    return [
-        CheckpointFinding(
-            "warning",
-            "norm-danger",
-            f"{p.kind} weight {p.absmax:.4g} in {'the final norm' if p.layer is None else f'layer {p.layer}'}: "
-            f"a rounding error entering this norm leaves it about {p.absmax:.0f}x larger",
-            f"above {th.norm:g}: bf16/fp16 differences between implementations are amplified here, so "
-            "compare this layer with a looser tolerance or in fp32",
-            p.tensor,
-            {"absmax": p.absmax, "layer": p.layer, "threshold": th.norm},
+    """A warning above `th.norm`; an error for a q_norm/k_norm weight at or above `th.attention_norm`."""
+    out = []
+    for p in peaks:
+        if p.absmax <= th.norm:
+            continue
+        fatal = p.kind in ("q_norm", "k_norm") and p.absmax >= th.attention_norm
+        out.append(
+            CheckpointFinding(
+                "error" if fatal else "warning",
+                "norm-danger",
+                f"{p.kind} weight {p.absmax:.4g} in {'the final norm' if p.layer is None else f'layer {p.layer}'}: "
+                f"a rounding error entering this norm leaves it about {p.absmax:.0f}x larger",
+                f"at or above {th.attention_norm:g}: one bf16 rounding of the normalized "
+                f"{'keys' if p.kind == 'k_norm' else 'queries'} moves attention logits by 1 or more, so bf16 "
+                "inference of this layer is noise (released Qwen3 k_norm weights stay near 100)"
+                if fatal
+                else f"above {th.norm:g}: bf16/fp16 differences between implementations are amplified here, so "
+                "compare this layer with a looser tolerance or in fp32",
+                p.tensor,
+                {"absmax": p.absmax, "layer": p.layer, "threshold": th.attention_norm if fatal else th.norm},
+            )
         )
-        for p in peaks
-        if p.absmax > th.norm
-    ]
+    return out

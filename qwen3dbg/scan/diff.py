@@ -134,12 +134,17 @@ _WHY = {
 }
 
 
+def _times_absmax(ratio: float | None) -> str:
+    """A difference as a multiple of A's absmax ("0.5x A's absmax"); A all zeros has none to measure by."""
+    return "and A's values are all zero" if ratio is None else f"{ratio:.3g}x A's absmax"
+
+
 def _finding(d: TensorDiff, a: str, b: str) -> CheckpointFinding:
     nums = {k: v for k, v in d.to_dict().items() if k != "name"}
     if d.relation == "changed":
         msg = (
-            f"{d.name} changed: max |a-b| {d.max_abs_diff:.4g} is {d.rel_to_absmax:.3g} of its absmax, "
-            f"rounding from {d.dtype_a} and {d.dtype_b} allows {d.tolerance:.3g}"
+            f"{d.name} changed: max |a-b| is {d.max_abs_diff:.4g}, {_times_absmax(d.rel_to_absmax)}; "
+            f"rounding from {d.dtype_a} and {d.dtype_b} allows {d.tolerance:.3g}x"
         )
     elif d.relation == "permuted":
         msg = f"{d.name} is permuted like llama.cpp's Llama-style q/k reorder (values otherwise the same)"
@@ -196,8 +201,8 @@ def diff_weights(
                     "info",
                     "rounding",
                     f"{len(rounded)} tensors differ within their formats' rounding; "
-                    f"the largest, {worst.name}, by {worst.rel_to_absmax:.3g} of its absmax "
-                    f"(allowed {worst.tolerance:.3g})",
+                    f"the largest, {worst.name}, by {_times_absmax(worst.rel_to_absmax)} "
+                    f"(allowed {worst.tolerance:.3g}x)",
                     "expected from a conversion",
                     worst.name,
                 )

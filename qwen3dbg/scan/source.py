@@ -137,6 +137,8 @@ class CheckpointSource:
         )
 
     def close(self) -> None:
+        """Unmap every file. Only copies leave this class, so no array over a map outlives it; a map that
+        is still exported here is a leak (BufferError), found by the tests."""
         for path in list(self._maps):
             mm, view = self._maps.pop(path)
             del view  # the map cannot close while an array exports it
@@ -145,8 +147,23 @@ class CheckpointSource:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:
+            _drop_locals(exc)
         self.close()
+
+
+def _drop_locals(exc: BaseException) -> None:
+    """Clear the locals of the finished frames an exception (and those it was raised from) carries: a
+    damaged tensor fails mid-read, and its frames hold views of the map (`buf`, `raw`, gguf-py's blocks)
+    that would keep `close()` from unmapping it and turn the one-sentence error into a BufferError."""
+    import traceback
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # frames still running (the `with` body's) are skipped
+        exc = exc.__cause__ or exc.__context__
 
 
 def _config(model_dir: Path) -> tuple[Qwen3Config | None, list[CheckpointFinding]]:

@@ -25,6 +25,7 @@ from qwen3dbg.tapstore.schema import (
     tap_name,
     tap_spec,
 )
+from qwen3dbg.util.dtypes import dtype_name, parse_dtype, ulp
 from qwen3dbg.util.errors import UserError
 
 FLOAT_STORE_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -123,6 +124,7 @@ def _validate(path: Path, m: dict, config: Qwen3Config | None, bad) -> None:
         rank = None
     if rank is not None:
         _check_shards(rank, bad)
+    dtype = parse_dtype(m["dtype"]) if m.get("dtype") in FLOAT_DTYPE_NAMES else None
     steps = m.get("steps")
     if not isinstance(steps, list) or not steps:
         bad("manifest", "steps is empty or not a list: the store holds no forward step")
@@ -138,7 +140,9 @@ def _validate(path: Path, m: dict, config: Qwen3Config | None, bad) -> None:
         if isinstance(entry.get("missing"), list) and entry["missing"]:
             bad(where, f"the writer planned {len(entry['missing'])} taps it never wrote, e.g. {entry['missing'][0]}")
         subsets = _subsets(entry, cache, bad, where)
-        _check_step_file(path, index, entry["token_ids"], cache, config, set(missing), kept, subsets, rank, bad, where)
+        _check_step_file(
+            path, index, entry["token_ids"], cache, config, dtype, set(missing), kept, subsets, rank, bad, where
+        )
 
 
 def _config(m: dict, given: Qwen3Config | None, bad) -> Qwen3Config | None:
@@ -251,6 +255,7 @@ def _check_step_file(
     ids: list[list[int]],
     cache: int,
     config,
+    dtype,
     declared: set[str],
     kept: list[str] | None,
     subsets: dict[str, int],
@@ -260,7 +265,8 @@ def _check_step_file(
 ) -> None:
     """The taps of one step file: names, dtypes and shapes against the schema (and `config`, with the
     declared `subsets` of cache slots and query rows, and the slice a `rank` holds of a split tap), and
-    every tap of the schema present, its op in missing_taps (`declared`), or left out by a selection (`kept`)."""
+    every tap of the schema present, its op in missing_taps (`declared`), or left out by a selection (`kept`); no
+    float tap less precise than the manifest's `dtype`."""
     f = path / step_file(step)
     if not f.is_file():
         bad(where, f"{f.name} is missing")
@@ -269,7 +275,7 @@ def _check_step_file(
     entries, damage = read_safetensors(f)
     for finding in damage:  # truncation, a bad header, overlapping or missing bytes
         bad(where, finding.message)
-    present = set()
+    present, coarser = set(), []
     for entry in entries:
         name, file_dtype, shape = entry.name, entry.dtype, list(entry.shape)
         layer, op = parse_tap_name(name)
@@ -293,13 +299,16 @@ def _check_step_file(
             if file_dtype not in INTEGER_TAP_DTYPES:
                 bad(tw, f"has dtype {file_dtype}; expert ids are int64 or int32")
         elif file_dtype not in FLOAT_STORE_DTYPES:
-            # A tap may be kept in another float dtype than the store's (fp32 attention probabilities in a
-            # bf16 engine): it is compared as stored, with the tolerances of the manifest's dtype.
             bad(
                 tw,
                 f"has dtype {file_dtype}; a float tap is stored in the float dtype it was computed in "
                 f"({', '.join(FLOAT_STORE_DTYPES)})",
             )
+        elif dtype is not None and ulp(parse_dtype(file_dtype)) > ulp(dtype):
+            # A tap may be kept in a more precise float dtype than the store's (fp32 attention probabilities
+            # in a bf16 engine): it is compared as stored, with the tolerances of the manifest's dtype. A less
+            # precise one would be judged by tolerances its own rounding exceeds: a divergence no bug made.
+            coarser.append(entry)
         if expected is not None:
             want = list(expected.shape)
             if op in subsets:  # a declared subset of the cache's slots or of the attention's query rows
@@ -315,6 +324,14 @@ def _check_step_file(
             bad(tw, f"has shape {shape}, expected {len(spec.axes)} axes [{','.join(spec.axes)}] with B = {batch}")
         elif op == "logits":  # no config: the logits' last axis is the vocabulary
             _check_ids(ids, shape[-1], "the logits' vocabulary", bad, where)
+    if coarser:
+        held = sorted({e.dtype for e in coarser})
+        bad(
+            where,
+            f"{len(coarser)} float taps are stored in {' and '.join(held)} (e.g. {coarser[0].name}), less precise "
+            f"than the manifest's dtype {dtype_name(dtype)}: judged by {dtype_name(dtype)}'s tolerances their own "
+            f"rounding would read as a divergence; a store computed in {held[0]} says dtype {held[0]!r}",
+        )
     wanted = (
         n
         for n in _schema_names(config, present, batch, tokens, cache)

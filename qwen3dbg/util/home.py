@@ -85,6 +85,28 @@ def entries() -> list[Entry]:
     return sorted(found, key=lambda e: e.last_used)
 
 
+#: candidates/mine/build.py names its builds so; torch's extension builder keeps them in its own folder
+ENGINE_PREFIX = "qwen3dbg_"
+
+
+def engine_builds() -> list[Entry]:
+    """The compiled engines torch keeps for us outside the home (`TORCH_EXTENSIONS_DIR`, or one folder per
+    Python and accelerator under torch's default root): listed and cleared with the cache, never evicted by
+    the budget, since a rebuild takes minutes."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    given = os.environ.get("TORCH_EXTENSIONS_DIR")
+    found = (
+        Path(given).glob(ENGINE_PREFIX + "*") if given else Path(get_default_build_root()).glob(f"*/{ENGINE_PREFIX}*")
+    )
+    return [Entry(p, "engine build", *_walk(p)) for p in sorted(found) if p.is_dir() and not p.is_symlink()]
+
+
+def listing() -> list[Entry]:
+    """What `qwen3dbg cache` lists: the home's entries and the engine builds, least recently used first."""
+    return sorted(entries() + engine_builds(), key=lambda e: e.last_used)
+
+
 def remove(entry: Entry) -> None:
     if entry.path.is_dir() and not entry.path.is_symlink():
         shutil.rmtree(entry.path, ignore_errors=True)
@@ -111,7 +133,8 @@ def fit(keep: Path | None = None) -> list[Entry]:
 
 
 def clear() -> list[Entry]:
-    found = entries()
+    """Remove everything `listing()` shows; returns it."""
+    found = listing()
     for e in found:
         remove(e)
     return found

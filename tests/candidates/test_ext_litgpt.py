@@ -86,5 +86,5 @@ def test_litgpt_ignores_norm_topk_prob_false_and_the_diff_says_where(models):
 
 def test_without_litgpt_the_candidate_says_how_to_install_it(models, monkeypatch):
     monkeypatch.setitem(sys.modules, "litgpt.model", None)  # an import of it now fails, installed or not
-    with pytest.raises(UserError, match=r"pip install --no-deps litgpt==0\.5\.13 && pip install 'qwen3dbg\[litgpt\]'"):
+    with pytest.raises(UserError, match=r"pip install --no-deps litgpt==0\.5\.13 && pip install '\.\[litgpt\]'"):
         load_candidate("litgpt", models("tiny-dense"), "float32")

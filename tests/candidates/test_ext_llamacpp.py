@@ -62,7 +62,7 @@ def test_gguf_converted_with_the_wrong_rope_theta_is_localized_to_q_rope(tmp_pat
 def test_without_llama_cpp_python_the_candidate_says_how_to_install_it(tmp_path, models, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
     model = models("tiny-dense")
-    with pytest.raises(UserError, match=r"pip install 'qwen3dbg\[llamacpp\]'"):
+    with pytest.raises(UserError, match=r"pip install '\.\[llamacpp\]'"):
         load_candidate(f"llamacpp:{gguf_of(model, tmp_path / 'm.gguf')}", model, "float32")
 
 

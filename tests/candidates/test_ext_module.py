@@ -98,6 +98,16 @@ def test_port_from_a_file_with_swapped_gate_and_up_is_localized_to_mlp_gate(tmp_
     assert found == "step 0: layers.1.mlp.gate"
 
 
+def test_a_ports_origin_is_estimated_and_says_so_without_calling_it_a_store(tmp_path, dense):
+    from qwen3dbg.diff import run_diff
+
+    (tmp_path / "buggy_port.py").write_text(BUGGY_PORT)
+    result = run_diff("hf", f"module:{tmp_path / 'buggy_port.py'}:load", model_dir=dense, dtype="float32")
+    origin = result.first_divergence.origin
+    assert origin["method"] == "error jump" and "not rerun alone" in origin["message"]
+    assert "store" not in dict(result.summary())["origin"]
+
+
 def test_transforms_slice_a_fused_gate_up_and_move_head_axes():
     cfg = load_config_like()
     sizes = axis_sizes(cfg, 2, 3, 3)
@@ -204,6 +214,43 @@ def test_port_with_its_own_cache_and_a_partial_mapping_runs_step_by_step(tmp_pat
     assert store.get(1, "layers.0.k_proj").shape[1] == 1, "a decode step feeds the port one token"
     assert store.manifest["notes"] == []
     assert first_divergence(dense, spec, "bfloat16") is None
+
+
+# HF's own modules, as docs/ports.md maps them: the port returns transformers' ModelOutput, RoPE is taken from
+# the function modeling_qwen3 calls (a dotted path: a bare name would resolve in this wrapper's module) and the
+# cache from DynamicCache's update, whose (keys, values) over the whole cache are selected by [0] and [1].
+HF_MAPPING = CACHED_MAPPING + "".join(
+    f"""
+[taps."layers.{{i}}.{tap}"]
+function = "{function}"
+within = "hf.model.layers.{{i}}.self_attn"
+select = "[{item}]"
+transform = {transform}
+"""
+    for tap, function, item, transform in (
+        ("q_rope", "transformers.models.qwen3.modeling_qwen3.apply_rotary_pos_emb", 0, '["transpose(1,2)"]'),
+        ("k_rope", "transformers.models.qwen3.modeling_qwen3.apply_rotary_pos_emb", 1, '["transpose(1,2)"]'),
+        ("k_cache", "transformers.cache_utils.Cache.update", 0, "[]"),
+        ("v_cache", "transformers.cache_utils.Cache.update", 1, "[]"),
+    )
+)
+
+
+def test_hfs_own_modules_map_with_a_model_output_rope_by_dotted_path_and_the_dynamic_cache(tmp_path, dense):
+    (tmp_path / "hf_port.py").write_text(CACHED_PORT.replace("return out.logits", "return out"))
+    (tmp_path / "hf.toml").write_text(HF_MAPPING)
+    spec = f"module:{tmp_path / 'hf_port.py'}:load@{tmp_path / 'hf.toml'}"
+    store = capture_store(spec, dense, "bfloat16", tmp_path / "port")
+    assert sorted(store.missing_taps) == ["attn_probs", "attn_scores"]
+    assert store.get(1, "layers.0.k_cache").shape[2] == len(PROMPT) + 1, "the whole cache after decode step 1"
+    assert first_divergence(dense, spec, "bfloat16") is None
+
+
+def test_a_forward_returning_no_logits_is_refused_in_one_sentence(tmp_path, dense):
+    (tmp_path / "bad_port.py").write_text(CACHED_PORT.replace("return out.logits", "return out.past_key_values"))
+    (tmp_path / "m.toml").write_text(CACHED_MAPPING)
+    with pytest.raises(UserError, match="not logits: return the logits tensor"):
+        capture_store(f"module:{tmp_path / 'bad_port.py'}:load@{tmp_path / 'm.toml'}", dense, "float32", tmp_path / "s")
 
 
 # ---- the mapping grammar: selectors, tensor methods, shared modules, arithmetic, layouts, dtypes ----

@@ -70,7 +70,7 @@ def test_escaped_text_prints_as_written_inside_markup_of_ours(text):
 
 @fixtures_ok
 @given(message=nasty)
-@example(message="llamacpp: candidates need llama-cpp-python: pip install 'qwen3dbg[llamacpp]'")
+@example(message="llamacpp: candidates need llama-cpp-python: pip install '.[llamacpp]'")
 @example(message="cannot write into /tmp/a[/]b: Permission denied")
 def test_the_error_printer_prints_any_message_as_written(monkeypatch, capsys, message):
     def refuse(*a, **k):

@@ -5,6 +5,8 @@ clean pairs report no divergence.
 
 from __future__ import annotations
 
+import re
+
 import json
 from dataclasses import dataclass
 
@@ -83,6 +85,7 @@ def test_bug_is_found_at_its_first_divergent_op_and_named(catalogue_model, case,
     result = _diff(case.cand, catalogue_model(case.model), dtype)
     assert _first(result) == case.first, result.verdict
     assert [d.signature for d in result.diagnosis][:1] == [case.signature], [d.message for d in result.diagnosis]
+    assert not [d.message for d in result.diagnosis if re.search(r"\b0x ", d.message)]  # a multiple never reads 0x
 
 
 # Through a store in one dtype per case: the direct runs above cover the dtypes, these the store path.
@@ -184,3 +187,7 @@ def test_docs_describe_every_catalogue_variant_and_every_diagnosis_id():
     page = (Path(__file__).parents[2] / "docs" / "catalogue.md").read_text()
     assert [n for n in VARIANTS if f"| `{n}` |" not in page] == []
     assert [i for i in SIGNATURE_IDS + ("rounding_order",) if f"`{i}`" not in page] == []
+    from qwen3dbg.model.synth import PRESETS
+
+    named = re.findall(r"--preset ([\w.-]+)", page)
+    assert "tiny-wide" in named and set(named) <= set(PRESETS)  # every model a row names, make-model makes

@@ -234,19 +234,26 @@ def test_a_prefill_only_diff_says_the_decode_path_went_unchecked(catalogue_model
     assert notes() and not notes(decode_steps=1)
 
 
-def test_a_store_captured_on_other_weights_says_so(tmp_path):
+def test_a_store_captured_on_other_weights_is_bad_input_named_as_such(tmp_path, capsys):
     """`qwen3dbg capture` records a digest of the weights; diffed against another model (here another
-    seed, same shapes) the store's differences are the weights', and the result must say it."""
+    seed, same shapes) every difference would be the weights': exit 2 with that cause, not a divergence."""
     from qwen3dbg.model.synth import make_model
 
     ours, other = make_model(tmp_path / "ours", "tiny-dense"), make_model(tmp_path / "other", "tiny-dense", seed=1)
     assert cli("capture", "--impl", "scratch", "--model", ours, "--token-ids", "5,6,7", "--out", tmp_path / "s") == 0
+    capsys.readouterr()
+    assert cli("diff", "--cand", f"store:{tmp_path / 's'}", "--model", other) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "captured on other weights than" in err and "divergence" not in err
+    assert cli("diff", "--cand", f"store:{tmp_path / 's'}", "--model", ours) == 0
 
-    def notes(model):
-        cand = run_diff("hf", f"store:{tmp_path / 's'}", model_dir=model).side("cand")
-        return [n for n in cand.notes if "other weights" in n]
 
-    assert notes(other) and not notes(ours)
+def test_a_store_captured_on_another_model_shape_is_bad_input_named_as_such(models, tmp_path, capsys):
+    store = tmp_path / "s"
+    assert cli("capture", "--impl", "scratch", "--model", models("tiny-dense"), "--token-ids", "5", "--out", store) == 0
+    capsys.readouterr()
+    assert cli("diff", "--cand", f"store:{store}", "--model", models("tiny-moe")) == 2
+    assert "another model" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # an empty panel is said in words, not left to matplotlib

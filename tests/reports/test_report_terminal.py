@@ -64,6 +64,14 @@ def test_a_value_row_shows_the_statistic_that_sets_its_excess_beside_the_referen
     assert "rel. L2" in first_layer and " vs " in first_layer and "first" in first_layer
 
 
+def test_first_marks_the_row_of_the_first_divergence_not_its_layers_worst_op(moe_bug):
+    first = moe_bug.first_divergence
+    worst = max((t for t in moe_bug.taps if t.layer == first.layer), key=lambda t: t.excess)
+    assert (worst.step, worst.name) != (first.step, first.tap)  # else this test shows nothing
+    (marked,) = [line.split() for line in _text(layer_table(moe_bug), width=200).splitlines() if "first" in line]
+    assert marked[:3] == [str(first.layer), first.op, str(first.step)]
+
+
 def test_sides_and_origin_read_as_sentences(moe_bug):
     summary = dict(moe_bug.summary())
     assert summary["sides"].startswith(

@@ -3,7 +3,9 @@ no weights are loaded, whatever kind of side it is and whichever command is give
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,10 +100,20 @@ def test_a_missing_extra_is_refused_before_any_model_runs(catalogue_model, tmp_p
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
     _refuse_running(monkeypatch)
     assert cli("diff", "--cand", f"llamacpp:{gguf}", "--model", model) == 2
-    assert "pip install 'qwen3dbg[llamacpp]'" in capsys.readouterr().err
+    hint = re.search(r"pip install \S*\[llamacpp\]\S*", capsys.readouterr().err)[0]
+    assert f"`{hint}`" in (Path(__file__).parents[2] / "README.md").read_text()  # the install README shows
 
 
 def test_a_good_port_passes_the_check_without_building_its_model(catalogue_model, nothing_runs):
     from qwen3dbg.run.registry import check_candidate
 
     check_candidate(PORT, catalogue_model("dense"), "float32")
+
+
+def test_the_litgpt_install_hint_is_the_one_readme_shows(catalogue_model, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "litgpt", None)
+    _refuse_running(monkeypatch)
+    assert cli("diff", "--cand", "litgpt", "--model", catalogue_model("dense")) == 2
+    hint = re.search(r"pip install --no-deps \S+ && pip install \S*\[litgpt\]\S*", capsys.readouterr().err)[0]
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert f"`{hint}`" in readme

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import deadline, peak_traced_bytes, rewrite_checkpoint
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError, safe_open
 
 from qwen3dbg.model.layout import INDEX, SINGLE
 from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.scan import container
+from qwen3dbg.scan.diff import diff_weights
 from qwen3dbg.scan.scan import scan_checkpoint
 from qwen3dbg.util.errors import UserError
 
@@ -121,6 +122,22 @@ def test_a_header_the_safetensors_library_refuses_is_an_error_never_a_traceback(
         if _library_refuses(path):
             assert _errors(result, "container"), edit
         json.dumps(result.to_dict())  # every string in the result is writable
+
+
+@FAST
+@given(_HEADER_EDITS)
+@example(("field", "b", "dtype", "I16"))  # a bf16 tensor relabelled as integers: diff-weights compares floats only
+@example(("field", "a", "shape", [3, 2**62]))
+def test_diff_weights_against_a_damaged_header_ends_in_a_result_or_one_sentence(tmp_path, edit):
+    with tempfile.TemporaryDirectory(dir=tmp_path) as d:
+        clean, damaged = Path(d) / "a.safetensors", Path(d) / "b.safetensors"
+        clean.write_bytes(_mutated_safetensors(("data", 0)))
+        damaged.write_bytes(_mutated_safetensors(edit))
+        for a, b in ((clean, damaged), (damaged, clean)):
+            try:
+                json.dumps(diff_weights(a, b).to_dict())
+            except UserError as e:
+                assert str(e)
 
 
 @settings(max_examples=25, deadline=None)

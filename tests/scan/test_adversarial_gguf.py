@@ -12,12 +12,13 @@ from pathlib import Path
 import gguf
 import pytest
 from helpers import peak_traced_bytes
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from qwen3dbg.model.gguf_io import GGUFDamaged, config_from_gguf, read_gguf, write_gguf
 from qwen3dbg.model.layout import MAX_TENSORS
 from qwen3dbg.run.registry import load_candidate
+from qwen3dbg.scan.diff import diff_weights
 from qwen3dbg.scan.scan import scan_checkpoint
 from qwen3dbg.util.errors import UserError
 
@@ -181,6 +182,27 @@ def test_any_edit_of_a_gguf_is_reported_by_the_scan_and_refused_by_the_reader(ba
             assert str(e) and _errors(result), edit
         if edit[0] != "kv" and _edited(base, edit) != _edited(base, ("append", 0)):  # the tensors or data changed
             assert _errors(result), edit
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+@given(_EDITS)
+@example(("shape", 0, [3, 2**62]))  # 3 * 2^62 elements wrap around int64
+@example(("relabel", 0, Q.I32))
+def test_diff_weights_against_any_edit_of_a_gguf_ends_in_a_result_or_one_sentence(base, tmp_path, edit):
+    with tempfile.TemporaryDirectory(dir=tmp_path) as d:
+        clean, damaged = Path(d) / "a.gguf", Path(d) / "b.gguf"
+        clean.write_bytes(_edited(base, ("append", 0)))
+        damaged.write_bytes(_edited(base, edit))
+        for a, b in ((clean, damaged), (damaged, clean)):
+            try:
+                json.dumps(diff_weights(a, b).to_dict())
+            except UserError as e:
+                assert str(e)
 
 
 @pytest.mark.parametrize(

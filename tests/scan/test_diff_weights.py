@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import rewrite_checkpoint
 
+from qwen3dbg.model.checkpoint import Checkpoint
 from qwen3dbg.model.gguf_io import GGUF_TYPES, write_gguf
 from qwen3dbg.model.synth import PRESETS
 from qwen3dbg.scan.diff import diff_weights, rope_permute, rope_unpermute
@@ -45,6 +46,11 @@ def test_dropped_reshaped_and_changed_tensors_are_named(models, tmp_path):
         ("changed", L1 + "mlp.experts.3.up_proj.weight"),
     }
     assert result.exit_code == 1
+    (f,) = [f for f in result.findings if f.check == "changed"]
+    ratio = f.numbers["max_abs_diff"] / float(
+        Checkpoint(src).get(L1 + "mlp.experts.3.up_proj.weight").float().abs().max()
+    )
+    assert f"{ratio:.3g}x A's absmax" in f.message  # a multiple, never a bare "49.9 of its absmax"
 
 
 def test_llama_style_qk_permutation_is_recognised(models, tmp_path):

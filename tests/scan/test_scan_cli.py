@@ -34,6 +34,12 @@ def test_warnings_exit_1_only_with_fail_on_warning(models):
     assert cli("scan-checkpoint", models("big-k-norm"), "--fail-on", "warning", "--threshold", "100") == 0
 
 
+def test_a_k_norm_of_500_and_a_ghost_bias_fail_by_default(tmp_path, capsys):
+    for name, plants in (("k", Plants(k_norm_peak=500.0)), ("bias", Plants(ghost_bias=0.02))):
+        assert cli("scan-checkpoint", make_model(tmp_path / name, "tiny-dense", plants=plants)) == 1
+    assert "error" in capsys.readouterr().out
+
+
 def test_not_a_checkpoint_exits_2(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     assert cli("scan-checkpoint", tmp_path / "missing") == 2

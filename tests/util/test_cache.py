@@ -25,6 +25,7 @@ def _entry(home, folder: str, name: str, size: int, age_h: float):
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN3DBG_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))  # never the machine's builds
     return tmp_path
 
 
@@ -73,3 +74,22 @@ def test_a_budget_that_is_no_size_is_refused_in_one_sentence(text):
 @pytest.mark.parametrize("text,size", [("10GB", 10**10), ("500 MB", 5 * 10**8), ("1.5GiB", 3 << 29), ("0", 0)])
 def test_budgets_read_in_decimal_and_binary_units(text, size):
     assert parse_size(text) == size
+
+
+def test_the_engine_build_torch_keeps_is_listed_with_its_size_and_cleared_and_nothing_else_of_torchs(home, capsys):
+    build = _entry(home, "torch_extensions", "qwen3dbg_mine_cpu_da076dd8", 3_000_000, 5)
+    other = _entry(home, "torch_extensions", "someone_elses_op", 10, 5)
+    _entry(home, "runs", "a", 10, 1)
+    assert cli("cache") == 0
+    listed = capsys.readouterr().out
+    assert "qwen3dbg_mine_cpu_da076dd8" in listed and "engine build" in listed and "3.0 MB" in listed
+    assert "someone_elses_op" not in listed and "2 entries" in listed
+    assert cli("cache", "--clear") == 0
+    assert not build.exists() and other.exists() and entries() == []
+
+
+def test_the_budget_never_evicts_an_engine_build(home, monkeypatch):
+    monkeypatch.setenv("QWEN3DBG_CACHE_BUDGET", "0")
+    build = _entry(home, "torch_extensions", "qwen3dbg_mine_cpu_x", 600, 48)
+    fit()
+    assert build.exists()

@@ -10,7 +10,7 @@ import torch
 
 from qwen3dbg.diff.diagnosis.hypothesis import MATMUL_MODULE, NORM_OPS, NORM_WEIGHT, Hypothesis, is_linear, norm_input
 from qwen3dbg.diff.diagnosis.replay import attention, scores
-from qwen3dbg.diff.diagnosis.site import Diagnosis, Site, ulps_phrase
+from qwen3dbg.diff.diagnosis.site import Diagnosis, Site, floors, ulps_phrase
 from qwen3dbg.diff.metrics import rel, ulps
 from qwen3dbg.reference.qwen3 import accumulate_lowp
 from qwen3dbg.tapstore.schema import parse_tap_name, tap_name
@@ -49,7 +49,7 @@ def lowp_accumulation(s: Site) -> Diagnosis | None:
         "lowp_accumulation",
         f"{s.name()} is {e_c:.2g} from fp64 (rel. L2); replayed on its own input, "
         f"summing its {k} products per output in float32 gives {e_right:.2g} and in {s.dtype_name} "
-        f"{e_lp:.2g} (residual {off_lp / math.log(2):.2g}x the noise floor): the matmul accumulates in "
+        f"{e_lp:.2g} (residual {floors(off_lp / math.log(2))}): the matmul accumulates in "
         f"{s.dtype_name}; accumulate in float32",
         {
             "rel_err": e_c,
