@@ -77,14 +77,15 @@ def check_taps_fit(
     over = [t for t in specs if size(t) > streams.QUEUE_BYTES and held(t) > HOLD_SHARE * available]
     if not over:
         return
-    attention = [t for t in over if t.op in streams.ATTENTION_OPS]
-    drop = (
-        "leave attn_scores and attn_probs out (unmap them from a module: port's mapping, or use hf:attn=sdpa): "
-        "they are then reported as not compared"
-    )
-    if len(attention) < len(over):  # more than the attention: only a shorter prompt helps
-        drop = "diff a shorter prompt" + (f", or {drop}" if attention else "")
-    t = max(attention or over, key=size)
+    rest = [t for t in over if t.op not in streams.ATTENTION_OPS]
+    if rest:  # the logits or the activations themselves: only a shorter prompt helps
+        t, drop = max(rest, key=size), "diff a shorter prompt"
+    else:
+        t = max(over, key=size)
+        drop = (
+            "leave attn_scores and attn_probs out (unmap them from a module: port's mapping, or use "
+            "hf:attn=sdpa): they are then reported as not compared"
+        )
     raise UserError(
         f"{t.name} is {_amount(size(t))} at {tokens} tokens, so the {len(live)} live side(s) "
         f"({', '.join(live.values())}) would hold about {_amount(held(t))} of taps, more than "

@@ -23,16 +23,29 @@ def dense(models):
     return models("tiny-dense")
 
 
-def test_an_attention_tap_past_the_queue_and_the_memory_is_refused_naming_what_to_drop(dense, monkeypatch):
-    """The tiny model's attention matrices at 160 tokens (larger than its logits: 4 heads x 160 > 512 words of
-    vocabulary) stand in for a long prompt's: with a 64 kB queue and 1 MB free they pass both bounds, and
-    the diff is refused before its sides run, saying which taps to leave out."""
+LONG = [(7 * i) % 512 for i in range(256)]
+
+
+@pytest.mark.parametrize(
+    "free, refusal",
+    [
+        # 8 MB free: the attention maps' copies (1 MB a layer at 256 tokens: 4 heads x 256 x 256 float32)
+        # pass half of it, the logits' (256 x 512 in the run's bfloat16, 262 kB) do not
+        (8 << 20, r"layers\.\d+\.attn_(scores|probs) is 1\.0 MB .* leave attn_scores and attn_probs out"),
+        # 2 MB free: the logits do too, and leaving the attention out would not help
+        (2 << 20, r"^logits is 262 kB .*: diff a shorter prompt$"),
+    ],
+)
+def test_a_tap_past_the_queue_and_the_memory_is_refused_naming_what_to_drop(dense, monkeypatch, free, refusal):
+    """The tiny model's taps at 256 tokens stand in for a long prompt's: with a 64 kB queue they pass its
+    bound, and the diff is refused before its sides run, saying which taps to leave out, or that only a
+    shorter prompt helps."""
     monkeypatch.setattr(streams, "QUEUE_BYTES", 64 << 10)
-    monkeypatch.setattr(guard, "available_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(guard, "available_bytes", lambda: free)
     ran = []
     monkeypatch.setattr(diff_run, "ThreadSide", lambda *a: ran.append(a))
-    with pytest.raises(UserError, match=r"layers\.\d+\.attn_(scores|probs) is .* leave attn_scores and attn_probs out"):
-        run_diff("hf", PORT, model_dir=dense, token_ids=[(7 * i) % 512 for i in range(160)], decode_ids=DECODE)
+    with pytest.raises(UserError, match=refusal):
+        run_diff("hf", PORT, model_dir=dense, token_ids=LONG, decode_ids=DECODE)
     assert not ran
 
 
