@@ -5,10 +5,14 @@ written, each next to the plain runs of its sides measured in the same bench run
 
 Cases (prompt + decode steps, bf16, forced decode ids):
   W          --cand hf:attn=sdpa      2048 + 256   (goals: peak anon <= 6 GB, written <= 2 GB, wall <= 1.5x plain)
+  W-module   --cand module:ports/hf_modules.py:load   2048 + 256   HF's own modules behind a mapping, attention
+             scores and probabilities mapped (goals: peak anon <= 6 GB, written <= 2 GB)
+  W-litgpt   --cand litgpt            2048 + 256   (the same goals; run when litgpt is installed)
   mine       --cand mine              1024 + 64
   store      --cand store:DIR         1024 + 64    (the store written by `qwen3dbg capture --impl mine`)
   scale-N    --cand hf:attn=sdpa      N + 32 for N = 512, 1024, 2048 (peak memory grows linearly)
-`--full` runs every case at 2048 + 256. Each diff and each plain run is a fresh process, so its peak memory
+`--full` runs every case at 2048 + 256; `--tokens 512+32` runs the W cases at another length (their scaling).
+Each diff and each plain run is a fresh process, so its peak memory
 (RssAnon: mapped weight files aside) and its bytes written (/proc/self/io wchar) are its own. The plain runs
 are the sides with capture off: the golden one fp64 forward over every token, hf and mine their real prefill
 and decode steps, a store one read of every tap.
@@ -17,6 +21,7 @@ and decode steps, a store one read of every tap.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,6 +34,7 @@ from measure import PeakAnon, bytes_written
 from qwen3dbg.util.home import home
 
 PRESET = "qwen3-0.6b"
+HF_MODULES = f"module:{Path(__file__).resolve().parent / 'ports' / 'hf_modules.py'}:load"
 
 
 def ids(model: Path, prompt: int, decode: int) -> tuple[list[int], list[int]]:
@@ -164,6 +170,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=home("bench"))
     p.add_argument("--full", action="store_true", help="every case at 2048 + 256")
     p.add_argument("--only", action="append", help="run only these cases (W, mine, store, scale-512, ...)")
+    p.add_argument("--tokens", help="the W cases' prompt + decode steps, e.g. 512+32 (default 2048+256)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -178,11 +185,13 @@ def main() -> None:
         from qwen3dbg.model.synth import make_model
 
         make_model(model, PRESET, replace=True)  # what a run that died left
-    big = (2048, 256)
+    big = tuple(map(int, a.tokens.split("+"))) if a.tokens else (2048, 256)
     small = big if a.full else (1024, 64)
     store = a.workdir / f"store-mine-{small[0]}-{small[1]}"
     cases = {
         "W": lambda: case("W", model, "hf:attn=sdpa", ["golden", "hf", "hf:attn=sdpa"], *big),
+        "W-module": lambda: case("W-module", model, HF_MODULES, ["golden", "hf", HF_MODULES], *big),
+        "W-litgpt": lambda: case("W-litgpt", model, "litgpt", ["golden", "hf", "litgpt"], *big),
         "mine": lambda: case("mine", model, "mine", ["golden", "hf", "mine"], *small),
         "store": lambda: case("store", model, f"store:{store}", ["golden", "hf", f"store:{store}"], *small),
         **{
@@ -195,6 +204,9 @@ def main() -> None:
     if (not a.only or "store" in a.only) and not (store / "manifest.json").exists():
         print(f"capturing the store: qwen3dbg capture --impl mine, {small[0]} + {small[1]} ...", flush=True)
         run_child("capture", model, store, *small)
+    if importlib.util.find_spec("litgpt") is None:
+        print("W-litgpt left out: litgpt is not installed (pip install -e '.[litgpt]')", flush=True)
+        del cases["W-litgpt"]
     t0 = time.perf_counter()
     rows = [fn() for name, fn in cases.items() if not a.only or name in a.only]
     scale = [r for r in rows if r["name"].startswith("scale-")]

@@ -237,18 +237,19 @@ def keep_last_positions(x: torch.Tensor, op: str, tokens: int) -> torch.Tensor:
 
 
 class _Recorder:
-    """Hooks and function wrappers for one forward call; `values[tap]` holds what each tap saw.
+    """Hooks and function wrappers for one forward call, handing each tap to `emit(name, value)` the moment
+    the port computes it (so a forward's taps are never all held at once); `seen` names the taps handed out.
 
     Each site (a module or function, with its `within`) has one hook and one call counter; after the
     forward, every site must have run as often as the mapping says (`check_counts`)."""
 
-    def __init__(self, model: torch.nn.Module, code_module, mapping: Mapping, wanted: set[str]):
-        self.model, self.code_module, self.mapping = model, code_module, mapping
+    def __init__(self, model: torch.nn.Module, code_module, mapping: Mapping, wanted: set[str], emit):
+        self.model, self.code_module, self.mapping, self.emit = model, code_module, mapping, emit
         self.sites: dict[tuple, list[tuple[str, TapOrigin]]] = {}
         for name, src in mapping.taps.items():  # the mapping's order: the first mistake reported is stable
             if name in wanted:
                 self.sites.setdefault(src.site, []).append((name, src))
-        self.values: dict[str, object] = {}
+        self.seen: set[str] = set()
         self.scopes: list[str] = []
         self.counts = dict.fromkeys(self.sites, 0)
 
@@ -302,8 +303,8 @@ class _Recorder:
         self.counts[site] += 1
         for name, src in self.sites[site]:
             if src.call == n:
-                value = self._take(name, src, args, out)
-                self.values[name] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+                self.seen.add(name)
+                self.emit(name, self._take(name, src, args, out))
 
     def _take(self, name: str, src: TapOrigin, args: tuple, out):
         """What a tap reads from one call: the output or a positional input, then its `select`."""
@@ -487,22 +488,26 @@ class ModuleCandidate(Candidate):
             run_ids, run_positions = self.history, torch.arange(self.history.shape[1])
         cache_len = int(positions[0, -1]) + 1
         wanted = {n for n in self.mapping.taps if sink.wants(n)}
-        recorder = _Recorder(self.model, self.code_module, self.mapping, wanted)
+        sizes = axis_sizes(self.config, ids.shape[0], run_ids.shape[1], cache_len)
+        # A re-run gives every position of the prefix: its shapes are checked before the last ones are kept.
+        shapes = {t.name: t for t in step_taps(self.config, ids.shape[0], run_ids.shape[1], cache_len)}
+
+        def emit(name: str, value) -> None:
+            # in the dtype the port computed it in (docs/taps.md); the sink copies it now (fresh_taps is
+            # False: a port may change the tensor later in its forward), so no forward's taps pile up here
+            sink(name, self._to_schema(name, value, shapes[name], sizes, tokens))
+
+        recorder = _Recorder(self.model, self.code_module, self.mapping, wanted, emit)
         kwargs = {self.mapping.positions: run_positions} if self.mapping.positions else {}
         with recorder.active():
             logits = _logits_of(self.model(run_ids, **kwargs), self.name)
         recorder.check_counts()
-        sizes = axis_sizes(self.config, ids.shape[0], run_ids.shape[1], cache_len)
-        # A re-run gives every position of the prefix: its shapes are checked before the last ones are kept.
-        shapes = {t.name: t for t in step_taps(self.config, ids.shape[0], run_ids.shape[1], cache_len)}
-        for name in sorted(wanted):
-            src = self.mapping.taps[name]
-            if name not in recorder.values:
-                raise UserError(
-                    f"{self.name}: the mapping's source of {name} ({src.describe()}) never ran in the forward pass"
-                )
-            value = self._to_schema(name, recorder.values[name], shapes[name], sizes, tokens)
-            sink(name, value)  # in the dtype the port computed it in (docs/taps.md)
+        never = sorted(wanted - recorder.seen)
+        if never:
+            raise UserError(
+                f"{self.name}: the mapping's source of {never[0]} ({self.mapping.taps[never[0]].describe()}) "
+                "never ran in the forward pass"
+            )
         return logits[:, -tokens:]
 
     def _to_schema(self, name: str, value, spec, sizes: dict[str, int], tokens: int) -> torch.Tensor:

@@ -109,6 +109,8 @@ class DiffResult:
     rule: dict = field(default_factory=dict)  # the tolerance constants in force
     timings: dict = field(default_factory=dict)
     spilled: int = 0  # bytes of the golden's kept rows that went to a (deleted) file instead of memory
+    #: why the run stopped before its last tap (memory about to run out: diff/guard.py); None when it finished
+    stopped: str | None = None
 
     @cached_property
     def step_summary(self) -> list[dict]:
@@ -141,8 +143,10 @@ class DiffResult:
     @property
     def exit_code(self) -> int:
         """1: a divergence; 2: none found, but no tap was compared at all, or the golden is not finite, so
-        the input is bad and some taps could not be judged; 0: none."""
-        return 1 if self.first_divergence is not None else 2 if self.golden_nonfinite or not self.compared else 0
+        the input is bad and some taps could not be judged, or the run stopped before its end; 0: none."""
+        if self.first_divergence is not None:
+            return 1
+        return 2 if self.golden_nonfinite or not self.compared or self.stopped else 0
 
     @property
     def compared(self) -> int:
@@ -157,6 +161,9 @@ class DiffResult:
                 "not judged: no tap was compared, every one lacks on some side (see the taps' reasons); "
                 "a store must hold the taps it does not declare in missing_taps"
             )
+        if d is None and self.stopped:
+            n = sum(t.status == "ok" for t in self.taps)
+            return f"not finished, no divergence in the {n} taps compared: {self.stopped}"
         if d is None and gold:
             return (
                 f"not judged: the fp64 golden itself holds NaN/inf from step {gold['step']}, {gold['tap']} on, "
@@ -242,6 +249,7 @@ class DiffResult:
             "steps": self.steps,
             "timings": self.timings,
             "spilled": self.spilled,
+            "stopped": self.stopped,
             "step_summary": self.step_summary,
             "taps": [asdict(t) for t in self.taps if t.step in self.detailed_steps],
         }

@@ -11,6 +11,7 @@ import torch
 
 from qwen3dbg.diff.compare import ROUTER_OPS, Comparison
 from qwen3dbg.diff.diagnosis.systematic import detect
+import qwen3dbg.diff.guard as guard
 from qwen3dbg.diff.golden import Keeper, LongGolden, golden_forced, golden_greedy
 from qwen3dbg.diff.in_noise import InNoise
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
@@ -107,6 +108,8 @@ def diff_plan(
     produce_gold = (
         golden_forced(golden, steps, keeper) if not greedy else golden_greedy(golden, schedule, steps[0].token_ids[0])
     )
+    live = {role: spec.text for role, spec in zip(("ref", "cand"), specs) if spec.store is None}
+    guard.check_taps_fit(cfg, steps[0], dt, live, compared, guard.available_bytes())
     sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
     for role, spec in zip(("ref", "cand"), specs):
         sides[role] = (
@@ -130,13 +133,20 @@ def diff_plan(
     status(f"comparing {schedule.total} step(s) against the fp64 golden")
     t = time.perf_counter()
     taps = []
-    try:
-        for res in comparison.run():
-            taps.append(res)
-            noise.add(res)
-    finally:
-        for side in sides.values():
-            side.close()
+    with guard.Watchdog(schedule.cancelled) as watchdog:
+        try:
+            for res in comparison.run():
+                taps.append(res)
+                noise.add(res)
+                if watchdog.stopped:
+                    break
+        except Exception:  # a side cancelled by the watchdog ends its stream: what was compared stands
+            if not watchdog.stopped:
+                raise
+        finally:
+            for side in sides.values():
+                side.close()
+    stopped = watchdog.stopped
     window.finish()
     for info in infos:  # what an implementation has to say about its run (the device it ran on, ...)
         if info.role in loaded:
@@ -146,12 +156,12 @@ def diff_plan(
     first = next((r for r in taps if r.divergent), None)
     div = _divergence(first, taps, cfg) if first else None
     src.entries = window.frozen or {}
-    if div is not None and teacher and "cand" in loaded:
+    if div is not None and teacher and "cand" in loaded and not stopped:  # no memory left for more forwards
         status("teacher forcing the divergent layer")
         forced = teacher_force(loaded["cand"], src, div, first, schedule.steps[div.step])
         div.origin = forced or div.origin
     status("diagnosing")
-    diagnosis = [] if div is None else list(_diagnose(src, div))
+    diagnosis = [] if div is None or stopped else list(_diagnose(src, div))
     in_noise = noise.finding(dt)
     systematic = detect(taps, div, dt)
     timings["diagnose"] = time.perf_counter() - t
@@ -175,6 +185,7 @@ def diff_plan(
         routing_ties=comparison.ties,
         timings=timings,
         spilled=keeper.spilled,
+        stopped=stopped,
         rule={
             "norm_factor": NORM_FACTOR,
             "element_factor": ELEMENT_FACTOR,

@@ -34,6 +34,8 @@ def summary(result: DiffResult) -> list[tuple[str, str]]:
             "the readable reference (scratch) run in float64.",
         ),
     ]
+    if result.stopped and result.first_divergence is not None:  # the verdict says it when nothing diverged
+        lines.append(("not finished", result.stopped))
     lines += [("note", f"{s.role} {s.spec}: {n}") for s in result.sides for n in s.notes]
     if len(result.steps) == 1:
         how = (
@@ -85,7 +87,9 @@ def summary(result: DiffResult) -> list[tuple[str, str]]:
         lines += [
             ("diagnosis" if i == 0 else "or", f"{x.signature}: {x.message}") for i, x in enumerate(result.diagnosis)
         ]
-        if not result.diagnosis:
+        if not result.diagnosis and result.stopped:  # nothing was tried: memory was about to run out
+            lines.append(("diagnosis", "not run: the run stopped before its end"))
+        elif not result.diagnosis:
             lines.append(
                 (
                     "diagnosis",

@@ -34,6 +34,32 @@ def capture_store(spec: str, model: Path, dtype: str, out: Path) -> TapStore:
     return TapStore.open(out)
 
 
+def test_taps_reach_the_sink_while_the_forward_runs(dense):
+    """A forward's taps are handed out as the port computes them, never collected for the whole forward
+    first: each layer's taps arrive before the next layer's block has run (its resid_out, the block's own
+    output, as the block returns), so a long prompt's attention matrices never sit in memory together."""
+    cand = load_candidate(PORT, dense, "float32")
+    done = []
+    hooks = [b.register_forward_hook(lambda *_: done.append(1)) for b in cand.model.trf_blocks]
+    arrived: dict[str, int] = {}
+
+    class Sink:
+        def wants(self, name: str) -> bool:
+            return True
+
+        def __call__(self, name: str, t: torch.Tensor) -> None:
+            arrived[name] = len(done)
+
+    cand.reset()
+    try:
+        cand.step(torch.arange(7)[None], torch.arange(7)[None], Sink())
+    finally:
+        for h in hooks:
+            h.remove()
+    late = {n: k for n, k in arrived.items() if n.startswith("layers.") and k > int(n.split(".")[1]) + 1}
+    assert len(arrived) > 3 * len(done) and not late
+
+
 def test_standalone_port_store_is_valid_and_complete(tmp_path, dense):
     store = capture_store(PORT, dense, "float32", tmp_path / "port")
     assert validate_store(tmp_path / "port", load_config(dense)) == []
@@ -249,11 +275,12 @@ def record(model, taps: dict[str, TapOrigin], x):
     from qwen3dbg.candidates.module_adapter import Mapping, _Recorder
 
     mapping = Mapping(taps, False, None, None, Path("toy.toml"))
-    recorder = _Recorder(model, sys.modules[__name__], mapping, set(taps))
+    values = {}
+    recorder = _Recorder(model, sys.modules[__name__], mapping, set(taps), values.__setitem__)
     with recorder.active():
         model(x)
     recorder.check_counts()
-    return recorder.values
+    return values
 
 
 def test_a_shared_module_gives_each_layer_its_own_call():

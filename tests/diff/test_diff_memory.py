@@ -1,0 +1,102 @@
+"""What a diff holds in memory: a tap too large to hold is refused before the run with what to drop, and a run
+about to exhaust memory stops with what it found (diff/guard.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from helpers import DECODE, PROMPT, cli
+
+import qwen3dbg.diff.run as diff_run
+import qwen3dbg.diff.streams as streams
+from qwen3dbg.diff import guard, run_diff
+from qwen3dbg.diff.summary import summary
+from qwen3dbg.util.errors import UserError
+
+#: the standalone port maps attention scores and probabilities
+PORT = "module:qwen3dbg.candidates.ports.standalone_qwen3:load"
+
+
+@pytest.fixture(scope="module")
+def dense(models):
+    return models("tiny-dense")
+
+
+LONG = [(7 * i) % 512 for i in range(256)]
+
+
+@pytest.mark.parametrize(
+    "free, refusal",
+    [
+        # 8 MB free: the attention maps' copies (1 MB a layer at 256 tokens: 4 heads x 256 x 256 float32)
+        # pass half of it, the logits' (256 x 512 in the run's bfloat16, 262 kB) do not
+        (8 << 20, r"layers\.\d+\.attn_(scores|probs) is 1\.0 MB .* leave attn_scores and attn_probs out"),
+        # 2 MB free: the logits do too, and leaving the attention out would not help
+        (2 << 20, r"^logits is 262 kB .*: diff a shorter prompt$"),
+    ],
+)
+def test_a_tap_past_the_queue_and_the_memory_is_refused_naming_what_to_drop(dense, monkeypatch, free, refusal):
+    """The tiny model's taps at 256 tokens stand in for a long prompt's: with a 64 kB queue they pass its
+    bound, and the diff is refused before its sides run, saying which taps to leave out, or that only a
+    shorter prompt helps."""
+    monkeypatch.setattr(streams, "QUEUE_BYTES", 64 << 10)
+    monkeypatch.setattr(guard, "available_bytes", lambda: free)
+    ran = []
+    monkeypatch.setattr(diff_run, "ThreadSide", lambda *a: ran.append(a))
+    with pytest.raises(UserError, match=refusal):
+        run_diff("hf", PORT, model_dir=dense, token_ids=LONG, decode_ids=DECODE)
+    assert not ran
+
+
+def test_taps_within_the_queue_are_never_refused_however_little_memory_is_free(dense, monkeypatch):
+    """Memory short of the queue's own bound is the watchdog's to judge during the run, not a refusal."""
+    monkeypatch.setattr(guard, "available_bytes", lambda: 64 << 10)
+    monkeypatch.setattr(guard.Watchdog, "_watch", lambda self: None)
+    assert run_diff("hf", PORT, model_dir=dense, token_ids=PROMPT, decode_ids=DECODE).exit_code == 0
+
+
+def test_a_run_running_out_of_memory_stops_with_what_it_compared(dense, monkeypatch):
+    """Memory "runs out" once the prefill's layer 1 is reached: the run stops with a sentence, keeps the
+    taps compared until then, and exits 2 (not judged clean)."""
+    free = {"bytes": 1 << 50}
+    monkeypatch.setattr(guard, "available_bytes", lambda: free["bytes"])
+
+    def progress(step: int, layer: int | None) -> None:
+        if (step, layer) == (0, 1):
+            free["bytes"] = 0
+            time.sleep(10 * guard.PERIOD)  # the watchdog looks meanwhile
+
+    result = run_diff("hf", "scratch", model_dir=dense, token_ids=PROMPT, decode_ids=DECODE, progress=progress)
+    assert result.stopped and "memory available fell" in result.stopped
+    assert result.taps and all(t.step == 0 for t in result.taps)
+    assert result.exit_code == 2 and result.verdict.startswith("not finished")
+
+
+def test_the_reserve_from_the_environment_stops_the_cli_and_writes_the_json(dense, tmp_path, monkeypatch):
+    """A reserve above all the machine's memory stops the run at the watchdog's first look; the report and
+    its JSON are still written."""
+    monkeypatch.setenv("QWEN3DBG_MEMORY_RESERVE_MB", str(1 << 40))
+    out = tmp_path / "r.json"
+    ids = ",".join(map(str, PROMPT))
+    code = cli("diff", "--cand", "scratch", "--model", dense, "--token-ids", ids, "--decode-steps", 2, "--json", out)
+    written = json.loads(out.read_text())
+    assert code == 2 and written["stopped"].startswith("stopped early") and written["exit_code"] == 2
+
+
+def test_a_divergence_found_before_the_stop_stands_and_is_said_undiagnosed(dense, monkeypatch):
+    """A stop after the first divergence keeps it (exit 1) and says the diagnosis was not run, rather than
+    that nothing explains it."""
+    free = {"bytes": 1 << 50}
+    monkeypatch.setattr(guard, "available_bytes", lambda: free["bytes"])
+
+    def progress(step: int, layer: int | None) -> None:
+        if (step, layer) == (0, 2):
+            free["bytes"] = 0
+            time.sleep(10 * guard.PERIOD)
+
+    result = run_diff("hf", "rope-interleaved", model_dir=dense, token_ids=PROMPT, decode_ids=DECODE, progress=progress)
+    lines = dict(summary(result))
+    assert result.exit_code == 1 and result.stopped and lines["not finished"] == result.stopped
+    assert lines["diagnosis"].startswith("not run")
