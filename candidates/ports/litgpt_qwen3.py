@@ -94,4 +94,8 @@ class LitGPTCandidate(ModuleCandidate):
     def check(model_dir, dtype="float32") -> None:
         """The port's check (`qwen3dbg.run.registry.check_candidate`) with this module as the port: litgpt
         imports, and the mapping resolves."""
+        try:  # the package itself: its submodules may be cached by an earlier run in this process
+            import litgpt  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"litgpt's model code cannot be imported ({e}): {INSTALL}") from None
         ModuleCandidate.check(f"{__name__}:load", model_dir, dtype)
