@@ -85,9 +85,7 @@ class VllmCandidate(Candidate):
         patch: str = "",
         threads: int = 0,
     ):
-        o = self.check(
-            model_dir,
-            dtype,
+        o = _parse_options(
             batch=batch,
             chunk=chunk,
             prefix=prefix,
@@ -97,7 +95,7 @@ class VllmCandidate(Candidate):
             hf_overrides=hf_overrides,
             patch=patch,
             threads=threads,
-        )
+        )  # checked by `check` before (registry.load_candidate): parsed here, not checked again
         from .engine import Engine, import_vllm, run_patch
         from .recorder import Recorder
 
@@ -141,29 +139,7 @@ class VllmCandidate(Candidate):
     def check(model_dir, dtype="bfloat16", **options) -> dict:
         """Every option and the model's head size checked, vLLM found, without loading anything
         (`qwen3dbg.run.registry.check_candidate`); returns the options parsed."""
-        given = {k: v for k, v in options.items() if v not in ("", 0, None)}
-        o = {
-            "batch": _whole("batch", options.get("batch", 1), 1),
-            "chunk": _whole("chunk", options.get("chunk", 0), 0),
-            "prefix": _whole("prefix", options.get("prefix", 0), 0),
-            "block_size": _whole("block_size", options.get("block_size", 128), 32),
-            "max_model_len": _whole("max_model_len", options.get("max_model_len", 4096), 2),
-            "threads": _whole("threads", options.get("threads", 0), 0),
-            "kv_cache_dtype": str(options.get("kv_cache_dtype", "auto")),
-            "hf_overrides": _overrides(options.get("hf_overrides", "")),
-            "given": {k: v for k, v in given.items() if str(v) != str(_DEFAULTS.get(k))},
-        }
-        if o["block_size"] % 32:
-            raise UserError(f"vllm option block_size={o['block_size']}: vLLM's CPU cache takes multiples of 32")
-        if o["prefix"] % o["block_size"]:
-            raise UserError(
-                f"vllm option prefix={o['prefix']}: vLLM caches whole blocks, give a multiple of "
-                f"block_size={o['block_size']}"
-            )
-        if o["kv_cache_dtype"] not in KV_CACHE_DTYPES:
-            raise UserError(
-                f"vllm option kv_cache_dtype={o['kv_cache_dtype']!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"
-            )
+        o = _parse_options(**options)
         if options.get("patch"):
             check_patch(options["patch"])
         parse_dtype(dtype)
@@ -285,3 +261,31 @@ def _companion_lengths(length: int, n: int) -> list[int]:
             m += 1
         out.append(m)
     return out
+
+
+def _parse_options(**options) -> dict:
+    """The options as `--cand vllm:key=value` gives them (strings), parsed and their values checked."""
+    given = {k: v for k, v in options.items() if v not in ("", 0, None)}
+    o = {
+        "batch": _whole("batch", options.get("batch", 1), 1),
+        "chunk": _whole("chunk", options.get("chunk", 0), 0),
+        "prefix": _whole("prefix", options.get("prefix", 0), 0),
+        "block_size": _whole("block_size", options.get("block_size", 128), 32),
+        "max_model_len": _whole("max_model_len", options.get("max_model_len", 4096), 2),
+        "threads": _whole("threads", options.get("threads", 0), 0),
+        "kv_cache_dtype": str(options.get("kv_cache_dtype", "auto")),
+        "hf_overrides": _overrides(options.get("hf_overrides", "")),
+        "given": {k: v for k, v in given.items() if str(v) != str(_DEFAULTS.get(k))},
+    }
+    if o["block_size"] % 32:
+        raise UserError(f"vllm option block_size={o['block_size']}: vLLM's CPU cache takes multiples of 32")
+    if o["prefix"] % o["block_size"]:
+        raise UserError(
+            f"vllm option prefix={o['prefix']}: vLLM caches whole blocks, give a multiple of "
+            f"block_size={o['block_size']}"
+        )
+    if o["kv_cache_dtype"] not in KV_CACHE_DTYPES:
+        raise UserError(
+            f"vllm option kv_cache_dtype={o['kv_cache_dtype']!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"
+        )
+    return o
