@@ -148,8 +148,7 @@ class Qwen3Reference(Candidate):
         self.num = Numerics(self.dtype)
         ckpt = model.checkpoint
         if stream_weights is None:  # hold everything unless that exceeds ~8 GB
-            params = sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.keys())
-            stream_weights = params * self.dtype.itemsize > 8 * 1024**3
+            stream_weights = ckpt.numel() * self.dtype.itemsize > 8 * 1024**3
         else:
             stream_weights = option_flag("scratch", "stream_weights", stream_weights)
         self.w = Weights(ckpt, self.dtype, stream_weights)

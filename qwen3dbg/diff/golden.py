@@ -40,8 +40,7 @@ class LongGolden(Qwen3Reference):
         """`stream_weights` None: stream where holding the weights in float64 would pass 2 GB."""
         model = open_model(model, check_layout=False)
         if stream_weights is None:
-            ckpt = model.checkpoint
-            stream_weights = sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.keys()) * 8 > 2 * 1024**3
+            stream_weights = model.checkpoint.numel() * 8 > 2 * 1024**3
         super().__init__(model, "float64", stream_weights=stream_weights)
 
     def _head(self) -> str:

@@ -53,6 +53,10 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return list(self.file_of)
 
+    def numel(self) -> int:
+        """How many weights the checkpoint holds, from the headers alone."""
+        return sum(torch.Size(self.shape(n)).numel() for n in self.file_of)
+
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 

@@ -30,10 +30,6 @@ class RunPlan:
     steps: list[StepInfo]  # the steps whose ids are fixed now
     greedy: int  # decode steps after them whose ids the fp64 golden picks greedily
 
-    @property
-    def total_steps(self) -> int:
-        return len(self.steps) + self.greedy
-
     def side(self, role: str) -> SideSpec:
         return next(s for s in self.sides if s.role == role)
 
