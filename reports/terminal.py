@@ -8,9 +8,11 @@ from rich.table import Table
 
 from qwen3dbg.diff.result import DiffResult, TapResult
 from qwen3dbg.diff.summary import TONE, evidence, summary
+from qwen3dbg.tapstore.schema import HEAD_OPS
 from qwen3dbg.util.text import escape, short
 
 #: how the terminal shows each tone of a summary label (qwen3dbg.diff.summary.TONE); plain labels are bold
+HEAD_OP_NAMES = frozenset(o.op for o in HEAD_OPS)
 _STYLE = {"bad": "bold red", "warn": "bold yellow", "info": "bold blue", "hint": "bold cyan", "quiet": "dim"}
 
 
@@ -28,11 +30,18 @@ def summary_panel(result: DiffResult) -> Panel:
     return Panel("\n".join(lines), title="qwen3dbg diff", border_style="red" if bad else "green", expand=False)
 
 
+def _row_of(r: TapResult) -> tuple[int, str]:
+    """The table row of a tap, with its place in the model's order: embed, the layers, then the head."""
+    if r.layer is not None:
+        return r.layer, str(r.layer)
+    return (-1, "embed") if r.op in HEAD_OP_NAMES else (1 << 30, "head")
+
+
 def layer_table(result: DiffResult) -> Table:
     """One row per layer (plus the ops outside the layers): its worst tap over all steps, with the statistic
     that makes it so. Fits 80 columns: no borders, names never cut."""
     t = Table(
-        title="Worst tap of each layer (other: embed, final_norm, logits). Excess = error / tolerance, "
+        title="Worst tap of each layer (head: final_norm, logits). Excess = error / tolerance, "
         "over 1 is divergent; evidence: the candidate's error vs the reference's",
         title_justify="left",
         box=None,
@@ -48,11 +57,11 @@ def layer_table(result: DiffResult) -> Table:
         ("divergent", "right"),
     ):
         t.add_column(col, justify=just, no_wrap=True)
-    groups: dict[str, list[TapResult]] = {}
+    groups: dict[tuple[int, str], list[TapResult]] = {}
     for r in result.taps:
-        groups.setdefault("other" if r.layer is None else str(r.layer), []).append(r)
+        groups.setdefault(_row_of(r), []).append(r)
     first = result.first_divergence
-    for key, rows in groups.items():
+    for (_, key), rows in sorted(groups.items()):
         rows = [r for r in rows if r.status != "not_compared"]
         if not rows:
             continue

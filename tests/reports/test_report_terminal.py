@@ -79,3 +79,18 @@ def test_sides_and_origin_read_as_sentences(moe_bug):
         "Candidate rope-theta-1e4 against reference hf in bfloat16, on 16 prompt tokens and 2 decode steps."
     )
     assert said["origin"].startswith("layer 0 introduced the error: run on the reference's own input")
+
+
+def test_rows_follow_the_model_from_embed_through_the_layers_to_the_head(moe_bug):
+    """However many layers (ten sorts before two as text), the embedding row comes first and the head last."""
+    n = moe_bug.config["num_hidden_layers"]
+    many = [replace(t, layer=t.layer + 9 * (t.layer % 2)) if t.layer is not None else t for t in moe_bug.taps]
+    for result, layers in (
+        (moe_bug, range(n)),
+        (replace(moe_bug, taps=many), sorted({t.layer for t in many} - {None})),
+    ):
+        lines = _text(layer_table(result), width=200).splitlines()
+        body = lines[next(i for i, line in enumerate(lines) if line.split()[:1] == ["layer"]) + 1 :]
+        keys = [words[0] for words in map(str.split, body) if words]
+        # a layer's first divergence may take a second row of its own, right under the first
+        assert [k for i, k in enumerate(keys) if k not in keys[:i]] == ["embed", *map(str, layers), "head"]
