@@ -131,6 +131,13 @@ class DownProjHalved(Qwen3Reference):
         return y * 0.5 if name.endswith("down_proj") else y
 
 
+class ResidualScaled(Qwen3Reference):
+    """The attention's residual scaled by 0.9 (a residual multiplier from another architecture)."""
+
+    def residual(self, x, normed):
+        return x * 0.9
+
+
 class SoftmaxOverHeadDim(Qwen3Reference):
     """Scores scaled by 1/head_dim instead of 1/sqrt(head_dim)."""
 
@@ -363,6 +370,16 @@ CASES = [
         "layers.0.mlp.out",
         "scalar",
         lambda ev: abs(_edit(ev)["factor"] - 0.5) < 0.01,
+    ),
+    Case(
+        "one fitted scalar on an operand",
+        ResidualScaled,
+        BOTH,
+        F32,
+        0,
+        "layers.0.resid_mid",
+        "operand_scaled",
+        lambda ev: _edit(ev)["operand"] == "embed" and abs(_edit(ev)["factor"] - 0.9) < 1e-3,
     ),
     Case(
         "op parameter (softmax scale)",

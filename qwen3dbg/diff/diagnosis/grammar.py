@@ -32,6 +32,8 @@ PERMUTATION_AXIS = 64
 FIT_ELEMENTS = 1 << 20
 #: ops whose output has its input's shape: an op that can be applied twice or skipped
 _SAME_SHAPE = NORM_OPS + ("q_rope", "k_rope", "attn_probs")
+#: ops that add their two inputs: a term may be scaled
+_SUMS = ("resid_mid", "resid_out")
 #: neighbouring ops of one shape a port may run in the other order: (first, second) in Qwen3's order
 _NEIGHBOURS = (("q_norm", "q_rope"), ("k_norm", "k_rope"))
 #: ids for an edit that is a listed kind: (kind, op or group) -> catalogue id
@@ -256,7 +258,8 @@ def _group(op: str) -> str:
 
 
 def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[tuple[Edit, torch.Tensor]]:
-    """The op applied twice, skipped, run in the other order with its neighbour, RoPE at positions off by one."""
+    """The op applied twice, skipped, run in the other order with its neighbour, RoPE at positions off by one,
+    one term of a sum scaled by a fitted scalar."""
     n, out = s.name(), []
     if s.op in _SAME_SHAPE and ins[0].numel() == qwen3.numel():
         twice = replay_op(s, [qwen3.reshape(ins[0].shape)])
@@ -288,6 +291,15 @@ def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[t
                 {"position_offset": k},
             )
             out.append((edit, rotate(ins[0], angles)))
+    if s.op in _SUMS:
+        c = s.cand()
+        for i, j in ((0, 1), (1, 0)):  # one term scaled by a fitted scalar, the other as it is
+            x, rest = ins[i].reshape(c.shape), ins[j].reshape(c.shape)
+            a = float(((c - rest) * x).sum() / x.pow(2).sum())
+            if math.isfinite(a) and abs(a - 1) > s.tol:
+                what = f"{n} adds {s.inputs[i]} times {a:.4g}"
+                edit = Edit("operand_scaled", what, "Qwen3 adds it as it is", 1, {"operand": s.inputs[i], "factor": a})
+                out.append((edit, a * x + rest))
     return out
 
 
@@ -333,7 +345,7 @@ def search(s: Site) -> Diagnosis | None:
     if c is None or base is None or not c.is_floating_point():
         return None
     inner = []
-    if s.op in _SAME_SHAPE + tuple(op for pair in _NEIGHBOURS for op in pair):  # ops with structural edits
+    if s.op in _SAME_SHAPE + _SUMS + tuple(op for pair in _NEIGHBOURS for op in pair):  # ops with structural edits
         ins = [s.operand(n) for n in s.inputs]
         qwen3 = replay_op(s, ins) if all(t is not None for t in ins) else None
         inner = _structural(s, ins, qwen3) if qwen3 is not None and qwen3.shape == c.shape else []
@@ -364,5 +376,15 @@ def search(s: Site) -> Diagnosis | None:
 
 
 #: the grammar's own ids, one per row it adds, and the listed ids an edit maps to
-IDS = ("index_map", "sign_pattern", "scalar", "per_slice_scale", "twice", "skipped", "swapped", "composed")
+IDS = (
+    "index_map",
+    "sign_pattern",
+    "scalar",
+    "per_slice_scale",
+    "operand_scaled",
+    "twice",
+    "skipped",
+    "swapped",
+    "composed",
+)
 HYPOTHESES = (Hypothesis(IDS + tuple(_LISTED.values()), ("*",), search),)
