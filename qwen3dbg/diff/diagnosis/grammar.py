@@ -263,11 +263,18 @@ def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[t
     n, out = s.name(), []
     if s.op in _SAME_SHAPE and ins[0].numel() == qwen3.numel():
         twice = replay_op(s, [qwen3.reshape(ins[0].shape)])
+        group, source = _group(s.op), s.inputs[0]
         if twice is not None:
-            out.append((Edit("twice", f"{n} is its op applied twice", "apply it once"), twice))
-        out.append(
-            (Edit("skipped", f"{n} is its input unchanged", "the op is skipped; apply it"), ins[0].reshape(qwen3.shape))
-        )
+            what, fix = {
+                "norm": (f"{n} is the RMSNorm applied twice", "apply it once"),
+                "rope": (f"{n} is {source} rotated twice", "RoPE is applied twice; rotate once"),
+            }.get(group, (f"{n} is its op applied twice", "apply it once"))
+            out.append((Edit("twice", what, fix), twice))
+        what, fix = {
+            "norm": (f"{n} is its input unchanged", "the RMSNorm is skipped; apply it"),
+            "rope": (f"{n} is {source} unrotated", "RoPE is not applied; rotate it"),
+        }.get(group, (f"{n} is its input unchanged", "the op is skipped; apply it"))
+        out.append((Edit("skipped", what, fix), ins[0].reshape(qwen3.shape)))
     for first, second in _NEIGHBOURS:
         if s.op not in (first, second):
             continue
