@@ -34,6 +34,13 @@ class VHeadsReversed(Qwen3Reference):
         return _heads(y, self.config.head_dim).flip(-2).flatten(-2) if name.endswith("v_proj") else y
 
 
+class ContextReadsVHeadsReversed(Qwen3Reference):
+    """The cache is right, but attention reads its v heads in reverse order (a head index flipped in the kernel)."""
+
+    def context(self, probs, v):
+        return super().context(probs, v.flip(1))
+
+
 class QHeadsInterleaved(Qwen3Reference):
     """q_proj's heads interleaved across GQA groups (head h of the output is Qwen3's head of group h % nKV)."""
 
@@ -268,6 +275,16 @@ CASES = [
         "layers.0.v_proj",
         "index_map",
         lambda ev: _edit(ev)["axis"] == "v heads" and _edit(ev)["map"] == [1, 0],
+    ),
+    Case(
+        "index map on an operand: heads",
+        ContextReadsVHeadsReversed,
+        BOTH,
+        ("float32", "bfloat16"),
+        0,
+        "layers.0.attn_out",
+        "index_map",
+        lambda ev: _edit(ev)["operand"] == "layers.0.v_cache" and _edit(ev)["axis"] == "v heads",
     ),
     Case(
         "index map: head grouping",

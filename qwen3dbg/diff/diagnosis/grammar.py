@@ -24,7 +24,7 @@ from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, replay_op
 from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
 from qwen3dbg.diff.metrics import rel, sample
-from qwen3dbg.tapstore.schema import OPS_BY_NAME, inputs_of
+from qwen3dbg.tapstore.schema import OPS_BY_NAME, inputs_of, parse_tap_name
 
 #: the longest axis a permutation is fitted on (an n x n distance matrix over the tap)
 PERMUTATION_AXIS = 64
@@ -34,6 +34,8 @@ FIT_ELEMENTS = 1 << 20
 _SAME_SHAPE = NORM_OPS + ("q_rope", "k_rope", "attn_probs")
 #: ops that add their two inputs: a term may be scaled
 _SUMS = ("resid_mid", "resid_out")
+#: ops whose output mixes their operands' entries: an index map of an operand is no map of the output
+_MIXING = ("attn_scores", "attn_out", "q_rope", "k_rope", "mlp.act")
 #: neighbouring ops of one shape a port may run in the other order: (first, second) in Qwen3's order
 _NEIGHBOURS = (("q_norm", "q_rope"), ("k_norm", "k_rope"))
 #: ids for an edit that is a listed kind: (kind, op or group) -> catalogue id
@@ -79,12 +81,15 @@ class Fit:
 # ---- axes ------------------------------------------------------------------------------------------
 
 
-def _axes(s: Site, shape: tuple[int, ...], tokens: bool) -> list[tuple[int, str, tuple[int, ...]]]:
+def _axes(
+    s: Site, shape: tuple[int, ...], tokens: bool, op: str | None = None
+) -> list[tuple[int, str, tuple[int, ...]]]:
     """(dim, words, view shape) for each axis of the tap an edit may act on: `nH*D` as heads, head_dim and
     the channels together; the batch, top-k slots, axes of one element, and the tokens unless `tokens` (all
     of them held) left out."""
     view, names, flat = [], [], []
-    for d, (size, name) in enumerate(zip(shape, OPS_BY_NAME[s.op].axes)):
+    op = op or s.op
+    for d, (size, name) in enumerate(zip(shape, OPS_BY_NAME[op].axes)):
         if name in ("nH*D", "nKV*D"):
             view += [size // s.cfg.head_dim, s.cfg.head_dim]
             names += [name.split("*")[0], "D"]
@@ -93,17 +98,17 @@ def _axes(s: Site, shape: tuple[int, ...], tokens: bool) -> list[tuple[int, str,
             view.append(size)
             names.append(name)
     skip = ("B", "k") + (() if tokens else ("T",))
-    split = [(d, _axis_words(s, n), tuple(view)) for d, n in enumerate(names) if n not in skip and view[d] > 1]
+    split = [(d, _axis_words(op, n), tuple(view)) for d, n in enumerate(names) if n not in skip and view[d] > 1]
     return split + flat
 
 
-def _axis_words(s: Site, name: str) -> str:
-    who = s.op.split("_")[0] if s.op[:2] in ("q_", "k_", "v_") else ""
+def _axis_words(op: str, name: str) -> str:
+    who = op.split("_")[0] if op[:2] in ("q_", "k_", "v_") else ""
     return {
         "T": "tokens",
-        "S": "key positions" if s.op.startswith("attn_") else "cache positions",
+        "S": "key positions" if op.startswith("attn_") else "cache positions",
         "nH": f"{who or 'query'} heads",
-        "nKV": f"{who or 'kv'} heads" if s.op not in ("k_cache", "v_cache") else f"{s.op[0]} heads",
+        "nKV": f"{who or 'kv'} heads",
         "D": "head_dim channels",
         "H": "hidden channels",
         "I": "intermediate channels",
@@ -310,6 +315,23 @@ def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[t
     return out
 
 
+def _operand_maps(s: Site, ins: list[torch.Tensor]) -> Iterator[tuple[Edit, torch.Tensor]]:
+    """The op replayed on one operand with a named index map on one of its axes (v heads read in reverse
+    order, keys read one position late, ...): for the ops that mix their operands, where a map of an input is
+    no map of the output."""
+    for slot, name in enumerate(s.inputs):
+        _, op = parse_tap_name(name)
+        for d, words, view in _axes(s, tuple(ins[slot].shape), True, op):
+            x = ins[slot].reshape(view)
+            for how, idx, edge in _maps(view[d]) + [(w, i, None) for w, i in _grouping(s, view[d])]:
+                moved = _apply_map(x, d, idx, edge).reshape(ins[slot].shape)
+                replay = replay_op(s, ins[:slot] + [moved] + ins[slot + 1 :])
+                if replay is not None:
+                    ev = {"operand": name, "axis": words, "map": idx, "edge": edge}
+                    what = f"{s.name()} reads {name} with its {words} {how}"
+                    yield Edit("index_map", what, f"read its {words} in Qwen3's order", 1, ev), replay
+
+
 # ---- the search ------------------------------------------------------------------------------------------
 
 
@@ -351,20 +373,25 @@ def search(s: Site) -> Diagnosis | None:
     c, base = s.cand(), s.base()
     if c is None or base is None or not c.is_floating_point():
         return None
-    inner = []
-    if s.op in _SAME_SHAPE + _SUMS + tuple(op for pair in _NEIGHBOURS for op in pair):  # ops with structural edits
+    inner, ins = [], []
+    if s.op in _SAME_SHAPE + _SUMS + _MIXING + tuple(op for pair in _NEIGHBOURS for op in pair):
         ins = [s.operand(n) for n in s.inputs]
         qwen3 = replay_op(s, ins) if all(t is not None for t in ins) else None
-        inner = _structural(s, ins, qwen3) if qwen3 is not None and qwen3.shape == c.shape else []
+        if qwen3 is None or qwen3.shape != c.shape:
+            ins = []
+    if ins:
+        inner = _structural(s, ins, qwen3)
     rows = _tokens(s, c)
+    dim = OPS_BY_NAME[s.op].axes.index("T") if rows is not None else 0
     if rows is not None:
-        dim = OPS_BY_NAME[s.op].axes.index("T")
         c, base = c.index_select(dim, rows), base.index_select(dim, rows)
         inner = [(e, r.index_select(dim, rows)) for e, r in inner]
     whole = rows is None  # every token held: maps along the tokens make sense
 
     def singles() -> Iterator[Fit]:
         yield from (Fit((e,), r) for e, r in inner)
+        if ins and s.op in _MIXING:
+            yield from (Fit((e,), r if whole else r.index_select(dim, rows)) for e, r in _operand_maps(s, ins))
         yield from _index_maps(s, c, base, whole)
         yield from _scales(s, c, base, whole)
 
