@@ -334,7 +334,11 @@ CASES = [
         0,
         "logits",
         "index_map",
-        lambda ev: _edit(ev)["axis"] == "vocabulary rows" and _edit(ev)["edge"] == "zero",
+        lambda ev: (
+            _edit(ev)["axis"] == "vocabulary rows"
+            and _edit(ev)["map_name"] == "shift+1"
+            and _edit(ev)["edge"] == "zero"
+        ),
     ),
     Case(
         "index map: tokens shifted",

@@ -29,7 +29,7 @@ from qwen3dbg.tapstore.schema import OPS_BY_NAME, inputs_of, parse_tap_name
 #: the longest axis a permutation is fitted on (an n x n distance matrix over the tap)
 PERMUTATION_AXIS = 64
 #: the most elements an output edit is fitted on: a larger tap (the logits) is looked at on sampled tokens
-FIT_ELEMENTS = 1 << 20
+FIT_ELEMENTS = 1 << 18
 #: ops whose output has its input's shape: an op that can be applied twice or skipped
 _SAME_SHAPE = NORM_OPS + ("q_rope", "k_rope", "attn_probs")
 #: ops that add their two inputs: a term may be scaled
@@ -132,47 +132,52 @@ def _along(a: torch.Tensor, r: torch.Tensor, view: tuple[int, ...], d: int) -> t
 # ---- output edits: fitted on top of a replay ---------------------------------------------------------
 
 
-def _maps(n: int) -> list[tuple[str, list[int], str | None]]:
-    """Named index maps of an axis of n: (words, index list: slot i holds the replay's slot idx[i], edge)."""
-    out = [("in reverse order", list(range(n - 1, -1, -1)), None)]
+def _maps(n: int) -> list[tuple[str, str, torch.Tensor, str | None]]:
+    """Named index maps of an axis of n: (name, words, idx: slot i holds the replay's slot idx[i], and for a
+    shift what the slot left empty holds: "zero", or "kept" its own)."""
+    ar = torch.arange(n)
+    out = [("reverse", "in reverse order", ar.flip(0), None)]
     if n % 2 == 0:
-        out.append(("with their two halves swapped", [(i + n // 2) % n for i in range(n)], None))
+        out.append(("swap_halves", "with their two halves swapped", (ar + n // 2) % n, None))
     for k in (1, -1):
-        out.append((f"rolled by {k:+d} (slot i holds slot i{-k:+d}, wrapping)", [(i - k) % n for i in range(n)], None))
+        out.append((f"roll{k:+d}", f"rolled by {k:+d} (slot i holds slot i{-k:+d}, wrapping)", (ar - k) % n, None))
         for edge in ("zero", "kept"):
             out.append(
-                (f"shifted by {k:+d} (slot i holds slot i{-k:+d}, the edge {edge})", [i - k for i in range(n)], edge)
+                (f"shift{k:+d}", f"shifted by {k:+d} (slot i holds slot i{-k:+d}, the edge {edge})", ar - k, edge)
             )
     return out
 
 
-def _grouping(s: Site, n: int) -> list[tuple[str, list[int]]]:
+def _grouping(s: Site, n: int) -> list[tuple[str, str, torch.Tensor, None]]:
     """Heads grouped by modulo instead of division: for query heads, the interleaved order of GQA groups."""
     rep, groups = s.cfg.n_rep, s.cfg.num_key_value_heads
     if n != s.cfg.num_attention_heads or rep == 1:
         return []
-    inter = [(h % groups) * rep + h // groups for h in range(n)]  # slot h holds the blocked order's head
-    back = [0] * n
-    for i, j in enumerate(inter):
-        back[j] = i
+    h = torch.arange(n)
+    inter = (h % groups) * rep + h // groups  # slot h holds the blocked order's head
     return [
-        (f"interleaved (head h in GQA group h % {groups}) where Qwen3 keeps them in blocks (group h // {rep})", inter),
-        (f"in blocks where Qwen3 interleaves them (group h % {groups})", back),
+        (
+            "interleaved",
+            f"interleaved (head h in GQA group h % {groups}) where Qwen3 keeps them in blocks (group h // {rep})",
+            inter,
+            None,
+        ),
+        ("blocked", f"in blocks where Qwen3 interleaves them (group h % {groups})", inter.argsort(), None),
     ]
 
 
-def _apply_map(r: torch.Tensor, dim: int, idx: list[int], edge: str | None) -> torch.Tensor:
+def _apply_map(r: torch.Tensor, dim: int, idx: torch.Tensor, edge: str | None) -> torch.Tensor:
     n = r.shape[dim]
-    out = r.index_select(dim, torch.tensor([min(max(i, 0), n - 1) for i in idx]))
+    out = r.index_select(dim, idx.clamp(0, n - 1))
     if edge is not None:
-        bad = [i for i, j in enumerate(idx) if not 0 <= j < n]
+        bad = ((idx < 0) | (idx >= n)).nonzero().flatten()
         sl = [slice(None)] * r.dim()
         sl[dim] = bad
         out[tuple(sl)] = 0 if edge == "zero" else r[tuple(sl)]
     return out
 
 
-def _fitted_permutation(c: torch.Tensor, r: torch.Tensor, dim: int) -> list[int] | None:
+def _fitted_permutation(c: torch.Tensor, r: torch.Tensor, dim: int) -> torch.Tensor | None:
     """The slot of r each slot of c is closest to along `dim`, when that is a permutation other than the identity."""
     n = c.shape[dim]
     if n > PERMUTATION_AXIS:
@@ -181,27 +186,41 @@ def _fitted_permutation(c: torch.Tensor, r: torch.Tensor, dim: int) -> list[int]
     ok = torch.isfinite(cf).all(0) & torch.isfinite(rf).all(0)
     if not bool(ok.any()):
         return None
-    idx = torch.cdist(cf[:, ok], rf[:, ok]).argmin(1).tolist()
-    return idx if sorted(idx) == list(range(n)) and idx != list(range(n)) else None
+    idx = torch.cdist(cf[:, ok], rf[:, ok]).argmin(1)
+    return idx if bool((idx.sort().values == torch.arange(n)).all()) and bool((idx != torch.arange(n)).any()) else None
 
 
-def _index_maps(s: Site, c: torch.Tensor, r: torch.Tensor, tokens: bool, named_only: bool = False) -> Iterator[Fit]:
-    """Each axis' named maps (reverse, swap halves, roll and shift by one, head grouping), and the
-    permutation fitted from the data when the axis is short and it is one no name gives."""
+def _map_evidence(words: str, name: str, idx: torch.Tensor, edge: str | None) -> dict:
+    """An index map's numbers: the whole map only for a short axis."""
+    return {
+        "axis": words,
+        "map_name": name,
+        "map": idx.tolist() if len(idx) <= PERMUTATION_AXIS else None,
+        "edge": edge,
+    }
+
+
+def _index_maps(
+    s: Site, c: torch.Tensor, r: torch.Tensor, tokens: bool, named_only: bool = False
+) -> Iterator[tuple[tuple, Fit]]:
+    """((dim, view), fit) for each axis' named maps (reverse, swap halves, roll and shift by one, head grouping), and
+    the permutation fitted from the data when the axis is short and it is one no name gives."""
     for d, words, view in _axes(s, tuple(r.shape), tokens):
         cv, rv = c.reshape(view), r.reshape(view)
-        n = view[d]
-        named = [(w, i, e, 1) for w, i, e in _maps(n)] + [(w, i, None, 1) for w, i in _grouping(s, n)]
+        named = [(name, how, idx, edge, 1) for name, how, idx, edge in _maps(view[d]) + _grouping(s, view[d])]
         perm = None if named_only else _fitted_permutation(cv, rv, d)
-        if perm is not None and all(perm != i for _, i, _, _ in named):
-            named.append((f"permuted: they hold Qwen3's {words} {perm} in this order", perm, None, 2))
-        for how, idx, edge, cost in named:
-            ev = {"axis": words, "map": idx, "edge": edge}
+        if perm is not None and all(not torch.equal(perm, idx) for _, _, idx, _, _ in named):
+            how = f"permuted: they hold Qwen3's {words} {perm.tolist()} in this order"
+            named.append(("permutation", how, perm, None, 2))
+        for name, how, idx, edge, cost in named:
+            ev = _map_evidence(words, name, idx, edge)
             edit = Edit("index_map", f"{s.name()} has its {words} {how}", f"put its {words} in Qwen3's order", cost, ev)
-            yield Fit((edit,), _apply_map(rv, d, idx, edge).reshape(r.shape))
+            yield (d, view), Fit((edit,), _apply_map(rv, d, idx, edge).reshape(r.shape))
 
 
-def _scales(s: Site, c: torch.Tensor, r: torch.Tensor, tokens: bool, signs_only: bool = False) -> Iterator[Fit]:
+def _scales(
+    s: Site, c: torch.Tensor, r: torch.Tensor, tokens: bool, signs_only: bool = False, only: tuple | None = None
+) -> Iterator[Fit]:
     """One fitted scalar; per slice of each axis, least-squares factors: a sign pattern when they are +-1,
     else (cost 3) factors fitted on every other entry of the slices and judged on the rest, so that a fit
     with as many parameters as slices proves something."""
@@ -213,6 +232,8 @@ def _scales(s: Site, c: torch.Tensor, r: torch.Tensor, tokens: bool, signs_only:
         )
         yield Fit((edit,), _finite_mul(a, r))
     for d, words, view in _axes(s, tuple(r.shape), tokens):
+        if only is not None and (d, view) != only:  # one axis of one view: where a map was applied
+            continue
         n = view[d]
         cf, rf = (t.reshape(view).movedim(d, 0).reshape(n, -1) for t in (c, r))
         good = torch.isfinite(cf) & torch.isfinite(rf)
@@ -323,11 +344,11 @@ def _operand_maps(s: Site, ins: list[torch.Tensor]) -> Iterator[tuple[Edit, torc
         _, op = parse_tap_name(name)
         for d, words, view in _axes(s, tuple(ins[slot].shape), True, op):
             x = ins[slot].reshape(view)
-            for how, idx, edge in _maps(view[d]) + [(w, i, None) for w, i in _grouping(s, view[d])]:
+            for map_name, how, idx, edge in _maps(view[d]) + _grouping(s, view[d]):
                 moved = _apply_map(x, d, idx, edge).reshape(ins[slot].shape)
                 replay = replay_op(s, ins[:slot] + [moved] + ins[slot + 1 :])
                 if replay is not None:
-                    ev = {"operand": name, "axis": words, "map": idx, "edge": edge}
+                    ev = {"operand": name} | _map_evidence(words, map_name, idx, edge)
                     what = f"{s.name()} reads {name} with its {words} {how}"
                     yield Edit("index_map", what, f"read its {words} in Qwen3's order", 1, ev), replay
 
@@ -342,11 +363,21 @@ def _signature(s: Site, fit: Fit) -> str:
     return _LISTED.get((e.kind, _group(s.op)), _LISTED.get((e.kind, s.op), e.kind))
 
 
+def _resid(c: torch.Tensor, replay: torch.Tensor) -> float:
+    """`rel(c, replay)`, in one pass where every difference is finite (most fits); `rel` where masked or
+    non-finite entries need its rules."""
+    diff = c - replay
+    if bool(torch.isfinite(diff).all()):
+        den = float(torch.linalg.vector_norm(replay))
+        return float(torch.linalg.vector_norm(diff)) / den if den > 0 else math.inf
+    return rel(c, replay)
+
+
 def _best(s: Site, fits: Iterator[Fit], c: torch.Tensor, base: torch.Tensor) -> Diagnosis | None:
     """The simplest fit, then the closest, that passes the gate; only fits within the noise are kept."""
     kept = []
     for i, f in enumerate(fits):
-        r = rel(c if f.cand is None else f.cand, f.replay)
+        r = _resid(c if f.cand is None else f.cand, f.replay)
         if r <= s.tol:
             kept.append((f.cost, r, i, f))
     for _, _, _, f in sorted(kept, key=lambda t: t[:3]):
@@ -392,18 +423,18 @@ def search(s: Site) -> Diagnosis | None:
         yield from (Fit((e,), r) for e, r in inner)
         if ins and s.op in _MIXING:
             yield from (Fit((e,), r if whole else r.index_select(dim, rows)) for e, r in _operand_maps(s, ins))
-        yield from _index_maps(s, c, base, whole)
+        yield from (f for _, f in _index_maps(s, c, base, whole))
         yield from _scales(s, c, base, whole)
 
     def pairs() -> Iterator[Fit]:
         for e, r in inner:
-            for f in _index_maps(s, c, r, whole, named_only=True):
+            for _, f in _index_maps(s, c, r, whole, named_only=True):
                 yield Fit((e,) + f.edits, f.replay)
             for f in _scales(s, c, r, whole):
                 if f.cand is None:
                     yield Fit((e,) + f.edits, f.replay)
-        for m in _index_maps(s, c, base, whole, named_only=True):
-            for f in _scales(s, c, m.replay, whole, signs_only=True):
+        for axis, m in _index_maps(s, c, base, whole, named_only=True):  # a map, then signs on the same axis
+            for f in _scales(s, c, m.replay, whole, signs_only=True, only=axis):
                 yield Fit(m.edits + f.edits, f.replay)
 
     return _best(s, singles(), c, base) or _best(s, pairs(), c, base)
