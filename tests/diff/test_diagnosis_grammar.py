@@ -174,6 +174,24 @@ class RopeBeforeNorm(Qwen3Reference):
         return super().head_norm(x, self.names[x.shape[-2]])
 
 
+class KProjPreviousLayer(Qwen3Reference):
+    """k_proj of layer i > 0 loads layer i - 1's weight (a layer index off by one)."""
+
+    def linear(self, x, name):
+        if name.endswith("k_proj") and not name.startswith("model.layers.0."):
+            i = int(name.split(".")[2])
+            name = name.replace(f"layers.{i}.", f"layers.{i - 1}.")
+        return super().linear(x, name)
+
+
+class MlpNormTwice(Qwen3Reference):
+    """post_attention_layernorm applied twice (once in the block, once more in the MLP wrapper)."""
+
+    def norm(self, x, name):
+        y = super().norm(x, name)
+        return super().norm(y, name) if name.endswith("post_attention_layernorm") else y
+
+
 class GateProjTwoLayersBack(Qwen3Reference):
     """Layer 2's gate_proj loads layer 0's weight (a layer index off by two)."""
 
@@ -413,6 +431,16 @@ CASES = [
         lambda ev: abs(ev["factor"] * 32**0.5 - 1) < 0.01,
     ),
     Case("op applied twice", SoftmaxTwice, BOTH, ALL, 0, "layers.0.attn_probs", "twice", lambda ev: True),
+    Case(
+        "op applied twice (a listed id)",
+        MlpNormTwice,
+        ("moe",),
+        F32,
+        0,
+        "layers.0.mlp_norm",
+        "norm_twice",
+        lambda ev: ev["edits"][0]["kind"] == "twice",
+    ),
     Case("neighbouring ops swapped", RopeBeforeNorm, ("dense",), ALL, 0, "layers.0.q_norm", "swapped", lambda ev: True),
     Case(
         "operand: another layer's weight",
@@ -423,6 +451,16 @@ CASES = [
         "layers.2.mlp.gate",
         "weight_substituted",
         lambda ev: ev["weight"] == "model.layers.0.mlp.gate_proj.weight",
+    ),
+    Case(
+        "operand: the previous layer's weight",
+        KProjPreviousLayer,
+        ("moe",),
+        F32,
+        0,
+        "layers.1.k_proj",
+        "weight_substituted",
+        lambda ev: ev["weight"] == "model.layers.0.self_attn.k_proj.weight" and not ev["transposed"],
     ),
     Case(
         "operand: another tensor transposed",
