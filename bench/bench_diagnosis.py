@@ -1,5 +1,6 @@
 """Time of one diagnosis on the Qwen3-0.6B shape at 128 tokens (goal: under 10 s), from the window of taps a
-streaming diff keeps, for planted bugs the hypotheses explain and one none does (every family runs).
+streaming diff keeps, for planted bugs the hypotheses explain (the last ones by the grammar of edits, a
+composition of two among them) and one none does (every family runs, the grammar's pairs included).
 
     python bench/bench_diagnosis.py [--workdir DIR] [--tokens 128] [--preset qwen3-0.6b]
 
@@ -21,6 +22,7 @@ sys.path[:0] = [str(Path(__file__).parents[1] / "tests"), str(Path(__file__).par
 
 from qwen3dbg.reference.qwen3 import Qwen3Reference  # noqa: E402
 from test_diagnosis import PerturbedQProj, Sides  # noqa: E402
+from test_diagnosis_grammar import OProjNoise, ShiftedRopeNegatedHalf, SoftmaxTwice  # noqa: E402
 from test_diagnosis_hypotheses import AttendsPreviousLayerCache, MlpNormPreviousLayer, Window  # noqa: E402
 
 from qwen3dbg.diff.diagnosis import diagnose  # noqa: E402
@@ -33,6 +35,9 @@ CASES = [
     (MlpNormPreviousLayer, 0, "layers.1.mlp_norm"),
     (AttendsPreviousLayerCache, 1, "layers.1.attn_scores"),
     (PerturbedQProj, 0, "layers.0.q_proj"),
+    (SoftmaxTwice, 0, "layers.0.attn_probs"),
+    (ShiftedRopeNegatedHalf, 0, "layers.0.q_rope"),
+    (OProjNoise, 0, "layers.0.o_proj"),
 ]
 
 

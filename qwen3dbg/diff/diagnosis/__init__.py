@@ -8,7 +8,9 @@ first family that explains the tensor ends the search:
 1. `structure`: permutations along named axes, an op skipped or applied twice, LayerNorm for RMSNorm, ...
 2. `parameters`: scalar parameters fitted (scales, RMSNorm eps, RoPE theta and offset, temperature);
 3. `substitution`: another weight or another tap as operand;
-4. `recompute`: the op replayed the way other engines compute it, and where NaN/inf are born.
+4. `recompute`: the op replayed the way other engines compute it, and where NaN/inf are born;
+5. `grammar`: kinds nobody listed, as the simplest composition of small edits (index maps, signs and scales on
+   any axis, the op twice, skipped or swapped with its neighbour; two edits when one does not fit).
 
 `systematic` looks below the noise, `explain_rounding` words differences inside it: a cause only where a
 replay under that rounding order reproduces the candidate, else the measured figures alone. Hypotheses read
@@ -22,7 +24,7 @@ import math
 
 import torch
 
-from qwen3dbg.diff.diagnosis import parameters, recompute, structure, substitution
+from qwen3dbg.diff.diagnosis import grammar, parameters, recompute, structure, substitution
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site, TapSource, ulps_phrase
 from qwen3dbg.diff.diagnosis.recompute import amplification, rounding_point, summation_order
@@ -37,6 +39,7 @@ FAMILIES = (
     ("parameters", parameters.HYPOTHESES),
     ("substitution", substitution.HYPOTHESES),
     ("recompute", recompute.HYPOTHESES),
+    ("grammar", grammar.HYPOTHESES),
 )
 #: every id diagnose() can report; explain_rounding reports rounding_point, rounding_order or in_noise
 SIGNATURE_IDS = tuple(dict.fromkeys(i for _, hyps in FAMILIES for h in hyps for i in h.ids))

@@ -19,6 +19,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | float, eps: float) -> torch.Tens
     return qwen3.rms_norm(x.double(), w, eps, _FLOAT64)
 
 
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis (keys) in float64: the reference's own `softmax`."""
+    return qwen3.softmax(x.double(), _FLOAT64)
+
+
 def layer_norm(x: torch.Tensor, w: torch.Tensor | float, eps: float) -> torch.Tensor:
     """LayerNorm without bias over the last axis in float64: the mean subtracted, then as RMSNorm."""
     return rms_norm(x - x.mean(-1, keepdim=True), w, eps)

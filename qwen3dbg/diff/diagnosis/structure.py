@@ -1,12 +1,13 @@
 """Structural variants: the op replayed with its structure changed. Permutations along named axes (heads,
-channel pairs, positions, experts), an op skipped or applied twice, LayerNorm for RMSNorm, operands swapped."""
+channel pairs, positions, experts), LayerNorm for RMSNorm, operands swapped. (An op skipped or applied twice
+is an edit of the grammar, `grammar.py`, which reports the listed ids for norms and RoPE.)"""
 
 from __future__ import annotations
 
 import torch
 
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
-from qwen3dbg.diff.diagnosis.replay import experts_mix, layer_norm, rms_norm, rope_angles, rotate, scores
+from qwen3dbg.diff.diagnosis.replay import experts_mix, layer_norm, rms_norm, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
 from qwen3dbg.diff.metrics import ranked, rel
 from qwen3dbg.reference.qwen3 import causal_mask, swiglu
@@ -19,8 +20,8 @@ def _best(c: torch.Tensor, variants) -> tuple[str, torch.Tensor, str, str] | Non
 
 
 def norm_variants(s: Site) -> Diagnosis | None:
-    """The norm's output against its own input with its structure changed: skipped (a Qwen2 port skipping
-    q_norm/k_norm), without its weight, Gemma's (1 + weight), LayerNorm, or applied twice."""
+    """The norm's output against its own input with its structure changed: without its weight, Gemma's
+    (1 + weight), LayerNorm. (Skipped or applied twice: edits of the grammar, `grammar.py`.)"""
     x, w, c = norm_input(s), s.weight_at(norm_weight_name(s)), s.cand()
     if x is None or w is None:
         return None
@@ -31,7 +32,6 @@ def norm_variants(s: Site) -> Diagnosis | None:
     best = _best(
         c,
         (
-            ("norm_skipped", x, f"{n} is its input unchanged", "the RMSNorm is skipped; apply it"),
             (
                 "norm_weight_missing",
                 rms_norm(x, 1.0, eps),
@@ -50,7 +50,6 @@ def norm_variants(s: Site) -> Diagnosis | None:
                 f"{n} is a LayerNorm of its input (mean subtracted)",
                 "Qwen3's RMSNorm does not subtract the mean; use RMSNorm",
             ),
-            ("norm_twice", rms_norm(rms_norm(x, w, eps), w, eps), f"{n} is the RMSNorm applied twice", "apply it once"),
         ),
     )
     return s.explained(best[0], best[2], best[3], best[1], unchanged=qwen3)
@@ -85,30 +84,6 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
         ev,
         unchanged=qwen3,
     )
-
-
-def rope_structure(s: Site) -> Diagnosis | None:
-    """RoPE skipped, or applied twice, on the candidate's own q_norm/k_norm."""
-    x, c = s.cand(s.input_op), s.cand()
-    if x is None:
-        return None
-    angles = rope_angles(s.positions(), s.cfg.head_dim, s.cfg.rope_theta, False)
-    qwen3 = rotate(x, angles)
-    if rel(c, qwen3) <= s.tol:
-        return None
-    best = _best(
-        c,
-        (
-            ("rope_skipped", x, f"{s.name()} is {s.input_op} unrotated", "RoPE is not applied; rotate it"),
-            (
-                "rope_twice",
-                rotate(x, 2 * angles),
-                f"{s.name()} is {s.input_op} rotated twice",
-                "RoPE is applied twice; rotate once",
-            ),
-        ),
-    )
-    return s.explained(best[0], best[2], best[3], best[1], unchanged=qwen3)
 
 
 def transpose_before_reshape(s: Site) -> Diagnosis | None:
@@ -361,11 +336,10 @@ def moe_experts(s: Site) -> Diagnosis | None:
 HYPOTHESES = (
     Hypothesis(("norm_axis",), ("q_norm", "k_norm"), norm_over_all_heads),
     Hypothesis(
-        ("norm_skipped", "norm_weight_missing", "norm_weight_one_plus", "layer_norm", "norm_twice"),
+        ("norm_weight_missing", "norm_weight_one_plus", "layer_norm"),
         NORM_OPS,
         norm_variants,
     ),
-    Hypothesis(("rope_skipped", "rope_twice"), ("q_rope", "k_rope"), rope_structure),
     Hypothesis(("cache_off_by_one",), ("k_cache", "v_cache"), cache_off_by_one),
     Hypothesis(("causal_mask_missing",), ("attn_scores", "attn_probs"), causal_mask_missing),
     Hypothesis(("gqa_modulo", "gqa_mapping"), ("attn_scores",), gqa_mapping),

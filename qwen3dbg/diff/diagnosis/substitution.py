@@ -15,12 +15,13 @@ from qwen3dbg.diff.diagnosis.hypothesis import (
     linear_weight_name,
     norm_input,
     norm_weight_name,
+    replay_op,
 )
-from qwen3dbg.diff.diagnosis.replay import context, rms_norm, scores
+from qwen3dbg.diff.diagnosis.replay import rms_norm
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
 from qwen3dbg.model.layout import tensor_shapes
 from qwen3dbg.diff.metrics import ranked, rel, sample
-from qwen3dbg.tapstore.schema import layer_ops, parse_tap_name, step_taps, tap_name
+from qwen3dbg.tapstore.schema import layer_input, layer_ops, parse_tap_name, step_taps, tap_name
 
 #: output channels a matmul replay looks at (an LM head has 152k)
 OUT_CHANNELS = 512
@@ -46,13 +47,15 @@ def _relation(s: Site, used: str, own: str) -> str:
 
 
 def _candidates(s: Site, own: str, shape: tuple[int, ...], everywhere: bool) -> list[str]:
-    """Checkpoint names of the same shape as `own`: every layer's when `everywhere` (norm weights are tiny),
-    else this layer's, its neighbours' and the global ones."""
+    """Checkpoint names of `shape` other than `own`: every layer's when `everywhere` (norm weights are tiny),
+    else this layer's and its neighbours' modules, the same module in any layer, and the global ones."""
     near = {None} | ({s.layer - 1, s.layer, s.layer + 1} if s.layer is not None else {0, s.cfg.num_hidden_layers - 1})
     names = [
         n
         for n, sh in tensor_shapes(s.cfg).items()
-        if tuple(sh) == tuple(shape) and n != own and (everywhere or _layer_of(n) in near)
+        if tuple(sh) == tuple(shape)
+        and n != own
+        and (everywhere or _layer_of(n) in near or _module_of(n) == _module_of(own))
     ]
     return names + [
         n for n in ("lm_head.weight", "model.embed_tokens.weight") if n != own and n not in names and s.op == "logits"
@@ -64,7 +67,7 @@ def _stated(
 ) -> Diagnosis | None:
     """`fit`: (the candidate's slice, the replay with `used`, the replay with `own`) on the same slice."""
     c, replay, qwen3 = fit
-    if transposed:
+    if transposed and used == own:
         return s.explained(
             "weight_transposed",
             f"{s.name()} applies {own} transposed",
@@ -74,15 +77,22 @@ def _stated(
             cand=c,
             unchanged=qwen3,
         )
-    why = f"it loads {_relation(s, used, own)}"
+    relation = _relation(s, used, own)
+    if transposed:  # "layer 0's weight transposed", "o_proj.weight transposed in place of q_proj.weight"
+        relation = (
+            relation.replace(" in place of", " transposed in place of")
+            if " in place of" in relation
+            else relation + " transposed"
+        )
+    why = f"it loads {relation}"
     if s.op == "logits" and s.cfg.tie_word_embeddings and used == "lm_head.weight":
         why = "the LM head is not the embedding though tie_word_embeddings is true; use model.embed_tokens.weight"
     return s.explained(
         "weight_substituted",
-        f"{s.name()} applies {used}",
+        f"{s.name()} applies {used}" + (" transposed" if transposed else ""),
         f"{why}; load {own}",
         replay,
-        {"weight": used, "expected": own},
+        {"weight": used, "expected": own, "transposed": transposed},
         cand=c,
         unchanged=qwen3,
     )
@@ -107,8 +117,9 @@ def norm_weight(s: Site) -> Diagnosis | None:
 
 
 def linear_weight(s: Site) -> Diagnosis | None:
-    """The matmul replayed on sampled tokens and output channels with each weight of its shape nearby, and
-    with its own weight transposed when square."""
+    """The matmul replayed on sampled tokens and output channels with each weight of its shape (this layer's
+    and its neighbours' modules, the same module in any layer), each weight of the transposed shape
+    transposed, and its own weight transposed when square."""
     if not is_linear(s):
         return None
     x, own, c = s.operand(s.inputs[0]), linear_weight_name(s), s.cand()
@@ -121,10 +132,13 @@ def linear_weight(s: Site) -> Diagnosis | None:
     if rel(c, qwen3) <= s.tol:
         return None
     shape = s.weight_shape(own)
-    others = ((n, s.weight_at(n, rows)) for n in _candidates(s, own, shape, False))
-    tried = [(x @ wn.T, n, False) for n, wn in others if wn is not None]
-    if shape[0] == shape[1]:
-        tried.append((x @ s.weight_at(own)[:, rows], own, True))
+    tried = []
+    for n in _candidates(s, own, shape, False):
+        if (wn := s.weight_at(n, rows)) is not None:
+            tried.append((x @ wn.T, n, False))
+    for n in _candidates(s, own, shape[::-1], False) + ([own] if shape[0] == shape[1] else []):
+        if s.weight_shape(n) == shape[::-1] and (wn := s.weight_at(n)) is not None:  # [in, out] as [out, in]
+            tried.append((x @ wn[:, rows], n, True))
     if not tried:
         return None
     replay, used, transposed = min(tried, key=lambda t: ranked(rel(c, t[0])))
@@ -160,30 +174,6 @@ def extra_bias(s: Site) -> Diagnosis | None:
 # ---- another tap as input --------------------------------------------------------------------------
 
 
-def _replay(s: Site, ins: list[torch.Tensor]) -> torch.Tensor | None:
-    """This op on inputs `ins` (shaped as its schema inputs), on all tokens; None for ops not replayed here."""
-    op, c = s.op, s.cand()
-    if op in NORM_OPS:
-        w = s.weight_at(norm_weight_name(s))
-        return None if w is None else rms_norm(ins[0].reshape(c.shape), w, s.cfg.rms_norm_eps)
-    if is_linear(s) and s.op != "logits":
-        w = s.weight_at(linear_weight_name(s))
-        return None if w is None else ins[0] @ w.T
-    if op in ("resid_mid", "resid_out"):
-        return ins[0] + ins[1]
-    if op in ("k_cache", "v_cache"):
-        new = ins[0].reshape(c.shape[0], -1, c.shape[1], c.shape[3]).transpose(1, 2)  # [B,nKV,T,D]
-        past = s.cand(step=s.step - 1) if s.step else None
-        if s.step and past is None:
-            return None
-        return new if past is None else torch.cat((past, new), 2)
-    if op == "attn_scores":
-        return scores(ins[0], ins[1], s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5)
-    if op == "attn_out":
-        return context(ins[0], ins[1], s.kv_of_head)
-    return None
-
-
 def _alternatives(s: Site, slot: int) -> list[tuple[str, int]]:
     """(name, step) of taps that could stand in for input `slot`: the same number of elements, from this
     layer and the previous one at this step and this layer at the previous step; any layer's cache for a cache."""
@@ -208,7 +198,7 @@ def input_substituted(s: Site) -> Diagnosis | None:
     if any(t is None for t in ins):
         return None
     c = s.cand()
-    qwen3 = _replay(s, ins)
+    qwen3 = replay_op(s, ins)
     if qwen3 is None or rel(c, qwen3) <= s.tol:
         return None
     tried = []
@@ -217,7 +207,7 @@ def input_substituted(s: Site) -> Diagnosis | None:
             alt = s.operand(name, step)
             if alt is None or alt.numel() != right.numel() or alt.dtype != right.dtype:
                 continue
-            hyp = _replay(s, ins[:slot] + [alt.reshape(right.shape)] + ins[slot + 1 :])
+            hyp = replay_op(s, ins[:slot] + [alt.reshape(right.shape)] + ins[slot + 1 :])
             if hyp is not None and hyp.shape == c.shape:
                 tried.append((hyp, slot, name, step))
     if not tried:
@@ -229,6 +219,8 @@ def input_substituted(s: Site) -> Diagnosis | None:
     _, used_op = parse_tap_name(name)
     if s.op in ("resid_mid", "resid_out") and used_op in ("attn_norm", "mlp_norm"):
         why = "the residual is taken from the normalised input instead of the raw one"
+    elif s.op == "resid_out" and step == s.step and s.layer is not None and name == layer_input(s.layer):
+        why = "the MLP's output is added to the layer's input, so the attention's sum is dropped"
     elif s.op in ("k_cache", "v_cache") and used_op in ("k_norm", "k_proj"):
         why = "the keys are cached before RoPE; cache k_rope"
     elif used_op == parse_tap_name(right)[1] and step == s.step:
