@@ -1,7 +1,8 @@
 """`--cand vllm[:options]`: vLLM's own Qwen3 / Qwen3-MoE through its real engine (scheduler, paged KV cache,
 CPU attention kernels), tapped tap by tap in eager mode; docs/engines.md.
 
-The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) from vLLM's CPU build, installed in a
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; with `tp=N` or `workers=1` its model runs in
+worker processes) from vLLM's CPU build, installed in a
 venv of its own by .ci/install_vllm.sh. Each step of the differ is one or more forwards of the sequence
 under test (`engine.Engine`); its rows are cut out of the flat token axis and brought to the schema by
 `recorder.Recorder`. Options:

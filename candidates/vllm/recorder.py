@@ -12,6 +12,8 @@ engine's own metadata at each forward). What the model fuses or defers is brough
   listed here by descending weight);
 - `k_cache`/`v_cache` are gathered from the paged cache through the sequence's block table right after
   the layer's attention wrote it; vLLM's fused CPU attention computes no score matrix (missing_taps);
+- under tensor parallelism (a worker per rank, `ranks`), a RowParallelLinear that all-reduces (o_proj, a dense
+  down_proj) gives its tap as this rank's partial sum, taken as it enters the all-reduce;
 - logits exist only at the rows vLLM samples (the last scheduled token of each sequence): they are handed
   as `QueryRows` at those positions.
 Every tensor is copied out of vLLM's buffers at the hook (they are reused and updated in place).
