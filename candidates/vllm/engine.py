@@ -149,15 +149,14 @@ class Engine:
 
     def force(self, key: str, ids: list[int] | None) -> None:
         """The decode ids forced on request key `key` so far, where the sampler runs (None: forget them)."""
-        from qwen3dbg.candidates.vllm import ranks
-        from qwen3dbg.candidates.vllm.forcing import FORCED
-
         if self.workers:
-            self.rpc(ranks.force, key, ids)
-        elif ids is None:
-            FORCED.pop(key, None)
+            from qwen3dbg.candidates.vllm.ranks import force
+
+            self.rpc(force, key, ids)
         else:
-            FORCED[key] = list(ids)
+            from qwen3dbg.candidates.vllm.forcing import set_forced
+
+            set_forced(key, ids)
 
     def add(self, prompt: list[int], *, max_tokens: int, forced: str | None = None) -> str:
         from vllm import SamplingParams

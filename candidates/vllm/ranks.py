@@ -12,7 +12,7 @@ from qwen3dbg.tapstore.schema import tap_name
 from qwen3dbg.tapstore.store import REPLICATED, Shard
 
 from .channel import Sender
-from .forcing import FORCED
+from .forcing import set_forced
 from .recorder import Recorder, StepCapture, cache_layout as _cache_layout
 
 #: the worker's recorder and its sender (one model per worker process)
@@ -124,8 +124,5 @@ def end_step(worker):
 
 
 def force(worker, key: str, ids: list[int] | None) -> None:
-    """The forced decode ids of request key `key` in this worker's sampler (None: forget them)."""
-    if ids is None:
-        FORCED.pop(key, None)
-    else:
-        FORCED[key] = list(ids)
+    """The forced decode ids of request key `key` in this worker's sampler (`forcing.set_forced`)."""
+    set_forced(key, ids)
