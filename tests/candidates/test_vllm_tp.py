@@ -68,3 +68,12 @@ def test_a_partial_sum_doubled_on_rank_1_is_named_a_partial_sum_fault_of_rank_1(
     assert (first["step"], first["layer"], first["tap"]) == (0, 0, "layers.0.o_proj")
     assert first["ranks"]["kind"] == "partial" and first["ranks"]["rank"] == [1]
     assert first["ranks"]["factor"] == pytest.approx(0.5, abs=0.01)  # the error is half the doubled partial
+
+
+def test_a_tp1_worker_process_runs_the_patch_and_hands_whole_taps(models):
+    """`workers=1`: vLLM's worker in a process of its own (the patch runs there, before the model loads), its
+    taps over the same channel, handed on whole: a RoPE bug is found at its op with no rank to name."""
+    r = diff(models("tiny-dense"), f"vllm:workers=1,patch={PATCHES / 'rope_theta_1e4.py'}")
+    first = r["first_divergence"]
+    assert (first["step"], first["layer"], first["tap"]) == (0, 0, "layers.0.q_rope")
+    assert not first["ranks"] and not any("ranks" in t["extra"] for t in r["taps"])
