@@ -220,8 +220,8 @@ def runner_kind(worker) -> str:
 
 def worker_environment(tp: int) -> None:
     """What vLLM's CPU build needs to run `tp` worker processes here, unless the user set it: each rank's OpenMP
-    threads bound to its own share of this process's cores (vLLM's "auto" binding keeps a core back per rank
-    and refuses on a small machine); the functions qwen3dbg sends its workers pickled by reference."""
+    threads bound to its own share of this process's cores (vLLM's "auto" binding wants a NUMA node per rank
+    and refuses a machine with fewer); the functions qwen3dbg sends its workers pickled by reference."""
     cores = sorted(os.sched_getaffinity(0))
     share = len(cores) // tp
     bind = "|".join(",".join(map(str, cores[r * share : (r + 1) * share])) for r in range(tp))
