@@ -19,7 +19,7 @@ from .recorder import Recorder, StepCapture, cache_layout as _cache_layout
 _STATE: dict[str, object] = {}
 
 
-def layouts(model, cfg: Qwen3Config) -> dict[str, Shard]:
+def layouts(model) -> dict[str, Shard]:
     """This rank's shard of each tap that is not replicated, by tap name, from the layers that compute it:
     - QKVParallelLinear: q_proj/q_norm/q_rope by this rank's q heads (`num_heads` from `tp_rank`), k and v by
       its kv heads (`num_kv_heads` of kv shard `tp_rank // num_kv_head_replicas`: ranks that replicate a kv
@@ -95,7 +95,7 @@ def install(worker, address: str, authkey: bytes, cfg: Qwen3Config) -> int:
         recorder=Recorder(runner.model, runner, cfg),
         sender=Sender(address, authkey, worker.rank),
         cfg=cfg,
-        shards=layouts(runner.model, cfg),
+        shards=layouts(runner.model),
     )
     return worker.rank
 

@@ -77,3 +77,35 @@ def test_a_tp1_worker_process_runs_the_patch_and_hands_whole_taps(models):
     first = r["first_divergence"]
     assert (first["step"], first["layer"], first["tap"]) == (0, 0, "layers.0.q_rope")
     assert not first["ranks"] and not any("ranks" in t["extra"] for t in r["taps"])
+
+
+def test_with_more_ranks_than_kv_heads_each_kv_head_is_a_copy_on_the_ranks_that_replicate_it():
+    """The layouts read from vLLM's layer attributes at tp=4 over tiny-dense's 4 query and 2 kv heads (which
+    vLLM's QKVParallelLinear holds as num_heads=1, num_kv_heads=1, num_kv_head_replicas=2 on each rank): the
+    query heads are covered once, each kv head is held whole by two ranks."""
+    from types import SimpleNamespace as NS
+
+    from qwen3dbg.candidates.vllm.ranks import layouts
+    from qwen3dbg.tapstore.store import Shard
+
+    def model(rank: int):
+        tp = dict(tp_size=4, tp_rank=rank)
+        layer = NS(
+            self_attn=NS(
+                qkv_proj=NS(num_heads=1, num_kv_heads=1, num_kv_head_replicas=2, head_size=32, **tp),
+                o_proj=NS(input_size_per_partition=32, reduce_results=True, **tp),
+            ),
+            mlp=NS(
+                gate_up_proj=NS(output_sizes=[160, 160], **tp),
+                down_proj=NS(input_size_per_partition=40, reduce_results=True, **tp),
+            ),
+        )
+        return NS(model=NS(layers=[layer]), logits_processor=NS(use_all_gather=True))
+
+    shards = [layouts(model(r)) for r in range(4)]
+    assert [s["layers.0.q_proj"] for s in shards] == [Shard("split", 2, 32 * r, 32 * (r + 1)) for r in range(4)]
+    assert [s["layers.0.k_rope"] for s in shards] == [Shard("split", 2, h, h + 1) for h in (0, 0, 1, 1)]
+    assert [s["layers.0.v_cache"] for s in shards] == [Shard("split", 1, h, h + 1) for h in (0, 0, 1, 1)]
+    assert [s["layers.0.mlp.up"] for s in shards] == [Shard("split", 2, 40 * r, 40 * (r + 1)) for r in range(4)]
+    assert all(s["layers.0.o_proj"] == s["layers.0.mlp.out"] == Shard("partial") for s in shards)
+    assert "layers.0.resid_mid" not in shards[0]  # replicated: no entry
