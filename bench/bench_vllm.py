@@ -10,10 +10,15 @@ Cases (bf16, forced decode ids; goals from issue 24):
   batch=4     --cand vllm:batch=4      1024 + 64   clean, same memory rule
   chunk=256   --cand vllm:chunk=256    1024 + 64
   prefix=512  --cand vllm:prefix=512   1024 + 64
+  tp=2        --cand vllm:tp=2         1024 + 64   clean; peak anon of the process tree (the differ and vLLM's
+                                                   workers) <= the plain TP=2 vLLM run's + 5 GB, written <= 2 GB
+                                                   (issue 25); wall against the plain runs, TP=2 and in-process
   tokens/s    vLLM decode tokens/s: eager with capture off, eager with every tap captured (goal: at most 2x
               slower), compiled (what vLLM runs by default on CPU, never captured)
 Without --full the cases run at 512 + 32 (chunk=128, prefix=256) and W is left out. The plain runs are
 bench_long's: the golden's one fp64 forward, hf's and vLLM's own prefill and decode steps with capture off.
+The tp=2 case measures every run as a process tree (measure.TreeAnon): its written bytes add what the workers
+sent to storage (their socket traffic to the differ is not storage).
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_long import PRESET, case, ids  # noqa: E402
+from bench_long import PRESET, case, child_diff, child_plain, ids  # noqa: E402
+from measure import TreeAnon  # noqa: E402
 
 from qwen3dbg.util.home import home  # noqa: E402
 
 SIDES = ["golden", "hf", "vllm"]
+TP = "vllm:tp=2"
 
 
 def child_tokens_per_s(model: str, prompt: int, decode: int) -> dict:
@@ -99,9 +106,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=home("bench"))
     p.add_argument("--full", action="store_true", help="W at 2048 + 256 and the options at 1024 + 64")
-    p.add_argument("--only", action="append", help="run only these cases (W, batch=4, chunk, prefix, tokens/s)")
+    p.add_argument("--only", action="append", help="run only these cases (W, batch=4, chunk, prefix, tp=2, tokens/s)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--child-tree", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child_tree:
+        kind, model_dir, side, prompt, decode = a.child_tree
+        print(json.dumps(child_tree(kind, model_dir, side, int(prompt), int(decode))))
+        return
     if a.child:
         print(json.dumps(child_tokens_per_s(a.child[0], *map(int, a.child[1:]))))
         return
@@ -117,6 +129,7 @@ def main() -> None:
         "batch=4": lambda: case("batch=4", model, "vllm:batch=4", SIDES, n, k),
         "chunk": lambda: case(f"chunk={n // 4}", model, f"vllm:chunk={n // 4}", SIDES, n, k),
         "prefix": lambda: case(f"prefix={n // 2}", model, f"vllm:prefix={n // 2}", SIDES, n, k),
+        "tp=2": lambda: tp_case(model, n, k),
         "tokens/s": lambda: tokens_per_s(model, n, k),
     }
     if a.full:
@@ -125,10 +138,47 @@ def main() -> None:
     rows = [fn() for name, fn in cases.items() if not a.only or name in a.only]
     for r in rows:
         if "diff" in r:
-            grew = r["diff"]["peak_anon"] - r["plain"]["vllm"]["peak_anon"]
-            print(f"{r['name']}: peak anon {grew / 1e9:+.2f} GB over plain vLLM's (goal <= +5 GB)")
+            plain = TP if r["name"] == "tp=2" else "vllm"
+            grew = r["diff"]["peak_anon"] - r["plain"][plain]["peak_anon"]
+            print(f"{r['name']}: peak anon {grew / 1e9:+.2f} GB over plain {plain}'s (goal <= +5 GB)")
     print(f"\nbench took {(time.perf_counter() - t0) / 60:.1f} min")
     (a.workdir / "bench_vllm.json").write_text(json.dumps(rows, indent=1))
+
+
+def child_tree(kind: str, model: str, side: str, prompt: int, decode: int) -> dict:
+    """bench_long's diff or plain run, measured as a process tree."""
+    with TreeAnon() as tree:
+        r = (child_diff if kind == "diff" else child_plain)(model, side, prompt, decode)
+    return dict(r, peak_anon=tree.peak, written=r["written"] + tree.children_written)
+
+
+def tp_case(model: Path, prompt: int, decode: int) -> dict:
+    print(f"\ntp=2: --cand {TP}, {prompt} + {decode} tokens (peak anon of each process tree)", flush=True)
+    plain = {side: _tree_here("plain", model, side, prompt, decode) for side in [*SIDES, TP]}
+    for side, r in plain.items():
+        print(f"  plain {side:18s} {r['wall']:8.1f} s   peak anon {r['peak_anon'] / 1e9:5.2f} GB", flush=True)
+    d = _tree_here("diff", model, TP, prompt, decode)
+    own = plain[TP]["peak_anon"]
+    print(
+        f"  diff                     {d['wall']:8.1f} s   peak anon {d['peak_anon'] / 1e9:5.2f} GB   "
+        f"written {d['written'] / 1e6:8.1f} MB   verdict: {d['verdict']}"
+    )
+    print(f"  peak anon {(d['peak_anon'] - own) / 1e9:+.2f} GB over plain TP=2 vLLM's (goal <= +5 GB)")
+    print(f"  written {d['written'] / 1e9:.3f} GB (goal <= 2 GB)")
+    for vllm in ("vllm", TP):
+        total = sum(plain[s]["wall"] for s in ("golden", "hf", vllm))
+        print(f"  wall / sum of plain runs (golden, hf, {vllm}) {d['wall'] / total:6.2f}x")
+    return {"name": "tp=2", "prompt": prompt, "decode": decode, "plain": plain, "diff": d}
+
+
+def _tree_here(kind: str, model: Path, side: str, prompt: int, decode: int) -> dict:
+    import subprocess
+
+    args = [sys.executable, __file__, "--child-tree", kind, str(model), side, str(prompt), str(decode)]
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{kind} {side} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def tokens_per_s(model: Path, prompt: int, decode: int) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -44,3 +45,44 @@ class PeakAnon:
 def bytes_written() -> int:
     """Every byte this process has handed to write() so far (/proc/self/io wchar): files, pipes, terminals."""
     return _status("wchar:", "/proc/self/io")
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live process below `root` (vLLM's worker processes and their helpers), from /proc's parent links."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone since the listing
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+class TreeAnon(PeakAnon):
+    """PeakAnon of this process and every process below it, summed at each sample (`.peak`); `.children_written`:
+    the bytes the processes below it sent to storage (/proc/PID/io write_bytes, the last value seen of each;
+    their socket and pipe traffic is not storage)."""
+
+    def __init__(self, every: float = 0.05):
+        super().__init__(every)
+        self._written: dict[int, int] = {}
+
+    def now(self) -> int:
+        total = _status("RssAnon:") * 1024
+        for pid in _descendants(os.getpid()):
+            try:
+                total += _status("RssAnon:", f"/proc/{pid}/status") * 1024
+                self._written[pid] = _status("write_bytes:", f"/proc/{pid}/io")
+            except OSError:
+                pass
+        return total
+
+    @property
+    def children_written(self) -> int:
+        return sum(self._written.values())

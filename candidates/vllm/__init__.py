@@ -1,7 +1,8 @@
 """`--cand vllm[:options]`: vLLM's own Qwen3 / Qwen3-MoE through its real engine (scheduler, paged KV cache,
 CPU attention kernels), tapped tap by tap in eager mode; docs/engines.md.
 
-The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) from vLLM's CPU build, installed in a
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; with `tp=N` or `workers=1` its model runs in
+worker processes) from vLLM's CPU build, installed in a
 venv of its own by .ci/install_vllm.sh. Each step of the differ is one or more forwards of the sequence
 under test (`engine.Engine`); its rows are cut out of the flat token axis and brought to the schema by
 `recorder.Recorder`. Options:
@@ -12,7 +13,10 @@ under test (`engine.Engine`); its rows are cut out of the flat token axis and br
 - vLLM's knobs `kv_cache_dtype`, `block_size`, `max_model_len`, `hf_overrides` (`key:value;key:value`);
   the dtype is the diff's `--dtype`;
 - `patch=FILE.py`: a file run before the model loads (once per process), to plant or fix a bug in vLLM;
-- `threads`: torch threads for the process after vLLM's worker set its own (default: as before).
+- `threads`: torch threads for the process after vLLM's worker set its own (default: as before);
+- `tp=N`: vLLM's tensor parallelism over N worker processes (`ranks`): each rank's taps come over a bounded
+  channel (`channel`) with its shard's layout, read from vLLM's parallel layers, and are gathered tap by tap;
+  `workers=1` runs a tp=1 engine's worker in a process of its own the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,10 +33,11 @@ from qwen3dbg.run.candidate import Candidate
 from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.util.dtypes import parse_dtype
 from qwen3dbg.util.errors import UserError
+from qwen3dbg.tapstore.schema import step_taps
 from qwen3dbg.tapstore.store import TapSink
 
 from .engine import NOT_INSTALLED, check_patch
-from .recorder import CACHE_LAYOUT, MISSING
+from .recorder import CACHE_LAYOUT, MISSING, cache_layout
 
 #: head sizes vLLM's CPU attention backend takes (CPUAttentionBackend.get_supported_head_sizes, 0.32)
 HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -84,6 +90,8 @@ class VllmCandidate(Candidate):
         hf_overrides: str = "",
         patch: str = "",
         threads: int = 0,
+        tp: int = 1,
+        workers: int = 0,
     ):
         o = _parse_options(
             batch=batch,
@@ -95,6 +103,8 @@ class VllmCandidate(Candidate):
             hf_overrides=hf_overrides,
             patch=patch,
             threads=threads,
+            tp=tp,
+            workers=workers,
         )  # checked by `check` before (registry.load_candidate): parsed here, not checked again
         from .engine import Engine, import_vllm, run_patch
         from .recorder import Recorder
@@ -102,7 +112,7 @@ class VllmCandidate(Candidate):
         self.config, self.dtype, self.options = open_model(model_dir, check_layout=False).config, parse_dtype(dtype), o
         self.name = "vllm" + "".join(f":{k}={v}" for k, v in o["given"].items())
         import_vllm()
-        if patch:
+        if patch and not o["workers"]:  # else each worker process runs it (worker.py)
             run_patch(patch)
         c = self.config
         itemsize = 1 if o["kv_cache_dtype"] != "auto" else self.dtype.itemsize
@@ -122,10 +132,27 @@ class VllmCandidate(Candidate):
             kv_cache_bytes=per_token * tokens,
             threads=o["threads"] or torch.get_num_threads(),
             moe=c.num_experts > 0,
+            tp=o["tp"],
+            workers=o["workers"],
+            patch=patch,
         )
-        self.recorder = Recorder(self.engine.model, self.engine.runner, c)
         self.notes: list[str] = []
-        layout = getattr(self.engine.model.model.layers[0].self_attn.attn, "isa", CACHE_LAYOUT)
+        if o["workers"]:
+            from . import ranks
+            from .channel import Receiver
+
+            self.recorder = None
+            self.receiver = Receiver(o["tp"])
+            self.engine.rpc(ranks.install, self.receiver.address, self.receiver.authkey, c)
+            self.receiver.connected()
+            self.notes.append(
+                f"vLLM ran {o['tp']} worker process(es) (tensor_parallel_size={o['tp']}); each tap was gathered from "
+                "the ranks' shards, laid out as vLLM's parallel layers hold them (docs/engines.md)"
+            )
+            layout = self.engine.rpc(ranks.cache_layout)[0]
+        else:
+            self.recorder = Recorder(self.engine.model, self.engine.runner, c)
+            layout = cache_layout(self.engine.model)
         if layout != CACHE_LAYOUT:
             self.missing_taps = self.missing_taps | {"k_cache", "v_cache"}
             self.notes.append(
@@ -143,12 +170,14 @@ class VllmCandidate(Candidate):
         if options.get("patch"):
             check_patch(options["patch"])
         parse_dtype(dtype)
-        head_dim = open_model(model_dir, check_layout=False).config.head_dim
+        cfg = open_model(model_dir, check_layout=False).config
+        head_dim = cfg.head_dim
         if head_dim not in HEAD_SIZES:
             raise UserError(
                 f"vLLM's CPU attention takes head_dim {', '.join(map(str, HEAD_SIZES))}; this model has "
                 f"{head_dim} (the tiny presets have 32)"
             )
+        _check_parallel(o["tp"], cfg)
         if importlib.util.find_spec("vllm") is None:
             raise UserError(NOT_INSTALLED)
         return o
@@ -157,6 +186,11 @@ class VllmCandidate(Candidate):
         """vLLM computes logits at the last token each forward schedules for a sequence: a prefill's last
         position, or each chunk's (a capture plans them; with companions the chunks are the scheduler's)."""
         pos, o = info.positions[0], self.options
+        if o["workers"]:
+            raise UserError(
+                "vllm:tp=N (or workers=1) hands each tap gathered from its ranks, which a capture does not "
+                "write: diff it instead (qwen3dbg diff --cand vllm:tp=N)"
+            )
         if len(pos) == 1:
             return None
         if o["prefix"]:
@@ -176,10 +210,9 @@ class VllmCandidate(Candidate):
         return {"vllm": self.engine.version, "vllm_options": self.options["given"], "notes": [EAGER_NOTE, *self.notes]}
 
     def reset(self) -> None:
-        from .forcing import FORCED
-
         self.engine.clear()
-        FORCED.pop(self.key, None)
+        if self.key:
+            self.engine.force(self.key, None)
         self.req = None
 
     @torch.no_grad()
@@ -197,17 +230,18 @@ class VllmCandidate(Candidate):
                 f"vllm: position {pos[-1]} is past max_model_len={self.options['max_model_len']}: "
                 "pass vllm:max_model_len=N"
             )
-        capture = StepCapture(sink, pos, self.config)
-        self.recorder.step = capture
-        try:
-            if self.req is None:
-                self._prefill(tokens, pos)
-            else:
-                self._decode(tokens)
-            capture.finish()
-        finally:
-            self.recorder.step = None
-        missing = sorted(set(pos) - capture.computed)
+        if self.options["workers"]:
+            computed, last_logits = self._ranks_step(tokens, pos, sink)
+        else:
+            capture = StepCapture(sink, pos, self.config)
+            self.recorder.step = capture
+            try:
+                self._forwards(tokens, pos)
+                capture.finish()
+            finally:
+                self.recorder.step = None
+            computed, last_logits = capture.computed, capture.last_logits
+        missing = sorted(set(pos) - set(computed))
         if missing and pos[0] != 0:
             raise RuntimeError(f"vLLM's forward did not compute position {missing[0]} of the sequence under test")
         if missing:
@@ -216,11 +250,45 @@ class VllmCandidate(Candidate):
                 f"{self.options['prefix']}): the prefill's taps hold positions {missing[-1] + 1}.. only, its "
                 "k_cache/v_cache every position"
             )
-        return capture.last_logits
+        return last_logits
+
+    def _forwards(self, tokens: list[int], pos: list[int]) -> None:
+        if self.req is None:
+            self._prefill(tokens, pos)
+        else:
+            self._decode(tokens)
+
+    def _ranks_step(self, tokens: list[int], pos: list[int], sink: TapSink):
+        """A step run in vLLM's worker processes: their taps are received and gathered (in a thread of this
+        process, so that a worker blocked on its channel never stalls the forward this thread waits for)
+        while this thread drives the engine. Returns (positions computed, logits at the last)."""
+        import threading
+
+        from . import ranks
+
+        c = self.config
+        wanted = [s.name for s in step_taps(c, 1, len(pos), pos[-1] + 1) if sink.wants(s.name)]
+        self.engine.rpc(ranks.begin_step, pos, wanted)
+        failed: list[BaseException | None] = []
+
+        def receive() -> None:
+            try:
+                failed.append(self.receiver.step(sink))
+            except BaseException as e:  # noqa: BLE001  # raised below, in the producer's thread
+                failed.append(e)
+
+        thread = threading.Thread(target=receive, name="qwen3dbg-vllm-ranks", daemon=True)
+        thread.start()
+        try:
+            self._forwards(tokens, pos)
+        finally:
+            ends = self.engine.rpc(ranks.end_step)
+            thread.join()
+        if failed and failed[0] is not None:
+            raise failed[0]
+        return ends[0]
 
     def _prefill(self, tokens: list[int], pos: list[int]) -> None:
-        from .forcing import FORCED
-
         o, e = self.options, self.engine
         if pos != list(range(len(tokens))):
             raise UserError("vllm: the first step must prefill positions 0..T-1")
@@ -236,20 +304,34 @@ class VllmCandidate(Candidate):
             g = torch.Generator().manual_seed(j)
             e.add(torch.randint(0, self.config.vocab_size, (n,), generator=g).tolist(), max_tokens=room - n)
         self.key = f"qwen3dbg-forced-{next(_keys)}"
-        FORCED[self.key] = []
+        self.forced = []
+        e.force(self.key, self.forced)
         self.req = e.add(tokens, max_tokens=room - len(tokens), forced=self.key)
-        self.recorder.req_id = self.req
+        if o["workers"]:
+            from . import ranks
+
+            e.rpc(ranks.watch, self.req)
+        else:
+            self.recorder.req_id = self.req
         while e.computed(self.req) < len(tokens):
             e.forward()
 
     def _decode(self, tokens: list[int]) -> None:
-        from .forcing import FORCED
-
-        FORCED[self.key].append(tokens[0])
+        self.forced.append(tokens[0])
+        self.engine.force(self.key, self.forced)
         self.engine.forward()
 
 
-_DEFAULTS = {"batch": 1, "chunk": 0, "prefix": 0, "kv_cache_dtype": "auto", "block_size": 128, "max_model_len": 4096}
+_DEFAULTS = {
+    "batch": 1,
+    "chunk": 0,
+    "prefix": 0,
+    "kv_cache_dtype": "auto",
+    "block_size": 128,
+    "max_model_len": 4096,
+    "tp": 1,
+    "workers": 0,
+}
 
 
 def _companion_lengths(length: int, n: int) -> list[int]:
@@ -273,10 +355,21 @@ def _parse_options(**options) -> dict:
         "block_size": _whole("block_size", options.get("block_size", 128), 32),
         "max_model_len": _whole("max_model_len", options.get("max_model_len", 4096), 2),
         "threads": _whole("threads", options.get("threads", 0), 0),
+        "tp": _whole("tp", options.get("tp", 1), 1),
         "kv_cache_dtype": str(options.get("kv_cache_dtype", "auto")),
         "hf_overrides": _overrides(options.get("hf_overrides", "")),
         "given": {k: v for k, v in given.items() if str(v) != str(_DEFAULTS.get(k))},
     }
+    workers = _whole("workers", options.get("workers", 0), 0)
+    if workers > 1:
+        raise UserError(f"vllm option workers={workers}: give 1 (a worker process at tp=1); tp=N runs N")
+    cores = len(os.sched_getaffinity(0))
+    if o["tp"] > cores:
+        raise UserError(
+            f"vllm option tp={o['tp']}: vLLM's CPU build runs one worker per rank on cores of its own, and "
+            f"{cores} are available here"
+        )
+    o["workers"] = o["tp"] > 1 or workers == 1
     if o["block_size"] % 32:
         raise UserError(f"vllm option block_size={o['block_size']}: vLLM's CPU cache takes multiples of 32")
     if o["prefix"] % o["block_size"]:
@@ -289,3 +382,22 @@ def _parse_options(**options) -> dict:
             f"vllm option kv_cache_dtype={o['kv_cache_dtype']!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"
         )
     return o
+
+
+def _check_parallel(tp: int, cfg) -> None:
+    """What vLLM's parallel layers need of the model to split it over `tp` ranks, in one sentence."""
+    if tp == 1:
+        return
+    kv = cfg.num_key_value_heads
+    widths = {"num_attention_heads": cfg.num_attention_heads}
+    widths.update({"moe_intermediate_size": cfg.moe_intermediate_size} if cfg.num_experts else {})
+    if any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+        widths["intermediate_size"] = cfg.intermediate_size
+    bad = [f"{k}={v}" for k, v in widths.items() if v % tp]
+    if kv % tp and tp % kv:
+        bad.append(f"num_key_value_heads={kv} (nor does tp divide by it)")
+    if bad:
+        raise UserError(
+            f"vllm option tp={tp}: vLLM splits the model's heads and columns evenly over the ranks, and {tp} "
+            f"does not divide {', '.join(bad)}"
+        )

@@ -25,6 +25,8 @@ NOT_INSTALLED = (
     "python (docs/engines.md)"
 )
 _ids = itertools.count()
+#: the model runner whose input batch and attention metadata the recorder reads (a V2 runner exists, cpu_worker.py)
+V1_RUNNER = "vllm.v1.worker.cpu_model_runner.CPUModelRunner"
 #: held through each forward and sampling: vLLM keeps its forward context (attention metadata) in a global, so
 #: two engines of one process (`--ref vllm --cand vllm:batch=4`) must not run at once
 _ENGINE_CALL = threading.Lock()
@@ -44,6 +46,8 @@ def import_vllm():
     return vllm
 
 
+#: the patch file each worker process runs before the model loads (worker.py)
+PATCH_ENV = "QWEN3DBG_VLLM_PATCH"
 #: patch files already run in this process: what they changed in vLLM's classes stays changed
 _PATCHED: set[Path] = set()
 
@@ -82,12 +86,20 @@ class Engine:
         kv_cache_bytes: int,
         threads: int,
         moe: bool,
+        tp: int = 1,
+        workers: bool = False,
+        patch: str = "",
     ):
+        """`workers`: vLLM's model runs in worker processes, `tp` of them (`ranks`); otherwise in this one."""
         vllm = import_vllm()
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        _parallel_state_for(moe)
+        if workers:
+            worker_environment(tp)
+            os.environ[PATCH_ENV] = str(check_patch(patch)) if patch else ""
+        else:
+            _parallel_state_for(moe)
         set_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op for the process
         args = EngineArgs(
             model=str(model_dir),
@@ -106,6 +118,9 @@ class Engine:
             kv_cache_memory_bytes=kv_cache_bytes,
             hf_overrides=hf_overrides,
             logits_processors=["qwen3dbg.candidates.vllm.forcing:ForcedIds"],
+            tensor_parallel_size=tp,
+            distributed_executor_backend="mp" if workers else None,
+            worker_extension_cls="qwen3dbg.candidates.vllm.worker.PatchedWorker" if workers else "",
         )
         try:
             self.llm = LLMEngine.from_engine_args(args)
@@ -114,14 +129,34 @@ class Engine:
             torch.set_num_threads(threads)
         self.version = vllm.__version__
         self.core = self.llm.engine_core.engine_core
-        self.runner = self.core.model_executor.driver_worker.worker.model_runner
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-        if type(self.runner) is not CPUModelRunner:
-            raise RuntimeError(f"vLLM runs {type(self.runner).__qualname__}: --cand vllm reads the V1 CPUModelRunner")
-        self.model = self.runner.model
+        self.workers = workers
+        if workers:
+            self.runner = self.model = None  # in the workers: `rpc`
+            runners = self.rpc(runner_kind)
+        else:
+            self.runner = self.core.model_executor.driver_worker.worker.model_runner
+            self.model = self.runner.model
+            runners = [runner_kind(self.core.model_executor.driver_worker.worker)]
+        if set(runners) != {V1_RUNNER}:
+            raise RuntimeError(f"vLLM runs {runners[0]}: --cand vllm reads the V1 CPU model runner, {V1_RUNNER}")
         self.pending = None  # a forward's scheduler output whose sampling waits for the next step
         self.requests: list[str] = []
+
+    def rpc(self, fn, *args) -> list:
+        """`fn(worker, *args)` in every worker process, in rank order; what each returned."""
+        with _ENGINE_CALL:
+            return self.core.model_executor.collective_rpc(fn, args=args)
+
+    def force(self, key: str, ids: list[int] | None) -> None:
+        """The decode ids forced on request key `key` so far, where the sampler runs (None: forget them)."""
+        if self.workers:
+            from qwen3dbg.candidates.vllm.ranks import force
+
+            self.rpc(force, key, ids)
+        else:
+            from qwen3dbg.candidates.vllm.forcing import set_forced
+
+            set_forced(key, ids)
 
     def add(self, prompt: list[int], *, max_tokens: int, forced: str | None = None) -> str:
         from vllm import SamplingParams
@@ -176,6 +211,22 @@ class Engine:
         if self.requests:
             self.llm.abort_request(self.requests, internal=True)
         self.requests = []
+
+
+def runner_kind(worker) -> str:
+    kind = type(worker.model_runner)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def worker_environment(tp: int) -> None:
+    """What vLLM's CPU build needs to run `tp` worker processes here, unless the user set it: each rank's OpenMP
+    threads bound to its own share of this process's cores (vLLM's "auto" binding wants a NUMA node per rank
+    and refuses a machine with fewer); the functions qwen3dbg sends its workers pickled by reference."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // tp
+    bind = "|".join(",".join(map(str, cores[r * share : (r + 1) * share])) for r in range(tp))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
 
 def _parallel_state_for(moe: bool) -> None:

@@ -16,6 +16,14 @@ EXTRA_KEY = "qwen3dbg_forced"
 FORCED: dict[str, list[int]] = {}
 
 
+def set_forced(key: str, ids: list[int] | None) -> None:
+    """The decode ids forced on request key `key` so far (None: forget them)."""
+    if ids is None:
+        FORCED.pop(key, None)
+    else:
+        FORCED[key] = list(ids)
+
+
 class ForcedIds(AdapterLogitsProcessor):
     def is_argmax_invariant(self) -> bool:
         return False  # it changes the argmax: vLLM must apply it under greedy sampling too

@@ -12,6 +12,8 @@ engine's own metadata at each forward). What the model fuses or defers is brough
   listed here by descending weight);
 - `k_cache`/`v_cache` are gathered from the paged cache through the sequence's block table right after
   the layer's attention wrote it; vLLM's fused CPU attention computes no score matrix (missing_taps);
+- under tensor parallelism (a worker per rank, `ranks`), a RowParallelLinear that all-reduces (o_proj, a dense
+  down_proj) gives its tap as this rank's partial sum, taken as it enters the all-reduce;
 - logits exist only at the rows vLLM samples (the last scheduled token of each sequence): they are handed
   as `QueryRows` at those positions.
 Every tensor is copied out of vLLM's buffers at the hook (they are reused and updated in place).
@@ -34,6 +36,11 @@ from qwen3dbg.tapstore.schema import OPS_BY_NAME, step_taps, tap_name
 MISSING = frozenset({"attn_scores", "attn_probs"})
 #: the CPU attention layout (`layer.isa`) whose cache blocks `Recorder._cache` reads; others leave the cache out
 CACHE_LAYOUT = "vec"
+
+
+def cache_layout(model) -> str:
+    """The layout of vLLM's CPU KV cache blocks (its attention backend's `isa`)."""
+    return getattr(model.model.layers[0].self_attn.attn, "isa", CACHE_LAYOUT)
 
 
 def _copy(x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +114,7 @@ class Recorder:
         self._blocks: torch.Tensor | None = None
         self._seq_len = 0
         self._thread = -1
+        self._reducing: tuple | None = None  # (op, layer) of the row-parallel layer running; None: none hooked
         self.handles: list = []
         self._install()
 
@@ -166,7 +174,10 @@ class Recorder:
             hook(attn.k_norm.register_forward_hook(self._out("k_norm", i)))
             hook(attn.attn.register_forward_pre_hook(self._rope(i)))
             hook(attn.attn.register_forward_hook(self._attention(i)))
-            hook(attn.o_proj.register_forward_hook(self._out("o_proj", i, first=True)))
+            if _reduces(attn.o_proj):
+                self._partial(attn.o_proj, "o_proj", i)
+            else:
+                hook(attn.o_proj.register_forward_hook(self._out("o_proj", i, first=True)))
             hook(layer.post_attention_layernorm.register_forward_hook(self._post_norm(i)))
             if c.is_moe_layer(i):
                 hook(mlp.gate.register_forward_hook(self._out("moe.router_logits", i, first=True)))
@@ -174,9 +185,40 @@ class Recorder:
             else:
                 hook(mlp.gate_up_proj.register_forward_hook(self._gate_up(i)))
                 hook(mlp.act_fn.register_forward_hook(self._out("mlp.act", i)))
-            hook(mlp.register_forward_hook(self._out("mlp.out", i)))
+            if not c.is_moe_layer(i) and _reduces(mlp.down_proj):
+                self._partial(mlp.down_proj, "mlp.out", i)
+            else:
+                hook(mlp.register_forward_hook(self._out("mlp.out", i)))
         hook(m.model.norm.register_forward_hook(self._final_norm))
         hook(m.logits_processor.register_forward_hook(self._logits))
+
+    def _partial(self, linear, op: str, layer: int) -> None:
+        """A RowParallelLinear that all-reduces: its tap is this rank's partial sum, taken as it enters the
+        all-reduce of the tensor-parallel group (which the CPU communicator does in place)."""
+        if self._reducing is None:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            group = get_tp_group()
+            original = group.all_reduce
+
+            def all_reduce(input_):
+                if self._reducing:
+                    self._put(*self._reducing, input_)
+                    self._reducing = ()
+                return original(input_)
+
+            group.all_reduce = all_reduce
+            self.handles.append(_Unwrap(group, "all_reduce"))
+            self._reducing = ()
+
+        def enter(mod, args):
+            self._reducing = (op, layer)
+
+        def leave(mod, args, out):
+            self._reducing = ()
+
+        self.handles.append(linear.register_forward_pre_hook(enter))
+        self.handles.append(linear.register_forward_hook(leave))
 
     def _out(self, op: str, layer: int, first: bool = False):
         def on(mod, args, out):
@@ -244,9 +286,11 @@ class Recorder:
 
     def _logits(self, mod, args, out) -> None:
         """One row per sequence of the forward, in batch order: ours is at the position of its last token."""
+        if self._rows is None or self.step is None or threading.get_ident() != self._thread:
+            return
+        row = _copy(out[self._index : self._index + 1])
+        self.step.last_logits = row[None]
         if self._wants("logits", None):
-            row = _copy(out[self._index : self._index + 1])
-            self.step.last_logits = row[None]
             self.step.put_rows("logits", row, self._positions[-1:])
 
     def _wrap_router(self, layer: int, router) -> None:
@@ -261,7 +305,7 @@ class Recorder:
             return weights, ids
 
         router.select_experts = select_experts
-        self.handles.append(_Unwrap(router))
+        self.handles.append(_Unwrap(router, "select_experts"))
 
     # -- the paged cache ------------------------------------------------------------------------------
 
@@ -302,11 +346,16 @@ def _dequantize(kv: torch.Tensor, attn, value: bool) -> torch.Tensor:
     return kv.contiguous().view(fp8).float() * scale
 
 
-class _Unwrap:
-    """A removable handle for a wrapped router: removing it restores the class's select_experts."""
+def _reduces(linear) -> bool:
+    """A RowParallelLinear whose output is the all-reduce of its ranks' partial sums."""
+    return getattr(linear, "reduce_results", False) and getattr(linear, "tp_size", 1) > 1
 
-    def __init__(self, router):
-        self.router = router
+
+class _Unwrap:
+    """A removable handle for a method wrapped on one object: removing it restores its class's."""
+
+    def __init__(self, obj, attr: str):
+        self.obj, self.attr = obj, attr
 
     def remove(self) -> None:
-        self.router.__dict__.pop("select_experts", None)
+        self.obj.__dict__.pop(self.attr, None)

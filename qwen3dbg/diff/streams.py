@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from qwen3dbg.tapstore.shards import gathered
+from qwen3dbg.tapstore.shards import Gathered, gathered
 from qwen3dbg.run.candidate import Candidate
 from qwen3dbg.tapstore.schema import parse_tap_name
 from qwen3dbg.tapstore.store import StepInfo, TapStore
@@ -81,6 +81,9 @@ QUEUE_BYTES = 128 << 20
 
 def _nbytes(item) -> int:
     t = item[2]
+    if isinstance(t, Gathered):  # a tensor-parallel side's tap: the ranks' shards and, unless a copy, their gather
+        shards = sum(p.value.nbytes for p in t.parts)
+        return shards + (0 if any(p.value is t.whole for p in t.parts) else t.whole.nbytes)
     if isinstance(t, torch.Tensor):
         return t.nbytes
     return t.values.nbytes if isinstance(t, (CacheSlots, QueryRows)) else 0  # RowBlocks: computed when read

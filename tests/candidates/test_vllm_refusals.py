@@ -52,6 +52,32 @@ def test_options_are_checked_before_anything_loads(models, options, match):
         check_candidate("vllm", models("tiny-dense"), "bfloat16", **options)
 
 
+@pytest.mark.parametrize(
+    "tp,match",
+    [
+        ("two", "tp='two': give a whole number of at least 1"),
+        ("0", "at least 1"),
+        ("3", "tp=3: vLLM's CPU build runs one worker per rank on cores of its own, and 2 are available here"),
+        ("workers=2", "workers=2: give 1"),
+    ],
+)
+def test_a_tensor_parallel_size_the_machine_cannot_run_is_refused_in_one_sentence(models, monkeypatch, tp, match):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    key, _, value = tp.rpartition("=")
+    with pytest.raises(UserError, match=match) as e:
+        check_candidate("vllm", models("tiny-dense"), "bfloat16", **{key or "tp": value})
+    assert str(e.value).count(". ") == 0
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_heads_is_refused(models, monkeypatch, without_vllm):
+    """tiny-moe: 4 query heads, 2 kv heads, 8 experts of 48 columns; vLLM splits each evenly over the ranks."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    with pytest.raises(UserError, match=r"3 does not divide num_attention_heads=4, num_key_value_heads=2 \(nor"):
+        check_candidate("vllm", models("tiny-moe"), "bfloat16", tp="3")
+    with pytest.raises(UserError, match="needs vLLM's CPU build"):  # 4 q heads, each kv head on 2 ranks: past the check
+        check_candidate("vllm", models("tiny-moe"), "bfloat16", tp="4")
+
+
 @pytest.mark.parametrize("toward_zero", [False, True])
 def test_a_cache_kept_in_float8_is_named_as_such(models, tmp_path, toward_zero):
     """A store whose layer-0 k_cache is its own k_rope rounded to float8 e4m3 (to nearest, or with the low bits
