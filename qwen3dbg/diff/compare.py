@@ -15,7 +15,7 @@ from qwen3dbg.diff.fused import count_over, logits_counts, tap_errors
 from qwen3dbg.diff.metrics import agreement, cosine, ratio, router_margin, same_sets, worst_coordinate
 from qwen3dbg.diff.noise import ELEMENT_FACTOR, row_excess, tolerance
 from qwen3dbg.diff.result import TapResult
-from qwen3dbg.tapstore.shards import Gathered, Part, partial_fit, slice_words
+from qwen3dbg.tapstore.shards import Gathered, Part, partial_fits, slice_words
 from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows, Schedule, Side
 from qwen3dbg.diff.window import Window
 from qwen3dbg.model.config import Qwen3Config
@@ -237,8 +237,8 @@ class Comparison:
         gold = value_of(g)
         if ranks.kind == "partial":
             res.reason += f"; the sum of the {len(ranks.parts)} ranks' partial sums is off"
-            fit = partial_fit(
-                c.double() - gold.double(), [Part(p.rank, p.shard, compared(p.value)) for p in ranks.parts]
+            fit = self._partial_fault(
+                info, spec, g, r, c, gold, [Part(p.rank, p.shard, compared(p.value)) for p in ranks.parts], base
             )
             if fit is not None:
                 rank, a, cos = fit
@@ -281,6 +281,17 @@ class Comparison:
         if previous is None or full.shape[2] < previous.shape[2] or full.shape[:2] != previous.shape[:2]:
             return "", []
         return "", changed_slots(previous, full[:, :, : previous.shape[2]])
+
+    def _partial_fault(self, info, spec, g, r, c, gold, parts: list[Part], base: dict):
+        """(rank, factor, cosine) of the one rank whose addend, taken out a fitted number of times, leaves the
+        sum within the noise floor (a scaled, dropped or doubled partial); None when no rank's does, or two do."""
+        fits = []
+        for rank, a, cos in partial_fits(c.double() - gold.double(), parts):
+            value = next(p.value for p in parts if p.rank == rank)
+            mended = (c.double() - a * value.double()).to(c.dtype)
+            if not self.values(info, spec, g, r, mended, dict(base)).divergent:
+                fits.append((rank, a, cos))
+        return fits[0] if len(fits) == 1 else None
 
     def values(
         self,

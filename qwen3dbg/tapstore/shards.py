@@ -14,11 +14,6 @@ import torch
 
 from qwen3dbg.tapstore.store import Shard, TapStore
 
-#: a divergent partial sum is blamed on one rank's partial when the error is that partial times a factor up to
-#: this cosine: what is left over is under 4.5% of the error's norm, where a scaled, dropped or doubled
-#: partial leaves only the rounding (an error of another cause has no reason to line up with one rank's addend)
-PARTIAL_FIT_COSINE = 0.999
-
 
 @dataclass(frozen=True)
 class Part:
@@ -125,22 +120,20 @@ def slice_words(axis_name: str, start: int, stop: int, head_dim: int) -> str:
     return f"channel {start}" if stop - start == 1 else f"channels {start}..{stop - 1}"
 
 
-def partial_fit(error: torch.Tensor, partials: list[Part]) -> tuple[int, float, float] | None:
-    """(rank, factor a, cosine) when `error` (the gathered sum minus fp64's, [...]) is a * that rank's addend
-    [...] up to PARTIAL_FIT_COSINE; None when no rank's addend, or more than one, explains it."""
+def partial_fits(error: torch.Tensor, partials: list[Part]) -> list[tuple[int, float, float]]:
+    """(rank, factor a, cosine) for each rank: the a that makes a * its addend closest to `error` (the gathered
+    sum minus fp64's), least squares. Whether what is left over is mere rounding is the differ's call: it judges
+    the sum with a * addend taken out against the noise floor, as it judges any tap."""
     e = error.double().flatten()
     en = float(e.norm())
     fits = []
     for p in partials:
         v = p.value.double().flatten()
         vn = float(v.norm())
-        if en == 0 or vn == 0:
-            continue
-        dot = float(e @ v)
-        cos = dot / (en * vn)
-        if abs(cos) >= PARTIAL_FIT_COSINE:
-            fits.append((p.rank, dot / vn**2, cos))
-    return fits[0] if len(fits) == 1 else None
+        if en and vn:
+            dot = float(e @ v)
+            fits.append((p.rank, dot / vn**2, dot / (en * vn)))
+    return fits
 
 
 class RankStores:
