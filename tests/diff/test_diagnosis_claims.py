@@ -14,7 +14,7 @@ from qwen3dbg.model.config import load_config
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.diagnosis.site import Site, ulps_phrase
 from qwen3dbg.diff.metrics import rel, ulps
-from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm
+from qwen3dbg.reference.qwen3 import Qwen3Reference
 from qwen3dbg.run.registry import IMPLEMENTATIONS
 
 
@@ -72,13 +72,6 @@ def test_low_precision_accumulation_on_a_tiny_model_is_not_an_operand_taken_from
     assert [d.signature for d in result.diagnosis] in ([], ["lowp_accumulation"]), [d.message for d in result.diagnosis]
 
 
-class RmsNormEps1e5(Qwen3Reference):
-    """Every RMSNorm with eps 1e-5 where the config says 1e-6: a bug about the size of the bf16 noise."""
-
-    def norm(self, x, name):
-        return rms_norm(x, self.w[name + ".weight"], 1e-5, self.num)
-
-
 def _no_unreplayed_cause(finding) -> None:
     """An in-noise or systematic note names a rounding cause only with the replay that showed it (the share
     of values that replay reproduces bit for bit is its evidence)."""
@@ -91,14 +84,21 @@ def _no_unreplayed_cause(finding) -> None:
     assert " 0 bfloat16 ulps" not in finding.message and " 0 float16 ulps" not in finding.message, finding.message
 
 
-def test_a_wrong_rmsnorm_eps_in_the_noise_is_not_called_another_rounding_order(catalogue_model, monkeypatch):
-    monkeypatch.setitem(IMPLEMENTATIONS, "eps-1e-5", f"{__name__}:RmsNormEps1e5")
+def test_a_wrong_rmsnorm_eps_in_the_noise_is_reported_as_systematic_with_its_evidence(catalogue_model, monkeypatch):
+    """eps 1e-5 for 1e-6 shrinks every normalised row; layer 0's RMSNorm reads the embedding, bit-identical on
+    both sides, so its rows' deviations are its own and all move down: no rounding order does that."""
+    monkeypatch.setitem(IMPLEMENTATIONS, "eps-1e-5", "qwen3dbg.candidates.planted:RmsNormEps1e5")
     model = catalogue_model("dense")
     assert load_config(model).rms_norm_eps == 1e-6
-    result = run_diff(ref="hf", cand="eps-1e-5", model_dir=model, dtype="bfloat16")
-    assert result.in_noise is not None or result.first_divergence is not None, result.verdict
+    result = run_diff(ref="hf", cand="eps-1e-5", model_dir=model, dtype="bfloat16", token_ids=list(range(3, 51)))
+    assert result.first_divergence is None, result.verdict  # in the noise: only the systematic test sees it
+    found = result.systematic
+    assert found is not None and found.tap == "layers.0.attn_norm" and found.signature == "systematic_scale", found
+    ev = found.evidence
+    assert ev["fitted_scale"] < 0 and ev["rows_down"] > ev["rows_up"] and ev["p"] < ev["threshold"], ev
+    assert result.to_dict()["systematic"]["evidence"]["rows_down"] == ev["rows_down"]
     _no_unreplayed_cause(result.in_noise)
-    _no_unreplayed_cause(result.systematic)
+    _no_unreplayed_cause(found)
 
 
 @pytest.mark.parametrize(
@@ -115,5 +115,5 @@ def test_notes_of_pairs_that_differ_only_in_rounding_order_state_no_cause_they_d
 ):
     result = run_diff(ref="hf", cand=cand, model_dir=catalogue_model(model), dtype=dtype)
     assert result.first_divergence is None, result.verdict
+    assert result.systematic is None, result.systematic.message
     _no_unreplayed_cause(result.in_noise)
-    _no_unreplayed_cause(result.systematic)

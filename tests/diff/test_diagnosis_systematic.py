@@ -5,34 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qwen3dbg.reference.qwen3 import Qwen3Reference
+from qwen3dbg.candidates.planted import shifted
 
 from qwen3dbg.diff import run_diff
-from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, signed_stats
+from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, sign_test, signed_stats
 from qwen3dbg.diff.fused import tap_errors
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.diff.summary import summary
+from qwen3dbg.model.config import load_config
 from qwen3dbg.run.registry import IMPLEMENTATIONS
 
 TOKENS = list(range(3, 3 + 160))  # 160 rows of 64: every hidden-state tap holds >= 1e4 elements
-
-
-def shifted(x: torch.Tensor, dtype: torch.dtype, ulps: float) -> torch.Tensor:
-    """x (wide) moved by `ulps` of `dtype` at each element's own magnitude, then rounded to dtype."""
-    x = x.double()
-    spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))))
-    return (x + ulps * spacing).to(dtype)
-
-
-class ShiftedAttnNorm(Qwen3Reference):
-    """Layer 1's input_layernorm output moved up by 0.2 ulp before its one rounding: systematic, in the noise."""
-
-    def norm(self, x, name):
-        if name != "model.layers.1.input_layernorm" or self.dtype == torch.float64:
-            return super().norm(x, name)
-        xw = x.double()
-        xhat = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
-        return shifted(self.w[name + ".weight"].double() * xhat, self.dtype, 0.2)
 
 
 def _tap(name: str, g, r, c, dtype) -> TapResult:
@@ -73,17 +56,22 @@ def test_the_comparison_kernel_sums_deviations_and_their_squares_per_row(shape):
     assert torch.allclose(rows, want, rtol=1e-12, atol=1e-12)
 
 
-def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_clean_taps():
+def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_clean_taps(catalogue_model):
+    # layers.i.attn_norm without layers.(i-1).resid_out: no tap's inputs are known identical, so only the
+    # genomic-control test applies
     gen = torch.Generator().manual_seed(0)
     taps = []
     for i in range(40):  # clean taps: the candidate errs by half an ulp either way before its rounding
         g = torch.randn(100, 100, generator=gen, dtype=torch.float64)
         wobble = 1 + 2**-8 * torch.randn(g.shape, generator=gen, dtype=torch.float64)
-        taps.append(_tap(f"clean{i}", g, g.to(torch.bfloat16), (g * wobble).to(torch.bfloat16), torch.bfloat16))
+        name = f"layers.{2 * i}.attn_norm"
+        taps.append(_tap(name, g, g.to(torch.bfloat16), (g * wobble).to(torch.bfloat16), torch.bfloat16))
     g = torch.randn(100, 100, generator=gen, dtype=torch.float64)  # 1e4 elements, 100 rows
-    taps.insert(17, _tap("planted", g, g.to(torch.bfloat16), shifted(g, torch.bfloat16, 0.2), torch.bfloat16))
-    found = detect(taps, None, torch.bfloat16)
-    assert found is not None and found.tap == "planted" and found.signature == "systematic_shift", found
+    planted = _tap("layers.35.attn_norm", g, g.to(torch.bfloat16), shifted(g, torch.bfloat16, 0.2), torch.bfloat16)
+    taps.insert(17, planted)
+    found = detect(taps, None, torch.bfloat16, load_config(catalogue_model("dense")))
+    assert found is not None and found.tap == "layers.35.attn_norm", found
+    assert found.signature == "systematic_shift" and found.evidence["test"] == "genomic control", found
     # in ulps at the tap's RMS magnitude, where elements under the RMS count their smaller ulp for less
     assert (
         0.05 < found.evidence["fitted_shift"] < 0.2
@@ -91,8 +79,14 @@ def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_cl
     )
 
 
+def test_the_sign_test_is_the_exact_binomial_tail():
+    assert sign_test(0, 10) == pytest.approx(2 / 1024)
+    assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
 def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, monkeypatch):
-    monkeypatch.setitem(IMPLEMENTATIONS, "shifted-attn-norm", f"{__name__}:ShiftedAttnNorm")
+    monkeypatch.setitem(IMPLEMENTATIONS, "shifted-attn-norm", "qwen3dbg.candidates.planted:ShiftedAttnNorm")
     result = run_diff(
         ref="hf", cand="shifted-attn-norm", model_dir=catalogue_model("dense"), dtype="bfloat16", token_ids=TOKENS
     )
