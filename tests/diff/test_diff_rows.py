@@ -76,3 +76,27 @@ def test_a_clean_pair_over_many_rows_has_no_row_over_its_noise(catalogue_model):
     )
     assert result.first_divergence is None, result.verdict
     assert [t.name for t in result.taps if "rows" in t.extra] == []
+
+
+class HotLastQueries(Qwen3Reference):
+    """Layer 0's attention scores 25% too large for the queries at positions 60 and later only."""
+
+    def scores(self, q, k, mask):
+        s = super().scores(q, k, mask)
+        if q.shape[2] > 60:
+            s[:, :, 60:] = s[:, :, 60:] * 1.25
+        return s
+
+
+def test_attention_compared_in_row_blocks_is_judged_row_by_row(catalogue_model, monkeypatch):
+    """A golden too large to hold whole hands attention out in blocks of query rows: the row rule still sees
+    each row, in the tap's own order."""
+    monkeypatch.setattr("qwen3dbg.diff.blocks.BLOCK_ELEMENTS", 4 * 4 * 64)  # blocks of 4 query rows
+    monkeypatch.setitem(IMPLEMENTATIONS, "hot-last-queries", f"{__name__}:HotLastQueries")
+    result = run_diff(
+        ref="hf", cand="hot-last-queries", model_dir=catalogue_model("dense"), dtype="bfloat16", token_ids=TOKENS[:64]
+    )
+    d = result.first_divergence
+    assert d is not None and (d.step, d.tap) == (0, "layers.0.attn_scores"), result.verdict
+    rows = next(t for t in result.taps if (t.step, t.name) == (0, d.tap)).extra["rows"]
+    assert rows["first"] == {"position": 60, "head": 0} and rows["over"] <= 4 * 4, rows  # 4 heads x 4 queries
