@@ -68,6 +68,11 @@ def test_a_window_in_later_layers_is_flagged_by_its_rows_and_named_as_a_window(c
     assert [(x.signature, x.evidence["window"]) for x in result.diagnosis] == [("sliding_window", WINDOW)], [
         x.message for x in result.diagnosis
     ]
+    # the first query the window changes is position WINDOW, replayed there, whatever row first left the noise
+    found = result.diagnosis[0]
+    assert found.evidence["first_position_changed"] == WINDOW, found.evidence
+    assert found.evidence["fit_at_first_changed"] < found.evidence["qwen3_at_first_changed"], found.evidence
+    assert f"at position {WINDOW}, the first query it changes, the window's replay reproduces" in found.message
 
 
 def test_a_clean_pair_over_many_rows_has_no_row_over_its_noise(catalogue_model):
