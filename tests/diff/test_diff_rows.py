@@ -7,6 +7,7 @@ import torch
 
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.fused import tap_errors
+from qwen3dbg.diff.summary import summary
 from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS, row_excess
 from qwen3dbg.reference.qwen3 import Qwen3Reference, causal_mask
 from qwen3dbg.run.registry import IMPLEMENTATIONS
@@ -105,3 +106,26 @@ def test_attention_compared_in_row_blocks_is_judged_row_by_row(catalogue_model, 
     assert d is not None and (d.step, d.tap) == (0, "layers.0.attn_scores"), result.verdict
     rows = next(t for t in result.taps if (t.step, t.name) == (0, d.tap)).extra["rows"]
     assert rows["first"] == {"position": 60, "head": 0} and rows["over"] <= 4 * 4, rows  # 4 heads x 4 queries
+
+
+def test_a_decode_step_names_its_rows_by_their_absolute_position(catalogue_model):
+    """A decode step's one query row is the step's position (40 after a 40-token prompt), not token 0: in the
+    worst coordinate, the summary, and a row of the cache over its noise (a cache slot is its position)."""
+    prompt = TOKENS[:40]
+    model = catalogue_model("dense")
+    # decode attention over 40 keys in partitions of 16 goes wrong at step 1's query, position 40
+    result = run_diff(
+        cand="split-kv-unscaled:partition=16", model_dir=model, dtype="bfloat16", token_ids=prompt, decode_ids=[5, 6]
+    )
+    d = result.first_divergence
+    assert d is not None and (d.step, d.tap) == (1, "layers.0.attn_out"), result.verdict
+    assert d.worst["token"] == 0 and d.worst["position"] == len(prompt), d.worst
+    line = dict(summary(result))["first divergence"]
+    assert f"position {len(prompt)}" in line and "token" not in line, line
+    # the decode step rewrites the slot before its own (position 39): the cache's rows name that slot
+    result = run_diff(
+        cand="kv-cache-off-by-one", model_dir=model, dtype="bfloat16", token_ids=prompt, decode_ids=[5, 6]
+    )
+    d = result.first_divergence
+    assert d is not None and (d.step, d.tap) == (1, "layers.0.k_cache"), result.verdict
+    assert f"the first at position {len(prompt) - 1}, head 0" in d.reason, d.reason
