@@ -14,7 +14,7 @@ from qwen3dbg.model.config import load_config
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.diagnosis.site import Site, ulps_phrase
 from qwen3dbg.diff.metrics import rel, ulps
-from qwen3dbg.reference.qwen3 import Qwen3Reference
+from qwen3dbg.reference.qwen3 import Qwen3Reference, accumulate_lowp
 from qwen3dbg.run.registry import IMPLEMENTATIONS
 
 
@@ -63,13 +63,40 @@ def test_a_replay_reads_only_what_is_computed_before_its_op(catalogue_model):
     assert s.operand("layers.0.attn_norm", step=2) is None  # a later step's
 
 
-@pytest.mark.parametrize("cand", ["lowp-accumulation", "mine:device=cpu,accum=compute"])
-def test_low_precision_accumulation_on_a_tiny_model_is_not_an_operand_taken_from_the_future(catalogue_model, cand):
+@pytest.mark.parametrize(
+    "cand,products",
+    [("lowp-accumulation", "each product rounded"), ("mine:device=cpu,accum=compute", "products exact")],
+)
+def test_low_precision_accumulation_on_a_tiny_model_is_named_by_a_replay_that_reproduces_it(
+    catalogue_model, cand, products
+):
     """Once 'q_proj is computed from attn_scores' (an op after it, sharing only an element count) with a
-    residual of 0.0: the replay on masked scores was all -inf and a relative error over nothing read as 0."""
+    residual of 0.0: the replay on masked scores was all -inf and a relative error over nothing read as 0.
+    Now named only through the gate: a running bf16 sum, replayed on the candidate's own input the way it
+    rounds its products, reproduces it (the catalogue rounds each product, mine's loop adds them exactly)."""
     result = run_diff(ref="hf", cand=cand, model_dir=catalogue_model("dense"), dtype="bfloat16")
     assert result.first_divergence is not None, result.verdict
-    assert [d.signature for d in result.diagnosis] in ([], ["lowp_accumulation"]), [d.message for d in result.diagnosis]
+    assert [d.signature for d in result.diagnosis] == ["lowp_accumulation"], [d.message for d in result.diagnosis]
+    ev = result.diagnosis[0].evidence
+    assert ev["products"] == products and ev["residual_in_noise"] <= 1, ev
+    assert ev["rel_err"] > ev["replay_fp32_rel_err"], ev
+
+
+class LowpDescending(Qwen3Reference):
+    """Matmuls with one running bf16 sum taken from the last product to the first: low accumulation in an
+    order no replay takes."""
+
+    def linear(self, x, name):
+        return accumulate_lowp(x.flip(-1), self.w[name + ".weight"].flip(-1))
+
+
+def test_low_precision_accumulation_in_another_order_is_not_named_without_a_replay_that_reproduces_it(
+    catalogue_model, monkeypatch
+):
+    monkeypatch.setitem(IMPLEMENTATIONS, "lowp-descending", f"{__name__}:LowpDescending")
+    result = run_diff(ref="hf", cand="lowp-descending", model_dir=catalogue_model("wide"), dtype="bfloat16")
+    assert result.first_divergence is not None, result.verdict
+    assert "lowp_accumulation" not in [d.signature for d in result.diagnosis], [d.message for d in result.diagnosis]
 
 
 def _no_unreplayed_cause(finding) -> None:
