@@ -35,13 +35,15 @@ def test_ten_thousand_clean_rows_raise_no_row_and_one_row_five_times_over_the_ta
 
 
 class LateWindow(Qwen3Reference):
-    """A port that applies a sliding window of WINDOW keys in layers 1 and up (Qwen3 attends to every
-    earlier key), without exposing the attention matrices, as a fused kernel would."""
+    """A port that applies a sliding window of `window` keys in layers `first_layer` and up (Qwen3 attends to
+    every earlier key), without exposing the attention matrices, as a fused kernel would
+    (bench/bench_window.py: issue 27's 0.6B case)."""
 
     missing_taps = frozenset({"attn_scores", "attn_probs"})
+    window, first_layer = WINDOW, 1
 
     def attend(self, i, q, k_all, v_all, positions, sink):
-        self._windowed = i >= 1
+        self._windowed = i >= self.first_layer
         return super().attend(i, q, k_all, v_all, positions, sink)
 
     def mask(self, positions, k_len):
@@ -49,7 +51,7 @@ class LateWindow(Qwen3Reference):
         if not self._windowed:
             return mask
         slots = torch.arange(k_len)
-        return mask | (slots[None, None, :] <= positions[:, :, None] - WINDOW)[:, None]
+        return mask | (slots[None, None, :] <= positions[:, :, None] - self.window)[:, None]
 
 
 def test_a_window_in_later_layers_is_flagged_by_its_rows_and_named_as_a_window(catalogue_model, monkeypatch):
