@@ -8,7 +8,7 @@ import torch
 from qwen3dbg.candidates.planted import shifted
 
 from qwen3dbg.diff import run_diff
-from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, sign_test, signed_stats
+from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, scored, sign_test, signed_stats
 from qwen3dbg.diff.fused import tap_errors
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.diff.summary import summary
@@ -100,8 +100,10 @@ def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, m
     "ref,cand,model,dtype",
     [
         ("hf", "hf:attn=sdpa", "dense", "bfloat16"),
+        ("hf", "hf:attn=sdpa", "dense", "float16"),
         ("hf", "hf:attn=sdpa", "moe", "float16"),
         ("hf", "rmsnorm-fused", "hot-qk", "bfloat16"),
+        ("hf", "rmsnorm-fused", "dense", "bfloat16"),  # attn_norm departs first, from the exact embedding
         ("hf", "scratch", "moe", "float32"),
         ("scratch", "hf", "dense", "float16"),
         ("hf", "module:qwen3dbg.candidates.ports.standalone_qwen3:load", "dense", "bfloat16"),  # fp32 attn_probs
@@ -112,3 +114,14 @@ def test_clean_pairs_raise_no_systematic_finding(catalogue_model, ref, cand, mod
     tested = [t for t in result.taps if t.extra.get("signed", {}).get("rows", 0) >= MIN_ROWS]
     assert result.first_divergence is None and tested, result.verdict
     assert result.systematic is None, result.systematic.message
+
+
+def test_a_clean_pair_that_departs_at_its_first_norm_meets_the_sign_test_and_passes_it(catalogue_model):
+    """The fused RMSNorm rounds once where HF rounds twice: layer 0's attn_norm, read from the exact embedding,
+    is where it departs, so the sign test runs there; rounding moves its rows both ways."""
+    model = catalogue_model("dense")
+    result = run_diff(ref="hf", cand="rmsnorm-fused", model_dir=model, dtype="bfloat16", token_ids=TOKENS[:64])
+    tests = scored(result.taps, None, torch.bfloat16, load_config(model))
+    signs = [(score, f) for score, f in tests if f.evidence["test"] == "sign"]
+    assert signs and signs[0][1].tap == "layers.0.attn_norm", [f.tap for _, f in signs]
+    assert all(score <= 1 for score, _ in signs), [f.message for _, f in signs]
