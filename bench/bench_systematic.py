@@ -110,6 +110,7 @@ def main() -> None:
             {"margins": [], "findings": 0, "flags": 0, "flagged": 0, "worst": 0.0, "stated": [], "time": 0.0}
             for _ in pairs
         ]
+        print(f"{shape}: " + "; ".join(f"#{i} {p[0]} vs {p[1]} {p[4]}" for i, p in enumerate(pairs)), flush=True)
         for seed in range(args.seeds):  # seed outermost: a 0.6b model is made once and deleted after its pairs
             made = set()
             for pair, st in zip(pairs, stats):
@@ -131,6 +132,10 @@ def main() -> None:
             if shape != "tiny":
                 for model in made:
                     shutil.rmtree(model)
+            progress = "; ".join(
+                f"{p[1].split(':')[0]} {st['findings']}/{st['flagged']}" for p, st in zip(pairs, stats)
+            )
+            print(f"  {shape} seed {seed}: findings/flagged so far per pair: {progress}", flush=True)
         for (ref, cand, _, _, dtype), st in zip(pairs, stats):
             m = sorted(st["margins"])
             if not m:
