@@ -132,10 +132,8 @@ def main() -> None:
             if shape != "tiny":
                 for model in made:
                     shutil.rmtree(model)
-            progress = "; ".join(
-                f"{p[1].split(':')[0]} {st['findings']}/{st['flagged']}" for p, st in zip(pairs, stats)
-            )
-            print(f"  {shape} seed {seed}: findings/flagged so far per pair: {progress}", flush=True)
+            progress = " ".join(f"#{i} {st['findings']}/{st['flagged']}" for i, st in enumerate(stats))
+            print(f"  {shape} seed {seed}: systematic findings / seeds flagged so far: {progress}", flush=True)
         for (ref, cand, _, _, dtype), st in zip(pairs, stats):
             m = sorted(st["margins"])
             if not m:
