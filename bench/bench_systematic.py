@@ -9,7 +9,7 @@ on bugs planted below the noise (candidates/planted.py), which must be flagged (
 Each seed makes its own model (weights drawn from the seed) and its own token ids; at the 0.6b shape a seed's
 model is deleted once its pairs ran (1.2 GB each). Findings must be 0 for every clean pair; the detector is
 designed for a per-run false-alarm rate under 1e-3. The MoE pairs run at the tiny shape only (the real MoE
-shapes hold billions of weights), and so does mine (to keep the run short; its time there is not measured).
+shapes hold billions of weights), and so do mine and scratch (to keep the run short).
 The hypotheses on the worst taps rerun all three sides in memory (the golden's 0.6b weights in float64:
 4.8 GB): --hypothesis-seeds limits them to the first N seeds.
 """
@@ -38,8 +38,8 @@ from qwen3dbg.util.dtypes import parse_dtype
 
 #: the presets of each shape; a pair whose preset a shape lacks does not run there
 SHAPES = {"tiny": {"tiny-dense": "tiny-dense", "tiny-moe": "tiny-moe"}, "0.6b": {"tiny-dense": "qwen3-0.6b"}}
-#: candidates measured at the tiny shape only
-TINY_ONLY = {"mine"}
+#: candidates measured at the tiny shape only: mine, and scratch (HF's taps bit for bit, README)
+TINY_ONLY = {"mine", "scratch"}
 #: bugs below the noise, each of which must be flagged
 PLANTED = {
     "eps-1e-5": "qwen3dbg.candidates.planted:RmsNormEps1e5",

@@ -338,7 +338,7 @@ class Comparison:
                 reasons.append(rows_reason(rows, dtype_name(self.dtype)))
                 excess = max(excess, rows["worst_excess"])
         if not reasons and te.rows is not None:
-            extra["signed"] = signed_stats(te.rows[:4], count, te.gold_norm, self.dtype)
+            extra["signed"] = signed_stats(te.rows[:4], count, te.gold_norm, self.dtype, c.dtype == r.dtype)
         if keep is not None or te.nonfinite["cand"]:
             # the reference's error over every element, whatever the candidate left out: what
             # DiffResult.suspect_reference judges, so that its answer does not depend on the candidate

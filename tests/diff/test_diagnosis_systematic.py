@@ -125,3 +125,20 @@ def test_a_clean_pair_that_departs_at_its_first_norm_meets_the_sign_test_and_pas
     signs = [(score, f) for score, f in tests if f.evidence["test"] == "sign"]
     assert signs and signs[0][1].tap == "layers.0.attn_norm", [f.tap for _, f in signs]
     assert all(score <= 1 for score, _ in signs), [f.message for _, f in signs]
+
+
+def test_a_side_that_keeps_probabilities_wider_is_not_a_systematic_deviation(catalogue_model):
+    """Uniform attention (synthetic weights' first layer): position t holds 1/(t+1) in every head. A port that
+    hands float32 probabilities where HF rounds them to bf16 has c - r = the rounding of 1/(t+1), a fixed sign
+    per position repeated in each head: no coin, and no bug. Such taps are not sign-tested, and rows with
+    identical sums count once."""
+    t = torch.arange(128)
+    g = torch.where(t[None, :] <= t[:, None], 1 / (t[:, None] + 1.0), 0.0).double().expand(1, 16, 128, 128)
+    r, c = g.to(torch.bfloat16), g.to(torch.float32)
+    te = tap_errors(g, r, c, row=g.shape[-1])
+    wide = signed_stats(te.rows[:4], te.count, te.gold_norm, torch.bfloat16, same_rounding=False)
+    alike = signed_stats(te.rows[:4], te.count, te.gold_norm, torch.bfloat16)
+    assert "signs_scale" not in wide and alike["rows"] == 16 * 128 and sum(alike["signs_scale"]) <= 128, alike
+    tap = TapResult(0, "layers.0.attn_probs", 0, "attn_probs", "ok", diff_ulps=0.1, extra={"signed": wide})
+    scores = TapResult(0, "layers.0.attn_scores", 0, "attn_scores", "ok")
+    assert detect([scores, tap], None, torch.bfloat16, load_config(catalogue_model("dense"))) is None

@@ -20,6 +20,10 @@ bit-identical on both sides (the first op where the candidate departs, and the o
 nothing, so its rows' deviations are independent, and under "another rounding order" each row's sum is
 as likely to be positive as negative. There an exact sign test over the rows that differ, with Bonferroni
 over those taps, is the test (no model of the magnitudes). The two families share FALSE_ALARM, half each.
+Rows must be independent: rows with bit-identical sums (a repeated token, a head whose attention is
+uniform like the others') are counted once. And both sides must hand the tap in one dtype: a side that
+keeps it wider (a port's float32 probabilities) makes c - r the reference's own rounding of the same
+values, whose sign is a fixed function of each value (1/(t+1) at every head of position t), not a coin.
 """
 
 from __future__ import annotations
@@ -45,15 +49,19 @@ MARGIN = 1.3
 _MEDIAN_CHI2_1 = NormalDist().inv_cdf(0.75) ** 2  # 0.455
 
 
-def signed_stats(rows: torch.Tensor, count: int, gold_norm: float, dtype: torch.dtype) -> dict:
+def signed_stats(
+    rows: torch.Tensor, count: int, gold_norm: float, dtype: torch.dtype, same_rounding: bool = True
+) -> dict:
     """A tap's signed statistics from its per-row sums [4, rows] (c - r, (c - r) g, r - g, (r - g) g) over
     `count` judged elements: z of each, the candidate's fitted shift (in ulps at the golden's RMS) and
-    scale with their standard errors, and how many rows move each way."""
+    scale with their standard errors, and, when both sides round the tap to one dtype (`same_rounding`),
+    how many rows move each way (the sign test's data)."""
     if count == 0 or gold_norm == 0:
         return {}
     unit = torch.finfo(dtype).eps * gold_norm / math.sqrt(count)  # an ulp at the tap's RMS magnitude
     out = {"rows": rows.shape[1]}
     totals, spreads = rows.sum(1).tolist(), rows.square().sum(1).sqrt().tolist()
+    distinct = rows.T.unique(dim=0).T  # a row computed twice from the same values (a repeated token) is one
     for i, (kind, per) in enumerate(
         (("shift", count * unit), ("scale", gold_norm**2), ("ref_shift", 1.0), ("ref_scale", 1.0))
     ):
@@ -61,7 +69,8 @@ def signed_stats(rows: torch.Tensor, count: int, gold_norm: float, dtype: torch.
         out[f"z_{kind}"] = total / spread if spread > 0 else 0.0
         if i < 2:
             out |= {kind: total / per, f"se_{kind}": spread / per}
-            out[f"signs_{kind}"] = [int((rows[i] < 0).sum()), int((rows[i] > 0).sum())]
+            if same_rounding:
+                out[f"signs_{kind}"] = [int((distinct[i] < 0).sum()), int((distinct[i] > 0).sum())]
     return out
 
 
@@ -126,7 +135,7 @@ _NO_CAUSE = "no replay has shown the cause"
 
 
 def _sign_tests(own: list[TapResult], dtype: torch.dtype) -> list[tuple]:
-    tests = [(t, kind) for t in own for kind in ("shift", "scale") if sum(t.extra["signed"][f"signs_{kind}"])]
+    tests = [(t, k) for t in own for k in ("shift", "scale") if sum(t.extra["signed"].get(f"signs_{k}", ()))]
     alpha = FALSE_ALARM / 2 / max(len(tests), 1)
     out = []
     for t, kind in tests:
