@@ -83,13 +83,16 @@ def blocked_errors(
     scores: bool,
     keep: torch.Tensor | None,
     also: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    row: int = 0,
 ) -> TapErrors:
     """`tap_errors` of a golden computed in blocks: each block against the same rows of both sides, folded;
-    `also(gold, ref, cand)` sees each block too (the logits' agreement, without computing the golden again)."""
+    `also(gold, ref, cand)` sees each block too (the logits' agreement, without computing the golden again);
+    `row` (the last axis's length, blocks being cut along another): the per-row sums in the view's order."""
+    assert not row or gold.axis < len(gold.shape) - 1, "a row must not straddle two blocks"
     parts = []
     for r, g in gold.blocks():
         rr, cc, kk = _rows(gold.axis, r, g.shape[gold.axis], ref, cand, keep)
-        parts.append((r, tap_errors(g, rr, cc, scores=scores, keep=kk)))
+        parts.append((r, tap_errors(g, rr, cc, scores=scores, keep=kk, row=row)))
         if also is not None:
             also(g, rr, cc)
     return _fold(parts, gold.axis, gold.view_shape)
@@ -121,6 +124,10 @@ def _fold(parts: list[tuple[int, TapErrors]], axis: int, shape: tuple[int, ...])
     block_shape = list(shape)
     block_shape[axis] = _block_len(parts, worst_r, shape[axis])
     argmax = _moved(worst.cand.argmax, block_shape, axis, worst_r, shape)
+    rows = None
+    if parts[0][1].rows is not None:  # each block's rows [sums, ...block shape but the last axis], joined on axis
+        pieces = [p.rows.reshape(p.rows.shape[0], *shape[:axis], -1, *shape[axis + 1 : -1]) for _, p in parts]
+        rows = torch.cat(pieces, dim=axis + 1).reshape(pieces[0].shape[0], -1)
     return TapErrors(
         count=sum(p.count for _, p in parts),
         nonfinite=nonfinite,
@@ -131,6 +138,7 @@ def _fold(parts: list[tuple[int, TapErrors]], axis: int, shape: tuple[int, ...])
         gold_max=max(p.gold_max for _, p in parts),
         dot=sum(p.dot for _, p in parts),
         diff_norm=math.sqrt(ss(lambda p: p.diff_norm)),
+        rows=rows,
     )
 
 

@@ -324,7 +324,7 @@ class Comparison:
             counts["ref"].append(ref)
 
         if blocked:
-            te = blocked_errors(g, r, c, scores, keep, count_rows if logits else None)
+            te = blocked_errors(g, r, c, scores, keep, count_rows if logits else None, row=shape[-1])
         else:
             te = tap_errors(g, r, c, scores=scores, keep=keep, row=shape[-1])
         if te.mask_diff:
@@ -348,8 +348,8 @@ class Comparison:
                 extra["rows"] = rows
                 reasons.append(rows_reason(rows, dtype_name(self.dtype)))
                 excess = max(excess, rows["worst_excess"])
-        if not reasons and te.rows is not None:  # a golden computed in blocks brings no row sums
-            extra["signed"] = signed_stats(te.rows[:4], count, te.gold_norm, self.dtype)
+        if not reasons and te.rows is not None:
+            extra["signed"] = signed_stats(te.rows[:4], count, te.gold_norm, self.dtype, c.dtype == r.dtype)
         if keep is not None or te.nonfinite["cand"]:
             # the reference's error over every element, whatever the candidate left out: what
             # DiffResult.suspect_reference judges, so that its answer does not depend on the candidate

@@ -163,7 +163,7 @@ def diff_plan(
     status("diagnosing")
     diagnosis = [] if div is None or stopped else list(_diagnose(src, div))
     in_noise = noise.finding(dt)
-    systematic = detect(taps, div, dt)
+    systematic = detect(taps, div, dt, cfg)
     timings["diagnose"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return DiffResult(

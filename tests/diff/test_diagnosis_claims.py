@@ -14,7 +14,7 @@ from qwen3dbg.model.config import load_config
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.diagnosis.site import Site, ulps_phrase
 from qwen3dbg.diff.metrics import rel, ulps
-from qwen3dbg.reference.qwen3 import Qwen3Reference, rms_norm
+from qwen3dbg.reference.qwen3 import Qwen3Reference, accumulate_lowp
 from qwen3dbg.run.registry import IMPLEMENTATIONS
 
 
@@ -63,20 +63,40 @@ def test_a_replay_reads_only_what_is_computed_before_its_op(catalogue_model):
     assert s.operand("layers.0.attn_norm", step=2) is None  # a later step's
 
 
-@pytest.mark.parametrize("cand", ["lowp-accumulation", "mine:device=cpu,accum=compute"])
-def test_low_precision_accumulation_on_a_tiny_model_is_not_an_operand_taken_from_the_future(catalogue_model, cand):
+@pytest.mark.parametrize(
+    "cand,products",
+    [("lowp-accumulation", "each product rounded"), ("mine:device=cpu,accum=compute", "products exact")],
+)
+def test_low_precision_accumulation_on_a_tiny_model_is_named_by_a_replay_that_reproduces_it(
+    catalogue_model, cand, products
+):
     """Once 'q_proj is computed from attn_scores' (an op after it, sharing only an element count) with a
-    residual of 0.0: the replay on masked scores was all -inf and a relative error over nothing read as 0."""
+    residual of 0.0: the replay on masked scores was all -inf and a relative error over nothing read as 0.
+    Now named only through the gate: a running bf16 sum, replayed on the candidate's own input the way it
+    rounds its products, reproduces it (the catalogue rounds each product, mine's loop adds them exactly)."""
     result = run_diff(ref="hf", cand=cand, model_dir=catalogue_model("dense"), dtype="bfloat16")
     assert result.first_divergence is not None, result.verdict
-    assert [d.signature for d in result.diagnosis] in ([], ["lowp_accumulation"]), [d.message for d in result.diagnosis]
+    assert [d.signature for d in result.diagnosis] == ["lowp_accumulation"], [d.message for d in result.diagnosis]
+    ev = result.diagnosis[0].evidence
+    assert ev["products"] == products and ev["residual_in_noise"] <= 1, ev
+    assert ev["rel_err"] > ev["replay_fp32_rel_err"], ev
 
 
-class RmsNormEps1e5(Qwen3Reference):
-    """Every RMSNorm with eps 1e-5 where the config says 1e-6: a bug about the size of the bf16 noise."""
+class LowpDescending(Qwen3Reference):
+    """Matmuls with one running bf16 sum taken from the last product to the first: low accumulation in an
+    order no replay takes."""
 
-    def norm(self, x, name):
-        return rms_norm(x, self.w[name + ".weight"], 1e-5, self.num)
+    def linear(self, x, name):
+        return accumulate_lowp(x.flip(-1), self.w[name + ".weight"].flip(-1))
+
+
+def test_low_precision_accumulation_in_another_order_is_not_named_without_a_replay_that_reproduces_it(
+    catalogue_model, monkeypatch
+):
+    monkeypatch.setitem(IMPLEMENTATIONS, "lowp-descending", f"{__name__}:LowpDescending")
+    result = run_diff(ref="hf", cand="lowp-descending", model_dir=catalogue_model("wide"), dtype="bfloat16")
+    assert result.first_divergence is not None, result.verdict
+    assert "lowp_accumulation" not in [d.signature for d in result.diagnosis], [d.message for d in result.diagnosis]
 
 
 def _no_unreplayed_cause(finding) -> None:
@@ -91,14 +111,21 @@ def _no_unreplayed_cause(finding) -> None:
     assert " 0 bfloat16 ulps" not in finding.message and " 0 float16 ulps" not in finding.message, finding.message
 
 
-def test_a_wrong_rmsnorm_eps_in_the_noise_is_not_called_another_rounding_order(catalogue_model, monkeypatch):
-    monkeypatch.setitem(IMPLEMENTATIONS, "eps-1e-5", f"{__name__}:RmsNormEps1e5")
+def test_a_wrong_rmsnorm_eps_in_the_noise_is_reported_as_systematic_with_its_evidence(catalogue_model, monkeypatch):
+    """eps 1e-5 for 1e-6 shrinks every normalised row; layer 0's RMSNorm reads the embedding, bit-identical on
+    both sides, so its rows' deviations are its own and all move down: no rounding order does that."""
+    monkeypatch.setitem(IMPLEMENTATIONS, "eps-1e-5", "qwen3dbg.candidates.planted:RmsNormEps1e5")
     model = catalogue_model("dense")
     assert load_config(model).rms_norm_eps == 1e-6
-    result = run_diff(ref="hf", cand="eps-1e-5", model_dir=model, dtype="bfloat16")
-    assert result.in_noise is not None or result.first_divergence is not None, result.verdict
+    result = run_diff(ref="hf", cand="eps-1e-5", model_dir=model, dtype="bfloat16", token_ids=list(range(3, 51)))
+    assert result.first_divergence is None, result.verdict  # in the noise: only the systematic test sees it
+    found = result.systematic
+    assert found is not None and found.tap == "layers.0.attn_norm" and found.signature == "systematic_scale", found
+    ev = found.evidence
+    assert ev["fitted_scale"] < 0 and ev["rows_down"] > ev["rows_up"] and ev["p"] < ev["threshold"], ev
+    assert result.to_dict()["systematic"]["evidence"]["rows_down"] == ev["rows_down"]
     _no_unreplayed_cause(result.in_noise)
-    _no_unreplayed_cause(result.systematic)
+    _no_unreplayed_cause(found)
 
 
 @pytest.mark.parametrize(
@@ -115,5 +142,5 @@ def test_notes_of_pairs_that_differ_only_in_rounding_order_state_no_cause_they_d
 ):
     result = run_diff(ref="hf", cand=cand, model_dir=catalogue_model(model), dtype=dtype)
     assert result.first_divergence is None, result.verdict
+    assert result.systematic is None, result.systematic.message
     _no_unreplayed_cause(result.in_noise)
-    _no_unreplayed_cause(result.systematic)

@@ -5,34 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qwen3dbg.reference.qwen3 import Qwen3Reference
+from qwen3dbg.candidates.planted import shifted
 
 from qwen3dbg.diff import run_diff
-from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, signed_stats
+from qwen3dbg.diff.diagnosis.systematic import MIN_ROWS, detect, scored, sign_test, signed_stats
 from qwen3dbg.diff.fused import tap_errors
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.diff.summary import summary
+from qwen3dbg.model.config import load_config
 from qwen3dbg.run.registry import IMPLEMENTATIONS
 
 TOKENS = list(range(3, 3 + 160))  # 160 rows of 64: every hidden-state tap holds >= 1e4 elements
-
-
-def shifted(x: torch.Tensor, dtype: torch.dtype, ulps: float) -> torch.Tensor:
-    """x (wide) moved by `ulps` of `dtype` at each element's own magnitude, then rounded to dtype."""
-    x = x.double()
-    spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))))
-    return (x + ulps * spacing).to(dtype)
-
-
-class ShiftedAttnNorm(Qwen3Reference):
-    """Layer 1's input_layernorm output moved up by 0.2 ulp before its one rounding: systematic, in the noise."""
-
-    def norm(self, x, name):
-        if name != "model.layers.1.input_layernorm" or self.dtype == torch.float64:
-            return super().norm(x, name)
-        xw = x.double()
-        xhat = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
-        return shifted(self.w[name + ".weight"].double() * xhat, self.dtype, 0.2)
 
 
 def _tap(name: str, g, r, c, dtype) -> TapResult:
@@ -73,17 +56,22 @@ def test_the_comparison_kernel_sums_deviations_and_their_squares_per_row(shape):
     assert torch.allclose(rows, want, rtol=1e-12, atol=1e-12)
 
 
-def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_clean_taps():
+def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_clean_taps(catalogue_model):
+    # layers.i.attn_norm without layers.(i-1).resid_out: no tap's inputs are known identical, so only the
+    # genomic-control test applies
     gen = torch.Generator().manual_seed(0)
     taps = []
     for i in range(40):  # clean taps: the candidate errs by half an ulp either way before its rounding
         g = torch.randn(100, 100, generator=gen, dtype=torch.float64)
         wobble = 1 + 2**-8 * torch.randn(g.shape, generator=gen, dtype=torch.float64)
-        taps.append(_tap(f"clean{i}", g, g.to(torch.bfloat16), (g * wobble).to(torch.bfloat16), torch.bfloat16))
+        name = f"layers.{2 * i}.attn_norm"
+        taps.append(_tap(name, g, g.to(torch.bfloat16), (g * wobble).to(torch.bfloat16), torch.bfloat16))
     g = torch.randn(100, 100, generator=gen, dtype=torch.float64)  # 1e4 elements, 100 rows
-    taps.insert(17, _tap("planted", g, g.to(torch.bfloat16), shifted(g, torch.bfloat16, 0.2), torch.bfloat16))
-    found = detect(taps, None, torch.bfloat16)
-    assert found is not None and found.tap == "planted" and found.signature == "systematic_shift", found
+    planted = _tap("layers.35.attn_norm", g, g.to(torch.bfloat16), shifted(g, torch.bfloat16, 0.2), torch.bfloat16)
+    taps.insert(17, planted)
+    found = detect(taps, None, torch.bfloat16, load_config(catalogue_model("dense")))
+    assert found is not None and found.tap == "layers.35.attn_norm", found
+    assert found.signature == "systematic_shift" and found.evidence["test"] == "genomic control", found
     # in ulps at the tap's RMS magnitude, where elements under the RMS count their smaller ulp for less
     assert (
         0.05 < found.evidence["fitted_shift"] < 0.2
@@ -91,8 +79,14 @@ def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_cl
     )
 
 
+def test_the_sign_test_is_the_exact_binomial_tail():
+    assert sign_test(0, 10) == pytest.approx(2 / 1024)
+    assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
 def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, monkeypatch):
-    monkeypatch.setitem(IMPLEMENTATIONS, "shifted-attn-norm", f"{__name__}:ShiftedAttnNorm")
+    monkeypatch.setitem(IMPLEMENTATIONS, "shifted-attn-norm", "qwen3dbg.candidates.planted:ShiftedAttnNorm")
     result = run_diff(
         ref="hf", cand="shifted-attn-norm", model_dir=catalogue_model("dense"), dtype="bfloat16", token_ids=TOKENS
     )
@@ -106,8 +100,10 @@ def test_a_planted_shift_in_a_run_is_a_warning_naming_its_tap(catalogue_model, m
     "ref,cand,model,dtype",
     [
         ("hf", "hf:attn=sdpa", "dense", "bfloat16"),
+        ("hf", "hf:attn=sdpa", "dense", "float16"),
         ("hf", "hf:attn=sdpa", "moe", "float16"),
         ("hf", "rmsnorm-fused", "hot-qk", "bfloat16"),
+        ("hf", "rmsnorm-fused", "dense", "bfloat16"),  # attn_norm departs first, from the exact embedding
         ("hf", "scratch", "moe", "float32"),
         ("scratch", "hf", "dense", "float16"),
         ("hf", "module:qwen3dbg.candidates.ports.standalone_qwen3:load", "dense", "bfloat16"),  # fp32 attn_probs
@@ -118,3 +114,31 @@ def test_clean_pairs_raise_no_systematic_finding(catalogue_model, ref, cand, mod
     tested = [t for t in result.taps if t.extra.get("signed", {}).get("rows", 0) >= MIN_ROWS]
     assert result.first_divergence is None and tested, result.verdict
     assert result.systematic is None, result.systematic.message
+
+
+def test_a_clean_pair_that_departs_at_its_first_norm_meets_the_sign_test_and_passes_it(catalogue_model):
+    """The fused RMSNorm rounds once where HF rounds twice: layer 0's attn_norm, read from the exact embedding,
+    is where it departs, so the sign test runs there; rounding moves its rows both ways."""
+    model = catalogue_model("dense")
+    result = run_diff(ref="hf", cand="rmsnorm-fused", model_dir=model, dtype="bfloat16", token_ids=TOKENS[:64])
+    tests = scored(result.taps, None, torch.bfloat16, load_config(model))
+    signs = [(score, f) for score, f in tests if f.evidence["test"] == "sign"]
+    assert signs and signs[0][1].tap == "layers.0.attn_norm", [f.tap for _, f in signs]
+    assert all(score <= 1 for score, _ in signs), [f.message for _, f in signs]
+
+
+def test_a_side_that_keeps_probabilities_wider_is_not_a_systematic_deviation(catalogue_model):
+    """Uniform attention (synthetic weights' first layer): position t holds 1/(t+1) in every head. A port that
+    hands float32 probabilities where HF rounds them to bf16 has c - r = the rounding of 1/(t+1), a fixed sign
+    per position repeated in each head: no coin, and no bug. Such taps are not sign-tested, and rows with
+    identical sums count once."""
+    t = torch.arange(128)
+    g = torch.where(t[None, :] <= t[:, None], 1 / (t[:, None] + 1.0), 0.0).double().expand(1, 16, 128, 128)
+    r, c = g.to(torch.bfloat16), g.to(torch.float32)
+    te = tap_errors(g, r, c, row=g.shape[-1])
+    wide = signed_stats(te.rows[:4], te.count, te.gold_norm, torch.bfloat16, same_rounding=False)
+    alike = signed_stats(te.rows[:4], te.count, te.gold_norm, torch.bfloat16)
+    assert "signs_scale" not in wide and alike["rows"] == 16 * 128 and sum(alike["signs_scale"]) <= 128, alike
+    tap = TapResult(0, "layers.0.attn_probs", 0, "attn_probs", "ok", diff_ulps=0.1, extra={"signed": wide})
+    scores = TapResult(0, "layers.0.attn_scores", 0, "attn_scores", "ok")
+    assert detect([scores, tap], None, torch.bfloat16, load_config(catalogue_model("dense"))) is None

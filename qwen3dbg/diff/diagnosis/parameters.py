@@ -254,13 +254,35 @@ def sliding_window(s: Site) -> Diagnosis | None:
         m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
         lo, hi = (lo, m2) if resid(m1) <= resid(m2) else (m1, hi)
     w = min(range(lo, hi + 1), key=resid)
+    # The first query the fitted window changes is position w, whether or not its row left the noise (the row
+    # rule's first row is the first that did): the replay is checked on that row alone.
+    at, first = w - int(s.positions()[0, 0]), ""
+    evidence = {"window": w, "first_position_off": top, "rows_replayed": len(t), "first_position_changed": w}
+    if 0 <= at < s.positions().shape[1]:
+        one = torch.tensor([at])
+        ci = s.cand()[:, one] if s.op == "attn_out" else s.cand()[:, :, one]
+        pi, qi = s.positions()[:, one], q[:, one]
+        fit, qwen3_fit = (
+            rel(ci, attention(qi, k, v, pi, s.kv_of_head, scale, window=x))
+            if s.op == "attn_out"
+            else rel(ci, scores(qi, k, pi, s.kv_of_head, scale, window=x))
+            for x in (w, None)
+        )
+        evidence |= {"fit_at_first_changed": fit, "qwen3_at_first_changed": qwen3_fit}
+        first = (
+            f"; at position {w}, the first query it changes, the window's replay reproduces the candidate's row "
+            f"(rel. {fit:.2g}, noise floor {s.tol:.2g}; Qwen3's replay {qwen3_fit:.2g})"
+            if fit <= s.tol
+            else f"; at position {w}, the first query it changes, the window's replay is {fit:.2g} rel. off the "
+            f"candidate's row, Qwen3's {qwen3_fit:.2g} (noise floor {s.tol:.2g})"
+        )
     return s.explained(
         "sliding_window",
         f"{s.name()} attends over the last {w} keys only: queries at position {w} and later lose their oldest "
-        f"keys (first sampled query off: position {top})",
+        f"keys (first sampled query off: position {top}){first}",
         "a sliding window is applied; Qwen3 attends to every earlier key",
         replay(w),
-        {"window": w, "first_position_off": top, "rows_replayed": len(t)},
+        evidence,
         cand=c,
         unchanged=qwen3,
     )
