@@ -13,7 +13,9 @@ Cases (prompt + decode steps, bf16, forced decode ids):
   scale-N    --cand hf:attn=sdpa      N + 32 for N = 512, 1024, 2048 (peak memory grows linearly)
 `--full` runs every case at 2048 + 256; `--tokens 512+32` runs the W cases at another length (their scaling).
 Each diff and each plain run is a fresh process, so its peak memory
-(RssAnon: mapped weight files aside) and its bytes written (/proc/self/io wchar) are its own. The plain runs
+(RssAnon: mapped weight files aside) and its bytes written (/proc/self/io wchar) are its own; a diff's
+"spilled" is the size of the file-backed pages the golden's kept rows went to (golden.Keeper), which
+wchar does not see: the bytes a run writes are at most written + spilled. The plain runs
 are the sides with capture off: the golden one fp64 forward over every token, hf and mine their real prefill
 and decode steps, a store one read of every tap.
 """
@@ -69,6 +71,7 @@ def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
         "phases": result.timings,
         "peak_anon": mem.peak,
         "written": bytes_written() - before,
+        "spilled": result.spilled,
         "verdict": result.verdict,
         "taps": len(result.taps),
     }
@@ -159,7 +162,7 @@ def case(name: str, model: Path, cand: str, plain: list[str], prompt: int, decod
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in d["phases"].items() if k != "total")
     print(
         f"  diff                     {d['wall']:8.1f} s   peak anon {d['peak_anon'] / 1e9:5.2f} GB   "
-        f"written {d['written'] / 1e6:8.1f} MB   ({phases})"
+        f"written {d['written'] / 1e6:8.1f} MB + spilled {d['spilled'] / 1e6:8.1f} MB   ({phases})"
     )
     print(f"  wall / sum of plain runs {d['wall'] / plain_sum:8.2f}x   verdict: {d['verdict']}", flush=True)
     return {"name": name, "prompt": prompt, "decode": decode, "plain": base, "diff": d, "ratio": d["wall"] / plain_sum}

@@ -3,7 +3,7 @@
 Every side runs in its own thread and hands each tap to a queue bounded in bytes (`TapQueue`); the
 comparison takes them by (step, name) in forward order, so memory holds a few large taps of each side or
 a step's worth of small ones, and nothing is written to disk. A side that produces a tap out of order
-(HF's cache after its attention) costs a short buffer. The fp64 golden is one pass over the whole forced
+(HF's cache after its attention) has the taps the comparison set aside counted in that bound. The fp64 golden is one pass over the whole forced
 sequence (golden.py keeps and replays its rows).
 """
 
@@ -79,23 +79,25 @@ _END = "end"
 QUEUE_BYTES = 128 << 20
 
 
-def _nbytes(item) -> int:
-    t = item[2]
+def _nbytes(t) -> int:
     if isinstance(t, torch.Tensor):
         return t.nbytes
     return t.values.nbytes if isinstance(t, (CacheSlots, QueryRows)) else 0  # RowBlocks: computed when read
 
 
 class TapQueue:
-    """A side's taps on their way to the comparison, at most `budget` bytes of them (one tap whatever its size)."""
+    """A side's taps on their way to the comparison, at most `budget` bytes of them (one tap whatever its size).
+    The bytes count the taps the comparison took early and set aside (`hold`) until it `release`s them: a
+    side that produces out of order waits for them too, unless the queue is empty (the comparison may be
+    waiting for the very tap it is about to put)."""
 
-    def __init__(self, budget: int = QUEUE_BYTES):
-        self.budget, self.bytes = budget, 0
+    def __init__(self, budget: int | None = None):
+        self.budget, self.bytes = QUEUE_BYTES if budget is None else budget, 0
         self._items: deque = deque()
         self._changed = threading.Condition()
 
     def put(self, item, cancelled: threading.Event) -> None:
-        size = _nbytes(item)
+        size = _nbytes(item[2])
         with self._changed:
             while self._items and self.bytes + size > self.budget:
                 if cancelled.is_set():
@@ -118,6 +120,16 @@ class TapQueue:
     def empty(self) -> bool:
         with self._changed:
             return not self._items
+
+    def hold(self, t) -> None:
+        """Count `t`, taken from the queue, as still held by the consumer."""
+        with self._changed:
+            self.bytes += _nbytes(t)
+
+    def release(self, t) -> None:
+        with self._changed:
+            self.bytes -= _nbytes(t)
+            self._changed.notify_all()
 
 
 class QueueSink:
@@ -218,7 +230,10 @@ class ThreadSide:
                 self._ended.add(s)
             else:
                 self._early[(s, n)] = t
-        return self._early.pop(key)
+                self._q.hold(t)
+        t = self._early.pop(key)
+        self._q.release(t)
+        return t
 
     def end_step(self, step: int) -> None:
         """Drop what is left of `step` (taps outside the schema, or that nothing compared)."""
@@ -229,7 +244,7 @@ class ThreadSide:
                     raise self._error or RuntimeError(f"the {self.label} side ended at step {step}")
                 self._ended.add(s)
         for key in [k for k in self._early if k[0] == step]:
-            del self._early[key]
+            self._q.release(self._early.pop(key))
         self._ended.discard(step)
 
     def close(self) -> None:
