@@ -3,8 +3,8 @@
 Every side runs in its own thread and hands each tap to a queue bounded in bytes (`TapQueue`); the
 comparison takes them by (step, name) in forward order, so memory holds a few large taps of each side or
 a step's worth of small ones, and nothing is written to disk. A side that produces a tap out of order
-(HF's cache after its attention) has the taps the comparison set aside counted in that bound. The fp64 golden is one pass over the whole forced
-sequence (golden.py keeps and replays its rows).
+(HF's cache after its attention) has the taps the comparison set aside counted in that bound. The fp64
+golden is one pass over the whole forced sequence (golden.py keeps and replays its rows).
 """
 
 from __future__ import annotations
