@@ -12,7 +12,9 @@ under test (`engine.Engine`); its rows are cut out of the flat token axis and br
 - vLLM's knobs `kv_cache_dtype`, `block_size`, `max_model_len`, `hf_overrides` (`key:value;key:value`);
   the dtype is the diff's `--dtype`;
 - `patch=FILE.py`: a file run before the model loads (once per process), to plant or fix a bug in vLLM;
-- `threads`: torch threads for the process after vLLM's worker set its own (default: as before).
+- `threads`: torch threads for the process after vLLM's worker set its own (default: as before);
+- `speed=on`: after the run, vLLM decodes the same forced ids with capture off, eager and in its default
+  compiled mode (`speed.py`), and the notes give both tokens/s beside the captured run's (minutes more).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import time
 from pathlib import Path
 
 import torch
 
-from qwen3dbg.run.candidate import Candidate
+from qwen3dbg.run.candidate import Candidate, option_flag
 from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.util.dtypes import parse_dtype
 from qwen3dbg.util.errors import UserError
@@ -84,6 +87,7 @@ class VllmCandidate(Candidate):
         hf_overrides: str = "",
         patch: str = "",
         threads: int = 0,
+        speed: bool | str = False,
     ):
         o = _parse_options(
             batch=batch,
@@ -95,6 +99,7 @@ class VllmCandidate(Candidate):
             hf_overrides=hf_overrides,
             patch=patch,
             threads=threads,
+            speed=speed,
         )  # checked by `check` before (registry.load_candidate): parsed here, not checked again
         from .engine import Engine, import_vllm, run_patch
         from .recorder import Recorder
@@ -134,6 +139,10 @@ class VllmCandidate(Candidate):
             )
         self.req: str | None = None
         self.key = ""
+        self.model_dir, self.kv_cache_bytes = Path(model_dir), per_token * tokens
+        self.ids: tuple[list[int], list[int]] = ([], [])  # the run's prompt and forced decode ids
+        self.decode_seconds = 0.0
+        self.speeds: dict[str, float] | None = None
 
     @staticmethod
     def check(model_dir, dtype="bfloat16", **options) -> dict:
@@ -173,7 +182,47 @@ class VllmCandidate(Candidate):
         return [min(start + step, len(pos)) - 1 for start in range(0, len(pos), step)]
 
     def manifest_extra(self) -> dict:
-        return {"vllm": self.engine.version, "vllm_options": self.options["given"], "notes": [EAGER_NOTE, *self.notes]}
+        return {
+            "vllm": self.engine.version,
+            "vllm_options": self.options["given"],
+            "notes": [EAGER_NOTE, *self.notes, *self._speed_notes()],
+        }
+
+    def _speed_notes(self) -> list[str]:
+        """The captured decode's tokens/s, and with `speed=on` vLLM's own with capture off, eager and compiled."""
+        prompt, decode = self.ids
+        if not decode:
+            return []
+        notes = [
+            f"vLLM's {len(decode)} decode steps ran at {len(decode) / self.decode_seconds:.3g} tokens/s here, eager "
+            "with capture on (the comparison's pace included)"
+        ]
+        if not self.options["speed"]:
+            return notes
+        if len(decode) < 2:
+            return [*notes, "speed=on needs at least 2 decode steps: vLLM's own tokens/s were not measured"]
+        from .speed import TIMED_TOKENS, decode_tokens_per_s
+
+        if self.speeds is None:
+            self.speeds = {
+                mode: decode_tokens_per_s(
+                    self.model_dir,
+                    self.dtype,
+                    prompt,
+                    decode,
+                    compiled=mode == "compiled",
+                    max_model_len=self.options["max_model_len"],
+                    kv_cache_bytes=self.kv_cache_bytes,
+                    threads=self.options["threads"] or torch.get_num_threads(),
+                )
+                for mode in ("eager", "compiled")
+            }
+        return [
+            *notes,
+            f"vLLM alone on the same ids (its first {min(len(decode), TIMED_TOKENS)} decode steps), capture off: "
+            f"{self.speeds['eager']:.3g} tokens/s eager, "
+            f"{self.speeds['compiled']:.3g} tokens/s compiled (its default CPU mode, which no capture sees)",
+        ]
 
     def reset(self) -> None:
         from .forcing import FORCED
@@ -181,6 +230,7 @@ class VllmCandidate(Candidate):
         self.engine.clear()
         FORCED.pop(self.key, None)
         self.req = None
+        self.ids, self.decode_seconds = ([], []), 0.0
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, sink: TapSink) -> torch.Tensor:
@@ -202,8 +252,12 @@ class VllmCandidate(Candidate):
         try:
             if self.req is None:
                 self._prefill(tokens, pos)
+                self.ids = (tokens, [])
             else:
+                t = time.perf_counter()
                 self._decode(tokens)
+                self.decode_seconds += time.perf_counter() - t
+                self.ids[1].append(tokens[0])
             capture.finish()
         finally:
             self.recorder.step = None
@@ -273,6 +327,7 @@ def _parse_options(**options) -> dict:
         "block_size": _whole("block_size", options.get("block_size", 128), 32),
         "max_model_len": _whole("max_model_len", options.get("max_model_len", 4096), 2),
         "threads": _whole("threads", options.get("threads", 0), 0),
+        "speed": option_flag("vllm", "speed", options.get("speed", False)),
         "kv_cache_dtype": str(options.get("kv_cache_dtype", "auto")),
         "hf_overrides": _overrides(options.get("hf_overrides", "")),
         "given": {k: v for k, v in given.items() if str(v) != str(_DEFAULTS.get(k))},

@@ -45,6 +45,7 @@ def test_a_head_size_vllms_cpu_attention_lacks_is_refused(tmp_path):
         ({"hf_overrides": "rope_theta"}, "key:value"),
         ({"patch": "no_such_patch.py"}, "no such file"),
         ({"chunks": "8"}, "has no option 'chunks'"),
+        ({"speed": "fast"}, "speed='fast': choose true or false"),
     ],
 )
 def test_options_are_checked_before_anything_loads(models, options, match):
