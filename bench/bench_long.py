@@ -55,7 +55,12 @@ def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
 
     p, d = ids(Path(model), prompt, decode)
     before = bytes_written()
-    with PeakAnon(0.02) as mem:
+    phase = ["loading"]  # the comparison's step and layer, or the phase's words
+
+    def compared(step: int, layer: int | None) -> None:
+        phase[0] = f"comparing step {step}" + (f" layer {layer}" if layer is not None else "")
+
+    with PeakAnon(0.02, where=lambda: phase[0]) as mem:
         t = time.perf_counter()
         result = run_diff(
             "hf",
@@ -64,12 +69,15 @@ def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
             dtype="bfloat16",
             token_ids=None if cand.startswith("store:") else p,
             decode_ids=None if cand.startswith("store:") else d,
+            status=lambda words: phase.__setitem__(0, words),
+            progress=compared,
         )
         wall = time.perf_counter() - t
     return {
         "wall": wall,
         "phases": result.timings,
         "peak_anon": mem.peak,
+        "peak_at": mem.at,
         "written": bytes_written() - before,
         "spilled": result.spilled,
         "verdict": result.verdict,
@@ -165,6 +173,7 @@ def case(name: str, model: Path, cand: str, plain: list[str], prompt: int, decod
         f"written {d['written'] / 1e6:8.1f} MB + spilled {d['spilled'] / 1e6:8.1f} MB   ({phases})"
     )
     print(f"  wall / sum of plain runs {d['wall'] / plain_sum:8.2f}x   verdict: {d['verdict']}", flush=True)
+    print(f"  the diff's peak came while {d['peak_at']}", flush=True)
     return {"name": name, "prompt": prompt, "decode": decode, "plain": base, "diff": d, "ratio": d["wall"] / plain_sum}
 
 
