@@ -96,13 +96,19 @@ class TapQueue:
         self._items: deque = deque()
         self._changed = threading.Condition()
 
-    def put(self, item, cancelled: threading.Event) -> None:
-        size = _nbytes(item[2])
+    def wait_room(self, size: int, cancelled: threading.Event) -> None:
+        """Until a tap of `size` bytes is admitted (the one producer is the only one to add bytes: the room
+        stays until it puts)."""
         with self._changed:
             while self._items and self.bytes + size > self.budget:
                 if cancelled.is_set():
                     raise Cancelled()
                 self._changed.wait(0.2)
+
+    def put(self, item, cancelled: threading.Event) -> None:
+        size = _nbytes(item[2])
+        self.wait_room(size, cancelled)
+        with self._changed:
             self._items.append((item, size))
             self.bytes += size
             self._changed.notify_all()
@@ -146,6 +152,8 @@ class QueueSink:
     def __call__(self, name: str, t) -> None:
         if self.wants(name):
             if isinstance(t, torch.Tensor) and not self.fresh:
+                # copied once the queue has room for it: a side held up by the bound waits with no copy in hand
+                self.q.wait_room(t.nbytes, self.cancelled)
                 t = t.detach().clone()
             self.put((self.step, name, t))
 

@@ -136,3 +136,25 @@ def test_taps_set_aside_out_of_order_hold_back_the_side_that_produced_them(monke
         assert side.take(0, name) is not None
     side.end_step(0)
     side.close()
+
+
+def test_a_side_held_up_by_its_bound_copies_a_tap_only_once_the_queue_takes_it(monkeypatch):
+    """A port's taps are copied (it may change them later), but not while the side waits for room: the copy
+    would sit beside the original for as long as the comparison takes."""
+    import threading
+
+    import torch
+
+    q = streams.TapQueue(budget=1 << 10)
+    cancelled = threading.Event()
+    sink = streams.QueueSink(q, lambda n: True, False, cancelled)
+    sink("first", torch.zeros(256))  # fills the queue's bound
+    copies, clone = [], torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: copies.append(t.numel()) or clone(t, *a, **k))
+    waiting = threading.Thread(target=sink, args=("second", torch.zeros(256)))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and copies == []
+    assert q.get(timeout=1)[1] == "first"
+    waiting.join(5)
+    assert copies == [256] and q.get(timeout=1)[1] == "second"
