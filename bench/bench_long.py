@@ -13,7 +13,9 @@ Cases (prompt + decode steps, bf16, forced decode ids):
   scale-N    --cand hf:attn=sdpa      N + 32 for N = 512, 1024, 2048 (peak memory grows linearly)
 `--full` runs every case at 2048 + 256; `--tokens 512+32` runs the W cases at another length (their scaling).
 Each diff and each plain run is a fresh process, so its peak memory
-(RssAnon: mapped weight files aside) and its bytes written (/proc/self/io wchar) are its own. The plain runs
+(RssAnon: mapped weight files aside) and its bytes written (/proc/self/io wchar) are its own; a diff's
+"spilled" is the size of the file-backed pages the golden's kept rows went to (golden.Keeper), which
+wchar does not see: the bytes a run writes are at most written + spilled. The plain runs
 are the sides with capture off: the golden one fp64 forward over every token, hf and mine their real prefill
 and decode steps, a store one read of every tap.
 """
@@ -53,7 +55,12 @@ def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
 
     p, d = ids(Path(model), prompt, decode)
     before = bytes_written()
-    with PeakAnon(0.02) as mem:
+    phase = ["loading"]  # the comparison's step and layer, or the phase's words
+
+    def compared(step: int, layer: int | None) -> None:
+        phase[0] = f"comparing step {step}" + (f" layer {layer}" if layer is not None else "")
+
+    with PeakAnon(0.02, where=lambda: phase[0]) as mem:
         t = time.perf_counter()
         result = run_diff(
             "hf",
@@ -62,13 +69,17 @@ def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
             dtype="bfloat16",
             token_ids=None if cand.startswith("store:") else p,
             decode_ids=None if cand.startswith("store:") else d,
+            status=lambda words: phase.__setitem__(0, words),
+            progress=compared,
         )
         wall = time.perf_counter() - t
     return {
         "wall": wall,
         "phases": result.timings,
         "peak_anon": mem.peak,
+        "peak_at": mem.at,
         "written": bytes_written() - before,
+        "spilled": result.spilled,
         "verdict": result.verdict,
         "taps": len(result.taps),
     }
@@ -159,9 +170,10 @@ def case(name: str, model: Path, cand: str, plain: list[str], prompt: int, decod
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in d["phases"].items() if k != "total")
     print(
         f"  diff                     {d['wall']:8.1f} s   peak anon {d['peak_anon'] / 1e9:5.2f} GB   "
-        f"written {d['written'] / 1e6:8.1f} MB   ({phases})"
+        f"written {d['written'] / 1e6:8.1f} MB + spilled {d['spilled'] / 1e6:8.1f} MB   ({phases})"
     )
     print(f"  wall / sum of plain runs {d['wall'] / plain_sum:8.2f}x   verdict: {d['verdict']}", flush=True)
+    print(f"  the diff's peak came while {d['peak_at']}", flush=True)
     return {"name": name, "prompt": prompt, "decode": decode, "plain": base, "diff": d, "ratio": d["wall"] / plain_sum}
 
 

@@ -43,7 +43,8 @@ TP = "vllm:tp=2"
 
 def child_tokens_per_s(model: str, prompt: int, decode: int) -> dict:
     """Decode tokens/s of vLLM on the same forced ids: eager capture off and on (our driver, one step at a
-    time), and compiled (vLLM's own generate loop, default CPU compilation, warmed up first)."""
+    time), and compiled (vLLM's own generate loop, default CPU compilation, warmed up first: what
+    `vllm:speed=on` reports)."""
     import torch
 
     from qwen3dbg.run.candidate import NullSink
@@ -69,37 +70,19 @@ def child_tokens_per_s(model: str, prompt: int, decode: int) -> dict:
             cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
         out[label] = decode / (time.perf_counter() - t)
     del cand
-    out["compiled"] = _compiled(model, p, d)
-    return out
+    from qwen3dbg.candidates.vllm.speed import decode_tokens_per_s
 
-
-def _compiled(model: str, prompt: list[int], decode: list[int]) -> float:
-    """vLLM's default CPU mode (dynamo + inductor) decoding the forced ids: tokens/s past its prefill."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from qwen3dbg.candidates.vllm.forcing import EXTRA_KEY, FORCED
-
-    FORCED["bench"] = list(decode)
-    llm = LLM(
-        model=model,
-        skip_tokenizer_init=True,
-        dtype="bfloat16",
+    out["compiled"] = decode_tokens_per_s(
+        Path(model),
+        torch.bfloat16,
+        p,
+        d,
+        compiled=True,
         max_model_len=4096,
-        gpu_memory_utilization=0.01,
-        kv_cache_memory_bytes=1 << 30,
-        logits_processors=["qwen3dbg.candidates.vllm.forcing:ForcedIds"],
+        kv_cache_bytes=1 << 30,
+        threads=torch.get_num_threads(),
     )
-
-    def run(n: int) -> float:
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, extra_args={EXTRA_KEY: "bench"})
-        t = time.perf_counter()
-        llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
-        return time.perf_counter() - t
-
-    run(2)  # compiles
-    one, full = run(1), run(len(decode))
-    return (len(decode) - 1) / (full - one)
+    return out
 
 
 def main() -> None:

@@ -17,10 +17,11 @@ def _status(field: str, path: str = "/proc/self/status") -> int:
 
 class PeakAnon:
     """Samples RssAnon of this process (resident memory less mapped files) every `every` s; `.peak`, `.base`
-    (at entry) in bytes."""
+    (at entry) in bytes, and `.at`: what `where()` said when the peak was sampled (the run's phase)."""
 
-    def __init__(self, every: float = 0.005):
+    def __init__(self, every: float = 0.005, where=lambda: None):
         self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.where, self.at = where, None
         self._t = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
@@ -29,7 +30,9 @@ class PeakAnon:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
+            now = self.now()
+            if now > self.peak:
+                self.peak, self.at = now, self.where()
             time.sleep(self.every)
 
     def __enter__(self):

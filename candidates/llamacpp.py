@@ -138,6 +138,54 @@ def attention_matrix(x: np.ndarray, heads: int, tokens: int, cache_len: int) -> 
     return x.reshape(heads, tokens, -1)[:, :, :cache_len][None]
 
 
+def _stage(layer: int | None, op: str, layers: int) -> int:
+    """Where a tap's nodes are computed: -1 the embedding, 0.. its layer, `layers` the final norm and head."""
+    return layer if layer is not None else -1 if op == "embed" else layers
+
+
+class _Forward:
+    """One llama_decode's taps: the nodes of the stage being computed are kept; when the graph reaches the
+    next stage, the finished stage's taps are made and handed to the sink and its nodes dropped."""
+
+    def __init__(self, cand: "LlamaCppCandidate", read: list, wanted: dict, positions: torch.Tensor, sink: TapSink):
+        self.cand, self.wanted, self.positions, self.sink = cand, wanted, positions, sink
+        layers = cand.config.num_hidden_layers
+        self.stages: dict[int, list] = {}
+        self.stage_of: dict[str, int] = {}
+        for spec in read:
+            stage = _stage(spec.layer, spec.op, layers)
+            self.stages.setdefault(stage, []).append(spec)
+            self.stage_of.update((n, stage) for n in node_names(spec.op, spec.layer))
+        self.done = -2  # the stages up to this one are handed on
+        self.logits: torch.Tensor | None = None
+
+    def reached(self, node: str) -> None:
+        """llama.cpp is about to hand over `node`: every stage before its own is complete."""
+        stage = self.stage_of[node]
+        if stage <= self.done:
+            raise UserError(
+                f"llamacpp: llama.cpp computed node {node} after the taps of a later stage were handed on; "
+                "this llama.cpp version orders its graph differently"
+            )
+        self._hand_on(stage - 1)
+
+    def finish(self) -> None:
+        self._hand_on(max(self.stages))
+
+    def _hand_on(self, upto: int) -> None:
+        for stage in sorted(s for s in self.stages if self.done < s <= upto):
+            for spec in self.stages[stage]:
+                t = self.cand._tap(spec, self.positions)
+                if spec.op == "logits":
+                    self.logits = t
+                if spec.name in self.wanted:
+                    self.sink(spec.name, t)
+            for spec in self.stages[stage]:  # after all of them: a node may hold two taps (Qcur-{i})
+                for n in node_names(spec.op, spec.layer):
+                    self.cand._nodes.pop(n, None)
+        self.done = max(self.done, upto)
+
+
 def _check_gguf(gguf_path: str, config) -> None:
     gguf = Path(gguf_path)
     if not gguf.is_file():
@@ -170,11 +218,15 @@ def _check_gguf(gguf_path: str, config) -> None:
 # the nodes that hold taps, copies each one out of its backend buffer as it is computed, and `_tap` brings the
 # layout to the schema: ggml lists dimensions fastest first (reversed), keeps heads as [D, heads, T], stores V
 # transposed, and pads the attention key axis to the KV cache size. A tap with no node in llama.cpp's graph is
-# declared in missing_taps, never reconstructed.
+# declared in missing_taps, never reconstructed. Which occurrence of a node holds a tap (the last Qcur-{i} is the
+# RoPE output) is known only once the graph has moved on, so the nodes of one stage (the embedding, a layer, the
+# head) are held until the first node of the next stage is computed; then that stage's taps go to the sink, in
+# schema order, while llama.cpp computes the rest: a forward never holds more than one layer's nodes.
 class LlamaCppCandidate(Candidate):
     """A GGUF in llama.cpp, batch 1; options: n_ctx (positions, default 1024), threads (default 2)."""
 
     reads_model_weights = False
+    fresh_taps = True  # every tap is a copy read out of ggml's buffers, never written again
 
     def __init__(self, gguf_path: str, model_dir, dtype="float32", *, n_ctx: int = 1024, threads: int = 2):
         self.gguf = Path(gguf_path)
@@ -221,6 +273,7 @@ class LlamaCppCandidate(Candidate):
         self._want: set[str] = set()
         self._kqv_out: dict[int, int] = {}  # pointer of kqv_out-{i} -> i
         self._error: BaseException | None = None
+        self._forward: _Forward | None = None
         self.cache_len = 0
 
     def manifest_extra(self) -> dict:
@@ -249,6 +302,7 @@ class LlamaCppCandidate(Candidate):
                     self._kqv_out[ptr] = int(name.rsplit("-", 1)[1])
                 return name in self._want or (o_proj and O_PROJ.format(i=self._kqv_out[t.src[1]]) in self._want)
             key = O_PROJ.format(i=self._kqv_out[t.src[1]]) if o_proj else name
+            self._forward.reached(key)
             self._nodes.setdefault(key, []).append(read_node(t, ptr, self.tensor_get))
             return True
         except BaseException as e:  # an exception must not cross into C: keep it for step() to raise
@@ -265,8 +319,10 @@ class LlamaCppCandidate(Candidate):
             raise UserError(f"llamacpp: {self.cache_len + tokens} positions exceed the context of {self.n_ctx}")
         specs = step_taps(c, 1, tokens, self.cache_len + tokens)
         wanted = {t.name: t for t in specs if t.op not in self.missing_taps and sink.wants(t.name)}
-        self._want = {n for t in specs if t.name in wanted or t.op == "logits" for n in node_names(t.op, t.layer)}
+        read = [t for t in specs if t.name in wanted or t.op == "logits"]
+        self._want = {n for t in read for n in node_names(t.op, t.layer)}
         self._nodes, self._kqv_out, self._error = {}, {}, None
+        self._forward = forward = _Forward(self, read, wanted, positions, sink)
         batch = L.llama_batch_init(tokens, 0, 1)
         try:
             for j in range(tokens):
@@ -281,11 +337,8 @@ class LlamaCppCandidate(Candidate):
         if rc != 0:
             raise UserError(f"llama_decode failed with code {rc}")
         self.cache_len += tokens
-        logits_spec = specs[-1]  # the schema ends with logits
-        logits = self._tap(logits_spec, positions)
-        for name, spec in wanted.items():
-            sink(name, logits if spec is logits_spec else self._tap(spec, positions))
-        return logits
+        forward.finish()
+        return forward.logits
 
     def _tap(self, spec, positions: torch.Tensor) -> torch.Tensor:
         """The schema tensor of one tap from the nodes of the last decode."""

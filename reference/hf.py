@@ -132,12 +132,15 @@ class HFCandidate(Candidate):
 
             return hook
 
-        def cache_of(layer):  # after the attention of `layer`, its cache holds this step's keys and values
-            def hook(module, args, output):
-                emit(sink, layer, "k_cache", self.cache.layers[layer].keys)
-                emit(sink, layer, "v_cache", self.cache.layers[layer].values)
+        cache, update = self.cache, self.cache.update
 
-            return hook
+        def cache_update(key_states, value_states, layer_idx, *args, **kwargs):
+            # Handed on as the attention stores them, before it computes its scores: in the schema's order,
+            # so the comparison never sets the attention matrices aside waiting for the cache.
+            out = update(key_states, value_states, layer_idx, *args, **kwargs)
+            emit(sink, layer_idx, "k_cache", cache.layers[layer_idx].keys)
+            emit(sink, layer_idx, "v_cache", cache.layers[layer_idx].values)
+            return out
 
         def per_token(t):  # the router flattens tokens: [B*T, X] -> [B, T, X]
             return t.reshape(*B_T["shape"], -1)
@@ -164,7 +167,6 @@ class HFCandidate(Candidate):
             for op in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj"):
                 reg(getattr(att, op), out_hook(i, op))
             pre(att.o_proj, in_hook(i, "attn_out"))
-            reg(att, cache_of(i))
             pre(layer.post_attention_layernorm, in_hook(i, "resid_mid"))
             reg(layer.post_attention_layernorm, out_hook(i, "mlp_norm"))
             if self.config.is_moe_layer(i):
@@ -208,9 +210,11 @@ class HFCandidate(Candidate):
             return wrapper
 
         # Patched for this thread only: a diff runs the reference and an hf candidate side by side.
+        cache.update = cache_update
         try:
             with patched(m, "apply_rotary_pos_emb", rope), patched(m, "eager_attention_forward", eager):
                 yield
         finally:
+            del cache.update
             for h in handles:
                 h.remove()

@@ -17,6 +17,8 @@ under test (`engine.Engine`); its rows are cut out of the flat token axis and br
 - `tp=N`: vLLM's tensor parallelism over N worker processes (`ranks`): each rank's taps come over a bounded
   channel (`channel`) with its shard's layout, read from vLLM's parallel layers, and are gathered tap by tap;
   `workers=1` runs a tp=1 engine's worker in a process of its own the same way.
+- `speed=on`: after the run, vLLM decodes the same forced ids with capture off, eager and in its default
+  compiled mode (`speed.py`), and the notes give both tokens/s beside the captured run's (minutes more).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import importlib.util
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
-from qwen3dbg.run.candidate import Candidate
+from qwen3dbg.run.candidate import Candidate, option_flag
 from qwen3dbg.model.model_dir import open_model
 from qwen3dbg.util.dtypes import parse_dtype
 from qwen3dbg.util.errors import UserError
@@ -92,6 +95,7 @@ class VllmCandidate(Candidate):
         threads: int = 0,
         tp: int = 1,
         workers: int = 0,
+        speed: bool | str = False,
     ):
         o = _parse_options(
             batch=batch,
@@ -105,6 +109,7 @@ class VllmCandidate(Candidate):
             threads=threads,
             tp=tp,
             workers=workers,
+            speed=speed,
         )  # checked by `check` before (registry.load_candidate): parsed here, not checked again
         from .engine import Engine, import_vllm, run_patch
         from .recorder import Recorder
@@ -161,6 +166,10 @@ class VllmCandidate(Candidate):
             )
         self.req: str | None = None
         self.key = ""
+        self.model_dir, self.kv_cache_bytes = Path(model_dir), per_token * tokens
+        self.ids: tuple[list[int], list[int]] = ([], [])  # the run's prompt and forced decode ids
+        self.decode_seconds = 0.0
+        self.speeds: dict[str, float] | None = None
 
     @staticmethod
     def check(model_dir, dtype="bfloat16", **options) -> dict:
@@ -207,13 +216,54 @@ class VllmCandidate(Candidate):
         return [min(start + step, len(pos)) - 1 for start in range(0, len(pos), step)]
 
     def manifest_extra(self) -> dict:
-        return {"vllm": self.engine.version, "vllm_options": self.options["given"], "notes": [EAGER_NOTE, *self.notes]}
+        return {
+            "vllm": self.engine.version,
+            "vllm_options": self.options["given"],
+            "notes": [EAGER_NOTE, *self.notes, *self._speed_notes()],
+        }
+
+    def _speed_notes(self) -> list[str]:
+        """The captured decode's tokens/s, and with `speed=on` vLLM's own with capture off, eager and compiled."""
+        prompt, decode = self.ids
+        if not decode:
+            return []
+        notes = [
+            f"vLLM's {len(decode)} decode steps ran at {len(decode) / self.decode_seconds:.3g} tokens/s here, eager "
+            "with capture on (the comparison's pace included)"
+        ]
+        if not self.options["speed"]:
+            return notes
+        if len(decode) < 2:
+            return [*notes, "speed=on needs at least 2 decode steps: vLLM's own tokens/s were not measured"]
+        from .speed import TIMED_TOKENS, decode_tokens_per_s
+
+        if self.speeds is None:
+            self.speeds = {
+                mode: decode_tokens_per_s(
+                    self.model_dir,
+                    self.dtype,
+                    prompt,
+                    decode,
+                    compiled=mode == "compiled",
+                    max_model_len=self.options["max_model_len"],
+                    kv_cache_bytes=self.kv_cache_bytes,
+                    threads=self.options["threads"] or torch.get_num_threads(),
+                )
+                for mode in ("eager", "compiled")
+            }
+        return [
+            *notes,
+            f"vLLM alone on the same ids (its first {min(len(decode), TIMED_TOKENS)} decode steps), capture off: "
+            f"{self.speeds['eager']:.3g} tokens/s eager, "
+            f"{self.speeds['compiled']:.3g} tokens/s compiled (its default CPU mode, which no capture sees)",
+        ]
 
     def reset(self) -> None:
         self.engine.clear()
         if self.key:
             self.engine.force(self.key, None)
         self.req = None
+        self.ids, self.decode_seconds = ([], []), 0.0
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, positions: torch.Tensor, sink: TapSink) -> torch.Tensor:
@@ -253,10 +303,15 @@ class VllmCandidate(Candidate):
         return last_logits
 
     def _forwards(self, tokens: list[int], pos: list[int]) -> None:
+        """The step's forwards, the run's ids and the decode's time kept for the report's tokens/s."""
         if self.req is None:
             self._prefill(tokens, pos)
+            self.ids = (tokens, [])
         else:
+            t = time.perf_counter()
             self._decode(tokens)
+            self.decode_seconds += time.perf_counter() - t
+            self.ids[1].append(tokens[0])
 
     def _ranks_step(self, tokens: list[int], pos: list[int], sink: TapSink):
         """A step run in vLLM's worker processes: their taps are received and gathered (in a thread of this
@@ -356,6 +411,7 @@ def _parse_options(**options) -> dict:
         "max_model_len": _whole("max_model_len", options.get("max_model_len", 4096), 2),
         "threads": _whole("threads", options.get("threads", 0), 0),
         "tp": _whole("tp", options.get("tp", 1), 1),
+        "speed": option_flag("vllm", "speed", options.get("speed", False)),
         "kv_cache_dtype": str(options.get("kv_cache_dtype", "auto")),
         "hf_overrides": _overrides(options.get("hf_overrides", "")),
         "given": {k: v for k, v in given.items() if str(v) != str(_DEFAULTS.get(k))},
@@ -370,6 +426,11 @@ def _parse_options(**options) -> dict:
             f"{cores} are available here"
         )
     o["workers"] = o["tp"] > 1 or workers == 1
+    if o["speed"] and o["workers"]:
+        raise UserError(
+            "vllm option speed=on times vLLM in this process, at tp=1: drop it, or drop tp/workers (bench/"
+            "bench_vllm.py times a tp=2 run)"
+        )
     if o["block_size"] % 32:
         raise UserError(f"vllm option block_size={o['block_size']}: vLLM's CPU cache takes multiples of 32")
     if o["prefix"] % o["block_size"]:

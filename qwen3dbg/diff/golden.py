@@ -126,12 +126,17 @@ def golden_greedy(golden, schedule: Schedule, prompt: list[int]) -> Callable[[Qu
     return produce
 
 
+#: bytes of kept rows held in anonymous memory: a short run's rows (a few MB) never touch a file; past that
+#: the rows grow through the whole prefill, and anonymous memory, unlike the file's pages, cannot be dropped
+KEPT_IN_MEMORY = 32 << 20
+
+
 class Keeper:
     """The golden's kept rows: in memory up to `in_memory` bytes, past that in pages of a file that is deleted
     as soon as it is mapped, which the kernel may write back and drop under pressure (the decode rows of
     2048 + 256 tokens on the 0.6B shape are 1.5 GB: with two HF models beside them, memory would not hold)."""
 
-    def __init__(self, dtype: torch.dtype, in_memory: int = 256 << 20):
+    def __init__(self, dtype: torch.dtype, in_memory: int = KEPT_IN_MEMORY):
         self.dtype, self.in_memory = dtype, in_memory
         self.held = self.spilled = 0
         self.rows: dict[str, torch.Tensor] = {}

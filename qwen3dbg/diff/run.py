@@ -148,10 +148,10 @@ def diff_plan(
                 side.close()
     stopped = watchdog.stopped
     window.finish()
-    for info in infos:  # what an implementation has to say about its run (the device it ran on, ...)
+    timings["compare"] = time.perf_counter() - t
+    for info in infos:  # what an implementation has to say about its run (the device it ran on, its speed, ...)
         if info.role in loaded:
             info.notes = [str(n) for n in loaded[info.role].manifest_extra().get("notes", [])]
-    timings["compare"] = time.perf_counter() - t
     t = time.perf_counter()
     first = next((r for r in taps if r.divergent), None)
     div = _divergence(first, taps, cfg) if first else None

@@ -3,8 +3,8 @@
 Every side runs in its own thread and hands each tap to a queue bounded in bytes (`TapQueue`); the
 comparison takes them by (step, name) in forward order, so memory holds a few large taps of each side or
 a step's worth of small ones, and nothing is written to disk. A side that produces a tap out of order
-(HF's cache after its attention) costs a short buffer. The fp64 golden is one pass over the whole forced
-sequence (golden.py keeps and replays its rows).
+(HF's cache after its attention) has the taps the comparison set aside counted in that bound. The fp64
+golden is one pass over the whole forced sequence (golden.py keeps and replays its rows).
 """
 
 from __future__ import annotations
@@ -79,8 +79,7 @@ _END = "end"
 QUEUE_BYTES = 128 << 20
 
 
-def _nbytes(item) -> int:
-    t = item[2]
+def _nbytes(t) -> int:
     if isinstance(t, Gathered):  # a tensor-parallel side's tap: the ranks' shards and, unless a copy, their gather
         shards = sum(p.value.nbytes for p in t.parts)
         return shards + (0 if any(p.value is t.whole for p in t.parts) else t.whole.nbytes)
@@ -90,20 +89,29 @@ def _nbytes(item) -> int:
 
 
 class TapQueue:
-    """A side's taps on their way to the comparison, at most `budget` bytes of them (one tap whatever its size)."""
+    """A side's taps on their way to the comparison, at most `budget` bytes of them (one tap whatever its size).
+    The bytes count the taps the comparison took early and set aside (`hold`) until it `release`s them: a
+    side that produces out of order waits for them too, unless the queue is empty (the comparison may be
+    waiting for the very tap it is about to put)."""
 
-    def __init__(self, budget: int = QUEUE_BYTES):
-        self.budget, self.bytes = budget, 0
+    def __init__(self, budget: int | None = None):
+        self.budget, self.bytes = QUEUE_BYTES if budget is None else budget, 0
         self._items: deque = deque()
         self._changed = threading.Condition()
 
-    def put(self, item, cancelled: threading.Event) -> None:
-        size = _nbytes(item)
+    def wait_room(self, size: int, cancelled: threading.Event) -> None:
+        """Until a tap of `size` bytes is admitted (the one producer is the only one to add bytes: the room
+        stays until it puts)."""
         with self._changed:
             while self._items and self.bytes + size > self.budget:
                 if cancelled.is_set():
                     raise Cancelled()
                 self._changed.wait(0.2)
+
+    def put(self, item, cancelled: threading.Event) -> None:
+        size = _nbytes(item[2])
+        self.wait_room(size, cancelled)
+        with self._changed:
             self._items.append((item, size))
             self.bytes += size
             self._changed.notify_all()
@@ -122,6 +130,16 @@ class TapQueue:
         with self._changed:
             return not self._items
 
+    def hold(self, t) -> None:
+        """Count `t`, taken from the queue, as still held by the consumer."""
+        with self._changed:
+            self.bytes += _nbytes(t)
+
+    def release(self, t) -> None:
+        with self._changed:
+            self.bytes -= _nbytes(t)
+            self._changed.notify_all()
+
 
 class QueueSink:
     """What a producer's implementation hands its taps to. Tensors are copied unless the implementation
@@ -137,6 +155,8 @@ class QueueSink:
     def __call__(self, name: str, t) -> None:
         if self.wants(name):
             if isinstance(t, torch.Tensor) and not self.fresh:
+                # copied once the queue has room for it: a side held up by the bound waits with no copy in hand
+                self.q.wait_room(t.nbytes, self.cancelled)
                 t = t.detach().clone()
             self.put((self.step, name, t))
 
@@ -221,7 +241,10 @@ class ThreadSide:
                 self._ended.add(s)
             else:
                 self._early[(s, n)] = t
-        return self._early.pop(key)
+                self._q.hold(t)
+        t = self._early.pop(key)
+        self._q.release(t)
+        return t
 
     def end_step(self, step: int) -> None:
         """Drop what is left of `step` (taps outside the schema, or that nothing compared)."""
@@ -232,7 +255,7 @@ class ThreadSide:
                     raise self._error or RuntimeError(f"the {self.label} side ended at step {step}")
                 self._ended.add(s)
         for key in [k for k in self._early if k[0] == step]:
-            del self._early[key]
+            self._q.release(self._early.pop(key))
         self._ended.discard(step)
 
     def close(self) -> None:

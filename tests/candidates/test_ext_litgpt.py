@@ -86,3 +86,27 @@ def test_without_litgpt_the_candidate_says_how_to_install_it(models, monkeypatch
     monkeypatch.setitem(sys.modules, "litgpt.model", None)  # an import of it now fails, installed or not
     with pytest.raises(UserError, match=r"pip install --no-deps litgpt==0\.5\.13 && pip install '\.\[litgpt\]'"):
         load_candidate("litgpt", models("tiny-dense"), "float32")
+
+
+@needs_litgpt
+def test_litgpt_attends_over_the_positions_filled_not_its_whole_cache(models, monkeypatch):
+    """As litgpt's own generate runs it: a step's attention reads the cache up to its last position, so a
+    long prompt costs the scores of its own length, not of the MAX_SEQ slots litgpt allocates."""
+    import torch
+    import torch.nn.functional as F
+
+    from qwen3dbg.run.candidate import NullSink
+
+    keys, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        keys.append(k.shape[2])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    cand = load_candidate("litgpt", models("tiny-dense"), "float32")
+    cand.reset()
+    for info in forced_steps(PROMPT, DECODE):
+        keys.clear()
+        cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), NullSink())
+        assert set(keys) == {info.positions[0][-1] + 1}, (info.step, keys)

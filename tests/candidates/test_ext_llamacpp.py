@@ -132,3 +132,40 @@ def test_a_damaged_gguf_is_one_clear_error(tmp_path, models):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(UserError, match="not a readable GGUF"):
         load_candidate(f"llamacpp:{path}", models("tiny-dense"), "float32")
+
+
+@needs_llama
+def test_a_forward_hands_each_layer_on_as_computed_so_held_memory_does_not_grow_with_the_layers(tmp_path):
+    """The sink drops every tap, so what is traced at its peak is what the candidate itself holds: with four
+    times the layers (four times the tap bytes of a forward) it holds no more."""
+    import tracemalloc
+
+    import torch
+
+    from qwen3dbg.model.synth import make_model
+
+    class Counting:
+        def __init__(self):
+            self.total = 0
+
+        def wants(self, name):
+            return True
+
+        def __call__(self, name, t):
+            self.total += t.nbytes
+
+    held, total = {}, {}
+    info = forced_steps(list(range(1, 200)), [])[0]
+    for layers in (2, 8):
+        model = make_model(tmp_path / f"m{layers}", "tiny-dense", overrides={"num_hidden_layers": layers})
+        cand = load_candidate(f"llamacpp:{gguf_of(model, tmp_path / f'm{layers}.gguf')}", model, "float32")
+        cand.reset()
+        sink = Counting()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), sink)
+        held[layers] = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        total[layers] = sink.total
+    assert total[8] > 3 * total[2]
+    assert held[8] < 1.5 * held[2], (held, total)

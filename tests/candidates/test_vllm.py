@@ -58,6 +58,26 @@ def test_alone_is_clean_and_compares_every_tap_vllm_computes(models, preset, dty
     assert any("eager" in n for n in cand.notes)
 
 
+def test_speed_on_puts_vllms_compiled_tokens_per_s_beside_the_captured_runs_in_every_report(models):
+    """The captured (eager) decode's tokens/s is always in the notes; speed=on adds vLLM's own on the same
+    forced ids with capture off, eager and compiled, to the summary and the JSON alike."""
+    from qwen3dbg.diff.summary import summary
+    from qwen3dbg.reports.diff_json import render_json
+
+    plain = next(s for s in diff(models("tiny-dense"), "vllm").sides if s.role == "cand")
+    assert [n for n in plain.notes if "tokens/s" in n] == [
+        next(n for n in plain.notes if n.startswith("vLLM's 3 decode steps ran at") and "capture on" in n)
+    ]
+    r = diff(models("tiny-dense"), "vllm:speed=on")
+    assert r.first_divergence is None
+    notes = [text for label, text in summary(r) if label == "note" and "tokens/s" in text]
+    alone = next(n for n in notes if "capture off" in n)
+    eager, compiled = (float(alone.split(" tokens/s " + mode)[0].split()[-1]) for mode in ("eager", "compiled"))
+    assert eager > 0 and compiled > 0
+    cand = next(s for s in json.loads(render_json(r))["sides"] if s["role"] == "cand")
+    assert any(n in notes[-1] for n in cand["notes"]) and len([n for n in cand["notes"] if "tokens/s" in n]) == 2
+
+
 def test_as_the_reference_beside_a_batched_vllm(models):
     """Two engines in one process, run side by side (one at a time through vLLM's global forward context)."""
     assert diff(models("tiny-dense"), "vllm:batch=3", ref="vllm").first_divergence is None

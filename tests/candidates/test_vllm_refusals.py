@@ -45,6 +45,8 @@ def test_a_head_size_vllms_cpu_attention_lacks_is_refused(tmp_path):
         ({"hf_overrides": "rope_theta"}, "key:value"),
         ({"patch": "no_such_patch.py"}, "no such file"),
         ({"chunks": "8"}, "has no option 'chunks'"),
+        ({"speed": "fast"}, "speed='fast': choose true or false"),
+        ({"speed": "on", "workers": "1"}, "speed=on times vLLM in this process, at tp=1"),
     ],
 )
 def test_options_are_checked_before_anything_loads(models, options, match):

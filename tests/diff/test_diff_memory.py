@@ -100,3 +100,61 @@ def test_a_divergence_found_before_the_stop_stands_and_is_said_undiagnosed(dense
     lines = dict(summary(result))
     assert result.exit_code == 1 and result.stopped and lines["not finished"] == result.stopped
     assert lines["diagnosis"].startswith("not run")
+
+
+def test_taps_set_aside_out_of_order_hold_back_the_side_that_produced_them(monkeypatch):
+    """A side producing a step's taps in reverse: the comparison sets the later ones aside while it waits for
+    the first, and those count in the side's byte bound, so the side runs no further ahead than the bound
+    (plus the one tap an empty queue admits)."""
+    import threading
+
+    import torch
+
+    budget, tap = 4 << 10, 1 << 10
+    monkeypatch.setattr(streams, "QUEUE_BYTES", budget)
+    names = [f"t{i}" for i in range(12)]
+    produced, schedule = [], streams.Schedule([], 1)
+    go = threading.Event()
+
+    def produce(sink):
+        for name in names[:6][::-1]:  # the first half out of order: t5 .. t0
+            sink(name, torch.zeros(tap // 4))
+            produced.append(name)
+        go.wait(5)
+        for name in names[6:]:
+            sink(name, torch.zeros(tap // 4))
+            produced.append(name)
+        sink.end_step()
+
+    side = streams.ThreadSide("s", produce, lambda n: True, True, schedule)
+    assert side.take(0, "t0") is not None  # t5..t1 now set aside: 5 kB held
+    go.set()
+    time.sleep(0.5)
+    held_ahead = len(produced) - 1  # taps produced and not yet taken
+    assert held_ahead * tap <= budget + 2 * tap, produced
+    for name in names[1:]:
+        assert side.take(0, name) is not None
+    side.end_step(0)
+    side.close()
+
+
+def test_a_side_held_up_by_its_bound_copies_a_tap_only_once_the_queue_takes_it(monkeypatch):
+    """A port's taps are copied (it may change them later), but not while the side waits for room: the copy
+    would sit beside the original for as long as the comparison takes."""
+    import threading
+
+    import torch
+
+    q = streams.TapQueue(budget=1 << 10)
+    cancelled = threading.Event()
+    sink = streams.QueueSink(q, lambda n: True, False, cancelled)
+    sink("first", torch.zeros(256))  # fills the queue's bound
+    copies, clone = [], torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: copies.append(t.numel()) or clone(t, *a, **k))
+    waiting = threading.Thread(target=sink, args=("second", torch.zeros(256)))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and copies == []
+    assert q.get(timeout=1)[1] == "first"
+    waiting.join(5)
+    assert copies == [256] and q.get(timeout=1)[1] == "second"

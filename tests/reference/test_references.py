@@ -104,3 +104,22 @@ def test_teacher_forced_layer_reproduces_the_full_run(models, steps):
     out = cand.run_layer(1, taps[1]["layers.0.resid_out"], torch.tensor(steps[1].positions), past, sink)
     assert torch.equal(out, taps[1]["layers.1.resid_out"])
     assert torch.equal(sink.taps["layers.1.attn_probs"], taps[1]["layers.1.attn_probs"])
+
+
+def test_hf_hands_on_each_layers_cache_before_its_attention_matrices(models):
+    """In the schema's order, so a diff's comparison, waiting for the cache, never sets a prefill's attention
+    matrices aside (they would count against the side's byte bound)."""
+    cand = load_candidate("hf", models("tiny-dense"), "float32")
+    order = []
+
+    class Recording:
+        def wants(self, name):
+            return True
+
+        def __call__(self, name, t):
+            order.append(name)
+
+    cand.step(torch.tensor([PROMPT]), torch.tensor([list(range(len(PROMPT)))]), Recording())
+    for i in range(cand.config.num_hidden_layers):
+        at = {op: order.index(f"layers.{i}.{op}") for op in ("k_rope", "k_cache", "v_cache", "attn_scores")}
+        assert at["k_rope"] < at["k_cache"] < at["v_cache"] < at["attn_scores"], at
