@@ -105,10 +105,11 @@ def rel(
         ok = where
     if not bool(ok.any()):
         return math.nan
-    if not bool(torch.isfinite(a[ok]).all()):
+    if bool((ok & ~torch.isfinite(a)).any()):
         return math.inf
-    den = float(torch.linalg.vector_norm((b if scale is None else scale.double())[ok]))
-    num = float(torch.linalg.vector_norm((a - b)[ok]))
+    zero = a.new_zeros(())  # entries left out count as zeros: no copy of the kept ones (a long prompt's scores)
+    den = float(torch.linalg.vector_norm((b if scale is None else scale.double()).where(ok, zero)))
+    num = float(torch.linalg.vector_norm((a - b).where(ok, zero)))
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 

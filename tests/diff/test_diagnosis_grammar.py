@@ -6,6 +6,7 @@ reproduces get silence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -17,6 +18,9 @@ from test_diagnosis_hypotheses import Window
 
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.diagnosis import diagnose
+from qwen3dbg.diff.diagnosis.site import Site
+from qwen3dbg.diff.metrics import sample
+from qwen3dbg.model.synth import PRESETS
 from qwen3dbg.reference.qwen3 import Qwen3Reference, softmax
 from qwen3dbg.run.candidate import emit
 from qwen3dbg.run.registry import IMPLEMENTATIONS
@@ -549,3 +553,18 @@ def test_the_differ_names_the_edit_at_the_first_divergence(
     div = result.first_divergence
     assert div is not None and (div.step, div.tap) == (0, tap), result.verdict
     assert [d.signature for d in result.diagnosis] == [signature], [d.message for d in result.diagnosis]
+
+
+def test_a_large_tap_is_fitted_on_rows_that_include_those_where_the_error_lives():
+    """Sampling the tokens of a tap too large to fit on whole keeps the rows where the candidate is off, even
+    one that an even spread over the step, of the sample's size or half of it, skips."""
+    cfg = PRESETS["tiny-dense"].config
+    ref = torch.randn(1, 600, cfg.vocab_size, generator=torch.Generator().manual_seed(0))
+    cand = ref.clone()
+    src = SimpleNamespace(config=cfg, dtype=torch.float32, steps=[], cand=lambda step, n: cand, ref=lambda step, n: ref)
+    rows = Site(src, 0, None, "logits").fit_rows(ref)
+    assert rows is not None and len(rows) < 600
+    spread = set(sample(600, len(rows)).tolist()) | set(sample(600, len(rows) - len(rows) // 2).tolist())
+    off = next(t for t in range(600) if t not in spread)
+    cand[0, off] += 1.0
+    assert off in Site(src, 0, None, "logits").fit_rows(cand).tolist()

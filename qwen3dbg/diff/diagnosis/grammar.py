@@ -23,13 +23,11 @@ import torch
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, replay_op
 from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
-from qwen3dbg.diff.metrics import rel, sample
+from qwen3dbg.diff.metrics import rel
 from qwen3dbg.tapstore.schema import OPS_BY_NAME, inputs_of, parse_tap_name
 
 #: the longest axis a permutation is fitted on (an n x n distance matrix over the tap)
 PERMUTATION_AXIS = 64
-#: the most elements an output edit is fitted on: a larger tap (the logits) is looked at on sampled tokens
-FIT_ELEMENTS = 1 << 18
 #: ops whose output has its input's shape: an op that can be applied twice or skipped
 _SAME_SHAPE = NORM_OPS + ("q_rope", "k_rope", "attn_probs")
 #: ops that add their two inputs: a term may be scaled
@@ -389,15 +387,6 @@ def _best(s: Site, fits: Iterator[Fit], c: torch.Tensor, base: torch.Tensor) -> 
     return None
 
 
-def _tokens(s: Site, t: torch.Tensor) -> torch.Tensor | None:
-    """Sampled tokens of a tap too large to fit edits on whole (None: it is small enough)."""
-    axes = OPS_BY_NAME[s.op].axes
-    if t.numel() <= FIT_ELEMENTS or "T" not in axes:
-        return None
-    dim = axes.index("T")
-    return sample(t.shape[dim], max(2, FIT_ELEMENTS * t.shape[dim] // t.numel()))
-
-
 def search(s: Site) -> Diagnosis | None:
     """One edit of the op, then two: structural edits replayed from the candidate's own operands, output
     edits fitted on the reference's tap and on each structural replay, sign patterns on each named map."""
@@ -412,7 +401,7 @@ def search(s: Site) -> Diagnosis | None:
             ins = []
     if ins:
         inner = _structural(s, ins, qwen3)
-    rows = _tokens(s, c)
+    rows = s.fit_rows(c)
     dim = OPS_BY_NAME[s.op].axes.index("T") if rows is not None else 0
     if rows is not None:
         c, base = c.index_select(dim, rows), base.index_select(dim, rows)
