@@ -102,6 +102,37 @@ class EmbedOneTokenLate(Qwen3Reference):
         return super().embed(torch.cat((ids[:, :1], ids[:, :-1]), 1))
 
 
+class EmbedThreeTokensLate(Qwen3Reference):
+    """Token t embedded from token t - 3's id, the first three from their own (a window's offset of three)."""
+
+    def embed(self, ids):
+        return super().embed(torch.cat((ids[:, :3], ids[:, :-3]), 1))
+
+
+class EmbedThreeTokensLateNoisy(EmbedThreeTokensLate):
+    """EmbedThreeTokensLate with a fixed perturbation on top: the shift by three is fitted, and fits nothing."""
+
+    def embed(self, ids):
+        y = super().embed(ids)
+        g = torch.Generator().manual_seed(3)
+        return y + (0.2 * y.std() * torch.randn(y.shape, generator=g)).to(y.dtype)
+
+
+class MlpNormChannelsRolled(Qwen3Reference):
+    """mlp_norm's hidden channels rolled by five (a buffer written at an offset of five that wraps)."""
+
+    def norm(self, x, name):
+        y = super().norm(x, name)
+        return y.roll(5, -1) if name.endswith("post_attention_layernorm") else y
+
+
+class QProjReadsChannelsReversed(Qwen3Reference):
+    """q_proj fed attn_norm with its hidden channels in reverse order (the others read it right)."""
+
+    def linear(self, x, name):
+        return super().linear(x.flip(-1) if name.endswith("q_proj") else x, name)
+
+
 class CacheRolled(Qwen3Reference):
     """The prefill's keys written one slot late into a ring that wraps (slot 0 holds the last position's key)."""
 
@@ -373,6 +404,40 @@ CASES = [
         lambda ev: _edit(ev)["axis"] == "tokens" and _edit(ev)["edge"] == "kept" and _edit(ev)["map"][1] == 0,
     ),
     Case(
+        "index map: tokens shifted by a fitted k",
+        EmbedThreeTokensLate,
+        BOTH,
+        ALL,
+        0,
+        "embed",
+        "index_map",
+        lambda ev: _edit(ev)["axis"] == "tokens" and _edit(ev)["map_name"] == "shift+3" and _edit(ev)["edge"] == "kept",
+    ),
+    Case(
+        "index map: channels rolled by a fitted k",
+        MlpNormChannelsRolled,
+        BOTH,
+        ALL,
+        0,
+        "layers.0.mlp_norm",
+        "index_map",
+        lambda ev: _edit(ev)["axis"] == "hidden channels" and _edit(ev)["map_name"] == "roll+5",
+    ),
+    Case(
+        "index map on a projection's operand",
+        QProjReadsChannelsReversed,
+        BOTH,
+        ALL,
+        0,
+        "layers.0.q_proj",
+        "index_map",
+        lambda ev: (
+            _edit(ev)["operand"] == "layers.0.attn_norm"
+            and _edit(ev)["axis"] == "hidden channels"
+            and _edit(ev)["map_name"] == "reverse"
+        ),
+    ),
+    Case(
         "index map: positions rolled",
         CacheRolled,
         ("dense",),
@@ -529,7 +594,9 @@ def test_a_bug_of_each_grammar_row_is_named_by_its_edit(planted, case, key, dtyp
 
 @pytest.mark.parametrize("dtype", ALL)
 @pytest.mark.parametrize(
-    "cls,tap", [(VProjTanh, "layers.0.v_proj"), (OProjNoise, "layers.0.o_proj")], ids=["tanh", "noise"]
+    "cls,tap",
+    [(VProjTanh, "layers.0.v_proj"), (OProjNoise, "layers.0.o_proj"), (EmbedThreeTokensLateNoisy, "embed")],
+    ids=["tanh", "noise", "shift-noise"],
 )
 def test_a_bug_no_edit_reproduces_gets_no_claim(planted, cls, tap, dtype):
     src = planted("dense", dtype, cls)
