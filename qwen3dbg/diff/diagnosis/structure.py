@@ -168,7 +168,7 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     )
     probs = s.cand("attn_probs")
     if probs is not None:
-        ev["future_mass"] = float(probs[future].sum() / probs.sum())
+        ev["future_mass"] = float(probs.where(future, 0.0).sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
     masked_hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5)
     replay, qwen3 = (hyp, masked_hyp) if s.op == "attn_scores" else (hyp.softmax(-1), masked_hyp.softmax(-1))
