@@ -5,10 +5,10 @@ composition of two among them) and one none does (every family runs, the grammar
     python bench/bench_diagnosis.py [--workdir DIR] [--tokens 128] [--preset qwen3-0.6b]
     python bench/bench_diagnosis.py --tokens 2048 --decode 256    # the long-run workload (goal: under 30 s)
 
-With `--decode N` the cases are those of a long run: two bugs in the prefill of `--tokens` rows (one of them
-the grammar's, on the attention probabilities, the largest taps) and one that first fires at the last decode
-step, where the cache holds the whole prompt and N decode tokens. Only the window's taps are kept in memory;
-the golden runs in float64 with its weights streamed per layer.
+With `--decode N` the cases are those of a long run: three bugs in the prefill of `--tokens` rows (one the
+grammar's, on the attention probabilities, the largest taps; one nothing explains) and one that first fires at
+the last decode step, where the cache holds the whole prompt and N decode tokens. Only the window's taps are kept
+in memory; the golden runs in float64 with its weights streamed per layer.
 """
 
 from __future__ import annotations
@@ -58,10 +58,12 @@ class LastStepCache(AttendsPreviousLayerCache):
 
 
 def long_cases(decode: int) -> list:
-    """The long-run workload's cases: two in the prefill, one at the last decode step."""
+    """The long-run workload's cases: three in the prefill (one that nothing explains: every family and the
+    grammar's pairs run), one at the last decode step."""
     return [
         (MlpNormPreviousLayer, 0, "layers.1.mlp_norm"),
         (SoftmaxTwice, 0, "layers.0.attn_probs"),
+        (OProjNoise, 0, "layers.0.o_proj"),
         (LastStepCache, decode, "layers.1.attn_scores"),
     ]
 
