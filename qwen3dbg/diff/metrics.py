@@ -97,18 +97,20 @@ def rel(
     finite); inf when a is not finite there, or (default `where`) when b is not finite where a is: a replay
     of NaN/inf fits no finite tensor. NaN, "no evidence", when nothing is compared: never a perfect 0.0."""
     a, b = a.double(), b.double()
+    finite_a = torch.isfinite(a)
     if where is None:
         ok = torch.isfinite(b)
-        if bool((torch.isfinite(a) & ~ok).any()):
+        if bool((finite_a & ~ok).any()):
             return math.inf
     else:
         ok = where
     if not bool(ok.any()):
         return math.nan
-    if not bool(torch.isfinite(a[ok]).all()):
+    if bool((ok & ~finite_a).any()):
         return math.inf
-    den = float(torch.linalg.vector_norm((b if scale is None else scale.double())[ok]))
-    num = float(torch.linalg.vector_norm((a - b)[ok]))
+    zero = a.new_zeros(())  # entries left out count as zeros: no copy of the kept ones (a long prompt's scores)
+    den = float(torch.linalg.vector_norm((b if scale is None else scale.double()).where(ok, zero)))
+    num = float(torch.linalg.vector_norm((a - b).where(ok, zero)))
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 

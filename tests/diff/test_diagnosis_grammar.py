@@ -6,6 +6,7 @@ reproduces get silence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -17,6 +18,9 @@ from test_diagnosis_hypotheses import Window
 
 from qwen3dbg.diff import run_diff
 from qwen3dbg.diff.diagnosis import diagnose
+from qwen3dbg.diff.diagnosis.site import Site
+from qwen3dbg.diff.metrics import sample
+from qwen3dbg.model.synth import PRESETS
 from qwen3dbg.reference.qwen3 import Qwen3Reference, softmax
 from qwen3dbg.run.candidate import emit
 from qwen3dbg.run.registry import IMPLEMENTATIONS
@@ -96,6 +100,37 @@ class EmbedOneTokenLate(Qwen3Reference):
 
     def embed(self, ids):
         return super().embed(torch.cat((ids[:, :1], ids[:, :-1]), 1))
+
+
+class EmbedThreeTokensLate(Qwen3Reference):
+    """Token t embedded from token t - 3's id, the first three from their own (a window's offset of three)."""
+
+    def embed(self, ids):
+        return super().embed(torch.cat((ids[:, :3], ids[:, :-3]), 1))
+
+
+class EmbedThreeTokensLateNoisy(EmbedThreeTokensLate):
+    """EmbedThreeTokensLate with a fixed perturbation on top: the shift by three is fitted, and fits nothing."""
+
+    def embed(self, ids):
+        y = super().embed(ids)
+        g = torch.Generator().manual_seed(3)
+        return y + (0.2 * y.std() * torch.randn(y.shape, generator=g)).to(y.dtype)
+
+
+class MlpNormChannelsRolled(Qwen3Reference):
+    """mlp_norm's hidden channels rolled by five (a buffer written at an offset of five that wraps)."""
+
+    def norm(self, x, name):
+        y = super().norm(x, name)
+        return y.roll(5, -1) if name.endswith("post_attention_layernorm") else y
+
+
+class QProjReadsChannelsReversed(Qwen3Reference):
+    """q_proj fed attn_norm with its hidden channels in reverse order (the others read it right)."""
+
+    def linear(self, x, name):
+        return super().linear(x.flip(-1) if name.endswith("q_proj") else x, name)
 
 
 class CacheRolled(Qwen3Reference):
@@ -369,6 +404,40 @@ CASES = [
         lambda ev: _edit(ev)["axis"] == "tokens" and _edit(ev)["edge"] == "kept" and _edit(ev)["map"][1] == 0,
     ),
     Case(
+        "index map: tokens shifted by a fitted k",
+        EmbedThreeTokensLate,
+        BOTH,
+        ALL,
+        0,
+        "embed",
+        "index_map",
+        lambda ev: _edit(ev)["axis"] == "tokens" and _edit(ev)["map_name"] == "shift+3" and _edit(ev)["edge"] == "kept",
+    ),
+    Case(
+        "index map: channels rolled by a fitted k",
+        MlpNormChannelsRolled,
+        BOTH,
+        ALL,
+        0,
+        "layers.0.mlp_norm",
+        "index_map",
+        lambda ev: _edit(ev)["axis"] == "hidden channels" and _edit(ev)["map_name"] == "roll+5",
+    ),
+    Case(
+        "index map on a projection's operand",
+        QProjReadsChannelsReversed,
+        BOTH,
+        ALL,
+        0,
+        "layers.0.q_proj",
+        "index_map",
+        lambda ev: (
+            _edit(ev)["operand"] == "layers.0.attn_norm"
+            and _edit(ev)["axis"] == "hidden channels"
+            and _edit(ev)["map_name"] == "reverse"
+        ),
+    ),
+    Case(
         "index map: positions rolled",
         CacheRolled,
         ("dense",),
@@ -525,7 +594,9 @@ def test_a_bug_of_each_grammar_row_is_named_by_its_edit(planted, case, key, dtyp
 
 @pytest.mark.parametrize("dtype", ALL)
 @pytest.mark.parametrize(
-    "cls,tap", [(VProjTanh, "layers.0.v_proj"), (OProjNoise, "layers.0.o_proj")], ids=["tanh", "noise"]
+    "cls,tap",
+    [(VProjTanh, "layers.0.v_proj"), (OProjNoise, "layers.0.o_proj"), (EmbedThreeTokensLateNoisy, "embed")],
+    ids=["tanh", "noise", "shift-noise"],
 )
 def test_a_bug_no_edit_reproduces_gets_no_claim(planted, cls, tap, dtype):
     src = planted("dense", dtype, cls)
@@ -549,3 +620,18 @@ def test_the_differ_names_the_edit_at_the_first_divergence(
     div = result.first_divergence
     assert div is not None and (div.step, div.tap) == (0, tap), result.verdict
     assert [d.signature for d in result.diagnosis] == [signature], [d.message for d in result.diagnosis]
+
+
+def test_a_large_tap_is_fitted_on_rows_that_include_those_where_the_error_lives():
+    """Sampling the tokens of a tap too large to fit on whole keeps the rows where the candidate is off, even
+    one that an even spread over the step, of the sample's size or half of it, skips."""
+    cfg = PRESETS["tiny-dense"].config
+    ref = torch.randn(1, 600, cfg.vocab_size, generator=torch.Generator().manual_seed(0))
+    cand = ref.clone()
+    src = SimpleNamespace(config=cfg, dtype=torch.float32, steps=[], cand=lambda step, n: cand, ref=lambda step, n: ref)
+    rows = Site(src, 0, None, "logits").fit_rows(ref)
+    assert rows is not None and len(rows) < 600
+    spread = set(sample(600, len(rows)).tolist()) | set(sample(600, len(rows) - len(rows) // 2).tolist())
+    off = next(t for t in range(600) if t not in spread)
+    cand[0, off] += 1.0
+    assert off in Site(src, 0, None, "logits").fit_rows(cand).tolist()

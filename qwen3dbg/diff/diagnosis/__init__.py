@@ -64,7 +64,7 @@ def diagnose(src: TapSource, step: int, tap: str) -> list[Diagnosis]:
     if s is None:
         return []
     c, b = s.cand(), s.base()
-    has_nonfinite = not bool(torch.isfinite(c[torch.isfinite(b)]).all())
+    has_nonfinite = bool((torch.isfinite(b) & ~torch.isfinite(c)).any())
     if not has_nonfinite and not s.divergent():
         return []
     for _, hyps in FAMILIES:

@@ -23,19 +23,21 @@ import torch
 from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, replay_op
 from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
-from qwen3dbg.diff.metrics import rel, sample
+from qwen3dbg.diff.metrics import ranked, rel
 from qwen3dbg.tapstore.schema import OPS_BY_NAME, inputs_of, parse_tap_name
 
 #: the longest axis a permutation is fitted on (an n x n distance matrix over the tap)
 PERMUTATION_AXIS = 64
-#: the most elements an output edit is fitted on: a larger tap (the logits) is looked at on sampled tokens
-FIT_ELEMENTS = 1 << 18
 #: ops whose output has its input's shape: an op that can be applied twice or skipped
 _SAME_SHAPE = NORM_OPS + ("q_rope", "k_rope", "attn_probs")
 #: ops that add their two inputs: a term may be scaled
 _SUMS = ("resid_mid", "resid_out")
+#: the longest shift fitted on an axis (besides the named shifts by one): |k| up to this, and half the axis
+SHIFT_MAX = 16
+#: projections replayed here (a MoE layer's mixture and the LM head are not): one matmul per token
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.gate", "mlp.up", "mlp.out", "moe.router_logits")
 #: ops whose output mixes their operands' entries: an index map of an operand is no map of the output
-_MIXING = ("attn_scores", "attn_out", "q_rope", "k_rope", "mlp.act")
+_MIXING = ("attn_scores", "attn_out", "q_rope", "k_rope", "mlp.act") + _PROJECTIONS
 #: neighbouring ops of one shape a port may run in the other order: (first, second) in Qwen3's order
 _NEIGHBOURS = (("q_norm", "q_rope"), ("k_norm", "k_rope"))
 #: ids for an edit that is a listed kind: (kind, op or group) -> catalogue id
@@ -139,13 +141,29 @@ def _maps(n: int) -> list[tuple[str, str, torch.Tensor, str | None]]:
     out = [("reverse", "in reverse order", ar.flip(0), None)]
     if n % 2 == 0:
         out.append(("swap_halves", "with their two halves swapped", (ar + n // 2) % n, None))
-    for k in (1, -1):
+    return out + _shifts(n, (1, -1))
+
+
+def _shifts(n: int, ks: tuple[int, ...]) -> list[tuple[str, str, torch.Tensor, str | None]]:
+    """Rolls and shifts by each k, as `_maps` gives them."""
+    ar, out = torch.arange(n), []
+    for k in ks:
         out.append((f"roll{k:+d}", f"rolled by {k:+d} (slot i holds slot i{-k:+d}, wrapping)", (ar - k) % n, None))
         for edge in ("zero", "kept"):
             out.append(
                 (f"shift{k:+d}", f"shifted by {k:+d} (slot i holds slot i{-k:+d}, the edge {edge})", ar - k, edge)
             )
     return out
+
+
+def _fitted_shift(c: torch.Tensor, r: torch.Tensor, dim: int) -> tuple[int, ...]:
+    """The shift k (2 <= |k| <= SHIFT_MAX, at most half the axis) under which c's slots best match r's slots
+    k before them, compared where both exist: () when the axis is too short for one."""
+    n, best = c.shape[dim], (math.inf, 0)
+    for k in (k * sign for k in range(2, min(n // 2, SHIFT_MAX) + 1) for sign in (1, -1)):
+        lo = max(k, 0)
+        best = min(best, (ranked(rel(c.narrow(dim, lo, n - abs(k)), r.narrow(dim, lo - k, n - abs(k)))), k))
+    return (best[1],) if best[1] else ()
 
 
 def _grouping(s: Site, n: int) -> list[tuple[str, str, torch.Tensor, None]]:
@@ -208,6 +226,8 @@ def _index_maps(
     for d, words, view in _axes(s, tuple(r.shape), tokens):
         cv, rv = c.reshape(view), r.reshape(view)
         named = [(name, how, idx, edge, 1) for name, how, idx, edge in _maps(view[d]) + _grouping(s, view[d])]
+        if not named_only:  # a shift by more than one: k fitted, one parameter more
+            named += [(name, how, idx, edge, 2) for name, how, idx, edge in _shifts(view[d], _fitted_shift(cv, rv, d))]
         perm = None if named_only else _fitted_permutation(cv, rv, d)
         if perm is not None and all(not torch.equal(perm, idx) for _, _, idx, _, _ in named):
             how = f"permuted: they hold Qwen3's {words} {perm.tolist()} in this order"
@@ -336,18 +356,23 @@ def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[t
     return out
 
 
-def _operand_maps(s: Site, ins: list[torch.Tensor]) -> Iterator[tuple[Edit, torch.Tensor]]:
+def _operand_maps(s: Site, ins: list[torch.Tensor], rows: torch.Tensor | None) -> Iterator[tuple[Edit, torch.Tensor]]:
     """The op replayed on one operand with a named index map on one of its axes (v heads read in reverse
-    order, keys read one position late, ...): for the ops that mix their operands, where a map of an input is
-    no map of the output."""
+    order, keys read one position late, q_proj reading attn_norm's channels reversed, ...): for the ops that
+    mix their operands, where a map of an input is no map of the output. Replays on `rows` of the tokens
+    only (all: None); a projection, one matmul per token, is replayed on those rows alone."""
+    per_token, dim = s.op in _PROJECTIONS, OPS_BY_NAME[s.op].axes.index("T")
     for slot, name in enumerate(s.inputs):
         _, op = parse_tap_name(name)
         for d, words, view in _axes(s, tuple(ins[slot].shape), True, op):
             x = ins[slot].reshape(view)
             for map_name, how, idx, edge in _maps(view[d]) + _grouping(s, view[d]):
                 moved = _apply_map(x, d, idx, edge).reshape(ins[slot].shape)
+                if per_token and rows is not None:  # the operand's tokens axis is the output's
+                    moved = moved.index_select(dim, rows)
                 replay = replay_op(s, ins[:slot] + [moved] + ins[slot + 1 :])
                 if replay is not None:
+                    replay = replay if per_token or rows is None else replay.index_select(dim, rows)
                     ev = {"operand": name} | _map_evidence(words, map_name, idx, edge)
                     what = f"{s.name()} reads {name} with its {words} {how}"
                     yield Edit("index_map", what, f"read its {words} in Qwen3's order", 1, ev), replay
@@ -389,15 +414,6 @@ def _best(s: Site, fits: Iterator[Fit], c: torch.Tensor, base: torch.Tensor) -> 
     return None
 
 
-def _tokens(s: Site, t: torch.Tensor) -> torch.Tensor | None:
-    """Sampled tokens of a tap too large to fit edits on whole (None: it is small enough)."""
-    axes = OPS_BY_NAME[s.op].axes
-    if t.numel() <= FIT_ELEMENTS or "T" not in axes:
-        return None
-    dim = axes.index("T")
-    return sample(t.shape[dim], max(2, FIT_ELEMENTS * t.shape[dim] // t.numel()))
-
-
 def search(s: Site) -> Diagnosis | None:
     """One edit of the op, then two: structural edits replayed from the candidate's own operands, output
     edits fitted on the reference's tap and on each structural replay, sign patterns on each named map."""
@@ -412,7 +428,7 @@ def search(s: Site) -> Diagnosis | None:
             ins = []
     if ins:
         inner = _structural(s, ins, qwen3)
-    rows = _tokens(s, c)
+    rows = s.fit_rows(c)
     dim = OPS_BY_NAME[s.op].axes.index("T") if rows is not None else 0
     if rows is not None:
         c, base = c.index_select(dim, rows), base.index_select(dim, rows)
@@ -422,7 +438,7 @@ def search(s: Site) -> Diagnosis | None:
     def singles() -> Iterator[Fit]:
         yield from (Fit((e,), r) for e, r in inner)
         if ins and s.op in _MIXING:
-            yield from (Fit((e,), r if whole else r.index_select(dim, rows)) for e, r in _operand_maps(s, ins))
+            yield from (Fit((e,), r) for e, r in _operand_maps(s, ins, rows))
         yield from (f for _, f in _index_maps(s, c, base, whole))
         yield from _scales(s, c, base, whole)
 

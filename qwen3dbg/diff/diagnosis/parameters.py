@@ -93,9 +93,11 @@ def softmax_temperature(s: Site) -> Diagnosis | None:
         return None
     live = torch.isfinite(sc)
     sc = sc.masked_fill(~live, float("-inf"))
+    rows = s.fit_rows(p)  # a softmax is per query row: fitted on some rows, judged on all
+    p_fit, sc_fit = (p, sc) if rows is None else (p.index_select(2, rows), sc.index_select(2, rows))
 
     def resid(log_a: float) -> float:
-        return ranked(rel(p, (sc * math.exp(log_a)).softmax(-1)))
+        return ranked(rel(p_fit, (sc_fit * math.exp(log_a)).softmax(-1)))
 
     grid = [i * 0.25 for i in range(-16, 17)]
     log_a = golden_section(resid, min(grid, key=resid) - 0.25, min(grid, key=resid) + 0.25)

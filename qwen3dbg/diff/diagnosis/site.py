@@ -19,10 +19,13 @@ from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS, tolerance
 from qwen3dbg.util.dtypes import dtype_name
 from qwen3dbg.diff.metrics import rel, sample
 from qwen3dbg.tapstore.store import StepInfo, masked
-from qwen3dbg.tapstore.schema import forward_index, inputs_of, parse_tap_name, tap_name
+from qwen3dbg.tapstore.schema import OPS_BY_NAME, forward_index, inputs_of, parse_tap_name, tap_name
 
 #: the most tokens and heads a fit or a replay looks at
 FIT_TOKENS, FIT_HEADS = 16, 4
+#: the most elements a fit on a whole tap looks at: a larger tap (the logits, a long prompt's attention) is
+#: fitted on some of its tokens (`Site.fit_rows`), those where the error lives among them
+FIT_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ class Site:
             return True
 
         def amax(t: torch.Tensor) -> float:
-            return float(t[keep].abs().max())
+            return float(t.where(keep, 0.0).abs().max())  # no copy of the kept entries
 
         (c_rel, c_max), (r_rel, r_max) = [(rel(x, g, where=keep), amax(x - g)) for x in (c, r)]
         if self.step > 0:  # as the differ does at a decode step: the prefill's noise of the op pools in
@@ -208,6 +211,21 @@ class Site:
             f"{what} (residual {floors(x)}): {why}",
             (evidence or {}) | {"residual": resid, "residual_in_noise": x},
         )
+
+    def fit_rows(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Tokens of this op's tap `t` (on its "T" axis) a fit looks at when the tap is too large to fit on
+        whole (None: it is not): half spread over the step, half the tokens where the candidate is farthest
+        from the reference relative to the row's size, so that the rows where the error lives are among them."""
+        axes = OPS_BY_NAME[self.op].axes
+        if t.numel() <= FIT_ELEMENTS or "T" not in axes:
+            return None
+        dim, c, b = axes.index("T"), self.cand(), self.base()
+        n = c.shape[dim]
+        k = min(n, max(2, FIT_ELEMENTS * n // t.numel()))
+        d, bf = ((c - b).movedim(dim, 0).reshape(n, -1), b.movedim(dim, 0).reshape(n, -1))
+        ok = torch.isfinite(d)
+        err = d.where(ok, 0.0).pow(2).sum(1) / bf.where(ok, 0.0).pow(2).sum(1).clamp_min(torch.finfo(d.dtype).tiny)
+        return torch.cat([sample(n, k - k // 2), err.topk(k // 2).indices]).unique()
 
     def positions(self) -> torch.Tensor:
         return torch.tensor(self.src.steps[self.step].positions)

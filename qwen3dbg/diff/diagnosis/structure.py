@@ -154,10 +154,11 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     sc, q, k = s.cand("attn_scores"), s.operand(s.name("q_rope")), s.operand(s.name("k_cache"))
     if q is None or k is None:
         return None
+    c = s.cand()
+    future = causal_mask(s.positions(), k.shape[2]).expand_as(c)  # [B,nH,T,S]
+    if not bool(future.any()) or bool((masked(c) | (c == 0) | ~future).all()):
+        return None  # no future key, or the candidate masks every one: nothing for the replay to show
     hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5, causal=False)
-    future = causal_mask(s.positions(), k.shape[2]).expand_as(hyp)  # [B,nH,T,S]
-    if not bool(future.any()):
-        return None
     ev = {"future_entries": int(future.sum())}
     if sc is not None:
         ev["reached"] = int((future & ~masked(sc)).sum())
@@ -167,7 +168,7 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     )
     probs = s.cand("attn_probs")
     if probs is not None:
-        ev["future_mass"] = float(probs[future].sum() / probs.sum())
+        ev["future_mass"] = float(probs.where(future, 0.0).sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
     masked_hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5)
     replay, qwen3 = (hyp, masked_hyp) if s.op == "attn_scores" else (hyp.softmax(-1), masked_hyp.softmax(-1))
