@@ -13,6 +13,7 @@ Cases (bf16, forced decode ids; goals from issue 24):
   tp=2        --cand vllm:tp=2         1024 + 64   clean; peak anon of the process tree (the differ and vLLM's
                                                    workers) <= the plain TP=2 vLLM run's + 5 GB, written <= 2 GB
                                                    (issue 25); wall against the plain runs, TP=2 and in-process
+  tp=2-moe    the same on qwen3-30b-a3b-2l (Qwen3-30B-A3B's real layer shapes, 128 experts, 2 layers)
   tokens/s    vLLM decode tokens/s: eager with capture off, eager with every tap captured (goal: at most 2x
               slower), compiled (what vLLM runs by default on CPU, never captured)
 Without --full the cases run at 512 + 32 (chunk=128, prefix=256) and W is left out. The plain runs are
@@ -39,6 +40,7 @@ from qwen3dbg.util.home import home  # noqa: E402
 
 SIDES = ["golden", "hf", "vllm"]
 TP = "vllm:tp=2"
+MOE = "qwen3-30b-a3b-2l"
 
 
 def child_tokens_per_s(model: str, prompt: int, decode: int) -> dict:
@@ -89,7 +91,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=home("bench"))
     p.add_argument("--full", action="store_true", help="W at 2048 + 256 and the options at 1024 + 64")
-    p.add_argument("--only", action="append", help="run only these cases (W, batch=4, chunk, prefix, tp=2, tokens/s)")
+    p.add_argument(
+        "--only", action="append", help="run only these cases (W, batch=4, chunk, prefix, tp=2, tp=2-moe, tokens/s)"
+    )
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--child-tree", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -102,17 +106,14 @@ def main() -> None:
         return
     os.environ["QWEN3DBG_HOME"] = str(a.workdir / "home")
     a.workdir.mkdir(parents=True, exist_ok=True)
-    model = a.workdir / PRESET
-    if not (model / "config.json").exists():
-        from qwen3dbg.model.synth import make_model
-
-        make_model(model, PRESET)
+    model = synthetic(a.workdir, PRESET)
     n, k = (1024, 64) if a.full else (512, 32)
     cases = {
         "batch=4": lambda: case("batch=4", model, "vllm:batch=4", SIDES, n, k),
         "chunk": lambda: case(f"chunk={n // 4}", model, f"vllm:chunk={n // 4}", SIDES, n, k),
         "prefix": lambda: case(f"prefix={n // 2}", model, f"vllm:prefix={n // 2}", SIDES, n, k),
-        "tp=2": lambda: tp_case(model, n, k),
+        "tp=2": lambda: tp_case("tp=2", model, n, k),
+        "tp=2-moe": lambda: tp_case("tp=2-moe", synthetic(a.workdir, MOE), n, k),
         "tokens/s": lambda: tokens_per_s(model, n, k),
     }
     if a.full:
@@ -121,7 +122,7 @@ def main() -> None:
     rows = [fn() for name, fn in cases.items() if not a.only or name in a.only]
     for r in rows:
         if "diff" in r:
-            plain = TP if r["name"] == "tp=2" else "vllm"
+            plain = TP if r["name"].startswith("tp=2") else "vllm"
             grew = r["diff"]["peak_anon"] - r["plain"][plain]["peak_anon"]
             print(f"{r['name']}: peak anon {grew / 1e9:+.2f} GB over plain {plain}'s (goal <= +5 GB)")
     print(f"\nbench took {(time.perf_counter() - t0) / 60:.1f} min")
@@ -135,8 +136,21 @@ def child_tree(kind: str, model: str, side: str, prompt: int, decode: int) -> di
     return dict(r, peak_anon=tree.peak, written=r["written"] + tree.children_written)
 
 
-def tp_case(model: Path, prompt: int, decode: int) -> dict:
-    print(f"\ntp=2: --cand {TP}, {prompt} + {decode} tokens (peak anon of each process tree)", flush=True)
+def synthetic(workdir: Path, preset: str) -> Path:
+    """The preset's synthetic checkpoint under the bench's workdir, made on first use."""
+    model = workdir / preset
+    if not (model / "config.json").exists():
+        from qwen3dbg.model.synth import make_model
+
+        make_model(model, preset)
+    return model
+
+
+def tp_case(name: str, model: Path, prompt: int, decode: int) -> dict:
+    print(
+        f"\n{name}: --cand {TP} on {model.name}, {prompt} + {decode} tokens (peak anon of each process tree)",
+        flush=True,
+    )
     plain = {side: _tree_here("plain", model, side, prompt, decode) for side in [*SIDES, TP]}
     for side, r in plain.items():
         print(f"  plain {side:18s} {r['wall']:8.1f} s   peak anon {r['peak_anon'] / 1e9:5.2f} GB", flush=True)
@@ -151,7 +165,7 @@ def tp_case(model: Path, prompt: int, decode: int) -> dict:
     for vllm in ("vllm", TP):
         total = sum(plain[s]["wall"] for s in ("golden", "hf", vllm))
         print(f"  wall / sum of plain runs (golden, hf, {vllm}) {d['wall'] / total:6.2f}x")
-    return {"name": "tp=2", "prompt": prompt, "decode": decode, "plain": plain, "diff": d}
+    return {"name": name, "prompt": prompt, "decode": decode, "plain": plain, "diff": d}
 
 
 def _tree_here(kind: str, model: Path, side: str, prompt: int, decode: int) -> dict:
