@@ -100,7 +100,7 @@ def child_plain(model: str, side: str, prompt: int, decode: int) -> dict:
             from qwen3dbg.diff.golden import LongGolden
 
             with torch.no_grad():  # its logits are computed on demand: a forward computes them all
-                logits = LongGolden(model).step(
+                logits = LongGolden(model, one_pass=True).step(
                     torch.tensor([p + d]), torch.tensor([list(range(len(p) + len(d)))]), NullSink()
                 )
                 for _, block in logits.blocks():

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from qwen3dbg.candidates.module_adapter import ModuleCandidate
 
+from qwen3dbg.model.checkpoint import Checkpoint
 from qwen3dbg.model.config import Qwen3Config, load_config
 from qwen3dbg.util.errors import UserError
 
@@ -15,7 +16,7 @@ TAP_MAPPING = Path(__file__).resolve().parent.parent / "mappings" / "litgpt_qwen
 # litgpt 0.5.13 pins huggingface-hub<1.4, which would drag transformers down, while its model code runs with
 # ours: install it without its dependencies, then what that code imports (docs/ports.md).
 INSTALL = "pip install --no-deps litgpt==0.5.13 && pip install '.[litgpt]' in the qwen3dbg checkout"
-#: litgpt allocates its KV cache for the whole context up front: cap it as the standalone port does
+#: the longest sequence the port runs (litgpt's block_size: its rope tables' length, its cache's ceiling)
 MAX_SEQ = 8192
 
 
@@ -62,35 +63,78 @@ def litgpt_config(cfg: Qwen3Config):
 
 
 def load(model_dir, dtype=torch.float32):
-    """The factory: litgpt's GPT with the checkpoint's weights and a KV cache for one sequence."""
+    """The factory: litgpt's GPT with the checkpoint's weights and a KV cache for one sequence.
+
+    Built as litgpt's own scripts do it (on the meta device, then the weights assigned): the weights stay
+    memory-mapped from the checkpoint where its dtype is the run's, a tied lm_head is the embedding itself, not
+    a copy, and the cache grows with the positions filled instead of holding MAX_SEQ slots from the start."""
     try:
         from litgpt.model import GPT
         from litgpt.scripts.convert_hf_checkpoint import copy_weights_qwen_3
     except ImportError as e:
         raise UserError(f"litgpt's model code cannot be imported ({e}): {INSTALL}") from None
-    from safetensors.torch import load_file
 
     config = litgpt_config(load_config(model_dir))
-    hf_weights = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        hf_weights.update(load_file(str(f)))
+    checkpoint = Checkpoint(model_dir)
     state: dict[str, torch.Tensor] = {}
-    copy_weights_qwen_3(config, {}, state, hf_weights)
-    model = GPT(config)
-    model.load_state_dict(state)
-    model = model.to(dtype).eval()
-    model.set_kv_cache(batch_size=1)
+    # litgpt's converter reads a tensor through its `_load_tensor` when it places it: one at a time, as litgpt's
+    # own lazy loader hands them over, converted to the run's dtype there
+    lazy = {name: _Lazy(checkpoint, name) for name in checkpoint.keys()}
+    copy_weights_qwen_3(config, {}, state, lazy, dtype=dtype)  # a tied lm_head: the embedding's own tensor
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, assign=True)
+    # the rope tables were built on the meta device: again, in the dtype litgpt runs a bf16 model in
+    model.cos, model.sin = (t.to(dtype) for t in model.rope_cache(device=torch.device("cpu")))
+    model.eval()
+    model.set_kv_cache(batch_size=1, max_seq_length=CACHE_CHUNK, dtype=dtype)
     forward = model.forward
 
     def filled(idx: torch.Tensor, input_pos: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        # As litgpt's own generate calls it: attention over the positions filled so far, not the whole
-        # MAX_SEQ-slot cache behind a mask (at a 2048-token prompt that was 4x the scores' memory and work).
+        # As litgpt's own generate calls it: attention over the positions filled so far, not the whole cache
+        # behind a mask (at a 2048-token prompt over MAX_SEQ slots that was 4x the scores' memory and work).
         if input_pos is not None:
             kwargs.setdefault("input_pos_maxp1", int(input_pos.max()) + 1)
+            _fit_cache(model, kwargs["input_pos_maxp1"])
         return forward(idx, input_pos, **kwargs)
 
     model.forward = filled
     return model
+
+
+class _Lazy:
+    """A checkpoint tensor read when litgpt's converter asks for it (its `load_param` calls `_load_tensor`)."""
+
+    def __init__(self, checkpoint: Checkpoint, name: str):
+        self.checkpoint, self.name = checkpoint, name
+
+    def _load_tensor(self) -> torch.Tensor:
+        return self.checkpoint.get(self.name)
+
+
+#: the cache grows by whole chunks of positions: a 2048-token prompt and its decode steps grow it once per 256
+CACHE_CHUNK = 256
+
+
+def _fit_cache(model, positions: int) -> None:
+    """Give every layer's cache at least `positions` slots (and litgpt's mask as many), keeping what the slots
+    filled so far hold. The cache modules stay (the mapping's hooks are on them): their buffers are replaced,
+    a layer's old one dropped as soon as the new one holds it."""
+    from litgpt.model import build_mask_cache
+
+    have = model.mask_cache.size(-1)
+    if positions <= have:
+        return
+    size = min(-(-positions // CACHE_CHUNK) * CACHE_CHUNK, model.max_seq_length)
+    for block in model.transformer.h:
+        cache = block.attn.kv_cache
+        for name in ("k", "v"):
+            old = getattr(cache, name)
+            grown = old.new_zeros(*old.shape[:2], size, *old.shape[3:])
+            grown[:, :, :have] = old
+            setattr(cache, name, grown)
+        cache.max_cache_len = size
+    model.mask_cache = build_mask_cache(size)
 
 
 class LitGPTCandidate(ModuleCandidate):

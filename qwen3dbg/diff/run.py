@@ -99,7 +99,7 @@ def diff_plan(
             loaded[role] = plan.load(role)
             lacks[role] = frozenset(loaded[role].missing_taps)
             infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), ""))
-    golden = LongGolden(model, stream_weights=True if not greedy else None)
+    golden = LongGolden(model, stream_weights=True if not greedy else None, one_pass=not greedy)
     timings["load"] = time.perf_counter() - t
     missing = lacks["ref"] | (lacks["cand"] - ROUTER_OPS)
     compared = lambda name: parse_tap_name(name)[1] not in missing  # noqa: E731

@@ -57,6 +57,8 @@ class Schedule:
         self.steps, self.total = list(steps), total
         self._ready = threading.Condition()
         self.cancelled = threading.Event()
+        #: the error of the side that failed first: every other side stops (Cancelled) because of it
+        self.failed: BaseException | None = None
 
     def get(self, s: int) -> StepInfo:
         with self._ready:
@@ -208,6 +210,7 @@ class ThreadSide:
                 pass
             except BaseException as e:  # handed to the consumer, which raises it in the main thread
                 self._error = e
+                schedule.failed = schedule.failed or e
                 schedule.cancelled.set()
             finally:
                 try:
@@ -226,7 +229,12 @@ class ThreadSide:
             if item is not None:
                 return item
             if not self._thread.is_alive() and self._q.empty():
-                raise self._error or RuntimeError(f"the {self.label} side stopped without finishing")
+                # cancelled because another side failed: that side's error is the one to report
+                raise (
+                    self._error
+                    or self.schedule.failed
+                    or RuntimeError(f"the {self.label} side stopped without finishing")
+                )
 
     def take(self, step: int, name: str):
         """The side's tap `name` of `step`, or None when the step ended without it."""

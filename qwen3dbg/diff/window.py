@@ -47,6 +47,9 @@ class Window:
         if spec.layer is not None and spec.layer != self._layer:
             self._prune(spec.layer)
             self._layer = spec.layer
+        elif spec.layer is None and self._layer is not None:  # past the layers: the tail reads the last as its input
+            self._prune(self._layer + 1)
+            self._layer = None
         for role in ROLES:
             v = values[role]
             if v is not None:

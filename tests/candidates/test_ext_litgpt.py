@@ -91,7 +91,7 @@ def test_without_litgpt_the_candidate_says_how_to_install_it(models, monkeypatch
 @needs_litgpt
 def test_litgpt_attends_over_the_positions_filled_not_its_whole_cache(models, monkeypatch):
     """As litgpt's own generate runs it: a step's attention reads the cache up to its last position, so a
-    long prompt costs the scores of its own length, not of the MAX_SEQ slots litgpt allocates."""
+    long prompt costs the scores of its own length, not of its whole cache."""
     import torch
     import torch.nn.functional as F
 
@@ -110,3 +110,30 @@ def test_litgpt_attends_over_the_positions_filled_not_its_whole_cache(models, mo
         keys.clear()
         cand.step(torch.tensor(info.token_ids), torch.tensor(info.positions), NullSink())
         assert set(keys) == {info.positions[0][-1] + 1}, (info.step, keys)
+
+
+@needs_litgpt
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_litgpt_cache_grows_with_the_positions_and_keeps_what_it_held(models, monkeypatch, dtype):
+    """A cache grown every two positions (the prompt and each decode step cross a boundary) still gives every
+    step what the reference gives: the slots filled before a growth are carried over."""
+    import torch
+
+    from qwen3dbg.candidates.ports import litgpt_qwen3 as port
+
+    monkeypatch.setattr(port, "CACHE_CHUNK", 2)
+    assert first_divergence(models("tiny-dense"), "litgpt", dtype) is None
+    model = port.load(models("tiny-dense"), getattr(torch, dtype))
+    model(torch.tensor([PROMPT]), input_pos=torch.arange(len(PROMPT)))
+    assert model.transformer.h[0].attn.kv_cache.k.shape[2] == len(PROMPT) + 1, "whole chunks of 2, no more"
+
+
+@needs_litgpt
+def test_litgpt_tied_lm_head_is_the_embedding_not_a_copy(models):
+    import torch
+
+    from qwen3dbg.candidates.ports import litgpt_qwen3 as port
+
+    assert load_config(models("tiny-dense")).tie_word_embeddings
+    model = port.load(models("tiny-dense"), torch.bfloat16)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()

@@ -36,13 +36,15 @@ def _value(v):
 
 def test_the_one_pass_golden_replays_every_decode_step_of_a_stepping_float64_run(catalogue_model):
     """Golden rows of one forward over prompt + decode ids equal the taps of real fp64 decode steps (to fp64's
-    own rounding-order noise), cache and attention rows included."""
+    own rounding-order noise), cache and attention rows included; the pass itself keeps no layer's keys and
+    values (the kept rows are the decode steps' cache)."""
     model = catalogue_model("dense")
     steps = forced_steps(PROMPT, DECODE)
     stepped = run_steps(Qwen3Reference(model, "float64"), steps)
     schedule = Schedule(steps, len(steps))
     keeper = Keeper(torch.float64, in_memory=1 << 16)  # most rows go to the file-backed pages
-    side = ThreadSide("golden", golden_forced(LongGolden(model), steps, keeper), lambda n: True, True, schedule)
+    golden = LongGolden(model, one_pass=True)
+    side = ThreadSide("golden", golden_forced(golden, steps, keeper), lambda n: True, True, schedule)
     try:
         for info, want in zip(steps, stepped):
             for name, expected in want.items():
@@ -59,6 +61,7 @@ def test_the_one_pass_golden_replays_every_decode_step_of_a_stepping_float64_run
     finally:
         side.close()
     assert keeper.spilled > 0
+    assert golden.cache == [None] * golden.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("rows", [1, 3, 7, 64])

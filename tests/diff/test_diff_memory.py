@@ -158,3 +158,29 @@ def test_a_side_held_up_by_its_bound_copies_a_tap_only_once_the_queue_takes_it(m
     assert q.get(timeout=1)[1] == "first"
     waiting.join(5)
     assert copies == [256] and q.get(timeout=1)[1] == "second"
+
+
+def test_past_the_layers_the_window_keeps_only_what_the_tail_reads(dense):
+    """At final_norm and the logits (a prompt's largest taps) the window holds the last layer as it holds the
+    layer before any other: the reference's taps and every side's resid_out, the caches; the golden's and the
+    candidate's other taps of that layer are dropped. A divergence there still freezes all of that."""
+    import torch
+
+    from qwen3dbg.diff.window import Window
+    from qwen3dbg.model.config import load_config
+    from qwen3dbg.tapstore.schema import step_taps
+    from qwen3dbg.tapstore.store import StepInfo
+
+    cfg = load_config(dense)
+    last = cfg.num_hidden_layers - 1
+    info = StepInfo(0, [PROMPT], [list(range(len(PROMPT)))])
+    window = Window(torch.float32)
+    for spec in step_taps(cfg, 1, len(PROMPT), len(PROMPT)):
+        window.add(info, spec, spec.name == "final_norm", {r: torch.zeros(1) for r in ("gold", "ref", "cand")})
+    window.finish()
+    kept = {(role, name) for role, _, name in window.frozen}
+    for role in ("gold", "ref", "cand"):
+        assert {(role, f"layers.{last}.resid_out"), (role, f"layers.{last}.k_cache"), (role, "final_norm")} <= kept
+    assert ("ref", f"layers.{last}.q_proj") in kept
+    assert not {("gold", f"layers.{last}.q_proj"), ("cand", f"layers.{last}.q_proj")} & kept
+    assert not any(name.startswith(f"layers.{last - 1}.") and "cache" not in name for _, name in kept)

@@ -269,3 +269,22 @@ def test_a_store_of_selected_taps_diffs_and_writes_its_reports(models, tmp_path)
     assert cli("diff", "--cand", f"store:{store}", "--model", model, "--html", html, "--json", js) == 0
     assert "No tap inside the layers was compared" in html.read_text()
     assert json.loads(js.read_text())["first_divergence"] is None
+
+
+def test_a_side_stopped_by_another_sides_failure_reports_that_failure():
+    """The comparison may be waiting on a side that only stopped because another one failed: what it raises
+    is the failure, not that the waited-on side stopped."""
+    from qwen3dbg.diff.streams import Schedule, ThreadSide
+
+    schedule = Schedule([], 1)  # step 0 is never published: the first side waits until cancelled
+
+    def fail(sink):
+        raise ValueError("the candidate's own bug")
+
+    waiting = ThreadSide("golden", lambda sink: schedule.get(0), lambda n: True, True, schedule)
+    failing = ThreadSide("cand", fail, lambda n: True, True, schedule)
+    try:
+        with pytest.raises(ValueError, match="the candidate's own bug"):
+            waiting.take(0, "embed")
+    finally:
+        waiting.close(), failing.close()
