@@ -87,17 +87,20 @@ def scores_scaled(s: Site) -> Diagnosis | None:
 
 
 def softmax_temperature(s: Site) -> Diagnosis | None:
-    """attn_probs = softmax(a x the candidate's own scores): a fitted inverse temperature."""
+    """attn_probs = softmax(a x the candidate's own scores): a fitted inverse temperature, fitted and judged on
+    the query rows a fit looks at (`Site.fit_rows`: a softmax is per row) when the tap is large."""
     sc, p = s.cand("attn_scores"), s.cand()
-    if sc is None or rel(p, sc.softmax(-1)) <= s.tol:
+    if sc is None:
         return None
-    live = torch.isfinite(sc)
-    sc = sc.masked_fill(~live, float("-inf"))
-    rows = s.fit_rows(p)  # a softmax is per query row: fitted on some rows, judged on all
-    p_fit, sc_fit = (p, sc) if rows is None else (p.index_select(2, rows), sc.index_select(2, rows))
+    if (rows := s.fit_rows(p)) is not None:
+        p, sc = p.index_select(2, rows), sc.index_select(2, rows)
+    sc = sc.masked_fill(~torch.isfinite(sc), float("-inf"))
+    qwen3 = sc.softmax(-1)
+    if rel(p, qwen3) <= s.tol:
+        return None
 
     def resid(log_a: float) -> float:
-        return ranked(rel(p_fit, (sc_fit * math.exp(log_a)).softmax(-1)))
+        return ranked(rel(p, (sc * math.exp(log_a)).softmax(-1)))
 
     grid = [i * 0.25 for i in range(-16, 17)]
     log_a = golden_section(resid, min(grid, key=resid) - 0.25, min(grid, key=resid) + 0.25)
@@ -108,7 +111,8 @@ def softmax_temperature(s: Site) -> Diagnosis | None:
         f"the softmax has a temperature of {1 / a:.4g}; Qwen3 takes it of the scores as they are",
         (sc * a).softmax(-1),
         {"factor": a},
-        unchanged=sc.softmax(-1),
+        cand=p,
+        unchanged=qwen3,
     )
 
 

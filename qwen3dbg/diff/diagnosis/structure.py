@@ -150,15 +150,15 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
 
 
 def causal_mask_missing(s: Site) -> Diagnosis | None:
-    """Scores (or their softmax) replayed from the candidate's q_rope and k_cache without the causal mask."""
+    """Scores (or their softmax) replayed from the candidate's q_rope and k_cache without the causal mask, on
+    the query rows a fit looks at (`Site.fit_rows`) when the tap is large."""
     sc, q, k = s.cand("attn_scores"), s.operand(s.name("q_rope")), s.operand(s.name("k_cache"))
     if q is None or k is None:
         return None
-    c = s.cand()
-    future = causal_mask(s.positions(), k.shape[2]).expand_as(c)  # [B,nH,T,S]
+    c, pos = s.cand(), s.positions()
+    future = causal_mask(pos, k.shape[2]).expand_as(c)  # [B,nH,T,S]
     if not bool(future.any()) or bool((masked(c) | (c == 0) | ~future).all()):
         return None  # no future key, or the candidate masks every one: nothing for the replay to show
-    hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5, causal=False)
     ev = {"future_entries": int(future.sum())}
     if sc is not None:
         ev["reached"] = int((future & ~masked(sc)).sum())
@@ -170,7 +170,10 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     if probs is not None:
         ev["future_mass"] = float(probs.where(future, 0.0).sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
-    masked_hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5)
+    if (rows := s.fit_rows(c)) is not None:
+        c, q, pos = c.index_select(2, rows), q.index_select(1, rows), pos[:, rows]
+    hyp = scores(q, k, pos, s.kv_of_head, s.cfg.head_dim**-0.5, causal=False)
+    masked_hyp = scores(q, k, pos, s.kv_of_head, s.cfg.head_dim**-0.5)
     replay, qwen3 = (hyp, masked_hyp) if s.op == "attn_scores" else (hyp.softmax(-1), masked_hyp.softmax(-1))
     return s.explained(
         "causal_mask_missing",
@@ -178,6 +181,7 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
         "the causal mask is missing; mask keys after the query's position",
         replay,
         ev,
+        cand=c,
         unchanged=qwen3,
     )
 
