@@ -22,7 +22,7 @@ from test_diagnosis import DECODE, PROMPT, STEPS, Sides
 
 from qwen3dbg.candidates.catalogue import VARIANTS
 from qwen3dbg.diff import run_diff
-from qwen3dbg.diff.diagnosis import diagnose, substitution
+from qwen3dbg.diff.diagnosis import FAMILIES, diagnose
 from qwen3dbg.diff.diagnosis.hypothesis import is_linear, replay_floor, replay_op
 from qwen3dbg.diff.diagnosis.site import Site
 from qwen3dbg.diff.metrics import rel
@@ -452,10 +452,11 @@ def test_a_substituted_weight_is_named_where_the_taps_noise_floor_has_grown_past
     assert 0 <= found[0].evidence["residual_in_noise"] <= 1
 
 
-def test_no_operand_is_named_for_low_precision_sums_under_the_replays_own_floor(long_sides):
+def test_nothing_but_the_accumulation_is_named_for_low_precision_sums_under_the_replays_own_floor(long_sides):
     """bf16 accumulation in every matmul leaves each projection more than the op's own rounding away from
-    Qwen3's replay on the same operands (past the replay's floor, where the tap's floor hid it): no substitution
-    hypothesis may then claim another weight or operand for it, at any tap of the long prompt."""
+    Qwen3's replay on the same operands (past the replay's floor, where the tap's floor hid it): no hypothesis
+    but the recomputations (which name the accumulation) may then claim a structure, a parameter, another
+    weight or operand, or an edit of the grammar, at any tap of the long prompt."""
     src = long_sides(VARIANTS["lowp-accumulation"])
     claims, past_floor = [], 0
     for name in src._cand[0]:
@@ -464,8 +465,11 @@ def test_no_operand_is_named_for_low_precision_sums_under_the_replays_own_floor(
             continue
         if is_linear(s) and s.op != "logits":
             past_floor += rel(s.cand(), replay_op(s, [s.operand(s.inputs[0])])) > replay_floor(s)
-        for h in substitution.HYPOTHESES:
-            if s.op in h.ops and (d := h.check(s)) is not None:
-                claims.append((name, d.message))
+        for family, hyps in FAMILIES:
+            if family == "recompute":
+                continue
+            for h in hyps:
+                if (s.op in h.ops or "*" in h.ops) and not h.nonfinite and (d := h.check(s)) is not None:
+                    claims.append((name, d.message))
     assert past_floor > 0  # the gate under test is reached
     assert claims == []

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, on_rows, replay_op, replay_rows
+from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, on_rows, replay_floor, replay_op, replay_rows
 from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
 from qwen3dbg.diff.metrics import ranked, rel
@@ -68,12 +68,15 @@ class Edit:
 @dataclass(frozen=True)
 class Fit:
     """An edited replay: the edits (at most two), the replay and, for an edit fitted on some entries and
-    judged on the others, the candidate's and the unedited replay's held-out entries it is judged on."""
+    judged on the others, the candidate's and the unedited replay's held-out entries it is judged on; for an
+    edit replayed from the candidate's own operands, the candidate, the op replayed unedited from them and
+    their noise floor (`replay_floor`; None: the tap's)."""
 
     edits: tuple[Edit, ...]
     replay: torch.Tensor
     cand: torch.Tensor | None = None
     unchanged: torch.Tensor | None = None
+    floor: float | None = None
 
     @property
     def cost(self) -> int:
@@ -354,7 +357,7 @@ def _structural(
         for i, j in ((0, 1), (1, 0)):  # one term scaled by a fitted scalar, the other as it is
             x, rest = ins[i].reshape(c.shape), ins[j].reshape(c.shape)
             a = float(((c - rest) * x).sum() / x.pow(2).sum())
-            if math.isfinite(a) and abs(a - 1) > s.tol:
+            if math.isfinite(a) and abs(a - 1) > replay_floor(s):
                 what = f"{n} adds {s.inputs[i]} times {a:.4g}"
                 edit = Edit("operand_scaled", what, "Qwen3 adds it as it is", 1, {"operand": s.inputs[i], "factor": a})
                 out.append((edit, a * x + rest))
@@ -404,13 +407,14 @@ def _best(s: Site, fits: Iterator[Fit], c: torch.Tensor, base: torch.Tensor) -> 
     kept = []
     for i, f in enumerate(fits):
         r = _resid(c if f.cand is None else f.cand, f.replay)
-        if r <= s.tol:
+        if r <= (s.tol if f.floor is None else f.floor):
             kept.append((f.cost, r, i, f))
     for _, _, _, f in sorted(kept, key=lambda t: t[:3]):
         ev = {"edits": [{"kind": e.kind} | e.evidence for e in f.edits], "cost": f.cost}
         what, why = "; and ".join(e.words for e in f.edits), "; ".join(e.fix for e in f.edits)
         cand, unchanged = (c, base) if f.cand is None else (f.cand, f.unchanged)
-        if (d := s.explained(_signature(s, f), what, why, f.replay, ev, cand=cand, unchanged=unchanged)) is not None:
+        d = s.explained(_signature(s, f), what, why, f.replay, ev, cand=cand, unchanged=unchanged, floor=f.floor)
+        if d is not None:
             return d
     return None
 
@@ -433,20 +437,24 @@ def search(s: Site) -> Diagnosis | None:
         inner = _structural(s, on_rows(s, ins, rows), qwen3, rows)
     whole = rows is None  # every token held: maps along the tokens make sense
 
+    def own(edits: tuple[Edit, ...], replay: torch.Tensor) -> Fit:
+        """An edit replayed from the candidate's own operands: judged against the op replayed from them."""
+        return Fit(edits, replay, c, qwen3, replay_floor(s))
+
     def singles() -> Iterator[Fit]:
-        yield from (Fit((e,), r) for e, r in inner)
+        yield from (own((e,), r) for e, r in inner)
         if ins and s.op in _MIXING:
-            yield from (Fit((e,), r) for e, r in _operand_maps(s, ins, rows))
+            yield from (own((e,), r) for e, r in _operand_maps(s, ins, rows))
         yield from (f for _, f in _index_maps(s, c, base, whole))
         yield from _scales(s, c, base, whole)
 
     def pairs() -> Iterator[Fit]:
         for e, r in inner:
             for _, f in _index_maps(s, c, r, whole, named_only=True):
-                yield Fit((e,) + f.edits, f.replay)
+                yield own((e,) + f.edits, f.replay)
             for f in _scales(s, c, r, whole):
                 if f.cand is None:
-                    yield Fit((e,) + f.edits, f.replay)
+                    yield own((e,) + f.edits, f.replay)
         for axis, m in _index_maps(s, c, base, whole, named_only=True):  # a map, then signs on the same axis
             for f in _scales(s, c, m.replay, whole, signs_only=True, only=axis):
                 yield Fit(m.edits + f.edits, f.replay)

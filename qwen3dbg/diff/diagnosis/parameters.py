@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
+from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name, replay_floor
 from qwen3dbg.diff.diagnosis.replay import attention, rms_norm, rope_angles, rotate, scores
 from qwen3dbg.diff.diagnosis.site import FIT_HEADS, Diagnosis, Site
 from qwen3dbg.diff.metrics import fit_scale, ranked, rel
@@ -96,7 +96,7 @@ def softmax_temperature(s: Site) -> Diagnosis | None:
         p, sc = p.index_select(2, rows), sc.index_select(2, rows)
     sc = sc.masked_fill(~torch.isfinite(sc), float("-inf"))
     qwen3 = sc.softmax(-1)
-    if rel(p, qwen3) <= s.tol:
+    if rel(p, qwen3) <= replay_floor(s):
         return None
 
     def resid(log_a: float) -> float:
@@ -113,6 +113,7 @@ def softmax_temperature(s: Site) -> Diagnosis | None:
         {"factor": a},
         cand=p,
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
@@ -141,7 +142,7 @@ def rope_fit(s: Site) -> Diagnosis | None:
         return ranked(rel(y, replay(log_theta, interleaved, offset)))
 
     qwen3 = replay(math.log10(theta0))
-    if rel(y, qwen3) <= s.tol:
+    if rel(y, qwen3) <= replay_floor(s):
         return None
     e0, e_worst, p_worst = _position_drift(s)
     drift = (
@@ -165,6 +166,7 @@ def rope_fit(s: Site) -> Diagnosis | None:
             ev | {"fitted_theta": theta},
             cand=y,
             unchanged=qwen3,
+            floor=replay_floor(s),
         )
     ):
         return d_
@@ -177,6 +179,7 @@ def rope_fit(s: Site) -> Diagnosis | None:
             ev | {"position_offset": offset},
             cand=y,
             unchanged=qwen3,
+            floor=replay_floor(s),
         ):
             return d_
     interleaved = replay(math.log10(theta0), True)
@@ -190,6 +193,7 @@ def rope_fit(s: Site) -> Diagnosis | None:
         ev | {"residual_interleaved": r_inter},
         cand=y,
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
@@ -200,7 +204,7 @@ def norm_eps(s: Site) -> Diagnosis | None:
         return None
     eps0 = s.cfg.rms_norm_eps
     qwen3 = rms_norm(x, w, eps0)
-    if rel(c, qwen3) <= s.tol:
+    if rel(c, qwen3) <= replay_floor(s):
         return None
     t = s.tokens()
     xs, cs = x[:, t].reshape(-1, x.shape[-1]), c[:, t].reshape(-1, x.shape[-1])
@@ -219,6 +223,7 @@ def norm_eps(s: Site) -> Diagnosis | None:
         rms_norm(x, w, eps),
         {"fitted_eps": eps, "config_eps": eps0},
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
