@@ -30,10 +30,12 @@ from test_diagnosis_grammar import OProjNoise, ShiftedRopeNegatedHalf, SoftmaxTw
 from test_diagnosis_hypotheses import AttendsPreviousLayerCache, MlpNormPreviousLayer, Window  # noqa: E402
 
 from qwen3dbg.diff.diagnosis import diagnose  # noqa: E402
+from qwen3dbg.diff.diagnosis.site import Site  # noqa: E402
 from qwen3dbg.model.checkpoint import Checkpoint  # noqa: E402
 from qwen3dbg.model.synth import make_model  # noqa: E402
 from qwen3dbg.run.candidate import DictSink  # noqa: E402
 from qwen3dbg.run.capture import forced_steps  # noqa: E402
+from qwen3dbg.tapstore.schema import parse_tap_name  # noqa: E402
 
 SHORT = [
     (MlpNormPreviousLayer, 0, "layers.1.mlp_norm"),
@@ -122,6 +124,8 @@ def main() -> None:
         found = diagnose(Window(src, step, tap), step, tap)
         took = time.perf_counter() - t
         said = found[0].message if found else "nothing explains it"
+        if not found and not Site(Window(src, step, tap), step, *parse_tap_name(tap)).divergent():
+            said = "within the differ's tap rule there (not divergent): nothing to explain"
         print(f"{cls.__name__} at step {step} {tap}: diagnosis {took:.2f} s (run {t_run:.0f} s): {said}", flush=True)
 
 

@@ -30,9 +30,9 @@ STEPS = forced_steps(PROMPT, DECODE)
 class Sides:
     """A TapSource over in-memory runs: the differ's view, with no implementation names in it."""
 
-    def __init__(self, model_dir, dtype, cand, ref, gold):
-        self.config, self.steps, self.dtype = cand.config, STEPS, parse_dtype(dtype)
-        self._cand, self._ref, self._gold = run_steps(cand, STEPS), ref, gold
+    def __init__(self, model_dir, dtype, cand, ref, gold, steps=STEPS):
+        self.config, self.steps, self.dtype = cand.config, steps, parse_dtype(dtype)
+        self._cand, self._ref, self._gold = run_steps(cand, steps), ref, gold
         self._ckpt = Checkpoint(model_dir)
 
     def cand(self, step, name):

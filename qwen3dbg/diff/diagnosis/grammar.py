@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, replay_op
+from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, on_rows, replay_floor, replay_op, replay_rows
 from qwen3dbg.diff.diagnosis.replay import rms_norm, rope_angles, rotate
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
 from qwen3dbg.diff.metrics import ranked, rel
@@ -68,12 +68,15 @@ class Edit:
 @dataclass(frozen=True)
 class Fit:
     """An edited replay: the edits (at most two), the replay and, for an edit fitted on some entries and
-    judged on the others, the candidate's and the unedited replay's held-out entries it is judged on."""
+    judged on the others, the candidate's and the unedited replay's held-out entries it is judged on; for an
+    edit replayed from the candidate's own operands, the candidate, the op replayed unedited from them and
+    their noise floor (`replay_floor`; None: the tap's)."""
 
     edits: tuple[Edit, ...]
     replay: torch.Tensor
     cand: torch.Tensor | None = None
     unchanged: torch.Tensor | None = None
+    floor: float | None = None
 
     @property
     def cost(self) -> int:
@@ -303,12 +306,16 @@ def _group(op: str) -> str:
     return "norm" if op in NORM_OPS else "rope" if op in ("q_rope", "k_rope") else op
 
 
-def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[tuple[Edit, torch.Tensor]]:
+def _structural(
+    s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor, rows: torch.Tensor | None
+) -> list[tuple[Edit, torch.Tensor]]:
     """The op applied twice, skipped, run in the other order with its neighbour, RoPE at positions off by one,
-    one term of a sum scaled by a fitted scalar."""
+    one term of a sum scaled by a fitted scalar: replayed on the tokens `rows` (None: all), which `ins` and
+    `qwen3` hold."""
     n, out = s.name(), []
+    pos = s.positions() if rows is None else s.positions()[:, rows]
     if s.op in _SAME_SHAPE and ins[0].numel() == qwen3.numel():
-        twice = replay_op(s, [qwen3.reshape(ins[0].shape)])
+        twice = replay_op(s, [qwen3.reshape(ins[0].shape)], rows)
         group, source = _group(s.op), s.inputs[0]
         if twice is not None:
             what, fix = {
@@ -328,14 +335,15 @@ def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[t
         x, w = s.operand(source), s.weight_at(s.weight_name(OPS_BY_NAME[first].module + ".weight"))
         if x is None or w is None:
             continue
-        rotated = rotate(x.reshape(qwen3.shape), rope_angles(s.positions(), s.cfg.head_dim, s.cfg.rope_theta, False))
+        x = x if rows is None else x.index_select(1, rows)  # q_proj, k_proj: [B,T,n*D]
+        rotated = rotate(x.reshape(qwen3.shape), rope_angles(pos, s.cfg.head_dim, s.cfg.rope_theta, False))
         swapped = rotated if s.op == first else rms_norm(rotated, w, s.cfg.rms_norm_eps)
         what = f"RoPE of {source}" if s.op == first else f"{first[2:]} of RoPE of {source}"
         why = f"RoPE runs before {first} where Qwen3 normalises first; apply {first}, then RoPE"
         out.append((Edit("swapped", f"{n} is {what}", why), swapped))
     if s.op in ("q_rope", "k_rope"):
         for k in (1, -1):
-            angles = rope_angles(s.positions() + k, s.cfg.head_dim, s.cfg.rope_theta, False)
+            angles = rope_angles(pos + k, s.cfg.head_dim, s.cfg.rope_theta, False)
             edit = Edit(
                 "rope_offset",
                 f"{n} is rotated for position p{k:+d}",
@@ -345,11 +353,11 @@ def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[t
             )
             out.append((edit, rotate(ins[0], angles)))
     if s.op in _SUMS:
-        c = s.cand()
+        c = s.pick(s.cand(), rows)
         for i, j in ((0, 1), (1, 0)):  # one term scaled by a fitted scalar, the other as it is
             x, rest = ins[i].reshape(c.shape), ins[j].reshape(c.shape)
             a = float(((c - rest) * x).sum() / x.pow(2).sum())
-            if math.isfinite(a) and abs(a - 1) > s.tol:
+            if math.isfinite(a) and abs(a - 1) > replay_floor(s):
                 what = f"{n} adds {s.inputs[i]} times {a:.4g}"
                 edit = Edit("operand_scaled", what, "Qwen3 adds it as it is", 1, {"operand": s.inputs[i], "factor": a})
                 out.append((edit, a * x + rest))
@@ -359,20 +367,16 @@ def _structural(s: Site, ins: list[torch.Tensor], qwen3: torch.Tensor) -> list[t
 def _operand_maps(s: Site, ins: list[torch.Tensor], rows: torch.Tensor | None) -> Iterator[tuple[Edit, torch.Tensor]]:
     """The op replayed on one operand with a named index map on one of its axes (v heads read in reverse
     order, keys read one position late, q_proj reading attn_norm's channels reversed, ...): for the ops that
-    mix their operands, where a map of an input is no map of the output. Replays on `rows` of the tokens
-    only (all: None); a projection, one matmul per token, is replayed on those rows alone."""
-    per_token, dim = s.op in _PROJECTIONS, OPS_BY_NAME[s.op].axes.index("T")
+    mix their operands, where a map of an input is no map of the output. The map acts on the operand's every
+    token; the replay is of `rows` of the tokens only (all: None)."""
     for slot, name in enumerate(s.inputs):
         _, op = parse_tap_name(name)
         for d, words, view in _axes(s, tuple(ins[slot].shape), True, op):
             x = ins[slot].reshape(view)
             for map_name, how, idx, edge in _maps(view[d]) + _grouping(s, view[d]):
                 moved = _apply_map(x, d, idx, edge).reshape(ins[slot].shape)
-                if per_token and rows is not None:  # the operand's tokens axis is the output's
-                    moved = moved.index_select(dim, rows)
-                replay = replay_op(s, ins[:slot] + [moved] + ins[slot + 1 :])
+                replay = replay_rows(s, ins[:slot] + [moved] + ins[slot + 1 :], rows)
                 if replay is not None:
-                    replay = replay if per_token or rows is None else replay.index_select(dim, rows)
                     ev = {"operand": name} | _map_evidence(words, map_name, idx, edge)
                     what = f"{s.name()} reads {name} with its {words} {how}"
                     yield Edit("index_map", what, f"read its {words} in Qwen3's order", 1, ev), replay
@@ -403,13 +407,14 @@ def _best(s: Site, fits: Iterator[Fit], c: torch.Tensor, base: torch.Tensor) -> 
     kept = []
     for i, f in enumerate(fits):
         r = _resid(c if f.cand is None else f.cand, f.replay)
-        if r <= s.tol:
+        if r <= (s.tol if f.floor is None else f.floor):
             kept.append((f.cost, r, i, f))
     for _, _, _, f in sorted(kept, key=lambda t: t[:3]):
         ev = {"edits": [{"kind": e.kind} | e.evidence for e in f.edits], "cost": f.cost}
         what, why = "; and ".join(e.words for e in f.edits), "; ".join(e.fix for e in f.edits)
         cand, unchanged = (c, base) if f.cand is None else (f.cand, f.unchanged)
-        if (d := s.explained(_signature(s, f), what, why, f.replay, ev, cand=cand, unchanged=unchanged)) is not None:
+        d = s.explained(_signature(s, f), what, why, f.replay, ev, cand=cand, unchanged=unchanged, floor=f.floor)
+        if d is not None:
             return d
     return None
 
@@ -420,35 +425,36 @@ def search(s: Site) -> Diagnosis | None:
     c, base = s.cand(), s.base()
     if c is None or base is None or not c.is_floating_point():
         return None
+    rows = s.fit_rows(c)  # a large tap: every replay and fit on these tokens only
+    c, base = s.pick(c, rows), s.pick(base, rows)
     inner, ins = [], []
     if s.op in _SAME_SHAPE + _SUMS + _MIXING + tuple(op for pair in _NEIGHBOURS for op in pair):
         ins = [s.operand(n) for n in s.inputs]
-        qwen3 = replay_op(s, ins) if all(t is not None for t in ins) else None
+        qwen3 = replay_rows(s, ins, rows) if all(t is not None for t in ins) else None
         if qwen3 is None or qwen3.shape != c.shape:
             ins = []
     if ins:
-        inner = _structural(s, ins, qwen3)
-    rows = s.fit_rows(c)
-    dim = OPS_BY_NAME[s.op].axes.index("T") if rows is not None else 0
-    if rows is not None:
-        c, base = c.index_select(dim, rows), base.index_select(dim, rows)
-        inner = [(e, r.index_select(dim, rows)) for e, r in inner]
+        inner = _structural(s, on_rows(s, ins, rows), qwen3, rows)
     whole = rows is None  # every token held: maps along the tokens make sense
 
+    def own(edits: tuple[Edit, ...], replay: torch.Tensor) -> Fit:
+        """An edit replayed from the candidate's own operands: judged against the op replayed from them."""
+        return Fit(edits, replay, c, qwen3, replay_floor(s))
+
     def singles() -> Iterator[Fit]:
-        yield from (Fit((e,), r) for e, r in inner)
+        yield from (own((e,), r) for e, r in inner)
         if ins and s.op in _MIXING:
-            yield from (Fit((e,), r) for e, r in _operand_maps(s, ins, rows))
+            yield from (own((e,), r) for e, r in _operand_maps(s, ins, rows))
         yield from (f for _, f in _index_maps(s, c, base, whole))
         yield from _scales(s, c, base, whole)
 
     def pairs() -> Iterator[Fit]:
         for e, r in inner:
             for _, f in _index_maps(s, c, r, whole, named_only=True):
-                yield Fit((e,) + f.edits, f.replay)
+                yield own((e,) + f.edits, f.replay)
             for f in _scales(s, c, r, whole):
                 if f.cand is None:
-                    yield Fit((e,) + f.edits, f.replay)
+                    yield own((e,) + f.edits, f.replay)
         for axis, m in _index_maps(s, c, base, whole, named_only=True):  # a map, then signs on the same axis
             for f in _scales(s, c, m.replay, whole, signs_only=True, only=axis):
                 yield Fit(m.edits + f.edits, f.replay)

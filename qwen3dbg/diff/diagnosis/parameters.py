@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
+from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name, replay_floor
 from qwen3dbg.diff.diagnosis.replay import attention, rms_norm, rope_angles, rotate, scores
 from qwen3dbg.diff.diagnosis.site import FIT_HEADS, Diagnosis, Site
 from qwen3dbg.diff.metrics import fit_scale, ranked, rel
@@ -87,17 +87,20 @@ def scores_scaled(s: Site) -> Diagnosis | None:
 
 
 def softmax_temperature(s: Site) -> Diagnosis | None:
-    """attn_probs = softmax(a x the candidate's own scores): a fitted inverse temperature."""
+    """attn_probs = softmax(a x the candidate's own scores): a fitted inverse temperature, fitted and judged on
+    the query rows a fit looks at (`Site.fit_rows`: a softmax is per row) when the tap is large."""
     sc, p = s.cand("attn_scores"), s.cand()
-    if sc is None or rel(p, sc.softmax(-1)) <= s.tol:
+    if sc is None:
         return None
-    live = torch.isfinite(sc)
-    sc = sc.masked_fill(~live, float("-inf"))
-    rows = s.fit_rows(p)  # a softmax is per query row: fitted on some rows, judged on all
-    p_fit, sc_fit = (p, sc) if rows is None else (p.index_select(2, rows), sc.index_select(2, rows))
+    if (rows := s.fit_rows(p)) is not None:
+        p, sc = p.index_select(2, rows), sc.index_select(2, rows)
+    sc = sc.masked_fill(~torch.isfinite(sc), float("-inf"))
+    qwen3 = sc.softmax(-1)
+    if rel(p, qwen3) <= replay_floor(s):
+        return None
 
     def resid(log_a: float) -> float:
-        return ranked(rel(p_fit, (sc_fit * math.exp(log_a)).softmax(-1)))
+        return ranked(rel(p, (sc * math.exp(log_a)).softmax(-1)))
 
     grid = [i * 0.25 for i in range(-16, 17)]
     log_a = golden_section(resid, min(grid, key=resid) - 0.25, min(grid, key=resid) + 0.25)
@@ -108,7 +111,9 @@ def softmax_temperature(s: Site) -> Diagnosis | None:
         f"the softmax has a temperature of {1 / a:.4g}; Qwen3 takes it of the scores as they are",
         (sc * a).softmax(-1),
         {"factor": a},
-        unchanged=sc.softmax(-1),
+        cand=p,
+        unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
@@ -137,7 +142,7 @@ def rope_fit(s: Site) -> Diagnosis | None:
         return ranked(rel(y, replay(log_theta, interleaved, offset)))
 
     qwen3 = replay(math.log10(theta0))
-    if rel(y, qwen3) <= s.tol:
+    if rel(y, qwen3) <= replay_floor(s):
         return None
     e0, e_worst, p_worst = _position_drift(s)
     drift = (
@@ -161,6 +166,7 @@ def rope_fit(s: Site) -> Diagnosis | None:
             ev | {"fitted_theta": theta},
             cand=y,
             unchanged=qwen3,
+            floor=replay_floor(s),
         )
     ):
         return d_
@@ -173,6 +179,7 @@ def rope_fit(s: Site) -> Diagnosis | None:
             ev | {"position_offset": offset},
             cand=y,
             unchanged=qwen3,
+            floor=replay_floor(s),
         ):
             return d_
     interleaved = replay(math.log10(theta0), True)
@@ -186,6 +193,7 @@ def rope_fit(s: Site) -> Diagnosis | None:
         ev | {"residual_interleaved": r_inter},
         cand=y,
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
@@ -196,7 +204,7 @@ def norm_eps(s: Site) -> Diagnosis | None:
         return None
     eps0 = s.cfg.rms_norm_eps
     qwen3 = rms_norm(x, w, eps0)
-    if rel(c, qwen3) <= s.tol:
+    if rel(c, qwen3) <= replay_floor(s):
         return None
     t = s.tokens()
     xs, cs = x[:, t].reshape(-1, x.shape[-1]), c[:, t].reshape(-1, x.shape[-1])
@@ -215,6 +223,7 @@ def norm_eps(s: Site) -> Diagnosis | None:
         rms_norm(x, w, eps),
         {"fitted_eps": eps, "config_eps": eps0},
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 

@@ -7,7 +7,6 @@ which the hypothesis steps aside.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Protocol
@@ -15,6 +14,7 @@ from typing import Protocol
 import torch
 
 from qwen3dbg.model.config import Qwen3Config
+from qwen3dbg.diff.fused import tap_errors
 from qwen3dbg.diff.noise import NORM_FACTOR, REL_FLOOR_ULPS, tolerance
 from qwen3dbg.util.dtypes import dtype_name
 from qwen3dbg.diff.metrics import rel, sample
@@ -83,6 +83,8 @@ class Site:
     #: (side, step, name) -> widened tensor: hypotheses read the same few taps, each from the source once
     _reads: dict = field(default_factory=dict, init=False, repr=False)
     _weights: dict = field(default_factory=dict, init=False, repr=False)
+    #: what hypotheses of this site share once computed (`hypothesis.replay_floor`)
+    memo: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def cfg(self) -> Qwen3Config:
@@ -146,36 +148,33 @@ class Site:
         """The noise floor a hypothesis must reach, the differ's own norm-wise rule: NORM_FACTOR x the
         reference's relative error to fp64 at this tap, never under REL_FLOOR_ULPS ulps of the dtype."""
         r, g = self.src.ref(self.step, self.name()), self.src.gold(self.step, self.name())
-        noise = 0.0
-        if r is not None and g is not None:
-            g = widen(g)
-            noise = rel(r, g, where=torch.isfinite(g) & ~masked(g))
-            noise = 0.0 if math.isnan(noise) else noise  # nothing compared: the floor alone
+        noise = 0.0  # nothing compared: the floor alone
+        if r is not None and g is not None and r.shape == g.shape:
+            alone = tap_errors(g, r, r, scores=self.op == "attn_scores")
+            noise = alone.ref.rel_l2 if alone.count else 0.0
         return max(NORM_FACTOR * noise, REL_FLOOR_ULPS * self.eps)
 
     def divergent(self) -> bool:
         """Whether the candidate's tap is past the differ's rule (True when the golden is not at hand):
-        a tap within the noise has nothing for a hypothesis to explain (`explain_rounding` words it)."""
+        a tap within the noise has nothing for a hypothesis to explain (`explain_rounding` words it).
+        Judged by the differ's own fused pass over the tap, which widens nothing."""
         name = self.name()
-        c, r, g = self.cand(), widen(self.src.ref(self.step, name)), widen(self.src.gold(self.step, name))
+        c, r, g = (get(self.step, name) for get in (self.src.cand, self.src.ref, self.src.gold))
         if r is None or g is None or c is None or not c.shape == r.shape == g.shape:
             return True
-        keep = torch.isfinite(g) & ~masked(g)
-        if not bool(keep.any()) or bool((masked(c) != masked(g)).any()):  # the differ compares masks too
+        scores = self.op == "attn_scores"
+        te = tap_errors(g, r, c, scores=scores)
+        if not te.count or te.mask_diff or te.nonfinite["cand"]:  # the differ compares masks too
             return True
-
-        def amax(t: torch.Tensor) -> float:
-            return float(t.where(keep, 0.0).abs().max())  # no copy of the kept entries
-
-        (c_rel, c_max), (r_rel, r_max) = [(rel(x, g, where=keep), amax(x - g)) for x in (c, r)]
+        r_rel, r_max = te.ref.rel_l2, te.ref.max_abs
         if self.step > 0:  # as the differ does at a decode step: the prefill's noise of the op pools in
-            r0, g0 = widen(self.src.ref(0, name)), widen(self.src.gold(0, name))
+            r0, g0 = self.src.ref(0, name), self.src.gold(0, name)
             if r0 is not None and g0 is not None and r0.shape == g0.shape:
-                k0 = torch.isfinite(g0) & ~masked(g0)
-                if bool(k0.any()):
-                    r_rel, r_max = max(r_rel, rel(r0, g0, where=k0)), max(r_max, float((r0 - g0)[k0].abs().max()))
-        tol = tolerance(self.src.dtype, r_rel, r_max, amax(g), int(keep.sum()))
-        return tol.excess(c_rel, c_max) > 1
+                te0 = tap_errors(g0, r0, r0, scores=scores)
+                if te0.count:
+                    r_rel, r_max = max(r_rel, te0.ref.rel_l2), max(r_max, te0.ref.max_abs)
+        tol = tolerance(self.src.dtype, r_rel, r_max, te.gold_max, te.count)
+        return tol.excess(te.cand.rel_l2, te.cand.max_abs) > 1
 
     def floors(self, resid: float) -> float:
         """A relative residual in units of the noise floor."""
@@ -191,6 +190,7 @@ class Site:
         *,
         cand: torch.Tensor | None = None,
         unchanged: torch.Tensor | None = None,
+        floor: float | None = None,
     ) -> Diagnosis | None:
         """The one gate every replayed hypothesis goes through: its finding, or None unless it proves
         something. `replay` is the op recomputed with the edit, `unchanged` the same replay without it (default:
@@ -198,13 +198,17 @@ class Site:
         needs its `unchanged`). Stated only when the replay reproduces the candidate within the noise floor
         (NaN/inf where the candidate is finite, or nothing to compare, is no fit), the unchanged replay does not,
         and the edit moves the replay out of the noise of the unchanged one (an edit that would explain the
-        reference side as well distinguishes nothing)."""
+        reference side as well distinguishes nothing). The noise is `floor` for all three, by default the tap's
+        (`tol`); `hypothesis.replay_floor` where `replay` and `unchanged` are both replayed from the candidate's
+        own operands."""
         assert cand is None or unchanged is not None, "a replay on a slice needs its unchanged replay"
+        assert floor is None or unchanged is not None, "a replay's own floor holds against its unchanged replay"
         c = self.cand() if cand is None else cand
         unchanged = self.base() if unchanged is None else unchanged
+        floor = self.tol if floor is None else floor
         resid = rel(c, replay)
-        x = self.floors(resid)
-        if not x <= 1 or not rel(c, unchanged) > self.tol or not rel(replay, unchanged) > self.tol:
+        x = resid / floor
+        if not x <= 1 or not rel(c, unchanged) > floor or not rel(replay, unchanged) > floor:
             return None
         return Diagnosis(
             signature,
@@ -219,13 +223,25 @@ class Site:
         axes = OPS_BY_NAME[self.op].axes
         if t.numel() <= FIT_ELEMENTS or "T" not in axes:
             return None
-        dim, c, b = axes.index("T"), self.cand(), self.base()
-        n = c.shape[dim]
+        key = ("fit_rows", t.numel())  # hypotheses of a large tap ask for the same rows
+        if key not in self.memo:
+            self.memo[key] = self._worst_rows(t, axes.index("T"))
+        return self.memo[key]
+
+    def _worst_rows(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        c, b = self.cand(), self.base()
+        n, others = c.shape[dim], [i for i in range(c.dim()) if i != dim]
         k = min(n, max(2, FIT_ELEMENTS * n // t.numel()))
-        d, bf = ((c - b).movedim(dim, 0).reshape(n, -1), b.movedim(dim, 0).reshape(n, -1))
+        d = c - b
         ok = torch.isfinite(d)
-        err = d.where(ok, 0.0).pow(2).sum(1) / bf.where(ok, 0.0).pow(2).sum(1).clamp_min(torch.finfo(d.dtype).tiny)
+        err = d.where(ok, 0.0).pow(2).sum(others) / b.where(ok, 0.0).pow(2).sum(others).clamp_min(
+            torch.finfo(d.dtype).tiny
+        )
         return torch.cat([sample(n, k - k // 2), err.topk(k // 2).indices]).unique()
+
+    def pick(self, t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """This op's tap `t` on the tokens `rows` only (None: all)."""
+        return t if rows is None else t.index_select(OPS_BY_NAME[self.op].axes.index("T"), rows)
 
     def positions(self) -> torch.Tensor:
         return torch.tensor(self.src.steps[self.step].positions)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name
+from qwen3dbg.diff.diagnosis.hypothesis import NORM_OPS, Hypothesis, norm_input, norm_weight_name, replay_floor
 from qwen3dbg.diff.diagnosis.replay import experts_mix, layer_norm, rms_norm, scores
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
 from qwen3dbg.diff.metrics import ranked, rel
@@ -27,7 +27,7 @@ def norm_variants(s: Site) -> Diagnosis | None:
         return None
     eps, n = s.cfg.rms_norm_eps, s.name()
     qwen3 = rms_norm(x, w, eps)
-    if rel(c, qwen3) <= s.tol:
+    if rel(c, qwen3) <= replay_floor(s):
         return None
     best = _best(
         c,
@@ -52,7 +52,7 @@ def norm_variants(s: Site) -> Diagnosis | None:
             ),
         ),
     )
-    return s.explained(best[0], best[2], best[3], best[1], unchanged=qwen3)
+    return s.explained(best[0], best[2], best[3], best[1], unchanged=qwen3, floor=replay_floor(s))
 
 
 def norm_over_all_heads(s: Site) -> Diagnosis | None:
@@ -62,7 +62,7 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
         return None
     eps, n = s.cfg.rms_norm_eps, c.shape[-2]
     qwen3 = rms_norm(x, w, eps)
-    if rel(c, qwen3) <= s.tol:
+    if rel(c, qwen3) <= replay_floor(s):
         return None
     joint = rms_norm(x.flatten(-2), w.repeat(n), eps).reshape(c.shape)
     per_head = (c / w).pow(2).mean(-1).sqrt()  # [B,T,n]: the RMS each head got before its weight
@@ -83,6 +83,7 @@ def norm_over_all_heads(s: Site) -> Diagnosis | None:
         joint,
         ev,
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
@@ -138,6 +139,7 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
             replay,
             ev,
             unchanged=qwen3,
+            floor=replay_floor(s),
         )
     return s.explained(
         "gqa_mapping",
@@ -146,19 +148,20 @@ def gqa_mapping(s: Site) -> Diagnosis | None:
         replay,
         ev,
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
 def causal_mask_missing(s: Site) -> Diagnosis | None:
-    """Scores (or their softmax) replayed from the candidate's q_rope and k_cache without the causal mask."""
+    """Scores (or their softmax) replayed from the candidate's q_rope and k_cache without the causal mask, on
+    the query rows a fit looks at (`Site.fit_rows`) when the tap is large."""
     sc, q, k = s.cand("attn_scores"), s.operand(s.name("q_rope")), s.operand(s.name("k_cache"))
     if q is None or k is None:
         return None
-    c = s.cand()
-    future = causal_mask(s.positions(), k.shape[2]).expand_as(c)  # [B,nH,T,S]
+    c, pos = s.cand(), s.positions()
+    future = causal_mask(pos, k.shape[2]).expand_as(c)  # [B,nH,T,S]
     if not bool(future.any()) or bool((masked(c) | (c == 0) | ~future).all()):
         return None  # no future key, or the candidate masks every one: nothing for the replay to show
-    hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5, causal=False)
     ev = {"future_entries": int(future.sum())}
     if sc is not None:
         ev["reached"] = int((future & ~masked(sc)).sum())
@@ -170,7 +173,10 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
     if probs is not None:
         ev["future_mass"] = float(probs.where(future, 0.0).sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
-    masked_hyp = scores(q, k, s.positions(), s.kv_of_head, s.cfg.head_dim**-0.5)
+    if (rows := s.fit_rows(c)) is not None:
+        c, q, pos = c.index_select(2, rows), q.index_select(1, rows), pos[:, rows]
+    hyp = scores(q, k, pos, s.kv_of_head, s.cfg.head_dim**-0.5, causal=False)
+    masked_hyp = scores(q, k, pos, s.kv_of_head, s.cfg.head_dim**-0.5)
     replay, qwen3 = (hyp, masked_hyp) if s.op == "attn_scores" else (hyp.softmax(-1), masked_hyp.softmax(-1))
     return s.explained(
         "causal_mask_missing",
@@ -178,6 +184,7 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
         "the causal mask is missing; mask keys after the query's position",
         replay,
         ev,
+        cand=c,
         unchanged=qwen3,
     )
 
@@ -196,6 +203,7 @@ def softmax_axis(s: Site) -> Diagnosis | None:
         sc.softmax(-2),
         ev,
         unchanged=sc.softmax(-1),
+        floor=replay_floor(s),
     )
 
 
@@ -270,7 +278,7 @@ def moe_weights_normalisation(s: Site) -> Diagnosis | None:
 def swiglu_swapped(s: Site) -> Diagnosis | None:
     """mlp.act from the candidate's own gate and up, with the two swapped: silu(up) * gate."""
     gate, up, c = s.operand(s.name("mlp.gate")), s.operand(s.name("mlp.up")), s.cand()
-    if gate is None or up is None or rel(c, swiglu(gate, up)) <= s.tol:
+    if gate is None or up is None or rel(c, swiglu(gate, up)) <= replay_floor(s):
         return None
     return s.explained(
         "swiglu_swapped",
@@ -278,6 +286,7 @@ def swiglu_swapped(s: Site) -> Diagnosis | None:
         "gate and up are swapped in SwiGLU; Qwen3 computes silu(gate_proj(x)) * up_proj(x)",
         swiglu(up, gate),
         unchanged=swiglu(gate, up),
+        floor=replay_floor(s),
     )
 
 

@@ -15,7 +15,8 @@ from qwen3dbg.diff.diagnosis.hypothesis import (
     linear_weight_name,
     norm_input,
     norm_weight_name,
-    replay_op,
+    replay_floor,
+    replay_rows,
 )
 from qwen3dbg.diff.diagnosis.replay import rms_norm
 from qwen3dbg.diff.diagnosis.site import Diagnosis, Site
@@ -65,7 +66,8 @@ def _candidates(s: Site, own: str, shape: tuple[int, ...], everywhere: bool) -> 
 def _stated(
     s: Site, used: str, own: str, transposed: bool, fit: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ) -> Diagnosis | None:
-    """`fit`: (the candidate's slice, the replay with `used`, the replay with `own`) on the same slice."""
+    """`fit`: (the candidate's slice, the replay with `used`, the replay with `own`) on the same slice, both
+    from the candidate's own operands."""
     c, replay, qwen3 = fit
     if transposed and used == own:
         return s.explained(
@@ -76,6 +78,7 @@ def _stated(
             {"weight": own, "expected": own},
             cand=c,
             unchanged=qwen3,
+            floor=replay_floor(s),
         )
     relation = _relation(s, used, own)
     if transposed:  # "layer 0's weight transposed", "o_proj.weight transposed in place of q_proj.weight"
@@ -95,6 +98,7 @@ def _stated(
         {"weight": used, "expected": own, "transposed": transposed},
         cand=c,
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
@@ -106,7 +110,7 @@ def norm_weight(s: Site) -> Diagnosis | None:
         return None
     t = s.tokens()
     xhat, c = rms_norm(x[:, t], 1.0, s.cfg.rms_norm_eps), s.cand()[:, t]
-    if rel(c, w * xhat) <= s.tol:
+    if rel(c, w * xhat) <= replay_floor(s):
         return None
     others = ((n, s.weight_at(n)) for n in _candidates(s, own, tuple(w.shape), True))
     tried = [(wn * xhat, n) for n, wn in others if wn is not None]
@@ -129,7 +133,7 @@ def linear_weight(s: Site) -> Diagnosis | None:
         return None
     x, c = x[:, s.tokens()], c[:, s.tokens()][..., rows]
     qwen3 = x @ w.T
-    if rel(c, qwen3) <= s.tol:
+    if rel(c, qwen3) <= replay_floor(s):
         return None
     shape = s.weight_shape(own)
     tried = []
@@ -193,13 +197,14 @@ def _alternatives(s: Site, slot: int) -> list[tuple[str, int]]:
 
 def input_substituted(s: Site) -> Diagnosis | None:
     """The op replayed with one input replaced by another tap of as many elements (attn_out also with both
-    of its caches' layer replaced when the candidate shows no probabilities)."""
+    of its caches' layer replaced when the candidate shows no probabilities), on the tokens a fit looks at
+    (`Site.fit_rows`) when the tap is large."""
     ins = [s.operand(n) for n in s.inputs]
     if any(t is None for t in ins):
         return None
-    c = s.cand()
-    qwen3 = replay_op(s, ins)
-    if qwen3 is None or rel(c, qwen3) <= s.tol:
+    rows = s.fit_rows(s.cand())
+    c, qwen3 = s.pick(s.cand(), rows), replay_rows(s, ins, rows)
+    if qwen3 is None or rel(c, qwen3) <= replay_floor(s):
         return None
     tried = []
     for slot, right in enumerate(ins):
@@ -207,7 +212,7 @@ def input_substituted(s: Site) -> Diagnosis | None:
             alt = s.operand(name, step)
             if alt is None or alt.numel() != right.numel() or alt.dtype != right.dtype:
                 continue
-            hyp = replay_op(s, ins[:slot] + [alt.reshape(right.shape)] + ins[slot + 1 :])
+            hyp = replay_rows(s, ins[:slot] + [alt.reshape(right.shape)] + ins[slot + 1 :], rows)
             if hyp is not None and hyp.shape == c.shape:
                 tried.append((hyp, slot, name, step))
     if not tried:
@@ -231,7 +236,9 @@ def input_substituted(s: Site) -> Diagnosis | None:
         f"{why}; feed it {right}",
         replay,
         {"operand": name, "operand_step": step, "expected": right},
+        cand=c,
         unchanged=qwen3,
+        floor=replay_floor(s),
     )
 
 
