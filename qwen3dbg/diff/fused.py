@@ -180,7 +180,7 @@ def _run(gold, ref, cand, scores, keep, limit, rows=None) -> _Out:
     a = _Args(
         (ctypes.c_void_p * 3)(*(t.data_ptr() for t in sides)),
         (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in sides)),
-        (ctypes.c_double * 3)(*(torch.finfo(t.dtype).min / 2 for t in (gold, ref, cand))),
+        (ctypes.c_double * 3)(*(torch.finfo(t.dtype).min / 2 for t in sides)),  # ids widened: no mask
         int(scores),
         keep.data_ptr() if keep is not None else None,
         limit,
