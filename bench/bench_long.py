@@ -177,6 +177,16 @@ def case(name: str, model: Path, cand: str, plain: list[str], prompt: int, decod
     return {"name": name, "prompt": prompt, "decode": decode, "plain": base, "diff": d, "ratio": d["wall"] / plain_sum}
 
 
+def synthetic(workdir: Path, preset: str) -> Path:
+    """The preset's synthetic checkpoint under the bench's workdir, made on first use."""
+    model = workdir / preset
+    if not (model / "config.json").exists():
+        from qwen3dbg.model.synth import make_model
+
+        make_model(model, preset, replace=True)  # what a run that died left
+    return model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=home("bench"))
@@ -192,11 +202,7 @@ def main() -> None:
         return
     os.environ["QWEN3DBG_HOME"] = str(a.workdir / "home")
     a.workdir.mkdir(parents=True, exist_ok=True)
-    model = a.workdir / PRESET
-    if not (model / "config.json").exists():
-        from qwen3dbg.model.synth import make_model
-
-        make_model(model, PRESET, replace=True)  # what a run that died left
+    model = synthetic(a.workdir, PRESET)
     big = tuple(map(int, a.tokens.split("+"))) if a.tokens else (2048, 256)
     small = big if a.full else (1024, 64)
     store = a.workdir / f"store-mine-{small[0]}-{small[1]}"

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_long import PRESET, case, child_diff, child_plain, ids  # noqa: E402
+from bench_long import PRESET, case, child_diff, child_plain, ids, synthetic  # noqa: E402
 from measure import TreeAnon  # noqa: E402
 
 from qwen3dbg.util.home import home  # noqa: E402
@@ -134,16 +134,6 @@ def child_tree(kind: str, model: str, side: str, prompt: int, decode: int) -> di
     with TreeAnon() as tree:
         r = (child_diff if kind == "diff" else child_plain)(model, side, prompt, decode)
     return dict(r, peak_anon=tree.peak, written=r["written"] + tree.children_written)
-
-
-def synthetic(workdir: Path, preset: str) -> Path:
-    """The preset's synthetic checkpoint under the bench's workdir, made on first use."""
-    model = workdir / preset
-    if not (model / "config.json").exists():
-        from qwen3dbg.model.synth import make_model
-
-        make_model(model, preset)
-    return model
 
 
 def tp_case(name: str, model: Path, prompt: int, decode: int) -> dict:

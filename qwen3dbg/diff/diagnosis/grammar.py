@@ -313,7 +313,7 @@ def _structural(
     one term of a sum scaled by a fitted scalar: replayed on the tokens `rows` (None: all), which `ins` and
     `qwen3` hold."""
     n, out = s.name(), []
-    pos = s.positions() if rows is None else s.positions()[:, rows]
+    pos = s.positions(rows)
     if s.op in _SAME_SHAPE and ins[0].numel() == qwen3.numel():
         twice = replay_op(s, [qwen3.reshape(ins[0].shape)], rows)
         group, source = _group(s.op), s.inputs[0]

@@ -65,7 +65,7 @@ def replay_op(s: Site, ins: list[torch.Tensor], rows: torch.Tensor | None = None
     `rows` when `ins` hold only those (`replay_rows`); None for ops not replayed here (the logits: a full LM
     head in float64 is too large to replay whole)."""
     op, c = s.op, s.cand()
-    pos = s.positions() if rows is None else s.positions()[:, rows]
+    pos = s.positions(rows)
     if op in NORM_OPS:
         w = s.weight_at(norm_weight_name(s))
         x = ins[0].reshape(*ins[0].shape[:2], *c.shape[2:])  # q_norm's input, [B,T,nH*D], per head

@@ -243,8 +243,10 @@ class Site:
         """This op's tap `t` on the tokens `rows` only (None: all)."""
         return t if rows is None else t.index_select(OPS_BY_NAME[self.op].axes.index("T"), rows)
 
-    def positions(self) -> torch.Tensor:
-        return torch.tensor(self.src.steps[self.step].positions)
+    def positions(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's positions [B,T], on the tokens `rows` only (None: all)."""
+        pos = torch.tensor(self.src.steps[self.step].positions)
+        return pos if rows is None else pos[:, rows]
 
     def tokens(self, n: int | None = None) -> torch.Tensor:
         """Token indices a replay looks at: a spread sample, the first and last included."""

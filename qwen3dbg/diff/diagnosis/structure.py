@@ -174,7 +174,7 @@ def causal_mask_missing(s: Site) -> Diagnosis | None:
         ev["future_mass"] = float(probs.where(future, 0.0).sum() / probs.sum())
         msg += f" and carry {ev['future_mass']:.0%} of the attention mass"
     if (rows := s.fit_rows(c)) is not None:
-        c, q, pos = c.index_select(2, rows), q.index_select(1, rows), pos[:, rows]
+        c, q, pos = s.pick(c, rows), q.index_select(1, rows), s.positions(rows)
     hyp = scores(q, k, pos, s.kv_of_head, s.cfg.head_dim**-0.5, causal=False)
     masked_hyp = scores(q, k, pos, s.kv_of_head, s.cfg.head_dim**-0.5)
     replay, qwen3 = (hyp, masked_hyp) if s.op == "attn_scores" else (hyp.softmax(-1), masked_hyp.softmax(-1))
