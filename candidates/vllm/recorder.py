@@ -311,25 +311,26 @@ class Recorder:
 
     def _cache(self, attn, value: bool):
         """The sequence's keys or values as the cache holds them after this forward, [1,nKV,S,D]; at a decode
-        step past FULL_CACHE_BYTES only the slots it wrote (as a tap store would keep them). A block of the
-        CPU cache ([blocks, nKV, block_size, 2D]) holds its keys transposed, [D, block_size] ("vec" layout),
-        then its values, [block_size, D]."""
+        step past FULL_CACHE_BYTES only the slot it wrote, read alone (as a tap store would keep it). A block
+        of the CPU cache ([blocks, nKV, block_size, 2D]) holds its keys transposed, [D, block_size] ("vec"
+        layout), then its values, [block_size, D]."""
         cache = attn.kv_cache
         cache = cache[0] if isinstance(cache, (list, tuple)) else cache
         blocks, heads, block_size, _ = cache.shape
         halves = cache.view(blocks, heads, 2 * block_size, -1)
-        D = halves.shape[-1]
-        S = self._seq_len
+        D, S = halves.shape[-1], self._seq_len
+        size = heads * S * D * (4 if cache.dtype == torch.uint8 else cache.element_size())  # as _dequantize gives
+        if len(self._positions) == 1 and size > FULL_CACHE_BYTES:
+            p = self._positions[0]
+            block, at = halves[int(self._blocks[p // block_size])], p % block_size
+            slot = block[:, block_size + at] if value else block[:, :block_size].reshape(heads, D, block_size)[..., at]
+            return CacheSlots(_copy(_dequantize(slot[None, :, None], attn, value)), [p])
         used = halves[self._blocks[: math.ceil(S / block_size)].long()]
         if value:
             part = used[:, :, block_size:]
         else:
             part = used[:, :, :block_size].reshape(-1, heads, D, block_size).transpose(-1, -2)
-        kv = _dequantize(part.transpose(0, 1).reshape(heads, -1, D)[:, :S], attn, value)
-        if len(self._positions) == 1 and kv.numel() * kv.element_size() > FULL_CACHE_BYTES:
-            p = self._positions[0]
-            return CacheSlots(_copy(kv[None, :, p : p + 1]), [p])
-        return _copy(kv[None])
+        return _copy(_dequantize(part.transpose(0, 1).reshape(heads, -1, D)[:, :S], attn, value)[None])
 
     def close(self) -> None:
         for h in self.handles:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from qwen3dbg.diff.blocks import BLOCK_ELEMENTS, RowBlocks, blocked_count_over, blocked_errors, value_of
@@ -623,27 +624,28 @@ def judge_rows(
     the noise, else how many do, the worst excess, and the first row by position then head, with its
     position as a position (a decode step's query row is its absolute position, a cache slot its own)."""
     excess = row_excess(sums, ref_rel_l2, dtype)
-    over = (excess > 1).nonzero().flatten()
-    if over.numel() == 0:
+    with np.errstate(invalid="ignore"):
+        over = np.flatnonzero(excess > 1)
+    if over.size == 0:
         return None
     coords, rem = {}, over
     for size, axis in reversed(list(zip(shape[:-1], axes[:-1]))):
         coords[axis], rem = rem % size, rem // size
+    none = np.zeros_like(over)
     if "T" in coords and positions is not None:
-        pos = torch.tensor(positions)[coords.get("B", torch.zeros_like(over)), coords["T"]]
+        pos = np.asarray(positions)[coords.get("B", none), coords["T"]]
     elif "S" in coords:
-        pos = torch.tensor(slots)[coords["S"]] if slots is not None else coords["S"]
+        pos = np.asarray(slots)[coords["S"]] if slots is not None else coords["S"]
     else:
-        pos = torch.zeros_like(over)
-    head = coords.get("nH", coords.get("nKV", torch.zeros_like(over)))
-    first = int(torch.argmin(pos * (int(head.max()) + 1) + head))
+        pos = none
+    head = coords.get("nH", coords.get("nKV", none))
+    first = int(np.argmin(pos * (int(head.max()) + 1) + head))
     where = {"position": int(pos[first])} if "T" in coords or "S" in coords else {}
     if "nH" in coords or "nKV" in coords:
         where["head"] = int(head[first])
-    judged = int(torch.isfinite(excess).sum())
     return {
-        "over": int(over.numel()),
-        "judged": judged,
+        "over": int(over.size),
+        "judged": int(np.isfinite(excess).sum()),
         "first": where,
         "first_excess": float(excess[over[first]]),
         "worst_excess": float(excess[over].max()),

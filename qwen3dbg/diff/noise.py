@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from statistics import NormalDist
 
+import numpy as np
 import torch
 
 #: a candidate may be this many times further from fp64 than the reference, norm-wise (rel. L2) ...
@@ -65,7 +66,10 @@ ROW_FALSE_ALARM = 1e-9
 ROW_MIN_ELEMENTS = 16
 
 
-def row_excess(sums: torch.Tensor, ref_rel_l2: float, dtype: torch.dtype) -> torch.Tensor:
+_ROW_Z = NormalDist().inv_cdf(1 - ROW_FALSE_ALARM)
+
+
+def row_excess(sums, ref_rel_l2: float, dtype: torch.dtype) -> np.ndarray:
     """Per row, how far past its own tolerance the candidate is (> 1: the row leaves the noise; NaN: not
     judged), from the kernel's row sums [5, rows] of (c - g)^2, (r - g)^2, g^2, the count judged and g^4.
 
@@ -76,15 +80,17 @@ def row_excess(sums: torch.Tensor, ref_rel_l2: float, dtype: torch.dtype) -> tor
     tolerance with Gaussian errors has a row's squared error of tolerance^2 chi2_m / m, and the limit is that
     chi-square's 1 - ROW_FALSE_ALARM quantile (Wilson-Hilferty). Rounding errs in proportion to each value,
     so a row whose energy sits in a few values (an RMSNorm weight of 96.5 on one channel) has fewer degrees
-    of freedom than elements: m = (sum g^2)^2 / sum g^4, at most the count."""
-    ssc, ssr, ssg, n, g4 = sums.double()
+    of freedom than elements: m = (sum g^2)^2 / sum g^4, at most the count.
+
+    In numpy: it runs once per tap, most of them a decode step's few rows, where torch's per-op cost is
+    the whole cost."""
+    ssc, ssr, ssg, n, g4 = np.asarray(sums, dtype=np.float64)
     total_n, total_ssr = float(n.sum()), float(ssr.sum())
-    noise = torch.maximum(torch.maximum(ssr, ref_rel_l2**2 * ssg), n * (total_ssr / max(total_n, 1.0)))
-    tol = torch.maximum(NORM_FACTOR**2 * noise, (REL_FLOOR_ULPS * torch.finfo(dtype).eps) ** 2 * ssg)
-    m = torch.minimum(n, ssg.square() / g4.clamp_min(torch.finfo(torch.float64).tiny)).clamp_min(1)
-    z = NormalDist().inv_cdf(1 - ROW_FALSE_ALARM)
+    noise = np.maximum(np.maximum(ssr, ref_rel_l2**2 * ssg), n * (total_ssr / max(total_n, 1.0)))
+    tol = np.maximum(NORM_FACTOR**2 * noise, (REL_FLOOR_ULPS * torch.finfo(dtype).eps) ** 2 * ssg)
+    m = np.maximum(np.minimum(n, np.square(ssg) / np.maximum(g4, np.finfo(np.float64).tiny)), 1.0)
     k = 2 / (9 * m)
-    quantile = (1 - k + z * k.sqrt()).pow(3)  # chi2_m / m at 1 - ROW_FALSE_ALARM
-    excess = (ssc / (quantile * tol)).sqrt()
-    judged = (n >= ROW_MIN_ELEMENTS) & (tol > 0)
-    return excess.where(judged, torch.nan)
+    quantile = (1 - k + _ROW_Z * np.sqrt(k)) ** 3  # chi2_m / m at 1 - ROW_FALSE_ALARM
+    with np.errstate(divide="ignore", invalid="ignore"):
+        excess = np.sqrt(ssc / (quantile * tol))
+    return np.where((n >= ROW_MIN_ELEMENTS) & (tol > 0), excess, np.nan)

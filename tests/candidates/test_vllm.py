@@ -114,6 +114,40 @@ def test_the_cache_tap_is_the_keys_vllm_stored(models):
     assert torch.equal(v, sink.taps["layers.1.v_proj"].view(1, len(PROMPT), 2, 32).transpose(1, 2))
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_a_decode_steps_cache_slot_read_alone_is_the_slot_of_the_whole_cache(models, monkeypatch, kv_cache_dtype):
+    """Past FULL_CACHE_BYTES a decode step hands on only the slot it wrote, read from its block alone: it is
+    what the whole cache, read back at the next step, holds at that position (keys and values, any dtype)."""
+    from qwen3dbg.diff.streams import CacheSlots
+    from qwen3dbg.run.registry import load_candidate
+
+    class DictSink(dict):  # as handed on: a slot is no tensor
+        def __init__(self, names):
+            self.names = names
+
+        def wants(self, name):
+            return name in self.names
+
+        def __call__(self, name, t):
+            self[name] = t
+
+    cand = load_candidate("vllm", models("tiny-dense"), "bfloat16", block_size=32, kv_cache_dtype=kv_cache_dtype)
+    cand.reset()
+    names = {"layers.1.k_cache", "layers.1.v_cache"}
+    n = len(PROMPT)
+    cand.step(torch.tensor([PROMPT]), torch.tensor([list(range(n))]), DictSink(set()))
+    monkeypatch.setattr("qwen3dbg.candidates.vllm.recorder.FULL_CACHE_BYTES", 0)  # every cache counts as large
+    alone = DictSink(names)
+    cand.step(torch.tensor([[DECODE[0]]]), torch.tensor([[n]]), alone)
+    monkeypatch.undo()
+    whole = DictSink(names)
+    cand.step(torch.tensor([[DECODE[1]]]), torch.tensor([[n + 1]]), whole)
+    for name in names:
+        slot = alone[name]
+        assert isinstance(slot, CacheSlots) and slot.positions == [n]
+        assert torch.equal(slot.values, whole[name][:, :, n : n + 1])
+
+
 @pytest.mark.parametrize("kv_cache_dtype,fmt", [("fp8", "float8_e4m3"), ("fp8_e5m2", "float8_e5m2")])
 def test_an_fp8_cache_diverges_at_the_cache_with_its_cause(models, kv_cache_dtype, fmt):
     r = diff(models("tiny-dense"), f"vllm:kv_cache_dtype={kv_cache_dtype}")

@@ -142,3 +142,19 @@ def test_a_side_that_keeps_probabilities_wider_is_not_a_systematic_deviation(cat
     tap = TapResult(0, "layers.0.attn_probs", 0, "attn_probs", "ok", diff_ulps=0.1, extra={"signed": wide})
     scores = TapResult(0, "layers.0.attn_scores", 0, "attn_scores", "ok")
     assert detect([scores, tap], None, torch.bfloat16, load_config(catalogue_model("dense"))) is None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sign_counts_are_over_distinct_rows_whatever_repeats_zeros_and_signed_zeros(seed):
+    """Against a count over the set of rows: repeated rows (some sharing a shift sum only), rows that move
+    neither way, and -0.0 beside 0.0."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 1 + seed * 37
+    rows = torch.randn(4, n, generator=gen, dtype=torch.float64).round(decimals=seed % 3)
+    rows = rows[:, torch.randint(0, max(n // 2, 1), (n,), generator=gen)].clone()  # repeats
+    rows[:2, torch.rand(n, generator=gen) < 0.2] = 0.0
+    rows[0, torch.rand(n, generator=gen) < 0.2] = -0.0
+    distinct = {tuple(v + 0.0 for v in col) for col in rows.T.tolist()}
+    out = signed_stats(rows, 10 * n, 1.0, torch.bfloat16)
+    for i, kind in enumerate(("shift", "scale")):
+        assert out[f"signs_{kind}"] == [sum(d[i] < 0 for d in distinct), sum(d[i] > 0 for d in distinct)]

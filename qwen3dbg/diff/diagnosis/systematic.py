@@ -32,6 +32,7 @@ import math
 import statistics
 from statistics import NormalDist
 
+import numpy as np
 import torch
 
 from qwen3dbg.diff.result import Divergence, Finding, TapResult
@@ -49,19 +50,18 @@ MARGIN = 1.3
 _MEDIAN_CHI2_1 = NormalDist().inv_cdf(0.75) ** 2  # 0.455
 
 
-def signed_stats(
-    rows: torch.Tensor, count: int, gold_norm: float, dtype: torch.dtype, same_rounding: bool = True
-) -> dict:
+def signed_stats(rows, count: int, gold_norm: float, dtype: torch.dtype, same_rounding: bool = True) -> dict:
     """A tap's signed statistics from its per-row sums [4, rows] (c - r, (c - r) g, r - g, (r - g) g) over
     `count` judged elements: z of each, the candidate's fitted shift (in ulps at the golden's RMS) and
     scale with their standard errors, and, when both sides round the tap to one dtype (`same_rounding`),
-    how many rows move each way (the sign test's data)."""
+    how many rows move each way (the sign test's data). In numpy: every tap of a run pays for it."""
     if count == 0 or gold_norm == 0:
         return {}
+    a = np.asarray(rows, dtype=np.float64)
     unit = torch.finfo(dtype).eps * gold_norm / math.sqrt(count)  # an ulp at the tap's RMS magnitude
-    out = {"rows": rows.shape[1]}
-    totals, spreads = rows.sum(1).tolist(), rows.square().sum(1).sqrt().tolist()
-    distinct = rows.T.unique(dim=0).T  # a row computed twice from the same values (a repeated token) is one
+    out = {"rows": a.shape[1]}
+    totals, spreads = a.sum(1).tolist(), np.sqrt(np.einsum("ij,ij->i", a, a)).tolist()
+    signs = _distinct_signs(a) if same_rounding else None
     for i, (kind, per) in enumerate(
         (("shift", count * unit), ("scale", gold_norm**2), ("ref_shift", 1.0), ("ref_scale", 1.0))
     ):
@@ -69,9 +69,22 @@ def signed_stats(
         out[f"z_{kind}"] = total / spread if spread > 0 else 0.0
         if i < 2:
             out |= {kind: total / per, f"se_{kind}": spread / per}
-            if same_rounding:
-                out[f"signs_{kind}"] = [int((distinct[i] < 0).sum()), int((distinct[i] > 0).sum())]
+            if signs is not None:
+                out[f"signs_{kind}"] = signs[i]
     return out
+
+
+def _distinct_signs(a: np.ndarray) -> list[list[int]]:
+    """[negative, positive] counts of the candidate's shift and scale sums (rows 0 and 1 of `a` [4, rows])
+    over the distinct rows: a row computed twice from the same values (a repeated token) is one. Rows with
+    both sums zero count neither way; the rest are told apart by all four sums, sorted only when two share
+    a shift sum (otherwise no two can be equal)."""
+    moving = a[:, (a[0] != 0) | (a[1] != 0)] + 0.0  # + 0.0: -0.0 and 0.0 are one value
+    if moving.shape[1] > 1:
+        shifts = np.sort(moving[0])
+        if (shifts[1:] == shifts[:-1]).any():
+            moving = np.unique(moving.T, axis=0).T
+    return [[int((moving[i] < 0).sum()), int((moving[i] > 0).sum())] for i in (0, 1)]
 
 
 def sign_test(neg: int, pos: int) -> float:
