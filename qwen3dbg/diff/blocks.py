@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from qwen3dbg.diff.fused import TapErrors, count_over, tap_errors
@@ -127,7 +128,7 @@ def _fold(parts: list[tuple[int, TapErrors]], axis: int, shape: tuple[int, ...])
     rows = None
     if parts[0][1].rows is not None:  # each block's rows [sums, ...block shape but the last axis], joined on axis
         pieces = [p.rows.reshape(p.rows.shape[0], *shape[:axis], -1, *shape[axis + 1 : -1]) for _, p in parts]
-        rows = torch.cat(pieces, dim=axis + 1).reshape(pieces[0].shape[0], -1)
+        rows = np.concatenate(pieces, axis=axis + 1).reshape(pieces[0].shape[0], -1)
     return TapErrors(
         count=sum(p.count for _, p in parts),
         nonfinite=nonfinite,

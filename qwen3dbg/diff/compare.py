@@ -139,6 +139,8 @@ class Comparison:
             return TapResult(status="not_compared", reason=f"the {' and the '.join(lacking)} lacks it", **base), router
         slots, problem, changed = None, "", []
         if spec.op in CACHE_OPS:
+            if s > 0 and isinstance(c, CacheSlots) and c.full is None:
+                self.schedule.slots_only.set()  # no whole cache of another side can be of use
             problem, changed = self._cache_changes(info, spec, c)
             if s > 0 and not problem:  # a decode step: compare the slots it wrote, and any older one it changed
                 slots = sorted(set(info.positions[0]) | set(changed))

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qwen3dbg.diff.metrics import ErrorStats, ratio
@@ -65,6 +66,11 @@ class _Out(ctypes.Structure):
 
 
 _lib = None
+#: elements under which the kernel is called holding the GIL: a decode step's hundreds of small taps each cost
+#: less than the GIL's release and re-acquisition, which waits for the sides' threads when they want it
+HOLD_GIL_BELOW = 1 << 16
+#: a masked attention score in each element type: at or below half its most negative value
+_MASKED_AT = {dt: torch.finfo(dt).min / 2 for dt in _CODES}
 
 
 # A dozen float64 torch passes per tap (casts, differences, norms, max/min/argmax, dot, masks) cost 12-15x reading
@@ -92,8 +98,16 @@ def _kernel():
             ctypes.c_void_p,
         ]
         lib.logits_rows.restype = None
-        _lib = lib
-    return _lib
+        held = ctypes.PyDLL(lib._name)
+        held.compare.argtypes, held.compare.restype = lib.compare.argtypes, lib.compare.restype
+        _lib = lib, held
+    return _lib[0]
+
+
+def _compare(n: int):
+    """The kernel's `compare`, called holding the GIL below HOLD_GIL_BELOW elements."""
+    _kernel()
+    return _lib[n < HOLD_GIL_BELOW].compare
 
 
 @dataclass(frozen=True)
@@ -114,8 +128,8 @@ class TapErrors:
     #: with `row`: per row of the tap, over judged elements, the sums of cand - ref, (cand - ref) * gold,
     #: ref - gold and (ref - gold) * gold (the systematic-deviation test's data), then (cand - gold)^2,
     #: (ref - gold)^2, gold^2, the count of judged elements and gold^4 (the row rule's), float64
-    #: [ROW_SUMS, numel / row]
-    rows: torch.Tensor | None = None
+    #: [ROW_SUMS, numel / row], in numpy (their readers are, for the same reason as HOLD_GIL_BELOW)
+    rows: np.ndarray | None = None
 
 
 def tap_errors(
@@ -131,7 +145,7 @@ def tap_errors(
     if gold.numel() == 0:
         zero = ErrorStats(0.0, 0.0, 0, 0.0)
         return TapErrors(0, {"ref": 0, "cand": 0, "gold": 0}, 0, zero, zero, 0.0, 0.0, 0.0, 0.0)
-    rows = torch.zeros(ROW_SUMS, gold.numel() // row, dtype=torch.float64) if row else None
+    rows = np.zeros((ROW_SUMS, gold.numel() // row)) if row else None
     out = _run(gold, ref, cand, scores, keep, math.inf, rows)
     gnorm, cn, rn = math.sqrt(out.ss_gold), math.sqrt(out.ss_cand), math.sqrt(out.ss_ref)
     hi = out.max_cand >= -out.min_cand  # torch's argmax/argmin: the first index of the extreme
@@ -165,30 +179,24 @@ def count_over(
     return _run(gold, ref, cand, scores, keep, limit).over
 
 
-def _row_pointers(rows: torch.Tensor | None) -> list[int]:
-    """The addresses of `rows`' rows, without iterating the tensor (an unbind per tap)."""
-    if rows is None:
-        return []
-    return [rows.data_ptr() + i * rows.stride(0) * rows.element_size() for i in range(rows.shape[0])]
-
-
-def _run(gold, ref, cand, scores, keep, limit, rows=None) -> _Out:
+def _run(gold, ref, cand, scores, keep, limit, rows: np.ndarray | None = None) -> _Out:
     sides = [t if t.dtype in _CODES else t.double() for t in (gold, ref, cand)]
-    sides = [t.contiguous() for t in sides]
+    sides = [t if t.is_contiguous() else t.contiguous() for t in sides]
     if keep is not None:
         keep = keep.expand(gold.shape).contiguous().view(torch.uint8)
+    base, stride = (rows.ctypes.data, rows.strides[0]) if rows is not None else (0, 0)
     a = _Args(
         (ctypes.c_void_p * 3)(*(t.data_ptr() for t in sides)),
         (ctypes.c_int * 3)(*(_CODES[t.dtype] for t in sides)),
-        (ctypes.c_double * 3)(*(torch.finfo(t.dtype).min / 2 for t in sides)),  # ids widened: no mask
+        (ctypes.c_double * 3)(*(_MASKED_AT[t.dtype] for t in sides)),  # ids widened: no mask
         int(scores),
         keep.data_ptr() if keep is not None else None,
         limit,
         gold.numel() // rows.shape[1] if rows is not None else 0,
-        (ctypes.c_void_p * ROW_SUMS)(*_row_pointers(rows)),
+        (ctypes.c_void_p * ROW_SUMS)(*([] if rows is None else (base + i * stride for i in range(ROW_SUMS)))),
     )
     out = _Out()
-    if _kernel().compare(ctypes.byref(a), gold.numel(), ctypes.byref(out)):
+    if _compare(gold.numel())(ctypes.byref(a), gold.numel(), ctypes.byref(out)):
         raise MemoryError("the comparison kernel could not allocate its partials")
     return out
 

@@ -116,7 +116,12 @@ def diff_plan(
             (RankSide if isinstance(spec.store, RankStores) else StoreSide)(role, spec.store)
             if spec.store is not None
             else ThreadSide(
-                role, candidate_producer(loaded[role], schedule), compared, loaded[role].fresh_taps, schedule
+                role,
+                candidate_producer(loaded[role], schedule),
+                compared,
+                loaded[role].fresh_taps,
+                schedule,
+                cut=role == "ref",
             )
         )
     window = Window(keep)

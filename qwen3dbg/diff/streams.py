@@ -19,6 +19,7 @@ import torch
 from qwen3dbg.tapstore.shards import Gathered, gathered
 from qwen3dbg.run.candidate import Candidate
 from qwen3dbg.tapstore.schema import parse_tap_name
+from qwen3dbg.tapstore import store as tapstore
 from qwen3dbg.tapstore.store import StepInfo, TapStore
 
 CACHE_OPS = frozenset({"k_cache", "v_cache"})
@@ -59,6 +60,12 @@ class Schedule:
         self.cancelled = threading.Event()
         #: the error of the side that failed first: every other side stops (Cancelled) because of it
         self.failed: BaseException | None = None
+        #: set once the candidate hands a decode step's cache on as the slots it wrote alone. Another side's
+        #: whole cache is there only to judge old slots a candidate changed, which such a candidate cannot
+        #: show: from then on a side cuts its own to the written slots as it produces them (`written`).
+        #: Whole, HF's at 2048 tokens on the 0.6B shape is 264 MB a step: twice the queue's bound, it held
+        #: the reference in lockstep with the comparison.
+        self.slots_only = threading.Event()
 
     def get(self, s: int) -> StepInfo:
         with self._ready:
@@ -67,6 +74,12 @@ class Schedule:
                     raise Cancelled()
                 self._ready.wait(0.2)
             return self.steps[s]
+
+    def written(self, step: int) -> list[int] | None:
+        """The cache slots decode step `step` writes, once `slots_only` is set (else None)."""
+        if step == 0 or not self.slots_only.is_set():
+            return None
+        return self.get(step).positions[0]
 
     def publish(self, info: StepInfo) -> None:
         with self._ready:
@@ -145,10 +158,19 @@ class TapQueue:
 
 class QueueSink:
     """What a producer's implementation hands its taps to. Tensors are copied unless the implementation
-    promises never to change a tensor it handed out (`Candidate.fresh_taps`)."""
+    promises never to change a tensor it handed out (`Candidate.fresh_taps`). With `written`
+    (`Schedule.written`), a decode step's whole cache past FULL_CACHE_BYTES is cut to the slots it wrote when
+    nothing needs more."""
 
-    def __init__(self, q: TapQueue, wanted: Callable[[str], bool], fresh: bool, cancelled: threading.Event):
-        self.q, self._wanted, self.fresh, self.cancelled = q, wanted, fresh, cancelled
+    def __init__(
+        self,
+        q: TapQueue,
+        wanted: Callable[[str], bool],
+        fresh: bool,
+        cancelled: threading.Event,
+        written: Callable[[int], list[int] | None] | None = None,
+    ):
+        self.q, self._wanted, self.fresh, self.cancelled, self.written = q, wanted, fresh, cancelled, written
         self.step = 0
 
     def wants(self, name: str) -> bool:
@@ -156,11 +178,19 @@ class QueueSink:
 
     def __call__(self, name: str, t) -> None:
         if self.wants(name):
+            if self.written is not None and isinstance(t, torch.Tensor) and t.nbytes > tapstore.FULL_CACHE_BYTES:
+                t = self._slots(name, t)
             if isinstance(t, torch.Tensor) and not self.fresh:
                 # copied once the queue has room for it: a side held up by the bound waits with no copy in hand
                 self.q.wait_room(t.nbytes, self.cancelled)
                 t = t.detach().clone()
             self.put((self.step, name, t))
+
+    def _slots(self, name: str, t: torch.Tensor):
+        positions = self.written(self.step) if parse_tap_name(name)[1] in CACHE_OPS else None
+        if positions is None:
+            return t
+        return CacheSlots(t[:, :, positions[0] : positions[-1] + 1].clone(), positions)  # the slots alone
 
     def put(self, item) -> None:
         if self.cancelled.is_set():
@@ -194,14 +224,16 @@ class ThreadSide:
         wanted: Callable[[str], bool],
         fresh: bool,
         schedule: Schedule,
+        cut: bool = False,
     ):
+        """`cut`: the side's whole caches are cut to written slots when the schedule says (`Schedule.written`)."""
         self.label = label
         self._q = TapQueue()
         self._early: dict[tuple[int, str], object] = {}
         self._ended: set[int] = set()
         self._error: BaseException | None = None
         self.schedule = schedule
-        sink = QueueSink(self._q, wanted, fresh, schedule.cancelled)
+        sink = QueueSink(self._q, wanted, fresh, schedule.cancelled, schedule.written if cut else None)
 
         def run() -> None:
             try:

@@ -53,7 +53,7 @@ def test_the_comparison_kernel_sums_deviations_and_their_squares_per_row(shape):
             gg.pow(4).sum(-1),
         ]
     )
-    assert torch.allclose(rows, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(torch.from_numpy(rows), want, rtol=1e-12, atol=1e-12)
 
 
 def test_a_planted_shift_of_a_fifth_of_an_ulp_on_1e4_elements_is_caught_among_clean_taps(catalogue_model):

@@ -184,3 +184,53 @@ def test_past_the_layers_the_window_keeps_only_what_the_tail_reads(dense):
     assert ("ref", f"layers.{last}.q_proj") in kept
     assert not {("gold", f"layers.{last}.q_proj"), ("cand", f"layers.{last}.q_proj")} & kept
     assert not any(name.startswith(f"layers.{last - 1}.") and "cache" not in name for _, name in kept)
+
+
+def test_a_decode_steps_whole_cache_is_cut_to_its_slots_only_once_the_candidate_shows_slots_alone(monkeypatch):
+    """Another side's whole cache is of use only to judge old slots a candidate changed; a candidate that hands
+    on the slots it wrote alone cannot show that. Until it has, and at the prefill, caches pass whole; after,
+    a decode step's cache past FULL_CACHE_BYTES is cut to its written slots, a copy that holds no view of the
+    whole; other taps pass as they are."""
+    import threading
+
+    import torch
+
+    from qwen3dbg.tapstore.store import StepInfo
+
+    monkeypatch.setattr("qwen3dbg.tapstore.store.FULL_CACHE_BYTES", 1000)
+    steps = [StepInfo(0, [[1, 2, 3]], [[0, 1, 2]]), StepInfo(1, [[4]], [[3]]), StepInfo(2, [[5]], [[4]])]
+    schedule, q = streams.Schedule(steps, 3), streams.TapQueue(budget=1 << 30)
+    sink = streams.QueueSink(q, lambda n: True, True, threading.Event(), schedule.written)
+    cache = torch.arange(4 * 5 * 64, dtype=torch.float32).reshape(1, 4, 5, 64)  # 5 KB, past the bound
+    small = cache[:, :, :, :8].contiguous()  # 640 bytes: within it
+
+    def handed(step: int, name: str, t):
+        sink.step = step
+        sink(name, t)
+        return q.get(timeout=1)[2]
+
+    assert handed(1, "layers.0.k_cache", cache) is cache  # the candidate has not shown slots alone yet
+    schedule.slots_only.set()
+    assert handed(0, "layers.0.k_cache", cache) is cache  # the prefill's cache
+    assert handed(1, "layers.0.mlp.up", cache) is cache  # no cache
+    assert handed(2, "layers.0.v_cache", small) is small  # within FULL_CACHE_BYTES
+    cut = handed(2, "layers.3.v_cache", cache)
+    assert isinstance(cut, streams.CacheSlots) and cut.positions == [4] and cut.full is None
+    assert torch.equal(cut.values, cache[:, :, 4:5]) and cut.values.untyped_storage().nbytes() == 4 * 64 * 4
+
+
+def test_the_comparison_says_slots_alone_only_for_a_candidate_whose_decode_cache_is_slots_alone(
+    dense, tmp_path, monkeypatch
+):
+    from qwen3dbg.run.capture import capture, forced_steps
+    from qwen3dbg.run.registry import load_candidate
+
+    schedules = []
+    init = streams.Schedule.__init__
+    monkeypatch.setattr(streams.Schedule, "__init__", lambda self, *a: schedules.append(self) or init(self, *a))
+    clean = run_diff("hf", "scratch", model_dir=dense, token_ids=PROMPT, decode_ids=DECODE)
+    assert clean.first_divergence is None and not schedules[-1].slots_only.is_set()
+    monkeypatch.setattr("qwen3dbg.tapstore.store.FULL_CACHE_BYTES", 0)  # the store keeps decode caches as slots
+    path = capture(load_candidate("scratch", dense, "float32"), forced_steps(PROMPT, DECODE), tmp_path / "s")
+    result = run_diff("hf", f"store:{path}", model_dir=dense)
+    assert result.first_divergence is None and not result.not_compared and schedules[-1].slots_only.is_set()

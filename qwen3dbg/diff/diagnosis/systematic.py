@@ -77,14 +77,20 @@ def signed_stats(rows, count: int, gold_norm: float, dtype: torch.dtype, same_ro
 def _distinct_signs(a: np.ndarray) -> list[list[int]]:
     """[negative, positive] counts of the candidate's shift and scale sums (rows 0 and 1 of `a` [4, rows])
     over the distinct rows: a row computed twice from the same values (a repeated token) is one. Rows with
-    both sums zero count neither way; the rest are told apart by all four sums, sorted only when two share
-    a shift sum (otherwise no two can be equal)."""
+    both sums zero count neither way; the rest are told apart by all four sums: as tuples in a set when few
+    (a decode step's), else sorted, and only when two share a shift sum (otherwise no two can be equal)."""
     moving = a[:, (a[0] != 0) | (a[1] != 0)] + 0.0  # + 0.0: -0.0 and 0.0 are one value
-    if moving.shape[1] > 1:
-        shifts = np.sort(moving[0])
-        if (shifts[1:] == shifts[:-1]).any():
-            moving = np.unique(moving.T, axis=0).T
+    if moving.shape[1] <= _FEW_ROWS:
+        rows = set(zip(*moving.tolist()))
+        return [[sum(r[i] < 0 for r in rows), sum(r[i] > 0 for r in rows)] for i in (0, 1)]
+    shifts = np.sort(moving[0])
+    if (shifts[1:] == shifts[:-1]).any():
+        moving = np.unique(moving.T, axis=0).T
     return [[int((moving[i] < 0).sum()), int((moving[i] > 0).sum())] for i in (0, 1)]
+
+
+#: rows deduplicated as tuples in a set: numpy's per-call cost is the whole cost below this
+_FEW_ROWS = 64
 
 
 def sign_test(neg: int, pos: int) -> float:
