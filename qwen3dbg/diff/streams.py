@@ -172,9 +172,13 @@ class QueueSink:
     ):
         self.q, self._wanted, self.fresh, self.cancelled, self.written = q, wanted, fresh, cancelled, written
         self.step = 0
+        self._answers: dict[str, bool] = {}  # asked twice a tap (`emit`, then the call), at every step
 
     def wants(self, name: str) -> bool:
-        return self._wanted(name)
+        answer = self._answers.get(name)
+        if answer is None:
+            answer = self._answers[name] = self._wanted(name)
+        return answer
 
     def __call__(self, name: str, t) -> None:
         if self.wants(name):
