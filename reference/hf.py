@@ -191,17 +191,34 @@ class HFCandidate(Candidate):
 
             return wrapper
 
+        grab: dict = {}  # "scores": inside eager attention, the input of its softmax once it is called
+
+        def softmax(original):
+            def wrapper(x, *args, **kwargs):
+                if "scores" in grab:
+                    grab["scores"] = x
+                return original(x, *args, **kwargs)
+
+            return wrapper
+
         def eager(original):
             def wrapper(module, query, key, value, attention_mask, scaling, *args, **kwargs):
-                out, probs = original(module, query, key, value, attention_mask, scaling, *args, **kwargs)
                 i = current["layer"]
-                if sink.wants(tap_name("attn_scores", i)):
-                    # The same ops eager runs, for the pre-softmax scores it does not return.
-                    scores = (
-                        torch.matmul(query, m.repeat_kv(key, module.num_key_value_groups).transpose(2, 3)) * scaling
-                    )
+                wants = sink.wants(tap_name("attn_scores", i))
+                if wants:
+                    grab["scores"] = None
+                try:
+                    out, probs = original(module, query, key, value, attention_mask, scaling, *args, **kwargs)
+                finally:
+                    scores = grab.pop("scores", None)
+                if wants:
+                    # The pre-softmax scores eager does not return: its softmax's input, the scores plus the
+                    # mask (computing them again cost a third of its attention); else the same ops again.
+                    if scores is None:
+                        keys = m.repeat_kv(key, module.num_key_value_groups)
+                        scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
+                        scores = scores if attention_mask is None else scores + attention_mask
                     if attention_mask is not None:
-                        scores = scores + attention_mask
                         scores = scores.masked_fill(scores <= torch.finfo(scores.dtype).min / 2, float("-inf"))
                     sink(tap_name("attn_scores", i), scores)
                 emit(sink, i, "attn_probs", probs)
@@ -212,7 +229,11 @@ class HFCandidate(Candidate):
         # Patched for this thread only: a diff runs the reference and an hf candidate side by side.
         cache.update = cache_update
         try:
-            with patched(m, "apply_rotary_pos_emb", rope), patched(m, "eager_attention_forward", eager):
+            with (
+                patched(m, "apply_rotary_pos_emb", rope),
+                patched(m, "eager_attention_forward", eager),
+                patched(F, "softmax", softmax),
+            ):
                 yield
         finally:
             del cache.update

@@ -123,3 +123,32 @@ def test_hf_hands_on_each_layers_cache_before_its_attention_matrices(models):
     for i in range(cand.config.num_hidden_layers):
         at = {op: order.index(f"layers.{i}.{op}") for op in ("k_rope", "k_cache", "v_cache", "attn_scores")}
         assert at["k_rope"] < at["k_cache"] < at["v_cache"] < at["attn_scores"], at
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+@pytest.mark.parametrize("path", ["softmax input", "computed again"])
+def test_hfs_attention_scores_are_its_queries_times_its_keys_masked(models, steps, monkeypatch, preset, path):
+    """HF's eager attention does not return its scores: they are its softmax's input, or, where a transformers
+    calls no `nn.functional.softmax` there, the same ops again. Either way: q_rope . k_cache^T / sqrt(D) in
+    the model's dtype, -inf where the causal mask hides a key, at the prefill and a decode step."""
+    import types
+
+    cand = load_candidate("hf", models(preset), "bfloat16")
+    if path == "computed again":
+        functional = types.SimpleNamespace(**vars(torch.nn.functional))  # its softmax is out of capture's reach
+        monkeypatch.setattr(cand.modeling, "nn", types.SimpleNamespace(**{**vars(torch.nn), "functional": functional}))
+    calls, repeat_kv = [], cand.modeling.repeat_kv
+    monkeypatch.setattr(cand.modeling, "repeat_kv", lambda *a: calls.append(1) or repeat_kv(*a))
+    taps = run_steps(cand, steps)
+    cfg = cand.config
+    per_layer = 2 if path == "softmax input" else 3  # eager's keys and values, and the scores' keys again
+    assert len(calls) == per_layer * cfg.num_hidden_layers * len(steps)
+    for s, info in enumerate(steps):
+        for i in range(cfg.num_hidden_layers):
+            q, k = taps[s][f"layers.{i}.q_rope"].transpose(1, 2), taps[s][f"layers.{i}.k_cache"]
+            k = k.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)
+            want = torch.matmul(q, k.transpose(2, 3)) * cfg.head_dim**-0.5
+            first = info.positions[0][0]
+            hidden = torch.arange(k.shape[2])[None, :] > first + torch.arange(q.shape[2])[:, None]
+            want = want.masked_fill(hidden, float("-inf"))
+            assert torch.equal(taps[s][f"layers.{i}.attn_scores"], want), (s, i)
