@@ -172,13 +172,9 @@ class QueueSink:
     ):
         self.q, self._wanted, self.fresh, self.cancelled, self.written = q, wanted, fresh, cancelled, written
         self.step = 0
-        self._answers: dict[str, bool] = {}  # asked twice a tap (`emit`, then the call), at every step
 
     def wants(self, name: str) -> bool:
-        answer = self._answers.get(name)
-        if answer is None:
-            answer = self._answers[name] = self._wanted(name)
-        return answer
+        return self._wanted(name)
 
     def __call__(self, name: str, t) -> None:
         if self.wants(name):

@@ -4,7 +4,6 @@ docs/taps.md is its public description for engines in other languages."""
 from __future__ import annotations
 
 import fnmatch
-import functools
 import re
 from dataclasses import dataclass
 from math import prod
@@ -113,7 +112,6 @@ def tap_name(op: str, layer: int | None) -> str:
 _NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-@functools.lru_cache(maxsize=1 << 14)  # a run parses its few hundred names at every step, on every side
 def parse_tap_name(name: str) -> tuple[int | None, str]:
     """`layers.3.q_rope` -> (3, 'q_rope'); `logits` -> (None, 'logits')."""
     m = _NAME.match(name)
