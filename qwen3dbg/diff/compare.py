@@ -17,7 +17,7 @@ from qwen3dbg.diff.metrics import agreement, cosine, ratio, router_margin, same_
 from qwen3dbg.diff.noise import ELEMENT_FACTOR, row_excess, tolerance
 from qwen3dbg.diff.result import TapResult
 from qwen3dbg.tapstore.shards import Gathered, Part, partial_fits, slice_words
-from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows, Schedule, Side
+from qwen3dbg.diff.streams import CACHE_OPS, CacheSlots, QueryRows, Schedule, Side, written_slots
 from qwen3dbg.diff.window import Window
 from qwen3dbg.model.config import Qwen3Config
 from qwen3dbg.tapstore.schema import TapSpec, step_taps
@@ -151,7 +151,10 @@ class Comparison:
                         "cache at this step"
                     )
                 else:
-                    g, r, c = (f[:, :, slots] if changed else written_slots(v, info) for f, v in zip(fulls, (g, r, c)))
+                    g, r, c = (
+                        f[:, :, slots] if changed else written_slots(v, info.positions[0])
+                        for f, v in zip(fulls, (g, r, c))
+                    )
                     base["numel"] = g.numel()
             if problem:
                 return TapResult(status="divergent", reason=problem, **base), router
@@ -179,7 +182,7 @@ class Comparison:
 
             def compared(v: Value) -> torch.Tensor:  # a rank's variant of the tap, as c is compared
                 if slots is not None:
-                    v = _full(v)[:, :, slots] if changed else written_slots(v, info)
+                    v = _full(v)[:, :, slots] if changed else written_slots(v, info.positions[0])
                 return pick(v) if pick is not None else v
 
             res = self.trace_ranks(info, spec, res, g, r, c, ranks, compared)
@@ -560,14 +563,6 @@ def _changed_words(info: StepInfo, changed: list[int]) -> str:
         f"step {info.step} changed cache slot(s) {changed[:8]} written by earlier steps (it writes position"
         f"{'s' if len(p) > 1 else ''} {p[0]}{f'..{p[-1]}' if len(p) > 1 else ''})"
     )
-
-
-def written_slots(v: Value, info: StepInfo) -> torch.Tensor:
-    """The cache slots a decode step wrote [B,nKV,T,D], from the slots themselves or the whole cache."""
-    if isinstance(v, CacheSlots):
-        return v.values
-    p = info.positions[0]
-    return v[:, :, p[0] : p[-1] + 1]
 
 
 def changed_slots(before: torch.Tensor, after: torch.Tensor) -> list[int]:

@@ -66,6 +66,7 @@ class _Out(ctypes.Structure):
 
 
 _lib = None
+_held = None  # the same library loaded through ctypes.PyDLL: its calls keep the GIL
 #: elements under which the kernel is called holding the GIL: a decode step's hundreds of small taps each cost
 #: less than the GIL's release and re-acquisition, which waits for the sides' threads when they want it
 HOLD_GIL_BELOW = 1 << 16
@@ -79,7 +80,7 @@ _MASKED_AT = {dt: torch.finfo(dt).min / 2 for dt in _CODES}
 # accumulates both sides' errors in the same loop. Sums are taken in fixed chunks folded in order, so results do
 # not depend on the thread count.
 def _kernel():
-    global _lib
+    global _lib, _held
     if _lib is None:
         lib = build(
             "diff_compare", Path(__file__).with_name("fused.c"), REDUCTION_FLAGS, "the differ's comparison kernel"
@@ -98,16 +99,16 @@ def _kernel():
             ctypes.c_void_p,
         ]
         lib.logits_rows.restype = None
-        held = ctypes.PyDLL(lib._name)
-        held.compare.argtypes, held.compare.restype = lib.compare.argtypes, lib.compare.restype
-        _lib = lib, held
-    return _lib[0]
+        _held = ctypes.PyDLL(lib._name)
+        _held.compare.argtypes, _held.compare.restype = lib.compare.argtypes, lib.compare.restype
+        _lib = lib
+    return _lib
 
 
 def _compare(n: int):
     """The kernel's `compare`, called holding the GIL below HOLD_GIL_BELOW elements."""
-    _kernel()
-    return _lib[n < HOLD_GIL_BELOW].compare
+    lib = _kernel()
+    return (_held if n < HOLD_GIL_BELOW else lib).compare
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,14 @@ class CacheSlots:
     full: torch.Tensor | None = None
 
 
+def written_slots(v: torch.Tensor | CacheSlots, positions: list[int]) -> torch.Tensor:
+    """The cache slots [B,nKV,n,D] a decode step writing `positions` wrote, from the slots themselves or the
+    whole cache (a view)."""
+    if isinstance(v, CacheSlots):
+        return v.values
+    return v[:, :, positions[0] : positions[-1] + 1]
+
+
 @dataclass(frozen=True)
 class QueryRows:
     """A tap a side holds for some token rows only: `values` with n rows on the T axis at `positions` (an
@@ -190,7 +198,7 @@ class QueueSink:
         positions = self.written(self.step) if parse_tap_name(name)[1] in CACHE_OPS else None
         if positions is None:
             return t
-        return CacheSlots(t[:, :, positions[0] : positions[-1] + 1].clone(), positions)  # the slots alone
+        return CacheSlots(written_slots(t, positions).clone(), positions)  # the slots alone, not a view
 
     def put(self, item) -> None:
         if self.cancelled.is_set():
