@@ -32,6 +32,17 @@ V1_RUNNER = "vllm.v1.worker.cpu_model_runner.CPUModelRunner"
 _ENGINE_CALL = threading.Lock()
 #: the kind (MoE or not) of model vLLM's process-wide parallel groups were made for
 _PARALLEL_KIND: list[bool] = []
+_THIS_THREAD = threading.local()
+
+
+def threads_here(threads: int) -> None:
+    """torch's thread count set in the calling thread too. OpenMP keeps a count per thread, and torch sets a
+    thread's from its own setting at the thread's first parallel op only; vLLM's CPU attention reads the count
+    when it plans a forward and again when it runs it, so a thread that was at the default (the cores) until
+    an op inside the forward failed vLLM's check with `threads=1` ("thread_num == thread_num (2 vs. 1)")."""
+    if getattr(_THIS_THREAD, "threads", None) != threads:
+        torch.set_num_threads(threads)
+        _THIS_THREAD.threads = threads
 
 
 def import_vllm():
@@ -127,6 +138,7 @@ class Engine:
         finally:
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
+        self.threads = threads
         self.version = vllm.__version__
         self.core = self.llm.engine_core.engine_core
         self.workers = workers
@@ -179,6 +191,7 @@ class Engine:
         """Schedule and run one forward; its sampling waits (`sample`)."""
         if self.pending is not None:
             self.sample()
+        threads_here(self.threads)  # a diff runs the engine in a thread of its own
         scheduled = self.core.scheduler.schedule()
         if not scheduled.total_num_scheduled_tokens:
             raise RuntimeError("vLLM scheduled no token although the sequence under test is unfinished")

@@ -32,6 +32,7 @@ def decode_tokens_per_s(
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from qwen3dbg.candidates.vllm.engine import threads_here
     from qwen3dbg.candidates.vllm.forcing import EXTRA_KEY, FORCED
 
     assert len(decode) >= 2, "a rate needs two decode steps"
@@ -55,6 +56,7 @@ def decode_tokens_per_s(
         torch.set_num_threads(threads)
 
     def run(n: int) -> float:
+        threads_here(threads)
         params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, extra_args={EXTRA_KEY: key})
         t = time.perf_counter()
         llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)

@@ -78,6 +78,17 @@ def test_speed_on_puts_vllms_compiled_tokens_per_s_beside_the_captured_runs_in_e
     assert any(n in notes[-1] for n in cand["notes"]) and len([n for n in cand["notes"] if "tokens/s" in n]) == 2
 
 
+def test_a_thread_count_of_its_own_runs_in_the_diffs_thread(models):
+    """`threads=1` on a machine of more cores: the diff runs vLLM in a thread of its own, whose count vLLM's
+    attention reads when it plans a forward and again when it runs it; both must be the option's."""
+    before = torch.get_num_threads()
+    try:
+        for threads in {1, before + 1}:
+            assert diff(models("tiny-dense"), f"vllm:threads={threads}").first_divergence is None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_as_the_reference_beside_a_batched_vllm(models):
     """Two engines in one process, run side by side (one at a time through vLLM's global forward context)."""
     assert diff(models("tiny-dense"), "vllm:batch=3", ref="vllm").first_divergence is None
