@@ -123,7 +123,10 @@ class VllmCandidate(Candidate):
         itemsize = 1 if o["kv_cache_dtype"] != "auto" else self.dtype.itemsize
         per_token = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * itemsize
         sequences = o["batch"] + (1 if o["prefix"] else 0)
-        tokens = sequences * (o["max_model_len"] + o["block_size"])
+        # whole blocks, one more than a sequence of max_model_len fills: vLLM counts its cache in whole blocks, and
+        # given the bytes of max_model_len + block_size tokens, max_model_len=200 found room for 128 tokens only
+        blocks = -(-o["max_model_len"] // o["block_size"]) + 1
+        tokens = sequences * blocks * o["block_size"]
         self.engine = Engine(
             Path(model_dir),
             self.dtype,

@@ -68,19 +68,19 @@ def names() -> list[str]:
     return sorted(IMPLEMENTATIONS)
 
 
-def load_candidate(name: str, model_dir, dtype, **options) -> Candidate:
+def load_candidate(name: str, model_dir, dtype, /, **options) -> Candidate:
     """Implementation `name` for a model directory (a path or an opened ModelDir) in a dtype, checked then loaded."""
     check_candidate(name, model_dir, dtype, **options)
     return construct(name, model_dir, dtype, **options)
 
 
-def construct(name: str, model_dir, dtype, **options) -> Candidate:
+def construct(name: str, model_dir, dtype, /, **options) -> Candidate:
     """Implementation `name` loaded without its check: for a side `check_candidate` has already passed."""
     cls, args = _resolve(name, model_dir, dtype, options)
     return cls(*args, **options)
 
 
-def check_candidate(name: str, model_dir, dtype, **options) -> None:
+def check_candidate(name: str, model_dir, dtype, /, **options) -> None:
     """Everything `load_candidate` would refuse, said before any model runs and without loading weights:
     the name resolves, its module and optional dependency import, the options are ones it takes, and its
     own `check` (a port's file, factory and mapping; a GGUF file and llama-cpp-python) passes."""
@@ -114,6 +114,12 @@ def _resolve(name: str, model_dir, dtype, options: dict) -> tuple[type, tuple]:
     module, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     params = inspect.signature(cls).parameters.values()
+    given = next((k for k in options if k in [p.name for p in params][: len(args)]), None)
+    if given is not None:  # what the run passes every side (--dtype, --model) is not an option of one
+        flag = {"dtype": "--dtype", "model_dir": "--model"}.get(given, "the side's own text")
+        raise UserError(
+            f"{name} option {given}={options[given]}: the run sets {given} for every side; give it with {flag}"
+        )
     declared = getattr(cls, "options", None)  # a dataclass of its options, where it keeps them in one
     if declared is not None:
         accepted, open_ended = [f.name for f in dataclasses.fields(declared)], False

@@ -89,6 +89,11 @@ def test_a_thread_count_of_its_own_runs_in_the_diffs_thread(models):
         torch.set_num_threads(before)
 
 
+def test_a_short_max_model_len_still_holds_the_run(models):
+    """A max_model_len that is not a whole number of blocks (here 1.6 of them) leaves vLLM's cache room for it."""
+    assert diff(models("tiny-dense"), "vllm:max_model_len=200").first_divergence is None
+
+
 def test_as_the_reference_beside_a_batched_vllm(models):
     """Two engines in one process, run side by side (one at a time through vLLM's global forward context)."""
     assert diff(models("tiny-dense"), "vllm:batch=3", ref="vllm").first_divergence is None

@@ -45,6 +45,7 @@ def test_a_head_size_vllms_cpu_attention_lacks_is_refused(tmp_path):
         ({"hf_overrides": "rope_theta"}, "key:value"),
         ({"patch": "no_such_patch.py"}, "no such file"),
         ({"chunks": "8"}, "has no option 'chunks'"),
+        ({"dtype": "float16"}, "the run sets dtype for every side; give it with --dtype"),
         ({"speed": "fast"}, "speed='fast': choose true or false"),
         ({"speed": "on", "workers": "1"}, "speed=on times vLLM in this process, at tp=1"),
     ],

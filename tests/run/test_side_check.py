@@ -49,6 +49,8 @@ BAD_SIDES = {
     "a GGUF file that does not exist": ("llamacpp:nowhere.gguf", "no such GGUF file"),
     "an option value of our engine it refuses": ("mine:rmsnorm=bogus", "mine option rmsnorm='bogus'"),
     "a cache size that is not a number": ("mine:max_seq=lots", "mine option max_seq='lots'"),
+    "the run's dtype as an option": ("hf:dtype=float16", "hf option dtype=float16: the run sets dtype"),
+    "the run's model as an option": ("scratch:model_dir=m", "give it with --model"),
 }
 
 
