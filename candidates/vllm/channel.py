@@ -14,12 +14,10 @@ import os
 import shutil
 import tempfile
 import threading
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Listener
 from typing import Callable
 
-import torch
-
-from qwen3dbg.diff.streams import CacheSlots, QueryRows
+from qwen3dbg.diff.wire import Wire
 from qwen3dbg.tapstore.shards import Part, gathered
 from qwen3dbg.tapstore.store import Shard
 
@@ -31,22 +29,17 @@ class Sender:
 
     def __init__(self, address: str, authkey: bytes, rank: int):
         self.rank = rank
-        self.conn: Connection = Client(address, family="AF_UNIX", authkey=authkey)
-        self.conn.send(rank)
+        self.wire = Wire(Client(address, family="AF_UNIX", authkey=authkey))
+        self.wire.send(rank)
 
     def tap(self, name: str, shard: Shard, value) -> None:
-        kind, t, positions = "tensor", value, None
-        if isinstance(value, (QueryRows, CacheSlots)):
-            kind, t, positions = ("rows" if isinstance(value, QueryRows) else "slots"), value.values, value.positions
-        t = t.contiguous()
-        self.conn.send((name, shard, kind, positions, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
-        self.conn.send_bytes(t.view(-1).view(torch.uint8).numpy())
+        self.wire.send_tap((name, shard), value)
 
     def end_step(self) -> None:
-        self.conn.send((_END, None, None, None, None, None))
+        self.wire.send_head((_END, None))
 
     def close(self) -> None:
-        self.conn.close()
+        self.wire.close()
 
 
 class Receiver:
@@ -58,30 +51,28 @@ class Receiver:
         self.address = os.path.join(self._dir, "taps")
         self.authkey = os.urandom(16)
         self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
-        self.conns: list[Connection | None] = [None] * world
+        self.wires: list[Wire | None] = [None] * world
         self._accepting = threading.Thread(target=self._accept, name="qwen3dbg-vllm-accept", daemon=True)
         self._accepting.start()
 
     def _accept(self) -> None:
         for _ in range(self.world):
-            conn = self._listener.accept()
-            self.conns[conn.recv()] = conn
+            wire = Wire(self._listener.accept())
+            self.wires[wire.recv()] = wire
 
     def connected(self, timeout: float = 120) -> None:
         """Wait for every rank (the workers connect while they install their recorders), then drop the name."""
         self._accepting.join(timeout)
         self._listener.close()
         shutil.rmtree(self._dir, ignore_errors=True)
-        if None in self.conns:
-            raise RuntimeError(f"vLLM's worker of rank {self.conns.index(None)} did not connect to send its taps")
+        if None in self.wires:
+            raise RuntimeError(f"vLLM's worker of rank {self.wires.index(None)} did not connect to send its taps")
 
-    def _read(self, conn: Connection):
-        name, shard, kind, positions, dtype, shape = conn.recv()
+    def _read(self, wire: Wire):
+        (name, shard), layout = wire.recv_head()
         if name == _END:
             return None
-        t = torch.empty(shape, dtype=getattr(torch, dtype))
-        conn.recv_bytes_into(t.view(-1).view(torch.uint8).numpy())
-        return name, shard, kind, positions, t
+        return name, shard, *wire.recv_tensors(layout)
 
     def step(self, hand: Callable[[str, object], None]) -> BaseException | None:
         """Every tap of one step, each read from all ranks (in rank order: they produce taps in the same
@@ -90,7 +81,7 @@ class Receiver:
         must still finish their forward."""
         error: BaseException | None = None
         while True:
-            got = [self._read(c) for c in self.conns]
+            got = [self._read(w) for w in self.wires]
             if got[0] is None or any(g is None for g in got):
                 if any(g is not None for g in got):
                     raise RuntimeError("vLLM's ranks ended a step at different taps")
@@ -98,9 +89,8 @@ class Receiver:
             names = {g[0] for g in got}
             if len(names) != 1:
                 raise RuntimeError(f"vLLM's ranks sent different taps at once: {sorted(names)}")
-            name, _, kind, positions, _ = got[0]
-            parts = [Part(rank, g[1], g[4]) for rank, g in enumerate(got)]
-            view = _view(kind, positions)
+            name, _, _, view = got[0]
+            parts = [Part(rank, g[1], g[2]) for rank, g in enumerate(got)]
             if error is None:
                 try:  # one rank (a worker process at tp=1) holds the whole tap: nothing to trace back to it
                     hand(name, gathered(parts, view) if self.world > 1 else view(parts[0].value))
@@ -108,14 +98,6 @@ class Receiver:
                     error = e
 
     def close(self) -> None:
-        for c in self.conns:
-            if c is not None:
-                c.close()
-
-
-def _view(kind: str, positions: list[int] | None) -> Callable[[torch.Tensor], object]:
-    if kind == "rows":
-        return lambda t: QueryRows(t, positions)
-    if kind == "slots":
-        return lambda t: CacheSlots(t, positions)
-    return lambda t: t
+        for w in self.wires:
+            if w is not None:
+                w.close()

@@ -14,6 +14,7 @@ from qwen3dbg.diff.diagnosis.systematic import detect
 import qwen3dbg.diff.guard as guard
 from qwen3dbg.diff.golden import Keeper, LongGolden, golden_forced, golden_greedy
 from qwen3dbg.diff.in_noise import InNoise
+from qwen3dbg.diff.process_side import MIN_DECODE_STEPS, RemoteImplementation
 from qwen3dbg.diff.noise import ABS_FLOOR_ULPS, ELEMENT_FACTOR, NORM_FACTOR, REL_FLOOR_ULPS, SMALL_SAMPLE_N0
 from qwen3dbg.tapstore.shards import RankStores
 from qwen3dbg.diff.result import DiffResult, Divergence, SideInfo, TapResult
@@ -61,9 +62,11 @@ def diff_plan(
     teacher: bool = True,
     status: Callable[[str], None] = lambda msg: None,
     progress: Callable[[int, int | None], None] | None = None,
+    ref_process: bool | None = None,
 ) -> DiffResult:
     """The diff of a resolved run (`plan_run`): the sides run side by side and are compared tap by tap as they
-    go; nothing is written to disk."""
+    go; nothing is written to disk. A live reference runs in a process of its own (`process_side`) with
+    `ref_process`, or by default from MIN_DECODE_STEPS decode steps on."""
     t0 = time.perf_counter()
     memory.for_prefill()
     model, cfg, dt, steps, greedy = plan.model, plan.model.config, plan.dtype, plan.steps, plan.greedy
@@ -75,55 +78,76 @@ def diff_plan(
     schedule = Schedule(steps, len(steps) + greedy)
     t = time.perf_counter()
     loaded, infos, lacks = {}, [SideInfo("gold", "scratch:float64", "scratch", "float64", "")], {}
-    for role, spec in zip(("ref", "cand"), specs):
-        status(
-            f"loading {role}: {spec.text}"
-            + (" (its engine is built on first use: minutes)" if spec.name == "mine" else "")
-        )
-        if spec.store is not None:
-            store = spec.store
-            lacks[role] = frozenset(store.missing_taps)
-            notes = store.manifest.get("notes")
-            notes = [str(n) for n in notes] if isinstance(notes, list) else []
-            infos.append(
-                SideInfo(
-                    role,
-                    spec.text,
-                    store.implementation,
-                    dtype_name(store.dtype),
-                    str(store.path),
-                    notes,
+    if ref_process is None:
+        ref_process = len(steps) + greedy - 1 >= MIN_DECODE_STEPS
+    remotes: list[RemoteImplementation] = []
+    try:
+        for role, spec in zip(("ref", "cand"), specs):
+            if spec.store is not None:
+                continue
+            status(
+                f"loading {role}: {spec.text}"
+                + (" (its engine is built on first use: minutes)" if spec.name == "mine" else "")
+                + (" (in a process of its own)" if role == "ref" and ref_process else "")
+            )
+            if role == "ref" and ref_process:  # it loads there while the candidate loads here
+                loaded[role] = RemoteImplementation(spec, model.path, dt)
+                remotes.append(loaded[role])
+            else:
+                loaded[role] = plan.load(role)
+        for remote in remotes:
+            remote.ready()
+        for role, spec in zip(("ref", "cand"), specs):
+            if spec.store is not None:
+                store = spec.store
+                lacks[role] = frozenset(store.missing_taps)
+                notes = store.manifest.get("notes")
+                notes = [str(n) for n in notes] if isinstance(notes, list) else []
+                infos.append(
+                    SideInfo(
+                        role,
+                        spec.text,
+                        store.implementation,
+                        dtype_name(store.dtype),
+                        str(store.path),
+                        notes,
+                    )
                 )
-            )
-        else:
-            loaded[role] = plan.load(role)
-            lacks[role] = frozenset(loaded[role].missing_taps)
-            infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), ""))
-    golden = LongGolden(model, stream_weights=True if not greedy else None, one_pass=not greedy)
-    timings["load"] = time.perf_counter() - t
-    missing = lacks["ref"] | (lacks["cand"] - ROUTER_OPS)
-    compared = lambda name: parse_tap_name(name)[1] not in missing  # noqa: E731
-    keep = torch.float32 if dt.itemsize < 4 else torch.float64
-    keeper = Keeper(keep)
-    produce_gold = (
-        golden_forced(golden, steps, keeper) if not greedy else golden_greedy(golden, schedule, steps[0].token_ids[0])
-    )
-    live = {role: spec.text for role, spec in zip(("ref", "cand"), specs) if spec.store is None}
-    guard.check_taps_fit(cfg, steps[0], dt, live, compared, guard.available_bytes())
-    sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
-    for role, spec in zip(("ref", "cand"), specs):
-        sides[role] = (
-            (RankSide if isinstance(spec.store, RankStores) else StoreSide)(role, spec.store)
-            if spec.store is not None
-            else ThreadSide(
-                role,
-                candidate_producer(loaded[role], schedule),
-                compared,
-                loaded[role].fresh_taps,
-                schedule,
-                cut=role == "ref",
-            )
+            else:
+                lacks[role] = frozenset(loaded[role].missing_taps)
+                infos.append(SideInfo(role, spec.text, loaded[role].name, dtype_name(dt), ""))
+        golden = LongGolden(model, stream_weights=True if not greedy else None, one_pass=not greedy)
+        timings["load"] = time.perf_counter() - t
+        missing = lacks["ref"] | (lacks["cand"] - ROUTER_OPS)
+        compared = lambda name: parse_tap_name(name)[1] not in missing  # noqa: E731
+        keep = torch.float32 if dt.itemsize < 4 else torch.float64
+        keeper = Keeper(keep)
+        produce_gold = (
+            golden_forced(golden, steps, keeper)
+            if not greedy
+            else golden_greedy(golden, schedule, steps[0].token_ids[0])
         )
+        live = {role: spec.text for role, spec in zip(("ref", "cand"), specs) if spec.store is None}
+        guard.check_taps_fit(cfg, steps[0], dt, live, compared, guard.available_bytes())
+        sides = {"gold": ThreadSide("golden", produce_gold, compared, True, schedule)}
+        for role, spec in zip(("ref", "cand"), specs):
+            if spec.store is not None:
+                sides[role] = (RankSide if isinstance(spec.store, RankStores) else StoreSide)(role, spec.store)
+            elif isinstance(loaded[role], RemoteImplementation):
+                sides[role] = loaded[role].side(role, schedule, compared, missing, cut=role == "ref")
+            else:
+                sides[role] = ThreadSide(
+                    role,
+                    candidate_producer(loaded[role], schedule),
+                    compared,
+                    loaded[role].fresh_taps,
+                    schedule,
+                    cut=role == "ref",
+                )
+    except BaseException:  # the child of a remote reference ends with the run
+        for remote in remotes:
+            remote.close()
+        raise
     window = Window(keep)
     src = WindowSource(cfg, schedule.steps, dt, model, {})
     noise = InNoise(cfg, src, window)
