@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from measure import PeakAnon, bytes_written
+from measure import PeakAnon, TreeAnon, bytes_written
 
 from qwen3dbg.util.home import home
 
@@ -60,7 +60,7 @@ def child_diff(model: str, cand: str, prompt: int, decode: int) -> dict:
     def compared(step: int, layer: int | None) -> None:
         phase[0] = f"comparing step {step}" + (f" layer {layer}" if layer is not None else "")
 
-    with PeakAnon(0.02, where=lambda: phase[0]) as mem:
+    with TreeAnon(0.02, where=lambda: phase[0]) as mem:  # a long run's reference has a process of its own
         t = time.perf_counter()
         result = run_diff(
             "hf",

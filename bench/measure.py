@@ -72,8 +72,8 @@ class TreeAnon(PeakAnon):
     the bytes the processes below it sent to storage (/proc/PID/io write_bytes, the last value seen of each;
     their socket and pipe traffic is not storage)."""
 
-    def __init__(self, every: float = 0.05):
-        super().__init__(every)
+    def __init__(self, every: float = 0.05, where=lambda: None):
+        super().__init__(every, where)
         self._written: dict[int, int] = {}
 
     def now(self) -> int:
