@@ -257,8 +257,8 @@ class VllmCandidate(Candidate):
         return [
             *notes,
             f"vLLM alone on the same ids (its first {min(len(decode), TIMED_TOKENS)} decode steps), capture off: "
-            f"{self.speeds['eager']:.3g} tokens/s eager, "
-            f"{self.speeds['compiled']:.3g} tokens/s compiled (its default CPU mode, which no capture sees)",
+            f"{_rate(self.speeds['eager'])} eager, "
+            f"{_rate(self.speeds['compiled'])} compiled (its default CPU mode, which no capture sees)",
         ]
 
     def reset(self) -> None:
@@ -401,6 +401,10 @@ def _companion_lengths(length: int, n: int) -> list[int]:
             m += 1
         out.append(m)
     return out
+
+
+def _rate(tokens_per_s: float | None) -> str:
+    return "no tokens/s (the timing was within its noise)" if tokens_per_s is None else f"{tokens_per_s:.3g} tokens/s"
 
 
 def _parse_options(**options) -> dict:

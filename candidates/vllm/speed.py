@@ -13,6 +13,8 @@ _keys = itertools.count()
 #: forced ids timed at most: at the 0.6B shape vLLM decodes about 0.5 tokens/s on 2 cores, so all 256 of a long
 #: run would take minutes per mode
 TIMED_TOKENS = 32
+#: timed runs of each length, the fastest kept
+RUNS = 3
 
 
 def decode_tokens_per_s(
@@ -25,10 +27,10 @@ def decode_tokens_per_s(
     max_model_len: int,
     kv_cache_bytes: int,
     threads: int,
-) -> float:
+) -> float | None:
     """Tokens/s of vLLM's own generate loop decoding the first TIMED_TOKENS of `decode` (forced) after `prompt`:
     the time of that many tokens less that of one, so neither the prefill nor the first sample counts; a first
-    run compiles."""
+    run compiles. None when the longer run was not the slower one: the difference is timing noise."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -64,7 +66,9 @@ def decode_tokens_per_s(
 
     try:
         run(2)  # compiles (the compiled mode) and fills the prefix cache, so the timed runs' prefills are short
-        one, full = run(1), run(len(decode))
+        # the fastest of a few runs each: on a loaded machine one run of 3 tokens once took less than one of 1
+        one = min(run(1) for _ in range(RUNS))
+        full = min(run(len(decode)) for _ in range(RUNS))
     finally:
         FORCED.pop(key, None)
-    return (len(decode) - 1) / (full - one)
+    return (len(decode) - 1) / (full - one) if full > one else None
