@@ -76,10 +76,11 @@ class RemoteImplementation:
     def manifest_extra(self) -> dict:
         return self._extra
 
-    def side(self, label: str, schedule: Schedule, wanted: Callable[[str], bool], missing: frozenset[str], cut: bool):
+    def side(self, label: str, schedule: Schedule, missing: frozenset[str], cut: bool):
         """The side of the diff whose taps the child produces: it computes none of `missing` (ops no side is
-        compared on) and, with `cut`, cuts its caches as `Schedule.written` says."""
-        return ProcessSide(label, self._producer(schedule, missing, cut), wanted, True, schedule, remote=self)
+        compared on; what it sends is wanted, so nothing is asked again here) and, with `cut`, cuts its caches
+        as `Schedule.written` says."""
+        return ProcessSide(label, self._producer(schedule, missing, cut), _sent, True, schedule, remote=self)
 
     def _producer(self, schedule: Schedule, missing: frozenset[str], cut: bool) -> Callable[[QueueSink], None]:
         def produce(sink: QueueSink) -> None:
@@ -145,6 +146,10 @@ class RemoteImplementation:
     def close(self) -> None:
         self.stop()
         self.wire.close()
+
+
+def _sent(name: str) -> bool:
+    return True
 
 
 class ProcessSide(ThreadSide):

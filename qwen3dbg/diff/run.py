@@ -134,7 +134,7 @@ def diff_plan(
             if spec.store is not None:
                 sides[role] = (RankSide if isinstance(spec.store, RankStores) else StoreSide)(role, spec.store)
             elif isinstance(loaded[role], RemoteImplementation):
-                sides[role] = loaded[role].side(role, schedule, compared, missing, cut=role == "ref")
+                sides[role] = loaded[role].side(role, schedule, missing, cut=role == "ref")
             else:
                 sides[role] = ThreadSide(
                     role,
