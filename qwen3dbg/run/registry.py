@@ -114,7 +114,8 @@ def _resolve(name: str, model_dir, dtype, options: dict) -> tuple[type, tuple]:
     module, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module), attr)
     params = inspect.signature(cls).parameters.values()
-    given = next((k for k in options if k in [p.name for p in params][: len(args)]), None)
+    positional = [p.name for p in params][: len(args)]
+    given = next((k for k in options if k in positional), None)
     if given is not None:  # what the run passes every side (--dtype, --model) is not an option of one
         flag = {"dtype": "--dtype", "model_dir": "--model"}.get(given, "the side's own text")
         raise UserError(
