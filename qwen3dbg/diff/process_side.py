@@ -182,6 +182,7 @@ class _WireSink(QueueSink):
             if step == 0:
                 memory.for_decode()
                 torch.set_num_threads(DECODE_THREADS)
+            memory.trim()
         else:
             self.wire.send_tap(("tap", name), t)
 

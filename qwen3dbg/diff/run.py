@@ -154,8 +154,10 @@ def diff_plan(
     shown = progress or (lambda step, layer: None)
 
     def on_progress(step: int, layer: int | None) -> None:
-        if step == 0 and layer is None:  # the prefill is compared: decode steps reuse their blocks
-            memory.for_decode()
+        if layer is None:  # a step is compared
+            if step == 0:  # decode steps reuse their blocks
+                memory.for_decode()
+            memory.trim()
         shown(step, layer)
 
     comparison = Comparison(sides["gold"], sides["ref"], sides["cand"], schedule, cfg, dt, window, on_progress, lacks)
