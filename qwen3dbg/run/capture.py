@@ -17,6 +17,7 @@ from qwen3dbg.run.candidate import Candidate, DictSink, NullSink
 from qwen3dbg.tapstore.schema import select, step_taps
 from qwen3dbg.tapstore.store import StepInfo, StoreWriter, TapSink
 from qwen3dbg.util.errors import UserError
+from qwen3dbg.util import memory
 
 
 def forced_steps(prompt: list[int], decode: list[int]) -> list[StepInfo]:
@@ -157,4 +158,5 @@ def capture(
         sink = _Progress(writer, tick)
         for info in steps:
             capture_step(cand, writer, info, sink)
+            memory.trim()  # the holes a cache grown by concatenation leaves (util/memory.py)
     return Path(out_dir)

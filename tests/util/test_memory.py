@@ -4,6 +4,7 @@ import platform
 
 import pytest
 import torch
+from helpers import cli
 
 from qwen3dbg.util import memory
 
@@ -30,3 +31,11 @@ def test_trim_hands_back_the_holes_of_caches_grown_by_concatenation(caches, mb):
     added = caches * 30 * slot.nbytes  # what the caches really grew by
     assert grown > 4 * added  # the holes, or the test shows nothing
     assert kept < added + grown / 4
+
+
+def test_capture_trims_the_heaps_after_every_step(tmp_path, models, monkeypatch):
+    trimmed = []
+    monkeypatch.setattr(memory, "trim", lambda: trimmed.append(1))
+    ids = ["--token-ids", "5,6,7", "--decode-ids", "8,9"]
+    assert cli("capture", "--impl", "scratch", "--model", models("tiny-dense"), *ids, "--out", tmp_path / "s") == 0
+    assert len(trimmed) == 3  # the prefill and two decode steps
