@@ -16,8 +16,8 @@ import torch
 from qwen3dbg.run.candidate import Candidate, DictSink, NullSink
 from qwen3dbg.tapstore.schema import select, step_taps
 from qwen3dbg.tapstore.store import StepInfo, StoreWriter, TapSink
-from qwen3dbg.util.errors import UserError
 from qwen3dbg.util import memory
+from qwen3dbg.util.errors import UserError
 
 
 def forced_steps(prompt: list[int], decode: list[int]) -> list[StepInfo]:

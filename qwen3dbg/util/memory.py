@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 PREFILL_THRESHOLD = 1 << 20
@@ -26,17 +27,22 @@ DECODE_THRESHOLD = 32 << 20
 # after each decode step hands the holes' pages back (0.45 GB there, in no more time). A capture, which keeps
 # glibc's own thresholds, trims after each step too: HF at 2048 + 256 keeping its logits peaked at 2.4-3.7 GB
 # without, 1.3 GB with.
-def _libc(name: str, argtypes: list):
+@functools.cache  # found once: find_library runs ldconfig, and `trim` is called every step
+def _libc():
     try:
-        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
-    except (OSError, AttributeError, TypeError):
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
         return None
-    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+
+
+def _libc_fn(name: str, *argtypes):
+    if (fn := getattr(_libc(), name, None)) is not None:
+        fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
     return fn
 
 
 def _mallopt():
-    return _libc("mallopt", [ctypes.c_int, ctypes.c_int])
+    return _libc_fn("mallopt", ctypes.c_int, ctypes.c_int)
 
 
 def for_prefill() -> None:
@@ -54,5 +60,5 @@ def for_decode() -> None:
 
 def trim() -> None:
     """Hand the free pages inside every heap back to the system (a no-op on other C libraries)."""
-    if (malloc_trim := _libc("malloc_trim", [ctypes.c_size_t])) is not None:
+    if (malloc_trim := _libc_fn("malloc_trim", ctypes.c_size_t)) is not None:
         malloc_trim(0)
